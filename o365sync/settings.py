@@ -1,0 +1,46 @@
+"""Configuration: `O365SYNC_` environment variables or an optional `.env`, with defaults that make the demo run.
+
+Sovereign clouds are configuration only: point `authority_url` and `graph_url` at e.g.
+`https://login.microsoftonline.us` + `https://graph.microsoft.us/v1.0` (US Gov) or
+`https://login.chinacloudapi.cn` + `https://microsoftgraph.chinacloudapi.cn/v1.0` (China).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="O365SYNC_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    authority_url: str = "https://login.microsoftonline.com"
+    # `organizations`: any work/school tenant (multi-tenant app); a tenant id or domain pins one tenant.
+    authority_tenant: str = "organizations"
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+    redirect_uri: str = "http://localhost:8400/auth/callback"
+    # PEM bundle trusted for the authority, Graph and CRM endpoints (private/sovereign endpoints, simulators).
+    ca_bundle: Path | None = None
+    # base64 of 32 bytes (AES-256-GCM) for tokens and CRM secrets at rest; generated into data_dir if unset.
+    token_key: SecretStr | None = None
+    http_timeout_s: float = 60.0
+    graph_page_size: int = 500
+    max_requests_per_mailbox: int = 4
+
+    @property
+    def authority(self) -> str:
+        return f"{self.authority_url.rstrip('/')}/{self.authority_tenant}"
+
+    @cached_property
+    def key_file(self) -> Path:
+        return self.data_dir / "secret.key"
+
+
+def load_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]
