@@ -1,0 +1,30 @@
+"""Prefect settings the product relies on, applied before Prefect is imported.
+
+Prefect stores flow parameters, logs, artifacts, exception messages and (if enabled) task results in its
+database/storage; mail content must never reach any of them, so result persistence and caching are off by
+default, and telemetry is off because this runs offline. Explicit environment values win.
+"""
+
+from __future__ import annotations
+
+import os
+
+PRIVACY_DEFAULTS = {
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+    "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "false",
+    "PREFECT_TASKS_DEFAULT_NO_CACHE": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Fresh ephemeral databases run migrations that can exceed the 20 s default on 2 cores (prefect.md §1).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # SQLite server ingest is the bottleneck; batch it (prefect.md §2).
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
+}
+
+
+def configure_prefect_env(prefect_home: str | None = None) -> None:
+    for key, value in PRIVACY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if prefect_home:
+        os.environ.setdefault("PREFECT_HOME", prefect_home)

@@ -1,0 +1,234 @@
+"""The activity store: one DuckDB file per tenant, opened only through `open_store`.
+
+DuckDB locks a file all-or-nothing across processes and has no lock timeout, so every open takes our own
+advisory flock first (shared for readers, exclusive for writers): concurrent flows queue instead of failing.
+Writes are idempotent: dedupe the batch, then DELETE + INSERT in one transaction (no PRIMARY KEY — measured
+6-36x faster than PK upserts), with the resume cursor written in that same transaction. Analysts read snapshots
+published by `publish_snapshot`, never the live file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from o365sync.settings import Settings
+from o365sync.tenants import tenant_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS emails (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL,
+    folder VARCHAR, internet_message_id VARCHAR, conversation_id VARCHAR, subject VARCHAR, body_text VARCHAR,
+    from_name VARCHAR, from_address VARCHAR, received_at TIMESTAMPTZ, sent_at TIMESTAMPTZ,
+    has_attachments BOOLEAN, web_link VARCHAR, imported_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS email_participants (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL,
+    role VARCHAR NOT NULL, name VARCHAR, address VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS email_crm_matches (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL,
+    crm_id VARCHAR NOT NULL, crm_kind VARCHAR NOT NULL, matched_address VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS mail_cursor (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, folder VARCHAR NOT NULL,
+    scan_start TIMESTAMPTZ NOT NULL, received_watermark TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS sync_state (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, stage VARCHAR NOT NULL,
+    last_run_at TIMESTAMPTZ, last_success_at TIMESTAMPTZ, last_error VARCHAR,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    scanned BIGINT, matched BIGINT, imported BIGINT, discarded BIGINT);
+CREATE TABLE IF NOT EXISTS crm_people (crm_id VARCHAR, kind VARCHAR, email VARCHAR, account_id VARCHAR, name VARCHAR);
+CREATE TABLE IF NOT EXISTS crm_accounts (crm_id VARCHAR, name VARCHAR, domain VARCHAR);
+CREATE TABLE IF NOT EXISTS crm_opportunities (
+    crm_id VARCHAR, account_id VARCHAR, name VARCHAR, is_closed BOOLEAN, created_at TIMESTAMPTZ);
+CREATE TABLE IF NOT EXISTS crm_snapshot_meta (
+    taken_at TIMESTAMPTZ NOT NULL, crm_kind VARCHAR, people BIGINT, accounts BIGINT, opportunities BIGINT,
+    scan_start TIMESTAMPTZ NOT NULL);
+"""
+
+EMAIL_COLUMNS = ("tenant_id", "user_oid", "graph_id", "folder", "internet_message_id", "conversation_id",
+                 "subject", "body_text", "from_name", "from_address", "received_at", "sent_at",
+                 "has_attachments", "web_link", "imported_at")
+
+
+def store_path(settings: Settings, tenant_id: str) -> Path:
+    return tenant_dir(settings, tenant_id) / "store.duckdb"
+
+
+def snapshot_path(settings: Settings, tenant_id: str) -> Path:
+    return settings.data_dir / "analytics" / f"{tenant_id}.duckdb"
+
+
+@contextlib.contextmanager
+def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted."""
+    path = store_path(settings, tenant_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not write and not path.exists():
+        with open_store(settings, tenant_id, write=True):
+            pass  # create the schema so readers of a fresh tenant see empty tables
+    with open(f"{path}.lock", "a+") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        con = duckdb.connect(str(path), read_only=not write,
+                             config={"memory_limit": "1GB", "threads": 2})
+        try:
+            con.execute("SET TimeZone='UTC'")
+            if write:
+                con.execute(SCHEMA)
+            yield con
+        finally:
+            con.close()
+
+
+@dataclass(frozen=True)
+class MailBatch:
+    """Matched mail ready to persist (Polars frames), with the cursor it advances."""
+
+    emails: pl.DataFrame  # EMAIL_COLUMNS minus tenant_id, user_oid, imported_at
+    participants: pl.DataFrame  # graph_id, role, name, address
+    matches: pl.DataFrame  # graph_id, crm_id, crm_kind, matched_address
+    cursors: dict[str, datetime]  # folder -> received watermark covered by this batch
+
+
+def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, scan_start: datetime,
+                     batch: MailBatch) -> int:
+    """Idempotently persist one batch and advance the cursors, all in one transaction. Returns new emails."""
+    now = datetime.now(UTC)
+    emails = batch.emails.unique("graph_id", keep="last", maintain_order=True)
+    ids = emails.select("graph_id")
+    participants = batch.participants.unique(maintain_order=True)
+    matches = batch.matches.unique(["graph_id", "crm_id"], maintain_order=True)
+    con.register("batch_ids", ids)
+    con.register("batch_emails", emails)
+    con.register("batch_participants", participants)
+    con.register("batch_matches", matches)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        new = con.execute(
+            "SELECT count(*) FROM batch_ids b WHERE NOT EXISTS (SELECT 1 FROM emails e "
+            "WHERE e.tenant_id = ? AND e.user_oid = ? AND e.graph_id = b.graph_id)", [tenant_id, user_oid],
+        ).fetchall()[0][0]
+        for table in ("emails", "email_participants", "email_crm_matches"):
+            con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? "
+                        "AND graph_id IN (SELECT graph_id FROM batch_ids)", [tenant_id, user_oid])
+        con.execute(
+            "INSERT INTO emails SELECT ?, ?, graph_id, folder, internet_message_id, conversation_id, subject, "
+            "body_text, from_name, from_address, received_at, sent_at, has_attachments, web_link, ? "
+            "FROM batch_emails", [tenant_id, user_oid, now])
+        con.execute("INSERT INTO email_participants SELECT ?, ?, graph_id, role, name, address "
+                    "FROM batch_participants", [tenant_id, user_oid])
+        con.execute("INSERT INTO email_crm_matches SELECT ?, ?, graph_id, crm_id, crm_kind, matched_address "
+                    "FROM batch_matches", [tenant_id, user_oid])
+        for folder, watermark in batch.cursors.items():
+            con.execute("DELETE FROM mail_cursor WHERE tenant_id = ? AND user_oid = ? AND folder = ?",
+                        [tenant_id, user_oid, folder])
+            con.execute("INSERT INTO mail_cursor VALUES (?, ?, ?, ?, ?, ?)",
+                        [tenant_id, user_oid, folder, scan_start, watermark, now])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        for name in ("batch_ids", "batch_emails", "batch_participants", "batch_matches"):
+            con.unregister(name)
+    return int(new)
+
+
+def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> dict[str, tuple[datetime, datetime | None]]:
+    """folder -> (scan_start the cursor was made for, received watermark)."""
+    rows = con.execute("SELECT folder, scan_start, received_watermark FROM mail_cursor "
+                       "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchall()
+    return {folder: (start, mark) for folder, start, mark in rows}
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    scanned: int = 0
+    matched: int = 0
+    imported: int = 0
+    discarded: int = 0
+
+    def __add__(self, other: RunCounts) -> RunCounts:
+        return RunCounts(self.scanned + other.scanned, self.matched + other.matched,
+                         self.imported + other.imported, self.discarded + other.discarded)
+
+
+def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, stage: str,
+                      counts: RunCounts | None = None, error: str | None = None) -> None:
+    """Upsert the user's sync state. `error` is a code or exception class name, never message content."""
+    now = datetime.now(UTC)
+    prev = con.execute("SELECT last_success_at, consecutive_failures FROM sync_state "
+                       "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchall()
+    last_success, failures = prev[0] if prev else (None, 0)
+    if error is None and stage == "idle":
+        last_success, failures = now, 0
+    elif error is not None:
+        failures += 1
+    c = counts or RunCounts()
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid])
+    con.execute("INSERT INTO sync_state VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [tenant_id, user_oid, stage, now, last_success, error, failures,
+                 c.scanned, c.matched, c.imported, c.discarded])
+    con.execute("COMMIT")
+
+
+def replace_crm_snapshot(con: duckdb.DuckDBPyConnection, people: pl.DataFrame, accounts: pl.DataFrame,
+                         opportunities: pl.DataFrame, crm_kind: str, scan_start: datetime) -> None:
+    con.register("s_people", people)
+    con.register("s_accounts", accounts)
+    con.register("s_opps", opportunities)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM crm_people")
+        con.execute("INSERT INTO crm_people SELECT crm_id, kind, email, account_id, name FROM s_people")
+        con.execute("DELETE FROM crm_accounts")
+        con.execute("INSERT INTO crm_accounts SELECT crm_id, name, domain FROM s_accounts")
+        con.execute("DELETE FROM crm_opportunities")
+        con.execute("INSERT INTO crm_opportunities SELECT crm_id, account_id, name, is_closed, created_at "
+                    "FROM s_opps")
+        con.execute("INSERT INTO crm_snapshot_meta VALUES (?, ?, ?, ?, ?, ?)",
+                    [datetime.now(UTC), crm_kind, people.height, accounts.height, opportunities.height,
+                     scan_start])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        for name in ("s_people", "s_accounts", "s_opps"):
+            con.unregister(name)
+
+
+def load_crm_frames(con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame, datetime | None]:
+    """(people, accounts, scan_start of the latest snapshot)."""
+    people = con.sql("SELECT crm_id, kind, email, account_id FROM crm_people").pl()
+    accounts = con.sql("SELECT crm_id, domain FROM crm_accounts WHERE domain IS NOT NULL").pl()
+    row = con.execute("SELECT scan_start FROM crm_snapshot_meta ORDER BY taken_at DESC LIMIT 1").fetchall()
+    return people, accounts, (row[0][0] if row else None)
+
+
+def publish_snapshot(settings: Settings, tenant_id: str) -> Path:
+    """Copy the live store into the analysts' read-only file (copy + atomic replace; also drops dead bytes)."""
+    target = snapshot_path(settings, tenant_id)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".duckdb.tmp")
+    tmp.unlink(missing_ok=True)
+    with open_store(settings, tenant_id, write=True) as con:
+        con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS snap")
+        try:
+            con.execute("COPY FROM DATABASE store TO snap")
+        finally:
+            con.execute("DETACH snap")
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,72 @@
+"""CRM matching, vectorised in Polars.
+
+Participants are normalised (trim + lower-case), reduced to *distinct* external addresses, and only those are
+joined against the CRM snapshot: a mailbox page repeats the same few hundred addresses thousands of times, so
+matching distinct addresses and joining the hits back beats joining every participant row.
+Rules: exact address -> contacts and unconverted leads; domain -> accounts, never for free-mail domains or the
+tenant's own domains; a message is kept when at least one external participant matched; every matched CRM
+record is recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import polars as pl
+
+# Consumer mailbox providers: a domain here never identifies a company (issue 4 replaces this with a maintained list).
+FREE_MAIL_DOMAINS = frozenset("""
+gmail.com googlemail.com outlook.com hotmail.com hotmail.co.uk hotmail.fr live.com live.co.uk msn.com
+yahoo.com yahoo.co.uk yahoo.fr yahoo.de ymail.com rocketmail.com aol.com icloud.com me.com mac.com
+proton.me protonmail.com pm.me gmx.de gmx.net gmx.com web.de t-online.de mail.com zoho.com yandex.ru
+yandex.com mail.ru fastmail.com hey.com tutanota.com qq.com 163.com 126.com naver.com orange.fr free.fr
+laposte.net libero.it virgilio.it seznam.cz wp.pl o2.pl rediffmail.com comcast.net verizon.net att.net
+""".split())
+
+MATCH_SCHEMA = {"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String, "matched_address": pl.String}
+
+
+def normalise_address(expr: pl.Expr) -> pl.Expr:
+    return expr.str.strip_chars().str.to_lowercase()
+
+
+@dataclass(frozen=True)
+class CrmIndex:
+    """The CRM snapshot in the shape matching needs: address -> record and domain -> account."""
+
+    people: pl.DataFrame  # email, crm_id, crm_kind
+    accounts: pl.DataFrame  # domain, crm_id, crm_kind
+    own_domains: frozenset[str]
+
+
+def build_index(people: pl.DataFrame, accounts: pl.DataFrame, own_domains: Iterable[str]) -> CrmIndex:
+    """people: crm_id, kind, email; accounts: crm_id, domain (as snapshotted)."""
+    own = frozenset(d.strip().lower() for d in own_domains)
+    excluded = list(FREE_MAIL_DOMAINS | own)
+    p = (people.select(normalise_address(pl.col("email")).alias("email"), "crm_id",
+                       pl.col("kind").cast(pl.String).alias("crm_kind"))
+         .filter(pl.col("email").str.contains("@")).unique())
+    a = (accounts.select(normalise_address(pl.col("domain")).alias("domain"), "crm_id",
+                         pl.lit("account").alias("crm_kind"))
+         .filter(pl.col("domain").is_not_null() & (pl.col("domain") != "") & ~pl.col("domain").is_in(excluded))
+         .unique())
+    return CrmIndex(people=p, accounts=a, own_domains=own)
+
+
+def match_participants(participants: pl.DataFrame, index: CrmIndex) -> pl.DataFrame:
+    """participants: graph_id, address (raw). Returns one row per (message, CRM record) with MATCH_SCHEMA."""
+    parts = participants.select("graph_id", normalise_address(pl.col("address")).alias("address"))
+    parts = parts.with_columns(pl.col("address").str.split("@").list.last().alias("domain"))
+    external = parts.filter(~pl.col("domain").is_in(list(index.own_domains)) & pl.col("address").str.contains("@"))
+    distinct = external.select("address", "domain").unique()
+    by_address = distinct.join(index.people, left_on="address", right_on="email", how="inner").select(
+        "address", "crm_id", "crm_kind")
+    by_domain = distinct.join(index.accounts, on="domain", how="inner").select("address", "crm_id", "crm_kind")
+    hits = pl.concat([by_address, by_domain])
+    if hits.is_empty():
+        return pl.DataFrame(schema=MATCH_SCHEMA)
+    return (external.select("graph_id", "address").join(hits, on="address", how="inner")
+            .group_by("graph_id", "crm_id", maintain_order=True)
+            .agg(pl.col("crm_kind").first(), pl.col("address").first().alias("matched_address"))
+            .select(list(MATCH_SCHEMA)))

@@ -1,0 +1,29 @@
+"""Shared fixtures. Prefect is configured for privacy (no result persistence) and pointed at a throwaway
+PREFECT_HOME before anything imports it; flow tests share one `prefect_test_harness` server per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from o365sync.prefect_env import configure_prefect_env
+
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="o365sync-prefect-home-"))
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+configure_prefect_env()
+for key in [k for k in os.environ if k.startswith("O365SYNC_")]:
+    del os.environ[key]  # tests configure the product explicitly
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real (temporary) Prefect API for flow tests; yields the harness's database URL."""
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield get_current_settings().server.database.connection_url

@@ -1,0 +1,73 @@
+"""The vectorised matcher against a naive, obviously-correct oracle, over generated inputs."""
+
+from __future__ import annotations
+
+import polars as pl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks.match import FREE_MAIL_DOMAINS, build_index, match_participants
+
+OWN = ["contoso.com"]
+DOMAINS = ["acme.com", "globex.io", "contoso.com", "gmail.com", "initech.co.uk", "Acme.com"]
+LOCALS = ["jane", "bob", "Jane", "x", "sales"]
+
+
+def oracle(participants, people, accounts, own):
+    own = {d.lower() for d in own}
+    by_email, by_domain = {}, {}
+    for crm_id, kind, email in people:
+        by_email.setdefault(email.strip().lower(), set()).add((crm_id, kind))
+    for crm_id, domain in accounts:
+        d = (domain or "").strip().lower()
+        if d and d not in FREE_MAIL_DOMAINS and d not in own:
+            by_domain.setdefault(d, set()).add((crm_id, "account"))
+    out = set()
+    for graph_id, address in participants:
+        addr = address.strip().lower()
+        dom = addr.rpartition("@")[2]
+        if "@" not in addr or dom in own:
+            continue
+        for crm_id, kind in by_email.get(addr, set()) | by_domain.get(dom, set()):
+            out.add((graph_id, crm_id, kind))
+    return out
+
+
+address = st.builds(lambda pad, local, dom, up: (" " * pad) + (f"{local}@{dom}".upper() if up else f"{local}@{dom}"),
+                    st.integers(0, 1), st.sampled_from(LOCALS), st.sampled_from(DOMAINS), st.booleans())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    participants=st.lists(st.tuples(st.sampled_from(["m1", "m2", "m3", "m4"]), address), max_size=30),
+    people=st.lists(st.sampled_from([("c1", "contact"), ("c2", "contact"), ("l1", "lead")]).flatmap(
+        lambda rec: st.tuples(st.just(rec[0]), st.just(rec[1]), address)), max_size=6),
+    accounts=st.lists(st.tuples(st.sampled_from(["a1", "a2"]), st.one_of(st.none(), st.sampled_from(DOMAINS))),
+                      max_size=4),
+)
+def test_matcher_agrees_with_oracle(participants, people, accounts):
+    p = pl.DataFrame(participants, schema={"graph_id": pl.String, "address": pl.String}, orient="row")
+    crm_people = pl.DataFrame(people, schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String},
+                              orient="row")
+    crm_accounts = pl.DataFrame(accounts, schema={"crm_id": pl.String, "domain": pl.String}, orient="row")
+    got = match_participants(p, build_index(crm_people, crm_accounts, OWN))
+    assert set(got.select("graph_id", "crm_id", "crm_kind").iter_rows()) == oracle(participants, people, accounts, OWN)
+    assert got.select("graph_id", "crm_id").is_unique().all()
+
+
+def test_free_mail_and_own_domains_never_match_accounts():
+    index = build_index(pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}),
+                        pl.DataFrame({"crm_id": ["a1", "a2", "a3"], "domain": ["gmail.com", "contoso.com", "acme.com"]}),
+                        OWN)
+    parts = pl.DataFrame({"graph_id": ["m1", "m2", "m3"],
+                          "address": ["someone@gmail.com", "colleague@contoso.com", "new@ACME.com "]})
+    got = match_participants(parts, index)
+    assert got.rows() == [("m3", "a3", "account", "new@acme.com")]
+
+
+def test_contact_with_free_mail_address_matches_exactly():
+    index = build_index(pl.DataFrame({"crm_id": ["c1"], "kind": ["contact"], "email": [" Jo.Doe@Gmail.com"]}),
+                        pl.DataFrame(schema={"crm_id": pl.String, "domain": pl.String}), OWN)
+    got = match_participants(pl.DataFrame({"graph_id": ["m1", "m2"], "address": ["jo.doe@gmail.com", "x@gmail.com"]}),
+                             index)
+    assert got.select("graph_id", "crm_id").rows() == [("m1", "c1")]
