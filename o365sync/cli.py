@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -64,7 +63,8 @@ def simulate(
     sf = running.salesforce
     for t in world.tenants:
         console.print(f"\n# tenant {t.name}: users {', '.join(u.upn for u in t.users)}\n"
-                      f"o365sync tenant add --id {t.tid} --name {t.name} " + " ".join(f"--domain {d}" for d in t.domains)
+                      f"o365sync tenant add --id {t.tid} --name {t.name} "
+                      + " ".join(f"--domain {d}" for d in t.domains)
                       + f" --crm-login-url {sf.base_url} --crm-client-id {sf.client_id} "
                       f"--crm-client-secret {sf.client_secret} --crm-refresh-token {sf.refresh_token_for(t.tid)}")
     console.print("\nThen: o365sync web, open /connect?tenant=<id>, and o365sync import --tenant <id>. Ctrl-C stops.")

@@ -140,7 +140,8 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
     return int(new)
 
 
-def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> dict[str, tuple[datetime, datetime | None]]:
+def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str,
+                 user_oid: str) -> dict[str, tuple[datetime, datetime | None]]:
     """folder -> (scan_start the cursor was made for, received watermark)."""
     rows = con.execute("SELECT folder, scan_start, received_watermark FROM mail_cursor "
                        "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchall()

@@ -34,8 +34,13 @@ def fetch_crm_snapshot(settings: Settings, tenant: TenantConfig) -> CrmSnapshot:
         conn = SalesforceConnection(login_url=tenant.crm.login_url, client_id=tenant.crm.client_id,
                                     client_secret=secrets.get("client_secret", ""),
                                     refresh_token=secrets["refresh_token"], api_version=tenant.crm.api_version)
-        with make_http_client(settings) as http:
-            snapshot = fetch_snapshot(conn, http)
+        try:
+            with make_http_client(settings) as http:
+                snapshot = fetch_snapshot(conn, http)
+        except CrmError as exc:
+            if exc.rotated_refresh_token:  # the old token is already dead: keep the new one even on failure
+                save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": exc.rotated_refresh_token})
+            raise
         if snapshot.rotated_refresh_token:
             save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": snapshot.rotated_refresh_token})
         return snapshot

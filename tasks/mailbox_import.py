@@ -21,8 +21,15 @@ from o365sync.graph import GraphClient
 from o365sync.http import make_http_client
 from o365sync.mail import fetch_bodies, iter_header_pages
 from o365sync.settings import Settings, load_settings
-from o365sync.store import MailBatch, RunCounts, load_crm_frames, open_store, read_cursors, record_sync_state
-from o365sync.store import write_mail_batch
+from o365sync.store import (
+    MailBatch,
+    RunCounts,
+    load_crm_frames,
+    open_store,
+    read_cursors,
+    record_sync_state,
+    write_mail_batch,
+)
 from o365sync.tenants import TenantConfig, load_tenant
 from tasks.match import CrmIndex, build_index, match_participants
 

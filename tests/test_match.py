@@ -57,7 +57,8 @@ def test_matcher_agrees_with_oracle(participants, people, accounts):
 
 def test_free_mail_and_own_domains_never_match_accounts():
     index = build_index(pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}),
-                        pl.DataFrame({"crm_id": ["a1", "a2", "a3"], "domain": ["gmail.com", "contoso.com", "acme.com"]}),
+                        pl.DataFrame({"crm_id": ["a1", "a2", "a3"],
+                                      "domain": ["gmail.com", "contoso.com", "acme.com"]}),
                         OWN)
     parts = pl.DataFrame({"graph_id": ["m1", "m2", "m3"],
                           "address": ["someone@gmail.com", "colleague@contoso.com", "new@ACME.com "]})
