@@ -1,0 +1,316 @@
+"""The Graph mail simulator, driven with plain httpx over loopback TLS and real TokenAuthority tokens."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from simulators.graph import GraphSimulator
+from simulators.tls import SimulatorTLS, create_tls
+from simulators.tokens import TokenAuthority
+from simulators.world import SimUser, World, generate_world
+
+HEADER_SELECT = ("id,internetMessageId,conversationId,subject,from,sender,toRecipients,ccRecipients,"
+                 "bccRecipients,receivedDateTime,sentDateTime,hasAttachments,isDraft,parentFolderId,webLink")
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return generate_world(tenants=1, users_per_tenant=2, messages_per_user=300)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
+    return create_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tokens() -> TokenAuthority:
+    return TokenAuthority()
+
+
+@pytest.fixture(scope="module")
+def running_sim(world: World, tls: SimulatorTLS, tokens: TokenAuthority) -> Iterator[GraphSimulator]:
+    with GraphSimulator(world, tls, tokens) as s:  # stopping costs ~0.5 s (serve_forever poll): share one
+        yield s
+
+
+@pytest.fixture()
+def sim(running_sim: GraphSimulator) -> GraphSimulator:
+    running_sim.reset()
+    return running_sim
+
+
+@pytest.fixture(scope="module")
+def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
+    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def user(world: World) -> SimUser:
+    return world.tenants[0].users[0]
+
+
+def auth(tokens: TokenAuthority, user: SimUser, scopes: tuple[str, ...] = ("User.Read", "Mail.Read")) -> dict:
+    token = tokens.issue_access_token(user.tid, user.oid, user.upn, list(scopes), "app")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def assert_graph_error(resp: httpx.Response, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == code
+    assert isinstance(err["message"], str)
+    inner = err["innerError"]
+    assert set(inner) == {"date", "request-id", "client-request-id"}
+    assert inner["request-id"] == resp.headers["request-id"]
+    assert inner["client-request-id"] == resp.headers["client-request-id"]
+    return err
+
+
+def test_me_and_folders(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser) -> None:
+    resp = http.get(f"{sim.base_url}/me", headers={**auth(tokens, user), "client-request-id": "abc-123"})
+    assert resp.status_code == 200
+    assert resp.headers["client-request-id"] == "abc-123" and resp.headers["request-id"]
+    me = resp.json()
+    assert (me["id"], me["displayName"], me["userPrincipalName"], me["mail"]) == (
+        user.oid, user.display_name, user.upn, user.upn)
+
+    inbox = http.get(f"{sim.base_url}/me/mailFolders/InBox", headers=auth(tokens, user)).json()
+    sent = http.get(f"{sim.base_url}/me/mailFolders/SENTITEMS", headers=auth(tokens, user)).json()
+    assert inbox["id"] not in ("inbox", "InBox") and inbox["id"] != sent["id"]
+    assert inbox["displayName"] == "Inbox" and sent["displayName"] == "Sent Items"
+    by_id = http.get(f"{sim.base_url}/me/mailFolders/{inbox['id']}", headers=auth(tokens, user)).json()
+    assert by_id["id"] == inbox["id"]
+    msgs = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages",
+                    params={"$select": "parentFolderId", "$top": "3"}, headers=auth(tokens, user)).json()
+    assert {m["parentFolderId"] for m in msgs["value"]} == {inbox["id"]}
+    missing = http.get(f"{sim.base_url}/me/mailFolders/nosuchfolder", headers=auth(tokens, user))
+    assert_graph_error(missing, 404, "ErrorItemNotFound")
+
+
+@pytest.mark.parametrize("folder", ["inbox", "sentitems"])
+def test_paging_returns_exactly_the_folder_since(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
+                                                 user: SimUser, world: World, folder: str) -> None:
+    since = world.now - timedelta(days=20)
+    params = {"$select": HEADER_SELECT, "$filter": f"receivedDateTime ge {since:%Y-%m-%dT%H:%M:%SZ}",
+              "$top": "37", "$orderby": "receivedDateTime desc"}
+    url: str | None = f"{sim.base_url}/me/mailFolders/{folder}/messages"
+    got: list[dict] = []
+    pages = 0
+    while url:
+        resp = http.get(url, params=params if pages == 0 else None, headers=auth(tokens, user))
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        assert len(page["value"]) <= 37
+        got += page["value"]
+        url = page.get("@odata.nextLink")
+        if url:  # absolute, on the simulator, carrying every query option
+            assert url.startswith(sim.base_url + "/me/mailFolders/")
+            assert all(k in httpx.URL(url).params for k in ("$select", "$filter", "$top", "$orderby", "$skip"))
+        pages += 1
+    expected = sorted((m for m in world.mailboxes[user.oid] if m.folder == folder and m.received >= since),
+                      key=lambda m: m.received, reverse=True)
+    assert [m["id"] for m in got] == [m.id for m in expected]
+    assert pages == -(-len(expected) // 37)
+    assert [m["receivedDateTime"] for m in got] == sorted((m["receivedDateTime"] for m in got), reverse=True)
+
+
+def test_gt_filter_and_default_top(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
+                                   user: SimUser, world: World) -> None:
+    inbox = sorted((m for m in world.mailboxes[user.oid] if m.folder == "inbox"), key=lambda m: m.received)
+    pivot = inbox[-5].received
+    ge = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", headers=auth(tokens, user),
+                  params={"$select": "id", "$filter": f"receivedDateTime ge {pivot:%Y-%m-%dT%H:%M:%SZ}"}).json()
+    gt = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", headers=auth(tokens, user),
+                  params={"$select": "id", "$filter": f"receivedDateTime gt {pivot:%Y-%m-%dT%H:%M:%SZ}"}).json()
+    assert len(ge["value"]) == 5 and len(gt["value"]) == 4
+    first = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"},
+                     headers=auth(tokens, user)).json()
+    assert len(first["value"]) == 10 and "@odata.nextLink" in first  # Graph's default page size
+
+
+def test_select_projection(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
+                           world: World) -> None:
+    resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages",
+                    params={"$select": "subject,toRecipients", "$top": "5"}, headers=auth(tokens, user))
+    for item in resp.json()["value"]:
+        assert set(item) == {"@odata.etag", "id", "subject", "toRecipients"}
+    bad = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "subject,nope"},
+                   headers=auth(tokens, user))
+    assert_graph_error(bad, 400, "RequestBroker--ParseUri")
+
+
+def test_message_shape_and_body_types(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
+                                      user: SimUser, world: World) -> None:
+    m = next(x for x in world.mailboxes[user.oid] if x.cc and x.folder == "inbox")
+    url = f"{sim.base_url}/me/messages/{m.id.replace('=', '%3D')}"
+    html_resp = http.get(url, headers={**auth(tokens, user), "Prefer": 'IdType="ImmutableId"'})
+    assert html_resp.status_code == 200
+    msg = html_resp.json()
+    assert msg["body"]["contentType"] == "html" and "<html>" in msg["body"]["content"]
+    assert msg["bodyPreview"] == m.body[:255]
+    assert msg["id"] == m.id and msg["internetMessageId"] == m.internet_message_id
+    assert msg["conversationId"] == m.conversation_id and msg["subject"] == m.subject
+    assert msg["from"] == msg["sender"] == {"emailAddress": {"name": m.sender.name, "address": m.sender.address}}
+    assert [r["emailAddress"]["address"] for r in msg["toRecipients"]] == [r.address for r in m.to]
+    assert [r["emailAddress"]["address"] for r in msg["ccRecipients"]] == [r.address for r in m.cc]
+    assert msg["bccRecipients"] == [] and msg["replyTo"] == [] and msg["isDraft"] is False
+    assert msg["receivedDateTime"] == m.received.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert msg["sentDateTime"] == m.sent.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert msg["hasAttachments"] is m.has_attachments
+    for key in ("isRead", "webLink", "changeKey", "categories", "parentFolderId", "@odata.etag"):
+        assert key in msg
+
+    text = http.get(url, params={"$select": "body"},
+                    headers={**auth(tokens, user), "Prefer": 'outlook.body-content-type="text", IdType="ImmutableId"'})
+    assert text.headers["Preference-Applied"] == 'outlook.body-content-type="text"'
+    assert text.json()["body"] == {"contentType": "text", "content": m.body}
+    assert set(text.json()) == {"@odata.context", "@odata.etag", "id", "body"}
+
+    missing = http.get(f"{sim.base_url}/me/messages/AAkAnope", headers=auth(tokens, user))
+    assert_graph_error(missing, 404, "ErrorItemNotFound")
+
+
+@pytest.mark.parametrize(("params", "code"), [
+    ({"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'"}, "BadRequest"),
+    ({"$filter": "toRecipients/any(r:r/emailAddress/address eq 'a@b.com')"}, "ErrorInvalidUrlQueryFilter"),
+    ({"$filter": "subject eq 'x'"}, "ErrorInvalidUrlQueryFilter"),
+    ({"$filter": "receivedDateTime ge 2024-01-01T00:00:00Z", "$orderby": "subject"}, "InefficientFilter"),
+    ({"$top": "0"}, "ErrorInvalidUrlQuery"),
+    ({"$top": "1001"}, "ErrorInvalidUrlQuery"),
+])
+def test_bad_queries(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
+                     params: dict, code: str) -> None:
+    resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id", **params},
+                    headers=auth(tokens, user))
+    assert_graph_error(resp, 400, code)
+
+
+def test_unauthenticated(sim: GraphSimulator, http: httpx.Client, tls: SimulatorTLS, world: World) -> None:
+    authority = TokenAuthority()
+    u = world.tenants[0].users[1]
+    good = auth(authority, u)
+    with GraphSimulator(world, tls, authority) as own:
+        url = f"{own.base_url}/me/mailFolders/inbox/messages"
+        assert http.get(url, headers=good).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer not.a.jwt"}, auth(TokenAuthority(), u)):
+            resp = http.get(url, headers=headers)
+            assert_graph_error(resp, 401, "InvalidAuthenticationToken")
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+        authority.revoke_access_tokens(u.oid)
+        assert_graph_error(http.get(url, headers=good), 401, "InvalidAuthenticationToken")
+        assert http.get(url, headers=auth(authority, u)).status_code == 200  # a fresh token works again
+
+
+def test_scopes(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser) -> None:
+    url = f"{sim.base_url}/me/mailFolders/inbox/messages"
+    basic = auth(tokens, user, ("User.Read", "Mail.ReadBasic"))
+    assert http.get(url, params={"$select": HEADER_SELECT}, headers=basic).status_code == 200
+    for select in ("id,body", "bodyPreview", "uniqueBody"):
+        assert_graph_error(http.get(url, params={"$select": select}, headers=basic), 403, "ErrorAccessDenied")
+    assert_graph_error(http.get(url, headers=basic), 403, "ErrorAccessDenied")  # no $select = body included
+    no_mail = auth(tokens, user, ("User.Read",))
+    assert_graph_error(http.get(url, params={"$select": "id"}, headers=no_mail), 403, "ErrorAccessDenied")
+    assert http.get(f"{sim.base_url}/me", headers=no_mail).status_code == 200
+    assert http.get(f"{sim.base_url}/me", headers=auth(tokens, user, ("Mail.Read",))).status_code == 403
+    assert http.get(url, params={"$select": "body"}, headers=auth(tokens, user, ("Mail.ReadWrite",))).is_success
+
+
+def test_mailbox_concurrency_limit(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
+                                  user: SimUser) -> None:
+    sim.latency_s = 0.3
+    headers = auth(tokens, user)
+    barrier = threading.Barrier(8)
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        barrier.wait()
+        resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"},
+                        headers=headers)
+        with lock:
+            results.append(resp)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r.status_code for r in results)
+    # every request overlaps the first four (0.3 s each): the 5th and later ones are throttled (TLS handshakes
+    # may let a straggler in after a slot frees up, so only bound the counts)
+    assert statuses.count(200) + statuses.count(429) == 8 and 4 <= statuses.count(200) <= 6, statuses
+    throttled = next(r for r in results if r.status_code == 429)
+    err = assert_graph_error(throttled, 429, "ApplicationThrottled")
+    assert err["message"] == "Application is over its MailboxConcurrency limit."
+    assert float(throttled.headers["Retry-After"]) == pytest.approx(0.2)
+    assert sim.peak_in_flight[user.oid] == 4
+
+
+def test_fault_injection(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser) -> None:
+    sim.inject(user.oid, 429, retry_after="1.5")
+    sim.inject(user.oid, 503, count=2)
+    sim.inject(user.oid, 504, code="GatewayTimeout")
+    url = f"{sim.base_url}/me"
+    r429 = http.get(url, headers=auth(tokens, user))
+    assert_graph_error(r429, 429, "TooManyRequests")
+    assert r429.headers["Retry-After"] == "1.5"
+    for _ in range(2):
+        r503 = http.get(url, headers=auth(tokens, user))
+        assert_graph_error(r503, 503, "serviceNotAvailable")
+        assert "Retry-After" not in r503.headers
+    assert_graph_error(http.get(url, headers=auth(tokens, user)), 504, "GatewayTimeout")
+    assert http.get(url, headers=auth(tokens, user)).status_code == 200
+    assert [r.status for r in sim.requests] == [429, 503, 503, 504, 200]
+    assert {r.oid for r in sim.requests} == {user.oid}
+
+
+def test_batch(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
+               world: World) -> None:
+    msgs = [m for m in world.mailboxes[user.oid]][:6]
+    reqs = [{"id": str(i), "method": "GET", "url": f"/me/messages/{m.id}?$select=subject",
+             "headers": {"Prefer": 'IdType="ImmutableId"'}} for i, m in enumerate(msgs)]
+    reqs.append({"id": "missing", "method": "GET", "url": "/me/messages/AAkAnope"})
+    reqs.append({"id": "dep", "method": "GET", "url": "/me", "dependsOn": ["missing"]})
+    resp = http.post(f"{sim.base_url}/$batch", json={"requests": reqs}, headers=auth(tokens, user))
+    assert resp.status_code == 200
+    out = {r["id"]: r for r in resp.json()["responses"]}
+    assert set(out) == {r["id"] for r in reqs}
+    for i, m in enumerate(msgs):
+        assert out[str(i)]["status"] == 200 and out[str(i)]["body"]["subject"] == m.subject
+    assert out["missing"]["status"] == 404 and out["missing"]["body"]["error"]["code"] == "ErrorItemNotFound"
+    assert out["dep"]["status"] == 424
+    inner = [r for r in sim.requests if r.inner]
+    assert len(inner) == 7 and all(r.oid == user.oid for r in inner)  # the 424 one never ran
+
+    too_many = [{"id": str(i), "method": "GET", "url": "/me"} for i in range(21)]
+    big = http.post(f"{sim.base_url}/$batch", json={"requests": too_many}, headers=auth(tokens, user))
+    assert_graph_error(big, 400, "BadRequest")
+    bad_token = http.post(f"{sim.base_url}/$batch", json={"requests": reqs[:1]},
+                          headers={"Authorization": "Bearer x"})
+    assert_graph_error(bad_token, 401, "InvalidAuthenticationToken")
+
+
+def test_batch_inner_requests_run_four_at_a_time(sim: GraphSimulator, http: httpx.Client,
+                                                 tokens: TokenAuthority, user: SimUser, world: World) -> None:
+    sim.latency_s = 0.05
+    ids = [m.id for m in world.mailboxes[user.oid][:20]]
+    reqs = [{"id": str(i), "method": "GET", "url": f"/me/messages/{gid}?$select=id"} for i, gid in enumerate(ids)]
+    resp = http.post(f"{sim.base_url}/$batch", json={"requests": reqs}, headers=auth(tokens, user))
+    statuses = [r["status"] for r in resp.json()["responses"]]
+    assert statuses == [200] * 20
+    assert sim.peak_in_flight[user.oid] == 4
+    assert [r["id"] for r in resp.json()["responses"]] != [str(i) for i in range(20)]  # any order
+
+
+def test_all_messages_endpoint(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
+                               world: World) -> None:
+    resp = http.get(f"{sim.base_url}/me/messages", params={"$select": "id", "$top": "1000"},
+                    headers=auth(tokens, user))
+    assert {m["id"] for m in resp.json()["value"]} == {m.id for m in world.mailboxes[user.oid]}
