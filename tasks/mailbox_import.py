@@ -139,9 +139,9 @@ def import_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> Run
     if scan_start is None:
         raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
     index = build_index(people, accounts, tenant.domains)
-    provider = TokenProvider(settings, tenant_id, user_oid, scopes_for(tenant.features))
     counts = RunCounts()
-    with make_http_client(settings) as http:
+    with TokenProvider(settings, tenant_id, user_oid, scopes_for(tenant.features)) as provider, \
+            make_http_client(settings) as http:
         client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox)
         for folder in MAIL_FOLDERS:
             since = _since(cursors.get(folder), scan_start)

@@ -26,4 +26,5 @@ def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield get_current_settings().server.database.connection_url
+        url = get_current_settings().server.database.connection_url
+        yield url.get_secret_value() if hasattr(url, "get_secret_value") else str(url)

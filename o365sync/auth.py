@@ -1,0 +1,484 @@
+"""Connecting users with MSAL (authorization-code flow + PKCE) and holding their tokens.
+
+- One MSAL `SerializableTokenCache` per user (Microsoft's guidance for web apps), sealed with AES-GCM at
+  `<data_dir>/tenants/<tid>/connections/<oid>.token`, owner `"<tid>.<oid>"`; plain metadata in `<oid>.json`.
+- Users are keyed by (tenant id, object id), never by e-mail address.
+- Authority and Graph URLs come only from settings; nothing here knows about the simulators.
+- Exception messages carry ids and error codes only (Prefect stores them): never a UPN or e-mail address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import msal
+import requests
+from msal.exceptions import MsalServiceError
+
+from o365sync.http import make_http_client
+from o365sync.secrets import SecretError, load_key, read_sealed, write_sealed
+from o365sync.settings import Settings
+
+BASE_SCOPES = ["User.Read"]
+# Short-form Graph permissions (msal.md §1.5: the short form is what Entra echoes, so the AT cache hits).
+FEATURE_SCOPES: dict[str, list[str]] = {
+    "email": ["Mail.Read"],
+}
+FLOW_TTL_S = 600.0
+
+RECONNECT_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required",
+                              "no_account", "no_token"})
+TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+CONFIG_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+
+
+# --------------------------------------------------------------------------- errors
+class AuthError(Exception):
+    """Base class. Subclasses pickle by their fields, so they survive Prefect's result persistence."""
+
+
+class ReconnectNeeded(AuthError):
+    """The user's grant is gone (revoked, expired, consent withdrawn, MFA needed, no token): connect again."""
+
+    def __init__(self, tenant_id: str, oid: str, error: str, error_codes: Iterable[int] = ()):
+        self.tenant_id, self.oid, self.error = tenant_id, oid, error
+        self.error_codes = list(error_codes)
+        super().__init__(f"user {tenant_id}/{oid} must reconnect: {error} {self.error_codes}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.tenant_id, self.oid, self.error, self.error_codes))
+
+
+class AuthConfigError(AuthError):
+    """Our app registration is rejected (invalid_client: secret expired/wrong, app not in tenant)."""
+
+    def __init__(self, error: str, error_codes: Iterable[int] = (), context: str = ""):
+        self.error, self.error_codes, self.context = error, list(error_codes), context
+        super().__init__(f"app registration rejected{' for ' + context if context else ''}: "
+                         f"{error} {self.error_codes}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.error, self.error_codes, self.context))
+
+
+class AuthTransient(AuthError):
+    """Network error, 5xx or 429 at the identity platform: retry later; the stored tokens are kept."""
+
+    def __init__(self, detail: str, error_codes: Iterable[int] = ()):
+        self.detail, self.error_codes = detail, list(error_codes)
+        super().__init__(f"identity platform temporarily unavailable: {detail} {self.error_codes}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.detail, self.error_codes))
+
+
+class ConnectError(AuthError):
+    """The sign-in (connect) could not be completed; `error` is an OAuth error or one of ours."""
+
+    def __init__(self, error: str, error_codes: Iterable[int] = (), detail: str = ""):
+        self.error, self.error_codes, self.detail = error, list(error_codes), detail
+        super().__init__(f"connect failed: {error} {self.error_codes}{': ' + detail if detail else ''}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.error, self.error_codes, self.detail))
+
+
+class WrongTenant(ConnectError):
+    """The account that signed in belongs to another Entra tenant than the one being connected."""
+
+    def __init__(self, expected_tid: str, actual_tid: str):
+        self.expected_tid, self.actual_tid = expected_tid, actual_tid
+        super().__init__("wrong_tenant", (), f"signed-in account belongs to tenant {actual_tid}, "
+                                             f"not {expected_tid}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.expected_tid, self.actual_tid))
+
+
+class _FileChanged(Exception):
+    """Internal: the token file changed on disk under a failing provider; reload instead of deleting it."""
+
+
+_AADSTS = re.compile(r"AADSTS(\d+)")
+
+
+def _codes_of(result: dict[str, Any]) -> list[int]:
+    codes = result.get("error_codes")
+    if isinstance(codes, list) and codes:
+        return [int(c) for c in codes if str(c).isdigit()]
+    return [int(c) for c in _AADSTS.findall(str(result.get("error_description", "")))]
+
+
+# --------------------------------------------------------------------------- MSAL plumbing
+class MsalHttpxClient:
+    """The http_client MSAL needs (get/post/close) on top of httpx (msal.md §1.6).
+
+    httpx transport errors become `requests.exceptions.ConnectionError`, the only "network error" MSAL
+    recognises (it then falls back to a still-valid cached access token)."""
+
+    def __init__(self, client: httpx.Client):
+        self._c = client
+
+    def get(self, url: str, params: Any = None, headers: Any = None, **kw: Any) -> httpx.Response:
+        return self._req("GET", url, params=params, headers=headers, **kw)
+
+    def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None,
+             **kw: Any) -> httpx.Response:
+        return self._req("POST", url, params=params, data=data, headers=headers, **kw)
+
+    def _req(self, method: str, url: str, params: Any = None, data: Any = None, headers: Any = None,
+             timeout: Any = None, **_: Any) -> httpx.Response:
+        kw: dict[str, Any] = {"headers": {k: v for k, v in (headers or {}).items() if v is not None}}
+        if params:
+            kw["params"] = params
+        if isinstance(data, str | bytes):
+            kw["content"] = data
+        elif data is not None:
+            kw["data"] = data
+        if timeout is not None:
+            kw["timeout"] = timeout
+        try:
+            return self._c.request(method, url, **kw)
+        except httpx.TransportError as exc:
+            raise requests.exceptions.ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self._c.close()
+
+
+def build_app(settings: Settings, cache: msal.SerializableTokenCache | None,
+              http_client: httpx.Client | None = None) -> msal.ConfidentialClientApplication:
+    """A confidential client on settings.authority. Does network I/O (tenant discovery): call lazily.
+
+    Pass `http_client` to own (and close) the connection pool; by default one is made from settings."""
+    if not settings.client_id:
+        raise AuthConfigError("missing_client_id", (), "O365SYNC_CLIENT_ID is not set")
+    try:
+        return msal.ConfidentialClientApplication(
+            settings.client_id,
+            client_credential=settings.client_secret.get_secret_value(),
+            authority=settings.authority,
+            instance_discovery=False,  # never call login.microsoftonline.com/common/discovery/instance
+            azure_region=False,  # never probe IMDS / REGION_NAME
+            http_client=MsalHttpxClient(http_client or make_http_client(settings)),
+            token_cache=cache,
+        )
+    except requests.exceptions.RequestException as exc:
+        raise AuthTransient(f"tenant discovery failed: {type(exc).__name__}") from exc
+    except MsalServiceError as exc:
+        raise AuthTransient(f"tenant discovery failed: {exc}") from exc
+
+
+def scopes_for(features: Iterable[str]) -> list[str]:
+    scopes = list(BASE_SCOPES)
+    for feature in features:
+        if feature not in FEATURE_SCOPES:
+            raise ValueError(f"unknown feature {feature!r}; known: {sorted(FEATURE_SCOPES)}")
+        for s in FEATURE_SCOPES[feature]:
+            if s not in scopes:
+                scopes.append(s)
+    return scopes
+
+
+# --------------------------------------------------------------------------- storage
+@dataclass(frozen=True)
+class ConnectedUser:
+    tenant_id: str
+    oid: str
+    upn: str
+    display_name: str
+
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _safe(value: str, what: str) -> str:
+    if not _ID.fullmatch(value or ""):
+        raise ValueError(f"invalid {what}")
+    return value
+
+
+def connections_dir(settings: Settings, tenant_id: str) -> Path:
+    return settings.data_dir / "tenants" / _safe(tenant_id, "tenant id") / "connections"
+
+
+def token_path(settings: Settings, tenant_id: str, oid: str) -> Path:
+    return connections_dir(settings, tenant_id) / f"{_safe(oid, 'object id')}.token"
+
+
+def _meta_path(settings: Settings, tenant_id: str, oid: str) -> Path:
+    return connections_dir(settings, tenant_id) / f"{_safe(oid, 'object id')}.json"
+
+
+def _owner(tenant_id: str, oid: str) -> str:
+    return f"{tenant_id}.{oid}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _read_meta(settings: Settings, tenant_id: str, oid: str) -> dict:
+    path = _meta_path(settings, tenant_id, oid)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _save_cache(settings: Settings, tenant_id: str, oid: str, cache: msal.SerializableTokenCache) -> None:
+    write_sealed(token_path(settings, tenant_id, oid), load_key(settings), _owner(tenant_id, oid),
+                 cache.serialize().encode())
+
+
+def _load_cache(settings: Settings, tenant_id: str, oid: str) -> msal.SerializableTokenCache:
+    cache = msal.SerializableTokenCache()
+    cache.deserialize(read_sealed(token_path(settings, tenant_id, oid), load_key(settings),
+                                  _owner(tenant_id, oid)).decode())
+    return cache
+
+
+def connected_users(settings: Settings, tenant_id: str) -> list[ConnectedUser]:
+    """Users of the tenant with a stored token (a user whose grant failed is listed again after reconnect)."""
+    folder = connections_dir(settings, tenant_id)
+    if not folder.exists():
+        return []
+    out = []
+    for token in folder.glob("*.token"):
+        meta = _read_meta(settings, tenant_id, token.stem)
+        if meta.get("tid") != tenant_id or meta.get("oid") != token.stem:
+            continue
+        out.append(ConnectedUser(tenant_id, token.stem, meta.get("upn", ""), meta.get("display_name", "")))
+    return sorted(out, key=lambda u: (u.upn.lower(), u.oid))
+
+
+def connection_info(settings: Settings, tenant_id: str, oid: str) -> dict:
+    """The plain metadata of a connection (oid, tid, upn, display_name, connected_at, scopes, and after a
+    failed grant `reconnect_needed` = {error, error_codes, at}); {} if the user never connected."""
+    return _read_meta(settings, tenant_id, oid)
+
+
+def disconnect(settings: Settings, tenant_id: str, oid: str) -> None:
+    """Forget a user's tokens and metadata."""
+    token_path(settings, tenant_id, oid).unlink(missing_ok=True)
+    _meta_path(settings, tenant_id, oid).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- connect
+@dataclass
+class _Pending:
+    flow: dict[str, Any]
+    tenant_id: str
+    scopes: list[str]
+    expires_at: float
+
+
+_pending: dict[str, _Pending] = {}
+_pending_lock = threading.Lock()
+_warn_lock = threading.Lock()
+
+
+def _purge(now: float) -> None:
+    for state in [s for s, p in _pending.items() if p.expires_at <= now]:
+        del _pending[state]
+
+
+def begin_connect(settings: Settings, tenant_id: str, features: list[str],
+                  login_hint: str | None = None) -> str:
+    """Start the authorization-code flow for a user of `tenant_id`; returns the URL to send the browser to.
+
+    The MSAL flow (PKCE verifier, nonce) stays in this process, keyed by `state`, for FLOW_TTL_S."""
+    _safe(tenant_id, "tenant id")
+    scopes = scopes_for(features)
+    with make_http_client(settings) as hc:
+        app = build_app(settings, None, hc)
+    with _warn_lock, warnings.catch_warnings():
+        # Query mode is deliberate: the flow lives server-side keyed by state, so no cookie is needed.
+        warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
+        flow = app.initiate_auth_code_flow(scopes, redirect_uri=settings.redirect_uri, login_hint=login_hint,
+                                           state=secrets.token_urlsafe(24))
+    now = time.monotonic()
+    with _pending_lock:
+        _purge(now)
+        _pending[flow["state"]] = _Pending(flow, tenant_id, scopes, now + FLOW_TTL_S)
+    return flow["auth_uri"]
+
+
+def complete_connect(settings: Settings, auth_response: dict[str, str]) -> ConnectedUser:
+    """Redeem the code of the callback (its whole query dict), check the tenant, persist the user's cache."""
+    state = auth_response.get("state", "")
+    with _pending_lock:
+        _purge(time.monotonic())
+        pending = _pending.pop(state, None)
+    if pending is None:
+        raise ConnectError("unknown_state", (), "sign-in link expired or already used; start again")
+    if auth_response.get("error"):
+        # error_description may contain the UPN (AADSTS50020): keep only the codes.
+        raise ConnectError(str(auth_response["error"]),
+                           [int(c) for c in _AADSTS.findall(auth_response.get("error_description", ""))])
+    cache = msal.SerializableTokenCache()
+    try:
+        with make_http_client(settings) as hc:
+            result = build_app(settings, cache, hc).acquire_token_by_auth_code_flow(pending.flow, auth_response)
+    except (requests.exceptions.RequestException, httpx.HTTPError) as exc:
+        raise AuthTransient(f"code redemption failed: {type(exc).__name__}") from exc
+    except MsalServiceError as exc:
+        raise AuthTransient(f"code redemption failed: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:  # state or nonce mismatch
+        raise ConnectError("invalid_response", (), type(exc).__name__) from exc
+    if "error" in result:
+        error = str(result["error"])
+        if error in CONFIG_ERRORS:
+            raise AuthConfigError(error, _codes_of(result), f"tenant {pending.tenant_id}")
+        if error in TRANSIENT_ERRORS:
+            raise AuthTransient(error, _codes_of(result))
+        raise ConnectError(error, _codes_of(result))
+    claims = result.get("id_token_claims") or {}
+    tid, oid = str(claims.get("tid", "")), str(claims.get("oid", ""))
+    if not tid or not oid:
+        raise ConnectError("invalid_id_token", (), "id_token lacks tid/oid")
+    if tid != pending.tenant_id:
+        raise WrongTenant(pending.tenant_id, tid)
+    user = ConnectedUser(tid, oid, str(claims.get("preferred_username") or claims.get("upn") or ""),
+                         str(claims.get("name", "")))
+    _save_cache(settings, tid, oid, cache)
+    _write_json(_meta_path(settings, tid, oid), {
+        "oid": oid, "tid": tid, "upn": user.upn, "display_name": user.display_name,
+        "connected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "scopes": str(result.get("scope", "")).split() or pending.scopes,
+    })
+    return user
+
+
+# --------------------------------------------------------------------------- tokens for sync
+class TokenProvider:
+    """`provider(force_refresh=False) -> access token` for one user; force_refresh=True after a Graph 401.
+
+    Thread-safe (one lock around acquisition). Reloads the sealed cache when the file changed on disk
+    (another worker refreshed, or the user reconnected). On a dead grant it raises ReconnectNeeded, removes
+    the account and deletes the token file."""
+
+    def __init__(self, settings: Settings, tenant_id: str, oid: str, scopes: list[str]):
+        self.settings, self.tenant_id, self.oid = settings, tenant_id, oid
+        self.scopes = list(scopes)
+        self._path = token_path(settings, tenant_id, oid)
+        self._lock = threading.Lock()
+        self._cache: msal.SerializableTokenCache | None = None
+        self._app: msal.ConfidentialClientApplication | None = None
+        self._sig: tuple[int, int] | None = None
+        self._http: httpx.Client | None = None
+
+    def __call__(self, force_refresh: bool = False) -> str:
+        with self._lock:
+            try:
+                return self._acquire(force_refresh)
+            except _FileChanged:  # the user reconnected meanwhile: one more try with the new cache
+                pass
+            try:
+                return self._acquire(force_refresh)
+            except _FileChanged:
+                raise AuthTransient(f"token cache of {self.tenant_id}/{self.oid} changed concurrently") from None
+
+    def _file_sig(self) -> tuple[int, int] | None:
+        try:
+            st = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _load(self) -> None:
+        sig = self._file_sig()
+        if sig is None:
+            self._drop()
+            raise ReconnectNeeded(self.tenant_id, self.oid, "no_token")
+        try:
+            cache = _load_cache(self.settings, self.tenant_id, self.oid)
+        except SecretError as exc:
+            raise AuthConfigError("token_undecryptable", (), f"user {self.tenant_id}/{self.oid}") from exc
+        self._drop()
+        self._http = make_http_client(self.settings)
+        self._app = build_app(self.settings, cache, self._http)
+        self._cache, self._sig = cache, sig
+
+    def _drop(self) -> None:
+        self._cache = self._app = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def close(self) -> None:
+        """Release the HTTP connection pool (the provider reopens it if called again)."""
+        with self._lock:
+            self._drop()
+            self._sig = None
+
+    def __enter__(self) -> TokenProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _acquire(self, force_refresh: bool) -> str:
+        if self._app is None or self._file_sig() != self._sig:
+            self._load()
+        assert self._app is not None and self._cache is not None
+        home, who = f"{self.oid}.{self.tenant_id}", f"{self.tenant_id}/{self.oid}"
+        account = next((a for a in self._app.get_accounts() if a.get("home_account_id") == home), None)
+        if account is None:
+            self._reconnect("no_account", [])
+        try:
+            result = self._app.acquire_token_silent_with_error(self.scopes, account,
+                                                               force_refresh=force_refresh)
+        except (requests.exceptions.RequestException, httpx.HTTPError) as exc:
+            raise AuthTransient(f"token refresh for {who}: {type(exc).__name__}") from exc
+        except MsalServiceError as exc:
+            raise AuthTransient(f"token refresh for {who}: {exc}") from exc
+        if result is None:
+            self._reconnect("no_token", [])
+        error = result.get("error")
+        if error:
+            codes = _codes_of(result)
+            if error in TRANSIENT_ERRORS:
+                raise AuthTransient(f"token refresh for {who}: {error}", codes)
+            if error in CONFIG_ERRORS:
+                raise AuthConfigError(str(error), codes, f"user {who}")
+            if result.get("suberror") == "consent_required":
+                error = "consent_required"
+            self._reconnect(str(error), codes, account)
+        if self._cache.has_state_changed:
+            _save_cache(self.settings, self.tenant_id, self.oid, self._cache)
+            self._sig = self._file_sig()
+        return str(result["access_token"])
+
+    def _reconnect(self, error: str, codes: list[int], account: dict | None = None) -> NoReturn:
+        current = self._file_sig()
+        if current is not None and current != self._sig:
+            # The user reconnected (or another worker rotated the cache) meanwhile: never delete that file.
+            self._drop()
+            raise _FileChanged
+        if account is not None and self._app is not None:
+            self._app.remove_account(account)
+        self._path.unlink(missing_ok=True)
+        meta = _read_meta(self.settings, self.tenant_id, self.oid)
+        if meta:
+            meta["reconnect_needed"] = {"error": error, "error_codes": codes,
+                                        "at": datetime.now(UTC).isoformat(timespec="seconds")}
+            _write_json(_meta_path(self.settings, self.tenant_id, self.oid), meta)
+        self._drop()
+        self._sig = None
+        raise ReconnectNeeded(self.tenant_id, self.oid, error, codes)

@@ -1,0 +1,57 @@
+"""Helpers that stand the whole product up against a simulated world, for end-to-end tests."""
+
+from __future__ import annotations
+
+import socket
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from o365sync.demo import register_and_connect
+from o365sync.settings import Settings, load_settings
+from o365sync.store import open_store
+from simulators.running import RunningWorld, start_world
+from simulators.world import World
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Product:
+    settings: Settings
+    running: RunningWorld
+    world: World
+
+
+def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Product:
+    """Start the simulators, point the product at them by settings only, register every tenant, connect users."""
+    port = free_port()
+    redirect = f"http://localhost:{port}/auth/callback"
+    running = start_world(world, tmp_path / "tls", redirect_uris=[redirect])
+    for key, value in {**running.settings_env(tmp_path / "data", redirect), **env}.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    for tenant in world.tenants:
+        register_and_connect(settings, running, tenant, port)
+    return Product(settings, running, world)
+
+
+def stored_matches(settings: Settings, tenant_id: str) -> dict[tuple[str, str], frozenset[str]]:
+    with open_store(settings, tenant_id, write=False) as con:
+        rows = con.execute("SELECT user_oid, graph_id, crm_id FROM email_crm_matches").fetchall()
+    out: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for oid, gid, crm_id in rows:
+        out[(oid, gid)].add(crm_id)
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def table_counts(settings: Settings, tenant_id: str) -> dict[str, int]:
+    with open_store(settings, tenant_id, write=False) as con:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+                for t in ("emails", "email_participants", "email_crm_matches")}

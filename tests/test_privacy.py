@@ -1,0 +1,123 @@
+"""Unmatched mail is never stored: unique markers seeded into unmatched messages (subject, body, addresses)
+must appear in no file under the data directory or PREFECT_HOME, in no DuckDB column, in no row of Prefect's
+database and in no log line — while a marker in a matched message is found (so the scan can see)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import re
+import sqlite3
+import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from flows.initial_import import initial_import
+from simulators.world import Mailbox, generate_world
+from tests.product import stand_up
+
+
+def _seed_markers(world):
+    tenant = world.tenants[0]
+    tag = uuid.uuid4().hex[:12]
+    markers = {"subject": f"SUBJMARK{tag}", "body": f"BODYMARK{tag}", "address": f"addrmark{tag}"}
+    unmatched = list(world.unmatched_messages(tenant.tid))
+    for i, msg in enumerate(unmatched):
+        msg.subject += f" {markers['subject']}"
+        msg.body += f"\n{markers['body']}"
+        if i % 2 == 0:
+            msg.cc.append(Mailbox(f"Marker {tag}", f"{markers['address']}@stranger-{tag}.example"))
+    matched_key = next(iter(world.expected_matches(tenant.tid)))
+    positive = f"KEEPMARK{tag}"
+    next(m for m in world.mailboxes[matched_key[0]] if m.id == matched_key[1]).subject += f" {positive}"
+    return markers, positive
+
+
+def _decoded_variants(data: bytes) -> list[bytes]:
+    """The raw bytes plus anything that decodes as base64 (Prefect stores results as b64 cloudpickle)."""
+    out = [data]
+    for chunk in re.findall(rb"[A-Za-z0-9+/=]{40,}", data):
+        try:
+            out.append(base64.b64decode(chunk, validate=False))
+        except (binascii.Error, ValueError):
+            pass
+    return out
+
+
+def _file_hits(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            for blob in _decoded_variants(path.read_bytes()):
+                low = blob.lower()
+                hits += [f"{path}: {n!r}" for n in needles if n in low]
+    return hits
+
+
+def _duckdb_hits(path: Path, needles: list[str]) -> list[str]:
+    hits = []
+    with duckdb.connect(str(path), read_only=True) as con:
+        for table, column in con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                                         "WHERE data_type = 'VARCHAR'").fetchall():
+            for n in needles:
+                if con.execute(f'SELECT count(*) FROM "{table}" WHERE lower("{column}") LIKE ?',
+                               [f"%{n}%"]).fetchall()[0][0]:
+                    hits.append(f"{path}:{table}.{column}: {n}")
+    return hits
+
+
+def _sqlite_hits(path: Path, needles: list[str]) -> list[str]:
+    hits = []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            columns = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")').fetchall()]
+            for column in columns:
+                for n in needles:
+                    q = f'SELECT count(*) FROM "{table}" WHERE lower(CAST("{column}" AS TEXT)) LIKE ?'
+                    if con.execute(q, (f"%{n}%",)).fetchone()[0]:
+                        hits.append(f"{path}:{table}.{column}: {n}")
+    finally:
+        con.close()
+    return hits
+
+
+@pytest.fixture
+def product(tmp_path, monkeypatch):
+    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30)
+    markers, positive = _seed_markers(world)
+    p = stand_up(world, tmp_path, monkeypatch)
+    yield p, markers, positive
+    p.running.stop()
+
+
+def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog):
+    p, markers, positive = product
+    tenant = p.world.tenants[0]
+    caplog.set_level(logging.DEBUG)
+    initial_import(tenant.tid)
+
+    needles = [m.lower() for m in markers.values()]
+    data_dir = p.settings.data_dir
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    prefect_db = Path(prefect_server.split("///", 1)[1]) if prefect_server.startswith("sqlite") else None
+
+    hits = _file_hits(data_dir, [n.encode() for n in needles])
+    hits += _file_hits(prefect_home, [n.encode() for n in needles])
+    duck_files = list(data_dir.rglob("*.duckdb"))
+    assert duck_files, "the run should have written DuckDB files"
+    for f in duck_files:
+        hits += _duckdb_hits(f, needles)
+    assert prefect_db is not None and prefect_db.exists()
+    hits += _sqlite_hits(prefect_db, needles)
+    hits += _file_hits(prefect_db.parent, [n.encode() for n in needles])
+    hits += [f"log: {n}" for n in needles for r in caplog.records if n in r.getMessage().lower()]
+    assert hits == []
+
+    # Positive control: the same scans do find content of a matched message.
+    store = next(f for f in duck_files if f.name == "store.duckdb")
+    assert _duckdb_hits(store, [positive.lower()])
