@@ -82,6 +82,7 @@ class _Fault:
     remaining: int
     retry_after: str | None
     code: str | None
+    path_contains: str | None = None
 
 
 @dataclass
@@ -197,10 +198,12 @@ class GraphSimulator:
         self.stop()
 
     def inject(self, oid: str, status: int, count: int = 1, retry_after: str | None = None,
-               code: str | None = None) -> None:
-        """The next `count` mailbox requests of `oid` (inner $batch requests included) answer `status`."""
+               code: str | None = None, path_contains: str | None = None) -> None:
+        """The next `count` mailbox requests of `oid` (inner $batch requests included) answer `status`;
+        with `path_contains`, only requests whose path contains it (case-insensitive) are hit."""
         with self._lock:
-            self._faults.setdefault(oid, []).append(_Fault(status, count, retry_after, code))
+            self._faults.setdefault(oid, []).append(
+                _Fault(status, count, retry_after, code, path_contains.lower() if path_contains else None))
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -241,15 +244,15 @@ class GraphSimulator:
                'client_id="00000003-0000-0000-c000-000000000000"')
         return self._error(ctx, 401, "InvalidAuthenticationToken", str(exc), {"WWW-Authenticate": www})
 
-    def _take_fault(self, oid: str) -> _Fault | None:
+    def _take_fault(self, oid: str, path: str) -> _Fault | None:
         with self._lock:
-            queue = self._faults.get(oid)
-            if not queue:
+            queue = self._faults.get(oid) or []
+            fault = next((f for f in queue if f.path_contains is None or f.path_contains in path.lower()), None)
+            if fault is None:
                 return None
-            fault = queue[0]
             fault.remaining -= 1
             if fault.remaining <= 0:
-                queue.pop(0)
+                queue.remove(fault)
             return fault
 
     def _fault_response(self, ctx: _Ctx, fault: _Fault) -> Response:
@@ -295,7 +298,7 @@ class GraphSimulator:
                 resp = self._unauthorized(ctx, exc)
             else:
                 oid = ctx.claims.oid
-                fault = self._take_fault(oid)
+                fault = self._take_fault(oid, req.path)
                 if fault is not None:
                     resp = self._fault_response(ctx, fault)
                 elif not self._admit(oid):

@@ -51,3 +51,32 @@ def test_second_run_adds_and_duplicates_nothing(prefect_server, product):
     assert totals["imported"] == 0
     assert table_counts(product.settings, tenant.tid) == before
     assert stored_matches(product.settings, tenant.tid) == product.world.expected_matches(tenant.tid)
+
+
+def test_a_failed_run_is_finished_by_the_next_without_loss_or_duplicates(prefect_server, product):
+    from flows.initial_import import ImportIncomplete
+
+    tenant = product.world.tenants[0]
+    victim = tenant.users[0].oid
+    # Inbox completes, then Sent Items answers a permanent error: the user's import dies half way.
+    product.running.graph.inject(victim, 400, count=1, code="ErrorInvalidRequest", path_contains="sentitems")
+    with pytest.raises(ImportIncomplete):
+        initial_import(tenant.tid)
+    with open_store(product.settings, tenant.tid, write=False) as con:
+        stage, error, failures = con.execute("SELECT stage, last_error, consecutive_failures FROM sync_state "
+                                             "WHERE user_oid = ?", [victim]).fetchall()[0]
+        partial = con.execute("SELECT count(*) FROM emails WHERE user_oid = ?", [victim]).fetchall()[0][0]
+    assert (stage, error, failures) == ("failed", "GraphBadRequest", 1)
+    expected = product.world.expected_matches(tenant.tid)
+    victim_expected = {k for k in expected if k[0] == victim}
+    assert 0 < partial < len(victim_expected)
+
+    totals = initial_import(tenant.tid)
+    assert stored_matches(product.settings, tenant.tid) == expected
+    assert totals["imported"] == len(victim_expected) - partial  # only what was missing
+    with open_store(product.settings, tenant.tid, write=False) as con:
+        stage, failures, scanned = con.execute("SELECT stage, consecutive_failures, scanned FROM sync_state "
+                                               "WHERE user_oid = ?", [victim]).fetchall()[0]
+    window = [m for m in product.world.mailboxes[victim] if m.received >= product.world.scan_start(tenant.tid)]
+    assert (stage, failures) == ("idle", 0)
+    assert scanned < len(window)  # the inbox resumed from its cursor instead of being re-listed
