@@ -1,0 +1,1 @@
+"""Deployments: `prefect.yaml` holds the static ones; per-tenant schedules are generated here (later work)."""

@@ -155,11 +155,13 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
     from o365sync.tenants import list_tenants
 
     settings = _settings()
+    tenants = [t for t in list_tenants(settings) if not tenant or t.id == tenant]
+    if not tenants:
+        console.print("No tenants registered." if not tenant else f"Tenant {tenant} is not registered.")
+        raise typer.Exit(0 if not tenant else 1)
     table = Table("tenant", "user", "stage", "last run", "last success", "failures", "last error", "scanned",
                   "matched", "imported", "discarded")
-    for t in list_tenants(settings):
-        if tenant and t.id != tenant:
-            continue
+    for t in tenants:
         with open_store(settings, t.id, write=False) as con:
             for row in con.execute("SELECT user_oid, stage, last_run_at, last_success_at, consecutive_failures, "
                                    "last_error, scanned, matched, imported, discarded FROM sync_state "

@@ -52,6 +52,14 @@ def test_second_run_adds_and_duplicates_nothing(prefect_server, product):
     assert table_counts(product.settings, tenant.tid) == before
     assert stored_matches(product.settings, tenant.tid) == product.world.expected_matches(tenant.tid)
 
+    from typer.testing import CliRunner
+
+    from o365sync.cli import app
+
+    status = CliRunner().invoke(app, ["status", "--tenant", tenant.tid], env={"COLUMNS": "300"})
+    assert status.exit_code == 0
+    assert all(u.oid in status.output for u in tenant.users) and "idle" in status.output
+
 
 def test_a_failed_run_is_finished_by_the_next_without_loss_or_duplicates(prefect_server, product):
     from flows.initial_import import ImportIncomplete
