@@ -59,15 +59,20 @@ def simulate(
                   f"Salesforce         {running.salesforce.base_url}\n")
     console.print("# settings (e.g. in .env):")
     for key, value in running.settings_env(settings.data_dir, redirect).items():
-        console.print(f"{key}={value}")
+        console.print(f"{key}={value}", soft_wrap=True, highlight=False)
     sf = running.salesforce
     for t in world.tenants:
         console.print(f"\n# tenant {t.name}: users {', '.join(u.upn for u in t.users)}\n"
                       f"o365sync tenant add --id {t.tid} --name {t.name} "
                       + " ".join(f"--domain {d}" for d in t.domains)
                       + f" --crm-login-url {sf.base_url} --crm-client-id {sf.client_id} "
-                      f"--crm-client-secret {sf.client_secret} --crm-refresh-token {sf.refresh_token_for(t.tid)}")
-    console.print("\nThen: o365sync web, open /connect?tenant=<id>, and o365sync import --tenant <id>. Ctrl-C stops.")
+                      f"--crm-client-secret {sf.client_secret} --crm-refresh-token {sf.refresh_token_for(t.tid)}",
+                      soft_wrap=True, highlight=False)
+        for u in t.users:
+            console.print(f"# connect {u.display_name}: http://localhost:{web_port}/connect?tenant={t.tid}"
+                          f"&login_hint={u.upn}", soft_wrap=True, highlight=False)
+    console.print("\nThen: o365sync web, open the connect links, and o365sync import --tenant <id>. Ctrl-C stops.",
+                  soft_wrap=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -148,6 +153,14 @@ def import_(tenant: Annotated[str, typer.Option(help="Tenant id.")]) -> None:
     console.print(initial_import(tenant))
 
 
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if hasattr(value, "strftime"):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
 @app.command()
 def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None) -> None:
     """Print per-user sync state."""
@@ -166,7 +179,7 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
             for row in con.execute("SELECT user_oid, stage, last_run_at, last_success_at, consecutive_failures, "
                                    "last_error, scanned, matched, imported, discarded FROM sync_state "
                                    "ORDER BY user_oid").fetchall():
-                table.add_row(t.id, *("" if v is None else str(v) for v in row))
+                table.add_row(t.id, *(_cell(v) for v in row))
     console.print(table)
 
 
