@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -35,47 +34,9 @@ from o365sync.mail import (
     iter_header_pages,
 )
 from simulators.graph import GraphSimulator
-from simulators.tls import SimulatorTLS, create_tls
+from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
-from simulators.world import SimMessage, SimUser, World, generate_world
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return generate_world(tenants=1, users_per_tenant=2, messages_per_user=300)
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
-    return create_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def tokens() -> TokenAuthority:
-    return TokenAuthority()
-
-
-@pytest.fixture(scope="module")
-def running_sim(world: World, tls: SimulatorTLS, tokens: TokenAuthority) -> Iterator[GraphSimulator]:
-    with GraphSimulator(world, tls, tokens) as s:
-        yield s
-
-
-@pytest.fixture()
-def sim(running_sim: GraphSimulator) -> GraphSimulator:
-    running_sim.reset()
-    return running_sim
-
-
-@pytest.fixture(scope="module")
-def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
-    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def user(world: World) -> SimUser:
-    return world.tenants[0].users[0]
+from simulators.world import SimMessage, SimUser, World
 
 
 class Tokens:

@@ -3,57 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
 import pytest
 
 from simulators.graph import GraphSimulator
-from simulators.tls import SimulatorTLS, create_tls
+from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
-from simulators.world import SimUser, World, generate_world
+from simulators.world import SimUser, World
 
 HEADER_SELECT = ("id,internetMessageId,conversationId,subject,from,sender,toRecipients,ccRecipients,"
                  "bccRecipients,receivedDateTime,sentDateTime,hasAttachments,isDraft,parentFolderId,webLink")
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return generate_world(tenants=1, users_per_tenant=2, messages_per_user=300)
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
-    return create_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def tokens() -> TokenAuthority:
-    return TokenAuthority()
-
-
-@pytest.fixture(scope="module")
-def running_sim(world: World, tls: SimulatorTLS, tokens: TokenAuthority) -> Iterator[GraphSimulator]:
-    with GraphSimulator(world, tls, tokens) as s:  # stopping costs ~0.5 s (serve_forever poll): share one
-        yield s
-
-
-@pytest.fixture()
-def sim(running_sim: GraphSimulator) -> GraphSimulator:
-    running_sim.reset()
-    return running_sim
-
-
-@pytest.fixture(scope="module")
-def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
-    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def user(world: World) -> SimUser:
-    return world.tenants[0].users[0]
 
 
 def auth(tokens: TokenAuthority, user: SimUser, scopes: tuple[str, ...] = ("User.Read", "Mail.Read")) -> dict:
