@@ -124,8 +124,8 @@ def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
         assert a.sort("crm_id").equals(w.sort("crm_id")), name
 
 
-def access_token(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> str:
-    resp = http.post(
+def refresh_grant(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> httpx.Response:
+    return http.post(
         f"{sim.base_url}/services/oauth2/token",
         data={
             "grant_type": "refresh_token",
@@ -134,6 +134,10 @@ def access_token(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> str:
             "client_secret": "sf-secret",
         },
     )
+
+
+def access_token(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> str:
+    resp = refresh_grant(sim, http, tid)
     assert resp.status_code == 200, resp.text
     return resp.json()["access_token"]
 
@@ -277,15 +281,7 @@ def test_revoked_refresh_token_is_auth_error(
         fetch_snapshot(conn_for(sim, tid), http)
     assert (err.value.status, err.value.code) == (400, "invalid_grant")
     assert sim.refresh_token_for(tid) not in str(err.value)
-    resp = http.post(
-        f"{sim.base_url}/services/oauth2/token",
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": sim.refresh_token_for(tid),
-            "client_id": "sf-client",
-            "client_secret": "sf-secret",
-        },
-    )
+    resp = refresh_grant(sim, http, tid)
     assert resp.status_code == 400
     assert resp.json() == {"error": "invalid_grant", "error_description": "expired access/refresh token"}
 
