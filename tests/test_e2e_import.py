@@ -88,3 +88,20 @@ def test_a_failed_run_is_finished_by_the_next_without_loss_or_duplicates(prefect
     window = [m for m in product.world.mailboxes[victim] if m.received >= product.world.scan_start(tenant.tid)]
     assert (stage, failures) == ("idle", 0)
     assert scanned < len(window)  # the inbox resumed from its cursor instead of being re-listed
+
+
+def test_one_users_dead_token_does_not_fail_the_tenant(prefect_server, product):
+    tenant = product.world.tenants[0]
+    dead, alive = tenant.users[0].oid, [u.oid for u in tenant.users[1:]]
+    product.running.identity.revoke(dead)  # refresh token revoked (AADSTS50173) ...
+    product.running.tokens.revoke_access_tokens(dead)  # ... and Graph rejects the cached access token
+
+    totals = initial_import(tenant.tid)
+    assert (totals["reconnect_needed"], totals["failed"]) == (1, 0)
+    with open_store(product.settings, tenant.tid, write=False) as con:
+        states = dict(con.execute("SELECT user_oid, stage FROM sync_state").fetchall())
+        errors = dict(con.execute("SELECT user_oid, last_error FROM sync_state").fetchall())
+    assert states == {dead: "reconnect_needed", **{oid: "idle" for oid in alive}}
+    assert errors[dead] == "invalid_grant"
+    expected = {k: v for k, v in product.world.expected_matches(tenant.tid).items() if k[0] in alive}
+    assert stored_matches(product.settings, tenant.tid) == expected

@@ -1,0 +1,42 @@
+"""Benchmark child: the product's import of one mailbox (`tasks.mailbox_import.import_mailbox_now`), in a fresh
+process so its CPU time and peak RSS are the client's alone. Started by bench/import_vs_dlt.py with the O365SYNC_*
+settings of the simulated world and BENCH_TENANT_ID / BENCH_USER_OID; BENCH_PROFILE=<path> writes a cProfile."""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()
+
+import os  # noqa: E402
+
+from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+
+from o365sync.prefect_env import configure_prefect_env  # noqa: E402
+
+configure_prefect_env()  # tasks.mailbox_import imports Prefect; the parent points PREFECT_HOME at a temp dir
+from o365sync.settings import load_settings  # noqa: E402
+from tasks.mailbox_import import import_mailbox_now  # noqa: E402
+
+import_s = time.perf_counter() - T_START
+rss_after_import = rss_mb()
+
+settings = load_settings()
+tenant_id, user_oid = os.environ["BENCH_TENANT_ID"], os.environ["BENCH_USER_OID"]
+profile_path = os.environ.get("BENCH_PROFILE")
+
+meter = Meter()
+if profile_path:
+    import cProfile
+
+    profiler = cProfile.Profile()
+    counts = profiler.runcall(import_mailbox_now, settings, tenant_id, user_oid)
+    profiler.dump_stats(profile_path)
+else:
+    counts = import_mailbox_now(settings, tenant_id, user_oid)
+wall, cpu = meter.done()
+
+emit(variant="ours", rows=counts.scanned, scanned=counts.scanned, matched=counts.matched,
+     imported=counts.imported, discarded=counts.discarded, wall_s=wall, cpu_s=cpu,
+     rss_after_import_mb=rss_after_import, peak_rss_mb=peak_rss_mb(), import_s=import_s,
+     page_size=settings.graph_page_size)
