@@ -368,7 +368,7 @@ def _generate_mailbox(rng: random.Random, tenant: SimTenant, user: SimUser, crm:
             internet_message_id=f"<{uuid.UUID(int=rng.getrandbits(128))}@mail.example>",
             conversation_id=conv, subject=subject, body=body, sender=sender, to=to, cc=cc,
             received=received, sent=received - timedelta(seconds=rng.randint(1, 30)),
-            has_attachments=rng.random() < 0.1, kind=kind if kind != "reply" else "reply",
+            has_attachments=rng.random() < 0.1, kind=kind,
         )
         messages.append(msg)
         if kind in ("contact", "lead", "account", "stranger"):

@@ -86,7 +86,9 @@ def import_folder(settings: Settings, tenant: TenantConfig, user_oid: str, clien
         with open_store(settings, tenant.id, write=True) as con:
             new = write_mail_batch(con, tenant.id, user_oid, scan_start, batch)
         counts += RunCounts(imported=new)
-        buf.emails.clear(), buf.participants.clear(), buf.matches.clear()
+        buf.emails.clear()
+        buf.participants.clear()
+        buf.matches.clear()
         buf.matched = buf.pages = 0
 
     for page in iter_header_pages(client, folder, since, settings.graph_page_size):
