@@ -1,4 +1,4 @@
-"""Benchmark child: the product's import of one mailbox (`tasks.mailbox_import.import_mailbox_now`), in a fresh
+"""Benchmark child: the product's import of one mailbox (`tasks.mailbox_sync.sync_mailbox_now`), in a fresh
 process so its CPU time and peak RSS are the client's alone. Started by bench/import_vs_dlt.py with the O365SYNC_*
 settings of the simulated world and BENCH_TENANT_ID / BENCH_USER_OID; BENCH_PROFILE=<path> writes a cProfile."""
 
@@ -14,9 +14,9 @@ from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
 
 from o365sync.prefect_env import configure_prefect_env  # noqa: E402
 
-configure_prefect_env()  # tasks.mailbox_import imports Prefect; the parent points PREFECT_HOME at a temp dir
+configure_prefect_env()  # o365sync imports may pull in Prefect settings; the parent points PREFECT_HOME at a temp dir
 from o365sync.settings import load_settings  # noqa: E402
-from tasks.mailbox_import import import_mailbox_now  # noqa: E402
+from tasks.mailbox_sync import sync_mailbox_now  # noqa: E402
 
 import_s = time.perf_counter() - T_START
 rss_after_import = rss_mb()
@@ -30,10 +30,10 @@ if profile_path:
     import cProfile
 
     profiler = cProfile.Profile()
-    counts = profiler.runcall(import_mailbox_now, settings, tenant_id, user_oid)
+    counts = profiler.runcall(sync_mailbox_now, settings, tenant_id, user_oid)
     profiler.dump_stats(profile_path)
 else:
-    counts = import_mailbox_now(settings, tenant_id, user_oid)
+    counts = sync_mailbox_now(settings, tenant_id, user_oid)
 wall, cpu = meter.done()
 
 emit(variant="ours", rows=counts.scanned, scanned=counts.scanned, matched=counts.matched,

@@ -8,7 +8,7 @@ endpoints + MSAL (`register_and_connect`), and takes the CRM snapshot. Each meas
 CHILD PROCESS, so its CPU time and peak RSS are the client's alone (the simulators' CPU stays in this process and is
 reported separately as "sim CPU s"):
 
-- ours (bench/_child_ours.py): `import_mailbox_now` on a fresh store (a copy of the store holding just the CRM
+- ours (bench/_child_ours.py): `sync_mailbox_now` on a fresh store (a copy of the store holding just the CRM
   snapshot): header-first listing of inbox + sent items, Polars CRM matching, `$batch` body fetch for matched mail,
   three DuckDB tables (emails, participants, matches) plus cursors.
 - dlt (bench/_child_dlt.py): dlt RESTClient + JSONLinkPaginator paging the same two folders with the same
@@ -45,7 +45,7 @@ VARIANTS = ("ours", "dlt", "ours-listing")
 CHILD = {"ours": BENCH / "_child_ours.py", "dlt": BENCH / "_child_dlt.py",
          "ours-listing": BENCH / "_child_ours_listing.py"}
 LABELS = {
-    "ours": "ours: import_mailbox_now (list + match + $batch bodies + 3 tables)",
+    "ours": "ours: sync_mailbox_now (list + match + $batch bodies + 3 tables)",
     "dlt": "dlt: RESTClient + JSONLinkPaginator, Arrow per page, parquet (headers only)",
     "ours-listing": "reference: ours' listing path only, $top 1000, Arrow -> DuckDB (headers only)",
 }

@@ -1,1 +1,3 @@
-"""Deployments: `prefect.yaml` holds the static ones; per-tenant schedules are generated here (later work)."""
+"""Deployments: `prefect.yaml` holds the static templates; the per-tenant deployments are built from the tenant
+registry in `deployments.schedules`, served by `o365sync serve` (`deployments.serve`) or registered for workers
+(`deployments.register`)."""

@@ -161,10 +161,60 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+def _lag(value: object) -> str:
+    if value is None:
+        return ""
+    seconds = int(value.total_seconds())  # type: ignore[attr-defined]
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _excluded(value: str | None) -> str:
+    import json
+
+    return ", ".join(f"{k} {v}" for k, v in sorted(json.loads(value or "{}").items()))
+
+
+@tenant_app.command("block")
+def tenant_block(
+    tenant_id: str,
+    entries: Annotated[list[str], typer.Argument(help="Addresses or domains never to import mail with.")],
+    user: Annotated[str | None, typer.Option(help="Only for this user (object id); default: tenant-wide.")] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Take the entries off the list instead.")] = False,
+) -> None:
+    """Add (or remove) blocklist entries, tenant-wide or for one user."""
+    from pydantic import ValidationError
+
+    from o365sync.tenants import TenantConfig, TenantNotFound, blocklist_entry, load_tenant, save_tenant
+
+    settings = _settings()
+    try:
+        t = load_tenant(settings, tenant_id)
+        values = {blocklist_entry(e) for e in entries}
+    except (TenantNotFound, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    current = set(t.user_blocklists.get(user, [])) if user else set(t.blocklist)
+    updated = sorted(current - values if remove else current | values)
+    data = t.model_dump()
+    if user:
+        data["user_blocklists"] = {**t.user_blocklists, user: updated}
+    else:
+        data["blocklist"] = updated
+    try:
+        save_tenant(settings, TenantConfig.model_validate(data))
+    except ValidationError as exc:
+        console.print(f"[red]{exc.errors()[0]['msg']}[/]")
+        raise typer.Exit(2) from None
+    owner = f"user {user}" if user else f"tenant {tenant_id}"
+    console.print(f"blocklist of {owner}: {', '.join(updated) or '(empty)'}")
+
+
 @app.command()
 def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None) -> None:
     """Print per-user sync state."""
-    from o365sync.store import open_store
+    from o365sync.store import open_store, read_sync_states
     from o365sync.tenants import list_tenants
 
     settings = _settings()
@@ -172,15 +222,43 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
     if not tenants:
         console.print("No tenants registered." if not tenant else f"Tenant {tenant} is not registered.")
         raise typer.Exit(0 if not tenant else 1)
-    table = Table("tenant", "user", "stage", "last run", "last success", "failures", "last error", "scanned",
-                  "matched", "imported", "discarded")
+    table = Table("tenant", "user", "stage", "last success", "lag", "failures", "next retry", "last error",
+                  "scanned", "matched", "imported", "excluded")
     for t in tenants:
         with open_store(settings, t.id, write=False) as con:
-            for row in con.execute("SELECT user_oid, stage, last_run_at, last_success_at, consecutive_failures, "
-                                   "last_error, scanned, matched, imported, discarded FROM sync_state "
-                                   "ORDER BY user_oid").fetchall():
-                table.add_row(t.id, *(_cell(v) for v in row))
+            states = read_sync_states(con, t.id)
+        for st in states:
+            table.add_row(t.id, st["user_oid"], st["stage"].replace("_", " "), _cell(st["last_success_at"]),
+                          _lag(st["lag"]), str(st["consecutive_failures"]), _cell(st["next_retry_at"]),
+                          _cell(st["last_error"]), _cell(st["scanned"]), _cell(st["matched"]),
+                          _cell(st["imported"]), _excluded(st["excluded"]))
     console.print(table)
+
+
+@app.command()
+def serve(
+    limit: Annotated[int, typer.Option(help="Flow runs executing at once (each is a subprocess).")] = 4,
+    port: Annotated[int | None, typer.Option(help="Port of the local Prefect server (default 4200, else free).")]
+    = None,
+) -> None:
+    """Run every tenant's email sync every 15 minutes (and on-demand initial imports) on a Prefect server."""
+    from deployments.serve import NothingToServe, describe, serve_tenants
+    from o365sync.prefect_server import PrefectApiError
+
+    def ready(api, deployments) -> None:  # noqa: ANN001
+        table = Table("tenant", "deployment", "schedule", title="Serving")
+        for row in describe(deployments):
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"Prefect UI: {api.ui_url}  (deployments: {api.ui_url}/deployments). Ctrl-C stops.\n"
+                      f"Other shells: export PREFECT_API_URL={api.api_url}", soft_wrap=True, highlight=False)
+
+    try:
+        serve_tenants(_settings(), limit=limit, port=port, on_ready=ready,
+                      echo=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (NothingToServe, PrefectApiError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

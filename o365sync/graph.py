@@ -1,9 +1,20 @@
-"""A small Microsoft Graph client on httpx: per-mailbox concurrency cap, Retry-After, backoff, one token refresh
-on 401, opaque nextLink paging and `$batch` with per-inner-request retries.
+"""A small Microsoft Graph client on httpx: least privilege in code, per-mailbox concurrency cap and request budget,
+Retry-After, backoff, one token refresh on 401, opaque nextLink paging and `$batch` with per-inner-request retries.
 
 One `GraphClient` serves one mailbox (one user token): Outlook allows 4 concurrent requests per app and mailbox
 (graph.md §5.2), so the client holds a slot of a `BoundedSemaphore` per request in flight and a `$batch` holds
 `min(4, inner requests)` slots, because Graph runs up to 4 of its inner requests at once.
+
+Least privilege: every request (each inner request of a `$batch` and every absolute nextLink/deltaLink included) must
+match an `Allow(method, path template)` entry of the client's allowlist, or `ForbiddenRequest` is raised before a
+token is fetched or a byte is sent. `MAIL_READ_ALLOWLIST` is read-only mail; later features add entries (e.g.
+`Allow("GET", "me/calendarView/delta")`). Whatever the allowlist says, `$expand` and a `$select` naming a property
+in `SELECT_DENIED` (attachments) are refused, and so are path segments that decode to `.`/`..` or contain a slash
+or backslash.
+
+Budget: Outlook allows 10,000 requests per 10 minutes per app and mailbox. A sliding-window limiter counts every
+request sent (retries included; each inner request of a `$batch` counts, the envelope does not) and blocks, through
+the injectable `sleep`/`clock`, until the window has room, so a long import paces itself instead of being throttled.
 
 Exception messages carry the HTTP status, Graph error code and request-id only: never URLs, query strings,
 subjects or addresses (Prefect persists exception messages).
@@ -12,19 +23,29 @@ subjects or addresses (Prefect persists exception messages).
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httpx
 import msgspec
 
 __all__ = [
     "BATCH_LIMIT",
+    "DELTA_EXPIRED_CODES",
+    "MAIL_READ_ALLOWLIST",
+    "SELECT_DENIED",
+    "Allow",
+    "DeltaTokenExpired",
+    "ForbiddenRequest",
     "GraphAuthError",
     "GraphBadRequest",
     "GraphClient",
@@ -35,12 +56,17 @@ __all__ = [
     "GraphThrottled",
     "GraphUnavailable",
     "error_for",
+    "retry_after_seconds",
 ]
 
 BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
 RETRYABLE = frozenset({429, 502, 503, 504})
 IMMUTABLE_ID = 'IdType="ImmutableId"'
+OUTLOOK_BUDGET = 10_000  # requests per app and mailbox ...
+OUTLOOK_BUDGET_WINDOW_S = 600.0  # ... per 10 minutes (graph.md §5.2)
+# 4xx error codes that mean "this delta token is dead, start a new round" (compared case-insensitively, graph.md §2.4)
+DELTA_EXPIRED_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid"})
 
 
 class GraphError(Exception):
@@ -84,6 +110,25 @@ class GraphPagingError(GraphError):
     """A nextLink repeated itself (paging loop) or pointed away from the Graph origin."""
 
 
+class DeltaTokenExpired(GraphError):
+    """The delta/skip token is expired or evicted (410 Gone, or a 4xx with code syncStateNotFound / resyncRequired /
+    SyncStateInvalid in any case): drop the stored deltaLink and start a new round (with the scan-back `$filter`)."""
+
+
+class ForbiddenRequest(GraphError):
+    """Refused by the client's allowlist before anything was sent. The message names the method and a path
+    template (ids replaced by `{id}`) and, for a refused query option, its name; never a query string or value."""
+
+    def __init__(self, method: str, template: str, option: str | None = None):
+        super().__init__(0, "ForbiddenRequest", None)
+        self.args = (method, template, option)
+        self.method, self.template, self.option = method, template, option
+
+    def __str__(self) -> str:
+        extra = f" (query option {self.option})" if self.option else ""
+        return f"Graph request refused by the client allowlist: {self.method} {self.template}{extra}"
+
+
 _BY_STATUS: dict[int, type[GraphError]] = {400: GraphBadRequest, 401: GraphAuthError, 403: GraphForbidden,
                                            404: GraphNotFound, 429: GraphThrottled}
 
@@ -112,6 +157,86 @@ class _BatchResponse(msgspec.Struct):
     responses: list[_BatchItem]
 
 
+# ---------------------------------------------------------------------------------------------- least privilege
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """One allowed (method, path) pair. `template` is relative to the version root; a `{name}` segment matches one
+    opaque id or well-known name, and a literal segment followed by `{name}` also matches the OData key form
+    `literal('key')` that Graph uses in its own links (e.g. `mailfolders('AQMk…')/messages/delta`).
+    Literal segments compare case-insensitively, as Graph does."""
+
+    method: str
+    template: str
+    _parts: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_parts", tuple(self.template.split("/")))
+
+    def matches(self, method: str, segments: list[str]) -> bool:
+        if method != self.method:
+            return False
+        parts, i, j = self._parts, 0, 0
+        while i < len(parts):
+            if j >= len(segments):
+                return False
+            part, seg = parts[i], segments[j]
+            if part.startswith("{"):
+                if not _is_key(seg):
+                    return False
+                i, j = i + 1, j + 1
+            elif seg.lower() == part.lower():
+                i, j = i + 1, j + 1
+            elif (i + 1 < len(parts) and parts[i + 1].startswith("{")
+                  and (m := _KEY_FORM.fullmatch(seg)) and m.group(1).lower() == part.lower()
+                  and _is_key(m.group(2))):
+                i, j = i + 2, j + 1
+            else:
+                return False
+        return j == len(segments)
+
+
+MAIL_READ_ALLOWLIST: tuple[Allow, ...] = (
+    Allow("GET", "me"),
+    Allow("GET", "me/mailFolders/{folder}"),
+    Allow("GET", "me/mailFolders/{folder}/messages"),
+    Allow("GET", "me/mailFolders/{folder}/messages/delta"),
+    Allow("GET", "me/messages/{id}"),
+    Allow("POST", "$batch"),  # each inner request must be allowed on its own
+)
+SELECT_DENIED = frozenset({"attachments"})  # never selectable, whatever the path
+_KEY_FORM = re.compile(r"([A-Za-z]+)\('([^']*)'\)")
+_WORD = re.compile(r"\$?[a-z][A-Za-z]{0,39}")  # API words are camelCase; ids are not
+
+
+def _is_key(segment: str) -> bool:
+    return bool(segment) and segment not in (".", "..") and "/" not in segment and "\\" not in segment
+
+
+def _template(segments: list[str]) -> str:
+    """A path shape safe to put in an exception: API words kept, ids (and anything after `users`) → `{id}`."""
+    out: list[str] = []
+    for seg in segments:
+        if (m := _KEY_FORM.fullmatch(seg)) and _WORD.fullmatch(m.group(1)):
+            out.append(f"{m.group(1)}({{id}})")
+        elif _WORD.fullmatch(seg) and not (out and out[-1].lower() == "users"):
+            out.append(seg)
+        else:
+            out.append("{id}")
+    return "/".join(out) or "/"
+
+
+class _Inner(msgspec.Struct):
+    method: str = ""
+    url: str = ""
+
+
+class _BatchRequest(msgspec.Struct):
+    requests: list[_Inner]
+
+
+_decode_batch_request = msgspec.json.Decoder(_BatchRequest).decode
+
+
 _decode_error = msgspec.json.Decoder(_ErrorBody).decode
 _decode_next = msgspec.json.Decoder(_NextLink).decode
 _decode_batch = msgspec.json.Decoder(_BatchResponse).decode
@@ -134,8 +259,11 @@ def error_for(status: int, body: Any, headers: Any = None) -> GraphError:
         request_id = (body["error"].get("innerError") or {}).get("request-id")
     if headers is not None:
         request_id = headers.get("request-id") or request_id
+    code = code if isinstance(code, str) else None
+    if status == 410 or (400 <= status < 500 and code is not None and code.lower() in DELTA_EXPIRED_CODES):
+        return DeltaTokenExpired(status, code, request_id)
     cls = _BY_STATUS.get(status) or (GraphUnavailable if status >= 500 else GraphError)
-    return cls(status, code if isinstance(code, str) else None, request_id)
+    return cls(status, code, request_id)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -167,15 +295,22 @@ def _with_prefer(headers: dict[str, str] | None) -> dict[str, str]:
 
 
 class GraphClient:
-    """Graph calls for one mailbox; thread-safe (share one instance between the threads of one mailbox)."""
+    """Graph calls for one mailbox; thread-safe (share one instance between the threads of one mailbox).
+
+    `allow` is the allowlist (default: read-only mail). `budget` requests per `budget_window_s` seconds (default
+    Outlook's 10,000 per 600 s; pass less for headroom, None to switch the limiter off) are measured with `clock`
+    and waited for with `sleep`."""
 
     def __init__(self, http: httpx.Client, base_url: str, token: Callable[[bool], str], max_in_flight: int = 4,
                  max_attempts: int = 8, sleep: Callable[[float], None] = time.sleep,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0):
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, *,
+                 allow: Iterable[Allow] = MAIL_READ_ALLOWLIST, budget: int | None = OUTLOOK_BUDGET,
+                 budget_window_s: float = OUTLOOK_BUDGET_WINDOW_S, clock: Callable[[], float] = time.monotonic):
         self.http = http
         self.base_url = base_url.rstrip("/")
         origin = httpx.URL(self.base_url)
         self._origin = (origin.scheme, origin.host, origin.port)
+        self._base_path = urlsplit(self.base_url).path.rstrip("/")
         self._token = token
         self.max_in_flight = max_in_flight
         self.max_attempts = max(1, max_attempts)
@@ -185,6 +320,15 @@ class GraphClient:
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._multi = threading.Lock()  # multi-slot acquisitions are serialised so two batches cannot deadlock
         self._rng = random.Random()
+        self.allow = tuple(allow)
+        if budget is not None and budget < 1:
+            raise ValueError("budget must be >= 1 (or None for no limit)")
+        self.budget = budget
+        self.budget_window_s = budget_window_s
+        self._clock = clock
+        self._spent: deque[tuple[float, int]] = deque()  # (sent at, requests) inside the window, oldest first
+        self._spent_total = 0
+        self._budget_gate = threading.Lock()  # one waiter at a time: a batch is not starved by single requests
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -212,6 +356,75 @@ class GraphClient:
         else:  # never undercut Retry-After; a little jitter on top spreads the herd
             self._sleep(retry_after + self._rng.uniform(0, min(0.25, 0.1 * retry_after + 0.02)))
 
+    def _spend(self, cost: int) -> None:
+        """Block until `cost` more requests fit into the sliding budget window, then book them."""
+        if self.budget is None:
+            return
+        cost = max(1, min(cost, self.budget))
+        window = self.budget_window_s
+        with self._budget_gate:
+            while True:
+                now = self._clock()
+                spent = self._spent
+                while spent and spent[0][0] <= now - window:
+                    self._spent_total -= spent.popleft()[1]
+                excess = self._spent_total + cost - self.budget
+                if excess <= 0:
+                    spent.append((now, cost))
+                    self._spent_total += cost
+                    return
+                freed, wait = 0, window
+                for at, n in spent:  # the oldest bookings leave the window first
+                    freed += n
+                    if freed >= excess:
+                        wait = at + window - now
+                        break
+                self._sleep(max(wait, 0.001))
+
+    def budget_used(self) -> int:
+        """Requests booked inside the current window (for status and tests)."""
+        with self._budget_gate:
+            now = self._clock()
+            return sum(n for at, n in self._spent if at > now - self.budget_window_s)
+
+    def check_allowed(self, method: str, url_or_path: str, params: Mapping[str, Any] | None = None,
+                      content: bytes | None = None) -> int:
+        """Raise `ForbiddenRequest` unless the request is on the allowlist; returns its budget cost (the number of
+        inner requests for a `$batch`, else 1). Absolute URLs must already be on the Graph origin."""
+        method = method.upper()
+        parts = urlsplit(self.url(url_or_path))
+        path = parts.path
+        segments: list[str] | None = None
+        if path.lower().startswith(self._base_path.lower() + "/"):
+            segments = [unquote(s) for s in path[len(self._base_path) + 1:].split("/")]
+        if segments is None or not any(a.matches(method, segments) for a in self.allow):
+            raw = [unquote(s) for s in path.split("/") if s] if segments is None else segments
+            raise ForbiddenRequest(method, _template(raw))
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if params:
+            query += [(str(k), str(v)) for k, v in params.items()]
+        for key, value in query:
+            name = key.strip().lstrip("$").lower()
+            if name == "expand" or (name == "select" and any(
+                    p.strip().split("/")[0].lower() in SELECT_DENIED for p in value.split(","))):
+                raise ForbiddenRequest(method, _template(segments), f"${name}")
+        if not (method == "POST" and len(segments) == 1 and segments[0].lower() == "$batch"):
+            return 1
+        try:
+            inner = _decode_batch_request(content or b"").requests
+        except msgspec.DecodeError:
+            raise ForbiddenRequest(method, "$batch", "requests") from None
+        for item in inner:
+            self._check_inner(item.method, item.url)
+        return max(1, len(inner))
+
+    def _check_inner(self, method: str, url: str) -> None:
+        """An inner `$batch` request: relative to the version root, allowed on its own, never a nested batch."""
+        path = url.lstrip("/")
+        if not path or path.lower().startswith(("http:", "https:", "$batch")):
+            raise ForbiddenRequest(method.upper() or "?", "$batch inner request")
+        self.check_allowed(method, path)
+
     def url(self, url_or_path: str) -> str:
         """Absolute URL for a path relative to the version root; absolute URLs must stay on the Graph origin."""
         if url_or_path.startswith(("https://", "http://")):
@@ -225,7 +438,9 @@ class GraphClient:
                 headers: dict[str, str] | None = None, content: bytes | None = None,
                 slots: int = 1) -> httpx.Response:
         """Send with retries: 401 → one forced token refresh; 429/502/503/504 and network errors → wait
-        (Retry-After or exponential backoff with jitter) and retry up to `max_attempts`; other 4xx raise."""
+        (Retry-After or exponential backoff with jitter) and retry up to `max_attempts`; other 4xx raise.
+        Checked against the allowlist first; every attempt is booked against the mailbox budget before it is sent."""
+        cost = self.check_allowed(method, url_or_path, params, content)
         url = self.url(url_or_path)
         hdrs = _with_prefer(headers)
         if content is not None:
@@ -238,6 +453,7 @@ class GraphClient:
             hdrs["client-request-id"] = str(uuid.uuid4())
             force_refresh = False
             failure: httpx.TransportError | None = None
+            self._spend(cost)
             with self._hold(slots):
                 try:
                     resp = self.http.request(method, url, params=params, headers=hdrs, content=content)
@@ -285,7 +501,10 @@ class GraphClient:
         """Run `requests` ({id, method, url relative to the version root, headers?, body?, dependsOn?}) via
         `$batch`, 20 at a time; yield (id, status, body) per request once it is final. Inner 429/502/503/504 are
         retried after their own Retry-After; other statuses are yielded for the caller to judge.
-        `dependsOn` must stay within a chunk of 20."""
+        `dependsOn` must stay within a chunk of 20. Every inner request is checked against the allowlist before
+        the first chunk is sent."""
+        for item in requests:
+            self._check_inner(str(item.get("method", "")), str(item.get("url", "")))
         for start in range(0, len(requests), BATCH_LIMIT):
             yield from self._batch_chunk(requests[start:start + BATCH_LIMIT])
 

@@ -1,7 +1,48 @@
-"""Header-first mail listing (typed msgspec pages → Arrow columns) and plain-text body fetch via `$batch`.
+"""Header-first mail listing and per-folder delta (typed msgspec pages → Arrow columns) and plain-text body fetch
+via `$batch`.
 
-Pages stream: each Graph page becomes one `HeaderPage` of two Arrow tables and is dropped once the caller moves
-on (peers_and_style.md A.3-A.4). Addresses are kept exactly as received; normalisation belongs to matching.
+Pages stream: each Graph page becomes one `HeaderPage`/`DeltaPage` of two Arrow tables and is dropped once the caller
+moves on (peers_and_style.md A.3-A.4). Addresses are kept exactly as received; normalisation belongs to matching.
+
+Delta (`iter_delta_pages`, graph.md §2.4): one round per folder. The first round sends `$select` (and the scan-back
+`$filter`); Graph encodes both into its tokens, so later rounds GET the stored deltaLink verbatim. The page size is only
+`Prefer: odata.maxpagesize` (never `$top`). Only the LAST page of a round carries `delta_link`; it is the one durable
+cursor, to be stored after the rows of the round are committed. nextLinks are never exposed and must never be
+persisted: they go stale once later pages are fetched, so an interrupted round restarts from the stored deltaLink
+(or from scratch). `DeltaTokenExpired` (410, or syncStateNotFound/resyncRequired/SyncStateInvalid in any case) means
+the stored deltaLink is dead: start a new round with `delta_link=None` and the scan-back `since`.
+
+Rules for what Graph sends (each has a test in tests/test_mail_parsing.py):
+- Partial items: a delta "updated" item carries only `id`, the changed properties and `parentFolderId`. A row whose
+  JSON lacks any of `HEADER_FIELDS` (other than `id`, `from`, `sender` and `sensitivity`) has `is_partial` true,
+  NULL in every column whose field was absent (a missing `receivedDateTime` included), and no participant rows at
+  all: for a partial row "no participants" means "unknown", for a full row it means "none". Callers merge partial
+  rows as patches and never overwrite stored values with their NULLs.
+- `sensitivity` is NULL when absent or null and never makes a row partial. Caution: Graph v1.0 documents no
+  `sensitivity` on `message` (graph.md §2.2; only `event` has it); the simulator serves it when selected. If real
+  Graph rejects it in `$select`, drop it from `HEADER_FIELDS` (the column then stays NULL) and read MAPI
+  PidTagSensitivity (`Integer 0x0036`) via `singleValueExtendedProperties` instead (needs an allowlist change).
+- `@removed` items (deleted, or moved out of the folder) only go to `DeltaPage.removed` (their ids, in page order),
+  never to the tables.
+- `@odata.type` is kept in `odata_type` (e.g. "#microsoft.graph.eventMessageRequest" for a meeting request; delta
+  items also say "#microsoft.graph.message"); NULL when absent, as for plain messages in a listing.
+- `from`/`sender` missing, null, `{}` or with `emailAddress` null/`{}`: not partial by itself (drafts and some
+  system items have no sender); `from_name`/`from_address` NULL, no participant row.
+- A recipient (from/sender/to/cc) becomes a participant row only if its address is a non-blank string; a
+  display-name-only recipient, `emailAddress` {} or null, or a null list entry gives no row. Recipient lists that are
+  null or absent give no rows.
+- Addresses are kept verbatim (case, stray whitespace, unicode/IDN, X500/EX-style "/O=EXCHANGELABS/OU=…/CN=…" which
+  have no "@"): matching lower-cases and strips them, and an X500 address never matches a CRM email.
+- Bcc is never requested, parsed, matched or stored (`bccRecipients` is not in `HEADER_FIELDS`; if Graph sent it
+  anyway it is skipped like any unknown field).
+- Unknown extra fields are ignored (never even turned into Python objects).
+- Timestamps: ISO 8601 UTC; 7 fractional digits (Graph's .NET precision) are rounded to microseconds; a value that
+  cannot be parsed becomes NULL rather than failing the page.
+- Duplicate ids (within a page or across pages, which delta does replay) are all kept in the page tables, in wire
+  order; the caller dedupes (last one wins for full rows, partial rows patch).
+- A page whose JSON does not have the expected shape (e.g. a number where an address string belongs, an item
+  without `id`) raises `GraphError(0, "MalformedPage")`; nothing of the page is returned.
+- Bodies (`fetch_bodies`) of any size (1 MB and more) are decoded once, linearly; nothing is concatenated per item.
 """
 
 from __future__ import annotations
@@ -14,30 +55,36 @@ from urllib.parse import quote
 
 import msgspec
 import pyarrow as pa
+from msgspec import UNSET, UnsetType
 
-from o365sync.graph import GraphClient, error_for
+from o365sync.graph import DeltaTokenExpired, GraphClient, GraphError, GraphPagingError, error_for
 
 __all__ = [
     "HEADER_FIELDS",
     "MESSAGES_SCHEMA",
     "PARTICIPANTS_SCHEMA",
+    "DeltaPage",
+    "DeltaTokenExpired",
     "HeaderPage",
     "MessageHeader",
     "fetch_bodies",
     "graph_datetime",
+    "iter_delta_pages",
     "iter_header_pages",
+    "parse_page",
 ]
 
 HEADER_FIELDS = (
     "id", "internetMessageId", "conversationId", "subject", "from", "sender", "toRecipients", "ccRecipients",
-    "bccRecipients", "receivedDateTime", "sentDateTime", "hasAttachments", "isDraft", "parentFolderId", "webLink",
+    "receivedDateTime", "sentDateTime", "hasAttachments", "isDraft", "parentFolderId", "webLink", "sensitivity",
 )
 _TS = pa.timestamp("us", tz="UTC")
 MESSAGES_SCHEMA = pa.schema([
     ("graph_id", pa.string()), ("folder", pa.string()), ("internet_message_id", pa.string()),
     ("conversation_id", pa.string()), ("subject", pa.string()), ("from_name", pa.string()),
     ("from_address", pa.string()), ("received_at", _TS), ("sent_at", _TS), ("has_attachments", pa.bool_()),
-    ("is_draft", pa.bool_()), ("web_link", pa.string()),
+    ("is_draft", pa.bool_()), ("web_link", pa.string()), ("parent_folder_id", pa.string()),
+    ("odata_type", pa.string()), ("sensitivity", pa.string()), ("is_partial", pa.bool_()),
 ])
 PARTICIPANTS_SCHEMA = pa.schema([
     ("graph_id", pa.string()), ("role", pa.string()), ("name", pa.string()), ("address", pa.string()),
@@ -55,27 +102,32 @@ class Recipient(msgspec.Struct):
 
 
 class MessageHeader(msgspec.Struct):
-    """Only the `HEADER_FIELDS`; everything else on the wire is skipped without building Python objects."""
+    """Only the `HEADER_FIELDS` (plus `@odata.type`/`@removed`); everything else on the wire is skipped without
+    building Python objects. `UNSET` = the field was absent from the JSON (partial delta item), None = null."""
 
     id: str
-    internet_message_id: str | None = msgspec.field(default=None, name="internetMessageId")
-    conversation_id: str | None = msgspec.field(default=None, name="conversationId")
-    subject: str | None = None
-    from_: Recipient | None = msgspec.field(default=None, name="from")
-    sender: Recipient | None = None
-    to_recipients: list[Recipient] | None = msgspec.field(default=None, name="toRecipients")
-    cc_recipients: list[Recipient] | None = msgspec.field(default=None, name="ccRecipients")
-    bcc_recipients: list[Recipient] | None = msgspec.field(default=None, name="bccRecipients")
-    received: str | None = msgspec.field(default=None, name="receivedDateTime")  # cast in Arrow (5x faster)
-    sent: str | None = msgspec.field(default=None, name="sentDateTime")
-    has_attachments: bool | None = msgspec.field(default=None, name="hasAttachments")
-    is_draft: bool | None = msgspec.field(default=None, name="isDraft")
-    parent_folder_id: str | None = msgspec.field(default=None, name="parentFolderId")
-    web_link: str | None = msgspec.field(default=None, name="webLink")
+    odata_type: str | None | UnsetType = msgspec.field(default=UNSET, name="@odata.type")
+    removed: Any = msgspec.field(default=UNSET, name="@removed")
+    internet_message_id: str | None | UnsetType = msgspec.field(default=UNSET, name="internetMessageId")
+    conversation_id: str | None | UnsetType = msgspec.field(default=UNSET, name="conversationId")
+    subject: str | None | UnsetType = UNSET
+    from_: Recipient | None | UnsetType = msgspec.field(default=UNSET, name="from")
+    sender: Recipient | None | UnsetType = UNSET
+    to_recipients: list[Recipient | None] | None | UnsetType = msgspec.field(default=UNSET, name="toRecipients")
+    cc_recipients: list[Recipient | None] | None | UnsetType = msgspec.field(default=UNSET, name="ccRecipients")
+    received: str | None | UnsetType = msgspec.field(default=UNSET, name="receivedDateTime")  # cast in Arrow
+    sent: str | None | UnsetType = msgspec.field(default=UNSET, name="sentDateTime")
+    has_attachments: bool | None | UnsetType = msgspec.field(default=UNSET, name="hasAttachments")
+    is_draft: bool | None | UnsetType = msgspec.field(default=UNSET, name="isDraft")
+    parent_folder_id: str | None | UnsetType = msgspec.field(default=UNSET, name="parentFolderId")
+    web_link: str | None | UnsetType = msgspec.field(default=UNSET, name="webLink")
+    sensitivity: str | None | UnsetType = UNSET
 
 
-class _HeaderPageWire(msgspec.Struct):
-    value: list[MessageHeader]
+class _PageWire(msgspec.Struct):
+    value: list[MessageHeader] = []
+    next_link: str | None = msgspec.field(default=None, name="@odata.nextLink")
+    delta_link: str | None = msgspec.field(default=None, name="@odata.deltaLink")
 
 
 class _Body(msgspec.Struct):
@@ -87,13 +139,21 @@ class _BodyOnly(msgspec.Struct):
     body: _Body | None = None
 
 
-_decode_page = msgspec.json.Decoder(_HeaderPageWire).decode
+_decode_page = msgspec.json.Decoder(_PageWire).decode
 
 
 @dataclass(frozen=True, slots=True)
 class HeaderPage:
     messages: pa.Table  # MESSAGES_SCHEMA, one row per message
     participants: pa.Table  # PARTICIPANTS_SCHEMA, one row per (message, role, recipient)
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaPage:
+    messages: pa.Table  # MESSAGES_SCHEMA, one row per created/updated item (is_partial marks patches)
+    participants: pa.Table  # PARTICIPANTS_SCHEMA, full rows only
+    removed: list[str]  # ids reported `@removed` (deleted or moved out of the folder)
+    delta_link: str | None  # set on the last page of a round only: the durable cursor
 
 
 def graph_datetime(when: datetime) -> str:
@@ -103,52 +163,96 @@ def graph_datetime(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _to_datetime(value: str) -> datetime | None:
+    try:
+        when = msgspec.convert(value, datetime)
+    except msgspec.ValidationError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def _timestamps(values: list[str | None]) -> pa.Array:
-    """ISO-8601 UTC strings → timestamp[us, UTC]; Arrow's parser first, msgspec's (7-digit fractions) if it balks."""
+    """ISO-8601 UTC strings → timestamp[us, UTC]; Arrow's parser first, msgspec's (7-digit fractions, odd values →
+    NULL) if it balks."""
     try:
         return pa.array(values, pa.string()).cast(_TS)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return pa.array([msgspec.convert(v, datetime) if v is not None else None for v in values], _TS)
+        return pa.array([_to_datetime(v) if isinstance(v, str) else None for v in values], _TS)
 
 
-def _page_tables(folder: str, headers: list[MessageHeader]) -> HeaderPage:
+def _present(values: list[Any], u: Any = UNSET) -> list[Any]:
+    return [None if v is u else v for v in values]
+
+
+def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, pa.Table, list[str]]:
+    removed = [m.id for m in headers if m.removed is not UNSET]
+    if removed:
+        headers = [m for m in headers if m.removed is UNSET]
+    u = UNSET
+    partial = [m.internet_message_id is u or m.conversation_id is u or m.subject is u or m.to_recipients is u
+               or m.cc_recipients is u or m.received is u or m.sent is u or m.has_attachments is u
+               or m.is_draft is u or m.parent_folder_id is u or m.web_link is u
+               for m in headers]  # = the item lacks a HEADER_FIELDS key other than id/from/sender/sensitivity
+    patchy = True in partial
     ids = [m.id for m in headers]
-    froms = [m.from_.email_address if m.from_ is not None else None for m in headers]
+    froms = [m.from_.email_address if type(m.from_) is Recipient else None for m in headers]
     p_ids: list[str] = []
     p_roles: list[str] = []
     p_names: list[str | None] = []
     p_addrs: list[str | None] = []
     add_id, add_role, add_name, add_addr = p_ids.append, p_roles.append, p_names.append, p_addrs.append
-    for m in headers:
+    for m, is_part in zip(headers, partial, strict=True):
+        if is_part:
+            continue  # unknown participants: the caller keeps what it has
         gid = m.id
         for role, recipients in (("from", (m.from_,)), ("sender", (m.sender,)), ("to", m.to_recipients),
-                                 ("cc", m.cc_recipients), ("bcc", m.bcc_recipients)):
+                                 ("cc", m.cc_recipients)):
             if recipients:
                 for r in recipients:
-                    if r is not None and (ea := r.email_address) is not None:
+                    if (type(r) is Recipient and (ea := r.email_address) is not None
+                            and (addr := ea.address) is not None and not addr.isspace() and addr):
                         add_id(gid)
                         add_role(role)
                         add_name(ea.name)
-                        add_addr(ea.address)
+                        add_addr(addr)
+
+    def col(values: list[Any]) -> list[Any]:
+        return _present(values) if patchy else values
+
     string = pa.string()
     messages = pa.Table.from_arrays([
         pa.array(ids, string),
         pa.array([folder] * len(ids), string),
-        pa.array([m.internet_message_id for m in headers], string),
-        pa.array([m.conversation_id for m in headers], string),
-        pa.array([m.subject for m in headers], string),
+        pa.array(col([m.internet_message_id for m in headers]), string),
+        pa.array(col([m.conversation_id for m in headers]), string),
+        pa.array(col([m.subject for m in headers]), string),
         pa.array([f.name if f is not None else None for f in froms], string),
         pa.array([f.address if f is not None else None for f in froms], string),
-        _timestamps([m.received for m in headers]),
-        _timestamps([m.sent for m in headers]),
-        pa.array([m.has_attachments for m in headers], pa.bool_()),
-        pa.array([m.is_draft for m in headers], pa.bool_()),
-        pa.array([m.web_link for m in headers], string),
+        _timestamps(col([m.received for m in headers])),
+        _timestamps(col([m.sent for m in headers])),
+        pa.array(col([m.has_attachments for m in headers]), pa.bool_()),
+        pa.array(col([m.is_draft for m in headers]), pa.bool_()),
+        pa.array(col([m.web_link for m in headers]), string),
+        pa.array(col([m.parent_folder_id for m in headers]), string),
+        pa.array(_present([m.odata_type for m in headers]), string),
+        pa.array(_present([m.sensitivity for m in headers]), string),
+        pa.array(partial, pa.bool_()),
     ], schema=MESSAGES_SCHEMA)
     participants = pa.Table.from_arrays([
         pa.array(p_ids, string), pa.array(p_roles, string), pa.array(p_names, string), pa.array(p_addrs, string),
     ], schema=PARTICIPANTS_SCHEMA)
-    return HeaderPage(messages, participants)
+    return messages, participants, removed
+
+
+def parse_page(raw: bytes, folder: str) -> DeltaPage:
+    """One raw Graph page (list or delta) → tables. `delta_link` is set only when the page ends a delta round
+    (a deltaLink and no nextLink). Raises `GraphError(0, "MalformedPage")` if the JSON is not a message page."""
+    try:
+        wire = _decode_page(raw)
+    except msgspec.DecodeError:  # ValidationError included
+        raise GraphError(0, "MalformedPage") from None
+    messages, participants, removed = _page_tables(folder, wire.value)
+    return DeltaPage(messages, participants, removed, wire.delta_link if wire.next_link is None else None)
 
 
 def iter_header_pages(client: GraphClient, folder: str, since: datetime, page_size: int) -> Iterator[HeaderPage]:
@@ -166,9 +270,41 @@ def iter_header_pages(client: GraphClient, folder: str, since: datetime, page_si
     }
     path = f"me/mailFolders/{quote(folder, safe='')}/messages"
     for raw in client.iter_pages(path, params):
-        page = _decode_page(raw).value
+        page = parse_page(raw, folder)
         del raw
-        yield _page_tables(folder, page)
+        yield HeaderPage(page.messages, page.participants)
+
+
+def iter_delta_pages(client: GraphClient, folder: str, *, delta_link: str | None, since: datetime | None,
+                     page_size: int) -> Iterator[DeltaPage]:
+    """One delta round of `folder` (well-known name or id), page by page; the last page carries the new deltaLink.
+
+    With `delta_link` (the one stored from the previous round) the round starts there, verbatim: `since` is then
+    ignored, because the first round's `$select`/`$filter` live inside the token. Without it, a new round starts
+    with `$select=HEADER_FIELDS` and, when `since` is given, `$filter=receivedDateTime ge since` (Graph then caps the
+    round at 5,000 messages). Raises `DeltaTokenExpired` when the token is dead (the caller restarts with
+    `delta_link=None`), and `GraphPagingError("MissingDeltaLink")` after the last page if Graph ended the round
+    without a deltaLink. Do not persist anything from the middle of a round: only the final `delta_link`."""
+    if not 1 <= page_size <= 1000:
+        raise ValueError("page_size must be 1..1000")
+    headers = {"Prefer": f"odata.maxpagesize={page_size}"}
+    params: dict[str, str] | None = None
+    if delta_link is not None:
+        start = delta_link
+    else:
+        start = f"me/mailFolders/{quote(folder, safe='')}/messages/delta"
+        params = {"$select": ",".join(HEADER_FIELDS)}
+        if since is not None:
+            params["$filter"] = f"receivedDateTime ge {graph_datetime(since)}"
+    last: str | None = None
+    for raw in client.iter_pages(start, params, headers):
+        page = parse_page(raw, folder)
+        del raw
+        last = page.delta_link
+        yield page
+        del page
+    if last is None:
+        raise GraphPagingError(0, "MissingDeltaLink")
 
 
 def fetch_bodies(client: GraphClient, ids: list[str]) -> Iterator[tuple[str, str]]:

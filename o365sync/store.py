@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -38,11 +39,16 @@ CREATE TABLE IF NOT EXISTS email_crm_matches (
 CREATE TABLE IF NOT EXISTS mail_cursor (
     tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, folder VARCHAR NOT NULL,
     scan_start TIMESTAMPTZ NOT NULL, received_watermark TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL);
+ALTER TABLE mail_cursor ADD COLUMN IF NOT EXISTS backfill_done BOOLEAN DEFAULT false;
+ALTER TABLE mail_cursor ADD COLUMN IF NOT EXISTS delta_link VARCHAR;
+ALTER TABLE mail_cursor ADD COLUMN IF NOT EXISTS delta_at TIMESTAMPTZ;
 CREATE TABLE IF NOT EXISTS sync_state (
     tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, stage VARCHAR NOT NULL,
     last_run_at TIMESTAMPTZ, last_success_at TIMESTAMPTZ, last_error VARCHAR,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
     scanned BIGINT, matched BIGINT, imported BIGINT, discarded BIGINT);
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS next_retry_at TIMESTAMPTZ;
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS excluded VARCHAR;
 CREATE TABLE IF NOT EXISTS crm_people (crm_id VARCHAR, kind VARCHAR, email VARCHAR, account_id VARCHAR, name VARCHAR);
 CREATE TABLE IF NOT EXISTS crm_accounts (crm_id VARCHAR, name VARCHAR, domain VARCHAR);
 CREATE TABLE IF NOT EXISTS crm_opportunities (
@@ -87,65 +93,104 @@ def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duck
 
 
 @dataclass(frozen=True)
-class MailBatch:
-    """Matched mail ready to persist (Polars frames), with the cursor it advances."""
+class FolderCursor:
+    """Where a folder's sync stands. The list backfill (oldest first) advances `received_watermark` until
+    `backfill_done`; `delta_link` is the committed Graph deltaLink for changes after `delta_at`."""
 
-    emails: pl.DataFrame  # EMAIL_COLUMNS minus tenant_id, user_oid, imported_at
+    scan_start: datetime
+    received_watermark: datetime | None = None
+    backfill_done: bool = False
+    delta_link: str | None = None
+    delta_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class MailBatch:
+    """Matched mail ready to persist (Polars frames), with the folder cursors it advances."""
+
+    emails: pl.DataFrame  # EMAIL_COLUMNS minus tenant_id, user_oid, imported_at (body_text may be null: keep old)
     participants: pl.DataFrame  # graph_id, role, name, address
     matches: pl.DataFrame  # graph_id, crm_id, crm_kind, matched_address
-    cursors: dict[str, datetime]  # folder -> received watermark covered by this batch
+    cursors: dict[str, FolderCursor]  # folder -> cursor covered by this batch
+    partials: pl.DataFrame | None = None  # partial delta updates: graph_id + header columns, null = unchanged
 
 
-def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, scan_start: datetime,
-                     batch: MailBatch) -> int:
-    """Idempotently persist one batch and advance the cursors, all in one transaction. Returns new emails."""
+@dataclass(frozen=True)
+class BatchResult:
+    imported: int  # emails not stored before
+    duplicates: int  # same internetMessageId already stored under another id (e.g. the copy in another folder)
+
+
+_MERGE_COLUMNS = ("subject", "from_name", "from_address", "received_at", "sent_at", "has_attachments", "web_link")
+
+
+def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, batch: MailBatch) -> BatchResult:
+    """Idempotently persist one batch and its cursors in one transaction.
+
+    Rows are keyed on (tenant, user, immutable Graph id): dedupe, DELETE, INSERT. A message whose
+    internetMessageId is already stored under another id is the same mail seen in another folder: skipped.
+    A null body keeps the stored one; partial updates only overwrite the fields they carry."""
     now = datetime.now(UTC)
     emails = batch.emails.unique("graph_id", keep="last", maintain_order=True)
-    ids = emails.select("graph_id")
-    participants = batch.participants.unique(maintain_order=True)
-    matches = batch.matches.unique(["graph_id", "crm_id"], maintain_order=True)
-    con.register("batch_ids", ids)
-    con.register("batch_emails", emails)
-    con.register("batch_participants", participants)
-    con.register("batch_matches", matches)
+    key = [tenant_id, user_oid]
+    frames = {"b_emails": emails, "b_participants": batch.participants.unique(maintain_order=True),
+              "b_matches": batch.matches.unique(["graph_id", "crm_id"], maintain_order=True)}
+    if batch.partials is not None and batch.partials.height:
+        frames["b_partials"] = batch.partials.unique("graph_id", keep="last", maintain_order=True)
+    for name, frame in frames.items():
+        con.register(name, frame)
     try:
         con.execute("BEGIN TRANSACTION")
-        new = con.execute(
-            "SELECT count(*) FROM batch_ids b WHERE NOT EXISTS (SELECT 1 FROM emails e "
-            "WHERE e.tenant_id = ? AND e.user_oid = ? AND e.graph_id = b.graph_id)", [tenant_id, user_oid],
-        ).fetchall()[0][0]
+        # Keep one row per internetMessageId: drop batch rows whose message is stored under another id,
+        # and within the batch keep the first id of each internetMessageId.
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _kept AS SELECT * FROM b_emails b WHERE NOT EXISTS ("
+            " SELECT 1 FROM emails e WHERE e.tenant_id = ? AND e.user_oid = ? AND"
+            " e.internet_message_id = b.internet_message_id AND e.graph_id <> b.graph_id)"
+            " QUALIFY b.internet_message_id IS NULL OR"
+            " row_number() OVER (PARTITION BY b.internet_message_id ORDER BY b.graph_id) = 1", key)
+        duplicates = emails.height - con.execute("SELECT count(*) FROM _kept").fetchall()[0][0]
+        con.execute("CREATE OR REPLACE TEMP TABLE _old AS SELECT graph_id, body_text FROM emails "
+                    "WHERE tenant_id = ? AND user_oid = ? AND graph_id IN (SELECT graph_id FROM _kept)", key)
+        new = con.execute("SELECT count(*) FROM _kept WHERE graph_id NOT IN (SELECT graph_id FROM _old)").fetchall()
         for table in ("emails", "email_participants", "email_crm_matches"):
             con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? "
-                        "AND graph_id IN (SELECT graph_id FROM batch_ids)", [tenant_id, user_oid])
+                        "AND graph_id IN (SELECT graph_id FROM _kept)", key)
         con.execute(
-            "INSERT INTO emails SELECT ?, ?, graph_id, folder, internet_message_id, conversation_id, subject, "
-            "body_text, from_name, from_address, received_at, sent_at, has_attachments, web_link, ? "
-            "FROM batch_emails", [tenant_id, user_oid, now])
+            "INSERT INTO emails SELECT ?, ?, k.graph_id, folder, internet_message_id, conversation_id, subject, "
+            "coalesce(k.body_text, o.body_text), from_name, from_address, received_at, sent_at, has_attachments, "
+            "web_link, ? FROM _kept k LEFT JOIN _old o ON o.graph_id = k.graph_id", [*key, now])
         con.execute("INSERT INTO email_participants SELECT ?, ?, graph_id, role, name, address "
-                    "FROM batch_participants", [tenant_id, user_oid])
+                    "FROM b_participants WHERE graph_id IN (SELECT graph_id FROM _kept)", key)
         con.execute("INSERT INTO email_crm_matches SELECT ?, ?, graph_id, crm_id, crm_kind, matched_address "
-                    "FROM batch_matches", [tenant_id, user_oid])
-        for folder, watermark in batch.cursors.items():
-            con.execute("DELETE FROM mail_cursor WHERE tenant_id = ? AND user_oid = ? AND folder = ?",
-                        [tenant_id, user_oid, folder])
-            con.execute("INSERT INTO mail_cursor VALUES (?, ?, ?, ?, ?, ?)",
-                        [tenant_id, user_oid, folder, scan_start, watermark, now])
+                    "FROM b_matches WHERE graph_id IN (SELECT graph_id FROM _kept)", key)
+        if "b_partials" in frames:
+            sets = ", ".join(f"{c} = coalesce(p.{c}, emails.{c})" for c in _MERGE_COLUMNS)
+            con.execute(f"UPDATE emails SET {sets} FROM b_partials p WHERE emails.tenant_id = ? AND "
+                        "emails.user_oid = ? AND emails.graph_id = p.graph_id", key)
+        for folder, c in batch.cursors.items():
+            con.execute("DELETE FROM mail_cursor WHERE tenant_id = ? AND user_oid = ? AND folder = ?", [*key, folder])
+            con.execute("INSERT INTO mail_cursor (tenant_id, user_oid, folder, scan_start, received_watermark, "
+                        "updated_at, backfill_done, delta_link, delta_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [*key, folder, c.scan_start, c.received_watermark, now, c.backfill_done, c.delta_link,
+                         c.delta_at])
+        con.execute("DROP TABLE _kept")
+        con.execute("DROP TABLE _old")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     finally:
-        for name in ("batch_ids", "batch_emails", "batch_participants", "batch_matches"):
+        for name in frames:
             con.unregister(name)
-    return int(new)
+    return BatchResult(imported=int(new[0][0]), duplicates=int(duplicates))
 
 
-def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str,
-                 user_oid: str) -> dict[str, tuple[datetime, datetime | None]]:
-    """folder -> (scan_start the cursor was made for, received watermark)."""
-    rows = con.execute("SELECT folder, scan_start, received_watermark FROM mail_cursor "
-                       "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchall()
-    return {folder: (start, mark) for folder, start, mark in rows}
+def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> dict[str, FolderCursor]:
+    rows = con.execute("SELECT folder, scan_start, received_watermark, coalesce(backfill_done, false), delta_link, "
+                       "delta_at FROM mail_cursor WHERE tenant_id = ? AND user_oid = ?",
+                       [tenant_id, user_oid]).fetchall()
+    return {r[0]: FolderCursor(*r[1:]) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -154,10 +199,24 @@ class RunCounts:
     matched: int = 0
     imported: int = 0
     discarded: int = 0
+    excluded: tuple[tuple[str, int], ...] = ()  # (reason, count), reasons sorted
 
     def __add__(self, other: RunCounts) -> RunCounts:
+        reasons = dict(self.excluded)
+        for reason, n in other.excluded:
+            reasons[reason] = reasons.get(reason, 0) + n
         return RunCounts(self.scanned + other.scanned, self.matched + other.matched,
-                         self.imported + other.imported, self.discarded + other.discarded)
+                         self.imported + other.imported, self.discarded + other.discarded,
+                         tuple(sorted(reasons.items())))
+
+
+RETRY_BASE = timedelta(minutes=15)
+RETRY_MAX = timedelta(hours=6)
+
+
+def next_retry_delay(consecutive_failures: int) -> timedelta:
+    """15 min, 30 min, 1 h, ... capped at 6 h: a failing mailbox backs off instead of hammering Graph."""
+    return min(RETRY_BASE * 2 ** max(0, consecutive_failures - 1), RETRY_MAX)
 
 
 def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, stage: str,
@@ -167,17 +226,29 @@ def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: 
     prev = con.execute("SELECT last_success_at, consecutive_failures FROM sync_state "
                        "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchall()
     last_success, failures = prev[0] if prev else (None, 0)
+    next_retry = None
     if error is None and stage == "idle":
         last_success, failures = now, 0
     elif error is not None:
         failures += 1
+        next_retry = None if stage == "reconnect_needed" else now + next_retry_delay(failures)
     c = counts or RunCounts()
     con.execute("BEGIN TRANSACTION")
     con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid])
-    con.execute("INSERT INTO sync_state VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
+                "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [tenant_id, user_oid, stage, now, last_success, error, failures,
-                 c.scanned, c.matched, c.imported, c.discarded])
+                 c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded))])
     con.execute("COMMIT")
+
+
+def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[dict]:
+    cur = con.execute("SELECT user_oid, stage, last_run_at, last_success_at, now() - last_success_at AS lag, "
+                      "consecutive_failures, next_retry_at, last_error, scanned, matched, imported, discarded, "
+                      "excluded FROM sync_state WHERE tenant_id = ? ORDER BY user_oid", [tenant_id])
+    columns = [d[0] for d in cur.description]
+    return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
 
 
 def replace_crm_snapshot(con: duckdb.DuckDBPyConnection, people: pl.DataFrame, accounts: pl.DataFrame,
@@ -212,6 +283,10 @@ def load_crm_frames(con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.Da
     accounts = con.sql("SELECT crm_id, domain FROM crm_accounts WHERE domain IS NOT NULL").pl()
     row = con.execute("SELECT scan_start FROM crm_snapshot_meta ORDER BY taken_at DESC LIMIT 1").fetchall()
     return people, accounts, (row[0][0] if row else None)
+
+
+def latest_crm_snapshot_at(con: duckdb.DuckDBPyConnection) -> datetime | None:
+    return con.execute("SELECT max(taken_at) FROM crm_snapshot_meta").fetchall()[0][0]
 
 
 def publish_snapshot(settings: Settings, tenant_id: str) -> Path:

@@ -38,6 +38,12 @@ class TenantConfig(BaseModel):
     features: list[Literal["email"]] = Field(default_factory=lambda: ["email"])
     crm_kind: Literal["salesforce"] = "salesforce"
     crm: CrmConnection | None = None
+    # Mail to or from these addresses or domains is never imported (tenant-wide, and per user object id).
+    blocklist: list[str] = Field(default_factory=list)
+    user_blocklists: dict[str, list[str]] = Field(default_factory=dict)
+
+    def blocklist_for(self, user_oid: str) -> list[str]:
+        return sorted(set(self.blocklist) | set(self.user_blocklists.get(user_oid, [])))
 
     @field_validator("id")
     @classmethod
@@ -56,6 +62,25 @@ class TenantConfig(BaseModel):
                 raise ValueError(f"not a domain name: {d!r}")
             out.append(d)
         return sorted(set(out))
+
+    @field_validator("blocklist")
+    @classmethod
+    def _blocklist(cls, v: list[str]) -> list[str]:
+        return sorted({blocklist_entry(e) for e in v})
+
+    @field_validator("user_blocklists")
+    @classmethod
+    def _user_blocklists(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {oid: sorted({blocklist_entry(e) for e in entries}) for oid, entries in v.items() if entries}
+
+
+def blocklist_entry(entry: str) -> str:
+    """An address or a bare domain, lower-cased; anything else is refused with a clear message."""
+    value = entry.strip().lower().lstrip("@")
+    local, at, domain = value.rpartition("@")
+    if (at and not local) or not _DOMAIN.fullmatch(domain):
+        raise ValueError(f"not an address or domain: {entry!r}")
+    return value
 
 
 def tenant_dir(settings: Settings, tenant_id: str) -> Path:

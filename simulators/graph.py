@@ -2,10 +2,16 @@
 with Outlook's per-mailbox concurrency limit, scope checks, the exact Graph error shape and fault injection.
 
 Behaviour follows /work/shared/reference/graph.md §1, §2, §5, §6, §10. Deliberate simplifications:
-- the `$batch` envelope itself takes no mailbox slot and never consumes an injected fault; its inner requests do
-  (they are the Outlook requests), at most 4 inner requests of one batch run at a time;
+- the `$batch` envelope itself takes no mailbox slot, is not counted in the request budget and never consumes an
+  injected fault; its inner requests do (they are the Outlook requests), at most 4 inner requests of one batch run
+  at a time;
 - `$skip` in nextLinks is the plain offset into the filtered, ordered folder (the client must not care);
-- ids in the world are already immutable, so `Prefer: IdType="ImmutableId"` is accepted and changes nothing.
+- ids: `SimMessage.id` is the immutable id, served only with `Prefer: IdType="ImmutableId"` on that request;
+  otherwise the mutable id (`SimMessage.mutable_id()`, changes on every move). Both are accepted on
+  `/me/messages/{id}`; a mutable id from before a move is 404, as in Graph.
+
+Per-folder message delta (§2.4) with opaque server-side tokens: see `_delta`. Choices where real Graph is not
+verified (graph.md labels them OBS/INF or leaves them open) are marked "UNVERIFIED" in comments.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import math
 import random
 import re
+import secrets
 import threading
 import time
 import uuid
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,9 +40,10 @@ import msgspec
 from simulators.server import Request, Response, SimServer
 from simulators.tls import SimulatorTLS
 from simulators.tokens import AccessClaims, TokenAuthority, TokenError
-from simulators.world import Mailbox, SimMessage, World
+from simulators.world import MESSAGE_TYPE, Mailbox, SimMessage, Tombstone, World
 
-WELL_KNOWN_FOLDERS = {"inbox": "Inbox", "sentitems": "Sent Items"}
+WELL_KNOWN_FOLDERS = {"inbox": "Inbox", "sentitems": "Sent Items", "drafts": "Drafts", "junkemail": "Junk Email",
+                      "deleteditems": "Deleted Items", "archive": "Archive"}
 MAIL_READ_SCOPES = frozenset({"Mail.Read", "Mail.ReadWrite"})
 MAIL_BASIC_SCOPES = MAIL_READ_SCOPES | {"Mail.ReadBasic"}
 BODY_PROPS = frozenset({"body", "bodyPreview", "uniqueBody"})
@@ -45,10 +55,23 @@ DEFAULT_PROPS = (
     "inferenceClassification", "body", "sender", "from", "toRecipients", "ccRecipients", "bccRecipients",
     "replyTo", "flag",
 )
-SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody")}
+# UNVERIFIED: graph.md §2.2 lists no `sensitivity` on `message` (event has one; for mail the real value is the
+# MAPI PidTagSensitivity extended property 0x0036). The simulator serves a `sensitivity` string
+# ("normal"|"personal"|"private"|"confidential", as on event) when it is $select-ed, never by default.
+SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody", "sensitivity")}
+# SimMessage field -> the Graph properties an update of it changes (for partial delta items)
+FIELD_PROPS = {"subject": ("subject",), "body": ("body", "bodyPreview", "uniqueBody"), "is_read": ("isRead",),
+               "is_draft": ("isDraft",), "sensitivity": ("sensitivity",), "odata_type": (),
+               "has_attachments": ("hasAttachments",), "to": ("toRecipients",), "cc": ("ccRecipients",),
+               "bcc": ("bccRecipients",), "sender": ("sender", "from")}
 BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
 _SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count"}
+_DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$skiptoken", "$deltatoken"}
+DELTA_DEFAULT_PAGE = 10  # graph.md §2.4 (OBS)
+DELTA_FILTER_CAP = 5000  # with $filter a delta round returns at most 5,000 messages (DOC)
+_DELTA_FILTER_ERROR = ("The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
+                       "'receivedDateTime ge value' is supported.")
 _FILTER_RE = re.compile(
     r"\s*receivedDateTime\s+(ge|gt)\s+(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,7})?)?(?:Z|[+-]\d{2}:\d{2}))\s*",
     re.IGNORECASE,
@@ -101,8 +124,58 @@ class _FolderIndex:
 
 @dataclass
 class _Mailbox:
-    stamp: tuple[int, int] = (0, 0)
-    by_id: dict[str, SimMessage] = field(default_factory=dict)
+    stamp: tuple[int, int, int] = (0, 0, 0)
+    by_id: dict[str, SimMessage] = field(default_factory=dict)  # immutable id -> message
+    by_mutable: dict[str, SimMessage] | None = None  # built on the first lookup by a mutable id
+
+
+@dataclass
+class _DeltaState:
+    """One sync-state lineage: every token minted from one initial delta request shares it."""
+
+    oid: str
+    folder: str
+    select: tuple[str, ...] | None
+    flt: tuple[str, int] | None
+    generation: int = 0  # rounds served so far (quoted in the SyncStateNotFound message)
+    evicted: str | None = None  # error code to answer once evicted
+
+
+@dataclass
+class _Round:
+    """A delta round, planned when it starts: items are (kind, message or tombstone, changed SimMessage fields)
+    with kind "full" | "partial" | "removed"; rendered (current state) when their page is served."""
+
+    state: _DeltaState
+    since_seq: int | None  # None: the initial round
+    end_seq: int  # World.change_seq when the round started; the round's deltaLink continues from here
+    items: list[tuple[str, Any, frozenset[str]]]
+
+
+@dataclass(frozen=True)
+class SentResponse:
+    """A response sent to a mailbox: when (TokenAuthority clock), status, Retry-After seconds, request key."""
+
+    at: float
+    status: int
+    retry_after: float | None
+    key: tuple
+
+
+@dataclass(frozen=True)
+class RetryViolation:
+    """A request that arrived before the Retry-After of an earlier 429/503 had passed.
+
+    `same_request`: that earlier throttled response was for the same request (method, path, query): a retry that
+    came too soon. Otherwise any other request of the mailbox that arrived after the throttled response was sent
+    (plus `retry_grace_s`) but before its Retry-After ran out."""
+
+    oid: str
+    key: tuple
+    arrived: float
+    throttled_at: float
+    retry_after: float
+    same_request: bool
 
 
 def _us(dt: datetime) -> int:
@@ -125,8 +198,14 @@ def _quote_id(item_id: str) -> str:
     return item_id.replace("=", "%3D") if _URLSAFE_ID.fullmatch(item_id) else quote(item_id, safe="")
 
 
-def _recipient(m: Mailbox) -> dict:
-    return {"emailAddress": {"name": m.name, "address": m.address}}
+def _recipient(m: Mailbox | None) -> dict | None:
+    if m is None:
+        return None  # no from/sender at all
+    if m.name is not None and m.address is not None:
+        return {"emailAddress": {"name": m.name, "address": m.address}}
+    # odd items: name-only recipients and an empty emailAddress (UNVERIFIED: keys omitted rather than null)
+    ea = {k: v for k, v in (("name", m.name), ("address", m.address)) if v is not None}
+    return {"emailAddress": ea}
 
 
 def _opaque(*parts: str) -> str:
@@ -147,25 +226,74 @@ class GraphSimulator:
 
     def __init__(self, world: World, tls: SimulatorTLS, tokens: TokenAuthority, port: int = 0,
                  max_in_flight: int = 4, latency_s: float = 0.0, throttle_retry_after: str = "0.2",
-                 seed: int = 0):
+                 seed: int = 0, *,
+                 budget_requests: int | None = 10_000, budget_window_s: float = 600.0,
+                 fault_share: float = 0.0, fault_statuses: tuple[int, ...] = (429, 503, 504),
+                 fault_retry_after: tuple[float, float] = (0.05, 2.0), fault_seed: int = 0,
+                 partial_updates: bool = True, duplicate_share: float = 0.0, empty_page_share: float = 0.0,
+                 delta_max_page_size: int = 1000, filter_later_rounds: bool = True, retry_grace_s: float = 0.05):
+        """Knobs (all plain attributes too; `reset()` restores the constructor values, latency 0):
+        - `max_in_flight`: Outlook's MailboxConcurrency (429 ApplicationThrottled, Retry-After
+          `throttle_retry_after`);
+        - `budget_requests` per `budget_window_s` per mailbox, sliding window on `tokens.clock` (None: off):
+          429 ApplicationThrottled with Retry-After = whole seconds until the window has room;
+        - `fault_share` of mailbox requests fail with a status from `fault_statuses` (own RNG, `fault_seed`):
+          429 with Retry-After (integer or fractional, within `fault_retry_after` seconds), 503 with or without
+          Retry-After, 504 without;
+        - delta: `partial_updates` (updated items as id + changed properties + parentFolderId; False: full items),
+          `duplicate_share` (that share of a round's items is sent again at the end of the round),
+          `empty_page_share` (that share of non-final pages come back empty with a nextLink),
+          `delta_max_page_size` (cap on `Prefer: odata.maxpagesize`), `filter_later_rounds` (the first request's
+          `$filter` also limits the created/updated items of later rounds — UNVERIFIED, the safe assumption:
+          updates of mail older than the filter are then never reported; False: it only limits the first round);
+        - `retry_grace_s`: see `retry_violations`."""
         self.world = world
         self.tokens = tokens
         self.max_in_flight = max_in_flight
         self.latency_s = latency_s  # per mailbox request, slept while holding the mailbox slot
         self.throttle_retry_after = throttle_retry_after
+        self.budget_requests = budget_requests
+        self.budget_window_s = budget_window_s
+        self.fault_share = fault_share
+        self.fault_statuses = fault_statuses
+        self.fault_retry_after = fault_retry_after
+        self.fault_seed = fault_seed
+        self.partial_updates = partial_updates
+        self.duplicate_share = duplicate_share
+        self.empty_page_share = empty_page_share
+        self.delta_max_page_size = delta_max_page_size
+        self.filter_later_rounds = filter_later_rounds
+        self.retry_grace_s = retry_grace_s
+        self._knobs = {k: getattr(self, k) for k in (
+            "max_in_flight", "throttle_retry_after", "budget_requests", "budget_window_s", "fault_share",
+            "fault_statuses", "fault_retry_after", "fault_seed", "partial_updates", "duplicate_share",
+            "empty_page_share", "delta_max_page_size", "filter_later_rounds", "retry_grace_s")}
         self.requests: list[LoggedRequest] = []
         self.peak_in_flight: dict[str, int] = {}
+        self.sent: dict[str, list[SentResponse]] = {}  # oid -> every response, in order
+        self._violations: dict[str, list[RetryViolation]] = {}
+        self._blocked: dict[str, tuple[float, float, float]] = {}  # oid -> (until, throttled at, retry-after)
+        self._blocked_key: dict[tuple, tuple[float, float, float]] = {}  # (oid, key) -> same
+        self._budget: dict[str, deque[float]] = {}
         self._in_flight: dict[str, int] = {}
         self._faults: dict[str, list[_Fault]] = {}
         self._lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._rng = random.Random(seed)
+        self._fault_rng = random.Random(fault_seed)
         self._folders: dict[tuple[str, str], _FolderIndex] = {}
         self._mailboxes: dict[str, _Mailbox] = {}
         self._folder_ids: dict[tuple[str, str], str] = {}
         self._base: dict[str, dict] = {}  # message id -> all body-independent properties
-        self._frags: dict[tuple, dict[str, bytes]] = {}  # (select key, body type) -> message id -> JSON
+        self._frags: dict[tuple, dict[str, bytes]] = {}  # (select, body type, id type, typed) -> id -> JSON
+        self._applied_seq = world.change_seq  # world changes up to here have been dropped from the caches
+        # token -> ("page", round, position) | ("delta", sync state, change_seq the next round starts from)
+        self._delta_tokens: dict[str, tuple[str, Any, int]] = {}
+        self._delta_states: list[_DeltaState] = []
         mail = (
+            ("GET", r"/v1\.0/me/messages/delta", self._mailbox_delta),
+            ("GET", r"/v1\.0/me/mailFolders/([^/]+)/messages/delta", self._delta),
+            ("GET", r"/v1\.0/me/mailFolders(?:\(|%28)(?:'|%27)([^/]+?)(?:'|%27)(?:\)|%29)/messages/delta", self._delta),
             ("GET", r"/v1\.0/me", self._get_me),
             ("GET", r"/v1\.0/me/mailFolders/([^/]+)", self._get_folder),
             ("GET", r"/v1\.0/me/mailFolders/([^/]+)/messages", self._list_messages),
@@ -209,13 +337,46 @@ class GraphSimulator:
         with self._lock:
             self.requests.clear()
             self.peak_in_flight.clear()
+            self.sent.clear()
+            self._violations.clear()
+            self._blocked.clear()
+            self._blocked_key.clear()
 
     def reset(self) -> None:
-        """Forget pending faults, the request log and peaks; no latency (tests share one running simulator)."""
+        """Forget pending faults, the request log, peaks, budgets and the response log; knobs back to their
+        constructor values, no latency (tests share one running simulator). Delta tokens stay valid."""
         with self._lock:
             self._faults.clear()
+            self._budget.clear()
+            for k, v in self._knobs.items():
+                setattr(self, k, v)
+            self._fault_rng = random.Random(self.fault_seed)
         self.latency_s = 0.0
         self.reset_stats()
+
+    def evict_delta_tokens(self, oid: str, folder: str | None = None, code: str = "SyncStateNotFound") -> int:
+        """Evict the sync state behind every deltaLink/nextLink of `oid` (one well-known `folder`, or all): the
+        next use answers 410 Gone `SyncStateNotFound` (or, with `code="resyncRequired"`, 400 resyncRequired).
+        Returns how many sync states were evicted; a new initial round starts a fresh one."""
+        with self._lock:
+            hit = [st for st in self._delta_states
+                   if st.oid == oid and st.evicted is None and (folder is None or st.folder == folder.lower())]
+            for st in hit:
+                st.evicted = code
+            return len(hit)
+
+    def retry_violations(self, oid: str, mailbox_wide: bool = False) -> list[RetryViolation]:
+        """Requests of `oid` that came sooner than an earlier 429/503's Retry-After allowed.
+
+        Default: only retries of the very request that was throttled (same method, path and query). With
+        `mailbox_wide`, also any other request of the mailbox that arrived more than `retry_grace_s` after a
+        throttled response was sent and before its Retry-After ran out (Retry-After applies to the mailbox;
+        the grace allows for requests already on the wire). Times are `tokens.clock()`."""
+        with self._lock:
+            return [v for v in self._violations.get(oid, []) if mailbox_wide or v.same_request]
+
+    def mutable_id(self, m: SimMessage) -> str:
+        return m.mutable_id()
 
     def folder_id(self, oid: str, folder: str) -> str:
         key = (oid, folder.lower())
@@ -286,20 +447,91 @@ class GraphSimulator:
         rid = str(uuid.uuid4())
         return _Ctx(rid, req.headers.get("client-request-id") or rid)
 
+    def _random_fault(self) -> _Fault | None:
+        if self.fault_share <= 0 or not self.fault_statuses:
+            return None
+        with self._lock:
+            rng = self._fault_rng
+            if rng.random() >= self.fault_share:
+                return None
+            status = rng.choice(self.fault_statuses)
+            lo, hi = self.fault_retry_after
+            if rng.random() < 0.5:
+                retry_after: str | None = str(rng.randint(1, max(1, int(hi))))
+            else:
+                retry_after = f"{rng.uniform(lo, hi):.3f}"
+            if status == 504 or (status == 503 and rng.random() < 0.5):
+                retry_after = None
+        return _Fault(status, 1, retry_after, None)
+
+    def _over_budget(self, oid: str, now: float) -> float | None:
+        """Count this request in the mailbox's sliding window; seconds until it has room if it is full (the
+        rejected request is not counted — UNVERIFIED: Graph says throttled requests count against the quota,
+        which would make an honest client's retry fail again)."""
+        if self.budget_requests is None:
+            return None
+        with self._lock:
+            window = self._budget.setdefault(oid, deque())
+            while window and window[0] <= now - self.budget_window_s:
+                window.popleft()
+            if len(window) >= self.budget_requests:
+                return window[0] + self.budget_window_s - now
+            window.append(now)
+            return None
+
+    @staticmethod
+    def _request_key(req: Request) -> tuple:
+        return (req.method, req.path.lower(), tuple(sorted(req.query.items())))
+
+    def _arrive(self, oid: str, key: tuple, now: float) -> None:
+        with self._lock:
+            same = self._blocked_key.get((oid, key))
+            if same is not None and now < same[0]:
+                self._violations.setdefault(oid, []).append(RetryViolation(oid, key, now, same[1], same[2], True))
+                return
+            other = self._blocked.get(oid)
+            if other is not None and other[1] + self.retry_grace_s <= now < other[0]:
+                self._violations.setdefault(oid, []).append(RetryViolation(oid, key, now, other[1], other[2], False))
+
+    def _sent(self, oid: str, key: tuple, resp: Response) -> None:
+        now = self.tokens.clock()
+        raw = resp.headers.get("Retry-After")
+        try:
+            retry_after = float(raw) if raw is not None else None
+        except ValueError:
+            retry_after = None
+        with self._lock:
+            self.sent.setdefault(oid, []).append(SentResponse(now, resp.status, retry_after, key))
+            if retry_after is not None and resp.status in (429, 503):
+                block = (now + retry_after, now, retry_after)
+                self._blocked_key[(oid, key)] = block
+                if block[0] > self._blocked.get(oid, (0.0,))[0]:
+                    self._blocked[oid] = block
+
     def _endpoint(self, fn: Callable[[Request, _Ctx], Response]) -> Callable[..., Response]:
-        """Auth → injected fault → mailbox concurrency slot → handler; Graph error shape; ids; request log."""
+        """Auth → request budget → injected/random fault → mailbox concurrency slot → handler; Graph error shape;
+        ids; request log; response times and Retry-After per mailbox."""
 
         def handle(req: Request, inner: bool = False) -> Response:
             ctx = self._new_ctx(req)
             oid = None
+            key: tuple = ()
             try:
                 ctx.claims = self._authenticate(req)
             except TokenError as exc:
                 resp = self._unauthorized(ctx, exc)
             else:
                 oid = ctx.claims.oid
-                fault = self._take_fault(oid, req.path)
-                if fault is not None:
+                now = self.tokens.clock()
+                key = self._request_key(req)
+                self._arrive(oid, key, now)
+                wait = self._over_budget(oid, now)
+                fault = None if wait is not None else (self._take_fault(oid, req.path) or self._random_fault())
+                if wait is not None:
+                    resp = self._error(ctx, 429, "ApplicationThrottled",  # UNVERIFIED message text
+                                       "Application is over its MailboxRequestRate limit.",
+                                       {"Retry-After": str(max(1, math.ceil(wait)))})
+                elif fault is not None:
                     resp = self._fault_response(ctx, fault)
                 elif not self._admit(oid):
                     resp = self._error(ctx, 429, "ApplicationThrottled",
@@ -309,6 +541,7 @@ class GraphSimulator:
                     try:
                         if self.latency_s:
                             time.sleep(self.latency_s)
+                        self._sync_world()
                         resp = fn(req, ctx)
                     except GraphFail as exc:
                         resp = self._error(ctx, exc.status, exc.code, exc.message, exc.headers)
@@ -317,31 +550,61 @@ class GraphSimulator:
             resp.headers.setdefault("Content-Type", "application/json")
             resp.headers["request-id"] = ctx.request_id
             resp.headers["client-request-id"] = ctx.client_request_id
+            if oid is not None:
+                self._sent(oid, key, resp)
             self._log(req, resp.status, oid, inner)
             return resp
 
         return handle
 
     # ---------------------------------------------------------------- data
+    def _sync_world(self) -> None:
+        """Drop cached properties/fragments of every message the world changed since the last look."""
+        w = self.world
+        if w.change_seq == self._applied_seq:
+            return
+        with w.lock, self._cache_lock:
+            for gid in w.change_log[self._applied_seq:w.change_seq]:
+                self._base.pop(gid, None)
+                for cache in self._frags.values():
+                    cache.pop(gid, None)
+            self._applied_seq = w.change_seq
+
+    def _stamp(self, oid: str, msgs: list[SimMessage]) -> tuple[int, int, int]:
+        return id(msgs), len(msgs), self.world.mailbox_seq.get(oid, 0)
+
     def _mailbox(self, oid: str) -> _Mailbox:
         msgs = self.world.mailboxes.get(oid)
         if msgs is None:
             raise GraphFail(404, "MailboxNotEnabledForRESTAPI", "The mailbox is either inactive, soft-deleted, "
                             "or is hosted on-premise.")
-        stamp = (id(msgs), len(msgs))
+        stamp = self._stamp(oid, msgs)
         box = self._mailboxes.get(oid)
         if box is None or box.stamp != stamp:
-            box = _Mailbox(stamp, {m.id: m for m in msgs})
+            with self.world.lock:
+                box = _Mailbox(self._stamp(oid, msgs), {m.id: m for m in msgs})
             self._mailboxes[oid] = box
         return box
 
+    def _lookup(self, oid: str, item_id: str) -> SimMessage | None:
+        """By immutable id, else by the current mutable id (ids from before a move are not found)."""
+        box = self._mailbox(oid)
+        msg = box.by_id.get(item_id)
+        if msg is None:
+            if box.by_mutable is None:
+                with self.world.lock:
+                    box.by_mutable = {m.mutable_id(): m for m in box.by_id.values()}
+            msg = box.by_mutable.get(item_id)
+        return msg
+
     def _folder_index(self, oid: str, folder: str | None) -> _FolderIndex:
         msgs = self.world.mailboxes.get(oid, [])
-        stamp = (id(msgs), len(msgs))
+        stamp = self._stamp(oid, msgs)
         key = (oid, folder or "*")
         idx = self._folders.get(key)
         if idx is None or idx.stamp != stamp:
-            with self._cache_lock:
+            with self.world.lock, self._cache_lock:
+                stamp = self._stamp(oid, msgs)
                 chosen = [m for m in msgs if folder is None or m.folder == folder]
                 chosen.sort(key=lambda m: (m.received, m.id), reverse=True)
                 idx = _FolderIndex(stamp, chosen, [-_us(m.received) for m in chosen])
@@ -353,30 +616,33 @@ class GraphSimulator:
         if name in WELL_KNOWN_FOLDERS:
             return name
         for known in WELL_KNOWN_FOLDERS:
-            if raw == self.folder_id(oid, known):
+            if unquote(raw) == self.folder_id(oid, known):
                 return known
         raise GraphFail(404, "ErrorItemNotFound", "The specified object was not found in the store.")
 
     def _base_props(self, m: SimMessage) -> dict:
         props = self._base.get(m.id)
         if props is None:
-            digest = hashlib.blake2b(m.id.encode(), digest_size=18).digest()
+            digest = hashlib.blake2b(f"{m.id}|{m.version}".encode(), digest_size=18).digest()
             change_key = base64.urlsafe_b64encode(digest).decode()
             received, sent = _iso(m.received), _iso(m.sent)
+            sender = _recipient(m.sender)
             props = {
                 "@odata.etag": f'W/"{change_key}"', "id": m.id,
-                "createdDateTime": received, "lastModifiedDateTime": received, "changeKey": change_key,
+                "createdDateTime": received, "lastModifiedDateTime": _iso(m.modified) if m.modified else received,
+                "changeKey": change_key,
                 "categories": [], "receivedDateTime": received, "sentDateTime": sent,
                 "hasAttachments": m.has_attachments, "internetMessageId": m.internet_message_id,
                 "subject": m.subject, "bodyPreview": m.body[:255], "importance": "normal",
                 "parentFolderId": self.folder_id(m.owner_oid, m.folder), "conversationId": m.conversation_id,
                 "isDeliveryReceiptRequested": False, "isReadReceiptRequested": False,
-                "isRead": digest[0] % 3 != 0, "isDraft": False,
+                "isRead": m.is_read, "isDraft": m.is_draft,
                 "webLink": f"https://outlook.office365.com/owa/?ItemID={_quote_id(m.id)}"
                            "&exvsurl=1&viewmodel=ReadMessageItem",
-                "inferenceClassification": "focused", "sender": _recipient(m.sender), "from": _recipient(m.sender),
+                "inferenceClassification": "focused", "sender": sender, "from": sender,
                 "toRecipients": [_recipient(r) for r in m.to], "ccRecipients": [_recipient(r) for r in m.cc],
-                "bccRecipients": [], "replyTo": [], "flag": {"flagStatus": "notFlagged"},
+                "bccRecipients": [_recipient(r) for r in m.bcc], "replyTo": [], "flag": {"flagStatus": "notFlagged"},
+                "sensitivity": m.sensitivity,
             }
             self._base[m.id] = props
         return props
@@ -390,22 +656,31 @@ class GraphSimulator:
                    f'</head><body><div>{text}</div></body></html>')
         return {"contentType": "html", "content": content}
 
-    def _fragment(self, m: SimMessage, select: tuple[str, ...] | None, body_type: str) -> bytes:
-        key = (select, body_type)
+    def _props(self, m: SimMessage, props: tuple[str, ...], body_type: str, immutable: bool,
+               typed: bool) -> dict:
+        base = self._base_props(m)
+        out: dict[str, Any] = {}
+        if typed or m.odata_type != MESSAGE_TYPE:  # lists name derived types only; delta items always
+            out["@odata.type"] = m.odata_type
+        out["@odata.etag"] = base["@odata.etag"]
+        out["id"] = m.id if immutable else m.mutable_id()
+        for p in props:
+            if p in ("body", "uniqueBody"):
+                out[p] = self._body(m, body_type)
+            elif p != "id":
+                out[p] = base[p]
+        return out
+
+    def _fragment(self, m: SimMessage, select: tuple[str, ...] | None, body_type: str, immutable: bool = True,
+                  typed: bool = False) -> bytes:
+        key = (select, body_type, immutable, typed)
         cache = self._frags.get(key)
         if cache is None:
             cache = self._frags.setdefault(key, {})
         frag = cache.get(m.id)
         if frag is None:
-            base = self._base_props(m)
             props = select if select is not None else DEFAULT_PROPS
-            out = {"@odata.etag": base["@odata.etag"], "id": m.id}
-            for p in props:
-                if p in ("body", "uniqueBody"):
-                    out[p] = self._body(m, body_type)
-                elif p != "id":
-                    out[p] = base[p]
-            frag = cache[m.id] = _encode(out)
+            frag = cache[m.id] = _encode(self._props(m, props, body_type, immutable, typed))
         return frag
 
     # ---------------------------------------------------------------- query options
@@ -446,6 +721,10 @@ class GraphSimulator:
             headers["Preference-Applied"] = f'outlook.body-content-type="{value}"'
             return value
         return "html"
+
+    @staticmethod
+    def _immutable(req: Request) -> bool:
+        return _prefer(req.headers).get("idtype", "").lower() == "immutableid"
 
     @staticmethod
     def _parse_filter(raw: str | None) -> tuple[str, int] | None:
@@ -515,7 +794,7 @@ class GraphSimulator:
         self._mailbox(oid)
         folder = self._resolve_folder(oid, req.match.group(1))
         idx = self._folder_index(oid, folder)
-        unread = sum(1 for m in idx.desc if not self._base_props(m)["isRead"])
+        unread = sum(1 for m in idx.desc if not m.is_read)
         return Response(200, {
             "@odata.context": f"{req.base_url}/v1.0/$metadata#users('{oid}')/mailFolders/$entity",
             "id": self.folder_id(oid, folder), "displayName": WELL_KNOWN_FOLDERS[folder],
@@ -549,7 +828,8 @@ class GraphSimulator:
         else:
             lo, hi = max(0, n - skip - top), max(0, n - skip)
             chosen = idx.desc[lo:hi][::-1]
-        frags = b",".join(self._fragment(m, select, body_type) for m in chosen)
+        immutable = self._immutable(req)
+        frags = b",".join(self._fragment(m, select, body_type, immutable) for m in chosen)
         where = f"mailFolders('{folder}')/messages" if folder else "messages"
         sel = f"({','.join(select)})" if select else ""
         context = f"{req.base_url}/v1.0/$metadata#users('{oid}')/{where}{sel}"
@@ -567,15 +847,192 @@ class GraphSimulator:
         self._check_options(req)
         select = self._parse_select(req)
         self._check_mail_scopes(ctx, select)
-        msg = self._mailbox(ctx.claims.oid).by_id.get(unquote(req.match.group(1)))
+        msg = self._lookup(ctx.claims.oid, unquote(req.match.group(1)))
         if msg is None:
             raise GraphFail(404, "ErrorItemNotFound", "The specified object was not found in the store.")
         headers: dict[str, str] = {}
         body_type = self._body_type(req, headers)
         context = f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/messages/$entity"
-        frag = self._fragment(msg, select, body_type)
+        frag = self._fragment(msg, select, body_type, self._immutable(req))
         headers["Content-Type"] = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
         return Response(200, b'{"@odata.context":' + _encode(context) + b"," + frag[1:], headers)
+
+    # ---------------------------------------------------------------- delta
+    def _mailbox_delta(self, req: Request, ctx: _Ctx) -> Response:
+        raise GraphFail(400, "BadRequest", "Unsupported request: Change tracking is not supported against "
+                        "'microsoft.graph.message'.")
+
+    @staticmethod
+    def _gone(state: _DeltaState | None) -> GraphFail:
+        code = state.evicted if state is not None and state.evicted else "SyncStateNotFound"
+        if code.lower() == "resyncrequired":  # UNVERIFIED status for this code (errors.md lists it, no status)
+            return GraphFail(400, code, "The delta token is no longer valid, and the app must reset the sync state.")
+        g = state.generation if state is not None else 0
+        return GraphFail(410, code, f"The sync state generation is not found; generation={g};"
+                                    f"[highest={g + 8}][{g + 8}][{g + 6}][{g + 7}].")
+
+    def _page_size(self, req: Request, headers: dict[str, str]) -> int:
+        """`Prefer: odata.maxpagesize=N`, read on every request (UNVERIFIED whether Graph keeps the first
+        request's value in its tokens; clients should send it on every page), capped at `delta_max_page_size`
+        (UNVERIFIED: the real maximum is an open point)."""
+        raw = _prefer(req.headers).get("odata.maxpagesize")
+        try:
+            size = int(raw) if raw is not None else 0
+        except ValueError:
+            size = 0
+        if size <= 0:
+            return DELTA_DEFAULT_PAGE
+        size = min(size, self.delta_max_page_size)
+        applied = headers.get("Preference-Applied")
+        headers["Preference-Applied"] = f"{applied}, odata.maxpagesize={size}" if applied else \
+            f"odata.maxpagesize={size}"
+        return size
+
+    @staticmethod
+    def _parse_delta_filter(raw: str | None) -> tuple[str, int] | None:
+        if raw is None:
+            return None
+        if m := _FILTER_RE.fullmatch(raw):
+            try:
+                return m.group(1).lower(), _us(datetime.fromisoformat(m.group(2).upper().replace("Z", "+00:00")))
+            except ValueError:
+                pass
+        raise GraphFail(400, "ErrorInvalidUrlQuery", _DELTA_FILTER_ERROR)
+
+    @staticmethod
+    def _passes(m: SimMessage, flt: tuple[str, int] | None) -> bool:
+        if flt is None:
+            return True
+        us = _us(m.received)
+        return us >= flt[1] if flt[0] == "ge" else us > flt[1]
+
+    def _delta(self, req: Request, ctx: _Ctx) -> Response:
+        """`GET /me/mailFolders/{folder}/messages/delta` (also the `mailFolders('{id}')` form used in links).
+
+        First request: query options are checked and frozen into a server-side sync state; every link is an
+        absolute URL with an opaque token (`$skiptoken` mid-round, `$deltatoken` at the end). Re-sent query
+        options on token requests are ignored. A token request re-served (a client retry) returns the same page.
+        Initial round: every message now in the folder (matching `$filter`), newest first; with `$filter` only the
+        newest 5,000 (UNVERIFIED which 5,000 Graph keeps). Later rounds, in change order: messages created or moved
+        in since the token (full, `$select` honoured) and updated ones (partial: "@odata.type", "@odata.etag",
+        "id", the changed selected properties, "parentFolderId"; full with `partial_updates=False`) — both only
+        if they match the token's `$filter` unless `filter_later_rounds` is off — and
+        `{"@odata.type":…,"id":…,"@removed":{"reason":"deleted"|"changed"}}` for deletions and moves out.
+        Partial items can name messages the client never got in full (e.g. beyond the 5,000 cap)."""
+        assert ctx.claims is not None and req.match is not None
+        oid = ctx.claims.oid
+        self._mailbox(oid)
+        query = {k.lower(): v for k, v in req.query.items()}
+        headers: dict[str, str] = {}
+        body_type = self._body_type(req, headers)
+        size = self._page_size(req, headers)
+        immutable = self._immutable(req)
+        folder = self._resolve_folder(oid, req.match.group(1))
+        if "$skiptoken" in query or "$deltatoken" in query:
+            token = query.get("$skiptoken") or query.get("$deltatoken") or ""
+            with self._lock:
+                entry = self._delta_tokens.get(token)
+            if entry is None:
+                raise self._gone(None)
+            kind, obj, num = entry
+            state: _DeltaState = obj.state if kind == "page" else obj
+            if state.oid != oid or state.folder != folder or state.evicted:
+                raise self._gone(state)
+            self._check_mail_scopes(ctx, state.select)
+            rnd, pos = (obj, num) if kind == "page" else (self._plan_round(state, num), 0)
+        else:
+            for k in req.query:
+                if k.startswith("$") and k.lower() not in _DELTA_OPTIONS:
+                    raise GraphFail(400, "BadRequest", f"Query option '{k}' is not supported.")
+            select = self._parse_select(req)
+            self._check_mail_scopes(ctx, select)
+            flt = self._parse_delta_filter(req.query.get("$filter"))
+            orderby = req.query.get("$orderby")
+            if orderby is not None and not re.fullmatch(r"\s*receivedDateTime\s+desc\s*", orderby, re.IGNORECASE):
+                raise GraphFail(400, "ErrorInvalidUrlQuery", "The $orderby expression is not supported.")
+            # $top: ignored (graph.md §2.4, most reports; UNVERIFIED — one report has it cap the round, one a 400)
+            state = _DeltaState(oid, folder, select, flt)
+            with self._lock:
+                self._delta_states.append(state)
+            rnd, pos = self._plan_round(state, None), 0
+        return self._delta_page(req, rnd, pos, size, body_type, immutable, headers)
+
+    def _plan_round(self, state: _DeltaState, since: int | None) -> _Round:
+        w = self.world
+        items: list[tuple[str, Any, frozenset[str]]]
+        with w.lock:
+            end = w.change_seq
+            if since is None:
+                idx = self._folder_index(state.oid, state.folder)
+                n = len(idx.desc)
+                if state.flt is not None:
+                    op, when = state.flt
+                    n = bisect_right(idx.neg_us, -when) if op == "ge" else bisect_left(idx.neg_us, -when)
+                    n = min(n, DELTA_FILTER_CAP)
+                items = [("full", m, frozenset()) for m in idx.desc[:n]]
+            else:
+                box = self._mailbox(state.oid)
+                events: list[tuple[int, str, Any, frozenset[str]]] = []
+                flt = state.flt if self.filter_later_rounds else None
+                for gid in dict.fromkeys(w.change_log[since:end]):
+                    m = box.by_id.get(gid)
+                    if m is None or m.folder != state.folder or not self._passes(m, flt):
+                        continue
+                    if m.arrived_seq > since or not self.partial_updates:
+                        events.append((m.version, "full", m, frozenset()))
+                    else:
+                        events.append((m.version, "partial", m, w.changed_fields(m.id, since)))
+                for t in w.tombstones.get((state.oid, state.folder), ()):
+                    if since < t.seq <= end:
+                        events.append((t.seq, "removed", t, frozenset()))
+                events.sort(key=lambda e: e[0])
+                items = [(kind, obj, fields) for _, kind, obj, fields in events]
+            state.generation += 1
+        if self.duplicate_share and items:
+            with self._lock:  # replays: the same item again, at the end of the round
+                dups = [it for it in items if it[0] != "removed" and self._rng.random() < self.duplicate_share]
+                self._rng.shuffle(dups)
+            items += dups
+        return _Round(state, since, end, items)
+
+    def _delta_item(self, kind: str, obj: Any, fields: frozenset[str], state: _DeltaState, body_type: str,
+                    immutable: bool) -> bytes:
+        if kind == "removed":
+            t: Tombstone = obj
+            return _encode({"@odata.type": MESSAGE_TYPE, "id": t.id if immutable else t.mutable_id,
+                            "@removed": {"reason": t.reason}})
+        if kind == "full":
+            return self._fragment(obj, state.select, body_type, immutable, typed=True)
+        changed = {p for f in fields for p in FIELD_PROPS.get(f, ())}
+        props = state.select if state.select is not None else DEFAULT_PROPS
+        keep = (*(p for p in props if p in changed and p != "parentFolderId"), "parentFolderId")
+        return _encode(self._props(obj, keep, body_type, immutable, typed=True))
+
+    def _delta_page(self, req: Request, rnd: _Round, pos: int, size: int, body_type: str, immutable: bool,
+                    headers: dict[str, str]) -> Response:
+        items = rnd.items
+        empty = False
+        if pos < len(items) and self.empty_page_share:
+            with self._lock:
+                empty = self._rng.random() < self.empty_page_share
+        chosen = [] if empty else items[pos:pos + size]
+        nxt = pos + len(chosen)
+        frags = b",".join(self._delta_item(k, o, f, rnd.state, body_type, immutable) for k, o, f in chosen)
+        folder_id = self.folder_id(rnd.state.oid, rnd.state.folder)
+        base = f"{req.base_url}/v1.0/me/mailFolders('{folder_id}')/messages/delta"
+        token = secrets.token_urlsafe(24)
+        if nxt < len(items):
+            entry: tuple[str, Any, int] = ("page", rnd, nxt)
+            link = b'"@odata.nextLink":' + _encode(f"{base}?$skiptoken={token}")
+        else:
+            entry = ("delta", rnd.state, rnd.end_seq)
+            link = b'"@odata.deltaLink":' + _encode(f"{base}?$deltatoken={token}")
+        with self._lock:
+            self._delta_tokens[token] = entry
+        context = f"{req.base_url}/v1.0/$metadata#Collection(message)"
+        out = b'{"@odata.context":' + _encode(context) + b"," + link + b',"value":[' + frags + b"]}"
+        headers["Content-Type"] = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
+        return Response(200, out, headers)
 
     # ---------------------------------------------------------------- $batch
     def _route(self, method: str, path: str) -> tuple[Callable[..., Response], re.Match[str]] | None:

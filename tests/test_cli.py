@@ -68,3 +68,17 @@ def test_unknown_tenant_is_a_clear_error():
     result = runner.invoke(app, ["tenant", "show", "nobody"])
     assert result.exit_code == 1
     assert "not registered" in plain(result.output)
+
+
+def test_blocklist_entries_are_validated_and_stored(data_dir):
+    runner.invoke(app, ["tenant", "add", "--id", TENANT, "--domain", "contoso.com"])
+    assert runner.invoke(app, ["tenant", "block", TENANT, "Bob@Spam.io", "evil.com"]).exit_code == 0
+    assert runner.invoke(app, ["tenant", "block", TENANT, "x.org", "--user", "u-1"]).exit_code == 0
+    bad = runner.invoke(app, ["tenant", "block", TENANT, "not an address"])
+    assert bad.exit_code == 2 and "not an address or domain" in plain(bad.output)
+    assert runner.invoke(app, ["tenant", "block", TENANT, "evil.com", "--remove"]).exit_code == 0
+    from o365sync.settings import load_settings
+    from o365sync.tenants import load_tenant
+
+    t = load_tenant(load_settings(), TENANT)
+    assert t.blocklist == ["bob@spam.io"] and t.blocklist_for("u-1") == ["bob@spam.io", "x.org"]

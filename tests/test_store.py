@@ -11,7 +11,15 @@ import polars as pl
 import pytest
 
 from o365sync.settings import Settings
-from o365sync.store import MailBatch, open_store, publish_snapshot, read_cursors, snapshot_path, write_mail_batch
+from o365sync.store import (
+    FolderCursor,
+    MailBatch,
+    open_store,
+    publish_snapshot,
+    read_cursors,
+    snapshot_path,
+    write_mail_batch,
+)
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 TS = pl.Datetime("us", "UTC")
@@ -29,7 +37,7 @@ def make_batch(ids: list[str], watermark: datetime, subject: str = "s") -> MailB
                                  "address": ["a@acme.com"] * n})
     matches = pl.DataFrame({"graph_id": ids, "crm_id": ["a1"] * n, "crm_kind": ["account"] * n,
                             "matched_address": ["a@acme.com"] * n})
-    return MailBatch(emails, participants, matches, {"inbox": watermark})
+    return MailBatch(emails, participants, matches, {"inbox": FolderCursor(T0, received_watermark=watermark)})
 
 
 def counts(con) -> tuple[int, int, int]:
@@ -44,24 +52,24 @@ def settings(tmp_path: Path) -> Settings:
 
 def test_batches_are_idempotent_and_deduplicated(settings):
     with open_store(settings, "t1", write=True) as con:
-        assert write_mail_batch(con, "t1", "u1", T0, make_batch(["m1", "m2", "m2"], T0)) == 2
-        assert write_mail_batch(con, "t1", "u1", T0, make_batch(["m1", "m2"], T0, subject="edited")) == 0
+        assert write_mail_batch(con, "t1", "u1", make_batch(["m1", "m2", "m2"], T0)).imported == 2
+        assert write_mail_batch(con, "t1", "u1", make_batch(["m1", "m2"], T0, subject="edited")).imported == 0
         assert counts(con) == (2, 2, 2)
         assert con.execute("SELECT DISTINCT subject FROM emails").fetchall() == [("edited",)]
         # Same Graph id for another user is a different row (keyed on tenant, user, id).
-        assert write_mail_batch(con, "t1", "u2", T0, make_batch(["m1"], T0)) == 1
+        assert write_mail_batch(con, "t1", "u2", make_batch(["m1"], T0)).imported == 1
         assert counts(con) == (3, 3, 3)
 
 
 def test_cursor_moves_only_with_its_rows(settings):
     with open_store(settings, "t1", write=True) as con:
-        write_mail_batch(con, "t1", "u1", T0, make_batch(["m1"], T0))
+        write_mail_batch(con, "t1", "u1", make_batch(["m1"], T0))
         broken = make_batch(["m2"], T0 + timedelta(days=1))
         broken = MailBatch(broken.emails, broken.participants.drop("role"), broken.matches, broken.cursors)
         with pytest.raises(duckdb.Error):
-            write_mail_batch(con, "t1", "u1", T0, broken)
+            write_mail_batch(con, "t1", "u1", broken)
         assert counts(con) == (1, 1, 1)
-        assert read_cursors(con, "t1", "u1")["inbox"][1] == T0
+        assert read_cursors(con, "t1", "u1")["inbox"].received_watermark == T0
 
 
 def test_connections_are_utc(settings):
@@ -73,7 +81,7 @@ def _writer(data_dir: str, worker: int, batches: int) -> None:
     s = Settings(data_dir=Path(data_dir))
     for b in range(batches):
         with open_store(s, "t1", write=True) as con:
-            write_mail_batch(con, "t1", f"u{worker}", T0, make_batch([f"m{b}-{i}" for i in range(50)], T0))
+            write_mail_batch(con, "t1", f"u{worker}", make_batch([f"m{b}-{i}" for i in range(50)], T0))
 
 
 def _reader(data_dir: str, reads: int) -> None:
@@ -105,13 +113,13 @@ def _read_snapshot(path: str, queue) -> None:
 
 def test_analysts_read_the_snapshot_while_a_writer_holds_the_live_store(settings):
     with open_store(settings, "t1", write=True) as con:
-        write_mail_batch(con, "t1", "u1", T0, make_batch(["m1", "m2"], T0))
+        write_mail_batch(con, "t1", "u1", make_batch(["m1", "m2"], T0))
     target = publish_snapshot(settings, "t1")
     assert target == snapshot_path(settings, "t1")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     with open_store(settings, "t1", write=True) as con:
-        write_mail_batch(con, "t1", "u1", T0, make_batch(["m3"], T0))
+        write_mail_batch(con, "t1", "u1", make_batch(["m3"], T0))
         reader = ctx.Process(target=_read_snapshot, args=(str(target), queue))
         reader.start()
         reader.join(60)

@@ -1,0 +1,118 @@
+"""Per-tenant Prefect deployments, generated from the tenant registry (YAML cannot loop over tenants).
+
+For every registered tenant with the "email" feature:
+
+* `email-sync-<tenant>`: the `email-sync` flow every 15 minutes, parameters `{"tenant_id": <id>}` only. The interval
+  anchor is spread deterministically over the 15 minutes per tenant, so tenants do not all start at the same second.
+  A deployment concurrency limit of 1 with collision strategy CANCEL_NEW means a run that becomes due while the
+  tenant's previous sync is still running is cancelled before it starts (the server enforces it; prefect.md §4/§5).
+* `initial-import-<tenant>`: the `initial-import` flow, unscheduled, run on demand (UI "Run" or
+  `prefect deployment run initial-import/initial-import-<tenant>`); concurrent requests queue (limit 1, ENQUEUE).
+
+Flows are imported lazily (and can be passed in), so this module imports without Prefect's flow modules.
+Entrypoints are module paths (`flows.email_sync.email_sync`): the package is installed, so served runs and process
+workers load the flow from any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from o365sync.settings import Settings
+from o365sync.tenants import TenantConfig, list_tenants
+
+if TYPE_CHECKING:
+    from prefect import Flow
+    from prefect.deployments.runner import RunnerDeployment
+
+EMAIL_SYNC = "email-sync"
+INITIAL_IMPORT = "initial-import"
+SYNC_INTERVAL_S = 900
+SCHEDULE_SLUG = "every-15-min"  # a stable slug lets re-registration update the schedule in place
+# Interval schedules fire at anchor + k * interval; a fixed past anchor plus a per-tenant offset is stable across
+# restarts and machines (Python's hash() is salted per process, so a digest is used).
+_ANCHOR_BASE = datetime(2026, 1, 1, tzinfo=UTC)
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def schedule_offset_s(tenant_id: str, interval_s: int = SYNC_INTERVAL_S) -> int:
+    """Seconds into each interval at which this tenant's sync starts (deterministic, spread over the interval)."""
+    digest = hashlib.sha256(tenant_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % interval_s
+
+
+def deployment_name(kind: str, tenant_id: str) -> str:
+    """`<kind>-<tenant_id>` when the id is a registry-valid id (letters, digits, '.', '_', '-'), otherwise a
+    sanitised slug plus a digest of the raw id, so distinct ids never collide and no name holds a character
+    Prefect bans ('/', '%', '&', '<', '>'). Never ends in `.py` (Prefect would strip it to the file stem)."""
+    if _SAFE.fullmatch(tenant_id) and not tenant_id.endswith(".py"):
+        return f"{kind}-{tenant_id}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tenant_id).strip("-.")[:48] or "tenant"
+    return f"{kind}-{slug}-{hashlib.sha256(tenant_id.encode()).hexdigest()[:8]}"
+
+
+def _tags(tenant_id: str, kind: str) -> list[str]:
+    return [tag for tag in (tenant_id, kind) if tag.strip()]
+
+
+def _email_sync_flow() -> Flow[..., Any]:
+    from flows.email_sync import email_sync
+
+    return email_sync
+
+
+def _initial_import_flow() -> Flow[..., Any]:
+    from flows.initial_import import initial_import
+
+    return initial_import
+
+
+def email_tenants(settings: Settings) -> list[TenantConfig]:
+    return [t for t in list_tenants(settings) if "email" in t.features]
+
+
+def build_deployments(
+    settings: Settings,
+    *,
+    email_flow: Flow[..., Any] | None = None,
+    import_flow: Flow[..., Any] | None = None,
+    tenants: list[TenantConfig] | None = None,
+) -> list[RunnerDeployment]:
+    """Two deployments per email-enabled tenant (see the module docstring), in registry order.
+
+    `email_flow` / `import_flow` default to `flows.email_sync.email_sync` / `flows.initial_import.initial_import`.
+    Building contacts no Prefect API; `prefect.serve(*deployments)` or `deployment.apply()` registers them."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Interval
+
+    tenants = email_tenants(settings) if tenants is None else [t for t in tenants if "email" in t.features]
+    if not tenants:
+        return []
+    email_flow = email_flow or _email_sync_flow()
+    import_flow = import_flow or _initial_import_flow()
+    out: list[RunnerDeployment] = []
+    for t in tenants:
+        anchor = _ANCHOR_BASE + timedelta(seconds=schedule_offset_s(t.id))
+        out.append(email_flow.to_deployment(
+            name=deployment_name(EMAIL_SYNC, t.id),
+            description=f"Email sync of tenant {t.id} every {SYNC_INTERVAL_S // 60} minutes; an overlapping run "
+                        "is cancelled before it starts.",
+            schedules=[Interval(SYNC_INTERVAL_S, anchor_date=anchor, timezone="UTC", slug=SCHEDULE_SLUG)],
+            parameters={"tenant_id": t.id},
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            tags=_tags(t.id, EMAIL_SYNC),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+        out.append(import_flow.to_deployment(
+            name=deployment_name(INITIAL_IMPORT, t.id),
+            description=f"Initial import of tenant {t.id}; run on demand.",
+            parameters={"tenant_id": t.id},
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+            tags=_tags(t.id, INITIAL_IMPORT),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return out

@@ -1,0 +1,69 @@
+"""Run the tenants' deployments on their schedules in this process: `o365sync serve`.
+
+One `prefect.serve(...)` process polls the Prefect API for due runs of the per-tenant deployments built in
+`deployments.schedules` and starts each run as a subprocess (at most `limit` at once). Schedules need a real Prefect
+server (the ephemeral API has no scheduler), so the API comes from `o365sync.prefect_server.ensure_prefect_api`.
+On Ctrl-C / SIGTERM the runner pauses the served schedules (so no runs pile up while nothing executes them) and the
+local server, if started here, is stopped; the next `serve` re-activates the schedules.
+
+For several machines or process isolation, register the same deployments with a work pool instead
+(`python -m deployments.register --work-pool <pool>`, or `prefect deploy` with `prefect.yaml`) and run
+`prefect worker start --pool <pool>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from deployments.schedules import SYNC_INTERVAL_S, build_deployments, email_tenants, schedule_offset_s
+from o365sync.prefect_server import PrefectApi, ensure_prefect_api
+from o365sync.settings import Settings
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+DEFAULT_LIMIT = 4
+"""Flow runs executing at once in the serve process (each is a subprocess, ~100-200 MB)."""
+
+
+class NothingToServe(RuntimeError):
+    pass
+
+
+def describe(deployments: list[RunnerDeployment]) -> list[tuple[str, str, str]]:
+    """(tenant id, deployment full name, schedule) rows for printing."""
+    rows = []
+    for d in deployments:
+        tenant = str(d.parameters.get("tenant_id", ""))
+        if d.schedules:
+            offset = schedule_offset_s(tenant)
+            starts = [offset + k * SYNC_INTERVAL_S for k in range(3600 // SYNC_INTERVAL_S)]
+            when = f"every {SYNC_INTERVAL_S // 60} min at " + " ".join(f":{s // 60:02d}:{s % 60:02d}" for s in starts)
+        else:
+            when = "on demand"
+        rows.append((tenant, d.full_name, when))
+    return rows
+
+
+def serve_tenants(
+    settings: Settings,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    port: int | None = None,
+    echo: Callable[[str], None] = print,
+    on_ready: Callable[[PrefectApi, list[RunnerDeployment]], None] | None = None,
+) -> None:
+    """Build the deployments, ensure a Prefect API and serve them until interrupted (blocking).
+
+    Raises NothingToServe (before starting anything) when no registered tenant has the email feature."""
+    if not email_tenants(settings):
+        raise NothingToServe("No tenant with the email feature is registered (o365sync tenant add).")
+    deployments = build_deployments(settings)
+    from prefect import serve
+
+    with ensure_prefect_api(settings, port=port, echo=echo) as api:
+        if on_ready:
+            on_ready(api, deployments)
+        serve(*deployments, limit=limit)
+

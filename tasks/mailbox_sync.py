@@ -1,0 +1,227 @@
+"""Sync one mailbox: Inbox and Sent Items, each with its own cursor (see docs/SYNC.md).
+
+Per folder: (1) without a committed deltaLink, take a delta baseline: a delta round filtered to the scan
+window whose items are not processed (so the 5,000-message cap of a filtered first round cannot lose mail);
+(2) until the backfill is done, list the scan window oldest first with the list endpoint, which has no cap,
+advancing a received-time watermark; (3) later runs do a delta round from the committed deltaLink. An expired
+delta token (410 / syncStateNotFound / resyncRequired) gets a bounded resync: a new baseline plus a list
+backfill from shortly before the last committed delta round.
+
+Every page streams through header-first: exclusions, CRM matching, bodies fetched only for matched messages,
+matched rows written with the cursor they advance in one transaction. Unmatched and excluded messages are only
+counted. Nothing here imports Prefect: the Prefect task lives in tasks/mailbox_task.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+
+from o365sync.auth import TokenProvider, scopes_for
+from o365sync.graph import GraphClient
+from o365sync.http import make_http_client
+from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
+from o365sync.settings import Settings
+from o365sync.store import (
+    FolderCursor,
+    MailBatch,
+    RunCounts,
+    load_crm_frames,
+    open_store,
+    read_cursors,
+    write_mail_batch,
+)
+from o365sync.tenants import TenantConfig, load_tenant
+from tasks.exclusions import exclusion_reasons
+from tasks.match import CrmIndex, build_index, match_participants
+
+MAIL_FOLDERS = ("inbox", "sentitems")
+RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
+FLUSH_MATCHED = 2000  # matched messages buffered before a write
+FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
+
+EMAIL_FIELDS = ["graph_id", "folder", "internet_message_id", "conversation_id", "subject", "body_text",
+                "from_name", "from_address", "received_at", "sent_at", "has_attachments", "web_link"]
+_TS = pl.Datetime("us", "UTC")
+_EMPTY = {
+    "emails": pl.DataFrame(schema={
+        "graph_id": pl.String, "folder": pl.String, "internet_message_id": pl.String, "conversation_id": pl.String,
+        "subject": pl.String, "body_text": pl.String, "from_name": pl.String, "from_address": pl.String,
+        "received_at": _TS, "sent_at": _TS, "has_attachments": pl.Boolean, "web_link": pl.String}),
+    "participants": pl.DataFrame(schema={"graph_id": pl.String, "role": pl.String, "name": pl.String,
+                                         "address": pl.String}),
+    "matches": pl.DataFrame(schema={"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String,
+                                    "matched_address": pl.String}),
+}
+
+
+class NoCrmSnapshot(Exception):
+    pass
+
+
+@dataclass
+class MailboxRun:
+    settings: Settings
+    tenant: TenantConfig
+    user_oid: str
+    client: GraphClient
+    index: CrmIndex
+    blocklist: list[str]
+    scan_start: datetime
+    now: datetime
+    counts: RunCounts = RunCounts()
+
+
+@dataclass
+class _Buffer:
+    emails: list[pl.DataFrame] = field(default_factory=list)
+    participants: list[pl.DataFrame] = field(default_factory=list)
+    matches: list[pl.DataFrame] = field(default_factory=list)
+    partials: list[pl.DataFrame] = field(default_factory=list)
+    matched: int = 0
+    pages: int = 0
+
+    def take(self, cursors: dict[str, FolderCursor]) -> MailBatch:
+        def cat(frames: list[pl.DataFrame], empty: pl.DataFrame) -> pl.DataFrame:
+            return pl.concat(frames, how="vertical_relaxed") if frames else empty
+
+        batch = MailBatch(cat(self.emails, _EMPTY["emails"]), cat(self.participants, _EMPTY["participants"]),
+                          cat(self.matches, _EMPTY["matches"]), cursors,
+                          pl.concat(self.partials, how="vertical_relaxed") if self.partials else None)
+        self.emails, self.participants, self.matches, self.partials = [], [], [], []
+        self.matched = self.pages = 0
+        return batch
+
+
+def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame,
+                  removed: int = 0) -> None:
+    """Classify one page; buffer matched rows (with bodies) and partial updates; count everything else."""
+    reasons: Counter[str] = Counter()
+    if removed:
+        reasons["removed"] = removed  # moved out or deleted in Outlook: the imported copy is kept
+    messages = messages.unique("graph_id", keep="last", maintain_order=True)
+    partial = messages.filter(pl.col("is_partial"))
+    if partial.height:
+        buf.partials.append(partial.select("graph_id", "subject", "from_name", "from_address", "received_at",
+                                           "sent_at", "has_attachments", "web_link"))
+        reasons["partial_update"] = partial.height
+    full = messages.filter(~pl.col("is_partial"))
+    excluded = exclusion_reasons(full, participants, run.tenant.domains, run.blocklist)
+    reasons.update(dict(excluded.group_by("reason").len().iter_rows()))
+    candidates = full.filter(~pl.col("graph_id").is_in(excluded["graph_id"].implode()))
+    matches = match_participants(
+        participants.filter(pl.col("graph_id").is_in(candidates["graph_id"].implode())).select("graph_id", "address"),
+        run.index)
+    kept_ids = matches["graph_id"].unique()
+    kept = candidates.filter(pl.col("graph_id").is_in(kept_ids.implode()))
+    reasons["no_crm_match"] += candidates.height - kept.height
+    if kept.height:
+        bodies = dict(fetch_bodies(run.client, kept["graph_id"].to_list()))
+        kept = kept.with_columns(
+            pl.col("graph_id").replace_strict(bodies, default=None, return_dtype=pl.String).alias("body_text"))
+        buf.emails.append(kept.select(EMAIL_FIELDS))
+        buf.participants.append(
+            participants.filter(pl.col("graph_id").is_in(kept_ids.implode())).select(
+                "graph_id", "role", "name", pl.col("address").str.strip_chars().str.to_lowercase()))
+        buf.matches.append(matches)
+    buf.matched += kept.height
+    buf.pages += 1
+    run.counts += RunCounts(scanned=messages.height, matched=kept.height, discarded=messages.height - kept.height,
+                            excluded=tuple(sorted((k, v) for k, v in reasons.items() if v)))
+
+
+def _flush(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
+    with open_store(run.settings, run.tenant.id, write=True) as con:
+        result = write_mail_batch(con, run.tenant.id, run.user_oid, buf.take({folder: cursor}))
+    duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()
+    run.counts += RunCounts(imported=result.imported, excluded=duplicates)
+
+
+def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
+    """List the window oldest first from the watermark; each write carries the watermark it covers."""
+    buf = _Buffer()
+    since = cursor.received_watermark or cursor.scan_start
+    for page in iter_header_pages(run.client, folder, since, run.settings.graph_page_size):
+        messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
+        _process_page(run, buf, messages, participants)
+        page_max = messages["received_at"].max()
+        if page_max is not None and (cursor.received_watermark is None or page_max > cursor.received_watermark):
+            cursor = replace(cursor, received_watermark=page_max)
+        del page, messages, participants  # unmatched content dies here
+        if buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
+            _flush(run, buf, folder, cursor)
+    cursor = replace(cursor, backfill_done=True)
+    _flush(run, buf, folder, cursor)
+    return cursor
+
+
+def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
+    """Obtain a deltaLink for changes from now on to mail in the scan window (the $filter stays with the token,
+    so it must cover the window). Its items need no processing: the list backfill that follows (gated by
+    `backfill_done`) covers everything received before it, whatever the 5,000-message cap of this round."""
+    for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start,
+                                 page_size=run.settings.graph_page_size):
+        if page.delta_link is not None:
+            cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
+    _flush(run, _Buffer(), folder, cursor)
+    return cursor
+
+
+def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
+    """One delta round from the committed deltaLink. The new link is written only in the transaction of the
+    round's last rows; earlier writes keep the old link, so a crash replays the round (idempotently)."""
+    buf = _Buffer()
+    pages = iter_delta_pages(run.client, folder, delta_link=cursor.delta_link, since=None,
+                             page_size=run.settings.graph_page_size)
+    for page in pages:
+        messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
+        _process_page(run, buf, messages, participants, removed=len(page.removed))
+        del messages, participants
+        if page.delta_link is not None:
+            cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
+            _flush(run, buf, folder, cursor)
+        elif buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
+            _flush(run, buf, folder, cursor)
+    return cursor
+
+
+def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> None:
+    if cursor is None:
+        cursor = FolderCursor(scan_start=run.scan_start)
+    elif run.scan_start < cursor.scan_start:  # an older open opportunity appeared: backfill the new start too
+        cursor = replace(cursor, scan_start=run.scan_start, received_watermark=None, backfill_done=False)
+    if cursor.delta_link is not None:
+        try:
+            cursor = delta_round(run, folder, cursor)
+        except DeltaTokenExpired:
+            resync_from = max(run.scan_start, (cursor.delta_at or run.now) - RESYNC_OVERLAP)
+            watermark = resync_from if cursor.backfill_done else cursor.received_watermark
+            cursor = replace(cursor, delta_link=None, delta_at=None, received_watermark=watermark,
+                             backfill_done=False)
+            run.counts += RunCounts(excluded=(("delta_resync", 1),))
+    if cursor.delta_link is None:
+        cursor = delta_baseline(run, folder, cursor)
+    if not cursor.backfill_done:
+        backfill(run, folder, cursor)
+
+
+def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCounts:
+    """Bring one mailbox up to date (first run: the whole scan window), resuming from its cursors."""
+    tenant = load_tenant(settings, tenant_id)
+    with open_store(settings, tenant_id, write=False) as con:
+        people, accounts, scan_start = load_crm_frames(con)
+        cursors = read_cursors(con, tenant_id, user_oid)
+    if scan_start is None:
+        raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
+    index = build_index(people, accounts, tenant.domains)
+    with TokenProvider(settings, tenant_id, user_oid, scopes_for(tenant.features)) as provider, \
+            make_http_client(settings) as http:
+        client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox)
+        run = MailboxRun(settings, tenant, user_oid, client, index, tenant.blocklist_for(user_oid), scan_start,
+                         datetime.now(UTC))
+        for folder in MAIL_FOLDERS:
+            sync_folder(run, folder, cursors.get(folder))
+    return run.counts

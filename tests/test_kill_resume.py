@@ -1,0 +1,99 @@
+"""An import killed with SIGKILL at random points, and rerun each time, ends in exactly the store of an
+uninterrupted run. The kill points are counted in Graph requests seen by the simulator (no timing involved)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from o365sync.settings import load_settings
+from o365sync.store import open_store
+from simulators.world import generate_world
+from tasks.crm_snapshot import refresh_crm_snapshot
+from tasks.mailbox_sync import sync_mailbox_now
+from tests.product import stand_up
+
+KILLS = 10
+CHILD = "import sys; from o365sync.settings import load_settings; from tasks.mailbox_sync import sync_mailbox_now; " \
+        "sync_mailbox_now(load_settings(), sys.argv[1], sys.argv[2])"
+
+
+class Tripwire(list):
+    """The simulator's request log; sets `fired` once it holds `at` entries."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.at, self.fired = None, threading.Event()
+
+    def append(self, item) -> None:
+        super().append(item)
+        if self.at is not None and len(self) >= self.at:
+            self.fired.set()
+
+    def arm(self, extra: int) -> None:
+        self.fired.clear()
+        self.at = len(self) + extra
+
+
+def store_content(settings, tenant_id) -> dict[str, list]:
+    with open_store(settings, tenant_id, write=False) as con:
+        return {
+            "emails": con.execute("SELECT * EXCLUDE (imported_at) FROM emails ORDER BY ALL").fetchall(),
+            "participants": con.execute("SELECT * FROM email_participants ORDER BY ALL").fetchall(),
+            "matches": con.execute("SELECT * FROM email_crm_matches ORDER BY ALL").fetchall(),
+            "cursors": con.execute("SELECT user_oid, folder, scan_start, received_watermark, backfill_done, "
+                                   "delta_link IS NOT NULL FROM mail_cursor ORDER BY ALL").fetchall(),
+        }
+
+
+def run_child(tenant_id: str, oid: str, log: Tripwire, kill_after: int) -> bool:
+    """Run the sync in a child process; SIGKILL it after `kill_after` more Graph requests. True if killed."""
+    log.arm(kill_after)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, tenant_id, oid], env=os.environ.copy(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not log.fired.wait(0.05):
+        if child.poll() is not None:
+            assert child.returncode == 0, child.stderr.read().decode()[-2000:]
+            return False
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    return True
+
+
+def test_sigkill_at_random_points_then_rerun_ends_in_the_uninterrupted_store(tmp_path: Path, monkeypatch):
+    world = generate_world(seed=31, users_per_tenant=1, messages_per_user=900, contacts_per_tenant=40)
+    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="10")
+    try:
+        tenant, oid = world.tenants[0], world.tenants[0].users[0].oid
+        graph = p.running.graph
+        log = graph.requests = Tripwire(graph.requests)
+
+        # The uninterrupted reference, in its own data directory with the same CRM snapshot.
+        reference_dir = tmp_path / "reference"
+        shutil.copytree(p.settings.data_dir, reference_dir)
+        monkeypatch.setenv("O365SYNC_DATA_DIR", str(reference_dir))
+        reference_settings = load_settings()
+        refresh_crm_snapshot(reference_settings, tenant.tid)
+        before = len(log)
+        sync_mailbox_now(reference_settings, tenant.tid, oid)
+        full_run_requests = len(log) - before
+        reference = store_content(reference_settings, tenant.tid)
+        assert reference["emails"], "the reference run should import mail"
+
+        monkeypatch.setenv("O365SYNC_DATA_DIR", str(p.settings.data_dir))
+        refresh_crm_snapshot(p.settings, tenant.tid)
+        rng = random.Random(7)
+        kills = 0
+        for _ in range(KILLS):
+            kills += run_child(tenant.tid, oid, log, rng.randint(1, max(2, full_run_requests // 15)))
+        assert not run_child(tenant.tid, oid, log, 10**9)  # the final, uninterrupted rerun
+        assert kills == KILLS
+        assert store_content(p.settings, tenant.tid) == reference
+    finally:
+        p.running.stop()
