@@ -97,3 +97,60 @@ def test_injected_faults_never_break_the_import_or_the_limits(product):
         assert graph.retry_violations(user.oid) == []
         assert graph.peak_in_flight.get(user.oid, 0) <= 4
     assert sum(1 for r in graph.requests if r.status in (429, 503, 504)) > 0
+
+
+def test_the_same_message_in_two_folders_is_stored_once(product):
+    p, tid = product, product.world.tenants[0].tid
+    sync_all(p)
+    alice = p.world.tenants[0].users[0]
+    sent = p.world.add_message(alice.oid, "sentitems", kind="contact")
+    copy = p.world.add_message(alice.oid, "inbox", kind="contact")
+    copy.internet_message_id = sent.internet_message_id  # e.g. mail to yourself: one copy per folder
+    counts = sync_all(p)[alice.oid]
+    with open_store(p.settings, tid, write=False) as con:
+        stored = con.execute("SELECT count(*) FROM emails WHERE internet_message_id = ?",
+                             [sent.internet_message_id]).fetchall()[0][0]
+    assert stored == 1
+    assert counts.imported == 1 and dict(counts.excluded).get("duplicate") == 1
+
+
+def test_blocklists_keep_mail_out(tmp_path, monkeypatch):
+    from o365sync.tenants import load_tenant, save_tenant
+
+    world = generate_world(seed=8, users_per_tenant=2, messages_per_user=160, contacts_per_tenant=30)
+    p = stand_up(world, tmp_path, monkeypatch)
+    try:
+        tenant = world.tenants[0]
+        first_match = sorted(world.expected_matches(tenant.tid))
+        blocked_domain = next(m.sender for m in world.mailboxes[first_match[0][0]]
+                              if m.id == first_match[0][1]).address.strip().lower().split("@")[1]
+        alice = tenant.users[0].oid
+        alice_contact = next(c.email.strip().lower() for c in world.crm[tenant.tid].contacts)
+        config = load_tenant(p.settings, tenant.tid)
+        save_tenant(p.settings, config.model_copy(update={
+            "blocklist": [blocked_domain], "user_blocklists": {alice: [alice_contact]}}))
+        refresh_crm_snapshot(p.settings, tenant.tid)
+        sync_all(p)
+        expected = world.expected_matches(tenant.tid, blocklist=[blocked_domain],
+                                          user_blocklists={alice: [alice_contact]})
+        assert len(expected) < len(world.expected_matches(tenant.tid))
+        assert stored_matches(p.settings, tenant.tid) == expected
+    finally:
+        p.running.stop()
+
+
+def test_odd_graph_items_are_imported_or_skipped_as_documented(tmp_path, monkeypatch):
+    from simulators.world import add_odd_messages
+
+    world = generate_world(seed=9, users_per_tenant=1, messages_per_user=60, contacts_per_tenant=20)
+    odd = add_odd_messages(world, world.tenants[0].users[0].oid)
+    p = stand_up(world, tmp_path, monkeypatch)
+    try:
+        tid = world.tenants[0].tid
+        refresh_crm_snapshot(p.settings, tid)
+        sync_all(p)
+        expected = expected_now(p)
+        assert stored_matches(p.settings, tid) == expected
+        assert any((world.tenants[0].users[0].oid, m.id) in expected for m in odd)  # some odd items do match
+    finally:
+        p.running.stop()
