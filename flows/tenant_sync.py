@@ -51,6 +51,10 @@ def tenant_sync_lock(path) -> Iterator[bool]:  # noqa: ANN001
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _iso(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds") if value else ""
+
+
 def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta,
                 respect_backoff: bool = True) -> dict[str, int]:
     """`respect_backoff=False` (a run an operator starts by hand) retries failed mailboxes now."""
@@ -85,6 +89,13 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta,
             if user not in due:
                 rows.append({"user_oid": user.oid, "status": "waiting_for_retry", **dict.fromkeys(COUNT_KEYS, 0),
                              "excluded": ""})
+        with open_store(settings, tenant_id, write=False) as con:
+            after = {s["user_oid"]: s for s in read_sync_states(con, tenant_id)}
+        for row in rows:
+            state = after.get(row["user_oid"], {})
+            row |= {"stage": state.get("stage", ""), "last_success": _iso(state.get("last_success_at")),
+                    "failures": state.get("consecutive_failures", 0), "next_retry": _iso(state.get("next_retry_at")),
+                    "last_error": state.get("last_error") or ""}
         totals = {k: sum(int(r[k]) for r in rows) for k in COUNT_KEYS}
         totals |= {"mailboxes": len(users), "failed": failed, "waiting": len(users) - len(due),
                    "reconnect_needed": sum(r["status"] == "reconnect_needed" for r in rows),

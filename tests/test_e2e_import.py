@@ -105,3 +105,33 @@ def test_one_users_dead_token_does_not_fail_the_tenant(prefect_server, product):
     assert errors[dead] == "invalid_grant"
     expected = {k: v for k, v in product.world.expected_matches(tenant.tid).items() if k[0] in alive}
     assert stored_matches(product.settings, tenant.tid) == expected
+
+
+def latest_artifact_rows(key: str) -> list[dict]:
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                          sort=ArtifactSort.CREATED_DESC, limit=1)
+    data = artifacts[0].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def test_the_run_artifact_shows_each_users_state(prefect_server, product):
+    from flows.tenant_sync import artifact_key
+
+    tenant = product.world.tenants[0]
+    dead = tenant.users[0].oid
+    product.running.identity.revoke(dead)
+    product.running.tokens.revoke_access_tokens(dead)
+    initial_import(tenant.tid)
+    rows = {r["user_oid"]: r for r in latest_artifact_rows(artifact_key("initial-import", tenant.tid))}
+    assert set(rows) == {u.oid for u in tenant.users}
+    assert rows[dead]["stage"] == "reconnect_needed" and rows[dead]["last_error"] == "invalid_grant"
+    alive = rows[tenant.users[1].oid]
+    assert alive["stage"] == "idle" and alive["imported"] > 0 and alive["last_success"]
+    assert "no_crm_match" in alive["excluded"]
