@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     http_timeout_s: float = 60.0
     graph_page_size: int = 500
     max_requests_per_mailbox: int = 4
+    # Outlook allows 10,000 requests per 10 minutes per app and mailbox; keep headroom (we count on send, Graph
+    # counts on arrival, and retries count too).
+    graph_request_budget: int = 9500
 
     @property
     def authority(self) -> str:

@@ -219,7 +219,8 @@ def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCo
     index = build_index(people, accounts, tenant.domains)
     with TokenProvider(settings, tenant_id, user_oid, scopes_for(tenant.features)) as provider, \
             make_http_client(settings) as http:
-        client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox)
+        client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
+                             budget=settings.graph_request_budget)
         run = MailboxRun(settings, tenant, user_oid, client, index, tenant.blocklist_for(user_oid), scan_start,
                          datetime.now(UTC))
         for folder in MAIL_FOLDERS:
