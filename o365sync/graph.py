@@ -8,9 +8,12 @@ One `GraphClient` serves one mailbox (one user token): Outlook allows 4 concurre
 Least privilege: every request (each inner request of a `$batch` and every absolute nextLink/deltaLink included) must
 match an `Allow(method, path template)` entry of the client's allowlist, or `ForbiddenRequest` is raised before a
 token is fetched or a byte is sent. `MAIL_READ_ALLOWLIST` is read-only mail; later features add entries (e.g.
-`Allow("GET", "me/calendarView/delta")`). Whatever the allowlist says, `$expand` and a `$select` naming a property
-in `SELECT_DENIED` (attachments) are refused, and so are path segments that decode to `.`/`..` or contain a slash
-or backslash.
+`Allow("GET", "me/calendarView/delta")`). Whatever the allowlist says, a `$select` naming a property in
+`SELECT_DENIED` (attachments) is refused, and so are path segments that decode to `.`/`..` or contain a slash or
+backslash. `$expand` is refused unless its whole value, after whitespace normalisation (runs of whitespace → one
+space, ends stripped), is exactly one of the client's `allow_expand` strings (default `EXPAND_ALLOWLIST`: only
+`SENSITIVITY_EXPAND`, the MAPI PidTagSensitivity extended property); so `$expand=attachments`, a list of
+expansions or another extended property are refused.
 
 Budget: Outlook allows 10,000 requests per 10 minutes per app and mailbox. A sliding-window limiter counts every
 request sent (retries included; each inner request of a `$batch` counts, the envelope does not) and blocks, through
@@ -41,8 +44,10 @@ import msgspec
 __all__ = [
     "BATCH_LIMIT",
     "DELTA_EXPIRED_CODES",
+    "EXPAND_ALLOWLIST",
     "MAIL_READ_ALLOWLIST",
     "SELECT_DENIED",
+    "SENSITIVITY_EXPAND",
     "Allow",
     "DeltaTokenExpired",
     "ForbiddenRequest",
@@ -204,8 +209,17 @@ MAIL_READ_ALLOWLIST: tuple[Allow, ...] = (
     Allow("POST", "$batch"),  # each inner request must be allowed on its own
 )
 SELECT_DENIED = frozenset({"attachments"})  # never selectable, whatever the path
+# A message's sensitivity: Graph v1.0 `message` has no `sensitivity` property (only `event` has; `$select` of it is a
+# 400), so it is read as MAPI PidTagSensitivity (0x0036, PtypInteger32) through a single-value extended property.
+SENSITIVITY_EXPAND = "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"
+EXPAND_ALLOWLIST = frozenset({SENSITIVITY_EXPAND})  # the only `$expand` values sent (compared after _squash)
 _KEY_FORM = re.compile(r"([A-Za-z]+)\('([^']*)'\)")
 _WORD = re.compile(r"\$?[a-z][A-Za-z]{0,39}")  # API words are camelCase; ids are not
+
+
+def _squash(value: str) -> str:
+    """Whitespace normalisation for `$expand` values: runs of whitespace → one space, ends stripped."""
+    return " ".join(value.split())
 
 
 def _is_key(segment: str) -> bool:
@@ -297,14 +311,16 @@ def _with_prefer(headers: dict[str, str] | None) -> dict[str, str]:
 class GraphClient:
     """Graph calls for one mailbox; thread-safe (share one instance between the threads of one mailbox).
 
-    `allow` is the allowlist (default: read-only mail). `budget` requests per `budget_window_s` seconds (default
+    `allow` is the allowlist (default: read-only mail), `allow_expand` the permitted `$expand` values (default:
+    only the sensitivity extended property). `budget` requests per `budget_window_s` seconds (default
     Outlook's 10,000 per 600 s; pass less for headroom, None to switch the limiter off) are measured with `clock`
     and waited for with `sleep`."""
 
     def __init__(self, http: httpx.Client, base_url: str, token: Callable[[bool], str], max_in_flight: int = 4,
                  max_attempts: int = 8, sleep: Callable[[float], None] = time.sleep,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, *,
-                 allow: Iterable[Allow] = MAIL_READ_ALLOWLIST, budget: int | None = OUTLOOK_BUDGET,
+                 allow: Iterable[Allow] = MAIL_READ_ALLOWLIST, allow_expand: Iterable[str] = EXPAND_ALLOWLIST,
+                 budget: int | None = OUTLOOK_BUDGET,
                  budget_window_s: float = OUTLOOK_BUDGET_WINDOW_S, clock: Callable[[], float] = time.monotonic):
         self.http = http
         self.base_url = base_url.rstrip("/")
@@ -321,6 +337,7 @@ class GraphClient:
         self._multi = threading.Lock()  # multi-slot acquisitions are serialised so two batches cannot deadlock
         self._rng = random.Random()
         self.allow = tuple(allow)
+        self.allow_expand = frozenset(_squash(v) for v in allow_expand)
         if budget is not None and budget < 1:
             raise ValueError("budget must be >= 1 (or None for no limit)")
         self.budget = budget
@@ -405,7 +422,7 @@ class GraphClient:
             query += [(str(k), str(v)) for k, v in params.items()]
         for key, value in query:
             name = key.strip().lstrip("$").lower()
-            if name == "expand" or (name == "select" and any(
+            if (name == "expand" and _squash(value) not in self.allow_expand) or (name == "select" and any(
                     p.strip().split("/")[0].lower() in SELECT_DENIED for p in value.split(","))):
                 raise ForbiddenRequest(method, _template(segments), f"${name}")
         if not (method == "POST" and len(segments) == 1 and segments[0].lower() == "$batch"):

@@ -4,24 +4,36 @@ via `$batch`.
 Pages stream: each Graph page becomes one `HeaderPage`/`DeltaPage` of two Arrow tables and is dropped once the caller
 moves on (peers_and_style.md A.3-A.4). Addresses are kept exactly as received; normalisation belongs to matching.
 
-Delta (`iter_delta_pages`, graph.md §2.4): one round per folder. The first round sends `$select` (and the scan-back
-`$filter`); Graph encodes both into its tokens, so later rounds GET the stored deltaLink verbatim. The page size is only
-`Prefer: odata.maxpagesize` (never `$top`). Only the LAST page of a round carries `delta_link`; it is the one durable
-cursor, to be stored after the rows of the round are committed. nextLinks are never exposed and must never be
-persisted: they go stale once later pages are fetched, so an interrupted round restarts from the stored deltaLink
-(or from scratch). `DeltaTokenExpired` (410, or syncStateNotFound/resyncRequired/SyncStateInvalid in any case) means
-the stored deltaLink is dead: start a new round with `delta_link=None` and the scan-back `since`.
+Delta (`iter_delta_pages`, graph.md §2.4): one round per folder. The first round sends `$select`, the sensitivity
+`$expand` (and the scan-back `$filter`); Graph encodes them into its tokens, so later rounds GET the stored deltaLink
+verbatim. The page size is only `Prefer: odata.maxpagesize` (never `$top`). Only the LAST page of a round carries
+`delta_link`; it is the one durable cursor, to be stored after the rows of the round are committed. nextLinks are
+never exposed and must never be persisted: they go stale once later pages are fetched, so an interrupted round
+restarts from the stored deltaLink (or from scratch). `DeltaTokenExpired` (410, or
+syncStateNotFound/resyncRequired/SyncStateInvalid in any case) means the stored deltaLink is dead: start a new round
+with `delta_link=None` and the scan-back `since`.
 
 Rules for what Graph sends (each has a test in tests/test_mail_parsing.py):
 - Partial items: a delta "updated" item carries only `id`, the changed properties and `parentFolderId`. A row whose
-  JSON lacks any of `HEADER_FIELDS` (other than `id`, `from`, `sender` and `sensitivity`) has `is_partial` true,
+  JSON lacks any of `HEADER_FIELDS` (other than `id`, `from` and `sender`) has `is_partial` true,
   NULL in every column whose field was absent (a missing `receivedDateTime` included), and no participant rows at
   all: for a partial row "no participants" means "unknown", for a full row it means "none". Callers merge partial
   rows as patches and never overwrite stored values with their NULLs.
-- `sensitivity` is NULL when absent or null and never makes a row partial. Caution: Graph v1.0 documents no
-  `sensitivity` on `message` (graph.md §2.2; only `event` has it); the simulator serves it when selected. If real
-  Graph rejects it in `$select`, drop it from `HEADER_FIELDS` (the column then stays NULL) and read MAPI
-  PidTagSensitivity (`Integer 0x0036`) via `singleValueExtendedProperties` instead (needs an allowlist change).
+- `sensitivity`: Graph v1.0 `message` has no `sensitivity` property (only `event` has; `$select=sensitivity` is a
+  400 RequestBroker--ParseUri), so it is not in `HEADER_FIELDS`. Listing and delta send `SENSITIVITY_EXPAND`
+  (`$expand=singleValueExtendedProperties($filter=id eq 'Integer 0x0036')`, MAPI PidTagSensitivity) and the column
+  is decoded from the entry whose id is `Integer 0x36` (case-insensitive, any leading zeros: Graph normalises the
+  id it echoes): value "0" normal, "1" personal, "2" private, "3" confidential (a JSON number is read the same).
+  NULL when the key is absent, null or an empty list (a message that never had the property), when no entry has
+  that id, or when the value is anything else. It never makes a row partial. Entries with other ids are ignored.
+  Documented (Graph docs): the `$expand` form on a single message and the string value
+  (singleValueLegacyExtendedProperty), and that message delta supports `$expand` (kept in its tokens like every
+  query option of the first request). Seen in a Microsoft Q&A answer, not in the reference: the expansion on a
+  message listing, a listed message without the property coming back without the key, and the echoed id
+  normalised ("Binary 0x0E0A" → "Binary 0xe0a").
+  UNVERIFIED: the exact echo for 0x0036 ("Integer 0x36" assumed; any spelling is accepted), that this particular
+  expansion works on delta, and whether a delta "updated" item carries the property when the sensitivity changed
+  (partial rows' sensitivity is not used to patch stored rows).
 - `@removed` items (deleted, or moved out of the folder) only go to `DeltaPage.removed` (their ids, in page order),
   never to the tables.
 - `@odata.type` is kept in `odata_type` (e.g. "#microsoft.graph.eventMessageRequest" for a meeting request; delta
@@ -47,6 +59,7 @@ Rules for what Graph sends (each has a test in tests/test_mail_parsing.py):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,12 +70,21 @@ import msgspec
 import pyarrow as pa
 from msgspec import UNSET, UnsetType
 
-from o365sync.graph import DeltaTokenExpired, GraphClient, GraphError, GraphPagingError, error_for
+from o365sync.graph import (
+    SENSITIVITY_EXPAND,
+    DeltaTokenExpired,
+    GraphClient,
+    GraphError,
+    GraphPagingError,
+    error_for,
+)
 
 __all__ = [
     "HEADER_FIELDS",
     "MESSAGES_SCHEMA",
     "PARTICIPANTS_SCHEMA",
+    "SENSITIVITY_EXPAND",
+    "SENSITIVITY_VALUES",
     "DeltaPage",
     "DeltaTokenExpired",
     "HeaderPage",
@@ -76,8 +98,11 @@ __all__ = [
 
 HEADER_FIELDS = (
     "id", "internetMessageId", "conversationId", "subject", "from", "sender", "toRecipients", "ccRecipients",
-    "receivedDateTime", "sentDateTime", "hasAttachments", "isDraft", "parentFolderId", "webLink", "sensitivity",
+    "receivedDateTime", "sentDateTime", "hasAttachments", "isDraft", "parentFolderId", "webLink",
 )
+# PidTagSensitivity (PtypInteger32) → the `sensitivity` column
+SENSITIVITY_VALUES = {0: "normal", 1: "personal", 2: "private", 3: "confidential"}
+_SENSITIVITY_ID = re.compile(r"\s*integer\s+0x0*36\s*", re.IGNORECASE)
 _TS = pa.timestamp("us", tz="UTC")
 MESSAGES_SCHEMA = pa.schema([
     ("graph_id", pa.string()), ("folder", pa.string()), ("internet_message_id", pa.string()),
@@ -101,9 +126,17 @@ class Recipient(msgspec.Struct):
     email_address: EmailAddress | None = msgspec.field(default=None, name="emailAddress")
 
 
+class ExtendedProperty(msgspec.Struct):
+    """One `singleValueExtendedProperties` entry (the value is a string on the wire; a number is tolerated)."""
+
+    id: str | None = None
+    value: str | int | None = None
+
+
 class MessageHeader(msgspec.Struct):
-    """Only the `HEADER_FIELDS` (plus `@odata.type`/`@removed`); everything else on the wire is skipped without
-    building Python objects. `UNSET` = the field was absent from the JSON (partial delta item), None = null."""
+    """Only the `HEADER_FIELDS` (plus `@odata.type`/`@removed` and the expanded extended properties); everything
+    else on the wire is skipped without building Python objects. `UNSET` = the field was absent from the JSON
+    (partial delta item), None = null."""
 
     id: str
     odata_type: str | None | UnsetType = msgspec.field(default=UNSET, name="@odata.type")
@@ -121,7 +154,8 @@ class MessageHeader(msgspec.Struct):
     is_draft: bool | None | UnsetType = msgspec.field(default=UNSET, name="isDraft")
     parent_folder_id: str | None | UnsetType = msgspec.field(default=UNSET, name="parentFolderId")
     web_link: str | None | UnsetType = msgspec.field(default=UNSET, name="webLink")
-    sensitivity: str | None | UnsetType = UNSET
+    extended: list[ExtendedProperty | None] | None | UnsetType = msgspec.field(
+        default=UNSET, name="singleValueExtendedProperties")
 
 
 class _PageWire(msgspec.Struct):
@@ -180,6 +214,19 @@ def _timestamps(values: list[str | None]) -> pa.Array:
         return pa.array([_to_datetime(v) if isinstance(v, str) else None for v in values], _TS)
 
 
+def _sensitivity(extended: list[ExtendedProperty | None]) -> str | None:
+    """The `sensitivity` column from the expanded extended properties (see the module docstring)."""
+    for prop in extended:
+        if prop is not None and prop.id is not None and _SENSITIVITY_ID.fullmatch(prop.id):
+            value = prop.value
+            if isinstance(value, str):
+                value = value.strip()
+                if not value.isdecimal() or not value.isascii():
+                    return None
+            return SENSITIVITY_VALUES.get(int(value)) if value is not None else None
+    return None
+
+
 def _present(values: list[Any], u: Any = UNSET) -> list[Any]:
     return [None if v is u else v for v in values]
 
@@ -192,7 +239,7 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
     partial = [m.internet_message_id is u or m.conversation_id is u or m.subject is u or m.to_recipients is u
                or m.cc_recipients is u or m.received is u or m.sent is u or m.has_attachments is u
                or m.is_draft is u or m.parent_folder_id is u or m.web_link is u
-               for m in headers]  # = the item lacks a HEADER_FIELDS key other than id/from/sender/sensitivity
+               for m in headers]  # = the item lacks a HEADER_FIELDS key other than id/from/sender
     patchy = True in partial
     ids = [m.id for m in headers]
     froms = [m.from_.email_address if type(m.from_) is Recipient else None for m in headers]
@@ -235,7 +282,7 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
         pa.array(col([m.web_link for m in headers]), string),
         pa.array(col([m.parent_folder_id for m in headers]), string),
         pa.array(_present([m.odata_type for m in headers]), string),
-        pa.array(_present([m.sensitivity for m in headers]), string),
+        pa.array([_sensitivity(x) if (x := m.extended) else None for m in headers], string),
         pa.array(partial, pa.bool_()),
     ], schema=MESSAGES_SCHEMA)
     participants = pa.Table.from_arrays([
@@ -264,6 +311,7 @@ def iter_header_pages(client: GraphClient, folder: str, since: datetime, page_si
         raise ValueError("page_size must be 1..1000")
     params = {
         "$select": ",".join(HEADER_FIELDS),
+        "$expand": SENSITIVITY_EXPAND,
         "$filter": f"receivedDateTime ge {graph_datetime(since)}",
         "$orderby": "receivedDateTime asc",
         "$top": str(page_size),
@@ -280,11 +328,12 @@ def iter_delta_pages(client: GraphClient, folder: str, *, delta_link: str | None
     """One delta round of `folder` (well-known name or id), page by page; the last page carries the new deltaLink.
 
     With `delta_link` (the one stored from the previous round) the round starts there, verbatim: `since` is then
-    ignored, because the first round's `$select`/`$filter` live inside the token. Without it, a new round starts
-    with `$select=HEADER_FIELDS` and, when `since` is given, `$filter=receivedDateTime ge since` (Graph then caps the
-    round at 5,000 messages). Raises `DeltaTokenExpired` when the token is dead (the caller restarts with
-    `delta_link=None`), and `GraphPagingError("MissingDeltaLink")` after the last page if Graph ended the round
-    without a deltaLink. Do not persist anything from the middle of a round: only the final `delta_link`."""
+    ignored, because the first round's `$select`/`$expand`/`$filter` live inside the token. Without it, a new round
+    starts with `$select=HEADER_FIELDS`, `$expand=SENSITIVITY_EXPAND` and, when `since` is given,
+    `$filter=receivedDateTime ge since` (Graph then caps the round at 5,000 messages). Raises `DeltaTokenExpired`
+    when the token is dead (the caller restarts with `delta_link=None`), and `GraphPagingError("MissingDeltaLink")`
+    after the last page if Graph ended the round without a deltaLink. Do not persist anything from the middle of a
+    round: only the final `delta_link`."""
     if not 1 <= page_size <= 1000:
         raise ValueError("page_size must be 1..1000")
     headers = {"Prefer": f"odata.maxpagesize={page_size}"}
@@ -293,7 +342,7 @@ def iter_delta_pages(client: GraphClient, folder: str, *, delta_link: str | None
         start = delta_link
     else:
         start = f"me/mailFolders/{quote(folder, safe='')}/messages/delta"
-        params = {"$select": ",".join(HEADER_FIELDS)}
+        params = {"$select": ",".join(HEADER_FIELDS), "$expand": SENSITIVITY_EXPAND}
         if since is not None:
             params["$filter"] = f"receivedDateTime ge {graph_datetime(since)}"
     last: str | None = None

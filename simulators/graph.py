@@ -12,6 +12,12 @@ Behaviour follows /work/shared/reference/graph.md §1, §2, §5, §6, §10. Deli
 
 Per-folder message delta (§2.4) with opaque server-side tokens: see `_delta`. Choices where real Graph is not
 verified (graph.md labels them OBS/INF or leaves them open) are marked "UNVERIFIED" in comments.
+
+Sensitivity: `message` has no `sensitivity` property in Graph v1.0 (only `event` has), so `$select=sensitivity` is
+the 400 `RequestBroker--ParseUri` "Could not find a property named 'sensitivity' on type 'microsoft.graph.message'."
+like any unknown name. It is MAPI PidTagSensitivity (0x0036, PtypInteger32), served only through
+`$expand=singleValueExtendedProperties($filter=id eq 'Integer 0x0036')` (list, delta, single message, inner `$batch`
+requests; see `_parse_expand` and `_sensitivity_ext`); every other `$expand` is refused as before.
 """
 
 from __future__ import annotations
@@ -55,19 +61,29 @@ DEFAULT_PROPS = (
     "inferenceClassification", "body", "sender", "from", "toRecipients", "ccRecipients", "bccRecipients",
     "replyTo", "flag",
 )
-# UNVERIFIED: graph.md §2.2 lists no `sensitivity` on `message` (event has one; for mail the real value is the
-# MAPI PidTagSensitivity extended property 0x0036). The simulator serves a `sensitivity` string
-# ("normal"|"personal"|"private"|"confidential", as on event) when it is $select-ed, never by default.
-SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody", "sensitivity")}
-# SimMessage field -> the Graph properties an update of it changes (for partial delta items)
+# `sensitivity` is not a `message` property (graph.md §2.2; only `event` has one): selecting it is a 400.
+SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody")}
+# The one supported `$expand`: MAPI PidTagSensitivity (0x0036) as a single-value extended property. The id is
+# matched case-insensitively and with any number of leading zeros ("Integer 0x36", "integer 0X0036"); Graph answers
+# with the id normalised to "Integer 0x36" (lower-case hex, leading zeros dropped, as a Microsoft Q&A answer shows
+# for "Binary 0x0E0A" -> "Binary 0xe0a"; UNVERIFIED for 0x0036 itself) and the value as a decimal string (DOC).
+# UNVERIFIED: real Graph accepts any well-formed extended-property id here (and answers without the property when a
+# message lacks it); the simulator refuses every other $expand like before (400 "Query option ... not supported").
+EXT_PROPS = "singleValueExtendedProperties"
+SENSITIVITY_EXT_ID = "Integer 0x36"
+SENSITIVITY_EXT_VALUES = {"personal": "1", "private": "2", "confidential": "3"}  # "normal": see _sensitivity_ext
+_EXPAND_RE = re.compile(r"\s*singleValueExtendedProperties\s*\(\s*\$filter\s*=\s*id\s+eq\s+"
+                        r"'\s*(\w+)\s+0x([0-9a-f]{1,8})\s*'\s*\)\s*", re.IGNORECASE)
+# SimMessage field -> the Graph properties an update of it changes (for partial delta items); a sensitivity change
+# shows up as the expanded extended property, when the round was started with that $expand
 FIELD_PROPS = {"subject": ("subject",), "body": ("body", "bodyPreview", "uniqueBody"), "is_read": ("isRead",),
-               "is_draft": ("isDraft",), "sensitivity": ("sensitivity",), "odata_type": (),
+               "is_draft": ("isDraft",), "sensitivity": (), "odata_type": (),
                "has_attachments": ("hasAttachments",), "to": ("toRecipients",), "cc": ("ccRecipients",),
                "bcc": ("bccRecipients",), "sender": ("sender", "from")}
 BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
-_SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count"}
-_DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$skiptoken", "$deltatoken"}
+_SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count", "$expand"}
+_DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$expand", "$skiptoken", "$deltatoken"}
 DELTA_DEFAULT_PAGE = 10  # graph.md §2.4 (OBS)
 DELTA_FILTER_CAP = 5000  # with $filter a delta round returns at most 5,000 messages (DOC)
 _DELTA_FILTER_ERROR = ("The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
@@ -137,6 +153,7 @@ class _DeltaState:
     folder: str
     select: tuple[str, ...] | None
     flt: tuple[str, int] | None
+    expand: bool = False  # the sensitivity extended property was $expand-ed (kept in the token, like $select)
     generation: int = 0  # rounds served so far (quoted in the SyncStateNotFound message)
     evicted: str | None = None  # error code to answer once evicted
 
@@ -642,10 +659,25 @@ class GraphSimulator:
                 "inferenceClassification": "focused", "sender": sender, "from": sender,
                 "toRecipients": [_recipient(r) for r in m.to], "ccRecipients": [_recipient(r) for r in m.cc],
                 "bccRecipients": [_recipient(r) for r in m.bcc], "replyTo": [], "flag": {"flagStatus": "notFlagged"},
-                "sensitivity": m.sensitivity,
+                EXT_PROPS: self._sensitivity_ext(m),
             }
             self._base[m.id] = props
         return props
+
+    def _sensitivity_ext(self, m: SimMessage) -> list[dict] | None:
+        """The expanded PidTagSensitivity, or None when the message does not have the property.
+
+        personal/private/confidential → "1"/"2"/"3". "normal" from world generation → no property (mail that never
+        had a sensitivity set: the key is left out, as Graph does for a message without the expanded property).
+        "normal" set by `World.update_message` → "0": an explicit change back to Normal writes the property as 0
+        (UNVERIFIED that Outlook writes 0 rather than deleting it; whether received mail commonly carries an explicit
+        0 is also open — a client must treat "0" and an absent property alike)."""
+        value = SENSITIVITY_EXT_VALUES.get(m.sensitivity)
+        if value is None:
+            if not any("sensitivity" in names for _, names in self.world.field_changes.get(m.id, ())):
+                return None
+            value = "0"
+        return [{"id": SENSITIVITY_EXT_ID, "value": value}]
 
     @staticmethod
     def _body(m: SimMessage, body_type: str) -> dict:
@@ -657,7 +689,7 @@ class GraphSimulator:
         return {"contentType": "html", "content": content}
 
     def _props(self, m: SimMessage, props: tuple[str, ...], body_type: str, immutable: bool,
-               typed: bool) -> dict:
+               typed: bool, expand: bool = False) -> dict:
         base = self._base_props(m)
         out: dict[str, Any] = {}
         if typed or m.odata_type != MESSAGE_TYPE:  # lists name derived types only; delta items always
@@ -669,18 +701,20 @@ class GraphSimulator:
                 out[p] = self._body(m, body_type)
             elif p != "id":
                 out[p] = base[p]
+        if expand and base[EXT_PROPS] is not None:  # a message without the property: key left out
+            out[EXT_PROPS] = base[EXT_PROPS]
         return out
 
     def _fragment(self, m: SimMessage, select: tuple[str, ...] | None, body_type: str, immutable: bool = True,
-                  typed: bool = False) -> bytes:
-        key = (select, body_type, immutable, typed)
+                  typed: bool = False, expand: bool = False) -> bytes:
+        key = (select, body_type, immutable, typed, expand)
         cache = self._frags.get(key)
         if cache is None:
             cache = self._frags.setdefault(key, {})
         frag = cache.get(m.id)
         if frag is None:
             props = select if select is not None else DEFAULT_PROPS
-            frag = cache[m.id] = _encode(self._props(m, props, body_type, immutable, typed))
+            frag = cache[m.id] = _encode(self._props(m, props, body_type, immutable, typed, expand))
         return frag
 
     # ---------------------------------------------------------------- query options
@@ -707,9 +741,23 @@ class GraphSimulator:
         return tuple(out)
 
     @staticmethod
-    def _check_mail_scopes(ctx: _Ctx, select: tuple[str, ...] | None) -> None:
+    def _parse_expand(req: Request) -> bool:
+        """True for the PidTagSensitivity expansion; no `$expand`: False; any other value: the 400 an unsupported
+        query option gets (as before this expansion was supported)."""
+        key, raw = next(((k, v) for k, v in req.query.items() if k.lower() == "$expand"), (None, None))
+        if key is None or raw is None:
+            return False
+        m = _EXPAND_RE.fullmatch(raw)
+        if m is None or m.group(1).lower() != "integer" or int(m.group(2), 16) != 0x0036:
+            raise GraphFail(400, "BadRequest", f"Query option '{key}' is not supported.")
+        return True
+
+    @staticmethod
+    def _check_mail_scopes(ctx: _Ctx, select: tuple[str, ...] | None, expand: bool = False) -> None:
+        """Mail.ReadBasic reads neither bodies nor extended properties (its documented description); asking for
+        either without Mail.Read is a 403 here (UNVERIFIED: Graph might instead leave them out)."""
         scopes = ctx.claims.scopes if ctx.claims else frozenset()
-        needs_body = select is None or any(p in BODY_PROPS for p in select)
+        needs_body = expand or select is None or any(p in BODY_PROPS for p in select)
         allowed = MAIL_READ_SCOPES if needs_body else MAIL_BASIC_SCOPES
         if not scopes & allowed:
             raise GraphFail(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
@@ -807,7 +855,8 @@ class GraphSimulator:
         oid = ctx.claims.oid
         self._check_options(req)
         select = self._parse_select(req)
-        self._check_mail_scopes(ctx, select)
+        expand = self._parse_expand(req)
+        self._check_mail_scopes(ctx, select, expand)
         flt = self._parse_filter(req.query.get("$filter"))
         desc = self._parse_orderby(req.query.get("$orderby"), flt is not None)
         top = self._parse_int(req, "$top", 10, 1, 1000)
@@ -829,7 +878,7 @@ class GraphSimulator:
             lo, hi = max(0, n - skip - top), max(0, n - skip)
             chosen = idx.desc[lo:hi][::-1]
         immutable = self._immutable(req)
-        frags = b",".join(self._fragment(m, select, body_type, immutable) for m in chosen)
+        frags = b",".join(self._fragment(m, select, body_type, immutable, expand=expand) for m in chosen)
         where = f"mailFolders('{folder}')/messages" if folder else "messages"
         sel = f"({','.join(select)})" if select else ""
         context = f"{req.base_url}/v1.0/$metadata#users('{oid}')/{where}{sel}"
@@ -846,14 +895,15 @@ class GraphSimulator:
         assert ctx.claims is not None and req.match is not None
         self._check_options(req)
         select = self._parse_select(req)
-        self._check_mail_scopes(ctx, select)
+        expand = self._parse_expand(req)
+        self._check_mail_scopes(ctx, select, expand)
         msg = self._lookup(ctx.claims.oid, unquote(req.match.group(1)))
         if msg is None:
             raise GraphFail(404, "ErrorItemNotFound", "The specified object was not found in the store.")
         headers: dict[str, str] = {}
         body_type = self._body_type(req, headers)
         context = f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/messages/$entity"
-        frag = self._fragment(msg, select, body_type, self._immutable(req))
+        frag = self._fragment(msg, select, body_type, self._immutable(req), expand=expand)
         headers["Content-Type"] = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
         return Response(200, b'{"@odata.context":' + _encode(context) + b"," + frag[1:], headers)
 
@@ -909,13 +959,15 @@ class GraphSimulator:
     def _delta(self, req: Request, ctx: _Ctx) -> Response:
         """`GET /me/mailFolders/{folder}/messages/delta` (also the `mailFolders('{id}')` form used in links).
 
-        First request: query options are checked and frozen into a server-side sync state; every link is an
-        absolute URL with an opaque token (`$skiptoken` mid-round, `$deltatoken` at the end). Re-sent query
-        options on token requests are ignored. A token request re-served (a client retry) returns the same page.
+        First request: query options (`$select`, `$filter`, the sensitivity `$expand`) are checked and frozen into
+        a server-side sync state; every link is an absolute URL with an opaque token (`$skiptoken` mid-round,
+        `$deltatoken` at the end). Re-sent query options on token requests are ignored. A token request re-served
+        (a client retry) returns the same page.
         Initial round: every message now in the folder (matching `$filter`), newest first; with `$filter` only the
         newest 5,000 (UNVERIFIED which 5,000 Graph keeps). Later rounds, in change order: messages created or moved
         in since the token (full, `$select` honoured) and updated ones (partial: "@odata.type", "@odata.etag",
-        "id", the changed selected properties, "parentFolderId"; full with `partial_updates=False`) — both only
+        "id", the changed selected properties, "parentFolderId", and `singleValueExtendedProperties` only if the
+        sensitivity changed and the round has the `$expand`; full with `partial_updates=False`) — both only
         if they match the token's `$filter` unless `filter_later_rounds` is off — and
         `{"@odata.type":…,"id":…,"@removed":{"reason":"deleted"|"changed"}}` for deletions and moves out.
         Partial items can name messages the client never got in full (e.g. beyond the 5,000 cap)."""
@@ -938,20 +990,21 @@ class GraphSimulator:
             state: _DeltaState = obj.state if kind == "page" else obj
             if state.oid != oid or state.folder != folder or state.evicted:
                 raise self._gone(state)
-            self._check_mail_scopes(ctx, state.select)
+            self._check_mail_scopes(ctx, state.select, state.expand)
             rnd, pos = (obj, num) if kind == "page" else (self._plan_round(state, num), 0)
         else:
             for k in req.query:
                 if k.startswith("$") and k.lower() not in _DELTA_OPTIONS:
                     raise GraphFail(400, "BadRequest", f"Query option '{k}' is not supported.")
             select = self._parse_select(req)
-            self._check_mail_scopes(ctx, select)
+            expand = self._parse_expand(req)
+            self._check_mail_scopes(ctx, select, expand)
             flt = self._parse_delta_filter(req.query.get("$filter"))
             orderby = req.query.get("$orderby")
             if orderby is not None and not re.fullmatch(r"\s*receivedDateTime\s+desc\s*", orderby, re.IGNORECASE):
                 raise GraphFail(400, "ErrorInvalidUrlQuery", "The $orderby expression is not supported.")
             # $top: ignored (graph.md §2.4, most reports; UNVERIFIED — one report has it cap the round, one a 400)
-            state = _DeltaState(oid, folder, select, flt)
+            state = _DeltaState(oid, folder, select, flt, expand)
             with self._lock:
                 self._delta_states.append(state)
             rnd, pos = self._plan_round(state, None), 0
@@ -1002,11 +1055,14 @@ class GraphSimulator:
             return _encode({"@odata.type": MESSAGE_TYPE, "id": t.id if immutable else t.mutable_id,
                             "@removed": {"reason": t.reason}})
         if kind == "full":
-            return self._fragment(obj, state.select, body_type, immutable, typed=True)
+            return self._fragment(obj, state.select, body_type, immutable, typed=True, expand=state.expand)
         changed = {p for f in fields for p in FIELD_PROPS.get(f, ())}
         props = state.select if state.select is not None else DEFAULT_PROPS
         keep = (*(p for p in props if p in changed and p != "parentFolderId"), "parentFolderId")
-        return _encode(self._props(obj, keep, body_type, immutable, typed=True))
+        # the extended property only when the sensitivity changed (UNVERIFIED: how real Graph reports a changed
+        # extended property in an "updated" item is not documented; we assume like a changed property)
+        return _encode(self._props(obj, keep, body_type, immutable, typed=True,
+                                   expand=state.expand and "sensitivity" in fields))
 
     def _delta_page(self, req: Request, rnd: _Round, pos: int, size: int, body_type: str, immutable: bool,
                     headers: dict[str, str]) -> Response:

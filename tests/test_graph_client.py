@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from o365sync.graph import (
+    EXPAND_ALLOWLIST,
     MAIL_READ_ALLOWLIST,
+    SENSITIVITY_EXPAND,
     Allow,
     DeltaTokenExpired,
     ForbiddenRequest,
@@ -103,7 +105,8 @@ def test_header_pages_are_exactly_the_folder_since(client: GraphClient, sim: Gra
         assert row["web_link"].startswith("https://outlook.office365.com/owa/?ItemID=")
         assert row["parent_folder_id"] == sim.folder_id(user.oid, folder) and row["is_partial"] is False
         assert row["odata_type"] in (None, getattr(m, "odata_type", None))
-        assert row["sensitivity"] == getattr(m, "sensitivity", "normal")
+        # PidTagSensitivity via $expand: absent for mail that never had it (NULL), else the world's value
+        assert row["sensitivity"] == (None if m.sensitivity == "normal" else m.sensitivity)
     parts = pa.concat_tables(p.participants for p in pages).to_pylist()
     got_parts = sorted((p["graph_id"], p["role"], p["name"], p["address"]) for p in parts)
     want_parts = sorted(
@@ -130,11 +133,26 @@ def test_any_page_size_yields_the_same_ids(client: GraphClient, world: World, us
 
 def test_header_listing_selects_only_header_fields(client: GraphClient, world: World) -> None:
     assert "body" not in HEADER_FIELDS and "bodyPreview" not in HEADER_FIELDS
-    assert "bccRecipients" not in HEADER_FIELDS and "sensitivity" in HEADER_FIELDS
+    assert "bccRecipients" not in HEADER_FIELDS and "sensitivity" not in HEADER_FIELDS
     raw = next(client.iter_pages("me/mailFolders/inbox/messages",
                                  {"$select": ",".join(HEADER_FIELDS), "$top": "3"}))
     for item in json.loads(raw)["value"]:
         assert set(item) == {"@odata.etag", *HEADER_FIELDS}
+
+
+def test_header_listing_expands_sensitivity(client: GraphClient, sim: GraphSimulator, world: World,
+                                            user: SimUser) -> None:
+    """The listing asks for PidTagSensitivity by `$expand` (never `$select=sensitivity`, a 400 on real Graph);
+    the ground truth's sensitive mail is still recognised."""
+    since = world.now - timedelta(days=400)
+    rows = [r for p in iter_header_pages(client, "inbox", since, page_size=200) for r in p.messages.to_pylist()]
+    sent = [r for r in sim.requests if r.path.endswith("/messages")]
+    assert sent and all(r.status == 200 for r in sent)
+    by_id = {m.id: m for m in world.mailboxes[user.oid]}
+    sensitive = {r["graph_id"]: r["sensitivity"] for r in rows if r["sensitivity"] is not None}
+    assert sensitive and sensitive == {m.id: m.sensitivity for m in by_id.values()
+                                       if m.folder == "inbox" and m.received >= since and m.sensitivity != "normal"}
+    assert set(sensitive.values()) <= {"personal", "private", "confidential"}
 
 
 def test_since_must_be_aware_and_is_sent_unquoted() -> None:
@@ -168,7 +186,10 @@ def test_forbidden_raises_immediately(sim: GraphSimulator, http: httpx.Client, t
     sleeps = Sleeps()
     basic = make_client(sim, http, Tokens(tokens, user, ("User.Read", "Mail.ReadBasic")), sleep=sleeps)
     since = world.now - timedelta(days=5)
-    assert sum(p.messages.num_rows for p in iter_header_pages(basic, "inbox", since, 100)) == len(
+    headers_only = {"$select": ",".join(HEADER_FIELDS), "$filter": f"receivedDateTime ge {graph_datetime(since)}",
+                    "$top": "100"}
+    assert sum(len(json.loads(raw)["value"]) for raw in basic.iter_pages("me/mailFolders/inbox/messages",
+                                                                          headers_only)) == len(
         expected(world, user, "inbox", since))
     with pytest.raises(GraphForbidden) as info:
         basic.get("me/mailFolders/inbox/messages", params={"$select": "id,body"})
@@ -176,7 +197,10 @@ def test_forbidden_raises_immediately(sim: GraphSimulator, http: httpx.Client, t
     assert (err.status, err.code) == (403, "ErrorAccessDenied") and err.request_id
     with pytest.raises(GraphForbidden):
         list(fetch_bodies(basic, [world.mailboxes[user.oid][0].id]))
-    assert sleeps == [] and [r.status for r in sim.requests].count(403) == 2
+    # Mail.ReadBasic excludes extended properties too: the header listing reads PidTagSensitivity, so needs Mail.Read
+    with pytest.raises(GraphForbidden):
+        list(iter_header_pages(basic, "inbox", since, 100))
+    assert sleeps == [] and [r.status for r in sim.requests].count(403) == 3
 
 
 def test_bad_filter_and_not_found_raise_without_leaking(client: GraphClient, sim: GraphSimulator) -> None:
@@ -368,6 +392,9 @@ FORBIDDEN: list[tuple[str, str, dict | None]] = [
     ("GET", f"me/messages/{MID}?$expand=attachments", None),
     ("GET", f"me/messages/{MID}", {"$expand": "attachments"}),
     ("GET", f"me/messages/{MID}", {"expand": "attachments"}),
+    ("GET", f"me/messages/{MID}", {"$expand": f"{SENSITIVITY_EXPAND},attachments"}),
+    ("GET", f"me/messages/{MID}", {"$expand": "singleValueExtendedProperties"}),
+    ("GET", "me/mailFolders/inbox/messages", {"$expand": SENSITIVITY_EXPAND.replace("0x0036", "0x0E08")}),
     ("GET", f"me/messages/{MID}", {"$select": "subject, Attachments"}),
     ("GET", "me/mailFolders/inbox/messages?$select=id,attachments/name", None),
     ("GET", "me/mailFolders/inbox/messages/delta", {"$SELECT": "id,attachments"}),
@@ -479,7 +506,9 @@ def test_allowed_shapes_including_graph_link_forms() -> None:
     ok = [
         ("GET", "me"), ("GET", "/me"), ("GET", "me/mailFolders/inbox"), ("GET", "ME/MAILFOLDERS/SentItems"),
         ("GET", "me/mailFolders/AQMkADNkNAAAgEMAAAA%3D/messages?$select=id,subject&$top=5"),
-        ("GET", "me/mailFolders/inbox/messages/delta?$select=id,subject,sensitivity"),
+        ("GET", "me/mailFolders/inbox/messages/delta?$select=id,subject"),
+        ("GET", "me/mailFolders/inbox/messages/delta?$select=id&$expand=singleValueExtendedProperties(%24filter%3D"
+                "id%20eq%20%27Integer%200x0036%27)"),
         ("GET", "https://graph.microsoft.com/v1.0/me/mailfolders('AQMkADNkNAAAgEMAAAA')/messages/delta"
                 "?$skiptoken=GwcBoTmPuoTQWfcsAbkYM"),
         ("GET", "https://graph.microsoft.com/v1.0/me/mailFolders('inbox')/messages/delta?$deltatoken=abc%3D%3D"),
@@ -502,6 +531,45 @@ def test_allowed_shapes_including_graph_link_forms() -> None:
     assert calendar.check_allowed("GET", "me/calendarView/delta?startDateTime=2024-01-01T00:00:00Z") == 1
     with pytest.raises(ForbiddenRequest):
         client.check_allowed("GET", "me/calendarView/delta")
+
+
+def test_expand_allowlist_is_exactly_the_sensitivity_property() -> None:
+    client = GraphClient(httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+                         "https://graph.microsoft.com/v1.0", lambda force: "tok")
+    assert EXPAND_ALLOWLIST == {SENSITIVITY_EXPAND} == {
+        "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"}
+    listing, delta, one = "me/mailFolders/inbox/messages", "me/mailFolders/inbox/messages/delta", f"me/messages/{MID}"
+    allowed = [SENSITIVITY_EXPAND, f"  {SENSITIVITY_EXPAND}\t", SENSITIVITY_EXPAND.replace(" ", "  \n ")]
+    for value in allowed:  # exact match after whitespace normalisation, as params, in the URL and in a $batch
+        for path in (listing, delta, one):
+            assert client.check_allowed("GET", path, {"$expand": value, "$select": "id"}) == 1
+        assert client.check_allowed("GET", f"{listing}?{httpx.QueryParams({'$expand': value})}") == 1
+        batch = json.dumps({"requests": [{"id": "1", "method": "GET",
+                                          "url": f"/{one}?{httpx.QueryParams({'$expand': value})}"}]}).encode()
+        assert client.check_allowed("POST", "$batch", content=batch) == 1
+    refused = [
+        "attachments", "Attachments", "extensions", "singleValueExtendedProperties", "multiValueExtendedProperties",
+        f"{SENSITIVITY_EXPAND},attachments", f"attachments,{SENSITIVITY_EXPAND}",
+        SENSITIVITY_EXPAND.replace("Integer 0x0036", "Integer 0x36"),  # exact string: not the echoed id form
+        SENSITIVITY_EXPAND.replace("Integer", "integer"), SENSITIVITY_EXPAND.replace("single", "Single"),
+        SENSITIVITY_EXPAND.replace("0x0036", "0x0E08"), SENSITIVITY_EXPAND.replace("(", " ("),
+        "singleValueExtendedProperties($filter=id eq 'String {00020386-0000-0000-C000-000000000046} Name x-secret')",
+        "", "*",
+    ]
+    for value in refused:
+        for key in ("$expand", "expand", "$EXPAND"):
+            with pytest.raises(ForbiddenRequest) as info:
+                client.check_allowed("GET", listing, {key: value})
+            assert info.value.option == "$expand" and "secret" not in str(info.value)
+        with pytest.raises(ForbiddenRequest):
+            client.check_allowed("GET", f"{one}?{httpx.QueryParams({'$expand': value})}")
+    with pytest.raises(ForbiddenRequest):  # every $expand of a request must be allowed
+        client.check_allowed("GET", f"{listing}?{httpx.QueryParams({'$expand': SENSITIVITY_EXPAND})}",
+                             {"$expand": "attachments"})
+    # like the path allowlist, it is plain data; nothing at all when emptied
+    strict = GraphClient(client.http, client.base_url, lambda force: "tok", allow_expand=())
+    with pytest.raises(ForbiddenRequest):
+        strict.check_allowed("GET", listing, {"$expand": SENSITIVITY_EXPAND})
 
 
 def test_delta_token_errors_are_classified() -> None:

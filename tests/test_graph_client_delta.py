@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from o365sync.graph import DeltaTokenExpired, ForbiddenRequest, GraphClient, GraphPagingError
-from o365sync.mail import HEADER_FIELDS, MESSAGES_SCHEMA, DeltaPage, fetch_bodies, iter_delta_pages
+from o365sync.mail import HEADER_FIELDS, MESSAGES_SCHEMA, SENSITIVITY_EXPAND, DeltaPage, fetch_bodies, iter_delta_pages
 from simulators.graph import GraphSimulator
 from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
@@ -28,7 +28,7 @@ def item(mid: str, **over: object) -> dict:
            "conversationId": "c", "subject": "s", "from": {"emailAddress": {"name": "A", "address": "a@x.com"}},
            "sender": None, "toRecipients": [], "ccRecipients": [], "receivedDateTime": "2024-05-02T09:14:03Z",
            "sentDateTime": "2024-05-02T09:14:00Z", "hasAttachments": False, "isDraft": False,
-           "parentFolderId": "AQMk", "webLink": "https://outlook.office365.com/owa/?ItemID=x", "sensitivity": "normal"}
+           "parentFolderId": "AQMk", "webLink": "https://outlook.office365.com/owa/?ItemID=x"}
     out.update(over)
     return out
 
@@ -59,7 +59,8 @@ def test_first_round_wire_and_links_followed_verbatim() -> None:
     delta = f"{FOLDER_LINK}?$deltatoken=Zz%3D%3D"
     script = Script({
         "/me/mailFolders/inbox/messages/delta": httpx.Response(200, json={
-            "value": [item("A"), item("B")], "@odata.nextLink": skip1}),
+            "value": [item("A"), item("B", singleValueExtendedProperties=[{"id": "Integer 0x36", "value": "1"}])],
+            "@odata.nextLink": skip1}),
         skip1[len(BASE):]: httpx.Response(200, json={"value": [], "@odata.nextLink": skip2}),  # empty page
         skip2[len(BASE):]: httpx.Response(200, json={
             "value": [{"id": "A", "isRead": True, "parentFolderId": "AQMk"},
@@ -72,11 +73,15 @@ def test_first_round_wire_and_links_followed_verbatim() -> None:
     assert [p.messages.num_rows for p in pages] == [2, 0, 1] and pages[2].removed == ["C"]
     assert all(p.messages.schema == MESSAGES_SCHEMA for p in pages)
     assert pages[2].messages.column("is_partial").to_pylist() == [True]
+    assert pages[0].messages.column("sensitivity").to_pylist() == [None, "personal"]
 
     first, *rest = script.seen
     query = parse_qs(urlsplit(str(first.url)).query)
     assert urlsplit(str(first.url)).path == "/v1.0/me/mailFolders/inbox/messages/delta"
-    assert query == {"$select": [",".join(HEADER_FIELDS)], "$filter": ["receivedDateTime ge 2024-05-01T08:30:15Z"]}
+    assert query == {"$select": [",".join(HEADER_FIELDS)], "$expand": [SENSITIVITY_EXPAND],
+                     "$filter": ["receivedDateTime ge 2024-05-01T08:30:15Z"]}
+    assert SENSITIVITY_EXPAND == "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"
+    assert "sensitivity" not in query["$select"][0]
     assert "$top" not in str(first.url) and "bccRecipients" not in str(first.url)
     assert [str(r.url) for r in rest] == [skip1, skip2]  # verbatim: nothing added, nothing re-encoded
     for r in script.seen:
@@ -98,7 +103,8 @@ def test_round_without_since_has_no_filter() -> None:
     script = Script({"/me/mailFolders/sentitems/messages/delta": httpx.Response(
         200, json={"value": [], "@odata.deltaLink": f"{BASE}/me/mailFolders/sentitems/messages/delta?$deltatoken=1"})})
     (page,) = iter_delta_pages(script.client(), "sentitems", delta_link=None, since=None, page_size=10)
-    assert page.delta_link and "filter" not in str(script.seen[0].url)
+    query = parse_qs(urlsplit(str(script.seen[0].url)).query)
+    assert page.delta_link and set(query) == {"$select", "$expand"}  # no scan-back $filter
 
 
 @pytest.mark.parametrize(("status", "code"), [
@@ -263,3 +269,25 @@ def test_sim_evicted_token_raises_delta_token_expired(dclient: GraphClient, dsim
     # the restart is a new first round with the scan-back filter
     messages, _, _, link2 = round_of(dclient, "inbox", None, dworld.now - timedelta(days=10))
     assert link2 and link2 != link and messages.num_rows > 0
+
+
+@requires_sim_delta
+def test_sim_sensitivity_via_extended_property_across_rounds(dclient: GraphClient, dworld: World,
+                                                             duser: SimUser, dsim: GraphSimulator) -> None:
+    messages, _, _, link = round_of(dclient, "inbox", None)
+    inbox = [m for m in dworld.mailboxes[duser.oid] if m.folder == "inbox"]
+    got = dict(zip(messages.column("graph_id").to_pylist(), messages.column("sensitivity").to_pylist(), strict=True))
+    assert got == {m.id: None if m.sensitivity == "normal" else m.sensitivity for m in inbox}
+    assert any(v is not None for v in got.values())
+    first = next(r for r in dsim.requests if r.path.endswith("/delta"))
+    assert first.status == 200
+
+    plain = [m for m in inbox if m.sensitivity == "normal"]
+    marked, unmarked, untouched = plain[0], next(m for m in inbox if m.sensitivity != "normal"), plain[1]
+    dworld.update_message(marked.id, sensitivity="confidential")
+    dworld.update_message(unmarked.id, sensitivity="normal")  # explicit Normal: the property is written as 0
+    dworld.update_message(untouched.id, is_read=True)
+    messages, _, _, _ = round_of(dclient, "inbox", link)  # the $expand lives in the token
+    rows = {r["graph_id"]: r for r in messages.to_pylist()}
+    assert {g: (r["sensitivity"], r["is_partial"]) for g, r in rows.items()} == {
+        marked.id: ("confidential", True), unmarked.id: ("normal", True), untouched.id: (None, True)}

@@ -110,6 +110,76 @@ def test_select_projection(sim: GraphSimulator, http: httpx.Client, tokens: Toke
     assert_graph_error(bad, 400, "RequestBroker--ParseUri")
 
 
+SENSITIVITY_EXPAND = "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"
+SENSITIVITY_VALUE = {"personal": "1", "private": "2", "confidential": "3"}
+
+
+def test_select_sensitivity_is_the_real_parse_error(sim: GraphSimulator, http: httpx.Client,
+                                                    tokens: TokenAuthority, user: SimUser, world: World) -> None:
+    """Graph v1.0 `message` has no `sensitivity` property (only `event` has): $select of it is a 400."""
+    m = world.mailboxes[user.oid][0]
+    for url, select in ((f"{sim.base_url}/me/mailFolders/inbox/messages", "id,subject,sensitivity"),
+                        (f"{sim.base_url}/me/messages/{m.id}", "Sensitivity"),
+                        (f"{sim.base_url}/me/mailFolders/inbox/messages/delta", "id,sensitivity")):
+        resp = http.get(url, params={"$select": select}, headers=auth(tokens, user))
+        err = assert_graph_error(resp, 400, "RequestBroker--ParseUri")
+        name = select.rsplit(",", 1)[-1]
+        assert err["message"] == f"Could not find a property named '{name}' on type 'microsoft.graph.message'."
+    unselected = http.get(f"{sim.base_url}/me/messages/{m.id}", headers={**auth(tokens, user), **IMMUTABLE}).json()
+    assert "sensitivity" not in unselected and "singleValueExtendedProperties" not in unselected
+
+
+def test_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
+                                       user: SimUser, world: World) -> None:
+    """PidTagSensitivity via `$expand`: "Integer 0x36" with "1"/"2"/"3"; mail that never had it omits the key."""
+    h = {**auth(tokens, user), **IMMUTABLE}
+    url = f"{sim.base_url}/me/mailFolders/inbox/messages"
+    inbox = {m.id: m for m in world.mailboxes[user.oid] if m.folder == "inbox"}
+    items: list[dict] = []
+    next_url: str | None = url
+    params: dict | None = {"$select": "id,subject", "$expand": SENSITIVITY_EXPAND, "$top": "50"}
+    while next_url:  # the $expand survives into the nextLinks
+        page = http.get(next_url, params=params, headers=h).json()
+        items += page["value"]
+        next_url, params = page.get("@odata.nextLink"), None
+    assert {i["id"] for i in items} == set(inbox)
+    for item in items:
+        m = inbox[item["id"]]
+        keys = set(item) - {"@odata.type"}  # lists name derived types (meeting requests)
+        if m.sensitivity == "normal":
+            assert keys == {"@odata.etag", "id", "subject"}
+        else:
+            assert keys == {"@odata.etag", "id", "subject", "singleValueExtendedProperties"}
+            assert item["singleValueExtendedProperties"] == [{"id": "Integer 0x36",
+                                                              "value": SENSITIVITY_VALUE[m.sensitivity]}]
+    assert any("singleValueExtendedProperties" in i for i in items)
+
+    # the id is matched case-insensitively and whatever the leading zeros; whitespace is tolerated
+    secret = next(m for m in inbox.values() if m.sensitivity != "normal")
+    for expand in (SENSITIVITY_EXPAND, "singleValueExtendedProperties($filter=id eq 'integer 0x36')",
+                   "SingleValueExtendedProperties( $filter=Id eq 'INTEGER 0X0036' )"):
+        one = http.get(f"{sim.base_url}/me/messages/{secret.id}", params={"$select": "id", "$expand": expand},
+                       headers=h)
+        assert one.status_code == 200, one.text
+        assert one.json()["singleValueExtendedProperties"] == [
+            {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[secret.sensitivity]}]
+    batch = http.post(f"{sim.base_url}/$batch", headers=h, json={"requests": [
+        {"id": "1", "method": "GET", "url": f"/me/messages/{secret.id}?$select=id&$expand={SENSITIVITY_EXPAND}"}]})
+    (inner,) = batch.json()["responses"]
+    assert inner["status"] == 200 and inner["body"]["singleValueExtendedProperties"][0]["id"] == "Integer 0x36"
+
+    # every other $expand keeps its old answer
+    for expand in ("attachments", "singleValueExtendedProperties", f"{SENSITIVITY_EXPAND},attachments",
+                   SENSITIVITY_EXPAND.replace("0x0036", "0x0E08"), SENSITIVITY_EXPAND.replace("Integer", "String")):
+        err = assert_graph_error(http.get(url, params={"$select": "id", "$expand": expand}, headers=h), 400,
+                                 "BadRequest")
+        assert err["message"] == "Query option '$expand' is not supported."
+    # Mail.ReadBasic reads no extended properties
+    basic = auth(tokens, user, ("User.Read", "Mail.ReadBasic"))
+    assert_graph_error(http.get(url, params={"$select": "id", "$expand": SENSITIVITY_EXPAND}, headers=basic), 403,
+                       "ErrorAccessDenied")
+
+
 def test_message_shape_and_body_types(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
                                       user: SimUser, world: World) -> None:
     m = next(x for x in world.mailboxes[user.oid] if x.cc and x.folder == "inbox")

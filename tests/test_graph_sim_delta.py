@@ -17,6 +17,8 @@ from simulators.world import SimUser, World, add_odd_messages, generate_world
 
 SELECT = "id,subject,from,toRecipients,ccRecipients,receivedDateTime,isRead,isDraft,parentFolderId"
 IMMUTABLE = 'IdType="ImmutableId"'
+SENSITIVITY_EXPAND = "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"
+SENSITIVITY_VALUE = {"personal": "1", "private": "2", "confidential": "3"}
 
 
 class Clock:
@@ -161,6 +163,10 @@ def test_filter_cap_and_page_sizes(http: httpx.Client, tls: SimulatorTLS, tokens
     ("me/mailFolders/inbox/messages/delta", {"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'"},
      "ErrorInvalidUrlQuery", None),
     ("me/mailFolders/inbox/messages/delta", {"$orderby": "subject"}, "ErrorInvalidUrlQuery", None),
+    ("me/mailFolders/inbox/messages/delta", {"$select": "id,sensitivity"}, "RequestBroker--ParseUri",
+     "Could not find a property named 'sensitivity' on type 'microsoft.graph.message'."),
+    ("me/mailFolders/inbox/messages/delta", {"$expand": "attachments"}, "BadRequest",
+     "Query option '$expand' is not supported."),
 ])
 def test_bad_delta_requests(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
                             path: str, params: dict, code: str, message: str | None) -> None:
@@ -309,18 +315,20 @@ def test_folders_and_new_properties(sim: GraphSimulator, http: httpx.Client, tok
     drafts = http.get(f"{sim.base_url}/me/mailFolders/drafts/messages", params={"$select": "id,isDraft"},
                       headers=h).json()["value"]
     assert drafts and all(d["isDraft"] is True for d in drafts)
-    select = "id,isRead,sensitivity,bccRecipients,toRecipients"
-    listed = http.get(f"{sim.base_url}/me/messages", params={"$select": select, "$top": "1000"},
-                      headers=h).json()["value"]
+    select = "id,isRead,bccRecipients,toRecipients"
+    listed = http.get(f"{sim.base_url}/me/messages", params={"$select": select, "$top": "1000",
+                                                             "$expand": SENSITIVITY_EXPAND}, headers=h).json()["value"]
     by_id = {i["id"]: i for i in listed}
     for m in world.mailboxes[user.oid]:
         item = by_id[m.id]
-        assert item["isRead"] is m.is_read and item["sensitivity"] == m.sensitivity
+        assert item["isRead"] is m.is_read and "sensitivity" not in item
+        ext = [{"id": "Integer 0x36", "value": SENSITIVITY_VALUE[m.sensitivity]}] if m.sensitivity != "normal" else None
+        assert item.get("singleValueExtendedProperties") == ext
         assert [r["emailAddress"]["address"] for r in item["bccRecipients"]] == [r.address for r in m.bcc]
         assert (item.get("@odata.type") == "#microsoft.graph.eventMessageRequest") == (m.kind == "meeting")
         if m.odata_type == "#microsoft.graph.message":
             assert "@odata.type" not in item  # lists name derived types only
-    assert any(i["bccRecipients"] for i in listed) and any(i["sensitivity"] != "normal" for i in listed)
+    assert any(i["bccRecipients"] for i in listed) and any("singleValueExtendedProperties" in i for i in listed)
 
 
 def test_odd_items_are_served(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
@@ -361,3 +369,51 @@ def test_filter_scope_of_later_rounds(sim: GraphSimulator, http: httpx.Client, t
     sim.filter_later_rounds = False
     (partial,), _, _ = delta_round(http, link, h)
     assert partial["id"] == old.id and partial["subject"] == "Old mail, new subject" and "isRead" not in partial
+
+
+def test_delta_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
+                                             world: World) -> None:
+    """The sensitivity `$expand` on delta: full items carry it (kept in the token like $select), partial items only
+    when the sensitivity changed; an explicit change back to Normal is "0"; rounds without the $expand never show
+    it."""
+    u = world.tenants[0].users[1]
+    h = hdrs(tokens, u, f"odata.maxpagesize=40, {IMMUTABLE}")
+    url = f"{sim.base_url}/me/mailFolders/sentitems/messages/delta"
+    items, link, pages = delta_round(http, url, h, {"$select": "id,subject", "$expand": SENSITIVITY_EXPAND})
+    _, plain_link, _ = delta_round(http, url, h, {"$select": "id,subject"})
+    assert len(pages) > 1  # later pages of the round come from the token and still expand
+    sent = {m.id: m for m in folder_msgs(world, u, "sentitems")}
+    assert {i["id"] for i in items} == set(sent)
+    for item in items:
+        m = sent[item["id"]]
+        want = [{"id": "Integer 0x36", "value": SENSITIVITY_VALUE[m.sensitivity]}] if m.sensitivity != "normal" \
+            else None
+        assert item.get("singleValueExtendedProperties") == want
+    plain = [m for m in sent.values() if m.sensitivity == "normal"]
+    marked, unmarked, untouched = plain[0], plain[1], plain[2]
+    world.update_message(marked.id, sensitivity="private")
+    world.update_message(unmarked.id, sensitivity="personal")
+    world.update_message(unmarked.id, sensitivity="normal")
+    world.update_message(untouched.id, subject="New subject")
+    added = world.add_message(u.oid, "sentitems", "sensitive")
+    assert added.sensitivity != "normal"
+
+    changes, _, _ = delta_round(http, link, h)
+    by_id = {i["id"]: i for i in changes}
+    folder_id = sim.folder_id(u.oid, "sentitems")
+    base = {"@odata.type": "#microsoft.graph.message", "parentFolderId": folder_id}
+    assert by_id[marked.id] == {**base, "@odata.etag": by_id[marked.id]["@odata.etag"], "id": marked.id,
+                                "singleValueExtendedProperties": [{"id": "Integer 0x36", "value": "2"}]}
+    assert by_id[unmarked.id]["singleValueExtendedProperties"] == [{"id": "Integer 0x36", "value": "0"}]
+    assert by_id[untouched.id] == {**base, "@odata.etag": by_id[untouched.id]["@odata.etag"], "id": untouched.id,
+                                   "subject": "New subject"}  # sensitivity unchanged: not sent
+    assert by_id[added.id]["singleValueExtendedProperties"] == [
+        {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[added.sensitivity]}]  # created: full, expanded
+    # the same changes in a round started without the $expand: no extended property anywhere
+    plain_changes, _, _ = delta_round(http, plain_link, h)
+    assert {i["id"] for i in plain_changes} == set(by_id)
+    assert not any("singleValueExtendedProperties" in i for i in plain_changes)
+    # an explicit Normal is served as "0" from now on, also in full items and single GETs
+    one = http.get(f"{sim.base_url}/me/messages/{unmarked.id}", params={"$select": "id", "$expand": SENSITIVITY_EXPAND},
+                   headers=h).json()
+    assert one["singleValueExtendedProperties"] == [{"id": "Integer 0x36", "value": "0"}]

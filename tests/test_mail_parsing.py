@@ -15,7 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from o365sync.graph import GraphClient, GraphError
-from o365sync.mail import HEADER_FIELDS, MESSAGES_SCHEMA, PARTICIPANTS_SCHEMA, DeltaPage, fetch_bodies, parse_page
+from o365sync.mail import (
+    HEADER_FIELDS,
+    MESSAGES_SCHEMA,
+    PARTICIPANTS_SCHEMA,
+    SENSITIVITY_VALUES,
+    DeltaPage,
+    fetch_bodies,
+    parse_page,
+)
 
 FOLDER_ID = "AQMkADNkNAAAgEMAAAA="
 
@@ -32,10 +40,15 @@ def full(mid: str = "AAMk1", **over: Any) -> dict:
         "toRecipients": [rcpt("alexw@contoso.com", "Alex Wilber")], "ccRecipients": [],
         "receivedDateTime": "2024-05-02T09:14:03Z", "sentDateTime": "2024-05-02T09:13:58Z",
         "hasAttachments": True, "isDraft": False, "parentFolderId": FOLDER_ID,
-        "webLink": "https://outlook.office365.com/owa/?ItemID=AAMk1", "sensitivity": "normal",
+        "webLink": "https://outlook.office365.com/owa/?ItemID=AAMk1",
     }
     item.update(over)
     return item
+
+
+def ext(value: Any, pid: str = "Integer 0x36") -> dict:
+    """`singleValueExtendedProperties` as Graph answers the PidTagSensitivity `$expand`."""
+    return {"singleValueExtendedProperties": [{"id": pid, "value": value}]}
 
 
 def page(*items: dict, next_link: str | None = None, delta_link: str | None = None) -> bytes:
@@ -72,7 +85,7 @@ def test_full_item() -> None:
         "from_address": "danas@fabrikam.com", "received_at": datetime(2024, 5, 2, 9, 14, 3, tzinfo=UTC),
         "sent_at": datetime(2024, 5, 2, 9, 13, 58, tzinfo=UTC), "has_attachments": True, "is_draft": False,
         "web_link": "https://outlook.office365.com/owa/?ItemID=AAMk1", "parent_folder_id": FOLDER_ID,
-        "odata_type": None, "sensitivity": "normal", "is_partial": False,
+        "odata_type": None, "sensitivity": None, "is_partial": False,
     }
     assert parts(p) == [("AAMk1", "from", "Dana Swope", "danas@fabrikam.com"),
                         ("AAMk1", "sender", "Dana Swope", "danas@fabrikam.com"),
@@ -81,7 +94,7 @@ def test_full_item() -> None:
 
 
 def test_header_fields() -> None:
-    assert "sensitivity" in HEADER_FIELDS and "bccRecipients" not in HEADER_FIELDS
+    assert "sensitivity" not in HEADER_FIELDS and "bccRecipients" not in HEADER_FIELDS  # not a message property
     assert not {"body", "bodyPreview", "uniqueBody"} & set(HEADER_FIELDS)
 
 
@@ -126,10 +139,46 @@ def test_removed_items_are_ids_only() -> None:
 
 
 def test_odata_type_and_sensitivity() -> None:
-    p = parse(full("A", **{"@odata.type": "#microsoft.graph.eventMessageRequest"}), full("B", sensitivity="private"),
-              full("C", sensitivity=None))
+    p = parse(full("A", **{"@odata.type": "#microsoft.graph.eventMessageRequest"}, **ext("2")), full("B"))
     assert [(r["odata_type"], r["sensitivity"], r["is_partial"]) for r in rows(p)] == [
-        ("#microsoft.graph.eventMessageRequest", "normal", False), (None, "private", False), (None, None, False)]
+        ("#microsoft.graph.eventMessageRequest", "private", False), (None, None, False)]
+
+
+def test_sensitivity_from_the_extended_property() -> None:
+    """PidTagSensitivity 0-3 → normal/personal/private/confidential; absent (a message that never had it) → NULL."""
+    assert SENSITIVITY_VALUES == {0: "normal", 1: "personal", 2: "private", 3: "confidential"}
+    cases = [
+        (ext("0"), "normal"), (ext("1"), "personal"), (ext("2"), "private"), (ext("3"), "confidential"),
+        ({}, None), ({"singleValueExtendedProperties": []}, None), ({"singleValueExtendedProperties": None}, None),
+        # the id as Graph echoes it (normalised) or as we asked for it, in any case
+        (ext("3", "Integer 0x0036"), "confidential"), (ext("1", "integer 0X36"), "personal"),
+        (ext(2), "private"), (ext(" 2 "), "private"),  # a number, stray whitespace: read the same
+        # other ids are ignored; values outside 0-3 or not a number → NULL
+        (ext("2", "Integer 0x3600"), None), (ext("2", "String 0x36"), None), (ext("2", "Integer 0x0E08"), None),
+        (ext("4"), None), (ext("-1"), None), (ext(""), None), (ext("private"), None), (ext(None), None),
+        (ext("٢"), None),
+        ({"singleValueExtendedProperties": [None, {"id": "Integer 0xe08", "value": "4096"},
+                                            {"id": "Integer 0x36", "value": "2"}]}, "private"),
+        ({"singleValueExtendedProperties": [{"value": "2"}, {"id": None, "value": "2"}]}, None),
+    ]
+    p = parse(*(full(f"M{i}", **extra) for i, (extra, _) in enumerate(cases)))
+    assert [r["sensitivity"] for r in rows(p)] == [want for _, want in cases]
+    assert not any(r["is_partial"] for r in rows(p))
+
+
+def test_sensitivity_never_makes_a_row_partial() -> None:
+    changed = {"@odata.type": "#microsoft.graph.message", "id": "P", "parentFolderId": FOLDER_ID, **ext("0")}
+    p = parse(full("A"), full("B", **ext("3")), changed, {"id": "Q", "isRead": True, "parentFolderId": FOLDER_ID})
+    got = [(r["graph_id"], r["sensitivity"], r["is_partial"]) for r in rows(p)]
+    assert got == [("A", None, False), ("B", "confidential", False), ("P", "normal", True), ("Q", None, True)]
+
+
+@pytest.mark.parametrize("bad", [{"singleValueExtendedProperties": "2"}, {"singleValueExtendedProperties": [3]},
+                                 {"singleValueExtendedProperties": [{"id": 54, "value": "2"}]}])
+def test_malformed_extended_properties_fail_the_page(bad: dict) -> None:
+    with pytest.raises(GraphError) as info:
+        parse_page(page(full("A", **bad)), "inbox")
+    assert (info.value.status, info.value.code) == (0, "MalformedPage")
 
 
 def test_links() -> None:
@@ -225,18 +274,28 @@ _FIELDS = {
                                                               "garbage"])),
     "sentDateTime": st.one_of(st.none(), st.just("2024-05-02T09:14:03Z")),
     "hasAttachments": st.one_of(st.none(), st.booleans()), "isDraft": st.one_of(st.none(), st.booleans()),
-    "parentFolderId": _text, "webLink": _text, "sensitivity": _text,
+    "parentFolderId": _text, "webLink": _text,
+    "singleValueExtendedProperties": st.one_of(st.none(), st.lists(st.one_of(st.none(), st.fixed_dictionaries(
+        {"id": st.sampled_from(["Integer 0x36", "Integer 0x0036", "Integer 0xe08", "String 0x1a"])},
+        optional={"value": st.one_of(st.none(), st.sampled_from(["0", "1", "2", "3", "9", "x"]))})), max_size=3)),
     "@odata.type": _text, "@removed": st.one_of(st.just({"reason": "deleted"}), st.just({})),
 }
 _item = st.builds(lambda mid, rest: {"id": mid, **rest}, st.sampled_from(["A", "B", "C", "AAMk=="]),
                   st.fixed_dictionaries({}, optional=_FIELDS))
 
 
-_PROBE = [f for f in HEADER_FIELDS if f not in ("id", "from", "sender", "sensitivity")]
+_PROBE = [f for f in HEADER_FIELDS if f not in ("id", "from", "sender")]
 
 
 def _is_partial(item: dict) -> bool:
     return any(f not in item for f in _PROBE)
+
+
+def _expected_sensitivity(item: dict) -> str | None:
+    for prop in item.get("singleValueExtendedProperties") or ():
+        if prop is not None and prop["id"].lower() in ("integer 0x36", "integer 0x0036"):
+            return SENSITIVITY_VALUES.get(int(v)) if (v := prop.get("value")) and v.isdigit() else None
+    return None
 
 
 def _expected_participants(item: dict) -> int:
@@ -262,6 +321,7 @@ def test_any_recipient_shape_gives_well_typed_tables(items: list[dict]) -> None:
     assert set(p.participants.column("role").to_pylist()) <= {"from", "sender", "to", "cc"}
     partial = p.messages.column("is_partial").to_pylist()
     assert partial == [_is_partial(i) for i in live]
+    assert p.messages.column("sensitivity").to_pylist() == [_expected_sensitivity(i) for i in live]
     pa.Table.from_batches(p.messages.to_batches(), MESSAGES_SCHEMA).validate(full=True)
 
 
