@@ -14,7 +14,10 @@ counted. Nothing here imports Prefect: the Prefect task lives in tasks/mailbox_t
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -96,6 +99,49 @@ class _Buffer:
         return batch
 
 
+PREFETCH_PAGES = 1  # pages listed ahead while the previous one is matched, its bodies fetched and written
+_DONE = object()
+
+
+def prefetched(pages: Iterable, depth: int = PREFETCH_PAGES) -> Iterator:
+    """Iterate `pages` in a helper thread, `depth` pages ahead: the next page's request (and its parsing) overlaps
+    the current page's body fetch and store write. Errors re-raise in the consumer; leaving early stops the
+    producer at its next page. At most depth + 2 pages are alive at once."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for page in pages:
+                while not stop.is_set():
+                    try:
+                        q.put(page, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    worker = threading.Thread(target=produce, name="graph-page-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting to put
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
 def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame,
                   removed: int = 0) -> None:
     """Classify one page; buffer matched rows (with bodies) and partial updates; count everything else."""
@@ -144,7 +190,7 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
     """List the window oldest first from the watermark; each write carries the watermark it covers."""
     buf = _Buffer()
     since = cursor.received_watermark or cursor.scan_start
-    for page in iter_header_pages(run.client, folder, since, run.settings.graph_page_size):
+    for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
         messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
         _process_page(run, buf, messages, participants)
         page_max = messages["received_at"].max()
@@ -176,7 +222,7 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
     buf = _Buffer()
     pages = iter_delta_pages(run.client, folder, delta_link=cursor.delta_link, since=None,
                              page_size=run.settings.graph_page_size)
-    for page in pages:
+    for page in prefetched(pages):
         messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
         _process_page(run, buf, messages, participants, removed=len(page.removed))
         del messages, participants
