@@ -451,12 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "part_a": part_a, "part_b": part_b, "bench_s": bench_s},
                                             indent=2, default=str))
     finally:
-        if h.running is not None:
-            h.running.stop()
-        if args.keep:
-            print(f"work dir kept: {h.work}")
-        else:
-            shutil.rmtree(h.work, ignore_errors=True)
+        h.close(keep=args.keep)
     return 0
 
 

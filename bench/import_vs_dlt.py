@@ -162,6 +162,15 @@ class Harness:
         self.running = None
 
     # ---------------------------------------------------------------- setup
+    def close(self, keep: bool) -> None:
+        """Stop the simulators and remove the work dir (unless asked to keep it)."""
+        if self.running is not None:
+            self.running.stop()
+        if keep:
+            print(f"work dir kept: {self.work}")
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
     def make_world(self):  # noqa: ANN201
         """The world the simulators will serve (a hook for benchmarks that reshape it before the start)."""
         a = self.args
@@ -472,12 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "summary": summary, **out}, indent=2, default=str))
     finally:
-        if h.running is not None:
-            h.running.stop()
-        if args.keep:
-            print(f"work dir kept: {h.work}")
-        else:
-            shutil.rmtree(h.work, ignore_errors=True)
+        h.close(keep=args.keep)
     return 0
 
 
