@@ -68,9 +68,15 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta,
         with open_store(settings, tenant_id, write=False) as con:
             snapshot_at = latest_crm_snapshot_at(con)
             states = {s["user_oid"]: s for s in read_sync_states(con, tenant_id)}
-        crm = {}
+        crm: dict = {}
         if snapshot_at is None or now - snapshot_at >= crm_max_age:
-            crm = snapshot_crm(tenant_id)
+            try:
+                crm = snapshot_crm(tenant_id)
+            except Exception as exc:  # a CRM outage must not stop mail sync while an earlier snapshot exists
+                if snapshot_at is None:
+                    raise
+                logger.warning("tenant=%s CRM snapshot failed (%s); matching against the snapshot of %s",
+                               tenant_id, type(exc).__name__, snapshot_at.isoformat(timespec="seconds"))
         users = connected_users(settings, tenant_id)
         due = [u for u in users
                if not respect_backoff or (states.get(u.oid, {}).get("next_retry_at") or now) <= now]
@@ -99,7 +105,8 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta,
         totals = {k: sum(int(r[k]) for r in rows) for k in COUNT_KEYS}
         totals |= {"mailboxes": len(users), "failed": failed, "waiting": len(users) - len(due),
                    "reconnect_needed": sum(r["status"] == "reconnect_needed" for r in rows),
-                   "crm_people": int(crm.get("people", -1)), "crm_accounts": int(crm.get("accounts", -1))}
+                   "crm_refreshed": int(bool(crm))}
+        totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts")}
         create_table_artifact(key=artifact_key(artifact_prefix, tenant_id), table=rows,
                               description=f"{artifact_prefix} of tenant {tenant_id}: per-user status and counts")
         publish_snapshot(settings, tenant_id)

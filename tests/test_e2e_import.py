@@ -135,3 +135,13 @@ def test_the_run_artifact_shows_each_users_state(prefect_server, product):
     alive = rows[tenant.users[1].oid]
     assert alive["stage"] == "idle" and alive["imported"] > 0 and alive["last_success"]
     assert "no_crm_match" in alive["excluded"]
+
+
+def test_a_crm_outage_keeps_mail_syncing_against_the_last_snapshot(prefect_server, product):
+    tenant = product.world.tenants[0]
+    initial_import(tenant.tid)
+    product.running.salesforce.daily_limit = 0  # every CRM call now answers 403 REQUEST_LIMIT_EXCEEDED
+    added = product.world.add_message(tenant.users[0].oid, "inbox", kind="contact")
+    totals = initial_import(tenant.tid)
+    assert totals["crm_refreshed"] == 0 and totals["failed"] == 0
+    assert (tenant.users[0].oid, added.id) in stored_matches(product.settings, tenant.tid)
