@@ -84,11 +84,14 @@ def tenant_add(
     id: Annotated[str, typer.Option("--id", help="Entra tenant id.")],
     domain: Annotated[list[str], typer.Option(help="Verified domain (repeat).")],
     name: Annotated[str, typer.Option(help="Display name.")] = "",
-    crm: Annotated[str, typer.Option(help="CRM kind.")] = "salesforce",
-    crm_login_url: Annotated[str, typer.Option(help="CRM login/instance URL.")] = "https://login.salesforce.com",
-    crm_client_id: Annotated[str, typer.Option(help="CRM OAuth client id.")] = "",
-    crm_client_secret: Annotated[str, typer.Option(help="CRM OAuth client secret.")] = "",
-    crm_refresh_token: Annotated[str, typer.Option(help="CRM OAuth refresh token.")] = "",
+    crm: Annotated[str, typer.Option(help="CRM kind: salesforce, hubspot, pipedrive or files.")] = "salesforce",
+    crm_login_url: Annotated[str, typer.Option(help="Salesforce login URL, or the HubSpot/Pipedrive API base URL.")]
+    = "https://login.salesforce.com",
+    crm_client_id: Annotated[str, typer.Option(help="Salesforce OAuth client id.")] = "",
+    crm_client_secret: Annotated[str, typer.Option(help="Salesforce OAuth client secret.")] = "",
+    crm_refresh_token: Annotated[str, typer.Option(help="Salesforce OAuth refresh token.")] = "",
+    crm_token: Annotated[str, typer.Option(help="HubSpot private-app token or Pipedrive API token.")] = "",
+    crm_directory: Annotated[str, typer.Option(help="crm=files: folder with people/accounts CSV or Parquet.")] = "",
     feature: Annotated[list[str], typer.Option(help="Enabled feature (repeat).")] = ["email"],  # noqa: B006
 ) -> None:
     """Register (or update) a tenant. Secrets are stored encrypted and never shown."""
@@ -98,12 +101,17 @@ def tenant_add(
 
     try:
         config = TenantConfig(id=id, name=name, domains=domain, features=feature, crm_kind=crm,
-                              crm=CrmConnection(login_url=crm_login_url, client_id=crm_client_id))
+                              crm=CrmConnection(login_url=crm_login_url, client_id=crm_client_id,
+                                                directory=crm_directory or None))
     except ValidationError as exc:
         for err in exc.errors():
             console.print(f"[red]{'.'.join(str(p) for p in err['loc'])}: {err['msg']}[/]")
         raise typer.Exit(2) from None
-    secrets = {"client_secret": crm_client_secret, "refresh_token": crm_refresh_token} if crm_refresh_token else None
+    secrets: dict[str, str] | None = None
+    if crm == "salesforce" and crm_refresh_token:
+        secrets = {"client_secret": crm_client_secret, "refresh_token": crm_refresh_token}
+    elif crm in ("hubspot", "pipedrive") and crm_token:
+        secrets = {"access_token" if crm == "hubspot" else "api_token": crm_token}
     save_tenant(_settings(), config, secrets)
     console.print(f"tenant {config.id} saved")
 

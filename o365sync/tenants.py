@@ -14,7 +14,7 @@ from o365sync.secrets import load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
 
 FEATURES = ("email",)
-CRM_KINDS = ("salesforce",)
+CRM_KINDS = ("salesforce", "hubspot", "pipedrive", "files")
 _TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
 
@@ -24,11 +24,13 @@ class TenantNotFound(LookupError):
 
 
 class CrmConnection(BaseModel):
-    """Non-secret CRM connection settings; the secrets live sealed beside them."""
+    """Non-secret CRM connection settings; the secrets live sealed beside them (Salesforce: client_secret +
+    refresh_token; HubSpot: access_token; Pipedrive: api_token; files: none)."""
 
-    login_url: str
-    client_id: str
+    login_url: str = ""  # Salesforce login host, or the HubSpot / Pipedrive API base URL
+    client_id: str = ""
     api_version: str = "59.0"
+    directory: str | None = None  # crm_kind "files": folder with people/accounts/opportunities .csv or .parquet
 
 
 class TenantConfig(BaseModel):
@@ -36,7 +38,7 @@ class TenantConfig(BaseModel):
     name: str = ""
     domains: list[str] = Field(min_length=1)
     features: list[Literal["email"]] = Field(default_factory=lambda: ["email"])
-    crm_kind: Literal["salesforce"] = "salesforce"
+    crm_kind: Literal["salesforce", "hubspot", "pipedrive", "files"] = "salesforce"
     crm: CrmConnection | None = None
     # Mail to or from these addresses or domains is never imported (tenant-wide, and per user object id).
     blocklist: list[str] = Field(default_factory=list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 from prefect import get_run_logger, task
@@ -44,7 +45,36 @@ def fetch_crm_snapshot(settings: Settings, tenant: TenantConfig) -> CrmSnapshot:
         if snapshot.rotated_refresh_token:
             save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": snapshot.rotated_refresh_token})
         return snapshot
+    if tenant.crm is None:
+        raise CrmError(f"tenant {tenant.id}: {tenant.crm_kind} connection is not configured")
+    if tenant.crm_kind == "files":
+        from crm_adapters.files import FilesConnection
+        from crm_adapters.files import fetch_snapshot as fetch_files
+
+        if not tenant.crm.directory:
+            raise CrmError(f"tenant {tenant.id}: the CRM files directory is not configured")
+        return fetch_files(FilesConnection(directory=Path(tenant.crm.directory)))
+    if tenant.crm_kind == "hubspot":
+        from crm_adapters.hubspot import HubSpotConnection
+        from crm_adapters.hubspot import fetch_snapshot as fetch_hubspot
+
+        with make_http_client(settings) as http:
+            return fetch_hubspot(HubSpotConnection(base_url=tenant.crm.login_url,
+                                                   access_token=_secret(secrets, "access_token", tenant)), http)
+    if tenant.crm_kind == "pipedrive":
+        from crm_adapters.pipedrive import PipedriveConnection
+        from crm_adapters.pipedrive import fetch_snapshot as fetch_pipedrive
+
+        with make_http_client(settings) as http:
+            return fetch_pipedrive(PipedriveConnection(base_url=tenant.crm.login_url,
+                                                       api_token=_secret(secrets, "api_token", tenant)), http)
     raise CrmError(f"tenant {tenant.id}: unsupported CRM kind {tenant.crm_kind}")
+
+
+def _secret(secrets: dict[str, str], name: str, tenant: TenantConfig) -> str:
+    if not secrets.get(name):
+        raise CrmError(f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored (o365sync tenant add)")
+    return secrets[name]
 
 
 def refresh_crm_snapshot(settings: Settings, tenant_id: str) -> dict[str, int | str]:
