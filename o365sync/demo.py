@@ -66,18 +66,39 @@ def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int
         running.stop()
 
 
-def register_and_connect(settings, running, tenant, web_port: int) -> None:  # noqa: ANN001
+def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None):  # noqa: ANN001, ANN201
+    """The tenant's CRM connection and secrets for one of the simulated CRMs (or a file export of its data)."""
+    from o365sync.tenants import CrmConnection
+
+    if crm_kind == "salesforce":
+        sf = running.salesforce
+        return (CrmConnection(login_url=sf.base_url, client_id=sf.client_id),
+                {"client_secret": sf.client_secret, "refresh_token": sf.refresh_token_for(tenant.tid)})
+    if crm_kind == "hubspot":
+        hubspot = running.hubspot
+        return CrmConnection(login_url=hubspot.base_url), {"access_token": hubspot.token_for(tenant.tid)}
+    if crm_kind == "pipedrive":
+        pipedrive = running.pipedrive
+        return CrmConnection(login_url=pipedrive.base_url), {"api_token": pipedrive.token_for(tenant.tid)}
+    if crm_kind == "files":
+        from simulators.crm_files import write_crm_files
+
+        assert files_dir is not None, "crm_kind files needs a directory"
+        write_crm_files(running.world.crm[tenant.tid], files_dir)
+        return CrmConnection(directory=str(files_dir)), {}
+    raise ValueError(f"unknown CRM kind {crm_kind!r}")
+
+
+def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str = "salesforce") -> None:  # noqa: ANN001
     """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL."""
     from o365sync.http import ssl_context
-    from o365sync.tenants import CrmConnection, TenantConfig, save_tenant, tenant_dir
+    from o365sync.tenants import TenantConfig, save_tenant, tenant_dir
     from o365sync.web import run_in_thread
 
     shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)  # a simulated tenant starts fresh
-    sf = running.salesforce
+    connection, secrets = simulated_crm(running, tenant, crm_kind, tenant_dir(settings, tenant.tid) / "crm-files")
     save_tenant(settings, TenantConfig(id=tenant.tid, name=tenant.name, domains=tenant.domains, features=["email"],
-                                       crm_kind="salesforce",
-                                       crm=CrmConnection(login_url=sf.base_url, client_id=sf.client_id)),
-                {"client_secret": sf.client_secret, "refresh_token": sf.refresh_token_for(tenant.tid)})
+                                       crm_kind=crm_kind, crm=connection), secrets)
     base_url, stop_web = run_in_thread(settings, port=web_port)
     try:
         with httpx.Client(verify=ssl_context(settings), follow_redirects=True, trust_env=False) as browser:

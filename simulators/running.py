@@ -1,5 +1,5 @@
-"""Start the whole simulated world (identity platform, Graph, Salesforce) and describe how to point the
-product at it. Used by `o365sync demo`, `o365sync simulate`, the tests and the benchmarks."""
+"""Start the whole simulated world (identity platform, Graph, Salesforce, HubSpot, Pipedrive) and describe how
+to point the product at it. Used by `o365sync demo`, `o365sync simulate`, the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simulators.graph import GraphSimulator
+from simulators.hubspot import HubSpotSimulator
 from simulators.identity import IdentitySimulator
+from simulators.pipedrive import PipedriveSimulator
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS, create_tls
 from simulators.tokens import TokenAuthority
@@ -25,6 +27,8 @@ class RunningWorld:
     identity: IdentitySimulator
     graph: GraphSimulator
     salesforce: SalesforceSimulator
+    hubspot: HubSpotSimulator
+    pipedrive: PipedriveSimulator
 
     def settings_env(self, data_dir: Path, redirect_uri: str) -> dict[str, str]:
         """The O365SYNC_* settings that point the product at this world (nothing else changes)."""
@@ -39,7 +43,7 @@ class RunningWorld:
         }
 
     def stop(self) -> None:
-        for server in (self.identity, self.graph, self.salesforce):
+        for server in (self.identity, self.graph, self.salesforce, self.hubspot, self.pipedrive):
             server.stop()
 
     def __enter__(self) -> RunningWorld:
@@ -60,4 +64,6 @@ def start_world(world: World, tls_dir: Path, redirect_uris: list[str] | None = N
         graph.latency_s = graph_latency_s
     graph.start()
     salesforce = SalesforceSimulator(world, tls).start()
-    return RunningWorld(world, tls, tokens, identity, graph, salesforce)
+    hubspot = HubSpotSimulator(world, tls).start()
+    pipedrive = PipedriveSimulator(world, tls).start()
+    return RunningWorld(world, tls, tokens, identity, graph, salesforce, hubspot, pipedrive)

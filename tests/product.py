@@ -29,7 +29,8 @@ class Product:
     world: World
 
 
-def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Product:
+def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crm_kind: str = "salesforce",
+             **env: str) -> Product:
     """Start the simulators, point the product at them by settings only, register every tenant, connect users."""
     port = free_port()
     redirect = f"http://localhost:{port}/auth/callback"
@@ -38,7 +39,7 @@ def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **en
         monkeypatch.setenv(key, value)
     settings = load_settings()
     for tenant in world.tenants:
-        register_and_connect(settings, running, tenant, port)
+        register_and_connect(settings, running, tenant, port, crm_kind=crm_kind)
     return Product(settings, running, world)
 
 

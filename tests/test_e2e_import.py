@@ -145,3 +145,41 @@ def test_a_crm_outage_keeps_mail_syncing_against_the_last_snapshot(prefect_serve
     totals = initial_import(tenant.tid)
     assert totals["crm_refreshed"] == 0 and totals["failed"] == 0
     assert (tenant.users[0].oid, added.id) in stored_matches(product.settings, tenant.tid)
+
+
+def expected_for_crm(world, tid: str, running, crm_kind: str) -> dict:
+    """The ground truth in the CRM's own ids (HubSpot and Pipedrive number records themselves). Pipedrive has no
+    domain field: only organizations whose website the simulator exposes can match by domain."""
+    import copy
+
+    from simulators.pipedrive import website_exposed
+
+    if crm_kind == "pipedrive":
+        world = copy.copy(world)
+        crm = copy.deepcopy(world.crm[tid])
+        for account in crm.accounts:
+            if not website_exposed(account.id):
+                account.website = None
+        world.crm = {**world.crm, tid: crm}
+    expected = world.expected_matches(tid)
+    if crm_kind == "hubspot":
+        return {k: frozenset(running.hubspot.hs_id(tid, i) for i in v) for k, v in expected.items()}
+    if crm_kind == "pipedrive":
+        ids = running.pipedrive.ids[tid]
+        flat = {w: str(n) for kind in ("persons", "organizations") for w, n in ids[kind].items()}
+        return {k: frozenset(flat[i] for i in v) for k, v in expected.items()}
+    return expected
+
+
+@pytest.mark.parametrize("crm_kind", ["hubspot", "pipedrive", "files"])
+def test_initial_import_with_each_crm(prefect_server, tmp_path, monkeypatch, crm_kind):
+    world = generate_world(seed=17, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30)
+    p = stand_up(world, tmp_path, monkeypatch, crm_kind=crm_kind)
+    try:
+        tid = world.tenants[0].tid
+        totals = initial_import(tid)
+        expected = expected_for_crm(world, tid, p.running, crm_kind)
+        assert stored_matches(p.settings, tid) == expected
+        assert totals["imported"] == len(expected) and totals["failed"] == 0
+    finally:
+        p.running.stop()

@@ -1,0 +1,360 @@
+"""File-based CRM snapshot: `people`, `accounts` and optional `opportunities` as CSV or Parquet in one directory,
+for CRMs without an adapter and for analysts. The column contract is docs/CRM_FILES.md.
+
+Every cell is read as text (CSV: `read_csv` with an explicit all-String schema; Parquet: strings, booleans and
+integers are accepted, `created_at` may also be a Date/Datetime column) and validated here. A bad row raises
+`CrmError` naming the file, the 1-based line (CSV) or row (Parquet), the column and the problem -- never a cell
+value, which may be an email address and the message may be stored by Prefect.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+import polars as pl
+
+from crm_adapters.base import (
+    ACCOUNTS_SCHEMA,
+    OPPORTUNITIES_SCHEMA,
+    CrmError,
+    CrmSnapshot,
+    people_frame,
+    website_domain,
+)
+
+PEOPLE_COLUMNS = ("crm_id", "kind", "email", "account_id", "name", "is_converted")
+ACCOUNTS_COLUMNS = ("crm_id", "name", "domain", "website")
+OPPORTUNITIES_COLUMNS = ("crm_id", "account_id", "name", "is_closed", "created_at")
+KINDS = ("contact", "lead")
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+SEPARATOR = ";"  # several addresses / domains in one cell
+_ROW = "_row"  # 0-based index of the data record in the file (header excluded)
+_NOT = r"\s@<>()\[\],;:\"/\\"
+EMAIL_RE = rf"^[^{_NOT}]+@(?:[^{_NOT}.]+\.)+[^{_NOT}.]+$"
+
+
+@dataclass(frozen=True)
+class FilesConnection:
+    directory: Path  # holds people.(csv|parquet), accounts.(csv|parquet) and optionally opportunities.(csv|parquet)
+
+
+def column_name(header: str) -> str:
+    """Header cell -> column name: trimmed, lower-case, inner runs of spaces/hyphens as `_` ("Account ID")."""
+    return "_".join(header.strip().lower().replace("-", " ").split())
+
+
+class _Table:
+    """One file's known columns as trimmed strings (blank -> null) plus `_row`; blank records removed."""
+
+    def __init__(self, path: Path, frame: pl.DataFrame, records: int, *, header_has_semicolon: bool = False):
+        self.path = path
+        self.file = path.name
+        self.is_csv = path.suffix == ".csv"
+        self.frame = frame
+        self.records = records  # data records in the file, blank ones included
+        self.header_has_semicolon = header_has_semicolon
+        self._lines: list[int] | None = None
+
+    def position(self, row: int) -> str:
+        """"line 7" (CSV, 1-based physical line, header = line 1) or "row 7" (Parquet, 1-based)."""
+        if not self.is_csv:
+            return f"row {row + 1}"
+        if self._lines is None:
+            self._lines = _record_lines(self.path)
+        if len(self._lines) != self.records:
+            return f"record {row + 1}"  # records could not be mapped to lines; say so rather than guess
+        return f"line {self._lines[row]}"
+
+    def fail(self, row: int, column: str, problem: str) -> NoReturn:
+        raise CrmError(f"{self.file} {self.position(row)}: {column} {problem}")
+
+    def require(self, *columns: str) -> None:
+        for name in columns:
+            if name not in self.frame.columns:
+                hint = " (columns must be comma-separated)" if self.header_has_semicolon else ""
+                raise CrmError(f"{self.file}: missing required column {name}{hint}")
+
+    def col(self, name: str) -> pl.Expr:
+        """The column, or nulls when the file does not have it."""
+        return pl.col(name) if name in self.frame.columns else pl.lit(None, pl.String).alias(name)
+
+    def first_row(self, mask: pl.Expr) -> int | None:
+        hits = self.frame.filter(mask)[_ROW]
+        return None if hits.is_empty() else int(hits.min())  # type: ignore[arg-type]
+
+    def check(self, mask: pl.Expr, column: str, problem: str) -> None:
+        """Fail on the first row where `mask` holds."""
+        row = self.first_row(mask)
+        if row is not None:
+            self.fail(row, column, problem)
+
+
+def _record_lines(path: Path) -> list[int]:
+    """1-based line on which each data record starts (records may span lines inside quotes)."""
+    starts: list[int] = []
+    with path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
+        reader = csv.reader(fh)
+        next(reader, None)
+        before = reader.line_num
+        for _ in reader:
+            starts.append(before + 1)
+            before = reader.line_num
+    return starts
+
+
+def _find(directory: Path, stem: str, *, required: bool) -> Path | None:
+    found = [p for p in (directory / f"{stem}.csv", directory / f"{stem}.parquet") if p.is_file()]
+    if len(found) == 2:
+        raise CrmError(f"files CRM: both {stem}.csv and {stem}.parquet exist; keep one")
+    if not found:
+        if required:
+            raise CrmError(f"files CRM: no {stem}.csv or {stem}.parquet in the CRM files directory")
+        return None
+    return found[0]
+
+
+def _clean(frame: pl.DataFrame, known: Sequence[str], keep_typed: Sequence[str] = ()) -> pl.DataFrame:
+    """Trim string cells (blank -> null), drop records whose every cell is blank, keep the known columns."""
+    stripped = [
+        pl.col(c).str.strip_chars().replace("", None) if frame.schema[c] == pl.String else pl.col(c)
+        for c in frame.columns
+    ]
+    frame = frame.with_columns(stripped).with_row_index(_ROW)
+    data = [c for c in frame.columns if c != _ROW]
+    blank = pl.all_horizontal([pl.col(c).is_null() for c in data]) if data else pl.lit(True)
+    cols = [c for c in known if c in frame.columns]
+    return frame.filter(~blank).select(_ROW, *cols)
+
+
+def _read_csv(path: Path, known: Sequence[str]) -> _Table:
+    file = path.name
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:  # a UTF-8 BOM is dropped
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError as exc:  # decoded a buffer ahead: find the line
+        _diagnose_csv(path, 0, exc)
+    except csv.Error:
+        raise CrmError(f"{file} line 1: header is not valid CSV") from None
+    if not header or not any(h.strip() for h in header):
+        raise CrmError(f"{file}: empty file or blank header line")
+    names = [column_name(h) for h in header]
+    for name in known:
+        if names.count(name) > 1:
+            raise CrmError(f"{file} line 1: column {name} appears more than once")
+    schema = {f"column_{i}": pl.String for i in range(len(header))}
+    try:
+        raw = pl.read_csv(path, has_header=False, schema=schema, encoding="utf8", quote_char='"')
+    except pl.exceptions.PolarsError as exc:
+        _diagnose_csv(path, len(header), exc)
+    raw = raw.slice(1)  # the header record
+    raw = raw.rename({f"column_{i}": f"{name}\x00{i}" for i, name in enumerate(names)})
+    raw = raw.rename({c: c.split("\x00")[0] for c in raw.columns if c.split("\x00")[0] in known})
+    return _Table(path, _clean(raw, known), raw.height, header_has_semicolon=SEPARATOR in ",".join(header))
+
+
+def _diagnose_csv(path: Path, width: int, exc: Exception) -> NoReturn:
+    """Turn a Polars read failure into a message with a line number and without file content."""
+    file = path.name
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CrmError(f"{file} line {number}: not UTF-8 text") from None
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, strict=True)
+            next(reader, None)
+            before = reader.line_num
+            for record in reader:
+                if len(record) > width:
+                    raise CrmError(f"{file} line {before + 1}: more fields than the header has")
+                before = reader.line_num
+    except csv.Error:
+        raise CrmError(f"{file} line {before + 1}: malformed CSV (check the quotes)") from None
+    raise CrmError(f"{file}: cannot be read as CSV ({type(exc).__name__})") from None
+
+
+def _read_parquet(path: Path, known: Sequence[str], typed: dict[str, tuple[type[pl.DataType], ...]]) -> _Table:
+    file = path.name
+    try:
+        raw = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError):
+        raise CrmError(f"{file}: cannot be read as Parquet") from None
+    names = [column_name(c) for c in raw.columns]
+    for name in known:
+        if names.count(name) > 1:
+            raise CrmError(f"{file}: column {name} appears more than once")
+    raw = raw.rename({c: f"{n}\x00{i}" for i, (c, n) in enumerate(zip(raw.columns, names, strict=True))})
+    raw = raw.rename({c: c.split("\x00")[0] for c in raw.columns})
+    casts = []
+    for name, dtype in raw.schema.items():
+        if name not in known or dtype == pl.String or isinstance(dtype, typed.get(name, ())):
+            continue
+        elif dtype.is_integer() or dtype == pl.Boolean or isinstance(dtype, (pl.Categorical, pl.Enum)):
+            casts.append(pl.col(name).cast(pl.String))
+        else:
+            raise CrmError(f"{file}: column {name} has unsupported type {dtype}")
+    raw = raw.with_columns(casts)
+    return _Table(path, _clean(raw, known), raw.height)
+
+
+def _load(
+    directory: Path, stem: str, known: Sequence[str], *, required: bool,
+    typed: dict[str, tuple[type[pl.DataType], ...]] | None = None,
+) -> _Table | None:
+    path = _find(directory, stem, required=required)
+    if path is None:
+        return None
+    if path.suffix == ".csv":
+        return _read_csv(path, known)
+    return _read_parquet(path, known, typed or {})
+
+
+def _bool(table: _Table, name: str) -> pl.Expr:
+    """true/false/1/0/yes/no (any case) -> Boolean; blank -> False. Fails on anything else."""
+    word = table.col(name).str.to_lowercase()
+    table.check(word.is_not_null() & ~word.is_in([*TRUE_WORDS, *FALSE_WORDS]), name,
+                "is not one of true/false/1/0/yes/no")
+    return word.is_in(TRUE_WORDS).fill_null(False).alias(name)
+
+
+def _merge_repeats(table: _Table, columns: Sequence[str]) -> None:
+    """Rows sharing a crm_id must agree on `columns` where given; blanks take the value of the other rows."""
+    frame = table.frame
+    for name in columns:
+        if name not in frame.columns:
+            continue
+        first = pl.col(name).drop_nulls().first().over("crm_id")
+        first_row = pl.col(_ROW).filter(pl.col(name).is_not_null()).first().over("crm_id")
+        probe = frame.with_columns(first.alias("_first"), first_row.alias("_first_row"))
+        bad = probe.filter(pl.col(name).is_not_null() & (pl.col(name) != pl.col("_first"))).sort(_ROW)
+        if bad.height:
+            earlier = table.position(int(bad["_first_row"][0]))
+            table.fail(int(bad[_ROW][0]), name, f"differs from {earlier} with the same crm_id")
+        frame = probe.with_columns(pl.col("_first").alias(name)).drop("_first", "_first_row")
+    table.frame = frame
+
+
+def _people(directory: Path) -> pl.DataFrame:
+    table = _load(directory, "people", PEOPLE_COLUMNS, required=True)
+    assert table is not None
+    table.require("crm_id", "email")
+    table.check(pl.col("crm_id").is_null(), "crm_id", "is empty")
+    _merge_repeats(table, ("kind", "account_id", "name", "is_converted"))
+    kind = table.col("kind").str.to_lowercase()
+    table.check(kind.is_not_null() & ~kind.is_in(KINDS), "kind", "is not contact or lead")
+    table.frame = table.frame.with_columns(
+        kind.fill_null("contact").alias("kind"),
+        _bool(table, "is_converted"),
+        table.col("account_id"),
+        table.col("name"),
+    )
+    exploded = (
+        table.frame.with_columns(pl.col("email").str.split(SEPARATOR))
+        .explode("email")
+        .with_columns(pl.col("email").str.strip_chars().str.to_lowercase().replace("", None))
+        .filter(pl.col("email").is_not_null())  # a person without an address cannot match: skipped
+    )
+    table.frame = exploded
+    table.check(~pl.col("email").str.contains(EMAIL_RE), "email", "is not an address")
+    people = exploded.filter(~((pl.col("kind") == "lead") & pl.col("is_converted")))
+    return people_frame(people.unique(["crm_id", "email"], keep="first", maintain_order=True))
+
+
+def _accounts(directory: Path) -> pl.DataFrame:
+    table = _load(directory, "accounts", ACCOUNTS_COLUMNS, required=True)
+    assert table is not None
+    table.require("crm_id")
+    if "domain" not in table.frame.columns and "website" not in table.frame.columns:
+        raise CrmError(f"{table.file}: missing required column domain or website")
+    table.check(pl.col("crm_id").is_null(), "crm_id", "is empty")
+    _merge_repeats(table, ("name",))
+    frame = table.frame.with_columns(table.col("name"), table.col("domain"), table.col("website"))
+    source = pl.when(pl.col("domain").is_not_null())
+    frame = frame.with_columns(
+        source.then(pl.lit("domain")).otherwise(pl.lit("website")).alias("_from"),
+        source.then(pl.col("domain")).otherwise(pl.col("website")).str.split(SEPARATOR).alias("_part"),
+    ).explode("_part")
+    frame = frame.with_columns(pl.col("_part").str.strip_chars().replace("", None))
+    parts = frame["_part"].drop_nulls().unique().to_list()
+    mapping = {p: website_domain(p) for p in parts}
+    frame = frame.with_columns(
+        pl.col("_part").replace_strict(mapping, default=None, return_dtype=pl.String).alias("domain")
+    )
+    table.frame = frame
+    table.check(
+        (pl.col("_from") == "domain")
+        & pl.col("_part").is_not_null()
+        & (pl.col("domain").is_null() | pl.col("_part").str.contains("@")),
+        "domain",
+        "is not a domain name",
+    )
+    with_domain = frame.filter(pl.col("domain").is_not_null()).unique(
+        ["crm_id", "domain"], keep="first", maintain_order=True
+    )
+    without = frame.unique("crm_id", keep="first", maintain_order=True).join(
+        with_domain.select("crm_id").unique(), on="crm_id", how="anti"
+    ).with_columns(pl.lit(None, pl.String).alias("domain"))
+    rows = pl.concat([with_domain.select(_ROW, *ACCOUNTS_SCHEMA), without.select(_ROW, *ACCOUNTS_SCHEMA)])
+    return rows.sort(_ROW, maintain_order=True).select(
+        [pl.col(name).cast(dtype) for name, dtype in ACCOUNTS_SCHEMA.items()]
+    )
+
+
+def _instant(text: str) -> datetime | None:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _opportunities(directory: Path) -> pl.DataFrame:
+    typed = {"created_at": (pl.Datetime, pl.Date)}
+    table = _load(directory, "opportunities", OPPORTUNITIES_COLUMNS, required=False, typed=typed)
+    if table is None:
+        return OPPORTUNITIES_SCHEMA.to_frame()
+    table.require("crm_id", "created_at")
+    table.check(pl.col("crm_id").is_null(), "crm_id", "is empty")
+    first_row = pl.col(_ROW).first().over("crm_id")
+    repeats = table.frame.sort(_ROW).with_columns(first_row.alias("_first")).filter(pl.col(_ROW) != pl.col("_first"))
+    if repeats.height:
+        table.fail(int(repeats[_ROW][0]), "crm_id", f"repeats {table.position(int(repeats['_first'][0]))}")
+    table.check(pl.col("created_at").is_null(), "created_at", "is empty")
+    created = pl.col("created_at")
+    dtype = table.frame.schema["created_at"]
+    if dtype == pl.String:
+        texts = table.frame["created_at"].unique().to_list()
+        mapping = {t: _instant(t) for t in texts}
+        created = created.replace_strict(mapping, return_dtype=pl.Datetime("us", "UTC"))
+        table.frame = table.frame.with_columns(created.alias("_created"))
+        table.check(pl.col("_created").is_null(), "created_at", "is not an ISO-8601 date-time")
+        created = pl.col("_created")
+    elif isinstance(dtype, pl.Date):
+        created = created.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    elif isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
+        created = created.dt.cast_time_unit("us").dt.replace_time_zone("UTC")  # naive = UTC
+    else:
+        created = created.dt.cast_time_unit("us").dt.convert_time_zone("UTC")
+    frame = table.frame.with_columns(
+        created.alias("created_at"), table.col("account_id"), table.col("name"), _bool(table, "is_closed")
+    )
+    return frame.filter(~pl.col("is_closed")).select(  # the snapshot holds open opportunities only
+        [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
+    )
+
+
+def fetch_snapshot(conn: FilesConnection) -> CrmSnapshot:
+    """Read and validate the directory's files. Raises CrmError with file, line/row, column and problem."""
+    directory = Path(conn.directory)
+    if not directory.is_dir():
+        raise CrmError("files CRM: the CRM files directory does not exist")
+    return CrmSnapshot(
+        people=_people(directory), accounts=_accounts(directory), opportunities=_opportunities(directory)
+    )

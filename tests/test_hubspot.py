@@ -1,0 +1,305 @@
+"""HubSpot adapter against the HubSpot simulator on loopback TLS (no mocks of our code, no sleeps)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from crm_adapters.base import (
+    ACCOUNTS_SCHEMA,
+    OPPORTUNITIES_SCHEMA,
+    PEOPLE_SCHEMA,
+    CrmAuthError,
+    CrmError,
+    CrmQuotaExhausted,
+    CrmSnapshot,
+    website_domain,
+)
+from crm_adapters.hubspot import (
+    MAX_ATTEMPTS,
+    HubSpotConnection,
+    fetch_snapshot,
+    modified_since_filter,
+    search_people,
+)
+from simulators import world as world_mod
+from simulators.hubspot import SEARCH_CAP, HubSpotSimulator, additional_domains, additional_emails
+from simulators.tls import SimulatorTLS, create_tls
+from simulators.world import World, generate_world
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return generate_world(tenants=2, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30)
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
+    return create_tls(Path(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture
+def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
+    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=10) as client:
+        yield client
+
+
+class Clock:
+    def __init__(self, start: datetime):
+        self.t = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Sleeps(list[float]):
+    """Records sleeps; optionally advances a fake clock so rolling windows pass."""
+
+    def __init__(self, clock: Clock | None = None):
+        super().__init__()
+        self.clock = clock
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        if self.clock is not None:
+            self.clock.t += seconds
+
+
+@pytest.fixture
+def clock(world: World) -> Clock:
+    return Clock(world.now)
+
+
+@pytest.fixture
+def sim(world: World, tls: SimulatorTLS, clock: Clock) -> Iterator[HubSpotSimulator]:
+    with HubSpotSimulator(world, tls, clock=clock) as s:
+        yield s
+
+
+def conn_for(sim: HubSpotSimulator, tid: str) -> HubSpotConnection:
+    return HubSpotConnection(sim.base_url, sim.token_for(tid))
+
+
+def expected(world: World, sim: HubSpotSimulator, tid: str) -> CrmSnapshot:
+    """The world's CRM in snapshot form (HubSpot ids), computed naively from the world."""
+    crm, hs = world.crm[tid], (lambda wid: sim.hs_id(tid, wid))
+    people: list[tuple[str, str, str, str | None, str]] = []
+    persons = [(c.id, "contact", c.email, c.account_id, c) for c in crm.contacts]
+    persons += [(x.id, "lead", x.email, None, x) for x in crm.leads if not x.is_converted]
+    for wid, kind, email, account, p in persons:
+        addresses = {a.strip().lower() for a in [email, *additional_emails(wid, email)] if a.strip()}
+        people += [(hs(wid), kind, a, account and hs(account), f"{p.first_name} {p.last_name}") for a in addresses]
+    accounts: list[tuple[str, str, str | None]] = []
+    for a in crm.accounts:
+        domain = world_mod.website_domain(a.website)
+        domains = [domain, *additional_domains(a.id, domain)] if domain else [None]
+        accounts += [(hs(a.id), a.name, d) for d in domains]
+    opps = [(hs(o.id), hs(o.account_id), o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
+    return CrmSnapshot(
+        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
+        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
+        opportunities=pl.DataFrame(opps, schema=OPPORTUNITIES_SCHEMA, orient="row"),
+    )
+
+
+def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
+    for name in ("people", "accounts", "opportunities"):
+        a, w = getattr(actual, name), getattr(wanted, name)
+        assert a.schema == w.schema, name
+        keys = [c for c in w.columns if c != "created_at"] if name != "opportunities" else ["crm_id"]
+        assert a.sort(keys, nulls_last=True).equals(w.sort(keys, nulls_last=True)), name
+
+
+# -- snapshot content ------------------------------------------------------------------------------------
+
+
+def test_snapshot_equals_world(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    crm = world.crm[tid]
+    snap = fetch_snapshot(conn_for(sim, tid), http)
+    assert_same(snap, expected(world, sim, tid))
+    # the world exercises the traps: additional emails and domains, leads, closed deals in both pipelines
+    assert any(additional_emails(c.id, c.email) for c in crm.contacts)
+    assert any(additional_domains(a.id, world_mod.website_domain(a.website)) for a in crm.accounts)
+    assert snap.accounts["crm_id"].n_unique() < snap.accounts.height
+    assert set(snap.people["kind"]) == {"contact", "lead"}
+    assert any(o.is_closed for o in crm.opportunities)
+    pipelines = {sim.record(tid, "deals", o.id).props["pipeline"] for o in crm.opportunities}
+    assert pipelines == {"default", "75e28846"}
+
+
+def test_wire_values_are_strings(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    headers = {"Authorization": f"Bearer {sim.token_for(tid)}"}
+    resp = http.get(f"{sim.base_url}/crm/v3/objects/deals", headers=headers,
+                    params={"properties": "hs_is_closed,createdate,dealstage,pipeline", "limit": "100",
+                            "associations": "companies"})
+    assert resp.status_code == 200 and "X-HubSpot-RateLimit-Daily-Remaining" in resp.headers
+    body = resp.json()
+    assert "paging" not in body
+    for deal in body["results"]:
+        assert deal["properties"]["hs_is_closed"] in ("true", "false")
+        assert all(isinstance(v, str) for v in deal["properties"].values())
+        assert deal["associations"]["companies"]["results"][0]["type"] == "deal_to_company"
+    stages = http.get(f"{sim.base_url}/crm/v3/pipelines/deals", headers=headers).json()["results"]
+    assert {s["metadata"]["isClosed"] for p in stages for s in p["stages"]} == {"true", "false"}
+
+
+def test_small_pages_follow_after_cursors(world: World, tls: SimulatorTLS, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    with HubSpotSimulator(world, tls) as big:
+        whole = fetch_snapshot(conn_for(big, tid), http)
+    with HubSpotSimulator(world, tls) as small:
+        paged = fetch_snapshot(conn_for(small, tid), http, page_limit=3)
+        crm = world.crm[tid]
+        sizes = [len(crm.contacts) + sum(1 for x in crm.leads if not x.is_converted), len(crm.accounts),
+                 len(crm.opportunities)]
+        lists = [r for r in small.requests if r.path.startswith("/crm/v3/objects/")]
+        assert len(lists) == sum(math.ceil(n / 3) for n in sizes)
+        assert all(r.status == 200 and r.query and r.query["limit"] == "3" for r in lists)
+    assert_same(paged, whole)
+
+
+def test_tenant_isolation(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    a, b = (t.tid for t in world.tenants)
+    snap_b = fetch_snapshot(conn_for(sim, b), http)
+    assert_same(snap_b, expected(world, sim, b))
+    assert not set(snap_b.people["crm_id"]) & set(expected(world, sim, a).people["crm_id"])
+
+
+def test_archived_contacts_leave_the_snapshot(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    gone = world.crm[tid].contacts[0]
+    sim.archive(tid, "contacts", gone.id)
+    snap = fetch_snapshot(conn_for(sim, tid), http)
+    hs_id = sim.hs_id(tid, gone.id)
+    assert hs_id not in set(snap.people["crm_id"])
+    headers = {"Authorization": f"Bearer {sim.token_for(tid)}"}
+    archived = http.get(f"{sim.base_url}/crm/v3/objects/contacts", headers=headers,
+                        params={"archived": "true"}).json()["results"]
+    assert [(r["id"], r["archived"]) for r in archived] == [(hs_id, True)] and "archivedAt" in archived[0]
+
+
+# -- search and its 10,000 cap ---------------------------------------------------------------------------
+
+
+def test_search_beyond_10k_results_re_windows(world: World, tls: SimulatorTLS, http: httpx.Client,
+                                              clock: Clock) -> None:
+    """Real default cap (10,000): 10,250 synthetic contacts modified at the sim clock, plus older world ones."""
+    tid = world.tenants[0].tid
+    with HubSpotSimulator(world, tls, clock=clock) as sim:
+        assert sim.search_cap == SEARCH_CAP == 10_000
+        clock.t += 3600
+        bulk = set(sim.add_contacts(tid, 10_250))
+        headers = {"Authorization": f"Bearer {sim.token_for(tid)}"}
+        since = datetime.fromtimestamp(clock.t, UTC) - timedelta(minutes=5)
+        too_far = http.post(f"{sim.base_url}/crm/v3/objects/contacts/search", headers=headers,
+                            json={"filterGroups": [{"filters": [modified_since_filter("contacts", since)]}],
+                                  "limit": 200, "after": "9900"})
+        assert too_far.status_code == 400 and too_far.json()["category"] == "VALIDATION_ERROR"
+        assert too_far.json()["status"] == "error" and "correlationId" in too_far.json()
+
+        people = search_people(conn_for(sim, tid), http, [modified_since_filter("contacts", since)])
+        assert set(people["crm_id"]) == bulk and people.height == len(bulk)
+        searches = [r for r in sim.requests if r.path.endswith("/search") and r.status == 200]
+        windows = [r for r in searches if any(f["propertyName"] == "hs_object_id"
+                                              for f in r.body["filterGroups"][0]["filters"])]
+        assert windows and windows[0].body["after"] == "0"
+        assert all(int(r.body["after"]) + r.body["limit"] <= 10_000 for r in searches)
+        assert len(searches) == math.ceil(10_250 / 200)
+
+
+def test_search_filters_by_modified_date(world: World, sim: HubSpotSimulator, http: httpx.Client,
+                                         clock: Clock) -> None:
+    tid = world.tenants[0].tid
+    touched = world.crm[tid].contacts[3]
+    clock.t += 86_400
+    sim.touch(tid, "contacts", touched.id, firstname="Renamed")
+    since = datetime.fromtimestamp(clock.t, UTC) - timedelta(minutes=1)
+    people = search_people(conn_for(sim, tid), http, [modified_since_filter("contacts", since)])
+    assert set(people["crm_id"]) == {sim.hs_id(tid, touched.id)}
+    assert people["name"].unique().to_list() == [f"Renamed {touched.last_name}"]
+
+
+# -- rate limits and auth --------------------------------------------------------------------------------
+
+
+def test_ten_secondly_429_without_retry_after_backs_off_then_recovers(
+    world: World, sim: HubSpotSimulator, http: httpx.Client
+) -> None:
+    tid = world.tenants[0].tid
+    sim.throttle("TEN_SECONDLY_ROLLING", count=2, after=1)
+    sleeps = Sleeps()
+    snap = fetch_snapshot(conn_for(sim, tid), http, sleep=sleeps, page_limit=10)
+    assert_same(snap, expected(world, sim, tid))
+    assert sleeps == [10.0, 20.0]
+    limited = [r for r in sim.requests if r.status == 429]
+    assert [r.policy for r in limited] == ["TEN_SECONDLY_ROLLING"] * 2
+
+
+def test_retry_after_header_wins(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    sim.throttle("SECONDLY", count=1, retry_after=3)
+    sleeps = Sleeps()
+    fetch_snapshot(conn_for(sim, tid), http, sleep=sleeps)
+    assert sleeps == [3.0]
+
+
+def test_rolling_burst_limit_on_the_sim_clock(world: World, sim: HubSpotSimulator, http: httpx.Client,
+                                              clock: Clock) -> None:
+    tid = world.tenants[0].tid
+    sim.burst_limit = 4
+    sleeps = Sleeps(clock)  # sleeping moves the simulator's clock, so the rolling window frees up
+    snap = fetch_snapshot(conn_for(sim, tid), http, sleep=sleeps, page_limit=5)
+    assert_same(snap, expected(world, sim, tid))
+    assert sleeps and set(sleeps) == {10.0}
+
+
+def test_persistent_429_gives_up_bounded(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    sim.throttle("TEN_SECONDLY_ROLLING", count=None)
+    sleeps = Sleeps()
+    with pytest.raises(CrmError) as err:
+        fetch_snapshot(conn_for(sim, tid), http, sleep=sleeps)
+    assert not isinstance(err.value, CrmQuotaExhausted)
+    assert err.value.status == 429 and len(sleeps) == MAX_ATTEMPTS - 1 and max(sleeps) <= 30.0
+
+
+def test_daily_limit_is_quota_exhausted(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    sim.daily_limit = 2
+    sleeps = Sleeps()
+    with pytest.raises(CrmQuotaExhausted) as err:
+        fetch_snapshot(conn_for(sim, tid), http, sleep=sleeps, page_limit=5)
+    assert err.value.status == 429 and err.value.code == "DAILY" and not sleeps
+    assert sim.token_for(tid) not in str(err.value)
+    assert [r.status for r in sim.requests] == [200, 200, 429]
+
+
+def test_expired_token_is_auth_error(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    old = conn_for(sim, tid)
+    sim.expire_tokens()
+    sleeps = Sleeps()
+    with pytest.raises(CrmAuthError) as err:
+        fetch_snapshot(old, http, sleep=sleeps)
+    assert err.value.status == 401 and err.value.code == "EXPIRED_AUTHENTICATION" and not sleeps
+    assert old.access_token not in str(err.value) and old.access_token not in repr(old)
+    assert_same(fetch_snapshot(conn_for(sim, tid), http), expected(world, sim, tid))
+    with pytest.raises(CrmAuthError) as bad:
+        fetch_snapshot(HubSpotConnection(sim.base_url, "pat-na1-nope"), http)
+    assert bad.value.code == "INVALID_AUTHENTICATION"
+
+
+def test_server_errors_then_success(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
+    assert website_domain("WWW.Acme.com") == "acme.com"  # company `domain` values go through the same rule
+    tid = world.tenants[0].tid
+    unknown = http.get(f"{sim.base_url}/crm/v3/objects/tickets",
+                       headers={"Authorization": f"Bearer {sim.token_for(tid)}"})
+    assert unknown.status_code == 404 and unknown.json()["status"] == "error"

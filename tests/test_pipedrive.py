@@ -1,0 +1,281 @@
+"""Pipedrive adapter against the Pipedrive simulator on loopback TLS (no mocks of our code, no sleeps)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+
+from crm_adapters.base import (
+    ACCOUNTS_SCHEMA,
+    OPPORTUNITIES_SCHEMA,
+    PEOPLE_SCHEMA,
+    CrmAuthError,
+    CrmQuotaExhausted,
+    CrmSnapshot,
+    website_domain,
+)
+from crm_adapters.pipedrive import PipedriveConnection, fetch_snapshot
+from simulators.pipedrive import PipedriveSimulator, secondary_email, website_exposed
+from simulators.tls import SimulatorTLS, create_tls
+from simulators.world import CrmContact, World, generate_world
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    w = generate_world(tenants=2, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30)
+    crm = w.crm[w.tenants[0].tid]
+    crm.contacts.append(
+        CrmContact(id="003TRAPSPACE001", first_name="Jane", last_name="Doe", email="  Jane.Doe+crm@Acme.COM ",
+                   account_id=crm.accounts[0].id)
+    )
+    crm.contacts.append(CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="  ",
+                                   account_id=None))
+    return w
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
+    return create_tls(Path(tmp_path_factory.mktemp("tls")))
+
+
+@pytest.fixture
+def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
+    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=10) as client:
+        yield client
+
+
+class Clock:
+    """Noon (UTC) of the day after the world's `now`: later than every generated update_time."""
+
+    def __init__(self, world: World) -> None:
+        day = world.now.date() + timedelta(days=1)
+        self.t = datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Sleeps(list[float]):
+    """Records sleeps and advances the simulator's clock instead of sleeping."""
+
+    def __init__(self, clock: Clock | None = None):
+        super().__init__()
+        self.clock = clock
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        if self.clock is not None:
+            self.clock.t += seconds
+
+
+@pytest.fixture
+def clock(world: World) -> Clock:
+    return Clock(world)
+
+
+@pytest.fixture
+def sim(world: World, tls: SimulatorTLS, clock: Clock) -> Iterator[PipedriveSimulator]:
+    with PipedriveSimulator(world, tls, clock=clock) as s:
+        yield s
+
+
+def conn_for(sim: PipedriveSimulator, tid: str, page_limit: int = 500) -> PipedriveConnection:
+    return PipedriveConnection(sim.base_url, sim.token_for(tid), page_limit=page_limit)
+
+
+def expected(world: World, sim: PipedriveSimulator, tid: str) -> CrmSnapshot:
+    """The world's CRM in snapshot form, computed naively from the world and the simulator's documented rules."""
+    crm, ids = world.crm[tid], sim.ids[tid]
+    org = ids["organizations"]
+    rows = [(c.id, c.first_name, c.last_name, c.email, c.account_id) for c in crm.contacts]
+    rows += [(x.id, x.first_name, x.last_name, x.email, None) for x in crm.leads if not x.is_converted]
+    people = []
+    for wid, first, last, email, account_id in rows:
+        pid = ids["persons"][wid]
+        account = str(org[account_id]) if account_id else None
+        for address in (email, secondary_email(pid, first, last)):
+            if address and address.strip():
+                people.append((str(pid), "contact", address.strip().lower(), account, f"{first} {last}"))
+    accounts = [
+        (str(org[a.id]), a.name, website_domain(a.website) if website_exposed(a.id) else None)
+        for a in crm.accounts
+    ]
+    opps = [
+        (str(ids["deals"][o.id]), str(org[o.account_id]), o.name, False, o.created)
+        for o in crm.opportunities
+        if not o.is_closed
+    ]
+    return CrmSnapshot(
+        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
+        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
+        opportunities=pl.DataFrame(opps, schema=OPPORTUNITIES_SCHEMA, orient="row"),
+    )
+
+
+def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
+    for name in ("people", "accounts", "opportunities"):
+        a, w = getattr(actual, name), getattr(wanted, name)
+        assert a.schema == w.schema, name
+        keys = ["crm_id", "email"] if name == "people" else ["crm_id"]
+        assert a.sort(keys).equals(w.sort(keys)), name
+
+
+def test_snapshot_equals_world(world: World, sim: PipedriveSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    snap = fetch_snapshot(conn_for(sim, tid), http, sleep=Sleeps())
+    assert_same(snap, expected(world, tid=tid, sim=sim))
+    people = snap.people
+    # secondary (non-primary) addresses are there, some listed before the primary on the wire
+    pids = set(people["crm_id"].cast(pl.Int64))
+    assert any(p % 6 == 0 for p in pids) and any(p % 3 == 0 and p % 6 for p in pids)
+    assert people.group_by("crm_id").len()["len"].max() == 2
+    jane = str(sim.ids[tid]["persons"]["003TRAPSPACE001"])
+    assert "jane.doe+crm@acme.com" in people.filter(pl.col("crm_id") == jane)["email"].to_list()
+    blank = str(sim.ids[tid]["persons"]["003TRAPBLANK001"])
+    assert set(people.filter(pl.col("crm_id") == blank)["email"]) <= {
+        e.lower() for e in [secondary_email(int(blank), "No", "Mail")] if e
+    }
+    accounts = world.crm[tid].accounts
+    assert any(not website_exposed(a.id) and a.website for a in accounts)  # hidden website -> null domain
+    assert snap.accounts["domain"].null_count() > 0 and snap.accounts["domain"].drop_nulls().len() > 0
+    # the other tenant's company is separate
+    other = world.tenants[1].tid
+    assert_same(fetch_snapshot(conn_for(sim, other), http, sleep=Sleeps()), expected(world, sim, other))
+
+
+def test_cursor_paging_with_small_limits(world: World, sim: PipedriveSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    snap = fetch_snapshot(conn_for(sim, tid, page_limit=4), http, sleep=Sleeps())
+    assert_same(snap, expected(world, sim, tid))
+    persons = [r for r in sim.requests if r.path == "/api/v2/persons"]
+    n_persons = len(sim.ids[tid]["persons"])
+    assert len(persons) == -(-n_persons // 4)
+    assert sum(1 for r in persons if dict(r.params).get("cursor")) == len(persons) - 1
+    deals = [r for r in sim.requests if r.path == "/api/v2/deals"]
+    assert all(dict(r.params)["status"] == "open" for r in deals)
+
+
+def test_default_page_size_and_filters(world: World, tls: SimulatorTLS, http: httpx.Client, clock: Clock) -> None:
+    tid = world.tenants[0].tid
+    with PipedriveSimulator(world, tls, page_limit_default=5, clock=clock) as s:
+        headers = {"x-api-token": s.token_for(tid)}
+        body = http.get(f"{s.base_url}/api/v2/organizations", headers=headers).json()
+        assert body["success"] is True and len(body["data"]) == 5 and body["additional_data"]["next_cursor"]
+        assert all("domain" not in o for o in body["data"])
+        assert any("website" not in o for o in s._records[tid]["organizations"].values())
+        # updated_since follows the clock: a touched person is the only one changed since now
+        since = datetime.fromtimestamp(clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        s.update(tid, "persons", 2, name="Renamed")
+        got = http.get(f"{s.base_url}/api/v2/persons", params={"updated_since": since}, headers=headers).json()
+        assert [p["id"] for p in got["data"]] == [2] and got["additional_data"]["next_cursor"] is None
+        won = http.get(f"{s.base_url}/api/v2/deals", params={"status": "won,lost"}, headers=headers).json()
+        assert won["data"] and all(d["status"] in ("won", "lost") for d in won["data"])
+        bad = http.get(f"{s.base_url}/api/v2/persons", params={"cursor": "nope"}, headers=headers)
+        assert bad.status_code == 400 and bad.json()["success"] is False
+
+
+@pytest.mark.parametrize("deleted_in_lists", [True, False])
+def test_deleted_records_are_excluded(
+    world: World, tls: SimulatorTLS, http: httpx.Client, clock: Clock, deleted_in_lists: bool
+) -> None:
+    tid = world.tenants[0].tid
+    with PipedriveSimulator(world, tls, clock=clock, deleted_in_lists=deleted_in_lists) as s:
+        person = s.ids[tid]["persons"][world.crm[tid].contacts[0].id]
+        open_deal = next(s.ids[tid]["deals"][o.id] for o in world.crm[tid].opportunities if not o.is_closed)
+        org = s.ids[tid]["organizations"][world.crm[tid].accounts[-1].id]
+        for kind, pd_id in (("persons", person), ("deals", open_deal), ("organizations", org)):
+            s.delete(tid, kind, pd_id)
+        snap = fetch_snapshot(conn_for(s, tid, page_limit=7), http, sleep=Sleeps())
+        want = expected(world, s, tid)
+        assert str(person) not in set(snap.people["crm_id"])
+        assert str(open_deal) not in set(snap.opportunities["crm_id"])
+        assert str(org) not in set(snap.accounts["crm_id"])
+        assert_same(
+            snap,
+            CrmSnapshot(
+                people=want.people.filter(pl.col("crm_id") != str(person)),
+                accounts=want.accounts.filter(pl.col("crm_id") != str(org)),
+                opportunities=want.opportunities.filter(pl.col("crm_id") != str(open_deal)),
+            ),
+        )
+        listed = http.get(f"{s.base_url}/api/v2/persons", params={"limit": 500},
+                          headers={"x-api-token": s.token_for(tid)}).json()["data"]
+        assert any(p["id"] == person and p["is_deleted"] for p in listed) == deleted_in_lists
+        # purged 30 days later
+        clock.t += timedelta(days=31).total_seconds()
+        listed = http.get(f"{s.base_url}/api/v2/persons", params={"limit": 500},
+                          headers={"x-api-token": s.token_for(tid)}).json()["data"]
+        assert all(p["id"] != person for p in listed)
+
+
+def test_burst_429_then_recovery(world: World, tls: SimulatorTLS, http: httpx.Client, clock: Clock) -> None:
+    tid = world.tenants[0].tid
+    with PipedriveSimulator(world, tls, clock=clock, burst_limit=3) as s:
+        sleeps = Sleeps(clock)  # sleeping advances the simulator clock, so the window really drains
+        snap = fetch_snapshot(conn_for(s, tid, page_limit=5), http, sleep=sleeps)
+        assert_same(snap, expected(world, s, tid))
+        limited = [r for r in s.requests if r.status == 429]
+        assert limited and sleeps and all(0 < x <= 2 for x in sleeps)
+    with PipedriveSimulator(world, tls, clock=clock) as s:
+        s.inject(429, count=2)
+        sleeps = Sleeps()
+        assert_same(fetch_snapshot(conn_for(s, tid), http, sleep=sleeps), expected(world, s, tid))
+        assert sleeps == [2.0, 2.0]
+        s.inject(429, count=50)
+        with pytest.raises(CrmQuotaExhausted) as err:
+            fetch_snapshot(conn_for(s, tid), http, sleep=Sleeps())
+        assert err.value.code == "rate_limited"
+
+
+def test_daily_budget_is_quota_exhausted_until_reset(
+    world: World, tls: SimulatorTLS, http: httpx.Client, clock: Clock
+) -> None:
+    tid = world.tenants[0].tid
+    with PipedriveSimulator(world, tls, clock=clock, daily_budget=40, list_cost=10) as s:
+        sleeps = Sleeps()
+        with pytest.raises(CrmQuotaExhausted) as err:
+            fetch_snapshot(conn_for(s, tid, page_limit=5), http, sleep=sleeps)
+        assert err.value.status == 429 and err.value.code == "daily_budget"
+        assert sleeps == [] and s.tokens_spent(tid) == 40
+        assert s.token_for(tid) not in str(err.value)
+        resp = http.get(f"{s.base_url}/api/v2/persons", headers={"x-api-token": s.token_for(tid)})
+        assert resp.status_code == 429 and resp.json()["errorCode"] == 429
+        assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(resp.headers)
+        clock.t += timedelta(hours=11, minutes=59).total_seconds()  # still the same UTC day
+        assert http.get(f"{s.base_url}/api/v2/persons",
+                        headers={"x-api-token": s.token_for(tid)}).status_code == 429
+        clock.t += timedelta(minutes=2).total_seconds()  # past midnight: budget reset
+        ok = http.get(f"{s.base_url}/api/v2/persons", headers={"x-api-token": s.token_for(tid)})
+        assert ok.status_code == 200
+
+
+def test_expired_token_is_auth_error(world: World, sim: PipedriveSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    conn = conn_for(sim, tid)
+    sim.expire_tokens()
+    with pytest.raises(CrmAuthError) as err:
+        fetch_snapshot(conn, http, sleep=Sleeps())
+    assert err.value.status == 401 and conn.api_token not in str(err.value) and conn.api_token not in repr(conn)
+    resp = http.get(f"{sim.base_url}/api/v2/persons", headers={"x-api-token": conn.api_token})
+    assert resp.status_code == 401 and resp.headers["x-401-by-gw"] == "true"
+    assert resp.json() == {"success": False, "error": "unauthorized access", "errorCode": 401,
+                           "error_info": "Please check developers.pipedrive.com"}
+    assert http.get(f"{sim.base_url}/api/v2/persons").status_code == 401
+    assert_same(fetch_snapshot(conn_for(sim, tid), http, sleep=Sleeps()), expected(world, sim, tid))
+
+
+def test_legacy_query_token_and_headers(world: World, sim: PipedriveSimulator, http: httpx.Client) -> None:
+    tid = world.tenants[0].tid
+    resp = http.get(f"{sim.base_url}/api/v2/deals", params={"api_token": sim.token_for(tid), "status": "open"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["success"] is True and body["data"] and all(d["status"] == "open" for d in body["data"])
+    assert set(body["data"][0]) >= {"id", "title", "org_id", "person_id", "status", "add_time", "update_time"}
+    assert resp.headers["x-ratelimit-limit"] == "80" and int(resp.headers["x-ratelimit-remaining"]) < 80
+    assert sim.requests[-1].auth == "query"
+    assert all(sim.token_for(tid) not in str(r) for r in sim.requests)
