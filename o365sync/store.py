@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS email_participants (
 CREATE TABLE IF NOT EXISTS email_crm_matches (
     tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL,
     crm_id VARCHAR NOT NULL, crm_kind VARCHAR NOT NULL, matched_address VARCHAR NOT NULL);
+ALTER TABLE email_crm_matches ADD COLUMN IF NOT EXISTS is_primary BOOLEAN;
 CREATE TABLE IF NOT EXISTS mail_cursor (
     tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, folder VARCHAR NOT NULL,
     scan_start TIMESTAMPTZ NOT NULL, received_watermark TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL);
@@ -162,7 +163,8 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
             "web_link, ? FROM _kept k LEFT JOIN _old o ON o.graph_id = k.graph_id", [*key, now])
         con.execute("INSERT INTO email_participants SELECT ?, ?, graph_id, role, name, address "
                     "FROM b_participants WHERE graph_id IN (SELECT graph_id FROM _kept)", key)
-        con.execute("INSERT INTO email_crm_matches SELECT ?, ?, graph_id, crm_id, crm_kind, matched_address "
+        con.execute("INSERT INTO email_crm_matches (tenant_id, user_oid, graph_id, crm_id, crm_kind, matched_address, "
+                    "is_primary) SELECT ?, ?, graph_id, crm_id, crm_kind, matched_address, is_primary "
                     "FROM b_matches WHERE graph_id IN (SELECT graph_id FROM _kept)", key)
         if "b_partials" in frames:
             sets = ", ".join(f"{c} = coalesce(p.{c}, emails.{c})" for c in _MERGE_COLUMNS)

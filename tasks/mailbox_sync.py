@@ -39,7 +39,7 @@ from o365sync.store import (
 )
 from o365sync.tenants import TenantConfig, load_tenant
 from tasks.exclusions import exclusion_reasons
-from tasks.match import CrmIndex, build_index, match_participants
+from tasks.match import MATCH_SCHEMA, CrmIndex, build_index, match_participants
 
 MAIL_FOLDERS = ("inbox", "sentitems")
 RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
@@ -56,8 +56,7 @@ _EMPTY = {
         "received_at": _TS, "sent_at": _TS, "has_attachments": pl.Boolean, "web_link": pl.String}),
     "participants": pl.DataFrame(schema={"graph_id": pl.String, "role": pl.String, "name": pl.String,
                                          "address": pl.String}),
-    "matches": pl.DataFrame(schema={"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String,
-                                    "matched_address": pl.String}),
+    "matches": pl.DataFrame(schema=MATCH_SCHEMA),
 }
 
 
@@ -159,7 +158,8 @@ def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, partici
     reasons.update(dict(excluded.group_by("reason").len().iter_rows()))
     candidates = full.filter(~pl.col("graph_id").is_in(excluded["graph_id"].implode()))
     matches = match_participants(
-        participants.filter(pl.col("graph_id").is_in(candidates["graph_id"].implode())).select("graph_id", "address"),
+        participants.filter(pl.col("graph_id").is_in(candidates["graph_id"].implode())).select(
+            "graph_id", "address", "role"),
         run.index)
     kept_ids = matches["graph_id"].unique()
     kept = candidates.filter(pl.col("graph_id").is_in(kept_ids.implode()))

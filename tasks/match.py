@@ -24,7 +24,12 @@ yandex.com mail.ru fastmail.com hey.com tutanota.com qq.com 163.com 126.com nave
 laposte.net libero.it virgilio.it seznam.cz wp.pl o2.pl rediffmail.com comcast.net verizon.net att.net
 """.split())
 
-MATCH_SCHEMA = {"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String, "matched_address": pl.String}
+MATCH_SCHEMA = {"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String, "matched_address": pl.String,
+                "is_primary": pl.Boolean}
+# The primary link of a message: contact > lead > account; ties go to the participant who sent the mail, then
+# To, then Cc, then the smallest CRM id (deterministic).
+KIND_RANK = {"contact": 0, "lead": 1, "account": 2}
+ROLE_RANK = {"from": 0, "sender": 1, "to": 2, "cc": 3}
 
 
 def normalise_address(expr: pl.Expr) -> pl.Expr:
@@ -55,8 +60,12 @@ def build_index(people: pl.DataFrame, accounts: pl.DataFrame, own_domains: Itera
 
 
 def match_participants(participants: pl.DataFrame, index: CrmIndex) -> pl.DataFrame:
-    """participants: graph_id, address (raw). Returns one row per (message, CRM record) with MATCH_SCHEMA."""
-    parts = participants.select("graph_id", normalise_address(pl.col("address")).alias("address"))
+    """participants: graph_id, address (raw), optionally role. Returns one row per (message, CRM record) with
+    MATCH_SCHEMA; exactly one row per matched message has is_primary."""
+    role = pl.col("role") if "role" in participants.columns else pl.lit(None, dtype=pl.String)
+    parts = participants.select("graph_id", normalise_address(pl.col("address")).alias("address"),
+                                role.replace_strict(ROLE_RANK, default=len(ROLE_RANK), return_dtype=pl.Int8)
+                                .alias("role_rank"))
     parts = parts.with_columns(pl.col("address").str.split("@").list.last().alias("domain"))
     external = parts.filter(~pl.col("domain").is_in(list(index.own_domains)) & pl.col("address").str.contains("@"))
     distinct = external.select("address", "domain").unique()
@@ -66,7 +75,14 @@ def match_participants(participants: pl.DataFrame, index: CrmIndex) -> pl.DataFr
     hits = pl.concat([by_address, by_domain])
     if hits.is_empty():
         return pl.DataFrame(schema=MATCH_SCHEMA)
-    return (external.select("graph_id", "address").join(hits, on="address", how="inner")
-            .group_by("graph_id", "crm_id", maintain_order=True)
-            .agg(pl.col("crm_kind").first(), pl.col("address").first().alias("matched_address"))
+    links = (external.select("graph_id", "address", "role_rank").join(hits, on="address", how="inner")
+             .sort("graph_id", "role_rank", "crm_id")
+             .group_by("graph_id", "crm_id", maintain_order=True)
+             .agg(pl.col("crm_kind").first(), pl.col("address").first().alias("matched_address"),
+                  pl.col("role_rank").min()))
+    primary = (links.with_columns(pl.col("crm_kind").replace_strict(KIND_RANK, return_dtype=pl.Int8).alias("kind_rank"))
+               .sort("graph_id", "kind_rank", "role_rank", "crm_id")
+               .group_by("graph_id", maintain_order=True).agg(pl.col("crm_id").first().alias("primary_id")))
+    return (links.join(primary, on="graph_id", how="left")
+            .with_columns((pl.col("crm_id") == pl.col("primary_id")).alias("is_primary"))
             .select(list(MATCH_SCHEMA)))

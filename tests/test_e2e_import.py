@@ -32,6 +32,8 @@ def test_initial_import_stores_exactly_the_ground_truth(prefect_server, product)
             rows = con.execute("SELECT user_oid, graph_id, subject, body_text, from_address FROM emails").fetchall()
             users = {r[0] for r in con.execute("SELECT DISTINCT user_oid FROM email_participants").fetchall()}
             stages = con.execute("SELECT DISTINCT stage FROM sync_state").fetchall()
+            primaries = con.execute("SELECT DISTINCT count(*) FILTER (WHERE is_primary) FROM email_crm_matches "
+                                    "GROUP BY user_oid, graph_id").fetchall()
         assert len(rows) == len({(r[0], r[1]) for r in rows}) == len(expected)
         by_id = {m.id: m for u in tenant.users for m in world.mailboxes[u.oid]}
         for oid, gid, subject, body, sender in rows:
@@ -40,6 +42,7 @@ def test_initial_import_stores_exactly_the_ground_truth(prefect_server, product)
         # Tenant isolation: only this tenant's users appear in this tenant's store.
         assert users <= {u.oid for u in tenant.users}
         assert stages == [("idle",)]
+        assert primaries == [(1,)]  # one primary CRM link per stored email
         assert snapshot_path(settings, tenant.tid).exists()
 
 

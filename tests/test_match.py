@@ -53,6 +53,11 @@ def test_matcher_agrees_with_oracle(participants, people, accounts):
     got = match_participants(p, build_index(crm_people, crm_accounts, OWN))
     assert set(got.select("graph_id", "crm_id", "crm_kind").iter_rows()) == oracle(participants, people, accounts, OWN)
     assert got.select("graph_id", "crm_id").is_unique().all()
+    rank = {"contact": 0, "lead": 1, "account": 2}
+    for _, links in got.group_by("graph_id"):
+        primaries = links.filter(pl.col("is_primary"))
+        assert primaries.height == 1  # exactly one primary link per matched message ...
+        assert rank[primaries["crm_kind"][0]] == min(rank[k] for k in links["crm_kind"])  # ... of the best kind
 
 
 def test_free_mail_and_own_domains_never_match_accounts():
@@ -63,7 +68,7 @@ def test_free_mail_and_own_domains_never_match_accounts():
     parts = pl.DataFrame({"graph_id": ["m1", "m2", "m3"],
                           "address": ["someone@gmail.com", "colleague@contoso.com", "new@ACME.com "]})
     got = match_participants(parts, index)
-    assert got.rows() == [("m3", "a3", "account", "new@acme.com")]
+    assert got.rows() == [("m3", "a3", "account", "new@acme.com", True)]
 
 
 def test_contact_with_free_mail_address_matches_exactly():
@@ -72,3 +77,16 @@ def test_contact_with_free_mail_address_matches_exactly():
     got = match_participants(pl.DataFrame({"graph_id": ["m1", "m2"], "address": ["jo.doe@gmail.com", "x@gmail.com"]}),
                              index)
     assert got.select("graph_id", "crm_id").rows() == [("m1", "c1")]
+
+
+def test_primary_link_prefers_contact_then_lead_then_account_then_the_sender():
+    people = pl.DataFrame({"crm_id": ["c2", "c1", "l1"], "kind": ["contact", "contact", "lead"],
+                           "email": ["to@acme.com", "from@acme.com", "lead@globex.io"]})
+    index = build_index(people, pl.DataFrame({"crm_id": ["a1"], "domain": ["acme.com"]}), OWN)
+    parts = pl.DataFrame({"graph_id": ["m1", "m1", "m2", "m2", "m3"],
+                          "role": ["to", "from", "cc", "from", "from"],
+                          "address": ["to@acme.com", "from@acme.com", "lead@globex.io", "new@acme.com",
+                                      "other@acme.com"]})
+    got = match_participants(parts, index)
+    primary = dict(got.filter(pl.col("is_primary")).select("graph_id", "crm_id").iter_rows())
+    assert primary == {"m1": "c1", "m2": "l1", "m3": "a1"}  # sender's contact; lead beats account; account

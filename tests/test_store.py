@@ -36,7 +36,7 @@ def make_batch(ids: list[str], watermark: datetime, subject: str = "s") -> MailB
     participants = pl.DataFrame({"graph_id": ids, "role": ["from"] * n, "name": ["n"] * n,
                                  "address": ["a@acme.com"] * n})
     matches = pl.DataFrame({"graph_id": ids, "crm_id": ["a1"] * n, "crm_kind": ["account"] * n,
-                            "matched_address": ["a@acme.com"] * n})
+                            "matched_address": ["a@acme.com"] * n, "is_primary": [True] * n})
     return MailBatch(emails, participants, matches, {"inbox": FolderCursor(T0, received_watermark=watermark)})
 
 
