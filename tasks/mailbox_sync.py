@@ -39,7 +39,7 @@ from o365sync.store import (
 )
 from o365sync.tenants import TenantConfig, load_tenant
 from tasks.exclusions import exclusion_reasons
-from tasks.match import MATCH_SCHEMA, CrmIndex, build_index, match_participants
+from tasks.match import MATCH_SCHEMA, CrmIndex, build_index, match_participants, normalise_address
 
 MAIL_FOLDERS = ("inbox", "sentitems")
 RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
@@ -171,7 +171,7 @@ def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, partici
         buf.emails.append(kept.select(EMAIL_FIELDS))
         buf.participants.append(
             participants.filter(pl.col("graph_id").is_in(kept_ids.implode())).select(
-                "graph_id", "role", "name", pl.col("address").str.strip_chars().str.to_lowercase()))
+                "graph_id", "role", "name", normalise_address(pl.col("address"))))
         buf.matches.append(matches)
     buf.matched += kept.height
     buf.pages += 1

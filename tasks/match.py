@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from crm_adapters.base import normalise_email
+
 # Consumer mailbox providers: a domain here never identifies a company (issue 4 replaces this with a maintained list).
 FREE_MAIL_DOMAINS = frozenset("""
 gmail.com googlemail.com outlook.com hotmail.com hotmail.co.uk hotmail.fr live.com live.co.uk msn.com
@@ -32,8 +34,7 @@ KIND_RANK = {"contact": 0, "lead": 1, "account": 2}
 ROLE_RANK = {"from": 0, "sender": 1, "to": 2, "cc": 3}
 
 
-def normalise_address(expr: pl.Expr) -> pl.Expr:
-    return expr.str.strip_chars().str.to_lowercase()
+normalise_address = normalise_email  # one rule for CRM and mail addresses: trim + lower-case, blank = null
 
 
 @dataclass(frozen=True)
