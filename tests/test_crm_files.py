@@ -12,15 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crm_adapters.base import (
-    ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
-    PEOPLE_SCHEMA,
     CrmError,
     CrmSnapshot,
     website_domain,
 )
 from crm_adapters.files import FilesConnection, fetch_snapshot
 from simulators.world import SimCrm, generate_world
+from tests.crm_helpers import assert_same, snapshot_of
 
 
 def world_frames(crm: SimCrm) -> dict[str, pl.DataFrame]:
@@ -49,20 +48,8 @@ def expected(crm: SimCrm) -> CrmSnapshot:
                for x in crm.leads if not x.is_converted and x.email.strip()]
     accounts = [(a.id, a.name, website_domain(a.website)) for a in crm.accounts]
     opps = [(o.id, o.account_id, o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
-    return CrmSnapshot(
-        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
-        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
-        opportunities=pl.DataFrame(opps, schema=OPPORTUNITIES_SCHEMA, orient="row"),
-    )
+    return snapshot_of(people, accounts, opps)
 
-
-def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
-    for name in ("people", "accounts", "opportunities"):
-        a, w = getattr(actual, name), getattr(wanted, name)
-        assert a.schema == w.schema, name
-        assert a.sort("crm_id", "email" if name == "people" else "crm_id").equals(
-            w.sort("crm_id", "email" if name == "people" else "crm_id")
-        ), name
 
 
 def write(directory: Path, files: dict[str, str]) -> FilesConnection:

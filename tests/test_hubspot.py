@@ -5,16 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
-import polars as pl
 import pytest
 
 from crm_adapters.base import (
-    ACCOUNTS_SCHEMA,
-    OPPORTUNITIES_SCHEMA,
-    PEOPLE_SCHEMA,
     CrmAuthError,
     CrmError,
     CrmQuotaExhausted,
@@ -30,45 +25,14 @@ from crm_adapters.hubspot import (
 )
 from simulators import world as world_mod
 from simulators.hubspot import SEARCH_CAP, HubSpotSimulator, additional_domains, additional_emails
-from simulators.tls import SimulatorTLS, create_tls
+from simulators.tls import SimulatorTLS
 from simulators.world import World, generate_world
+from tests.crm_helpers import Clock, Sleeps, assert_same, snapshot_of
 
 
 @pytest.fixture(scope="module")
 def world() -> World:
     return generate_world(tenants=2, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30)
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
-    return create_tls(Path(tmp_path_factory.mktemp("tls")))
-
-
-@pytest.fixture
-def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
-    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=10) as client:
-        yield client
-
-
-class Clock:
-    def __init__(self, start: datetime):
-        self.t = start.timestamp()
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Sleeps(list[float]):
-    """Records sleeps; optionally advances a fake clock so rolling windows pass."""
-
-    def __init__(self, clock: Clock | None = None):
-        super().__init__()
-        self.clock = clock
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-        if self.clock is not None:
-            self.clock.t += seconds
 
 
 @pytest.fixture
@@ -101,19 +65,8 @@ def expected(world: World, sim: HubSpotSimulator, tid: str) -> CrmSnapshot:
         domains = [domain, *additional_domains(a.id, domain)] if domain else [None]
         accounts += [(hs(a.id), a.name, d) for d in domains]
     opps = [(hs(o.id), hs(o.account_id), o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
-    return CrmSnapshot(
-        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
-        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
-        opportunities=pl.DataFrame(opps, schema=OPPORTUNITIES_SCHEMA, orient="row"),
-    )
+    return snapshot_of(people, accounts, opps)
 
-
-def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
-    for name in ("people", "accounts", "opportunities"):
-        a, w = getattr(actual, name), getattr(wanted, name)
-        assert a.schema == w.schema, name
-        keys = [c for c in w.columns if c != "created_at"] if name != "opportunities" else ["crm_id"]
-        assert a.sort(keys, nulls_last=True).equals(w.sort(keys, nulls_last=True)), name
 
 
 # -- snapshot content ------------------------------------------------------------------------------------

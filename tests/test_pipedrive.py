@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import polars as pl
 import pytest
 
 from crm_adapters.base import (
-    ACCOUNTS_SCHEMA,
-    OPPORTUNITIES_SCHEMA,
-    PEOPLE_SCHEMA,
     CrmAuthError,
     CrmQuotaExhausted,
     CrmSnapshot,
@@ -21,8 +17,9 @@ from crm_adapters.base import (
 )
 from crm_adapters.pipedrive import PipedriveConnection, fetch_snapshot
 from simulators.pipedrive import PipedriveSimulator, secondary_email, website_exposed
-from simulators.tls import SimulatorTLS, create_tls
+from simulators.tls import SimulatorTLS
 from simulators.world import CrmContact, World, generate_world
+from tests.crm_helpers import Clock, Sleeps, assert_same, snapshot_of
 
 
 @pytest.fixture(scope="module")
@@ -38,44 +35,11 @@ def world() -> World:
     return w
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> SimulatorTLS:
-    return create_tls(Path(tmp_path_factory.mktemp("tls")))
-
-
-@pytest.fixture
-def http(tls: SimulatorTLS) -> Iterator[httpx.Client]:
-    with httpx.Client(verify=tls.client_context(), trust_env=False, timeout=10) as client:
-        yield client
-
-
-class Clock:
-    """Noon (UTC) of the day after the world's `now`: later than every generated update_time."""
-
-    def __init__(self, world: World) -> None:
-        day = world.now.date() + timedelta(days=1)
-        self.t = datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp()
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Sleeps(list[float]):
-    """Records sleeps and advances the simulator's clock instead of sleeping."""
-
-    def __init__(self, clock: Clock | None = None):
-        super().__init__()
-        self.clock = clock
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-        if self.clock is not None:
-            self.clock.t += seconds
-
-
 @pytest.fixture
 def clock(world: World) -> Clock:
-    return Clock(world)
+    """Noon (UTC) of the day after the world's `now`: later than every generated update_time."""
+    day = world.now.date() + timedelta(days=1)
+    return Clock(datetime(day.year, day.month, day.day, 12, tzinfo=UTC))
 
 
 @pytest.fixture
@@ -110,19 +74,8 @@ def expected(world: World, sim: PipedriveSimulator, tid: str) -> CrmSnapshot:
         for o in crm.opportunities
         if not o.is_closed
     ]
-    return CrmSnapshot(
-        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
-        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
-        opportunities=pl.DataFrame(opps, schema=OPPORTUNITIES_SCHEMA, orient="row"),
-    )
+    return snapshot_of(people, accounts, opps)
 
-
-def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
-    for name in ("people", "accounts", "opportunities"):
-        a, w = getattr(actual, name), getattr(wanted, name)
-        assert a.schema == w.schema, name
-        keys = ["crm_id", "email"] if name == "people" else ["crm_id"]
-        assert a.sort(keys).equals(w.sort(keys)), name
 
 
 def test_snapshot_equals_world(world: World, sim: PipedriveSimulator, http: httpx.Client) -> None:

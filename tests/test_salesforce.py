@@ -30,6 +30,7 @@ from simulators import world as world_mod
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS, create_tls
 from simulators.world import CrmContact, World, generate_world
+from tests.crm_helpers import assert_same, snapshot_of
 
 TRAP_WEBSITES = {
     "WWW.ACME.COM": "acme.com",
@@ -110,18 +111,8 @@ def expected(world: World, tid: str) -> CrmSnapshot:
     ]
     accounts = [(a.id, a.name, world_mod.website_domain(a.website)) for a in crm.accounts]
     opps = [(o.id, o.account_id, o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
-    return CrmSnapshot(
-        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
-        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
-        opportunities=pl.DataFrame(opps, schema=OPPORTUNITIES_SCHEMA, orient="row"),
-    )
+    return snapshot_of(people, accounts, opps)
 
-
-def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
-    for name in ("people", "accounts", "opportunities"):
-        a, w = getattr(actual, name), getattr(wanted, name)
-        assert a.schema == w.schema, name
-        assert a.sort("crm_id").equals(w.sort("crm_id")), name
 
 
 def refresh_grant(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> httpx.Response:

@@ -1,0 +1,48 @@
+"""Shared helpers of the CRM adapter tests: build an expected snapshot from rows, compare snapshots."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+
+from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmSnapshot
+
+
+def snapshot_of(people: list[tuple], accounts: list[tuple], opportunities: list[tuple]) -> CrmSnapshot:
+    return CrmSnapshot(
+        people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
+        accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
+        opportunities=pl.DataFrame(opportunities, schema=OPPORTUNITIES_SCHEMA, orient="row"),
+    )
+
+
+def assert_same(actual: CrmSnapshot, wanted: CrmSnapshot) -> None:
+    """Same schemas and the same rows in any order."""
+    for name in ("people", "accounts", "opportunities"):
+        a, w = getattr(actual, name), getattr(wanted, name)
+        assert a.schema == w.schema, name
+        assert a.sort(a.columns, nulls_last=True).equals(w.sort(w.columns, nulls_last=True)), name
+
+
+class Clock:
+    """A settable clock for the simulators' `clock=` knob."""
+
+    def __init__(self, start: datetime):
+        self.t = start.timestamp()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Sleeps(list[float]):
+    """Records sleeps instead of sleeping; with a clock, advances it so rate-limit windows pass."""
+
+    def __init__(self, clock: Clock | None = None):
+        super().__init__()
+        self.clock = clock
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+        if self.clock is not None:
+            self.clock.t += seconds
