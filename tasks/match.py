@@ -3,8 +3,9 @@
 Participants are normalised (trim + lower-case), reduced to *distinct* external addresses, and only those are
 joined against the CRM snapshot: a mailbox page repeats the same few hundred addresses thousands of times, so
 matching distinct addresses and joining the hits back beats joining every participant row.
-Rules: exact address -> contacts and unconverted leads; domain -> accounts, never for free-mail domains or the
-tenant's own domains; a message is kept when at least one external participant matched; every matched CRM
+Rules: exact address -> contacts and unconverted leads; the address's registrable domain (public-suffix aware, so
+mail from eu.acme.co.uk reaches the account acme.co.uk) -> accounts, never for free-mail domains or the tenant's own
+domains; a message is kept when at least one external participant matched; every matched CRM
 record is recorded.
 """
 
@@ -16,15 +17,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from crm_adapters.base import normalise_email
-
-# Consumer mailbox providers: a domain here never identifies a company (issue 4 replaces this with a maintained list).
-FREE_MAIL_DOMAINS = frozenset("""
-gmail.com googlemail.com outlook.com hotmail.com hotmail.co.uk hotmail.fr live.com live.co.uk msn.com
-yahoo.com yahoo.co.uk yahoo.fr yahoo.de ymail.com rocketmail.com aol.com icloud.com me.com mac.com
-proton.me protonmail.com pm.me gmx.de gmx.net gmx.com web.de t-online.de mail.com zoho.com yandex.ru
-yandex.com mail.ru fastmail.com hey.com tutanota.com qq.com 163.com 126.com naver.com orange.fr free.fr
-laposte.net libero.it virgilio.it seznam.cz wp.pl o2.pl rediffmail.com comcast.net verizon.net att.net
-""".split())
+from o365sync.domains import FREE_MAIL_DOMAINS, registrable_domain, registrable_domains
 
 MATCH_SCHEMA = {"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String, "matched_address": pl.String,
                 "is_primary": pl.Boolean}
@@ -49,12 +42,13 @@ class CrmIndex:
 def build_index(people: pl.DataFrame, accounts: pl.DataFrame, own_domains: Iterable[str]) -> CrmIndex:
     """people: crm_id, kind, email; accounts: crm_id, domain (as snapshotted)."""
     own = frozenset(d.strip().lower() for d in own_domains)
-    excluded = list(FREE_MAIL_DOMAINS | own)
+    excluded = list(FREE_MAIL_DOMAINS | own | {r for d in own if (r := registrable_domain(d))})
     p = (people.select(normalise_address(pl.col("email")).alias("email"), "crm_id",
                        pl.col("kind").cast(pl.String).alias("crm_kind"))
          .filter(pl.col("email").str.contains("@")).unique())
-    a = (accounts.select(normalise_address(pl.col("domain")).alias("domain"), "crm_id",
-                         pl.lit("account").alias("crm_kind"))
+    a = accounts.select(normalise_address(pl.col("domain")).alias("domain"), "crm_id",
+                        pl.lit("account").alias("crm_kind"))
+    a = (a.with_columns(registrable_domains(a["domain"]).alias("domain"))
          .filter(pl.col("domain").is_not_null() & (pl.col("domain") != "") & ~pl.col("domain").is_in(excluded))
          .unique())
     return CrmIndex(people=p, accounts=a, own_domains=own)
@@ -72,6 +66,7 @@ def match_participants(participants: pl.DataFrame, index: CrmIndex) -> pl.DataFr
     distinct = external.select("address", "domain").unique()
     by_address = distinct.join(index.people, left_on="address", right_on="email", how="inner").select(
         "address", "crm_id", "crm_kind")
+    distinct = distinct.with_columns(registrable_domains(distinct["domain"]).alias("domain"))
     by_domain = distinct.join(index.accounts, on="domain", how="inner").select("address", "crm_id", "crm_kind")
     hits = pl.concat([by_address, by_domain])
     if hits.is_empty():

@@ -6,7 +6,8 @@ import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.match import FREE_MAIL_DOMAINS, build_index, match_participants
+from o365sync.domains import FREE_MAIL_DOMAINS
+from tasks.match import build_index, match_participants
 
 OWN = ["contoso.com"]
 DOMAINS = ["acme.com", "globex.io", "contoso.com", "gmail.com", "initech.co.uk", "Acme.com"]
@@ -90,3 +91,18 @@ def test_primary_link_prefers_contact_then_lead_then_account_then_the_sender():
     got = match_participants(parts, index)
     primary = dict(got.filter(pl.col("is_primary")).select("graph_id", "crm_id").iter_rows())
     assert primary == {"m1": "c1", "m2": "l1", "m3": "a1"}  # sender's contact; lead beats account; account
+
+
+def test_account_domains_are_registrable_and_never_free_mail_or_own() -> None:
+    """Mail from a sub-domain reaches the account (PSL); a PSL private suffix (github.io) keeps sites apart;
+    free-mail (from the maintained list, not only the big names) and own domains never match accounts."""
+    accounts = pl.DataFrame({"crm_id": ["A1", "A2", "A3", "A4", "A5"],
+                             "domain": ["acme.co.uk", "acme.github.io", "mail2chicago.com", "contoso.com",
+                                        "yahoo.co.uk"]})
+    index = build_index(pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}),
+                        accounts, ["contoso.com"])
+    parts = pl.DataFrame({"graph_id": ["m1", "m2", "m3", "m4", "m5", "m6"],
+                          "address": ["jane@eu.acme.co.uk", "x@other.github.io", "x@mail2chicago.com",
+                                      "boss@contoso.com", "me@yahoo.co.uk", "y@acme.github.io"]})
+    got = match_participants(parts, index)
+    assert sorted(zip(got["graph_id"], got["crm_id"], strict=True)) == [("m1", "A1"), ("m6", "A2")]

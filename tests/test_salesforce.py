@@ -36,7 +36,7 @@ TRAP_WEBSITES = {
     "WWW.ACME.COM": "acme.com",
     "http://x.io/en/home": "x.io",
     None: None,
-    "  https://www.Shop.Example.co.uk:8443/en?x=1 ": "shop.example.co.uk",
+    "  https://www.Shop.Example.co.uk:8443/en?x=1 ": "example.co.uk",  # registrable domain (PSL)
 }
 
 
