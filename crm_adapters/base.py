@@ -3,8 +3,12 @@ errors adapters raise. Exception messages carry HTTP statuses and error codes on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 
+import httpx
 import polars as pl
 
 from o365sync.domains import registrable_domain
@@ -45,10 +49,83 @@ class CrmQuotaExhausted(CrmError):
 
 @dataclass
 class CrmSnapshot:
-    people: pl.DataFrame  # PEOPLE_SCHEMA: contacts and (unconverted) leads with a normalised email
-    accounts: pl.DataFrame  # ACCOUNTS_SCHEMA: domain from the free-text website, may be null
-    opportunities: pl.DataFrame  # OPPORTUNITIES_SCHEMA
+    """Everything in scope, read in full: replaces the stored snapshot (and so reconciles hard deletes)."""
+
+    people: pl.DataFrame  # PEOPLE_SCHEMA: contacts, person accounts and unconverted leads, one row per address
+    accounts: pl.DataFrame  # ACCOUNTS_SCHEMA: one row per domain (registrable), domain may be null
+    opportunities: pl.DataFrame  # OPPORTUNITIES_SCHEMA: open ones only
     rotated_refresh_token: str | None = None  # persist it: the old one may already be invalid
+    watermark: datetime | None = None  # newest modification time read (CRM clock); incremental refreshes start here
+
+
+@dataclass
+class CrmChanges:
+    """What changed since a point in time. Every record read as changed or deleted is in `changed_ids` (keys
+    "people", "accounts", "opportunities"); its stored rows are replaced by its rows in the frames. A record that
+    left the scope (deleted, archived, converted lead, closed deal, no address left) has an id and no rows, so
+    applying the changes removes it."""
+
+    people: pl.DataFrame
+    accounts: pl.DataFrame
+    opportunities: pl.DataFrame
+    changed_ids: dict[str, set[str]] = field(default_factory=lambda: {"people": set(), "accounts": set(),
+                                                                      "opportunities": set()})
+    watermark: datetime | None = None  # newest modification/deletion time read; None when nothing changed
+    rotated_refresh_token: str | None = None
+
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def backoff_delay(attempt: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
+    """Exponential backoff for attempt 1, 2, ...: base, 2*base, ... capped."""
+    return min(cap_s, base_s * 2 ** (attempt - 1))
+
+
+def retry_after_seconds(resp: httpx.Response, cap_s: float = 30.0) -> float | None:
+    """The server's Retry-After in seconds (integer or decimal form), capped; None when absent or a date."""
+    value = resp.headers.get("Retry-After", "").strip()
+    try:
+        return min(cap_s, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
+
+
+def send_with_retry(
+    crm: str,
+    send: Callable[[], httpx.Response],
+    classify: Callable[[httpx.Response, int, bool], float | None],
+    *,
+    sleep: Callable[[float], None],
+    max_attempts: int = 5,
+) -> httpx.Response:
+    """One logical CRM request, shared by every adapter.
+
+    `classify(response, attempt, last_attempt)` decides: None hands the response back to the caller, a number
+    of seconds waits and sends again, and a raised CrmError ends it (permanent errors, quotas, and whatever the
+    CRM-specific rule says on the last attempt). Network errors are retried with `backoff_delay`. A retryable
+    answer on the last attempt that `classify` did not raise for becomes `CrmError("<crm>: HTTP <status>")`.
+    """
+    for attempt in range(1, max_attempts + 1):
+        last = attempt == max_attempts
+        try:
+            resp = send()
+        except httpx.TransportError as exc:
+            if last:
+                raise CrmError(f"{crm}: network error {type(exc).__name__}") from exc
+            log.warning("%s: %s on attempt %d, retrying", crm, type(exc).__name__, attempt)
+            sleep(backoff_delay(attempt))
+            continue
+        delay = classify(resp, attempt, last)
+        if delay is None:
+            return resp
+        if last:
+            raise CrmError(f"{crm}: HTTP {resp.status_code}", status=resp.status_code)
+        log.warning("%s: HTTP %d on attempt %d, retrying in %.1fs", crm, resp.status_code, attempt, delay)
+        sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def empty_snapshot() -> CrmSnapshot:

@@ -19,7 +19,13 @@ from prefect.futures import wait
 
 from o365sync.auth import connected_users
 from o365sync.settings import load_settings
-from o365sync.store import latest_crm_snapshot_at, open_store, publish_snapshot, read_sync_states
+from o365sync.store import (
+    latest_crm_snapshot_at,
+    open_store,
+    publish_snapshot,
+    read_crm_state,
+    read_sync_states,
+)
 from o365sync.tenants import tenant_dir
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
@@ -106,7 +112,13 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta,
         totals |= {"mailboxes": len(users), "failed": failed, "waiting": len(users) - len(due),
                    "reconnect_needed": sum(r["status"] == "reconnect_needed" for r in rows),
                    "crm_refreshed": int(bool(crm))}
-        totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts")}
+        totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts", "changed")}
+        with open_store(settings, tenant_id, write=False) as con:
+            crm_state = read_crm_state(con) or {}
+        rows.append({"user_oid": "(crm)", "status": crm_state.get("status", "never_refreshed"),
+                     **dict.fromkeys(COUNT_KEYS, 0), "excluded": "", "stage": crm.get("mode", ""),
+                     "last_success": _iso(crm_state.get("last_success_at")), "failures": 0, "next_retry": "",
+                     "last_error": crm_state.get("last_error") or ""})
         create_table_artifact(key=artifact_key(artifact_prefix, tenant_id), table=rows,
                               description=f"{artifact_prefix} of tenant {tenant_id}: per-user status and counts")
         publish_snapshot(settings, tenant_id)

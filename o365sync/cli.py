@@ -222,7 +222,7 @@ def tenant_block(
 @app.command()
 def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None) -> None:
     """Print per-user sync state."""
-    from o365sync.store import open_store, read_sync_states
+    from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_states
     from o365sync.tenants import list_tenants
 
     settings = _settings()
@@ -232,15 +232,22 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
         raise typer.Exit(0 if not tenant else 1)
     table = Table("tenant", "user", "stage", "last success", "lag", "failures", "next retry", "last error",
                   "scanned", "matched", "imported", "excluded")
+    crm_table = Table("tenant", "CRM", "state", "last refresh", "mode", "last success", "last full read", "error",
+                      title="CRM snapshots")
     for t in tenants:
         with open_store(settings, t.id, write=False) as con:
             states = read_sync_states(con, t.id)
+            crm, summary = read_crm_state(con) or {}, crm_state_summary(con)
+        crm_table.add_row(t.id, t.crm_kind, crm.get("status", "never refreshed").replace("_", " "),
+                          _cell(summary["taken_at"]), _cell(summary.get("mode")), _cell(crm.get("last_success_at")),
+                          _cell(summary["last_full_at"]), _cell(crm.get("last_error")))
         for st in states:
             table.add_row(t.id, st["user_oid"], st["stage"].replace("_", " "), _cell(st["last_success_at"]),
                           _lag(st["lag"]), str(st["consecutive_failures"]), _cell(st["next_retry_at"]),
                           _cell(st["last_error"]), _cell(st["scanned"]), _cell(st["matched"]),
                           _cell(st["imported"]), _excluded(st["excluded"]))
     console.print(table)
+    console.print(crm_table)
 
 
 @app.command()

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # Outlook allows 10,000 requests per 10 minutes per app and mailbox; keep headroom (we count on send, Graph
     # counts on arrival, and retries count too).
     graph_request_budget: int = 9500
+    # CRM refreshes: incremental from the last modification seen minus this overlap (clock skew, equal
+    # timestamps, search indexing lag), and a full re-read this often to drop records deleted without a trace.
+    crm_refresh_overlap_minutes: int = 10
+    crm_reconcile_hours: float = 24.0
 
     @property
     def authority(self) -> str:

@@ -13,10 +13,11 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -57,6 +58,11 @@ CREATE TABLE IF NOT EXISTS crm_opportunities (
 CREATE TABLE IF NOT EXISTS crm_snapshot_meta (
     taken_at TIMESTAMPTZ NOT NULL, crm_kind VARCHAR, people BIGINT, accounts BIGINT, opportunities BIGINT,
     scan_start TIMESTAMPTZ NOT NULL);
+ALTER TABLE crm_snapshot_meta ADD COLUMN IF NOT EXISTS mode VARCHAR;
+ALTER TABLE crm_snapshot_meta ADD COLUMN IF NOT EXISTS watermark TIMESTAMPTZ;
+CREATE TABLE IF NOT EXISTS crm_state (
+    singleton BOOLEAN PRIMARY KEY DEFAULT TRUE, status VARCHAR NOT NULL, last_attempt_at TIMESTAMPTZ,
+    last_success_at TIMESTAMPTZ, last_error VARCHAR);
 """
 
 EMAIL_COLUMNS = ("tenant_id", "user_oid", "graph_id", "folder", "internet_message_id", "conversation_id",
@@ -253,30 +259,93 @@ def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[dic
     return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
 
 
-def replace_crm_snapshot(con: duckdb.DuckDBPyConnection, people: pl.DataFrame, accounts: pl.DataFrame,
-                         opportunities: pl.DataFrame, crm_kind: str, scan_start: datetime) -> None:
-    con.register("s_people", people)
-    con.register("s_accounts", accounts)
-    con.register("s_opps", opportunities)
+CRM_TABLES = {  # table: (CrmChanges key, columns)
+    "crm_people": ("people", "crm_id, kind, email, account_id, name"),
+    "crm_accounts": ("accounts", "crm_id, name, domain"),
+    "crm_opportunities": ("opportunities", "crm_id, account_id, name, is_closed, created_at"),
+}
+
+
+def _write_crm(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], changed_ids: dict[str, set[str]] | None,
+               crm_kind: str, watermark: datetime | None,
+               scan_start: Callable[[datetime | None], datetime]) -> dict[str, Any]:
+    """One transaction: full replace (`changed_ids` None) or replace the rows of the changed ids, then a meta row
+    with the counts and `scan_start(oldest open opportunity)` of the result. Re-applying the same changes is
+    harmless (an overlap window re-reads records); a crash leaves the previous snapshot."""
     try:
         con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM crm_people")
-        con.execute("INSERT INTO crm_people SELECT crm_id, kind, email, account_id, name FROM s_people")
-        con.execute("DELETE FROM crm_accounts")
-        con.execute("INSERT INTO crm_accounts SELECT crm_id, name, domain FROM s_accounts")
-        con.execute("DELETE FROM crm_opportunities")
-        con.execute("INSERT INTO crm_opportunities SELECT crm_id, account_id, name, is_closed, created_at "
-                    "FROM s_opps")
-        con.execute("INSERT INTO crm_snapshot_meta VALUES (?, ?, ?, ?, ?, ?)",
-                    [datetime.now(UTC), crm_kind, people.height, accounts.height, opportunities.height,
-                     scan_start])
+        for table, (key, columns) in CRM_TABLES.items():
+            con.register("s_rows", frames[key])
+            if changed_ids is None:
+                con.execute(f"DELETE FROM {table}")
+            else:
+                con.register("s_ids", pl.DataFrame({"crm_id": sorted(changed_ids[key])}, schema={"crm_id": pl.String}))
+                con.execute(f"DELETE FROM {table} WHERE crm_id IN (SELECT crm_id FROM s_ids)")
+                con.unregister("s_ids")
+            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM s_rows")
+            con.unregister("s_rows")
+        people, accounts, opps, oldest_open = con.execute(
+            "SELECT (SELECT count(DISTINCT crm_id) FROM crm_people), (SELECT count(DISTINCT crm_id) FROM crm_accounts),"
+            " (SELECT count(*) FROM crm_opportunities WHERE NOT is_closed),"
+            " (SELECT min(created_at) FROM crm_opportunities WHERE NOT is_closed)").fetchone()
+        start = scan_start(oldest_open)
+        mode = "full" if changed_ids is None else "incremental"
+        con.execute("INSERT INTO crm_snapshot_meta (taken_at, crm_kind, people, accounts, opportunities, scan_start, "
+                    "mode, watermark) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [datetime.now(UTC), crm_kind, people, accounts, opps, start, mode, watermark])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    finally:
-        for name in ("s_people", "s_accounts", "s_opps"):
-            con.unregister(name)
+    return {"people": people, "accounts": accounts, "open_opportunities": opps, "scan_start": start, "mode": mode}
+
+
+def replace_crm_snapshot(con: duckdb.DuckDBPyConnection, people: pl.DataFrame, accounts: pl.DataFrame,
+                         opportunities: pl.DataFrame, crm_kind: str, scan_start: datetime | Callable,
+                         watermark: datetime | None = None) -> dict[str, Any]:
+    """Store a full snapshot in place of the previous one (this is also how hard deletes are reconciled).
+    `scan_start`: a fixed date, or `f(oldest open opportunity's created date)`."""
+    start_fn = scan_start if callable(scan_start) else (lambda _oldest: scan_start)
+    return _write_crm(con, {"people": people, "accounts": accounts, "opportunities": opportunities}, None, crm_kind,
+                      watermark, start_fn)
+
+
+def apply_crm_changes(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame],
+                      changed_ids: dict[str, set[str]], crm_kind: str,
+                      scan_start: Callable[[datetime | None], datetime], watermark: datetime | None) -> dict[str, Any]:
+    """Upsert an incremental refresh; the scan start is recomputed on the result. The stored watermark never
+    moves back (a refresh that saw no change keeps the previous one)."""
+    previous = crm_state_summary(con)["watermark"]
+    mark = max((w for w in (watermark, previous) if w is not None), default=None)
+    return _write_crm(con, frames, changed_ids, crm_kind, mark, scan_start)
+
+
+def crm_state_summary(con: duckdb.DuckDBPyConnection) -> dict:
+    """The stored CRM snapshot's kind, last refresh, last full refresh (reconciliation) and watermark."""
+    row = con.execute("SELECT crm_kind, taken_at, watermark, mode FROM crm_snapshot_meta ORDER BY taken_at DESC "
+                      "LIMIT 1").fetchone()
+    last_full = con.execute("SELECT max(taken_at) FROM crm_snapshot_meta WHERE coalesce(mode, 'full') = 'full'"
+                            ).fetchone()[0]
+    if row is None:
+        return {"crm_kind": None, "taken_at": None, "watermark": None, "mode": None, "last_full_at": None}
+    return {"crm_kind": row[0], "taken_at": row[1], "watermark": row[2], "mode": row[3] or "full",
+            "last_full_at": last_full}
+
+
+def record_crm_state(con: duckdb.DuckDBPyConnection, status: str, error: str | None = None) -> None:
+    """The tenant's CRM connection state for ops: ok | reconnect_needed | quota_exhausted | failed."""
+    now = datetime.now(UTC)
+    con.execute("INSERT INTO crm_state VALUES (TRUE, ?, ?, ?, ?) ON CONFLICT (singleton) DO UPDATE SET "
+                "status = excluded.status, last_attempt_at = excluded.last_attempt_at, "
+                "last_success_at = coalesce(excluded.last_success_at, crm_state.last_success_at), "
+                "last_error = excluded.last_error",
+                [status, now, now if status == "ok" else None, error])
+
+
+def read_crm_state(con: duckdb.DuckDBPyConnection) -> dict | None:
+    cur = con.execute("SELECT status, last_attempt_at, last_success_at, last_error FROM crm_state")
+    row = cur.fetchone()
+    return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
 
 
 def load_crm_frames(con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.DataFrame, datetime | None]:

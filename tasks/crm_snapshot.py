@@ -1,50 +1,41 @@
-"""Prefect task: snapshot the tenant's CRM into its store and compute the mail scan window."""
+"""Prefect task: refresh the tenant's CRM snapshot in its store and recompute the mail scan window.
+
+The first refresh, a change of CRM, and then one refresh every `crm_reconcile_hours` read the CRM in full and
+replace the snapshot (that is what removes records the CRM hard-deleted or purged, and persons Pipedrive drops
+from its lists). In between, refreshes ask only for what changed since the stored watermark minus
+`crm_refresh_overlap_minutes` (clock skew, equal timestamps, search indexing lag) and upsert it; soft deletes
+the CRM reports (Salesforce queryAll + IsDeleted, HubSpot archived, Pipedrive is_deleted / deleted deals)
+leave the snapshot right then. CSV/Parquet files are always read in full.
+The outcome is kept as the tenant's CRM state (ok / reconnect_needed / quota_exhausted / failed).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crm_adapters.base import CrmError, CrmSnapshot
+from crm_adapters.base import CrmAuthError, CrmChanges, CrmError, CrmQuotaExhausted, CrmSnapshot
 from o365sync.http import make_http_client
 from o365sync.settings import Settings, load_settings
-from o365sync.store import open_store, replace_crm_snapshot
+from o365sync.store import apply_crm_changes, crm_state_summary, open_store, record_crm_state, replace_crm_snapshot
 from o365sync.tenants import TenantConfig, load_crm_secrets, load_tenant, save_crm_secrets
 
 MIN_SCAN_DAYS = 7
 
 
-def scan_start_for(opportunities: pl.DataFrame, now: datetime) -> datetime:
+def scan_start_for(oldest_open_opportunity: datetime | None, now: datetime) -> datetime:
     """min(oldest open opportunity's created date, now - 7 days)."""
     floor = now - timedelta(days=MIN_SCAN_DAYS)
-    open_created = opportunities.filter(~pl.col("is_closed"))["created_at"].min()
-    return min(floor, open_created) if open_created is not None else floor
+    return min(floor, oldest_open_opportunity) if oldest_open_opportunity is not None else floor
 
 
-def fetch_crm_snapshot(settings: Settings, tenant: TenantConfig) -> CrmSnapshot:
+def fetch_crm(settings: Settings, tenant: TenantConfig, since: datetime | None) -> CrmSnapshot | CrmChanges:
+    """A full snapshot (`since` None) or the changes since `since`, from the tenant's CRM."""
     secrets = load_crm_secrets(settings, tenant.id)
-    if tenant.crm_kind == "salesforce":
-        from crm_adapters.salesforce import SalesforceConnection, fetch_snapshot
-
-        if tenant.crm is None or "refresh_token" not in secrets:
-            raise CrmError(f"tenant {tenant.id}: Salesforce connection is not configured")
-        conn = SalesforceConnection(login_url=tenant.crm.login_url, client_id=tenant.crm.client_id,
-                                    client_secret=secrets.get("client_secret", ""),
-                                    refresh_token=secrets["refresh_token"], api_version=tenant.crm.api_version)
-        try:
-            with make_http_client(settings) as http:
-                snapshot = fetch_snapshot(conn, http)
-        except CrmError as exc:
-            if exc.rotated_refresh_token:  # the old token is already dead: keep the new one even on failure
-                save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": exc.rotated_refresh_token})
-            raise
-        if snapshot.rotated_refresh_token:
-            save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": snapshot.rotated_refresh_token})
-        return snapshot
     if tenant.crm is None:
         raise CrmError(f"tenant {tenant.id}: {tenant.crm_kind} connection is not configured")
     if tenant.crm_kind == "files":
@@ -54,21 +45,35 @@ def fetch_crm_snapshot(settings: Settings, tenant: TenantConfig) -> CrmSnapshot:
         if not tenant.crm.directory:
             raise CrmError(f"tenant {tenant.id}: the CRM files directory is not configured")
         return fetch_files(FilesConnection(directory=Path(tenant.crm.directory)))
-    if tenant.crm_kind == "hubspot":
-        from crm_adapters.hubspot import HubSpotConnection
-        from crm_adapters.hubspot import fetch_snapshot as fetch_hubspot
+    if tenant.crm_kind == "salesforce":
+        from crm_adapters import salesforce as adapter
 
-        with make_http_client(settings) as http:
-            return fetch_hubspot(HubSpotConnection(base_url=tenant.crm.login_url,
-                                                   access_token=_secret(secrets, "access_token", tenant)), http)
-    if tenant.crm_kind == "pipedrive":
-        from crm_adapters.pipedrive import PipedriveConnection
-        from crm_adapters.pipedrive import fetch_snapshot as fetch_pipedrive
+        conn: Any = adapter.SalesforceConnection(
+            login_url=tenant.crm.login_url, client_id=tenant.crm.client_id,
+            client_secret=secrets.get("client_secret", ""), refresh_token=_secret(secrets, "refresh_token", tenant),
+            api_version=tenant.crm.api_version)
+    elif tenant.crm_kind == "hubspot":
+        from crm_adapters import hubspot as adapter
 
+        conn = adapter.HubSpotConnection(base_url=tenant.crm.login_url,
+                                         access_token=_secret(secrets, "access_token", tenant))
+    elif tenant.crm_kind == "pipedrive":
+        from crm_adapters import pipedrive as adapter
+
+        conn = adapter.PipedriveConnection(base_url=tenant.crm.login_url,
+                                           api_token=_secret(secrets, "api_token", tenant))
+    else:
+        raise CrmError(f"tenant {tenant.id}: unsupported CRM kind {tenant.crm_kind}")
+    try:
         with make_http_client(settings) as http:
-            return fetch_pipedrive(PipedriveConnection(base_url=tenant.crm.login_url,
-                                                       api_token=_secret(secrets, "api_token", tenant)), http)
-    raise CrmError(f"tenant {tenant.id}: unsupported CRM kind {tenant.crm_kind}")
+            result = adapter.fetch_snapshot(conn, http) if since is None else adapter.fetch_changes(conn, http, since)
+    except CrmError as exc:
+        if exc.rotated_refresh_token:  # the old token is already dead: keep the new one even on failure
+            save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": exc.rotated_refresh_token})
+        raise
+    if result.rotated_refresh_token:
+        save_crm_secrets(settings, tenant.id, {**secrets, "refresh_token": result.rotated_refresh_token})
+    return result
 
 
 def _secret(secrets: dict[str, str], name: str, tenant: TenantConfig) -> str:
@@ -77,21 +82,52 @@ def _secret(secrets: dict[str, str], name: str, tenant: TenantConfig) -> str:
     return secrets[name]
 
 
-def refresh_crm_snapshot(settings: Settings, tenant_id: str) -> dict[str, int | str]:
+def refresh_since(settings: Settings, tenant: TenantConfig, summary: dict, now: datetime) -> datetime | None:
+    """Where an incremental refresh starts, or None when this refresh must read the CRM in full."""
+    if (tenant.crm_kind == "files" or summary["crm_kind"] != tenant.crm_kind or summary["watermark"] is None
+            or summary["last_full_at"] is None
+            or now - summary["last_full_at"] >= timedelta(hours=settings.crm_reconcile_hours)):
+        return None
+    return summary["watermark"] - timedelta(minutes=settings.crm_refresh_overlap_minutes)
+
+
+def crm_error_status(exc: CrmError) -> str:
+    if isinstance(exc, CrmAuthError):
+        return "reconnect_needed"
+    if isinstance(exc, CrmQuotaExhausted):
+        return "quota_exhausted"
+    return "failed"
+
+
+def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | None = None) -> dict[str, Any]:
+    """Full or incremental refresh (see the module docstring); returns counts, mode and the new scan start.
+    A CRM failure is recorded as the tenant's CRM state (codes only) and re-raised; the stored snapshot stays."""
     tenant = load_tenant(settings, tenant_id)
-    snap = fetch_crm_snapshot(settings, tenant)
-    scan_start = scan_start_for(snap.opportunities, datetime.now(UTC))
+    now = now or datetime.now(UTC)
+    with open_store(settings, tenant_id, write=False) as con:
+        since = refresh_since(settings, tenant, crm_state_summary(con), now)
+    try:
+        result = fetch_crm(settings, tenant, since)
+    except CrmError as exc:
+        with open_store(settings, tenant_id, write=True) as con:
+            record_crm_state(con, crm_error_status(exc), f"{type(exc).__name__}: {exc}"[:300])
+        raise
+    start = lambda oldest_open: scan_start_for(oldest_open, now)  # noqa: E731
+    frames = {"people": result.people, "accounts": result.accounts, "opportunities": result.opportunities}
     with open_store(settings, tenant_id, write=True) as con:
-        replace_crm_snapshot(con, snap.people, snap.accounts, snap.opportunities, tenant.crm_kind, scan_start)
-    return {"people": snap.people.height, "accounts": snap.accounts.height,
-            "open_opportunities": snap.opportunities.filter(~pl.col("is_closed")).height,
-            "scan_start": scan_start.isoformat()}
+        if isinstance(result, CrmChanges):
+            counts = apply_crm_changes(con, frames, result.changed_ids, tenant.crm_kind, start, result.watermark)
+            counts["changed"] = sum(len(ids) for ids in result.changed_ids.values())
+        else:
+            counts = replace_crm_snapshot(con, *frames.values(), tenant.crm_kind, start, result.watermark)
+        record_crm_state(con, "ok")
+    return {**counts, "scan_start": counts["scan_start"].isoformat()}
 
 
 @task(name="crm-snapshot", persist_result=False, cache_policy=NO_CACHE)
-def snapshot_crm(tenant_id: str) -> dict[str, int | str]:
+def snapshot_crm(tenant_id: str) -> dict[str, Any]:
     counts = refresh_crm_snapshot(load_settings(), tenant_id)
-    get_run_logger().info("crm snapshot tenant=%s people=%s accounts=%s open_opportunities=%s scan_start=%s",
-                          tenant_id, counts["people"], counts["accounts"], counts["open_opportunities"],
-                          counts["scan_start"])
+    get_run_logger().info("crm refresh tenant=%s mode=%s people=%s accounts=%s open_opportunities=%s changed=%s "
+                          "scan_start=%s", tenant_id, counts["mode"], counts["people"], counts["accounts"],
+                          counts["open_opportunities"], counts.get("changed", ""), counts["scan_start"])
     return counts

@@ -21,9 +21,9 @@ from o365sync.domains import FREE_MAIL_DOMAINS, registrable_domain, registrable_
 
 MATCH_SCHEMA = {"graph_id": pl.String, "crm_id": pl.String, "crm_kind": pl.String, "matched_address": pl.String,
                 "is_primary": pl.Boolean}
-# The primary link of a message: contact > lead > account; ties go to the participant who sent the mail, then
-# To, then Cc, then the smallest CRM id (deterministic).
-KIND_RANK = {"contact": 0, "lead": 1, "account": 2}
+# The primary link of a message: contact > person account > lead > account; ties go to the participant who sent
+# the mail, then To, then Cc, then the smallest CRM id (deterministic).
+KIND_RANK = {"contact": 0, "person_account": 1, "lead": 2, "account": 3}
 ROLE_RANK = {"from": 0, "sender": 1, "to": 2, "cc": 3}
 
 

@@ -56,3 +56,27 @@ def table_counts(settings: Settings, tenant_id: str) -> dict[str, int]:
     with open_store(settings, tenant_id, write=False) as con:
         return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
                 for t in ("emails", "email_participants", "email_crm_matches")}
+
+
+def expected_for_crm(world, tid: str, running, crm_kind: str) -> dict:
+    """The ground truth in the CRM's own ids (HubSpot and Pipedrive number records themselves). Pipedrive has no
+    domain field: only organizations whose website the simulator exposes can match by domain."""
+    import copy
+
+    from simulators.pipedrive import website_exposed
+
+    if crm_kind == "pipedrive":
+        world = copy.copy(world)
+        crm = copy.deepcopy(world.crm[tid])
+        for account in crm.accounts:
+            if not website_exposed(account.id):
+                account.website = None
+        world.crm = {**world.crm, tid: crm}
+    expected = world.expected_matches(tid)
+    if crm_kind == "hubspot":
+        return {k: frozenset(running.hubspot.hs_id(tid, i) for i in v) for k, v in expected.items()}
+    if crm_kind == "pipedrive":
+        ids = running.pipedrive.ids[tid]
+        flat = {w: str(n) for kind in ("persons", "organizations") for w, n in ids[kind].items()}
+        return {k: frozenset(flat[i] for i in v) for k, v in expected.items()}
+    return expected

@@ -7,7 +7,7 @@ import pytest
 from flows.initial_import import initial_import
 from o365sync.store import open_store, snapshot_path
 from simulators.world import generate_world
-from tests.product import stand_up, stored_matches, table_counts
+from tests.product import expected_for_crm, stand_up, stored_matches, table_counts
 
 
 @pytest.fixture
@@ -148,30 +148,6 @@ def test_a_crm_outage_keeps_mail_syncing_against_the_last_snapshot(prefect_serve
     totals = initial_import(tenant.tid)
     assert totals["crm_refreshed"] == 0 and totals["failed"] == 0
     assert (tenant.users[0].oid, added.id) in stored_matches(product.settings, tenant.tid)
-
-
-def expected_for_crm(world, tid: str, running, crm_kind: str) -> dict:
-    """The ground truth in the CRM's own ids (HubSpot and Pipedrive number records themselves). Pipedrive has no
-    domain field: only organizations whose website the simulator exposes can match by domain."""
-    import copy
-
-    from simulators.pipedrive import website_exposed
-
-    if crm_kind == "pipedrive":
-        world = copy.copy(world)
-        crm = copy.deepcopy(world.crm[tid])
-        for account in crm.accounts:
-            if not website_exposed(account.id):
-                account.website = None
-        world.crm = {**world.crm, tid: crm}
-    expected = world.expected_matches(tid)
-    if crm_kind == "hubspot":
-        return {k: frozenset(running.hubspot.hs_id(tid, i) for i in v) for k, v in expected.items()}
-    if crm_kind == "pipedrive":
-        ids = running.pipedrive.ids[tid]
-        flat = {w: str(n) for kind in ("persons", "organizations") for w, n in ids[kind].items()}
-        return {k: frozenset(flat[i] for i in v) for k, v in expected.items()}
-    return expected
 
 
 @pytest.mark.parametrize("crm_kind", ["hubspot", "pipedrive", "files"])
