@@ -1,9 +1,15 @@
-"""Salesforce CRM snapshot over the REST API (crm_apis.md §1): refresh-token grant for a session, then SOQL
-`query` pages followed through `nextRecordsUrl` until `done`, streamed page by page into column lists.
+"""Salesforce CRM over the REST API (crm_apis.md §1): refresh-token grant for a session, `describe` of Contact, Lead
+and Account, then SOQL `query` (full snapshot) or `queryAll` (changes since a SystemModstamp) pages followed through
+`nextRecordsUrl` until `done`, streamed page by page into column lists.
 
 Salesforce sends no `expires_in`, so the session is refreshed when a call answers 401 (once per call).
-5xx, 429 and network errors are retried a few times with backoff; 403 REQUEST_LIMIT_EXCEEDED is the rolling
-daily cap and is raised at once as `CrmQuotaExhausted`; `invalid_grant` means the tenant must reconnect.
+5xx, 429 and network errors are retried a few times with backoff (`base.send_with_retry`); 403
+REQUEST_LIMIT_EXCEEDED is the rolling daily cap and is raised at once as `CrmQuotaExhausted`; `invalid_grant` means
+the tenant must reconnect.
+
+Describe first (trap 14): every email-type field of Contact and Lead is read (standard Email plus custom ones such
+as Secondary_Email__c; each address is a people row with the record's Id), and person accounts are used only when
+Account describes `IsPersonAccount` -- selecting PersonEmail in an org without them fails with INVALID_FIELD.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import httpx
 import polars as pl
@@ -20,11 +27,17 @@ import polars as pl
 from crm_adapters.base import (
     ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
+    PEOPLE_SCHEMA,
+    RETRY_STATUSES,
     CrmAuthError,
+    CrmChanges,
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
+    backoff_delay,
     people_frame,
+    retry_after_seconds,
+    send_with_retry,
     website_domain,
 )
 
@@ -33,15 +46,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4  # per request, for 5xx / 429 / network errors
 BACKOFF_S = 0.5  # doubles per attempt; Retry-After wins when given (capped)
 MAX_BACKOFF_S = 30.0
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-
-CONTACTS_SOQL = "SELECT Id, FirstName, LastName, Email, AccountId FROM Contact WHERE Email != null"
-# Converted leads survive as rows with IsConverted = true; their person is a Contact now (trap 5).
-LEADS_SOQL = "SELECT Id, FirstName, LastName, Email FROM Lead WHERE IsConverted = false AND Email != null"
-ACCOUNTS_SOQL = "SELECT Id, Name, Website FROM Account"
-OPEN_OPPORTUNITIES_SOQL = (
-    "SELECT Id, Name, AccountId, IsClosed, CreatedDate FROM Opportunity WHERE IsClosed = false"
-)
 
 
 @dataclass
@@ -83,31 +87,25 @@ class _SalesforceClient:
         self.version = conn.api_version.lstrip("vV")
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One logical request, retried on 5xx/429/network errors with exponential backoff."""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
-            try:
-                resp = self.http.request(method, url, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmError(f"salesforce: network error {type(exc).__name__}") from exc
-                log.warning("salesforce: %s on attempt %d, retrying", type(exc).__name__, attempt)
-            else:
-                if resp.status_code not in _RETRY_STATUSES:
-                    return resp
-                code = _error_code(resp)
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmError(
-                        f"salesforce: HTTP {resp.status_code} {code or ''}".rstrip(),
-                        status=resp.status_code,
-                        code=code,
-                    )
-                retry_after = resp.headers.get("Retry-After", "")
-                if retry_after.isdigit():
-                    delay = min(MAX_BACKOFF_S, float(retry_after))
-                log.warning("salesforce: HTTP %d on attempt %d, retrying", resp.status_code, attempt)
-            self.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One logical request, retried on 5xx/429/network errors with exponential backoff or Retry-After."""
+        return send_with_retry(
+            "salesforce",
+            lambda: self.http.request(method, url, **kwargs),
+            self._classify,
+            sleep=self.sleep,
+            max_attempts=MAX_ATTEMPTS,
+        )
+
+    @staticmethod
+    def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
+        if resp.status_code not in RETRY_STATUSES:
+            return None
+        if last:
+            code = _error_code(resp)
+            message = f"salesforce: HTTP {resp.status_code} {code or ''}".rstrip()
+            raise CrmError(message, status=resp.status_code, code=code)
+        retry_after = retry_after_seconds(resp, MAX_BACKOFF_S)
+        return retry_after if retry_after is not None else backoff_delay(attempt, BACKOFF_S, MAX_BACKOFF_S)
 
     def refresh(self) -> None:
         url = f"{self.conn.login_url.rstrip('/')}/services/oauth2/token"
@@ -171,9 +169,10 @@ class _SalesforceClient:
                 raise CrmError("salesforce: unexpected response shape")
             return body
 
-    def query(self, soql: str) -> Iterator[list[dict[str, Any]]]:
-        """Yield the records of each page of `soql`, following nextRecordsUrl until done."""
-        page = self.get(f"/services/data/v{self.version}/query", params={"q": soql})
+    def query(self, soql: str, endpoint: str = "query") -> Iterator[list[dict[str, Any]]]:
+        """Yield the records of each page of `soql` (`query`, or `queryAll` to include the recycle bin),
+        following nextRecordsUrl until done."""
+        page = self.get(f"/services/data/v{self.version}/{endpoint}", params={"q": soql})
         seen: set[str] = set()
         while True:
             yield page.get("records") or []
@@ -185,83 +184,303 @@ class _SalesforceClient:
             seen.add(next_url)
             page = self.get(next_url)
 
+    def describe(self, sobject: str) -> dict[str, str]:
+        """{field name: describe type} of `sobject`, in describe order."""
+        body = self.get(f"/services/data/v{self.version}/sobjects/{sobject}/describe")
+        fields = body.get("fields")
+        if not isinstance(fields, list):
+            raise CrmError(f"salesforce: {sobject} describe without fields")
+        return {
+            f["name"]: str(f.get("type"))
+            for f in fields
+            if isinstance(f, dict) and isinstance(f.get("name"), str)
+        }
 
-def _columns(client: _SalesforceClient, soql: str, fields: dict[str, str]) -> dict[str, list[Any]]:
-    """Stream every page of `soql` into one list per output column ({output column: Salesforce field})."""
-    cols: dict[str, list[Any]] = {out: [] for out in fields}
-    for records in client.query(soql):
-        for rec in records:
-            for out, src in fields.items():
-                cols[out].append(rec.get(src))
-    return cols
+
+# ----------------------------------------------------------------------------------------------------
+# What to read: one `_Source` per sObject, used by the full snapshot and the incremental read alike.
 
 
-def _people(client: _SalesforceClient, soql: str, kind: str, with_account: bool) -> pl.DataFrame:
-    fields = {"crm_id": "Id", "first": "FirstName", "last": "LastName", "email": "Email"}
-    if with_account:
-        fields["account_id"] = "AccountId"
-    cols = _columns(client, soql, fields)
-    frame = pl.DataFrame(cols, schema={name: pl.String for name in cols})
-    name = pl.concat_str(["first", "last"], separator=" ", ignore_nulls=True).str.strip_chars()
-    account = pl.col("account_id") if with_account else pl.lit(None, pl.String)
-    return people_frame(
-        frame.with_columns(
-            pl.lit(kind, pl.String).alias("kind"), account.alias("account_id"), name.alias("name")
+def _email_fields(fields: dict[str, str], keep: Callable[[str], bool] = lambda _: True) -> tuple[str, ...]:
+    """The email-type fields, standard Email (or PersonEmail) first."""
+    found = [name for name, ftype in fields.items() if ftype == "email" and keep(name)]
+    return tuple(sorted(found, key=lambda name: (name not in ("Email", "PersonEmail"), found.index(name))))
+
+
+def _full_name(rec: dict[str, Any]) -> str:
+    return " ".join(str(part) for part in (rec.get("FirstName"), rec.get("LastName")) if part).strip()
+
+
+class _Rows:
+    """Column lists of the three frames, filled record by record."""
+
+    def __init__(self) -> None:
+        self.people: dict[str, list[Any]] = {name: [] for name in PEOPLE_SCHEMA}
+        self.accounts: dict[str, list[Any]] = {name: [] for name in ACCOUNTS_SCHEMA}
+        self.opportunities: dict[str, list[Any]] = {name: [] for name in OPPORTUNITIES_SCHEMA}
+
+    def person(
+        self, rec: dict[str, Any], kind: str, emails: tuple[str, ...], account_id: str | None, name: str
+    ) -> None:
+        for email_field in emails:  # every address is a row; blanks and duplicates go in `frames`
+            for column, value in zip(
+                PEOPLE_SCHEMA, (rec["Id"], kind, rec.get(email_field), account_id, name), strict=True
+            ):
+                self.people[column].append(value)
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        people = people_frame(pl.DataFrame(self.people, schema={n: pl.String for n in PEOPLE_SCHEMA}))
+        people = people.unique(subset=["crm_id", "kind", "email"], keep="first", maintain_order=True)
+        accounts = pl.DataFrame(self.accounts, schema=ACCOUNTS_SCHEMA)
+        opps = pl.DataFrame(
+            self.opportunities, schema={**{n: pl.String for n in OPPORTUNITIES_SCHEMA}, "is_closed": pl.Boolean}
         )
+        created = (
+            pl.col("created_at")
+            .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us")
+            .dt.convert_time_zone("UTC")
+        )
+        opps = opps.with_columns(created.alias("created_at")).select(
+            [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
+        )
+        return people, accounts, opps
+
+
+@dataclass(frozen=True)
+class _Source:
+    sobject: str
+    fields: tuple[str, ...]  # selected; always Id, IsDeleted and SystemModstamp
+    scope: str | None  # WHERE of the full snapshot: `in_scope` in SOQL ("" = everything, None = nothing to read)
+    in_scope: Callable[[dict[str, Any]], bool]  # applied to every record read, full or incremental
+    emit: Callable[[dict[str, Any], _Rows], None]  # frame rows of one in-scope record
+    changed: tuple[str, ...]  # changed_ids keys its Ids belong to
+
+
+_BASE_FIELDS = ("Id", "IsDeleted", "SystemModstamp")
+
+
+def _any_email(emails: tuple[str, ...]) -> str | None:
+    return "(" + " OR ".join(f"{name} != null" for name in emails) + ")" if emails else None
+
+
+def _sources(client: _SalesforceClient) -> list[_Source]:
+    """Describe Contact, Lead and Account, then say what to select and which records are in scope."""
+    contact_fields, lead_fields = client.describe("Contact"), client.describe("Lead")
+    account_fields = client.describe("Account")
+    contact_emails, lead_emails = _email_fields(contact_fields), _email_fields(lead_fields)
+    person_accounts = "IsPersonAccount" in account_fields
+    # A person account's person contact is a Contact row too (IsPersonAccount = true); the person is read once,
+    # from the Account, with the Account Id (crm_apis.md §1.3). Contact.IsPersonAccount exists exactly when person
+    # accounts are enabled; checked separately to be safe.
+    contact_person_flag = "IsPersonAccount" in contact_fields
+    # Person-account addresses: PersonEmail and custom person fields (`__pc`); business `__c` email fields of an
+    # Account are not a person's address and are not read.
+    person_emails = (
+        _email_fields(account_fields, lambda n: n == "PersonEmail" or n.endswith("__pc")) if person_accounts else ()
     )
 
+    contact_scope = _any_email(contact_emails)
+    if contact_scope and contact_person_flag:
+        contact_scope += " AND IsPersonAccount = false"
+    lead_scope = _any_email(lead_emails)
 
-def _accounts(client: _SalesforceClient) -> pl.DataFrame:
-    cols: dict[str, list[Any]] = {"crm_id": [], "name": [], "domain": []}
-    for records in client.query(ACCOUNTS_SOQL):
+    def contact(rec: dict[str, Any], rows: _Rows) -> None:
+        rows.person(rec, "contact", contact_emails, rec.get("AccountId"), _full_name(rec))
+
+    def lead(rec: dict[str, Any], rows: _Rows) -> None:
+        rows.person(rec, "lead", lead_emails, None, _full_name(rec))
+
+    def account(rec: dict[str, Any], rows: _Rows) -> None:
+        # Every account, person accounts included, is an account row; its domain comes from Website only, so a
+        # person account without a website never matches by domain.
+        rows.accounts["crm_id"].append(rec["Id"])
+        rows.accounts["name"].append(rec.get("Name"))
+        rows.accounts["domain"].append(website_domain(rec.get("Website")))
+        if rec.get("IsPersonAccount"):
+            rows.person(rec, "person_account", person_emails, rec["Id"], rec.get("Name") or "")
+
+    def opportunity(rec: dict[str, Any], rows: _Rows) -> None:
+        for column, src in (("crm_id", "Id"), ("account_id", "AccountId"), ("name", "Name"),
+                            ("is_closed", "IsClosed"), ("created_at", "CreatedDate")):
+            rows.opportunities[column].append(rec.get(src))
+
+    def live(rec: dict[str, Any]) -> bool:
+        return not rec.get("IsDeleted")
+
+    return [
+        _Source(
+            "Contact",
+            (*_BASE_FIELDS, "FirstName", "LastName", "AccountId", *contact_emails)
+            + (("IsPersonAccount",) if contact_person_flag else ()),
+            contact_scope,
+            lambda r: live(r) and not r.get("IsPersonAccount"),
+            contact,
+            ("people",),
+        ),
+        _Source(
+            # Converted leads stay as rows with IsConverted = true; their person is a Contact now (trap 5).
+            "Lead",
+            (*_BASE_FIELDS, "FirstName", "LastName", "IsConverted", *lead_emails),
+            f"IsConverted = false AND {lead_scope}" if lead_scope else None,
+            lambda r: live(r) and not r.get("IsConverted"),
+            lead,
+            ("people",),
+        ),
+        _Source(
+            "Account",
+            (*_BASE_FIELDS, "Name", "Website") + (("IsPersonAccount", *person_emails) if person_accounts else ()),
+            "",
+            live,
+            account,
+            ("accounts", "people") if person_accounts else ("accounts",),
+        ),
+        _Source(
+            "Opportunity",
+            (*_BASE_FIELDS, "Name", "AccountId", "IsClosed", "CreatedDate"),
+            "IsClosed = false",
+            lambda r: live(r) and not r.get("IsClosed"),
+            opportunity,
+            ("opportunities",),
+        ),
+    ]
+
+
+def _parse_datetime(value: Any) -> datetime | None:
+    """A Salesforce datetime ("2024-05-02T10:11:12.000+0000") as an aware UTC datetime."""
+    if not isinstance(value, str):
+        return None
+    for fmt in ("%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            return datetime.strptime(value, fmt).astimezone(UTC)
+        except ValueError:
+            continue
+    raise CrmError("salesforce: unexpected SystemModstamp format")
+
+
+def _read(
+    client: _SalesforceClient, source: _Source, where: str, rows: _Rows, *, endpoint: str = "query",
+    ids: set[str] | None = None, order: str = "",
+) -> datetime | None:
+    """Read `source` (optionally filtered by `where`), emit its in-scope records into `rows`, collect every Id read
+    into `ids`; returns the newest SystemModstamp read."""
+    soql = f"SELECT {', '.join(source.fields)} FROM {source.sobject}"
+    if where:
+        soql += f" WHERE {where}"
+    soql += order
+    newest: datetime | None = None
+    for records in client.query(soql, endpoint):
         for rec in records:
-            cols["crm_id"].append(rec.get("Id"))
-            cols["name"].append(rec.get("Name"))
-            cols["domain"].append(website_domain(rec.get("Website")))
-    return pl.DataFrame(cols, schema=ACCOUNTS_SCHEMA)
+            stamp = _parse_datetime(rec.get("SystemModstamp"))
+            if stamp is not None and (newest is None or stamp > newest):
+                newest = stamp
+            if ids is not None and isinstance(rec.get("Id"), str):
+                ids.add(rec["Id"])
+            if source.in_scope(rec):
+                source.emit(rec, rows)
+    return newest
 
 
-def _opportunities(client: _SalesforceClient) -> pl.DataFrame:
-    fields = {
-        "crm_id": "Id",
-        "account_id": "AccountId",
-        "name": "Name",
-        "is_closed": "IsClosed",
-        "created_at": "CreatedDate",
-    }
-    cols = _columns(client, OPEN_OPPORTUNITIES_SOQL, fields)
-    frame = pl.DataFrame(cols, schema={**{k: pl.String for k in fields}, "is_closed": pl.Boolean})
-    created = (
-        pl.col("created_at")
-        .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us")
-        .dt.convert_time_zone("UTC")
-    )
-    return frame.with_columns(created.alias("created_at")).select(
-        [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
-    )
+def _newest(*stamps: datetime | None) -> datetime | None:
+    return max((s for s in stamps if s is not None), default=None)
+
+
+def soql_datetime(value: datetime) -> str:
+    """An unquoted SOQL datetime literal in UTC, whole seconds (floored: with `>=` that only widens the window).
+    A naive datetime is taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_T = TypeVar("_T")
+
+
+def _session(
+    conn: SalesforceConnection, http: httpx.Client, sleep: Callable[[float], None],
+    work: Callable[[_SalesforceClient], _T],
+) -> _T:
+    """Run `work` with a client; on failure the rotated refresh token (if any) rides on the exception."""
+    client = _SalesforceClient(conn, http, sleep)
+    try:
+        return work(client)
+    except CrmError as exc:
+        exc.rotated_refresh_token = client.rotated
+        raise
 
 
 def fetch_snapshot(
     conn: SalesforceConnection, http: httpx.Client, *, sleep: Callable[[float], None] = time.sleep
 ) -> CrmSnapshot:
-    """Contacts and unconverted leads with an email, accounts (domain from Website) and open opportunities.
+    """Contacts and unconverted leads (every email-type field), person accounts (PersonEmail and `__pc` email
+    fields) when the org has them, accounts (domain from Website) and open opportunities.
+
+    `watermark` is the newest SystemModstamp read. Records change while the snapshot is read (and out-of-scope
+    records are not read at all), so start the next `fetch_changes` a little before it (an overlap; re-reading
+    is harmless).
 
     Raises CrmAuthError (reconnect needed), CrmQuotaExhausted (daily API cap) or CrmError. If the org rotates
     refresh tokens, `rotated_refresh_token` carries the new one, which must be persisted even when a later
     step fails -- so on error it is also attached to the exception as `rotated_refresh_token`.
     """
-    client = _SalesforceClient(conn, http, sleep)
-    try:
-        contacts = _people(client, CONTACTS_SOQL, "contact", with_account=True)
-        leads = _people(client, LEADS_SOQL, "lead", with_account=False)
-        accounts = _accounts(client)
-        opportunities = _opportunities(client)
-    except CrmError as exc:
-        exc.rotated_refresh_token = client.rotated
-        raise
-    return CrmSnapshot(
-        people=pl.concat([contacts, leads], how="vertical"),
-        accounts=accounts,
-        opportunities=opportunities,
-        rotated_refresh_token=client.rotated,
-    )
+
+    def work(client: _SalesforceClient) -> CrmSnapshot:
+        rows = _Rows()
+        newest: datetime | None = None
+        for source in _sources(client):
+            if source.scope is not None:  # None: no email field to read, so nothing can be in scope
+                newest = _newest(newest, _read(client, source, source.scope, rows))
+        people, accounts, opportunities = rows.frames()
+        return CrmSnapshot(
+            people=people,
+            accounts=accounts,
+            opportunities=opportunities,
+            rotated_refresh_token=client.rotated,
+            watermark=newest,
+        )
+
+    return _session(conn, http, sleep, work)
+
+
+def fetch_changes(
+    conn: SalesforceConnection,
+    http: httpx.Client,
+    since: datetime,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CrmChanges:
+    """Every Contact, Lead, Account and Opportunity whose SystemModstamp is at or after `since` (crm_apis.md §1.5).
+
+    One `queryAll` per object (`WHERE SystemModstamp >= since ORDER BY SystemModstamp ASC`, no scope filter), so
+    soft-deleted records (IsDeleted = true), converted leads, closed opportunities and people whose address was
+    removed come back too: all of their Ids are in `changed_ids`, and only the in-scope ones have rows (built
+    exactly as in `fetch_snapshot`). With person accounts, Account Ids are also people Ids. `watermark` is the
+    newest SystemModstamp read (None when nothing changed): pass it, minus an overlap, as the next `since`.
+
+    Records purged from the recycle bin (hard deletes) are not visible here; a periodic `fetch_snapshot`
+    reconciles them. Errors as in `fetch_snapshot`.
+    """
+
+    def work(client: _SalesforceClient) -> CrmChanges:
+        rows = _Rows()
+        changed: dict[str, set[str]] = {"people": set(), "accounts": set(), "opportunities": set()}
+        where = f"SystemModstamp >= {soql_datetime(since)}"
+        newest: datetime | None = None
+        for source in _sources(client):
+            ids: set[str] = set()
+            stamp = _read(
+                client, source, where, rows, endpoint="queryAll", ids=ids, order=" ORDER BY SystemModstamp ASC"
+            )
+            newest = _newest(newest, stamp)
+            for key in source.changed:
+                changed[key] |= ids
+        people, accounts, opportunities = rows.frames()
+        return CrmChanges(
+            people=people,
+            accounts=accounts,
+            opportunities=opportunities,
+            changed_ids=changed,
+            watermark=newest,
+            rotated_refresh_token=client.rotated,
+        )
+
+    return _session(conn, http, sleep, work)

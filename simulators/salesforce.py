@@ -2,8 +2,13 @@
 rotation), the versions list, and `query`/`queryAll` with a SOQL subset, query-locator paging and
 Salesforce-shaped errors (JSON arrays). See crm_apis.md §1 and §6.1.
 
+Also `GET /sobjects/{T}/describe`, so adapters find custom email fields and person-account fields before
+selecting them (an unknown field is 400 INVALID_FIELD, as in Salesforce).
+
 Knobs for tests: `expire_sessions()`, `daily_limit`, `inject(status, count)`, `revoke_refresh_token()`,
-`soft_delete()`, `invalidate_locators()`, and `requests` (a log without secrets).
+`invalidate_locators()`, and `requests` (a log without secrets). Org changes, each stamping SystemModstamp with
+`world.now` (tests advance it): `update()`, `soft_delete()`, `add_contact()`, `add_account()`, `convert_lead()`,
+`close_opportunity()`, `enable_person_accounts()` + `add_person_account()`, `add_custom_field()`.
 """
 
 from __future__ import annotations
@@ -27,45 +32,48 @@ from simulators.world import World
 # ----------------------------------------------------------------------------------------------------
 # Object model
 
+# Field types as `describe` reports them. Literals: string-like types take quoted strings, the others not.
 _DT, _DATE, _BOOL, _STR = "datetime", "date", "boolean", "string"
+_ID, _REF, _EMAIL, _URL, _PICK = "id", "reference", "email", "url", "picklist"
+_STRING_TYPES = frozenset({_STR, _ID, _REF, _EMAIL, _URL, _PICK, "phone", "textarea"})
 
 SOBJECTS: dict[str, dict[str, str]] = {
     "Contact": {
-        "Id": _STR,
+        "Id": _ID,
         "FirstName": _STR,
         "LastName": _STR,
-        "Email": _STR,
-        "AccountId": _STR,
+        "Email": _EMAIL,
+        "AccountId": _REF,
         "IsDeleted": _BOOL,
         "CreatedDate": _DT,
         "SystemModstamp": _DT,
     },
     "Lead": {
-        "Id": _STR,
+        "Id": _ID,
         "FirstName": _STR,
         "LastName": _STR,
-        "Email": _STR,
+        "Email": _EMAIL,
         "Company": _STR,
         "IsConverted": _BOOL,
-        "ConvertedContactId": _STR,
-        "ConvertedAccountId": _STR,
+        "ConvertedContactId": _REF,
+        "ConvertedAccountId": _REF,
         "IsDeleted": _BOOL,
         "CreatedDate": _DT,
         "SystemModstamp": _DT,
     },
     "Account": {
-        "Id": _STR,
+        "Id": _ID,
         "Name": _STR,
-        "Website": _STR,
+        "Website": _URL,
         "IsDeleted": _BOOL,
         "CreatedDate": _DT,
         "SystemModstamp": _DT,
     },
     "Opportunity": {
-        "Id": _STR,
+        "Id": _ID,
         "Name": _STR,
-        "AccountId": _STR,
-        "StageName": _STR,
+        "AccountId": _REF,
+        "StageName": _PICK,
         "IsClosed": _BOOL,
         "IsWon": _BOOL,
         "CreatedDate": _DT,
@@ -74,8 +82,12 @@ SOBJECTS: dict[str, dict[str, str]] = {
         "SystemModstamp": _DT,
     },
 }
-_SOBJECT_BY_LOWER = {name.lower(): name for name in SOBJECTS}
-_FIELD_BY_LOWER = {obj: {f.lower(): f for f in fields} for obj, fields in SOBJECTS.items()}
+# Only in orgs with person accounts enabled (crm_apis.md §1.3): selecting them elsewhere is INVALID_FIELD.
+PERSON_ACCOUNT_FIELDS: dict[str, dict[str, str]] = {
+    "Account": {"IsPersonAccount": _BOOL, "PersonEmail": _EMAIL, "PersonContactId": _REF},
+    "Contact": {"IsPersonAccount": _BOOL},
+}
+_ID_PREFIX = {"Account": "001", "Contact": "003", "Opportunity": "006", "Lead": "00Q"}
 
 API_VERSIONS = (
     ("Winter '24", "59.0"),
@@ -292,10 +304,12 @@ def _compare(op: str, left: Any, right: Any) -> bool:
 
 
 class _Parser:
-    def __init__(self, soql: str):
+    def __init__(self, soql: str, schema: dict[str, dict[str, str]]):
         self.toks = _tokenize(soql)
         self.i = 0
         self.sobject = ""
+        self.schema = schema
+        self.by_lower = {obj.lower(): obj for obj in schema}
 
     # -- token helpers
     def peek(self) -> _Tok:
@@ -322,7 +336,7 @@ class _Parser:
         return tok.text
 
     def field(self, name: str) -> str:
-        canonical = _FIELD_BY_LOWER[self.sobject].get(name.lower())
+        canonical = next((f for f in self.schema[self.sobject] if f.lower() == name.lower()), None)
         if canonical is None:
             raise SoqlError(
                 "INVALID_FIELD",
@@ -341,7 +355,7 @@ class _Parser:
             raw_fields.append(self.ident())
         self.expect_kw("FROM")
         obj = self.ident()
-        sobject = _SOBJECT_BY_LOWER.get(obj.lower())
+        sobject = self.by_lower.get(obj.lower())
         if sobject is None:
             raise SoqlError(
                 "INVALID_TYPE",
@@ -422,7 +436,7 @@ class _Parser:
 
     def literal(self, field: str) -> Any:
         tok = self.next()
-        ftype = SOBJECTS[self.sobject][field]
+        ftype = self.schema[self.sobject][field]
         if tok.kind == "kw" and tok.text == "NULL":
             return None
         if tok.kind == "kw" and tok.text in ("TRUE", "FALSE"):
@@ -430,11 +444,11 @@ class _Parser:
             ok = ftype == _BOOL
         elif tok.kind in ("str", "dt", "date", "num"):
             value = tok.value
-            ok = {"str": _STR, "dt": _DT, "date": _DATE, "num": "number"}[tok.kind] == ftype
+            ok = (ftype in _STRING_TYPES) if tok.kind == "str" else {"dt": _DT, "date": _DATE}.get(tok.kind) == ftype
         else:
             raise SoqlError("MALFORMED_QUERY", f"unexpected token: '{tok.text}'")
         if not ok:
-            quotes = "should be enclosed in quotes" if ftype == _STR else "should not be enclosed in quotes"
+            quotes = "should be enclosed in quotes" if ftype in _STRING_TYPES else "should not be enclosed in quotes"
             raise SoqlError(
                 "INVALID_QUERY_FILTER_OPERATOR",
                 f"value of filter criterion for field '{field}' must be of type {ftype} and {quotes}",
@@ -474,10 +488,11 @@ class _Parser:
         return lambda r: _compare(op, r[field], value)
 
 
-def parse_soql(soql: str) -> SoqlQuery:
+def parse_soql(soql: str, schema: dict[str, dict[str, str]] | None = None) -> SoqlQuery:
+    """Parse against `schema` ({sObject: {field: describe type}}; default: the standard fields)."""
     if not soql or not soql.strip():
         raise SoqlError("MALFORMED_QUERY", "unexpected token: '<EOF>'")
-    return _Parser(soql).parse()
+    return _Parser(soql, SOBJECTS if schema is None else schema).parse()
 
 
 def run_soql(query: SoqlQuery, rows: list[dict[str, Any]], include_deleted: bool) -> list[dict[str, Any]]:
@@ -547,6 +562,9 @@ class SalesforceSimulator(SimServer):
         self.requests: list[LoggedRequest] = []
         self._lock = threading.RLock()
         self._rows = {t.tid: _org_rows(world, t.tid) for t in world.tenants}
+        # per org: {sObject: {field: type}}; knobs add person-account and custom fields
+        self._schema = {tid: {obj: dict(fields) for obj, fields in SOBJECTS.items()} for tid in self._rows}
+        self._id_seq = 0
         self._org_id = {
             tid: "00D" + hashlib.sha1(tid.encode()).hexdigest()[:12].upper() for tid in self._rows
         }
@@ -558,7 +576,7 @@ class SalesforceSimulator(SimServer):
         self._access: dict[str, str] = {}  # access token -> tid
         self._usage: dict[str, int] = dict.fromkeys(self._rows, 0)
         self._locators: dict[str, _Locator] = {}
-        self._faults: list[list[Any]] = []  # [status, remaining, path prefix | None]
+        self._faults: list[list[Any]] = []  # [status, remaining, path prefix | None, Retry-After | None]
         self._expire_countdown: int | None = None
         for tid in self._rows:
             rt = self._new_refresh_token(tid)
@@ -574,6 +592,7 @@ class SalesforceSimulator(SimServer):
                 self._query_more,
             ),
             ("GET", rf"/services/data/{v}/limits/?", self._limits),
+            ("GET", rf"/services/data/{v}/sobjects/(?P<obj>[A-Za-z0-9_]+)/describe/?", self._describe),
         ]
         routes += [(m, r"/.*", self._not_found) for m in ("GET", "POST", "PATCH", "DELETE", "PUT")]
         super().__init__(tls, [(m, p, self._wrap(h)) for m, p, h in routes], port=port, name="salesforce-sim")
@@ -601,20 +620,117 @@ class SalesforceSimulator(SimServer):
             else:
                 self._expire_countdown = after_calls
 
-    def inject(self, status: int, count: int = 1, path: str | None = None) -> None:
-        """The next `count` requests (optionally only those whose path starts with `path`) answer `status`."""
+    def inject(self, status: int, count: int = 1, path: str | None = None, retry_after: str | None = None) -> None:
+        """The next `count` requests (optionally only those whose path starts with `path`) answer `status`
+        (with a `Retry-After` header when given)."""
         with self._lock:
-            self._faults.append([status, count, path])
+            self._faults.append([status, count, path, retry_after])
 
     def soft_delete(self, tid: str, record_id: str) -> None:
+        """Move a record to the recycle bin: `query` hides it, `queryAll` shows it with IsDeleted = true and a new
+        SystemModstamp. Deleting an Account cascades to its contacts and opportunities, as in Salesforce."""
         with self._lock:
-            for rows in self._rows[tid].values():
-                for r in rows:
-                    if r["Id"] == record_id:
-                        r["IsDeleted"] = True
-                        r["SystemModstamp"] = self.world.now
-                        return
-        raise KeyError(record_id)
+            sobject, row = self._find(tid, record_id)
+            victims = [row]
+            if sobject == "Account":
+                victims += [r for obj in ("Contact", "Opportunity") for r in self._rows[tid][obj]
+                            if r["AccountId"] == record_id and not r["IsDeleted"]]
+            for r in victims:
+                r["IsDeleted"] = True
+                r["SystemModstamp"] = self.world.now
+
+    def update(self, tid: str, record_id: str, **fields: Any) -> None:
+        """Set fields (names as in `describe`, case-insensitive) of a record; SystemModstamp becomes world.now.
+        Changing a person account's PersonEmail also changes its person contact's Email."""
+        with self._lock:
+            sobject, row = self._find(tid, record_id)
+            schema = self._schema[tid][sobject]
+            changes: dict[str, Any] = {}
+            for name, value in fields.items():
+                canonical = next((f for f in schema if f.lower() == name.lower()), None)
+                if canonical is None or canonical in ("Id", "IsDeleted", "SystemModstamp", "CreatedDate"):
+                    raise KeyError(f"{sobject}.{name}")
+                changes[canonical] = value
+            row.update(changes, SystemModstamp=self.world.now)
+            if sobject == "Account" and row.get("IsPersonAccount") and "PersonEmail" in changes:
+                self.update(tid, row["PersonContactId"], Email=row["PersonEmail"])
+
+    def add_contact(
+        self, tid: str, first_name: str, last_name: str, email: str | None, account_id: str | None = None,
+        **fields: Any,
+    ) -> str:
+        """A new Contact created (and modified) at world.now; returns its Id."""
+        with self._lock:
+            row = self._new_row(tid, "Contact", FirstName=first_name, LastName=last_name, Email=email,
+                                AccountId=account_id)
+            if fields:
+                self.update(tid, row["Id"], **fields)
+            return row["Id"]
+
+    def add_account(self, tid: str, name: str, website: str | None = None) -> str:
+        with self._lock:
+            return self._new_row(tid, "Account", Name=name, Website=website)["Id"]
+
+    def convert_lead(self, tid: str, lead_id: str, account_id: str | None = None) -> str:
+        """Convert a lead the way Salesforce does (crm_apis.md §1.3): a new Contact with the lead's name and Email on
+        `account_id` (or on a new Account named after the lead's Company); the Lead row stays, with IsConverted,
+        ConvertedContactId and ConvertedAccountId set. Custom lead fields are not mapped. Returns the contact Id."""
+        with self._lock:
+            sobject, lead = self._find(tid, lead_id)
+            if sobject != "Lead" or lead["IsConverted"] or lead["IsDeleted"]:
+                raise ValueError(f"{lead_id} is not an unconverted lead")
+            if account_id is None:
+                account_id = self.add_account(tid, lead["Company"] or f"{lead['LastName']} Company")
+            contact_id = self.add_contact(tid, lead["FirstName"], lead["LastName"], lead["Email"], account_id)
+            lead.update(IsConverted=True, ConvertedContactId=contact_id, ConvertedAccountId=account_id,
+                        SystemModstamp=self.world.now)
+            return contact_id
+
+    def close_opportunity(self, tid: str, opportunity_id: str, won: bool = False) -> None:
+        with self._lock:
+            sobject, opp = self._find(tid, opportunity_id)
+            if sobject != "Opportunity":
+                raise ValueError(f"{opportunity_id} is not an opportunity")
+            opp.update(IsClosed=True, IsWon=won, StageName="Closed Won" if won else "Closed Lost",
+                       CloseDate=self.world.now.date(), SystemModstamp=self.world.now)
+
+    def enable_person_accounts(self, tid: str) -> None:
+        """Turn on person accounts for the org: Account gains IsPersonAccount, PersonEmail and PersonContactId,
+        Contact gains IsPersonAccount (all false/null on existing rows). Records are not touched otherwise."""
+        with self._lock:
+            for sobject, extra in PERSON_ACCOUNT_FIELDS.items():
+                self._add_fields(tid, sobject, extra, IsPersonAccount=False)
+
+    def add_person_account(
+        self, tid: str, first_name: str, last_name: str, email: str | None, website: str | None = None
+    ) -> str:
+        """A person account (needs `enable_person_accounts`) and its person contact, which shares the name and
+        address (Contact.IsPersonAccount = true, AccountId = the account). Returns the Account Id."""
+        with self._lock:
+            if "IsPersonAccount" not in self._schema[tid]["Account"]:
+                raise ValueError("person accounts are not enabled for this org")
+            account = self._new_row(tid, "Account", Name=f"{first_name} {last_name}", Website=website,
+                                    IsPersonAccount=True, PersonEmail=email)
+            contact = self._new_row(tid, "Contact", FirstName=first_name, LastName=last_name, Email=email,
+                                    AccountId=account["Id"], IsPersonAccount=True)
+            account["PersonContactId"] = contact["Id"]
+            return account["Id"]
+
+    def add_custom_field(self, tid: str, sobject: str, name: str, field_type: str = _EMAIL) -> None:
+        """Add a custom field (`X__c`, or `X__pc` for person-account fields on Account) with null values, e.g.
+        `add_custom_field(tid, "Contact", "Secondary_Email__c")` (type "email" by default)."""
+        if not (name.endswith("__c") or name.endswith("__pc")):
+            raise ValueError("custom field names end with __c (or __pc on person accounts)")
+        with self._lock:
+            self._add_fields(tid, sobject, {name: field_type})
+
+    def describe_fields(self, tid: str, sobject: str) -> dict[str, str]:
+        return dict(self._schema[tid][sobject])
+
+    def record(self, tid: str, record_id: str) -> dict[str, Any]:
+        """A copy of the record's current row (Python values), deleted or not."""
+        with self._lock:
+            return dict(self._find(tid, record_id)[1])
 
     def invalidate_locators(self) -> None:
         with self._lock:
@@ -624,6 +740,37 @@ class SalesforceSimulator(SimServer):
         return self._usage[tid]
 
     # -- plumbing
+    def _find(self, tid: str, record_id: str) -> tuple[str, dict[str, Any]]:
+        for sobject, rows in self._rows[tid].items():
+            for r in rows:
+                if r["Id"] == record_id:
+                    return sobject, r
+        raise KeyError(record_id)
+
+    def _new_row(self, tid: str, sobject: str, **values: Any) -> dict[str, Any]:
+        self._id_seq += 1
+        digest = hashlib.sha1(f"{tid}/{sobject}/{self._id_seq}".encode()).hexdigest()[:6].upper()
+        row: dict[str, Any] = dict.fromkeys(self._schema[tid][sobject])
+        row.update(IsDeleted=False, CreatedDate=self.world.now, SystemModstamp=self.world.now)
+        if sobject == "Lead":
+            row["IsConverted"] = False
+        if sobject == "Opportunity":
+            row.update(IsClosed=False, IsWon=False)
+        if "IsPersonAccount" in row:
+            row["IsPersonAccount"] = False
+        row.update(values, Id=f"{_ID_PREFIX[sobject]}SIM{digest}{self._id_seq:03d}")
+        self._rows[tid][sobject].append(row)
+        return row
+
+    def _add_fields(self, tid: str, sobject: str, fields: dict[str, str], **defaults: Any) -> None:
+        schema = self._schema[tid][sobject]
+        for name, ftype in fields.items():
+            if name in schema:
+                continue
+            schema[name] = ftype
+            for r in self._rows[tid][sobject]:
+                r[name] = defaults.get(name)
+
     def _new_refresh_token(self, tid: str) -> str:
         rt = "5Aep861" + secrets.token_urlsafe(48)
         self._refresh[rt] = tid
@@ -645,6 +792,8 @@ class SalesforceSimulator(SimServer):
                         self._fault_response(fault[0]),
                         LoggedRequest(req.method, req.path, fault[0]),
                     )
+                    if fault[3] is not None:
+                        resp.headers["Retry-After"] = fault[3]
                 else:
                     resp, entry = handler(req)
                 self.requests.append(entry)
@@ -742,6 +891,31 @@ class SalesforceSimulator(SimServer):
         body = {"DailyApiRequests": {"Max": cap, "Remaining": max(0, cap - self._usage[tid])}}
         return Response(200, body), LoggedRequest(req.method, req.path, 200, org_tid=tid)
 
+    def _describe(self, req: Request) -> tuple[Response, LoggedRequest]:
+        """`GET /sobjects/{T}/describe`: the org's fields of T, each with name, type, label, custom, nillable."""
+        assert req.match is not None
+        tid, error = self._authenticate(req)
+        if error is not None:
+            return error, LoggedRequest(req.method, req.path, error.status, org_tid=tid)
+        assert tid is not None
+        schema = self._schema[tid]
+        sobject = next((o for o in schema if o.lower() == req.match["obj"].lower()), None)
+        if sobject is None:
+            resp = _err(404, "NOT_FOUND", "The requested resource does not exist")
+            return resp, LoggedRequest(req.method, req.path, 404, org_tid=tid)
+        fields = [
+            {
+                "name": name,
+                "type": ftype,
+                "label": re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name.split("__")[0].replace("_", " ")),
+                "custom": "__" in name,
+                "nillable": ftype != _BOOL and name != "Id",
+            }
+            for name, ftype in schema[sobject].items()
+        ]
+        body = {"name": sobject, "label": sobject, "custom": False, "queryable": True, "fields": fields}
+        return Response(200, body), LoggedRequest(req.method, req.path, 200, org_tid=tid)
+
     def _batch(self, req: Request) -> int:
         options = req.headers.get("sforce-query-options", "")
         m = re.search(r"batchSize\s*=\s*(\d+)", options, re.IGNORECASE)
@@ -773,7 +947,7 @@ class SalesforceSimulator(SimServer):
             return error, log(error.status, tid)
         assert tid is not None
         try:
-            query = parse_soql(soql or "")
+            query = parse_soql(soql or "", self._schema[tid])
         except SoqlError as exc:
             return _err(400, exc.code, exc.message), log(400, tid)
         hits = run_soql(query, self._rows[tid][query.sobject], include_deleted=kind == "queryAll")

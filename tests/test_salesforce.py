@@ -175,7 +175,9 @@ def test_small_batches_page_through_locators(world: World, tls: SimulatorTLS, ht
             len(crm.accounts),
             sum(1 for o in crm.opportunities if not o.is_closed),
         ]
-        gets = [r for r in small.requests if r.method == "GET"]
+        describes = [r for r in small.requests if r.path.endswith("/describe")]
+        assert sorted(r.path.split("/")[-2] for r in describes) == ["Account", "Contact", "Lead"]
+        gets = [r for r in small.requests if r.method == "GET" and r not in describes]
         assert len(gets) == sum(max(1, math.ceil(n / 3)) for n in sizes)
         assert all(r.status == 200 for r in small.requests)
     assert_same(paged, one_page)
@@ -227,7 +229,7 @@ def test_expired_session_refreshes_once_and_continues(
     world: World, sim: SalesforceSimulator, http: httpx.Client
 ) -> None:
     tid = world.tenants[0].tid
-    sim.expire_sessions(after_calls=4)  # mid-way through the contact pages
+    sim.expire_sessions(after_calls=5)  # after the 3 describes, mid-way through the contact pages
     snap = fetch_snapshot(conn_for(sim, tid), http)
     assert_same(snap, expected(world, tid))
     assert [r.status for r in sim.requests].count(401) == 1
