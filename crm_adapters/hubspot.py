@@ -1,24 +1,36 @@
-"""HubSpot CRM snapshot over the CRM v3 API (crm_apis.md §2): list contacts, companies and deals with `after`
-cursors (limit 100), every email (`email` + `hs_additional_emails`) and every domain (`domain` +
+"""HubSpot CRM snapshot and changes over the CRM v3 API (crm_apis.md §2): list contacts, companies and deals with
+`after` cursors (limit 100), every email (`email` + `hs_additional_emails`) and every domain (`domain` +
 `hs_additional_domains`), open deals from the deal pipelines' stage metadata (`metadata.isClosed`), falling back
 to `hs_is_closed == "false"` for a stage the metadata does not list. Lists are the non-archived records only, so
-archived (deleted) records never enter the snapshot.
+archived (deleted) records never enter the snapshot. The snapshot's `watermark` is the newest last-modified time
+read (contacts `lastmodifieddate`, companies/deals `hs_lastmodifieddate`, else `updatedAt`).
+
+`fetch_changes(since)` reads what changed since a point in time: contacts, companies and deals through the search
+API (`lastmodifieddate` / `hs_lastmodifieddate` GTE since), records archived since then through the list
+endpoint with `archived=true` (`archivedAt` >= since), and the company of each changed contact and deal through
+the v4 associations batch read (search results carry no associations). Rows are built by the same functions as
+the full snapshot. Every record read goes into `changed_ids`; archived records, closed deals and contacts left
+without an address have no rows. Search indexing lags behind writes, so callers pass `since` = the stored
+watermark minus an overlap of a few minutes (crm_apis.md §2.3 [U]); re-reading a record is harmless. Hard deletes,
+merges (the merged-away id is not archived, §2.5 [U]) and records purged from the recycle bin after 90 days are
+caught only by the periodic full snapshot.
 
 `search` pages the search API sorted by `hs_object_id` and re-windows (`hs_object_id GT last`, `after` reset)
 before `after + limit` would pass HubSpot's hard 10,000-result cap.
 
 Tokens are private-app (static) bearer tokens: a 401 is `CrmAuthError` (reconnect). 429: `Retry-After` when
 sent, else the policy's window (10 s for TEN_SECONDLY_ROLLING, 1 s for SECONDLY) growing per attempt, bounded;
-a DAILY 429 is `CrmQuotaExhausted` at once. 5xx and network errors are retried with backoff.
+a DAILY 429 is `CrmQuotaExhausted` at once. 5xx and network errors are retried with backoff
+(`base.send_with_retry`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -27,28 +39,37 @@ import polars as pl
 from crm_adapters.base import (
     ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
+    RETRY_STATUSES,
     CrmAuthError,
+    CrmChanges,
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
+    backoff_delay,
     people_frame,
+    retry_after_seconds,
+    send_with_retry,
     website_domain,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per request, for 5xx / 429 / network errors
-BACKOFF_S = 0.5  # 5xx / network: doubles per attempt
 MAX_BACKOFF_S = 30.0
 POLICY_WINDOW_S = {"TEN_SECONDLY_ROLLING": 10.0, "TEN_SECONDLY": 10.0, "SECONDLY": 1.0}
 LIST_LIMIT = 100
 SEARCH_LIMIT = 200
 SEARCH_CAP = 10_000
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+ASSOC_BATCH = 1_000  # v4 associations batch read: inputs per call
 
-CONTACT_PROPS = ("email", "hs_additional_emails", "firstname", "lastname", "lifecyclestage")
-COMPANY_PROPS = ("name", "domain", "hs_additional_domains")
-DEAL_PROPS = ("dealname", "pipeline", "dealstage", "hs_is_closed", "createdate")
+MODIFIED_PROP = {"contacts": "lastmodifieddate", "companies": "hs_lastmodifieddate", "deals": "hs_lastmodifieddate"}
+CONTACT_PROPS = ("email", "hs_additional_emails", "firstname", "lastname", "lifecyclestage", "lastmodifieddate")
+COMPANY_PROPS = ("name", "domain", "hs_additional_domains", "hs_lastmodifieddate")
+DEAL_PROPS = ("dealname", "pipeline", "dealstage", "hs_is_closed", "createdate", "hs_lastmodifieddate")
+# HUBSPOT_DEFINED association type ids of the primary company link (v4) and the v3 list's type name for it;
+# an unlabeled link is 279 (contact) / 341 (deal), "<type>_to_company_unlabeled" in v3. [U: ids from HubSpot's
+# association type table as used by integrations, not from the stored reference]
+PRIMARY_COMPANY = {"contacts": (1, "contact_to_company"), "deals": (5, "deal_to_company")}
 
 
 @dataclass
@@ -73,6 +94,33 @@ def _error_fields(resp: httpx.Response) -> tuple[str | None, str | None]:
     return (code if isinstance(code, str) else None), (policy if isinstance(policy, str) else None)
 
 
+def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
+    """`send_with_retry` rule: None for a usable answer, seconds to wait, or a raised CrmError."""
+    status = resp.status_code
+    if status < 400:
+        return None
+    code, policy = _error_fields(resp)
+    message = f"hubspot: HTTP {status} {code or ''} {policy or ''}".rstrip()
+    if status == 401:
+        raise CrmAuthError(message, status=status, code=code)
+    if status == 429 and policy == "DAILY":
+        raise CrmQuotaExhausted(message, status=status, code=policy)
+    if status not in RETRY_STATUSES:
+        raise CrmError(message, status=status, code=code)
+    if last:
+        raise CrmError(message, status=status, code=policy or code)
+    if status == 429:
+        retry_after = retry_after_seconds(resp, MAX_BACKOFF_S)
+        if retry_after is not None:
+            return retry_after
+        window = POLICY_WINDOW_S.get(policy or "")
+        if window is None:
+            interval = resp.headers.get("X-HubSpot-RateLimit-Interval-Milliseconds", "")
+            window = int(interval) / 1000 if interval.isdigit() else 1.0
+        return min(MAX_BACKOFF_S, window * 2 ** (attempt - 1))
+    return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
+
+
 class _HubSpotClient:
     def __init__(self, conn: HubSpotConnection, http: httpx.Client, sleep: Callable[[float], None]):
         self.base = conn.base_url.rstrip("/")
@@ -80,52 +128,22 @@ class _HubSpotClient:
         self.http = http
         self.sleep = sleep
 
-    def _delay(self, resp: httpx.Response | None, policy: str | None, attempt: int) -> float:
-        if resp is not None and resp.status_code == 429:
-            retry_after = resp.headers.get("Retry-After", "").strip()
-            if retry_after.isdigit():
-                return min(MAX_BACKOFF_S, float(retry_after))
-            window = POLICY_WINDOW_S.get(policy or "")
-            if window is None:
-                interval = resp.headers.get("X-HubSpot-RateLimit-Interval-Milliseconds", "")
-                window = int(interval) / 1000 if interval.isdigit() else 1.0
-            return min(MAX_BACKOFF_S, window * 2 ** (attempt - 1))
-        return min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
-
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         url = self.base + path
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            resp: httpx.Response | None = None
-            policy: str | None = None
-            try:
-                resp = self.http.request(method, url, headers=self.headers, **kwargs)
-            except httpx.TransportError as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmError(f"hubspot: network error {type(exc).__name__}") from exc
-                log.warning("hubspot: %s on attempt %d, retrying", type(exc).__name__, attempt)
-            else:
-                status = resp.status_code
-                if status < 400:
-                    try:
-                        body = resp.json()
-                    except ValueError as exc:
-                        raise CrmError(f"hubspot: HTTP {status} non-JSON body", status=status) from exc
-                    if not isinstance(body, dict):
-                        raise CrmError("hubspot: unexpected response shape", status=status)
-                    return body
-                code, policy = _error_fields(resp)
-                message = f"hubspot: HTTP {status} {code or ''} {policy or ''}".rstrip()
-                if status == 401:
-                    raise CrmAuthError(message, status=status, code=code)
-                if status == 429 and policy == "DAILY":
-                    raise CrmQuotaExhausted(message, status=status, code=policy)
-                if status not in _RETRY_STATUSES:
-                    raise CrmError(message, status=status, code=code)
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmError(message, status=status, code=policy or code)
-                log.warning("hubspot: HTTP %d %s on attempt %d, retrying", status, policy or "", attempt)
-            self.sleep(self._delay(resp, policy, attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+        resp = send_with_retry(
+            "hubspot",
+            lambda: self.http.request(method, url, headers=self.headers, **kwargs),
+            _classify,
+            sleep=self.sleep,
+            max_attempts=MAX_ATTEMPTS,
+        )
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise CrmError(f"hubspot: HTTP {resp.status_code} non-JSON body", status=resp.status_code) from exc
+        if not isinstance(body, dict):
+            raise CrmError("hubspot: unexpected response shape", status=resp.status_code)
+        return body
 
     def list_all(self, object_type: str, properties: tuple[str, ...], associations: str | None = None,
                  *, limit: int = LIST_LIMIT, archived: bool = False) -> Iterator[dict[str, Any]]:
@@ -172,23 +190,86 @@ class _HubSpotClient:
             else:
                 after = int(nxt)
 
+    def companies_of(self, object_type: str, ids: list[str]) -> dict[str, str]:
+        """{id: its primary company} through `POST /crm/v4/associations/{type}/companies/batch/read`, at most
+        `ASSOC_BATCH` ids per call. Ids without a company come back as 207 errors (OBJECT_NOT_FOUND /
+        NO_ASSOCIATIONS_FOUND) and are left out; any other error fails the read. Only each id's first page of
+        links is read (a page holds hundreds; more than that per contact or deal is not expected)."""
+        primary_type, _ = PRIMARY_COMPANY[object_type]
+        out: dict[str, str] = {}
+        for start in range(0, len(ids), ASSOC_BATCH):
+            chunk = ids[start : start + ASSOC_BATCH]
+            body = self.request("POST", f"/crm/v4/associations/{object_type}/companies/batch/read",
+                                json={"inputs": [{"id": i} for i in chunk]})
+            for err in body.get("errors") or []:
+                if not isinstance(err, dict) or err.get("category") != "OBJECT_NOT_FOUND":
+                    code = err.get("category") if isinstance(err, dict) else None
+                    raise CrmError(f"hubspot: association read error {code or ''}".rstrip(), code=code)
+            for res in body.get("results") or []:
+                targets = [t for t in res.get("to") or [] if t.get("toObjectId") is not None]
+                if not targets:
+                    continue
+                chosen = next(
+                    (t for t in targets
+                     if any(a.get("typeId") == primary_type or a.get("label") == "Primary"
+                            for a in t.get("associationTypes") or [])),
+                    targets[0],
+                )
+                out[str((res.get("from") or {}).get("id"))] = str(chosen["toObjectId"])
+        return out
+
+
+# -- shared row building (full snapshot and changes) ---------------------------------------------------------
+
 
 def _split(value: Any) -> list[str]:
     return [p for p in str(value or "").split(";") if p.strip()]
 
 
-def _first_company(rec: dict[str, Any]) -> str | None:
+def _parse_time(value: Any) -> datetime | None:
+    """HubSpot datetimes: ISO-8601 (`...Z`) or a ms-epoch string."""
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    try:
+        if text.lstrip("-").isdigit():
+            return datetime.fromtimestamp(int(text) / 1000, UTC)
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return None
+
+
+def _modified_at(object_type: str, rec: dict[str, Any]) -> datetime | None:
+    props = rec.get("properties") or {}
+    return _parse_time(props.get(MODIFIED_PROP[object_type])) or _parse_time(rec.get("updatedAt"))
+
+
+def _newest(*times: datetime | None) -> datetime | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
+
+
+def _watermark(object_type: str, records: Iterable[dict[str, Any]]) -> datetime | None:
+    return _newest(*(_modified_at(object_type, r) for r in records))
+
+
+def _list_company(rec: dict[str, Any], object_type: str) -> str | None:
+    """The company of a list record (`associations=companies`): the primary link when marked, else the first."""
     results = (((rec.get("associations") or {}).get("companies") or {}).get("results")) or []
+    _, primary = PRIMARY_COMPANY[object_type]
+    for link in results:
+        if link.get("type") == primary:
+            return str(link["id"])
     return str(results[0]["id"]) if results else None
 
 
-def _people_rows(records: Iterator[dict[str, Any]]) -> pl.DataFrame:
+def _people_rows(records: Iterable[tuple[dict[str, Any], str | None]]) -> pl.DataFrame:
+    """One row per distinct address of each (contact, its company) pair; kind 'lead' for lifecyclestage lead."""
     cols: dict[str, list[Any]] = {"crm_id": [], "kind": [], "email": [], "account_id": [], "name": []}
-    for rec in records:
+    for rec, account in records:
         props = rec.get("properties") or {}
         kind = "lead" if (props.get("lifecyclestage") or "").strip().lower() == "lead" else "contact"
         name = " ".join(p for p in (props.get("firstname"), props.get("lastname")) if p).strip() or None
-        account = _first_company(rec)
         seen: set[str] = set()
         for email in [props.get("email"), *_split(props.get("hs_additional_emails"))]:
             key = (email or "").strip().lower()
@@ -200,9 +281,10 @@ def _people_rows(records: Iterator[dict[str, Any]]) -> pl.DataFrame:
     return people_frame(pl.DataFrame(cols, schema={name: pl.String for name in cols}))
 
 
-def _accounts(client: _HubSpotClient, limit: int) -> pl.DataFrame:
+def _account_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """One row per registrable domain of each company (a company without a domain: one row, domain null)."""
     cols: dict[str, list[Any]] = {"crm_id": [], "name": [], "domain": []}
-    for rec in client.list_all("companies", COMPANY_PROPS, limit=limit):
+    for rec in records:
         props = rec.get("properties") or {}
         domains: list[str | None] = []
         for raw in [props.get("domain"), *_split(props.get("hs_additional_domains"))]:
@@ -227,19 +309,24 @@ def closed_stages(client: _HubSpotClient) -> dict[tuple[str, str], bool]:
     return out
 
 
-def _opportunities(client: _HubSpotClient, limit: int) -> pl.DataFrame:
-    stages = closed_stages(client)
+def _is_closed(props: dict[str, Any], stages: dict[tuple[str, str], bool]) -> bool:
+    closed = stages.get((str(props.get("pipeline")), str(props.get("dealstage"))))
+    if closed is None:  # stage unknown to the metadata: HubSpot's calculated string boolean
+        closed = str(props.get("hs_is_closed", "")).lower() != "false"
+    return closed
+
+
+def _opportunity_rows(records: Iterable[tuple[dict[str, Any], str | None]],
+                      stages: dict[tuple[str, str], bool]) -> pl.DataFrame:
+    """Open deals of the (deal, its company) pairs."""
     cols: dict[str, list[Any]] = {"crm_id": [], "account_id": [], "name": [], "created_at": []}
-    for rec in client.list_all("deals", DEAL_PROPS, "companies", limit=limit):
+    for rec, account in records:
         props = rec.get("properties") or {}
-        closed = stages.get((str(props.get("pipeline")), str(props.get("dealstage"))))
-        if closed is None:  # stage unknown to the metadata: HubSpot's calculated string boolean
-            closed = str(props.get("hs_is_closed", "")).lower() != "false"
-        if closed:
+        if _is_closed(props, stages):
             continue
         created = props.get("createdate") or rec.get("createdAt")
         cols["crm_id"].append(str(rec["id"]))
-        cols["account_id"].append(_first_company(rec))
+        cols["account_id"].append(account)
         cols["name"].append(props.get("dealname"))
         cols["created_at"].append(datetime.fromisoformat(str(created).replace("Z", "+00:00")))
     frame = pl.DataFrame(
@@ -251,6 +338,9 @@ def _opportunities(client: _HubSpotClient, limit: int) -> pl.DataFrame:
     )
 
 
+# -- public entry points -------------------------------------------------------------------------------------
+
+
 def fetch_snapshot(
     conn: HubSpotConnection,
     http: httpx.Client,
@@ -259,13 +349,71 @@ def fetch_snapshot(
     page_limit: int = LIST_LIMIT,
 ) -> CrmSnapshot:
     """Contacts (lifecyclestage `lead` -> kind 'lead'), one people row per address; companies, one account row
-    per domain; open deals. Raises CrmAuthError, CrmQuotaExhausted (DAILY) or CrmError."""
+    per domain; open deals; `watermark` = newest last-modified time read. Raises CrmAuthError,
+    CrmQuotaExhausted (DAILY) or CrmError."""
     client = _HubSpotClient(conn, http, sleep)
-    people = _people_rows(client.list_all("contacts", CONTACT_PROPS, "companies", limit=page_limit))
+    contacts = list(client.list_all("contacts", CONTACT_PROPS, "companies", limit=page_limit))
+    companies = list(client.list_all("companies", COMPANY_PROPS, limit=page_limit))
+    stages = closed_stages(client)
+    deals = list(client.list_all("deals", DEAL_PROPS, "companies", limit=page_limit))
     return CrmSnapshot(
-        people=people,
-        accounts=_accounts(client, page_limit),
-        opportunities=_opportunities(client, page_limit),
+        people=_people_rows((r, _list_company(r, "contacts")) for r in contacts),
+        accounts=_account_rows(companies),
+        opportunities=_opportunity_rows(((r, _list_company(r, "deals")) for r in deals), stages),
+        watermark=_newest(_watermark("contacts", contacts), _watermark("companies", companies),
+                          _watermark("deals", deals)),
+    )
+
+
+def _archived_since(client: _HubSpotClient, object_type: str, since: datetime,
+                    page_limit: int) -> dict[str, datetime | None]:
+    """{id: archivedAt} of the records archived at or after `since` (list endpoint, `archived=true`). A record
+    without `archivedAt`/`updatedAt` is kept (removing an absent record is harmless)."""
+    out: dict[str, datetime | None] = {}
+    for rec in client.list_all(object_type, (MODIFIED_PROP[object_type],), limit=page_limit, archived=True):
+        when = _parse_time(rec.get("archivedAt")) or _parse_time(rec.get("updatedAt"))
+        if when is None or when >= since:
+            out[str(rec["id"])] = when
+    return out
+
+
+def fetch_changes(
+    conn: HubSpotConnection,
+    http: httpx.Client,
+    since: datetime,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    page_limit: int = LIST_LIMIT,
+) -> CrmChanges:
+    """Contacts, companies and deals modified or archived at or after `since` (see the module docstring).
+
+    `watermark` = the newest last-modified / archivedAt time read (None when nothing was read). Raises
+    CrmAuthError, CrmQuotaExhausted (DAILY) or CrmError."""
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    client = _HubSpotClient(conn, http, sleep)
+    read: dict[str, list[dict[str, Any]]] = {}
+    archived: dict[str, dict[str, datetime | None]] = {}
+    props = {"contacts": CONTACT_PROPS, "companies": COMPANY_PROPS, "deals": DEAL_PROPS}
+    for otype in ("contacts", "companies", "deals"):
+        read[otype] = list(client.search(otype, [modified_since_filter(otype, since)], props[otype]))
+    for otype in ("contacts", "companies", "deals"):  # after the searches: a record archived meanwhile is caught
+        archived[otype] = _archived_since(client, otype, since, page_limit)
+        read[otype] = [r for r in read[otype] if str(r["id"]) not in archived[otype]]  # the archive wins
+    stages = closed_stages(client)
+    contact_companies = client.companies_of("contacts", [str(r["id"]) for r in read["contacts"]])
+    deal_companies = client.companies_of("deals", [str(r["id"]) for r in read["deals"]])
+    changed = {
+        key: {str(r["id"]) for r in read[otype]} | set(archived[otype])
+        for key, otype in (("people", "contacts"), ("accounts", "companies"), ("opportunities", "deals"))
+    }
+    return CrmChanges(
+        people=_people_rows((r, contact_companies.get(str(r["id"]))) for r in read["contacts"]),
+        accounts=_account_rows(read["companies"]),
+        opportunities=_opportunity_rows(((r, deal_companies.get(str(r["id"]))) for r in read["deals"]), stages),
+        changed_ids=changed,
+        watermark=_newest(*(_watermark(o, read[o]) for o in read),
+                          *(t for gone in archived.values() for t in gone.values())),
     )
 
 
@@ -277,13 +425,15 @@ def search_people(
     sleep: Callable[[float], None] = time.sleep,
     cap: int = SEARCH_CAP,
 ) -> pl.DataFrame:
-    """People rows for the contacts matching AND-ed search `filters` (e.g. `lastmodifieddate GTE <ms>` for an
-    incremental refresh), complete beyond the 10,000-result cap. No company links (search returns none)."""
+    """People rows for the contacts matching AND-ed search `filters` (e.g. `lastmodifieddate GTE <ms>`),
+    complete beyond the 10,000-result cap, with their companies from the v4 associations batch read."""
     client = _HubSpotClient(conn, http, sleep)
-    return _people_rows(client.search("contacts", filters, CONTACT_PROPS, cap=cap))
+    contacts = list(client.search("contacts", filters, CONTACT_PROPS, cap=cap))
+    companies = client.companies_of("contacts", [str(r["id"]) for r in contacts])
+    return _people_rows((r, companies.get(str(r["id"]))) for r in contacts)
 
 
 def modified_since_filter(object_type: str, since: datetime) -> dict[str, Any]:
     """`lastmodifieddate` (contacts) / `hs_lastmodifieddate` (companies, deals) GTE `since`, as ms epoch."""
-    prop = "lastmodifieddate" if object_type == "contacts" else "hs_lastmodifieddate"
-    return {"propertyName": prop, "operator": "GTE", "value": str(int(since.timestamp() * 1000))}
+    return {"propertyName": MODIFIED_PROP[object_type], "operator": "GTE",
+            "value": str(int(since.timestamp() * 1000))}

@@ -11,21 +11,34 @@ What the snapshot holds:
   partners and resellers filed under the wrong organization, and one stray person would make every mail from
   that domain match the organization. People still match through their own addresses.
 - opportunities: deals with `status=open` (`add_time` as created date, `org_id` as account).
-Records with `is_deleted: true` are left out (v2 lists may return soft-deleted persons/organizations).
+Records with `is_deleted: true` are left out (v2 lists may return soft-deleted persons/organizations). The
+snapshot's `watermark` is the newest `update_time` read.
+
+Changes (`fetch_changes(since)`): the same three lists with `updated_since=<since>` (>=, whole seconds, rounded
+down), `sort_by=update_time&sort_direction=asc` (crm_apis.md §3.2, §3.4), deals with
+`status=open,won,lost,deleted` so that deals that were won, lost or deleted are read and leave the scope. Every
+record read is in `changed_ids`; rows come from the same builders as the snapshot, so deleted persons and
+organizations (`is_deleted: true`), non-open deals and persons left without an address have no rows. The
+watermark is the newest `update_time` read. Deletes of persons and organizations are seen only while the CRM
+keeps soft-deleted records in the v2 lists with `is_deleted: true` (what the simulator does by default). When the
+CRM drops them from the lists instead — v2 persons/organizations have no deleted filter, crm_apis.md §3.4 [U] —,
+and for records purged 30 days after deletion, only the periodic full reconciliation (a full snapshot, run by
+the caller) removes them.
 
 Errors: 401 → `CrmAuthError` (the token was revoked or expired: reconnect). 429 → the daily token budget
 (the burst window still has room — `x-ratelimit-remaining` > 0 —, `x-daily-requests-left: 0`, or an error text
 naming the daily budget) raises `CrmQuotaExhausted` at once; a burst 429 waits `x-ratelimit-reset` /
 `Retry-After` (capped) and retries, and after `MAX_ATTEMPTS` raises `CrmQuotaExhausted` too rather than loop.
-5xx and network errors are retried with backoff. Messages carry statuses and codes only.
+5xx and network errors are retried with backoff (`base.send_with_retry`). Messages carry statuses and codes only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -36,19 +49,22 @@ from crm_adapters.base import (
     OPPORTUNITIES_SCHEMA,
     PEOPLE_SCHEMA,
     CrmAuthError,
+    CrmChanges,
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
+    backoff_delay,
     people_frame,
+    send_with_retry,
     website_domain,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per request, for 5xx / burst 429 / network errors
-BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
+DEAL_STATUSES_ALL = "open,won,lost,deleted"
 
 
 @dataclass
@@ -91,6 +107,29 @@ def _is_daily_budget(resp: httpx.Response) -> bool:
     )
 
 
+def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
+    """`send_with_retry` rule: None for a usable answer, seconds to wait, or a raised CrmError."""
+    status = resp.status_code
+    if status == 401:
+        raise CrmAuthError("pipedrive: HTTP 401 unauthorized", status=401, code="unauthorized")
+    if status == 429:
+        if _is_daily_budget(resp):
+            raise CrmQuotaExhausted("pipedrive: HTTP 429 daily_budget", status=429, code="daily_budget")
+        if last:
+            raise CrmQuotaExhausted("pipedrive: HTTP 429 rate_limited", status=429, code="rate_limited")
+        wait = _int_header(resp, "x-ratelimit-reset") or _int_header(resp, "retry-after")
+        if wait is not None:
+            return min(MAX_BACKOFF_S, float(max(wait, 1)))
+        return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
+    if status in _RETRY_STATUSES:
+        if last:
+            raise CrmError(f"pipedrive: HTTP {status}", status=status)
+        return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
+    if status >= 400:
+        raise CrmError(f"pipedrive: HTTP {status}", status=status)
+    return None
+
+
 class _PipedriveClient:
     def __init__(self, conn: PipedriveConnection, http: httpx.Client, sleep: Callable[[float], None]):
         self.conn = conn
@@ -100,49 +139,24 @@ class _PipedriveClient:
 
     def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         headers = {"x-api-token": self.conn.api_token, "Accept": "application/json"}
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            delay = min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1))
-            try:
-                resp = self.http.get(self.root + path, params=params, headers=headers)
-            except httpx.TransportError as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmError(f"pipedrive: network error {type(exc).__name__}") from exc
-                log.warning("pipedrive: %s on attempt %d, retrying", type(exc).__name__, attempt)
-                self.sleep(delay)
-                continue
-            status = resp.status_code
-            if status == 401:
-                raise CrmAuthError("pipedrive: HTTP 401 unauthorized", status=401, code="unauthorized")
-            if status == 429:
-                if _is_daily_budget(resp):
-                    raise CrmQuotaExhausted("pipedrive: HTTP 429 daily_budget", status=429, code="daily_budget")
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmQuotaExhausted("pipedrive: HTTP 429 rate_limited", status=429, code="rate_limited")
-                wait = _int_header(resp, "x-ratelimit-reset") or _int_header(resp, "retry-after")
-                if wait is not None:
-                    delay = min(MAX_BACKOFF_S, float(max(wait, 1)))
-                log.warning("pipedrive: burst limit on attempt %d, waiting %.1fs", attempt, delay)
-                self.sleep(delay)
-                continue
-            if status in _RETRY_STATUSES:
-                if attempt == MAX_ATTEMPTS:
-                    raise CrmError(f"pipedrive: HTTP {status}", status=status)
-                log.warning("pipedrive: HTTP %d on attempt %d, retrying", status, attempt)
-                self.sleep(delay)
-                continue
-            if status >= 400:
-                raise CrmError(f"pipedrive: HTTP {status}", status=status)
-            try:
-                body = resp.json()
-            except ValueError as exc:
-                raise CrmError(f"pipedrive: HTTP {status} non-JSON body", status=status) from exc
-            if not isinstance(body, dict) or body.get("success") is False:
-                raise CrmError("pipedrive: unexpected response shape", status=status)
-            return body
-        raise AssertionError("unreachable")  # pragma: no cover
+        url = self.root + path
+        resp = send_with_retry(
+            "pipedrive",
+            lambda: self.http.get(url, params=params, headers=headers),
+            _classify,
+            sleep=self.sleep,
+            max_attempts=MAX_ATTEMPTS,
+        )
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise CrmError(f"pipedrive: HTTP {resp.status_code} non-JSON body", status=resp.status_code) from exc
+        if not isinstance(body, dict) or body.get("success") is False:
+            raise CrmError("pipedrive: unexpected response shape", status=resp.status_code)
+        return body
 
     def pages(self, kind: str, **extra: str) -> Iterator[list[dict[str, Any]]]:
-        """Yield the live (not deleted) records of each page of `/api/v2/{kind}`, following next_cursor."""
+        """Yield the records of each page of `/api/v2/{kind}` (deleted ones too), following next_cursor."""
         params = {"limit": str(self.conn.page_limit), "sort_by": "id", "sort_direction": "asc", **extra}
         seen: set[str] = set()
         while True:
@@ -150,7 +164,7 @@ class _PipedriveClient:
             data = body.get("data") or []
             if not isinstance(data, list):
                 raise CrmError("pipedrive: unexpected response shape")
-            yield [r for r in data if isinstance(r, dict) and not r.get("is_deleted")]
+            yield [r for r in data if isinstance(r, dict) and r.get("id") is not None]
             cursor = (body.get("additional_data") or {}).get("next_cursor")
             if not cursor:
                 return
@@ -166,45 +180,53 @@ def _id(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _people(client: _PipedriveClient) -> pl.DataFrame:
+def _live(rec: dict[str, Any]) -> bool:
+    return not rec.get("is_deleted")
+
+
+def _people_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """One row per distinct address of each live person."""
     cols: dict[str, list[Any]] = {name: [] for name in PEOPLE_SCHEMA}
-    for records in client.pages("persons"):
-        for rec in records:
-            items = rec.get("emails") or rec.get("email") or []
-            for item in items if isinstance(items, list) else []:
-                value = item.get("value") if isinstance(item, dict) else item
-                if not isinstance(value, str):
-                    continue
-                cols["crm_id"].append(_id(rec.get("id")))
-                cols["kind"].append("contact")
-                cols["email"].append(value)
-                cols["account_id"].append(_id(rec.get("org_id")))
-                cols["name"].append(rec.get("name"))
+    for rec in records:
+        if not _live(rec):
+            continue
+        items = rec.get("emails") or rec.get("email") or []
+        for item in items if isinstance(items, list) else []:
+            value = item.get("value") if isinstance(item, dict) else item
+            if not isinstance(value, str):
+                continue
+            cols["crm_id"].append(_id(rec.get("id")))
+            cols["kind"].append("contact")
+            cols["email"].append(value)
+            cols["account_id"].append(_id(rec.get("org_id")))
+            cols["name"].append(rec.get("name"))
     frame = people_frame(pl.DataFrame(cols, schema=PEOPLE_SCHEMA))
     return frame.unique(subset=["crm_id", "email"], keep="first", maintain_order=True)
 
 
-def _accounts(client: _PipedriveClient) -> pl.DataFrame:
+def _account_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """One row per live organization, domain from `website` only."""
     cols: dict[str, list[Any]] = {"crm_id": [], "name": [], "domain": []}
-    for records in client.pages("organizations"):
-        for rec in records:
-            website = rec.get("website")
-            cols["crm_id"].append(_id(rec.get("id")))
-            cols["name"].append(rec.get("name"))
-            cols["domain"].append(website_domain(website) if isinstance(website, str) else None)
+    for rec in records:
+        if not _live(rec):
+            continue
+        website = rec.get("website")
+        cols["crm_id"].append(_id(rec.get("id")))
+        cols["name"].append(rec.get("name"))
+        cols["domain"].append(website_domain(website) if isinstance(website, str) else None)
     return pl.DataFrame(cols, schema=ACCOUNTS_SCHEMA)
 
 
-def _opportunities(client: _PipedriveClient) -> pl.DataFrame:
+def _opportunity_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
+    """One row per live deal with `status == "open"`."""
     cols: dict[str, list[Any]] = {"crm_id": [], "account_id": [], "name": [], "created_at": []}
-    for records in client.pages("deals", status="open"):
-        for rec in records:
-            if rec.get("status") != "open":
-                continue
-            cols["crm_id"].append(_id(rec.get("id")))
-            cols["account_id"].append(_id(rec.get("org_id")))
-            cols["name"].append(rec.get("title"))
-            cols["created_at"].append(rec.get("add_time"))
+    for rec in records:
+        if not _live(rec) or rec.get("status") != "open":
+            continue
+        cols["crm_id"].append(_id(rec.get("id")))
+        cols["account_id"].append(_id(rec.get("org_id")))
+        cols["name"].append(rec.get("title"))
+        cols["created_at"].append(rec.get("add_time"))
     frame = pl.DataFrame(cols, schema={k: pl.String for k in cols})
     created = (
         pl.col("created_at")
@@ -217,6 +239,26 @@ def _opportunities(client: _PipedriveClient) -> pl.DataFrame:
     )
 
 
+def _parse_time(value: Any) -> datetime | None:
+    """A v2 RFC 3339 time (a v1-style "YYYY-MM-DD HH:MM:SS" is UTC)."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _watermark(*groups: list[dict[str, Any]]) -> datetime | None:
+    times = [t for records in groups for t in (_parse_time(r.get("update_time")) for r in records) if t]
+    return max(times) if times else None
+
+
+def _read(client: _PipedriveClient, kind: str, **extra: str) -> list[dict[str, Any]]:
+    return [rec for records in client.pages(kind, **extra) for rec in records]
+
+
 def fetch_snapshot(
     conn: PipedriveConnection, http: httpx.Client, *, sleep: Callable[[float], None] = time.sleep
 ) -> CrmSnapshot:
@@ -225,8 +267,45 @@ def fetch_snapshot(
     Raises CrmAuthError (reconnect needed), CrmQuotaExhausted (daily budget or persistent 429) or CrmError.
     """
     client = _PipedriveClient(conn, http, sleep)
+    persons = _read(client, "persons")
+    organizations = _read(client, "organizations")
+    deals = _read(client, "deals", status="open")
     return CrmSnapshot(
-        people=_people(client),
-        accounts=_accounts(client),
-        opportunities=_opportunities(client),
+        people=_people_rows(persons),
+        accounts=_account_rows(organizations),
+        opportunities=_opportunity_rows(deals),
+        watermark=_watermark(persons, organizations, deals),
+    )
+
+
+def fetch_changes(
+    conn: PipedriveConnection,
+    http: httpx.Client,
+    since: datetime,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CrmChanges:
+    """Persons, organizations and deals updated at or after `since` (`updated_since`, sorted by update_time
+    ascending), deleted and closed ones included; see the module docstring for what needs a full snapshot.
+
+    Raises CrmAuthError, CrmQuotaExhausted (daily budget or persistent 429) or CrmError.
+    """
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    window = {"updated_since": since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "sort_by": "update_time", "sort_direction": "asc"}
+    client = _PipedriveClient(conn, http, sleep)
+    persons = _read(client, "persons", **window)
+    organizations = _read(client, "organizations", **window)
+    deals = _read(client, "deals", status=DEAL_STATUSES_ALL, **window)
+    return CrmChanges(
+        people=_people_rows(persons),
+        accounts=_account_rows(organizations),
+        opportunities=_opportunity_rows(deals),
+        changed_ids={
+            "people": {str(_id(r.get("id"))) for r in persons},
+            "accounts": {str(_id(r.get("id"))) for r in organizations},
+            "opportunities": {str(_id(r.get("id"))) for r in deals},
+        },
+        watermark=_watermark(persons, organizations, deals),
     )

@@ -1,6 +1,9 @@
 """A HubSpot portal per world tenant, served over loopback HTTPS (crm_apis.md §2 and §6.2): private-app bearer
 tokens, CRM v3 object listing with `after` cursors, the search API with its hard 10,000-result cap, deal
-pipelines with stage metadata, and HubSpot-shaped errors (`status/message/correlationId/category`).
+pipelines with stage metadata, the v4 associations batch read (`POST /crm/v4/associations/{from}/{to}/batch/read`,
+at most 1,000 `inputs`; ids without links come back as 207 `errors` with `OBJECT_NOT_FOUND` /
+`crm.associations.NO_ASSOCIATIONS_FOUND`; the first link is labelled Primary), and HubSpot-shaped errors
+(`status/message/correlationId/category`). Search never returns archived records.
 
 Mapping of the world's CRM (deterministic, ids are numeric strings in creation order):
 - contacts -> contacts (`lifecyclestage=customer`); unconverted leads -> contacts with `lifecyclestage=lead`
@@ -16,11 +19,16 @@ Mapping of the world's CRM (deterministic, ids are numeric strings in creation o
 
 Every property value is a string or null. Knobs for tests: `token_for(tid)`, `expire_tokens()`,
 `throttle(policy, count, after, retry_after)`, `daily_limit`, `burst_limit`, `archive(tid, type, id)`,
-`touch(tid, type, id, **props)`, `add_contacts(tid, n)`, `hs_id(tid, world_id)`, `search_cap` (10,000 by
-default), the injected `clock`, and `requests` (a log without tokens).
+`restore(tid, type, id)`, `touch(tid, type, id, **props)`, `create(tid, type, company=None, **props)`,
+`associate(tid, type, id, company)`, `add_contacts(tid, n)`, `hs_id(tid, world_id)`, `search_cap` (10,000 by
+default), the injected `clock`, and `requests` (a log without tokens). Every change (`touch`, `archive`,
+`restore`, `create`, `associate`) sets the last-modified date (`lastmodifieddate` / `hs_lastmodifieddate` and
+`updatedAt`) to `clock()`; a deal's `hs_is_closed*` follow its `dealstage` (calculated properties).
 
 Not modelled: OAuth refresh (`/oauth/v1/token`), repeated `properties=` parameters (the shared server keeps only
-the first value of a parameter, so send them comma-joined), the 5 req/s search limit, merges, 90-day purge.
+the first value of a parameter, so send them comma-joined), the 5 req/s search limit, merges, 90-day purge,
+search indexing lag, per-input paging of the v4 batch read (records here have at most one company), and removal
+of an archived record's associations (links to archived companies stay listed).
 """
 
 from __future__ import annotations
@@ -56,6 +64,12 @@ _DEFAULT_PROPS = {
               "pipeline"),
 }
 _DATE_PROPS = frozenset({"createdate", "lastmodifieddate", "hs_lastmodifieddate", "closedate"})
+_V4_TYPES = {"contacts": "contacts", "contact": "contacts", "0-1": "contacts", "companies": "companies",
+             "company": "companies", "0-2": "companies", "deals": "deals", "deal": "deals", "0-3": "deals"}
+# HUBSPOT_DEFINED association type ids: (primary, unlabeled) per (from, to)
+_V4_TYPE_IDS = {("contacts", "companies"): (1, 279), ("deals", "companies"): (5, 341),
+                ("companies", "contacts"): (2, 280), ("companies", "deals"): (6, 342)}
+ASSOC_BATCH_MAX = 1_000
 _ASSOC_TYPE = {("contacts", "companies"): "contact_to_company", ("deals", "companies"): "deal_to_company",
                ("companies", "contacts"): "company_to_contact", ("companies", "deals"): "company_to_deal"}
 
@@ -74,6 +88,9 @@ PIPELINES: tuple[tuple[str, str, tuple[tuple[str, str, bool, str], ...]], ...] =
         ("1003", "Churned", True, "0.0"),
     )),
 )
+
+
+_STAGES = {(pid, stage[0]): stage for pid, _, stages in PIPELINES for stage in stages}
 
 
 def _stable(text: str, modulo: int) -> int:
@@ -113,6 +130,15 @@ def additional_domains(record_id: str, domain: str | None) -> list[str]:
     if _stable(record_id, 4) == 0:
         extra.append(f"{stem}.eu")
     return extra
+
+
+def _deal_closed_props(props: dict[str, str | None]) -> dict[str, str]:
+    """The calculated hs_is_closed / _won / _lost of a deal's pipeline and stage (unknown stage: open)."""
+    stage = _STAGES.get((str(props.get("pipeline")), str(props.get("dealstage"))))
+    closed = bool(stage and stage[2])
+    won = closed and stage is not None and stage[3] == "1.0"
+    return {"hs_is_closed": "true" if closed else "false", "hs_is_closed_won": "true" if won else "false",
+            "hs_is_closed_lost": "true" if closed and not won else "false"}
 
 
 @dataclass
@@ -181,6 +207,7 @@ class HubSpotSimulator(SimServer):
             ("GET", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/(?P<id>\d+)", self._get_one),
             ("POST", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/search", self._search),
             ("GET", r"/crm/v3/pipelines/deals/?", self._pipelines),
+            ("POST", r"/crm/v4/associations/(?P<from>[\w-]+)/(?P<to>[\w-]+)/batch/read", self._assoc_batch_read),
         ]
         routes += [(m, r"/.*", self._not_found) for m in ("GET", "POST", "PATCH", "DELETE", "PUT")]
         super().__init__(tls, [(m, p, self._wrap(h)) for m, p, h in routes], port=port, name="hubspot-sim")
@@ -294,7 +321,7 @@ class HubSpotSimulator(SimServer):
         with self._lock:
             rec = self.record(tid, object_type, record_id)
             rec.archived, rec.archived_at = True, self._now()
-            rec.updated = rec.archived_at
+            self._modified(object_type, rec)
 
     def restore(self, tid: str, object_type: str, record_id: str) -> None:
         with self._lock:
@@ -303,12 +330,53 @@ class HubSpotSimulator(SimServer):
             self.touch(tid, object_type, record_id)
 
     def touch(self, tid: str, object_type: str, record_id: str, **props: str | None) -> None:
-        """Update properties; the last-modified date becomes `clock()`."""
+        """Update properties; the last-modified date becomes `clock()` (a deal's hs_is_closed* follow its stage)."""
         with self._lock:
             rec = self.record(tid, object_type, record_id)
             rec.props.update(props)
-            rec.updated = self._now()
-            rec.props[_MODIFIED_PROP[object_type]] = hs_datetime(rec.updated)
+            if object_type == "deals" and "dealstage" in props:
+                rec.props.update(_deal_closed_props(rec.props))
+            self._modified(object_type, rec)
+
+    def create(self, tid: str, object_type: str, company: str | None = None, **props: str | None) -> str:
+        """A new record created and modified at `clock()`, linked to `company` (HubSpot or world id) when
+        given; returns its HubSpot id. Deals default to the default pipeline's first stage."""
+        with self._lock:
+            now = self._now()
+            if object_type == "deals":
+                props = {"pipeline": "default", "dealstage": "appointmentscheduled", "amount": "1500.00", **props}
+                props.update(_deal_closed_props(props))
+            rec = self._add(tid, object_type, dict(props), now, now)
+            if company is not None:
+                self._link(tid, object_type, rec, company)
+            return rec.id
+
+    def associate(self, tid: str, object_type: str, record_id: str, company: str | None) -> None:
+        """Make `company` (HubSpot or world id; None: no company) the only company of a contact or deal. The
+        record's last-modified date becomes `clock()` (for contacts `associatedcompanyid` changes; that a deal's
+        `hs_lastmodifieddate` moves on an association change is an assumption [U])."""
+        with self._lock:
+            rec = self.record(tid, object_type, record_id)
+            for old in rec.assoc.pop("companies", []):
+                back = self._objects[tid]["companies"][old].assoc.get(object_type, [])
+                if rec.id in back:
+                    back.remove(rec.id)
+            if object_type == "contacts":
+                rec.props["associatedcompanyid"] = None
+            if company is not None:
+                self._link(tid, object_type, rec, company)
+            self._modified(object_type, rec)
+
+    def _link(self, tid: str, object_type: str, rec: _Rec, company: str) -> None:
+        target = self.record(tid, "companies", company)
+        rec.assoc["companies"] = [target.id]
+        target.assoc.setdefault(object_type, []).append(rec.id)
+        if object_type == "contacts":
+            rec.props["associatedcompanyid"] = target.id
+
+    def _modified(self, object_type: str, rec: _Rec) -> None:
+        rec.updated = self._now()
+        rec.props[_MODIFIED_PROP[object_type]] = hs_datetime(rec.updated)
 
     def add_contacts(self, tid: str, n: int, domain: str = "bulk.example.com") -> list[str]:
         """`n` synthetic contacts created and modified at `clock()`; returns their ids."""
@@ -337,7 +405,8 @@ class HubSpotSimulator(SimServer):
                         body = None
                 self.requests.append(LoggedRequest(req.method, req.path, resp.status, tid, dict(req.query),
                                                    body, policy))
-                if tid is not None and req.path.startswith("/crm/v3/objects") and not req.path.endswith("search"):
+                if tid is not None and req.path.startswith(("/crm/v3/objects", "/crm/v4/")) \
+                        and not req.path.endswith("search"):
                     resp.headers.update(self._limit_headers(tid))
                 return resp
 
@@ -571,6 +640,47 @@ class HubSpotSimulator(SimServer):
             for n, (pid, label, stages) in enumerate(PIPELINES)
         ]
         return Response(200, {"results": results}), tid
+
+    def _assoc_batch_read(self, req: Request, tid: str) -> tuple[Response, str | None]:
+        assert req.match is not None
+        src, dst = _V4_TYPES.get(req.match["from"].lower()), _V4_TYPES.get(req.match["to"].lower())
+        if src is None or dst is None or (src, dst) not in _V4_TYPE_IDS:
+            return _error(400, f"Unknown object type or association: {req.match['from']} -> {req.match['to']}",
+                          "VALIDATION_ERROR"), tid
+        try:
+            body = req.json() or {}
+            ids = [str(i["id"]) for i in body.get("inputs") or []]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _error(400, "Invalid input JSON on line 1", "VALIDATION_ERROR"), tid
+        if len(ids) > ASSOC_BATCH_MAX:
+            return _error(400, f"Batch input of {len(ids)} exceeds the limit of {ASSOC_BATCH_MAX}.",
+                          "VALIDATION_ERROR"), tid
+        primary, unlabeled = _V4_TYPE_IDS[(src, dst)]
+        started = hs_datetime(self._now())
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for rid in dict.fromkeys(ids):
+            rec = self._objects[tid][src].get(rid)
+            links = rec.assoc.get(dst, []) if rec is not None and not rec.archived else []
+            if not links:
+                errors.append({"status": "error", "category": "OBJECT_NOT_FOUND",
+                               "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
+                               "message": f"No {dst[:-1]} is associated with {src[:-1]} {rid}.",
+                               "context": {"fromObjectId": [rid], "fromObjectType": [src[:-1]],
+                                           "toObjectType": [dst[:-1]]}})
+                continue
+            to = []
+            for n, target in enumerate(links):
+                types = [{"category": "HUBSPOT_DEFINED", "typeId": unlabeled, "label": None}]
+                if n == 0:
+                    types.insert(0, {"category": "HUBSPOT_DEFINED", "typeId": primary, "label": "Primary"})
+                to.append({"toObjectId": int(target), "associationTypes": types})
+            results.append({"from": {"id": rid}, "to": to})
+        out: dict[str, Any] = {"status": "COMPLETE", "results": results, "startedAt": started,
+                               "completedAt": hs_datetime(self._now())}
+        if errors:
+            out.update(errors=errors, numErrors=len(errors))
+        return Response(207 if errors else 200, out), tid
 
     def _not_found(self, req: Request, tid: str) -> tuple[Response, str | None]:
         return _error(404, f"Unable to route {req.method} request with {req.path}", "OBJECT_NOT_FOUND"), tid

@@ -19,10 +19,11 @@ Mapping from the world's CRM (ids are Pipedrive integers, sequential per kind, i
 - deals: opportunities. `status` open when not closed, else won/lost (stable hash); `add_time` = created;
   `org_id` = the account's organization; `person_id` = the first contact of that account (or null).
 
-Deletions: `delete(tid, kind, id)` soft-deletes (`is_deleted: true`, `update_time` = clock). Deleted persons
-and organizations stay in the v2 lists with `is_deleted: true` while `deleted_in_lists` (default True) and
-disappear when it is False; deleted deals have `status: "deleted"` and are listed only with `status=deleted`.
-Soft-deleted records are purged 30 days (by `clock`) after deletion.
+Changes: `create(tid, kind, **fields)` adds a record and `update(tid, kind, id, **fields)` changes one, both with
+`update_time` = clock. Deletions: `delete(tid, kind, id)` soft-deletes (`is_deleted: true`, `update_time` =
+clock). Deleted persons and organizations stay in the v2 lists with `is_deleted: true` while `deleted_in_lists`
+(default True) and disappear when it is False; deleted deals have `status: "deleted"` and are listed only with
+`status=deleted`. Soft-deleted records are purged 30 days (by `clock`) after deletion.
 
 Limits (knobs): `burst_limit` requests per token per `burst_window_s` (rolling, by `clock`) → 429
 `Request over limit`; `daily_budget` tokens per company per UTC day (`list_cost` per list call) → 429 that
@@ -236,6 +237,28 @@ class PipedriveSimulator(SimServer):
             if kind == "deals":
                 rec["status"] = "deleted"
             self._deleted_at[(tid, kind, pd_id)] = self.now()
+
+    def create(self, tid: str, kind: str, **fields: Any) -> int:
+        """A new record (next Pipedrive id of its kind) added and updated at the simulator clock; `fields` are
+        its v2 fields (persons: `name`, `emails`, `org_id`; organizations: `name`, `website`; deals: `title`,
+        `org_id`, `status`). Returns its id."""
+        with self._lock:
+            recs = self._records[tid][kind]
+            pd_id = max(recs, default=0) + 1
+            now = _rfc3339(self.now())
+            rec: dict[str, Any] = {"id": pd_id, "owner_id": 1, "add_time": now, "update_time": now,
+                                   "is_deleted": False, "visible_to": 3, "custom_fields": {}}
+            if kind == "persons":
+                rec.update(name=None, org_id=None, emails=[], phones=[])
+            elif kind == "organizations":
+                rec.update(name=None, address=None, label_ids=[])
+            else:
+                rec.update(title=None, person_id=None, org_id=None, pipeline_id=1, stage_id=1, status="open",
+                           value=0, currency="EUR", close_time=None, won_time=None, lost_time=None,
+                           is_archived=False)
+            rec.update(fields)
+            recs[pd_id] = rec
+            return pd_id
 
     def update(self, tid: str, kind: str, pd_id: int, **fields: Any) -> None:
         """Change fields of a record; `update_time` becomes the simulator clock."""
