@@ -1,0 +1,68 @@
+"""A record deleted in the CRM stops matching mail from the next refresh on (an incremental one), end to end:
+simulated CRM + Graph, real adapters, the store and the mailbox sync. Mail imported before the deletion stays."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from o365sync.store import open_store
+from simulators.world import generate_world
+from tasks.crm_snapshot import refresh_crm_snapshot
+from tasks.mailbox_sync import sync_mailbox_now
+from tests.product import expected_for_crm, stand_up, stored_matches
+
+
+def delete_in_crm(running, crm_kind: str, tid: str, world_contact_id: str) -> None:
+    if crm_kind == "salesforce":
+        running.salesforce.soft_delete(tid, world_contact_id)
+    elif crm_kind == "hubspot":
+        running.hubspot.archive(tid, "contacts", running.hubspot.hs_id(tid, world_contact_id))
+    else:
+        running.pipedrive.delete(tid, "persons", running.pipedrive.ids[tid]["persons"][world_contact_id])
+
+
+@pytest.mark.parametrize("crm_kind", ["salesforce", "hubspot", "pipedrive"])
+def test_a_deleted_contact_stops_matching_after_the_next_refresh(tmp_path, monkeypatch, crm_kind):
+    world = generate_world(seed=23, users_per_tenant=1, messages_per_user=60, contacts_per_tenant=30)
+    p = stand_up(world, tmp_path, monkeypatch, crm_kind=crm_kind)
+    try:
+        tid, user = world.tenants[0].tid, world.tenants[0].users[0]
+        assert refresh_crm_snapshot(p.settings, tid)["mode"] == "full"
+        sync_mailbox_now(p.settings, tid, user.oid)
+        before = stored_matches(p.settings, tid)
+
+        # New mail arrives from CRM contacts; pick one contact it links to and delete that contact in the CRM.
+        new = [world.add_message(user.oid, "inbox", kind="contact") for _ in range(12)]
+        truth = world.expected_matches(tid)
+        contact_ids = {c.id for c in world.crm[tid].contacts}
+        victim = next(i for m in new for i in sorted(truth.get((user.oid, m.id), ())) if i in contact_ids)
+        delete_in_crm(p.running, crm_kind, tid, victim)
+        world.crm[tid] = crm = copy.deepcopy(world.crm[tid])
+        crm.contacts = [c for c in crm.contacts if c.id != victim]
+
+        refreshed = refresh_crm_snapshot(p.settings, tid)
+        assert refreshed["mode"] == "incremental" and refreshed["changed"] >= 1
+        sync_mailbox_now(p.settings, tid, user.oid)
+
+        expected = expected_for_crm(world, tid, p.running, crm_kind)  # the CRM without the deleted contact
+        stored = stored_matches(p.settings, tid)
+        new_keys = {(user.oid, m.id) for m in new}
+        assert {k: v for k, v in stored.items() if k in new_keys} == {k: v for k, v in expected.items()
+                                                                      if k in new_keys}
+        victim_id = expected_for_crm_id(p.running, crm_kind, tid, victim)
+        assert all(victim_id not in stored.get(k, ()) for k in new_keys)
+        assert {k: v for k, v in stored.items() if k in before} == before  # imported mail keeps its links
+        with open_store(p.settings, tid, write=False) as con:
+            assert con.execute("SELECT count(*) FROM crm_people WHERE crm_id = ?", [victim_id]).fetchone()[0] == 0
+    finally:
+        p.running.stop()
+
+
+def expected_for_crm_id(running, crm_kind: str, tid: str, world_id: str) -> str:
+    if crm_kind == "hubspot":
+        return running.hubspot.hs_id(tid, world_id)
+    if crm_kind == "pipedrive":
+        return str(running.pipedrive.ids[tid]["persons"][world_id])
+    return world_id
