@@ -10,6 +10,8 @@ Behaviour follows /work/shared/reference/graph.md §1, §2, §5, §6, §10. Deli
   otherwise the mutable id (`SimMessage.mutable_id()`, changes on every move). Both are accepted on
   `/me/messages/{id}`; a mutable id from before a move is 404, as in Graph.
 
+Calendar, online meetings and Teams (§3, §4) live in simulators/graph_calendar.py (`GraphSimulator.calendar`).
+
 Per-folder message delta (§2.4) with opaque server-side tokens: see `_delta`. Choices where real Graph is not
 verified (graph.md labels them OBS/INF or leaves them open) are marked "UNVERIFIED" in comments.
 
@@ -317,6 +319,10 @@ class GraphSimulator:
             ("GET", r"/v1\.0/me/messages", self._list_messages),
             ("GET", r"/v1\.0/me/messages/([^/]+)", self._get_message),
         )
+        from simulators.graph_calendar import CalendarEndpoints  # calendar + Teams (imports this module)
+
+        self.calendar = CalendarEndpoints(self)
+        mail = (*mail, *self.calendar.routes())
         self._routes = [(m, re.compile(p, re.IGNORECASE), self._endpoint(h)) for m, p, h in mail]
         routes: list[tuple[str, str, Callable[[Request], Response]]] = [
             (m, "(?i)" + p, self._endpoint(h)) for m, p, h in mail
@@ -369,6 +375,7 @@ class GraphSimulator:
                 setattr(self, k, v)
             self._fault_rng = random.Random(self.fault_seed)
         self.latency_s = 0.0
+        self.calendar.reset()
         self.reset_stats()
 
     def evict_delta_tokens(self, oid: str, folder: str | None = None, code: str = "SyncStateNotFound") -> int:

@@ -200,6 +200,7 @@ class World:
     crm: dict[str, SimCrm]  # by tenant id
     mailboxes: dict[str, list[SimMessage]]  # by user oid, sorted by received
     realistic_noise: bool = False
+    calendars: Any = None  # simulators.world_calendar.Calendars when generated (`generate_world(calendars=True)`)
     # ---- change tracking (read by the Graph simulator under `lock`)
     change_seq: int = 0
     change_log: list[str] = field(default_factory=list)  # change_log[s - 1]: id of the message changed at seq s
@@ -497,6 +498,7 @@ def generate_world(
     now: datetime | None = None,
     history_days: int = 60,
     realistic_noise: bool = True,
+    calendars: bool = False,
 ) -> World:
     """Build tenants, users, mailboxes and CRM data that are consistent with each other.
 
@@ -507,6 +509,8 @@ def generate_world(
     meeting requests from CRM contacts in the inbox (eventMessageRequest), personal/private/confidential mail
     with CRM contacts, automated senders at CRM account domains (no-reply@, notifications@, …), and Sent Items
     whose only CRM participant is a bcc. `realistic_noise=False` gives exactly the pre-noise world of a seed.
+    `calendars=True` adds `World.calendars` (see `simulators.world_calendar.generate_calendars`; its own RNG, so the
+    mail and CRM of a seed stay the same).
     """
     rng = random.Random(seed)
     now = (now or datetime.now(UTC)).replace(microsecond=0)
@@ -527,6 +531,10 @@ def generate_world(
             world.mailboxes[user.oid] = _generate_mailbox(
                 rng, tenant, user, crm, messages_per_user, now, history_days, scan_start(crm, now), realistic_noise
             )
+    if calendars:
+        from simulators.world_calendar import generate_calendars
+
+        world.calendars = generate_calendars(world)
     return world
 
 
