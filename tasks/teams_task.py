@@ -1,0 +1,49 @@
+"""Prefect task: refresh one user's Teams channel list. Returns ids and counts only; a failure is re-raised as
+`TeamsRefreshError(user id, error class)` without its message (Prefect stores exception text)."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from o365sync.auth import ReconnectNeeded
+from o365sync.settings import load_settings
+from o365sync.teams import ConsentNeeded, TeamsDisabled, refresh_channels
+
+log = logging.getLogger("o365sync.teams")
+
+
+class TeamsRefreshError(Exception):
+    """A channel refresh failed; the message names the user id and the error class only."""
+
+
+def _summary(user_oid: str, status: str, teams: int = 0, channels: int = 0) -> dict[str, int | str]:
+    return {"user_oid": user_oid, "status": status, "teams": teams, "channels": channels}
+
+
+@task(name="refresh-teams-channels", persist_result=False, cache_policy=NO_CACHE)
+def refresh_user_channels(tenant_id: str, user_oid: str) -> dict[str, int | str]:
+    """status: ok | consent_needed (connected before the tenant enabled Teams; no Graph call was made) |
+    reconnect_needed | disabled (the tenant has not enabled Teams; no Graph call was made)."""
+    logger = get_run_logger()
+    settings = load_settings()
+    try:
+        result = refresh_channels(settings, tenant_id, user_oid)
+    except TeamsDisabled:
+        logger.warning("teams refresh user=%s skipped: tenant=%s has Teams sharing off", user_oid, tenant_id)
+        return _summary(user_oid, "disabled")
+    except ConsentNeeded as exc:
+        logger.warning("teams refresh user=%s consent needed for %d scope(s): user must reconnect", user_oid,
+                       len(exc.missing))
+        return _summary(user_oid, "consent_needed")
+    except ReconnectNeeded as exc:
+        logger.warning("teams refresh user=%s needs reconnect error=%s codes=%s", user_oid, exc.error, exc.error_codes)
+        return _summary(user_oid, "reconnect_needed")
+    except Exception as exc:
+        error = type(exc).__name__
+        log.error("teams refresh failed user=%s error=%s", user_oid, error)
+        raise TeamsRefreshError(f"teams channel refresh failed for user {user_oid}: {error}") from None
+    logger.info("teams refresh user=%s teams=%d channels=%d", user_oid, result.teams, result.channels)
+    return _summary(user_oid, "ok", result.teams, result.channels)
