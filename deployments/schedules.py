@@ -8,6 +8,9 @@ For every registered tenant with the "email" feature:
   tenant's previous sync is still running is cancelled before it starts (the server enforces it; prefect.md §4/§5).
 * `initial-import-<tenant>`: the `initial-import` flow, unscheduled, run on demand (UI "Run" or
   `prefect deployment run initial-import/initial-import-<tenant>`); concurrent requests queue (limit 1, ENQUEUE).
+* `calendar-sync-<tenant>` (tenants with "calendar"): the `calendar-sync` flow every hour, spread the same way,
+  CANCEL_NEW.
+* `teams-refresh-<tenant>` (tenants with "teams"): the users' teams and channels, daily, CANCEL_NEW.
 
 Flows are imported lazily (and can be passed in), so this module imports without Prefect's flow modules.
 Entrypoints are module paths (`flows.email_sync.email_sync`): the package is installed, so served runs and process
@@ -30,8 +33,13 @@ if TYPE_CHECKING:
 
 EMAIL_SYNC = "email-sync"
 INITIAL_IMPORT = "initial-import"
+CALENDAR_SYNC = "calendar-sync"
+TEAMS_REFRESH = "teams-refresh"
 SYNC_INTERVAL_S = 900
+CALENDAR_INTERVAL_S = 3600
+TEAMS_INTERVAL_S = 86400
 SCHEDULE_SLUG = "every-15-min"  # a stable slug lets re-registration update the schedule in place
+CALENDAR_SLUG, TEAMS_SLUG = "hourly", "daily"
 # Interval schedules fire at anchor + k * interval; a fixed past anchor plus a per-tenant offset is stable across
 # restarts and machines (Python's hash() is salted per process, so a digest is used).
 _ANCHOR_BASE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -70,6 +78,18 @@ def _initial_import_flow() -> Flow[..., Any]:
     return initial_import
 
 
+def _calendar_sync_flow() -> Flow[..., Any]:
+    from flows.calendar_sync import calendar_sync
+
+    return calendar_sync
+
+
+def _teams_refresh_flow() -> Flow[..., Any]:
+    from flows.teams import teams_refresh
+
+    return teams_refresh
+
+
 def email_tenants(settings: Settings) -> list[TenantConfig]:
     return [t for t in list_tenants(settings) if "email" in t.features]
 
@@ -80,10 +100,13 @@ def build_deployments(
     email_flow: Flow[..., Any] | None = None,
     import_flow: Flow[..., Any] | None = None,
     tenants: list[TenantConfig] | None = None,
+    calendar_flow: Flow[..., Any] | None = None,
+    teams_flow: Flow[..., Any] | None = None,
 ) -> list[RunnerDeployment]:
-    """Two deployments per email-enabled tenant (see the module docstring), in registry order.
+    """The deployments of every email-enabled tenant (see the module docstring), in registry order.
 
-    `email_flow` / `import_flow` default to `flows.email_sync.email_sync` / `flows.initial_import.initial_import`.
+    Flows default to the product's (`flows.email_sync.email_sync`, `flows.initial_import.initial_import`,
+    `flows.calendar_sync.calendar_sync`, `flows.teams.teams_refresh`).
     Building contacts no Prefect API; `prefect.serve(*deployments)` or `deployment.apply()` registers them."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
@@ -115,4 +138,23 @@ def build_deployments(
             tags=_tags(t.id, INITIAL_IMPORT),
             entrypoint_type=EntrypointType.MODULE_PATH,
         ))
+        recurring = [("calendar", CALENDAR_SYNC, CALENDAR_INTERVAL_S, CALENDAR_SLUG, calendar_flow, _calendar_sync_flow,
+                      "Calendar sync (next 12 months)"),
+                     ("teams", TEAMS_REFRESH, TEAMS_INTERVAL_S, TEAMS_SLUG, teams_flow, _teams_refresh_flow,
+                      "Teams and channels of the users")]
+        for feature, kind, interval, slug, given, default, what in recurring:
+            if feature not in t.features:
+                continue
+            start = _ANCHOR_BASE + timedelta(seconds=schedule_offset_s(t.id, interval))
+            out.append((given or default()).to_deployment(
+                name=deployment_name(kind, t.id),
+                description=f"{what} of tenant {t.id} every {interval // 60} minutes; an overlapping run is "
+                            "cancelled before it starts.",
+                schedules=[Interval(interval, anchor_date=start, timezone="UTC", slug=slug)],
+                parameters={"tenant_id": t.id},
+                concurrency_limit=ConcurrencyLimitConfig(limit=1,
+                                                         collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+                tags=_tags(t.id, kind),
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            ))
     return out

@@ -1,6 +1,6 @@
-"""Prefect flow: a tenant's initial import — a fresh CRM snapshot, then every connected mailbox brought up to
-date (the first sync of a mailbox backfills its whole scan window); mailboxes waiting to retry after a failure
-are retried now. Parameters: the tenant id only."""
+"""Prefect flow: a tenant's initial import — a fresh CRM snapshot, then every connected mailbox and calendar
+brought up to date (the first sync of a mailbox backfills its whole scan window, of a calendar the next 12
+months); users waiting to retry after a failure are retried now. Parameters: the tenant id only."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ ImportIncomplete = SyncIncomplete  # the name callers of the first version used
 @flow(name="initial-import", persist_result=False,
       task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL))
 def initial_import(tenant_id: str) -> dict[str, int]:
-    return sync_tenant(tenant_id, "initial-import", crm_max_age=timedelta(0), respect_backoff=False)
+    return sync_tenant(tenant_id, "initial-import", crm_max_age=timedelta(0), respect_backoff=False,
+                       features=("email", "calendar"))
 
 
 if __name__ == "__main__":

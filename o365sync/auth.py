@@ -30,12 +30,22 @@ from msal.exceptions import MsalServiceError
 from o365sync.http import make_http_client
 from o365sync.secrets import SecretError, load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
+from o365sync.tenants import tenant_dir
 
 BASE_SCOPES = ["User.Read"]
 # Short-form Graph permissions (msal.md §1.5: the short form is what Entra echoes, so the AT cache hits).
+# Least privilege: calendar import only reads; the calendar and online-meeting writes of Notetaker's Explicit
+# Consent Mode are requested only when the tenant turned that mode on.
 FEATURE_SCOPES: dict[str, list[str]] = {
     "email": ["Mail.Read"],
+    "calendar": ["Calendars.Read"],
+    "notetaker": [],
+    "teams": ["Team.ReadBasic.All", "Channel.ReadBasic.All", "ChannelMessage.Send", "Chat.Create",
+              "ChatMessage.Send"],
 }
+CONSENT_MODE_SCOPES = ["Calendars.ReadWrite", "OnlineMeetings.ReadWrite"]
+# A granted scope that covers another (Entra grants the broader one; the narrower is then implied).
+_IMPLIED = {"calendars.read": "calendars.readwrite"}
 FLOW_TTL_S = 600.0
 
 RECONNECT_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required",
@@ -181,15 +191,30 @@ def build_app(settings: Settings, cache: msal.SerializableTokenCache | None,
         raise AuthTransient(f"tenant discovery failed: {exc}") from exc
 
 
-def scopes_for(features: Iterable[str]) -> list[str]:
+def scopes_for(features: Iterable[str], explicit_consent: bool = False) -> list[str]:
+    """The delegated scopes `features` need (User.Read first). Explicit Consent Mode adds the Notetaker writes."""
     scopes = list(BASE_SCOPES)
+    features = list(features)
+    extra = CONSENT_MODE_SCOPES if explicit_consent and "notetaker" in features else []
     for feature in features:
         if feature not in FEATURE_SCOPES:
             raise ValueError(f"unknown feature {feature!r}; known: {sorted(FEATURE_SCOPES)}")
-        for s in FEATURE_SCOPES[feature]:
-            if s not in scopes:
-                scopes.append(s)
+    for s in [s for f in features for s in FEATURE_SCOPES[f]] + extra:
+        if s not in scopes:
+            scopes.append(s)
     return scopes
+
+
+def missing_scopes(granted: Iterable[str], required: Iterable[str]) -> list[str]:
+    """The `required` scopes a connection was not granted (case-insensitive, resource prefix ignored)."""
+    have = {s.rsplit("/", 1)[-1].lower() for s in granted}
+    return [s for s in required if s.lower() not in have and _IMPLIED.get(s.lower()) not in have]
+
+
+def consent_needed(settings: Settings, tenant_id: str, oid: str, required: Iterable[str]) -> list[str]:
+    """Scopes a connected user still has to consent to (the tenant turned a feature on after they connected);
+    asking MSAL for them would fail the grant, so callers check this first and mark the user instead."""
+    return missing_scopes(connection_info(settings, tenant_id, oid).get("scopes") or [], required)
 
 
 # --------------------------------------------------------------------------- storage
@@ -211,7 +236,7 @@ def _safe(value: str, what: str) -> str:
 
 
 def connections_dir(settings: Settings, tenant_id: str) -> Path:
-    return settings.data_dir / "tenants" / _safe(tenant_id, "tenant id") / "connections"
+    return tenant_dir(settings, _safe(tenant_id, "tenant id")) / "connections"
 
 
 def token_path(settings: Settings, tenant_id: str, oid: str) -> Path:
@@ -299,12 +324,12 @@ def _purge(now: float) -> None:
 
 
 def begin_connect(settings: Settings, tenant_id: str, features: list[str],
-                  login_hint: str | None = None) -> str:
+                  login_hint: str | None = None, explicit_consent: bool = False) -> str:
     """Start the authorization-code flow for a user of `tenant_id`; returns the URL to send the browser to.
 
     The MSAL flow (PKCE verifier, nonce) stays in this process, keyed by `state`, for FLOW_TTL_S."""
     _safe(tenant_id, "tenant id")
-    scopes = scopes_for(features)
+    scopes = scopes_for(features, explicit_consent)
     with make_http_client(settings) as hc:
         app = build_app(settings, None, hc)
     with _warn_lock, warnings.catch_warnings():

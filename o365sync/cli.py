@@ -12,10 +12,15 @@ from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
 
+from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
+
 app = typer.Typer(help="Office 365 activity capture for revenue teams: CRM-matched mail into DuckDB.",
                   no_args_is_help=True, add_completion=False)
 tenant_app = typer.Typer(help="Register and inspect tenants.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(teams_app, name="teams")
+user_app = typer.Typer(help="Per-user choices (calendar import, internal meetings, Notetaker).", no_args_is_help=True)
+app.add_typer(user_app, name="user")
 console = Console()
 
 
@@ -92,15 +97,19 @@ def tenant_add(
     crm_refresh_token: Annotated[str, typer.Option(help="Salesforce OAuth refresh token.")] = "",
     crm_token: Annotated[str, typer.Option(help="HubSpot private-app token or Pipedrive API token.")] = "",
     crm_directory: Annotated[str, typer.Option(help="crm=files: folder with people/accounts CSV or Parquet.")] = "",
-    feature: Annotated[list[str], typer.Option(help="Enabled feature (repeat).")] = ["email"],  # noqa: B006
+    feature: Annotated[list[str], typer.Option(help="Enabled feature (repeat): email, calendar, notetaker, teams. "
+                                               "Default: email, calendar, notetaker.")] = [],  # noqa: B006
+    explicit_consent: Annotated[bool, typer.Option(help="Notetaker Explicit Consent Mode (Teams links and consent "
+                                                        "notices on matched external meetings).")] = False,
 ) -> None:
     """Register (or update) a tenant. Secrets are stored encrypted and never shown."""
     from pydantic import ValidationError
 
-    from o365sync.tenants import CrmConnection, TenantConfig, save_tenant
+    from o365sync.tenants import DEFAULT_FEATURES, CrmConnection, TenantConfig, save_tenant
 
     try:
-        config = TenantConfig(id=id, name=name, domains=domain, features=feature, crm_kind=crm,
+        config = TenantConfig(id=id, name=name, domains=domain, features=feature or list(DEFAULT_FEATURES),
+                              notetaker_explicit_consent=explicit_consent, crm_kind=crm,
                               crm=CrmConnection(login_url=crm_login_url, client_id=crm_client_id,
                                                 directory=crm_directory or None))
     except ValidationError as exc:
@@ -184,6 +193,51 @@ def _excluded(value: str | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(json.loads(value or "{}").items()))
 
 
+@user_app.command("set")
+def user_set(
+    tenant_id: str,
+    user: Annotated[str, typer.Argument(help="The user's object id.")],
+    calendar: Annotated[bool | None, typer.Option("--calendar/--no-calendar", help="Import meetings.")] = None,
+    internal_meetings: Annotated[bool | None, typer.Option("--internal-meetings/--no-internal-meetings",
+                                                           help="Also import internal meetings.")] = None,
+    notetaker: Annotated[bool | None, typer.Option("--notetaker/--no-notetaker", help="Notetaker for my meetings.")]
+    = None,
+) -> None:
+    """Change one user's choices; options left out keep their value."""
+    from o365sync.tenants import TenantNotFound, load_tenant, save_tenant
+
+    settings = _settings()
+    try:
+        t = load_tenant(settings, tenant_id)
+    except TenantNotFound as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    changes = {k: v for k, v in {"calendar": calendar, "internal_meetings": internal_meetings,
+                                 "notetaker": notetaker}.items() if v is not None}
+    prefs = t.preferences_for(user).model_copy(update=changes)
+    t.user_preferences[user] = prefs
+    save_tenant(settings, t)
+    console.print(f"user {user}: " + ", ".join(f"{k}={'on' if v else 'off'}" for k, v in prefs.model_dump().items()))
+
+
+@tenant_app.command("move")
+def tenant_move(
+    tenant_id: str,
+    region: Annotated[str, typer.Option(help="Target region (a key of O365SYNC_REGIONS); 'default' = data_dir.")],
+) -> None:
+    """Move every file of a tenant (store, snapshot, tokens, credentials, exports) to another region's storage."""
+    from o365sync.residency import move_tenant
+    from o365sync.tenants import TenantNotFound
+
+    try:
+        result = move_tenant(_settings(), tenant_id, None if region == "default" else region)
+    except (TenantNotFound, ValueError) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    console.print(f"tenant {tenant_id} now stored in region {result['region']} ({result['files']} files moved, "
+                  f"{result['removed_locations']} old locations removed)")
+
+
 @tenant_app.command("block")
 def tenant_block(
     tenant_id: str,
@@ -230,19 +284,20 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
     if not tenants:
         console.print("No tenants registered." if not tenant else f"Tenant {tenant} is not registered.")
         raise typer.Exit(0 if not tenant else 1)
-    table = Table("tenant", "user", "stage", "last success", "lag", "failures", "next retry", "last error",
-                  "scanned", "matched", "imported", "excluded")
+    table = Table("tenant", "user", "feature", "stage", "last success", "lag", "failures", "next retry",
+                  "last error", "scanned", "matched", "imported", "excluded")
     crm_table = Table("tenant", "CRM", "state", "last refresh", "mode", "last success", "last full read", "error",
                       title="CRM snapshots")
     for t in tenants:
         with open_store(settings, t.id, write=False) as con:
-            states = read_sync_states(con, t.id)
+            states = [st for f in ("email", "calendar") for st in read_sync_states(con, t.id, f)]
             crm, summary = read_crm_state(con) or {}, crm_state_summary(con)
         crm_table.add_row(t.id, t.crm_kind, crm.get("status", "never refreshed").replace("_", " "),
                           _cell(summary["taken_at"]), _cell(summary.get("mode")), _cell(crm.get("last_success_at")),
                           _cell(summary["last_full_at"]), _cell(crm.get("last_error")))
         for st in states:
-            table.add_row(t.id, st["user_oid"], st["stage"].replace("_", " "), _cell(st["last_success_at"]),
+            table.add_row(t.id, st["user_oid"], st["feature"], st["stage"].replace("_", " "),
+                          _cell(st["last_success_at"]),
                           _lag(st["lag"]), str(st["consecutive_failures"]), _cell(st["next_retry_at"]),
                           _cell(st["last_error"]), _cell(st["scanned"]), _cell(st["matched"]),
                           _cell(st["imported"]), _excluded(st["excluded"]))

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -18,6 +19,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+DEMO_FEATURES = ["email", "calendar", "notetaker", "teams"]
 EXAMPLE_QUERIES = {
     "Emails per CRM record kind": """
 SELECT crm_kind, count(DISTINCT graph_id) AS emails, count(DISTINCT crm_id) AS records
@@ -36,6 +38,14 @@ LEFT JOIN crm_people p ON p.account_id = o.account_id
 LEFT JOIN email_crm_matches m ON m.crm_id IN (o.account_id, p.crm_id)
 LEFT JOIN emails e ON e.graph_id = m.graph_id AND e.received_at >= now() - INTERVAL 30 DAY
 WHERE NOT o.is_closed GROUP BY ALL ORDER BY emails_30d DESC LIMIT 5""",
+    "Upcoming customer meetings per account": """
+SELECT coalesce(a.name, pa.name) AS account, count(DISTINCT mt.event_id) AS meetings, min(mt.start_at) AS next
+FROM meetings mt JOIN meeting_crm_matches m USING (tenant_id, user_oid, event_id)
+LEFT JOIN crm_accounts a ON m.crm_kind = 'account' AND a.crm_id = m.crm_id
+LEFT JOIN crm_people p ON m.crm_kind <> 'account' AND p.crm_id = m.crm_id
+LEFT JOIN crm_accounts pa ON pa.crm_id = p.account_id
+WHERE mt.start_at >= now() AND coalesce(a.name, pa.name) IS NOT NULL
+GROUP BY ALL ORDER BY meetings DESC LIMIT 5""",
 }
 
 
@@ -54,7 +64,7 @@ def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int
 
     started = time.perf_counter()
     world = generate_world(seed=seed, users_per_tenant=users, messages_per_user=messages,
-                           contacts_per_tenant=contacts)
+                           contacts_per_tenant=contacts, calendars=True)
     tenant = world.tenants[0]
     web_port = _free_port()
     redirect_uri = f"http://localhost:{web_port}/auth/callback"
@@ -89,15 +99,18 @@ def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None)
     raise ValueError(f"unknown CRM kind {crm_kind!r}")
 
 
-def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str = "salesforce") -> None:  # noqa: ANN001
-    """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL."""
+def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str = "salesforce",  # noqa: ANN001
+                         features: list[str] | None = None, explicit_consent: bool = False) -> None:
+    """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
+    `features` default: email only."""
     from o365sync.http import ssl_context
     from o365sync.tenants import TenantConfig, save_tenant, tenant_dir
     from o365sync.web import run_in_thread
 
     shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)  # a simulated tenant starts fresh
     connection, secrets = simulated_crm(running, tenant, crm_kind, tenant_dir(settings, tenant.tid) / "crm-files")
-    save_tenant(settings, TenantConfig(id=tenant.tid, name=tenant.name, domains=tenant.domains, features=["email"],
+    save_tenant(settings, TenantConfig(id=tenant.tid, name=tenant.name, domains=tenant.domains,
+                                       features=features or ["email"], notetaker_explicit_consent=explicit_consent,
                                        crm_kind=crm_kind, crm=connection), secrets)
     base_url, stop_web = run_in_thread(settings, port=web_port)
     try:
@@ -114,28 +127,38 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
     from flows.initial_import import initial_import
     from o365sync.settings import load_settings
     from o365sync.store import open_store, snapshot_path
+    from o365sync.teams import refresh_channels
     from o365sync.tenants import tenant_dir
+    from tasks.calendar_sync import anchored_window
 
     settings = load_settings()
     console.print(f"[bold]Simulated world[/] tenant {tenant.name} ({tenant.tid}), {len(tenant.users)} users, "
                   f"{sum(len(running.world.mailboxes[u.oid]) for u in tenant.users)} messages")
-    register_and_connect(settings, running, tenant, web_port)
-    console.print(f"Connected {len(tenant.users)} users through MSAL (auth code + PKCE)")
+    register_and_connect(settings, running, tenant, web_port, features=DEMO_FEATURES)
+    console.print(f"Connected {len(tenant.users)} users through MSAL (auth code + PKCE), features "
+                  f"{', '.join(DEMO_FEATURES)}")
     t0 = time.perf_counter()
     totals = initial_import(tenant.tid)
     flow_s = time.perf_counter() - t0
+    channels = {u.oid: refresh_channels(settings, tenant.tid, u.oid) for u in tenant.users}
 
     table = Table(title="Initial import per user")
-    for col in ("user", "stage", "scanned", "matched", "imported", "discarded"):
-        table.add_column(col, justify="right" if col not in ("user", "stage") else "left")
+    for col in ("user", "feature", "stage", "scanned", "matched", "imported", "discarded", "teams channels"):
+        table.add_column(col, justify="left" if col in ("user", "feature", "stage") else "right")
     with open_store(settings, tenant.tid, write=False) as con:
-        for row in con.execute("SELECT user_oid, stage, scanned, matched, imported, discarded FROM sync_state "
-                               "ORDER BY user_oid").fetchall():
-            table.add_row(*(str(v) for v in row))
+        for row in con.execute("SELECT user_oid, feature, stage, scanned, matched, imported, discarded FROM "
+                               "sync_state ORDER BY user_oid, feature DESC").fetchall():
+            table.add_row(*(str(v) for v in row), str(channels[row[0]].channels) if row[1] == "email" else "")
+        meetings = con.execute("SELECT count(*), count(*) FILTER (WHERE is_internal) FROM meetings").fetchone()
+        listed = con.execute("SELECT count(*) FROM notetaker_queue WHERE status = 'to_record'").fetchone()[0]
     console.print(table)
     expected = len(running.world.expected_matches(tenant.tid))
+    lo, hi = anchored_window(datetime.now(UTC))
+    expected_meetings = len(running.world.calendars.expected_meetings(tenant.tid, lo, hi))
     console.print(f"Imported {totals['imported']} of {totals['scanned']} scanned messages "
-                  f"(ground truth: {expected} must be imported); flow {flow_s:.1f}s, "
+                  f"(ground truth: {expected} must be imported); {meetings[0]} meetings of the next 12 months "
+                  f"(ground truth: {expected_meetings}), {listed} listed for Notetaker; "
+                  f"{sum(c.channels for c in channels.values())} Teams channels listed; flow {flow_s:.1f}s, "
                   f"total {time.perf_counter() - started:.1f}s")
     snap = snapshot_path(settings, tenant.tid)
     console.print(f"\n[bold]Analyst snapshot[/]: {snap}  (live store: {tenant_dir(settings, tenant.tid)})")

@@ -43,11 +43,14 @@ import msgspec
 
 __all__ = [
     "BATCH_LIMIT",
+    "CALENDAR_CONSENT_WRITE_ALLOWLIST",
+    "CALENDAR_READ_ALLOWLIST",
     "DELTA_EXPIRED_CODES",
     "EXPAND_ALLOWLIST",
     "MAIL_READ_ALLOWLIST",
     "SELECT_DENIED",
     "SENSITIVITY_EXPAND",
+    "TEAMS_ALLOWLIST",
     "Allow",
     "DeltaTokenExpired",
     "ForbiddenRequest",
@@ -207,6 +210,30 @@ MAIL_READ_ALLOWLIST: tuple[Allow, ...] = (
     Allow("GET", "me/mailFolders/{folder}/messages/delta"),
     Allow("GET", "me/messages/{id}"),
     Allow("POST", "$batch"),  # each inner request must be allowed on its own
+)
+# Calendar import: read-only views of the signed-in user's primary calendar.
+CALENDAR_READ_ALLOWLIST: tuple[Allow, ...] = (
+    Allow("GET", "me"),
+    Allow("GET", "me/calendarView"),
+    Allow("GET", "me/calendarView/delta"),
+    Allow("GET", "me/events/{id}"),
+    Allow("GET", "me/events/{id}/instances"),
+    Allow("POST", "$batch"),
+)
+# Notetaker in Explicit Consent Mode: the ONLY writes the product ever makes to a calendar — a Teams meeting link
+# (POST me/onlineMeetings/createOrGet) and the join link + consent notice on a matched external meeting the user
+# organizes (PATCH me/events/{id}).
+CALENDAR_CONSENT_WRITE_ALLOWLIST: tuple[Allow, ...] = (
+    Allow("POST", "me/onlineMeetings/createOrGet"),  # idempotent per externalId (the event id)
+    Allow("PATCH", "me/events/{id}"),
+)
+# Teams sharing: list the user's teams and channels (no message history) and post a summary.
+TEAMS_ALLOWLIST: tuple[Allow, ...] = (
+    Allow("GET", "me/joinedTeams"),
+    Allow("GET", "teams/{team}/channels"),
+    Allow("POST", "teams/{team}/channels/{channel}/messages"),
+    Allow("POST", "chats"),
+    Allow("POST", "chats/{chat}/messages"),
 )
 SELECT_DENIED = frozenset({"attachments"})  # never selectable, whatever the path
 # A message's sensitivity: Graph v1.0 `message` has no `sensitivity` property (only `event` has; `$select` of it is a
@@ -453,9 +480,11 @@ class GraphClient:
 
     def request(self, method: str, url_or_path: str, *, params: dict[str, Any] | None = None,
                 headers: dict[str, str] | None = None, content: bytes | None = None,
-                slots: int = 1) -> httpx.Response:
+                slots: int = 1, idempotent: bool = True) -> httpx.Response:
         """Send with retries: 401 → one forced token refresh; 429/502/503/504 and network errors → wait
         (Retry-After or exponential backoff with jitter) and retry up to `max_attempts`; other 4xx raise.
+        `idempotent=False` (e.g. posting a chat message): only 401 and 429 are retried — after a 5xx or a dropped
+        connection the server may have acted, and sending again could act twice.
         Checked against the allowlist first; every attempt is booked against the mailbox budget before it is sent."""
         cost = self.check_allowed(method, url_or_path, params, content)
         url = self.url(url_or_path)
@@ -477,7 +506,7 @@ class GraphClient:
                 except httpx.TransportError as exc:
                     failure = exc
             if failure is not None:
-                if attempt >= self.max_attempts:
+                if attempt >= self.max_attempts or not idempotent:
                     raise GraphUnavailable(0, type(failure).__name__) from None
                 self._wait(None, attempt)
                 continue
@@ -487,7 +516,7 @@ class GraphClient:
             if status == 401 and not refreshed:
                 refreshed = force_refresh = True
                 continue
-            if status in RETRYABLE and attempt < self.max_attempts:
+            if status in RETRYABLE and attempt < self.max_attempts and (idempotent or status == 429):
                 self._wait(retry_after_seconds(resp.headers.get("Retry-After")), attempt)
                 continue
             raise error_for(status, resp.content, resp.headers) from None

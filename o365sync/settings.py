@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     # timestamps, search indexing lag), and a full re-read this often to drop records deleted without a trace.
     crm_refresh_overlap_minutes: int = 10
     crm_reconcile_hours: float = 24.0
+    # Data residency: region name -> storage root, e.g. O365SYNC_REGIONS='{"eu": "/srv/eu", "us": "/srv/us"}'.
+    # A tenant's files live under its region's root; tenants without a region under data_dir.
+    regions: dict[str, Path] = {}
+    # Calendar: the [today, today + 365 days] window is re-anchored (a new baseline round) this often.
+    calendar_reanchor_hours: float = 24.0
 
     @property
     def authority(self) -> str:

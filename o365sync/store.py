@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS sync_state (
     scanned BIGINT, matched BIGINT, imported BIGINT, discarded BIGINT);
 ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS next_retry_at TIMESTAMPTZ;
 ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS excluded VARCHAR;
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS feature VARCHAR DEFAULT 'email';
 CREATE TABLE IF NOT EXISTS crm_people (crm_id VARCHAR, kind VARCHAR, email VARCHAR, account_id VARCHAR, name VARCHAR);
 CREATE TABLE IF NOT EXISTS crm_accounts (crm_id VARCHAR, name VARCHAR, domain VARCHAR);
 CREATE TABLE IF NOT EXISTS crm_opportunities (
@@ -60,6 +61,34 @@ CREATE TABLE IF NOT EXISTS crm_snapshot_meta (
     scan_start TIMESTAMPTZ NOT NULL);
 ALTER TABLE crm_snapshot_meta ADD COLUMN IF NOT EXISTS mode VARCHAR;
 ALTER TABLE crm_snapshot_meta ADD COLUMN IF NOT EXISTS watermark TIMESTAMPTZ;
+CREATE TABLE IF NOT EXISTS meetings (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL, event_type VARCHAR,
+    series_master_id VARCHAR, ical_uid VARCHAR, subject VARCHAR, start_at TIMESTAMPTZ, start_tz VARCHAR,
+    end_at TIMESTAMPTZ, end_tz VARCHAR, is_all_day BOOLEAN, is_online BOOLEAN, join_url VARCHAR,
+    organizer_name VARCHAR, organizer_address VARCHAR, is_internal BOOLEAN, web_link VARCHAR,
+    imported_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS meeting_attendees (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL,
+    role VARCHAR NOT NULL, name VARCHAR, address VARCHAR NOT NULL, response VARCHAR);
+CREATE TABLE IF NOT EXISTS meeting_crm_matches (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL,
+    crm_id VARCHAR NOT NULL, crm_kind VARCHAR NOT NULL, matched_address VARCHAR NOT NULL, is_primary BOOLEAN);
+CREATE TABLE IF NOT EXISTS calendar_cursor (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, window_start TIMESTAMPTZ NOT NULL,
+    window_end TIMESTAMPTZ NOT NULL, delta_link VARCHAR, delta_at TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS notetaker_queue (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    join_url VARCHAR, link_created BOOLEAN DEFAULT false, consent_noted_at TIMESTAMPTZ, updated_at TIMESTAMPTZ);
+CREATE TABLE IF NOT EXISTS teams_channels (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, team_id VARCHAR NOT NULL, team_name VARCHAR,
+    channel_id VARCHAR NOT NULL, channel_name VARCHAR, membership_type VARCHAR, refreshed_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE IF NOT EXISTS shares (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, share_id VARCHAR NOT NULL, target_kind VARCHAR NOT NULL,
+    target_id VARCHAR NOT NULL, activity_kind VARCHAR NOT NULL, activity_id VARCHAR NOT NULL, message_id VARCHAR,
+    posted_at TIMESTAMPTZ);
+CREATE TABLE IF NOT EXISTS erased (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR, kind VARCHAR NOT NULL, key VARCHAR NOT NULL,
+    erased_at TIMESTAMPTZ NOT NULL);
 CREATE TABLE IF NOT EXISTS crm_state (
     singleton BOOLEAN PRIMARY KEY DEFAULT TRUE, status VARCHAR NOT NULL, last_attempt_at TIMESTAMPTZ,
     last_success_at TIMESTAMPTZ, last_error VARCHAR);
@@ -75,19 +104,19 @@ def store_path(settings: Settings, tenant_id: str) -> Path:
 
 
 def snapshot_path(settings: Settings, tenant_id: str) -> Path:
-    return settings.data_dir / "analytics" / f"{tenant_id}.duckdb"
+    """The analysts' read-only copy, in `<region root>/analytics/` (all of a tenant's files stay in its region)."""
+    return tenant_dir(settings, tenant_id).parent.parent / "analytics" / f"{tenant_id}.duckdb"
 
 
 @contextlib.contextmanager
 def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-    """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted."""
-    path = store_path(settings, tenant_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not write and not path.exists():
+    """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted; if the tenant's
+    files moved to another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it
+    follows them."""
+    if not write and not store_path(settings, tenant_id).exists():
         with open_store(settings, tenant_id, write=True):
             pass  # create the schema so readers of a fresh tenant see empty tables
-    with open(f"{path}.lock", "a+") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+    with store_lock(settings, tenant_id, write) as path:
         con = duckdb.connect(str(path), read_only=not write,
                              config={"memory_limit": "1GB", "threads": 2})
         try:
@@ -97,6 +126,36 @@ def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duck
             yield con
         finally:
             con.close()
+
+
+@contextlib.contextmanager
+def store_lock(settings: Settings, tenant_id: str, write: bool) -> Iterator[Path]:
+    """The store's flock (shared for readers, exclusive for writers), on the tenant's current store path."""
+    while True:
+        path = store_path(settings, tenant_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}.lock", "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+            if store_path(settings, tenant_id) != path:
+                continue  # moved while we waited: lock the new location
+            yield path
+            return
+
+
+FEATURE_LOCKS = ("calendar", "email")
+
+
+@contextlib.contextmanager
+def tenant_sync_locks(folder: Path, features: Iterable[str]) -> Iterator[None]:
+    """Exclusive, blocking: one lock file per feature, taken in a fixed order (no deadlock between flows). Runs of
+    the same tenant and feature queue behind each other; moving or erasing a tenant takes them all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for feature in sorted(features):
+            f = stack.enter_context(open(folder / f"sync-{feature}.lock", "a+"))
+            fcntl.flock(f, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        yield
 
 
 @dataclass(frozen=True)
@@ -141,7 +200,7 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
     emails = batch.emails.unique("graph_id", keep="last", maintain_order=True)
     key = [tenant_id, user_oid]
     frames = {"b_emails": emails, "b_participants": batch.participants.unique(maintain_order=True),
-              "b_matches": batch.matches.unique(["graph_id", "crm_id"], maintain_order=True)}
+              "b_matches": batch.matches.unique(["graph_id", "crm_id", "crm_kind"], maintain_order=True)}
     if batch.partials is not None and batch.partials.height:
         frames["b_partials"] = batch.partials.unique("graph_id", keep="last", maintain_order=True)
     for name, frame in frames.items():
@@ -154,8 +213,11 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
             "CREATE OR REPLACE TEMP TABLE _kept AS SELECT * FROM b_emails b WHERE NOT EXISTS ("
             " SELECT 1 FROM emails e WHERE e.tenant_id = ? AND e.user_oid = ? AND"
             " e.internet_message_id = b.internet_message_id AND e.graph_id <> b.graph_id)"
+            " AND NOT EXISTS (SELECT 1 FROM erased x WHERE x.tenant_id = ? AND coalesce(x.user_oid, ?) = ? AND"
+            " ((x.kind = 'conversation' AND x.key = b.conversation_id) OR"
+            " (x.kind = 'message' AND x.key = b.internet_message_id)))"
             " QUALIFY b.internet_message_id IS NULL OR"
-            " row_number() OVER (PARTITION BY b.internet_message_id ORDER BY b.graph_id) = 1", key)
+            " row_number() OVER (PARTITION BY b.internet_message_id ORDER BY b.graph_id) = 1", [*key, *key, user_oid])
         duplicates = emails.height - con.execute("SELECT count(*) FROM _kept").fetchall()[0][0]
         con.execute("CREATE OR REPLACE TEMP TABLE _old AS SELECT graph_id, body_text FROM emails "
                     "WHERE tenant_id = ? AND user_oid = ? AND graph_id IN (SELECT graph_id FROM _kept)", key)
@@ -228,35 +290,188 @@ def next_retry_delay(consecutive_failures: int) -> timedelta:
 
 
 def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, stage: str,
-                      counts: RunCounts | None = None, error: str | None = None) -> None:
-    """Upsert the user's sync state. `error` is a code or exception class name, never message content."""
+                      counts: RunCounts | None = None, error: str | None = None, feature: str = "email") -> None:
+    """Upsert the user's sync state of `feature` (email, calendar). `error` is a code or exception class name,
+    never message content."""
     now = datetime.now(UTC)
+    key = [tenant_id, user_oid, feature]
     prev = con.execute("SELECT last_success_at, consecutive_failures FROM sync_state "
-                       "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchall()
+                       "WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key).fetchall()
     last_success, failures = prev[0] if prev else (None, 0)
     next_retry = None
     if error is None and stage == "idle":
         last_success, failures = now, 0
     elif error is not None:
         failures += 1
-        next_retry = None if stage == "reconnect_needed" else now + next_retry_delay(failures)
+        next_retry = None if stage in ("reconnect_needed", "consent_needed") else now + next_retry_delay(failures)
     c = counts or RunCounts()
     con.execute("BEGIN TRANSACTION")
-    con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid])
+    con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key)
     con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
-                "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [tenant_id, user_oid, stage, now, last_success, error, failures,
-                 c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded))])
+                 c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded)), feature])
     con.execute("COMMIT")
 
 
-def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[dict]:
+def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str, feature: str = "email") -> list[dict]:
     cur = con.execute("SELECT user_oid, stage, last_run_at, last_success_at, now() - last_success_at AS lag, "
                       "consecutive_failures, next_retry_at, last_error, scanned, matched, imported, discarded, "
-                      "excluded FROM sync_state WHERE tenant_id = ? ORDER BY user_oid", [tenant_id])
+                      "excluded, feature FROM sync_state WHERE tenant_id = ? AND feature = ? ORDER BY user_oid",
+                      [tenant_id, feature])
     columns = [d[0] for d in cur.description]
     return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class CalendarCursor:
+    window_start: datetime
+    window_end: datetime
+    delta_link: str | None = None
+    delta_at: datetime | None = None
+
+
+@dataclass
+class MeetingBatch:
+    """One calendar round for one user: rows to (re)write, instance ids and series to drop first, and the cursor
+    committed with them. `reconcile` = a baseline round: stored instances inside the window it did not return
+    are gone from the calendar."""
+
+    meetings: pl.DataFrame  # MEETING_COLUMNS minus tenant/user/imported/updated
+    attendees: pl.DataFrame  # event_id, role, name, address, response
+    matches: pl.DataFrame  # event_id, crm_id, crm_kind, matched_address, is_primary
+    drop_ids: set[str]
+    drop_series: set[str]
+    cursor: CalendarCursor
+    reconcile: bool = False
+
+
+MEETING_COLUMNS = ("event_id", "event_type", "series_master_id", "ical_uid", "subject", "start_at", "start_tz",
+                   "end_at", "end_tz", "is_all_day", "is_online", "join_url", "organizer_name", "organizer_address",
+                   "is_internal", "web_link")
+MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
+
+
+def read_calendar_cursor(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> CalendarCursor | None:
+    row = con.execute("SELECT window_start, window_end, delta_link, delta_at FROM calendar_cursor "
+                      "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchone()
+    return CalendarCursor(*row) if row else None
+
+
+def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, batch: MeetingBatch) -> int:
+    """Apply one calendar round and its cursor in one transaction; returns the number of instances removed.
+    Rows are keyed on (tenant, user, instance id): DELETE then INSERT, so a repeated round changes nothing."""
+    now, key = datetime.now(UTC), [tenant_id, user_oid]
+    drops = pl.DataFrame({"event_id": sorted(batch.drop_ids | set(batch.meetings["event_id"].to_list()))},
+                         schema={"event_id": pl.String})
+    frames = {"b_meetings": batch.meetings, "b_attendees": batch.attendees, "b_matches": batch.matches,
+              "b_drop": drops, "b_series": pl.DataFrame({"sid": sorted(batch.drop_series)}, schema={"sid": pl.String})}
+    for name, frame in frames.items():
+        con.register(name, frame)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        gone = "event_id IN (SELECT event_id FROM b_drop) OR event_id IN (SELECT event_id FROM meetings m WHERE " \
+               "m.tenant_id = ? AND m.user_oid = ? AND m.series_master_id IN (SELECT sid FROM b_series))"
+        if batch.reconcile:
+            gone += " OR event_id IN (SELECT event_id FROM meetings m WHERE m.tenant_id = ? AND m.user_oid = ? AND " \
+                    "m.end_at > ? AND m.start_at < ? AND m.event_id NOT IN (SELECT event_id FROM b_meetings))"
+        extra = [*key, batch.cursor.window_start, batch.cursor.window_end] if batch.reconcile else []
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _gone AS SELECT event_id FROM meetings WHERE tenant_id = ? AND "
+                    f"user_oid = ? AND ({gone})", [*key, *key, *extra])
+        removed = con.execute("SELECT count(*) FROM _gone WHERE event_id NOT IN (SELECT event_id FROM b_meetings)"
+                              ).fetchone()[0]
+        con.execute("CREATE OR REPLACE TEMP TABLE _old AS SELECT event_id, imported_at FROM meetings WHERE "
+                    "tenant_id = ? AND user_oid = ? AND event_id IN (SELECT event_id FROM b_meetings)", key)
+        for table in MEETING_TABLES[:3]:
+            con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? AND (event_id IN "
+                        "(SELECT event_id FROM _gone) OR event_id IN (SELECT event_id FROM b_drop))", key)
+        con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id IN "
+                    "(SELECT event_id FROM _gone) AND event_id NOT IN (SELECT event_id FROM b_meetings)", key)
+        cols = ", ".join(f"b.{c}" for c in MEETING_COLUMNS)
+        # Meetings (or series) a user erased are never imported again.
+        con.execute("CREATE OR REPLACE TEMP TABLE _erased AS SELECT event_id FROM b_meetings b WHERE EXISTS ("
+                    "SELECT 1 FROM erased x WHERE x.tenant_id = ? AND coalesce(x.user_oid, ?) = ? AND "
+                    "((x.kind = 'event' AND x.key = b.event_id) OR "
+                    "(x.kind = 'series' AND x.key = b.series_master_id)))",
+                    [tenant_id, user_oid, user_oid])
+        con.execute(f"INSERT INTO meetings SELECT ?, ?, {cols}, coalesce(o.imported_at, ?), ? FROM b_meetings b "
+                    "LEFT JOIN _old o ON o.event_id = b.event_id "
+                    "WHERE b.event_id NOT IN (SELECT event_id FROM _erased)",
+                    [*key, now, now])
+        con.execute("INSERT INTO meeting_attendees SELECT ?, ?, event_id, role, name, address, response "
+                    "FROM b_attendees WHERE event_id NOT IN (SELECT event_id FROM _erased)", key)
+        con.execute("INSERT INTO meeting_crm_matches SELECT ?, ?, event_id, crm_id, crm_kind, matched_address, "
+                    "is_primary FROM b_matches WHERE event_id NOT IN (SELECT event_id FROM _erased)", key)
+        c = batch.cursor
+        con.execute("DELETE FROM calendar_cursor WHERE tenant_id = ? AND user_oid = ?", key)
+        con.execute("INSERT INTO calendar_cursor VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [*key, c.window_start, c.window_end, c.delta_link, c.delta_at, now])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        for name in frames:
+            con.unregister(name)
+    return removed
+
+
+def refresh_notetaker_queue(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, enabled: bool,
+                            now: datetime) -> int:
+    """Notetaker's list for one user: upcoming external, CRM-matched meetings with an online-meeting link
+    (the event's own, or the one Explicit Consent Mode added) are `to_record`; everything else leaves the list.
+    Returns how many are listed."""
+    key = [tenant_id, user_oid]
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _due AS SELECT m.event_id, coalesce(m.join_url, q.join_url) AS join_url "
+            "FROM meetings m LEFT JOIN notetaker_queue q ON q.tenant_id = m.tenant_id AND q.user_oid = m.user_oid "
+            "AND q.link_created AND q.event_id = coalesce(m.series_master_id, m.event_id) "
+            "WHERE m.tenant_id = ? AND m.user_oid = ? AND ? AND NOT m.is_internal "
+            "AND m.end_at > ? AND coalesce(m.join_url, q.join_url) IS NOT NULL AND EXISTS (SELECT 1 FROM "
+            "meeting_crm_matches c WHERE c.tenant_id = m.tenant_id AND c.user_oid = m.user_oid AND "
+            "c.event_id = m.event_id)", [*key, enabled, now])
+        con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND status = 'to_record' AND "
+                    "NOT link_created AND event_id NOT IN (SELECT event_id FROM _due)", key)
+        con.execute("UPDATE notetaker_queue SET status = 'to_record', join_url = d.join_url, updated_at = ? "
+                    "FROM _due d WHERE notetaker_queue.tenant_id = ? AND notetaker_queue.user_oid = ? AND "
+                    "notetaker_queue.event_id = d.event_id", [now, *key])
+        con.execute("INSERT INTO notetaker_queue SELECT ?, ?, event_id, 'to_record', join_url, false, NULL, ? "
+                    "FROM _due WHERE event_id NOT IN (SELECT event_id FROM notetaker_queue WHERE tenant_id = ? AND "
+                    "user_oid = ?)", [*key, now, *key])
+        listed = con.execute("SELECT count(*) FROM _due").fetchone()[0]
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return listed
+
+
+def consent_mode_candidates(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, organizer: str,
+                            now: datetime) -> list[tuple[str, str, datetime, datetime, str | None]]:
+    """(event id to change — the series master for an occurrence —, instance id, start, end, subject) of upcoming
+    external, CRM-matched meetings the user organizes that have no online-meeting link and no consent notice yet."""
+    return con.execute(
+        "SELECT coalesce(m.series_master_id, m.event_id), min(m.event_id), min(m.start_at), min(m.end_at), "
+        "any_value(m.subject) FROM meetings m WHERE m.tenant_id = ? AND m.user_oid = ? AND NOT m.is_internal AND "
+        "m.join_url IS NULL AND m.end_at > ? AND lower(m.organizer_address) = lower(?) AND EXISTS (SELECT 1 FROM "
+        "meeting_crm_matches c WHERE c.tenant_id = m.tenant_id AND c.user_oid = m.user_oid AND c.event_id = "
+        "m.event_id) AND NOT EXISTS (SELECT 1 FROM notetaker_queue q WHERE q.tenant_id = m.tenant_id AND "
+        "q.user_oid = m.user_oid AND q.event_id = coalesce(m.series_master_id, m.event_id) AND q.link_created) "
+        "GROUP BY 1 ORDER BY 1", [tenant_id, user_oid, now, organizer]).fetchall()
+
+
+def record_consent_link(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, event_id: str,
+                        join_url: str, now: datetime) -> None:
+    """Explicit Consent Mode changed `event_id` (a single meeting or a series master): remember its link."""
+    key = [tenant_id, user_oid, event_id]
+    con.execute("BEGIN TRANSACTION")
+    con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id = ?", key)
+    con.execute("INSERT INTO notetaker_queue VALUES (?, ?, ?, 'consent_link', ?, true, ?, ?)",
+                [*key, join_url, now, now])
+    con.execute("COMMIT")
 
 
 CRM_TABLES = {  # table: (CrmChanges key, columns)

@@ -13,7 +13,11 @@ from pydantic import BaseModel, Field, field_validator
 from o365sync.secrets import load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
 
-FEATURES = ("email",)
+# email: mail import; calendar: meeting import; notetaker: meetings to record (+ Explicit Consent Mode writes);
+# teams: list the user's teams/channels and share summaries there.
+FEATURES = ("email", "calendar", "notetaker", "teams")
+Feature = Literal["email", "calendar", "notetaker", "teams"]
+DEFAULT_FEATURES: list[str] = ["email", "calendar", "notetaker"]  # Teams sharing is opt-in per tenant
 CRM_KINDS = ("salesforce", "hubspot", "pipedrive", "files")
 _TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DOMAIN = re.compile(r"(?=.{1,253}$)([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
@@ -33,19 +37,50 @@ class CrmConnection(BaseModel):
     directory: str | None = None  # crm_kind "files": folder with people/accounts/opportunities .csv or .parquet
 
 
+class UserPreferences(BaseModel):
+    """What a user chose for themselves (defaults: calendar on, internal meetings off, Notetaker on)."""
+
+    calendar: bool = True
+    internal_meetings: bool = False  # import meetings where every participant is in the tenant's domains
+    notetaker: bool = True
+
+
 class TenantConfig(BaseModel):
     id: str
     name: str = ""
     domains: list[str] = Field(min_length=1)
-    features: list[Literal["email"]] = Field(default_factory=lambda: ["email"])
+    features: list[Feature] = Field(default_factory=lambda: list(DEFAULT_FEATURES))
+    # Notetaker's Explicit Consent Mode: matched external meetings get a Teams link and a consent notice.
+    notetaker_explicit_consent: bool = False
     crm_kind: Literal["salesforce", "hubspot", "pipedrive", "files"] = "salesforce"
     crm: CrmConnection | None = None
     # Mail to or from these addresses or domains is never imported (tenant-wide, and per user object id).
     blocklist: list[str] = Field(default_factory=list)
     user_blocklists: dict[str, list[str]] = Field(default_factory=dict)
 
+    user_preferences: dict[str, UserPreferences] = Field(default_factory=dict)
+    # Data residency: the storage location of every file of this tenant (O365SYNC_REGIONS); None = data_dir.
+    # Change it only with `o365sync tenant move`, which moves the files.
+    region: str | None = None
+    # Retention: activities older than this (from their date) are deleted by the daily retention flow, except
+    # conversations/meetings linked to a still-open opportunity (docs/DATA_LIFECYCLE.md).
+    retention_days: int = Field(default=1095, ge=1)
+    # When a user is removed: delete their data (after the grace period) or retain it (sync stops).
+    offboarding: Literal["delete", "retain"] = "delete"
+    offboarding_grace_days: int = Field(default=0, ge=0)
+
     def blocklist_for(self, user_oid: str) -> list[str]:
         return sorted(set(self.blocklist) | set(self.user_blocklists.get(user_oid, [])))
+
+    def preferences_for(self, user_oid: str) -> UserPreferences:
+        return self.user_preferences.get(user_oid, UserPreferences())
+
+    def feature_on(self, feature: str, user_oid: str | None = None) -> bool:
+        """The tenant enabled `feature` and (for per-user features) the user did not turn it off."""
+        if feature not in self.features:
+            return False
+        prefs = self.preferences_for(user_oid) if user_oid else UserPreferences()
+        return {"calendar": prefs.calendar, "notetaker": prefs.notetaker and prefs.calendar}.get(feature, True)
 
     @field_validator("id")
     @classmethod
@@ -85,14 +120,37 @@ def blocklist_entry(entry: str) -> str:
     return value
 
 
-def tenant_dir(settings: Settings, tenant_id: str) -> Path:
+def registry_dir(settings: Settings, tenant_id: str) -> Path:
+    """Where the tenant's configuration lives (the control plane, always under `data_dir`)."""
     if not _TENANT_ID.fullmatch(tenant_id):
         raise TenantNotFound(f"invalid tenant id {tenant_id!r}")
     return settings.data_dir / "tenants" / tenant_id
 
 
+def region_root(settings: Settings, region: str | None) -> Path:
+    """The storage location of a data-residency region (`O365SYNC_REGIONS`); no region: `data_dir`."""
+    if region is None:
+        return settings.data_dir
+    if region not in settings.regions:
+        raise ValueError(f"unknown region {region!r}; configured: {sorted(settings.regions) or 'none'} "
+                         "(O365SYNC_REGIONS)")
+    return settings.regions[region]
+
+
+def tenant_region(settings: Settings, tenant_id: str) -> str | None:
+    path = registry_dir(settings, tenant_id) / "tenant.json"
+    return json.loads(path.read_text()).get("region") if path.exists() else None
+
+
+def tenant_dir(settings: Settings, tenant_id: str) -> Path:
+    """Every data file of the tenant (store, token caches, CRM credentials, exports, locks, audit log) lives here,
+    under its region's storage location; its analysts' snapshot beside it in `<root>/analytics/`."""
+    return region_root(settings, tenant_region(settings, tenant_id)) / "tenants" / tenant_id
+
+
 def save_tenant(settings: Settings, config: TenantConfig, crm_secrets: dict[str, str] | None = None) -> None:
-    folder = tenant_dir(settings, config.id)
+    region_root(settings, config.region)  # refuse an unknown region before writing anything
+    folder = registry_dir(settings, config.id)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "tenant.json.tmp"
     tmp.write_text(config.model_dump_json(indent=2))
@@ -102,7 +160,7 @@ def save_tenant(settings: Settings, config: TenantConfig, crm_secrets: dict[str,
 
 
 def load_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
-    path = tenant_dir(settings, tenant_id) / "tenant.json"
+    path = registry_dir(settings, tenant_id) / "tenant.json"
     if not path.exists():
         raise TenantNotFound(f"tenant {tenant_id} is not registered (o365sync tenant add)")
     return TenantConfig.model_validate_json(path.read_text())
@@ -116,6 +174,7 @@ def list_tenants(settings: Settings) -> list[TenantConfig]:
 
 
 def save_crm_secrets(settings: Settings, tenant_id: str, secrets: dict[str, str]) -> None:
+    tenant_dir(settings, tenant_id).mkdir(parents=True, exist_ok=True)
     write_sealed(tenant_dir(settings, tenant_id) / "crm.secret", load_key(settings), f"crm:{tenant_id}",
                  json.dumps(secrets).encode())
 

@@ -49,7 +49,8 @@ def create_app(settings: Settings) -> Starlette:
             return _page("Unknown tenant", "This organisation is not registered.", 404)
         try:
             url = begin_connect(settings, tenant.id, list(tenant.features),
-                                login_hint=request.query_params.get("login_hint") or None)
+                                login_hint=request.query_params.get("login_hint") or None,
+                                explicit_consent=tenant.notetaker_explicit_consent)
         except AuthTransient as exc:
             return _unavailable(exc)
         except AuthConfigError as exc:

@@ -32,14 +32,14 @@ from o365sync.store import (
     FolderCursor,
     MailBatch,
     RunCounts,
-    load_crm_frames,
     open_store,
     read_cursors,
     write_mail_batch,
 )
 from o365sync.tenants import TenantConfig, load_tenant
+from tasks.crm_index import crm_index_for
 from tasks.exclusions import exclusion_reasons
-from tasks.match import MATCH_SCHEMA, CrmIndex, build_index, match_participants, normalise_address
+from tasks.match import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 
 MAIL_FOLDERS = ("inbox", "sentitems")
 RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
@@ -257,13 +257,12 @@ def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> No
 def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCounts:
     """Bring one mailbox up to date (first run: the whole scan window), resuming from its cursors."""
     tenant = load_tenant(settings, tenant_id)
-    with open_store(settings, tenant_id, write=False) as con:
-        people, accounts, scan_start = load_crm_frames(con)
-        cursors = read_cursors(con, tenant_id, user_oid)
+    index, scan_start = crm_index_for(settings, tenant)
     if scan_start is None:
         raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
-    index = build_index(people, accounts, tenant.domains)
-    with TokenProvider(settings, tenant_id, user_oid, scopes_for(tenant.features)) as provider, \
+    with open_store(settings, tenant_id, write=False) as con:
+        cursors = read_cursors(con, tenant_id, user_oid)
+    with TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider, \
             make_http_client(settings) as http:
         client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
                              budget=settings.graph_request_budget)

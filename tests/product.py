@@ -30,7 +30,7 @@ class Product:
 
 
 def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crm_kind: str = "salesforce",
-             **env: str) -> Product:
+             features: list[str] | None = None, explicit_consent: bool = False, **env: str) -> Product:
     """Start the simulators, point the product at them by settings only, register every tenant, connect users."""
     port = free_port()
     redirect = f"http://localhost:{port}/auth/callback"
@@ -39,7 +39,8 @@ def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crm_
         monkeypatch.setenv(key, value)
     settings = load_settings()
     for tenant in world.tenants:
-        register_and_connect(settings, running, tenant, port, crm_kind=crm_kind)
+        register_and_connect(settings, running, tenant, port, crm_kind=crm_kind, features=features,
+                             explicit_consent=explicit_consent)
     return Product(settings, running, world)
 
 

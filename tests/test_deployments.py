@@ -49,7 +49,12 @@ def settings(tmp_path):
 
 def test_one_scheduled_sync_and_one_manual_import_per_email_tenant(settings):
     tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
-    sync, manual = build_deployments(settings, email_flow=_email_flow())  # fabrikam has no email feature
+    sync, manual, calendar = build_deployments(settings, email_flow=_email_flow(),
+                                               calendar_flow=_email_flow())  # fabrikam has no email feature
+    assert calendar.name == f"calendar-sync-{tid}" and calendar.parameters == {"tenant_id": tid}
+    (hourly,) = calendar.schedules
+    assert hourly.schedule.interval == timedelta(seconds=3600)
+    assert str(calendar.concurrency_options.collision_strategy.value) == "CANCEL_NEW"
 
     assert sync.name == f"email-sync-{tid}" and manual.name == f"initial-import-{tid}"
     for d in (sync, manual):
@@ -129,7 +134,9 @@ def test_prefect_yaml_has_a_15_minute_cancel_new_email_sync_and_keeps_initial_im
     text = (ROOT / "prefect.yaml").read_text()
     _, model = _load_prefect_yaml(text)
     by_name = {d.name: d for d in model.deployments}
-    assert set(by_name) == {"initial-import", "email-sync"}
+    assert set(by_name) == {"initial-import", "email-sync", "calendar-sync", "teams-refresh"}
+    assert by_name["calendar-sync"].schedules[0].interval == timedelta(seconds=3600)
+    assert by_name["calendar-sync"].concurrency_limit.collision_strategy == "CANCEL_NEW"
     assert by_name["initial-import"].entrypoint == "flows/initial_import.py:initial_import"
 
     sync = by_name["email-sync"]

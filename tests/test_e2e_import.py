@@ -148,6 +148,11 @@ def test_a_crm_outage_keeps_mail_syncing_against_the_last_snapshot(prefect_serve
     totals = initial_import(tenant.tid)
     assert totals["crm_refreshed"] == 0 and totals["failed"] == 0
     assert (tenant.users[0].oid, added.id) in stored_matches(product.settings, tenant.tid)
+    from flows.tenant_sync import artifact_key
+
+    [crm] = latest_artifact_rows(artifact_key("initial-import-crm", tenant.tid))
+    assert crm["state"] == "quota_exhausted" and "REQUEST_LIMIT_EXCEEDED" in crm["last_error"]
+    assert crm["last_success"] and crm["refreshed_now"] == "no"
 
 
 @pytest.mark.parametrize("crm_kind", ["hubspot", "pipedrive", "files"])

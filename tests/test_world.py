@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -112,12 +111,10 @@ def test_noise_off_and_determinism() -> None:
     assert set(quiet.excluded_reasons(tid)) <= {"automated_sender", "internal_only", "no_crm_match"}
 
 
-def test_generator_speed() -> None:
-    t0 = time.perf_counter()
+def test_generator_at_benchmark_scale() -> None:
+    """The benchmarks' 50k mailbox generates (its speed is measured in bench/, never asserted in a test)."""
     world = generate_world(seed=3, users_per_tenant=1, messages_per_user=50_000, now=NOW)
-    elapsed = time.perf_counter() - t0
     assert len(next(iter(world.mailboxes.values()))) > 49_000
-    assert elapsed < 6, elapsed  # ~2 s on a laptop
 
 
 def test_odd_items_and_the_oracle() -> None:

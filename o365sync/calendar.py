@@ -1,0 +1,193 @@
+"""Graph calendar reads: one calendarView delta round, and series instances, parsed into `Meeting` records.
+
+Delta over a window returns single instances and exceptions in full, series masters in full, occurrences *bare*
+(id, type, seriesMasterId, start, end) and `@removed` entries; a cancelled occurrence may not be reported at all
+(graph.md §3). So every series a round touches is re-read through `/me/events/{master}/instances` over the window
+(with `$select`, so no body is fetched), and its stored instances are replaced by that answer. Event bodies from
+delta (delta has no `$select`) stay in memory and are never stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+import msgspec
+
+from o365sync.graph import GraphClient, GraphNotFound, GraphPagingError
+from o365sync.mail import graph_datetime
+
+INSTANCE_FIELDS = ("id", "type", "seriesMasterId", "iCalUId", "subject", "start", "end", "originalStartTimeZone",
+                   "originalEndTimeZone", "isAllDay", "isCancelled", "sensitivity", "isOnlineMeeting", "onlineMeeting",
+                   "organizer", "attendees", "webLink")
+ROLE_OF_ATTENDEE = {"required": "to", "optional": "cc"}  # resources (rooms) are not participants
+
+
+class _Address(msgspec.Struct):
+    name: str | None = None
+    address: str | None = None
+
+
+class _Recipient(msgspec.Struct):
+    emailAddress: _Address | None = None  # noqa: N815 (Graph's names)
+
+
+class _Status(msgspec.Struct):
+    response: str | None = None
+
+
+class _Attendee(msgspec.Struct):
+    type: str | None = None
+    status: _Status | None = None
+    emailAddress: _Address | None = None  # noqa: N815
+
+
+class _When(msgspec.Struct):
+    dateTime: str  # noqa: N815
+    timeZone: str = "UTC"  # noqa: N815
+
+
+class _Online(msgspec.Struct):
+    joinUrl: str | None = None  # noqa: N815
+
+
+class _Event(msgspec.Struct, rename={"removed": "@removed"}):
+    id: str
+    removed: dict | None = None
+    type: str | None = None
+    seriesMasterId: str | None = None  # noqa: N815
+    iCalUId: str | None = None  # noqa: N815
+    subject: str | None = None
+    start: _When | None = None
+    end: _When | None = None
+    originalStartTimeZone: str | None = None  # noqa: N815
+    originalEndTimeZone: str | None = None  # noqa: N815
+    isAllDay: bool = False  # noqa: N815
+    isCancelled: bool = False  # noqa: N815
+    sensitivity: str | None = None
+    isOnlineMeeting: bool = False  # noqa: N815
+    onlineMeeting: _Online | None = None  # noqa: N815
+    organizer: _Recipient | None = None
+    attendees: list[_Attendee] | None = None
+    webLink: str | None = None  # noqa: N815
+
+
+class _Page(msgspec.Struct, rename={"value": "value", "next_link": "@odata.nextLink",
+                                    "delta_link": "@odata.deltaLink"}):
+    value: list[_Event] = []
+    next_link: str | None = None
+    delta_link: str | None = None
+
+
+_decode_page = msgspec.json.Decoder(_Page).decode
+
+
+@dataclass
+class Meeting:
+    """One instance (single meeting, occurrence or exception) as stored; participants as (role, name, address,
+    response) with role organizer / to (required) / cc (optional)."""
+
+    event_id: str
+    event_type: str
+    series_master_id: str | None
+    ical_uid: str | None
+    subject: str | None
+    start_at: datetime
+    start_tz: str | None
+    end_at: datetime
+    end_tz: str | None
+    is_all_day: bool
+    is_online: bool
+    join_url: str | None
+    organizer_name: str | None
+    organizer_address: str | None
+    web_link: str | None
+    sensitivity: str | None
+    is_cancelled: bool
+    participants: list[tuple[str, str | None, str, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class DeltaRound:
+    """What one delta round reported: full instances, ids removed, series to re-read, the next deltaLink."""
+
+    instances: dict[str, Meeting] = field(default_factory=dict)
+    removed: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+    delta_link: str | None = None
+
+
+def _utc(when: _When) -> datetime:
+    """Graph's `dateTimeTimeZone` (UTC unless a Prefer: outlook.timezone was sent; we send none)."""
+    value = datetime.fromisoformat(when.dateTime.rstrip("Z")[:26])
+    if when.timeZone.upper() not in ("UTC", "ETC/UTC", "COORDINATED UNIVERSAL TIME"):
+        raise ValueError(f"unexpected event time zone {when.timeZone!r} (the client requests UTC)")
+    return value.replace(tzinfo=UTC)
+
+
+def _meeting(ev: _Event) -> Meeting:
+    if ev.start is None or ev.end is None:
+        raise ValueError("event without start/end")
+    org = ev.organizer.emailAddress if ev.organizer and ev.organizer.emailAddress else _Address()
+    parts: list[tuple[str, str | None, str, str | None]] = []
+    if org.address:
+        parts.append(("organizer", org.name, org.address, "organizer"))
+    for a in ev.attendees or []:
+        role = ROLE_OF_ATTENDEE.get((a.type or "required").lower())
+        if role and a.emailAddress and a.emailAddress.address:
+            parts.append((role, a.emailAddress.name, a.emailAddress.address, a.status.response if a.status else None))
+    join = ev.onlineMeeting.joinUrl if ev.onlineMeeting else None
+    return Meeting(ev.id, ev.type or "singleInstance", ev.seriesMasterId, ev.iCalUId, ev.subject, _utc(ev.start),
+                   ev.originalStartTimeZone, _utc(ev.end), ev.originalEndTimeZone, ev.isAllDay,
+                   bool(ev.isOnlineMeeting or join), join, org.name, org.address, ev.webLink, ev.sensitivity,
+                   ev.isCancelled, parts)
+
+
+def read_delta_round(client: GraphClient, window: tuple[datetime, datetime], delta_link: str | None,
+                     page_size: int) -> DeltaRound:
+    """One whole calendarView delta round (a user's year of meetings fits in memory; only the final deltaLink may be
+    persisted). Raises DeltaTokenExpired when the stored link is dead."""
+    headers = {"Prefer": f"odata.maxpagesize={page_size}"}
+    params = None
+    start = delta_link
+    if start is None:
+        start = "me/calendarView/delta"
+        params = {"startDateTime": graph_datetime(window[0]), "endDateTime": graph_datetime(window[1])}
+    out = DeltaRound()
+    for raw in client.iter_pages(start, params, headers):
+        page = _decode_page(raw)
+        for ev in page.value:
+            if ev.removed is not None:
+                out.removed.add(ev.id)
+                out.instances.pop(ev.id, None)
+            elif ev.type == "seriesMaster":
+                out.series.add(ev.id)
+            elif ev.type in ("occurrence", "exception") and ev.seriesMasterId:
+                out.series.add(ev.seriesMasterId)  # bare or not: the series is re-read as a whole
+            else:
+                out.instances[ev.id] = _meeting(ev)
+        out.delta_link = page.delta_link or out.delta_link
+    if out.delta_link is None:
+        raise GraphPagingError(0, "MissingDeltaLink")
+    return out
+
+
+def read_series(client: GraphClient, master_id: str, window: tuple[datetime, datetime]) -> list[Meeting] | None:
+    """Every occurrence and exception of a series inside the window; None when the series no longer exists."""
+    params = {"startDateTime": graph_datetime(window[0]), "endDateTime": graph_datetime(window[1]),
+              "$select": ",".join(INSTANCE_FIELDS)}
+    out: list[Meeting] = []
+    try:
+        for raw in client.iter_pages(f"me/events/{quote(master_id, safe='')}/instances", params):
+            out += [_meeting(ev) for ev in _decode_page(raw).value if ev.removed is None]
+    except GraphNotFound:
+        return None
+    return out
+
+
+def iter_series(client: GraphClient, series: set[str], window: tuple[datetime, datetime]
+                ) -> Iterator[tuple[str, list[Meeting] | None]]:
+    for master_id in sorted(series):
+        yield master_id, read_series(client, master_id, window)

@@ -1,0 +1,167 @@
+"""Calendar sync of one user (no Prefect import; the task wraps it): keep the meetings of [anchor, anchor + 365 days]
+that involve the CRM, current.
+
+- Window: anchored at 00:00 UTC of the day of the baseline and re-anchored (a new baseline round over the new
+  window) once it is `calendar_reanchor_hours` old — calendarView delta freezes both bounds into its token, so a
+  meeting that enters the far end of the range appears at the next re-anchor (at most a day late by default).
+  A baseline also reconciles: stored meetings inside the window it did not return are gone from the calendar.
+- Rounds: calendarView delta from the stored deltaLink; every series the round touches is re-read in full over the
+  window (its instances replace the stored ones: moved, added and silently cancelled occurrences alike);
+  `@removed` and cancelled meetings leave the store. An expired token starts a new baseline over the same window.
+- Kept: not private; external meetings with at least one CRM match (organizer and attendees, matched like mail's
+  from/to/cc, same primary-link precedence); internal meetings (every participant in the tenant's domains) only for
+  users who opted in, without CRM links. Everything else is discarded in memory, counted only.
+- Round, rows and the new deltaLink commit in one transaction: a run that dies is redone by the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+
+from o365sync.auth import TokenProvider, connection_info, consent_needed, scopes_for
+from o365sync.calendar import Meeting, iter_series, read_delta_round
+from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOWLIST, DeltaTokenExpired, GraphClient
+from o365sync.http import make_http_client
+from o365sync.settings import Settings
+from o365sync.store import (
+    MEETING_COLUMNS,
+    CalendarCursor,
+    MeetingBatch,
+    open_store,
+    read_calendar_cursor,
+    write_meeting_batch,
+)
+from o365sync.tenants import TenantConfig, load_tenant
+from tasks.crm_index import crm_index_for
+from tasks.match import CrmIndex, match_participants
+from tasks.notetaker import run_notetaker
+
+WINDOW = timedelta(days=365)
+SKIPPED_SENSITIVITY = frozenset({"private"})
+
+
+class ConsentNeeded(Exception):
+    """The tenant turned on a feature after the user connected: they must reconnect to grant its scopes."""
+
+    def __init__(self, tenant_id: str, oid: str, missing: list[str]):
+        super().__init__(f"user {tenant_id}/{oid} must reconnect to grant {', '.join(missing)}")
+        self.missing = missing
+
+
+class NoCrmSnapshot(Exception):
+    pass
+
+
+@dataclass
+class CalendarCounts:
+    scanned: int = 0
+    kept: int = 0
+    internal: int = 0
+    discarded: int = 0
+    removed: int = 0
+    baseline: bool = False
+    private: int = 0
+    to_record: int = 0
+    links_added: int = 0
+
+
+def calendar_scopes(tenant: TenantConfig) -> list[str]:
+    return scopes_for(["calendar", "notetaker"] if "notetaker" in tenant.features else ["calendar"],
+                      tenant.notetaker_explicit_consent)
+
+
+def anchored_window(now: datetime) -> tuple[datetime, datetime]:
+    anchor = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return anchor, anchor + WINDOW
+
+
+def _frames(kept: list[Meeting], internal: set[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    rows = [{"event_id": m.event_id, "event_type": m.event_type, "series_master_id": m.series_master_id,
+             "ical_uid": m.ical_uid, "subject": m.subject, "start_at": m.start_at, "start_tz": m.start_tz,
+             "end_at": m.end_at, "end_tz": m.end_tz, "is_all_day": m.is_all_day, "is_online": m.is_online,
+             "join_url": m.join_url, "organizer_name": m.organizer_name, "organizer_address": m.organizer_address,
+             "is_internal": m.event_id in internal, "web_link": m.web_link} for m in kept]
+    schema = {c: pl.String for c in MEETING_COLUMNS} | {
+        "start_at": pl.Datetime("us", "UTC"), "end_at": pl.Datetime("us", "UTC"), "is_all_day": pl.Boolean,
+        "is_online": pl.Boolean, "is_internal": pl.Boolean}
+    attendees = [{"event_id": m.event_id, "role": role, "name": name, "address": address, "response": response}
+                 for m in kept for role, name, address, response in m.participants]
+    return (pl.DataFrame(rows, schema=schema),
+            pl.DataFrame(attendees, schema={k: pl.String for k in ("event_id", "role", "name", "address", "response")}))
+
+
+def classify(instances: list[Meeting], index: CrmIndex, keep_internal: bool,
+             counts: CalendarCounts) -> tuple[list[Meeting], set[str], pl.DataFrame]:
+    """(kept instances, ids of kept internal ones, CRM links of the kept external ones)."""
+    candidates = [m for m in instances if not m.is_cancelled and (m.sensitivity or "").lower()
+                  not in SKIPPED_SENSITIVITY]
+    counts.private += sum((m.sensitivity or "").lower() in SKIPPED_SENSITIVITY for m in instances)
+    parts = pl.DataFrame([{"graph_id": m.event_id, "address": a, "role": "from" if r == "organizer" else r}
+                          for m in candidates for r, _n, a, _s in m.participants],
+                         schema={"graph_id": pl.String, "address": pl.String, "role": pl.String})
+    links = match_participants(parts, index).rename({"graph_id": "event_id"})
+    matched = set(links["event_id"].to_list())
+    internal: set[str] = set()
+    for m in candidates:
+        external = [a for _r, _n, a, _s in m.participants
+                    if "@" in a and a.strip().lower().rpartition("@")[2] not in index.own_domains]
+        if not external and keep_internal:
+            internal.add(m.event_id)
+    kept = [m for m in candidates if m.event_id in matched or m.event_id in internal]
+    counts.kept += len(kept) - len(internal)
+    counts.internal += len(internal)
+    counts.discarded += len(instances) - len(kept)
+    return kept, internal, links
+
+
+def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: datetime | None = None
+                      ) -> CalendarCounts:
+    """Bring one user's meetings up to date (see the module docstring)."""
+    tenant = load_tenant(settings, tenant_id)
+    counts = CalendarCounts()
+    if not tenant.feature_on("calendar", user_oid):
+        return counts
+    scopes = calendar_scopes(tenant)
+    missing = consent_needed(settings, tenant_id, user_oid, scopes)
+    if missing:
+        raise ConsentNeeded(tenant_id, user_oid, missing)
+    now = now or datetime.now(UTC)
+    index, scan_start = crm_index_for(settings, tenant)
+    if scan_start is None:
+        raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
+    with open_store(settings, tenant_id, write=False) as con:
+        cursor = read_calendar_cursor(con, tenant_id, user_oid)
+    if cursor is None or now - cursor.window_start >= timedelta(hours=settings.calendar_reanchor_hours):
+        cursor = CalendarCursor(*anchored_window(now))  # (re-)anchor: a new baseline round
+    window = (cursor.window_start, cursor.window_end)
+    allow = CALENDAR_READ_ALLOWLIST + (CALENDAR_CONSENT_WRITE_ALLOWLIST if tenant.notetaker_explicit_consent else ())
+    with TokenProvider(settings, tenant_id, user_oid, scopes) as provider, make_http_client(settings) as http:
+        client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
+                             budget=settings.graph_request_budget, allow=allow)
+        try:
+            rnd = read_delta_round(client, window, cursor.delta_link, settings.graph_page_size)
+        except DeltaTokenExpired:
+            cursor = CalendarCursor(*window)
+            rnd = read_delta_round(client, window, None, settings.graph_page_size)
+        counts.baseline = cursor.delta_link is None
+        instances = list(rnd.instances.values())
+        for _master_id, series in iter_series(client, rnd.series, window):
+            instances += series or []  # None: the series is gone; its stored instances are dropped below
+        counts.scanned = len(instances)
+        kept, internal, links = classify(instances, index, tenant.preferences_for(user_oid).internal_meetings,
+                                         counts)
+        meetings, attendees = _frames(kept, internal)
+        del instances, kept  # unmatched meetings end here, in memory
+        batch = MeetingBatch(meetings, attendees, links, drop_ids=set(rnd.instances) | rnd.removed,
+                             drop_series=rnd.series | rnd.removed,
+                             cursor=CalendarCursor(window[0], window[1], rnd.delta_link, now),
+                             reconcile=counts.baseline)
+        with open_store(settings, tenant_id, write=True) as con:
+            counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)
+        organizer = str(connection_info(settings, tenant_id, user_oid).get("upn") or "")
+        notes = run_notetaker(client, settings, tenant, user_oid, organizer, now)
+        counts.to_record, counts.links_added = notes.to_record, notes.links_added
+    return counts
