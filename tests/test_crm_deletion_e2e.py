@@ -66,3 +66,32 @@ def expected_for_crm_id(running, crm_kind: str, tid: str, world_id: str) -> str:
     if crm_kind == "pipedrive":
         return str(running.pipedrive.ids[tid]["persons"][world_id])
     return world_id
+
+
+def test_a_converted_lead_matches_only_through_its_contact(tmp_path, monkeypatch):
+    """Salesforce sim -> adapter (incremental refresh) -> store -> matcher: after conversion, mail from the lead's
+    address (any case) links to the new contact, never to the lead."""
+    import polars as pl
+
+    from o365sync.tenants import load_tenant
+    from tasks.crm_index import crm_index_for
+    from tasks.match import match_participants
+
+    world = generate_world(seed=29, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=20)
+    p = stand_up(world, tmp_path, monkeypatch)
+    try:
+        tid = world.tenants[0].tid
+        refresh_crm_snapshot(p.settings, tid)
+        lead = next(x for x in world.crm[tid].leads if not x.is_converted)
+        address = lead.email.strip().upper()
+        parts = pl.DataFrame({"graph_id": ["m1"], "address": [f"  {address} "], "role": ["from"]})
+        tenant = load_tenant(p.settings, tid)
+        before = match_participants(parts, crm_index_for(p.settings, tenant)[0])
+        assert before.select("crm_id", "crm_kind").rows() == [(lead.id, "lead")]
+
+        contact_id = p.running.salesforce.convert_lead(tid, lead.id)
+        assert refresh_crm_snapshot(p.settings, tid)["mode"] == "incremental"
+        after = match_participants(parts, crm_index_for(p.settings, tenant)[0])
+        assert after.select("crm_id", "crm_kind", "is_primary").rows() == [(contact_id, "contact", True)]
+    finally:
+        p.running.stop()
