@@ -1,6 +1,7 @@
-"""Unmatched mail is never stored: unique markers seeded into unmatched messages (subject, body, addresses)
-must appear in no file under the data directory or PREFECT_HOME, in no DuckDB column, in no row of Prefect's
-database and in no log line — while a marker in a matched message is found (so the scan can see)."""
+"""Unmatched mail and meetings are never stored (nor any meeting's notes): unique markers seeded into unmatched
+messages (subject, body, addresses) and meetings (subject; every body) must appear in no file under the data
+directory or PREFECT_HOME, in no DuckDB column, in no row of Prefect's database and in no log line — while a marker
+in a matched message is found (so the scan can see)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import re
 import sqlite3
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -18,6 +20,7 @@ import pytest
 
 from flows.initial_import import initial_import
 from simulators.world import Mailbox, generate_world
+from tasks.calendar_sync import anchored_window
 from tests.product import stand_up
 
 
@@ -34,6 +37,18 @@ def _seed_markers(world):
     matched_key = next(iter(world.expected_matches(tenant.tid)))
     positive = f"KEEPMARK{tag}"
     next(m for m in world.mailboxes[matched_key[0]] if m.id == matched_key[1]).subject += f" {positive}"
+    # Meetings: unmatched, private and (nobody opted in) internal meetings must leave no trace; no meeting's
+    # body/notes is ever stored.
+    markers |= {"meeting_subject": f"MEETMARK{tag}", "meeting_body": f"NOTEMARK{tag}"}
+    lo, hi = anchored_window(datetime.now(UTC))
+    kept = {ev_id for (oid, iid) in world.calendars.expected_meetings(tenant.tid, lo, hi)
+            for ev_id in [world.calendars.find(oid, iid)[0].id]}
+    for events in world.calendars.events.values():
+        for ev in events:
+            ev.body += f" {markers['meeting_body']}"
+            if ev.id not in kept:
+                ev.subject += f" {markers['meeting_subject']}"
+    world.calendars.event(sorted(kept)[0]).subject += f" {positive}"  # a kept meeting: found (positive control)
     return markers, positive
 
 
@@ -88,9 +103,10 @@ def _sqlite_hits(path: Path, needles: list[str]) -> list[str]:
 
 @pytest.fixture
 def product(tmp_path, monkeypatch):
-    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30)
+    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30,
+                           calendars=True)
     markers, positive = _seed_markers(world)
-    p = stand_up(world, tmp_path, monkeypatch)
+    p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar", "notetaker"])
     yield p, markers, positive
     p.running.stop()
 
@@ -99,7 +115,8 @@ def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog):
     p, markers, positive = product
     tenant = p.world.tenants[0]
     caplog.set_level(logging.DEBUG)
-    initial_import(tenant.tid)
+    totals = initial_import(tenant.tid)
+    assert totals["calendar_imported"] > 0 and totals["calendar_discarded"] > 0
 
     needles = [m.lower() for m in markers.values()]
     data_dir = p.settings.data_dir
@@ -120,4 +137,5 @@ def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog):
 
     # Positive control: the same scans do find content of a matched message.
     store = next(f for f in duck_files if f.name == "store.duckdb")
-    assert _duckdb_hits(store, [positive.lower()])
+    found = _duckdb_hits(store, [positive.lower()])
+    assert any(":emails.subject" in h for h in found) and any(":meetings.subject" in h for h in found)
