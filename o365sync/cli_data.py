@@ -1,0 +1,196 @@
+"""`o365sync conversation|meeting|retention|offboard`: export and delete a user's conversations and meetings,
+run retention, offboard a user or end a tenant's subscription. Every deletion goes through
+`o365sync.erasure.erase` (delete, copy-compaction, new snapshot, exports removed, audit entry) and is complete when
+the command returns. Output: ids, counts and paths — never content.
+
+Registered in o365sync/cli.py with:
+    from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app
+    app.add_typer(conversation_app, name="conversation")
+    app.add_typer(meeting_app, name="meeting")
+    app.add_typer(retention_app, name="retention")
+    app.add_typer(offboard_app, name="offboard")
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from o365sync.prefect_env import configure_prefect_env
+
+configure_prefect_env()  # before anything imports Prefect
+
+conversation_app = typer.Typer(help="Export or delete a conversation (by conversation id or a message in it).",
+                               no_args_is_help=True)
+meeting_app = typer.Typer(help="Export or delete a meeting or a whole meeting series.", no_args_is_help=True)
+retention_app = typer.Typer(help="Retention: delete activities older than the tenant's retention period.",
+                            no_args_is_help=True)
+offboard_app = typer.Typer(help="Offboard a user (tenant policy: delete or retain) or end a tenant's subscription.",
+                           no_args_is_help=True)
+console = Console()
+
+Tenant = Annotated[str, typer.Option(help="Tenant id.")]
+User = Annotated[str | None, typer.Option(help="Only this user's copy (object id); default: every user's.")]
+Actor = Annotated[str | None, typer.Option(help="Who asks (an id for the audit log); default cli:<login>.")]
+Reason = Annotated[str, typer.Option(help="user_request | admin_request.")]
+
+
+def _settings():  # noqa: ANN202
+    from o365sync.settings import load_settings
+
+    return load_settings()
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = "unknown"
+    return "cli:" + (re.sub(r"[^A-Za-z0-9._-]", "_", login)[:60] or "unknown")
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]{exc}[/]")
+    raise typer.Exit(1)
+
+
+def _erase(tenant: str, scope, actor: str | None, reason: str) -> None:  # noqa: ANN001
+    from o365sync.erasure import ErasureError, erase
+    from o365sync.tenants import TenantNotFound
+
+    try:
+        r = erase(_settings(), tenant, scope, actor=_actor(actor), reason=reason)
+    except (LookupError, ValueError, TenantNotFound, ErasureError) as exc:
+        _fail(exc)
+    ids = " ".join(f"{k}={','.join(v)}" for k, v in r.ids.items() if v)
+    rows = ", ".join(f"{t} {n}" for t, n in sorted(r.rows.items()) if n) or "nothing stored"
+    console.print(f"Erased {r.scope} {ids}: {rows}; tombstones {r.tombstones}; exports removed "
+                  f"{r.exports_removed}; store {r.bytes_before} -> {r.bytes_after} bytes (compacted, snapshot "
+                  f"replaced) in {r.seconds:.2f} s. Audit: {r.audit_path}")
+
+
+# ---------------------------------------------------------------------------------------------- conversation
+@conversation_app.command("export")
+def conversation_export(
+    tenant: Tenant,
+    conversation: Annotated[str | None, typer.Option("--id", help="Conversation id.")] = None,
+    message: Annotated[str | None, typer.Option(help="A message's (immutable) Graph id: its conversation.")] = None,
+    user: User = None,
+    eml: Annotated[bool, typer.Option(help="Also one .eml file per message.")] = True,
+) -> None:
+    """Export a conversation as JSON (+ .eml) under the tenant's exports folder."""
+    from o365sync.conversations import export_conversation
+    from o365sync.tenants import TenantNotFound
+
+    try:
+        r = export_conversation(_settings(), tenant, conversation_id=conversation, graph_id=message, user_oid=user,
+                                eml=eml)
+    except (LookupError, ValueError, TenantNotFound) as exc:
+        _fail(exc)
+    console.print(f"Exported {r.items} messages ({r.files} files) to {r.path}")
+
+
+@conversation_app.command("delete")
+def conversation_delete(
+    tenant: Tenant,
+    conversation: Annotated[list[str] | None, typer.Option("--id", help="Conversation id (repeatable).")] = None,
+    message: Annotated[str | None, typer.Option(help="A message's (immutable) Graph id: its conversation.")] = None,
+    user: User = None,
+    actor: Actor = None,
+    reason: Reason = "user_request",
+) -> None:
+    """Delete a conversation from every file we keep; it is never imported again (new replies included)."""
+    from o365sync.erasure import Scope
+
+    if bool(conversation) == bool(message):
+        _fail(ValueError("give --id or --message"))
+    scope = Scope.message(message, user_oid=user) if message else Scope.conversation(*conversation, user_oid=user)
+    _erase(tenant, scope, actor, reason)
+
+
+# ---------------------------------------------------------------------------------------------- meeting
+@meeting_app.command("export")
+def meeting_export(
+    tenant: Tenant,
+    event: Annotated[str | None, typer.Option(help="Event (instance) id.")] = None,
+    series: Annotated[str | None, typer.Option(help="Series master id: every stored occurrence.")] = None,
+    user: User = None,
+) -> None:
+    """Export a meeting or a series as JSON under the tenant's exports folder."""
+    from o365sync.conversations import export_meeting
+    from o365sync.tenants import TenantNotFound
+
+    try:
+        r = export_meeting(_settings(), tenant, event_id=event, series_id=series, user_oid=user)
+    except (LookupError, ValueError, TenantNotFound) as exc:
+        _fail(exc)
+    console.print(f"Exported {r.items} meeting instances to {r.path}")
+
+
+@meeting_app.command("delete")
+def meeting_delete(
+    tenant: Tenant,
+    event: Annotated[str | None, typer.Option(help="Event (instance) id.")] = None,
+    series: Annotated[str | None, typer.Option(help="Series master id: every occurrence.")] = None,
+    user: User = None,
+    actor: Actor = None,
+    reason: Reason = "user_request",
+) -> None:
+    """Delete a meeting or a series from every file we keep; it is never imported again."""
+    from o365sync.erasure import Scope
+
+    if bool(event) == bool(series):
+        _fail(ValueError("give --event or --series"))
+    scope = Scope.meeting(event, user_oid=user) if event else Scope.series(series, user_oid=user)
+    _erase(tenant, scope, actor, reason)
+
+
+# ---------------------------------------------------------------------------------------------- retention
+@retention_app.command("run")
+def retention_run(tenant: Tenant) -> None:
+    """Run the retention flow now (also completes offboarding deletions whose grace period passed)."""
+    from flows.retention import retention
+
+    console.print(retention(tenant))
+
+
+# ---------------------------------------------------------------------------------------------- offboard
+@offboard_app.command("user")
+def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="The user's object id.")]) -> None:
+    """A user left: tokens removed now; their data deleted (after the grace period) or retained, per policy."""
+    from flows.offboarding import offboard_user
+
+    console.print(offboard_user(tenant, user))
+
+
+@offboard_app.command("tenant")
+def offboard_tenant(
+    tenant: Tenant,
+    yes: Annotated[bool, typer.Option("--yes", help="Confirm: delete every file of the tenant.")] = False,
+) -> None:
+    """End the subscription: delete the tenant's store, snapshot, exports, CRM snapshot and credentials, token
+    caches and registry entry. Only the audit log entry remains."""
+    from flows.offboarding import end_subscription
+
+    if not yes:
+        _fail(ValueError(f"this deletes every file of tenant {tenant}; repeat with --yes"))
+    console.print(end_subscription(tenant))
+
+
+@offboard_app.command("status")
+def offboard_status(tenant: Tenant) -> None:
+    """Offboarded users: policy, when, deletion due and done."""
+    from rich.table import Table
+
+    from flows.offboarding import offboarding_status
+
+    table = Table("user", "policy", "offboarded", "delete after", "deleted")
+    for oid, r in sorted(offboarding_status(_settings(), tenant).items()):
+        table.add_row(oid, r["policy"], r["offboarded_at"], r.get("delete_after") or "-", r.get("deleted_at") or "-")
+    console.print(table)

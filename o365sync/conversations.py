@@ -1,0 +1,198 @@
+"""Export a conversation (JSON + one `.eml` per message) or a meeting / series (JSON) on a user's request.
+
+Exports are written under `tenant_dir/exports/` (the tenant's region) and nowhere else: the content goes into these
+files only, never into logs, Prefect or the audit log. Any erasure of the tenant removes every export file (they may
+hold erased rows), see docs/DATA_LIFECYCLE.md. Ids in file names are hashed (Graph ids carry '/', '+', '=').
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+
+import duckdb
+
+from o365sync.analytics import export_lock
+from o365sync.settings import Settings
+from o365sync.store import open_store
+from o365sync.tenants import load_tenant, tenant_dir
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path  # the export folder
+    kind: str  # conversation | meeting | series
+    items: int  # messages or meeting instances
+    files: int
+
+
+def exports_dir(settings: Settings, tenant_id: str) -> Path:
+    return tenant_dir(settings, tenant_id) / "exports"
+
+
+def _slug(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> list[dict]:
+    cur = con.execute(sql, params)
+    columns = [d[0] for d in cur.description]
+    return [dict(zip(columns, r, strict=True)) for r in cur.fetchall()]
+
+
+def _iso(value: object) -> object:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _target(settings: Settings, tenant_id: str, kind: str, key: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    folder = exports_dir(settings, tenant_id) / f"{kind}-{_slug(key)}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=False)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resolve_conversation(con: duckdb.DuckDBPyConnection, tenant_id: str, graph_id: str,
+                         user_oid: str | None = None) -> str:
+    """The conversation id of a stored message (LookupError if the message is not stored or has none)."""
+    row = con.execute("SELECT conversation_id FROM emails WHERE tenant_id = ? AND graph_id = ? AND "
+                      "(?::VARCHAR IS NULL OR user_oid = ?) AND conversation_id IS NOT NULL LIMIT 1",
+                      [tenant_id, graph_id, user_oid, user_oid]).fetchone()
+    if row is None:
+        raise LookupError(f"message {graph_id} is not stored in tenant {tenant_id} (or has no conversation id)")
+    return row[0]
+
+
+def _mailbox(name: str | None, address: str) -> Address | str:
+    try:
+        return Address(display_name=name or "", addr_spec=address.strip())
+    except (ValueError, IndexError):
+        return address.strip()
+
+
+def to_eml(message: dict) -> bytes:
+    """An RFC 5322 message from a stored email: From/To/Cc/Date/Subject/Message-ID and the text body."""
+    msg = EmailMessage()
+    if message.get("from_address"):
+        msg["From"] = _mailbox(message.get("from_name"), message["from_address"])
+    for role, header in (("to", "To"), ("cc", "Cc")):
+        people = [_mailbox(p["name"], p["address"]) for p in message["participants"] if p["role"] == role]
+        if people:
+            msg[header] = people
+    when = message.get("sent_at") or message.get("received_at")
+    if isinstance(when, datetime):
+        msg["Date"] = format_datetime(when)
+    msg["Subject"] = (message.get("subject") or "").replace("\r", " ").replace("\n", " ")
+    if message.get("internet_message_id"):
+        msg["Message-ID"] = message["internet_message_id"]
+    msg["X-O365Sync-Conversation-Id"] = message.get("conversation_id") or ""
+    msg.set_content(message.get("body_text") or "")
+    return msg.as_bytes()
+
+
+def export_conversation(settings: Settings, tenant_id: str, conversation_id: str | None = None,
+                        graph_id: str | None = None, user_oid: str | None = None, eml: bool = True) -> ExportResult:
+    """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
+    `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`. Holds the shared
+    export lock from read to write, so an erasure deletes this export or runs before it reads."""
+    with export_lock(settings, tenant_id, exclusive=False):
+        return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
+
+
+def _export_conversation(settings: Settings, tenant_id: str, conversation_id: str | None, graph_id: str | None,
+                         user_oid: str | None, eml: bool) -> ExportResult:
+    """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
+    `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`."""
+    if (conversation_id is None) == (graph_id is None):
+        raise ValueError("give a conversation id or a message's graph id")
+    load_tenant(settings, tenant_id)
+    with open_store(settings, tenant_id, write=False) as con:
+        if conversation_id is None:
+            conversation_id = resolve_conversation(con, tenant_id, graph_id or "", user_oid)
+        params = [tenant_id, conversation_id, user_oid, user_oid]
+        scope = "tenant_id = ? AND conversation_id = ? AND (?::VARCHAR IS NULL OR user_oid = ?)"
+        messages = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} "
+                              "ORDER BY coalesce(sent_at, received_at), graph_id", params)
+        keyed = f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})"
+        parts = _rows(con, f"SELECT user_oid, graph_id, role, name, address FROM email_participants WHERE {keyed} "
+                           "ORDER BY role, address", params)
+        links = _rows(con, f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
+                           f"email_crm_matches WHERE {keyed} ORDER BY crm_id", params)
+    if not messages:
+        raise LookupError(f"conversation {conversation_id} has no stored messages in tenant {tenant_id}")
+    for m in messages:
+        k = (m["user_oid"], m["graph_id"])
+        m["participants"] = [{x: p[x] for x in ("role", "name", "address")} for p in parts
+                             if (p["user_oid"], p["graph_id"]) == k]
+        m["crm_links"] = [{x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")} for c in links
+                          if (c["user_oid"], c["graph_id"]) == k]
+    folder = _target(settings, tenant_id, "conversation", conversation_id)
+    doc = {"tenant_id": tenant_id, "conversation_id": conversation_id, "user_oid": user_oid,
+           "exported_at": datetime.now(UTC).isoformat(), "messages": messages}
+    _write(folder / "conversation.json", json.dumps(doc, indent=2, default=_iso).encode())
+    files = 1
+    if eml:
+        (folder / "messages").mkdir()
+        for n, m in enumerate(messages, 1):
+            _write(folder / "messages" / f"{n:03d}.eml", to_eml(m))
+            files += 1
+    return ExportResult(folder, "conversation", len(messages), files)
+
+
+def export_meeting(settings: Settings, tenant_id: str, event_id: str | None = None, series_id: str | None = None,
+                   user_oid: str | None = None) -> ExportResult:
+    """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
+    the meeting rows, attendees and CRM links (under the shared export lock, like conversations)."""
+    with export_lock(settings, tenant_id, exclusive=False):
+        return _export_meeting(settings, tenant_id, event_id, series_id, user_oid)
+
+
+def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, series_id: str | None,
+                    user_oid: str | None) -> ExportResult:
+    """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
+    the meeting rows, attendees and CRM links."""
+    if (event_id is None) == (series_id is None):
+        raise ValueError("give an event id or a series id")
+    load_tenant(settings, tenant_id)
+    key = event_id or series_id or ""
+    match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
+    params = [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid]
+    scope = f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)"
+    with open_store(settings, tenant_id, write=False) as con:
+        meetings = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id",
+                         params)
+        keyed = f"(user_oid, event_id) IN (SELECT (user_oid, event_id) FROM meetings WHERE {scope})"
+        attendees = _rows(con, f"SELECT user_oid, event_id, role, name, address, response FROM meeting_attendees "
+                               f"WHERE {keyed} ORDER BY role, address", params)
+        links = _rows(con, f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
+                           f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id", params)
+    if not meetings:
+        raise LookupError(f"{'meeting' if event_id else 'series'} {key} is not stored in tenant {tenant_id}")
+    for m in meetings:
+        k = (m["user_oid"], m["event_id"])
+        m["attendees"] = [{x: a[x] for x in ("role", "name", "address", "response")} for a in attendees
+                          if (a["user_oid"], a["event_id"]) == k]
+        m["crm_links"] = [{x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")} for c in links
+                          if (c["user_oid"], c["event_id"]) == k]
+    kind = "meeting" if event_id else "series"
+    folder = _target(settings, tenant_id, kind, key)
+    doc = {"tenant_id": tenant_id, f"{'event' if event_id else 'series'}_id": key, "user_oid": user_oid,
+           "exported_at": datetime.now(UTC).isoformat(), "meetings": meetings}
+    _write(folder / "meeting.json", json.dumps(doc, indent=2, default=_iso).encode())
+    return ExportResult(folder, kind, len(meetings), 1)

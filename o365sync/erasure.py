@@ -1,0 +1,480 @@
+"""Provable erasure: delete, copy-compact, republish, audit — one entry point (`erase`) for every deletion.
+
+DuckDB's DELETE, CHECKPOINT and VACUUM leave the deleted bytes in the file; only a copy into a new file removes
+them. So every erasure, under the tenant's sync locks (no sync runs meanwhile), does:
+
+1. DELETE the rows of the scope from every table in one transaction, and write tombstones (`erased`) where Graph
+   would bring the data back (conversations, messages without a conversation, meetings, series);
+2. `compact_store`: under the live store's exclusive lock, `COPY FROM DATABASE` into a new file, fsync, atomic
+   replace of the live file (no WAL of the old file survives), then `publish_snapshot` replaces the analysts'
+   snapshot with a copy of the compacted store;
+3. removes every export file of the tenant (`tenant_dir/exports`: they may hold erased rows);
+4. appends one line to the deletion audit log (last: an entry means the erasure is complete).
+
+The bound: the erasure is complete when `erase` returns; nothing is deferred. The audit log lives outside the
+tenant's folder (`<region root>/audit/<tenant>.jsonl`) so it survives the end of a subscription; it holds ids and
+counts, never subjects, addresses or bodies. See docs/DATA_LIFECYCLE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import duckdb
+
+from o365sync.analytics import export_lock
+from o365sync.auth import connected_users, disconnect
+from o365sync.settings import Settings
+from o365sync.store import (
+    FEATURE_LOCKS,
+    open_store,
+    publish_snapshot,
+    snapshot_path,
+    store_lock,
+    tenant_sync_locks,
+)
+from o365sync.tenants import load_tenant, region_root, registry_dir, save_tenant, tenant_dir, tenant_region
+
+ScopeKind = Literal["conversation", "message", "meeting", "series", "user", "retention", "tenant"]
+REASONS = ("user_request", "admin_request", "retention", "offboarding", "subscription_end")
+_ACTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
+
+# Every table that holds rows of a user (all but the CRM snapshot and the tenant-level state).
+USER_TABLES = ("emails", "email_participants", "email_crm_matches", "mail_cursor", "sync_state", "meetings",
+               "meeting_attendees", "meeting_crm_matches", "calendar_cursor", "notetaker_queue", "teams_channels",
+               "shares")
+EMAIL_TABLES = ("emails", "email_participants", "email_crm_matches")
+MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
+
+
+class ErasureError(Exception):
+    """The rows are deleted but a later step (compaction, snapshot, exports) failed; re-run the erasure (it is
+    idempotent). The message names ids and the failing step only."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What to erase. Build with the class methods; `user_oid` limits a conversation/meeting scope to one
+    user's copy (None: every user's copy in the tenant, and a tenant-wide tombstone)."""
+
+    kind: ScopeKind
+    ids: tuple[str, ...] = ()
+    user_oid: str | None = None
+    cutoff: datetime | None = None  # retention: activities dated before this instant
+
+    @classmethod
+    def conversation(cls, *conversation_ids: str, user_oid: str | None = None) -> Scope:
+        return cls("conversation", tuple(conversation_ids), user_oid)
+
+    @classmethod
+    def message(cls, graph_id: str, user_oid: str | None = None) -> Scope:
+        """The conversation a stored message (immutable Graph id) belongs to."""
+        return cls("message", (graph_id,), user_oid)
+
+    @classmethod
+    def meeting(cls, *event_ids: str, user_oid: str | None = None) -> Scope:
+        return cls("meeting", tuple(event_ids), user_oid)
+
+    @classmethod
+    def series(cls, *series_master_ids: str, user_oid: str | None = None) -> Scope:
+        return cls("series", tuple(series_master_ids), user_oid)
+
+    @classmethod
+    def user(cls, user_oid: str) -> Scope:
+        return cls("user", (user_oid,), user_oid)
+
+    @classmethod
+    def retention(cls, cutoff: datetime) -> Scope:
+        return cls("retention", (), None, cutoff)
+
+    @classmethod
+    def tenant(cls) -> Scope:
+        return cls("tenant")
+
+
+@dataclass
+class ErasureResult:
+    tenant_id: str
+    scope: str
+    ids: dict[str, list[str]]  # conversation_ids / event_ids / series_ids / user_oids (ids only)
+    rows: dict[str, int]  # deleted rows per table
+    tombstones: int = 0
+    bytes_before: int = 0  # live store (+ WAL) before compaction
+    bytes_after: int = 0  # live store after compaction
+    snapshot_bytes: int = 0
+    exports_removed: int = 0  # files
+    files_removed: int = 0  # tenant scope: every file of the tenant
+    seconds: float = 0.0
+    audit_path: str = ""
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def deleted(self) -> int:
+        return sum(self.rows.values())
+
+
+# ------------------------------------------------------------------------------------------------- audit log
+def audit_path(settings: Settings, tenant_id: str, region: str | None = None) -> Path:
+    """`<region root>/audit/<tenant>.jsonl`: outside the tenant's folder, so it survives the subscription."""
+    if region is None:
+        region = tenant_region(settings, tenant_id)
+    registry_dir(settings, tenant_id)  # validates the id (it becomes a file name)
+    return region_root(settings, region) / "audit" / f"{tenant_id}.jsonl"
+
+
+def append_audit(path: Path, entry: dict) -> None:
+    """One JSON line, appended (O_APPEND: concurrent writers never interleave within a line) and fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        _fsync_dir(path.parent)
+
+
+def read_audit(settings: Settings, tenant_id: str, region: str | None = None) -> list[dict]:
+    path = audit_path(settings, tenant_id, region)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, Path(f"{path}.wal")) if p.exists())
+
+
+# ------------------------------------------------------------------------------------------------ compaction
+def compact_store(settings: Settings, tenant_id: str) -> dict[str, float | int]:
+    """Rewrite the live store into a new file and replace the old one, then republish the analysts' snapshot.
+
+    Under the store's exclusive lock: open the live file (replaying any WAL), `COPY FROM DATABASE` into
+    `store.duckdb.compact`, close (checkpoint), fsync the copy, remove the old file's WAL (its contents are in the
+    copy), `os.replace` the copy over the live file, fsync the directory. Deleted rows exist only in blocks of the
+    old file, which no longer has a name. Then `publish_snapshot` (its own copy into a new file + replace).
+    Returns sizes in bytes and timings in seconds."""
+    t0 = time.perf_counter()
+    with store_lock(settings, tenant_id, write=True) as path:
+        tmp = path.with_name(path.name + ".compact")
+        tmp_wal = Path(f"{tmp}.wal")
+        for p in (tmp, tmp_wal):
+            p.unlink(missing_ok=True)
+        before = _size(path)
+        con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+        try:
+            con.execute("SET TimeZone='UTC'")
+            live = con.execute("SELECT current_database()").fetchone()[0]
+            con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS compacted")
+            try:
+                con.execute(f'COPY FROM DATABASE "{live}" TO compacted')
+                con.execute("CHECKPOINT compacted")
+            finally:
+                con.execute("DETACH compacted")
+        finally:
+            con.close()
+        if tmp_wal.exists():  # DETACH checkpoints; a WAL here would mean the copy is not self-contained
+            raise ErasureError(f"tenant {tenant_id}: compaction left a WAL beside the copy")
+        _fsync_file(tmp)
+        Path(f"{path}.wal").unlink(missing_ok=True)  # never let the old file's WAL replay into the new one
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        after = _size(path)
+    t1 = time.perf_counter()
+    snap = publish_snapshot(settings, tenant_id)
+    t2 = time.perf_counter()
+    return {"bytes_before": before, "bytes_after": after, "snapshot_bytes": snap.stat().st_size,
+            "compact_seconds": round(t1 - t0, 3), "publish_seconds": round(t2 - t1, 3)}
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def _select(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, now: datetime) -> dict[str, list[str]]:
+    """Fill temp tables `_e(user_oid, graph_id)` (emails) and `_m(user_oid, event_id)` (meetings) with the rows of
+    the scope; returns the ids to report/tombstone."""
+    con.execute("CREATE OR REPLACE TEMP TABLE _e (user_oid VARCHAR, graph_id VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE _m (user_oid VARCHAR, event_id VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE _ids (id VARCHAR)")
+    if scope.ids:
+        con.executemany("INSERT INTO _ids VALUES (?)", [[i] for i in scope.ids])
+    user = [scope.user_oid, scope.user_oid]
+    mine = "(?::VARCHAR IS NULL OR user_oid = ?)"
+    ids: dict[str, list[str]] = {}
+    if scope.kind == "message":
+        rows = con.execute(f"SELECT DISTINCT conversation_id, internet_message_id, graph_id FROM emails WHERE "
+                           f"tenant_id = ? AND {mine} AND graph_id IN (SELECT id FROM _ids)",
+                           [tenant_id, *user]).fetchall()
+        if not rows:
+            raise LookupError(f"message {scope.ids[0]} is not stored in tenant {tenant_id}")
+        convs = sorted({r[0] for r in rows if r[0]})
+        loose = sorted({r[2] for r in rows if not r[0]})  # no conversation id: just the message
+        con.execute("DELETE FROM _ids")
+        if convs:
+            con.executemany("INSERT INTO _ids VALUES (?)", [[c] for c in convs])
+        con.execute(f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
+                    "conversation_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        if loose:
+            con.executemany(f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} "
+                            "AND graph_id = ?", [[tenant_id, *user, g] for g in loose])
+        ids = {"conversation_ids": convs, "graph_ids": loose}
+    elif scope.kind == "conversation":
+        con.execute(f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
+                    "conversation_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        ids = {"conversation_ids": sorted(scope.ids)}
+    elif scope.kind == "meeting":
+        con.execute(f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
+                    "event_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        ids = {"event_ids": sorted(scope.ids)}
+    elif scope.kind == "series":
+        con.execute(f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
+                    "(series_master_id IN (SELECT id FROM _ids) OR event_id IN (SELECT id FROM _ids))",
+                    [tenant_id, *user])
+        # Explicit Consent Mode keeps its row under the series master id.
+        con.execute(f"INSERT INTO _m SELECT user_oid, event_id FROM notetaker_queue WHERE tenant_id = ? AND {mine} "
+                    "AND event_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        ids = {"series_ids": sorted(scope.ids)}
+    elif scope.kind == "user":
+        ids = {"user_oids": [scope.user_oid or ""]}
+    elif scope.kind == "retention":
+        _select_retention(con, tenant_id, scope.cutoff or now)
+        ids = {}
+    return ids
+
+
+# A conversation (meeting series) is exempt from retention while it is linked to a still-open opportunity: any of
+# its emails (occurrences) matched the opportunity's account, or a person whose account is that account.
+_OPEN_LINKS = """
+CREATE OR REPLACE TEMP TABLE _open_crm AS
+SELECT account_id AS crm_id FROM crm_opportunities WHERE NOT coalesce(is_closed, false) AND account_id IS NOT NULL
+UNION SELECT p.crm_id FROM crm_people p JOIN crm_opportunities o ON o.account_id = p.account_id
+WHERE NOT coalesce(o.is_closed, false)
+"""
+
+
+def _select_retention(con: duckdb.DuckDBPyConnection, tenant_id: str, cutoff: datetime) -> None:
+    con.execute(_OPEN_LINKS)
+    con.execute(
+        "INSERT INTO _e SELECT e.user_oid, e.graph_id FROM emails e WHERE e.tenant_id = ? AND "
+        "coalesce(e.received_at, e.sent_at, e.imported_at) < ? AND coalesce(e.conversation_id, e.graph_id) NOT IN ("
+        " SELECT coalesce(x.conversation_id, x.graph_id) FROM emails x JOIN email_crm_matches c ON "
+        " c.tenant_id = x.tenant_id AND c.user_oid = x.user_oid AND c.graph_id = x.graph_id "
+        " WHERE x.tenant_id = ? AND c.crm_id IN (SELECT crm_id FROM _open_crm))", [tenant_id, cutoff, tenant_id])
+    con.execute(
+        "INSERT INTO _m SELECT m.user_oid, m.event_id FROM meetings m WHERE m.tenant_id = ? AND "
+        "coalesce(m.end_at, m.start_at, m.imported_at) < ? AND coalesce(m.series_master_id, m.event_id) NOT IN ("
+        " SELECT coalesce(x.series_master_id, x.event_id) FROM meetings x JOIN meeting_crm_matches c ON "
+        " c.tenant_id = x.tenant_id AND c.user_oid = x.user_oid AND c.event_id = x.event_id "
+        " WHERE x.tenant_id = ? AND c.crm_id IN (SELECT crm_id FROM _open_crm))", [tenant_id, cutoff, tenant_id])
+
+
+def retention_exempt_counts(con: duckdb.DuckDBPyConnection, tenant_id: str, cutoff: datetime) -> dict[str, int]:
+    """How many emails/meetings older than `cutoff` are kept because of an open opportunity (for artifacts)."""
+    con.execute(_OPEN_LINKS)
+    old_e = con.execute("SELECT count(*) FROM emails WHERE tenant_id = ? AND coalesce(received_at, sent_at, "
+                        "imported_at) < ?", [tenant_id, cutoff]).fetchone()[0]
+    old_m = con.execute("SELECT count(*) FROM meetings WHERE tenant_id = ? AND coalesce(end_at, start_at, "
+                        "imported_at) < ?", [tenant_id, cutoff]).fetchone()[0]
+    return {"emails_older": int(old_e), "meetings_older": int(old_m)}
+
+
+def _delete(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> dict[str, int]:
+    rows: dict[str, int] = {}
+
+    def run(table: str, where: str, params: list) -> None:
+        n = con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND ({where})", [tenant_id, *params]).fetchone()[0]
+        rows[table] = rows.get(table, 0) + int(n)
+
+    if scope.kind == "user":
+        for table in USER_TABLES:
+            run(table, "user_oid = ?", [scope.user_oid])
+        return rows
+    for table in EMAIL_TABLES:
+        run(table, f"EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = {table}.user_oid AND _e.graph_id = {table}.graph_id)",
+            [])
+    for table in MEETING_TABLES:
+        run(table, f"EXISTS (SELECT 1 FROM _m WHERE _m.user_oid = {table}.user_oid AND _m.event_id = {table}.event_id)",
+            [])
+    run("shares", "(activity_kind = 'email' AND EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = shares.user_oid AND "
+        "_e.graph_id = shares.activity_id)) OR (activity_kind = 'meeting' AND EXISTS (SELECT 1 FROM _m WHERE "
+        "_m.user_oid = shares.user_oid AND _m.event_id = shares.activity_id))", [])
+    return rows
+
+
+def _tombstone(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, ids: dict[str, list[str]],
+               now: datetime) -> int:
+    """Keys Graph would bring back: never imported again for that user (NULL user: anyone in the tenant)."""
+    keys: list[tuple[str, str]] = []
+    if scope.kind in ("conversation", "message"):
+        keys += [("conversation", c) for c in ids.get("conversation_ids", [])]
+        for gid in ids.get("graph_ids", []):  # a message without a conversation id: by internetMessageId
+            for (imid,) in con.execute("SELECT DISTINCT internet_message_id FROM emails WHERE tenant_id = ? AND "
+                                       "graph_id = ? AND internet_message_id IS NOT NULL", [tenant_id, gid]).fetchall():
+                keys.append(("message", imid))
+    elif scope.kind == "meeting":
+        keys += [("event", e) for e in ids.get("event_ids", [])]
+    elif scope.kind == "series":
+        keys += [("series", s) for s in ids.get("series_ids", [])]
+    n = 0
+    for kind, key in keys:
+        exists = con.execute("SELECT count(*) FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? "
+                             "AND kind = ? AND key = ?", [tenant_id, scope.user_oid, kind, key]).fetchone()[0]
+        if not exists:
+            con.execute("INSERT INTO erased VALUES (?, ?, ?, ?, ?)", [tenant_id, scope.user_oid, kind, key, now])
+            n += 1
+    return n
+
+
+def _remove_exports(settings: Settings, tenant_id: str) -> int:
+    folder = tenant_dir(settings, tenant_id) / "exports"
+    if not folder.exists():
+        return 0
+    files = sum(1 for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return files
+
+
+def _check(actor: str, reason: str) -> None:
+    if not _ACTOR.fullmatch(actor or ""):
+        raise ValueError("actor must be an id (letters, digits, . _ : @ / + -; max 128), e.g. cli:alice")
+    if reason not in REASONS:
+        raise ValueError(f"reason must be one of {', '.join(REASONS)}")
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def erase(settings: Settings, tenant_id: str, scope: Scope, actor: str, reason: str,
+          now: datetime | None = None) -> ErasureResult:
+    """Erase `scope` from every file we keep for the tenant; complete when this returns (see the module doc).
+    Idempotent: erasing what is already gone deletes nothing and still compacts, republishes and audits."""
+    _check(actor, reason)
+    if scope.kind == "tenant":
+        return _erase_tenant(settings, tenant_id, actor, reason, now)
+    load_tenant(settings, tenant_id)  # TenantNotFound before touching anything
+    now = now or datetime.now(UTC)
+    t0 = time.perf_counter()
+    log = audit_path(settings, tenant_id)
+    with tenant_sync_locks(tenant_dir(settings, tenant_id), FEATURE_LOCKS):
+        with open_store(settings, tenant_id, write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                ids = _select(con, tenant_id, scope, now)
+                tombstones = _tombstone(con, tenant_id, scope, ids, now)
+                rows = _delete(con, tenant_id, scope)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        result = ErasureResult(tenant_id, scope.kind, ids, rows, tombstones, audit_path=str(log))
+        if scope.kind == "retention" and scope.cutoff:
+            result.extra["cutoff_epoch"] = int(scope.cutoff.timestamp())
+        if scope.user_oid and scope.kind != "user":
+            result.ids["user_oids"] = [scope.user_oid]
+        if scope.kind == "user":
+            result.extra |= _forget_user(settings, tenant_id, scope.user_oid or "")
+        try:
+            sizes = compact_store(settings, tenant_id)
+            with export_lock(settings, tenant_id, exclusive=True):  # in-flight exports finish, then go
+                result.exports_removed = _remove_exports(settings, tenant_id)
+        except Exception as exc:
+            entry = _audit_entry(result, actor, reason, now, time.perf_counter() - t0)
+            append_audit(log, {**entry, "complete": False, "error": type(exc).__name__})
+            raise ErasureError(f"tenant {tenant_id}: {scope.kind} rows deleted, but {type(exc).__name__} before "
+                               "the compaction finished; run the erasure again") from None
+        result.bytes_before, result.bytes_after = int(sizes["bytes_before"]), int(sizes["bytes_after"])
+        result.snapshot_bytes = int(sizes["snapshot_bytes"])
+        result.seconds = round(time.perf_counter() - t0, 3)
+        append_audit(log, _audit_entry(result, actor, reason, now, result.seconds))
+    return result
+
+
+def _forget_user(settings: Settings, tenant_id: str, user_oid: str) -> dict[str, int]:
+    """Tokens (MSAL cache + metadata) and the user's own settings in the tenant's configuration."""
+    from o365sync.auth import token_path
+
+    had_token = int(token_path(settings, tenant_id, user_oid).exists())
+    disconnect(settings, tenant_id, user_oid)
+    tenant = load_tenant(settings, tenant_id)
+    changed = tenant.user_preferences.pop(user_oid, None) is not None
+    changed |= tenant.user_blocklists.pop(user_oid, None) is not None
+    if changed:
+        save_tenant(settings, tenant)
+    return {"token_caches_removed": had_token, "user_settings_removed": int(changed)}
+
+
+def _audit_entry(result: ErasureResult, actor: str, reason: str, now: datetime, seconds: float) -> dict:
+    d = asdict(result)
+    return {"at": now.isoformat(timespec="seconds"), "logged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "actor": actor, "action": "erase", "reason": reason, "tenant_id": result.tenant_id,
+            "scope": result.scope, "ids": d["ids"], "rows": d["rows"], "tombstones": result.tombstones,
+            "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
+            "snapshot_bytes": result.snapshot_bytes, "exports_removed": result.exports_removed,
+            "files_removed": result.files_removed, "seconds": round(seconds, 3), **result.extra, "complete": True}
+
+
+def _count_rows(path: Path) -> dict[str, int]:
+    if not path.exists():
+        return {}
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE "
+                                            "table_schema = 'main' ORDER BY 1").fetchall()]
+        return {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in tables}
+    finally:
+        con.close()
+
+
+def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str,
+                  now: datetime | None) -> ErasureResult:
+    """Subscription end: every file of the tenant — store, snapshot, exports, CRM snapshot (in the store), CRM
+    credentials, token caches, locks, the registry entry — is removed; only the audit log entry remains."""
+    now = now or datetime.now(UTC)
+    t0 = time.perf_counter()
+    region = tenant_region(settings, tenant_id)
+    log = audit_path(settings, tenant_id, region)
+    folder, registry, snap = tenant_dir(settings, tenant_id), registry_dir(settings, tenant_id), \
+        snapshot_path(settings, tenant_id)
+    users = [u.oid for u in connected_users(settings, tenant_id)] if folder.exists() else []
+    with tenant_sync_locks(folder, FEATURE_LOCKS), export_lock(settings, tenant_id, exclusive=True), \
+            store_lock(settings, tenant_id, write=True) as live:
+        rows = {t: n for t, n in _count_rows(live).items() if n}
+        before = _size(live)
+        for oid in users:
+            disconnect(settings, tenant_id, oid)
+        files = 0
+        for path in (snap, snap.with_suffix(".duckdb.tmp"), folder, registry):
+            if path.is_dir():
+                files += sum(1 for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+            elif path.exists():
+                files += 1
+                path.unlink()
+    result = ErasureResult(tenant_id, "tenant", {"user_oids": sorted(users)}, rows, bytes_before=before,
+                           files_removed=files, audit_path=str(log))
+    result.seconds = round(time.perf_counter() - t0, 3)
+    append_audit(log, _audit_entry(result, actor, reason, now, result.seconds))
+    return result

@@ -1,0 +1,268 @@
+"""Provable erasure: a conversation seeded with unique markers is synced, snapshotted and exported; after
+`conversation delete` no byte of it remains in any file under the tenant's folder or the region's analytics/ (raw
+bytes and base64 of the live store, its WAL, the snapshot, exports), it stays gone after the next sync (tombstone),
+and the audit log holds ids and counts only. A positive control proves the same grep finds the markers first."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from o365sync.conversations import export_conversation, export_meeting
+from o365sync.erasure import Scope, compact_store, erase, read_audit
+from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.tenants import region_root, tenant_dir
+from simulators.world import generate_world
+from tasks.crm_snapshot import refresh_crm_snapshot
+from tasks.mailbox_sync import sync_mailbox_now
+from tests.product import stand_up
+
+
+def decoded_variants(data: bytes) -> list[bytes]:
+    """The raw bytes plus anything that decodes as base64."""
+    out = [data]
+    for chunk in re.findall(rb"[A-Za-z0-9+/=]{40,}", data):
+        try:
+            out.append(base64.b64decode(chunk, validate=False))
+        except (binascii.Error, ValueError):
+            pass
+    return out
+
+
+def tenant_files(settings, tid: str) -> list[Path]:
+    """Every file we keep for the tenant: its folder (store, WAL, exports, tokens, ...) and the region's
+    analytics/ folder (snapshots)."""
+    roots = [tenant_dir(settings, tid), snapshot_path(settings, tid).parent]
+    return [p for root in roots if root.exists() for p in root.rglob("*") if p.is_file()]
+
+
+def hits(files: list[Path], needles: list[str]) -> list[str]:
+    found = []
+    for path in files:
+        for blob in decoded_variants(path.read_bytes()):
+            found += [f"{path.name}: {n}" for n in needles if n.encode() in blob]
+    return sorted(set(found))
+
+
+def sync_all(p) -> None:
+    tenant = p.world.tenants[0]
+    for u in tenant.users:
+        sync_mailbox_now(p.settings, tenant.tid, u.oid)
+    publish_snapshot(p.settings, tenant.tid)
+
+
+def seed_marker(world, oid: str, tag: str):
+    """A new CRM-matched message with markers in subject and body (long and repeated, so that the store's
+    compression keeps a grep-able copy: see the positive controls)."""
+    m = world.add_message(oid, "inbox", kind="contact")
+    subject, body = f"SUBJMARK{tag}", f"BODYMARK{tag}"
+    world.update_message(m.id, subject=f"Proposal {subject}", body=f"Hello,\n{body}\n" + f"{body} " * 20)
+    return m, [subject, body]
+
+
+@pytest.fixture
+def product(tmp_path, monkeypatch):
+    world = generate_world(seed=41, users_per_tenant=2, messages_per_user=60, contacts_per_tenant=25)
+    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50")
+    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
+    yield p
+    p.running.stop()
+
+
+def test_compaction_removes_deleted_bytes_that_delete_leaves(product):
+    """The DuckDB fact this design rests on, checked on our store: DELETE leaves the bytes, the copy does not."""
+    p, tid = product, product.world.tenants[0].tid
+    alice = p.world.tenants[0].users[0]
+    msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
+    sync_all(p)
+    store = tenant_dir(p.settings, tid) / "store.duckdb"
+    assert hits([store], markers), "positive control: the marker is in the live file"
+    with open_store(p.settings, tid, write=True) as con:
+        for table in ("emails", "email_participants", "email_crm_matches"):
+            con.execute(f"DELETE FROM {table} WHERE graph_id = ?", [msg.id])
+        con.execute("CHECKPOINT")
+        con.execute("VACUUM")
+    assert hits([store], markers), "DELETE + CHECKPOINT + VACUUM left the bytes (DuckDB keeps them)"
+    sizes = compact_store(p.settings, tid)
+    assert hits([store, snapshot_path(p.settings, tid)], markers) == []
+    assert not Path(f"{store}.wal").exists()
+    assert sizes["bytes_after"] > 0 and sizes["snapshot_bytes"] > 0
+    with open_store(p.settings, tid, write=False) as con:  # the compacted store is complete and usable
+        assert con.execute("SELECT count(*) FROM emails").fetchone()[0] > 0
+        assert con.execute("SELECT count(*) FROM crm_people").fetchone()[0] > 0
+
+
+def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
+    p, tid = product, product.world.tenants[0].tid
+    alice, bob = p.world.tenants[0].users
+    tag = uuid.uuid4().hex
+    msg, markers = seed_marker(p.world, alice.oid, tag)
+    sync_all(p)
+    with open_store(p.settings, tid, write=False) as con:
+        conv, = con.execute("SELECT conversation_id FROM emails WHERE graph_id = ?", [msg.id]).fetchone()
+        addresses = [r[0] for r in con.execute("SELECT DISTINCT address FROM email_participants WHERE graph_id = ?",
+                                               [msg.id]).fetchall()]
+        in_conv = con.execute("SELECT count(*) FROM emails WHERE conversation_id = ?", [conv]).fetchone()[0]
+        others = con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0]
+    exported = export_conversation(p.settings, tid, graph_id=msg.id, user_oid=alice.oid)
+    assert exported.items == in_conv and exported.files == in_conv + 1
+    doc = json.loads((exported.path / "conversation.json").read_text())
+    mine = next(m for m in doc["messages"] if m["graph_id"] == msg.id)
+    assert markers[0] in mine["subject"] and markers[1] in mine["body_text"] and mine["crm_links"]
+    assert {x["address"] for x in mine["participants"]} == set(addresses)
+    eml = next(f.read_bytes() for f in (exported.path / "messages").iterdir() if markers[0].encode() in f.read_bytes())
+    assert b"Message-ID:" in eml and b"From:" in eml and b"Date:" in eml and markers[1].encode() in eml
+
+    # Positive control: the same scan finds the markers in the live store, the snapshot and the export.
+    files = tenant_files(p.settings, tid)
+    before = hits(files, markers)
+    assert any(h.startswith("store.duckdb") for h in before)
+    assert any(h.startswith(f"{tid}.duckdb") for h in before)
+    assert any(h.startswith("conversation.json") for h in before)
+
+    result = erase(p.settings, tid, Scope.message(msg.id, user_oid=alice.oid), actor="cli:test", reason="user_request")
+    assert result.rows["emails"] == in_conv and result.tombstones == 1 and result.exports_removed == exported.files
+    assert hits(tenant_files(p.settings, tid), markers) == []
+    assert not (tenant_dir(p.settings, tid) / "exports").exists()
+    with open_store(p.settings, tid, write=False) as con:
+        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?",
+                           [conv, alice.oid]).fetchone()[0] == 0
+        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0] == others
+        assert con.execute("SELECT count(*) FROM email_participants WHERE graph_id = ?", [msg.id]).fetchone()[0] == 0
+
+    # The next sync does not bring it back — not even a new reply in the same conversation.
+    reply = p.world.add_message(alice.oid, "inbox", kind="contact")
+    reply.conversation_id = conv
+    p.world.update_message(reply.id, subject=f"Re: Proposal {markers[0]}")
+    p.world.update_message(msg.id, is_read=False)  # a change Graph's delta reports
+    sync_all(p)
+    with open_store(p.settings, tid, write=False) as con:
+        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?",
+                           [conv, alice.oid]).fetchone()[0] == 0
+    assert hits(tenant_files(p.settings, tid), markers) == []
+
+    # The audit log: outside the tenant folder, ids and counts only.
+    log = Path(result.audit_path)
+    assert log.parent == region_root(p.settings, None) / "audit" and tenant_dir(p.settings, tid) not in log.parents
+    entries = read_audit(p.settings, tid)
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry["scope"] == "message" and entry["ids"]["conversation_ids"] == [conv]
+    assert entry["ids"]["user_oids"] == [alice.oid] and entry["rows"]["emails"] == in_conv
+    assert entry["actor"] == "cli:test" and entry["complete"] is True
+    assert entry["bytes_before"] > 0 and entry["bytes_after"] > 0
+    text = log.read_text().lower()
+    assert hits([log], markers) == [] and not any(a.lower() in text for a in addresses)
+
+
+def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothing(product):
+    p, tid = product, product.world.tenants[0].tid
+    alice, bob = p.world.tenants[0].users
+    sync_all(p)
+    with open_store(p.settings, tid, write=False) as con:
+        conv, n = con.execute("SELECT conversation_id, count(*) FROM emails WHERE user_oid = ? GROUP BY 1 "
+                              "ORDER BY 2 DESC, 1 LIMIT 1", [bob.oid]).fetchone()
+        total = con.execute("SELECT count(*) FROM emails").fetchone()[0]
+    export_conversation(p.settings, tid, conversation_id=conv)
+    result = erase(p.settings, tid, Scope.conversation(conv), actor="admin:ops", reason="admin_request")
+    assert result.rows["emails"] >= n and result.exports_removed == 1 + result.rows["emails"]
+    with open_store(p.settings, tid, write=False) as con:
+        assert con.execute("SELECT count(*) FROM emails").fetchone()[0] == total - result.rows["emails"]
+        assert con.execute("SELECT user_oid FROM erased WHERE key = ?", [conv]).fetchall() == [(None,)]
+    with pytest.raises(LookupError):
+        export_conversation(p.settings, tid, conversation_id=conv)
+    # Idempotent: erasing again deletes nothing, adds no tombstone, still compacts and audits.
+    again = erase(p.settings, tid, Scope.conversation(conv), actor="admin:ops", reason="admin_request")
+    assert again.deleted == 0 and again.tombstones == 0
+    assert [e["rows"].get("emails", 0) for e in read_audit(p.settings, tid)] == [result.rows["emails"], 0]
+
+
+def test_actor_and_reason_are_ids_not_free_text(product):
+    tid = product.world.tenants[0].tid
+    with pytest.raises(ValueError):
+        erase(product.settings, tid, Scope.conversation("x"), actor="Alice <alice@example.com>", reason="user_request")
+    with pytest.raises(ValueError):
+        erase(product.settings, tid, Scope.conversation("x"), actor="cli:a", reason="because the subject said so")
+
+
+@pytest.fixture
+def calendar_product(tmp_path, monkeypatch):
+    world = generate_world(seed=43, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30, calendars=True)
+    p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25")
+    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
+    yield p
+    p.running.stop()
+
+
+def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
+    from tasks.calendar_sync import sync_calendar_now
+
+    p, tid = calendar_product, calendar_product.world.tenants[0].tid
+    user = p.world.tenants[0].users[0]
+    sync_calendar_now(p.settings, tid, user.oid)
+    with open_store(p.settings, tid, write=False) as con:
+        series, n = con.execute("SELECT series_master_id, count(*) FROM meetings WHERE series_master_id IS NOT NULL "
+                                "AND event_id IN (SELECT event_id FROM meeting_crm_matches) GROUP BY 1 ORDER BY 2 DESC "
+                                "LIMIT 1").fetchone()
+    tag = uuid.uuid4().hex
+    marker = f"MEETMARK{tag}"
+    p.world.calendars.update(series, subject=f"Quarterly review {marker}")
+    sync_calendar_now(p.settings, tid, user.oid)
+    publish_snapshot(p.settings, tid)
+    exported = export_meeting(p.settings, tid, series_id=series)
+    assert exported.items == n and marker in (exported.path / "meeting.json").read_text()
+    assert any(h.startswith("store.duckdb") for h in hits(tenant_files(p.settings, tid), [marker]))
+
+    result = erase(p.settings, tid, Scope.series(series), actor="cli:test", reason="user_request")
+    assert result.rows["meetings"] == n and result.tombstones == 1
+    assert hits(tenant_files(p.settings, tid), [marker]) == []
+    p.world.calendars.update(series, subject=f"Quarterly review {marker} (moved)")
+    sync_calendar_now(p.settings, tid, user.oid)
+    with open_store(p.settings, tid, write=False) as con:
+        assert con.execute("SELECT count(*) FROM meetings WHERE series_master_id = ? OR event_id = ?",
+                           [series, series]).fetchone()[0] == 0
+    assert hits(tenant_files(p.settings, tid), [marker]) == []
+    assert read_audit(p.settings, tid)[-1]["ids"] == {"series_ids": [series]}
+
+
+def test_compaction_of_a_fresh_store_and_unknown_message(product):
+    p, tid = product, product.world.tenants[0].tid
+    sizes = compact_store(p.settings, tid)
+    assert sizes["bytes_after"] > 0
+    with pytest.raises(LookupError):
+        erase(p.settings, tid, Scope.message("no-such-id"), actor="cli:test", reason="user_request")
+    assert duckdb.connect(str(snapshot_path(p.settings, tid)), read_only=True).execute(
+        "SELECT count(*) FROM erased").fetchone()[0] == 0
+
+
+def test_cli_conversation_export_and_delete(product):
+    import typer
+    from typer.testing import CliRunner
+
+    from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app
+
+    app = typer.Typer()
+    for sub, name in ((conversation_app, "conversation"), (meeting_app, "meeting"), (retention_app, "retention"),
+                      (offboard_app, "offboard")):
+        app.add_typer(sub, name=name)
+    p, tid = product, product.world.tenants[0].tid
+    alice = p.world.tenants[0].users[0]
+    msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
+    sync_all(p)
+    run = CliRunner().invoke
+    out = run(app, ["conversation", "export", "--tenant", tid, "--message", msg.id], env={"COLUMNS": "300"})
+    assert out.exit_code == 0 and "Exported" in out.output and markers[0] not in out.output
+    out = run(app, ["conversation", "delete", "--tenant", tid, "--message", msg.id, "--actor", "cli:tester"],
+              env={"COLUMNS": "300"})
+    assert out.exit_code == 0 and "Erased message" in out.output and markers[0] not in out.output
+    assert hits(tenant_files(p.settings, tid), markers) == []
+    assert run(app, ["conversation", "delete", "--tenant", tid]).exit_code == 1
+    assert run(app, ["offboard", "tenant", "--tenant", tid]).exit_code == 1  # needs --yes
+    assert read_audit(p.settings, tid)[-1]["actor"] == "cli:tester"
