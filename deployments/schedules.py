@@ -11,6 +11,8 @@ For every registered tenant with the "email" feature:
 * `calendar-sync-<tenant>` (tenants with "calendar"): the `calendar-sync` flow every hour, spread the same way,
   CANCEL_NEW.
 * `teams-refresh-<tenant>` (tenants with "teams"): the users' teams and channels, daily, CANCEL_NEW.
+* `retention-<tenant>`: the daily retention run (purges what is past the tenant's retention period, completes
+  offboarding deletions whose grace period passed, compacts the store), CANCEL_NEW.
 
 Flows are imported lazily (and can be passed in), so this module imports without Prefect's flow modules.
 Entrypoints are module paths (`flows.email_sync.email_sync`): the package is installed, so served runs and process
@@ -35,11 +37,12 @@ EMAIL_SYNC = "email-sync"
 INITIAL_IMPORT = "initial-import"
 CALENDAR_SYNC = "calendar-sync"
 TEAMS_REFRESH = "teams-refresh"
+RETENTION = "retention"
 SYNC_INTERVAL_S = 900
 CALENDAR_INTERVAL_S = 3600
 TEAMS_INTERVAL_S = 86400
 SCHEDULE_SLUG = "every-15-min"  # a stable slug lets re-registration update the schedule in place
-CALENDAR_SLUG, TEAMS_SLUG = "hourly", "daily"
+CALENDAR_SLUG, TEAMS_SLUG, RETENTION_SLUG = "hourly", "daily", "daily-retention"
 # Interval schedules fire at anchor + k * interval; a fixed past anchor plus a per-tenant offset is stable across
 # restarts and machines (Python's hash() is salted per process, so a digest is used).
 _ANCHOR_BASE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -90,6 +93,12 @@ def _teams_refresh_flow() -> Flow[..., Any]:
     return teams_refresh
 
 
+def _retention_flow() -> Flow[..., Any]:
+    from flows.retention import retention
+
+    return retention
+
+
 def email_tenants(settings: Settings) -> list[TenantConfig]:
     return [t for t in list_tenants(settings) if "email" in t.features]
 
@@ -102,6 +111,7 @@ def build_deployments(
     tenants: list[TenantConfig] | None = None,
     calendar_flow: Flow[..., Any] | None = None,
     teams_flow: Flow[..., Any] | None = None,
+    retention_flow: Flow[..., Any] | None = None,
 ) -> list[RunnerDeployment]:
     """The deployments of every email-enabled tenant (see the module docstring), in registry order.
 
@@ -141,9 +151,11 @@ def build_deployments(
         recurring = [("calendar", CALENDAR_SYNC, CALENDAR_INTERVAL_S, CALENDAR_SLUG, calendar_flow, _calendar_sync_flow,
                       "Calendar sync (next 12 months)"),
                      ("teams", TEAMS_REFRESH, TEAMS_INTERVAL_S, TEAMS_SLUG, teams_flow, _teams_refresh_flow,
-                      "Teams and channels of the users")]
+                      "Teams and channels of the users"),
+                     (None, RETENTION, TEAMS_INTERVAL_S, RETENTION_SLUG, retention_flow, _retention_flow,
+                      "Retention, due offboarding deletions and compaction")]
         for feature, kind, interval, slug, given, default, what in recurring:
-            if feature not in t.features:
+            if feature is not None and feature not in t.features:
                 continue
             start = _ANCHOR_BASE + timedelta(seconds=schedule_offset_s(t.id, interval))
             out.append((given or default()).to_deployment(

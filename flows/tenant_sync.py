@@ -27,7 +27,7 @@ from o365sync.store import (
     read_sync_states,
     tenant_sync_locks,
 )
-from o365sync.tenants import load_tenant, tenant_dir
+from o365sync.tenants import TenantNotFound, load_tenant, tenant_dir
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
@@ -78,6 +78,11 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
     totals: dict[str, int] = {}
     failed_total = due_total = 0
     with tenant_sync_locks(tenant_dir(settings, tenant_id), enabled):
+        try:  # the tenant may have been deleted (subscription end) while this run waited for the locks
+            load_tenant(settings, tenant_id)
+        except TenantNotFound:
+            logger.warning("tenant=%s is no longer registered; nothing to sync", tenant_id)
+            return {"skipped": 1}
         now = datetime.now(UTC)
         with open_store(settings, tenant_id, write=False) as con:
             snapshot_at = latest_crm_snapshot_at(con)

@@ -12,13 +12,18 @@ from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
 
+from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 
-app = typer.Typer(help="Office 365 activity capture for revenue teams: CRM-matched mail into DuckDB.",
+app = typer.Typer(help="Office 365 activity capture for revenue teams: CRM-matched mail and meetings into DuckDB.",
                   no_args_is_help=True, add_completion=False)
 tenant_app = typer.Typer(help="Register and inspect tenants.", no_args_is_help=True)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(teams_app, name="teams")
+app.add_typer(conversation_app, name="conversation")
+app.add_typer(meeting_app, name="meeting")
+app.add_typer(retention_app, name="retention")
+app.add_typer(offboard_app, name="offboard")
 user_app = typer.Typer(help="Per-user choices (calendar import, internal meetings, Notetaker).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 console = Console()
@@ -303,6 +308,15 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
                           _cell(st["imported"]), _excluded(st["excluded"]))
     console.print(table)
     console.print(crm_table)
+    from flows.offboarding import offboarding_status
+
+    offboarded = Table("tenant", "user", "policy", "offboarded", "delete after", "deleted", title="Offboarded users")
+    for t in tenants:
+        for oid, rec in sorted(offboarding_status(settings, t.id).items()):
+            offboarded.add_row(t.id, oid, rec.get("policy", ""), _cell(rec.get("offboarded_at")),
+                               _cell(rec.get("delete_after")), _cell(rec.get("deleted_at")))
+    if offboarded.row_count:
+        console.print(offboarded)
 
 
 @app.command()

@@ -112,7 +112,9 @@ def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | Non
         with open_store(settings, tenant_id, write=True) as con:
             record_crm_state(con, crm_error_status(exc), f"{type(exc).__name__}: {exc}"[:300])
         raise
-    start = lambda oldest_open: scan_start_for(oldest_open, now)  # noqa: E731
+    def start(oldest_open: datetime | None) -> datetime:  # never reach back past what retention would delete
+        return max(scan_start_for(oldest_open, now), now - timedelta(days=tenant.retention_days))
+
     frames = {"people": result.people, "accounts": result.accounts, "opportunities": result.opportunities}
     with open_store(settings, tenant_id, write=True) as con:
         if isinstance(result, CrmChanges):

@@ -49,8 +49,10 @@ def settings(tmp_path):
 
 def test_one_scheduled_sync_and_one_manual_import_per_email_tenant(settings):
     tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
-    sync, manual, calendar = build_deployments(settings, email_flow=_email_flow(),
-                                               calendar_flow=_email_flow())  # fabrikam has no email feature
+    sync, manual, calendar, retention = build_deployments(
+        settings, email_flow=_email_flow(), calendar_flow=_email_flow(),
+        retention_flow=_email_flow())  # fabrikam has no email feature
+    assert retention.name == f"retention-{tid}" and retention.schedules[0].schedule.interval == timedelta(days=1)
     assert calendar.name == f"calendar-sync-{tid}" and calendar.parameters == {"tenant_id": tid}
     (hourly,) = calendar.schedules
     assert hourly.schedule.interval == timedelta(seconds=3600)
@@ -111,8 +113,9 @@ def test_any_tenant_id_gives_a_valid_distinct_deployment_name(tenant_id, setting
     assert name != deployment_name("email-sync", tenant_id + "x")
     # the registry refuses such ids; built from an unvalidated config anyway, Prefect accepts the names
     bad = TenantConfig.model_construct(id=tenant_id, domains=["x.com"], features=["email"])
-    names = [d.name for d in build_deployments(settings, email_flow=_email_flow(), tenants=[bad])]
-    assert names == [name, deployment_name("initial-import", tenant_id)]
+    names = [d.name for d in build_deployments(settings, email_flow=_email_flow(), tenants=[bad],
+                                               retention_flow=_email_flow())]
+    assert names == [name, deployment_name("initial-import", tenant_id), deployment_name("retention", tenant_id)]
 
 
 def test_registry_ids_are_used_verbatim():
@@ -134,7 +137,9 @@ def test_prefect_yaml_has_a_15_minute_cancel_new_email_sync_and_keeps_initial_im
     text = (ROOT / "prefect.yaml").read_text()
     _, model = _load_prefect_yaml(text)
     by_name = {d.name: d for d in model.deployments}
-    assert set(by_name) == {"initial-import", "email-sync", "calendar-sync", "teams-refresh"}
+    assert set(by_name) == {"initial-import", "email-sync", "calendar-sync", "teams-refresh", "retention",
+                            "offboard-user", "end-subscription"}
+    assert by_name["retention"].schedules[0].interval == timedelta(days=1)
     assert by_name["calendar-sync"].schedules[0].interval == timedelta(seconds=3600)
     assert by_name["calendar-sync"].concurrency_limit.collision_strategy == "CANCEL_NEW"
     assert by_name["initial-import"].entrypoint == "flows/initial_import.py:initial_import"
