@@ -81,3 +81,17 @@ def expected_for_crm(world, tid: str, running, crm_kind: str) -> dict:
         flat = {w: str(n) for kind in ("persons", "organizations") for w, n in ids[kind].items()}
         return {k: frozenset(flat[i] for i in v) for k, v in expected.items()}
     return expected
+
+
+def latest_artifact_rows(key: str) -> list[dict]:
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                          sort=ArtifactSort.CREATED_DESC, limit=1)
+    data = artifacts[0].data
+    return json.loads(data) if isinstance(data, str) else data

@@ -4,6 +4,7 @@ reschedules, attendee changes and cancellations, after a window re-anchor, and a
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
@@ -210,3 +211,31 @@ def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_extern
 def expected_for(world, now: datetime, include_internal=()) -> dict:
     lo, hi = anchored_window(now)
     return world.calendars.expected_meetings(world.tenants[0].tid, lo, hi, include_internal_for=set(include_internal))
+
+
+def test_the_hourly_flow_imports_and_reports_consent_needed(prefect_server, tmp_path, monkeypatch):
+    """The calendar-sync Prefect flow: one task per user, a keyed artifact; a user who connected before calendar
+    import was enabled is reported as consent_needed while the others are imported."""
+    from flows.calendar_sync import calendar_sync
+    from flows.tenant_sync import artifact_key
+    from o365sync.auth import connection_info
+    from tests.product import latest_artifact_rows
+
+    world = generate_world(seed=34, users_per_tenant=2, messages_per_user=5, contacts_per_tenant=30,
+                           calendars=True)
+    p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"])
+    try:
+        tid, (alice, bob) = world.tenants[0].tid, world.tenants[0].users
+        # Bob's connection predates calendar import: his granted scopes lack Calendars.Read.
+        meta_path = next(p.settings.data_dir.rglob(f"{bob.oid}.json"))
+        meta = connection_info(p.settings, tid, bob.oid)
+        meta["scopes"] = [s for s in meta["scopes"] if s != "Calendars.Read"]
+        meta_path.write_text(json.dumps(meta))
+        totals = calendar_sync(tid)
+        truth = {k: v for k, v in expected_for(world, datetime.now(UTC)).items() if k[0] == alice.oid}
+        assert stored(p, tid) == truth and totals["calendar_imported"] == len(truth)
+        assert totals["calendar_consent_needed"] == 1 and totals["calendar_failed"] == 0
+        rows = {r["user_oid"]: r for r in latest_artifact_rows(artifact_key("calendar-sync-calendar", tid))}
+        assert rows[bob.oid]["stage"] == "consent_needed" and rows[alice.oid]["stage"] == "idle"
+    finally:
+        p.running.stop()

@@ -7,7 +7,7 @@ import pytest
 from flows.initial_import import initial_import
 from o365sync.store import open_store, snapshot_path
 from simulators.world import generate_world
-from tests.product import expected_for_crm, stand_up, stored_matches, table_counts
+from tests.product import expected_for_crm, latest_artifact_rows, stand_up, stored_matches, table_counts
 
 
 @pytest.fixture
@@ -108,20 +108,6 @@ def test_one_users_dead_token_does_not_fail_the_tenant(prefect_server, product):
     assert errors[dead] == "invalid_grant"
     expected = {k: v for k, v in product.world.expected_matches(tenant.tid).items() if k[0] in alive}
     assert stored_matches(product.settings, tenant.tid) == expected
-
-
-def latest_artifact_rows(key: str) -> list[dict]:
-    import json
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                          sort=ArtifactSort.CREATED_DESC, limit=1)
-    data = artifacts[0].data
-    return json.loads(data) if isinstance(data, str) else data
 
 
 def test_the_run_artifact_shows_each_users_state(prefect_server, product):
