@@ -12,6 +12,7 @@ from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
 
+from o365sync.cli_analytics import export  # noqa: E402
 from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 
@@ -24,6 +25,7 @@ app.add_typer(conversation_app, name="conversation")
 app.add_typer(meeting_app, name="meeting")
 app.add_typer(retention_app, name="retention")
 app.add_typer(offboard_app, name="offboard")
+app.command("export")(export)
 user_app = typer.Typer(help="Per-user choices (calendar import, internal meetings, Notetaker).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 console = Console()

@@ -585,6 +585,9 @@ def publish_snapshot(settings: Settings, tenant_id: str) -> Path:
         con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS snap")
         try:
             con.execute("COPY FROM DATABASE store TO snap")
+            from o365sync.analytics import create_views  # analytics imports this module
+
+            create_views(con, "snap", tenant_id=tenant_id)  # the analysts' views, bound to the snapshot's tables
         finally:
             con.execute("DETACH snap")
     fd = os.open(tmp, os.O_RDONLY)

@@ -1,0 +1,205 @@
+"""Benchmark: copy-compaction (`o365sync.erasure.compact_store`) and snapshot publication
+(`o365sync.store.publish_snapshot`) against store size, and the file sizes around a 1 % deletion.
+
+    uv run --group bench python bench/compaction.py [--sizes 100000,1000000] [--reps 3] [--big-reps 1]
+        [--body-words 300] [--keep DIR]
+
+For each size N (activities = emails + meetings; 85 % emails, 15 % meetings) a tenant store is created through
+`open_store` (the real schema) in a scratch data directory and filled with synthetic rows written by DuckDB SQL:
+emails with 4-10-word subjects and plain-text bodies of `--body-words` random words from a 2,000-word vocabulary
+(about 2.5 KB at 300 words; random words compress like real text, not like repeated strings), about 3 emails per
+conversation, 4 participants (from, 2 to, cc) and 1-2 CRM matches each; meetings with 5 attendees and one match;
+a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians; 1M uses `--big-reps`):
+
+1. `publish_snapshot` (COPY FROM DATABASE into a new file + fsync + atomic replace): the reps alone, plus the
+   republish inside every `compact_store` call (the same function), all in one median;
+2. `compact_store` (its compaction part: copy of the live store into a new file + replace; it also republishes the
+   snapshot, reported as "compact + publish");
+3. sizes: the live store as built; after DELETE of 1 % of the activities (whole conversations / meetings, with their
+   participants and matches) + CHECKPOINT — DuckDB keeps the bytes, so the file does not shrink; after
+   `compact_store` — the deleted rows' bytes are gone with the old file.
+
+Prints one table; the numbers recorded in docs/benchmarks.md ("Compaction and publish (issue 6)") come from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from o365sync.erasure import compact_store
+from o365sync.settings import Settings
+from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path
+
+TENANT = "bench-tenant"
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gri", "sto", "ber", "lan", "qui", "zor"]
+
+
+def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
+    """Fill a fresh store with `n` activities; returns row counts."""
+    n_emails, n_meetings = int(n * 0.85), n - int(n * 0.85)
+    people, accounts = max(n // 10, 100), max(n // 50, 20)
+    with open_store(settings, TENANT, write=True) as con:
+        con.execute("SELECT setseed(0.42)")
+        syl = "[" + ", ".join(f"'{s}'" for s in SYLLABLES) + "]"
+        # 2,000 pseudo-words of 2-4 syllables.
+        con.execute(f"CREATE TEMP TABLE vocab AS SELECT list(w) AS words FROM (SELECT "
+                    f"array_to_string(list_transform(range(2 + (i % 3)::INT), lambda j: {syl}[1 + ((i * 7 + j * 13 + "
+                    f"(i // 16) * j) % {len(SYLLABLES)})::INT]), '') || (i % 10)::VARCHAR AS w FROM range(2000) t(i))")
+        words = "v.words"  # FROM ..., vocab v (lambdas cannot hold subqueries)
+
+        def text(count: str) -> str:
+            pick = f"{words}[1 + floor(random() * 2000)::INT]"
+            return f"array_to_string(list_transform(range({count}), lambda x: {pick}), ' ')"
+
+        con.execute(f"""INSERT INTO crm_accounts SELECT 'acc' || i, 'Account ' || i, 'company' || i || '.com'
+                        FROM range({accounts}) t(i)""")
+        con.execute(f"""INSERT INTO crm_people SELECT 'per' || i, CASE WHEN i % 10 = 0 THEN 'lead' ELSE 'contact' END,
+                        'person' || i || '@company' || (i % {accounts}) || '.com',
+                        CASE WHEN i % 10 = 0 THEN NULL ELSE 'acc' || (i % {accounts}) END, 'Person ' || i
+                        FROM range({people}) t(i)""")
+        con.execute(f"""INSERT INTO crm_opportunities SELECT 'opp' || i, 'acc' || (i % {accounts}), 'Deal ' || i,
+                        i % 3 = 0, TIMESTAMPTZ '2025-01-01' + INTERVAL (i % 400) DAY
+                        FROM range({accounts}) t(i)""")
+        con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % 50), 'AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A'
+                        || md5(i::VARCHAR), CASE WHEN i % 3 = 0 THEN 'sentitems' ELSE 'inbox' END,
+                        '<' || md5('m' || i) || '@mail.example.com>', 'conv' || (i // 3),
+                        {text('4 + (i % 7)::INT')}, {text(f'{body_words - 50} + (i % 100)::INT')},
+                        'Person ' || (i % {people}), 'person' || (i % {people}) || '@company' ||
+                        (i % {people} % {accounts}) || '.com',
+                        TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000) SECOND,
+                        TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000 - 5) SECOND, i % 5 = 0,
+                        'https://outlook.office365.com/owa/?ItemID=' || md5(i::VARCHAR), now()
+                        FROM range({n_emails}) t(i), vocab v""")
+        con.execute("""INSERT INTO email_participants SELECT e.tenant_id, e.user_oid, e.graph_id, r.role,
+                        'Name ' || r.k, CASE WHEN r.role = 'from' THEN e.from_address
+                        ELSE 'someone' || (hash(e.graph_id, r.k) % 100000) || '@example.com' END
+                        FROM emails e, (VALUES ('from', 0), ('to', 1), ('to', 2), ('cc', 3)) r(role, k)""")
+        con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
+                       split_part(split_part(from_address, '@', 1), 'person', 2), 'contact', from_address, true
+                       FROM emails""")
+        con.execute("UPDATE email_crm_matches SET crm_id = 'per' || crm_id")
+        con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
+                       'acc' || regexp_extract(from_address, 'company(\\d+)', 1), 'account', from_address, false
+                       FROM emails WHERE hash(graph_id) % 3 = 0""")
+        con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % 50), 'AAMkAGI' || md5('ev' || i),
+                        CASE WHEN i % 4 = 0 THEN 'occurrence' ELSE 'singleInstance' END,
+                        CASE WHEN i % 4 = 0 THEN 'series' || (i // 8) END, md5('ical' || i), {text('3 + (i % 6)::INT')},
+                        TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000) SECOND, 'UTC',
+                        TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000 + 1800) SECOND, 'UTC', false, true,
+                        'https://teams.microsoft.com/l/meetup-join/' || md5('j' || i), 'Person ' || (i % {people}),
+                        'person' || (i % {people}) || '@company' || (i % {people} % {accounts}) || '.com', false,
+                        'https://outlook.office365.com/calendar/item/' || md5('ev' || i), now(), now()
+                        FROM range({n_meetings}) t(i), vocab v""")
+        con.execute("""INSERT INTO meeting_attendees SELECT m.tenant_id, m.user_oid, m.event_id,
+                       CASE WHEN r.k = 0 THEN 'organizer' WHEN r.k < 4 THEN 'to' ELSE 'cc' END, 'Name ' || r.k,
+                       CASE WHEN r.k = 0 THEN m.organizer_address
+                       ELSE 'someone' || (hash(m.event_id, r.k) % 100000) || '@example.com' END, 'accepted'
+                       FROM meetings m, range(5) r(k)""")
+        con.execute("""INSERT INTO meeting_crm_matches SELECT tenant_id, user_oid, event_id,
+                       'per' || split_part(split_part(organizer_address, '@', 1), 'person', 2), 'contact',
+                       organizer_address, true FROM meetings""")
+        con.execute("CHECKPOINT")
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+                for t in ("emails", "email_participants", "email_crm_matches", "meetings", "meeting_attendees",
+                          "meeting_crm_matches")}
+
+
+def delete_one_percent(settings: Settings) -> int:
+    """DELETE 1 % of the activities — whole conversations and meetings — with their child rows; CHECKPOINT."""
+    with open_store(settings, TENANT, write=True) as con:
+        con.execute("BEGIN TRANSACTION")
+        con.execute("CREATE TEMP TABLE gone_e AS SELECT user_oid, graph_id FROM emails "
+                    "WHERE hash(conversation_id) % 100 = 7")
+        con.execute("CREATE TEMP TABLE gone_m AS SELECT user_oid, event_id FROM meetings "
+                    "WHERE hash(event_id) % 100 = 7")
+        for table in ("emails", "email_participants", "email_crm_matches"):
+            con.execute(f"DELETE FROM {table} WHERE (user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM gone_e)")
+        for table in ("meetings", "meeting_attendees", "meeting_crm_matches"):
+            con.execute(f"DELETE FROM {table} WHERE (user_oid, event_id) IN (SELECT (user_oid, event_id) FROM gone_m)")
+        gone = con.execute("SELECT (SELECT count(*) FROM gone_e) + (SELECT count(*) FROM gone_m)").fetchall()[0][0]
+        con.execute("COMMIT")
+        con.execute("CHECKPOINT")
+    return gone
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:,.1f}"
+
+
+def run(n: int, reps: int, body_words: int, root: Path) -> dict:
+    data = root / f"n{n}"
+    shutil.rmtree(data, ignore_errors=True)
+    settings = Settings(data_dir=data)
+    t = time.perf_counter()
+    counts = build(settings, n, body_words)
+    built_s = time.perf_counter() - t
+    size_built = store_path(settings, TENANT).stat().st_size
+    print(f"  built {n:,} activities in {built_s:.1f} s: {counts}, {mb(size_built)} MB", flush=True)
+    publish = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        publish_snapshot(settings, TENANT)
+        publish.append(time.perf_counter() - t)
+    compact, compact_total = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        result = compact_store(settings, TENANT)
+        compact_total.append(time.perf_counter() - t)
+        compact.append(result["compact_seconds"])
+        publish.append(result["publish_seconds"])  # compact_store's own republish: the same publish_snapshot
+    print(f"  compact_store: compaction {compact}, with publish {[round(x, 2) for x in compact_total]}", flush=True)
+    print(f"  publish_snapshot (alone, then inside compact_store): {[round(x, 2) for x in publish]}", flush=True)
+    size_compacted = store_path(settings, TENANT).stat().st_size
+    gone = delete_one_percent(settings)
+    size_deleted = store_path(settings, TENANT).stat().st_size
+    t = time.perf_counter()
+    after = compact_store(settings, TENANT)
+    erase_s = time.perf_counter() - t
+    publish.append(after["publish_seconds"])
+    size_after = store_path(settings, TENANT).stat().st_size
+    row = {"n": n, "rows": sum(counts.values()), "built_s": built_s, "size_built": size_built,
+           "size_compacted": size_compacted, "publish_s": statistics.median(publish),
+           "compact_s": statistics.median(compact), "compact_publish_s": statistics.median(compact_total),
+           "deleted": gone, "size_deleted": size_deleted, "size_after": size_after,
+           "snapshot": snapshot_path(settings, TENANT).stat().st_size, "erase_compact_s": erase_s,
+           "erase_result": after}
+    print(f"  deleted {gone:,} activities: {mb(size_deleted)} MB after DELETE+CHECKPOINT, {mb(size_after)} MB after "
+          f"compact_store ({after['compact_seconds']:.1f} s + publish {after['publish_seconds']:.1f} s)", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--reps", type=int, default=3, help="reps below 1M activities")
+    ap.add_argument("--big-reps", type=int, default=1, help="reps at 1M activities and more")
+    ap.add_argument("--body-words", type=int, default=300)
+    ap.add_argument("--keep", type=Path, help="scratch directory to keep (default: a temporary one, removed)")
+    args = ap.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="o365sync-bench-compaction-"))
+    rows = []
+    try:
+        for n in (int(s) for s in args.sizes.split(",")):
+            print(f"N = {n:,} activities", flush=True)
+            rows.append(run(n, args.reps if n < 1_000_000 else args.big_reps, args.body_words, root))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print()
+    print("| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
+          "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
+          "compaction after the delete s |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['rows']:,} | {mb(r['size_compacted'])} | {r['publish_s']:.2f} | "
+              f"{r['compact_s']:.2f} | {r['compact_publish_s']:.2f} | {r['deleted']:,} | {mb(r['size_deleted'])} | "
+              f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
