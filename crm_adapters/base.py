@@ -128,6 +128,17 @@ def send_with_retry(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def json_object(crm: str, resp: httpx.Response) -> dict:
+    """The response's JSON object, or CrmError naming the CRM and status (never the body)."""
+    try:
+        body = resp.json()
+    except ValueError as exc:
+        raise CrmError(f"{crm}: HTTP {resp.status_code} non-JSON body", status=resp.status_code) from exc
+    if not isinstance(body, dict):
+        raise CrmError(f"{crm}: unexpected response shape", status=resp.status_code)
+    return body
+
+
 def empty_snapshot() -> CrmSnapshot:
     return CrmSnapshot(
         people=PEOPLE_SCHEMA.to_frame(),

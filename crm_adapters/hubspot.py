@@ -46,6 +46,7 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     backoff_delay,
+    json_object,
     people_frame,
     retry_after_seconds,
     send_with_retry,
@@ -137,13 +138,7 @@ class _HubSpotClient:
             sleep=self.sleep,
             max_attempts=MAX_ATTEMPTS,
         )
-        try:
-            body = resp.json()
-        except ValueError as exc:
-            raise CrmError(f"hubspot: HTTP {resp.status_code} non-JSON body", status=resp.status_code) from exc
-        if not isinstance(body, dict):
-            raise CrmError("hubspot: unexpected response shape", status=resp.status_code)
-        return body
+        return json_object("hubspot", resp)
 
     def list_all(self, object_type: str, properties: tuple[str, ...], associations: str | None = None,
                  *, limit: int = LIST_LIMIT, archived: bool = False) -> Iterator[dict[str, Any]]:

@@ -54,6 +54,7 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     backoff_delay,
+    json_object,
     people_frame,
     send_with_retry,
     website_domain,
@@ -147,11 +148,8 @@ class _PipedriveClient:
             sleep=self.sleep,
             max_attempts=MAX_ATTEMPTS,
         )
-        try:
-            body = resp.json()
-        except ValueError as exc:
-            raise CrmError(f"pipedrive: HTTP {resp.status_code} non-JSON body", status=resp.status_code) from exc
-        if not isinstance(body, dict) or body.get("success") is False:
+        body = json_object("pipedrive", resp)
+        if body.get("success") is False:
             raise CrmError("pipedrive: unexpected response shape", status=resp.status_code)
         return body
 

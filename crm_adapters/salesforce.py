@@ -35,6 +35,7 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     backoff_delay,
+    json_object,
     people_frame,
     retry_after_seconds,
     send_with_retry,
@@ -161,13 +162,7 @@ class _SalesforceClient:
             usage = resp.headers.get("Sforce-Limit-Info")
             if usage:
                 log.debug("salesforce: %s", usage)
-            try:
-                body = resp.json()
-            except ValueError as exc:
-                raise CrmError(f"salesforce: HTTP {resp.status_code} non-JSON body") from exc
-            if not isinstance(body, dict):
-                raise CrmError("salesforce: unexpected response shape")
-            return body
+            return json_object("salesforce", resp)
 
     def query(self, soql: str, endpoint: str = "query") -> Iterator[list[dict[str, Any]]]:
         """Yield the records of each page of `soql` (`query`, or `queryAll` to include the recycle bin),

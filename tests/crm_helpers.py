@@ -6,7 +6,7 @@ from datetime import datetime
 
 import polars as pl
 
-from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmSnapshot
+from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmChanges, CrmSnapshot
 
 
 def snapshot_of(people: list[tuple], accounts: list[tuple], opportunities: list[tuple]) -> CrmSnapshot:
@@ -46,3 +46,12 @@ class Sleeps(list[float]):
         self.append(seconds)
         if self.clock is not None:
             self.clock.t += seconds
+
+
+def apply_changes(snapshot: CrmSnapshot, changes: CrmChanges) -> CrmSnapshot:
+    """What the store does with an incremental refresh: drop the rows of every changed id, add the changed rows."""
+    frames = {}
+    for name in ("people", "accounts", "opportunities"):
+        old, ids = getattr(snapshot, name), sorted(changes.changed_ids[name])
+        frames[name] = pl.concat([old.filter(~pl.col("crm_id").is_in(ids)), getattr(changes, name)], how="vertical")
+    return CrmSnapshot(**frames)

@@ -13,12 +13,12 @@ import polars as pl
 import pytest
 
 from crm_adapters import hubspot, pipedrive
-from crm_adapters.base import CrmAuthError, CrmChanges, CrmQuotaExhausted, CrmSnapshot
+from crm_adapters.base import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
 from simulators.hubspot import OBJECT_TYPES, HubSpotSimulator
 from simulators.pipedrive import PipedriveSimulator
 from simulators.tls import SimulatorTLS
 from simulators.world import World, generate_world
-from tests.crm_helpers import Clock, Sleeps, assert_same
+from tests.crm_helpers import Clock, Sleeps, apply_changes, assert_same
 
 OVERLAP = timedelta(minutes=5)
 
@@ -26,15 +26,6 @@ OVERLAP = timedelta(minutes=5)
 @pytest.fixture(scope="module")
 def world() -> World:
     return generate_world(tenants=1, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30)
-
-
-def apply(snap: CrmSnapshot, changes: CrmChanges) -> CrmSnapshot:
-    """What the store does: drop the rows of every changed id, append the changes' rows."""
-    frames = {}
-    for name in ("people", "accounts", "opportunities"):
-        old, ids = getattr(snap, name), sorted(changes.changed_ids[name])
-        frames[name] = pl.concat([old.filter(~pl.col("crm_id").is_in(ids)), getattr(changes, name)])
-    return CrmSnapshot(**frames)
 
 
 def ts(clock: Clock) -> datetime:
@@ -131,7 +122,7 @@ def test_hubspot_changes_applied_equal_fresh_snapshot(world: World, hs: HubSpotS
     changes = hubspot.fetch_changes(conn, http, snap.watermark - OVERLAP, sleep=sleeps)
     fresh = hubspot.fetch_snapshot(conn, http, sleep=Sleeps())
     assert not sleeps
-    assert_same(apply(snap, changes), fresh)
+    assert_same(apply_changes(snap, changes), fresh)
     assert changes.watermark == mutated_at == fresh.watermark
 
     people, accounts, opps = (changes.changed_ids[k] for k in ("people", "accounts", "opportunities"))
@@ -174,14 +165,14 @@ def test_hubspot_overlapping_windows_are_idempotent(world: World, hs: HubSpotSim
     hs_mutate(world, hs, tid)
     hs_clock.t += 60
     first = hubspot.fetch_changes(conn, http, snap.watermark - OVERLAP, sleep=Sleeps())
-    once = apply(snap, first)
-    assert_same(apply(once, first), once)  # the same changes twice
+    once = apply_changes(snap, first)
+    assert_same(apply_changes(once, first), once)  # the same changes twice
     assert first.watermark is not None
     again = hubspot.fetch_changes(conn, http, first.watermark - OVERLAP, sleep=Sleeps())  # overlapping window
     assert again.changed_ids["people"] and again.changed_ids["people"] <= first.changed_ids["people"]
-    assert_same(apply(once, again), once)
+    assert_same(apply_changes(once, again), once)
     wide = hubspot.fetch_changes(conn, http, snap.watermark - timedelta(days=400), sleep=Sleeps())
-    assert_same(apply(snap, wide), once)
+    assert_same(apply_changes(snap, wide), once)
     # nothing changed since the watermark: nothing read, no watermark
     hs_clock.t += 3600
     quiet = hubspot.fetch_changes(conn, http, ts(hs_clock), sleep=Sleeps())
@@ -200,7 +191,7 @@ def test_hubspot_restored_contact_comes_back(world: World, hs: HubSpotSimulator,
     assert snap.watermark is not None
     changes = hubspot.fetch_changes(conn, http, snap.watermark - OVERLAP, sleep=Sleeps())
     assert hs.hs_id(tid, gone) in set(changes.people["crm_id"])
-    assert_same(apply(snap, changes), hubspot.fetch_snapshot(conn, http, sleep=Sleeps()))
+    assert_same(apply_changes(snap, changes), hubspot.fetch_snapshot(conn, http, sleep=Sleeps()))
 
 
 def test_hubspot_incremental_search_beyond_10k_is_complete(world: World, hs: HubSpotSimulator,
@@ -268,7 +259,7 @@ def test_hubspot_changes_rate_limits_and_auth(world: World, hs: HubSpotSimulator
     sleeps = Sleeps()
     throttled = hubspot.fetch_changes(conn, http, since, sleep=sleeps)
     assert sleeps == [10.0] and throttled.changed_ids == plain.changed_ids
-    assert_same(apply(snap, throttled), apply(snap, plain))
+    assert_same(apply_changes(snap, throttled), apply_changes(snap, plain))
 
     hs.throttle("DAILY", count=None, after=4)
     sleeps = Sleeps()
@@ -365,7 +356,7 @@ def test_pipedrive_changes_applied_equal_fresh_snapshot(world: World, pd: Pipedr
     changes = pipedrive.fetch_changes(conn, http, snap.watermark - OVERLAP, sleep=Sleeps())
     lists = [r for r in pd.requests if r.path.startswith("/api/v2/")]
     fresh = pipedrive.fetch_snapshot(conn, http, sleep=Sleeps())
-    assert_same(apply(snap, changes), fresh)
+    assert_same(apply_changes(snap, changes), fresh)
     assert changes.watermark == mutated_at == fresh.watermark
 
     people, accounts, opps = (changes.changed_ids[k] for k in ("people", "accounts", "opportunities"))
@@ -394,14 +385,14 @@ def test_pipedrive_overlapping_windows_are_idempotent(world: World, pd: Pipedriv
     pd_mutate(world, pd, tid)
     pd_clock.t += 60
     first = pipedrive.fetch_changes(conn, http, snap.watermark - OVERLAP, sleep=Sleeps())
-    once = apply(snap, first)
-    assert_same(apply(once, first), once)
+    once = apply_changes(snap, first)
+    assert_same(apply_changes(once, first), once)
     assert first.watermark is not None
     again = pipedrive.fetch_changes(conn, http, first.watermark - OVERLAP, sleep=Sleeps())
     assert again.changed_ids["people"] and again.changed_ids["people"] <= first.changed_ids["people"]
-    assert_same(apply(once, again), once)
+    assert_same(apply_changes(once, again), once)
     wide = pipedrive.fetch_changes(conn, http, snap.watermark - timedelta(days=400), sleep=Sleeps())
-    assert_same(apply(snap, wide), once)
+    assert_same(apply_changes(snap, wide), once)
     pd_clock.t += 3600
     quiet = pipedrive.fetch_changes(conn, http, ts(pd_clock), sleep=Sleeps())
     assert quiet.watermark is None and not any(quiet.changed_ids.values())
@@ -422,7 +413,7 @@ def test_pipedrive_deletes_dropped_from_lists_need_the_full_snapshot(
         changes = pipedrive.fetch_changes(conn, http, snap.watermark - OVERLAP, sleep=Sleeps())
         assert str(gone) not in changes.changed_ids["people"]
         fresh = pipedrive.fetch_snapshot(conn, http, sleep=Sleeps())
-        stale = apply(snap, changes)
+        stale = apply_changes(snap, changes)
         assert str(gone) in set(stale.people["crm_id"]) and str(gone) not in set(fresh.people["crm_id"])
         assert_same(CrmSnapshot(people=stale.people.filter(pl.col("crm_id") != str(gone)),
                                 accounts=stale.accounts, opportunities=stale.opportunities), fresh)
@@ -445,7 +436,7 @@ def test_pipedrive_changes_rate_limits_and_auth(world: World, pd: PipedriveSimul
     sleeps = Sleeps()
     recovered = pipedrive.fetch_changes(conn, http, since, sleep=sleeps)
     assert sleeps == [0.5, 2.0, 2.0] and recovered.changed_ids == plain.changed_ids
-    assert_same(apply(snap, recovered), apply(snap, plain))
+    assert_same(apply_changes(snap, recovered), apply_changes(snap, plain))
 
     pd.daily_budget = pd.tokens_spent(tid) + 2 * pd.list_cost
     sleeps = Sleeps()

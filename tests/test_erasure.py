@@ -5,10 +5,7 @@ and the audit log holds ids and counts only. A positive control proves the same 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 import uuid
 from pathlib import Path
 
@@ -23,17 +20,7 @@ from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
-
-
-def decoded_variants(data: bytes) -> list[bytes]:
-    """The raw bytes plus anything that decodes as base64."""
-    out = [data]
-    for chunk in re.findall(rb"[A-Za-z0-9+/=]{40,}", data):
-        try:
-            out.append(base64.b64decode(chunk, validate=False))
-        except (binascii.Error, ValueError):
-            pass
-    return out
+from tests.traces import file_hits
 
 
 def tenant_files(settings, tid: str) -> list[Path]:
@@ -44,11 +31,7 @@ def tenant_files(settings, tid: str) -> list[Path]:
 
 
 def hits(files: list[Path], needles: list[str]) -> list[str]:
-    found = []
-    for path in files:
-        for blob in decoded_variants(path.read_bytes()):
-            found += [f"{path.name}: {n}" for n in needles if n.encode() in blob]
-    return sorted(set(found))
+    return sorted({f"{path.name}: {n.decode()}" for path, n in file_hits(files, [n.encode() for n in needles])})
 
 
 def sync_all(p) -> None:

@@ -5,11 +5,8 @@ in a matched message is found (so the scan can see)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
-import re
 import sqlite3
 import uuid
 from datetime import UTC, datetime
@@ -22,6 +19,7 @@ from flows.initial_import import initial_import
 from simulators.world import Mailbox, generate_world
 from tasks.calendar_sync import anchored_window
 from tests.product import stand_up
+from tests.traces import file_hits
 
 
 def _seed_markers(world):
@@ -52,25 +50,9 @@ def _seed_markers(world):
     return markers, positive
 
 
-def _decoded_variants(data: bytes) -> list[bytes]:
-    """The raw bytes plus anything that decodes as base64 (Prefect stores results as b64 cloudpickle)."""
-    out = [data]
-    for chunk in re.findall(rb"[A-Za-z0-9+/=]{40,}", data):
-        try:
-            out.append(base64.b64decode(chunk, validate=False))
-        except (binascii.Error, ValueError):
-            pass
-    return out
-
-
 def _file_hits(root: Path, needles: list[bytes]) -> list[str]:
-    hits = []
-    for path in root.rglob("*"):
-        if path.is_file():
-            for blob in _decoded_variants(path.read_bytes()):
-                low = blob.lower()
-                hits += [f"{path}: {n!r}" for n in needles if n in low]
-    return hits
+    return [f"{path}: {n!r}" for path, n in file_hits([p for p in root.rglob("*") if p.is_file()], needles,
+                                                        lower=True)]
 
 
 def _duckdb_hits(path: Path, needles: list[str]) -> list[str]:

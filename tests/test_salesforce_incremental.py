@@ -10,12 +10,13 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import CrmChanges, CrmQuotaExhausted, CrmSnapshot
-from crm_adapters.salesforce import SalesforceConnection, fetch_changes, fetch_snapshot, soql_datetime
+from crm_adapters.base import CrmQuotaExhausted, CrmSnapshot
+from crm_adapters.salesforce import fetch_changes, fetch_snapshot, soql_datetime
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS
 from simulators.world import World, generate_world
-from tests.crm_helpers import Sleeps, assert_same
+from tests.crm_helpers import Sleeps, apply_changes, assert_same
+from tests.test_salesforce import conn_for
 
 OVERLAP = timedelta(minutes=5)
 
@@ -35,27 +36,6 @@ def tid(world: World) -> str:
 def sim(world: World, tls: SimulatorTLS) -> Iterator[SalesforceSimulator]:
     with SalesforceSimulator(world, tls, batch_size=3) as s:
         yield s
-
-
-def conn_for(sim: SalesforceSimulator, tid: str, **overrides: str) -> SalesforceConnection:
-    args = {
-        "login_url": sim.base_url,
-        "client_id": "sf-client",
-        "client_secret": "sf-secret",
-        "refresh_token": sim.refresh_token_for(tid),
-        **overrides,
-    }
-    return SalesforceConnection(**args)
-
-
-def apply(snapshot: CrmSnapshot, changes: CrmChanges) -> CrmSnapshot:
-    """What the store does: drop the stored rows of every changed id, then add the changed rows."""
-    frames = {}
-    for name in ("people", "accounts", "opportunities"):
-        stored = getattr(snapshot, name)
-        kept = stored.filter(~pl.col("crm_id").is_in(sorted(changes.changed_ids[name])))
-        frames[name] = pl.concat([kept, getattr(changes, name)], how="vertical")
-    return CrmSnapshot(**frames)
 
 
 def ids(frame: pl.DataFrame) -> set[str]:
@@ -110,7 +90,7 @@ def test_changes_applied_to_snapshot_equal_a_fresh_snapshot(
 
     changes = fetch_changes(conn_for(sim, tid), http, before.watermark - OVERLAP)
     fresh = fetch_snapshot(conn_for(sim, tid), http)
-    assert_same(apply(before, changes), fresh)
+    assert_same(apply_changes(before, changes), fresh)
     assert changes.watermark == world.now and fresh.watermark == world.now
 
     # out-of-scope changes come through as ids without rows
@@ -147,21 +127,21 @@ def test_overlapping_reads_are_idempotent(
     sim.soft_delete(tid, crm.contacts[0].id)
     sim.add_contact(tid, "Ada", "Late", "ada@late.example.com")
     first = fetch_changes(conn_for(sim, tid), http, before.watermark - OVERLAP)
-    applied = apply(before, first)
+    applied = apply_changes(before, first)
     # the same window again, and a window starting at the new watermark (records sharing the timestamp re-read)
-    assert_same(apply(applied, first), applied)
+    assert_same(apply_changes(applied, first), applied)
     again = fetch_changes(conn_for(sim, tid), http, first.watermark - OVERLAP)
     assert again.changed_ids["people"] >= {crm.contacts[0].id}
-    assert_same(apply(applied, again), applied)
+    assert_same(apply_changes(applied, again), applied)
     at_mark = fetch_changes(conn_for(sim, tid), http, first.watermark)
     assert at_mark.changed_ids["people"] and at_mark.watermark == first.watermark
-    assert_same(apply(applied, at_mark), fetch_snapshot(conn_for(sim, tid), http))
+    assert_same(apply_changes(applied, at_mark), fetch_snapshot(conn_for(sim, tid), http))
     # nothing changed after the watermark: empty frames, no ids, no watermark
     nothing = fetch_changes(conn_for(sim, tid), http, world.now + timedelta(seconds=1))
     assert nothing.watermark is None
     assert all(not v for v in nothing.changed_ids.values())
     assert (nothing.people.height, nothing.accounts.height, nothing.opportunities.height) == (0, 0, 0)
-    assert_same(apply(applied, nothing), applied)
+    assert_same(apply_changes(applied, nothing), applied)
 
 
 def test_since_literal_is_unquoted_utc_and_floored() -> None:
