@@ -34,7 +34,6 @@ import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,23 +46,7 @@ CHILD = BENCH / "_crm_child.py"
 KINDS = ("salesforce", "hubspot", "pipedrive", "files", "files-parquet")
 sys.path.insert(0, str(REPO))
 
-
-class BenchFailure(SystemExit):
-    pass
-
-
-def fail(msg: str) -> None:
-    raise BenchFailure(f"BENCHMARK FAILED: {msg}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+from import_vs_dlt import _cpu_model, _self_rss_mb, fail, run_script  # noqa: E402
 
 
 def _versions() -> str:
@@ -76,33 +59,9 @@ def _versions() -> str:
     return ", ".join(out)
 
 
-def _self_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def run_child(env: dict[str, str], timeout_s: float = 1800.0) -> dict:
-    """One measurement in a fresh interpreter; returns its RESULT dict plus this process's (= the simulator's)
-    CPU meanwhile."""
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(CHILD)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
-    outer = time.perf_counter() - t0
-    sim_cpu = time.process_time() - c0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-8000:])
-        fail(f"{env['BENCH_MODE']} {env['BENCH_KIND']} child exited with {proc.returncode} (stderr above)")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        fail(f"{env['BENCH_MODE']} {env['BENCH_KIND']} child printed no RESULT line")
-    result = json.loads(lines[-1][len("RESULT "):])
-    result["sim_cpu_s"] = sim_cpu
-    result["process_wall_s"] = outer
-    return result
+    """One measurement in a fresh interpreter (import_vs_dlt.run_script)."""
+    return run_script(CHILD, env, f"{env['BENCH_MODE']} {env['BENCH_KIND']}", timeout_s)
 
 
 class Bench:

@@ -131,27 +131,32 @@ def build_world(messages: int, contacts: int, history_days: int, seed: int, wide
 
 
 # --------------------------------------------------------------------------- children
-def run_child(variant: str, env: dict[str, str], running, timeout_s: float = 900.0,  # noqa: ANN001
-              script: Path | None = None) -> dict:
-    """Run one variant (`script`, default `CHILD[variant]`) in a fresh interpreter; returns its RESULT dict plus
-    the simulators' CPU meanwhile."""
-    c0 = time.process_time()  # this process = the simulators (plus an idle wait)
+def run_script(script: Path, env: dict[str, str], label: str, timeout_s: float = 900.0) -> dict:
+    """Run one measurement script in a fresh interpreter; returns its last RESULT dict plus this process's CPU
+    meanwhile (this process = the simulators, plus an idle wait) and the child's wall time."""
+    c0 = time.process_time()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script or CHILD[variant])], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
     outer_wall = time.perf_counter() - t0
     sim_cpu = time.process_time() - c0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-8000:])
-        fail(f"{variant} child exited with {proc.returncode} (stderr above)")
+        fail(f"{label} child exited with {proc.returncode} (stderr above)")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        fail(f"{variant} child printed no RESULT line")
+        fail(f"{label} child printed no RESULT line")
     result = json.loads(lines[-1][len("RESULT "):])
     result["sim_cpu_s"] = sim_cpu
     result["process_wall_s"] = outer_wall
     return result
+
+
+def run_child(variant: str, env: dict[str, str], running, timeout_s: float = 900.0,  # noqa: ANN001
+              script: Path | None = None) -> dict:
+    """Run one variant (`script`, default `CHILD[variant]`) in a fresh interpreter (see `run_script`)."""
+    return run_script(script or CHILD[variant], env, variant, timeout_s)
 
 
 class Harness:

@@ -33,7 +33,7 @@ from pathlib import Path
 import duckdb
 
 from o365sync.settings import Settings
-from o365sync.store import publish_snapshot, snapshot_path
+from o365sync.store import fsync_path, publish_snapshot, snapshot_path
 from o365sync.tenants import tenant_dir
 
 ANALYTICS_VERSION = 1  # bump when a view's columns change (recorded in snapshot_info and export manifests)
@@ -216,14 +216,6 @@ class ExportResult:
     snapshot_published_at: datetime | None = None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def open_snapshot(settings: Settings, tenant_id: str) -> duckdb.DuckDBPyConnection:
     """A read-only session on the tenant's published snapshot (attached as `snap` and in use), with the analyst
     views available even if the snapshot predates them. Never touches the live store."""
@@ -287,7 +279,7 @@ def export_views(settings: Settings, tenant_id: str, views: Sequence[str] | None
                                           + str(target).replace("'", "''") + "' (FORMAT parquet, COMPRESSION zstd)"
                                           ).fetchall()
                     result.rows[name] = int(written[0][0])
-                    _fsync(target)
+                    fsync_path(target)
             finally:
                 con.close()
             manifest = {"tenant_id": tenant_id, "created_at": now.isoformat(timespec="seconds"),
@@ -297,10 +289,10 @@ def export_views(settings: Settings, tenant_id: str, views: Sequence[str] | None
                         "files": {name: {"file": f"{name}.parquet", "rows": rows}
                                   for name, rows in result.rows.items()}}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            _fsync(tmp / "manifest.json")
-            _fsync(tmp)
+            fsync_path(tmp / "manifest.json")
+            fsync_path(tmp)
             os.rename(tmp, final)  # fails if `final` appeared meanwhile: never merges into another export
-            _fsync(final.parent)
+            fsync_path(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

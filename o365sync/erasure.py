@@ -35,6 +35,7 @@ from o365sync.auth import connected_users, disconnect
 from o365sync.settings import Settings
 from o365sync.store import (
     FEATURE_LOCKS,
+    fsync_path,
     open_store,
     publish_snapshot,
     snapshot_path,
@@ -142,7 +143,7 @@ def append_audit(path: Path, entry: dict) -> None:
     finally:
         os.close(fd)
     if new:
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def read_audit(settings: Settings, tenant_id: str, region: str | None = None) -> list[dict]:
@@ -150,22 +151,6 @@ def read_audit(settings: Settings, tenant_id: str, region: str | None = None) ->
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(path: Path) -> int:
@@ -202,10 +187,10 @@ def compact_store(settings: Settings, tenant_id: str) -> dict[str, float | int]:
             con.close()
         if tmp_wal.exists():  # DETACH checkpoints; a WAL here would mean the copy is not self-contained
             raise ErasureError(f"tenant {tenant_id}: compaction left a WAL beside the copy")
-        _fsync_file(tmp)
+        fsync_path(tmp)
         Path(f"{path}.wal").unlink(missing_ok=True)  # never let the old file's WAL replay into the new one
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
         after = _size(path)
     t1 = time.perf_counter()
     snap = publish_snapshot(settings, tenant_id)

@@ -575,6 +575,15 @@ def latest_crm_snapshot_at(con: duckdb.DuckDBPyConnection) -> datetime | None:
     return con.execute("SELECT max(taken_at) FROM crm_snapshot_meta").fetchall()[0][0]
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk before it is renamed into place or relied on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish_snapshot(settings: Settings, tenant_id: str) -> Path:
     """Copy the live store into the analysts' read-only file (copy + atomic replace; also drops dead bytes)."""
     target = snapshot_path(settings, tenant_id)
@@ -590,10 +599,6 @@ def publish_snapshot(settings: Settings, tenant_id: str) -> Path:
             create_views(con, "snap", tenant_id=tenant_id)  # the analysts' views, bound to the snapshot's tables
         finally:
             con.execute("DETACH snap")
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, target)
     return target
