@@ -33,6 +33,7 @@ from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
 
 COUNT_KEYS = ("scanned", "matched", "imported", "discarded")
+CRM_RETRY = timedelta(hours=1)
 USER_TASKS = {"email": sync_mailbox, "calendar": sync_calendar}
 
 
@@ -86,8 +87,13 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
         now = datetime.now(UTC)
         with open_store(settings, tenant_id, write=False) as con:
             snapshot_at = latest_crm_snapshot_at(con)
+            crm_before = read_crm_state(con) or {}
         crm: dict = {}
-        if snapshot_at is None or now - snapshot_at >= crm_max_age:
+        # A used-up or refused CRM is asked again only once per CRM_RETRY (a scheduled run every 15 minutes must
+        # not spend what is left of a daily API allowance); a run started by hand always tries.
+        waiting = (respect_backoff and crm_before.get("status") in ("quota_exhausted", "reconnect_needed")
+                   and now - crm_before["last_attempt_at"] < CRM_RETRY)
+        if (snapshot_at is None or now - snapshot_at >= crm_max_age) and not (waiting and snapshot_at is not None):
             try:
                 crm = snapshot_crm(tenant_id)
             except Exception as exc:  # a CRM outage must not stop syncing while an earlier snapshot exists

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from flows.initial_import import initial_import
@@ -139,6 +141,19 @@ def test_a_crm_outage_keeps_mail_syncing_against_the_last_snapshot(prefect_serve
     [crm] = latest_artifact_rows(artifact_key("initial-import-crm", tenant.tid))
     assert crm["state"] == "quota_exhausted" and "REQUEST_LIMIT_EXCEEDED" in crm["last_error"]
     assert crm["last_success"] and crm["refreshed_now"] == "no"
+
+    # A scheduled run does not ask a used-up CRM again within the hour (no crash loop, no allowance wasted).
+    from prefect import flow
+
+    from flows.tenant_sync import sync_tenant
+
+    @flow
+    def scheduled(tid: str) -> dict:
+        return sync_tenant(tid, "scheduled", crm_max_age=timedelta(0))
+
+    calls = len(product.running.salesforce.requests)
+    totals = scheduled(tenant.tid)
+    assert totals["crm_refreshed"] == 0 and len(product.running.salesforce.requests) == calls
 
 
 @pytest.mark.parametrize("crm_kind", ["hubspot", "pipedrive", "files"])
