@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import duckdb
 import msgspec
+from tzlocal.windows_tz import win_tz
 
 from o365sync.auth import TokenProvider, consent_needed, scopes_for
 from o365sync.graph import TEAMS_ALLOWLIST, ForbiddenRequest, GraphClient, GraphError
@@ -269,22 +270,8 @@ def _listing(names: Sequence[str]) -> str:
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
-# Windows zone names (what Graph reports as originalStartTimeZone) → IANA. tzlocal's CLDR table when present
-# (a dependency of Prefect), else the most common zones.
-_WINDOWS_TZ = {"UTC": "UTC", "W. Europe Standard Time": "Europe/Berlin", "Romance Standard Time": "Europe/Paris",
-               "GMT Standard Time": "Europe/London", "Central Europe Standard Time": "Europe/Budapest",
-               "Central European Standard Time": "Europe/Warsaw", "E. Europe Standard Time": "Europe/Chisinau",
-               "FLE Standard Time": "Europe/Kiev", "Eastern Standard Time": "America/New_York",
-               "Central Standard Time": "America/Chicago", "Mountain Standard Time": "America/Denver",
-               "Pacific Standard Time": "America/Los_Angeles", "India Standard Time": "Asia/Calcutta",
-               "China Standard Time": "Asia/Shanghai", "Tokyo Standard Time": "Asia/Tokyo",
-               "AUS Eastern Standard Time": "Australia/Sydney", "Singapore Standard Time": "Asia/Singapore"}
-try:
-    from tzlocal.windows_tz import win_tz as _CLDR_WINDOWS_TZ
-
-    _WINDOWS_TZ = {**_WINDOWS_TZ, **_CLDR_WINDOWS_TZ}
-except ImportError:  # pragma: no cover
-    pass
+# Windows zone names (what Graph reports as originalStartTimeZone) → IANA: the CLDR table maintained in tzlocal.
+_WINDOWS_TZ: dict[str, str] = {"UTC": "UTC", **win_tz}
 
 
 def _zone(tz_name: str | None) -> tuple[ZoneInfo, str]:
