@@ -297,7 +297,7 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
                       title="CRM snapshots")
     for t in tenants:
         with open_store(settings, t.id, write=False) as con:
-            states = [st for f in ("email", "calendar") for st in read_sync_states(con, t.id, f)]
+            states = [st for f in ("email", "calendar", "teams") for st in read_sync_states(con, t.id, f)]
             crm, summary = read_crm_state(con) or {}, crm_state_summary(con)
         crm_table.add_row(t.id, t.crm_kind, crm.get("status", "never refreshed").replace("_", " "),
                           _cell(summary["taken_at"]), _cell(summary.get("mode")), _cell(crm.get("last_success_at")),

@@ -9,7 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from o365sync.auth import ReconnectNeeded
-from o365sync.settings import load_settings
+from o365sync.settings import Settings, load_settings
+from o365sync.store import RunCounts, open_store, record_sync_state
 from o365sync.teams import ConsentNeeded, TeamsDisabled, refresh_channels
 
 log = logging.getLogger("o365sync.teams")
@@ -21,6 +22,14 @@ class TeamsRefreshError(Exception):
 
 def _summary(user_oid: str, status: str, teams: int = 0, channels: int = 0) -> dict[str, int | str]:
     return {"user_oid": user_oid, "status": status, "teams": teams, "channels": channels}
+
+
+def _record(settings: Settings, tenant_id: str, user_oid: str, stage: str, error: str | None = None,
+            channels: int = 0) -> None:
+    """The user's Teams state, shown by `o365sync status` beside mail and calendar (feature "teams")."""
+    with open_store(settings, tenant_id, write=True) as con:
+        record_sync_state(con, tenant_id, user_oid, stage, RunCounts(scanned=channels, imported=channels),
+                          error=error, feature="teams")
 
 
 @task(name="refresh-teams-channels", persist_result=False, cache_policy=NO_CACHE)
@@ -37,13 +46,17 @@ def refresh_user_channels(tenant_id: str, user_oid: str) -> dict[str, int | str]
     except ConsentNeeded as exc:
         logger.warning("teams refresh user=%s consent needed for %d scope(s): user must reconnect", user_oid,
                        len(exc.missing))
+        _record(settings, tenant_id, user_oid, "consent_needed", "consent_needed")
         return _summary(user_oid, "consent_needed")
     except ReconnectNeeded as exc:
         logger.warning("teams refresh user=%s needs reconnect error=%s codes=%s", user_oid, exc.error, exc.error_codes)
+        _record(settings, tenant_id, user_oid, "reconnect_needed", exc.error)
         return _summary(user_oid, "reconnect_needed")
     except Exception as exc:
         error = type(exc).__name__
         log.error("teams refresh failed user=%s error=%s", user_oid, error)
+        _record(settings, tenant_id, user_oid, "failed", error)
         raise TeamsRefreshError(f"teams channel refresh failed for user {user_oid}: {error}") from None
     logger.info("teams refresh user=%s teams=%d channels=%d", user_oid, result.teams, result.channels)
+    _record(settings, tenant_id, user_oid, "idle", channels=result.channels)
     return _summary(user_oid, "ok", result.teams, result.channels)

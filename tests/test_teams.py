@@ -346,6 +346,10 @@ def test_user_connected_before_teams_was_enabled_gets_consent_needed(prefect_ser
 
         totals = teams_refresh(tenant.tid)
         assert totals["consent_needed"] == len(tenant.users) and totals["ok"] == 0
+        from o365sync.store import open_store, read_sync_states
+
+        with open_store(p.settings, tenant.tid, write=False) as con:
+            assert {s["stage"] for s in read_sync_states(con, tenant.tid, "teams")} == {"consent_needed"}
         assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID,
                            member_oids=[bob.oid])["status"] == "consent_needed"
         assert graph_calls(p) == [] and p.world.calendars.posts == []
