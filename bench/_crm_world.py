@@ -14,6 +14,8 @@ import polars as pl
 from simulators.pipedrive import MAX_LIMIT, PipedriveSimulator, _error
 from simulators.server import Request, Response
 from simulators.world import (
+    _FIRST,
+    _LAST,
     FREE_MAIL_DOMAINS,
     CrmAccount,
     CrmContact,
@@ -21,31 +23,15 @@ from simulators.world import (
     CrmOpportunity,
     SimCrm,
     World,
+    _messy,
     generate_world,
     website_domain,
 )
 
-_FIRST = ("Ada", "Ben", "Chloe", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
-          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Viktor", "Wen", "Yusuf")
-_LAST = ("Abbott", "Berg", "Chen", "Diaz", "Evans", "Fischer", "Garcia", "Hughes", "Ito", "Jensen", "Khan",
-         "Lopez", "Moreau", "Nakamura", "Okafor", "Petrov", "Rossi", "Silva", "Tanaka", "Usman", "Weber")
 _COMPANY = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell", "Cyberdyne",
             "Soylent", "Vandelay", "Wonka", "Oscorp", "Gringotts", "Massive", "Dunder", "Pied", "Aperture")
 _SUFFIX = ("Corp", "Labs", "GmbH", "Ltd", "Systems", "Group")
 _TLD = ("com", "io", "co.uk", "de", "net", "fr")
-
-
-def _messy(rng: random.Random, address: str) -> str:
-    """As typed into a CRM or a mail client: case kept, sometimes stray whitespace (same mix as the generator)."""
-    r = rng.random()
-    if r < 0.15:
-        return address.upper()
-    if r < 0.3:
-        local, _, dom = address.partition("@")
-        return f"{local.capitalize()}@{dom.capitalize()}"
-    if r < 0.35:
-        return f" {address} "
-    return address
 
 
 def build_crm(contacts: int, accounts: int, leads: int, opportunities: int, own_domain: str, now: datetime,
