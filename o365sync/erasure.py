@@ -41,6 +41,7 @@ from o365sync.store import (
     snapshot_path,
     store_lock,
     tenant_sync_locks,
+    transaction,
 )
 from o365sync.tenants import load_tenant, region_root, registry_dir, save_tenant, tenant_dir, tenant_region
 
@@ -364,16 +365,10 @@ def erase(settings: Settings, tenant_id: str, scope: Scope, actor: str, reason: 
     t0 = time.perf_counter()
     log = audit_path(settings, tenant_id)
     with tenant_sync_locks(tenant_dir(settings, tenant_id), FEATURE_LOCKS):
-        with open_store(settings, tenant_id, write=True) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                ids = _select(con, tenant_id, scope, now)
-                tombstones = _tombstone(con, tenant_id, scope, ids, now)
-                rows = _delete(con, tenant_id, scope)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with open_store(settings, tenant_id, write=True) as con, transaction(con):
+            ids = _select(con, tenant_id, scope, now)
+            tombstones = _tombstone(con, tenant_id, scope, ids, now)
+            rows = _delete(con, tenant_id, scope)
         result = ErasureResult(tenant_id, scope.kind, ids, rows, tombstones, audit_path=str(log))
         if scope.kind == "retention" and scope.cutoff:
             result.extra["cutoff_epoch"] = int(scope.cutoff.timestamp())

@@ -109,6 +109,25 @@ def snapshot_path(settings: Settings, tenant_id: str) -> Path:
 
 
 @contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection, frames: dict[str, Any] | None = None) -> Iterator[None]:
+    """One DuckDB transaction: `frames` (name -> Polars/Arrow frame) registered for the SQL inside, committed when
+    the block ends, rolled back if it raises; the frames are unregistered either way."""
+    for name, frame in (frames or {}).items():
+        con.register(name, frame)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+    finally:
+        for name in frames or {}:
+            con.unregister(name)
+
+
+@contextlib.contextmanager
 def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted; if the tenant's
     files moved to another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it
@@ -203,10 +222,7 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
               "b_matches": batch.matches.unique(["graph_id", "crm_id", "crm_kind"], maintain_order=True)}
     if batch.partials is not None and batch.partials.height:
         frames["b_partials"] = batch.partials.unique("graph_id", keep="last", maintain_order=True)
-    for name, frame in frames.items():
-        con.register(name, frame)
-    try:
-        con.execute("BEGIN TRANSACTION")
+    with transaction(con, frames):
         # Keep one row per internetMessageId: drop batch rows whose message is stored under another id,
         # and within the batch keep the first id of each internetMessageId.
         con.execute(
@@ -246,13 +262,6 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
                          c.delta_at])
         con.execute("DROP TABLE _kept")
         con.execute("DROP TABLE _old")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        for name in frames:
-            con.unregister(name)
     return BatchResult(imported=int(new[0][0]), duplicates=int(duplicates))
 
 
@@ -305,14 +314,13 @@ def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: 
         failures += 1
         next_retry = None if stage in ("reconnect_needed", "consent_needed") else now + next_retry_delay(failures)
     c = counts or RunCounts()
-    con.execute("BEGIN TRANSACTION")
-    con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key)
-    con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
-                "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [tenant_id, user_oid, stage, now, last_success, error, failures,
-                 c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded)), feature])
-    con.execute("COMMIT")
+    with transaction(con):
+        con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key)
+        con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
+                    "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [tenant_id, user_oid, stage, now, last_success, error, failures,
+                     c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded)), feature])
 
 
 def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str, feature: str = "email") -> list[dict]:
@@ -367,10 +375,7 @@ def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
                          schema={"event_id": pl.String})
     frames = {"b_meetings": batch.meetings, "b_attendees": batch.attendees, "b_matches": batch.matches,
               "b_drop": drops, "b_series": pl.DataFrame({"sid": sorted(batch.drop_series)}, schema={"sid": pl.String})}
-    for name, frame in frames.items():
-        con.register(name, frame)
-    try:
-        con.execute("BEGIN TRANSACTION")
+    with transaction(con, frames):
         gone = "event_id IN (SELECT event_id FROM b_drop) OR event_id IN (SELECT event_id FROM meetings m WHERE " \
                "m.tenant_id = ? AND m.user_oid = ? AND m.series_master_id IN (SELECT sid FROM b_series))"
         if batch.reconcile:
@@ -407,13 +412,6 @@ def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
         con.execute("DELETE FROM calendar_cursor WHERE tenant_id = ? AND user_oid = ?", key)
         con.execute("INSERT INTO calendar_cursor VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [*key, c.window_start, c.window_end, c.delta_link, c.delta_at, now])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        for name in frames:
-            con.unregister(name)
     return removed
 
 
@@ -423,8 +421,7 @@ def refresh_notetaker_queue(con: duckdb.DuckDBPyConnection, tenant_id: str, user
     (the event's own, or the one Explicit Consent Mode added) are `to_record`; everything else leaves the list.
     Returns how many are listed."""
     key = [tenant_id, user_oid]
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute(
             "CREATE OR REPLACE TEMP TABLE _due AS SELECT m.event_id, coalesce(m.join_url, q.join_url) AS join_url "
             "FROM meetings m LEFT JOIN notetaker_queue q ON q.tenant_id = m.tenant_id AND q.user_oid = m.user_oid "
@@ -442,10 +439,6 @@ def refresh_notetaker_queue(con: duckdb.DuckDBPyConnection, tenant_id: str, user
                     "FROM _due WHERE event_id NOT IN (SELECT event_id FROM notetaker_queue WHERE tenant_id = ? AND "
                     "user_oid = ?)", [*key, now, *key])
         listed = con.execute("SELECT count(*) FROM _due").fetchone()[0]
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return listed
 
 
@@ -467,11 +460,10 @@ def record_consent_link(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
                         join_url: str, now: datetime) -> None:
     """Explicit Consent Mode changed `event_id` (a single meeting or a series master): remember its link."""
     key = [tenant_id, user_oid, event_id]
-    con.execute("BEGIN TRANSACTION")
-    con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id = ?", key)
-    con.execute("INSERT INTO notetaker_queue VALUES (?, ?, ?, 'consent_link', ?, true, ?, ?)",
-                [*key, join_url, now, now])
-    con.execute("COMMIT")
+    with transaction(con):
+        con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id = ?", key)
+        con.execute("INSERT INTO notetaker_queue VALUES (?, ?, ?, 'consent_link', ?, true, ?, ?)",
+                    [*key, join_url, now, now])
 
 
 CRM_TABLES = {  # table: (CrmChanges key, columns)
@@ -487,8 +479,7 @@ def _write_crm(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], 
     """One transaction: full replace (`changed_ids` None) or replace the rows of the changed ids, then a meta row
     with the counts and `scan_start(oldest open opportunity)` of the result. Re-applying the same changes is
     harmless (an overlap window re-reads records); a crash leaves the previous snapshot."""
-    try:
-        con.execute("BEGIN TRANSACTION")
+    with transaction(con):
         for table, (key, columns) in CRM_TABLES.items():
             con.register("s_rows", frames[key])
             if changed_ids is None:
@@ -508,10 +499,6 @@ def _write_crm(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], 
         con.execute("INSERT INTO crm_snapshot_meta (taken_at, crm_kind, people, accounts, opportunities, scan_start, "
                     "mode, watermark) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [datetime.now(UTC), crm_kind, people, accounts, opps, start, mode, watermark])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return {"people": people, "accounts": accounts, "open_opportunities": opps, "scan_start": start, "mode": mode}
 
 

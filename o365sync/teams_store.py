@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 
 import duckdb
 
+from o365sync.store import transaction
+
 __all__ = [
     "ChannelRow",
     "ShareRecord",
@@ -83,18 +85,13 @@ def replace_channels(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
     """Replace the user's channel list in one transaction (duplicates dropped); returns the rows stored."""
     at = refreshed_at or datetime.now(UTC)
     unique = list({(r.team_id, r.channel_id): r for r in rows}.values())
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM teams_channels WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid])
         if unique:
             con.executemany(f"INSERT INTO teams_channels (tenant_id, user_oid, {_CHANNEL_COLUMNS}) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                             [[tenant_id, user_oid, r.team_id, r.team_name, r.channel_id, r.channel_name,
                               r.membership_type, at] for r in unique])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return len(unique)
 
 
@@ -138,20 +135,14 @@ def begin_share(con: duckdb.DuckDBPyConnection, tenant_id: str, share: ShareReco
     """Record the intent to post (message id null), atomically with the check that the share is not already
     recorded. Returns the existing record instead (and records nothing) when there is one, unless `replace`
     (a forced re-post) drops an intent without a message id first. The caller holds the store's write lock."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         existing = get_share(con, tenant_id, share.share_id)
-        if existing is not None and (existing.posted or not replace):
-            con.execute("ROLLBACK")
+        if existing is not None and (existing.posted or not replace):  # nothing written: the commit is empty
             return existing
         con.execute("DELETE FROM shares WHERE tenant_id = ? AND share_id = ?", [tenant_id, share.share_id])
         con.execute(f"INSERT INTO shares (tenant_id, {_SHARE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
                     [tenant_id, share.share_id, share.user_oid, share.target_kind, share.target_id,
                      share.activity_kind, share.activity_id])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return None
 
 
