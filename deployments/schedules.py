@@ -3,7 +3,8 @@
 For every registered tenant with the "email" feature:
 
 * `email-sync-<tenant>`: the `email-sync` flow every 15 minutes, parameters `{"tenant_id": <id>}` only. The interval
-  anchor is spread deterministically over the 15 minutes per tenant, so tenants do not all start at the same second.
+  anchor is spread deterministically over the 15 minutes per tenant, so tenants do not all start at the same second
+  (`schedule_offset_s`; the hourly and daily runs below start between a tenant's email slots).
   A deployment concurrency limit of 1 with collision strategy CANCEL_NEW means a run that becomes due while the
   tenant's previous sync is still running is cancelled before it starts (the server enforces it; prefect.md §4/§5).
 * `initial-import-<tenant>`: the `initial-import` flow, unscheduled, run on demand (UI "Run" or
@@ -47,12 +48,32 @@ CALENDAR_SLUG, TEAMS_SLUG, RETENTION_SLUG = "hourly", "daily", "daily-retention"
 # restarts and machines (Python's hash() is salted per process, so a digest is used).
 _ANCHOR_BASE = datetime(2026, 1, 1, tzinfo=UTC)
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Where in the quarter hour each kind starts, after the tenant's email slot. Every interval is a multiple of 15
+# minutes, so without a phase the hourly and daily runs would start on the same second as an email sync.
+PHASE_S = {EMAIL_SYNC: 0, TEAMS_REFRESH: 225, CALENDAR_SYNC: 450, RETENTION: 675}
 
 
-def schedule_offset_s(tenant_id: str, interval_s: int = SYNC_INTERVAL_S) -> int:
-    """Seconds into each interval at which this tenant's sync starts (deterministic, spread over the interval)."""
-    digest = hashlib.sha256(tenant_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % interval_s
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def schedule_offset_s(tenant_id: str, kind: str = EMAIL_SYNC, interval_s: int = SYNC_INTERVAL_S) -> int:
+    """Seconds into each `interval_s` at which this tenant's `kind` starts (deterministic).
+
+    The email slot is spread over the quarter hour by a digest of the id. Longer runs pick one of the interval's
+    quarter hours by another digest (spreading tenants over the hour or day) and start at the kind's phase after
+    the email slot, so a tenant's calendar, Teams and retention runs never start on the same second as its email
+    sync or as each other."""
+    if interval_s % SYNC_INTERVAL_S:
+        raise ValueError(f"interval {interval_s} s is not a multiple of {SYNC_INTERVAL_S} s")
+    email = _digest(tenant_id) % SYNC_INTERVAL_S
+    quarter = _digest(f"{kind}:{tenant_id}") % (interval_s // SYNC_INTERVAL_S) if kind != EMAIL_SYNC else 0
+    return quarter * SYNC_INTERVAL_S + (email + PHASE_S[kind]) % SYNC_INTERVAL_S
+
+
+def schedule_anchor(tenant_id: str, kind: str = EMAIL_SYNC, interval_s: int = SYNC_INTERVAL_S) -> datetime:
+    """The interval schedule's anchor: runs start at anchor + k * interval."""
+    return _ANCHOR_BASE + timedelta(seconds=schedule_offset_s(tenant_id, kind, interval_s))
 
 
 def deployment_name(kind: str, tenant_id: str) -> str:
@@ -63,6 +84,18 @@ def deployment_name(kind: str, tenant_id: str) -> str:
         return f"{kind}-{tenant_id}"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tenant_id).strip("-.")[:48] or "tenant"
     return f"{kind}-{slug}-{hashlib.sha256(tenant_id.encode()).hexdigest()[:8]}"
+
+
+def every(interval_s: int) -> str:
+    """"every 15 min", "hourly", "daily", "every 2 h" ..."""
+    named = {3600: "hourly", 86400: "daily"}
+    if interval_s in named:
+        return named[interval_s]
+    return f"every {interval_s // 3600} h" if interval_s % 3600 == 0 else f"every {interval_s // 60} min"
+
+
+def _who(t: TenantConfig) -> str:
+    return f"{t.name} ({t.id})" if t.name else f"tenant {t.id}"
 
 
 def _tags(tenant_id: str, kind: str) -> list[str]:
@@ -128,45 +161,38 @@ def build_deployments(
     email_flow = email_flow or _email_sync_flow()
     import_flow = import_flow or _initial_import_flow()
     out: list[RunnerDeployment] = []
-    for t in tenants:
-        anchor = _ANCHOR_BASE + timedelta(seconds=schedule_offset_s(t.id))
-        out.append(email_flow.to_deployment(
-            name=deployment_name(EMAIL_SYNC, t.id),
-            description=f"Email sync of tenant {t.id} every {SYNC_INTERVAL_S // 60} minutes; an overlapping run "
-                        "is cancelled before it starts.",
-            schedules=[Interval(SYNC_INTERVAL_S, anchor_date=anchor, timezone="UTC", slug=SCHEDULE_SLUG)],
+    cancel_new = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+    def recurring(flow: Flow[..., Any], kind: str, interval: int, slug: str, what: str,
+                  t: TenantConfig) -> RunnerDeployment:
+        return flow.to_deployment(
+            name=deployment_name(kind, t.id),
+            description=f"{what} of {_who(t)} {every(interval)}; an overlapping run is cancelled before it starts.",
+            schedules=[Interval(interval, anchor_date=schedule_anchor(t.id, kind, interval), timezone="UTC",
+                                slug=slug)],
             parameters={"tenant_id": t.id},
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-            tags=_tags(t.id, EMAIL_SYNC),
+            concurrency_limit=cancel_new,
+            tags=_tags(t.id, kind),
             entrypoint_type=EntrypointType.MODULE_PATH,
-        ))
+        )
+
+    for t in tenants:
+        out.append(recurring(email_flow, EMAIL_SYNC, SYNC_INTERVAL_S, SCHEDULE_SLUG, "Email sync", t))
         out.append(import_flow.to_deployment(
             name=deployment_name(INITIAL_IMPORT, t.id),
-            description=f"Initial import of tenant {t.id}; run on demand.",
+            description=f"Initial import of {_who(t)}; run on demand.",
             parameters={"tenant_id": t.id},
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
             tags=_tags(t.id, INITIAL_IMPORT),
             entrypoint_type=EntrypointType.MODULE_PATH,
         ))
-        recurring = [("calendar", CALENDAR_SYNC, CALENDAR_INTERVAL_S, CALENDAR_SLUG, calendar_flow, _calendar_sync_flow,
-                      "Calendar sync (next 12 months)"),
-                     ("teams", TEAMS_REFRESH, TEAMS_INTERVAL_S, TEAMS_SLUG, teams_flow, _teams_refresh_flow,
-                      "Teams and channels of the users"),
-                     (None, RETENTION, TEAMS_INTERVAL_S, RETENTION_SLUG, retention_flow, _retention_flow,
-                      "Retention, due offboarding deletions and compaction")]
-        for feature, kind, interval, slug, given, default, what in recurring:
-            if feature is not None and feature not in t.features:
-                continue
-            start = _ANCHOR_BASE + timedelta(seconds=schedule_offset_s(t.id, interval))
-            out.append((given or default()).to_deployment(
-                name=deployment_name(kind, t.id),
-                description=f"{what} of tenant {t.id} every {interval // 60} minutes; an overlapping run is "
-                            "cancelled before it starts.",
-                schedules=[Interval(interval, anchor_date=start, timezone="UTC", slug=slug)],
-                parameters={"tenant_id": t.id},
-                concurrency_limit=ConcurrencyLimitConfig(limit=1,
-                                                         collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-                tags=_tags(t.id, kind),
-                entrypoint_type=EntrypointType.MODULE_PATH,
-            ))
+        others = [("calendar", CALENDAR_SYNC, CALENDAR_INTERVAL_S, CALENDAR_SLUG, calendar_flow, _calendar_sync_flow,
+                   "Calendar sync (next 12 months)"),
+                  ("teams", TEAMS_REFRESH, TEAMS_INTERVAL_S, TEAMS_SLUG, teams_flow, _teams_refresh_flow,
+                   "Teams and channels of the users"),
+                  (None, RETENTION, TEAMS_INTERVAL_S, RETENTION_SLUG, retention_flow, _retention_flow,
+                   "Retention, due offboarding deletions and compaction")]
+        for feature, kind, interval, slug, given, default, what in others:
+            if feature is None or feature in t.features:
+                out.append(recurring(given or default(), kind, interval, slug, what, t))
     return out

@@ -14,9 +14,10 @@ For several machines or process isolation, register the same deployments with a 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from deployments.schedules import SYNC_INTERVAL_S, build_deployments, email_tenants, schedule_offset_s
+from deployments.schedules import build_deployments, email_tenants, every
 from o365sync.prefect_server import PrefectApi, ensure_prefect_api
 from o365sync.settings import Settings
 
@@ -31,15 +32,27 @@ class NothingToServe(RuntimeError):
     pass
 
 
-def describe(deployments: list[RunnerDeployment]) -> list[tuple[str, str, str]]:
-    """(tenant id, deployment full name, schedule) rows for printing."""
+def next_starts(deployment: RunnerDeployment, now: datetime, count: int = 3) -> list[datetime]:
+    """The next `count` start times of the deployment's interval schedule after `now` (none when unscheduled)."""
+    if not deployment.schedules:
+        return []
+    schedule = deployment.schedules[0].schedule
+    interval_s = schedule.interval.total_seconds()
+    anchor_s = datetime.fromisoformat(schedule.anchor_date.isoformat()).timestamp()
+    first_s = now.timestamp() + (anchor_s - now.timestamp()) % interval_s  # first anchor + k * interval >= now
+    return [datetime.fromtimestamp(first_s + k * interval_s, UTC) for k in range(count)]
+
+
+def describe(deployments: list[RunnerDeployment], now: datetime | None = None) -> list[tuple[str, str, str]]:
+    """(tenant id, deployment full name, schedule) rows for printing: each deployment's own interval and its
+    next start times (UTC; the date only when not today)."""
+    now = now or datetime.now(UTC)
     rows = []
     for d in deployments:
         tenant = str(d.parameters.get("tenant_id", ""))
-        if d.schedules:
-            offset = schedule_offset_s(tenant)
-            starts = [offset + k * SYNC_INTERVAL_S for k in range(3600 // SYNC_INTERVAL_S)]
-            when = f"every {SYNC_INTERVAL_S // 60} min at " + " ".join(f":{s // 60:02d}:{s % 60:02d}" for s in starts)
+        if starts := next_starts(d, now):
+            times = ", ".join(t.strftime("%H:%M:%S" if t.date() == now.date() else "%b %d %H:%M:%S") for t in starts)
+            when = f"{every(int(d.schedules[0].schedule.interval.total_seconds()))}, next {times} UTC"
         else:
             when = "on demand"
         rows.append((tenant, d.full_name, when))

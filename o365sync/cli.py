@@ -173,10 +173,11 @@ def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")]
 @app.command()
 def serve(
     limit: Annotated[int, typer.Option(help="Flow runs executing at once (each is a subprocess).")] = 4,
-    port: Annotated[int | None, typer.Option(help="Port of the local Prefect server (default 4200, else free).")]
-    = None,
+    port: Annotated[int | None, typer.Option(help="Port of the local Prefect server (default 4200; if another "
+                                                  "program holds it, a free one, said so).")] = None,
 ) -> None:
-    """Run every tenant's email sync every 15 minutes (and on-demand initial imports) on a Prefect server."""
+    """Run every tenant's five deployments (mail every 15 min, calendar hourly, Teams and retention daily, initial
+    import on demand) on a Prefect server."""
     from deployments.serve import NothingToServe, describe, serve_tenants
     from o365sync.prefect_server import PrefectApiError
 

@@ -84,7 +84,10 @@ def healthy(api_url: str, timeout: float = 5.0, *, local: bool = False) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """Whether the server could listen on `port`. Probed the way uvicorn binds (SO_REUSEADDR), so a socket of the
+    previous run lingering in TIME_WAIT does not count as "in use"; only a live listener does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -98,12 +101,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pick_port(port: int | None) -> int:
+def _pick_port(port: int | None, say: Callable[[str], None], default: int = DEFAULT_PORT) -> int:
+    """`port` if given (in use: error); else `default`, or, when another program listens there, a free port
+    announced with the reason (the UI address then differs from the usual one)."""
     if port:
         if not _port_free(port):
-            raise PrefectApiError(f"port {port} on {HOST} is in use; choose another or omit it for a free one")
+            raise PrefectApiError(f"port {port} on {HOST} is in use by another program; stop it or choose another "
+                                  f"--port")
         return port
-    return DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port()
+    if _port_free(default):
+        return default
+    other = _free_port()
+    say(f"Port {default} on {HOST} is in use by another program, so the Prefect UI is on port {other} for this run "
+        f"(free port {default}, or pass --port).")
+    return other
 
 
 def _prefect_executable() -> list[str]:
@@ -186,7 +197,7 @@ def ensure_prefect_api(
 ) -> Iterator[PrefectApi]:
     """Yield a healthy Prefect API (see the module docstring); a server started here is stopped on exit.
 
-    `port`: for a local server; default 4200 if free, else any free port."""
+    `port`: for a local server; default 4200, else (said so) any free port."""
     say = echo or (lambda _msg: None)
     if url := configured_api_url():
         url = url.rstrip("/")
@@ -201,7 +212,7 @@ def ensure_prefect_api(
     prefect_home = (settings.data_dir / "prefect").resolve()
     prefect_home.mkdir(parents=True, exist_ok=True)
     with _server_lock(prefect_home) as lock_path:
-        chosen = _pick_port(port)
+        chosen = _pick_port(port, say)
         base = f"http://{HOST}:{chosen}"
         api_url = f"{base}/api"
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

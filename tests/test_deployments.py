@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,14 +13,24 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from deployments.schedules import (
+    CALENDAR_SYNC,
+    EMAIL_SYNC,
+    RETENTION,
     SYNC_INTERVAL_S,
+    TEAMS_REFRESH,
     build_deployments,
     deployment_name,
+    schedule_anchor,
     schedule_offset_s,
 )
+from deployments.serve import describe
+from o365sync.prefect_server import PrefectApiError, _pick_port
 from o365sync.settings import load_settings
 from o365sync.tenants import TenantConfig, save_tenant
 
@@ -101,6 +112,106 @@ def test_start_offsets_are_deterministic_and_spread():
     # 200 tenants over 900 s: no second holds more than a handful, and every 5-minute third gets some
     assert max(offsets.count(o) for o in offsets) <= 4
     assert {o // 300 for o in offsets} == {0, 1, 2}
+
+
+TENANT_IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)
+RECURRING = {EMAIL_SYNC: 900, CALENDAR_SYNC: 3600, TEAMS_REFRESH: 86400, RETENTION: 86400}
+
+
+@given(TENANT_IDS)
+@hyp_settings(max_examples=500, deadline=None)
+def test_hourly_and_daily_runs_never_start_on_the_same_second_as_the_email_sync(tenant_id):
+    """Every interval is a multiple of 15 minutes: a start at offset o recurs at o mod 900 in every quarter hour,
+    so two kinds start on the same second some day iff their offsets agree mod 900."""
+    offsets = {kind: schedule_offset_s(tenant_id, kind, interval) for kind, interval in RECURRING.items()}
+    assert all(0 <= offsets[kind] < interval for kind, interval in RECURRING.items())
+    assert len({o % SYNC_INTERVAL_S for o in offsets.values()}) == len(RECURRING)
+    assert offsets[EMAIL_SYNC] == schedule_offset_s(tenant_id)
+
+
+def test_hourly_and_daily_starts_spread_over_tenants_and_the_deployments_use_them(settings):
+    ids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(400)]
+    calendar = [schedule_offset_s(t, CALENDAR_SYNC, 3600) for t in ids]
+    assert {o // 900 for o in calendar} == {0, 1, 2, 3}  # every quarter of the hour
+    for kind in (TEAMS_REFRESH, RETENTION):
+        daily = [schedule_offset_s(t, kind, 86400) for t in ids]
+        assert len({o // 3600 for o in daily}) == 24 and max(daily.count(o) for o in daily) <= 3
+
+    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
+    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
+    flow = _email_flow()
+    built = build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
+                              retention_flow=flow)
+    anchors = {d.name: d.schedules[0].schedule.anchor_date for d in built if d.schedules}
+    assert anchors == {deployment_name(k, tid): schedule_anchor(tid, k, i) for k, i in RECURRING.items()}
+
+
+def test_the_serve_table_shows_each_deployments_own_interval_and_next_starts(settings):
+    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
+    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
+    flow = _email_flow()
+    built = build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
+                              retention_flow=flow)
+    now = datetime(2026, 3, 4, 10, 0, 0, tzinfo=UTC)
+    rows = {name.split("/")[1]: when for _, name, when in describe(built, now=now)}
+
+    def starts(kind, interval, count=3):
+        first = now + timedelta(seconds=(schedule_offset_s(tid, kind, interval) - now.timestamp()) % interval)
+        return [first + timedelta(seconds=k * interval) for k in range(count)]
+
+    fmt = lambda t: t.strftime("%H:%M:%S" if t.date() == now.date() else "%b %d %H:%M:%S")  # noqa: E731
+    for kind, label in ((EMAIL_SYNC, "every 15 min"), (CALENDAR_SYNC, "hourly"), (TEAMS_REFRESH, "daily"),
+                        (RETENTION, "daily")):
+        expected = f"{label}, next {', '.join(fmt(t) for t in starts(kind, RECURRING[kind]))} UTC"
+        assert rows[deployment_name(kind, tid)] == expected
+    assert rows[deployment_name("initial-import", tid)] == "on demand"
+    assert "Mar 05" in rows[deployment_name(RETENTION, tid)] and "Mar 06" in rows[deployment_name(RETENTION, tid)]
+
+
+def _port_in_time_wait() -> int:
+    """A loopback port whose only socket is the server side of a closed connection in TIME_WAIT (the state a
+    restarted `serve` finds its last port in): the accepted socket closes first, then the client."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()
+        assert client.recv(1) == b""  # our FIN arrived; the client's FIN below moves us to TIME_WAIT
+        client.close()
+    deadline = time.monotonic() + 5
+    while "06" not in _tcp_states(port):  # the kernel's table, read until it shows TIME_WAIT (no sleep)
+        assert time.monotonic() < deadline, _tcp_states(port)
+    return port
+
+
+def _tcp_states(port: int) -> list[str]:
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return [f[3] for f in (row.split() for row in rows) if int(f[1].rsplit(":", 1)[1], 16) == port]
+
+
+def test_a_port_in_time_wait_is_free_for_the_server():
+    said: list[str] = []
+    port = _port_in_time_wait()
+    assert _pick_port(port, said.append) == port
+    assert _pick_port(None, said.append, default=port) == port
+    assert said == []
+
+
+def test_a_port_another_program_listens_on_is_refused_or_announced():
+    said: list[str] = []
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(PrefectApiError, match=f"port {port} on 127.0.0.1 is in use by another program"):
+            _pick_port(port, said.append)
+        chosen = _pick_port(None, said.append, default=port)
+    assert chosen != port
+    assert said == [f"Port {port} on 127.0.0.1 is in use by another program, so the Prefect UI is on port {chosen} "
+                    f"for this run (free port {port}, or pass --port)."]
 
 
 @pytest.mark.parametrize("tenant_id", [
@@ -188,12 +299,14 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
     deployments = build_deployments(settings, email_flow=_email_flow())
     flow_name = _email_flow().name
 
+    port = _port_in_time_wait()  # a restart finds its port like this: the UI must stay there
     started = time.monotonic()
     pid = None
-    with ensure_prefect_api(settings, startup_timeout_s=300, echo=None) as api:
+    with ensure_prefect_api(settings, port=port, startup_timeout_s=300, echo=None) as api:
         ready_s = time.monotonic() - started
         pid = api.pid
         assert api.local and _alive(pid)
+        assert api.ui_url == f"http://127.0.0.1:{port}"
         assert os.environ["PREFECT_API_URL"] == api.api_url
         assert api.prefect_home == (tmp_path / "data" / "prefect").resolve()
         assert (api.prefect_home / "prefect.db").exists()
@@ -228,7 +341,9 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
             overlap = client.create_flow_run_from_deployment(dep.id)
             other = client.create_flow_run_from_deployment(syncs["tenant-b"].id)
             assert client.set_flow_run_state(first.id, Pending()).state.is_pending()
-            assert client.set_flow_run_state(overlap.id, Pending()).state.is_cancelled()
+            cancelled = client.set_flow_run_state(overlap.id, Pending()).state
+            assert cancelled.is_cancelled() and cancelled.message == "Deployment concurrency limit reached."
+            assert client.read_flow_run(overlap.id).state.message == "Deployment concurrency limit reached."
             assert client.set_flow_run_state(other.id, Pending()).state.is_pending()
             for run in (first, other):
                 client.set_flow_run_state(run.id, Cancelled(), force=True)
