@@ -8,13 +8,13 @@ from datetime import timedelta
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tenant_sync import sync_tenant
+from flows.tenant_sync import run_name, sync_tenant
 
 MAILBOXES_IN_PARALLEL = 4
 CRM_MAX_AGE = timedelta(hours=1)
 
 
-@flow(name="email-sync", persist_result=False,
+@flow(name="email-sync", flow_run_name=run_name("email-sync"), persist_result=False,
       task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL))
 def email_sync(tenant_id: str) -> dict[str, int]:
     return sync_tenant(tenant_id, "email-sync", crm_max_age=CRM_MAX_AGE)

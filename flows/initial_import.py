@@ -9,13 +9,13 @@ from datetime import timedelta
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tenant_sync import SyncIncomplete, sync_tenant
+from flows.tenant_sync import SyncIncomplete, run_name, sync_tenant
 
 MAILBOXES_IN_PARALLEL = 4
 ImportIncomplete = SyncIncomplete  # the name callers of the first version used
 
 
-@flow(name="initial-import", persist_result=False,
+@flow(name="initial-import", flow_run_name=run_name("initial-import"), persist_result=False,
       task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL))
 def initial_import(tenant_id: str) -> dict[str, int]:
     return sync_tenant(tenant_id, "initial-import", crm_max_age=timedelta(0), respect_backoff=False,

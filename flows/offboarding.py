@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.tenant_sync import artifact_key
+from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title
 from o365sync.auth import disconnect, token_path
 from o365sync.erasure import Scope, append_audit, audit_path, erase
 from o365sync.settings import Settings, load_settings
@@ -121,26 +121,30 @@ def end_subscription_now(settings: Settings, tenant_id: str, actor: str = "flow:
             "bytes": result.bytes_before}
 
 
-@flow(name="offboard-user", persist_result=False)
+@flow(name="offboard-user", flow_run_name=run_name("offboard-user"), persist_result=False)
 def offboard_user(tenant_id: str, user_oid: str) -> dict:
     """A user was removed: tokens gone now; data deleted (after the grace period) or retained, per policy."""
     logger = get_run_logger()
-    out = offboard_user_now(load_settings(), tenant_id, user_oid)
+    settings = load_settings()
+    tenant = registered_tenant(settings, tenant_id)
+    out = offboard_user_now(settings, tenant_id, user_oid)
     row = {"user_oid": user_oid, "policy": out["policy"], "delete_after": out["delete_after"] or "",
            "deleted": "yes" if out["deleted_at"] else "no", "deleted_rows": out["deleted_rows"]}
     create_table_artifact(key=artifact_key("offboard-user", tenant_id), table=[row],
-                          description=f"offboard-user of tenant {tenant_id}: policy and counts")
+                          description=f"offboard-user of {tenant_title(tenant)}: policy and counts")
     logger.info("offboard-user tenant=%s user=%s policy=%s deleted_rows=%s", tenant_id, user_oid, out["policy"],
                 out["deleted_rows"])
     return {"deleted_rows": out["deleted_rows"], "deleted": int(bool(out["deleted_at"]))}
 
 
-@flow(name="end-subscription", persist_result=False)
+@flow(name="end-subscription", flow_run_name=run_name("end-subscription"), persist_result=False)
 def end_subscription(tenant_id: str) -> dict:
     """The subscription ended: every file of the tenant is deleted; the audit log keeps one entry."""
     logger = get_run_logger()
-    totals = end_subscription_now(load_settings(), tenant_id)
+    settings = load_settings()
+    title = tenant_title(registered_tenant(settings, tenant_id))  # read before its files are gone
+    totals = end_subscription_now(settings, tenant_id)
     create_table_artifact(key=artifact_key("end-subscription", tenant_id), table=[totals],
-                          description=f"end-subscription of tenant {tenant_id}: counts")
+                          description=f"end-subscription of {title}: counts")
     logger.info("end-subscription tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     return totals

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.offboarding import complete_due_offboardings
-from flows.tenant_sync import artifact_key
+from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title
 from o365sync.erasure import Scope, erase, retention_exempt_counts
 from o365sync.settings import Settings, load_settings
 from o365sync.store import open_store
@@ -49,12 +49,13 @@ def offboardings(tenant_id: str) -> dict[str, int]:
     return {"users_erased": len(done), "user_rows_deleted": sum(d["deleted_rows"] for d in done)}
 
 
-@flow(name="retention", persist_result=False)
+@flow(name="retention", flow_run_name=run_name("retention"), persist_result=False)
 def retention(tenant_id: str) -> dict[str, int]:
     logger = get_run_logger()
+    tenant = registered_tenant(load_settings(), tenant_id)
     totals = offboardings(tenant_id) | purge(tenant_id)
     create_table_artifact(key=artifact_key("retention", tenant_id), table=[totals],
-                          description=f"retention of tenant {tenant_id}: counts")
+                          description=f"retention of {tenant_title(tenant)}: counts")
     logger.info("retention tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     return totals
 

@@ -15,11 +15,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tenant_sync import artifact_key
+from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title, user_task_name
 from o365sync.auth import connected_users
 from o365sync.settings import load_settings
 from o365sync.teams import ConsentNeeded, TeamsDisabled, share_activity
-from o365sync.tenants import load_tenant
 from tasks.teams_task import refresh_user_channels
 
 USERS_IN_PARALLEL = 4
@@ -33,16 +32,18 @@ class TeamsShareError(Exception):
     """A share failed; the message names ids and the error class only."""
 
 
-@flow(name="teams-refresh", persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL))
+@flow(name="teams-refresh", flow_run_name=run_name("teams-refresh"), persist_result=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL))
 def teams_refresh(tenant_id: str) -> dict[str, int]:
     """Refresh the channel list of every connected user of the tenant (nothing at all when Teams is off)."""
     logger = get_run_logger()
     settings = load_settings()
-    if not load_tenant(settings, tenant_id).feature_on("teams"):
+    tenant = registered_tenant(settings, tenant_id)
+    if not tenant.feature_on("teams"):
         logger.warning("teams-refresh tenant=%s skipped: Teams sharing is not enabled", tenant_id)
         return {"users": 0, "disabled": 1}
     users = connected_users(settings, tenant_id)
-    futures = [refresh_user_channels.with_options(task_run_name=f"refresh-teams-channels-{u.oid}")
+    futures = [refresh_user_channels.with_options(task_run_name=user_task_name("refresh-teams-channels", u))
                .submit(tenant_id, u.oid) for u in users]
     wait(futures)
     rows: list[dict] = []
@@ -56,7 +57,7 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
     for status in ("ok", "consent_needed", "reconnect_needed", "failed"):
         totals[status] = sum(r["status"] == status for r in rows)
     create_table_artifact(key=artifact_key("teams-refresh", tenant_id), table=rows,
-                          description=f"teams-refresh of tenant {tenant_id}: per-user status and counts")
+                          description=f"teams-refresh of {tenant_title(tenant)}: per-user status and counts")
     logger.info("teams-refresh tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     if totals["failed"]:
         raise TeamsRefreshIncomplete(f"{totals['failed']} of {len(users)} users failed in tenant {tenant_id}")

@@ -10,14 +10,15 @@ are left alone until then.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from o365sync.auth import connected_users
-from o365sync.settings import load_settings
+from o365sync.auth import ConnectedUser, connected_users
+from o365sync.settings import Settings, load_settings
 from o365sync.store import (
     crm_state_summary,
     latest_crm_snapshot_at,
@@ -27,7 +28,7 @@ from o365sync.store import (
     read_sync_states,
     tenant_sync_locks,
 )
-from o365sync.tenants import TenantNotFound, load_tenant, tenant_dir
+from o365sync.tenants import TenantConfig, TenantNotFound, load_tenant, tenant_dir
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
@@ -45,6 +46,43 @@ def artifact_key(prefix: str, tenant_id: str) -> str:
     return f"{prefix}-{re.sub(r'[^a-z0-9-]+', '-', tenant_id.lower())}"[:100]
 
 
+def registered_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
+    """The tenant's configuration; not registered: one line naming the data dir searched (a worker or shell with
+    another O365SYNC_DATA_DIR, or another working directory for the default `./data`, looks elsewhere)."""
+    try:
+        return load_tenant(settings, tenant_id)
+    except TenantNotFound:
+        raise TenantNotFound(
+            f"tenant {tenant_id} is not registered in data dir {settings.data_dir.resolve()}: run with the "
+            "O365SYNC_DATA_DIR it was added in (workers get it from `python -m deployments.register`)") from None
+
+
+def tenant_title(tenant: TenantConfig) -> str:
+    """How people see a tenant in the Prefect UI: its display name and id, or the id alone."""
+    return f"{tenant.name} ({tenant.id})" if tenant.name else f"tenant {tenant.id}"
+
+
+def run_name(kind: str) -> Callable[[], str]:
+    """A `flow_run_name` for a tenant flow: "<kind>: <display name>" (the id when the tenant has no name or cannot
+    be read; naming a run never fails it)."""
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        tenant_id = str(flow_run.parameters.get("tenant_id", ""))
+        try:
+            return f"{kind}: {load_tenant(load_settings(), tenant_id).name or tenant_id}"
+        except Exception:
+            return f"{kind}: {tenant_id}"
+
+    return name
+
+
+def user_task_name(prefix: str, user: ConnectedUser) -> str:
+    """A per-user task run's name: `<prefix>-<object id>`, then the user's display name (or UPN) for people."""
+    who = user.display_name or user.upn
+    return f"{prefix}-{user.oid} {who}" if who else f"{prefix}-{user.oid}"
+
+
 def _iso(value: datetime | None) -> str:
     return value.isoformat(timespec="seconds") if value else ""
 
@@ -55,7 +93,7 @@ def _run_feature(tenant_id: str, feature: str, users: list, respect_backoff: boo
     due = [u for u in users if not respect_backoff or (states.get(u.oid, {}).get("next_retry_at") or now) <= now]
     task = USER_TASKS[feature]
     name = "sync-mailbox" if feature == "email" else f"sync-{feature}"
-    futures = [task.with_options(task_run_name=f"{name}-{u.oid}").submit(tenant_id, u.oid) for u in due]
+    futures = [task.with_options(task_run_name=user_task_name(name, u)).submit(tenant_id, u.oid) for u in due]
     wait(futures)
     rows, failed = [], 0
     for user, future in zip(due, futures, strict=True):
@@ -75,7 +113,8 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
     operator starts by hand) retries failed users now. Totals: email counts unprefixed, others `<feature>_*`."""
     logger = get_run_logger()
     settings = load_settings()
-    enabled = [f for f in features if f in load_tenant(settings, tenant_id).features]
+    tenant = registered_tenant(settings, tenant_id)
+    enabled = [f for f in features if f in tenant.features]
     totals: dict[str, int] = {}
     failed_total = due_total = 0
     with tenant_sync_locks(tenant_dir(settings, tenant_id), enabled):
@@ -122,8 +161,8 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
             failed_total, due_total = failed_total + failed, due_total + due
             key = artifact_prefix if feature == "email" else f"{artifact_prefix}-{feature}"
             create_table_artifact(key=artifact_key(key, tenant_id), table=rows,
-                                  description=f"{artifact_prefix} ({feature}) of tenant {tenant_id}: per-user status "
-                                              "and counts")
+                                  description=f"{artifact_prefix} ({feature}) of {tenant_title(tenant)}: per-user "
+                                              "status and counts")
         totals |= {"mailboxes": len(users), "crm_refreshed": int(bool(crm))}
         totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts", "changed")}
         with open_store(settings, tenant_id, write=False) as con:
@@ -135,7 +174,7 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
                     "last_success": _iso(crm_state.get("last_success_at")),
                     "last_error": crm_state.get("last_error") or "", "people": crm.get("people", ""),
                     "accounts": crm.get("accounts", ""), "changed": crm.get("changed", "")}],
-            description=f"CRM snapshot of tenant {tenant_id}: state, last refresh and counts")
+            description=f"CRM snapshot of {tenant_title(tenant)}: state, last refresh and counts")
         publish_snapshot(settings, tenant_id)
     logger.info("%s tenant=%s %s", artifact_prefix, tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     if failed_total:
