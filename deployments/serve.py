@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from deployments.ownership import SERVED, refuse_foreign
 from deployments.schedules import build_deployments, email_tenants, every
 from o365sync.prefect_server import PrefectApi, ensure_prefect_api
 from o365sync.settings import Settings
@@ -69,13 +70,15 @@ def serve_tenants(
 ) -> None:
     """Build the deployments, ensure a Prefect API and serve them until interrupted (blocking).
 
-    Raises NothingToServe (before starting anything) when no registered tenant has the email feature."""
+    Raises NothingToServe (before starting anything) when no registered tenant has the email feature, and
+    DeploymentOwnerConflict (before serving) when workers manage one of the deployments on this server."""
     if not email_tenants(settings):
         raise NothingToServe("No tenant with the email feature is registered (o365sync tenant add).")
     deployments = build_deployments(settings)
     from prefect import serve
 
     with ensure_prefect_api(settings, port=port, echo=echo) as api:
+        refuse_foreign(deployments, SERVED)
         if on_ready:
             on_ready(api, deployments)
         serve(*deployments, limit=limit)

@@ -178,6 +178,7 @@ def serve(
 ) -> None:
     """Run every tenant's five deployments (mail every 15 min, calendar hourly, Teams and retention daily, initial
     import on demand) on a Prefect server."""
+    from deployments.ownership import DeploymentOwnerConflict
     from deployments.serve import NothingToServe, describe, serve_tenants
     from o365sync.prefect_server import PrefectApiError
 
@@ -192,7 +193,7 @@ def serve(
     try:
         serve_tenants(_settings(), limit=limit, port=port, on_ready=ready,
                       echo=lambda m: console.print(m, highlight=False, soft_wrap=True))
-    except (NothingToServe, PrefectApiError) as exc:
+    except (NothingToServe, PrefectApiError, DeploymentOwnerConflict) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
 
