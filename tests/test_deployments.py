@@ -354,3 +354,18 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pid), "the local Prefect server outlived ensure_prefect_api"
+
+
+def test_the_readme_lists_every_deployment_serve_builds(settings):
+    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
+    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
+    flow = _email_flow()
+    built = build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
+                              retention_flow=flow)
+    readme = (ROOT / "README.md").read_text()
+    section = " ".join(readme[readme.index("## Running on a schedule"):].split())
+    kinds = [d.name.removesuffix(f"-{tid}") for d in built]
+    assert len(kinds) == 5 and "five Prefect deployments per tenant" in section
+    for kind in kinds:
+        assert f"`{kind}/{kind}-<tenant-id>`" in section
+    assert "the two deployments" not in section
