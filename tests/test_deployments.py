@@ -58,6 +58,16 @@ def settings(tmp_path):
     return s
 
 
+@pytest.fixture()
+def every_deployment(settings):
+    """(tenant id, deployments) of a tenant with every feature: all five deployments."""
+    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
+    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
+    flow = _email_flow()
+    return tid, build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
+                                  retention_flow=flow)
+
+
 def test_one_scheduled_sync_and_one_manual_import_per_email_tenant(settings):
     tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
     sync, manual, calendar, retention = build_deployments(
@@ -129,7 +139,7 @@ def test_hourly_and_daily_runs_never_start_on_the_same_second_as_the_email_sync(
     assert offsets[EMAIL_SYNC] == schedule_offset_s(tenant_id)
 
 
-def test_hourly_and_daily_starts_spread_over_tenants_and_the_deployments_use_them(settings):
+def test_hourly_and_daily_starts_spread_over_tenants_and_the_deployments_use_them(every_deployment):
     ids = [f"{i:08x}-0000-4000-8000-000000000000" for i in range(400)]
     calendar = [schedule_offset_s(t, CALENDAR_SYNC, 3600) for t in ids]
     assert {o // 900 for o in calendar} == {0, 1, 2, 3}  # every quarter of the hour
@@ -137,21 +147,13 @@ def test_hourly_and_daily_starts_spread_over_tenants_and_the_deployments_use_the
         daily = [schedule_offset_s(t, kind, 86400) for t in ids]
         assert len({o // 3600 for o in daily}) == 24 and max(daily.count(o) for o in daily) <= 3
 
-    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
-    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
-    flow = _email_flow()
-    built = build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
-                              retention_flow=flow)
+    tid, built = every_deployment
     anchors = {d.name: d.schedules[0].schedule.anchor_date for d in built if d.schedules}
     assert anchors == {deployment_name(k, tid): schedule_anchor(tid, k, i) for k, i in RECURRING.items()}
 
 
-def test_the_serve_table_shows_each_deployments_own_interval_and_next_starts(settings):
-    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
-    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
-    flow = _email_flow()
-    built = build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
-                              retention_flow=flow)
+def test_the_serve_table_shows_each_deployments_own_interval_and_next_starts(every_deployment):
+    tid, built = every_deployment
     now = datetime(2026, 3, 4, 10, 0, 0, tzinfo=UTC)
     rows = {name.split("/")[1]: when for _, name, when in describe(built, now=now)}
 
@@ -356,12 +358,8 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
     assert not _alive(pid), "the local Prefect server outlived ensure_prefect_api"
 
 
-def test_the_readme_lists_every_deployment_serve_builds(settings):
-    tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
-    save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
-    flow = _email_flow()
-    built = build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
-                              retention_flow=flow)
+def test_the_readme_lists_every_deployment_serve_builds(every_deployment):
+    tid, built = every_deployment
     readme = (ROOT / "README.md").read_text()
     section = " ".join(readme[readme.index("## Running on a schedule"):].split())
     kinds = [d.name.removesuffix(f"-{tid}") for d in built]
