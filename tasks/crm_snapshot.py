@@ -176,7 +176,7 @@ def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | Non
             counts["changed"] = sum(len(ids) for ids in changed_ids.values())
         else:
             counts = replace_crm_snapshot(con, *frames.values(), tenant.crm_kind, start, result.watermark)
-        record_crm_state(con, "ok", "; ".join(f"{n:,} {what}" for what, n in adjusted.items()) or None)
+        record_crm_state(con, "ok", "; ".join(f"{what}: {n:,}" for what, n in adjusted.items()) or None)
     return {**counts, "scan_start": counts["scan_start"].isoformat()}
 
 
