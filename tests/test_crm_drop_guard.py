@@ -172,3 +172,37 @@ def test_most_contacts_deleted_in_the_crm_is_refused_until_confirmed(tmp_path, m
         assert state(p.settings, tid)["status"] == "ok"
     finally:
         p.running.stop()
+
+
+def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_status(prefect_server, tmp_path,
+                                                                                       monkeypatch):
+    from flows.initial_import import initial_import
+    from flows.tenant_sync import artifact_key
+    from o365sync.tenants import tenant_dir
+    from tests.product import latest_artifact_rows, stored_matches
+
+    world = generate_world(seed=44, users_per_tenant=1, messages_per_user=40, contacts_per_tenant=20)
+    p = stand_up(world, tmp_path, monkeypatch, crm_kind="files", COLUMNS="250")
+    tenant, user = world.tenants[0], world.tenants[0].users[0]
+    try:
+        initial_import(tenant.tid)
+        before = stored_people(p.settings, tenant.tid)
+        people_file = tenant_dir(p.settings, tenant.tid) / "crm-files" / "people.csv"
+        people_file.write_text(people_file.read_text().splitlines()[0] + "\n")  # only the header
+        added = world.add_message(user.oid, "inbox", kind="contact")
+
+        totals = initial_import(tenant.tid)
+        assert totals["crm_refreshed"] == 0 and totals["failed"] == 0
+        assert (user.oid, added.id) in stored_matches(p.settings, tenant.tid)  # matched against the kept snapshot
+        assert stored_people(p.settings, tenant.tid) == before
+        [crm] = latest_artifact_rows(artifact_key("initial-import-crm", tenant.tid))
+        assert crm["state"] == "refused" and f"would remove {len(before)} of {len(before)} people" in crm["last_error"]
+        status = runner.invoke(app, ["status"])
+        assert status.exit_code == 0 and "refused" in status.output
+
+        assert confirm(tenant.tid).exit_code == 0
+        initial_import(tenant.tid)
+        [crm] = latest_artifact_rows(artifact_key("initial-import-crm", tenant.tid))
+        assert crm["state"] == "ok" and crm["people"] == 0
+    finally:
+        p.running.stop()
