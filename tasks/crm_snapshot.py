@@ -47,6 +47,7 @@ from o365sync.store import (
     record_crm_drop_refusal,
     record_crm_state,
     replace_crm_snapshot,
+    transaction,
 )
 from o365sync.tenants import TenantConfig, load_crm_secrets, load_tenant, save_crm_secrets
 
@@ -131,15 +132,14 @@ def crm_error_status(exc: CrmError) -> str:
 
 def refuse_mass_drop(con: duckdb.DuckDBPyConnection, tenant_id: str, frames: dict[str, pl.DataFrame],
                      changed_ids: dict[str, set[str]] | None) -> None:
-    """Raise CrmDropRefused (and remember its counts) when writing would remove more than half of the stored
-    people or accounts, unless the admin confirmed a refused refresh that removed at least as many."""
+    """Raise CrmDropRefused when writing would remove more than half of the stored people or accounts, unless the
+    admin confirmed a refused refresh that removed at least as many."""
     removals = crm_removals(con, frames, changed_ids)
     too_many = {key: (removed, stored) for key, (removed, stored) in removals.items() if removed * 2 > stored}
     guard = read_crm_drop_guard(con)
     if not too_many or (guard is not None and guard["confirmed_at"] is not None
                         and all(removed <= guard[f"{key}_removed"] for key, (removed, _) in too_many.items())):
         return
-    record_crm_drop_refusal(con, removals)
     what = " and ".join(f"{removed:,} of {stored:,} {key}" for key, (removed, stored) in too_many.items())
     raise CrmDropRefused(f"would remove {what}; the previous snapshot stays in use. If that is right: "
                          f"o365sync crm confirm-drop --tenant {tenant_id}", removals)
@@ -169,7 +169,9 @@ def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | Non
             if summary["crm_kind"] == tenant.crm_kind:  # not the first snapshot of this CRM
                 refuse_mass_drop(con, tenant_id, frames, changed_ids)
         except CrmDropRefused as exc:
-            _record_failure(con, exc)
+            with transaction(con):  # its counts (for confirm-drop) and the state people see, together
+                record_crm_drop_refusal(con, exc.removals)
+                _record_failure(con, exc)
             raise
         if changed_ids is not None:
             counts = apply_crm_changes(con, frames, changed_ids, tenant.crm_kind, start, result.watermark)
