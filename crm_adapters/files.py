@@ -233,9 +233,13 @@ def _load(
     path = _find(directory, stem, required=required)
     if path is None:
         return None
-    if path.suffix == ".csv":
-        return _read_csv(path, known)
-    return _read_parquet(path, known, typed or {})
+    try:
+        if path.suffix == ".csv":
+            return _read_csv(path, known)
+        return _read_parquet(path, known, typed or {})
+    except OSError as exc:  # unreadable, or replaced/removed while read (write a temporary file, then rename)
+        raise CrmFileError(f"{path.name}: cannot be read ({type(exc).__name__}); check that this service may read "
+                           "it") from None
 
 
 def _bool(table: _Table, name: str) -> pl.Expr:

@@ -133,3 +133,13 @@ def test_odd_records_from_an_api_crm_are_stored_adjusted_and_counted(tmp_path, m
                                        "opportunity created dates before 1900 or from 2100 on ignored: 1")
     finally:
         p.running.stop()
+
+
+
+def test_an_unreadable_file_is_a_clear_error(files_tenant):
+    """A file that cannot be read (here: one whose reads fail with EIO, which even root cannot read)."""
+    settings, crm_dir = files_tenant
+    (crm_dir / "people.csv").unlink()
+    (crm_dir / "people.csv").symlink_to("/proc/self/mem")
+    with pytest.raises(CrmFileError, match=r"^people.csv: cannot be read \(OSError\); check that this service may "):
+        refresh_crm_snapshot(settings, "t1")
