@@ -9,16 +9,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from crm_adapters.base import CrmDropRefused
 from o365sync.cli import app
 from o365sync.settings import Settings
-from o365sync.store import open_store, read_crm_drop_guard, read_crm_state, replace_crm_snapshot, store_path
+from o365sync.store import (
+    apply_crm_changes,
+    crm_removals,
+    open_store,
+    read_crm_drop_guard,
+    read_crm_state,
+    replace_crm_snapshot,
+    store_path,
+)
 from o365sync.tenants import CrmConnection, TenantConfig, save_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tests.crm_helpers import delete_in_crm
+from tests.crm_helpers import delete_in_crm, snapshot_of
 from tests.product import stand_up
 
 runner = CliRunner()
@@ -125,8 +136,6 @@ def test_a_first_snapshot_and_the_first_of_a_new_crm_are_never_refused(files_ten
 
 
 def _hubspot_frames(n: int):  # noqa: ANN202
-    from tests.crm_helpers import snapshot_of
-
     snap = snapshot_of([(str(i), "contact", f"h{i}@x.com", None, None) for i in range(n)], [], [])
     return snap.people, snap.accounts, snap.opportunities
 
@@ -206,3 +215,33 @@ def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_
         assert crm["state"] == "ok" and crm["people"] == 0
     finally:
         p.running.stop()
+
+
+_ids = st.sets(st.sampled_from([f"p{i}" for i in range(8)]))
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(stored=_ids, listed=_ids, changed=st.none() | _ids)
+def test_the_removal_count_is_what_writing_removes(tmp_path_factory, stored, listed, changed):
+    """For a full refresh (`changed` None) or an incremental one, the count the guard decides on equals the
+    people that writing the refresh really removes."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("s"))
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def frames(ids: set[str]) -> dict:
+        snap = snapshot_of([(i, "contact", f"{i}@x.com", None, None) for i in sorted(ids)], [], [])
+        return {"people": snap.people, "accounts": snap.accounts, "opportunities": snap.opportunities}
+
+    with open_store(settings, "t", write=True) as con:
+        replace_crm_snapshot(con, *frames(stored).values(), "files", start)
+        if changed is not None:
+            listed &= changed  # an incremental refresh has rows only for changed records
+        new = frames(listed)
+        changes = None if changed is None else {"people": changed, "accounts": set(), "opportunities": set()}
+        removed, before = crm_removals(con, new, changes)["people"]
+        if changes is None:
+            replace_crm_snapshot(con, *new.values(), "files", start)
+        else:
+            apply_crm_changes(con, new, changes, "files", lambda _oldest: start, None)
+        after = {r[0] for r in con.execute("SELECT crm_id FROM crm_people").fetchall()}
+    assert (removed, before) == (len(stored - after), len(stored))
