@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import httpx
 import polars as pl
@@ -47,6 +47,20 @@ class CrmQuotaExhausted(CrmError):
     """The CRM's API allowance is used up (Salesforce 403 REQUEST_LIMIT_EXCEEDED). Do not retry in a loop."""
 
 
+class CrmFileError(CrmError):
+    """A CRM file (CSV/Parquet) cannot be used as it is: the message names the file, line/row, column and problem
+    (never a cell's value); fixing the file and the next refresh clear it."""
+
+
+class CrmDropRefused(CrmError):
+    """A refresh would remove more than half of the stored people or accounts; nothing was written. `removals`:
+    {"people" | "accounts": (would remove, stored now)}."""
+
+    def __init__(self, message: str, removals: dict[str, tuple[int, int]]):
+        super().__init__(message)
+        self.removals = removals
+
+
 @dataclass
 class CrmSnapshot:
     """Everything in scope, read in full: replaces the stored snapshot (and so reconciles hard deletes)."""
@@ -75,6 +89,11 @@ class CrmChanges:
 
 
 log = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 1_000  # longer display names are cut (Salesforce allows 255, HubSpot text properties 65,536)
+MAX_ADDRESS_CHARS = 254  # RFC 5321: no deliverable address is longer
+EARLIEST_CREATED = datetime(1900, 1, 1, tzinfo=UTC)  # outside this range a created date is a placeholder or junk
+LATEST_CREATED = datetime(2100, 1, 1, tzinfo=UTC)  # (and years < 1 or > 9999 break every datetime library)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -181,6 +200,35 @@ def website_domain(website: str | None) -> str | None:
         text = text.split(sep, 1)[0]
     text = text.rpartition("@")[2]  # user:pass@host
     text = text.split(":", 1)[0].strip().rstrip(".")
-    if "." not in text or any(ch.isspace() for ch in text) or text.startswith(".") or ".." in text:
-        return None
+    if ("." not in text or any(ch.isspace() for ch in text) or text.startswith(".") or ".." in text
+            or len(text) > 253 or any(len(label) > 63 for label in text.split("."))):
+        return None  # RFC 1035 limits: a longer host is not a domain name
     return registrable_domain(text)
+
+
+def conform_records(people: pl.DataFrame, accounts: pl.DataFrame,
+                    opportunities: pl.DataFrame) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+    """Any adapter's frames made safe to store, and counts of what was changed: names cut to MAX_NAME_CHARS,
+    people rows whose address is longer than MAX_ADDRESS_CHARS dropped (they cannot match), created dates outside
+    EARLIEST_CREATED..LATEST_CREATED ignored (null: that deal does not move the scan window). None of this refuses
+    a refresh; the file adapter refuses such files itself, with the line to fix."""
+    long_name = pl.col("name").str.len_chars() > MAX_NAME_CHARS
+    long_address = pl.col("email").str.len_chars() > MAX_ADDRESS_CHARS
+    created = pl.col("created_at")
+    odd_date = (created < EARLIEST_CREATED) | (created >= LATEST_CREATED)
+    counts = {
+        f"names cut to {MAX_NAME_CHARS:,} characters": sum(
+            f.select(long_name.sum()).item() for f in (people, accounts, opportunities)),
+        f"people rows with an address over {MAX_ADDRESS_CHARS} characters skipped": people.select(
+            long_address.sum()).item(),
+        f"opportunity created dates before {EARLIEST_CREATED.year} or from {LATEST_CREATED.year} on ignored":
+            opportunities.select(odd_date.sum()).item(),
+    }
+    cut = pl.col("name").str.slice(0, MAX_NAME_CHARS)
+    frames = {
+        "people": people.filter(~long_address.fill_null(False)).with_columns(cut),
+        "accounts": accounts.with_columns(cut),
+        "opportunities": opportunities.with_columns(cut, pl.when(odd_date).then(None).otherwise(created)
+                                                    .alias("created_at")),
+    }
+    return frames, {label: n for label, n in counts.items() if n}

@@ -3,8 +3,10 @@ for CRMs without an adapter and for analysts. The column contract is docs/CRM_FI
 
 Every cell is read as text (CSV: `read_csv` with an explicit all-String schema; Parquet: strings, booleans and
 integers are accepted, `created_at` may also be a Date/Datetime column) and validated here. A bad row raises
-`CrmError` naming the file, the 1-based line (CSV) or row (Parquet), the column and the problem -- never a cell
-value, which may be an email address and the message may be stored by Prefect.
+`CrmFileError` naming the file, the 1-based line (CSV) or row (Parquet), the column, the problem and where needed
+the fix -- never a cell value, which may be an email address and the message is stored in the CRM state and by
+Prefect. Field limits (ids, addresses, dates) are in docs/CRM_FILES.md; display names are cut by
+`base.conform_records` like every adapter's.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ import polars as pl
 
 from crm_adapters.base import (
     ACCOUNTS_SCHEMA,
+    EARLIEST_CREATED,
+    LATEST_CREATED,
+    MAX_ADDRESS_CHARS,
     OPPORTUNITIES_SCHEMA,
-    CrmError,
+    CrmFileError,
     CrmSnapshot,
     people_frame,
     website_domain,
@@ -35,8 +40,14 @@ TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
 SEPARATOR = ";"  # several addresses / domains in one cell
 _ROW = "_row"  # 0-based index of the data record in the file (header excluded)
-_NOT = r"\s@<>()\[\],;:\"/\\"
+_NOT = r"\s\x00-\x1f\x7f@<>()\[\],;:\"/\\"
 EMAIL_RE = rf"^[^{_NOT}]+@(?:[^{_NOT}.]+\.)+[^{_NOT}.]+$"
+MAX_ID_CHARS = 255  # CRM ids are short (Salesforce 18, HubSpot/Pipedrive numbers); a longer one is a broken file
+_OUT_OF_RANGE = datetime(1, 1, 2, tzinfo=UTC)  # stands for a parsed date whose year is outside the accepted range
+# The csv module (used to map records to lines and to diagnose) stops at 131,072 characters per field by default,
+# which is Salesforce's long-text limit: a description column that long must read, not raise. The file's own size
+# bounds memory; raising a limit never breaks another reader.
+csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
 
 
 @dataclass(frozen=True)
@@ -72,13 +83,19 @@ class _Table:
         return f"line {self._lines[row]}"
 
     def fail(self, row: int, column: str, problem: str) -> NoReturn:
-        raise CrmError(f"{self.file} {self.position(row)}: {column} {problem}")
+        raise CrmFileError(f"{self.file} {self.position(row)}: {column} {problem}")
 
     def require(self, *columns: str) -> None:
         for name in columns:
             if name not in self.frame.columns:
                 hint = " (columns must be comma-separated)" if self.header_has_semicolon else ""
-                raise CrmError(f"{self.file}: missing required column {name}{hint}")
+                raise CrmFileError(f"{self.file}: missing required column {name}{hint}")
+
+    def check_ids(self, *columns: str) -> None:
+        for name in columns:
+            if name in self.frame.columns:
+                self.check(pl.col(name).str.len_chars() > MAX_ID_CHARS, name,
+                           f"is longer than {MAX_ID_CHARS} characters (a quote left open?)")
 
     def col(self, name: str) -> pl.Expr:
         """The column, or nulls when the file does not have it."""
@@ -111,10 +128,10 @@ def _record_lines(path: Path) -> list[int]:
 def _find(directory: Path, stem: str, *, required: bool) -> Path | None:
     found = [p for p in (directory / f"{stem}.csv", directory / f"{stem}.parquet") if p.is_file()]
     if len(found) == 2:
-        raise CrmError(f"files CRM: both {stem}.csv and {stem}.parquet exist; keep one")
+        raise CrmFileError(f"files CRM: both {stem}.csv and {stem}.parquet exist; keep one")
     if not found:
         if required:
-            raise CrmError(f"files CRM: no {stem}.csv or {stem}.parquet in the CRM files directory")
+            raise CrmFileError(f"files CRM: no {stem}.csv or {stem}.parquet in the CRM files directory")
         return None
     return found[0]
 
@@ -140,13 +157,13 @@ def _read_csv(path: Path, known: Sequence[str]) -> _Table:
     except UnicodeDecodeError as exc:  # decoded a buffer ahead: find the line
         _diagnose_csv(path, 0, exc)
     except csv.Error:
-        raise CrmError(f"{file} line 1: header is not valid CSV") from None
+        raise CrmFileError(f"{file} line 1: header is not valid CSV") from None
     if not header or not any(h.strip() for h in header):
-        raise CrmError(f"{file}: empty file or blank header line")
+        raise CrmFileError(f"{file}: empty file or blank header line")
     names = [column_name(h) for h in header]
     for name in known:
         if names.count(name) > 1:
-            raise CrmError(f"{file} line 1: column {name} appears more than once")
+            raise CrmFileError(f"{file} line 1: column {name} appears more than once")
     schema = {f"column_{i}": pl.String for i in range(len(header))}
     try:
         raw = pl.read_csv(path, has_header=False, schema=schema, encoding="utf8", quote_char='"')
@@ -161,11 +178,16 @@ def _read_csv(path: Path, known: Sequence[str]) -> _Table:
 def _diagnose_csv(path: Path, width: int, exc: Exception) -> NoReturn:
     """Turn a Polars read failure into a message with a line number and without file content."""
     file = path.name
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CrmFileError(f"{file}: UTF-16 text; save it as CSV UTF-8")
+    for number, line in enumerate(data.splitlines(), start=1):
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
-            raise CrmError(f"{file} line {number}: not UTF-8 text") from None
+            raise CrmFileError(f"{file} line {number}: not UTF-8 text; save it as CSV UTF-8") from None
+    if b"\r" in data and b"\n" not in data:
+        raise CrmFileError(f"{file}: lines end in CR only; save it with LF or CRLF line endings")
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh, strict=True)
@@ -173,11 +195,11 @@ def _diagnose_csv(path: Path, width: int, exc: Exception) -> NoReturn:
             before = reader.line_num
             for record in reader:
                 if len(record) > width:
-                    raise CrmError(f"{file} line {before + 1}: more fields than the header has")
+                    raise CrmFileError(f"{file} line {before + 1}: more fields than the header has")
                 before = reader.line_num
     except csv.Error:
-        raise CrmError(f"{file} line {before + 1}: malformed CSV (check the quotes)") from None
-    raise CrmError(f"{file}: cannot be read as CSV ({type(exc).__name__})") from None
+        raise CrmFileError(f"{file} line {before + 1}: malformed CSV (check the quotes)") from None
+    raise CrmFileError(f"{file}: cannot be read as CSV ({type(exc).__name__})") from None
 
 
 def _read_parquet(path: Path, known: Sequence[str], typed: dict[str, tuple[type[pl.DataType], ...]]) -> _Table:
@@ -185,11 +207,11 @@ def _read_parquet(path: Path, known: Sequence[str], typed: dict[str, tuple[type[
     try:
         raw = pl.read_parquet(path)
     except (pl.exceptions.PolarsError, OSError):
-        raise CrmError(f"{file}: cannot be read as Parquet") from None
+        raise CrmFileError(f"{file}: cannot be read as Parquet") from None
     names = [column_name(c) for c in raw.columns]
     for name in known:
         if names.count(name) > 1:
-            raise CrmError(f"{file}: column {name} appears more than once")
+            raise CrmFileError(f"{file}: column {name} appears more than once")
     raw = raw.rename({c: f"{n}\x00{i}" for i, (c, n) in enumerate(zip(raw.columns, names, strict=True))})
     raw = raw.rename({c: c.split("\x00")[0] for c in raw.columns})
     casts = []
@@ -199,7 +221,7 @@ def _read_parquet(path: Path, known: Sequence[str], typed: dict[str, tuple[type[
         elif dtype.is_integer() or dtype == pl.Boolean or isinstance(dtype, (pl.Categorical, pl.Enum)):
             casts.append(pl.col(name).cast(pl.String))
         else:
-            raise CrmError(f"{file}: column {name} has unsupported type {dtype}")
+            raise CrmFileError(f"{file}: column {name} has unsupported type {dtype}")
     raw = raw.with_columns(casts)
     return _Table(path, _clean(raw, known), raw.height)
 
@@ -211,9 +233,13 @@ def _load(
     path = _find(directory, stem, required=required)
     if path is None:
         return None
-    if path.suffix == ".csv":
-        return _read_csv(path, known)
-    return _read_parquet(path, known, typed or {})
+    try:
+        if path.suffix == ".csv":
+            return _read_csv(path, known)
+        return _read_parquet(path, known, typed or {})
+    except OSError as exc:  # unreadable, or replaced/removed while read (write a temporary file, then rename)
+        raise CrmFileError(f"{path.name}: cannot be read ({type(exc).__name__}); check that this service may read "
+                           "it") from None
 
 
 def _bool(table: _Table, name: str) -> pl.Expr:
@@ -246,6 +272,7 @@ def _people(directory: Path) -> pl.DataFrame:
     assert table is not None
     table.require("crm_id", "email")
     table.check(pl.col("crm_id").is_null(), "crm_id", "is empty")
+    table.check_ids("crm_id", "account_id")
     _merge_repeats(table, ("kind", "account_id", "name", "is_converted"))
     kind = table.col("kind").str.to_lowercase()
     table.check(kind.is_not_null() & ~kind.is_in(KINDS), "kind", "is not contact or lead")
@@ -262,6 +289,8 @@ def _people(directory: Path) -> pl.DataFrame:
         .filter(pl.col("email").is_not_null())  # a person without an address cannot match: skipped
     )
     table.frame = exploded
+    table.check(pl.col("email").str.len_chars() > MAX_ADDRESS_CHARS, "email",
+                f"is not an address (longer than {MAX_ADDRESS_CHARS} characters)")
     table.check(~pl.col("email").str.contains(EMAIL_RE), "email", "is not an address")
     people = exploded.filter(~((pl.col("kind") == "lead") & pl.col("is_converted")))
     return people_frame(people.unique(["crm_id", "email"], keep="first", maintain_order=True))
@@ -272,8 +301,9 @@ def _accounts(directory: Path) -> pl.DataFrame:
     assert table is not None
     table.require("crm_id")
     if "domain" not in table.frame.columns and "website" not in table.frame.columns:
-        raise CrmError(f"{table.file}: missing required column domain or website")
+        raise CrmFileError(f"{table.file}: missing required column domain or website")
     table.check(pl.col("crm_id").is_null(), "crm_id", "is empty")
+    table.check_ids("crm_id")
     _merge_repeats(table, ("name",))
     frame = table.frame.with_columns(table.col("name"), table.col("domain"), table.col("website"))
     source = pl.when(pl.col("domain").is_not_null())
@@ -308,10 +338,14 @@ def _accounts(directory: Path) -> pl.DataFrame:
 
 
 def _instant(text: str) -> datetime | None:
+    """An ISO-8601 text as UTC (naive = UTC); None when it is not ISO-8601, _OUT_OF_RANGE for years outside the
+    accepted range (converting those may not even be possible: 0001-01-01T00:00+01:00 is in year 0 in UTC)."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         return None
+    if not EARLIEST_CREATED.year <= value.year < LATEST_CREATED.year:
+        return _OUT_OF_RANGE
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -322,6 +356,7 @@ def _opportunities(directory: Path) -> pl.DataFrame:
         return OPPORTUNITIES_SCHEMA.to_frame()
     table.require("crm_id", "created_at")
     table.check(pl.col("crm_id").is_null(), "crm_id", "is empty")
+    table.check_ids("crm_id", "account_id")
     first_row = pl.col(_ROW).first().over("crm_id")
     repeats = table.frame.sort(_ROW).with_columns(first_row.alias("_first")).filter(pl.col(_ROW) != pl.col("_first"))
     if repeats.height:
@@ -335,15 +370,17 @@ def _opportunities(directory: Path) -> pl.DataFrame:
         created = created.replace_strict(mapping, return_dtype=pl.Datetime("us", "UTC"))
         table.frame = table.frame.with_columns(created.alias("_created"))
         table.check(pl.col("_created").is_null(), "created_at", "is not an ISO-8601 date-time")
-        created = pl.col("_created")
     elif isinstance(dtype, pl.Date):
         created = created.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
     elif isinstance(dtype, pl.Datetime) and dtype.time_zone is None:
         created = created.dt.cast_time_unit("us").dt.replace_time_zone("UTC")  # naive = UTC
     else:
         created = created.dt.cast_time_unit("us").dt.convert_time_zone("UTC")
+    table.frame = table.frame.with_columns(created.alias("_created"))
+    table.check((pl.col("_created") < EARLIEST_CREATED) | (pl.col("_created") >= LATEST_CREATED), "created_at",
+                f"is before {EARLIEST_CREATED.year} or after {LATEST_CREATED.year - 1}; use the real creation date")
     frame = table.frame.with_columns(
-        created.alias("created_at"), table.col("account_id"), table.col("name"), _bool(table, "is_closed")
+        pl.col("_created").alias("created_at"), table.col("account_id"), table.col("name"), _bool(table, "is_closed")
     )
     return frame.filter(~pl.col("is_closed")).select(  # the snapshot holds open opportunities only
         [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
@@ -351,10 +388,10 @@ def _opportunities(directory: Path) -> pl.DataFrame:
 
 
 def fetch_snapshot(conn: FilesConnection) -> CrmSnapshot:
-    """Read and validate the directory's files. Raises CrmError with file, line/row, column and problem."""
+    """Read and validate the directory's files. Raises CrmFileError with file, line/row, column and problem."""
     directory = Path(conn.directory)
     if not directory.is_dir():
-        raise CrmError("files CRM: the CRM files directory does not exist")
+        raise CrmFileError("files CRM: the CRM files directory does not exist")
     return CrmSnapshot(
         people=_people(directory), accounts=_accounts(directory), opportunities=_opportunities(directory)
     )

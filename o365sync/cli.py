@@ -13,6 +13,7 @@ from o365sync.prefect_env import configure_prefect_env
 configure_prefect_env()  # before anything imports Prefect
 
 from o365sync.cli_analytics import export  # noqa: E402
+from o365sync.cli_crm import crm_app  # noqa: E402
 from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 from o365sync.cli_tenants import tenant_app, user_app  # noqa: E402
@@ -26,6 +27,7 @@ app.add_typer(conversation_app, name="conversation")
 app.add_typer(meeting_app, name="meeting")
 app.add_typer(retention_app, name="retention")
 app.add_typer(offboard_app, name="offboard")
+app.add_typer(crm_app, name="crm")
 app.command("export")(export)
 console = Console()
 

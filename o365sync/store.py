@@ -92,6 +92,10 @@ CREATE TABLE IF NOT EXISTS erased (
 CREATE TABLE IF NOT EXISTS crm_state (
     singleton BOOLEAN PRIMARY KEY DEFAULT TRUE, status VARCHAR NOT NULL, last_attempt_at TIMESTAMPTZ,
     last_success_at TIMESTAMPTZ, last_error VARCHAR);
+CREATE TABLE IF NOT EXISTS crm_drop_guard (
+    singleton BOOLEAN PRIMARY KEY DEFAULT TRUE, refused_at TIMESTAMPTZ NOT NULL, people_removed BIGINT NOT NULL,
+    people_before BIGINT NOT NULL, accounts_removed BIGINT NOT NULL, accounts_before BIGINT NOT NULL,
+    confirmed_at TIMESTAMPTZ);
 """
 
 EMAIL_COLUMNS = ("tenant_id", "user_oid", "graph_id", "folder", "internet_message_id", "conversation_id",
@@ -478,8 +482,10 @@ def _write_crm(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], 
                scan_start: Callable[[datetime | None], datetime]) -> dict[str, Any]:
     """One transaction: full replace (`changed_ids` None) or replace the rows of the changed ids, then a meta row
     with the counts and `scan_start(oldest open opportunity)` of the result. Re-applying the same changes is
-    harmless (an overlap window re-reads records); a crash leaves the previous snapshot."""
+    harmless (an overlap window re-reads records); a crash leaves the previous snapshot. A written refresh ends
+    any refused one and uses up a confirmation (`crm_drop_guard`)."""
     with transaction(con):
+        con.execute("DELETE FROM crm_drop_guard")
         for table, (key, columns) in CRM_TABLES.items():
             con.register("s_rows", frames[key])
             if changed_ids is None:
@@ -522,6 +528,53 @@ def apply_crm_changes(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataF
     return _write_crm(con, frames, changed_ids, crm_kind, mark, scan_start)
 
 
+GUARDED_CRM_TABLES = {"people": "crm_people", "accounts": "crm_accounts"}
+
+
+def crm_removals(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame],
+                 changed_ids: dict[str, set[str]] | None) -> dict[str, tuple[int, int]]:
+    """What writing this refresh would do to people and accounts: {key: (records it removes, records stored)}. A
+    full refresh (`changed_ids` None) removes every stored record it does not list; an incremental one the changed
+    records it has no rows for."""
+    removals = {}
+    for key, table in GUARDED_CRM_TABLES.items():
+        listed = frames[key].select("crm_id")
+        if changed_ids is None:
+            con.register("s_ids", listed)
+            join = "ANTI JOIN"
+        else:
+            gone = changed_ids[key] - set(listed["crm_id"].to_list())
+            con.register("s_ids", pl.DataFrame({"crm_id": sorted(gone)}, schema={"crm_id": pl.String}))
+            join = "SEMI JOIN"
+        removed, before = con.execute(
+            f"SELECT (SELECT count(*) FROM (SELECT DISTINCT crm_id FROM {table}) t {join} s_ids USING (crm_id)), "
+            f"(SELECT count(DISTINCT crm_id) FROM {table})").fetchall()[0]
+        con.unregister("s_ids")
+        removals[key] = (removed, before)
+    return removals
+
+
+def read_crm_drop_guard(con: duckdb.DuckDBPyConnection) -> dict | None:
+    """The refused refresh waiting for `o365sync crm confirm-drop` (confirmed_at set once confirmed), or None."""
+    cur = con.execute("SELECT refused_at, people_removed, people_before, accounts_removed, accounts_before, "
+                      "confirmed_at FROM crm_drop_guard")
+    row = cur.fetchone()
+    return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
+
+
+def record_crm_drop_refusal(con: duckdb.DuckDBPyConnection, removals: dict[str, tuple[int, int]]) -> None:
+    """Remember a refused refresh's counts (ids never); a confirmation given for an earlier one is used up."""
+    (people, people_before), (accounts, accounts_before) = removals["people"], removals["accounts"]
+    con.execute("INSERT OR REPLACE INTO crm_drop_guard VALUES (TRUE, ?, ?, ?, ?, ?, NULL)",
+                [datetime.now(UTC), people, people_before, accounts, accounts_before])
+
+
+def confirm_crm_drop(con: duckdb.DuckDBPyConnection) -> dict | None:
+    """Let the next refresh remove as many records as the refused one would have; None when nothing was refused."""
+    con.execute("UPDATE crm_drop_guard SET confirmed_at = ? WHERE confirmed_at IS NULL", [datetime.now(UTC)])
+    return read_crm_drop_guard(con)
+
+
 def crm_state_summary(con: duckdb.DuckDBPyConnection) -> dict:
     """The stored CRM snapshot's kind, last refresh, last full refresh (reconciliation) and watermark."""
     row = con.execute("SELECT crm_kind, taken_at, watermark, mode FROM crm_snapshot_meta ORDER BY taken_at DESC "
@@ -535,7 +588,8 @@ def crm_state_summary(con: duckdb.DuckDBPyConnection) -> dict:
 
 
 def record_crm_state(con: duckdb.DuckDBPyConnection, status: str, error: str | None = None) -> None:
-    """The tenant's CRM connection state for ops: ok | reconnect_needed | quota_exhausted | failed."""
+    """The tenant's CRM connection state for ops: ok | reconnect_needed | quota_exhausted | invalid_file | refused |
+    failed; `error` is what went wrong (or, with ok, what was adjusted)."""
     now = datetime.now(UTC)
     con.execute("INSERT INTO crm_state VALUES (TRUE, ?, ?, ?, ?) ON CONFLICT (singleton) DO UPDATE SET "
                 "status = excluded.status, last_attempt_at = excluded.last_attempt_at, "

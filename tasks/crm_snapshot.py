@@ -6,7 +6,13 @@ from its lists). In between, refreshes ask only for what changed since the store
 `crm_refresh_overlap_minutes` (clock skew, equal timestamps, search indexing lag) and upsert it; soft deletes
 the CRM reports (Salesforce queryAll + IsDeleted, HubSpot archived, Pipedrive is_deleted / deleted deals)
 leave the snapshot right then. CSV/Parquet files are always read in full.
-The outcome is kept as the tenant's CRM state (ok / reconnect_needed / quota_exhausted / failed).
+
+Whatever the adapter returns passes `conform_records` (names cut, unusable addresses and dates left out, counted).
+A refresh that would remove more than half of the stored people or accounts is refused (nothing written, the
+previous snapshot stays in use) until an admin runs `o365sync crm confirm-drop`, which lets the next refresh
+remove up to as many; a first snapshot, or the first of a newly configured CRM, is never refused.
+The outcome is kept as the tenant's CRM state (ok / reconnect_needed / quota_exhausted / invalid_file / refused /
+failed) with the error or, when ok, what was adjusted.
 """
 
 from __future__ import annotations
@@ -15,13 +21,34 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
+import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from crm_adapters.base import CrmAuthError, CrmChanges, CrmError, CrmQuotaExhausted, CrmSnapshot
+from crm_adapters.base import (
+    CrmAuthError,
+    CrmChanges,
+    CrmDropRefused,
+    CrmError,
+    CrmFileError,
+    CrmQuotaExhausted,
+    CrmSnapshot,
+    conform_records,
+)
 from o365sync.http import make_http_client
 from o365sync.settings import Settings, load_settings
-from o365sync.store import apply_crm_changes, crm_state_summary, open_store, record_crm_state, replace_crm_snapshot
+from o365sync.store import (
+    apply_crm_changes,
+    crm_removals,
+    crm_state_summary,
+    open_store,
+    read_crm_drop_guard,
+    record_crm_drop_refusal,
+    record_crm_state,
+    replace_crm_snapshot,
+    transaction,
+)
 from o365sync.tenants import TenantConfig, load_crm_secrets, load_tenant, save_crm_secrets
 
 MIN_SCAN_DAYS = 7
@@ -96,7 +123,26 @@ def crm_error_status(exc: CrmError) -> str:
         return "reconnect_needed"
     if isinstance(exc, CrmQuotaExhausted):
         return "quota_exhausted"
+    if isinstance(exc, CrmFileError):
+        return "invalid_file"
+    if isinstance(exc, CrmDropRefused):
+        return "refused"
     return "failed"
+
+
+def refuse_mass_drop(con: duckdb.DuckDBPyConnection, tenant_id: str, frames: dict[str, pl.DataFrame],
+                     changed_ids: dict[str, set[str]] | None) -> None:
+    """Raise CrmDropRefused when writing would remove more than half of the stored people or accounts, unless the
+    admin confirmed a refused refresh that removed at least as many."""
+    removals = crm_removals(con, frames, changed_ids)
+    too_many = {key: (removed, stored) for key, (removed, stored) in removals.items() if removed * 2 > stored}
+    guard = read_crm_drop_guard(con)
+    if not too_many or (guard is not None and guard["confirmed_at"] is not None
+                        and all(removed <= guard[f"{key}_removed"] for key, (removed, _) in too_many.items())):
+        return
+    what = " and ".join(f"{removed:,} of {stored:,} {key}" for key, (removed, stored) in too_many.items())
+    raise CrmDropRefused(f"would remove {what}; the previous snapshot stays in use. If that is right: "
+                         f"o365sync crm confirm-drop --tenant {tenant_id}", removals)
 
 
 def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | None = None) -> dict[str, Any]:
@@ -105,25 +151,39 @@ def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | Non
     tenant = load_tenant(settings, tenant_id)
     now = now or datetime.now(UTC)
     with open_store(settings, tenant_id, write=False) as con:
-        since = refresh_since(settings, tenant, crm_state_summary(con), now)
+        summary = crm_state_summary(con)
+    since = refresh_since(settings, tenant, summary, now)
     try:
         result = fetch_crm(settings, tenant, since)
     except CrmError as exc:
         with open_store(settings, tenant_id, write=True) as con:
-            record_crm_state(con, crm_error_status(exc), f"{type(exc).__name__}: {exc}"[:300])
+            _record_failure(con, exc)
         raise
     def start(oldest_open: datetime | None) -> datetime:  # never reach back past what retention would delete
         return max(scan_start_for(oldest_open, now), now - timedelta(days=tenant.retention_days))
 
-    frames = {"people": result.people, "accounts": result.accounts, "opportunities": result.opportunities}
+    frames, adjusted = conform_records(result.people, result.accounts, result.opportunities)
+    changed_ids = result.changed_ids if isinstance(result, CrmChanges) else None
     with open_store(settings, tenant_id, write=True) as con:
-        if isinstance(result, CrmChanges):
-            counts = apply_crm_changes(con, frames, result.changed_ids, tenant.crm_kind, start, result.watermark)
-            counts["changed"] = sum(len(ids) for ids in result.changed_ids.values())
+        try:
+            if summary["crm_kind"] == tenant.crm_kind:  # not the first snapshot of this CRM
+                refuse_mass_drop(con, tenant_id, frames, changed_ids)
+        except CrmDropRefused as exc:
+            with transaction(con):  # its counts (for confirm-drop) and the state people see, together
+                record_crm_drop_refusal(con, exc.removals)
+                _record_failure(con, exc)
+            raise
+        if changed_ids is not None:
+            counts = apply_crm_changes(con, frames, changed_ids, tenant.crm_kind, start, result.watermark)
+            counts["changed"] = sum(len(ids) for ids in changed_ids.values())
         else:
             counts = replace_crm_snapshot(con, *frames.values(), tenant.crm_kind, start, result.watermark)
-        record_crm_state(con, "ok")
+        record_crm_state(con, "ok", "; ".join(f"{what}: {n:,}" for what, n in adjusted.items()) or None)
     return {**counts, "scan_start": counts["scan_start"].isoformat()}
+
+
+def _record_failure(con: duckdb.DuckDBPyConnection, exc: CrmError) -> None:
+    record_crm_state(con, crm_error_status(exc), f"{type(exc).__name__}: {exc}"[:300])
 
 
 @task(name="crm-snapshot", persist_result=False, cache_policy=NO_CACHE)

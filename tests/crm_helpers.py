@@ -55,3 +55,14 @@ def apply_changes(snapshot: CrmSnapshot, changes: CrmChanges) -> CrmSnapshot:
         old, ids = getattr(snapshot, name), sorted(changes.changed_ids[name])
         frames[name] = pl.concat([old.filter(~pl.col("crm_id").is_in(ids)), getattr(changes, name)], how="vertical")
     return CrmSnapshot(**frames)
+
+
+def delete_in_crm(running, crm_kind: str, tid: str, world_id: str) -> None:
+    """Delete a person (world id) the way each simulated CRM does: Salesforce recycle bin, HubSpot archive,
+    Pipedrive delete."""
+    if crm_kind == "salesforce":
+        running.salesforce.soft_delete(tid, world_id)
+    elif crm_kind == "hubspot":
+        running.hubspot.archive(tid, "contacts", running.hubspot.hs_id(tid, world_id))
+    else:
+        running.pipedrive.delete(tid, "persons", running.pipedrive.ids[tid]["persons"][world_id])

@@ -11,16 +11,8 @@ from o365sync.store import open_store
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tasks.mailbox_sync import sync_mailbox_now
+from tests.crm_helpers import delete_in_crm
 from tests.product import expected_for_crm, stand_up, stored_matches
-
-
-def delete_in_crm(running, crm_kind: str, tid: str, world_contact_id: str) -> None:
-    if crm_kind == "salesforce":
-        running.salesforce.soft_delete(tid, world_contact_id)
-    elif crm_kind == "hubspot":
-        running.hubspot.archive(tid, "contacts", running.hubspot.hs_id(tid, world_contact_id))
-    else:
-        running.pipedrive.delete(tid, "persons", running.pipedrive.ids[tid]["persons"][world_contact_id])
 
 
 @pytest.mark.parametrize("crm_kind", ["salesforce", "hubspot", "pipedrive"])

@@ -189,7 +189,7 @@ def test_bad_input_exact_error(tmp_path: Path, files: dict[str, str], message: s
 def test_bad_utf8_and_missing_files(tmp_path: Path) -> None:
     conn = write(tmp_path, {"accounts.csv": ACCOUNTS})
     (tmp_path / "people.csv").write_bytes(b"crm_id,email\nP1,a@x.com\nP2,b\xff@x.com\n")
-    with pytest.raises(CrmError, match="^people.csv line 3: not UTF-8 text$"):
+    with pytest.raises(CrmError, match="^people.csv line 3: not UTF-8 text; save it as CSV UTF-8$"):
         fetch_snapshot(conn)
     (tmp_path / "people.csv").unlink()
     with pytest.raises(CrmError, match="^files CRM: no people.csv or people.parquet in the CRM files directory$"):

@@ -152,6 +152,6 @@ def test_crm_state_records_failures_as_codes_and_keeps_the_snapshot(settings, tm
         refresh_crm_snapshot(settings, "t1", now=NOW)
     with open_store(settings, "t1", write=False) as con:
         state = read_crm_state(con)
-        assert state["status"] == "failed" and state["last_success_at"] is not None
+        assert state["status"] == "invalid_file" and state["last_success_at"] is not None
         assert "Jane" not in state["last_error"]
         assert {r[0] for r in table(con, "crm_people")} == {"c1"}  # the last good snapshot still matches
