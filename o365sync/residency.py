@@ -36,12 +36,12 @@ class MoveRefused(ValueError):
 def _leftovers(settings: Settings, tenant_id: str, keep: Path) -> list[Path]:
     """The tenant's files in every other storage location (an interrupted move, or the default location); a root
     that resolves to the kept one (a symlink) is the same location, never a leftover."""
-    out: list[Path] = []
+    found: dict[Path, Path] = {}  # resolved -> as configured: two roots may name one place
     for region in [None, *settings.regions]:
         folder, snap = tenant_locations(settings, tenant_id, region)
         if folder.resolve() != keep.resolve():
-            out += [p for p in (folder, snap) if p.exists() and p not in out]
-    return out
+            found.update({p.resolve(): p for p in (folder, snap) if p.exists() and p.resolve() not in found})
+    return list(found.values())
 
 
 def _is_copy(source: Path, target: Path) -> bool:
@@ -86,19 +86,30 @@ def _tenant_locked(folder: Path) -> Iterator[None]:
         yield
 
 
+def _empty(folder: Path) -> None:
+    """Remove everything in a tenant folder but the registry entry (`data_dir`'s folder doubles as the registry)."""
+    for child in folder.iterdir():
+        if not child.name.startswith("tenant.json"):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def _copy(old_dir: Path, old_snap: Path, new_dir: Path, new_snap: Path) -> int:
-    """Copy the folder (staged, renamed into place when complete) and the snapshot; returns the files copied."""
+    """Copy the folder and the snapshot; returns the files copied. The folder is copied into a staging folder
+    first and its entries renamed into place, so the store at the destination is never a partial copy."""
     staging = new_dir.with_name(f".{new_dir.name}.moving")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(old_dir, staging, ignore=shutil.ignore_patterns("tenant.json*"))
-    shutil.rmtree(new_dir, ignore_errors=True)  # nothing worth keeping: checked by _check_destination
-    os.replace(staging, new_dir)
+    new_dir.mkdir(parents=True, exist_ok=True)
+    _empty(new_dir)  # nothing worth keeping: checked by _check_destination
+    for child in staging.iterdir():
+        os.replace(child, new_dir / child.name)
+    staging.rmdir()
     if old_snap.exists():
         new_snap.parent.mkdir(parents=True, exist_ok=True)
         partial = new_snap.with_name(f"{new_snap.name}.moving")
         shutil.copy2(old_snap, partial)
         os.replace(partial, new_snap)
-    return sum(1 for p in new_dir.rglob("*") if p.is_file())
+    return sum(1 for p in new_dir.rglob("*") if p.is_file() and not p.name.startswith("tenant.json"))
 
 
 def move_tenant(settings: Settings, tenant_id: str, region: str | None) -> dict[str, int | str]:
@@ -126,10 +137,8 @@ def move_tenant(settings: Settings, tenant_id: str, region: str | None) -> dict[
             save_tenant(settings, tenant)  # the switch
         registry = registry_dir(settings, tenant_id)
         for path in removed:
-            if path == registry:  # the default location doubles as the registry: keep tenant.json only
-                for child in path.iterdir():
-                    if not child.name.startswith("tenant.json"):
-                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if path == registry:  # keep tenant.json
+                _empty(path)
             elif path.is_dir():
                 shutil.rmtree(path)
             else:
