@@ -82,15 +82,24 @@ def _given_secrets(from_stdin: bool) -> dict[str, str]:
     return given
 
 
-def _config(base: dict, **options: object) -> TenantConfig:
-    """`base` (the current configuration, or a new tenant's id) with the options given; one line if invalid."""
+# command option -> TenantConfig field (and CrmConnection field for the crm_* ones)
+_CONFIG_FIELDS = {"name": "name", "domain": "domains", "feature": "features",
+                  "explicit_consent": "notetaker_explicit_consent", "crm": "crm_kind",
+                  "retention_days": "retention_days", "offboarding": "offboarding",
+                  "offboarding_grace_days": "offboarding_grace_days"}
+_CRM_FIELDS = {"crm_login_url": "login_url", "crm_client_id": "client_id", "crm_directory": "directory"}
+
+
+def _config(base: dict, options: dict[str, object]) -> TenantConfig:
+    """`base` (the current configuration, or a new tenant's id) with the command's options that were given (not
+    None); one line if the result is invalid."""
     from pydantic import ValidationError
 
     from o365sync.tenants import TenantConfig
 
-    crm_fields = {k: options.pop(k) for k in ("login_url", "client_id", "directory")}
-    data = {**base, **{k: v for k, v in options.items() if v not in (None, [])}}
-    data["crm"] = {**(data.get("crm") or {}), **{k: v for k, v in crm_fields.items() if v is not None}}
+    data = {**base, **{field: options[o] for o, field in _CONFIG_FIELDS.items() if options[o] not in (None, [])}}
+    data["crm"] = {**(data.get("crm") or {}),
+                   **{field: options[o] for o, field in _CRM_FIELDS.items() if options[o] is not None}}
     data["crm"]["directory"] = data["crm"].get("directory") or None
     try:
         return TenantConfig.model_validate(data)
@@ -133,10 +142,7 @@ def tenant_add(
     _refuse_secret_arguments(crm_client_secret, crm_refresh_token, crm_token)
     if not domain:
         _fail("give at least one --domain (the tenant's verified domains)")
-    config = _config({"id": id}, name=name, domains=domain, features=feature,
-                     notetaker_explicit_consent=explicit_consent, crm_kind=crm, login_url=crm_login_url,
-                     client_id=crm_client_id, directory=crm_directory, retention_days=retention_days,
-                     offboarding=offboarding, offboarding_grace_days=offboarding_grace_days)
+    config = _config({"id": id}, locals())
     settings = _settings()
     if (registry_dir(settings, config.id) / "tenant.json").exists():
         _fail(str(TenantExists(config.id)))
@@ -178,10 +184,7 @@ def tenant_update(
         current = load_tenant(settings, tenant_id)
     except TenantNotFound as exc:
         _fail(str(exc), 1)
-    config = _config(current.model_dump(), name=name, domains=domain, features=feature,
-                     notetaker_explicit_consent=explicit_consent, crm_kind=crm, login_url=crm_login_url,
-                     client_id=crm_client_id, directory=crm_directory, retention_days=retention_days,
-                     offboarding=offboarding, offboarding_grace_days=offboarding_grace_days)
+    config = _config(current.model_dump(), locals())
     secrets = _secrets(config, crm_secrets_stdin)
     if secrets is None and config.crm_kind != current.crm_kind:
         secrets = {}  # the old CRM's secrets are of no use to the new one
