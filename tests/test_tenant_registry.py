@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import duckdb
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from o365sync.auth import connected_users
@@ -21,9 +24,11 @@ from o365sync.store import SCHEMA, open_store, store_path
 from o365sync.tenants import (
     TenantConfig,
     TenantMisplaced,
+    canonical_id,
     list_tenants,
     load_crm_secrets,
     load_tenant,
+    registry_dir,
     save_tenant,
     tenant_dir,
 )
@@ -48,9 +53,17 @@ def tenant_files(root, tid: str) -> list[str]:
                   and not p.name.endswith(".lock"))
 
 
-def emails_in(path) -> int:
+def rows_in(path, table: str) -> int:
     with duckdb.connect(str(path), read_only=True) as con:
-        return con.execute("SELECT count(*) FROM emails").fetchone()[0]
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def emails_in(path) -> int:
+    return rows_in(path, "emails")
+
+
+def accounts_in(path) -> int:
+    return rows_in(path, "crm_accounts")
 
 
 def test_reregistering_and_moving_never_loses_the_store(tmp_path, monkeypatch):
@@ -176,16 +189,11 @@ def test_a_destination_store_is_replaced_only_if_empty_and_older(rows, newer, re
     if refused:
         with pytest.raises(MoveRefused, match=refused):
             move_tenant(settings, "t1", "eu")
-        assert load_tenant(settings, "t1").region is None and emails_or_accounts(target) == rows
+        assert load_tenant(settings, "t1").region is None and accounts_in(target) == rows
     else:
         move_tenant(settings, "t1", "eu")
         assert load_tenant(settings, "t1").region == "eu" and _accounts(settings) == 1
         assert not source.exists()
-
-
-def emails_or_accounts(path) -> int:
-    with duckdb.connect(str(path), read_only=True) as con:
-        return con.execute("SELECT count(*) FROM crm_accounts").fetchone()[0]
 
 
 def test_a_reader_of_a_tenant_without_a_store_creates_nothing(tmp_path, monkeypatch):
@@ -231,3 +239,16 @@ def test_an_upper_case_tenant_id_registers_connects_and_syncs(tmp_path, monkeypa
         assert cli("tenant", "show", upper).one_line.count(f"connected user {user.oid}") == 1
     finally:
         running.stop()
+
+
+@given(st.uuids(), st.lists(st.booleans(), min_size=36, max_size=36))
+def test_a_guid_names_one_tenant_in_any_case(guid: uuid.UUID, upper: list[bool]):
+    settings = load_settings(data_dir="/srv/o365sync")
+    typed = "".join(c.upper() if u else c for c, u in zip(str(guid), upper, strict=True))
+    assert canonical_id(typed) == str(guid) == TenantConfig(id=typed, domains=["contoso.com"]).id
+    assert registry_dir(settings, typed) == registry_dir(settings, str(guid))
+
+
+@given(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True))
+def test_other_ids_are_kept_as_typed(tenant_id: str):
+    assert canonical_id(tenant_id) == tenant_id == TenantConfig(id=tenant_id, domains=["contoso.com"]).id
