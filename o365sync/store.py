@@ -109,7 +109,8 @@ def store_path(settings: Settings, tenant_id: str) -> Path:
 
 def snapshot_path(settings: Settings, tenant_id: str) -> Path:
     """The analysts' read-only copy, in `<region root>/analytics/` (all of a tenant's files stay in its region)."""
-    return tenant_dir(settings, tenant_id).parent.parent / "analytics" / f"{tenant_id}.duckdb"
+    folder = tenant_dir(settings, tenant_id)
+    return folder.parent.parent / "analytics" / f"{folder.name}.duckdb"
 
 
 @contextlib.contextmanager
@@ -135,20 +136,26 @@ def transaction(con: duckdb.DuckDBPyConnection, frames: dict[str, Any] | None = 
 def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted; if the tenant's
     files moved to another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it
-    follows them."""
+    follows them. Only writers create the file: a reader of a tenant without a store gets the schema's empty
+    tables in memory and writes nothing anywhere."""
     if not write and not store_path(settings, tenant_id).exists():
-        with open_store(settings, tenant_id, write=True):
-            pass  # create the schema so readers of a fresh tenant see empty tables
-    with store_lock(settings, tenant_id, write) as path:
-        con = duckdb.connect(str(path), read_only=not write,
-                             config={"memory_limit": "1GB", "threads": 2})
-        try:
-            con.execute("SET TimeZone='UTC'")
-            if write:
-                con.execute(SCHEMA)
+        with _connect(":memory:", write=True) as con:
             yield con
-        finally:
-            con.close()
+        return
+    with store_lock(settings, tenant_id, write) as path, _connect(str(path), write) as con:
+        yield con
+
+
+@contextlib.contextmanager
+def _connect(database: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(database, read_only=not write, config={"memory_limit": "1GB", "threads": 2})
+    try:
+        con.execute("SET TimeZone='UTC'")
+        if write:
+            con.execute(SCHEMA)
+        yield con
+    finally:
+        con.close()
 
 
 @contextlib.contextmanager
@@ -156,13 +163,20 @@ def store_lock(settings: Settings, tenant_id: str, write: bool) -> Iterator[Path
     """The store's flock (shared for readers, exclusive for writers), on the tenant's current store path."""
     while True:
         path = store_path(settings, tenant_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.lock", "a+") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        with flock_file(Path(f"{path}.lock"), exclusive=write):
             if store_path(settings, tenant_id) != path:
                 continue  # moved while we waited: lock the new location
             yield path
             return
+
+
+@contextlib.contextmanager
+def flock_file(path: Path, exclusive: bool) -> Iterator[None]:
+    """Hold a blocking flock on `path` (created with its folder if missing) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 FEATURE_LOCKS = ("calendar", "email")
