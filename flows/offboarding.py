@@ -27,12 +27,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title
-from o365sync.auth import disconnect, token_path
+from o365sync.auth import OFFBOARDING_FILE, disconnect, offboarding_records, token_path
 from o365sync.erasure import Scope, append_audit, audit_path, erase
 from o365sync.settings import Settings, load_settings
 from o365sync.tenants import load_tenant, tenant_dir
 
-STATE_FILE = "offboarding.json"
+STATE_FILE = OFFBOARDING_FILE  # the web callback reads it too: an offboarded user is not connected again
 
 
 @contextlib.contextmanager
@@ -56,8 +56,7 @@ def _state(settings: Settings, tenant_id: str) -> Iterator[dict[str, dict]]:
 def offboarding_status(settings: Settings, tenant_id: str) -> dict[str, dict]:
     """{user oid: {policy, offboarded_at, delete_after, deleted_at}} (ISO times; `deleted_at` None = pending or
     retained) — for `o365sync status` and `o365sync offboard status`."""
-    path = tenant_dir(settings, tenant_id) / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return offboarding_records(settings, tenant_id)
 
 
 def _iso(t: datetime) -> str:
@@ -95,6 +94,26 @@ def offboard_user_now(settings: Settings, tenant_id: str, user_oid: str, actor: 
             datetime.fromisoformat(record["delete_after"]) <= now:
         out |= _delete_user(settings, tenant_id, user_oid, actor)
     return out
+
+
+def readmit_user_now(settings: Settings, tenant_id: str, user_oid: str, actor: str = "cli:readmit",
+                     now: datetime | None = None) -> dict:
+    """Let an offboarded user connect again (the connect callback refuses them while a record exists): drops their
+    record, which also cancels a deletion still pending; data already deleted stays deleted. Audited."""
+    load_tenant(settings, tenant_id)
+    token_path(settings, tenant_id, user_oid)  # validates the id
+    record = None
+    if user_oid in offboarding_status(settings, tenant_id):  # checked first: a typo changes nothing
+        with _state(settings, tenant_id) as records:
+            record = records.pop(user_oid, None)
+    if record is None:
+        raise LookupError(f"user {user_oid} of tenant {tenant_id} is not offboarded; nothing to readmit")
+    append_audit(audit_path(settings, tenant_id), {
+        "at": _iso(now or datetime.now(UTC)), "actor": actor, "action": "readmit", "tenant_id": tenant_id,
+        "ids": {"user_oids": [user_oid]}, "policy": record["policy"],
+        "pending_deletion_cancelled": record["policy"] == "delete" and record["deleted_at"] is None,
+        "complete": True})
+    return {"user_oid": user_oid, **record}
 
 
 def _delete_user(settings: Settings, tenant_id: str, user_oid: str, actor: str) -> dict:

@@ -9,13 +9,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,7 +33,7 @@ from msal.exceptions import MsalServiceError
 from o365sync.http import make_http_client
 from o365sync.secrets import SecretError, load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
-from o365sync.tenants import tenant_dir
+from o365sync.tenants import TenantNotFound, load_tenant, region_root, tenant_dir
 
 BASE_SCOPES = ["User.Read"]
 # Short-form Graph permissions (msal.md §1.5: the short form is what Entra echoes, so the AT cache hits).
@@ -47,6 +50,11 @@ CONSENT_MODE_SCOPES = ["Calendars.ReadWrite", "OnlineMeetings.ReadWrite"]
 # A granted scope that covers another (Entra grants the broader one; the narrower is then implied).
 _IMPLIED = {"calendars.read": "calendars.readwrite"}
 FLOW_TTL_S = 600.0
+# A sign-in name is a UPN (at most 113 characters: 64 + "@" + 48) or, with "e-mail as alternate login ID", an e-mail
+# address (at most 254, RFC 5321). 254 refuses no valid name and bounds what one pending sign-in holds.
+MAX_LOGIN_HINT = 254
+# Written by flows/offboarding.py: {user oid: {policy, offboarded_at, delete_after, deleted_at}}.
+OFFBOARDING_FILE = "offboarding.json"
 
 RECONNECT_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required",
                               "no_account", "no_token"})
@@ -115,6 +123,61 @@ class WrongTenant(ConnectError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.expected_tid, self.actual_tid))
+
+
+class TenantGone(ConnectError):
+    """The tenant is not (or no longer) registered: its subscription ended, or the link names another one."""
+
+    def __init__(self, tenant_id: str):
+        self.tenant_id = tenant_id
+        super().__init__("tenant_not_registered", (), f"tenant {tenant_id} is not registered")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.tenant_id,))
+
+
+class UserOffboarded(ConnectError):
+    """The signed-in user was offboarded (pending, retained or deleted): only an administrator can re-admit them."""
+
+    def __init__(self, tenant_id: str, oid: str):
+        self.tenant_id, self.oid = tenant_id, oid
+        super().__init__("user_offboarded", (), f"user {tenant_id}/{oid} was offboarded")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.tenant_id, self.oid))
+
+
+class InvalidLoginHint(ConnectError):
+    """The login_hint of a connect link is longer than any sign-in name or holds control characters."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid_login_hint", (), f"login_hint must be at most {MAX_LOGIN_HINT} printable characters")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class ConnectSetupError(AuthError):
+    """This server cannot store a connection of the tenant (region not configured, storage not writable, no key):
+    found before the sign-in starts, so no sign-in code is spent. `cause` is for operators."""
+
+    def __init__(self, tenant_id: str, cause: str):
+        self.tenant_id, self.cause = tenant_id, cause
+        super().__init__(f"cannot connect users of tenant {tenant_id}: {cause}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.tenant_id, self.cause))
+
+
+class SignInsBusy(AuthError):
+    """Too many sign-ins are pending (for the tenant or overall); one frees up within `retry_after_s`."""
+
+    def __init__(self, scope: str, retry_after_s: int):
+        self.scope, self.retry_after_s = scope, retry_after_s
+        super().__init__(f"too many pending sign-ins ({scope}); retry in {retry_after_s} s")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.scope, self.retry_after_s))
 
 
 class _FileChanged(Exception):
@@ -266,8 +329,9 @@ def _read_meta(settings: Settings, tenant_id: str, oid: str) -> dict:
         return {}
 
 
-def _save_cache(settings: Settings, tenant_id: str, oid: str, cache: msal.SerializableTokenCache) -> None:
-    write_sealed(token_path(settings, tenant_id, oid), load_key(settings), _owner(tenant_id, oid),
+def _save_cache(settings: Settings, tenant_id: str, oid: str, cache: msal.SerializableTokenCache,
+                path: Path | None = None) -> None:
+    write_sealed(path or token_path(settings, tenant_id, oid), load_key(settings), _owner(tenant_id, oid),
                  cache.serialize().encode())
 
 
@@ -304,6 +368,41 @@ def disconnect(settings: Settings, tenant_id: str, oid: str) -> None:
     _meta_path(settings, tenant_id, oid).unlink(missing_ok=True)
 
 
+def offboarding_records(settings: Settings, tenant_id: str) -> dict[str, dict]:
+    """The tenant's offboarded users {oid: {policy, offboarded_at, delete_after, deleted_at}} (ISO times;
+    `deleted_at` None = deletion pending or data retained), as flows/offboarding.py records them."""
+    path = tenant_dir(settings, tenant_id) / OFFBOARDING_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_ready(settings: Settings, tenant_id: str) -> None:
+    """Everything storing a connection of `tenant_id` needs: the tenant is registered, its storage location resolves
+    (its region is configured here), exists and is writable, and the token key is usable. Checked before a sign-in
+    starts, so a server that cannot store the result never spends the user's sign-in code."""
+    try:
+        tenant = load_tenant(settings, tenant_id)
+    except TenantNotFound:
+        raise TenantGone(tenant_id) from None
+    try:
+        root = region_root(settings, tenant.region)
+    except ValueError as exc:  # the tenant lives in a region this server was not configured with
+        raise ConnectSetupError(tenant_id, str(exc)) from None
+    if not root.is_dir():
+        raise ConnectSetupError(tenant_id, f"storage location {root} does not exist (region "
+                                           f"{tenant.region or '(default)'})")
+    folder = connections_dir(settings, tenant_id)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConnectSetupError(tenant_id, f"cannot write to {folder}: {exc.strerror or exc}") from None
+    try:
+        load_key(settings)
+    except (SecretError, OSError, ValueError) as exc:
+        raise ConnectSetupError(tenant_id, f"token key unusable: {exc}") from None
+
+
 # --------------------------------------------------------------------------- connect
 @dataclass
 class _Pending:
@@ -313,23 +412,84 @@ class _Pending:
     expires_at: float
 
 
-_pending: dict[str, _Pending] = {}
-_pending_lock = threading.Lock()
+class PendingSignIns:
+    """Sign-ins started (`begin_connect`) and not yet completed, keyed by their `state`, in this process only.
+
+    Bounded, because starting one needs no login: at most `settings.connect_max_pending_per_tenant` per tenant and
+    `settings.connect_max_pending` overall, each kept FLOW_TTL_S. Entries expire in insertion order (one TTL), so
+    purging looks only at the oldest ones."""
+
+    def __init__(self, ttl_s: float = FLOW_TTL_S):
+        self.ttl_s = ttl_s
+        self._entries: dict[str, _Pending] = {}
+        self._per_tenant: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge(time.monotonic())
+            return len(self._entries)
+
+    def _purge(self, now: float) -> None:
+        while self._entries:
+            state, oldest = next(iter(self._entries.items()))
+            if oldest.expires_at > now:
+                return
+            self._remove(state)
+
+    def _remove(self, state: str) -> _Pending | None:
+        entry = self._entries.pop(state, None)
+        if entry is not None:
+            self._per_tenant[entry.tenant_id] -= 1
+            if not self._per_tenant[entry.tenant_id]:
+                del self._per_tenant[entry.tenant_id]
+        return entry
+
+    def _refuse_if_full(self, settings: Settings, tenant_id: str, now: float) -> None:
+        self._purge(now)
+        if len(self._entries) >= settings.connect_max_pending:
+            oldest = next(iter(self._entries.values()))
+            raise SignInsBusy("all tenants", max(1, int(oldest.expires_at - now + 1)))
+        if self._per_tenant[tenant_id] >= settings.connect_max_pending_per_tenant:
+            oldest = next(p for p in self._entries.values() if p.tenant_id == tenant_id)
+            raise SignInsBusy(f"tenant {tenant_id}", max(1, int(oldest.expires_at - now + 1)))
+
+    def check_room(self, settings: Settings, tenant_id: str) -> None:
+        """Raise SignInsBusy if a sign-in of `tenant_id` could not be added now (before any network I/O)."""
+        with self._lock:
+            self._refuse_if_full(settings, tenant_id, time.monotonic())
+
+    def add(self, settings: Settings, flow: dict[str, Any], tenant_id: str, scopes: list[str]) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._refuse_if_full(settings, tenant_id, now)
+            self._entries[flow["state"]] = _Pending(flow, tenant_id, scopes, now + self.ttl_s)
+            self._per_tenant[tenant_id] += 1
+
+    def pop(self, state: str) -> _Pending | None:
+        with self._lock:
+            self._purge(time.monotonic())
+            return self._remove(state)
+
+
+_pending = PendingSignIns()  # the default store of this process (the web app keeps its own)
 _warn_lock = threading.Lock()
 
 
-def _purge(now: float) -> None:
-    for state in [s for s, p in _pending.items() if p.expires_at <= now]:
-        del _pending[state]
-
-
 def begin_connect(settings: Settings, tenant_id: str, features: list[str],
-                  login_hint: str | None = None, explicit_consent: bool = False) -> str:
+                  login_hint: str | None = None, explicit_consent: bool = False,
+                  pending: PendingSignIns | None = None) -> str:
     """Start the authorization-code flow for a user of `tenant_id`; returns the URL to send the browser to.
 
-    The MSAL flow (PKCE verifier, nonce) stays in this process, keyed by `state`, for FLOW_TTL_S."""
+    Checks first (nothing is started otherwise): the hint, everything the callback needs (`check_ready`) and room
+    in the pending store. The MSAL flow (PKCE verifier, nonce) stays in this process, keyed by `state`."""
+    store = _pending if pending is None else pending
     _safe(tenant_id, "tenant id")
+    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
+        raise InvalidLoginHint()
     scopes = scopes_for(features, explicit_consent)
+    check_ready(settings, tenant_id)
+    store.check_room(settings, tenant_id)
     with make_http_client(settings) as hc:
         app = build_app(settings, None, hc)
     with _warn_lock, warnings.catch_warnings():
@@ -337,29 +497,45 @@ def begin_connect(settings: Settings, tenant_id: str, features: list[str],
         warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
         flow = app.initiate_auth_code_flow(scopes, redirect_uri=settings.redirect_uri, login_hint=login_hint,
                                            state=secrets.token_urlsafe(24))
-    now = time.monotonic()
-    with _pending_lock:
-        _purge(now)
-        _pending[flow["state"]] = _Pending(flow, tenant_id, scopes, now + FLOW_TTL_S)
-    return flow["auth_uri"]
+    auth_uri = flow.pop("auth_uri")  # not needed after the redirect: keep only what the callback uses
+    store.add(settings, flow, tenant_id, scopes)
+    return auth_uri
 
 
-def complete_connect(settings: Settings, auth_response: dict[str, str]) -> ConnectedUser:
-    """Redeem the code of the callback (its whole query dict), check the tenant, persist the user's cache."""
-    state = auth_response.get("state", "")
-    with _pending_lock:
-        _purge(time.monotonic())
-        pending = _pending.pop(state, None)
-    if pending is None:
+_OAUTH_ERROR = re.compile(r"[a-z_]{1,64}")
+
+
+def _refused_after_sign_in(settings: Settings, tenant_id: str, oid: str) -> ConnectError | None:
+    """Why a signed-in user must not be connected (tenant gone, user offboarded), or None."""
+    try:
+        load_tenant(settings, tenant_id)
+    except TenantNotFound:
+        return TenantGone(tenant_id)
+    if oid in offboarding_records(settings, tenant_id):
+        return UserOffboarded(tenant_id, oid)
+    return None
+
+
+def complete_connect(settings: Settings, auth_response: dict[str, str],
+                     pending: PendingSignIns | None = None) -> ConnectedUser:
+    """Redeem the code of the callback (its whole query dict), check the tenant and the user, persist the user's
+    cache. Nothing is stored for a tenant that is gone or a user who was offboarded; both are checked again after
+    writing (an end of subscription or an offboarding may run meanwhile) and what was written is then removed."""
+    store = _pending if pending is None else pending
+    entry = store.pop(auth_response.get("state", ""))
+    if entry is None:
         raise ConnectError("unknown_state", (), "sign-in link expired or already used; start again")
     if auth_response.get("error"):
-        # error_description may contain the UPN (AADSTS50020): keep only the codes.
-        raise ConnectError(str(auth_response["error"]),
-                           [int(c) for c in _AADSTS.findall(auth_response.get("error_description", ""))])
+        # Caller-chosen text: keep a well-formed OAuth error name only, and from error_description only the codes
+        # (it may contain the UPN, AADSTS50020).
+        error = str(auth_response["error"])
+        raise ConnectError(error if _OAUTH_ERROR.fullmatch(error) else "unrecognised_error",
+                           [int(c) for c in _AADSTS.findall(auth_response.get("error_description", "")[:2048])][:8])
+    check_ready(settings, entry.tenant_id)
     cache = msal.SerializableTokenCache()
     try:
         with make_http_client(settings) as hc:
-            result = build_app(settings, cache, hc).acquire_token_by_auth_code_flow(pending.flow, auth_response)
+            result = build_app(settings, cache, hc).acquire_token_by_auth_code_flow(entry.flow, auth_response)
     except (requests.exceptions.RequestException, httpx.HTTPError) as exc:
         raise AuthTransient(f"code redemption failed: {type(exc).__name__}") from exc
     except MsalServiceError as exc:
@@ -369,7 +545,7 @@ def complete_connect(settings: Settings, auth_response: dict[str, str]) -> Conne
     if "error" in result:
         error = str(result["error"])
         if error in CONFIG_ERRORS:
-            raise AuthConfigError(error, _codes_of(result), f"tenant {pending.tenant_id}")
+            raise AuthConfigError(error, _codes_of(result), f"tenant {entry.tenant_id}")
         if error in TRANSIENT_ERRORS:
             raise AuthTransient(error, _codes_of(result))
         raise ConnectError(error, _codes_of(result))
@@ -377,16 +553,27 @@ def complete_connect(settings: Settings, auth_response: dict[str, str]) -> Conne
     tid, oid = str(claims.get("tid", "")), str(claims.get("oid", ""))
     if not tid or not oid:
         raise ConnectError("invalid_id_token", (), "id_token lacks tid/oid")
-    if tid != pending.tenant_id:
-        raise WrongTenant(pending.tenant_id, tid)
+    if tid != entry.tenant_id:
+        raise WrongTenant(entry.tenant_id, tid)
+    if refused := _refused_after_sign_in(settings, tid, oid):
+        raise refused
     user = ConnectedUser(tid, oid, str(claims.get("preferred_username") or claims.get("upn") or ""),
                          str(claims.get("name", "")))
-    _save_cache(settings, tid, oid, cache)
-    _write_json(_meta_path(settings, tid, oid), {
+    token, meta = token_path(settings, tid, oid), _meta_path(settings, tid, oid)  # resolved once
+    _save_cache(settings, tid, oid, cache, token)
+    _write_json(meta, {
         "oid": oid, "tid": tid, "upn": user.upn, "display_name": user.display_name,
         "connected_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "scopes": str(result.get("scope", "")).split() or pending.scopes,
+        "scopes": str(result.get("scope", "")).split() or entry.scopes,
     })
+    if refused := _refused_after_sign_in(settings, tid, oid):
+        token.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+        if isinstance(refused, TenantGone):  # do not leave an empty folder behind for a tenant that is gone
+            for folder in (token.parent, token.parent.parent):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise refused
     return user
 
 

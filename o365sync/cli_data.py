@@ -169,6 +169,18 @@ def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="
     console.print(offboard_user(tenant, user))
 
 
+@offboard_app.command("readmit")
+def offboard_readmit(tenant: Tenant, user: Annotated[str, typer.Argument(help="The user's object id.")]) -> None:
+    """Let an offboarded user connect again (cancels a deletion still pending; deleted data stays deleted)."""
+    from flows.offboarding import readmit_user_now
+
+    try:
+        out = readmit_user_now(_settings(), tenant, user, actor=_actor(None))
+    except (LookupError, ValueError) as exc:  # unknown tenant or user, or a user who is not offboarded
+        _fail(exc)
+    console.print(f"user {user} of tenant {tenant} readmitted (was: {out['policy']}); they can connect again")
+
+
 @offboard_app.command("tenant")
 def offboard_tenant(
     tenant: Tenant,

@@ -112,7 +112,9 @@ def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str
     save_tenant(settings, TenantConfig(id=tenant.tid, name=tenant.name, domains=tenant.domains,
                                        features=features or ["email"], notetaker_explicit_consent=explicit_consent,
                                        crm_kind=crm_kind, crm=connection), secrets)
-    base_url, stop_web = run_in_thread(settings, port=web_port)
+    # One browser signs every user in from one address: let the per-address rate limit admit all of them.
+    base_url, stop_web = run_in_thread(
+        settings.model_copy(update={"connect_rate_limit": f"{max(30, len(tenant.users))}/minute"}), port=web_port)
     try:
         with httpx.Client(verify=ssl_context(settings), follow_redirects=True, trust_env=False) as browser:
             for user in tenant.users:

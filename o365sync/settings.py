@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,21 @@ class Settings(BaseSettings):
     regions: dict[str, Path] = {}
     # Calendar: the [today, today + 365 days] window is re-anchored (a new baseline round) this often.
     calendar_reanchor_hours: float = 24.0
+    # `o365sync web`: GET /connect needs no login, so what it may hold and how often one address may call it are
+    # bounded. A pending sign-in (10 minutes at most) takes ~2 KB; completed ones are removed at once.
+    connect_max_pending: int = Field(default=1000, ge=1)
+    connect_max_pending_per_tenant: int = Field(default=100, ge=1)
+    # Per client address (the socket peer, or X-Forwarded-For from a trusted proxy; IPv6 per /64), in the notation
+    # of the `limits` package, e.g. "30/minute" or "30/minute;300/hour".
+    connect_rate_limit: str = "30/minute"
+
+    @field_validator("connect_rate_limit")
+    @classmethod
+    def _rate_limit(cls, v: str) -> str:
+        from limits import parse_many
+
+        parse_many(v)  # ValueError names the bad part
+        return v
 
     @property
     def authority(self) -> str:

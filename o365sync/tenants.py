@@ -48,6 +48,10 @@ class TenantExists(ValueError):
                          f"{tenant_id} [options]` (options left out keep their value)")
 
 
+class TenantUnreadable(TenantNotFound):
+    """The tenant's registry entry exists but cannot be read or is invalid: an operator must repair it."""
+
+
 class TenantMisplaced(TenantNotFound):
     """The tenant's files are under another storage root than its configuration says (nothing may be created at
     the configured one: it would start an empty store beside the real one)."""
@@ -283,7 +287,7 @@ def _read_config(path: Path) -> TenantConfig:
         problem = f"is invalid ({where + ': ' if where else ''}{err['msg']})"
     except (OSError, UnicodeDecodeError) as exc:
         problem = f"cannot be read ({exc.__class__.__name__})"
-    raise TenantNotFound(f"{path.resolve()} {problem}: restore it from a backup, or remove its folder and "
+    raise TenantUnreadable(f"{path.resolve()} {problem}: restore it from a backup, or remove its folder and "
                          "register the tenant again (o365sync tenant add)")
 
 

@@ -9,6 +9,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from o365sync.auth import (
@@ -16,8 +19,14 @@ from o365sync.auth import (
     AuthTransient,
     ConnectedUser,
     ConnectError,
+    ConnectSetupError,
+    InvalidLoginHint,
+    PendingSignIns,
     ReconnectNeeded,
+    SignInsBusy,
+    TenantGone,
     TokenProvider,
+    UserOffboarded,
     WrongTenant,
     begin_connect,
     complete_connect,
@@ -28,6 +37,7 @@ from o365sync.auth import (
 )
 from o365sync.secrets import SecretError, load_key, read_sealed
 from o365sync.settings import Settings
+from o365sync.tenants import TenantConfig, save_tenant
 from simulators.identity import IdentitySimulator
 from simulators.tls import create_tls
 from simulators.tokens import TokenAuthority
@@ -48,11 +58,16 @@ def env(tmp_path_factory):
 
 
 def make_settings(tmp_path, sim, tls, **kw) -> Settings:
+    """Settings pointing at the simulator, with every tenant of its world registered (users connect only to
+    registered tenants)."""
     base = dict(data_dir=tmp_path, authority_url=sim.base_url, graph_url="https://127.0.0.1:1/v1.0",
                 client_id="app-1", client_secret=SecretStr("s3cret"), redirect_uri=REDIRECT,
                 ca_bundle=tls.ca_pem)
     base.update(kw)
-    return Settings(**base)
+    settings = Settings(**base)
+    for t in sim.world.tenants:
+        save_tenant(settings, TenantConfig(id=t.tid, name=t.name, domains=t.domains, features=["email"]))
+    return settings
 
 
 @pytest.fixture
@@ -274,7 +289,8 @@ def test_provider_is_safe_to_share_between_threads(env, settings, make_provider)
 def test_errors_survive_pickling():
     for exc in (ReconnectNeeded("t", "o", "invalid_grant", [50173]), AuthTransient("x", [90033]),
                 AuthConfigError("invalid_client", [7000215], "ctx"), ConnectError("access_denied", [65004]),
-                WrongTenant("a", "b")):
+                WrongTenant("a", "b"), TenantGone("t"), UserOffboarded("t", "o"), InvalidLoginHint(),
+                ConnectSetupError("t", "unknown region"), SignInsBusy("tenant t", 30)):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc)
 
@@ -289,3 +305,51 @@ def test_a_loaded_provider_follows_a_reconnect_instead_of_deleting_it(env, setti
     connect(settings, sim, tls, user)  # reconnect before the provider ever saw the revocation
     assert provider(force_refresh=True)
     assert token_path(settings, user.tid, user.oid).exists()
+
+
+CAPS = Settings(connect_max_pending=5, connect_max_pending_per_tenant=3)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "pop"]), st.sampled_from(["t1", "t2", "t3"]),
+                          st.integers(0, 12))))
+def test_pending_sign_ins_never_exceed_their_caps(ops):
+    store, model = PendingSignIns(), {}
+    for op, tenant, n in ops:
+        state = f"s{n}"
+        if op == "pop":
+            assert (store.pop(state) is not None) == (state in model)
+            model.pop(state, None)
+            continue
+        if state in model:
+            continue
+        total, mine = len(model), sum(1 for t in model.values() if t == tenant)
+        if total >= CAPS.connect_max_pending or mine >= CAPS.connect_max_pending_per_tenant:
+            with pytest.raises(SignInsBusy) as info:
+                store.add(CAPS, {"state": state}, tenant, [])
+            assert 1 <= info.value.retry_after_s <= 601
+        else:
+            store.add(CAPS, {"state": state}, tenant, [])
+            model[state] = tenant
+        assert len(store) == len(model) <= CAPS.connect_max_pending
+
+
+def test_expired_pending_sign_ins_free_their_place():
+    store = PendingSignIns(ttl_s=0)  # every entry is expired by the next call
+    for n in range(20):
+        store.add(CAPS, {"state": f"s{n}"}, "t1", [])
+    assert len(store) == 0 and store.pop("s19") is None
+
+
+def test_bad_login_hint_or_unregistered_tenant_starts_nothing(env, settings):
+    sim, world, _, _ = env
+    store = PendingSignIns()
+    user = world.tenants[0].users[0]
+    n = len(sim.authorize_requests)
+    with pytest.raises(InvalidLoginHint):
+        begin_connect(settings, user.tid, ["email"], login_hint="x" * 255, pending=store)
+    with pytest.raises(TenantGone):
+        begin_connect(settings, "not-registered", ["email"], pending=store)
+    assert len(store) == 0 and len(sim.authorize_requests) == n
+    assert begin_connect(settings, user.tid, ["email"], login_hint="x" * 254, pending=store)
+    assert len(store) == 1
