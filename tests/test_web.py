@@ -172,7 +172,7 @@ def test_a_broken_registry_entry_asks_for_the_administrator_with_a_reference(env
     assert r.headers["Content-Security-Policy"] == SECURITY_HEADERS["Content-Security-Policy"]
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # starlette's TestClient on httpx
+@pytest.mark.filterwarnings("ignore:Using .httpx. with .starlette.testclient.")
 def test_an_unexpected_failure_shows_a_page_with_a_reference_not_a_traceback(tmp_path, caplog):
     from starlette.routing import Route
     from starlette.testclient import TestClient
