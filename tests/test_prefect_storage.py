@@ -79,3 +79,20 @@ def test_a_failed_cli_import_writes_nothing_outside_the_data_dir(prefect_server,
     assert done.returncode != 0 and "SyncIncomplete" in done.stderr + done.stdout  # the run did fail
     assert sorted(map(str, _files(*elsewhere.values()) - before)) == []
     assert not _files(product.settings.data_dir / "prefect" / "storage")
+
+
+def test_every_flow_returns_its_failure_instead_of_raising():
+    """The class: a flow defined with `prefect.flow` instead of `flows.failures.flow` would pickle its failures."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import flows
+    from flows.failures import _failure_returned
+
+    wrapper_code = _failure_returned(lambda: None).__code__
+    found = {obj.name: obj.fn.__code__ is wrapper_code
+             for info in pkgutil.iter_modules(flows.__path__)
+             for obj in vars(importlib.import_module(f"flows.{info.name}")).values() if isinstance(obj, Flow)}
+    assert len(found) >= 7 and [name for name, wrapped in found.items() if not wrapped] == []
