@@ -22,7 +22,7 @@ from uuid import UUID
 
 from pydantic import SecretStr
 
-from o365sync.prefect_env import PRIVACY_DEFAULTS, configure_prefect_env
+from o365sync.prefect_env import PRIVACY_DEFAULTS, configure_prefect_env, prefect_home_for
 from o365sync.settings import Settings
 
 
@@ -44,6 +44,8 @@ def worker_job_variables(settings: Settings, cwd: Path | None = None) -> dict:
         value = _absolute(getattr(settings, name))
         if value is not None:
             env[f"O365SYNC_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    # Prefect's home of the run (where Prefect would write its local storage) inside the data dir, as `serve` does.
+    env["PREFECT_HOME"] = str(prefect_home_for(settings.data_dir))
     out: dict = {"env": env}
     if (cwd / ".env").is_file():
         out["working_dir"] = str(cwd.resolve())

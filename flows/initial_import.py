@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.failures import flow
 from flows.tenant_sync import SyncIncomplete, run_name, sync_tenant
 
 MAILBOXES_IN_PARALLEL = 4

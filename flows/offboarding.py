@@ -23,9 +23,10 @@ import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.failures import flow
 from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title
 from o365sync.auth import OFFBOARDING_FILE, disconnect, offboarding_records, token_path
 from o365sync.erasure import Scope, append_audit, audit_path, erase

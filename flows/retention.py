@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from flows.failures import flow
 from flows.offboarding import complete_due_offboardings
 from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title
 from o365sync.erasure import Scope, erase, retention_exempt_counts

@@ -10,11 +10,12 @@ flow parameter would be stored by Prefect), summaries never leave the run.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.failures import flow
 from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title, user_task_name
 from o365sync.auth import connected_users
 from o365sync.settings import load_settings

@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from o365sync.prefect_env import configure_prefect_env
+from o365sync.startup import start_process
 
-configure_prefect_env()  # before anything imports Prefect
+start_process()  # private files (umask 077), Prefect's home in the data dir: before anything imports Prefect
 
 from o365sync.cli_analytics import export  # noqa: E402
 from o365sync.cli_crm import crm_app  # noqa: E402

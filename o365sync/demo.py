@@ -56,9 +56,11 @@ def _free_port() -> int:
 
 
 def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int, console: Console) -> dict:
-    from o365sync.prefect_env import configure_prefect_env
+    from o365sync.prefect_env import configure_prefect_env, prefect_home_for
+    from o365sync.startup import make_new_files_private
 
-    configure_prefect_env(prefect_home=str((data_dir / "prefect").resolve()))
+    make_new_files_private()
+    configure_prefect_env(prefect_home=str(prefect_home_for(data_dir)))
     from simulators.running import start_world
     from simulators.world import generate_world
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from o365sync.prefect_env import prefect_home_for
 from o365sync.settings import Settings
 
 DEFAULT_PORT = 4200
@@ -209,7 +210,7 @@ def ensure_prefect_api(
             yield api
         return
 
-    prefect_home = (settings.data_dir / "prefect").resolve()
+    prefect_home = prefect_home_for(settings.data_dir)
     prefect_home.mkdir(parents=True, exist_ok=True)
     with _server_lock(prefect_home) as lock_path:
         chosen = _pick_port(port, say)
