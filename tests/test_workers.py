@@ -74,6 +74,7 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
         dep = client.read_deployment_by_name(f"teams-refresh/{deployment_name('teams-refresh', tid)}")
         env = dep.job_variables["env"]
         assert env["O365SYNC_DATA_DIR"] == str((repo / "data").resolve())
+        assert env["PREFECT_HOME"] == str((repo / "data" / "prefect").resolve())  # nothing of a run outside it
         assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "false" and dep.job_variables["working_dir"] == str(repo)
         assert not any("SECRET" in k or "KEY" in k for k in env)
         good = client.create_flow_run_from_deployment(dep.id)
