@@ -24,11 +24,12 @@ from o365sync.store import (
     latest_crm_snapshot_at,
     open_store,
     publish_snapshot,
+    read_crm_drop_guard,
     read_crm_state,
     read_sync_states,
     tenant_sync_locks,
 )
-from o365sync.tenants import TenantConfig, TenantNotFound, load_tenant, tenant_dir
+from o365sync.tenants import TenantConfig, TenantMisplaced, TenantNotFound, TenantUnreadable, load_tenant, tenant_dir
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
@@ -51,6 +52,8 @@ def registered_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
     another O365SYNC_DATA_DIR, or another working directory for the default `./data`, looks elsewhere)."""
     try:
         return load_tenant(settings, tenant_id)
+    except (TenantUnreadable, TenantMisplaced):
+        raise  # registered, but its entry or files need an operator: the message says what to do
     except TenantNotFound:
         raise TenantNotFound(
             f"tenant {tenant_id} is not registered in data dir {settings.data_dir.resolve()}: run with the "
@@ -114,6 +117,7 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
     logger = get_run_logger()
     settings = load_settings()
     tenant = registered_tenant(settings, tenant_id)
+    tenant_id = tenant.id  # canonical (a GUID typed in upper case names the same tenant)
     enabled = [f for f in features if f in tenant.features]
     totals: dict[str, int] = {}
     failed_total = due_total = 0
@@ -127,10 +131,13 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
         with open_store(settings, tenant_id, write=False) as con:
             snapshot_at = latest_crm_snapshot_at(con)
             crm_before = read_crm_state(con) or {}
+            drop_confirmed = (read_crm_drop_guard(con) or {}).get("confirmed_at") is not None
         crm: dict = {}
-        # A used-up or refused CRM is asked again only once per CRM_RETRY (a scheduled run every 15 minutes must
-        # not spend what is left of a daily API allowance); a run started by hand always tries.
-        waiting = (respect_backoff and crm_before.get("status") in ("quota_exhausted", "reconnect_needed")
+        # A used-up or refused CRM, or a refresh refused by the mass-drop guard, is asked again only once per
+        # CRM_RETRY (a scheduled run every 15 minutes must not spend what is left of a daily API allowance on a
+        # refresh that fails again); a run started by hand, or an admin's confirmation of the drop, tries now.
+        waiting = (respect_backoff and not drop_confirmed
+                   and crm_before.get("status") in ("quota_exhausted", "reconnect_needed", "refused")
                    and now - crm_before["last_attempt_at"] < CRM_RETRY)
         if (snapshot_at is None or now - snapshot_at >= crm_max_age) and not (waiting and snapshot_at is not None):
             try:

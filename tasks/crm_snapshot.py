@@ -105,7 +105,8 @@ def fetch_crm(settings: Settings, tenant: TenantConfig, since: datetime | None) 
 
 def _secret(secrets: dict[str, str], name: str, tenant: TenantConfig) -> str:
     if not secrets.get(name):
-        raise CrmError(f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored (o365sync tenant add)")
+        raise CrmError(f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored "
+                       "(o365sync tenant update --crm-secrets-stdin)")
     return secrets[name]
 
 
