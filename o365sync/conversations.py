@@ -21,7 +21,7 @@ import duckdb
 
 from o365sync.analytics import export_lock
 from o365sync.settings import Settings
-from o365sync.store import open_store
+from o365sync.store import open_store, store_path
 from o365sync.tenants import load_tenant, tenant_dir
 
 
@@ -35,6 +35,13 @@ class ExportResult:
 
 def exports_dir(settings: Settings, tenant_id: str) -> Path:
     return tenant_dir(settings, tenant_id) / "exports"
+
+
+def _require_store(settings: Settings, tenant_id: str) -> None:
+    """TenantNotFound / LookupError before anything is created (the export lock makes the tenant's folder)."""
+    load_tenant(settings, tenant_id)
+    if not store_path(settings, tenant_id).exists():
+        raise LookupError(f"nothing matched: tenant {tenant_id} has no imported data yet")
 
 
 def _slug(value: str) -> str:
@@ -75,7 +82,8 @@ def resolve_conversation(con: duckdb.DuckDBPyConnection, tenant_id: str, graph_i
                       "(?::VARCHAR IS NULL OR user_oid = ?) AND conversation_id IS NOT NULL LIMIT 1",
                       [tenant_id, graph_id, user_oid, user_oid]).fetchone()
     if row is None:
-        raise LookupError(f"message {graph_id} is not stored in tenant {tenant_id} (or has no conversation id)")
+        raise LookupError(f"nothing matched: message {graph_id} is not stored in tenant {tenant_id} (or has no "
+                          "conversation id)")
     return row[0]
 
 
@@ -111,6 +119,9 @@ def export_conversation(settings: Settings, tenant_id: str, conversation_id: str
     """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
     `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`. Holds the shared
     export lock from read to write, so an erasure deletes this export or runs before it reads."""
+    if (conversation_id is None) == (graph_id is None):
+        raise ValueError("give a conversation id or a message's graph id")
+    _require_store(settings, tenant_id)
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
 
@@ -119,9 +130,6 @@ def _export_conversation(settings: Settings, tenant_id: str, conversation_id: st
                          user_oid: str | None, eml: bool) -> ExportResult:
     """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
     `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`."""
-    if (conversation_id is None) == (graph_id is None):
-        raise ValueError("give a conversation id or a message's graph id")
-    load_tenant(settings, tenant_id)
     with open_store(settings, tenant_id, write=False) as con:
         if conversation_id is None:
             conversation_id = resolve_conversation(con, tenant_id, graph_id or "", user_oid)
@@ -135,7 +143,8 @@ def _export_conversation(settings: Settings, tenant_id: str, conversation_id: st
         links = _rows(con, f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
                            f"email_crm_matches WHERE {keyed} ORDER BY crm_id", params)
     if not messages:
-        raise LookupError(f"conversation {conversation_id} has no stored messages in tenant {tenant_id}")
+        raise LookupError(f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
+                          f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}")
     for m in messages:
         k = (m["user_oid"], m["graph_id"])
         m["participants"] = [{x: p[x] for x in ("role", "name", "address")} for p in parts
@@ -159,6 +168,9 @@ def export_meeting(settings: Settings, tenant_id: str, event_id: str | None = No
                    user_oid: str | None = None) -> ExportResult:
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links (under the shared export lock, like conversations)."""
+    if (event_id is None) == (series_id is None):
+        raise ValueError("give an event id or a series id")
+    _require_store(settings, tenant_id)
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_meeting(settings, tenant_id, event_id, series_id, user_oid)
 
@@ -167,9 +179,6 @@ def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, se
                     user_oid: str | None) -> ExportResult:
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links."""
-    if (event_id is None) == (series_id is None):
-        raise ValueError("give an event id or a series id")
-    load_tenant(settings, tenant_id)
     key = event_id or series_id or ""
     match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
     params = [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid]
@@ -183,7 +192,8 @@ def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, se
         links = _rows(con, f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
                            f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id", params)
     if not meetings:
-        raise LookupError(f"{'meeting' if event_id else 'series'} {key} is not stored in tenant {tenant_id}")
+        raise LookupError(f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
+                          f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}")
     for m in meetings:
         k = (m["user_oid"], m["event_id"])
         m["attendees"] = [{x: a[x] for x in ("role", "name", "address", "response")} for a in attendees
