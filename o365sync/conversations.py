@@ -37,11 +37,27 @@ def exports_dir(settings: Settings, tenant_id: str) -> Path:
     return tenant_dir(settings, tenant_id) / "exports"
 
 
-def _require_store(settings: Settings, tenant_id: str) -> None:
-    """TenantNotFound / LookupError before anything is created (the export lock makes the tenant's folder)."""
+_CONVERSATION = "tenant_id = ? AND conversation_id = ? AND (?::VARCHAR IS NULL OR user_oid = ?)"
+
+
+def _meeting_scope(event_id: str | None, series_id: str | None, tenant_id: str,
+                   user_oid: str | None) -> tuple[str, list]:
+    key = event_id or series_id or ""
+    match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
+    return (f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)",
+            [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid])
+
+
+def _require_rows(settings: Settings, tenant_id: str, table: str, scope: str, params: list, what: str) -> None:
+    """TenantNotFound / LookupError ("nothing matched") before anything is created: the export lock makes a
+    file, and reading a tenant without a store would create one."""
     load_tenant(settings, tenant_id)
-    if not store_path(settings, tenant_id).exists():
-        raise LookupError(f"nothing matched: tenant {tenant_id} has no imported data yet")
+    found = False
+    if store_path(settings, tenant_id).exists():
+        with open_store(settings, tenant_id, write=False) as con:
+            found = con.execute(f"SELECT 1 FROM {table} WHERE {scope} LIMIT 1", params).fetchone() is not None
+    if not found:
+        raise LookupError(f"nothing matched: {what} is not stored in tenant {tenant_id}")
 
 
 def _slug(value: str) -> str:
@@ -121,7 +137,14 @@ def export_conversation(settings: Settings, tenant_id: str, conversation_id: str
     export lock from read to write, so an erasure deletes this export or runs before it reads."""
     if (conversation_id is None) == (graph_id is None):
         raise ValueError("give a conversation id or a message's graph id")
-    _require_store(settings, tenant_id)
+    whose = f" of user {user_oid}" if user_oid else ""
+    if conversation_id is None:
+        _require_rows(settings, tenant_id, "emails", "tenant_id = ? AND graph_id = ? AND conversation_id IS NOT NULL "
+                      "AND (?::VARCHAR IS NULL OR user_oid = ?)", [tenant_id, graph_id, user_oid, user_oid],
+                      f"message {graph_id}{whose} (with a conversation id)")
+    else:
+        _require_rows(settings, tenant_id, "emails", _CONVERSATION, [tenant_id, conversation_id, user_oid, user_oid],
+                      f"conversation {conversation_id}{whose}")
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
 
@@ -133,8 +156,7 @@ def _export_conversation(settings: Settings, tenant_id: str, conversation_id: st
     with open_store(settings, tenant_id, write=False) as con:
         if conversation_id is None:
             conversation_id = resolve_conversation(con, tenant_id, graph_id or "", user_oid)
-        params = [tenant_id, conversation_id, user_oid, user_oid]
-        scope = "tenant_id = ? AND conversation_id = ? AND (?::VARCHAR IS NULL OR user_oid = ?)"
+        params, scope = [tenant_id, conversation_id, user_oid, user_oid], _CONVERSATION
         messages = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} "
                               "ORDER BY coalesce(sent_at, received_at), graph_id", params)
         keyed = f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})"
@@ -170,7 +192,9 @@ def export_meeting(settings: Settings, tenant_id: str, event_id: str | None = No
     the meeting rows, attendees and CRM links (under the shared export lock, like conversations)."""
     if (event_id is None) == (series_id is None):
         raise ValueError("give an event id or a series id")
-    _require_store(settings, tenant_id)
+    _require_rows(settings, tenant_id, "meetings", *_meeting_scope(event_id, series_id, tenant_id, user_oid),
+                  f"{'meeting' if event_id else 'series'} {event_id or series_id}"
+                  + (f" of user {user_oid}" if user_oid else ""))
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_meeting(settings, tenant_id, event_id, series_id, user_oid)
 
@@ -180,9 +204,7 @@ def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, se
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links."""
     key = event_id or series_id or ""
-    match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
-    params = [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid]
-    scope = f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)"
+    scope, params = _meeting_scope(event_id, series_id, tenant_id, user_oid)
     with open_store(settings, tenant_id, write=False) as con:
         meetings = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id",
                          params)
