@@ -97,7 +97,7 @@ def _lag(seconds: int | None) -> str:
 
 
 def _counts(counts: dict) -> str:
-    return ", ".join(f"{counts[n]} {n}" for n in COUNTS)
+    return "".join(f"{counts[n]:>10}" for n in COUNTS)
 
 
 def render(report: dict[str, Any]) -> list[str]:
@@ -108,7 +108,8 @@ def render(report: dict[str, Any]) -> list[str]:
         lines += [f"Tenant {t['name'] or t['id']}", f"  id {t['id']}",
                   f"  CRM {crm['kind']}: {crm['state'].replace('_', ' ')}"
                   + (f", {crm['mode']} refresh {_when(crm['last_refresh_at'])}" if crm["last_refresh_at"] else ""),
-                  f"  last full read {_when(crm['last_full_read_at'])}, last success {_when(crm['last_success_at'])}"]
+                  f"  CRM last success {_when(crm['last_success_at'])}",
+                  f"  CRM last full read {_when(crm['last_full_read_at'])}"]
         if crm["last_error"]:
             lines.append(f"  CRM error: {crm['last_error']}")
         if not t["users"]:
@@ -125,16 +126,18 @@ def render(report: dict[str, Any]) -> list[str]:
                              + (f", deleted {_when(off['deleted_at'])}" if off.get("deleted_at") else
                                 f", delete after {_when(off['delete_after'])}" if off.get("delete_after") else ""))
             for feature, f in u["features"].items():
-                lines.append(f"    {feature:<9}{f['stage'].replace('_', ' ')}"
-                             + (f", last success {_when(f['last_success_at'])}" if f["last_success_at"] else "")
-                             + (f" ({_lag(f['lag_seconds'])} ago)" if f["lag_seconds"] is not None else ""))
                 pad = " " * 13
+                lines.append(f"    {feature:<9}{f['stage'].replace('_', ' ')}")
+                if f["last_success_at"]:
+                    lines.append(f"{pad}last success {_when(f['last_success_at'])} ({_lag(f['lag_seconds'])} ago)")
                 if f["consecutive_failures"]:
-                    lines.append(f"{pad}failures {f['consecutive_failures']}, last error {f['last_error']}, next "
-                                 f"retry {_when(f['next_retry_at'])}")
+                    lines += [f"{pad}failures {f['consecutive_failures']}, next retry {_when(f['next_retry_at'])}",
+                              f"{pad}last error {f['last_error']}"]
                 if f["last_run"] is not None:
-                    lines += [f"{pad}last run {_when(f['last_run_at'])}:", f"{pad}  {_counts(f['last_run'])}",
-                              f"{pad}since connect:", f"{pad}  {_counts(f['total'])}"]
+                    lines += [f"{pad}last run at  {_when(f['last_run_at'])}",
+                              f"{pad}{'':<14}" + "".join(f"{n:>10}" for n in COUNTS),
+                              f"{pad}{'last run':<14}" + _counts(f["last_run"]),
+                              f"{pad}{'since connect':<14}" + _counts(f["total"])]
                     excluded = f["last_run"]["excluded"]
                     if excluded:
                         lines.append(f"{pad}excluded last run: "
