@@ -13,7 +13,7 @@ from o365sync.prefect_env import configure_prefect_env
 configure_prefect_env()  # before anything imports Prefect
 
 from o365sync.cli_analytics import export  # noqa: E402
-from o365sync.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant  # noqa: E402
+from o365sync.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant, run_flow  # noqa: E402
 from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
 from o365sync.cli_sql import sql  # noqa: E402
 from o365sync.cli_status import status  # noqa: E402
@@ -122,7 +122,7 @@ def import_(tenant: Annotated[str, typer.Option(help="Tenant id.")]) -> None:
     from flows.initial_import import ImportIncomplete, initial_import
 
     try:
-        console.print(initial_import(tenant))
+        console.print(run_flow(initial_import, tenant))
     except ImportIncomplete as exc:
         raise BadInput(f"{exc}; who and why: o365sync status --tenant {tenant}") from None
 

@@ -8,13 +8,15 @@ mode 0600) instead of a traceback. Checks only read: a store that does not exist
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -25,6 +27,7 @@ from typer.core import TyperGroup
 
 from o365sync.settings import Settings
 
+T = TypeVar("T")
 error_console = Console(stderr=True)
 ERROR_LOG = Path("logs") / "cli-errors.log"
 
@@ -85,6 +88,33 @@ class OneLineErrors(TyperGroup):
             raise
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug, not bad input
             raise fail(f"unexpected {type(exc).__name__}: {exc}"[:300] + f" — {_log_unexpected(exc)}") from None
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Prefect's console format minus the traceback: a failed run's log line still names the exception."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def run_flow(flow: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a Prefect flow for a command: Prefect's console log (the root logger's console handler) shows no
+    tracebacks — the command ends with its own one line; the flow run in Prefect keeps its state message."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
+    return flow(*args, **kwargs)
 
 
 def command_group(help: str) -> typer.Typer:  # noqa: A002

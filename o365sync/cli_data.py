@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from o365sync.cli_checks import BadInput, command_group, known_user, registered_tenant
+from o365sync.cli_checks import BadInput, command_group, known_user, registered_tenant, run_flow
 from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
@@ -151,7 +151,7 @@ def retention_run(tenant: Tenant) -> None:
     registered_tenant(_settings(), tenant)  # before Prefect starts
     from flows.retention import retention
 
-    console.print(retention(tenant))
+    console.print(run_flow(retention, tenant))
 
 
 # ---------------------------------------------------------------------------------------------- offboard
@@ -162,7 +162,7 @@ def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="
     known_user(settings, registered_tenant(settings, tenant), user)  # before Prefect starts
     from flows.offboarding import offboard_user
 
-    console.print(offboard_user(tenant, user))
+    console.print(run_flow(offboard_user, tenant, user))
 
 
 @offboard_app.command("tenant")
@@ -177,7 +177,7 @@ def offboard_tenant(
         raise BadInput(f"this deletes every file of tenant {tenant}; repeat with --yes")
     from flows.offboarding import end_subscription
 
-    console.print(end_subscription(tenant))
+    console.print(run_flow(end_subscription, tenant))
 
 
 @offboard_app.command("status")

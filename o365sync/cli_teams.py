@@ -18,6 +18,7 @@ from o365sync.cli_checks import (
     known_user,
     read_store,
     registered_tenant,
+    run_flow,
 )
 from o365sync.prefect_env import configure_prefect_env
 
@@ -68,7 +69,7 @@ def channels(
         from flows.teams import TeamsRefreshIncomplete, teams_refresh
 
         try:
-            console.print(teams_refresh(tenant))
+            console.print(run_flow(teams_refresh, tenant))
         except TeamsRefreshIncomplete as exc:
             raise BadInput(f"{exc}: who and why: o365sync status --tenant {tenant}") from None
     names = {u.oid: u.display_name or u.upn for u in connected_users(settings, tenant)}
@@ -123,8 +124,8 @@ def share(
     from flows.teams import TeamsShareError, teams_share
 
     try:
-        result = teams_share(tenant, oid, kind, activity_id, team_id=team, channel_id=channel,
-                             member_oids=oids or None, force=force)
+        result = run_flow(teams_share, tenant, oid, kind, activity_id, team_id=team, channel_id=channel,
+                          member_oids=oids or None, force=force)
     except TeamsShareError as exc:
         raise BadInput(str(exc)) from None
     status = result["status"]

@@ -171,3 +171,21 @@ def test_simulate_starts_the_demo_world_and_prints_a_complete_tenant_add(tmp_pat
     for user in world.tenants[0].users:
         assert f"/connect?tenant={world.tenants[0].tid}&login_hint={user.upn}" in text
     assert f"O365SYNC_REDIRECT_URI=http://localhost:{port}/auth/callback" in text and "o365sync sql" in text
+
+
+def test_a_failed_import_ends_in_one_line_and_prefect_prints_no_traceback(imported):
+    """The real command in its own process (Prefect's console logging as people see it). Runs last in this
+    module: it leaves one user failed."""
+    import subprocess
+    import sys
+
+    product, env = imported
+    tenant = product.world.tenants[0]
+    product.running.graph.inject(tenant.users[0].oid, 400, count=1, code="ErrorInvalidRequest")  # next request
+    done = subprocess.run([sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid],
+                          env={**env, "COLUMNS": "80"}, capture_output=True, text=True, timeout=300)
+    printed = plain(done.stdout + done.stderr)
+    assert done.returncode == 1, printed
+    assert "Traceback" not in printed and "Encountered exception" in printed  # Prefect's line, without traceback
+    assert re.fullmatch(rf"error: 1 of \d+ user syncs failed in tenant {tenant.tid}; who and why: o365sync status "
+                        rf"--tenant {tenant.tid}", plain(done.stderr).strip().splitlines()[-1]), printed
