@@ -9,6 +9,7 @@ store is created). Registered in o365sync/cli.py with `app.command("status")(sta
 from __future__ import annotations
 
 import json
+import textwrap
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -100,6 +101,14 @@ def _counts(counts: dict) -> str:
     return "".join(f"{counts[n]:>10}" for n in COUNTS)
 
 
+def _wrap(first: str, text: str, width: int = 80) -> list[str]:
+    """`first` + `text` in lines of `width`, continuation lines indented under `first`'s indentation + 2."""
+    indent = " " * (len(first) - len(first.lstrip()) + 2)
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False,
+                         break_long_words=False) or [
+        first.rstrip()]
+
+
 def render(report: dict[str, Any]) -> list[str]:
     """The report as short lines (each well under 80 columns except for free text such as errors, which wraps)."""
     lines: list[str] = []
@@ -111,7 +120,7 @@ def render(report: dict[str, Any]) -> list[str]:
                   f"  CRM last success {_when(crm['last_success_at'])}",
                   f"  CRM last full read {_when(crm['last_full_read_at'])}"]
         if crm["last_error"]:
-            lines.append(f"  CRM error: {crm['last_error']}")
+            lines += _wrap("  CRM error: ", crm["last_error"])
         if not t["users"]:
             lines.append("  no user connected yet")
         for u in t["users"]:
@@ -131,8 +140,8 @@ def render(report: dict[str, Any]) -> list[str]:
                 if f["last_success_at"]:
                     lines.append(f"{pad}last success {_when(f['last_success_at'])} ({_lag(f['lag_seconds'])} ago)")
                 if f["consecutive_failures"]:
-                    lines += [f"{pad}failures {f['consecutive_failures']}, next retry {_when(f['next_retry_at'])}",
-                              f"{pad}last error {f['last_error']}"]
+                    lines.append(f"{pad}failures {f['consecutive_failures']}, next retry {_when(f['next_retry_at'])}")
+                    lines += _wrap(f"{pad}last error ", f["last_error"] or "")
                 if f["last_run"] is not None:
                     lines += [f"{pad}last run at  {_when(f['last_run_at'])}",
                               f"{pad}{'':<14}" + "".join(f"{n:>10}" for n in COUNTS),
@@ -140,8 +149,8 @@ def render(report: dict[str, Any]) -> list[str]:
                               f"{pad}{'since connect':<14}" + _counts(f["total"])]
                     excluded = f["last_run"]["excluded"]
                     if excluded:
-                        lines.append(f"{pad}excluded last run: "
-                                     + ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())))
+                        lines += _wrap(f"{pad}excluded last run: ",
+                                       ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())))
         lines.append("")
     return lines
 

@@ -189,3 +189,33 @@ def test_a_failed_import_ends_in_one_line_and_prefect_prints_no_traceback(import
     assert "Traceback" not in printed and "Encountered exception" in printed  # Prefect's line, without traceback
     assert re.fullmatch(rf"error: 1 of \d+ user syncs failed in tenant {tenant.tid}; who and why: o365sync status "
                         rf"--tenant {tenant.tid}", plain(done.stderr).strip().splitlines()[-1]), printed
+
+
+def test_totals_since_connect_carry_on_from_a_store_written_before_they_existed(tmp_path, monkeypatch):
+    """The store change is additive: an older sync_state (no total_* columns) reads fine read-only, and its last
+    run's counts start the totals at the next write."""
+    from o365sync.settings import load_settings
+    from o365sync.store import RunCounts, open_store, read_sync_states, record_sync_state, store_path
+    from o365sync.tenants import TenantConfig, save_tenant
+
+    monkeypatch.setenv("O365SYNC_DATA_DIR", str(tmp_path))
+    settings = load_settings()
+    save_tenant(settings, TenantConfig(id="t1", domains=["example.org"]))
+    path = store_path(settings, "t1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(path)) as con:  # sync_state as the store of commit 518385b created it
+        con.execute("CREATE TABLE sync_state (tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, stage VARCHAR "
+                    "NOT NULL, last_run_at TIMESTAMPTZ, last_success_at TIMESTAMPTZ, last_error VARCHAR, "
+                    "consecutive_failures INTEGER NOT NULL DEFAULT 0, scanned BIGINT, matched BIGINT, imported BIGINT, "
+                    "discarded BIGINT, next_retry_at TIMESTAMPTZ, excluded VARCHAR, feature VARCHAR DEFAULT 'email')")
+        con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, scanned, matched, imported, discarded) "
+                    "VALUES ('t1', 'u1', 'idle', 5, 2, 2, 3)")
+    with open_store(settings, "t1", write=False) as con:
+        (old,) = read_sync_states(con, "t1")
+    assert old["imported"] == 2 and old["total_imported"] is None
+    with open_store(settings, "t1", write=True) as con:
+        record_sync_state(con, "t1", "u1", "idle", RunCounts(scanned=3, matched=1, imported=1, discarded=2))
+        record_sync_state(con, "t1", "u1", "syncing")
+        (new,) = read_sync_states(con, "t1")
+    assert (new["scanned"], new["imported"]) == (0, 0)
+    assert (new["total_scanned"], new["total_matched"], new["total_imported"], new["total_discarded"]) == (8, 3, 3, 5)
