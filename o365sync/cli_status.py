@@ -104,9 +104,9 @@ def _counts(counts: dict) -> str:
 def _wrap(first: str, text: str, width: int = 80) -> list[str]:
     """`first` + `text` in lines of `width`, continuation lines indented under `first`'s indentation + 2."""
     indent = " " * (len(first) - len(first.lstrip()) + 2)
-    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False,
-                         break_long_words=False) or [
-        first.rstrip()]
+    lines = textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False,
+                          break_long_words=False)
+    return lines or [first.rstrip()]
 
 
 def render(report: dict[str, Any]) -> list[str]:
