@@ -13,13 +13,16 @@ from o365sync.startup import start_process
 start_process()  # private files (umask 077), Prefect's home in the data dir: before anything imports Prefect
 
 from o365sync.cli_analytics import export  # noqa: E402
+from o365sync.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant, run_flow  # noqa: E402
 from o365sync.cli_crm import crm_app  # noqa: E402
 from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
+from o365sync.cli_sql import sql  # noqa: E402
+from o365sync.cli_status import status  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 from o365sync.cli_tenants import tenant_app, user_app  # noqa: E402
 
 app = typer.Typer(help="Office 365 activity capture for revenue teams: CRM-matched mail and meetings into DuckDB.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, cls=OneLineErrors, pretty_exceptions_enable=False)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(user_app, name="user")
 app.add_typer(teams_app, name="teams")
@@ -29,6 +32,8 @@ app.add_typer(retention_app, name="retention")
 app.add_typer(offboard_app, name="offboard")
 app.add_typer(crm_app, name="crm")
 app.command("export")(export)
+app.command("status")(status)
+app.command("sql")(sql)
 console = Console()
 
 
@@ -36,6 +41,33 @@ def _settings():  # noqa: ANN202
     from o365sync.settings import load_settings
 
     return load_settings()
+
+
+@app.callback()
+def _check_settings() -> None:
+    """Settings that cannot be read, or a data dir that is not a folder, fail every command in one line."""
+    from pydantic import ValidationError
+
+    try:
+        settings = _settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise BadInput(f"setting O365SYNC_{str(err['loc'][0]).upper()}: {err['msg']} (fix the environment or "
+                       ".env)", 2) from None
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise BadInput(f"the data dir {settings.data_dir} is not a folder (set O365SYNC_DATA_DIR to a folder)", 2)
+
+
+def _at_least_one(**counts: int) -> None:
+    for name, value in counts.items():
+        if value < 1:
+            raise BadInput(f"--{name} must be at least 1 (got {value})", 2)
+
+
+def _port(value: int, option: str) -> int:
+    if not 1 <= value <= 65535:
+        raise BadInput(f"{option} must be a TCP port between 1 and 65535 (got {value})", 2)
+    return value
 
 
 @app.command()
@@ -46,6 +78,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="World seed.")] = 7,
 ) -> None:
     """Run the whole product against a simulated Microsoft 365 + Salesforce world."""
+    _at_least_one(users=users, messages=messages, contacts=contacts)
     from o365sync.demo import run_demo
 
     run_demo(_settings().data_dir, seed, users, messages, contacts, console)
@@ -55,37 +88,20 @@ def demo(
 def simulate(
     users: Annotated[int, typer.Option(help="Users per tenant.")] = 3,
     messages: Annotated[int, typer.Option(help="Messages per mailbox.")] = 400,
+    contacts: Annotated[int, typer.Option(help="CRM contacts.")] = 60,
     seed: Annotated[int, typer.Option(help="World seed.")] = 7,
     web_port: Annotated[int, typer.Option(help="Port `o365sync web` will use (for the redirect URI).")] = 8400,
 ) -> None:
-    """Start the simulated world and print its URLs and the settings that point the product at it."""
+    """Start the demo's simulated world (mail, calendars, Teams, CRMs) and print the settings and the
+    `tenant add` commands that point the product at it."""
     import threading
 
-    from simulators.running import start_world
-    from simulators.world import generate_world
+    from o365sync.demo import simulate_world
 
-    settings = _settings()
-    world = generate_world(seed=seed, users_per_tenant=users, messages_per_user=messages)
-    redirect = f"http://localhost:{web_port}/auth/callback"
-    running = start_world(world, settings.data_dir / "simulator-tls", redirect_uris=[redirect])
-    console.print(f"identity platform  {running.identity.base_url}\nMicrosoft Graph    {running.graph.base_url}\n"
-                  f"Salesforce         {running.salesforce.base_url}\n")
-    console.print("# settings (e.g. in .env):")
-    for key, value in running.settings_env(settings.data_dir, redirect).items():
-        console.print(f"{key}={value}", soft_wrap=True, highlight=False)
-    sf = running.salesforce
-    for t in world.tenants:
-        console.print(f"\n# tenant {t.name}: users {', '.join(u.upn for u in t.users)}\n"
-                      f"o365sync tenant add --id {t.tid} --name {t.name} "
-                      + " ".join(f"--domain {d}" for d in t.domains)
-                      + f" --crm-login-url {sf.base_url} --crm-client-id {sf.client_id} "
-                      f"--crm-client-secret {sf.client_secret} --crm-refresh-token {sf.refresh_token_for(t.tid)}",
-                      soft_wrap=True, highlight=False)
-        for u in t.users:
-            console.print(f"# connect {u.display_name}: http://localhost:{web_port}/connect?tenant={t.tid}"
-                          f"&login_hint={u.upn}", soft_wrap=True, highlight=False)
-    console.print("\nThen: o365sync web, open the connect links, and o365sync import --tenant <id>. Ctrl-C stops.",
-                  soft_wrap=True)
+    _at_least_one(users=users, messages=messages, contacts=contacts)
+    _port(web_port, "--web-port")
+    running = simulate_world(_settings().data_dir, seed, users, messages, contacts, web_port,
+                             lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -97,79 +113,20 @@ def web(host: str = "127.0.0.1", port: int = 8400) -> None:
     """Serve /connect?tenant=<id> and the OAuth redirect callback."""
     from o365sync.web import serve
 
-    serve(_settings(), host, port)
+    serve(_settings(), host, _port(port, "--port"))
 
 
 @app.command("import")
 def import_(tenant: Annotated[str, typer.Option(help="Tenant id.")]) -> None:
     """Run the initial-import flow for a tenant now."""
-    from flows.initial_import import initial_import
-
-    console.print(initial_import(tenant))
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if hasattr(value, "strftime"):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
-
-
-def _lag(value: object) -> str:
-    if value is None:
-        return ""
-    seconds = int(value.total_seconds())  # type: ignore[attr-defined]
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def _excluded(value: str | None) -> str:
-    import json
-
-    return ", ".join(f"{k} {v}" for k, v in sorted(json.loads(value or "{}").items()))
-
-
-@app.command()
-def status(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None) -> None:
-    """Print per-user sync state."""
-    from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_states
-    from o365sync.tenants import list_tenants
-
     settings = _settings()
-    tenants = [t for t in list_tenants(settings) if not tenant or t.id == tenant]
-    if not tenants:
-        console.print("No tenants registered." if not tenant else f"Tenant {tenant} is not registered.")
-        raise typer.Exit(0 if not tenant else 1)
-    table = Table("tenant", "user", "feature", "stage", "last success", "lag", "failures", "next retry",
-                  "last error", "scanned", "matched", "imported", "excluded")
-    crm_table = Table("tenant", "CRM", "state", "last refresh", "mode", "last success", "last full read", "error",
-                      title="CRM snapshots")
-    for t in tenants:
-        with open_store(settings, t.id, write=False) as con:
-            states = [st for f in ("email", "calendar", "teams") for st in read_sync_states(con, t.id, f)]
-            crm, summary = read_crm_state(con) or {}, crm_state_summary(con)
-        crm_table.add_row(t.id, t.crm_kind, crm.get("status", "never refreshed").replace("_", " "),
-                          _cell(summary["taken_at"]), _cell(summary.get("mode")), _cell(crm.get("last_success_at")),
-                          _cell(summary["last_full_at"]), _cell(crm.get("last_error")))
-        for st in states:
-            table.add_row(t.id, st["user_oid"], st["feature"], st["stage"].replace("_", " "),
-                          _cell(st["last_success_at"]),
-                          _lag(st["lag"]), str(st["consecutive_failures"]), _cell(st["next_retry_at"]),
-                          _cell(st["last_error"]), _cell(st["scanned"]), _cell(st["matched"]),
-                          _cell(st["imported"]), _excluded(st["excluded"]))
-    console.print(table)
-    console.print(crm_table)
-    from flows.offboarding import offboarding_status
+    crm_configured(settings, registered_tenant(settings, tenant))  # before Prefect starts
+    from flows.initial_import import ImportIncomplete, initial_import
 
-    offboarded = Table("tenant", "user", "policy", "offboarded", "delete after", "deleted", title="Offboarded users")
-    for t in tenants:
-        for oid, rec in sorted(offboarding_status(settings, t.id).items()):
-            offboarded.add_row(t.id, oid, rec.get("policy", ""), _cell(rec.get("offboarded_at")),
-                               _cell(rec.get("delete_after")), _cell(rec.get("deleted_at")))
-    if offboarded.row_count:
-        console.print(offboarded)
+    try:
+        console.print(run_flow(initial_import, tenant))
+    except ImportIncomplete as exc:
+        raise BadInput(f"{exc}; who and why: o365sync status --tenant {tenant}") from None
 
 
 @app.command()

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from o365sync.cli_checks import BadInput, new_folder_destination, registered_tenant
+
 console = Console()
 
 
@@ -26,19 +28,15 @@ def export(
     (conversation delete, retention, offboarding) delete the exports under the tenant's directory."""
     from o365sync.analytics import export_views, is_inside_tenant
     from o365sync.settings import load_settings
-    from o365sync.tenants import TenantNotFound, load_tenant
 
     settings = load_settings()
-    try:
-        load_tenant(settings, tenant)
-    except TenantNotFound as exc:
-        console.print(f"[red]{exc}[/]", soft_wrap=True)
-        raise typer.Exit(1) from None
+    registered_tenant(settings, tenant)
+    if out is not None:
+        out = new_folder_destination(out)  # before a snapshot is published or anything is written
     try:
         result = export_views(settings, tenant, views=view or None, out=out)
     except (ValueError, FileExistsError) as exc:
-        console.print(f"[red]{exc}[/]", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise BadInput(str(exc), 2) from None
     table = Table("view", "rows", "file", title=f"Export of tenant {tenant}")
     for name, rows in result.rows.items():
         table.add_row(name, str(rows), f"{name}.parquet")

@@ -20,17 +20,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from o365sync.cli_checks import BadInput, command_group, known_user, registered_tenant, run_flow
 from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
 
-conversation_app = typer.Typer(help="Export or delete a conversation (by conversation id or a message in it).",
-                               no_args_is_help=True)
-meeting_app = typer.Typer(help="Export or delete a meeting or a whole meeting series.", no_args_is_help=True)
-retention_app = typer.Typer(help="Retention: delete activities older than the tenant's retention period.",
-                            no_args_is_help=True)
-offboard_app = typer.Typer(help="Offboard a user (tenant policy: delete or retain) or end a tenant's subscription.",
-                           no_args_is_help=True)
+conversation_app = command_group("Export or delete a conversation (by conversation id or a message in it).")
+meeting_app = command_group("Export or delete a meeting or a whole meeting series.")
+retention_app = command_group("Retention: delete activities older than the tenant's retention period.")
+offboard_app = command_group("Offboard a user (tenant policy: delete or retain) or end a tenant's subscription.")
 console = Console()
 
 Tenant = Annotated[str, typer.Option(help="Tenant id.")]
@@ -55,11 +53,6 @@ def _actor(actor: str | None) -> str:
     return "cli:" + (re.sub(r"[^A-Za-z0-9._-]", "_", login)[:60] or "unknown")
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]{exc}[/]")
-    raise typer.Exit(1)
-
-
 def _erase(tenant: str, scope, actor: str | None, reason: str) -> None:  # noqa: ANN001
     from o365sync.erasure import ErasureError, erase
     from o365sync.tenants import TenantNotFound
@@ -67,7 +60,7 @@ def _erase(tenant: str, scope, actor: str | None, reason: str) -> None:  # noqa:
     try:
         r = erase(_settings(), tenant, scope, actor=_actor(actor), reason=reason)
     except (LookupError, ValueError, TenantNotFound, ErasureError) as exc:
-        _fail(exc)
+        raise BadInput(str(exc)) from None
     ids = " ".join(f"{k}={','.join(v)}" for k, v in r.ids.items() if v)
     rows = ", ".join(f"{t} {n}" for t, n in sorted(r.rows.items()) if n) or "nothing stored"
     console.print(f"Erased {r.scope} {ids}: {rows}; tombstones {r.tombstones}; exports removed "
@@ -92,7 +85,7 @@ def conversation_export(
         r = export_conversation(_settings(), tenant, conversation_id=conversation, graph_id=message, user_oid=user,
                                 eml=eml)
     except (LookupError, ValueError, TenantNotFound) as exc:
-        _fail(exc)
+        raise BadInput(str(exc)) from None
     console.print(f"Exported {r.items} messages ({r.files} files) to {r.path}")
 
 
@@ -109,7 +102,7 @@ def conversation_delete(
     from o365sync.erasure import Scope
 
     if bool(conversation) == bool(message):
-        _fail(ValueError("give --id or --message"))
+        raise BadInput("give --id or --message")
     scope = Scope.message(message, user_oid=user) if message else Scope.conversation(*conversation, user_oid=user)
     _erase(tenant, scope, actor, reason)
 
@@ -129,7 +122,7 @@ def meeting_export(
     try:
         r = export_meeting(_settings(), tenant, event_id=event, series_id=series, user_oid=user)
     except (LookupError, ValueError, TenantNotFound) as exc:
-        _fail(exc)
+        raise BadInput(str(exc)) from None
     console.print(f"Exported {r.items} meeting instances to {r.path}")
 
 
@@ -146,7 +139,7 @@ def meeting_delete(
     from o365sync.erasure import Scope
 
     if bool(event) == bool(series):
-        _fail(ValueError("give --event or --series"))
+        raise BadInput("give --event or --series")
     scope = Scope.meeting(event, user_oid=user) if event else Scope.series(series, user_oid=user)
     _erase(tenant, scope, actor, reason)
 
@@ -155,18 +148,21 @@ def meeting_delete(
 @retention_app.command("run")
 def retention_run(tenant: Tenant) -> None:
     """Run the retention flow now (also completes offboarding deletions whose grace period passed)."""
+    registered_tenant(_settings(), tenant)  # before Prefect starts
     from flows.retention import retention
 
-    console.print(retention(tenant))
+    console.print(run_flow(retention, tenant))
 
 
 # ---------------------------------------------------------------------------------------------- offboard
 @offboard_app.command("user")
 def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="The user's object id.")]) -> None:
     """A user left: tokens removed now; their data deleted (after the grace period) or retained, per policy."""
+    settings = _settings()
+    known_user(settings, registered_tenant(settings, tenant), user)  # before Prefect starts
     from flows.offboarding import offboard_user
 
-    console.print(offboard_user(tenant, user))
+    console.print(run_flow(offboard_user, tenant, user))
 
 
 @offboard_app.command("readmit")
@@ -177,7 +173,7 @@ def offboard_readmit(tenant: Tenant, user: Annotated[str, typer.Argument(help="T
     try:
         out = readmit_user_now(_settings(), tenant, user, actor=_actor(None))
     except (LookupError, ValueError) as exc:  # unknown tenant or user, or a user who is not offboarded
-        _fail(exc)
+        raise BadInput(str(exc)) from None
     console.print(f"user {user} of tenant {tenant} readmitted (was: {out['policy']}); they can connect again")
 
 
@@ -188,11 +184,12 @@ def offboard_tenant(
 ) -> None:
     """End the subscription: delete the tenant's store, snapshot, exports, CRM snapshot and credentials, token
     caches and registry entry. Only the audit log entry remains."""
+    registered_tenant(_settings(), tenant)
+    if not yes:
+        raise BadInput(f"this deletes every file of tenant {tenant}; repeat with --yes")
     from flows.offboarding import end_subscription
 
-    if not yes:
-        _fail(ValueError(f"this deletes every file of tenant {tenant}; repeat with --yes"))
-    console.print(end_subscription(tenant))
+    console.print(run_flow(end_subscription, tenant))
 
 
 @offboard_app.command("status")
@@ -202,7 +199,9 @@ def offboard_status(tenant: Tenant) -> None:
 
     from flows.offboarding import offboarding_status
 
+    settings = _settings()
+    registered_tenant(settings, tenant)
     table = Table("user", "policy", "offboarded", "delete after", "deleted")
-    for oid, r in sorted(offboarding_status(_settings(), tenant).items()):
+    for oid, r in sorted(offboarding_status(settings, tenant).items()):
         table.add_row(oid, r["policy"], r["offboarded_at"], r.get("delete_after") or "-", r.get("deleted_at") or "-")
-    console.print(table)
+    console.print(table if table.row_count else f"No user of tenant {tenant} was offboarded.")

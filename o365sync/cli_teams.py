@@ -10,12 +10,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from o365sync.cli_checks import (
+    BadInput,
+    command_group,
+    connected_user,
+    has_store,
+    known_user,
+    read_store,
+    registered_tenant,
+    run_flow,
+)
 from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
 
-teams_app = typer.Typer(help="Teams sharing: users' channels, and activity summaries posted to a channel or chat.",
-                        no_args_is_help=True)
+teams_app = command_group("Teams sharing: users' channels, and activity summaries posted to a channel or chat.")
 console = Console()
 
 
@@ -26,17 +35,10 @@ def _settings():  # noqa: ANN202
 
 
 def _tenant_or_exit(settings, tenant: str):  # noqa: ANN001, ANN202
-    from o365sync.tenants import TenantNotFound, load_tenant
-
-    try:
-        config = load_tenant(settings, tenant)
-    except TenantNotFound as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+    config = registered_tenant(settings, tenant)
     if not config.feature_on("teams"):
-        console.print(f"[red]Tenant {tenant} has not enabled Teams sharing[/] "
-                      f"(o365sync tenant add --id {tenant} ... --feature teams).")
-        raise typer.Exit(1)
+        raise BadInput(f"tenant {tenant} has not enabled Teams sharing (turn on the feature 'teams' with "
+                       "o365sync tenant)")
     return config
 
 
@@ -53,22 +55,28 @@ def channels(
     from o365sync.teams_store import read_channels
 
     settings = _settings()
-    _tenant_or_exit(settings, tenant)
+    config = _tenant_or_exit(settings, tenant)
+    if user:
+        (connected_user if refresh else known_user)(settings, config, user)
     if refresh and user:
         try:
             result = refresh_channels(settings, tenant, user)
         except ConsentNeeded:
-            console.print(f"[yellow]User {user} connected before Teams was enabled: they must reconnect "
-                          f"(/connect?tenant={tenant}) to grant the Teams permissions.[/]")
-            raise typer.Exit(1) from None
+            raise BadInput(f"user {user} connected before Teams was enabled: they must reconnect "
+                           f"(/connect?tenant={tenant}) to grant the Teams permissions") from None
         console.print(f"refreshed: {result.teams} teams, {result.channels} channels")
     elif refresh:
-        from flows.teams import teams_refresh
+        from flows.teams import TeamsRefreshIncomplete, teams_refresh
 
-        console.print(teams_refresh(tenant))
+        try:
+            console.print(run_flow(teams_refresh, tenant))
+        except TeamsRefreshIncomplete as exc:
+            raise BadInput(f"{exc}: who and why: o365sync status --tenant {tenant}") from None
     names = {u.oid: u.display_name or u.upn for u in connected_users(settings, tenant)}
-    with open_store(settings, tenant, write=False) as con:
-        rows = read_channels(con, tenant, user)
+    rows = []
+    if has_store(settings, tenant):
+        with open_store(settings, tenant, write=False) as con:
+            rows = read_channels(con, tenant, user)
     table = Table("user", "team", "channel", "membership", "team id", "channel id", "refreshed")
     for r in rows:
         table.add_row(names.get(r["user_oid"], r["user_oid"]), r["team_name"] or "", r["channel_name"] or "",
@@ -94,28 +102,32 @@ def share(
     from o365sync.auth import connected_users
 
     settings = _settings()
-    _tenant_or_exit(settings, tenant)
+    config = _tenant_or_exit(settings, tenant)
     if (meeting is None) == (email is None):
-        console.print("[red]Give exactly one of --meeting or --email.[/]")
-        raise typer.Exit(2)
+        raise BadInput("give exactly one of --meeting or --email", 2)
     if (team is None) != (channel is None) or (team is None) == (not member):
-        console.print("[red]Give --team and --channel, or one or more --member.[/]")
-        raise typer.Exit(2)
+        raise BadInput("give --team and --channel, or one or more --member", 2)
     by_upn = {u.upn.lower(): u.oid for u in connected_users(settings, tenant) if u.upn}
-    oid = by_upn.get(user.lower(), user)
+    oid = connected_user(settings, config, by_upn.get(user.lower(), user))
     oids: list[str] = []
     for m in member or []:
         resolved = by_upn.get(m.lower(), m)
         if "@" in resolved:
-            console.print(f"[red]{m} is not a connected user of tenant {tenant}: give their object id.[/]")
-            raise typer.Exit(2)
+            raise BadInput(f"{m} is not a connected user of tenant {tenant}: give their object id", 2)
         oids.append(resolved)
-    from flows.teams import teams_share
-
     kind, activity_id = ("meeting", meeting) if meeting else ("email", email)
     assert activity_id is not None
-    result = teams_share(tenant, oid, kind, activity_id, team_id=team, channel_id=channel,
-                         member_oids=oids or None, force=force)
+    table, column = ("meetings", "event_id") if meeting else ("emails", "graph_id")
+    if not read_store(settings, tenant, f"SELECT 1 FROM {table} WHERE tenant_id = ? AND user_oid = ? AND "
+                                        f"{column} = ? LIMIT 1", [tenant, oid, activity_id]):
+        raise BadInput(f"nothing matched: no {kind} {activity_id} of user {oid} is stored in tenant {tenant}")
+    from flows.teams import TeamsShareError, teams_share
+
+    try:
+        result = run_flow(teams_share, tenant, oid, kind, activity_id, team_id=team, channel_id=channel,
+                          member_oids=oids or None, force=force)
+    except TeamsShareError as exc:
+        raise BadInput(str(exc)) from None
     status = result["status"]
     messages = {
         "posted": f"posted: message {result.get('message_id')} in {result.get('target_kind')} "
@@ -126,6 +138,6 @@ def share(
         "consent_needed": f"user {oid} must reconnect (/connect?tenant={tenant}) to grant the Teams permissions",
         "disabled": f"tenant {tenant} has not enabled Teams sharing",
     }
-    console.print(messages.get(str(status), str(result)), soft_wrap=True)
     if status not in ("posted", "already_posted"):
-        raise typer.Exit(1)
+        raise BadInput(messages.get(str(status), str(status)))
+    console.print(messages[str(status)], soft_wrap=True)

@@ -21,7 +21,7 @@ import duckdb
 
 from o365sync.analytics import export_lock
 from o365sync.settings import Settings
-from o365sync.store import open_store
+from o365sync.store import open_store, store_path
 from o365sync.tenants import load_tenant, tenant_dir
 
 
@@ -35,6 +35,29 @@ class ExportResult:
 
 def exports_dir(settings: Settings, tenant_id: str) -> Path:
     return tenant_dir(settings, tenant_id) / "exports"
+
+
+_CONVERSATION = "tenant_id = ? AND conversation_id = ? AND (?::VARCHAR IS NULL OR user_oid = ?)"
+
+
+def _meeting_scope(event_id: str | None, series_id: str | None, tenant_id: str,
+                   user_oid: str | None) -> tuple[str, list]:
+    key = event_id or series_id or ""
+    match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
+    return (f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)",
+            [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid])
+
+
+def _require_rows(settings: Settings, tenant_id: str, table: str, scope: str, params: list, what: str) -> None:
+    """TenantNotFound / LookupError ("nothing matched") before anything is created: the export lock makes a
+    file, and reading a tenant without a store would create one."""
+    load_tenant(settings, tenant_id)
+    found = False
+    if store_path(settings, tenant_id).exists():
+        with open_store(settings, tenant_id, write=False) as con:
+            found = con.execute(f"SELECT 1 FROM {table} WHERE {scope} LIMIT 1", params).fetchone() is not None
+    if not found:
+        raise LookupError(f"nothing matched: {what} is not stored in tenant {tenant_id}")
 
 
 def _slug(value: str) -> str:
@@ -75,7 +98,8 @@ def resolve_conversation(con: duckdb.DuckDBPyConnection, tenant_id: str, graph_i
                       "(?::VARCHAR IS NULL OR user_oid = ?) AND conversation_id IS NOT NULL LIMIT 1",
                       [tenant_id, graph_id, user_oid, user_oid]).fetchone()
     if row is None:
-        raise LookupError(f"message {graph_id} is not stored in tenant {tenant_id} (or has no conversation id)")
+        raise LookupError(f"nothing matched: message {graph_id} is not stored in tenant {tenant_id} (or has no "
+                          "conversation id)")
     return row[0]
 
 
@@ -111,6 +135,16 @@ def export_conversation(settings: Settings, tenant_id: str, conversation_id: str
     """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
     `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`. Holds the shared
     export lock from read to write, so an erasure deletes this export or runs before it reads."""
+    if (conversation_id is None) == (graph_id is None):
+        raise ValueError("give a conversation id or a message's graph id")
+    whose = f" of user {user_oid}" if user_oid else ""
+    if conversation_id is None:
+        _require_rows(settings, tenant_id, "emails", "tenant_id = ? AND graph_id = ? AND conversation_id IS NOT NULL "
+                      "AND (?::VARCHAR IS NULL OR user_oid = ?)", [tenant_id, graph_id, user_oid, user_oid],
+                      f"message {graph_id}{whose} (with a conversation id)")
+    else:
+        _require_rows(settings, tenant_id, "emails", _CONVERSATION, [tenant_id, conversation_id, user_oid, user_oid],
+                      f"conversation {conversation_id}{whose}")
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
 
@@ -119,14 +153,10 @@ def _export_conversation(settings: Settings, tenant_id: str, conversation_id: st
                          user_oid: str | None, eml: bool) -> ExportResult:
     """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
     `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`."""
-    if (conversation_id is None) == (graph_id is None):
-        raise ValueError("give a conversation id or a message's graph id")
-    load_tenant(settings, tenant_id)
     with open_store(settings, tenant_id, write=False) as con:
         if conversation_id is None:
             conversation_id = resolve_conversation(con, tenant_id, graph_id or "", user_oid)
-        params = [tenant_id, conversation_id, user_oid, user_oid]
-        scope = "tenant_id = ? AND conversation_id = ? AND (?::VARCHAR IS NULL OR user_oid = ?)"
+        params, scope = [tenant_id, conversation_id, user_oid, user_oid], _CONVERSATION
         messages = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} "
                               "ORDER BY coalesce(sent_at, received_at), graph_id", params)
         keyed = f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})"
@@ -135,7 +165,8 @@ def _export_conversation(settings: Settings, tenant_id: str, conversation_id: st
         links = _rows(con, f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
                            f"email_crm_matches WHERE {keyed} ORDER BY crm_id", params)
     if not messages:
-        raise LookupError(f"conversation {conversation_id} has no stored messages in tenant {tenant_id}")
+        raise LookupError(f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
+                          f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}")
     for m in messages:
         k = (m["user_oid"], m["graph_id"])
         m["participants"] = [{x: p[x] for x in ("role", "name", "address")} for p in parts
@@ -159,6 +190,11 @@ def export_meeting(settings: Settings, tenant_id: str, event_id: str | None = No
                    user_oid: str | None = None) -> ExportResult:
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links (under the shared export lock, like conversations)."""
+    if (event_id is None) == (series_id is None):
+        raise ValueError("give an event id or a series id")
+    _require_rows(settings, tenant_id, "meetings", *_meeting_scope(event_id, series_id, tenant_id, user_oid),
+                  f"{'meeting' if event_id else 'series'} {event_id or series_id}"
+                  + (f" of user {user_oid}" if user_oid else ""))
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_meeting(settings, tenant_id, event_id, series_id, user_oid)
 
@@ -167,13 +203,8 @@ def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, se
                     user_oid: str | None) -> ExportResult:
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links."""
-    if (event_id is None) == (series_id is None):
-        raise ValueError("give an event id or a series id")
-    load_tenant(settings, tenant_id)
     key = event_id or series_id or ""
-    match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
-    params = [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid]
-    scope = f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)"
+    scope, params = _meeting_scope(event_id, series_id, tenant_id, user_oid)
     with open_store(settings, tenant_id, write=False) as con:
         meetings = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id",
                          params)
@@ -183,7 +214,8 @@ def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, se
         links = _rows(con, f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
                            f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id", params)
     if not meetings:
-        raise LookupError(f"{'meeting' if event_id else 'series'} {key} is not stored in tenant {tenant_id}")
+        raise LookupError(f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
+                          f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}")
     for m in meetings:
         k = (m["user_oid"], m["event_id"])
         m["attendees"] = [{x: a[x] for x in ("role", "name", "address", "response")} for a in attendees

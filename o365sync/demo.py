@@ -2,19 +2,21 @@
 
 Starts the simulators, registers the demo tenant, connects its users through the real MSAL auth-code flow
 (via our own web endpoints, exactly as a browser would), runs the initial-import Prefect flow on the embedded
-API, then prints a summary and example DuckDB queries. Everything is pointed at the simulators by settings only.
+API, then prints a summary and example queries (`o365sync sql`, on the analysts' snapshot). Everything is
+pointed at the simulators by settings only.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 import httpx
 from rich.console import Console
 from rich.table import Table
@@ -62,11 +64,9 @@ def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int
     make_new_files_private()
     configure_prefect_env(prefect_home=str(prefect_home_for(data_dir)))
     from simulators.running import start_world
-    from simulators.world import generate_world
 
     started = time.perf_counter()
-    world = generate_world(seed=seed, users_per_tenant=users, messages_per_user=messages,
-                           contacts_per_tenant=contacts, calendars=True)
+    world = demo_world(seed, users, messages, contacts)
     tenant = world.tenants[0]
     web_port = _free_port()
     redirect_uri = f"http://localhost:{web_port}/auth/callback"
@@ -76,6 +76,55 @@ def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int
         return _demo_with_world(running, tenant, web_port, console, started)
     finally:
         running.stop()
+
+
+def demo_world(seed: int, users: int, messages: int, contacts: int):  # noqa: ANN201
+    """The demo's world (also `o365sync simulate`'s): one tenant, mail, calendars, Teams and every CRM."""
+    from simulators.world import generate_world
+
+    return generate_world(seed=seed, users_per_tenant=users, messages_per_user=messages,
+                          contacts_per_tenant=contacts, calendars=True)
+
+
+def simulate_world(data_dir: Path, seed: int, users: int, messages: int, contacts: int, web_port: int,
+                   echo: Callable[[str], None]):  # noqa: ANN201
+    """Start the demo's world (until `.stop()`) and `echo` how to point the product at it."""
+    from simulators.running import start_world
+
+    world = demo_world(seed, users, messages, contacts)
+    redirect = f"http://localhost:{web_port}/auth/callback"
+    running = start_world(world, data_dir / "simulator-tls", redirect_uris=[redirect])
+    try:
+        for line in simulate_instructions(running, data_dir, web_port):
+            echo(line)
+    except BaseException:
+        running.stop()
+        raise
+    return running
+
+
+def simulate_instructions(running, data_dir: Path, web_port: int) -> list[str]:  # noqa: ANN001
+    """URLs, settings, and per tenant the complete `tenant add` (the demo's features; CRM secrets in the
+    environment of that one command, never as options) and each user's connect link."""
+    redirect = f"http://localhost:{web_port}/auth/callback"
+    sf = running.salesforce
+    lines = [f"identity platform  {running.identity.base_url}", f"Microsoft Graph    {running.graph.base_url}",
+             f"Salesforce         {sf.base_url}", "", "# settings (e.g. in .env):"]
+    lines += [f"{key}={value}" for key, value in running.settings_env(data_dir, redirect).items()]
+    for t in running.world.tenants:
+        secrets = {"O365SYNC_CRM_CLIENT_SECRET": sf.client_secret,
+                   "O365SYNC_CRM_REFRESH_TOKEN": sf.refresh_token_for(t.tid)}
+        command = ["o365sync", "tenant", "add", "--id", t.tid, "--name", t.name,
+                   *(arg for d in t.domains for arg in ("--domain", d)), "--crm", "salesforce",
+                   "--crm-login-url", sf.base_url, "--crm-client-id", sf.client_id,
+                   *(arg for f in DEMO_FEATURES for arg in ("--feature", f))]
+        lines += ["", f"# tenant {t.name}: users {', '.join(u.upn for u in t.users)}",
+                  " ".join(f"{k}={shlex.quote(v)}" for k, v in secrets.items()) + " " + shlex.join(command)]
+        lines += [f"# connect {u.display_name}: http://localhost:{web_port}/connect?tenant={t.tid}"
+                  f"&login_hint={u.upn}" for u in t.users]
+    lines += ["", "Then: o365sync web, open the connect links, o365sync import --tenant <id>, and query with "
+              "o365sync sql \"SELECT kind, count(*) FROM activities GROUP BY ALL\". Ctrl-C stops."]
+    return lines
 
 
 def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None):  # noqa: ANN001, ANN201
@@ -129,6 +178,7 @@ def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str
 
 def _demo_with_world(running, tenant, web_port: int, console: Console, started: float) -> dict:  # noqa: ANN001
     from flows.initial_import import initial_import
+    from o365sync.cli_sql import query_snapshot
     from o365sync.settings import load_settings
     from o365sync.store import open_store, snapshot_path
     from o365sync.teams import refresh_channels
@@ -166,12 +216,12 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
                   f"total {time.perf_counter() - started:.1f}s")
     snap = snapshot_path(settings, tenant.tid)
     console.print(f"\n[bold]Analyst snapshot[/]: {snap}  (live store: {tenant_dir(settings, tenant.tid)})")
-    with duckdb.connect(str(snap), read_only=True) as con:
-        for title, sql in EXAMPLE_QUERIES.items():
-            console.print(f"\n[bold]{title}[/]  duckdb {snap} -c \"{' '.join(sql.split())}\"")
-            rel = con.sql(sql)
-            out = Table(*rel.columns)
-            for row in rel.fetchall():
-                out.add_row(*(str(v) for v in row))
-            console.print(out)
+    for title, sql in EXAMPLE_QUERIES.items():
+        console.print(f"\n[bold]{title}[/]", highlight=False)
+        console.print(f"o365sync sql \"{' '.join(sql.split())}\"", soft_wrap=True, highlight=False, markup=False)
+        columns, rows = query_snapshot(settings, tenant.tid, sql)
+        out = Table(*columns)
+        for row in rows:
+            out.add_row(*(str(v) for v in row))
+        console.print(out)
     return {**totals, "expected": expected}

@@ -40,6 +40,7 @@ from o365sync.store import (
     publish_snapshot,
     snapshot_path,
     store_lock,
+    store_path,
     tenant_sync_locks,
     transaction,
 )
@@ -55,6 +56,20 @@ USER_TABLES = ("emails", "email_participants", "email_crm_matches", "mail_cursor
                "shares")
 EMAIL_TABLES = ("emails", "email_participants", "email_crm_matches")
 MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
+
+
+class NothingMatched(LookupError):
+    """The scope names nothing stored (and nothing erased before): nothing was changed, no tombstone written."""
+
+
+# Per selective scope: the query that finds a stored row of one id, and the tombstone kind of an earlier erasure.
+_STORED = {
+    "conversation": ("conversation", "SELECT 1 FROM emails WHERE tenant_id = ? AND conversation_id = ? AND {mine}"),
+    "message": ("message", "SELECT 1 FROM emails WHERE tenant_id = ? AND graph_id = ? AND {mine}"),
+    "meeting": ("event", "SELECT 1 FROM meetings WHERE tenant_id = ? AND event_id = ? AND {mine}"),
+    "series": ("series", "SELECT 1 FROM meetings WHERE tenant_id = ? AND ? IN (series_master_id, event_id) AND {mine} "
+                         "UNION ALL SELECT 1 FROM notetaker_queue WHERE tenant_id = ? AND event_id = ? AND {mine}"),
+}
 
 
 class ErasureError(Exception):
@@ -345,6 +360,28 @@ def _remove_exports(settings: Settings, tenant_id: str) -> int:
     return files
 
 
+def _require_match(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> None:
+    """NothingMatched unless every id of a conversation/message/meeting/series scope is stored, or was erased
+    before (re-running an erasure whose compaction failed must complete it)."""
+    kind, sql = _STORED[scope.kind]
+    mine = "(?::VARCHAR IS NULL OR user_oid = ?)"
+    unmatched = []
+    for key in scope.ids:
+        params = [tenant_id, key, scope.user_oid, scope.user_oid] * sql.count("SELECT 1")  # per SELECT of the query
+        if not con.execute(sql.format(mine=mine), params).fetchall() and \
+                not con.execute("SELECT 1 FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? AND "
+                                "kind = ? AND key = ?", [tenant_id, scope.user_oid, kind, key]).fetchall():
+            unmatched.append(key)
+    if unmatched:
+        raise NothingMatched(_nothing_matched(tenant_id, scope, unmatched))
+
+
+def _nothing_matched(tenant_id: str, scope: Scope, ids: list[str]) -> str:
+    whose = f" of user {scope.user_oid}" if scope.user_oid else ""
+    return (f"nothing matched: no {scope.kind} {', '.join(ids)}{whose} is stored in tenant {tenant_id}; nothing was "
+            f"changed (check the id, e.g. with o365sync sql --tenant {tenant_id})")
+
+
 def _check(actor: str, reason: str) -> None:
     if not _ACTOR.fullmatch(actor or ""):
         raise ValueError("actor must be an id (letters, digits, . _ : @ / + -; max 128), e.g. cli:alice")
@@ -356,16 +393,22 @@ def _check(actor: str, reason: str) -> None:
 def erase(settings: Settings, tenant_id: str, scope: Scope, actor: str, reason: str,
           now: datetime | None = None) -> ErasureResult:
     """Erase `scope` from every file we keep for the tenant; complete when this returns (see the module doc).
-    Idempotent: erasing what is already gone deletes nothing and still compacts, republishes and audits."""
+    Idempotent: erasing what was erased before deletes nothing and still compacts, republishes and audits; a
+    conversation, message, meeting or series id that was never stored raises NothingMatched (nothing changed)."""
     _check(actor, reason)
     if scope.kind == "tenant":
         return _erase_tenant(settings, tenant_id, actor, reason, now)
     load_tenant(settings, tenant_id)  # TenantNotFound before touching anything
+    selective = scope.kind in _STORED
+    if selective and not store_path(settings, tenant_id).exists():
+        raise NothingMatched(_nothing_matched(tenant_id, scope, list(scope.ids)))
     now = now or datetime.now(UTC)
     t0 = time.perf_counter()
     log = audit_path(settings, tenant_id)
     with tenant_sync_locks(tenant_dir(settings, tenant_id), FEATURE_LOCKS):
         with open_store(settings, tenant_id, write=True) as con, transaction(con):
+            if selective:
+                _require_match(con, tenant_id, scope)
             ids = _select(con, tenant_id, scope, now)
             tombstones = _tombstone(con, tenant_id, scope, ids, now)
             rows = _delete(con, tenant_id, scope)

@@ -52,6 +52,10 @@ CREATE TABLE IF NOT EXISTS sync_state (
 ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS next_retry_at TIMESTAMPTZ;
 ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS excluded VARCHAR;
 ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS feature VARCHAR DEFAULT 'email';
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS total_scanned BIGINT;
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS total_matched BIGINT;
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS total_imported BIGINT;
+ALTER TABLE sync_state ADD COLUMN IF NOT EXISTS total_discarded BIGINT;
 CREATE TABLE IF NOT EXISTS crm_people (crm_id VARCHAR, kind VARCHAR, email VARCHAR, account_id VARCHAR, name VARCHAR);
 CREATE TABLE IF NOT EXISTS crm_accounts (crm_id VARCHAR, name VARCHAR, domain VARCHAR);
 CREATE TABLE IF NOT EXISTS crm_opportunities (
@@ -307,6 +311,7 @@ class RunCounts:
                          tuple(sorted(reasons.items())))
 
 
+TOTALS = ("scanned", "matched", "imported", "discarded")  # sync_state keeps these per run and summed (total_*)
 RETRY_BASE = timedelta(minutes=15)
 RETRY_MAX = timedelta(hours=6)
 
@@ -319,12 +324,14 @@ def next_retry_delay(consecutive_failures: int) -> timedelta:
 def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, stage: str,
                       counts: RunCounts | None = None, error: str | None = None, feature: str = "email") -> None:
     """Upsert the user's sync state of `feature` (email, calendar). `error` is a code or exception class name,
-    never message content."""
+    never message content. The run's counts replace the last run's and add to the totals since the first run
+    (a row from before the totals existed starts them at its last run's counts)."""
     now = datetime.now(UTC)
     key = [tenant_id, user_oid, feature]
-    prev = con.execute("SELECT last_success_at, consecutive_failures FROM sync_state "
+    totals_so_far = ", ".join(f"coalesce(total_{n}, {n}, 0)" for n in TOTALS)
+    prev = con.execute(f"SELECT last_success_at, consecutive_failures, {totals_so_far} FROM sync_state "
                        "WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key).fetchall()
-    last_success, failures = prev[0] if prev else (None, 0)
+    last_success, failures, *totals = prev[0] if prev else (None, 0, *[0] * len(TOTALS))
     next_retry = None
     if error is None and stage == "idle":
         last_success, failures = now, 0
@@ -335,19 +342,21 @@ def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: 
     with transaction(con):
         con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key)
         con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
-                    "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature, "
+                    "total_scanned, total_matched, total_imported, total_discarded) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [tenant_id, user_oid, stage, now, last_success, error, failures,
-                     c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded)), feature])
+                     c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded)), feature,
+                     *(t + getattr(c, n) for t, n in zip(totals, TOTALS, strict=True))])
 
 
 def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str, feature: str = "email") -> list[dict]:
-    cur = con.execute("SELECT user_oid, stage, last_run_at, last_success_at, now() - last_success_at AS lag, "
-                      "consecutive_failures, next_retry_at, last_error, scanned, matched, imported, discarded, "
-                      "excluded, feature FROM sync_state WHERE tenant_id = ? AND feature = ? ORDER BY user_oid",
-                      [tenant_id, feature])
+    """Every column of the feature's sync states, plus `lag`; `total_*` None in a store opened read-only before
+    a writer added those columns."""
+    cur = con.execute("SELECT *, now() - last_success_at AS lag FROM sync_state WHERE tenant_id = ? AND "
+                      "feature = ? ORDER BY user_oid", [tenant_id, feature])
     columns = [d[0] for d in cur.description]
-    return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+    return [{**{f"total_{n}": None for n in TOTALS}, **dict(zip(columns, row, strict=True))} for row in cur.fetchall()]
 
 
 @dataclass(frozen=True)

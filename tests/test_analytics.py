@@ -193,7 +193,9 @@ def test_publish_snapshot_carries_the_views(product):
 
 
 def cli() -> typer.Typer:
-    app = typer.Typer()
+    from o365sync.cli_checks import command_group
+
+    app = command_group("export only")  # the error handling of o365sync.cli's groups
     app.command("export")(export)
     app.command("noop")(lambda: None)  # two commands: `export` stays a sub-command, as in o365sync.cli
     return app
