@@ -14,6 +14,7 @@ configure_prefect_env()  # before anything imports Prefect
 
 from o365sync.cli_analytics import export  # noqa: E402
 from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
+from o365sync.cli_sync import tenant_resync  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 from o365sync.cli_tenants import tenant_app, user_app  # noqa: E402
 
@@ -27,6 +28,7 @@ app.add_typer(meeting_app, name="meeting")
 app.add_typer(retention_app, name="retention")
 app.add_typer(offboard_app, name="offboard")
 app.command("export")(export)
+tenant_app.command("resync")(tenant_resync)
 console = Console()
 
 
