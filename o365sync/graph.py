@@ -367,7 +367,7 @@ def decode_page(raw: bytes, decode: Callable[[bytes], Any], page_type: type, ite
     Raises `GraphError(0, "MalformedPage")` when the JSON is not a page even after repair."""
     try:
         return decode(raw), frozenset()
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bytes that are not UTF-8
         fixed, replaced = repair_text(raw)
         if not replaced:
             raise GraphError(0, "MalformedPage") from None
@@ -384,7 +384,7 @@ def decode_page(raw: bytes, decode: Callable[[bytes], Any], page_type: type, ite
 def _next_link(content: bytes) -> str | None:
     try:
         return _decode_next(content).next_link
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         pass
     try:
         return _decode_next(repair_text(content)[0]).next_link
