@@ -644,6 +644,15 @@ class GraphClient:
         """Set the paging deadline `seconds` from now on the client's clock (None: no deadline)."""
         self.deadline = None if seconds is None else self._clock() + max(0.0, seconds)
 
+    @contextmanager
+    def page_limit(self, max_pages: int | None) -> Iterator[None]:
+        """`max_pages` per listing inside the block (None: no page limit), the client's own limit after it."""
+        saved, self.max_pages = self.max_pages, max_pages
+        try:
+            yield
+        finally:
+            self.max_pages = saved
+
     def past_deadline(self) -> bool:
         return self.deadline is not None and self._clock() >= self.deadline
 

@@ -48,6 +48,7 @@ from tasks.exclusions import exclusion_reasons
 from tasks.match import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 
 MAIL_FOLDERS = ("inbox", "sentitems")
+FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (graph.md §2.4)
 # Counted reasons (RunCounts.excluded) that are not exclusions: what happened to the run, for status and artifacts.
 RESYNC_REASONS = {"ForeignOrigin": "delta_resync_other_endpoint", "OutsideGraphRoot": "delta_resync_unusable_link"}
 LIMIT_REASONS = {"PageCap": "stopped_at_page_limit", "TimeCap": "stopped_at_time_limit"}
@@ -222,11 +223,15 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
 def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
     """Obtain a deltaLink for changes from now on to mail in the scan window (the $filter stays with the token,
     so it must cover the window). Its items need no processing: the list backfill that follows (gated by
-    `backfill_done`) covers everything received before it, whatever the 5,000-message cap of this round."""
-    for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start,
-                                 page_size=run.settings.graph_page_size):
-        if page.delta_link is not None:
-            cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
+    `backfill_done`) covers everything received before it, whatever the 5,000-message cap of this round.
+    Its page limit is at least what that cap needs, so a faithful round always ends: a baseline cut short commits
+    nothing, and one that never ended would keep the backfill from ever starting."""
+    size = run.settings.graph_page_size
+    limit = run.client.max_pages and max(run.client.max_pages, -(-FILTERED_ROUND_CAP // size) + 1)
+    with run.client.page_limit(limit):
+        for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start, page_size=size):
+            if page.delta_link is not None:
+                cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
     _flush(run, _Buffer(), folder, cursor)
     return cursor
 
