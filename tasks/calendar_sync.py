@@ -27,13 +27,7 @@ import polars as pl
 
 from o365sync.auth import TokenProvider, connection_info, consent_needed, scopes_for
 from o365sync.calendar import Meeting, iter_series, read_delta_round
-from o365sync.graph import (
-    CALENDAR_CONSENT_WRITE_ALLOWLIST,
-    CALENDAR_READ_ALLOWLIST,
-    DeltaTokenExpired,
-    GraphClient,
-    LinkNotFollowable,
-)
+from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOWLIST, DeltaTokenExpired, GraphClient
 from o365sync.http import make_http_client
 from o365sync.settings import Settings
 from o365sync.store import (
@@ -46,7 +40,7 @@ from o365sync.store import (
 )
 from o365sync.tenants import TenantConfig, load_tenant
 from tasks.crm_index import crm_index_for
-from tasks.mailbox_sync import LIMIT_REASONS, RESYNC_REASONS
+from tasks.mailbox_sync import LIMIT_REASONS, resync_reason
 from tasks.match import CrmIndex, match_participants
 from tasks.notetaker import run_notetaker
 
@@ -77,7 +71,7 @@ class CalendarCounts:
     private: int = 0
     to_record: int = 0
     links_added: int = 0
-    resync: str | None = None  # why the saved deltaLink was dropped (a mailbox_sync.RESYNC_REASONS value)
+    resync: str | None = None  # why the saved deltaLink was dropped (mailbox_sync.resync_reason)
     stopped: str | None = None  # the paging limit the run stopped at (a mailbox_sync.LIMIT_REASONS value)
     odd_text: int = 0  # meetings whose text was not valid Unicode (U+FFFD)
 
@@ -160,8 +154,7 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
         try:
             rnd = read_delta_round(client, window, cursor.delta_link, settings.graph_page_size)
         except DeltaTokenExpired as dead:  # evicted, or a link we cannot follow (LinkNotFollowable)
-            counts.resync = (RESYNC_REASONS.get(dead.code or "", "delta_resync")
-                             if isinstance(dead, LinkNotFollowable) else "delta_resync")
+            counts.resync = resync_reason(dead)
             stored = cursor = CalendarCursor(*window)
             rnd = read_delta_round(client, window, None, settings.graph_page_size)
         counts.baseline = cursor.delta_link is None

@@ -34,7 +34,6 @@ from o365sync.http import make_http_client
 from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
 from o365sync.settings import Settings
 from o365sync.store import (
-    RESYNC_OVERLAP,  # noqa: F401 (re-exported: the resync bound lives with the cursor)
     FolderCursor,
     MailBatch,
     RunCounts,
@@ -53,6 +52,12 @@ FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this man
 RESYNC_REASONS = {"ForeignOrigin": "delta_resync_other_endpoint", "OutsideGraphRoot": "delta_resync_unusable_link"}
 LIMIT_REASONS = {"PageCap": "stopped_at_page_limit", "TimeCap": "stopped_at_time_limit"}
 ODD_TEXT = "odd_text"  # items whose text was not valid Unicode (imported or discarded like any other, text repaired)
+
+
+def resync_reason(dead: DeltaTokenExpired) -> str:
+    """The counted reason of a resync: the saved link was evicted by Graph, or could not be followed."""
+    return RESYNC_REASONS.get(dead.code or "", "delta_resync") if isinstance(dead, LinkNotFollowable) \
+        else "delta_resync"
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 
@@ -269,9 +274,7 @@ def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> No
                 cursor = delta_round(run, folder, cursor)
             except DeltaTokenExpired as dead:  # evicted, or a link we cannot follow (LinkNotFollowable)
                 cursor = cursor.resynced(run.now, run.scan_start)
-                reason = RESYNC_REASONS.get(dead.code or "", "delta_resync") if isinstance(
-                    dead, LinkNotFollowable) else "delta_resync"
-                run.counts += RunCounts(excluded=((reason, 1),))
+                run.counts += RunCounts(excluded=((resync_reason(dead), 1),))
         if cursor.delta_link is None:
             cursor = delta_baseline(run, folder, cursor)
         if not cursor.backfill_done:

@@ -12,6 +12,7 @@ from o365sync.auth import ReconnectNeeded
 from o365sync.graph import LinkNotFollowable
 from o365sync.settings import Settings
 from o365sync.store import CATCHING_UP, RunCounts, open_store, record_sync_state
+from tasks.mailbox_sync import LIMIT_REASONS
 
 log = logging.getLogger("o365sync.sync")
 _RESYNCED = "; resynced from shortly before the last sync (nothing lost, nothing doubled)"
@@ -26,7 +27,6 @@ NOTES = {
     "stopped_at_time_limit": "stopped at the time limit (O365SYNC_SYNC_MAX_SECONDS); what was read is saved and the "
                              "next run continues",
 }
-LIMIT_REASONS = frozenset({"stopped_at_page_limit", "stopped_at_time_limit"})
 # Failures whose class name alone would not tell a person what to do.
 EXPLAINED: dict[type[BaseException], str] = {
     LinkNotFollowable: "Graph sent a link to another endpoint than O365SYNC_GRAPH_URL; it was not followed (the "
@@ -84,7 +84,7 @@ def run_user_sync(settings: Settings, feature: str, tenant_id: str, user_oid: st
         raise UserSyncError(f"{feature} sync failed for user {user_oid}: {error}") from None
     reasons = dict(counts.excluded)
     note = "; ".join(text for reason, text in NOTES.items() if reasons.get(reason)) or None
-    stage = CATCHING_UP if LIMIT_REASONS & reasons.keys() else "idle"
+    stage = CATCHING_UP if reasons.keys() & set(LIMIT_REASONS.values()) else "idle"
     with open_store(settings, tenant_id, write=True) as con:
         record_sync_state(con, tenant_id, user_oid, stage, counts, feature=feature, note=note)
     logger.info("%s user=%s scanned=%d matched=%d imported=%d discarded=%d excluded=%s", feature, user_oid,
