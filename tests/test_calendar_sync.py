@@ -16,6 +16,7 @@ from simulators.world import generate_world
 from simulators.world_calendar import Attendee
 from tasks.calendar_sync import ConsentNeeded, anchored_window, sync_calendar_now
 from tasks.crm_snapshot import refresh_crm_snapshot
+from tests.bounded import ends_by_itself
 from tests.product import stand_up
 
 
@@ -165,13 +166,14 @@ def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product,
     graph = p.running.graph
     graph.endless_next_links = True
     graph.reset_stats()
-    counts = sync_calendar_now(settings, tid, user.oid)
+    counts = ends_by_itself(lambda: sync_calendar_now(settings, tid, user.oid),
+                            lambda: setattr(graph, "endless_next_links", False))
     assert counts.stopped == "stopped_at_page_limit" and not counts.baseline
     assert sum("calendarView/delta" in r.path for r in graph.requests) == 5
     assert (user.oid, added.id) in stored(p, tid)  # what the cut round read is kept ...
     with open_store(settings, tid, write=False) as con:
         link = con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[0]
-    graph.endless_next_links = False
+    assert not graph.endless_next_links  # switched off once the cut run had ended
     counts = sync_calendar_now(settings, tid, user.oid)  # ... and the round is replayed from the old deltaLink
     assert counts.stopped is None and not counts.baseline
     with open_store(settings, tid, write=False) as con:

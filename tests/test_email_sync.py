@@ -12,6 +12,7 @@ from o365sync.store import open_store
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tasks.mailbox_sync import sync_mailbox_now
+from tests.bounded import ends_by_itself
 from tests.product import stand_up, stored_matches
 
 
@@ -233,7 +234,8 @@ def test_a_server_that_pages_forever_is_cut_off_and_the_next_run_finishes(produc
         monkeypatch.setenv(key, value)
     settings = load_settings()
     graph.reset_stats()
-    row = run_and_record(p, settings, alice.oid)
+    row = ends_by_itself(lambda: run_and_record(p, settings, alice.oid),
+                         lambda: setattr(graph, "endless_next_links", False))
     reason = "stopped_at_page_limit" if "O365SYNC_SYNC_MAX_PAGES" in limit else "stopped_at_time_limit"
     assert row["status"] == "catching_up" and f"{reason}=2" in row["excluded"]  # both folders, and it ended
     state = state_of(settings, tid, alice.oid)
@@ -243,7 +245,7 @@ def test_a_server_that_pages_forever_is_cut_off_and_the_next_run_finishes(produc
         assert len([r for r in graph.requests if "delta" in r.path]) == 12
     assert all((alice.oid, m.id) in stored_matches(settings, tid) for m in new)  # read before the cut: committed
 
-    graph.endless_next_links = False
+    assert not graph.endless_next_links  # switched off once the cut run had ended
     row = run_and_record(p, settings, alice.oid)  # replays the rounds from the committed deltaLinks
     assert row["status"] == "ok" and state_of(settings, tid, alice.oid)["last_error"] is None
     assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == \
