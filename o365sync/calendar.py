@@ -5,6 +5,10 @@ Delta over a window returns single instances and exceptions in full, series mast
 (graph.md §3). So every series a round touches is re-read through `/me/events/{master}/instances` over the window
 (with `$select`, so no body is fetched), and its stored instances are replaced by that answer. Event bodies from
 delta (delta has no `$select`) stay in memory and are never stored.
+
+Text Python cannot hold (a lone surrogate such as `"Deal \\ud83d"`) becomes U+FFFD and the meeting is marked
+`text_repaired` instead of failing the page. A round cut short by the run's paging limits comes back with
+`complete` false: what it read is still valid (the caller keeps the old deltaLink and replays the round next run).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from urllib.parse import quote
 
 import msgspec
 
-from o365sync.graph import GraphClient, GraphNotFound, GraphPagingError
+from o365sync.graph import GraphClient, GraphNotFound, GraphPagingError, RunLimitReached, decode_page
 from o365sync.mail import graph_datetime
 
 INSTANCE_FIELDS = ("id", "type", "seriesMasterId", "iCalUId", "subject", "start", "end", "originalStartTimeZone",
@@ -107,6 +111,7 @@ class Meeting:
     sensitivity: str | None
     is_cancelled: bool
     participants: list[tuple[str, str | None, str, str | None]] = field(default_factory=list)
+    text_repaired: bool = False  # some text was not valid Unicode and became U+FFFD
 
 
 @dataclass
@@ -117,6 +122,7 @@ class DeltaRound:
     removed: set[str] = field(default_factory=set)
     series: set[str] = field(default_factory=set)
     delta_link: str | None = None
+    complete: bool = True  # False: stopped at the run's paging limit (no deltaLink yet)
 
 
 def _utc(when: _When) -> datetime:
@@ -127,7 +133,13 @@ def _utc(when: _When) -> datetime:
     return value.replace(tzinfo=UTC)
 
 
-def _meeting(ev: _Event) -> Meeting:
+def _pages(client: GraphClient, path: str, params: dict | None, headers: dict | None = None
+           ) -> Iterator[tuple[_Page, frozenset[int]]]:
+    for raw in client.iter_pages(path, params, headers):
+        yield decode_page(raw, _decode_page, _Page, _Event)
+
+
+def _meeting(ev: _Event, repaired: bool = False) -> Meeting:
     if ev.start is None or ev.end is None:
         raise ValueError("event without start/end")
     org = ev.organizer.emailAddress if ev.organizer and ev.organizer.emailAddress else _Address()
@@ -142,13 +154,14 @@ def _meeting(ev: _Event) -> Meeting:
     return Meeting(ev.id, ev.type or "singleInstance", ev.seriesMasterId, ev.iCalUId, ev.subject, _utc(ev.start),
                    ev.originalStartTimeZone, _utc(ev.end), ev.originalEndTimeZone, ev.isAllDay,
                    bool(ev.isOnlineMeeting or join), join, org.name, org.address, ev.webLink, ev.sensitivity,
-                   ev.isCancelled, parts)
+                   ev.isCancelled, parts, repaired)
 
 
 def read_delta_round(client: GraphClient, window: tuple[datetime, datetime], delta_link: str | None,
                      page_size: int) -> DeltaRound:
     """One whole calendarView delta round (a user's year of meetings fits in memory; only the final deltaLink may be
-    persisted). Raises DeltaTokenExpired when the stored link is dead."""
+    persisted). Raises DeltaTokenExpired when the stored link is dead (or cannot be followed); at the run's paging
+    limit returns what was read with `complete` false."""
     headers = {"Prefer": f"odata.maxpagesize={page_size}"}
     params = None
     start = delta_link
@@ -156,22 +169,29 @@ def read_delta_round(client: GraphClient, window: tuple[datetime, datetime], del
         start = "me/calendarView/delta"
         params = {"startDateTime": graph_datetime(window[0]), "endDateTime": graph_datetime(window[1])}
     out = DeltaRound()
-    for raw in client.iter_pages(start, params, headers):
-        page = _decode_page(raw)
-        for ev in page.value:
-            if ev.removed is not None:
-                out.removed.add(ev.id)
-                out.instances.pop(ev.id, None)
-            elif ev.type == "seriesMaster":
-                out.series.add(ev.id)
-            elif ev.type in ("occurrence", "exception") and ev.seriesMasterId:
-                out.series.add(ev.seriesMasterId)  # bare or not: the series is re-read as a whole
-            else:
-                out.instances[ev.id] = _meeting(ev)
-        out.delta_link = page.delta_link or out.delta_link
+    try:
+        for page, odd in _pages(client, start, params, headers):
+            _add_page(out, page, odd)
+    except RunLimitReached:
+        out.complete, out.delta_link = False, None
+        return out
     if out.delta_link is None:
         raise GraphPagingError(0, "MissingDeltaLink")
     return out
+
+
+def _add_page(out: DeltaRound, page: _Page, odd: frozenset[int]) -> None:
+    for i, ev in enumerate(page.value):
+        if ev.removed is not None:
+            out.removed.add(ev.id)
+            out.instances.pop(ev.id, None)
+        elif ev.type == "seriesMaster":
+            out.series.add(ev.id)
+        elif ev.type in ("occurrence", "exception") and ev.seriesMasterId:
+            out.series.add(ev.seriesMasterId)  # bare or not: the series is re-read as a whole
+        else:
+            out.instances[ev.id] = _meeting(ev, i in odd)
+    out.delta_link = page.delta_link or out.delta_link
 
 
 def read_series(client: GraphClient, master_id: str, window: tuple[datetime, datetime]) -> list[Meeting] | None:
@@ -180,8 +200,8 @@ def read_series(client: GraphClient, master_id: str, window: tuple[datetime, dat
               "$select": ",".join(INSTANCE_FIELDS)}
     out: list[Meeting] = []
     try:
-        for raw in client.iter_pages(f"me/events/{quote(master_id, safe='')}/instances", params):
-            out += [_meeting(ev) for ev in _decode_page(raw).value if ev.removed is None]
+        for page, odd in _pages(client, f"me/events/{quote(master_id, safe='')}/instances", params):
+            out += [_meeting(ev, i in odd) for i, ev in enumerate(page.value) if ev.removed is None]
     except GraphNotFound:
         return None
     return out
@@ -189,5 +209,8 @@ def read_series(client: GraphClient, master_id: str, window: tuple[datetime, dat
 
 def iter_series(client: GraphClient, series: set[str], window: tuple[datetime, datetime]
                 ) -> Iterator[tuple[str, list[Meeting] | None]]:
+    """Each series re-read; stops (the caller keeps what it got) once the client's paging deadline has passed."""
     for master_id in sorted(series):
+        if client.past_deadline():
+            return
         yield master_id, read_series(client, master_id, window)

@@ -18,6 +18,7 @@ from o365sync.cli_crm import crm_app  # noqa: E402
 from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
 from o365sync.cli_sql import sql  # noqa: E402
 from o365sync.cli_status import status  # noqa: E402
+from o365sync.cli_sync import tenant_resync  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 from o365sync.cli_tenants import tenant_app, user_app  # noqa: E402
 
@@ -34,6 +35,7 @@ app.add_typer(crm_app, name="crm")
 app.command("export")(export)
 app.command("status")(status)
 app.command("sql")(sql)
+tenant_app.command("resync")(tenant_resync)
 console = Console()
 
 

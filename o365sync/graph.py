@@ -19,12 +19,26 @@ Budget: Outlook allows 10,000 requests per 10 minutes per app and mailbox. A sli
 request sent (retries included; each inner request of a `$batch` counts, the envelope does not) and blocks, through
 the injectable `sleep`/`clock`, until the window has room, so a long import paces itself instead of being throttled.
 
+Links: a nextLink/deltaLink is followed only if it is on the configured Graph origin and under its version root;
+otherwise `LinkNotFollowable` (a `DeltaTokenExpired`: callers resync as for an evicted token) is raised and the bearer
+token is never sent there. A saved deltaLink from another Graph URL (O365SYNC_GRAPH_URL changed, a data dir reused
+with another simulator) is the common case.
+
+Run limits: `max_pages` per listing and a `deadline` (on `clock`) stop `iter_pages` with `RunLimitReached` before it
+asks for one more page, so a server that answers a fresh nextLink forever cannot keep a run going; the first page
+of a listing is always fetched, so every run makes progress.
+
+Text: a page whose JSON carries a lone UTF-16 surrogate escape (half an emoji, `"Deal \\ud83d"`) or bytes that are
+not UTF-8 is valid enough for Graph but not for Python/Arrow/DuckDB text: `decode_page` replaces that text with
+U+FFFD and reports which items were repaired, instead of failing the page.
+
 Exception messages carry the HTTP status, Graph error code and request-id only: never URLs, query strings,
 subjects or addresses (Prefect persists exception messages).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import threading
@@ -63,7 +77,11 @@ __all__ = [
     "GraphPagingError",
     "GraphThrottled",
     "GraphUnavailable",
+    "LinkNotFollowable",
+    "RunLimitReached",
+    "decode_page",
     "error_for",
+    "repair_text",
     "retry_after_seconds",
 ]
 
@@ -121,6 +139,18 @@ class GraphPagingError(GraphError):
 class DeltaTokenExpired(GraphError):
     """The delta/skip token is expired or evicted (410 Gone, or a 4xx with code syncStateNotFound / resyncRequired /
     SyncStateInvalid in any case): drop the stored deltaLink and start a new round (with the scan-back `$filter`)."""
+
+
+class LinkNotFollowable(DeltaTokenExpired, GraphPagingError):
+    """A nextLink/deltaLink that cannot be followed, so nothing was sent: code `ForeignOrigin` (another scheme, host
+    or port than the configured Graph URL: the bearer token is never sent there) or `OutsideGraphRoot` (same origin,
+    not under the configured version root, e.g. saved under /beta). Handled like an expired token: a bounded
+    resync from a fresh round on the configured endpoint."""
+
+
+class RunLimitReached(GraphError):
+    """This run's paging limit was reached (code `PageCap`: pages per listing, `TimeCap`: the run's deadline): stop
+    cleanly, commit what was read, go on next run. Not a Graph failure."""
 
 
 class ForbiddenRequest(GraphError):
@@ -283,6 +313,85 @@ _decode_next = msgspec.json.Decoder(_NextLink).decode
 _decode_batch = msgspec.json.Decoder(_BatchResponse).decode
 
 
+# ---------------------------------------------------------------------------------------------- text repair
+# A JSON string escape that is a UTF-16 surrogate: an escaped backslash (kept: `\\ud83d` is literal text), a
+# valid pair (kept), or a lone half (replaced).
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
+_ESCAPES = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                      rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_UNDECODABLE = re.compile("[\udc80-\udcff]+")  # bytes that are not UTF-8, after decoding with surrogateescape
+REPLACEMENT = b"\\ufffd"  # U+FFFD, written as a JSON escape
+
+
+def repair_text(raw: bytes) -> tuple[bytes, int]:
+    """`raw` JSON with every lone surrogate escape and every run of bytes that are not UTF-8 replaced by the escape
+    `\\ufffd` (U+FFFD); everything else byte for byte. Returns (JSON, replacements)."""
+    count = 0
+
+    def lone(match: re.Match[bytes]) -> bytes:
+        nonlocal count
+        if len(match.group()) != 6:  # an escaped backslash (2 bytes) or a valid pair (12)
+            return match.group()
+        count += 1
+        return REPLACEMENT
+
+    if _SURROGATE_HINT.search(raw):
+        raw = _ESCAPES.sub(lone, raw)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text, bad = _UNDECODABLE.subn("\\\\ufffd", raw.decode("utf-8", "surrogateescape"))
+        raw, count = text.encode("utf-8"), count + bad
+    return raw, count
+
+
+class _RawPage(msgspec.Struct):
+    value: list[msgspec.Raw] = []
+    next_link: str | None = msgspec.field(default=None, name="@odata.nextLink")
+    delta_link: str | None = msgspec.field(default=None, name="@odata.deltaLink")
+
+
+_decode_raw_page = msgspec.json.Decoder(_RawPage).decode
+
+
+@functools.cache
+def _item_decoder(item_type: type) -> Callable[[Any], Any]:
+    return msgspec.json.Decoder(item_type).decode
+
+
+def decode_page(raw: bytes, decode: Callable[[bytes], Any], page_type: type, item_type: type
+                ) -> tuple[Any, frozenset[int]]:
+    """A Graph collection page: `decode(raw)` (the fast typed decoder), or, when msgspec refuses the text, the page
+    rebuilt as `page_type(value=[item_type…], next_link=…, delta_link=…)` from `repair_text(raw)`, with the
+    positions of the items whose text was replaced (an item of Graph's own `\\ufffd` in such a page counts too).
+    Raises `GraphError(0, "MalformedPage")` when the JSON is not a page even after repair."""
+    try:
+        return decode(raw), frozenset()
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bytes that are not UTF-8
+        fixed, replaced = repair_text(raw)
+        if not replaced:
+            raise GraphError(0, "MalformedPage") from None
+    try:
+        page = _decode_raw_page(fixed)
+        decode_item = _item_decoder(item_type)
+        items = [decode_item(item) for item in page.value]
+    except msgspec.DecodeError:  # ValidationError included
+        raise GraphError(0, "MalformedPage") from None
+    odd = frozenset(i for i, item in enumerate(page.value) if REPLACEMENT in bytes(item))
+    return page_type(value=items, next_link=page.next_link, delta_link=page.delta_link), odd
+
+
+def _next_link(content: bytes) -> str | None:
+    try:
+        return _decode_next(content).next_link
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        pass
+    try:
+        return _decode_next(repair_text(content)[0]).next_link
+    except msgspec.DecodeError:
+        raise GraphError(0, "MalformedPage") from None
+
+
 def error_for(status: int, body: Any, headers: Any = None) -> GraphError:
     """The GraphError subclass for a status, with the Graph code and request-id read from body/headers."""
     code = request_id = None
@@ -341,14 +450,15 @@ class GraphClient:
     `allow` is the allowlist (default: read-only mail), `allow_expand` the permitted `$expand` values (default:
     only the sensitivity extended property). `budget` requests per `budget_window_s` seconds (default
     Outlook's 10,000 per 600 s; pass less for headroom, None to switch the limiter off) are measured with `clock`
-    and waited for with `sleep`."""
+    and waited for with `sleep`. `max_pages` caps the pages of one listing; `stop_paging_after` sets a deadline."""
 
     def __init__(self, http: httpx.Client, base_url: str, token: Callable[[bool], str], max_in_flight: int = 4,
                  max_attempts: int = 8, sleep: Callable[[float], None] = time.sleep,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, *,
                  allow: Iterable[Allow] = MAIL_READ_ALLOWLIST, allow_expand: Iterable[str] = EXPAND_ALLOWLIST,
                  budget: int | None = OUTLOOK_BUDGET,
-                 budget_window_s: float = OUTLOOK_BUDGET_WINDOW_S, clock: Callable[[], float] = time.monotonic):
+                 budget_window_s: float = OUTLOOK_BUDGET_WINDOW_S, clock: Callable[[], float] = time.monotonic,
+                 max_pages: int | None = None):
         self.http = http
         self.base_url = base_url.rstrip("/")
         origin = httpx.URL(self.base_url)
@@ -373,6 +483,10 @@ class GraphClient:
         self._spent: deque[tuple[float, int]] = deque()  # (sent at, requests) inside the window, oldest first
         self._spent_total = 0
         self._budget_gate = threading.Lock()  # one waiter at a time: a batch is not starved by single requests
+        if max_pages is not None and max_pages < 1:
+            raise ValueError("max_pages must be >= 1 (or None for no limit)")
+        self.max_pages = max_pages  # per listing (one iter_pages call)
+        self.deadline: float | None = None  # on `clock`; see stop_paging_after
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
@@ -474,7 +588,7 @@ class GraphClient:
         if url_or_path.startswith(("https://", "http://")):
             u = httpx.URL(url_or_path)
             if (u.scheme, u.host, u.port) != self._origin:
-                raise GraphPagingError(0, "ForeignOrigin")  # never send the bearer token elsewhere
+                raise LinkNotFollowable(0, "ForeignOrigin")  # never send the bearer token elsewhere
             return url_or_path
         return f"{self.base_url}/{url_or_path.lstrip('/')}"
 
@@ -526,15 +640,54 @@ class GraphClient:
             headers: dict[str, str] | None = None) -> httpx.Response:
         return self.request("GET", url_or_path, params=params, headers=headers)
 
+    def stop_paging_after(self, seconds: float | None) -> None:
+        """Set the paging deadline `seconds` from now on the client's clock (None: no deadline)."""
+        self.deadline = None if seconds is None else self._clock() + max(0.0, seconds)
+
+    @contextmanager
+    def page_limit(self, max_pages: int | None) -> Iterator[None]:
+        """`max_pages` per listing inside the block (None: no page limit), the client's own limit after it."""
+        saved, self.max_pages = self.max_pages, max_pages
+        try:
+            yield
+        finally:
+            self.max_pages = saved
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and self._clock() >= self.deadline
+
+    def _check_link(self, link: str) -> None:
+        """An absolute link from Graph (or saved from an earlier run) must be on the configured origin and under
+        its version root; otherwise `LinkNotFollowable` before anything is sent."""
+        try:
+            u = httpx.URL(link)
+        except httpx.InvalidURL:
+            raise LinkNotFollowable(0, "OutsideGraphRoot") from None
+        if (u.scheme, u.host, u.port) != self._origin:
+            raise LinkNotFollowable(0, "ForeignOrigin")
+        if not u.path.lower().startswith(self._base_path.lower() + "/"):
+            raise LinkNotFollowable(0, "OutsideGraphRoot")
+
     def iter_pages(self, path: str, params: dict[str, Any] | None,
                    headers: dict[str, str] | None = None) -> Iterator[bytes]:
-        """Raw JSON of each page; follows the absolute `@odata.nextLink` verbatim (also past empty pages)."""
+        """Raw JSON of each page; follows the absolute `@odata.nextLink` verbatim (also past empty pages).
+        `path` may be a saved absolute link. Raises `LinkNotFollowable` for a link off the configured Graph URL,
+        `GraphPagingError("NextLinkLoop")` for a repeated nextLink and `RunLimitReached` once `max_pages` pages were
+        read or the deadline passed (checked before each page after the first)."""
         url: str | None = path
         seen: set[str] = set()
+        pages = 0
         while url is not None:
+            if pages and self.max_pages is not None and pages >= self.max_pages:
+                raise RunLimitReached(0, "PageCap")
+            if pages and self.past_deadline():
+                raise RunLimitReached(0, "TimeCap")
+            if "://" in url.split("?")[0]:  # a link, not one of our relative paths
+                self._check_link(url)
             content: bytes | None = self.get(url, params=params, headers=headers).content
             assert content is not None
-            next_link = _decode_next(content).next_link
+            pages += 1
+            next_link = _next_link(content)
             yield content
             content = None  # the caller has moved on: let the page go before fetching the next one
             if next_link is not None:

@@ -54,6 +54,8 @@ Rules for what Graph sends (each has a test in tests/test_mail_parsing.py):
   order; the caller dedupes (last one wins for full rows, partial rows patch).
 - A page whose JSON does not have the expected shape (e.g. a number where an address string belongs, an item
   without `id`) raises `GraphError(0, "MalformedPage")`; nothing of the page is returned.
+- Text Python cannot hold (a lone surrogate escape such as `"Deal \\ud83d"`, bytes that are not UTF-8) does not fail
+  the page: it becomes U+FFFD and the page's `odd` counts the items so repaired (`o365sync.graph.decode_page`).
 - Bodies (`fetch_bodies`) of any size (1 MB and more) are decoded once, linearly; nothing is concatenated per item.
 """
 
@@ -74,8 +76,8 @@ from o365sync.graph import (
     SENSITIVITY_EXPAND,
     DeltaTokenExpired,
     GraphClient,
-    GraphError,
     GraphPagingError,
+    decode_page,
     error_for,
 )
 
@@ -180,6 +182,7 @@ _decode_page = msgspec.json.Decoder(_PageWire).decode
 class HeaderPage:
     messages: pa.Table  # MESSAGES_SCHEMA, one row per message
     participants: pa.Table  # PARTICIPANTS_SCHEMA, one row per (message, role, recipient)
+    odd: int = 0  # items whose text had to be repaired (U+FFFD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,7 @@ class DeltaPage:
     participants: pa.Table  # PARTICIPANTS_SCHEMA, full rows only
     removed: list[str]  # ids reported `@removed` (deleted or moved out of the folder)
     delta_link: str | None  # set on the last page of a round only: the durable cursor
+    odd: int = 0  # items whose text had to be repaired (U+FFFD)
 
 
 def graph_datetime(when: datetime) -> str:
@@ -294,12 +298,9 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
 def parse_page(raw: bytes, folder: str) -> DeltaPage:
     """One raw Graph page (list or delta) → tables. `delta_link` is set only when the page ends a delta round
     (a deltaLink and no nextLink). Raises `GraphError(0, "MalformedPage")` if the JSON is not a message page."""
-    try:
-        wire = _decode_page(raw)
-    except msgspec.DecodeError:  # ValidationError included
-        raise GraphError(0, "MalformedPage") from None
+    wire, odd = decode_page(raw, _decode_page, _PageWire, MessageHeader)
     messages, participants, removed = _page_tables(folder, wire.value)
-    return DeltaPage(messages, participants, removed, wire.delta_link if wire.next_link is None else None)
+    return DeltaPage(messages, participants, removed, wire.delta_link if wire.next_link is None else None, len(odd))
 
 
 def iter_header_pages(client: GraphClient, folder: str, since: datetime, page_size: int) -> Iterator[HeaderPage]:
@@ -320,7 +321,7 @@ def iter_header_pages(client: GraphClient, folder: str, since: datetime, page_si
     for raw in client.iter_pages(path, params):
         page = parse_page(raw, folder)
         del raw
-        yield HeaderPage(page.messages, page.participants)
+        yield HeaderPage(page.messages, page.participants, page.odd)
 
 
 def iter_delta_pages(client: GraphClient, folder: str, *, delta_link: str | None, since: datetime | None,

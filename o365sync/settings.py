@@ -13,6 +13,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Mail syncs every 15 minutes: a user's sync task is cut off (Prefect task timeout) a minute before the next slot,
+# and the paging limit below ends a run a minute before that, so the last write always commits.
+SYNC_SLOT_SECONDS = 15 * 60
+USER_TASK_TIMEOUT_SECONDS = SYNC_SLOT_SECONDS - 60
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="O365SYNC_", env_file=".env", extra="ignore")
@@ -59,6 +64,12 @@ class Settings(BaseSettings):
 
         parse_many(v)  # ValueError names the bad part
         return v
+    # Paging limits of one user's mail or calendar sync per run (a server answering a fresh nextLink forever, or more
+    # mail than a slot can take): the run stops there, commits what it read and the next run goes on. Pages per
+    # listing: 5,000 for each of the two mail folders stays within the 10,000 requests Outlook allows a mailbox per
+    # 10 minutes. Wall time: 10 of the 15 minutes between mail syncs, at most a minute before the task timeout.
+    sync_max_pages: int = Field(5000, ge=1)
+    sync_max_seconds: float = Field(600.0, gt=0, le=USER_TASK_TIMEOUT_SECONDS - 60)
 
     @property
     def authority(self) -> str:

@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -210,6 +210,17 @@ class FolderCursor:
     delta_link: str | None = None
     delta_at: datetime | None = None
 
+    def resynced(self, now: datetime, scan_start: datetime | None = None) -> FolderCursor:
+        """The cursor of a bounded resync (dead or unusable deltaLink, or an operator's `tenant resync`): no link,
+        so a new baseline is taken, and the backfill re-lists from `RESYNC_OVERLAP` before the last committed
+        delta round (a backfill still under way keeps its watermark)."""
+        start = max(scan_start or self.scan_start, (self.delta_at or now) - RESYNC_OVERLAP)
+        return replace(self, delta_link=None, delta_at=None, backfill_done=False,
+                       received_watermark=start if self.backfill_done else self.received_watermark)
+
+
+RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
+
 
 @dataclass(frozen=True)
 class MailBatch:
@@ -321,11 +332,18 @@ def next_retry_delay(consecutive_failures: int) -> timedelta:
     return min(RETRY_BASE * 2 ** max(0, consecutive_failures - 1), RETRY_MAX)
 
 
+CATCHING_UP = "catching_up"  # the run stopped at its paging limit, committed what it read; the next run goes on
+
+
 def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, stage: str,
-                      counts: RunCounts | None = None, error: str | None = None, feature: str = "email") -> None:
-    """Upsert the user's sync state of `feature` (email, calendar). `error` is a code or exception class name,
-    never message content. The run's counts replace the last run's and add to the totals since the first run
-    (a row from before the totals existed starts them at its last run's counts)."""
+                      counts: RunCounts | None = None, error: str | None = None, feature: str = "email",
+                      note: str | None = None) -> None:
+    """Upsert the user's sync state of `feature` (email, calendar). `error` is a code or exception class name
+    (optionally with a fixed explanation), never message content. `note`: what a person should know about a run
+    that did not fail (a resync, a run stopped at its limit), shown where errors are. `CATCHING_UP` is neither a
+    success (the lag keeps growing) nor a failure (no back-off: the next run goes on). The run's counts replace the
+    last run's and add to the totals since the first run (a row from before the totals existed starts them at its
+    last run's counts)."""
     now = datetime.now(UTC)
     key = [tenant_id, user_oid, feature]
     totals_so_far = ", ".join(f"coalesce(total_{n}, {n}, 0)" for n in TOTALS)
@@ -338,6 +356,9 @@ def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: 
     elif error is not None:
         failures += 1
         next_retry = None if stage in ("reconnect_needed", "consent_needed") else now + next_retry_delay(failures)
+    elif stage == CATCHING_UP:
+        failures = 0
+    error = error if error is not None else note
     c = counts or RunCounts()
     with transaction(con):
         con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key)
@@ -357,6 +378,40 @@ def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str, feature: st
                       "feature = ? ORDER BY user_oid", [tenant_id, feature])
     columns = [d[0] for d in cur.description]
     return [{**{f"total_{n}": None for n in TOTALS}, **dict(zip(columns, row, strict=True))} for row in cur.fetchall()]
+
+
+def sync_position_users(con: duckdb.DuckDBPyConnection, tenant_id: str) -> set[str]:
+    """Users of the tenant with a saved sync position or sync state."""
+    return {r[0] for r in con.execute(
+        "SELECT user_oid FROM mail_cursor WHERE tenant_id = ? UNION SELECT user_oid FROM calendar_cursor WHERE "
+        "tenant_id = ? UNION SELECT user_oid FROM sync_state WHERE tenant_id = ?", [tenant_id] * 3).fetchall()}
+
+
+def reset_sync_positions(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oids: Iterable[str],
+                         features: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Drop the saved deltaLinks of `user_oids` for `features` (email, calendar), so that each one's next sync is a
+    bounded resync (mail: `FolderCursor.resynced`; calendar: a new baseline over the same window). Returns
+    (user, feature, folder or "calendar") for every position that had a link."""
+    users = sorted(set(user_oids))
+    now, done = datetime.now(UTC), []
+    with transaction(con):
+        for oid in users:
+            if "email" in features:
+                for folder, cursor in sorted(read_cursors(con, tenant_id, oid).items()):
+                    if cursor.delta_link is None:
+                        continue
+                    c = cursor.resynced(now)
+                    con.execute("UPDATE mail_cursor SET received_watermark = ?, backfill_done = ?, delta_link = NULL,"
+                                " delta_at = NULL, updated_at = ? WHERE tenant_id = ? AND user_oid = ? AND folder = ?",
+                                [c.received_watermark, c.backfill_done, now, tenant_id, oid, folder])
+                    done.append((oid, "email", folder))
+            if "calendar" in features:
+                hit = con.execute("UPDATE calendar_cursor SET delta_link = NULL, delta_at = NULL, updated_at = ? "
+                                  "WHERE tenant_id = ? AND user_oid = ? AND delta_link IS NOT NULL RETURNING 1",
+                                  [now, tenant_id, oid]).fetchall()
+                if hit:
+                    done.append((oid, "calendar", "calendar"))
+    return done
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import json
 import math
 import random
 import re
@@ -97,7 +98,17 @@ _FILTER_RE = re.compile(
 _QUOTED_FILTER_RE = re.compile(r"\s*receivedDateTime\s+(ge|gt|le|lt|eq)\s+'[^']*'\s*", re.IGNORECASE)
 _ORDERBY_RE = re.compile(r"\s*(\w+)(?:\s+(asc|desc))?\s*", re.IGNORECASE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_encode = msgspec.json.encode
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+HALF_EMOJI = "\ud83d"  # the high half of U+1F600..: what a client that cut an emoji in two leaves behind
+
+
+def _encode(obj: Any) -> bytes:
+    """JSON; text UTF-8 cannot carry (a lone surrogate) as the `\\udXXX` escape Graph's JSON writer emits."""
+    try:
+        return msgspec.json.encode(obj)
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 class GraphFail(Exception):
@@ -250,7 +261,8 @@ class GraphSimulator:
                  fault_share: float = 0.0, fault_statuses: tuple[int, ...] = (429, 503, 504),
                  fault_retry_after: tuple[float, float] = (0.05, 2.0), fault_seed: int = 0,
                  partial_updates: bool = True, duplicate_share: float = 0.0, empty_page_share: float = 0.0,
-                 delta_max_page_size: int = 1000, filter_later_rounds: bool = True, retry_grace_s: float = 0.05):
+                 delta_max_page_size: int = 1000, filter_later_rounds: bool = True, retry_grace_s: float = 0.05,
+                 endless_next_links: bool = False, lone_surrogate_ids: frozenset[str] = frozenset()):
         """Knobs (all plain attributes too; `reset()` restores the constructor values, latency 0):
         - `max_in_flight`: Outlook's MailboxConcurrency (429 ApplicationThrottled, Retry-After
           `throttle_retry_after`);
@@ -265,7 +277,11 @@ class GraphSimulator:
           `delta_max_page_size` (cap on `Prefer: odata.maxpagesize`), `filter_later_rounds` (the first request's
           `$filter` also limits the created/updated items of later rounds — UNVERIFIED, the safe assumption:
           updates of mail older than the filter are then never reported; False: it only limits the first round);
-        - `retry_grace_s`: see `retry_violations`."""
+        - `retry_grace_s`: see `retry_violations`;
+        - faults of a misbehaving server: `endless_next_links` (the last page of a message listing, a message delta
+          round or a calendarView (delta) round carries a fresh nextLink to an empty page instead of ending, forever);
+          `lone_surrogate_ids` (messages whose subject and sender name, and events — a series: every instance —
+          whose subject end in `HALF_EMOJI`, sent as the JSON escape "\\ud83d": valid JSON, not valid Unicode)."""
         self.world = world
         self.tokens = tokens
         self.max_in_flight = max_in_flight
@@ -283,10 +299,13 @@ class GraphSimulator:
         self.delta_max_page_size = delta_max_page_size
         self.filter_later_rounds = filter_later_rounds
         self.retry_grace_s = retry_grace_s
+        self.endless_next_links = endless_next_links
+        self.lone_surrogate_ids = frozenset(lone_surrogate_ids)
         self._knobs = {k: getattr(self, k) for k in (
             "max_in_flight", "throttle_retry_after", "budget_requests", "budget_window_s", "fault_share",
             "fault_statuses", "fault_retry_after", "fault_seed", "partial_updates", "duplicate_share",
-            "empty_page_share", "delta_max_page_size", "filter_later_rounds", "retry_grace_s")}
+            "empty_page_share", "delta_max_page_size", "filter_later_rounds", "retry_grace_s", "endless_next_links",
+            "lone_surrogate_ids")}
         self.requests: list[LoggedRequest] = []
         self.peak_in_flight: dict[str, int] = {}
         self.sent: dict[str, list[SentResponse]] = {}  # oid -> every response, in order
@@ -710,6 +729,13 @@ class GraphSimulator:
                 out[p] = base[p]
         if expand and base[EXT_PROPS] is not None:  # a message without the property: key left out
             out[EXT_PROPS] = base[EXT_PROPS]
+        if m.id in self.lone_surrogate_ids:
+            if isinstance(out.get("subject"), str):
+                out["subject"] += HALF_EMOJI
+            for role in ("from", "sender"):
+                if (who := out.get(role)) and who.get("emailAddress"):
+                    address = who["emailAddress"]
+                    out[role] = {"emailAddress": {**address, "name": f"{address.get('name') or ''}{HALF_EMOJI}"}}
         return out
 
     def _fragment(self, m: SimMessage, select: tuple[str, ...] | None, body_type: str, immutable: bool = True,
@@ -718,10 +744,12 @@ class GraphSimulator:
         cache = self._frags.get(key)
         if cache is None:
             cache = self._frags.setdefault(key, {})
-        frag = cache.get(m.id)
+        frag = None if m.id in self.lone_surrogate_ids else cache.get(m.id)  # a fault knob's output is not cached
         if frag is None:
             props = select if select is not None else DEFAULT_PROPS
-            frag = cache[m.id] = _encode(self._props(m, props, body_type, immutable, typed, expand))
+            frag = _encode(self._props(m, props, body_type, immutable, typed, expand))
+            if m.id not in self.lone_surrogate_ids:
+                cache[m.id] = frag
         return frag
 
     # ---------------------------------------------------------------- query options
@@ -890,7 +918,7 @@ class GraphSimulator:
         sel = f"({','.join(select)})" if select else ""
         context = f"{req.base_url}/v1.0/$metadata#users('{oid}')/{where}{sel}"
         out = b'{"@odata.context":' + _encode(context) + b',"value":[' + frags + b"]"
-        if skip + top < n:
+        if skip + top < n or self.endless_next_links:
             query = {k: v for k, v in req.query.items() if k.lower() != "$skip"}
             query["$skip"] = str(skip + top)
             link = f"{req.base_url}{req.path}?{urlencode(query)}"
@@ -1084,7 +1112,7 @@ class GraphSimulator:
         folder_id = self.folder_id(rnd.state.oid, rnd.state.folder)
         base = f"{req.base_url}/v1.0/me/mailFolders('{folder_id}')/messages/delta"
         token = secrets.token_urlsafe(24)
-        if nxt < len(items):
+        if nxt < len(items) or self.endless_next_links:
             entry: tuple[str, Any, int] = ("page", rnd, nxt)
             link = b'"@odata.nextLink":' + _encode(f"{base}?$skiptoken={token}")
         else:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from simulators.graph import GraphFail, _Ctx, _encode, _iso, _prefer, _quote_id
+from simulators.graph import HALF_EMOJI, GraphFail, _Ctx, _encode, _iso, _prefer, _quote_id
 from simulators.server import Request, Response
 from simulators.world_calendar import (
     _DAYS,
@@ -252,6 +252,8 @@ class CalendarEndpoints:
         html_body = self.sim._body(SimpleNamespace(body=body), body_type)
         online = {"joinUrl": ev.join_url} if ev.is_online and ev.join_url else None
         subject = inst.subject if inst is not None else ev.subject
+        if ev.id in self.sim.lone_surrogate_ids and subject is not None:  # fault knob (GraphSimulator)
+            subject += HALF_EMOJI
         return {
             "@odata.etag": f'W/"{change_key}"', "id": iid,
             "createdDateTime": created, "lastModifiedDateTime": _iso(ev.modified) if ev.modified else created,
@@ -316,7 +318,7 @@ class CalendarEndpoints:
         with self.sim.world.lock:
             items = [self._render(i.event, i, zone, body_type, select) for i in insts[skip:skip + size]]
         link = None
-        if skip + size < len(insts):
+        if skip + size < len(insts) or self.sim.endless_next_links:
             query = {k: v for k, v in req.query.items() if k.lower() != "$skip"}
             query["$skip"] = str(skip + size)
             link = ("@odata.nextLink", f"{req.base_url}{req.path}?{urlencode(query, safe='$,:')}")
@@ -403,7 +405,7 @@ class CalendarEndpoints:
             pos += 1
         token = secrets.token_urlsafe(24)
         base = f"{req.base_url}/v1.0/me/calendarView/delta"
-        if pos < len(rnd.groups):
+        if pos < len(rnd.groups) or self.sim.endless_next_links:
             entry = ("page", rnd, pos)
             link = ("@odata.nextLink", f"{base}?$skiptoken={token}")
         else:

@@ -7,7 +7,11 @@ that involve the CRM, current.
   A baseline also reconciles: stored meetings inside the window it did not return are gone from the calendar.
 - Rounds: calendarView delta from the stored deltaLink; every series the round touches is re-read in full over the
   window (its instances replace the stored ones: moved, added and silently cancelled occurrences alike);
-  `@removed` and cancelled meetings leave the store. An expired token starts a new baseline over the same window.
+  `@removed` and cancelled meetings leave the store. An expired token, or a saved link that cannot be followed
+  (another Graph URL), starts a new baseline over the same window (counted as a resync).
+- Limits per run (`sync_max_pages` per listing, `sync_max_seconds`): a round cut short writes what it read (the
+  instances it saw, the series it re-read, the removals) under the old cursor, without reconciling; the next run
+  replays the round from the old deltaLink.
 - Kept: not private; external meetings with at least one CRM match (organizer and attendees, matched like mail's
   from/to/cc, same primary-link precedence); internal meetings (every participant in the tenant's domains) only for
   users who opted in, without CRM links. Everything else is discarded in memory, counted only.
@@ -36,6 +40,7 @@ from o365sync.store import (
 )
 from o365sync.tenants import TenantConfig, load_tenant
 from tasks.crm_index import crm_index_for
+from tasks.mailbox_sync import LIMIT_REASONS, resync_reason
 from tasks.match import CrmIndex, match_participants
 from tasks.notetaker import run_notetaker
 
@@ -66,6 +71,9 @@ class CalendarCounts:
     private: int = 0
     to_record: int = 0
     links_added: int = 0
+    resync: str | None = None  # why the saved deltaLink was dropped (mailbox_sync.resync_reason)
+    stopped: str | None = None  # the paging limit the run stopped at (a mailbox_sync.LIMIT_REASONS value)
+    odd_text: int = 0  # meetings whose text was not valid Unicode (U+FFFD)
 
 
 def calendar_scopes(tenant: TenantConfig) -> list[str]:
@@ -134,31 +142,42 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
         raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
     with open_store(settings, tenant_id, write=False) as con:
         cursor = read_calendar_cursor(con, tenant_id, user_oid)
+    stored = cursor
     if cursor is None or now - cursor.window_start >= timedelta(hours=settings.calendar_reanchor_hours):
         cursor = CalendarCursor(*anchored_window(now))  # (re-)anchor: a new baseline round
     window = (cursor.window_start, cursor.window_end)
     allow = CALENDAR_READ_ALLOWLIST + (CALENDAR_CONSENT_WRITE_ALLOWLIST if tenant.notetaker_explicit_consent else ())
     with TokenProvider(settings, tenant_id, user_oid, scopes) as provider, make_http_client(settings) as http:
         client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
-                             budget=settings.graph_request_budget, allow=allow)
+                             budget=settings.graph_request_budget, allow=allow, max_pages=settings.sync_max_pages)
+        client.stop_paging_after(settings.sync_max_seconds)
         try:
             rnd = read_delta_round(client, window, cursor.delta_link, settings.graph_page_size)
-        except DeltaTokenExpired:
-            cursor = CalendarCursor(*window)
+        except DeltaTokenExpired as dead:  # evicted, or a link we cannot follow (LinkNotFollowable)
+            counts.resync = resync_reason(dead)
+            stored = cursor = CalendarCursor(*window)
             rnd = read_delta_round(client, window, None, settings.graph_page_size)
         counts.baseline = cursor.delta_link is None
         instances = list(rnd.instances.values())
-        for _master_id, series in iter_series(client, rnd.series, window):
+        reread: set[str] = set()
+        for master_id, series in iter_series(client, rnd.series, window):
             instances += series or []  # None: the series is gone; its stored instances are dropped below
+            reread.add(master_id)
+        complete = rnd.complete and reread == rnd.series
+        if not complete:
+            counts.stopped = LIMIT_REASONS["PageCap" if not client.past_deadline() else "TimeCap"]
         counts.scanned = len(instances)
+        counts.odd_text = sum(m.text_repaired for m in instances)
         kept, internal, links = classify(instances, index, tenant.preferences_for(user_oid).internal_meetings,
                                          counts)
         meetings, attendees = _frames(kept, internal)
         del instances, kept  # unmatched meetings end here, in memory
+        # Cut short: keep the stored cursor (its deltaLink replays the round next run) and do not reconcile.
+        resume = CalendarCursor(window[0], window[1], rnd.delta_link, now) if complete else (
+            stored or CalendarCursor(*window))
         batch = MeetingBatch(meetings, attendees, links, drop_ids=set(rnd.instances) | rnd.removed,
-                             drop_series=rnd.series | rnd.removed,
-                             cursor=CalendarCursor(window[0], window[1], rnd.delta_link, now),
-                             reconcile=counts.baseline)
+                             drop_series=reread | rnd.removed, cursor=resume,
+                             reconcile=counts.baseline and complete)
         with open_store(settings, tenant_id, write=True) as con:
             counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)
         organizer = str(connection_info(settings, tenant_id, user_oid).get("upn") or "")

@@ -6,20 +6,23 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from o365sync.settings import load_settings
+from o365sync.settings import USER_TASK_TIMEOUT_SECONDS, load_settings
 from o365sync.store import RunCounts
 from tasks.calendar_sync import ConsentNeeded, sync_calendar_now
+from tasks.mailbox_sync import ODD_TEXT
 from tasks.user_sync import run_user_sync
 
 
 def calendar_run_counts(settings, tenant_id: str, user_oid: str) -> RunCounts:  # noqa: ANN001
     c = sync_calendar_now(settings, tenant_id, user_oid)
+    reasons = (("private", c.private), ("internal", c.internal), ("removed", c.removed), ("baseline", int(c.baseline)),
+               (ODD_TEXT, c.odd_text), (c.resync or "", int(c.resync is not None)),
+               (c.stopped or "", int(c.stopped is not None)))
     return RunCounts(scanned=c.scanned, matched=c.kept, imported=c.kept + c.internal, discarded=c.discarded,
-                     excluded=tuple((k, v) for k, v in (("private", c.private), ("internal", c.internal),
-                                                        ("removed", c.removed), ("baseline", int(c.baseline))) if v))
+                     excluded=tuple(sorted((k, v) for k, v in reasons if v)))
 
 
-@task(name="sync-calendar", persist_result=False, cache_policy=NO_CACHE)
+@task(name="sync-calendar", persist_result=False, cache_policy=NO_CACHE, timeout_seconds=USER_TASK_TIMEOUT_SECONDS)
 def sync_calendar(tenant_id: str, user_oid: str) -> dict[str, int | str]:
     settings = load_settings()
     return run_user_sync(settings, "calendar", tenant_id, user_oid,

@@ -4,8 +4,12 @@ Per folder: (1) without a committed deltaLink, take a delta baseline: a delta ro
 window whose items are not processed (so the 5,000-message cap of a filtered first round cannot lose mail);
 (2) until the backfill is done, list the scan window oldest first with the list endpoint, which has no cap,
 advancing a received-time watermark; (3) later runs do a delta round from the committed deltaLink. An expired
-delta token (410 / syncStateNotFound / resyncRequired) gets a bounded resync: a new baseline plus a list
-backfill from shortly before the last committed delta round.
+delta token (410 / syncStateNotFound / resyncRequired) or a saved link that cannot be followed (another Graph URL)
+gets a bounded resync: a new baseline plus a list backfill from shortly before the last committed delta round.
+
+Limits per run (settings `sync_max_pages` per listing, `sync_max_seconds` shared by the folders): at the limit a
+folder commits what it has read (the backfill's watermark, or a delta round's rows under the old deltaLink, which
+the next run replays idempotently) and the run ends as `catching_up`; the next run goes on from there.
 
 Every page streams through header-first: exclusions, CRM matching, bodies fetched only for matched messages,
 matched rows written with the cursor they advance in one transaction. Unmatched and excluded messages are only
@@ -16,15 +20,16 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import polars as pl
 
 from o365sync.auth import TokenProvider, scopes_for
-from o365sync.graph import GraphClient
+from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
 from o365sync.http import make_http_client
 from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
 from o365sync.settings import Settings
@@ -42,7 +47,17 @@ from tasks.exclusions import exclusion_reasons
 from tasks.match import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 
 MAIL_FOLDERS = ("inbox", "sentitems")
-RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
+FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (graph.md §2.4)
+# Counted reasons (RunCounts.excluded) that are not exclusions: what happened to the run, for status and artifacts.
+RESYNC_REASONS = {"ForeignOrigin": "delta_resync_other_endpoint", "OutsideGraphRoot": "delta_resync_unusable_link"}
+LIMIT_REASONS = {"PageCap": "stopped_at_page_limit", "TimeCap": "stopped_at_time_limit"}
+ODD_TEXT = "odd_text"  # items whose text was not valid Unicode (imported or discarded like any other, text repaired)
+
+
+def resync_reason(dead: DeltaTokenExpired) -> str:
+    """The counted reason of a resync: the saved link was evicted by Graph, or could not be followed."""
+    return RESYNC_REASONS.get(dead.code or "", "delta_resync") if isinstance(dead, LinkNotFollowable) \
+        else "delta_resync"
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 
@@ -142,11 +157,13 @@ def prefetched(pages: Iterable, depth: int = PREFETCH_PAGES) -> Iterator:
 
 
 def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame,
-                  removed: int = 0) -> None:
+                  removed: int = 0, odd: int = 0) -> None:
     """Classify one page; buffer matched rows (with bodies) and partial updates; count everything else."""
     reasons: Counter[str] = Counter()
     if removed:
         reasons["removed"] = removed  # moved out or deleted in Outlook: the imported copy is kept
+    if odd:
+        reasons[ODD_TEXT] = odd
     messages = messages.unique("graph_id", keep="last", maintain_order=True)
     partial = messages.filter(pl.col("is_partial"))
     if partial.height:
@@ -190,15 +207,19 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
     """List the window oldest first from the watermark; each write carries the watermark it covers."""
     buf = _Buffer()
     since = cursor.received_watermark or cursor.scan_start
-    for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
-        messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
-        _process_page(run, buf, messages, participants)
-        page_max = messages["received_at"].max()
-        if page_max is not None and (cursor.received_watermark is None or page_max > cursor.received_watermark):
-            cursor = replace(cursor, received_watermark=page_max)
-        del page, messages, participants  # unmatched content dies here
-        if buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
-            _flush(run, buf, folder, cursor)
+    try:
+        for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
+            messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
+            _process_page(run, buf, messages, participants, odd=page.odd)
+            page_max = messages["received_at"].max()
+            if page_max is not None and (cursor.received_watermark is None or page_max > cursor.received_watermark):
+                cursor = replace(cursor, received_watermark=page_max)
+            del page, messages, participants  # unmatched content dies here
+            if buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
+                _flush(run, buf, folder, cursor)
+    except RunLimitReached:
+        _flush(run, buf, folder, cursor)  # every page read so far, with the watermark they reached
+        raise
     cursor = replace(cursor, backfill_done=True)
     _flush(run, buf, folder, cursor)
     return cursor
@@ -207,11 +228,15 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
 def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
     """Obtain a deltaLink for changes from now on to mail in the scan window (the $filter stays with the token,
     so it must cover the window). Its items need no processing: the list backfill that follows (gated by
-    `backfill_done`) covers everything received before it, whatever the 5,000-message cap of this round."""
-    for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start,
-                                 page_size=run.settings.graph_page_size):
-        if page.delta_link is not None:
-            cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
+    `backfill_done`) covers everything received before it, whatever the 5,000-message cap of this round.
+    Its page limit is at least what that cap needs, so a faithful round always ends: a baseline cut short commits
+    nothing, and one that never ended would keep the backfill from ever starting."""
+    size = run.settings.graph_page_size
+    limit = run.client.max_pages and max(run.client.max_pages, -(-FILTERED_ROUND_CAP // size) + 1)
+    with run.client.page_limit(limit):
+        for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start, page_size=size):
+            if page.delta_link is not None:
+                cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
     _flush(run, _Buffer(), folder, cursor)
     return cursor
 
@@ -222,15 +247,19 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
     buf = _Buffer()
     pages = iter_delta_pages(run.client, folder, delta_link=cursor.delta_link, since=None,
                              page_size=run.settings.graph_page_size)
-    for page in prefetched(pages):
-        messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
-        _process_page(run, buf, messages, participants, removed=len(page.removed))
-        del messages, participants
-        if page.delta_link is not None:
-            cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
-            _flush(run, buf, folder, cursor)
-        elif buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
-            _flush(run, buf, folder, cursor)
+    try:
+        for page in prefetched(pages):
+            messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
+            _process_page(run, buf, messages, participants, removed=len(page.removed), odd=page.odd)
+            del messages, participants
+            if page.delta_link is not None:
+                cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
+                _flush(run, buf, folder, cursor)
+            elif buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
+                _flush(run, buf, folder, cursor)
+    except RunLimitReached:
+        _flush(run, buf, folder, cursor)  # the rows read so far, under the old deltaLink: the next run replays
+        raise
     return cursor
 
 
@@ -239,19 +268,19 @@ def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> No
         cursor = FolderCursor(scan_start=run.scan_start)
     elif run.scan_start < cursor.scan_start:  # an older open opportunity appeared: backfill the new start too
         cursor = replace(cursor, scan_start=run.scan_start, received_watermark=None, backfill_done=False)
-    if cursor.delta_link is not None:
-        try:
-            cursor = delta_round(run, folder, cursor)
-        except DeltaTokenExpired:
-            resync_from = max(run.scan_start, (cursor.delta_at or run.now) - RESYNC_OVERLAP)
-            watermark = resync_from if cursor.backfill_done else cursor.received_watermark
-            cursor = replace(cursor, delta_link=None, delta_at=None, received_watermark=watermark,
-                             backfill_done=False)
-            run.counts += RunCounts(excluded=(("delta_resync", 1),))
-    if cursor.delta_link is None:
-        cursor = delta_baseline(run, folder, cursor)
-    if not cursor.backfill_done:
-        backfill(run, folder, cursor)
+    try:
+        if cursor.delta_link is not None:
+            try:
+                cursor = delta_round(run, folder, cursor)
+            except DeltaTokenExpired as dead:  # evicted, or a link we cannot follow (LinkNotFollowable)
+                cursor = cursor.resynced(run.now, run.scan_start)
+                run.counts += RunCounts(excluded=((resync_reason(dead), 1),))
+        if cursor.delta_link is None:
+            cursor = delta_baseline(run, folder, cursor)
+        if not cursor.backfill_done:
+            backfill(run, folder, cursor)
+    except RunLimitReached as limit:  # what was read is committed; the next run goes on from there
+        run.counts += RunCounts(excluded=((LIMIT_REASONS[limit.code or "PageCap"], 1),))
 
 
 def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCounts:
@@ -265,9 +294,11 @@ def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCo
     with TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider, \
             make_http_client(settings) as http:
         client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
-                             budget=settings.graph_request_budget)
+                             budget=settings.graph_request_budget, max_pages=settings.sync_max_pages)
         run = MailboxRun(settings, tenant, user_oid, client, index, tenant.blocklist_for(user_oid), scan_start,
                          datetime.now(UTC))
-        for folder in MAIL_FOLDERS:
+        deadline = time.monotonic() + settings.sync_max_seconds
+        for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
+            client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
             sync_folder(run, folder, cursors.get(folder))
     return run.counts

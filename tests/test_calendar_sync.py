@@ -16,6 +16,7 @@ from simulators.world import generate_world
 from simulators.world_calendar import Attendee
 from tasks.calendar_sync import ConsentNeeded, anchored_window, sync_calendar_now
 from tasks.crm_snapshot import refresh_crm_snapshot
+from tests.bounded import ends_by_itself
 from tests.product import stand_up
 
 
@@ -129,6 +130,55 @@ def test_an_evicted_delta_token_starts_a_new_baseline(product):
     p.running.graph.calendar.evict_delta_tokens(user.oid)
     p.world.calendars.add_event(user.oid, kind="external")
     assert sync_calendar_now(p.settings, tid, user.oid).baseline
+    assert stored(p, tid) == expected(p)
+
+
+def test_half_an_emoji_in_an_event_subject_is_counted_not_fatal(product):
+    from tasks.calendar_task import calendar_run_counts
+
+    p, tid = product, product.world.tenants[0].tid
+    user = p.world.tenants[0].users[0]
+    truth = expected(p)
+    single = next(eid for (oid, eid) in sorted(truth) if oid == user.oid
+                  and p.world.calendars.find(oid, eid)[1] is None)
+    occurrence = next(eid for (oid, eid) in sorted(truth) if oid == user.oid
+                      and p.world.calendars.find(oid, eid)[1] is not None)
+    series = p.world.calendars.find(user.oid, occurrence)[0].id
+    p.running.graph.lone_surrogate_ids = frozenset({single, series})
+    counts = calendar_run_counts(p.settings, tid, user.oid)
+    instances = sum(1 for (oid, eid) in truth if oid == user.oid and p.world.calendars.find(oid, eid)[0].id == series)
+    assert dict(counts.excluded)["odd_text"] >= 1 + instances  # counted per imported/discarded meeting
+    with open_store(p.settings, tid, write=False) as con:
+        subjects = dict(con.execute("SELECT event_id, subject FROM meetings WHERE user_oid = ?", [user.oid]).fetchall())
+    assert subjects[single].endswith("\ufffd") and subjects[occurrence].endswith("\ufffd")
+    assert {k for k in stored(p, tid) if k[0] == user.oid} == {k for k in truth if k[0] == user.oid}
+
+
+def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product, monkeypatch):
+    from o365sync.settings import load_settings
+
+    p, tid = product, product.world.tenants[0].tid
+    user = p.world.tenants[0].users[0]
+    sync_all(p)
+    added = p.world.calendars.add_event(user.oid, kind="customer_call")
+    monkeypatch.setenv("O365SYNC_SYNC_MAX_PAGES", "5")
+    settings = load_settings()
+    graph = p.running.graph
+    graph.endless_next_links = True
+    graph.reset_stats()
+    counts = ends_by_itself(lambda: sync_calendar_now(settings, tid, user.oid),
+                            lambda: setattr(graph, "endless_next_links", False))
+    assert counts.stopped == "stopped_at_page_limit" and not counts.baseline
+    assert sum("calendarView/delta" in r.path for r in graph.requests) == 5
+    assert (user.oid, added.id) in stored(p, tid)  # what the cut round read is kept ...
+    with open_store(settings, tid, write=False) as con:
+        link = con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[0]
+    assert not graph.endless_next_links  # switched off once the cut run had ended
+    counts = sync_calendar_now(settings, tid, user.oid)  # ... and the round is replayed from the old deltaLink
+    assert counts.stopped is None and not counts.baseline
+    with open_store(settings, tid, write=False) as con:
+        assert con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[0] \
+            not in (None, link)
     assert stored(p, tid) == expected(p)
 
 

@@ -83,6 +83,8 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
                         {"O365SYNC_CRM_CLIENT_SECRET": "only-half-of-the-salesforce-secrets"})],
         "tenant update": [(["nosuch", "--name", "x"], {}), (["{T}", "--crm-login-url", "http://sf.example"], {}),
                           (["{T}", "--domain", "not a domain"], {})],
+        "tenant resync": [(["nosuch"], {}), (["{T}", "--user", "nobody"], {}), (["{T}", "--user", "../x"], {}),
+                          (["{T}", "--feature", "teams"], {})],
         "crm confirm-drop": [(["--tenant", "nosuch"], {}), (["--tenant", "{T}"], {})],
         "offboard readmit": [(["--tenant", "{T}", "{U}"], {}), (["--tenant", "{T}", "../x"], {}),
                              (["--tenant", "nosuch", "{U}"], {})],

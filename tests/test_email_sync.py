@@ -12,6 +12,7 @@ from o365sync.store import open_store
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tasks.mailbox_sync import sync_mailbox_now
+from tests.bounded import ends_by_itself
 from tests.product import stand_up, stored_matches
 
 
@@ -154,3 +155,113 @@ def test_odd_graph_items_are_imported_or_skipped_as_documented(tmp_path, monkeyp
         assert any((world.tenants[0].users[0].oid, m.id) in expected for m in odd)  # some odd items do match
     finally:
         p.running.stop()
+
+
+# ---------------------------------------------------------------------------------------------- bounded inputs
+def run_and_record(p, settings, oid: str) -> dict:
+    """One mailbox sync as the Prefect task runs it (sync state recorded), without Prefect."""
+    import logging
+
+    from tasks.user_sync import run_user_sync
+
+    tid = p.world.tenants[0].tid
+    return run_user_sync(settings, "email", tid, oid, lambda: sync_mailbox_now(settings, tid, oid),
+                         logging.getLogger("test"))
+
+
+def state_of(settings, tid: str, oid: str) -> dict:
+    from o365sync.store import read_sync_states
+
+    with open_store(settings, tid, write=False) as con:
+        return next(s for s in read_sync_states(con, tid, "email") if s["user_oid"] == oid)
+
+
+def no_doubles(p) -> None:
+    rows = emails(p)
+    assert len(rows) == len({(r[0], r[1]) for r in rows})
+
+
+def test_half_an_emoji_in_a_subject_or_sender_name_is_counted_not_fatal(product):
+    p, tid = product, product.world.tenants[0].tid
+    alice = p.world.tenants[0].users[0]
+    expected = expected_now(p)
+    broken = sorted(gid for oid, gid in expected if oid == alice.oid)[:2]
+    p.running.graph.lone_surrogate_ids = frozenset(broken)
+    row = run_and_record(p, p.settings, alice.oid)
+    assert row["status"] == "ok" and "odd_text=2" in row["excluded"]
+    with open_store(p.settings, tid, write=False) as con:
+        got = con.execute("SELECT subject, from_name FROM emails WHERE graph_id IN (?, ?)", broken).fetchall()
+    assert len(got) == 2 and all(s.endswith("\ufffd") and n.endswith("\ufffd") for s, n in got)
+    assert {k for k in stored_matches(p.settings, tid) if k[0] == alice.oid} == \
+        {k for k in expected if k[0] == alice.oid}
+    no_doubles(p)
+
+
+def test_a_mailbox_bigger_than_the_page_limit_catches_up_over_runs(product, monkeypatch):
+    p, tid = product, product.world.tenants[0].tid
+    from o365sync.settings import load_settings
+
+    monkeypatch.setenv("O365SYNC_SYNC_MAX_PAGES", "1")  # 20 messages a page: a run lists 20 per folder
+    settings = load_settings()
+    alice = p.world.tenants[0].users[0]
+    stages, imported = [], []
+    for _ in range(20):
+        row = run_and_record(p, settings, alice.oid)
+        state = state_of(settings, tid, alice.oid)
+        stages.append(state["stage"])
+        assert state["stage"] == "idle" or "O365SYNC_SYNC_MAX_PAGES" in state["last_error"]
+        imported.append(row["imported"])
+        no_doubles(p)
+        if stages[-1] == "idle":
+            break
+    assert stages[0] == "catching_up" and stages[-1] == "idle" and len(stages) >= 2
+    assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == \
+        {k for k in expected_now(p) if k[0] == alice.oid}
+    assert sum(imported) == len({k for k in expected_now(p) if k[0] == alice.oid})  # each message imported once
+
+
+@pytest.mark.parametrize("limit", [{"O365SYNC_SYNC_MAX_PAGES": "6"}, {"O365SYNC_SYNC_MAX_SECONDS": "1"}])
+def test_a_server_that_pages_forever_is_cut_off_and_the_next_run_finishes(product, monkeypatch, limit):
+    p, tid = product, product.world.tenants[0].tid
+    from o365sync.settings import load_settings
+
+    alice = p.world.tenants[0].users[0]
+    run_and_record(p, p.settings, alice.oid)
+    new = [p.world.add_message(alice.oid, "inbox", kind="contact") for _ in range(2)]
+    graph = p.running.graph
+    graph.endless_next_links = True  # every delta round now ends in a fresh nextLink to an empty page, forever
+    for key, value in limit.items():
+        monkeypatch.setenv(key, value)
+    settings = load_settings()
+    graph.reset_stats()
+    row = ends_by_itself(lambda: run_and_record(p, settings, alice.oid),
+                         lambda: setattr(graph, "endless_next_links", False))
+    reason = "stopped_at_page_limit" if "O365SYNC_SYNC_MAX_PAGES" in limit else "stopped_at_time_limit"
+    assert row["status"] == "catching_up" and f"{reason}=2" in row["excluded"]  # both folders, and it ended
+    state = state_of(settings, tid, alice.oid)
+    assert state["stage"] == "catching_up" and state["consecutive_failures"] == 0 and state["next_retry_at"] is None
+    assert "next run continues" in state["last_error"]
+    if "O365SYNC_SYNC_MAX_PAGES" in limit:
+        assert len([r for r in graph.requests if "delta" in r.path]) == 12
+    assert all((alice.oid, m.id) in stored_matches(settings, tid) for m in new)  # read before the cut: committed
+
+    assert not graph.endless_next_links  # switched off once the cut run had ended
+    row = run_and_record(p, settings, alice.oid)  # replays the rounds from the committed deltaLinks
+    assert row["status"] == "ok" and state_of(settings, tid, alice.oid)["last_error"] is None
+    assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == \
+        {k for k in expected_now(p) if k[0] == alice.oid}
+    no_doubles(p)
+
+
+def test_user_tasks_end_before_the_next_mail_slot_and_limits_before_them():
+    from pydantic import ValidationError
+
+    from o365sync.settings import SYNC_SLOT_SECONDS, USER_TASK_TIMEOUT_SECONDS, Settings
+    from tasks.calendar_task import sync_calendar
+    from tasks.mailbox_task import sync_mailbox
+
+    assert sync_mailbox.timeout_seconds == sync_calendar.timeout_seconds == USER_TASK_TIMEOUT_SECONDS
+    assert USER_TASK_TIMEOUT_SECONDS < SYNC_SLOT_SECONDS
+    assert Settings().sync_max_seconds < USER_TASK_TIMEOUT_SECONDS
+    with pytest.raises(ValidationError):
+        Settings(sync_max_seconds=USER_TASK_TIMEOUT_SECONDS)

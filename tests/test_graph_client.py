@@ -684,3 +684,83 @@ def test_budget_is_shared_by_threads() -> None:
     for t in threads:
         t.join()
     assert len(sent) == 30 and _max_in_window(sent, 30.0) <= 10
+
+
+# ---------------------------------------------------------------------------------------------- links and run limits
+def test_links_off_the_configured_graph_url_are_not_followed_and_mean_resync() -> None:
+    """A saved deltaLink of another Graph endpoint (issue 10 item 5) is a `DeltaTokenExpired` (callers resync)
+    and nothing, in particular no token, is sent anywhere."""
+    from o365sync.graph import LinkNotFollowable
+
+    seen: list[httpx.Request] = []
+    with httpx.Client(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200, json={}))) as h:
+        client = GraphClient(h, "https://graph.test/v1.0", lambda force: "tok")
+        for link, code in (("https://127.0.0.1:4711/v1.0/me/mailFolders('x')/messages/delta?$deltatoken=1",
+                            "ForeignOrigin"),
+                           ("http://graph.test/v1.0/me/mailFolders/inbox/messages?$skip=5", "ForeignOrigin"),
+                           ("https://graph.test/beta/me/calendarView/delta?$deltatoken=1", "OutsideGraphRoot"),
+                           ("https://graph.test:8443/v1.0/me", "ForeignOrigin")):
+            with pytest.raises(DeltaTokenExpired) as info:
+                list(client.iter_pages(link, None))
+            assert isinstance(info.value, LinkNotFollowable) and info.value.code == code
+            assert "deltatoken" not in str(info.value) and "127.0.0.1" not in str(info.value)
+    assert seen == []
+
+
+def test_paging_stops_at_the_page_and_time_limits() -> None:
+    from o365sync.graph import RunLimitReached
+
+    clock = FakeClock()
+    base = "https://graph.test/v1.0"
+    served: list[str] = []
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        served.append(str(request.url))
+        clock.now += 1.0  # each page takes a second
+        return httpx.Response(200, json={"value": [], "@odata.nextLink": f"{base}/me/mailFolders/inbox/messages"
+                                                                         f"?$skip={len(served)}"})
+
+    with httpx.Client(transport=httpx.MockTransport(endless)) as http:
+        client = GraphClient(http, base, lambda force: "tok", clock=clock, max_pages=7)
+        with pytest.raises(RunLimitReached) as info:
+            list(client.iter_pages("me/mailFolders/inbox/messages", None))
+        assert (info.value.code, len(served)) == ("PageCap", 7)
+        client.stop_paging_after(3.5)
+        served.clear()
+        with pytest.raises(RunLimitReached) as info:
+            list(client.iter_pages("me/mailFolders/inbox/messages", None))
+        assert (info.value.code, len(served)) == ("TimeCap", 4)
+        served.clear()
+        with pytest.raises(RunLimitReached):  # past the deadline a listing still reads its first page
+            list(client.iter_pages("me/mailFolders/inbox/messages", None))
+        assert len(served) == 1 and client.past_deadline()
+    with pytest.raises(ValueError):
+        GraphClient(httpx.Client(), base, lambda force: "tok", max_pages=0)
+
+
+def test_simulator_faults_endless_next_links_and_half_emoji(sim: GraphSimulator, http: httpx.Client,
+                                                           tokens: TokenAuthority, world: World,
+                                                           user: SimUser) -> None:
+    from o365sync.graph import RunLimitReached
+
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    inbox = expected(world, user, "inbox", since)
+    sim.endless_next_links = True
+    client = make_client(sim, http, Tokens(tokens, user), sleep=Sleeps(), max_pages=len(inbox) // 50 + 20)
+    got: list[str] = []
+    with pytest.raises(RunLimitReached):
+        for page in iter_header_pages(client, "inbox", since, 50):
+            got += page.messages.column("graph_id").to_pylist()
+    assert sorted(got) == sorted(m.id for m in inbox)  # every real page, then empty pages with fresh links
+    assert sum(r.path.endswith("/messages") for r in sim.requests) == client.max_pages
+
+    sim.reset()
+    broken = {m.id for m in inbox[:3]}
+    sim.lone_surrogate_ids = frozenset(broken)
+    client = make_client(sim, http, Tokens(tokens, user), sleep=Sleeps())
+    pages = list(iter_header_pages(client, "inbox", since, 50))
+    rows = [r for p in pages for r in p.messages.to_pylist() if r["graph_id"] in broken]
+    by_id = {m.id: m for m in inbox}
+    assert all(r["subject"] == f"{by_id[r['graph_id']].subject}\ufffd" for r in rows) and len(rows) == 3
+    assert all(r["from_name"].endswith("\ufffd") for r in rows)
+    assert sum(p.odd for p in pages) == 3

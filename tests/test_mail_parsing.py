@@ -343,3 +343,42 @@ def test_one_megabyte_bodies_are_fetched_linearly() -> None:
         elapsed = time.perf_counter() - started
     assert sorted(got) == sorted(ids) and all(len(b) > 1_000_000 and b.startswith("Löwe") for b in got.values())
     assert elapsed < 20  # ~45 MB of JSON each way; quadratic handling would take minutes
+
+
+# ---------------------------------------------------------------------------------------------- text Python cannot hold
+def test_a_lone_surrogate_is_replaced_and_counted_not_fatal() -> None:
+    """`"Deal \\ud83d"` is valid JSON but not Unicode: the page used to fail (so the mailbox failed every run)."""
+    items = [full("A", subject="Deal \ud83d", **{"from": rcpt("danas@fabrikam.com", "Dana \udc00")}),
+             full("B", subject="Pair \ud83d\ude00 and a literal \\ud83d"), full("C")]
+    p = parse(*items)
+    got = [(r["graph_id"], r["subject"], r["from_name"]) for r in rows(p)]
+    assert got == [("A", "Deal \ufffd", "Dana \ufffd"), ("B", "Pair \U0001f600 and a literal \\ud83d", "Dana Swope"),
+                   ("C", "Re: Q3 renewal", "Dana Swope")]
+    assert p.odd == 1
+    raw = json.dumps({"value": [full("D", subject="x")]}).encode().replace(b'"x"', b'"x\xed\xa0\xbdy\xff"')
+    broken = parse_page(raw, "inbox")  # not UTF-8 at all (a surrogate or stray byte on the wire)
+    assert (rows(broken)[0]["subject"], broken.odd) == ("x\ufffdy\ufffd", 1)
+    with pytest.raises(GraphError) as info:  # still a page, or nothing
+        parse_page(b'{"value": [{"id": "E", "subject": "\\ud83d"', "inbox")
+    assert info.value.code == "MalformedPage"
+
+
+def _as_graph_sends(text: str) -> str:
+    """What a JSON reader makes of `text` escaped by Graph's writer: pairs joined, lone halves U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+_any_text = st.lists(st.one_of(st.characters(categories=["Cs"]), st.characters(exclude_characters="\ufffd"),
+                               st.sampled_from(["\\", '"', "\\ud83d", "\ud83d\ude00"])), max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.tuples(_any_text, _any_text), max_size=6))
+def test_any_json_string_decodes_with_lone_surrogates_replaced(texts: list[tuple[str, str]]) -> None:
+    items = [full(f"M{i}", subject=subject, **{"from": rcpt(f"x{i}@fabrikam.com", name)})
+             for i, (subject, name) in enumerate(texts)]
+    p = parse_page(page(*items, next_link="https://graph.microsoft.com/v1.0/me/x?$skip=1"), "inbox")
+    got = [(r["subject"], r["from_name"]) for r in rows(p)]
+    assert got == [(_as_graph_sends(s), _as_graph_sends(n)) for s, n in texts]
+    assert p.odd == sum(_as_graph_sends(s + "|" + n).count("\ufffd") > 0 for s, n in texts)
+    assert p.participants.num_rows == 3 * len(texts)  # nothing else of the items changed
