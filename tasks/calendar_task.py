@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from o365sync.settings import USER_TASK_TIMEOUT_SECONDS, load_settings
+from o365sync.settings import load_settings
 from o365sync.store import RunCounts
 from tasks.calendar_sync import ConsentNeeded, sync_calendar_now
 from tasks.mailbox_sync import ODD_TEXT
@@ -22,7 +22,7 @@ def calendar_run_counts(settings, tenant_id: str, user_oid: str) -> RunCounts:  
                      excluded=tuple(sorted((k, v) for k, v in reasons if v)))
 
 
-@task(name="sync-calendar", persist_result=False, cache_policy=NO_CACHE, timeout_seconds=USER_TASK_TIMEOUT_SECONDS)
+@task(name="sync-calendar", persist_result=False, cache_policy=NO_CACHE)
 def sync_calendar(tenant_id: str, user_oid: str) -> dict[str, int | str]:
     settings = load_settings()
     return run_user_sync(settings, "calendar", tenant_id, user_oid,

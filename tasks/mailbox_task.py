@@ -6,12 +6,12 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from o365sync.settings import USER_TASK_TIMEOUT_SECONDS, load_settings
+from o365sync.settings import load_settings
 from tasks.mailbox_sync import sync_mailbox_now
 from tasks.user_sync import run_user_sync
 
 
-@task(name="sync-mailbox", persist_result=False, cache_policy=NO_CACHE, timeout_seconds=USER_TASK_TIMEOUT_SECONDS)
+@task(name="sync-mailbox", persist_result=False, cache_policy=NO_CACHE)
 def sync_mailbox(tenant_id: str, user_oid: str) -> dict[str, int | str]:
     settings = load_settings()
     return run_user_sync(settings, "email", tenant_id, user_oid,

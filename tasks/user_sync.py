@@ -4,7 +4,6 @@ could quote mail or meeting content (Prefect stores exception messages)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -31,8 +30,6 @@ NOTES = {
 EXPLAINED: dict[type[BaseException], str] = {
     LinkNotFollowable: "Graph sent a link to another endpoint than O365SYNC_GRAPH_URL; it was not followed (the "
                        "token is never sent elsewhere): point O365SYNC_GRAPH_URL at the endpoint Graph's links name",
-    asyncio.CancelledError: "the sync ran past its task timeout; it goes on from its last commit next run (lower "
-                            "O365SYNC_SYNC_MAX_SECONDS if this repeats)",
 }
 
 
@@ -65,10 +62,6 @@ def run_user_sync(settings: Settings, feature: str, tenant_id: str, user_oid: st
             record_sync_state(con, tenant_id, user_oid, "reconnect_needed", error=exc.error, feature=feature)
         logger.warning("%s user=%s needs reconnect error=%s codes=%s", feature, user_oid, exc.error, exc.error_codes)
         return summary(user_oid, "reconnect_needed", RunCounts())
-    except asyncio.CancelledError as exc:  # Prefect's task timeout, injected into this thread
-        with open_store(settings, tenant_id, write=True) as con:
-            record_sync_state(con, tenant_id, user_oid, "failed", error=describe_failure(exc), feature=feature)
-        raise
     except Exception as exc:
         if consent_error is not None and isinstance(exc, consent_error):
             with open_store(settings, tenant_id, write=True) as con:
