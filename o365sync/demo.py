@@ -178,10 +178,11 @@ def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str
 
 def _demo_with_world(running, tenant, web_port: int, console: Console, started: float) -> dict:  # noqa: ANN001
     from flows.initial_import import initial_import
+    from flows.teams import teams_refresh
+    from o365sync.auth import connected_users
     from o365sync.cli_sql import query_snapshot
     from o365sync.settings import load_settings
     from o365sync.store import open_store, snapshot_path
-    from o365sync.teams import refresh_channels
     from o365sync.tenants import tenant_dir
     from tasks.calendar_sync import anchored_window
 
@@ -194,15 +195,17 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
     t0 = time.perf_counter()
     totals = initial_import(tenant.tid)
     flow_s = time.perf_counter() - t0
-    channels = {u.oid: refresh_channels(settings, tenant.tid, u.oid) for u in tenant.users}
+    teams = teams_refresh(tenant.tid)  # the daily teams-refresh flow, run now: each user's channel list
 
-    table = Table(title="Initial import per user")
-    for col in ("user", "feature", "stage", "scanned", "matched", "imported", "discarded", "teams channels"):
+    names = {u.oid: u.display_name or u.oid for u in connected_users(settings, tenant.tid)}
+    table = Table(title="Initial import per user (o365sync status shows more)")
+    for col in ("user", "feature", "stage", "scanned", "matched", "imported", "discarded"):
         table.add_column(col, justify="left" if col in ("user", "feature", "stage") else "right")
     with open_store(settings, tenant.tid, write=False) as con:
-        for row in con.execute("SELECT user_oid, feature, stage, scanned, matched, imported, discarded FROM "
-                               "sync_state ORDER BY user_oid, feature DESC").fetchall():
-            table.add_row(*(str(v) for v in row), str(channels[row[0]].channels) if row[1] == "email" else "")
+        for oid, feature, *row in con.execute(
+                "SELECT user_oid, feature, stage, scanned, matched, imported, discarded FROM sync_state "
+                "WHERE feature IN ('email', 'calendar') ORDER BY user_oid, feature DESC").fetchall():
+            table.add_row(names.get(oid, oid), feature, *(str(v) for v in row))
         meetings = con.execute("SELECT count(*), count(*) FILTER (WHERE is_internal) FROM meetings").fetchone()
         listed = con.execute("SELECT count(*) FROM notetaker_queue WHERE status = 'to_record'").fetchone()[0]
     console.print(table)
@@ -212,7 +215,7 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
     console.print(f"Imported {totals['imported']} of {totals['scanned']} scanned messages "
                   f"(ground truth: {expected} must be imported); {meetings[0]} meetings of the next 12 months "
                   f"(ground truth: {expected_meetings}), {listed} listed for Notetaker; "
-                  f"{sum(c.channels for c in channels.values())} Teams channels listed; flow {flow_s:.1f}s, "
+                  f"{teams['channels']} Teams channels listed; flow {flow_s:.1f}s, "
                   f"total {time.perf_counter() - started:.1f}s")
     snap = snapshot_path(settings, tenant.tid)
     console.print(f"\n[bold]Analyst snapshot[/]: {snap}  (live store: {tenant_dir(settings, tenant.tid)})")
