@@ -32,12 +32,27 @@ FOLDERS = ("inbox", "sentitems")
 TS = pa.timestamp("us", tz="UTC")
 STR = pa.string()
 STRS = pa.list_(pa.string())
-SCHEMA = pa.schema([
-    ("id", STR), ("folder", STR), ("internet_message_id", STR), ("conversation_id", STR), ("subject", STR),
-    ("from_name", STR), ("from_address", STR), ("sender_address", STR), ("to_addresses", STRS),
-    ("cc_addresses", STRS), ("bcc_addresses", STRS), ("received_at", STR), ("sent_at", STR),
-    ("has_attachments", pa.bool_()), ("is_draft", pa.bool_()), ("parent_folder_id", STR), ("web_link", STR),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", STR),
+        ("folder", STR),
+        ("internet_message_id", STR),
+        ("conversation_id", STR),
+        ("subject", STR),
+        ("from_name", STR),
+        ("from_address", STR),
+        ("sender_address", STR),
+        ("to_addresses", STRS),
+        ("cc_addresses", STRS),
+        ("bcc_addresses", STRS),
+        ("received_at", STR),
+        ("sent_at", STR),
+        ("has_attachments", pa.bool_()),
+        ("is_draft", pa.bool_()),
+        ("parent_folder_id", STR),
+        ("web_link", STR),
+    ]
+)
 TIMESTAMP_COLUMNS = {"received_at", "sent_at"}  # ISO strings on the wire, cast to timestamp[us, UTC] per page
 
 
@@ -49,11 +64,25 @@ def project(m: dict, folder: str) -> tuple:
     """Graph message dict (header fields only) -> row tuple in SCHEMA order."""
     frm = (m.get("from") or {}).get("emailAddress") or {}
     snd = (m.get("sender") or {}).get("emailAddress") or {}
-    return (m["id"], folder, m.get("internetMessageId"), m.get("conversationId"), m.get("subject"),
-            frm.get("name"), frm.get("address"), snd.get("address"), _addresses(m.get("toRecipients")),
-            _addresses(m.get("ccRecipients")), _addresses(m.get("bccRecipients")), m.get("receivedDateTime"),
-            m.get("sentDateTime"), m.get("hasAttachments"), m.get("isDraft"), m.get("parentFolderId"),
-            m.get("webLink"))
+    return (
+        m["id"],
+        folder,
+        m.get("internetMessageId"),
+        m.get("conversationId"),
+        m.get("subject"),
+        frm.get("name"),
+        frm.get("address"),
+        snd.get("address"),
+        _addresses(m.get("toRecipients")),
+        _addresses(m.get("ccRecipients")),
+        _addresses(m.get("bccRecipients")),
+        m.get("receivedDateTime"),
+        m.get("sentDateTime"),
+        m.get("hasAttachments"),
+        m.get("isDraft"),
+        m.get("parentFolderId"),
+        m.get("webLink"),
+    )
 
 
 def page_table(page: list[dict], folder: str) -> pa.Table:
@@ -66,16 +95,20 @@ def page_table(page: list[dict], folder: str) -> pa.Table:
 
 
 graph_url = os.environ["O365SYNC_GRAPH_URL"].rstrip("/") + "/"
-params = {"$select": os.environ["BENCH_SELECT"], "$filter": f"receivedDateTime ge {os.environ['BENCH_SINCE']}",
-          "$top": 1000}
+params = {
+    "$select": os.environ["BENCH_SELECT"],
+    "$filter": f"receivedDateTime ge {os.environ['BENCH_SINCE']}",
+    "$top": 1000,
+}
 pages = 0
 
 meter = Meter()
 session = Client(raise_for_status=False).session  # dlt's default session (retries), trusting the simulator CA
 session.verify = os.environ["O365SYNC_CA_BUNDLE"]
 session.trust_env = False  # else REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE from the environment replace `verify`
-client = RESTClient(base_url=graph_url, auth=BearerTokenAuth(os.environ["BENCH_GRAPH_TOKEN"]),
-                    data_selector="value", session=session)
+client = RESTClient(
+    base_url=graph_url, auth=BearerTokenAuth(os.environ["BENCH_GRAPH_TOKEN"]), data_selector="value", session=session
+)
 
 
 @dlt.resource(name="messages", primary_key="id", write_disposition="append")
@@ -89,12 +122,24 @@ def messages():
                 yield page_table(page, folder)
 
 
-pipeline = dlt.pipeline(pipeline_name="graph_headers", destination=dlt.destinations.duckdb(os.environ["BENCH_DLT_DB"]),
-                        dataset_name="graph", pipelines_dir=os.environ["BENCH_DLT_PIPELINES_DIR"])
+pipeline = dlt.pipeline(
+    pipeline_name="graph_headers",
+    destination=dlt.destinations.duckdb(os.environ["BENCH_DLT_DB"]),
+    dataset_name="graph",
+    pipelines_dir=os.environ["BENCH_DLT_PIPELINES_DIR"],
+)
 pipeline.run(messages(), loader_file_format="parquet")
 rows = pipeline.last_trace.last_normalize_info.row_counts.get("messages", 0)
 wall, cpu = meter.done()
 
-emit(variant="dlt", rows=rows, pages=pages, wall_s=wall, cpu_s=cpu, rss_after_import_mb=rss_after_import,
-     peak_rss_mb=peak_rss_mb(), import_s=import_s,
-     steps={s.step: round((s.finished_at - s.started_at).total_seconds(), 3) for s in pipeline.last_trace.steps})
+emit(
+    variant="dlt",
+    rows=rows,
+    pages=pages,
+    wall_s=wall,
+    cpu_s=cpu,
+    rss_after_import_mb=rss_after_import,
+    peak_rss_mb=peak_rss_mb(),
+    import_s=import_s,
+    steps={s.step: round((s.finished_at - s.started_at).total_seconds(), 3) for s in pipeline.last_trace.steps},
+)

@@ -39,8 +39,10 @@ OWN = {d.strip().lower() for d in os.environ["BENCH_OWN_DOMAINS"].split(",") if 
 FREE_MAIL = set(os.environ["BENCH_FREE_MAIL"].split())
 SENSITIVE = {"personal", "private", "confidential"}
 SENSITIVITY_ID = re.compile(r"\s*integer\s+0x0*36\s*", re.IGNORECASE)
-AUTOMATED = re.compile(r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|mailer[-_.]?daemon|postmaster|bounces?"
-                       r"|notifications?|alerts?)([+-].*)?$")
+AUTOMATED = re.compile(
+    r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|mailer[-_.]?daemon|postmaster|bounces?"
+    r"|notifications?|alerts?)([+-].*)?$"
+)
 DDL = """
 CREATE TABLE emails (graph_id VARCHAR, folder VARCHAR, internet_message_id VARCHAR, conversation_id VARCHAR,
     subject VARCHAR, body_text VARCHAR, from_name VARCHAR, from_address VARCHAR, received_at TIMESTAMPTZ,
@@ -76,8 +78,12 @@ con.execute(DDL)
 
 def participants(m: dict) -> list[tuple[str, str | None, str]]:
     out = []
-    for role, people_ in (("from", [m.get("from")]), ("sender", [m.get("sender")]), ("to", m.get("toRecipients")),
-                          ("cc", m.get("ccRecipients"))):
+    for role, people_ in (
+        ("from", [m.get("from")]),
+        ("sender", [m.get("sender")]),
+        ("to", m.get("toRecipients")),
+        ("cc", m.get("ccRecipients")),
+    ):
         for r in people_ or ():
             ea = (r or {}).get("emailAddress") or {}
             addr = ea.get("address")
@@ -130,8 +136,11 @@ scanned = matched = pages = body_requests = 0
 clock = time.perf_counter
 stages = dict.fromkeys(("list GET + json", "classify + match + rows", "body GET + json", "DuckDB executemany"), 0.0)
 body_s = 0.0
-params = {"$select": os.environ["BENCH_SELECT"], "$filter": f"receivedDateTime ge {os.environ['BENCH_SINCE']}",
-          "$top": str(PAGE_SIZE)}
+params = {
+    "$select": os.environ["BENCH_SELECT"],
+    "$filter": f"receivedDateTime ge {os.environ['BENCH_SINCE']}",
+    "$top": str(PAGE_SIZE),
+}
 if os.environ.get("BENCH_EXPAND"):
     params["$expand"] = os.environ["BENCH_EXPAND"]
 for folder in ("inbox", "sentitems"):
@@ -154,16 +163,30 @@ for folder in ("inbox", "sentitems"):
             parts, hits = kept
             gid = m["id"]
             tb = clock()
-            body = session.get(f"{GRAPH}/me/messages/{quote(gid, safe='')}", params={"$select": "body"},
-                               headers=BODY_HEADERS)
+            body = session.get(
+                f"{GRAPH}/me/messages/{quote(gid, safe='')}", params={"$select": "body"}, headers=BODY_HEADERS
+            )
             body.raise_for_status()
             body_requests += 1
             text = (json.loads(body.content).get("body") or {}).get("content") or ""
             body_s += clock() - tb
             frm = (m.get("from") or {}).get("emailAddress") or {}
-            emails.append((gid, folder, m.get("internetMessageId"), m.get("conversationId"), m.get("subject"), text,
-                           frm.get("name"), frm.get("address"), m.get("receivedDateTime"), m.get("sentDateTime"),
-                           m.get("hasAttachments"), m.get("webLink")))
+            emails.append(
+                (
+                    gid,
+                    folder,
+                    m.get("internetMessageId"),
+                    m.get("conversationId"),
+                    m.get("subject"),
+                    text,
+                    frm.get("name"),
+                    frm.get("address"),
+                    m.get("receivedDateTime"),
+                    m.get("sentDateTime"),
+                    m.get("hasAttachments"),
+                    m.get("webLink"),
+                )
+            )
             parts_rows += [(gid, role, name, addr.strip().lower()) for role, name, addr in parts]
             match_rows += [(gid, crm_id, kind, addr) for crm_id, (kind, addr) in hits.items()]
         t2 = clock()
@@ -181,6 +204,18 @@ con.close()
 session.close()
 wall, cpu = meter.done()
 
-emit(variant="naive", rows=scanned, scanned=scanned, matched=matched, pages=pages, body_requests=body_requests,
-     wall_s=wall, cpu_s=cpu, rss_after_import_mb=rss_after_import, peak_rss_mb=peak_rss_mb(), import_s=import_s,
-     page_size=PAGE_SIZE, stages={k: round(v, 3) for k, v in stages.items()})
+emit(
+    variant="naive",
+    rows=scanned,
+    scanned=scanned,
+    matched=matched,
+    pages=pages,
+    body_requests=body_requests,
+    wall_s=wall,
+    cpu_s=cpu,
+    rss_after_import_mb=rss_after_import,
+    peak_rss_mb=peak_rss_mb(),
+    import_s=import_s,
+    page_size=PAGE_SIZE,
+    stages={k: round(v, 3) for k, v in stages.items()},
+)

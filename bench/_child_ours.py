@@ -36,7 +36,17 @@ else:
     counts = sync_mailbox_now(settings, tenant_id, user_oid)
 wall, cpu = meter.done()
 
-emit(variant="ours", rows=counts.scanned, scanned=counts.scanned, matched=counts.matched,
-     imported=counts.imported, discarded=counts.discarded, wall_s=wall, cpu_s=cpu,
-     rss_after_import_mb=rss_after_import, peak_rss_mb=peak_rss_mb(), import_s=import_s,
-     page_size=settings.graph_page_size)
+emit(
+    variant="ours",
+    rows=counts.scanned,
+    scanned=counts.scanned,
+    matched=counts.matched,
+    imported=counts.imported,
+    discarded=counts.discarded,
+    wall_s=wall,
+    cpu_s=cpu,
+    rss_after_import_mb=rss_after_import,
+    peak_rss_mb=peak_rss_mb(),
+    import_s=import_s,
+    page_size=settings.graph_page_size,
+)

@@ -43,8 +43,10 @@ con = duckdb.connect(os.environ["BENCH_LISTING_DB"], config={"memory_limit": "1G
 con.execute("SET TimeZone='UTC'")
 con.execute(ddl("messages", MESSAGES_SCHEMA))
 con.execute(ddl("participants", PARTICIPANTS_SCHEMA))
-with TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider, \
-        make_http_client(settings) as http:
+with (
+    TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider,
+    make_http_client(settings) as http,
+):
     client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox)
     for folder in ("inbox", "sentitems"):
         for page in iter_header_pages(client, folder, since, page_size):
@@ -60,5 +62,14 @@ with TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as prov
 con.close()
 wall, cpu = meter.done()
 
-emit(variant="ours-listing", rows=rows, pages=pages, wall_s=wall, cpu_s=cpu, rss_after_import_mb=rss_after_import,
-     peak_rss_mb=peak_rss_mb(), import_s=import_s, page_size=page_size)
+emit(
+    variant="ours-listing",
+    rows=rows,
+    pages=pages,
+    wall_s=wall,
+    cpu_s=cpu,
+    rss_after_import_mb=rss_after_import,
+    peak_rss_mb=peak_rss_mb(),
+    import_s=import_s,
+    page_size=page_size,
+)

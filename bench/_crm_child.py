@@ -71,8 +71,12 @@ def fetch() -> None:
     meter = Meter()
     if KIND == "salesforce":
         with make_http_client(settings) as http:
-            snap: CrmSnapshot = fetch_sf(SalesforceConnection(login_url=BASE_URL, client_id="sf-client",
-                                                              client_secret="sf-secret", refresh_token=SECRET), http)
+            snap: CrmSnapshot = fetch_sf(
+                SalesforceConnection(
+                    login_url=BASE_URL, client_id="sf-client", client_secret="sf-secret", refresh_token=SECRET
+                ),
+                http,
+            )
     elif KIND == "hubspot":
         with make_http_client(settings) as http:
             snap = fetch_hs(HubSpotConnection(base_url=BASE_URL, access_token=SECRET), http)
@@ -91,12 +95,24 @@ def fetch() -> None:
     with open_store(settings, TENANT, write=True) as con:
         replace_crm_snapshot(con, snap.people, snap.accounts, snap.opportunities, KIND.split("-")[0], scan_start)
     write_s, write_cpu = meter.done()
-    emit(mode="fetch", kind=KIND, wall_s=wall, cpu_s=cpu, import_s=import_s, rss_after_import_mb=rss_after_import,
-         peak_rss_fetch_mb=peak_fetch, peak_rss_write_mb=peak_rss_mb(), write_s=write_s, write_cpu_s=write_cpu,
-         people_rows=snap.people.height, people_ids=snap.people["crm_id"].n_unique(),
-         accounts_rows=snap.accounts.height, account_ids=snap.accounts["crm_id"].n_unique(),
-         accounts_with_domain=snap.accounts["domain"].drop_nulls().len(),
-         opportunities=snap.opportunities.height)
+    emit(
+        mode="fetch",
+        kind=KIND,
+        wall_s=wall,
+        cpu_s=cpu,
+        import_s=import_s,
+        rss_after_import_mb=rss_after_import,
+        peak_rss_fetch_mb=peak_fetch,
+        peak_rss_write_mb=peak_rss_mb(),
+        write_s=write_s,
+        write_cpu_s=write_cpu,
+        people_rows=snap.people.height,
+        people_ids=snap.people["crm_id"].n_unique(),
+        accounts_rows=snap.accounts.height,
+        account_ids=snap.accounts["crm_id"].n_unique(),
+        accounts_with_domain=snap.accounts["domain"].drop_nulls().len(),
+        opportunities=snap.opportunities.height,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ floor
@@ -126,14 +142,29 @@ def floor() -> None:
             records += frame.height
             pages += 1
         wall, cpu = meter.done()
-        emit(mode="floor", kind=KIND, wall_s=wall, cpu_s=cpu, records=records, pages=pages, import_s=import_s,
-             rss_after_import_mb=rss_after_import, peak_rss_mb=peak_rss_mb())
+        emit(
+            mode="floor",
+            kind=KIND,
+            wall_s=wall,
+            cpu_s=cpu,
+            records=records,
+            pages=pages,
+            import_s=import_s,
+            rss_after_import_mb=rss_after_import,
+            peak_rss_mb=peak_rss_mb(),
+        )
         return
     with httpx.Client(verify=ssl.create_default_context(cafile=CA), trust_env=False, timeout=300) as http:
         if KIND == "salesforce":
-            tok = http.post(f"{BASE_URL}/services/oauth2/token", data={
-                "grant_type": "refresh_token", "refresh_token": SECRET, "client_id": "sf-client",
-                "client_secret": "sf-secret"}).json()
+            tok = http.post(
+                f"{BASE_URL}/services/oauth2/token",
+                data={
+                    "grant_type": "refresh_token",
+                    "refresh_token": SECRET,
+                    "client_id": "sf-client",
+                    "client_secret": "sf-secret",
+                },
+            ).json()
             headers = {"Authorization": f"Bearer {tok['access_token']}", "Accept": "application/json"}
             for soql in SF_QUERIES:
                 page = http.get(f"{BASE_URL}/services/data/v59.0/query", params={"q": soql}, headers=headers).json()
@@ -171,8 +202,17 @@ def floor() -> None:
                         break
                     params = {**params, "cursor": cursor}
     wall, cpu = meter.done()
-    emit(mode="floor", kind=KIND, wall_s=wall, cpu_s=cpu, records=records, pages=pages, import_s=import_s,
-         rss_after_import_mb=rss_after_import, peak_rss_mb=peak_rss_mb())
+    emit(
+        mode="floor",
+        kind=KIND,
+        wall_s=wall,
+        cpu_s=cpu,
+        records=records,
+        pages=pages,
+        import_s=import_s,
+        rss_after_import_mb=rss_after_import,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ match
@@ -181,8 +221,9 @@ def python_index(people: pl.DataFrame, accounts: pl.DataFrame, own_domains: list
     own = {d.strip().lower() for d in own_domains}
     excluded = FREE_MAIL_DOMAINS | own | {r for d in own if (r := registrable_domain(d))}
     by_address: dict[str, list[tuple[str, str]]] = {}
-    for crm_id, kind, email in zip(people["crm_id"].to_list(), people["kind"].to_list(), people["email"].to_list(),
-                                   strict=True):
+    for crm_id, kind, email in zip(
+        people["crm_id"].to_list(), people["kind"].to_list(), people["email"].to_list(), strict=True
+    ):
         if email is None:
             continue
         e = email.strip().lower()
@@ -205,8 +246,9 @@ def python_index(people: pl.DataFrame, accounts: pl.DataFrame, own_domains: list
     return by_address, by_domain, own
 
 
-def python_match(messages: list[tuple[str, list[tuple[str, str | None]]]], by_address: dict, by_domain: dict,
-                 own: set[str]) -> dict[str, tuple[dict[str, tuple[int, int]], str]]:
+def python_match(
+    messages: list[tuple[str, list[tuple[str, str | None]]]], by_address: dict, by_domain: dict, own: set[str]
+) -> dict[str, tuple[dict[str, tuple[int, int]], str]]:
     """graph_id -> ({crm_id: (kind rank, best role rank)}, primary crm_id): the product's rules, in a for-loop."""
     out = {}
     role_rank, kind_rank, default_role = ROLE_RANK, KIND_RANK, len(ROLE_RANK)
@@ -270,8 +312,7 @@ def match() -> None:
         index_walls.append(w)
         index_cpus.append(c)
     peak_load = peak_rss_mb()
-    (by_address, by_domain, own), py_index_walls, _ = timed(lambda: python_index(people, accounts, own_domains),
-                                                           reps)
+    (by_address, by_domain, own), py_index_walls, _ = timed(lambda: python_index(people, accounts, own_domains), reps)
 
     participants = pl.read_parquet(os.environ["BENCH_MESSAGES"])
     grouped: dict[str, list[tuple[str, str | None]]] = {}
@@ -282,9 +323,11 @@ def match() -> None:
     gids = participants["graph_id"].unique(maintain_order=True)
     # Per page: the first `page_messages` messages only (each call is a full join against the index).
     page_n = min(n_messages, int(os.environ.get("BENCH_PAGE_MESSAGES", str(n_messages))))
-    page_frames = [participants.filter(pl.col("graph_id").is_in(gids[i:min(i + page_size, page_n)].implode()))
-                   for i in range(0, page_n, page_size)]
-    page_msgs = [messages[i:min(i + page_size, page_n)] for i in range(0, page_n, page_size)]
+    page_frames = [
+        participants.filter(pl.col("graph_id").is_in(gids[i : min(i + page_size, page_n)].implode()))
+        for i in range(0, page_n, page_size)
+    ]
+    page_msgs = [messages[i : min(i + page_size, page_n)] for i in range(0, page_n, page_size)]
 
     # Correctness first: both must give the same (message, CRM id) pairs and the same primary per message.
     frame = match_participants(participants, index)
@@ -292,8 +335,11 @@ def match() -> None:
     pairs_pl = set(frame.select("graph_id", "crm_id").iter_rows())
     pairs_py = {(g, c) for g, (links, _p) in py.items() for c in links}
     if pairs_pl != pairs_py:
-        print(f"MISMATCH pairs: polars-only {len(pairs_pl - pairs_py)}, python-only {len(pairs_py - pairs_pl)}; "
-              f"e.g. {sorted(pairs_pl ^ pairs_py)[:3]}", file=sys.stderr)
+        print(
+            f"MISMATCH pairs: polars-only {len(pairs_pl - pairs_py)}, python-only {len(pairs_py - pairs_pl)}; "
+            f"e.g. {sorted(pairs_pl ^ pairs_py)[:3]}",
+            file=sys.stderr,
+        )
         sys.exit(3)
     prim_pl = dict(frame.filter(pl.col("is_primary")).select("graph_id", "crm_id").iter_rows())
     prim_py = {g: p for g, (_links, p) in py.items()}
@@ -309,18 +355,46 @@ def match() -> None:
     _, plp_walls, plp_cpus = timed(lambda: [match_participants(f, index) for f in page_frames], reps)
     _, pyp_walls, pyp_cpus = timed(lambda: [python_match(m, by_address, by_domain, own) for m in page_msgs], reps)
     med = statistics.median
-    emit(mode="match", kind=KIND, reps=reps, import_s=import_s, rss_after_import_mb=rss_after_import,
-         peak_rss_load_mb=peak_load, peak_rss_mb=peak_rss_mb(),
-         people_rows=people.height, accounts_rows=accounts.height,
-         index_people=index.people.height, index_accounts=index.accounts.height,
-         load_s=med(load_walls), load_cpu_s=med(load_cpus), index_s=med(index_walls), index_cpu_s=med(index_cpus),
-         load_walls=load_walls, index_walls=index_walls, py_index_s=med(py_index_walls),
-         messages=n_messages, participants=participants.height, matched_messages=len(py), pairs=len(pairs_py),
-         primary_mismatch=primary_mismatch, page_size=page_size, pages=len(page_frames), page_messages=page_n,
-         polars_s=med(pl_walls), polars_cpu_s=med(pl_cpus), python_s=med(py_walls), python_cpu_s=med(py_cpus),
-         polars_pages_s=med(plp_walls), polars_pages_cpu_s=med(plp_cpus),
-         python_pages_s=med(pyp_walls), python_pages_cpu_s=med(pyp_cpus),
-         polars_walls=pl_walls, python_walls=py_walls, polars_pages_walls=plp_walls, python_pages_walls=pyp_walls)
+    emit(
+        mode="match",
+        kind=KIND,
+        reps=reps,
+        import_s=import_s,
+        rss_after_import_mb=rss_after_import,
+        peak_rss_load_mb=peak_load,
+        peak_rss_mb=peak_rss_mb(),
+        people_rows=people.height,
+        accounts_rows=accounts.height,
+        index_people=index.people.height,
+        index_accounts=index.accounts.height,
+        load_s=med(load_walls),
+        load_cpu_s=med(load_cpus),
+        index_s=med(index_walls),
+        index_cpu_s=med(index_cpus),
+        load_walls=load_walls,
+        index_walls=index_walls,
+        py_index_s=med(py_index_walls),
+        messages=n_messages,
+        participants=participants.height,
+        matched_messages=len(py),
+        pairs=len(pairs_py),
+        primary_mismatch=primary_mismatch,
+        page_size=page_size,
+        pages=len(page_frames),
+        page_messages=page_n,
+        polars_s=med(pl_walls),
+        polars_cpu_s=med(pl_cpus),
+        python_s=med(py_walls),
+        python_cpu_s=med(py_cpus),
+        polars_pages_s=med(plp_walls),
+        polars_pages_cpu_s=med(plp_cpus),
+        python_pages_s=med(pyp_walls),
+        python_pages_cpu_s=med(pyp_cpus),
+        polars_walls=pl_walls,
+        python_walls=py_walls,
+        polars_pages_walls=plp_walls,
+        python_pages_walls=pyp_walls,
+    )
 
 
 {"fetch": fetch, "floor": floor, "match": match}[MODE]()

@@ -28,14 +28,33 @@ from simulators.world import (
     website_domain,
 )
 
-_COMPANY = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell", "Cyberdyne",
-            "Soylent", "Vandelay", "Wonka", "Oscorp", "Gringotts", "Massive", "Dunder", "Pied", "Aperture")
+_COMPANY = (
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Hooli",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Soylent",
+    "Vandelay",
+    "Wonka",
+    "Oscorp",
+    "Gringotts",
+    "Massive",
+    "Dunder",
+    "Pied",
+    "Aperture",
+)
 _SUFFIX = ("Corp", "Labs", "GmbH", "Ltd", "Systems", "Group")
 _TLD = ("com", "io", "co.uk", "de", "net", "fr")
 
 
-def build_crm(contacts: int, accounts: int, leads: int, opportunities: int, own_domain: str, now: datetime,
-              seed: int) -> SimCrm:
+def build_crm(
+    contacts: int, accounts: int, leads: int, opportunities: int, own_domain: str, now: datetime, seed: int
+) -> SimCrm:
     """`accounts` companies with distinct domains (+2 trap accounts: a free-mail website and the tenant's own
     domain), `contacts` contacts at their accounts' domains (12 % on free-mail addresses), `leads` leads at new
     domains (every 4th converted) and `opportunities` deals on the accounts (two in three open, up to 60 days old).
@@ -48,36 +67,62 @@ def build_crm(contacts: int, accounts: int, leads: int, opportunities: int, own_
         dom = f"{stem}.{_TLD[(i // len(_COMPANY)) % len(_TLD)]}"
         doms.append(dom)
         shape = i % 6
-        website = (f"https://www.{dom}/", dom, f"http://{dom}/en/home", f"https://{dom}", f"WWW.{dom.upper()}",
-                   f"www.{dom}")[shape]
+        website = (
+            f"https://www.{dom}/",
+            dom,
+            f"http://{dom}/en/home",
+            f"https://{dom}",
+            f"WWW.{dom.upper()}",
+            f"www.{dom}",
+        )[shape]
         if i % 9 == 8:
             website = None
-        crm.accounts.append(CrmAccount(id=f"001{i:012X}", name=f"{_COMPANY[i % len(_COMPANY)]} {i} "
-                                                                   f"{_SUFFIX[i % len(_SUFFIX)]}", website=website))
+        crm.accounts.append(
+            CrmAccount(
+                id=f"001{i:012X}",
+                name=f"{_COMPANY[i % len(_COMPANY)]} {i} {_SUFFIX[i % len(_SUFFIX)]}",
+                website=website,
+            )
+        )
     crm.accounts.append(CrmAccount(id=f"001{accounts:012X}", name="Sloppy Freemail Co", website="https://gmail.com"))
-    crm.accounts.append(CrmAccount(id=f"001{accounts + 1:012X}", name="Ourselves (internal)",
-                                   website=f"https://www.{own_domain}"))
+    crm.accounts.append(
+        CrmAccount(id=f"001{accounts + 1:012X}", name="Ourselves (internal)", website=f"https://www.{own_domain}")
+    )
     randrange, rand, choice = rng.randrange, rng.random, rng.choice
     for i in range(contacts):
         first, last = _FIRST[randrange(len(_FIRST))], _LAST[randrange(len(_LAST))]
         a = randrange(accounts)
         dom = choice(FREE_MAIL_DOMAINS) if rand() < 0.12 else doms[a]
         email = _messy(rng, f"{first.lower()}.{last.lower()}{i}@{dom}")
-        crm.contacts.append(CrmContact(id=f"003{i:012X}", first_name=first, last_name=last, email=email,
-                                       account_id=crm.accounts[a].id))
+        crm.contacts.append(
+            CrmContact(id=f"003{i:012X}", first_name=first, last_name=last, email=email, account_id=crm.accounts[a].id)
+        )
     for i in range(leads):
         first, last = _FIRST[randrange(len(_FIRST))], _LAST[randrange(len(_LAST))]
         company = f"{_COMPANY[i % len(_COMPANY)]} Prospect {i}"
         dom = f"prospect{i}.{_TLD[i % len(_TLD)]}"
         converted = i % 4 == 3
-        crm.leads.append(CrmLead(id=f"00Q{i:012X}", first_name=first, last_name=last,
-                                 email=_messy(rng, f"{first.lower()}{i}@{dom}"), company=company,
-                                 is_converted=converted))
+        crm.leads.append(
+            CrmLead(
+                id=f"00Q{i:012X}",
+                first_name=first,
+                last_name=last,
+                email=_messy(rng, f"{first.lower()}{i}@{dom}"),
+                company=company,
+                is_converted=converted,
+            )
+        )
     for i in range(opportunities):
         acc = crm.accounts[(i * 5) % accounts]
-        crm.opportunities.append(CrmOpportunity(
-            id=f"006{i:012X}", account_id=acc.id, name=f"{acc.name} - expansion", is_closed=i % 3 == 2,
-            created=now - timedelta(days=3 + i % 57, hours=i % 24)))
+        crm.opportunities.append(
+            CrmOpportunity(
+                id=f"006{i:012X}",
+                account_id=acc.id,
+                name=f"{acc.name} - expansion",
+                is_closed=i % 3 == 2,
+                created=now - timedelta(days=3 + i % 57, hours=i % 24),
+            )
+        )
     return crm
 
 
@@ -90,8 +135,17 @@ def build_world(contacts: int, accounts: int, leads: int, opportunities: int, se
 
 
 # Mix of the addresses on a message besides its owner (weights, per participant).
-PARTICIPANT_MIX = (("colleague", 34), ("stranger", 26), ("freemail", 12), ("contact", 7), ("account", 6),
-                   ("lead", 2), ("newsletter", 11), ("x500", 1), ("blank", 1))
+PARTICIPANT_MIX = (
+    ("colleague", 34),
+    ("stranger", 26),
+    ("freemail", 12),
+    ("contact", 7),
+    ("account", 6),
+    ("lead", 2),
+    ("newsletter", 11),
+    ("x500", 1),
+    ("blank", 1),
+)
 
 
 def build_messages(world: World, n: int, seed: int) -> pl.DataFrame:
@@ -154,8 +208,10 @@ def build_messages(world: World, n: int, seed: int) -> pl.DataFrame:
             gids.append(gid)
             roles.append(role)
             addrs.append(a)
-    return pl.DataFrame({"graph_id": gids, "role": roles, "address": addrs},
-                        schema={"graph_id": pl.String, "role": pl.String, "address": pl.String})
+    return pl.DataFrame(
+        {"graph_id": gids, "role": roles, "address": addrs},
+        schema={"graph_id": pl.String, "role": pl.String, "address": pl.String},
+    )
 
 
 class FastListPipedriveSimulator(PipedriveSimulator):
@@ -180,8 +236,13 @@ class FastListPipedriveSimulator(PipedriveSimulator):
     def _list(self, req: Request, tid: str) -> Response:
         assert req.match is not None
         kind, q = req.match["kind"], req.query
-        if (kind == "deals" or q.get("updated_since") or q.get("updated_until")
-                or (q.get("sort_by") or "id") != "id" or (q.get("sort_direction") or "asc") != "asc"):
+        if (
+            kind == "deals"
+            or q.get("updated_since")
+            or q.get("updated_until")
+            or (q.get("sort_by") or "id") != "id"
+            or (q.get("sort_direction") or "asc") != "asc"
+        ):
             return super()._list(req, tid)
         self._purge(tid)
         try:

@@ -47,9 +47,11 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
         con.execute("SELECT setseed(0.42)")
         syl = "[" + ", ".join(f"'{s}'" for s in SYLLABLES) + "]"
         # 2,000 pseudo-words of 2-4 syllables.
-        con.execute(f"CREATE TEMP TABLE vocab AS SELECT list(w) AS words FROM (SELECT "
-                    f"array_to_string(list_transform(range(2 + (i % 3)::INT), lambda j: {syl}[1 + ((i * 7 + j * 13 + "
-                    f"(i // 16) * j) % {len(SYLLABLES)})::INT]), '') || (i % 10)::VARCHAR AS w FROM range(2000) t(i))")
+        con.execute(
+            f"CREATE TEMP TABLE vocab AS SELECT list(w) AS words FROM (SELECT "
+            f"array_to_string(list_transform(range(2 + (i % 3)::INT), lambda j: {syl}[1 + ((i * 7 + j * 13 + "
+            f"(i // 16) * j) % {len(SYLLABLES)})::INT]), '') || (i % 10)::VARCHAR AS w FROM range(2000) t(i))"
+        )
         words = "v.words"  # FROM ..., vocab v (lambdas cannot hold subqueries)
 
         def text(count: str) -> str:
@@ -68,7 +70,7 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
         con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % 50), 'AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A'
                         || md5(i::VARCHAR), CASE WHEN i % 3 = 0 THEN 'sentitems' ELSE 'inbox' END,
                         '<' || md5('m' || i) || '@mail.example.com>', 'conv' || (i // 3),
-                        {text('4 + (i % 7)::INT')}, {text(f'{body_words - 50} + (i % 100)::INT')},
+                        {text("4 + (i % 7)::INT")}, {text(f"{body_words - 50} + (i % 100)::INT")},
                         'Person ' || (i % {people}), 'person' || (i % {people}) || '@company' ||
                         (i % {people} % {accounts}) || '.com',
                         TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000) SECOND,
@@ -88,7 +90,7 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
                        FROM emails WHERE hash(graph_id) % 3 = 0""")
         con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % 50), 'AAMkAGI' || md5('ev' || i),
                         CASE WHEN i % 4 = 0 THEN 'occurrence' ELSE 'singleInstance' END,
-                        CASE WHEN i % 4 = 0 THEN 'series' || (i // 8) END, md5('ical' || i), {text('3 + (i % 6)::INT')},
+                        CASE WHEN i % 4 = 0 THEN 'series' || (i // 8) END, md5('ical' || i), {text("3 + (i % 6)::INT")},
                         TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000) SECOND, 'UTC',
                         TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000 + 1800) SECOND, 'UTC', false, true,
                         'https://teams.microsoft.com/l/meetup-join/' || md5('j' || i), 'Person ' || (i % {people}),
@@ -104,19 +106,29 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
                        'per' || split_part(split_part(organizer_address, '@', 1), 'person', 2), 'contact',
                        organizer_address, true FROM meetings""")
         con.execute("CHECKPOINT")
-        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-                for t in ("emails", "email_participants", "email_crm_matches", "meetings", "meeting_attendees",
-                          "meeting_crm_matches")}
+        return {
+            t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+            for t in (
+                "emails",
+                "email_participants",
+                "email_crm_matches",
+                "meetings",
+                "meeting_attendees",
+                "meeting_crm_matches",
+            )
+        }
 
 
 def delete_one_percent(settings: Settings) -> int:
     """DELETE 1 % of the activities — whole conversations and meetings — with their child rows; CHECKPOINT."""
     with open_store(settings, TENANT, write=True) as con:
         con.execute("BEGIN TRANSACTION")
-        con.execute("CREATE TEMP TABLE gone_e AS SELECT user_oid, graph_id FROM emails "
-                    "WHERE hash(conversation_id) % 100 = 7")
-        con.execute("CREATE TEMP TABLE gone_m AS SELECT user_oid, event_id FROM meetings "
-                    "WHERE hash(event_id) % 100 = 7")
+        con.execute(
+            "CREATE TEMP TABLE gone_e AS SELECT user_oid, graph_id FROM emails WHERE hash(conversation_id) % 100 = 7"
+        )
+        con.execute(
+            "CREATE TEMP TABLE gone_m AS SELECT user_oid, event_id FROM meetings WHERE hash(event_id) % 100 = 7"
+        )
         for table in ("emails", "email_participants", "email_crm_matches"):
             con.execute(f"DELETE FROM {table} WHERE (user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM gone_e)")
         for table in ("meetings", "meeting_attendees", "meeting_crm_matches"):
@@ -162,14 +174,27 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     erase_s = time.perf_counter() - t
     publish.append(after["publish_seconds"])
     size_after = store_path(settings, TENANT).stat().st_size
-    row = {"n": n, "rows": sum(counts.values()), "built_s": built_s, "size_built": size_built,
-           "size_compacted": size_compacted, "publish_s": statistics.median(publish),
-           "compact_s": statistics.median(compact), "compact_publish_s": statistics.median(compact_total),
-           "deleted": gone, "size_deleted": size_deleted, "size_after": size_after,
-           "snapshot": snapshot_path(settings, TENANT).stat().st_size, "erase_compact_s": erase_s,
-           "erase_result": after}
-    print(f"  deleted {gone:,} activities: {mb(size_deleted)} MB after DELETE+CHECKPOINT, {mb(size_after)} MB after "
-          f"compact_store ({after['compact_seconds']:.1f} s + publish {after['publish_seconds']:.1f} s)", flush=True)
+    row = {
+        "n": n,
+        "rows": sum(counts.values()),
+        "built_s": built_s,
+        "size_built": size_built,
+        "size_compacted": size_compacted,
+        "publish_s": statistics.median(publish),
+        "compact_s": statistics.median(compact),
+        "compact_publish_s": statistics.median(compact_total),
+        "deleted": gone,
+        "size_deleted": size_deleted,
+        "size_after": size_after,
+        "snapshot": snapshot_path(settings, TENANT).stat().st_size,
+        "erase_compact_s": erase_s,
+        "erase_result": after,
+    }
+    print(
+        f"  deleted {gone:,} activities: {mb(size_deleted)} MB after DELETE+CHECKPOINT, {mb(size_after)} MB after "
+        f"compact_store ({after['compact_seconds']:.1f} s + publish {after['publish_seconds']:.1f} s)",
+        flush=True,
+    )
     return row
 
 
@@ -191,14 +216,18 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print()
-    print("| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
-          "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
-          "compaction after the delete s |")
+    print(
+        "| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
+        "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
+        "compaction after the delete s |"
+    )
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['rows']:,} | {mb(r['size_compacted'])} | {r['publish_s']:.2f} | "
-              f"{r['compact_s']:.2f} | {r['compact_publish_s']:.2f} | {r['deleted']:,} | {mb(r['size_deleted'])} | "
-              f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} |")
+        print(
+            f"| {r['n']:,} | {r['rows']:,} | {mb(r['size_compacted'])} | {r['publish_s']:.2f} | "
+            f"{r['compact_s']:.2f} | {r['compact_publish_s']:.2f} | {r['deleted']:,} | {mb(r['size_deleted'])} | "
+            f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -68,8 +68,10 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix="o365sync-crm-bench-"))
-        self.base_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get(
-            "PYTHONPATH")]))}
+        self.base_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         for key in [k for k in self.base_env if k.startswith("O365SYNC_")]:
             del self.base_env[key]  # the children get explicit settings
 
@@ -97,11 +99,14 @@ class Bench:
         participants.write_parquet(self.messages_path)
         self.messages_s = time.perf_counter() - t0
         self.participants = participants.height
-        print(f"world: {len(crm.contacts):,} contacts, {len(crm.leads):,} leads "
-              f"({self.expected['people_ids'] - len(crm.contacts):,} unconverted), {len(crm.accounts):,} accounts "
-              f"(2 traps), {len(crm.opportunities):,} opportunities ({self.expected['opportunities']:,} open); "
-              f"{self.world_s:.1f}s to build. Messages: {a.messages:,} with {participants.height:,} participants "
-              f"({self.messages_s:.1f}s). Work dir {self.work}", flush=True)
+        print(
+            f"world: {len(crm.contacts):,} contacts, {len(crm.leads):,} leads "
+            f"({self.expected['people_ids'] - len(crm.contacts):,} unconverted), {len(crm.accounts):,} accounts "
+            f"(2 traps), {len(crm.opportunities):,} opportunities ({self.expected['opportunities']:,} open); "
+            f"{self.world_s:.1f}s to build. Messages: {a.messages:,} with {participants.height:,} participants "
+            f"({self.messages_s:.1f}s). Work dir {self.work}",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------------------------------------- one CRM
     def start_sim(self, kind: str):  # noqa: ANN201
@@ -141,8 +146,11 @@ class Bench:
                     pl.read_csv(directory / f"{stem}.csv", infer_schema=False).write_parquet(pq / f"{stem}.parquet")
                 directory = pq
             return None, {"BENCH_FILES_DIR": str(directory)}, time.perf_counter() - t0
-        return sim, {"BENCH_BASE_URL": sim.base_url, "BENCH_SECRET": secret,
-                     "BENCH_CA": str(self.tls.ca_pem)}, time.perf_counter() - t0
+        return (
+            sim,
+            {"BENCH_BASE_URL": sim.base_url, "BENCH_SECRET": secret, "BENCH_CA": str(self.tls.ca_pem)},
+            time.perf_counter() - t0,
+        )
 
     def stock_pipedrive_pages(self, sim) -> dict:  # noqa: ANN001
         """Serve two person pages (the first, and one after the middle) with the stock simulator's `_list` and
@@ -164,8 +172,11 @@ class Bench:
 
         mid = ids[len(ids) // 2]
         cursor = base64.urlsafe_b64encode(json.dumps({"s": "id", "d": "asc", "v": "", "i": mid}).encode()).decode()
-        for query, path in ((base, "/api/v2/persons"), ({**base, "cursor": cursor}, "/api/v2/persons"),
-                            (base, "/api/v2/organizations")):
+        for query, path in (
+            (base, "/api/v2/persons"),
+            ({**base, "cursor": cursor}, "/api/v2/persons"),
+            (base, "/api/v2/organizations"),
+        ):
             t0 = time.perf_counter()
             stock = PipedriveSimulator._list(sim, req(query, path), tid)
             out["stock_s"].append(time.perf_counter() - t0)
@@ -196,33 +207,55 @@ class Bench:
                 self.verify(kind, r)
                 res["fetch"].append(r)
                 res["data_dir"] = str(data)
-                print(f"  {kind} fetch rep {rep + 1}: {r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU, "
-                      f"{r['requests']:,} requests, sim CPU {r['sim_cpu_s']:.1f}s, peak RSS "
-                      f"{r['peak_rss_fetch_mb']:.0f} MB, store write {r['write_s']:.2f}s", flush=True)
+                print(
+                    f"  {kind} fetch rep {rep + 1}: {r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU, "
+                    f"{r['requests']:,} requests, sim CPU {r['sim_cpu_s']:.1f}s, peak RSS "
+                    f"{r['peak_rss_fetch_mb']:.0f} MB, store write {r['write_s']:.2f}s",
+                    flush=True,
+                )
             if not a.no_floor:
                 n0 = len(sim.requests) if sim is not None else 0
                 r = run_child({**env, "BENCH_MODE": "floor", "BENCH_DATA_DIR": str(self.work / "unused")})
                 r["requests"] = (len(sim.requests) - n0) if sim is not None else 3
                 res["floor"] = r
                 if r["requests"] != res["fetch"][-1]["requests"]:
-                    print(f"  note: the floor made {r['requests']:,} requests, the adapter "
-                          f"{res['fetch'][-1]['requests']:,}", flush=True)
-                print(f"  {kind} transport floor: {r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU, "
-                      f"{r['records']:,} records in {r['pages']:,} pages, sim CPU {r['sim_cpu_s']:.1f}s", flush=True)
+                    print(
+                        f"  note: the floor made {r['requests']:,} requests, the adapter "
+                        f"{res['fetch'][-1]['requests']:,}",
+                        flush=True,
+                    )
+                print(
+                    f"  {kind} transport floor: {r['wall_s']:.1f}s wall, {r['cpu_s']:.1f}s CPU, "
+                    f"{r['records']:,} records in {r['pages']:,} pages, sim CPU {r['sim_cpu_s']:.1f}s",
+                    flush=True,
+                )
         finally:
             if sim is not None:
                 sim.stop()
             del sim
             gc.collect()
-        r = run_child({**self.base_env, "BENCH_MODE": "match", "BENCH_KIND": kind, "BENCH_TENANT_ID": tid,
-                       "BENCH_DATA_DIR": res["data_dir"], "BENCH_REPS": str(a.reps),
-                       "BENCH_OWN_DOMAINS": ",".join(self.tenant.domains), "BENCH_MESSAGES": str(self.messages_path),
-                       "BENCH_PAGE_SIZE": str(a.page_size), "BENCH_PAGE_MESSAGES": str(a.page_messages)})
+        r = run_child(
+            {
+                **self.base_env,
+                "BENCH_MODE": "match",
+                "BENCH_KIND": kind,
+                "BENCH_TENANT_ID": tid,
+                "BENCH_DATA_DIR": res["data_dir"],
+                "BENCH_REPS": str(a.reps),
+                "BENCH_OWN_DOMAINS": ",".join(self.tenant.domains),
+                "BENCH_MESSAGES": str(self.messages_path),
+                "BENCH_PAGE_SIZE": str(a.page_size),
+                "BENCH_PAGE_MESSAGES": str(a.page_messages),
+            }
+        )
         res["match"] = r
-        print(f"  {kind} load {r['load_s']:.2f}s + build_index {r['index_s']:.2f}s; match {r['messages']:,} msgs: "
-              f"polars {r['polars_s']:.2f}s, python {r['python_s']:.2f}s; {r['page_messages']:,} per page: polars "
-              f"{r['polars_pages_s']:.2f}s, python {r['python_pages_s']:.2f}s; matched "
-              f"{r['matched_messages']:,}", flush=True)
+        print(
+            f"  {kind} load {r['load_s']:.2f}s + build_index {r['index_s']:.2f}s; match {r['messages']:,} msgs: "
+            f"polars {r['polars_s']:.2f}s, python {r['python_s']:.2f}s; {r['page_messages']:,} per page: polars "
+            f"{r['polars_pages_s']:.2f}s, python {r['python_pages_s']:.2f}s; matched "
+            f"{r['matched_messages']:,}",
+            flush=True,
+        )
         for d in Path(self.work).glob(f"{kind}-data-*"):
             shutil.rmtree(d, ignore_errors=True)
         return res
@@ -269,12 +302,13 @@ def render(b: Bench, results: list[dict], bench_s: float) -> str:
         wall = med(f, "wall_s")
         over = statistics.median(r["peak_rss_fetch_mb"] - r["rss_after_import_mb"] for r in f)
         req = "3 files" if res["kind"].startswith("files") else f"{f[-1]['requests']:,}"
-        floor = (f"{fl['wall_s']:.1f} ({fl['cpu_s']:.1f} / {fl['sim_cpu_s']:.1f})" if fl else "-")
+        floor = f"{fl['wall_s']:.1f} ({fl['cpu_s']:.1f} / {fl['sim_cpu_s']:.1f})" if fl else "-"
         lines.append(
             f"| {res['kind']} | {req} | {f[-1]['people_rows']:,} / {f[-1]['accounts_rows']:,} / "
             f"{f[-1]['opportunities']:,} | {wall:.1f} | {records / wall:,.0f} | {med(f, 'cpu_s'):.1f} | "
             f"{med(f, 'sim_cpu_s'):.1f} | {over:,.0f} | {floor} | {med(f, 'write_s'):.2f} | {m['load_s']:.2f} | "
-            f"{m['index_s']:.2f} | {m['peak_rss_load_mb']:.0f} |")
+            f"{m['index_s']:.2f} | {m['peak_rss_load_mb']:.0f} |"
+        )
     m0 = results[0]["match"]
     lines += [
         "",
@@ -293,29 +327,37 @@ def render(b: Bench, results: list[dict], bench_s: float) -> str:
         lines.append(
             f"| {res['kind']} | {m['index_people']:,} / {m['index_accounts']:,} | {m['matched_messages']:,} "
             f"({m['pairs']:,}) | {m['py_index_s']:.2f} | {pb:,.0f} | {yb:,.0f} | {pb / yb:.2f}x | {pp:,.0f} | "
-            f"{yp:,.0f} | {pp / yp:.2f}x |")
+            f"{yp:,.0f} | {pp / yp:.2f}x |"
+        )
     lines += ["", "Notes:"]
     for res in results:
         m = res["match"]
         if m["primary_mismatch"]:
-            lines.append(f"- {res['kind']}: {m['primary_mismatch']} messages whose primary link differs between "
-                         "Polars and Python (same pairs)")
+            lines.append(
+                f"- {res['kind']}: {m['primary_mismatch']} messages whose primary link differs between "
+                "Polars and Python (same pairs)"
+            )
         if "pipedrive_stock_pages" in res:
             s = res["pipedrive_stock_pages"]
             lines.append(
                 f"- pipedrive: served by the bench's FastListPipedriveSimulator (bisect instead of sort-per-page; "
                 f"identical bodies checked). The stock simulator takes {s['stock_s'][0]:.2f}s / {s['stock_s'][1]:.2f}s"
                 f" for a persons page (first / middle) and {s['stock_s'][2]:.2f}s for an organizations page, vs "
-                f"{s['fast_s'][0] * 1000:.1f} / {s['fast_s'][1] * 1000:.1f} / {s['fast_s'][2] * 1000:.1f} ms.")
-        lines.append(f"- {res['kind']}: simulator build + start {res['sim_start_s']:.1f}s; fetch walls "
-                     + ", ".join(f"{r['wall_s']:.1f}" for r in res["fetch"])
-                     + f"; load walls {', '.join(f'{x:.2f}' for x in m['load_walls'])}; index walls "
-                     + ", ".join(f"{x:.2f}" for x in m["index_walls"])
-                     + f"; peak RSS fetch {res['fetch'][-1]['peak_rss_fetch_mb']:.0f} MB (post-import "
-                       f"{res['fetch'][-1]['rss_after_import_mb']:.0f}), after store write "
-                       f"{res['fetch'][-1]['peak_rss_write_mb']:.0f} MB")
-    lines.append(f"Benchmark wall time: {bench_s:.0f}s (world {b.world_s:.1f}s, messages {b.messages_s:.1f}s); "
-                 f"parent RSS now {_self_rss_mb():.0f} MB")
+                f"{s['fast_s'][0] * 1000:.1f} / {s['fast_s'][1] * 1000:.1f} / {s['fast_s'][2] * 1000:.1f} ms."
+            )
+        lines.append(
+            f"- {res['kind']}: simulator build + start {res['sim_start_s']:.1f}s; fetch walls "
+            + ", ".join(f"{r['wall_s']:.1f}" for r in res["fetch"])
+            + f"; load walls {', '.join(f'{x:.2f}' for x in m['load_walls'])}; index walls "
+            + ", ".join(f"{x:.2f}" for x in m["index_walls"])
+            + f"; peak RSS fetch {res['fetch'][-1]['peak_rss_fetch_mb']:.0f} MB (post-import "
+            f"{res['fetch'][-1]['rss_after_import_mb']:.0f}), after store write "
+            f"{res['fetch'][-1]['peak_rss_write_mb']:.0f} MB"
+        )
+    lines.append(
+        f"Benchmark wall time: {bench_s:.0f}s (world {b.world_s:.1f}s, messages {b.messages_s:.1f}s); "
+        f"parent RSS now {_self_rss_mb():.0f} MB"
+    )
     return "\n".join(lines)
 
 
@@ -330,12 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fetch-reps", type=int, default=1, help="reps of each adapter fetch (default 1)")
     p.add_argument("--crm", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     p.add_argument("--page-size", type=int, default=500, help="messages per page for per-page matching")
-    p.add_argument("--page-messages", type=int, default=25_000,
-                   help="messages matched page by page (default 25000: 50 pages of 500)")
+    p.add_argument(
+        "--page-messages",
+        type=int,
+        default=25_000,
+        help="messages matched page by page (default 25000: 50 pages of 500)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke size: 20k contacts, 2k accounts, 20k messages")
     p.add_argument("--no-floor", action="store_true", help="skip the raw httpx transport floor")
-    p.add_argument("--stock-pipedrive", action="store_true",
-                   help="serve Pipedrive with the stock simulator (O(records) per page: hours at 1M)")
+    p.add_argument(
+        "--stock-pipedrive",
+        action="store_true",
+        help="serve Pipedrive with the stock simulator (O(records) per page: hours at 1M)",
+    )
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--json", type=Path, help="write the raw results here")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
@@ -355,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         text = render(b, results, time.perf_counter() - started)
         print("\n" + text)
         if args.json:
-            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                             "results": results}, indent=1, default=str))
+            args.json.write_text(
+                json.dumps(
+                    {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1, default=str
+                )
+            )
     finally:
         if args.keep:
             print(f"work dir kept: {b.work}")

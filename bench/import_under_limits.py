@@ -61,8 +61,9 @@ _FOLDER_PATH = re.compile(r"/me/mailfolders(?:\('([^']+)'\)|/([^/]+))/messages(/
 
 
 # --------------------------------------------------------------------------- the T_min model
-def limits_model(log: list, oid: str, folder_ids: dict[str, str], latency_s: float, max_in_flight: int,
-                 budget: int, window_s: float) -> dict:
+def limits_model(
+    log: list, oid: str, folder_ids: dict[str, str], latency_s: float, max_in_flight: int, budget: int, window_s: float
+) -> dict:
     """Classify the mailbox's requests in the simulator's log and compute the lower bound the limits allow.
 
     Outlook requests (what the limits count): list pages and delta pages (GET, one per nextLink) and the inner
@@ -122,13 +123,26 @@ def limits_model(log: list, oid: str, folder_ids: dict[str, str], latency_s: flo
     # last round of a $batch whose size is not a multiple of 4 leaves slots idle
     listing_serial = (sum(pages.values()) + kinds["other"]) * L * (1 - 1 / max_in_flight)
     partial_batches = sum(math.ceil(k / 4) - k / 4 for k in batches) * L
-    binding = max((("critical path", critical), ("concurrency", concurrency), ("budget", budget_bound)),
-                  key=lambda kv: kv[1])[0]
-    return {"pages": {f"{k} {f}": v for (k, f), v in sorted(pages.items())}, "kinds": dict(kinds),
-            "statuses": dict(statuses), "requests": n, "longest_chain": longest, "batches": len(batches),
-            "batch_sizes": dict(sorted(Counter(batches).items())), "critical_s": critical,
-            "concurrency_s": concurrency, "budget_s": budget_bound, "t_min_s": t_min, "binding": binding,
-            "t_sched_s": sched, "listing_serial_s": listing_serial, "partial_batches_s": partial_batches}
+    binding = max(
+        (("critical path", critical), ("concurrency", concurrency), ("budget", budget_bound)), key=lambda kv: kv[1]
+    )[0]
+    return {
+        "pages": {f"{k} {f}": v for (k, f), v in sorted(pages.items())},
+        "kinds": dict(kinds),
+        "statuses": dict(statuses),
+        "requests": n,
+        "longest_chain": longest,
+        "batches": len(batches),
+        "batch_sizes": dict(sorted(Counter(batches).items())),
+        "critical_s": critical,
+        "concurrency_s": concurrency,
+        "budget_s": budget_bound,
+        "t_min_s": t_min,
+        "binding": binding,
+        "t_sched_s": sched,
+        "listing_serial_s": listing_serial,
+        "partial_batches_s": partial_batches,
+    }
 
 
 # --------------------------------------------------------------------------- harness
@@ -164,18 +178,26 @@ class LimitsHarness(Harness):
 
         tid, oid = self.tenant.tid, self.user.oid
         self.expected = {gid: ids for (owner, gid), ids in self.world.expected_matches(tid).items() if owner == oid}
-        self.env.update({"BENCH_CRM_DB": str(self.template), "BENCH_OWN_DOMAINS": ",".join(self.tenant.domains),
-                         "BENCH_FREE_MAIL": " ".join(sorted(FREE_MAIL_DOMAINS)),
-                         "BENCH_NAIVE_PAGE_SIZE": str(self.settings.graph_page_size),
-                         # the product's listing query, whatever it is at the time of the run
-                         "BENCH_SELECT": ",".join(mail.HEADER_FIELDS),
-                         "BENCH_EXPAND": getattr(mail, "SENSITIVITY_EXPAND", "")})
+        self.env.update(
+            {
+                "BENCH_CRM_DB": str(self.template),
+                "BENCH_OWN_DOMAINS": ",".join(self.tenant.domains),
+                "BENCH_FREE_MAIL": " ".join(sorted(FREE_MAIL_DOMAINS)),
+                "BENCH_NAIVE_PAGE_SIZE": str(self.settings.graph_page_size),
+                # the product's listing query, whatever it is at the time of the run
+                "BENCH_SELECT": ",".join(mail.HEADER_FIELDS),
+                "BENCH_EXPAND": getattr(mail, "SENSITIVITY_EXPAND", ""),
+            }
+        )
         self.folder_ids = {f: self.running.graph.folder_id(oid, f) for f in ("inbox", "sentitems")}
         c0, l0, a0 = self.crm_before
         c1, l1, a1 = self.crm_after
-        print(f"CRM cut to {self.args.crm_share:.0%} of accounts and leads: contacts {c0} -> {c1}, leads {l0} -> {l1}, "
-              f"accounts {a0} -> {a1}; ground truth {len(self.expected):,} of {self.expected_scanned:,} in-window "
-              f"messages match ({len(self.expected) / self.expected_scanned:.2%})", flush=True)
+        print(
+            f"CRM cut to {self.args.crm_share:.0%} of accounts and leads: contacts {c0} -> {c1}, leads {l0} -> {l1}, "
+            f"accounts {a0} -> {a1}; ground truth {len(self.expected):,} of {self.expected_scanned:,} in-window "
+            f"messages match ({len(self.expected) / self.expected_scanned:.2%})",
+            flush=True,
+        )
 
     # ---------------------------------------------------------------- simulator knobs
     def limits(self, on: bool) -> None:
@@ -183,8 +205,7 @@ class LimitsHarness(Harness):
         g.reset()  # knobs back to the constructor's (4 in flight, 10,000 / 600 s), no latency, logs and budgets cleared
         if on:
             if (g.max_in_flight, g.budget_requests, g.budget_window_s) != (4, 10_000, 600.0):
-                fail(f"simulator limits are not Outlook's: {g.max_in_flight}, {g.budget_requests}, "
-                     f"{g.budget_window_s}")
+                fail(f"simulator limits are not Outlook's: {g.max_in_flight}, {g.budget_requests}, {g.budget_window_s}")
             g.latency_s = self.args.latency_ms / 1000
         else:
             g.max_in_flight = 10**9
@@ -206,8 +227,10 @@ class LimitsHarness(Harness):
         if stored != self.expected:
             missing, extra = self.expected.keys() - stored.keys(), stored.keys() - self.expected.keys()
             wrong = sum(1 for k in stored.keys() & self.expected.keys() if stored[k] != self.expected[k])
-            fail(f"{variant}: store differs from World.expected_matches: {len(missing)} missing, {len(extra)} extra, "
-                 f"{wrong} with other CRM links")
+            fail(
+                f"{variant}: store differs from World.expected_matches: {len(missing)} missing, {len(extra)} extra, "
+                f"{wrong} with other CRM links"
+            )
 
     def run_ours(self, rep: str, profile: bool = False) -> dict:
         r = self.run("ours", "profile" if profile else rep)  # fresh store, child, count checks (import_vs_dlt)
@@ -225,10 +248,13 @@ class LimitsHarness(Harness):
         if r["rows"] != self.expected_scanned:
             fail(f"naive handled {r['rows']} messages, the scan window holds {self.expected_scanned}")
         self.check_store("naive", self.stored_matches(env["BENCH_NAIVE_DB"], product=False))
-        print(f"  [{rep}] naive        rows {r['rows']:>6} wall {r['wall_s']:6.2f}s cpu {r['cpu_s']:6.2f}s "
-              f"peak {r['peak_rss_mb']:6.0f} MB (post-import {r['rss_after_import_mb']:.0f} MB) sim cpu "
-              f"{r['sim_cpu_s']:5.2f}s matched {r['matched']} body GETs {r['body_requests']} stages (wall s) "
-              f"{r['stages']}", flush=True)
+        print(
+            f"  [{rep}] naive        rows {r['rows']:>6} wall {r['wall_s']:6.2f}s cpu {r['cpu_s']:6.2f}s "
+            f"peak {r['peak_rss_mb']:6.0f} MB (post-import {r['rss_after_import_mb']:.0f} MB) sim cpu "
+            f"{r['sim_cpu_s']:5.2f}s matched {r['matched']} body GETs {r['body_requests']} stages (wall s) "
+            f"{r['stages']}",
+            flush=True,
+        )
         return r
 
     def limited_run(self, rep: str, profile: bool = False) -> dict:
@@ -238,19 +264,26 @@ class LimitsHarness(Harness):
         r = self.run_ours(rep, profile)
         oid = self.user.oid
         log, sent, peak = list(g.requests), list(g.sent.get(oid, ())), g.peak_in_flight.get(oid, 0)  # child is done
-        model = limits_model(log, oid, self.folder_ids, g.latency_s, g.max_in_flight, g.budget_requests,
-                             g.budget_window_s)
+        model = limits_model(
+            log, oid, self.folder_ids, g.latency_s, g.max_in_flight, g.budget_requests, g.budget_window_s
+        )
         concurrency_ra = float(g.throttle_retry_after)
         throttled = [s for s in sent if s.status == 429]
-        r.update(model=model, peak_in_flight=peak,
-                 throttled_concurrency=sum(1 for s in throttled if s.retry_after == concurrency_ra),
-                 throttled_budget=sum(1 for s in throttled if s.retry_after != concurrency_ra),
-                 retry_violations=len(g.retry_violations(oid, mailbox_wide=True)))
+        r.update(
+            model=model,
+            peak_in_flight=peak,
+            throttled_concurrency=sum(1 for s in throttled if s.retry_after == concurrency_ra),
+            throttled_budget=sum(1 for s in throttled if s.retry_after != concurrency_ra),
+            retry_violations=len(g.retry_violations(oid, mailbox_wide=True)),
+        )
         if peak > 4:
             fail(f"the simulator saw {peak} concurrent requests for the mailbox")
-        print(f"  [{rep}] limits on: N {model['requests']} requests, T_min {model['t_min_s']:.1f}s "
-              f"({model['binding']}), T_sched {model['t_sched_s']:.1f}s, actual {r['wall_s']:.1f}s; peak in flight "
-              f"{peak}, 429s {len(throttled)}", flush=True)
+        print(
+            f"  [{rep}] limits on: N {model['requests']} requests, T_min {model['t_min_s']:.1f}s "
+            f"({model['binding']}), T_sched {model['t_sched_s']:.1f}s, actual {r['wall_s']:.1f}s; peak in flight "
+            f"{peak}, 429s {len(throttled)}",
+            flush=True,
+        )
         return r
 
 
@@ -290,8 +323,7 @@ def render(h: LimitsHarness, part_a: list[dict], part_b: dict[str, list[dict]], 
         L = a.latency_ms / 1000
         lines += [
             f"A. Limits on: 4 concurrent / 10,000 per 600 s per mailbox, latency {a.latency_ms:g} ms per request "
-            f"({len(part_a)} run{'s' if len(part_a) > 1 else ''}" + (", median shown" if len(part_a) > 1 else "")
-            + ")",
+            f"({len(part_a)} run{'s' if len(part_a) > 1 else ''}" + (", median shown" if len(part_a) > 1 else "") + ")",
             "",
             "| requests the import made (simulator log, status 200) | count |",
             "|---|--:|",
@@ -344,14 +376,18 @@ def render(h: LimitsHarness, part_a: list[dict], part_b: dict[str, list[dict]], 
                 "",
             ]
         if len(part_a) > 1:
-            lines.append("All limits-on runs: " + ", ".join(
-                f"{x['wall_s']:.1f}s (T_min {x['model']['t_min_s']:.1f}s)" for x in part_a))
+            lines.append(
+                "All limits-on runs: "
+                + ", ".join(f"{x['wall_s']:.1f}s (T_min {x['model']['t_min_s']:.1f}s)" for x in part_a)
+            )
             lines.append("")
     if part_b:
         s = {v: summarise(rows) for v, rows in part_b.items()}
         o, n = s["ours"], s["naive"]
-        labels = {"ours": "ours: sync_mailbox_now (delta baseline + list + Polars match + $batch bodies + 3 tables)",
-                  "naive": "naive: requests + json.loads + dict match + 1 GET per body + DuckDB executemany"}
+        labels = {
+            "ours": "ours: sync_mailbox_now (delta baseline + list + Polars match + $batch bodies + 3 tables)",
+            "naive": "naive: requests + json.loads + dict match + 1 GET per body + DuckDB executemany",
+        }
         lines += [
             f"B. Limits off: latency 0, no concurrency cap, no budget; {a.reps} reps per variant, rotating order, "
             "medians",
@@ -362,34 +398,51 @@ def render(h: LimitsHarness, part_a: list[dict], part_b: dict[str, list[dict]], 
         ]
         for v in ("ours", "naive"):
             x = s[v]
-            lines.append(f"| {labels[v]} | {x['rows']:,.0f} | {x['matched']:,.0f} | {x['wall_s']:.2f} | "
-                         f"{x['msgs_per_s']:,.0f} | {x['cpu_s']:.2f} | {x['msgs_per_cpu_s']:,.0f} | "
-                         f"{x['peak_rss_mb']:.0f} | {x['rss_after_import_mb']:.0f} | {x['import_s']:.2f} | "
-                         f"{x['sim_cpu_s']:.2f} |")
+            lines.append(
+                f"| {labels[v]} | {x['rows']:,.0f} | {x['matched']:,.0f} | {x['wall_s']:.2f} | "
+                f"{x['msgs_per_s']:,.0f} | {x['cpu_s']:.2f} | {x['msgs_per_cpu_s']:,.0f} | "
+                f"{x['peak_rss_mb']:.0f} | {x['rss_after_import_mb']:.0f} | {x['import_s']:.2f} | "
+                f"{x['sim_cpu_s']:.2f} |"
+            )
         lines += [
             "",
             f"Ratio ours/naive: msgs/s (wall) **{o['msgs_per_s'] / n['msgs_per_s']:.2f}x**; msgs per CPU-s "
             f"{o['msgs_per_cpu_s'] / n['msgs_per_cpu_s']:.2f}x; peak RSS {o['peak_rss_mb'] / n['peak_rss_mb']:.2f}x",
-            "naive's time by stage (wall s, medians): " + ", ".join(
+            "naive's time by stage (wall s, medians): "
+            + ", ".join(
                 f"{k} {statistics.median(r['stages'][k] for r in part_b['naive']):.1f}"
-                for k in part_b["naive"][0]["stages"]),
+                for k in part_b["naive"][0]["stages"]
+            ),
             "Both ended with exactly the ground-truth matched set (ids and CRM links) in every run.",
-            "Runs: " + "; ".join(f"{v} " + ", ".join(f"{r['wall_s']:.1f}s/{r['cpu_s']:.1f} CPU" for r in rows)
-                                 for v, rows in part_b.items()),
+            "Runs: "
+            + "; ".join(
+                f"{v} " + ", ".join(f"{r['wall_s']:.1f}s/{r['cpu_s']:.1f} CPU" for r in rows)
+                for v, rows in part_b.items()
+            ),
             "",
         ]
-    lines.append(f"Benchmark wall time: {bench_s:.0f}s for warm-up + runs, {time.perf_counter() - T0:.0f}s in all "
-                 f"(world, simulators, connect, CRM snapshot included); parent RSS now {_self_rss_mb():.0f} MB")
+    lines.append(
+        f"Benchmark wall time: {bench_s:.0f}s for warm-up + runs, {time.perf_counter() - T0:.0f}s in all "
+        f"(world, simulators, connect, CRM snapshot included); parent RSS now {_self_rss_mb():.0f} MB"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--messages", type=int, default=100_000,
-                   help="minimum messages in Inbox + Sent Items, the folders synced (default 100000)")
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=100_000,
+        help="minimum messages in Inbox + Sent Items, the folders synced (default 100000)",
+    )
     p.add_argument("--latency-ms", type=float, default=50.0, help="simulated Graph latency per request (default 50)")
-    p.add_argument("--crm-share", type=float, default=0.10,
-                   help="share of the generated CRM accounts (with their contacts) and leads kept (default 0.10)")
+    p.add_argument(
+        "--crm-share",
+        type=float,
+        default=0.10,
+        help="share of the generated CRM accounts (with their contacts) and leads kept (default 0.10)",
+    )
     p.add_argument("--contacts", type=int, default=3000, help="CRM contacts generated before the cut (default 3000)")
     p.add_argument("--reps", type=int, default=3, help="part B runs per variant (default 3)")
     p.add_argument("--limits-reps", type=int, default=1, help="part A runs (default 1)")
@@ -397,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--history-days", type=int, default=60)
     p.add_argument("--skip-a", action="store_true", help="skip part A (limits on)")
     p.add_argument("--skip-b", action="store_true", help="skip part B (limits off, ours vs naive)")
-    p.add_argument("--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with "
-                   "the limits on")
+    p.add_argument(
+        "--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with the limits on"
+    )
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
     p.add_argument("--json", type=Path, help="write raw results as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
@@ -423,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             part_b = {"ours": [], "naive": []}
             order = ["ours", "naive"]
             for i in range(args.reps):
-                for v in order[i % 2:] + order[:i % 2]:
+                for v in order[i % 2 :] + order[: i % 2]:
                     h.limits(on=False)
                     part_b[v].append(h.run_ours(str(i + 1)) if v == "ours" else h.run_naive(str(i + 1)))
             for v in part_b:
@@ -447,9 +501,19 @@ def main(argv: list[str] | None = None) -> int:
             print("\nTop of the ours-child profile, limits on (cumulative):")
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(35)
         if args.json:
-            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "warm": warm,
-                                             "part_a": part_a, "part_b": part_b, "bench_s": bench_s},
-                                            indent=2, default=str))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "args": {k: str(v) for k, v in vars(args).items()},
+                        "warm": warm,
+                        "part_a": part_a,
+                        "part_b": part_b,
+                        "bench_s": bench_s,
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
     finally:
         h.close(keep=args.keep)
     return 0

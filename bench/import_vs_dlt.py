@@ -42,8 +42,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ("ours", "dlt", "ours-listing")
-CHILD = {"ours": BENCH / "_child_ours.py", "dlt": BENCH / "_child_dlt.py",
-         "ours-listing": BENCH / "_child_ours_listing.py"}
+CHILD = {
+    "ours": BENCH / "_child_ours.py",
+    "dlt": BENCH / "_child_dlt.py",
+    "ours-listing": BENCH / "_child_ours_listing.py",
+}
 LABELS = {
     "ours": "ours: sync_mailbox_now (list + match + $batch bodies + 3 tables)",
     "dlt": "dlt: RESTClient + JSONLinkPaginator, Arrow per page, parquet (headers only)",
@@ -113,8 +116,14 @@ def build_world(messages: int, contacts: int, history_days: int, seed: int, wide
 
     n = messages + messages * 7 // 100 + 10  # noise folders, and a few skipped replies (no thread yet / window edge)
     for _ in range(5):
-        world = generate_world(seed=seed, tenants=1, users_per_tenant=1, messages_per_user=n,
-                               contacts_per_tenant=contacts, history_days=history_days)
+        world = generate_world(
+            seed=seed,
+            tenants=1,
+            users_per_tenant=1,
+            messages_per_user=n,
+            contacts_per_tenant=contacts,
+            history_days=history_days,
+        )
         user = world.tenants[0].users[0]
         if sum(1 for m in world.mailboxes[user.oid] if m.folder in MAIL_FOLDERS) >= messages:
             break
@@ -124,9 +133,15 @@ def build_world(messages: int, contacts: int, history_days: int, seed: int, wide
     tid = world.tenants[0].tid
     if widen:
         crm = world.crm[tid]
-        crm.opportunities.append(CrmOpportunity(
-            id="006BENCHWINDOW1", account_id=crm.accounts[0].id, name="Benchmark - whole-history window",
-            is_closed=False, created=world.now - timedelta(days=history_days, hours=12)))
+        crm.opportunities.append(
+            CrmOpportunity(
+                id="006BENCHWINDOW1",
+                account_id=crm.accounts[0].id,
+                name="Benchmark - whole-history window",
+                is_closed=False,
+                created=world.now - timedelta(days=history_days, hours=12),
+            )
+        )
     return world
 
 
@@ -136,8 +151,9 @@ def run_script(script: Path, env: dict[str, str], label: str, timeout_s: float =
     meanwhile (this process = the simulators, plus an idle wait) and the child's wall time."""
     c0 = time.process_time()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout_s)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
     outer_wall = time.perf_counter() - t0
     sim_cpu = time.process_time() - c0
     if proc.returncode != 0:
@@ -147,14 +163,19 @@ def run_script(script: Path, env: dict[str, str], label: str, timeout_s: float =
     if not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         fail(f"{label} child printed no RESULT line")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["sim_cpu_s"] = sim_cpu
     result["process_wall_s"] = outer_wall
     return result
 
 
-def run_child(variant: str, env: dict[str, str], running, timeout_s: float = 900.0,  # noqa: ANN001
-              script: Path | None = None) -> dict:
+def run_child(
+    variant: str,
+    env: dict[str, str],
+    running,
+    timeout_s: float = 900.0,  # noqa: ANN001
+    script: Path | None = None,
+) -> dict:
     """Run one variant (`script`, default `CHILD[variant]`) in a fresh interpreter (see `run_script`)."""
     return run_script(script or CHILD[variant], env, variant, timeout_s)
 
@@ -240,14 +261,23 @@ class Harness:
 
         with TokenProvider(settings, tenant.tid, user.oid, scopes_for(["email"])) as provider:
             token = provider()
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get(
-            "PYTHONPATH")])), "BENCH_TENANT_ID": tenant.tid, "BENCH_USER_OID": user.oid,
-            "BENCH_GRAPH_TOKEN": token, "BENCH_SELECT": ",".join(HEADER_FIELDS), "BENCH_SINCE": since,
-            "BENCH_LISTING_PAGE_SIZE": str(a.listing_page_size)}
-        print(f"world: seed {a.seed}, 1 tenant, 1 user, {self.mailbox_size} messages over "
-              f"{self.history_days:.1f} days ({gen_s:.1f}s to generate), {a.contacts} contacts; scan start {since}; "
-              f"in window {self.expected_scanned} (inbox {self.by_folder['inbox']}, sent "
-              f"{self.by_folder['sentitems']}); ground-truth matches {self.expected_matched}", flush=True)
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "BENCH_TENANT_ID": tenant.tid,
+            "BENCH_USER_OID": user.oid,
+            "BENCH_GRAPH_TOKEN": token,
+            "BENCH_SELECT": ",".join(HEADER_FIELDS),
+            "BENCH_SINCE": since,
+            "BENCH_LISTING_PAGE_SIZE": str(a.listing_page_size),
+        }
+        print(
+            f"world: seed {a.seed}, 1 tenant, 1 user, {self.mailbox_size} messages over "
+            f"{self.history_days:.1f} days ({gen_s:.1f}s to generate), {a.contacts} contacts; scan start {since}; "
+            f"in window {self.expected_scanned} (inbox {self.by_folder['inbox']}, sent "
+            f"{self.by_folder['sentitems']}); ground-truth matches {self.expected_matched}",
+            flush=True,
+        )
         if self.expected_scanned < a.messages and not a.no_widen:
             fail(f"only {self.expected_scanned} messages in the scan window (< {a.messages})")
 
@@ -274,13 +304,18 @@ class Harness:
         r = run_child(variant, env, self.running)
         r["rep"] = rep
         self.verify(variant, r, env)
-        print(f"  [{rep}] {variant:12s} rows {r['rows']:>6} wall {r['wall_s']:6.2f}s cpu {r['cpu_s']:6.2f}s "
-              f"peak {r['peak_rss_mb']:6.0f} MB (ru_maxrss {r['ru_maxrss_mb']:.0f}, "
-              f"post-import {r['rss_after_import_mb']:.0f} MB) "
-              f"sim cpu {r['sim_cpu_s']:5.2f}s" + (f" matched {r['matched']} imported {r['imported']}"
-                                                    if variant == "ours" else f" pages {r.get('pages')}"
-                                                    + (f" steps {r['steps']}" if "steps" in r else "")),
-              flush=True)
+        print(
+            f"  [{rep}] {variant:12s} rows {r['rows']:>6} wall {r['wall_s']:6.2f}s cpu {r['cpu_s']:6.2f}s "
+            f"peak {r['peak_rss_mb']:6.0f} MB (ru_maxrss {r['ru_maxrss_mb']:.0f}, "
+            f"post-import {r['rss_after_import_mb']:.0f} MB) "
+            f"sim cpu {r['sim_cpu_s']:5.2f}s"
+            + (
+                f" matched {r['matched']} imported {r['imported']}"
+                if variant == "ours"
+                else f" pages {r.get('pages')}" + (f" steps {r['steps']}" if "steps" in r else "")
+            ),
+            flush=True,
+        )
         return r
 
     def verify(self, variant: str, r: dict, env: dict[str, str]) -> None:
@@ -292,15 +327,19 @@ class Harness:
             from o365sync.store import open_store
 
             with open_store(self.settings, self.tenant.tid, write=False) as con:
-                counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-                          for t in ("emails", "email_participants", "email_crm_matches")}
+                counts = {
+                    t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+                    for t in ("emails", "email_participants", "email_crm_matches")
+                }
                 distinct = con.execute("SELECT count(DISTINCT graph_id) FROM emails").fetchall()[0][0]
             r["tables"] = counts
             if r["scanned"] != r["matched"] + r["discarded"]:
                 fail(f"ours: scanned {r['scanned']} != matched {r['matched']} + discarded {r['discarded']}")
             if not (r["imported"] == r["matched"] == counts["emails"] == distinct):
-                fail(f"ours: matched {r['matched']}, imported {r['imported']}, emails rows {counts['emails']} "
-                     f"(distinct {distinct}) should all be equal on a fresh store")
+                fail(
+                    f"ours: matched {r['matched']}, imported {r['imported']}, emails rows {counts['emails']} "
+                    f"(distinct {distinct}) should all be equal on a fresh store"
+                )
             if r["matched"] != self.expected_matched:
                 fail(f"ours matched {r['matched']} messages, the world's ground truth is {self.expected_matched}")
         elif variant == "dlt":
@@ -403,10 +442,12 @@ def render(h: Harness, summary: dict[str, dict], bench_s: float) -> str:
         s = summary.get(name)
         if s is None:
             continue
-        lines.append(f"| {LABELS[name]} | {s['rows']:,.0f} | {s['wall_s']:.2f} | {s['msgs_per_s']:,.0f} | "
-                     f"{s['cpu_s']:.2f} | {s['msgs_per_cpu_s']:,.0f} | {s['peak_rss_mb']:.0f} | "
-                     f"{s['rss_after_import_mb']:.0f} | {s['rss_over_baseline_mb']:.0f} | {s['import_s']:.2f} | "
-                     f"{s['sim_cpu_s']:.2f} |")
+        lines.append(
+            f"| {LABELS[name]} | {s['rows']:,.0f} | {s['wall_s']:.2f} | {s['msgs_per_s']:,.0f} | "
+            f"{s['cpu_s']:.2f} | {s['msgs_per_cpu_s']:,.0f} | {s['peak_rss_mb']:.0f} | "
+            f"{s['rss_after_import_mb']:.0f} | {s['rss_over_baseline_mb']:.0f} | {s['import_s']:.2f} | "
+            f"{s['sim_cpu_s']:.2f} |"
+        )
     steps = {k: round(v, 2) for k, v in d["steps"].items()}
     lines += [
         "",
@@ -429,14 +470,20 @@ def render(h: Harness, summary: dict[str, dict], bench_s: float) -> str:
             f"Ratio reference/dlt (same work): msgs/s (wall) {ref['msgs_per_s'] / d['msgs_per_s']:.2f}x; "
             f"msgs per CPU-s {ref['msgs_per_cpu_s'] / d['msgs_per_cpu_s']:.2f}x; "
             f"peak RSS {ref['peak_rss_mb'] / d['peak_rss_mb']:.2f}x; "
-            f"peak over post-import {ref['rss_over_baseline_mb'] / d['rss_over_baseline_mb']:.2f}x")
+            f"peak over post-import {ref['rss_over_baseline_mb'] / d['rss_over_baseline_mb']:.2f}x"
+        )
     lines += [
         "",
         "Peak RSS = the child's VmHWM (its own address space's high-water mark). getrusage(RUSAGE_SELF).ru_maxrss is "
         "not usable here: on Linux it keeps the high-water mark of the address space the child was forked from, i.e. "
-        "this simulator-hosting parent (medians, MB: " + ", ".join(
+        "this simulator-hosting parent (medians, MB: "
+        + ", ".join(
             f"{n} {summary[n]['ru_maxrss_mb']:.0f} at exit / {summary[n]['ru_maxrss_at_start_mb']:.0f} before any "
-            "import" for n in VARIANTS if n in summary) + f"; parent RSS now {_self_rss_mb():.0f}).",
+            "import"
+            for n in VARIANTS
+            if n in summary
+        )
+        + f"; parent RSS now {_self_rss_mb():.0f}).",
         "Work is not identical: ours also matches every page against the CRM snapshot, fetches plain-text bodies "
         f"for the {o['matched']:,.0f} matched messages via $batch (20 per request, one batch in flight) and writes "
         "emails, participants and matches (+ cursors) transactionally; dlt only lands the header rows. "
@@ -448,18 +495,29 @@ def render(h: Harness, summary: dict[str, dict], bench_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--messages", type=int, default=50_000,
-                   help="minimum messages in Inbox + Sent Items (default 50000)")
+    p.add_argument(
+        "--messages", type=int, default=50_000, help="minimum messages in Inbox + Sent Items (default 50000)"
+    )
     p.add_argument("--reps", type=int, default=3, help="measured runs per variant (default 3)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--contacts", type=int, default=2000, help="CRM contacts in the tenant (default 2000)")
     p.add_argument("--history-days", type=int, default=60, help="age of the oldest message (default 60)")
-    p.add_argument("--no-widen", action="store_true",
-                   help="keep the generator's own scan window (otherwise it covers the whole history)")
-    p.add_argument("--ours-page-size", type=int, default=0,
-                   help="O365SYNC_GRAPH_PAGE_SIZE for ours (default: the product's setting)")
-    p.add_argument("--no-listing-ref", action="store_true",
-                   help="skip the reference row (the product's listing code doing exactly dlt's job)")
+    p.add_argument(
+        "--no-widen",
+        action="store_true",
+        help="keep the generator's own scan window (otherwise it covers the whole history)",
+    )
+    p.add_argument(
+        "--ours-page-size",
+        type=int,
+        default=0,
+        help="O365SYNC_GRAPH_PAGE_SIZE for ours (default: the product's setting)",
+    )
+    p.add_argument(
+        "--no-listing-ref",
+        action="store_true",
+        help="skip the reference row (the product's listing code doing exactly dlt's job)",
+    )
     p.add_argument("--listing-page-size", type=int, default=1000, help="$top of the reference row (default 1000)")
     p.add_argument("--profile", action="store_true", help="after the reps, one untimed cProfile run of ours")
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
@@ -483,8 +541,13 @@ def main(argv: list[str] | None = None) -> int:
             print("\nTop of the ours-child profile (cumulative):")
             pstats.Stats(out["profile"]).sort_stats("cumulative").print_stats(30)
         if args.json:
-            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                             "summary": summary, **out}, indent=2, default=str))
+            args.json.write_text(
+                json.dumps(
+                    {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, **out},
+                    indent=2,
+                    default=str,
+                )
+            )
     finally:
         h.close(keep=args.keep)
     return 0

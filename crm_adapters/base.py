@@ -82,8 +82,9 @@ class CrmChanges:
     people: pl.DataFrame
     accounts: pl.DataFrame
     opportunities: pl.DataFrame
-    changed_ids: dict[str, set[str]] = field(default_factory=lambda: {"people": set(), "accounts": set(),
-                                                                      "opportunities": set()})
+    changed_ids: dict[str, set[str]] = field(
+        default_factory=lambda: {"people": set(), "accounts": set(), "opportunities": set()}
+    )
     watermark: datetime | None = None  # newest modification/deletion time read; None when nothing changed
     rotated_refresh_token: str | None = None
 
@@ -200,14 +201,21 @@ def website_domain(website: str | None) -> str | None:
         text = text.split(sep, 1)[0]
     text = text.rpartition("@")[2]  # user:pass@host
     text = text.split(":", 1)[0].strip().rstrip(".")
-    if ("." not in text or any(ch.isspace() for ch in text) or text.startswith(".") or ".." in text
-            or len(text) > 253 or any(len(label) > 63 for label in text.split("."))):
+    if (
+        "." not in text
+        or any(ch.isspace() for ch in text)
+        or text.startswith(".")
+        or ".." in text
+        or len(text) > 253
+        or any(len(label) > 63 for label in text.split("."))
+    ):
         return None  # RFC 1035 limits: a longer host is not a domain name
     return registrable_domain(text)
 
 
-def conform_records(people: pl.DataFrame, accounts: pl.DataFrame,
-                    opportunities: pl.DataFrame) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+def conform_records(
+    people: pl.DataFrame, accounts: pl.DataFrame, opportunities: pl.DataFrame
+) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """Any adapter's frames made safe to store, and counts of what was changed: names cut to MAX_NAME_CHARS,
     people rows whose address is longer than MAX_ADDRESS_CHARS dropped (they cannot match), created dates outside
     EARLIEST_CREATED..LATEST_CREATED ignored (null: that deal does not move the scan window). None of this refuses
@@ -216,19 +224,22 @@ def conform_records(people: pl.DataFrame, accounts: pl.DataFrame,
     long_address = pl.col("email").str.len_chars() > MAX_ADDRESS_CHARS
     created = pl.col("created_at")
     odd_date = (created < EARLIEST_CREATED) | (created >= LATEST_CREATED)
+    odd_dates = f"opportunity created dates before {EARLIEST_CREATED.year} or from {LATEST_CREATED.year} on ignored"
     counts = {
         f"names cut to {MAX_NAME_CHARS:,} characters": sum(
-            f.select(long_name.sum()).item() for f in (people, accounts, opportunities)),
+            f.select(long_name.sum()).item() for f in (people, accounts, opportunities)
+        ),
         f"people rows with an address over {MAX_ADDRESS_CHARS} characters skipped": people.select(
-            long_address.sum()).item(),
-        f"opportunity created dates before {EARLIEST_CREATED.year} or from {LATEST_CREATED.year} on ignored":
-            opportunities.select(odd_date.sum()).item(),
+            long_address.sum()
+        ).item(),
+        odd_dates: opportunities.select(odd_date.sum()).item(),
     }
     cut = pl.col("name").str.slice(0, MAX_NAME_CHARS)
     frames = {
         "people": people.filter(~long_address.fill_null(False)).with_columns(cut),
         "accounts": accounts.with_columns(cut),
-        "opportunities": opportunities.with_columns(cut, pl.when(odd_date).then(None).otherwise(created)
-                                                    .alias("created_at")),
+        "opportunities": opportunities.with_columns(
+            cut, pl.when(odd_date).then(None).otherwise(created).alias("created_at")
+        ),
     }
     return frames, {label: n for label, n in counts.items() if n}

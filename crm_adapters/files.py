@@ -73,7 +73,7 @@ class _Table:
         self._lines: list[int] | None = None
 
     def position(self, row: int) -> str:
-        """"line 7" (CSV, 1-based physical line, header = line 1) or "row 7" (Parquet, 1-based)."""
+        """ "line 7" (CSV, 1-based physical line, header = line 1) or "row 7" (Parquet, 1-based)."""
         if not self.is_csv:
             return f"row {row + 1}"
         if self._lines is None:
@@ -94,8 +94,11 @@ class _Table:
     def check_ids(self, *columns: str) -> None:
         for name in columns:
             if name in self.frame.columns:
-                self.check(pl.col(name).str.len_chars() > MAX_ID_CHARS, name,
-                           f"is longer than {MAX_ID_CHARS} characters (a quote left open?)")
+                self.check(
+                    pl.col(name).str.len_chars() > MAX_ID_CHARS,
+                    name,
+                    f"is longer than {MAX_ID_CHARS} characters (a quote left open?)",
+                )
 
     def col(self, name: str) -> pl.Expr:
         """The column, or nulls when the file does not have it."""
@@ -227,7 +230,11 @@ def _read_parquet(path: Path, known: Sequence[str], typed: dict[str, tuple[type[
 
 
 def _load(
-    directory: Path, stem: str, known: Sequence[str], *, required: bool,
+    directory: Path,
+    stem: str,
+    known: Sequence[str],
+    *,
+    required: bool,
     typed: dict[str, tuple[type[pl.DataType], ...]] | None = None,
 ) -> _Table | None:
     path = _find(directory, stem, required=required)
@@ -238,15 +245,17 @@ def _load(
             return _read_csv(path, known)
         return _read_parquet(path, known, typed or {})
     except OSError as exc:  # unreadable, or replaced/removed while read (write a temporary file, then rename)
-        raise CrmFileError(f"{path.name}: cannot be read ({type(exc).__name__}); check that this service may read "
-                           "it") from None
+        raise CrmFileError(
+            f"{path.name}: cannot be read ({type(exc).__name__}); check that this service may read it"
+        ) from None
 
 
 def _bool(table: _Table, name: str) -> pl.Expr:
     """true/false/1/0/yes/no (any case) -> Boolean; blank -> False. Fails on anything else."""
     word = table.col(name).str.to_lowercase()
-    table.check(word.is_not_null() & ~word.is_in([*TRUE_WORDS, *FALSE_WORDS]), name,
-                "is not one of true/false/1/0/yes/no")
+    table.check(
+        word.is_not_null() & ~word.is_in([*TRUE_WORDS, *FALSE_WORDS]), name, "is not one of true/false/1/0/yes/no"
+    )
     return word.is_in(TRUE_WORDS).fill_null(False).alias(name)
 
 
@@ -289,8 +298,11 @@ def _people(directory: Path) -> pl.DataFrame:
         .filter(pl.col("email").is_not_null())  # a person without an address cannot match: skipped
     )
     table.frame = exploded
-    table.check(pl.col("email").str.len_chars() > MAX_ADDRESS_CHARS, "email",
-                f"is not an address (longer than {MAX_ADDRESS_CHARS} characters)")
+    table.check(
+        pl.col("email").str.len_chars() > MAX_ADDRESS_CHARS,
+        "email",
+        f"is not an address (longer than {MAX_ADDRESS_CHARS} characters)",
+    )
     table.check(~pl.col("email").str.contains(EMAIL_RE), "email", "is not an address")
     people = exploded.filter(~((pl.col("kind") == "lead") & pl.col("is_converted")))
     return people_frame(people.unique(["crm_id", "email"], keep="first", maintain_order=True))
@@ -328,9 +340,11 @@ def _accounts(directory: Path) -> pl.DataFrame:
     with_domain = frame.filter(pl.col("domain").is_not_null()).unique(
         ["crm_id", "domain"], keep="first", maintain_order=True
     )
-    without = frame.unique("crm_id", keep="first", maintain_order=True).join(
-        with_domain.select("crm_id").unique(), on="crm_id", how="anti"
-    ).with_columns(pl.lit(None, pl.String).alias("domain"))
+    without = (
+        frame.unique("crm_id", keep="first", maintain_order=True)
+        .join(with_domain.select("crm_id").unique(), on="crm_id", how="anti")
+        .with_columns(pl.lit(None, pl.String).alias("domain"))
+    )
     rows = pl.concat([with_domain.select(_ROW, *ACCOUNTS_SCHEMA), without.select(_ROW, *ACCOUNTS_SCHEMA)])
     return rows.sort(_ROW, maintain_order=True).select(
         [pl.col(name).cast(dtype) for name, dtype in ACCOUNTS_SCHEMA.items()]
@@ -377,8 +391,11 @@ def _opportunities(directory: Path) -> pl.DataFrame:
     else:
         created = created.dt.cast_time_unit("us").dt.convert_time_zone("UTC")
     table.frame = table.frame.with_columns(created.alias("_created"))
-    table.check((pl.col("_created") < EARLIEST_CREATED) | (pl.col("_created") >= LATEST_CREATED), "created_at",
-                f"is before {EARLIEST_CREATED.year} or after {LATEST_CREATED.year - 1}; use the real creation date")
+    table.check(
+        (pl.col("_created") < EARLIEST_CREATED) | (pl.col("_created") >= LATEST_CREATED),
+        "created_at",
+        f"is before {EARLIEST_CREATED.year} or after {LATEST_CREATED.year - 1}; use the real creation date",
+    )
     frame = table.frame.with_columns(
         pl.col("_created").alias("created_at"), table.col("account_id"), table.col("name"), _bool(table, "is_closed")
     )

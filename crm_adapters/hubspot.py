@@ -140,10 +140,20 @@ class _HubSpotClient:
         )
         return json_object("hubspot", resp)
 
-    def list_all(self, object_type: str, properties: tuple[str, ...], associations: str | None = None,
-                 *, limit: int = LIST_LIMIT, archived: bool = False) -> Iterator[dict[str, Any]]:
-        params: dict[str, str] = {"limit": str(limit), "properties": ",".join(properties),
-                                  "archived": "true" if archived else "false"}
+    def list_all(
+        self,
+        object_type: str,
+        properties: tuple[str, ...],
+        associations: str | None = None,
+        *,
+        limit: int = LIST_LIMIT,
+        archived: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        params: dict[str, str] = {
+            "limit": str(limit),
+            "properties": ",".join(properties),
+            "archived": "true" if archived else "false",
+        }
         if associations:
             params["associations"] = associations
         seen: set[str] = set()
@@ -158,8 +168,15 @@ class _HubSpotClient:
             seen.add(str(after))
             params["after"] = str(after)
 
-    def search(self, object_type: str, filters: list[dict[str, Any]], properties: tuple[str, ...],
-               *, limit: int = SEARCH_LIMIT, cap: int = SEARCH_CAP) -> Iterator[dict[str, Any]]:
+    def search(
+        self,
+        object_type: str,
+        filters: list[dict[str, Any]],
+        properties: tuple[str, ...],
+        *,
+        limit: int = SEARCH_LIMIT,
+        cap: int = SEARCH_CAP,
+    ) -> Iterator[dict[str, Any]]:
         """Every match of AND-ed `filters`, by ascending id, re-windowed on hs_object_id before the cap."""
         last_id: int | None = None
         after = 0
@@ -194,8 +211,11 @@ class _HubSpotClient:
         out: dict[str, str] = {}
         for start in range(0, len(ids), ASSOC_BATCH):
             chunk = ids[start : start + ASSOC_BATCH]
-            body = self.request("POST", f"/crm/v4/associations/{object_type}/companies/batch/read",
-                                json={"inputs": [{"id": i} for i in chunk]})
+            body = self.request(
+                "POST",
+                f"/crm/v4/associations/{object_type}/companies/batch/read",
+                json={"inputs": [{"id": i} for i in chunk]},
+            )
             for err in body.get("errors") or []:
                 if not isinstance(err, dict) or err.get("category") != "OBJECT_NOT_FOUND":
                     code = err.get("category") if isinstance(err, dict) else None
@@ -205,9 +225,14 @@ class _HubSpotClient:
                 if not targets:
                     continue
                 chosen = next(
-                    (t for t in targets
-                     if any(a.get("typeId") == primary_type or a.get("label") == "Primary"
-                            for a in t.get("associationTypes") or [])),
+                    (
+                        t
+                        for t in targets
+                        if any(
+                            a.get("typeId") == primary_type or a.get("label") == "Primary"
+                            for a in t.get("associationTypes") or []
+                        )
+                    ),
                     targets[0],
                 )
                 out[str((res.get("from") or {}).get("id"))] = str(chosen["toObjectId"])
@@ -311,8 +336,9 @@ def _is_closed(props: dict[str, Any], stages: dict[tuple[str, str], bool]) -> bo
     return closed
 
 
-def _opportunity_rows(records: Iterable[tuple[dict[str, Any], str | None]],
-                      stages: dict[tuple[str, str], bool]) -> pl.DataFrame:
+def _opportunity_rows(
+    records: Iterable[tuple[dict[str, Any], str | None]], stages: dict[tuple[str, str], bool]
+) -> pl.DataFrame:
     """Open deals of the (deal, its company) pairs."""
     cols: dict[str, list[Any]] = {"crm_id": [], "account_id": [], "name": [], "created_at": []}
     for rec, account in records:
@@ -325,8 +351,13 @@ def _opportunity_rows(records: Iterable[tuple[dict[str, Any], str | None]],
         cols["name"].append(props.get("dealname"))
         cols["created_at"].append(datetime.fromisoformat(str(created).replace("Z", "+00:00")))
     frame = pl.DataFrame(
-        cols, schema={"crm_id": pl.String, "account_id": pl.String, "name": pl.String,
-                      "created_at": pl.Datetime("us", "UTC")}
+        cols,
+        schema={
+            "crm_id": pl.String,
+            "account_id": pl.String,
+            "name": pl.String,
+            "created_at": pl.Datetime("us", "UTC"),
+        },
     )
     return frame.with_columns(pl.lit(False).alias("is_closed")).select(
         [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
@@ -355,13 +386,15 @@ def fetch_snapshot(
         people=_people_rows((r, _list_company(r, "contacts")) for r in contacts),
         accounts=_account_rows(companies),
         opportunities=_opportunity_rows(((r, _list_company(r, "deals")) for r in deals), stages),
-        watermark=_newest(_watermark("contacts", contacts), _watermark("companies", companies),
-                          _watermark("deals", deals)),
+        watermark=_newest(
+            _watermark("contacts", contacts), _watermark("companies", companies), _watermark("deals", deals)
+        ),
     )
 
 
-def _archived_since(client: _HubSpotClient, object_type: str, since: datetime,
-                    page_limit: int) -> dict[str, datetime | None]:
+def _archived_since(
+    client: _HubSpotClient, object_type: str, since: datetime, page_limit: int
+) -> dict[str, datetime | None]:
     """{id: archivedAt} of the records archived at or after `since` (list endpoint, `archived=true`). A record
     without `archivedAt`/`updatedAt` is kept (removing an absent record is harmless)."""
     out: dict[str, datetime | None] = {}
@@ -407,8 +440,9 @@ def fetch_changes(
         accounts=_account_rows(read["companies"]),
         opportunities=_opportunity_rows(((r, deal_companies.get(str(r["id"]))) for r in read["deals"]), stages),
         changed_ids=changed,
-        watermark=_newest(*(_watermark(o, read[o]) for o in read),
-                          *(t for gone in archived.values() for t in gone.values())),
+        watermark=_newest(
+            *(_watermark(o, read[o]) for o in read), *(t for gone in archived.values() for t in gone.values())
+        ),
     )
 
 
@@ -430,5 +464,4 @@ def search_people(
 
 def modified_since_filter(object_type: str, since: datetime) -> dict[str, Any]:
     """`lastmodifieddate` (contacts) / `hs_lastmodifieddate` (companies, deals) GTE `since`, as ms epoch."""
-    return {"propertyName": MODIFIED_PROP[object_type], "operator": "GTE",
-            "value": str(int(since.timestamp() * 1000))}
+    return {"propertyName": MODIFIED_PROP[object_type], "operator": "GTE", "value": str(int(since.timestamp() * 1000))}

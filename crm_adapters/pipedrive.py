@@ -290,8 +290,11 @@ def fetch_changes(
     """
     if since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
-    window = {"updated_since": since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-              "sort_by": "update_time", "sort_direction": "asc"}
+    window = {
+        "updated_since": since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sort_by": "update_time",
+        "sort_direction": "asc",
+    }
     client = _PipedriveClient(conn, http, sleep)
     persons = _read(client, "persons", **window)
     organizations = _read(client, "organizations", **window)

@@ -184,11 +184,7 @@ class _SalesforceClient:
         fields = body.get("fields")
         if not isinstance(fields, list):
             raise CrmError(f"salesforce: {sobject} describe without fields")
-        return {
-            f["name"]: str(f.get("type"))
-            for f in fields
-            if isinstance(f, dict) and isinstance(f.get("name"), str)
-        }
+        return {f["name"]: str(f.get("type")) for f in fields if isinstance(f, dict) and isinstance(f.get("name"), str)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,8 +209,9 @@ class _Rows:
         self.accounts: dict[str, list[Any]] = {name: [] for name in ACCOUNTS_SCHEMA}
         self.opportunities: dict[str, list[Any]] = {name: [] for name in OPPORTUNITIES_SCHEMA}
 
-    def person(self, rec: dict[str, Any], kind: str, emails: tuple[str, ...], account_id: str | None,
-               name: str | None = None) -> None:
+    def person(
+        self, rec: dict[str, Any], kind: str, emails: tuple[str, ...], account_id: str | None, name: str | None = None
+    ) -> None:
         """One row per address field (blanks and duplicates are dropped in `frames`); `name` None: First Last."""
         p = self.people
         for email_field in emails:
@@ -236,9 +233,7 @@ class _Rows:
             self.opportunities, schema={**{n: pl.String for n in OPPORTUNITIES_SCHEMA}, "is_closed": pl.Boolean}
         )
         created = (
-            pl.col("created_at")
-            .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us")
-            .dt.convert_time_zone("UTC")
+            pl.col("created_at").str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us").dt.convert_time_zone("UTC")
         )
         opps = opps.with_columns(created.alias("created_at")).select(
             [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
@@ -300,8 +295,13 @@ def _sources(client: _SalesforceClient) -> list[_Source]:
             rows.person(rec, "person_account", person_emails, rec["Id"], rec.get("Name") or "")
 
     def opportunity(rec: dict[str, Any], rows: _Rows) -> None:
-        for column, src in (("crm_id", "Id"), ("account_id", "AccountId"), ("name", "Name"),
-                            ("is_closed", "IsClosed"), ("created_at", "CreatedDate")):
+        for column, src in (
+            ("crm_id", "Id"),
+            ("account_id", "AccountId"),
+            ("name", "Name"),
+            ("is_closed", "IsClosed"),
+            ("created_at", "CreatedDate"),
+        ):
             rows.opportunities[column].append(rec.get(src))
 
     def live(rec: dict[str, Any]) -> bool:
@@ -358,8 +358,14 @@ def _parse_datetime(value: Any) -> datetime | None:
 
 
 def _read(
-    client: _SalesforceClient, source: _Source, where: str, rows: _Rows, *, endpoint: str = "query",
-    ids: set[str] | None = None, order: str = "",
+    client: _SalesforceClient,
+    source: _Source,
+    where: str,
+    rows: _Rows,
+    *,
+    endpoint: str = "query",
+    ids: set[str] | None = None,
+    order: str = "",
 ) -> datetime | None:
     """Read `source` (optionally filtered by `where`), emit its in-scope records into `rows`, collect every Id read
     into `ids`; returns the newest SystemModstamp read."""
@@ -398,7 +404,9 @@ _T = TypeVar("_T")
 
 
 def _session(
-    conn: SalesforceConnection, http: httpx.Client, sleep: Callable[[float], None],
+    conn: SalesforceConnection,
+    http: httpx.Client,
+    sleep: Callable[[float], None],
     work: Callable[[_SalesforceClient], _T],
 ) -> _T:
     """Run `work` with a client; on failure the rotated refresh token (if any) rides on the exception."""

@@ -32,9 +32,10 @@ def current_pools(deployments: list[RunnerDeployment]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     with get_client(sync_client=True) as client:
         for start in range(0, len(names), _BATCH):
-            batch = names[start:start + _BATCH]
+            batch = names[start : start + _BATCH]
             for found in client.read_deployments(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=batch)), limit=len(batch) * 2):
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=batch)), limit=len(batch) * 2
+            ):
                 if found.name in by_name:
                     out[by_name[found.name]] = found.work_pool_name
     return out
@@ -50,16 +51,17 @@ def refuse_foreign(deployments: list[RunnerDeployment], work_pool_name: str | No
             raise DeploymentOwnerConflict(
                 f"{_some(foreign)} already registered for workers (work pool {pools[foreign[0]]!r}, python -m "
                 f"deployments.register); serve and workers must not run the same deployments: stop the workers and "
-                f"`prefect deployment delete {foreign[0]}` (each of them), or keep the workers and do not run serve")
+                f"`prefect deployment delete {foreign[0]}` (each of them), or keep the workers and do not run serve"
+            )
     else:
         foreign = sorted(name for name, pool in pools.items() if pool is None)
         if foreign:
             raise DeploymentOwnerConflict(
                 f"{_some(foreign)} managed by `o365sync serve` (no work pool); serve and workers must not run the same "
                 f"deployments: stop serve and `prefect deployment delete {foreign[0]}` (each of them) before "
-                f"registering them for work pool {work_pool_name!r}")
+                f"registering them for work pool {work_pool_name!r}"
+            )
 
 
 def _some(names: list[str]) -> str:
-    return f"deployment {names[0]} is" if len(names) == 1 else \
-        f"deployments {names[0]} and {len(names) - 1} more are"
+    return f"deployment {names[0]} is" if len(names) == 1 else f"deployments {names[0]} and {len(names) - 1} more are"

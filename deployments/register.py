@@ -70,8 +70,9 @@ def register_deployments(settings: Settings, work_pool_name: str) -> dict[str, U
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.register", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.register", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work-pool", required=True, help="work pool the workers poll (e.g. o365sync)")
     args = parser.parse_args(argv)
     configure_prefect_env()

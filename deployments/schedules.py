@@ -87,7 +87,7 @@ def deployment_name(kind: str, tenant_id: str) -> str:
 
 
 def every(interval_s: int) -> str:
-    """"every 15 min", "hourly", "daily", "every 2 h" ..."""
+    """ "every 15 min", "hourly", "daily", "every 2 h" ..."""
     named = {3600: "hourly", 86400: "daily"}
     if interval_s in named:
         return named[interval_s]
@@ -163,13 +163,15 @@ def build_deployments(
     out: list[RunnerDeployment] = []
     cancel_new = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
-    def recurring(flow: Flow[..., Any], kind: str, interval: int, slug: str, what: str,
-                  t: TenantConfig) -> RunnerDeployment:
+    def recurring(
+        flow: Flow[..., Any], kind: str, interval: int, slug: str, what: str, t: TenantConfig
+    ) -> RunnerDeployment:
         return flow.to_deployment(
             name=deployment_name(kind, t.id),
             description=f"{what} of {_who(t)} {every(interval)}; an overlapping run is cancelled before it starts.",
-            schedules=[Interval(interval, anchor_date=schedule_anchor(t.id, kind, interval), timezone="UTC",
-                                slug=slug)],
+            schedules=[
+                Interval(interval, anchor_date=schedule_anchor(t.id, kind, interval), timezone="UTC", slug=slug)
+            ],
             parameters={"tenant_id": t.id},
             concurrency_limit=cancel_new,
             tags=_tags(t.id, kind),
@@ -178,20 +180,45 @@ def build_deployments(
 
     for t in tenants:
         out.append(recurring(email_flow, EMAIL_SYNC, SYNC_INTERVAL_S, SCHEDULE_SLUG, "Email sync", t))
-        out.append(import_flow.to_deployment(
-            name=deployment_name(INITIAL_IMPORT, t.id),
-            description=f"Initial import of {_who(t)}; run on demand.",
-            parameters={"tenant_id": t.id},
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-            tags=_tags(t.id, INITIAL_IMPORT),
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        ))
-        others = [("calendar", CALENDAR_SYNC, CALENDAR_INTERVAL_S, CALENDAR_SLUG, calendar_flow, _calendar_sync_flow,
-                   "Calendar sync (next 12 months)"),
-                  ("teams", TEAMS_REFRESH, TEAMS_INTERVAL_S, TEAMS_SLUG, teams_flow, _teams_refresh_flow,
-                   "Teams and channels of the users"),
-                  (None, RETENTION, TEAMS_INTERVAL_S, RETENTION_SLUG, retention_flow, _retention_flow,
-                   "Retention, due offboarding deletions and compaction")]
+        out.append(
+            import_flow.to_deployment(
+                name=deployment_name(INITIAL_IMPORT, t.id),
+                description=f"Initial import of {_who(t)}; run on demand.",
+                parameters={"tenant_id": t.id},
+                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+                tags=_tags(t.id, INITIAL_IMPORT),
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
+        others = [
+            (
+                "calendar",
+                CALENDAR_SYNC,
+                CALENDAR_INTERVAL_S,
+                CALENDAR_SLUG,
+                calendar_flow,
+                _calendar_sync_flow,
+                "Calendar sync (next 12 months)",
+            ),
+            (
+                "teams",
+                TEAMS_REFRESH,
+                TEAMS_INTERVAL_S,
+                TEAMS_SLUG,
+                teams_flow,
+                _teams_refresh_flow,
+                "Teams and channels of the users",
+            ),
+            (
+                None,
+                RETENTION,
+                TEAMS_INTERVAL_S,
+                RETENTION_SLUG,
+                retention_flow,
+                _retention_flow,
+                "Retention, due offboarding deletions and compaction",
+            ),
+        ]
         for feature, kind, interval, slug, given, default, what in others:
             if feature is None or feature in t.features:
                 out.append(recurring(given or default(), kind, interval, slug, what, t))

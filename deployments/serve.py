@@ -82,4 +82,3 @@ def serve_tenants(
         if on_ready:
             on_ready(api, deployments)
         serve(*deployments, limit=limit)
-

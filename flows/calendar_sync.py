@@ -15,8 +15,12 @@ USERS_IN_PARALLEL = 4
 CRM_MAX_AGE = timedelta(hours=1)
 
 
-@flow(name="calendar-sync", flow_run_name=run_name("calendar-sync"), persist_result=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL))
+@flow(
+    name="calendar-sync",
+    flow_run_name=run_name("calendar-sync"),
+    persist_result=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL),
+)
 def calendar_sync(tenant_id: str) -> dict[str, int]:
     return sync_tenant(tenant_id, "calendar-sync", crm_max_age=CRM_MAX_AGE, features=("calendar",))
 

@@ -14,8 +14,12 @@ MAILBOXES_IN_PARALLEL = 4
 CRM_MAX_AGE = timedelta(hours=1)
 
 
-@flow(name="email-sync", flow_run_name=run_name("email-sync"), persist_result=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL))
+@flow(
+    name="email-sync",
+    flow_run_name=run_name("email-sync"),
+    persist_result=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL),
+)
 def email_sync(tenant_id: str) -> dict[str, int]:
     return sync_tenant(tenant_id, "email-sync", crm_max_age=CRM_MAX_AGE)
 

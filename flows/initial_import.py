@@ -15,11 +15,16 @@ MAILBOXES_IN_PARALLEL = 4
 ImportIncomplete = SyncIncomplete  # the name callers of the first version used
 
 
-@flow(name="initial-import", flow_run_name=run_name("initial-import"), persist_result=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL))
+@flow(
+    name="initial-import",
+    flow_run_name=run_name("initial-import"),
+    persist_result=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL),
+)
 def initial_import(tenant_id: str) -> dict[str, int]:
-    return sync_tenant(tenant_id, "initial-import", crm_max_age=timedelta(0), respect_backoff=False,
-                       features=("email", "calendar"))
+    return sync_tenant(
+        tenant_id, "initial-import", crm_max_age=timedelta(0), respect_backoff=False, features=("email", "calendar")
+    )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,9 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def offboard_user_now(settings: Settings, tenant_id: str, user_oid: str, actor: str = "flow:offboard-user",
-                      now: datetime | None = None) -> dict:
+def offboard_user_now(
+    settings: Settings, tenant_id: str, user_oid: str, actor: str = "flow:offboard-user", now: datetime | None = None
+) -> dict:
     """Apply the tenant's offboarding policy to one user (idempotent: a re-run keeps the first decision and its
     grace period, and completes the deletion once it is due). Returns the user's record plus counts."""
     tenant = load_tenant(settings, tenant_id)
@@ -76,29 +77,51 @@ def offboard_user_now(settings: Settings, tenant_id: str, user_oid: str, actor: 
         reconnected = token_path(settings, tenant_id, user_oid).exists()
         # A new decision: first offboarding, a user who reconnected after their data was deleted, or a retained
         # user whose tenant switched to `delete`. Otherwise a re-run keeps the first decision (and grace period).
-        new = record is None or (record["deleted_at"] is not None and reconnected) or \
-            (record["deleted_at"] is None and record["policy"] != tenant.offboarding)
+        new = (
+            record is None
+            or (record["deleted_at"] is not None and reconnected)
+            or (record["deleted_at"] is None and record["policy"] != tenant.offboarding)
+        )
         if new:
-            record = {"policy": tenant.offboarding, "offboarded_at": _iso(now), "deleted_at": None,
-                      "delete_after": _iso(now + timedelta(days=tenant.offboarding_grace_days))
-                      if tenant.offboarding == "delete" else None}
+            record = {
+                "policy": tenant.offboarding,
+                "offboarded_at": _iso(now),
+                "deleted_at": None,
+                "delete_after": _iso(now + timedelta(days=tenant.offboarding_grace_days))
+                if tenant.offboarding == "delete"
+                else None,
+            }
             records[user_oid] = record
     had_token = token_path(settings, tenant_id, user_oid).exists()
     disconnect(settings, tenant_id, user_oid)  # sync stops now, whatever the policy
     if new:
-        append_audit(audit_path(settings, tenant_id), {
-            "at": _iso(now), "actor": actor, "action": "offboard", "tenant_id": tenant_id,
-            "ids": {"user_oids": [user_oid]}, "policy": record["policy"], "delete_after": record["delete_after"],
-            "token_caches_removed": int(had_token), "complete": True})
+        append_audit(
+            audit_path(settings, tenant_id),
+            {
+                "at": _iso(now),
+                "actor": actor,
+                "action": "offboard",
+                "tenant_id": tenant_id,
+                "ids": {"user_oids": [user_oid]},
+                "policy": record["policy"],
+                "delete_after": record["delete_after"],
+                "token_caches_removed": int(had_token),
+                "complete": True,
+            },
+        )
     out = {"user_oid": user_oid, **record, "deleted_rows": 0}
-    if record["policy"] == "delete" and record["deleted_at"] is None and \
-            datetime.fromisoformat(record["delete_after"]) <= now:
+    if (
+        record["policy"] == "delete"
+        and record["deleted_at"] is None
+        and datetime.fromisoformat(record["delete_after"]) <= now
+    ):
         out |= _delete_user(settings, tenant_id, user_oid, actor)
     return out
 
 
-def readmit_user_now(settings: Settings, tenant_id: str, user_oid: str, actor: str = "cli:readmit",
-                     now: datetime | None = None) -> dict:
+def readmit_user_now(
+    settings: Settings, tenant_id: str, user_oid: str, actor: str = "cli:readmit", now: datetime | None = None
+) -> dict:
     """Let an offboarded user connect again (the connect callback refuses them while a record exists): drops their
     record, which also cancels a deletion still pending; data already deleted stays deleted. Audited."""
     load_tenant(settings, tenant_id)
@@ -109,11 +132,19 @@ def readmit_user_now(settings: Settings, tenant_id: str, user_oid: str, actor: s
             record = records.pop(user_oid, None)
     if record is None:
         raise LookupError(f"user {user_oid} of tenant {tenant_id} is not offboarded; nothing to readmit")
-    append_audit(audit_path(settings, tenant_id), {
-        "at": _iso(now or datetime.now(UTC)), "actor": actor, "action": "readmit", "tenant_id": tenant_id,
-        "ids": {"user_oids": [user_oid]}, "policy": record["policy"],
-        "pending_deletion_cancelled": record["policy"] == "delete" and record["deleted_at"] is None,
-        "complete": True})
+    append_audit(
+        audit_path(settings, tenant_id),
+        {
+            "at": _iso(now or datetime.now(UTC)),
+            "actor": actor,
+            "action": "readmit",
+            "tenant_id": tenant_id,
+            "ids": {"user_oids": [user_oid]},
+            "policy": record["policy"],
+            "pending_deletion_cancelled": record["policy"] == "delete" and record["deleted_at"] is None,
+            "complete": True,
+        },
+    )
     return {"user_oid": user_oid, **record}
 
 
@@ -125,20 +156,30 @@ def _delete_user(settings: Settings, tenant_id: str, user_oid: str, actor: str) 
     return {**record, "deleted_rows": result.deleted}
 
 
-def complete_due_offboardings(settings: Settings, tenant_id: str, now: datetime | None = None,
-                              actor: str = "flow:retention") -> list[dict]:
+def complete_due_offboardings(
+    settings: Settings, tenant_id: str, now: datetime | None = None, actor: str = "flow:retention"
+) -> list[dict]:
     """Erase the users whose `delete` grace period has passed (run by the daily retention flow)."""
     now = now or datetime.now(UTC)
-    due = [oid for oid, r in offboarding_status(settings, tenant_id).items()
-           if r.get("policy") == "delete" and r.get("deleted_at") is None and r.get("delete_after")
-           and datetime.fromisoformat(r["delete_after"]) <= now]
+    due = [
+        oid
+        for oid, r in offboarding_status(settings, tenant_id).items()
+        if r.get("policy") == "delete"
+        and r.get("deleted_at") is None
+        and r.get("delete_after")
+        and datetime.fromisoformat(r["delete_after"]) <= now
+    ]
     return [{"user_oid": oid, **_delete_user(settings, tenant_id, oid, actor)} for oid in due]
 
 
 def end_subscription_now(settings: Settings, tenant_id: str, actor: str = "flow:end-subscription") -> dict:
     result = erase(settings, tenant_id, Scope.tenant(), actor=actor, reason="subscription_end")
-    return {"users": len(result.ids.get("user_oids", [])), "rows": result.deleted, "files": result.files_removed,
-            "bytes": result.bytes_before}
+    return {
+        "users": len(result.ids.get("user_oids", [])),
+        "rows": result.deleted,
+        "files": result.files_removed,
+        "bytes": result.bytes_before,
+    }
 
 
 @flow(name="offboard-user", flow_run_name=run_name("offboard-user"), persist_result=False)
@@ -148,12 +189,25 @@ def offboard_user(tenant_id: str, user_oid: str) -> dict:
     settings = load_settings()
     tenant = registered_tenant(settings, tenant_id)
     out = offboard_user_now(settings, tenant_id, user_oid)
-    row = {"user_oid": user_oid, "policy": out["policy"], "delete_after": out["delete_after"] or "",
-           "deleted": "yes" if out["deleted_at"] else "no", "deleted_rows": out["deleted_rows"]}
-    create_table_artifact(key=artifact_key("offboard-user", tenant_id), table=[row],
-                          description=f"offboard-user of {tenant_title(tenant)}: policy and counts")
-    logger.info("offboard-user tenant=%s user=%s policy=%s deleted_rows=%s", tenant_id, user_oid, out["policy"],
-                out["deleted_rows"])
+    row = {
+        "user_oid": user_oid,
+        "policy": out["policy"],
+        "delete_after": out["delete_after"] or "",
+        "deleted": "yes" if out["deleted_at"] else "no",
+        "deleted_rows": out["deleted_rows"],
+    }
+    create_table_artifact(
+        key=artifact_key("offboard-user", tenant_id),
+        table=[row],
+        description=f"offboard-user of {tenant_title(tenant)}: policy and counts",
+    )
+    logger.info(
+        "offboard-user tenant=%s user=%s policy=%s deleted_rows=%s",
+        tenant_id,
+        user_oid,
+        out["policy"],
+        out["deleted_rows"],
+    )
     return {"deleted_rows": out["deleted_rows"], "deleted": int(bool(out["deleted_at"]))}
 
 
@@ -164,7 +218,10 @@ def end_subscription(tenant_id: str) -> dict:
     settings = load_settings()
     title = tenant_title(registered_tenant(settings, tenant_id))  # read before its files are gone
     totals = end_subscription_now(settings, tenant_id)
-    create_table_artifact(key=artifact_key("end-subscription", tenant_id), table=[totals],
-                          description=f"end-subscription of {title}: counts")
+    create_table_artifact(
+        key=artifact_key("end-subscription", tenant_id),
+        table=[totals],
+        description=f"end-subscription of {title}: counts",
+    )
     logger.info("end-subscription tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     return totals

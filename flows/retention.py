@@ -24,8 +24,9 @@ from o365sync.store import open_store
 from o365sync.tenants import load_tenant
 
 
-def retention_now(settings: Settings, tenant_id: str, now: datetime | None = None,
-                  actor: str = "flow:retention") -> dict[str, int]:
+def retention_now(
+    settings: Settings, tenant_id: str, now: datetime | None = None, actor: str = "flow:retention"
+) -> dict[str, int]:
     """One retention pass (the flow's body); counts only."""
     tenant = load_tenant(settings, tenant_id)
     now = now or datetime.now(UTC)
@@ -34,9 +35,16 @@ def retention_now(settings: Settings, tenant_id: str, now: datetime | None = Non
         older = retention_exempt_counts(con, tenant_id, cutoff)
     result = erase(settings, tenant_id, Scope.retention(cutoff), actor=actor, reason="retention", now=now)
     emails, meetings = result.rows.get("emails", 0), result.rows.get("meetings", 0)
-    return {"retention_days": tenant.retention_days, "emails_deleted": emails, "meetings_deleted": meetings,
-            "emails_exempt": older["emails_older"] - emails, "meetings_exempt": older["meetings_older"] - meetings,
-            "rows_deleted": result.deleted, "bytes_before": result.bytes_before, "bytes_after": result.bytes_after}
+    return {
+        "retention_days": tenant.retention_days,
+        "emails_deleted": emails,
+        "meetings_deleted": meetings,
+        "emails_exempt": older["emails_older"] - emails,
+        "meetings_exempt": older["meetings_older"] - meetings,
+        "rows_deleted": result.deleted,
+        "bytes_before": result.bytes_before,
+        "bytes_after": result.bytes_after,
+    }
 
 
 @task(name="retention-purge")
@@ -55,8 +63,11 @@ def retention(tenant_id: str) -> dict[str, int]:
     logger = get_run_logger()
     tenant = registered_tenant(load_settings(), tenant_id)
     totals = offboardings(tenant_id) | purge(tenant_id)
-    create_table_artifact(key=artifact_key("retention", tenant_id), table=[totals],
-                          description=f"retention of {tenant_title(tenant)}: counts")
+    create_table_artifact(
+        key=artifact_key("retention", tenant_id),
+        table=[totals],
+        description=f"retention of {tenant_title(tenant)}: counts",
+    )
     logger.info("retention tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     return totals
 

@@ -33,8 +33,12 @@ class TeamsShareError(Exception):
     """A share failed; the message names ids and the error class only."""
 
 
-@flow(name="teams-refresh", flow_run_name=run_name("teams-refresh"), persist_result=False,
-      task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL))
+@flow(
+    name="teams-refresh",
+    flow_run_name=run_name("teams-refresh"),
+    persist_result=False,
+    task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL),
+)
 def teams_refresh(tenant_id: str) -> dict[str, int]:
     """Refresh the channel list of every connected user of the tenant (nothing at all when Teams is off)."""
     logger = get_run_logger()
@@ -44,8 +48,12 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
         logger.warning("teams-refresh tenant=%s skipped: Teams sharing is not enabled", tenant_id)
         return {"users": 0, "disabled": 1}
     users = connected_users(settings, tenant_id)
-    futures = [refresh_user_channels.with_options(task_run_name=user_task_name("refresh-teams-channels", u))
-               .submit(tenant_id, u.oid) for u in users]
+    futures = [
+        refresh_user_channels.with_options(task_run_name=user_task_name("refresh-teams-channels", u)).submit(
+            tenant_id, u.oid
+        )
+        for u in users
+    ]
     wait(futures)
     rows: list[dict] = []
     for user, future in zip(users, futures, strict=True):
@@ -53,12 +61,18 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
             rows.append(future.result())
         else:
             rows.append({"user_oid": user.oid, "status": "failed", "teams": 0, "channels": 0})
-    totals = {"users": len(users), "teams": sum(int(r["teams"]) for r in rows),
-              "channels": sum(int(r["channels"]) for r in rows)}
+    totals = {
+        "users": len(users),
+        "teams": sum(int(r["teams"]) for r in rows),
+        "channels": sum(int(r["channels"]) for r in rows),
+    }
     for status in ("ok", "consent_needed", "reconnect_needed", "failed"):
         totals[status] = sum(r["status"] == status for r in rows)
-    create_table_artifact(key=artifact_key("teams-refresh", tenant_id), table=rows,
-                          description=f"teams-refresh of {tenant_title(tenant)}: per-user status and counts")
+    create_table_artifact(
+        key=artifact_key("teams-refresh", tenant_id),
+        table=rows,
+        description=f"teams-refresh of {tenant_title(tenant)}: per-user status and counts",
+    )
     logger.info("teams-refresh tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     if totals["failed"]:
         raise TeamsRefreshIncomplete(f"{totals['failed']} of {len(users)} users failed in tenant {tenant_id}")
@@ -66,9 +80,16 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
 
 
 @flow(name="teams-share", persist_result=False)
-def teams_share(tenant_id: str, user_oid: str, activity_kind: str, activity_id: str, team_id: str | None = None,
-                channel_id: str | None = None, member_oids: list[str] | None = None,
-                force: bool = False) -> dict[str, str | bool | None]:
+def teams_share(
+    tenant_id: str,
+    user_oid: str,
+    activity_kind: str,
+    activity_id: str,
+    team_id: str | None = None,
+    channel_id: str | None = None,
+    member_oids: list[str] | None = None,
+    force: bool = False,
+) -> dict[str, str | bool | None]:
     """Share a stored meeting (`activity_kind` "meeting", id = event id) or email ("email", Graph id) of `user_oid`
     to a channel (`team_id` + `channel_id`) or a chat with `member_oids` (object ids; one: 1:1, several: group).
 
@@ -79,23 +100,42 @@ def teams_share(tenant_id: str, user_oid: str, activity_kind: str, activity_id: 
         raise ValueError("member_oids must be object ids (Prefect stores flow parameters; no addresses)")
     settings = load_settings()
     try:
-        result = share_activity(settings, tenant_id, user_oid, activity_kind, activity_id, team_id=team_id,
-                                channel_id=channel_id, members=member_oids, force=force).as_dict()
+        result = share_activity(
+            settings,
+            tenant_id,
+            user_oid,
+            activity_kind,
+            activity_id,
+            team_id=team_id,
+            channel_id=channel_id,
+            members=member_oids,
+            force=force,
+        ).as_dict()
     except TeamsDisabled:
         logger.warning("teams-share tenant=%s refused: Teams sharing is not enabled", tenant_id)
         return {"status": "disabled", "share_id": None}
     except ConsentNeeded as exc:
-        logger.warning("teams-share user=%s consent needed for %d scope(s): user must reconnect", user_oid,
-                       len(exc.missing))
+        logger.warning(
+            "teams-share user=%s consent needed for %d scope(s): user must reconnect", user_oid, len(exc.missing)
+        )
         return {"status": "consent_needed", "share_id": None}
     except Exception as exc:
         error = type(exc).__name__
         logger.error("teams-share user=%s %s=%s failed error=%s", user_oid, activity_kind, activity_id, error)
-        raise TeamsShareError(f"teams share of {activity_kind} {activity_id} by user {user_oid} failed: {error}"
-                              ) from None
-    logger.info("teams-share user=%s %s=%s target=%s:%s status=%s share=%s message=%s", user_oid, activity_kind,
-                activity_id, result["target_kind"], result["target_id"], result["status"], result["share_id"],
-                result["message_id"])
+        raise TeamsShareError(
+            f"teams share of {activity_kind} {activity_id} by user {user_oid} failed: {error}"
+        ) from None
+    logger.info(
+        "teams-share user=%s %s=%s target=%s:%s status=%s share=%s message=%s",
+        user_oid,
+        activity_kind,
+        activity_id,
+        result["target_kind"],
+        result["target_id"],
+        result["status"],
+        result["share_id"],
+        result["message_id"],
+    )
     return result
 
 

@@ -57,7 +57,8 @@ def registered_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
     except TenantNotFound:
         raise TenantNotFound(
             f"tenant {tenant_id} is not registered in data dir {settings.data_dir.resolve()}: run with the "
-            "O365SYNC_DATA_DIR it was added in (workers get it from `python -m deployments.register`)") from None
+            "O365SYNC_DATA_DIR it was added in (workers get it from `python -m deployments.register`)"
+        ) from None
 
 
 def tenant_title(tenant: TenantConfig) -> str:
@@ -68,6 +69,7 @@ def tenant_title(tenant: TenantConfig) -> str:
 def run_name(kind: str) -> Callable[[], str]:
     """A `flow_run_name` for a tenant flow: "<kind>: <display name>" (the id when the tenant has no name or cannot
     be read; naming a run never fails it)."""
+
     def name() -> str:
         from prefect.runtime import flow_run
 
@@ -90,8 +92,9 @@ def _iso(value: datetime | None) -> str:
     return value.isoformat(timespec="seconds") if value else ""
 
 
-def _run_feature(tenant_id: str, feature: str, users: list, respect_backoff: bool, now: datetime,
-                 states: dict) -> tuple[list[dict], int, int]:
+def _run_feature(
+    tenant_id: str, feature: str, users: list, respect_backoff: bool, now: datetime, states: dict
+) -> tuple[list[dict], int, int]:
     """One task per due user; (artifact rows, failed, due)."""
     due = [u for u in users if not respect_backoff or (states.get(u.oid, {}).get("next_retry_at") or now) <= now]
     task = USER_TASKS[feature]
@@ -105,13 +108,21 @@ def _run_feature(tenant_id: str, feature: str, users: list, respect_backoff: boo
         else:
             failed += 1
             rows.append({"user_oid": user.oid, "status": "failed", **dict.fromkeys(COUNT_KEYS, 0), "excluded": ""})
-    rows += [{"user_oid": u.oid, "status": "waiting_for_retry", **dict.fromkeys(COUNT_KEYS, 0), "excluded": ""}
-             for u in users if u not in due]
+    rows += [
+        {"user_oid": u.oid, "status": "waiting_for_retry", **dict.fromkeys(COUNT_KEYS, 0), "excluded": ""}
+        for u in users
+        if u not in due
+    ]
     return rows, failed, len(due)
 
 
-def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, respect_backoff: bool = True,
-                features: tuple[str, ...] = ("email",)) -> dict[str, int]:
+def sync_tenant(
+    tenant_id: str,
+    artifact_prefix: str,
+    crm_max_age: timedelta,
+    respect_backoff: bool = True,
+    features: tuple[str, ...] = ("email",),
+) -> dict[str, int]:
     """Sync `features` (those the tenant enabled) for every connected user. `respect_backoff=False` (a run an
     operator starts by hand) retries failed users now. Totals: email counts unprefixed, others `<feature>_*`."""
     logger = get_run_logger()
@@ -136,17 +147,24 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
         # A used-up or refused CRM, or a refresh refused by the mass-drop guard, is asked again only once per
         # CRM_RETRY (a scheduled run every 15 minutes must not spend what is left of a daily API allowance on a
         # refresh that fails again); a run started by hand, or an admin's confirmation of the drop, tries now.
-        waiting = (respect_backoff and not drop_confirmed
-                   and crm_before.get("status") in ("quota_exhausted", "reconnect_needed", "refused")
-                   and now - crm_before["last_attempt_at"] < CRM_RETRY)
+        waiting = (
+            respect_backoff
+            and not drop_confirmed
+            and crm_before.get("status") in ("quota_exhausted", "reconnect_needed", "refused")
+            and now - crm_before["last_attempt_at"] < CRM_RETRY
+        )
         if (snapshot_at is None or now - snapshot_at >= crm_max_age) and not (waiting and snapshot_at is not None):
             try:
                 crm = snapshot_crm(tenant_id)
             except Exception as exc:  # a CRM outage must not stop syncing while an earlier snapshot exists
                 if snapshot_at is None:
                     raise
-                logger.warning("tenant=%s CRM snapshot failed (%s); matching against the snapshot of %s",
-                               tenant_id, type(exc).__name__, snapshot_at.isoformat(timespec="seconds"))
+                logger.warning(
+                    "tenant=%s CRM snapshot failed (%s); matching against the snapshot of %s",
+                    tenant_id,
+                    type(exc).__name__,
+                    snapshot_at.isoformat(timespec="seconds"),
+                )
         users = connected_users(settings, tenant_id)
         for feature in enabled:
             with open_store(settings, tenant_id, write=False) as con:
@@ -156,32 +174,50 @@ def sync_tenant(tenant_id: str, artifact_prefix: str, crm_max_age: timedelta, re
                 after = {s["user_oid"]: s for s in read_sync_states(con, tenant_id, feature)}
             for row in rows:
                 state = after.get(row["user_oid"], {})
-                row |= {"stage": state.get("stage", ""), "last_success": _iso(state.get("last_success_at")),
-                        "failures": state.get("consecutive_failures", 0),
-                        "next_retry": _iso(state.get("next_retry_at")), "last_error": state.get("last_error") or ""}
+                row |= {
+                    "stage": state.get("stage", ""),
+                    "last_success": _iso(state.get("last_success_at")),
+                    "failures": state.get("consecutive_failures", 0),
+                    "next_retry": _iso(state.get("next_retry_at")),
+                    "last_error": state.get("last_error") or "",
+                }
             prefix = "" if feature == "email" else f"{feature}_"
             totals |= {f"{prefix}{k}": sum(int(r[k]) for r in rows) for k in COUNT_KEYS}
-            totals |= {f"{prefix}failed": failed, f"{prefix}waiting": len(users) - due,
-                       f"{prefix}reconnect_needed": sum(r["status"] == "reconnect_needed" for r in rows)}
+            totals |= {
+                f"{prefix}failed": failed,
+                f"{prefix}waiting": len(users) - due,
+                f"{prefix}reconnect_needed": sum(r["status"] == "reconnect_needed" for r in rows),
+            }
             if feature != "email":
                 totals[f"{prefix}consent_needed"] = sum(r["status"] == "consent_needed" for r in rows)
             failed_total, due_total = failed_total + failed, due_total + due
             key = artifact_prefix if feature == "email" else f"{artifact_prefix}-{feature}"
-            create_table_artifact(key=artifact_key(key, tenant_id), table=rows,
-                                  description=f"{artifact_prefix} ({feature}) of {tenant_title(tenant)}: per-user "
-                                              "status and counts")
+            create_table_artifact(
+                key=artifact_key(key, tenant_id),
+                table=rows,
+                description=f"{artifact_prefix} ({feature}) of {tenant_title(tenant)}: per-user status and counts",
+            )
         totals |= {"mailboxes": len(users), "crm_refreshed": int(bool(crm))}
         totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts", "changed")}
         with open_store(settings, tenant_id, write=False) as con:
             crm_state, crm_summary = read_crm_state(con) or {}, crm_state_summary(con)
         create_table_artifact(
             key=artifact_key(f"{artifact_prefix}-crm", tenant_id),
-            table=[{"state": crm_state.get("status", "never_refreshed"), "refreshed_now": crm.get("mode", "no"),
-                    "last_refresh": _iso(crm_summary["taken_at"]), "last_full_read": _iso(crm_summary["last_full_at"]),
+            table=[
+                {
+                    "state": crm_state.get("status", "never_refreshed"),
+                    "refreshed_now": crm.get("mode", "no"),
+                    "last_refresh": _iso(crm_summary["taken_at"]),
+                    "last_full_read": _iso(crm_summary["last_full_at"]),
                     "last_success": _iso(crm_state.get("last_success_at")),
-                    "last_error": crm_state.get("last_error") or "", "people": crm.get("people", ""),
-                    "accounts": crm.get("accounts", ""), "changed": crm.get("changed", "")}],
-            description=f"CRM snapshot of {tenant_title(tenant)}: state, last refresh and counts")
+                    "last_error": crm_state.get("last_error") or "",
+                    "people": crm.get("people", ""),
+                    "accounts": crm.get("accounts", ""),
+                    "changed": crm.get("changed", ""),
+                }
+            ],
+            description=f"CRM snapshot of {tenant_title(tenant)}: state, last refresh and counts",
+        )
         publish_snapshot(settings, tenant_id)
     logger.info("%s tenant=%s %s", artifact_prefix, tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
     if failed_total:

@@ -152,8 +152,14 @@ FROM sync_state
 """,
 }
 VIEW_NAMES: tuple[str, ...] = tuple(VIEWS)  # in creation order (later views use earlier ones)
-DEFAULT_EXPORT: tuple[str, ...] = ("activities", "email_activity", "meeting_activity", "crm_matches", "crm_records",
-                                   "sync_status")
+DEFAULT_EXPORT: tuple[str, ...] = (
+    "activities",
+    "email_activity",
+    "meeting_activity",
+    "crm_matches",
+    "crm_records",
+    "sync_status",
+)
 EXPORTABLE: tuple[str, ...] = (*DEFAULT_EXPORT, "emails", "meetings")  # + the raw tables (emails carry bodies)
 
 
@@ -161,8 +167,9 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def create_views(con: duckdb.DuckDBPyConnection, catalog: str | None = None, *, temporary: bool = False,
-                 tenant_id: str | None = None) -> None:
+def create_views(
+    con: duckdb.DuckDBPyConnection, catalog: str | None = None, *, temporary: bool = False, tenant_id: str | None = None
+) -> None:
     """Create (or replace) the analyst views in `catalog` (default: the connection's current database), plus the
     one-row table `snapshot_info` (published_at, tenant_id, analytics_version) unless `temporary`.
 
@@ -176,9 +183,11 @@ def create_views(con: duckdb.DuckDBPyConnection, catalog: str | None = None, *, 
     for name, body in VIEWS.items():
         con.execute(f"CREATE OR REPLACE {kind} {prefix}{name} AS {body}")
     if not temporary:
-        con.execute(f"CREATE OR REPLACE TABLE {prefix}snapshot_info AS SELECT now() AS published_at, "
-                    "CAST(? AS VARCHAR) AS tenant_id, CAST(? AS INTEGER) AS analytics_version",
-                    [tenant_id, ANALYTICS_VERSION])
+        con.execute(
+            f"CREATE OR REPLACE TABLE {prefix}snapshot_info AS SELECT now() AS published_at, "
+            "CAST(? AS VARCHAR) AS tenant_id, CAST(? AS INTEGER) AS analytics_version",
+            [tenant_id, ANALYTICS_VERSION],
+        )
 
 
 def add_views_to_file(path: Path, tenant_id: str | None = None) -> None:
@@ -225,8 +234,9 @@ def open_snapshot(settings: Settings, tenant_id: str) -> duckdb.DuckDBPyConnecti
         con.execute("SET TimeZone='UTC'")
         con.execute("ATTACH '" + str(path).replace("'", "''") + "' AS snap (READ_ONLY)")
         con.execute("USE snap")
-        present = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'snap'"
-                                             ).fetchall()}
+        present = {
+            r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'snap'").fetchall()
+        }
         if not set(VIEW_NAMES) <= present:
             create_views(con, temporary=True)
     except BaseException:
@@ -235,8 +245,9 @@ def open_snapshot(settings: Settings, tenant_id: str) -> duckdb.DuckDBPyConnecti
     return con
 
 
-def export_views(settings: Settings, tenant_id: str, views: Sequence[str] | None = None,
-                 out: Path | None = None) -> ExportResult:
+def export_views(
+    settings: Settings, tenant_id: str, views: Sequence[str] | None = None, out: Path | None = None
+) -> ExportResult:
     """Write each view (or raw table `emails` / `meetings`) as `<name>.parquet` (zstd) plus `manifest.json`
     (counts only) into `out` (must not exist yet) or a new `<tenant dir>/exports/<UTC timestamp>/`. Reads the
     published snapshot (publishing one first if there is none). Atomic: the files are written into a hidden
@@ -269,25 +280,32 @@ def export_views(settings: Settings, tenant_id: str, views: Sequence[str] | None
         try:
             con = open_snapshot(settings, tenant_id)
             try:
-                if con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = 'snap' AND "
-                               "table_name = 'snapshot_info'").fetchall()[0][0]:
-                    result.snapshot_published_at = con.execute("SELECT published_at FROM snapshot_info"
-                                                               ).fetchall()[0][0]
+                if con.execute(
+                    "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'snap' AND table_name = 'snapshot_info'"
+                ).fetchall()[0][0]:
+                    result.snapshot_published_at = con.execute("SELECT published_at FROM snapshot_info").fetchall()[0][
+                        0
+                    ]
                 for name in names:
                     target = tmp / f"{name}.parquet"
-                    written = con.execute(f"COPY (SELECT * FROM {_ident(name)}) TO '"
-                                          + str(target).replace("'", "''") + "' (FORMAT parquet, COMPRESSION zstd)"
-                                          ).fetchall()
+                    written = con.execute(
+                        f"COPY (SELECT * FROM {_ident(name)}) TO '"
+                        + str(target).replace("'", "''")
+                        + "' (FORMAT parquet, COMPRESSION zstd)"
+                    ).fetchall()
                     result.rows[name] = int(written[0][0])
                     fsync_path(target)
             finally:
                 con.close()
-            manifest = {"tenant_id": tenant_id, "created_at": now.isoformat(timespec="seconds"),
-                        "snapshot_published_at": (result.snapshot_published_at.isoformat(timespec="seconds")
-                                                  if result.snapshot_published_at else None),
-                        "analytics_version": ANALYTICS_VERSION,
-                        "files": {name: {"file": f"{name}.parquet", "rows": rows}
-                                  for name, rows in result.rows.items()}}
+            manifest = {
+                "tenant_id": tenant_id,
+                "created_at": now.isoformat(timespec="seconds"),
+                "snapshot_published_at": (
+                    result.snapshot_published_at.isoformat(timespec="seconds") if result.snapshot_published_at else None
+                ),
+                "analytics_version": ANALYTICS_VERSION,
+                "files": {name: {"file": f"{name}.parquet", "rows": rows} for name, rows in result.rows.items()},
+            }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             fsync_path(tmp / "manifest.json")
             fsync_path(tmp)

@@ -43,8 +43,7 @@ FEATURE_SCOPES: dict[str, list[str]] = {
     "email": ["Mail.Read"],
     "calendar": ["Calendars.Read"],
     "notetaker": [],
-    "teams": ["Team.ReadBasic.All", "Channel.ReadBasic.All", "ChannelMessage.Send", "Chat.Create",
-              "ChatMessage.Send"],
+    "teams": ["Team.ReadBasic.All", "Channel.ReadBasic.All", "ChannelMessage.Send", "Chat.Create", "ChatMessage.Send"],
 }
 CONSENT_MODE_SCOPES = ["Calendars.ReadWrite", "OnlineMeetings.ReadWrite"]
 # A granted scope that covers another (Entra grants the broader one; the narrower is then implied).
@@ -56,8 +55,9 @@ MAX_LOGIN_HINT = 254
 # Written by flows/offboarding.py: {user oid: {policy, offboarded_at, delete_after, deleted_at}}.
 OFFBOARDING_FILE = "offboarding.json"
 
-RECONNECT_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required", "login_required",
-                              "no_account", "no_token"})
+RECONNECT_ERRORS = frozenset(
+    {"invalid_grant", "interaction_required", "consent_required", "login_required", "no_account", "no_token"}
+)
 TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 CONFIG_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
@@ -84,8 +84,7 @@ class AuthConfigError(AuthError):
 
     def __init__(self, error: str, error_codes: Iterable[int] = (), context: str = ""):
         self.error, self.error_codes, self.context = error, list(error_codes), context
-        super().__init__(f"app registration rejected{' for ' + context if context else ''}: "
-                         f"{error} {self.error_codes}")
+        super().__init__(f"app registration rejected{' for ' + context if context else ''}: {error} {self.error_codes}")
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.error, self.error_codes, self.context))
@@ -118,8 +117,7 @@ class WrongTenant(ConnectError):
 
     def __init__(self, expected_tid: str, actual_tid: str):
         self.expected_tid, self.actual_tid = expected_tid, actual_tid
-        super().__init__("wrong_tenant", (), f"signed-in account belongs to tenant {actual_tid}, "
-                                             f"not {expected_tid}")
+        super().__init__("wrong_tenant", (), f"signed-in account belongs to tenant {actual_tid}, not {expected_tid}")
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.expected_tid, self.actual_tid))
@@ -207,12 +205,19 @@ class MsalHttpxClient:
     def get(self, url: str, params: Any = None, headers: Any = None, **kw: Any) -> httpx.Response:
         return self._req("GET", url, params=params, headers=headers, **kw)
 
-    def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None,
-             **kw: Any) -> httpx.Response:
+    def post(self, url: str, params: Any = None, data: Any = None, headers: Any = None, **kw: Any) -> httpx.Response:
         return self._req("POST", url, params=params, data=data, headers=headers, **kw)
 
-    def _req(self, method: str, url: str, params: Any = None, data: Any = None, headers: Any = None,
-             timeout: Any = None, **_: Any) -> httpx.Response:
+    def _req(
+        self,
+        method: str,
+        url: str,
+        params: Any = None,
+        data: Any = None,
+        headers: Any = None,
+        timeout: Any = None,
+        **_: Any,
+    ) -> httpx.Response:
         kw: dict[str, Any] = {"headers": {k: v for k, v in (headers or {}).items() if v is not None}}
         if params:
             kw["params"] = params
@@ -231,8 +236,9 @@ class MsalHttpxClient:
         self._c.close()
 
 
-def build_app(settings: Settings, cache: msal.SerializableTokenCache | None,
-              http_client: httpx.Client | None = None) -> msal.ConfidentialClientApplication:
+def build_app(
+    settings: Settings, cache: msal.SerializableTokenCache | None, http_client: httpx.Client | None = None
+) -> msal.ConfidentialClientApplication:
     """A confidential client on settings.authority. Does network I/O (tenant discovery): call lazily.
 
     Pass `http_client` to own (and close) the connection pool; by default one is made from settings."""
@@ -329,16 +335,22 @@ def _read_meta(settings: Settings, tenant_id: str, oid: str) -> dict:
         return {}
 
 
-def _save_cache(settings: Settings, tenant_id: str, oid: str, cache: msal.SerializableTokenCache,
-                path: Path | None = None) -> None:
-    write_sealed(path or token_path(settings, tenant_id, oid), load_key(settings), _owner(tenant_id, oid),
-                 cache.serialize().encode())
+def _save_cache(
+    settings: Settings, tenant_id: str, oid: str, cache: msal.SerializableTokenCache, path: Path | None = None
+) -> None:
+    write_sealed(
+        path or token_path(settings, tenant_id, oid),
+        load_key(settings),
+        _owner(tenant_id, oid),
+        cache.serialize().encode(),
+    )
 
 
 def _load_cache(settings: Settings, tenant_id: str, oid: str) -> msal.SerializableTokenCache:
     cache = msal.SerializableTokenCache()
-    cache.deserialize(read_sealed(token_path(settings, tenant_id, oid), load_key(settings),
-                                  _owner(tenant_id, oid)).decode())
+    cache.deserialize(
+        read_sealed(token_path(settings, tenant_id, oid), load_key(settings), _owner(tenant_id, oid)).decode()
+    )
     return cache
 
 
@@ -388,8 +400,9 @@ def check_ready(settings: Settings, tenant_id: str) -> None:
     except ValueError as exc:  # the tenant lives in a region this server was not configured with
         raise ConnectSetupError(tenant_id, str(exc)) from None
     if not root.is_dir():
-        raise ConnectSetupError(tenant_id, f"storage location {root} does not exist (region "
-                                           f"{tenant.region or '(default)'})")
+        raise ConnectSetupError(
+            tenant_id, f"storage location {root} does not exist (region {tenant.region or '(default)'})"
+        )
     folder = connections_dir(settings, tenant_id)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -476,9 +489,14 @@ _pending = PendingSignIns()  # the default store of this process (the web app ke
 _warn_lock = threading.Lock()
 
 
-def begin_connect(settings: Settings, tenant_id: str, features: list[str],
-                  login_hint: str | None = None, explicit_consent: bool = False,
-                  pending: PendingSignIns | None = None) -> str:
+def begin_connect(
+    settings: Settings,
+    tenant_id: str,
+    features: list[str],
+    login_hint: str | None = None,
+    explicit_consent: bool = False,
+    pending: PendingSignIns | None = None,
+) -> str:
     """Start the authorization-code flow for a user of `tenant_id`; returns the URL to send the browser to.
 
     Checks first (nothing is started otherwise): the hint, everything the callback needs (`check_ready`) and room
@@ -495,8 +513,9 @@ def begin_connect(settings: Settings, tenant_id: str, features: list[str],
     with _warn_lock, warnings.catch_warnings():
         # Query mode is deliberate: the flow lives server-side keyed by state, so no cookie is needed.
         warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
-        flow = app.initiate_auth_code_flow(scopes, redirect_uri=settings.redirect_uri, login_hint=login_hint,
-                                           state=secrets.token_urlsafe(24))
+        flow = app.initiate_auth_code_flow(
+            scopes, redirect_uri=settings.redirect_uri, login_hint=login_hint, state=secrets.token_urlsafe(24)
+        )
     auth_uri = flow.pop("auth_uri")  # not needed after the redirect: keep only what the callback uses
     store.add(settings, flow, tenant_id, scopes)
     return auth_uri
@@ -516,8 +535,9 @@ def _refused_after_sign_in(settings: Settings, tenant_id: str, oid: str) -> Conn
     return None
 
 
-def complete_connect(settings: Settings, auth_response: dict[str, str],
-                     pending: PendingSignIns | None = None) -> ConnectedUser:
+def complete_connect(
+    settings: Settings, auth_response: dict[str, str], pending: PendingSignIns | None = None
+) -> ConnectedUser:
     """Redeem the code of the callback (its whole query dict), check the tenant and the user, persist the user's
     cache. Nothing is stored for a tenant that is gone or a user who was offboarded; both are checked again after
     writing (an end of subscription or an offboarding may run meanwhile) and what was written is then removed."""
@@ -529,8 +549,10 @@ def complete_connect(settings: Settings, auth_response: dict[str, str],
         # Caller-chosen text: keep a well-formed OAuth error name only, and from error_description only the codes
         # (it may contain the UPN, AADSTS50020).
         error = str(auth_response["error"])
-        raise ConnectError(error if _OAUTH_ERROR.fullmatch(error) else "unrecognised_error",
-                           [int(c) for c in _AADSTS.findall(auth_response.get("error_description", "")[:2048])][:8])
+        raise ConnectError(
+            error if _OAUTH_ERROR.fullmatch(error) else "unrecognised_error",
+            [int(c) for c in _AADSTS.findall(auth_response.get("error_description", "")[:2048])][:8],
+        )
     check_ready(settings, entry.tenant_id)
     cache = msal.SerializableTokenCache()
     try:
@@ -557,15 +579,22 @@ def complete_connect(settings: Settings, auth_response: dict[str, str],
         raise WrongTenant(entry.tenant_id, tid)
     if refused := _refused_after_sign_in(settings, tid, oid):
         raise refused
-    user = ConnectedUser(tid, oid, str(claims.get("preferred_username") or claims.get("upn") or ""),
-                         str(claims.get("name", "")))
+    user = ConnectedUser(
+        tid, oid, str(claims.get("preferred_username") or claims.get("upn") or ""), str(claims.get("name", ""))
+    )
     token, meta = token_path(settings, tid, oid), _meta_path(settings, tid, oid)  # resolved once
     _save_cache(settings, tid, oid, cache, token)
-    _write_json(meta, {
-        "oid": oid, "tid": tid, "upn": user.upn, "display_name": user.display_name,
-        "connected_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "scopes": str(result.get("scope", "")).split() or entry.scopes,
-    })
+    _write_json(
+        meta,
+        {
+            "oid": oid,
+            "tid": tid,
+            "upn": user.upn,
+            "display_name": user.display_name,
+            "connected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "scopes": str(result.get("scope", "")).split() or entry.scopes,
+        },
+    )
     if refused := _refused_after_sign_in(settings, tid, oid):
         token.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
@@ -654,8 +683,7 @@ class TokenProvider:
         if account is None:
             self._reconnect("no_account", [])
         try:
-            result = self._app.acquire_token_silent_with_error(self.scopes, account,
-                                                               force_refresh=force_refresh)
+            result = self._app.acquire_token_silent_with_error(self.scopes, account, force_refresh=force_refresh)
         except (requests.exceptions.RequestException, httpx.HTTPError) as exc:
             raise AuthTransient(f"token refresh for {who}: {type(exc).__name__}") from exc
         except MsalServiceError as exc:
@@ -688,8 +716,11 @@ class TokenProvider:
         self._path.unlink(missing_ok=True)
         meta = _read_meta(self.settings, self.tenant_id, self.oid)
         if meta:
-            meta["reconnect_needed"] = {"error": error, "error_codes": codes,
-                                        "at": datetime.now(UTC).isoformat(timespec="seconds")}
+            meta["reconnect_needed"] = {
+                "error": error,
+                "error_codes": codes,
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
             _write_json(_meta_path(self.settings, self.tenant_id, self.oid), meta)
         self._drop()
         self._sig = None

@@ -23,9 +23,25 @@ import msgspec
 from o365sync.graph import GraphClient, GraphNotFound, GraphPagingError, RunLimitReached, decode_page
 from o365sync.mail import graph_datetime
 
-INSTANCE_FIELDS = ("id", "type", "seriesMasterId", "iCalUId", "subject", "start", "end", "originalStartTimeZone",
-                   "originalEndTimeZone", "isAllDay", "isCancelled", "sensitivity", "isOnlineMeeting", "onlineMeeting",
-                   "organizer", "attendees", "webLink")
+INSTANCE_FIELDS = (
+    "id",
+    "type",
+    "seriesMasterId",
+    "iCalUId",
+    "subject",
+    "start",
+    "end",
+    "originalStartTimeZone",
+    "originalEndTimeZone",
+    "isAllDay",
+    "isCancelled",
+    "sensitivity",
+    "isOnlineMeeting",
+    "onlineMeeting",
+    "organizer",
+    "attendees",
+    "webLink",
+)
 ROLE_OF_ATTENDEE = {"required": "to", "optional": "cc"}  # resources (rooms) are not participants
 
 
@@ -78,8 +94,9 @@ class _Event(msgspec.Struct, rename={"removed": "@removed"}):
     webLink: str | None = None  # noqa: N815
 
 
-class _Page(msgspec.Struct, rename={"value": "value", "next_link": "@odata.nextLink",
-                                    "delta_link": "@odata.deltaLink"}):
+class _Page(
+    msgspec.Struct, rename={"value": "value", "next_link": "@odata.nextLink", "delta_link": "@odata.deltaLink"}
+):
     value: list[_Event] = []
     next_link: str | None = None
     delta_link: str | None = None
@@ -133,8 +150,9 @@ def _utc(when: _When) -> datetime:
     return value.replace(tzinfo=UTC)
 
 
-def _pages(client: GraphClient, path: str, params: dict | None, headers: dict | None = None
-           ) -> Iterator[tuple[_Page, frozenset[int]]]:
+def _pages(
+    client: GraphClient, path: str, params: dict | None, headers: dict | None = None
+) -> Iterator[tuple[_Page, frozenset[int]]]:
     for raw in client.iter_pages(path, params, headers):
         yield decode_page(raw, _decode_page, _Page, _Event)
 
@@ -151,14 +169,32 @@ def _meeting(ev: _Event, repaired: bool = False) -> Meeting:
         if role and a.emailAddress and a.emailAddress.address:
             parts.append((role, a.emailAddress.name, a.emailAddress.address, a.status.response if a.status else None))
     join = ev.onlineMeeting.joinUrl if ev.onlineMeeting else None
-    return Meeting(ev.id, ev.type or "singleInstance", ev.seriesMasterId, ev.iCalUId, ev.subject, _utc(ev.start),
-                   ev.originalStartTimeZone, _utc(ev.end), ev.originalEndTimeZone, ev.isAllDay,
-                   bool(ev.isOnlineMeeting or join), join, org.name, org.address, ev.webLink, ev.sensitivity,
-                   ev.isCancelled, parts, repaired)
+    return Meeting(
+        ev.id,
+        ev.type or "singleInstance",
+        ev.seriesMasterId,
+        ev.iCalUId,
+        ev.subject,
+        _utc(ev.start),
+        ev.originalStartTimeZone,
+        _utc(ev.end),
+        ev.originalEndTimeZone,
+        ev.isAllDay,
+        bool(ev.isOnlineMeeting or join),
+        join,
+        org.name,
+        org.address,
+        ev.webLink,
+        ev.sensitivity,
+        ev.isCancelled,
+        parts,
+        repaired,
+    )
 
 
-def read_delta_round(client: GraphClient, window: tuple[datetime, datetime], delta_link: str | None,
-                     page_size: int) -> DeltaRound:
+def read_delta_round(
+    client: GraphClient, window: tuple[datetime, datetime], delta_link: str | None, page_size: int
+) -> DeltaRound:
     """One whole calendarView delta round (a user's year of meetings fits in memory; only the final deltaLink may be
     persisted). Raises DeltaTokenExpired when the stored link is dead (or cannot be followed); at the run's paging
     limit returns what was read with `complete` false."""
@@ -196,8 +232,11 @@ def _add_page(out: DeltaRound, page: _Page, odd: frozenset[int]) -> None:
 
 def read_series(client: GraphClient, master_id: str, window: tuple[datetime, datetime]) -> list[Meeting] | None:
     """Every occurrence and exception of a series inside the window; None when the series no longer exists."""
-    params = {"startDateTime": graph_datetime(window[0]), "endDateTime": graph_datetime(window[1]),
-              "$select": ",".join(INSTANCE_FIELDS)}
+    params = {
+        "startDateTime": graph_datetime(window[0]),
+        "endDateTime": graph_datetime(window[1]),
+        "$select": ",".join(INSTANCE_FIELDS),
+    }
     out: list[Meeting] = []
     try:
         for page, odd in _pages(client, f"me/events/{quote(master_id, safe='')}/instances", params):
@@ -207,8 +246,9 @@ def read_series(client: GraphClient, master_id: str, window: tuple[datetime, dat
     return out
 
 
-def iter_series(client: GraphClient, series: set[str], window: tuple[datetime, datetime]
-                ) -> Iterator[tuple[str, list[Meeting] | None]]:
+def iter_series(
+    client: GraphClient, series: set[str], window: tuple[datetime, datetime]
+) -> Iterator[tuple[str, list[Meeting] | None]]:
     """Each series re-read; stops (the caller keeps what it got) once the client's paging deadline has passed."""
     for master_id in sorted(series):
         if client.past_deadline():

@@ -22,8 +22,13 @@ from o365sync.cli_sync import tenant_resync  # noqa: E402
 from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
 from o365sync.cli_tenants import tenant_app, user_app  # noqa: E402
 
-app = typer.Typer(help="Office 365 activity capture for revenue teams: CRM-matched mail and meetings into DuckDB.",
-                  no_args_is_help=True, add_completion=False, cls=OneLineErrors, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Office 365 activity capture for revenue teams: CRM-matched mail and meetings into DuckDB.",
+    no_args_is_help=True,
+    add_completion=False,
+    cls=OneLineErrors,
+    pretty_exceptions_enable=False,
+)
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(user_app, name="user")
 app.add_typer(teams_app, name="teams")
@@ -54,8 +59,9 @@ def _check_settings() -> None:
         settings = _settings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise BadInput(f"setting O365SYNC_{str(err['loc'][0]).upper()}: {err['msg']} (fix the environment or "
-                       ".env)", 2) from None
+        raise BadInput(
+            f"setting O365SYNC_{str(err['loc'][0]).upper()}: {err['msg']} (fix the environment or .env)", 2
+        ) from None
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
         raise BadInput(f"the data dir {settings.data_dir} is not a folder (set O365SYNC_DATA_DIR to a folder)", 2)
 
@@ -102,8 +108,15 @@ def simulate(
 
     _at_least_one(users=users, messages=messages, contacts=contacts)
     _port(web_port, "--web-port")
-    running = simulate_world(_settings().data_dir, seed, users, messages, contacts, web_port,
-                             lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False))
+    running = simulate_world(
+        _settings().data_dir,
+        seed,
+        users,
+        messages,
+        contacts,
+        web_port,
+        lambda line: console.print(line, soft_wrap=True, highlight=False, markup=False),
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -134,8 +147,12 @@ def import_(tenant: Annotated[str, typer.Option(help="Tenant id.")]) -> None:
 @app.command()
 def serve(
     limit: Annotated[int, typer.Option(help="Flow runs executing at once (each is a subprocess).")] = 4,
-    port: Annotated[int | None, typer.Option(help="Port of the local Prefect server (default 4200; if another "
-                                                  "program holds it, a free one, said so).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the local Prefect server (default 4200; if another program holds it, a free one, said so)."
+        ),
+    ] = None,
 ) -> None:
     """Run every tenant's five deployments (mail every 15 min, calendar hourly, Teams and retention daily, initial
     import on demand) on a Prefect server."""
@@ -148,12 +165,21 @@ def serve(
         for row in describe(deployments):
             table.add_row(*row)
         console.print(table)
-        console.print(f"Prefect UI: {api.ui_url}  (deployments: {api.ui_url}/deployments). Ctrl-C stops.\n"
-                      f"Other shells: export PREFECT_API_URL={api.api_url}", soft_wrap=True, highlight=False)
+        console.print(
+            f"Prefect UI: {api.ui_url}  (deployments: {api.ui_url}/deployments). Ctrl-C stops.\n"
+            f"Other shells: export PREFECT_API_URL={api.api_url}",
+            soft_wrap=True,
+            highlight=False,
+        )
 
     try:
-        serve_tenants(_settings(), limit=limit, port=port, on_ready=ready,
-                      echo=lambda m: console.print(m, highlight=False, soft_wrap=True))
+        serve_tenants(
+            _settings(),
+            limit=limit,
+            port=port,
+            on_ready=ready,
+            echo=lambda m: console.print(m, highlight=False, soft_wrap=True),
+        )
     except (NothingToServe, PrefectApiError, DeploymentOwnerConflict) as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None

@@ -18,11 +18,18 @@ console = Console()
 
 def export(
     tenant: Annotated[str, typer.Option(help="Tenant id.")],
-    out: Annotated[Path | None, typer.Option(help="Destination folder (must not exist). Default: a new "
-                                                  "<tenant dir>/exports/<UTC timestamp>/.")] = None,
-    view: Annotated[list[str], typer.Option(help="View to export (repeat): activities, email_activity, "
-                                                 "meeting_activity, crm_matches, crm_records, sync_status, or the "
-                                                 "tables emails, meetings. Default: every view.")] = [],  # noqa: B006
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Destination folder (must not exist). Default: a new <tenant dir>/exports/<UTC timestamp>/."),
+    ] = None,
+    view: Annotated[
+        list[str],
+        typer.Option(
+            help="View to export (repeat): activities, email_activity, "
+            "meeting_activity, crm_matches, crm_records, sync_status, or the "
+            "tables emails, meetings. Default: every view."
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Export a tenant's analyst views as Parquet (one file per view + manifest.json), atomically. Erasures
     (conversation delete, retention, offboarding) delete the exports under the tenant's directory."""
@@ -43,5 +50,8 @@ def export(
     console.print(table)
     console.print(f"written to {result.path}", soft_wrap=True, highlight=False)
     if not is_inside_tenant(settings, tenant, result.path):
-        console.print("[yellow]This export is outside the tenant's directory: erasures and `tenant move` will not "
-                      "reach it; deleting it is up to you.[/]", soft_wrap=True)
+        console.print(
+            "[yellow]This export is outside the tenant's directory: erasures and `tenant move` will not "
+            "reach it; deleting it is up to you.[/]",
+            soft_wrap=True,
+        )

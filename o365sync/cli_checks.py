@@ -43,8 +43,9 @@ class BadInput(Exception):
 
 def say_error(message: str) -> None:
     """One line on stderr (never wrapped, never markup-interpreted)."""
-    error_console.print(f"error: {' '.join(str(message).split())}", style="red", soft_wrap=True, markup=False,
-                        highlight=False)
+    error_console.print(
+        f"error: {' '.join(str(message).split())}", style="red", soft_wrap=True, markup=False, highlight=False
+    )
 
 
 def fail(message: str, exit_code: int = 1) -> typer.Exit:
@@ -143,9 +144,13 @@ def only_tenant(settings: Settings, tenant_id: str | None):  # noqa: ANN201
 
     tenants = list_tenants(settings)
     if len(tenants) != 1:
-        raise BadInput("no tenant is registered (o365sync tenant add)" if not tenants else
-                       f"{len(tenants)} tenants are registered: choose one with --tenant "
-                       f"({', '.join(t.id for t in tenants)})", 2)
+        raise BadInput(
+            "no tenant is registered (o365sync tenant add)"
+            if not tenants
+            else f"{len(tenants)} tenants are registered: choose one with --tenant "
+            f"({', '.join(t.id for t in tenants)})",
+            2,
+        )
     return tenants[0]
 
 
@@ -185,16 +190,26 @@ def known_user(settings: Settings, tenant, user_oid: str) -> str:  # noqa: ANN00
     object_id(settings, tenant.id, user_oid)
     if token_path(settings, tenant.id, user_oid).exists() or connection_info(settings, tenant.id, user_oid):
         return user_oid
-    if user_oid in tenant.user_preferences or user_oid in tenant.user_blocklists or \
-            user_oid in offboarding_status(settings, tenant.id):
+    if (
+        user_oid in tenant.user_preferences
+        or user_oid in tenant.user_blocklists
+        or user_oid in offboarding_status(settings, tenant.id)
+    ):
         return user_oid
-    held = read_store(settings, tenant.id, "SELECT 1 FROM sync_state WHERE tenant_id = ? AND user_oid = ? UNION ALL "
-                      "SELECT 1 FROM emails WHERE tenant_id = ? AND user_oid = ? UNION ALL SELECT 1 FROM meetings "
-                      "WHERE tenant_id = ? AND user_oid = ? LIMIT 1", [tenant.id, user_oid] * 3)
+    held = read_store(
+        settings,
+        tenant.id,
+        "SELECT 1 FROM sync_state WHERE tenant_id = ? AND user_oid = ? UNION ALL "
+        "SELECT 1 FROM emails WHERE tenant_id = ? AND user_oid = ? UNION ALL SELECT 1 FROM meetings "
+        "WHERE tenant_id = ? AND user_oid = ? LIMIT 1",
+        [tenant.id, user_oid] * 3,
+    )
     if held:
         return user_oid
-    raise BadInput(f"nothing matched: user {user_oid} never connected to tenant {tenant.id} and has no data there "
-                   f"(connected users: o365sync tenant show {tenant.id})")
+    raise BadInput(
+        f"nothing matched: user {user_oid} never connected to tenant {tenant.id} and has no data there "
+        f"(connected users: o365sync tenant show {tenant.id})"
+    )
 
 
 def connected_user(settings: Settings, tenant, user_oid: str) -> str:  # noqa: ANN001
@@ -204,8 +219,9 @@ def connected_user(settings: Settings, tenant, user_oid: str) -> str:  # noqa: A
     object_id(settings, tenant.id, user_oid)
     if not token_path(settings, tenant.id, user_oid).exists():
         known_user(settings, tenant, user_oid)  # "nothing matched" for a stranger
-        raise BadInput(f"user {user_oid} of tenant {tenant.id} is not connected: they must reconnect "
-                       f"(/connect?tenant={tenant.id})")
+        raise BadInput(
+            f"user {user_oid} of tenant {tenant.id} is not connected: they must reconnect (/connect?tenant={tenant.id})"
+        )
     return user_oid
 
 
@@ -243,6 +259,9 @@ def new_folder_destination(path: Path) -> Path:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".o365sync-probe-", dir=parent))
     except OSError as exc:
-        raise BadInput(f"cannot write to {path}: {exc.strerror or type(exc).__name__} in {parent}; "
-                       "choose a folder you can write to", 2) from None
+        raise BadInput(
+            f"cannot write to {path}: {exc.strerror or type(exc).__name__} in {parent}; "
+            "choose a folder you can write to",
+            2,
+        ) from None
     return path

@@ -36,7 +36,10 @@ def confirm_drop(tenant: Annotated[str, typer.Option(help="Tenant id.")]) -> Non
     if not has_store or pending is None:
         console.print(f"[red]{nothing}[/]", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
-    console.print(f"confirmed: the next CRM refresh of tenant {tenant} may remove up to "
-                  f"{pending['people_removed']:,} of {pending['people_before']:,} people and "
-                  f"{pending['accounts_removed']:,} of {pending['accounts_before']:,} accounts",
-                  soft_wrap=True, highlight=False)
+    console.print(
+        f"confirmed: the next CRM refresh of tenant {tenant} may remove up to "
+        f"{pending['people_removed']:,} of {pending['people_before']:,} people and "
+        f"{pending['accounts_removed']:,} of {pending['accounts_before']:,} accounts",
+        soft_wrap=True,
+        highlight=False,
+    )

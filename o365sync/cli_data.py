@@ -63,9 +63,11 @@ def _erase(tenant: str, scope, actor: str | None, reason: str) -> None:  # noqa:
         raise BadInput(str(exc)) from None
     ids = " ".join(f"{k}={','.join(v)}" for k, v in r.ids.items() if v)
     rows = ", ".join(f"{t} {n}" for t, n in sorted(r.rows.items()) if n) or "nothing stored"
-    console.print(f"Erased {r.scope} {ids}: {rows}; tombstones {r.tombstones}; exports removed "
-                  f"{r.exports_removed}; store {r.bytes_before} -> {r.bytes_after} bytes (compacted, snapshot "
-                  f"replaced) in {r.seconds:.2f} s. Audit: {r.audit_path}")
+    console.print(
+        f"Erased {r.scope} {ids}: {rows}; tombstones {r.tombstones}; exports removed "
+        f"{r.exports_removed}; store {r.bytes_before} -> {r.bytes_after} bytes (compacted, snapshot "
+        f"replaced) in {r.seconds:.2f} s. Audit: {r.audit_path}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- conversation
@@ -82,8 +84,9 @@ def conversation_export(
     from o365sync.tenants import TenantNotFound
 
     try:
-        r = export_conversation(_settings(), tenant, conversation_id=conversation, graph_id=message, user_oid=user,
-                                eml=eml)
+        r = export_conversation(
+            _settings(), tenant, conversation_id=conversation, graph_id=message, user_oid=user, eml=eml
+        )
     except (LookupError, ValueError, TenantNotFound) as exc:
         raise BadInput(str(exc)) from None
     console.print(f"Exported {r.items} messages ({r.files} files) to {r.path}")

@@ -42,8 +42,10 @@ def query_snapshot(settings: Settings, tenant_id: str, query: str) -> tuple[list
     from o365sync.store import snapshot_path
 
     if not snapshot_path(settings, tenant_id).exists():
-        raise BadInput(f"tenant {tenant_id} has no analysts' snapshot yet: it is published by every import "
-                       f"(o365sync import --tenant {tenant_id})")
+        raise BadInput(
+            f"tenant {tenant_id} has no analysts' snapshot yet: it is published by every import "
+            f"(o365sync import --tenant {tenant_id})"
+        )
     try:
         con = open_snapshot(settings, tenant_id)
     except duckdb.Error as exc:
@@ -92,11 +94,12 @@ def _cell(value: Any) -> str:
 
 
 def sql(
-    query: Annotated[str, typer.Argument(help='One SQL statement, e.g. "SELECT kind, count(*) FROM activities '
-                                              'GROUP BY ALL".')],
+    query: Annotated[
+        str, typer.Argument(help='One SQL statement, e.g. "SELECT kind, count(*) FROM activities GROUP BY ALL".')
+    ],
     tenant: Annotated[str | None, typer.Option(help="Tenant id (default: the only registered tenant).")] = None,
-    format: Annotated[Format, typer.Option("--format", help="table, csv or json (an array of objects).")]  # noqa: A002
-    = Format.table,
+    format: Annotated[Format, typer.Option("--format", help="table, csv or json (an array of objects).")] =  # noqa: A002
+    Format.table,
 ) -> None:
     """Query a tenant's analysts' snapshot (read-only; views: activities, email_activity, meeting_activity,
     crm_matches, crm_records, sync_status; docs/ANALYSTS.md)."""
@@ -110,8 +113,12 @@ def sql(
         writer.writerow(columns)
         writer.writerows([_cell(v) for v in row] for row in rows)
     elif format is Format.json:
-        sys.stdout.write(json.dumps([dict(zip(columns, map(_plain, row), strict=True)) for row in rows],
-                                    ensure_ascii=False, default=str) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                [dict(zip(columns, map(_plain, row), strict=True)) for row in rows], ensure_ascii=False, default=str
+            )
+            + "\n"
+        )
     else:
         table = Table(*columns, caption=f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
         for row in rows:

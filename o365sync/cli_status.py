@@ -30,15 +30,25 @@ def _iso(value: datetime | None) -> str | None:
 
 def _feature_report(state: dict | None, token_gone: bool) -> dict[str, Any]:
     if state is None:
-        return {"stage": "reconnect_needed" if token_gone else "not_synced_yet", "last_run_at": None,
-                "last_success_at": None, "lag_seconds": None, "consecutive_failures": 0, "next_retry_at": None,
-                "last_error": None, "last_run": None, "total": None}
+        return {
+            "stage": "reconnect_needed" if token_gone else "not_synced_yet",
+            "last_run_at": None,
+            "last_success_at": None,
+            "lag_seconds": None,
+            "consecutive_failures": 0,
+            "next_retry_at": None,
+            "last_error": None,
+            "last_run": None,
+            "total": None,
+        }
     lag: timedelta | None = state["lag"]
     return {
         "stage": "reconnect_needed" if token_gone else state["stage"],
-        "last_run_at": _iso(state["last_run_at"]), "last_success_at": _iso(state["last_success_at"]),
+        "last_run_at": _iso(state["last_run_at"]),
+        "last_success_at": _iso(state["last_success_at"]),
         "lag_seconds": int(lag.total_seconds()) if lag is not None else None,
-        "consecutive_failures": state["consecutive_failures"], "next_retry_at": _iso(state["next_retry_at"]),
+        "consecutive_failures": state["consecutive_failures"],
+        "next_retry_at": _iso(state["next_retry_at"]),
         "last_error": state["last_error"],
         "last_run": {**{n: state[n] or 0 for n in COUNTS}, "excluded": json.loads(state["excluded"] or "{}")},
         "total": {n: state[f"total_{n}"] if state[f"total_{n}"] is not None else state[n] or 0 for n in COUNTS},
@@ -68,19 +78,33 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
         off = offboarded.get(oid)
         token_gone = oid not in connected and off is None
         enabled = [f for f in FEATURES if tenant.feature_on(f, oid)] if off is None else []
-        features = {f: _feature_report(states.get(oid, {}).get(f), token_gone)
-                    for f in FEATURES if f in states.get(oid, {}) or f in enabled}
-        users.append({
-            "oid": oid, "upn": info.get("upn") or None, "display_name": info.get("display_name") or None,
-            "connection": "offboarded" if off else "reconnect_needed" if token_gone else "connected",
-            "offboarding": off, "features": features,
-        })
+        features = {
+            f: _feature_report(states.get(oid, {}).get(f), token_gone)
+            for f in FEATURES
+            if f in states.get(oid, {}) or f in enabled
+        }
+        users.append(
+            {
+                "oid": oid,
+                "upn": info.get("upn") or None,
+                "display_name": info.get("display_name") or None,
+                "connection": "offboarded" if off else "reconnect_needed" if token_gone else "connected",
+                "offboarding": off,
+                "features": features,
+            }
+        )
     return {
-        "id": tenant.id, "name": tenant.name,
-        "crm": {"kind": tenant.crm_kind, "state": crm.get("status", "never_refreshed"),
-                "last_refresh_at": _iso(summary.get("taken_at")), "mode": summary.get("mode"),
-                "last_success_at": _iso(crm.get("last_success_at")),
-                "last_full_read_at": _iso(summary.get("last_full_at")), "last_error": crm.get("last_error")},
+        "id": tenant.id,
+        "name": tenant.name,
+        "crm": {
+            "kind": tenant.crm_kind,
+            "state": crm.get("status", "never_refreshed"),
+            "last_refresh_at": _iso(summary.get("taken_at")),
+            "mode": summary.get("mode"),
+            "last_success_at": _iso(crm.get("last_success_at")),
+            "last_full_read_at": _iso(summary.get("last_full_at")),
+            "last_error": crm.get("last_error"),
+        },
         "users": users,
     }
 
@@ -104,8 +128,9 @@ def _counts(counts: dict) -> str:
 def _wrap(first: str, text: str, width: int = 80) -> list[str]:
     """`first` + `text` in lines of `width`, continuation lines indented under `first`'s indentation + 2."""
     indent = " " * (len(first) - len(first.lstrip()) + 2)
-    lines = textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False,
-                          break_long_words=False)
+    lines = textwrap.wrap(
+        text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False
+    )
     return lines or [first.rstrip()]
 
 
@@ -114,26 +139,39 @@ def render(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for t in report["tenants"]:
         crm = t["crm"]
-        lines += [f"Tenant {t['name'] or t['id']}", f"  id {t['id']}",
-                  f"  CRM {crm['kind']}: {crm['state'].replace('_', ' ')}"
-                  + (f", {crm['mode']} refresh {_when(crm['last_refresh_at'])}" if crm["last_refresh_at"] else ""),
-                  f"  CRM last success {_when(crm['last_success_at'])}",
-                  f"  CRM last full read {_when(crm['last_full_read_at'])}"]
+        lines += [
+            f"Tenant {t['name'] or t['id']}",
+            f"  id {t['id']}",
+            f"  CRM {crm['kind']}: {crm['state'].replace('_', ' ')}"
+            + (f", {crm['mode']} refresh {_when(crm['last_refresh_at'])}" if crm["last_refresh_at"] else ""),
+            f"  CRM last success {_when(crm['last_success_at'])}",
+            f"  CRM last full read {_when(crm['last_full_read_at'])}",
+        ]
         if crm["last_error"]:
             lines += _wrap("  CRM error: ", crm["last_error"])
         if not t["users"]:
             lines.append("  no user connected yet")
         for u in t["users"]:
             name = u["display_name"] or u["upn"] or "(name unknown)"
-            lines += ["", f"  {name}" + (f" <{u['upn']}>" if u["upn"] and u["display_name"] else ""),
-                      f"    user {u['oid']}: {u['connection'].replace('_', ' ')}"]
+            lines += [
+                "",
+                f"  {name}" + (f" <{u['upn']}>" if u["upn"] and u["display_name"] else ""),
+                f"    user {u['oid']}: {u['connection'].replace('_', ' ')}",
+            ]
             if u["connection"] == "reconnect_needed":
                 lines.append("    (token gone: the user must connect again; nothing syncs until then)")
             off = u["offboarding"]
             if off:
-                lines.append(f"    offboarded {_when(off.get('offboarded_at'))}, policy {off.get('policy')}"
-                             + (f", deleted {_when(off['deleted_at'])}" if off.get("deleted_at") else
-                                f", delete after {_when(off['delete_after'])}" if off.get("delete_after") else ""))
+                lines.append(
+                    f"    offboarded {_when(off.get('offboarded_at'))}, policy {off.get('policy')}"
+                    + (
+                        f", deleted {_when(off['deleted_at'])}"
+                        if off.get("deleted_at")
+                        else f", delete after {_when(off['delete_after'])}"
+                        if off.get("delete_after")
+                        else ""
+                    )
+                )
             for feature, f in u["features"].items():
                 pad = " " * 13
                 lines.append(f"    {feature:<9}{f['stage'].replace('_', ' ')}")
@@ -143,14 +181,17 @@ def render(report: dict[str, Any]) -> list[str]:
                     lines.append(f"{pad}failures {f['consecutive_failures']}, next retry {_when(f['next_retry_at'])}")
                     lines += _wrap(f"{pad}last error ", f["last_error"] or "")
                 if f["last_run"] is not None:
-                    lines += [f"{pad}last run at  {_when(f['last_run_at'])}",
-                              f"{pad}{'':<14}" + "".join(f"{n:>10}" for n in COUNTS),
-                              f"{pad}{'last run':<14}" + _counts(f["last_run"]),
-                              f"{pad}{'since connect':<14}" + _counts(f["total"])]
+                    lines += [
+                        f"{pad}last run at  {_when(f['last_run_at'])}",
+                        f"{pad}{'':<14}" + "".join(f"{n:>10}" for n in COUNTS),
+                        f"{pad}{'last run':<14}" + _counts(f["last_run"]),
+                        f"{pad}{'since connect':<14}" + _counts(f["total"]),
+                    ]
                     excluded = f["last_run"]["excluded"]
                     if excluded:
-                        lines += _wrap(f"{pad}excluded last run: ",
-                                       ", ".join(f"{k} {v}" for k, v in sorted(excluded.items())))
+                        lines += _wrap(
+                            f"{pad}excluded last run: ", ", ".join(f"{k} {v}" for k, v in sorted(excluded.items()))
+                        )
         lines.append("")
     return lines
 
@@ -166,8 +207,7 @@ def status(
 
     settings = load_settings()
     tenants = [registered_tenant(settings, tenant)] if tenant else list_tenants(settings)
-    report = {"generated_at": _iso(datetime.now(UTC)),
-              "tenants": [tenant_report(settings, t) for t in tenants]}
+    report = {"generated_at": _iso(datetime.now(UTC)), "tenants": [tenant_report(settings, t) for t in tenants]}
     if as_json:
         typer.echo(json.dumps(report, indent=2, sort_keys=True))
         return

@@ -48,28 +48,40 @@ def tenant_resync(
     try:
         tenant = load_tenant(settings, tenant_id)
     except TenantNotFound:
-        _fail(f"tenant {tenant_id} is not registered (o365sync tenant list shows the registered tenants); "
-              "nothing changed")
+        _fail(
+            f"tenant {tenant_id} is not registered (o365sync tenant list shows the registered tenants); nothing changed"
+        )
     has_store = store_path(settings, tenant.id).exists()
     known = {u.oid for u in connected_users(settings, tenant.id)}
     if has_store:
         with open_store(settings, tenant.id, write=False) as con:
             known |= sync_position_users(con, tenant.id)
     if user is not None and user not in known:
-        _fail(f"user {user} is not a user of tenant {tenant.id} (o365sync tenant show {tenant.id} lists the "
-              "connected users); nothing changed")
+        _fail(
+            f"user {user} is not a user of tenant {tenant.id} (o365sync tenant show {tenant.id} lists the "
+            "connected users); nothing changed"
+        )
     features = [feature.value] if feature else [f.value for f in ResyncFeature]
     done: list[tuple[str, str, str]] = []
     if has_store:
-        with tenant_sync_locks(tenant_dir(settings, tenant.id), features), \
-                open_store(settings, tenant.id, write=True) as con:
+        with (
+            tenant_sync_locks(tenant_dir(settings, tenant.id), features),
+            open_store(settings, tenant.id, write=True) as con,
+        ):
             done = reset_sync_positions(con, tenant.id, [user] if user else sorted(known), features)
     scope = f"user {user}" if user else f"tenant {tenant.id}"
     if not done:
-        console.print(f"nothing to reset: no saved sync position ({', '.join(features)}) for {scope}",
-                      soft_wrap=True, highlight=False)
+        console.print(
+            f"nothing to reset: no saved sync position ({', '.join(features)}) for {scope}",
+            soft_wrap=True,
+            highlight=False,
+        )
         return
     for oid, feat, where in done:
         console.print(f"reset {oid} {feat}{'' if where == feat else ' ' + where}", highlight=False)
-    console.print(f"{len(done)} sync position(s) of {scope} reset: the next sync resyncs them (mail from a day "
-                  "before its last sync, calendar with a new baseline)", soft_wrap=True, highlight=False)
+    console.print(
+        f"{len(done)} sync position(s) of {scope} reset: the next sync resyncs them (mail from a day "
+        "before its last sync, calendar with a new baseline)",
+        soft_wrap=True,
+        highlight=False,
+    )

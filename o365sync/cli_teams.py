@@ -37,8 +37,9 @@ def _settings():  # noqa: ANN202
 def _tenant_or_exit(settings, tenant: str):  # noqa: ANN001, ANN202
     config = registered_tenant(settings, tenant)
     if not config.feature_on("teams"):
-        raise BadInput(f"tenant {tenant} has not enabled Teams sharing (turn on the feature 'teams' with "
-                       "o365sync tenant)")
+        raise BadInput(
+            f"tenant {tenant} has not enabled Teams sharing (turn on the feature 'teams' with o365sync tenant)"
+        )
     return config
 
 
@@ -62,8 +63,10 @@ def channels(
         try:
             result = refresh_channels(settings, tenant, user)
         except ConsentNeeded:
-            raise BadInput(f"user {user} connected before Teams was enabled: they must reconnect "
-                           f"(/connect?tenant={tenant}) to grant the Teams permissions") from None
+            raise BadInput(
+                f"user {user} connected before Teams was enabled: they must reconnect "
+                f"(/connect?tenant={tenant}) to grant the Teams permissions"
+            ) from None
         console.print(f"refreshed: {result.teams} teams, {result.channels} channels")
     elif refresh:
         from flows.teams import TeamsRefreshIncomplete, teams_refresh
@@ -79,9 +82,15 @@ def channels(
             rows = read_channels(con, tenant, user)
     table = Table("user", "team", "channel", "membership", "team id", "channel id", "refreshed")
     for r in rows:
-        table.add_row(names.get(r["user_oid"], r["user_oid"]), r["team_name"] or "", r["channel_name"] or "",
-                      r["membership_type"] or "", r["team_id"], r["channel_id"],
-                      r["refreshed_at"].isoformat(timespec="seconds") if r["refreshed_at"] else "")
+        table.add_row(
+            names.get(r["user_oid"], r["user_oid"]),
+            r["team_name"] or "",
+            r["channel_name"] or "",
+            r["membership_type"] or "",
+            r["team_id"],
+            r["channel_id"],
+            r["refreshed_at"].isoformat(timespec="seconds") if r["refreshed_at"] else "",
+        )
     console.print(table if rows else "No channels stored yet (use --refresh).")
 
 
@@ -93,10 +102,15 @@ def share(
     email: Annotated[str | None, typer.Option(help="Email (Graph id) to share.")] = None,
     team: Annotated[str | None, typer.Option(help="Team id of the target channel.")] = None,
     channel: Annotated[str | None, typer.Option(help="Target channel id (with --team).")] = None,
-    member: Annotated[list[str] | None, typer.Option(
-        help="Chat member (repeat; object id, or UPN of a connected user): one = 1:1 chat, several = group.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Post even if an earlier run may already have posted.")]
-    = False,
+    member: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Chat member (repeat; object id, or UPN of a connected user): one = 1:1 chat, several = group."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Post even if an earlier run may already have posted.")
+    ] = False,
 ) -> None:
     """Post an activity summary (never a body) to a channel or to a chat created for it; once per target."""
     from o365sync.auth import connected_users
@@ -118,23 +132,36 @@ def share(
     kind, activity_id = ("meeting", meeting) if meeting else ("email", email)
     assert activity_id is not None
     table, column = ("meetings", "event_id") if meeting else ("emails", "graph_id")
-    if not read_store(settings, tenant, f"SELECT 1 FROM {table} WHERE tenant_id = ? AND user_oid = ? AND "
-                                        f"{column} = ? LIMIT 1", [tenant, oid, activity_id]):
+    if not read_store(
+        settings,
+        tenant,
+        f"SELECT 1 FROM {table} WHERE tenant_id = ? AND user_oid = ? AND {column} = ? LIMIT 1",
+        [tenant, oid, activity_id],
+    ):
         raise BadInput(f"nothing matched: no {kind} {activity_id} of user {oid} is stored in tenant {tenant}")
     from flows.teams import TeamsShareError, teams_share
 
     try:
-        result = run_flow(teams_share, tenant, oid, kind, activity_id, team_id=team, channel_id=channel,
-                          member_oids=oids or None, force=force)
+        result = run_flow(
+            teams_share,
+            tenant,
+            oid,
+            kind,
+            activity_id,
+            team_id=team,
+            channel_id=channel,
+            member_oids=oids or None,
+            force=force,
+        )
     except TeamsShareError as exc:
         raise BadInput(str(exc)) from None
     status = result["status"]
     messages = {
         "posted": f"posted: message {result.get('message_id')} in {result.get('target_kind')} "
-                  f"{result.get('target_id')}",
+        f"{result.get('target_id')}",
         "already_posted": f"already shared (message {result.get('message_id')}); nothing posted",
         "uncertain": "an earlier run may have posted this share but did not record it; nothing posted "
-                     "(check the target, then use --force to post anyway)",
+        "(check the target, then use --force to post anyway)",
         "consent_needed": f"user {oid} must reconnect (/connect?tenant={tenant}) to grant the Teams permissions",
         "disabled": f"tenant {tenant} has not enabled Teams sharing",
     }

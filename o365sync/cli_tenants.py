@@ -37,33 +37,55 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 Name = Annotated[str | None, typer.Option(help="Display name.")]
 Domains = Annotated[list[str] | None, typer.Option("--domain", help="Verified domain (repeat).")]
 Crm = Annotated[str | None, typer.Option(help="CRM kind: salesforce, hubspot, pipedrive or files.")]
-CrmLoginUrl = Annotated[str | None, typer.Option(help="Salesforce login URL, or the HubSpot/Pipedrive API base URL "
-                                                      "(https only).")]
+CrmLoginUrl = Annotated[
+    str | None, typer.Option(help="Salesforce login URL, or the HubSpot/Pipedrive API base URL (https only).")
+]
 CrmClientId = Annotated[str | None, typer.Option(help="Salesforce OAuth client id.")]
 CrmDirectory = Annotated[str | None, typer.Option(help="crm=files: folder with people/accounts CSV or Parquet.")]
-Features = Annotated[list[str] | None, typer.Option("--feature", help="Enabled feature (repeat): email, calendar, "
-                                                    "notetaker, teams. Default: email, calendar, notetaker.")]
-ExplicitConsent = Annotated[bool | None, typer.Option("--explicit-consent/--no-explicit-consent",
-                                                      help="Notetaker Explicit Consent Mode (Teams links and consent "
-                                                           "notices on matched external meetings).")]
+Features = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--feature",
+        help="Enabled feature (repeat): email, calendar, notetaker, teams. Default: email, calendar, notetaker.",
+    ),
+]
+ExplicitConsent = Annotated[
+    bool | None,
+    typer.Option(
+        "--explicit-consent/--no-explicit-consent",
+        help="Notetaker Explicit Consent Mode (Teams links and consent notices on matched external meetings).",
+    ),
+]
 RetentionDays = Annotated[int | None, typer.Option(help="Delete activities older than this many days.")]
-Offboarding = Annotated[str | None, typer.Option(help="When a user is removed: delete (after the grace period) or "
-                                                      "retain their data.")]
+Offboarding = Annotated[
+    str | None, typer.Option(help="When a user is removed: delete (after the grace period) or retain their data.")
+]
 GraceDays = Annotated[int | None, typer.Option(help="Days before an offboarded user's data is deleted.")]
-SecretsStdin = Annotated[bool, typer.Option("--crm-secrets-stdin", help="Read the CRM secrets from standard input "
-                                            "as NAME=value lines (names as the environment variables "
-                                            f"{', '.join(CRM_SECRET_VARIABLES)}); default: from the environment.")]
+SecretsStdin = Annotated[
+    bool,
+    typer.Option(
+        "--crm-secrets-stdin",
+        help="Read the CRM secrets from standard input "
+        "as NAME=value lines (names as the environment variables "
+        f"{', '.join(CRM_SECRET_VARIABLES)}); default: from the environment.",
+    ),
+]
 # Refused: secrets on the command line are visible in `ps` and shell history.
 _OldSecret = Annotated[str | None, typer.Option(hidden=True)]
-_OLD_SECRET_OPTIONS = {"--crm-client-secret": "O365SYNC_CRM_CLIENT_SECRET",
-                       "--crm-refresh-token": "O365SYNC_CRM_REFRESH_TOKEN", "--crm-token": "O365SYNC_CRM_TOKEN"}
+_OLD_SECRET_OPTIONS = {
+    "--crm-client-secret": "O365SYNC_CRM_CLIENT_SECRET",
+    "--crm-refresh-token": "O365SYNC_CRM_REFRESH_TOKEN",
+    "--crm-token": "O365SYNC_CRM_TOKEN",
+}
 
 
 def _refuse_secret_arguments(*values: str | None) -> None:
     for (option, variable), value in zip(_OLD_SECRET_OPTIONS.items(), values, strict=True):
         if value is not None:
-            _fail(f"{option} is no longer accepted (command-line arguments show in `ps` and shell history): set "
-                  f"{variable} in the environment, or pipe `{variable}=...` into the command with --crm-secrets-stdin")
+            _fail(
+                f"{option} is no longer accepted (command-line arguments show in `ps` and shell history): set "
+                f"{variable} in the environment, or pipe `{variable}=...` into the command with --crm-secrets-stdin"
+            )
 
 
 def _given_secrets(from_stdin: bool) -> dict[str, str]:
@@ -76,17 +98,25 @@ def _given_secrets(from_stdin: bool) -> dict[str, str]:
             continue
         name, equals, value = line.partition("=")
         if not equals or name.strip() not in CRM_SECRET_VARIABLES:
-            _fail(f"line {number} of standard input is not NAME=value with NAME one of "
-                  f"{', '.join(CRM_SECRET_VARIABLES)}; nothing was saved")
+            _fail(
+                f"line {number} of standard input is not NAME=value with NAME one of "
+                f"{', '.join(CRM_SECRET_VARIABLES)}; nothing was saved"
+            )
         given[name.strip()] = value.strip()
     return given
 
 
 # command option -> TenantConfig field (and CrmConnection field for the crm_* ones)
-_CONFIG_FIELDS = {"name": "name", "domain": "domains", "feature": "features",
-                  "explicit_consent": "notetaker_explicit_consent", "crm": "crm_kind",
-                  "retention_days": "retention_days", "offboarding": "offboarding",
-                  "offboarding_grace_days": "offboarding_grace_days"}
+_CONFIG_FIELDS = {
+    "name": "name",
+    "domain": "domains",
+    "feature": "features",
+    "explicit_consent": "notetaker_explicit_consent",
+    "crm": "crm_kind",
+    "retention_days": "retention_days",
+    "offboarding": "offboarding",
+    "offboarding_grace_days": "offboarding_grace_days",
+}
 _CRM_FIELDS = {"crm_login_url": "login_url", "crm_client_id": "client_id", "crm_directory": "directory"}
 
 
@@ -98,8 +128,10 @@ def _config(base: dict, options: dict[str, object]) -> TenantConfig:
     from o365sync.tenants import TenantConfig
 
     data = {**base, **{field: options[o] for o, field in _CONFIG_FIELDS.items() if options[o] not in (None, [])}}
-    data["crm"] = {**(data.get("crm") or {}),
-                   **{field: options[o] for o, field in _CRM_FIELDS.items() if options[o] is not None}}
+    data["crm"] = {
+        **(data.get("crm") or {}),
+        **{field: options[o] for o, field in _CRM_FIELDS.items() if options[o] is not None},
+    }
     data["crm"]["directory"] = data["crm"].get("directory") or None
     try:
         return TenantConfig.model_validate(data)
@@ -195,8 +227,10 @@ def tenant_update(
             _fail(str(exc), 1)
     save_tenant(settings, config, secrets)
     changed = sorted(k for k, v in config.model_dump().items() if v != current.model_dump()[k])
-    console.print(f"tenant {config.id} updated: {', '.join(changed) or 'no setting changed'}"
-                  + (f"; CRM secrets replaced ({', '.join(sorted(secrets)) or 'none'})" if secrets is not None else ""))
+    console.print(
+        f"tenant {config.id} updated: {', '.join(changed) or 'no setting changed'}"
+        + (f"; CRM secrets replaced ({', '.join(sorted(secrets)) or 'none'})" if secrets is not None else "")
+    )
 
 
 @tenant_app.command("list")
@@ -239,16 +273,23 @@ def _known_user(settings, tenant: TenantConfig, user: str) -> str:  # noqa: ANN0
 
     oid = canonical_id(user.strip())
     try:
-        known = (oid in tenant.user_preferences or oid in tenant.user_blocklists
-                 or bool(connection_info(settings, tenant.id, oid)))
+        known = (
+            oid in tenant.user_preferences
+            or oid in tenant.user_blocklists
+            or bool(connection_info(settings, tenant.id, oid))
+        )
     except TenantNotFound as exc:
         _fail(str(exc), 1)
     except ValueError:
-        _fail(f"{user!r} is not a user object id (a GUID such as 00000000-0000-0000-0000-000000000000); nothing "
-              "was saved")
+        _fail(
+            f"{user!r} is not a user object id (a GUID such as 00000000-0000-0000-0000-000000000000); nothing was saved"
+        )
     if not known:
-        _fail(f"nothing matched: user {oid} never connected to tenant {tenant.id} (its users: `o365sync tenant "
-              f"show {tenant.id}`); nothing was saved", 1)
+        _fail(
+            f"nothing matched: user {oid} never connected to tenant {tenant.id} (its users: `o365sync tenant "
+            f"show {tenant.id}`); nothing was saved",
+            1,
+        )
     return oid
 
 
@@ -257,10 +298,12 @@ def user_set(
     tenant_id: str,
     user: Annotated[str, typer.Argument(help="The user's object id.")],
     calendar: Annotated[bool | None, typer.Option("--calendar/--no-calendar", help="Import meetings.")] = None,
-    internal_meetings: Annotated[bool | None, typer.Option("--internal-meetings/--no-internal-meetings",
-                                                           help="Also import internal meetings.")] = None,
-    notetaker: Annotated[bool | None, typer.Option("--notetaker/--no-notetaker", help="Notetaker for my meetings.")]
-    = None,
+    internal_meetings: Annotated[
+        bool | None, typer.Option("--internal-meetings/--no-internal-meetings", help="Also import internal meetings.")
+    ] = None,
+    notetaker: Annotated[
+        bool | None, typer.Option("--notetaker/--no-notetaker", help="Notetaker for my meetings.")
+    ] = None,
 ) -> None:
     """Change one connected user's choices; options left out keep their value."""
     from o365sync.tenants import TenantNotFound, load_tenant, save_tenant
@@ -271,8 +314,11 @@ def user_set(
     except TenantNotFound as exc:
         _fail(str(exc))
     user = _known_user(settings, t, user)
-    changes = {k: v for k, v in {"calendar": calendar, "internal_meetings": internal_meetings,
-                                 "notetaker": notetaker}.items() if v is not None}
+    changes = {
+        k: v
+        for k, v in {"calendar": calendar, "internal_meetings": internal_meetings, "notetaker": notetaker}.items()
+        if v is not None
+    }
     prefs = t.preferences_for(user).model_copy(update=changes)
     t.user_preferences[user] = prefs
     save_tenant(settings, t)
@@ -293,8 +339,10 @@ def tenant_move(
         result = move_tenant(_settings(), tenant_id, None if region == "default" else region)
     except (TenantNotFound, ValueError) as exc:
         _fail(str(exc))
-    console.print(f"tenant {result['tenant']} now stored in region {result['region']} ({result['files']} files "
-                  f"moved, {result['removed_locations']} old locations removed)")
+    console.print(
+        f"tenant {result['tenant']} now stored in region {result['region']} ({result['files']} files "
+        f"moved, {result['removed_locations']} old locations removed)"
+    )
 
 
 @tenant_app.command("block")

@@ -40,12 +40,15 @@ def exports_dir(settings: Settings, tenant_id: str) -> Path:
 _CONVERSATION = "tenant_id = ? AND conversation_id = ? AND (?::VARCHAR IS NULL OR user_oid = ?)"
 
 
-def _meeting_scope(event_id: str | None, series_id: str | None, tenant_id: str,
-                   user_oid: str | None) -> tuple[str, list]:
+def _meeting_scope(
+    event_id: str | None, series_id: str | None, tenant_id: str, user_oid: str | None
+) -> tuple[str, list]:
     key = event_id or series_id or ""
     match = "event_id = ?" if event_id else "(series_master_id = ? OR event_id = ?)"
-    return (f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)",
-            [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid])
+    return (
+        f"tenant_id = ? AND {match} AND (?::VARCHAR IS NULL OR user_oid = ?)",
+        [tenant_id, *([key] if event_id else [key, key]), user_oid, user_oid],
+    )
 
 
 def _require_rows(settings: Settings, tenant_id: str, table: str, scope: str, params: list, what: str) -> None:
@@ -91,15 +94,19 @@ def _write(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def resolve_conversation(con: duckdb.DuckDBPyConnection, tenant_id: str, graph_id: str,
-                         user_oid: str | None = None) -> str:
+def resolve_conversation(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, graph_id: str, user_oid: str | None = None
+) -> str:
     """The conversation id of a stored message (LookupError if the message is not stored or has none)."""
-    row = con.execute("SELECT conversation_id FROM emails WHERE tenant_id = ? AND graph_id = ? AND "
-                      "(?::VARCHAR IS NULL OR user_oid = ?) AND conversation_id IS NOT NULL LIMIT 1",
-                      [tenant_id, graph_id, user_oid, user_oid]).fetchone()
+    row = con.execute(
+        "SELECT conversation_id FROM emails WHERE tenant_id = ? AND graph_id = ? AND "
+        "(?::VARCHAR IS NULL OR user_oid = ?) AND conversation_id IS NOT NULL LIMIT 1",
+        [tenant_id, graph_id, user_oid, user_oid],
+    ).fetchone()
     if row is None:
-        raise LookupError(f"nothing matched: message {graph_id} is not stored in tenant {tenant_id} (or has no "
-                          "conversation id)")
+        raise LookupError(
+            f"nothing matched: message {graph_id} is not stored in tenant {tenant_id} (or has no conversation id)"
+        )
     return row[0]
 
 
@@ -130,8 +137,14 @@ def to_eml(message: dict) -> bytes:
     return msg.as_bytes()
 
 
-def export_conversation(settings: Settings, tenant_id: str, conversation_id: str | None = None,
-                        graph_id: str | None = None, user_oid: str | None = None, eml: bool = True) -> ExportResult:
+def export_conversation(
+    settings: Settings,
+    tenant_id: str,
+    conversation_id: str | None = None,
+    graph_id: str | None = None,
+    user_oid: str | None = None,
+    eml: bool = True,
+) -> ExportResult:
     """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
     `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`. Holds the shared
     export lock from read to write, so an erasure deletes this export or runs before it reads."""
@@ -139,43 +152,82 @@ def export_conversation(settings: Settings, tenant_id: str, conversation_id: str
         raise ValueError("give a conversation id or a message's graph id")
     whose = f" of user {user_oid}" if user_oid else ""
     if conversation_id is None:
-        _require_rows(settings, tenant_id, "emails", "tenant_id = ? AND graph_id = ? AND conversation_id IS NOT NULL "
-                      "AND (?::VARCHAR IS NULL OR user_oid = ?)", [tenant_id, graph_id, user_oid, user_oid],
-                      f"message {graph_id}{whose} (with a conversation id)")
+        _require_rows(
+            settings,
+            tenant_id,
+            "emails",
+            "tenant_id = ? AND graph_id = ? AND conversation_id IS NOT NULL AND (?::VARCHAR IS NULL OR user_oid = ?)",
+            [tenant_id, graph_id, user_oid, user_oid],
+            f"message {graph_id}{whose} (with a conversation id)",
+        )
     else:
-        _require_rows(settings, tenant_id, "emails", _CONVERSATION, [tenant_id, conversation_id, user_oid, user_oid],
-                      f"conversation {conversation_id}{whose}")
+        _require_rows(
+            settings,
+            tenant_id,
+            "emails",
+            _CONVERSATION,
+            [tenant_id, conversation_id, user_oid, user_oid],
+            f"conversation {conversation_id}{whose}",
+        )
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
 
 
-def _export_conversation(settings: Settings, tenant_id: str, conversation_id: str | None, graph_id: str | None,
-                         user_oid: str | None, eml: bool) -> ExportResult:
+def _export_conversation(
+    settings: Settings,
+    tenant_id: str,
+    conversation_id: str | None,
+    graph_id: str | None,
+    user_oid: str | None,
+    eml: bool,
+) -> ExportResult:
     """Every stored message of a conversation (one user's copy, or every user's with `user_oid` None) as
     `conversation.json` (headers, participants, CRM links, body text) plus `messages/NNN.eml`."""
     with open_store(settings, tenant_id, write=False) as con:
         if conversation_id is None:
             conversation_id = resolve_conversation(con, tenant_id, graph_id or "", user_oid)
         params, scope = [tenant_id, conversation_id, user_oid, user_oid], _CONVERSATION
-        messages = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} "
-                              "ORDER BY coalesce(sent_at, received_at), graph_id", params)
+        messages = _rows(
+            con,
+            f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} ORDER BY coalesce(sent_at, received_at), graph_id",
+            params,
+        )
         keyed = f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})"
-        parts = _rows(con, f"SELECT user_oid, graph_id, role, name, address FROM email_participants WHERE {keyed} "
-                           "ORDER BY role, address", params)
-        links = _rows(con, f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
-                           f"email_crm_matches WHERE {keyed} ORDER BY crm_id", params)
+        parts = _rows(
+            con,
+            f"SELECT user_oid, graph_id, role, name, address FROM email_participants WHERE {keyed} "
+            "ORDER BY role, address",
+            params,
+        )
+        links = _rows(
+            con,
+            f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
+            f"email_crm_matches WHERE {keyed} ORDER BY crm_id",
+            params,
+        )
     if not messages:
-        raise LookupError(f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
-                          f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}")
+        raise LookupError(
+            f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
+            f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
+        )
     for m in messages:
         k = (m["user_oid"], m["graph_id"])
-        m["participants"] = [{x: p[x] for x in ("role", "name", "address")} for p in parts
-                             if (p["user_oid"], p["graph_id"]) == k]
-        m["crm_links"] = [{x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")} for c in links
-                          if (c["user_oid"], c["graph_id"]) == k]
+        m["participants"] = [
+            {x: p[x] for x in ("role", "name", "address")} for p in parts if (p["user_oid"], p["graph_id"]) == k
+        ]
+        m["crm_links"] = [
+            {x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")}
+            for c in links
+            if (c["user_oid"], c["graph_id"]) == k
+        ]
     folder = _target(settings, tenant_id, "conversation", conversation_id)
-    doc = {"tenant_id": tenant_id, "conversation_id": conversation_id, "user_oid": user_oid,
-           "exported_at": datetime.now(UTC).isoformat(), "messages": messages}
+    doc = {
+        "tenant_id": tenant_id,
+        "conversation_id": conversation_id,
+        "user_oid": user_oid,
+        "exported_at": datetime.now(UTC).isoformat(),
+        "messages": messages,
+    }
     _write(folder / "conversation.json", json.dumps(doc, indent=2, default=_iso).encode())
     files = 1
     if eml:
@@ -186,45 +238,77 @@ def _export_conversation(settings: Settings, tenant_id: str, conversation_id: st
     return ExportResult(folder, "conversation", len(messages), files)
 
 
-def export_meeting(settings: Settings, tenant_id: str, event_id: str | None = None, series_id: str | None = None,
-                   user_oid: str | None = None) -> ExportResult:
+def export_meeting(
+    settings: Settings,
+    tenant_id: str,
+    event_id: str | None = None,
+    series_id: str | None = None,
+    user_oid: str | None = None,
+) -> ExportResult:
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links (under the shared export lock, like conversations)."""
     if (event_id is None) == (series_id is None):
         raise ValueError("give an event id or a series id")
-    _require_rows(settings, tenant_id, "meetings", *_meeting_scope(event_id, series_id, tenant_id, user_oid),
-                  f"{'meeting' if event_id else 'series'} {event_id or series_id}"
-                  + (f" of user {user_oid}" if user_oid else ""))
+    _require_rows(
+        settings,
+        tenant_id,
+        "meetings",
+        *_meeting_scope(event_id, series_id, tenant_id, user_oid),
+        f"{'meeting' if event_id else 'series'} {event_id or series_id}" + (f" of user {user_oid}" if user_oid else ""),
+    )
     with export_lock(settings, tenant_id, exclusive=False):
         return _export_meeting(settings, tenant_id, event_id, series_id, user_oid)
 
 
-def _export_meeting(settings: Settings, tenant_id: str, event_id: str | None, series_id: str | None,
-                    user_oid: str | None) -> ExportResult:
+def _export_meeting(
+    settings: Settings, tenant_id: str, event_id: str | None, series_id: str | None, user_oid: str | None
+) -> ExportResult:
     """A meeting instance (`event_id`) or every stored occurrence of a series (`series_id`) as `meeting.json`:
     the meeting rows, attendees and CRM links."""
     key = event_id or series_id or ""
     scope, params = _meeting_scope(event_id, series_id, tenant_id, user_oid)
     with open_store(settings, tenant_id, write=False) as con:
-        meetings = _rows(con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id",
-                         params)
+        meetings = _rows(
+            con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id", params
+        )
         keyed = f"(user_oid, event_id) IN (SELECT (user_oid, event_id) FROM meetings WHERE {scope})"
-        attendees = _rows(con, f"SELECT user_oid, event_id, role, name, address, response FROM meeting_attendees "
-                               f"WHERE {keyed} ORDER BY role, address", params)
-        links = _rows(con, f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
-                           f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id", params)
+        attendees = _rows(
+            con,
+            f"SELECT user_oid, event_id, role, name, address, response FROM meeting_attendees "
+            f"WHERE {keyed} ORDER BY role, address",
+            params,
+        )
+        links = _rows(
+            con,
+            f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
+            f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id",
+            params,
+        )
     if not meetings:
-        raise LookupError(f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
-                          f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}")
+        raise LookupError(
+            f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
+            f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
+        )
     for m in meetings:
         k = (m["user_oid"], m["event_id"])
-        m["attendees"] = [{x: a[x] for x in ("role", "name", "address", "response")} for a in attendees
-                          if (a["user_oid"], a["event_id"]) == k]
-        m["crm_links"] = [{x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")} for c in links
-                          if (c["user_oid"], c["event_id"]) == k]
+        m["attendees"] = [
+            {x: a[x] for x in ("role", "name", "address", "response")}
+            for a in attendees
+            if (a["user_oid"], a["event_id"]) == k
+        ]
+        m["crm_links"] = [
+            {x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")}
+            for c in links
+            if (c["user_oid"], c["event_id"]) == k
+        ]
     kind = "meeting" if event_id else "series"
     folder = _target(settings, tenant_id, kind, key)
-    doc = {"tenant_id": tenant_id, f"{'event' if event_id else 'series'}_id": key, "user_oid": user_oid,
-           "exported_at": datetime.now(UTC).isoformat(), "meetings": meetings}
+    doc = {
+        "tenant_id": tenant_id,
+        f"{'event' if event_id else 'series'}_id": key,
+        "user_oid": user_oid,
+        "exported_at": datetime.now(UTC).isoformat(),
+        "meetings": meetings,
+    }
     _write(folder / "meeting.json", json.dumps(doc, indent=2, default=_iso).encode())
     return ExportResult(folder, kind, len(meetings), 1)

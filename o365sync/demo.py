@@ -82,12 +82,14 @@ def demo_world(seed: int, users: int, messages: int, contacts: int):  # noqa: AN
     """The demo's world (also `o365sync simulate`'s): one tenant, mail, calendars, Teams and every CRM."""
     from simulators.world import generate_world
 
-    return generate_world(seed=seed, users_per_tenant=users, messages_per_user=messages,
-                          contacts_per_tenant=contacts, calendars=True)
+    return generate_world(
+        seed=seed, users_per_tenant=users, messages_per_user=messages, contacts_per_tenant=contacts, calendars=True
+    )
 
 
-def simulate_world(data_dir: Path, seed: int, users: int, messages: int, contacts: int, web_port: int,
-                   echo: Callable[[str], None]):  # noqa: ANN201
+def simulate_world(
+    data_dir: Path, seed: int, users: int, messages: int, contacts: int, web_port: int, echo: Callable[[str], None]
+):  # noqa: ANN201
     """Start the demo's world (until `.stop()`) and `echo` how to point the product at it."""
     from simulators.running import start_world
 
@@ -108,22 +110,50 @@ def simulate_instructions(running, data_dir: Path, web_port: int) -> list[str]: 
     environment of that one command, never as options) and each user's connect link."""
     redirect = f"http://localhost:{web_port}/auth/callback"
     sf = running.salesforce
-    lines = [f"identity platform  {running.identity.base_url}", f"Microsoft Graph    {running.graph.base_url}",
-             f"Salesforce         {sf.base_url}", "", "# settings (e.g. in .env):"]
+    lines = [
+        f"identity platform  {running.identity.base_url}",
+        f"Microsoft Graph    {running.graph.base_url}",
+        f"Salesforce         {sf.base_url}",
+        "",
+        "# settings (e.g. in .env):",
+    ]
     lines += [f"{key}={value}" for key, value in running.settings_env(data_dir, redirect).items()]
     for t in running.world.tenants:
-        secrets = {"O365SYNC_CRM_CLIENT_SECRET": sf.client_secret,
-                   "O365SYNC_CRM_REFRESH_TOKEN": sf.refresh_token_for(t.tid)}
-        command = ["o365sync", "tenant", "add", "--id", t.tid, "--name", t.name,
-                   *(arg for d in t.domains for arg in ("--domain", d)), "--crm", "salesforce",
-                   "--crm-login-url", sf.base_url, "--crm-client-id", sf.client_id,
-                   *(arg for f in DEMO_FEATURES for arg in ("--feature", f))]
-        lines += ["", f"# tenant {t.name}: users {', '.join(u.upn for u in t.users)}",
-                  " ".join(f"{k}={shlex.quote(v)}" for k, v in secrets.items()) + " " + shlex.join(command)]
-        lines += [f"# connect {u.display_name}: http://localhost:{web_port}/connect?tenant={t.tid}"
-                  f"&login_hint={u.upn}" for u in t.users]
-    lines += ["", "Then: o365sync web, open the connect links, o365sync import --tenant <id>, and query with "
-              "o365sync sql \"SELECT kind, count(*) FROM activities GROUP BY ALL\". Ctrl-C stops."]
+        secrets = {
+            "O365SYNC_CRM_CLIENT_SECRET": sf.client_secret,
+            "O365SYNC_CRM_REFRESH_TOKEN": sf.refresh_token_for(t.tid),
+        }
+        command = [
+            "o365sync",
+            "tenant",
+            "add",
+            "--id",
+            t.tid,
+            "--name",
+            t.name,
+            *(arg for d in t.domains for arg in ("--domain", d)),
+            "--crm",
+            "salesforce",
+            "--crm-login-url",
+            sf.base_url,
+            "--crm-client-id",
+            sf.client_id,
+            *(arg for f in DEMO_FEATURES for arg in ("--feature", f)),
+        ]
+        lines += [
+            "",
+            f"# tenant {t.name}: users {', '.join(u.upn for u in t.users)}",
+            " ".join(f"{k}={shlex.quote(v)}" for k, v in secrets.items()) + " " + shlex.join(command),
+        ]
+        lines += [
+            f"# connect {u.display_name}: http://localhost:{web_port}/connect?tenant={t.tid}&login_hint={u.upn}"
+            for u in t.users
+        ]
+    lines += [
+        "",
+        "Then: o365sync web, open the connect links, o365sync import --tenant <id>, and query with "
+        'o365sync sql "SELECT kind, count(*) FROM activities GROUP BY ALL". Ctrl-C stops.',
+    ]
     return lines
 
 
@@ -133,8 +163,10 @@ def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None)
 
     if crm_kind == "salesforce":
         sf = running.salesforce
-        return (CrmConnection(login_url=sf.base_url, client_id=sf.client_id),
-                {"client_secret": sf.client_secret, "refresh_token": sf.refresh_token_for(tenant.tid)})
+        return (
+            CrmConnection(login_url=sf.base_url, client_id=sf.client_id),
+            {"client_secret": sf.client_secret, "refresh_token": sf.refresh_token_for(tenant.tid)},
+        )
     if crm_kind == "hubspot":
         hubspot = running.hubspot
         return CrmConnection(login_url=hubspot.base_url), {"access_token": hubspot.token_for(tenant.tid)}
@@ -150,8 +182,15 @@ def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None)
     raise ValueError(f"unknown CRM kind {crm_kind!r}")
 
 
-def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str = "salesforce",  # noqa: ANN001
-                         features: list[str] | None = None, explicit_consent: bool = False) -> None:
+def register_and_connect(
+    settings,
+    running,
+    tenant,
+    web_port: int,
+    crm_kind: str = "salesforce",  # noqa: ANN001
+    features: list[str] | None = None,
+    explicit_consent: bool = False,
+) -> None:
     """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
     `features` default: email only."""
     from o365sync.http import ssl_context
@@ -160,12 +199,23 @@ def register_and_connect(settings, running, tenant, web_port: int, crm_kind: str
 
     shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)  # a simulated tenant starts fresh
     connection, secrets = simulated_crm(running, tenant, crm_kind, tenant_dir(settings, tenant.tid) / "crm-files")
-    save_tenant(settings, TenantConfig(id=tenant.tid, name=tenant.name, domains=tenant.domains,
-                                       features=features or ["email"], notetaker_explicit_consent=explicit_consent,
-                                       crm_kind=crm_kind, crm=connection), secrets)
+    save_tenant(
+        settings,
+        TenantConfig(
+            id=tenant.tid,
+            name=tenant.name,
+            domains=tenant.domains,
+            features=features or ["email"],
+            notetaker_explicit_consent=explicit_consent,
+            crm_kind=crm_kind,
+            crm=connection,
+        ),
+        secrets,
+    )
     # One browser signs every user in from one address: let the per-address rate limit admit all of them.
     base_url, stop_web = run_in_thread(
-        settings.model_copy(update={"connect_rate_limit": f"{max(30, len(tenant.users))}/minute"}), port=web_port)
+        settings.model_copy(update={"connect_rate_limit": f"{max(30, len(tenant.users))}/minute"}), port=web_port
+    )
     try:
         with httpx.Client(verify=ssl_context(settings), follow_redirects=True, trust_env=False) as browser:
             for user in tenant.users:
@@ -187,11 +237,14 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
     from tasks.calendar_sync import anchored_window
 
     settings = load_settings()
-    console.print(f"[bold]Simulated world[/] tenant {tenant.name} ({tenant.tid}), {len(tenant.users)} users, "
-                  f"{sum(len(running.world.mailboxes[u.oid]) for u in tenant.users)} messages")
+    console.print(
+        f"[bold]Simulated world[/] tenant {tenant.name} ({tenant.tid}), {len(tenant.users)} users, "
+        f"{sum(len(running.world.mailboxes[u.oid]) for u in tenant.users)} messages"
+    )
     register_and_connect(settings, running, tenant, web_port, features=DEMO_FEATURES)
-    console.print(f"Connected {len(tenant.users)} users through MSAL (auth code + PKCE), features "
-                  f"{', '.join(DEMO_FEATURES)}")
+    console.print(
+        f"Connected {len(tenant.users)} users through MSAL (auth code + PKCE), features {', '.join(DEMO_FEATURES)}"
+    )
     t0 = time.perf_counter()
     totals = initial_import(tenant.tid)
     flow_s = time.perf_counter() - t0
@@ -203,8 +256,9 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
         table.add_column(col, justify="left" if col in ("user", "feature", "stage") else "right")
     with open_store(settings, tenant.tid, write=False) as con:
         for oid, feature, *row in con.execute(
-                "SELECT user_oid, feature, stage, scanned, matched, imported, discarded FROM sync_state "
-                "WHERE feature IN ('email', 'calendar') ORDER BY user_oid, feature DESC").fetchall():
+            "SELECT user_oid, feature, stage, scanned, matched, imported, discarded FROM sync_state "
+            "WHERE feature IN ('email', 'calendar') ORDER BY user_oid, feature DESC"
+        ).fetchall():
             table.add_row(names.get(oid, oid), feature, *(str(v) for v in row))
         meetings = con.execute("SELECT count(*), count(*) FILTER (WHERE is_internal) FROM meetings").fetchone()
         listed = con.execute("SELECT count(*) FROM notetaker_queue WHERE status = 'to_record'").fetchone()[0]
@@ -212,16 +266,18 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
     expected = len(running.world.expected_matches(tenant.tid))
     lo, hi = anchored_window(datetime.now(UTC))
     expected_meetings = len(running.world.calendars.expected_meetings(tenant.tid, lo, hi))
-    console.print(f"Imported {totals['imported']} of {totals['scanned']} scanned messages "
-                  f"(ground truth: {expected} must be imported); {meetings[0]} meetings of the next 12 months "
-                  f"(ground truth: {expected_meetings}), {listed} listed for Notetaker; "
-                  f"{teams['channels']} Teams channels listed; flow {flow_s:.1f}s, "
-                  f"total {time.perf_counter() - started:.1f}s")
+    console.print(
+        f"Imported {totals['imported']} of {totals['scanned']} scanned messages "
+        f"(ground truth: {expected} must be imported); {meetings[0]} meetings of the next 12 months "
+        f"(ground truth: {expected_meetings}), {listed} listed for Notetaker; "
+        f"{teams['channels']} Teams channels listed; flow {flow_s:.1f}s, "
+        f"total {time.perf_counter() - started:.1f}s"
+    )
     snap = snapshot_path(settings, tenant.tid)
     console.print(f"\n[bold]Analyst snapshot[/]: {snap}  (live store: {tenant_dir(settings, tenant.tid)})")
     for title, sql in EXAMPLE_QUERIES.items():
         console.print(f"\n[bold]{title}[/]", highlight=False)
-        console.print(f"o365sync sql \"{' '.join(sql.split())}\"", soft_wrap=True, highlight=False, markup=False)
+        console.print(f'o365sync sql "{" ".join(sql.split())}"', soft_wrap=True, highlight=False, markup=False)
         columns, rows = query_snapshot(settings, tenant.tid, sql)
         out = Table(*columns)
         for row in rows:

@@ -51,9 +51,20 @@ REASONS = ("user_request", "admin_request", "retention", "offboarding", "subscri
 _ACTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 
 # Every table that holds rows of a user (all but the CRM snapshot and the tenant-level state).
-USER_TABLES = ("emails", "email_participants", "email_crm_matches", "mail_cursor", "sync_state", "meetings",
-               "meeting_attendees", "meeting_crm_matches", "calendar_cursor", "notetaker_queue", "teams_channels",
-               "shares")
+USER_TABLES = (
+    "emails",
+    "email_participants",
+    "email_crm_matches",
+    "mail_cursor",
+    "sync_state",
+    "meetings",
+    "meeting_attendees",
+    "meeting_crm_matches",
+    "calendar_cursor",
+    "notetaker_queue",
+    "teams_channels",
+    "shares",
+)
 EMAIL_TABLES = ("emails", "email_participants", "email_crm_matches")
 MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
 
@@ -67,8 +78,11 @@ _STORED = {
     "conversation": ("conversation", "SELECT 1 FROM emails WHERE tenant_id = ? AND conversation_id = ? AND {mine}"),
     "message": ("message", "SELECT 1 FROM emails WHERE tenant_id = ? AND graph_id = ? AND {mine}"),
     "meeting": ("event", "SELECT 1 FROM meetings WHERE tenant_id = ? AND event_id = ? AND {mine}"),
-    "series": ("series", "SELECT 1 FROM meetings WHERE tenant_id = ? AND ? IN (series_master_id, event_id) AND {mine} "
-                         "UNION ALL SELECT 1 FROM notetaker_queue WHERE tenant_id = ? AND event_id = ? AND {mine}"),
+    "series": (
+        "series",
+        "SELECT 1 FROM meetings WHERE tenant_id = ? AND ? IN (series_master_id, event_id) AND {mine} "
+        "UNION ALL SELECT 1 FROM notetaker_queue WHERE tenant_id = ? AND event_id = ? AND {mine}",
+    ),
 }
 
 
@@ -211,8 +225,13 @@ def compact_store(settings: Settings, tenant_id: str) -> dict[str, float | int]:
     t1 = time.perf_counter()
     snap = publish_snapshot(settings, tenant_id)
     t2 = time.perf_counter()
-    return {"bytes_before": before, "bytes_after": after, "snapshot_bytes": snap.stat().st_size,
-            "compact_seconds": round(t1 - t0, 3), "publish_seconds": round(t2 - t1, 3)}
+    return {
+        "bytes_before": before,
+        "bytes_after": after,
+        "snapshot_bytes": snap.stat().st_size,
+        "compact_seconds": round(t1 - t0, 3),
+        "publish_seconds": round(t2 - t1, 3),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -228,9 +247,11 @@ def _select(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, now: d
     mine = "(?::VARCHAR IS NULL OR user_oid = ?)"
     ids: dict[str, list[str]] = {}
     if scope.kind == "message":
-        rows = con.execute(f"SELECT DISTINCT conversation_id, internet_message_id, graph_id FROM emails WHERE "
-                           f"tenant_id = ? AND {mine} AND graph_id IN (SELECT id FROM _ids)",
-                           [tenant_id, *user]).fetchall()
+        rows = con.execute(
+            f"SELECT DISTINCT conversation_id, internet_message_id, graph_id FROM emails WHERE "
+            f"tenant_id = ? AND {mine} AND graph_id IN (SELECT id FROM _ids)",
+            [tenant_id, *user],
+        ).fetchall()
         if not rows:
             raise LookupError(f"message {scope.ids[0]} is not stored in tenant {tenant_id}")
         convs = sorted({r[0] for r in rows if r[0]})
@@ -238,27 +259,43 @@ def _select(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, now: d
         con.execute("DELETE FROM _ids")
         if convs:
             con.executemany("INSERT INTO _ids VALUES (?)", [[c] for c in convs])
-        con.execute(f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
-                    "conversation_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        con.execute(
+            f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
+            "conversation_id IN (SELECT id FROM _ids)",
+            [tenant_id, *user],
+        )
         if loose:
-            con.executemany(f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} "
-                            "AND graph_id = ?", [[tenant_id, *user, g] for g in loose])
+            con.executemany(
+                f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND graph_id = ?",
+                [[tenant_id, *user, g] for g in loose],
+            )
         ids = {"conversation_ids": convs, "graph_ids": loose}
     elif scope.kind == "conversation":
-        con.execute(f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
-                    "conversation_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        con.execute(
+            f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
+            "conversation_id IN (SELECT id FROM _ids)",
+            [tenant_id, *user],
+        )
         ids = {"conversation_ids": sorted(scope.ids)}
     elif scope.kind == "meeting":
-        con.execute(f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
-                    "event_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        con.execute(
+            f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
+            "event_id IN (SELECT id FROM _ids)",
+            [tenant_id, *user],
+        )
         ids = {"event_ids": sorted(scope.ids)}
     elif scope.kind == "series":
-        con.execute(f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
-                    "(series_master_id IN (SELECT id FROM _ids) OR event_id IN (SELECT id FROM _ids))",
-                    [tenant_id, *user])
+        con.execute(
+            f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
+            "(series_master_id IN (SELECT id FROM _ids) OR event_id IN (SELECT id FROM _ids))",
+            [tenant_id, *user],
+        )
         # Explicit Consent Mode keeps its row under the series master id.
-        con.execute(f"INSERT INTO _m SELECT user_oid, event_id FROM notetaker_queue WHERE tenant_id = ? AND {mine} "
-                    "AND event_id IN (SELECT id FROM _ids)", [tenant_id, *user])
+        con.execute(
+            f"INSERT INTO _m SELECT user_oid, event_id FROM notetaker_queue WHERE tenant_id = ? AND {mine} "
+            "AND event_id IN (SELECT id FROM _ids)",
+            [tenant_id, *user],
+        )
         ids = {"series_ids": sorted(scope.ids)}
     elif scope.kind == "user":
         ids = {"user_oids": [scope.user_oid or ""]}
@@ -285,22 +322,30 @@ def _select_retention(con: duckdb.DuckDBPyConnection, tenant_id: str, cutoff: da
         "coalesce(e.received_at, e.sent_at, e.imported_at) < ? AND coalesce(e.conversation_id, e.graph_id) NOT IN ("
         " SELECT coalesce(x.conversation_id, x.graph_id) FROM emails x JOIN email_crm_matches c ON "
         " c.tenant_id = x.tenant_id AND c.user_oid = x.user_oid AND c.graph_id = x.graph_id "
-        " WHERE x.tenant_id = ? AND c.crm_id IN (SELECT crm_id FROM _open_crm))", [tenant_id, cutoff, tenant_id])
+        " WHERE x.tenant_id = ? AND c.crm_id IN (SELECT crm_id FROM _open_crm))",
+        [tenant_id, cutoff, tenant_id],
+    )
     con.execute(
         "INSERT INTO _m SELECT m.user_oid, m.event_id FROM meetings m WHERE m.tenant_id = ? AND "
         "coalesce(m.end_at, m.start_at, m.imported_at) < ? AND coalesce(m.series_master_id, m.event_id) NOT IN ("
         " SELECT coalesce(x.series_master_id, x.event_id) FROM meetings x JOIN meeting_crm_matches c ON "
         " c.tenant_id = x.tenant_id AND c.user_oid = x.user_oid AND c.event_id = x.event_id "
-        " WHERE x.tenant_id = ? AND c.crm_id IN (SELECT crm_id FROM _open_crm))", [tenant_id, cutoff, tenant_id])
+        " WHERE x.tenant_id = ? AND c.crm_id IN (SELECT crm_id FROM _open_crm))",
+        [tenant_id, cutoff, tenant_id],
+    )
 
 
 def retention_exempt_counts(con: duckdb.DuckDBPyConnection, tenant_id: str, cutoff: datetime) -> dict[str, int]:
     """How many emails/meetings older than `cutoff` are kept because of an open opportunity (for artifacts)."""
     con.execute(_OPEN_LINKS)
-    old_e = con.execute("SELECT count(*) FROM emails WHERE tenant_id = ? AND coalesce(received_at, sent_at, "
-                        "imported_at) < ?", [tenant_id, cutoff]).fetchone()[0]
-    old_m = con.execute("SELECT count(*) FROM meetings WHERE tenant_id = ? AND coalesce(end_at, start_at, "
-                        "imported_at) < ?", [tenant_id, cutoff]).fetchone()[0]
+    old_e = con.execute(
+        "SELECT count(*) FROM emails WHERE tenant_id = ? AND coalesce(received_at, sent_at, imported_at) < ?",
+        [tenant_id, cutoff],
+    ).fetchone()[0]
+    old_m = con.execute(
+        "SELECT count(*) FROM meetings WHERE tenant_id = ? AND coalesce(end_at, start_at, imported_at) < ?",
+        [tenant_id, cutoff],
+    ).fetchone()[0]
     return {"emails_older": int(old_e), "meetings_older": int(old_m)}
 
 
@@ -316,26 +361,40 @@ def _delete(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> dic
             run(table, "user_oid = ?", [scope.user_oid])
         return rows
     for table in EMAIL_TABLES:
-        run(table, f"EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = {table}.user_oid AND _e.graph_id = {table}.graph_id)",
-            [])
+        run(
+            table,
+            f"EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = {table}.user_oid AND _e.graph_id = {table}.graph_id)",
+            [],
+        )
     for table in MEETING_TABLES:
-        run(table, f"EXISTS (SELECT 1 FROM _m WHERE _m.user_oid = {table}.user_oid AND _m.event_id = {table}.event_id)",
-            [])
-    run("shares", "(activity_kind = 'email' AND EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = shares.user_oid AND "
+        run(
+            table,
+            f"EXISTS (SELECT 1 FROM _m WHERE _m.user_oid = {table}.user_oid AND _m.event_id = {table}.event_id)",
+            [],
+        )
+    run(
+        "shares",
+        "(activity_kind = 'email' AND EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = shares.user_oid AND "
         "_e.graph_id = shares.activity_id)) OR (activity_kind = 'meeting' AND EXISTS (SELECT 1 FROM _m WHERE "
-        "_m.user_oid = shares.user_oid AND _m.event_id = shares.activity_id))", [])
+        "_m.user_oid = shares.user_oid AND _m.event_id = shares.activity_id))",
+        [],
+    )
     return rows
 
 
-def _tombstone(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, ids: dict[str, list[str]],
-               now: datetime) -> int:
+def _tombstone(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, ids: dict[str, list[str]], now: datetime
+) -> int:
     """Keys Graph would bring back: never imported again for that user (NULL user: anyone in the tenant)."""
     keys: list[tuple[str, str]] = []
     if scope.kind in ("conversation", "message"):
         keys += [("conversation", c) for c in ids.get("conversation_ids", [])]
         for gid in ids.get("graph_ids", []):  # a message without a conversation id: by internetMessageId
-            for (imid,) in con.execute("SELECT DISTINCT internet_message_id FROM emails WHERE tenant_id = ? AND "
-                                       "graph_id = ? AND internet_message_id IS NOT NULL", [tenant_id, gid]).fetchall():
+            for (imid,) in con.execute(
+                "SELECT DISTINCT internet_message_id FROM emails WHERE tenant_id = ? AND "
+                "graph_id = ? AND internet_message_id IS NOT NULL",
+                [tenant_id, gid],
+            ).fetchall():
                 keys.append(("message", imid))
     elif scope.kind == "meeting":
         keys += [("event", e) for e in ids.get("event_ids", [])]
@@ -343,8 +402,11 @@ def _tombstone(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, ids
         keys += [("series", s) for s in ids.get("series_ids", [])]
     n = 0
     for kind, key in keys:
-        exists = con.execute("SELECT count(*) FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? "
-                             "AND kind = ? AND key = ?", [tenant_id, scope.user_oid, kind, key]).fetchone()[0]
+        exists = con.execute(
+            "SELECT count(*) FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? "
+            "AND kind = ? AND key = ?",
+            [tenant_id, scope.user_oid, kind, key],
+        ).fetchone()[0]
         if not exists:
             con.execute("INSERT INTO erased VALUES (?, ?, ?, ?, ?)", [tenant_id, scope.user_oid, kind, key, now])
             n += 1
@@ -368,9 +430,13 @@ def _require_match(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope)
     unmatched = []
     for key in scope.ids:
         params = [tenant_id, key, scope.user_oid, scope.user_oid] * sql.count("SELECT 1")  # per SELECT of the query
-        if not con.execute(sql.format(mine=mine), params).fetchall() and \
-                not con.execute("SELECT 1 FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? AND "
-                                "kind = ? AND key = ?", [tenant_id, scope.user_oid, kind, key]).fetchall():
+        if (
+            not con.execute(sql.format(mine=mine), params).fetchall()
+            and not con.execute(
+                "SELECT 1 FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? AND kind = ? AND key = ?",
+                [tenant_id, scope.user_oid, kind, key],
+            ).fetchall()
+        ):
             unmatched.append(key)
     if unmatched:
         raise NothingMatched(_nothing_matched(tenant_id, scope, unmatched))
@@ -378,8 +444,10 @@ def _require_match(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope)
 
 def _nothing_matched(tenant_id: str, scope: Scope, ids: list[str]) -> str:
     whose = f" of user {scope.user_oid}" if scope.user_oid else ""
-    return (f"nothing matched: no {scope.kind} {', '.join(ids)}{whose} is stored in tenant {tenant_id}; nothing was "
-            f"changed (check the id, e.g. with o365sync sql --tenant {tenant_id})")
+    return (
+        f"nothing matched: no {scope.kind} {', '.join(ids)}{whose} is stored in tenant {tenant_id}; nothing was "
+        f"changed (check the id, e.g. with o365sync sql --tenant {tenant_id})"
+    )
 
 
 def _check(actor: str, reason: str) -> None:
@@ -390,8 +458,9 @@ def _check(actor: str, reason: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def erase(settings: Settings, tenant_id: str, scope: Scope, actor: str, reason: str,
-          now: datetime | None = None) -> ErasureResult:
+def erase(
+    settings: Settings, tenant_id: str, scope: Scope, actor: str, reason: str, now: datetime | None = None
+) -> ErasureResult:
     """Erase `scope` from every file we keep for the tenant; complete when this returns (see the module doc).
     Idempotent: erasing what was erased before deletes nothing and still compacts, republishes and audits; a
     conversation, message, meeting or series id that was never stored raises NothingMatched (nothing changed)."""
@@ -426,8 +495,10 @@ def erase(settings: Settings, tenant_id: str, scope: Scope, actor: str, reason: 
         except Exception as exc:
             entry = _audit_entry(result, actor, reason, now, time.perf_counter() - t0)
             append_audit(log, {**entry, "complete": False, "error": type(exc).__name__})
-            raise ErasureError(f"tenant {tenant_id}: {scope.kind} rows deleted, but {type(exc).__name__} before "
-                               "the compaction finished; run the erasure again") from None
+            raise ErasureError(
+                f"tenant {tenant_id}: {scope.kind} rows deleted, but {type(exc).__name__} before "
+                "the compaction finished; run the erasure again"
+            ) from None
         result.bytes_before, result.bytes_after = int(sizes["bytes_before"]), int(sizes["bytes_after"])
         result.snapshot_bytes = int(sizes["snapshot_bytes"])
         result.seconds = round(time.perf_counter() - t0, 3)
@@ -451,12 +522,26 @@ def _forget_user(settings: Settings, tenant_id: str, user_oid: str) -> dict[str,
 
 def _audit_entry(result: ErasureResult, actor: str, reason: str, now: datetime, seconds: float) -> dict:
     d = asdict(result)
-    return {"at": now.isoformat(timespec="seconds"), "logged_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "actor": actor, "action": "erase", "reason": reason, "tenant_id": result.tenant_id,
-            "scope": result.scope, "ids": d["ids"], "rows": d["rows"], "tombstones": result.tombstones,
-            "bytes_before": result.bytes_before, "bytes_after": result.bytes_after,
-            "snapshot_bytes": result.snapshot_bytes, "exports_removed": result.exports_removed,
-            "files_removed": result.files_removed, "seconds": round(seconds, 3), **result.extra, "complete": True}
+    return {
+        "at": now.isoformat(timespec="seconds"),
+        "logged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "actor": actor,
+        "action": "erase",
+        "reason": reason,
+        "tenant_id": result.tenant_id,
+        "scope": result.scope,
+        "ids": d["ids"],
+        "rows": d["rows"],
+        "tombstones": result.tombstones,
+        "bytes_before": result.bytes_before,
+        "bytes_after": result.bytes_after,
+        "snapshot_bytes": result.snapshot_bytes,
+        "exports_removed": result.exports_removed,
+        "files_removed": result.files_removed,
+        "seconds": round(seconds, 3),
+        **result.extra,
+        "complete": True,
+    }
 
 
 def _count_rows(path: Path) -> dict[str, int]:
@@ -464,26 +549,35 @@ def _count_rows(path: Path) -> dict[str, int]:
         return {}
     con = duckdb.connect(str(path), read_only=True)
     try:
-        tables = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE "
-                                            "table_schema = 'main' ORDER BY 1").fetchall()]
+        tables = [
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
+            ).fetchall()
+        ]
         return {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in tables}
     finally:
         con.close()
 
 
-def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str,
-                  now: datetime | None) -> ErasureResult:
+def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, now: datetime | None) -> ErasureResult:
     """Subscription end: every file of the tenant — store, snapshot, exports, CRM snapshot (in the store), CRM
     credentials, token caches, locks, the registry entry — is removed; only the audit log entry remains."""
     now = now or datetime.now(UTC)
     t0 = time.perf_counter()
     region = tenant_region(settings, tenant_id)
     log = audit_path(settings, tenant_id, region)
-    folder, registry, snap = tenant_dir(settings, tenant_id), registry_dir(settings, tenant_id), \
-        snapshot_path(settings, tenant_id)
+    folder, registry, snap = (
+        tenant_dir(settings, tenant_id),
+        registry_dir(settings, tenant_id),
+        snapshot_path(settings, tenant_id),
+    )
     users = [u.oid for u in connected_users(settings, tenant_id)] if folder.exists() else []
-    with tenant_sync_locks(folder, FEATURE_LOCKS), export_lock(settings, tenant_id, exclusive=True), \
-            store_lock(settings, tenant_id, write=True) as live:
+    with (
+        tenant_sync_locks(folder, FEATURE_LOCKS),
+        export_lock(settings, tenant_id, exclusive=True),
+        store_lock(settings, tenant_id, write=True) as live,
+    ):
         rows = {t: n for t, n in _count_rows(live).items() if n}
         before = _size(live)
         for oid in users:
@@ -496,8 +590,15 @@ def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str,
             elif path.exists():
                 files += 1
                 path.unlink()
-    result = ErasureResult(tenant_id, "tenant", {"user_oids": sorted(users)}, rows, bytes_before=before,
-                           files_removed=files, audit_path=str(log))
+    result = ErasureResult(
+        tenant_id,
+        "tenant",
+        {"user_oids": sorted(users)},
+        rows,
+        bytes_before=before,
+        files_removed=files,
+        audit_path=str(log),
+    )
     result.seconds = round(time.perf_counter() - t0, 3)
     append_audit(log, _audit_entry(result, actor, reason, now, result.seconds))
     return result

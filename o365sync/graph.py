@@ -167,8 +167,13 @@ class ForbiddenRequest(GraphError):
         return f"Graph request refused by the client allowlist: {self.method} {self.template}{extra}"
 
 
-_BY_STATUS: dict[int, type[GraphError]] = {400: GraphBadRequest, 401: GraphAuthError, 403: GraphForbidden,
-                                           404: GraphNotFound, 429: GraphThrottled}
+_BY_STATUS: dict[int, type[GraphError]] = {
+    400: GraphBadRequest,
+    401: GraphAuthError,
+    403: GraphForbidden,
+    404: GraphNotFound,
+    429: GraphThrottled,
+}
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -224,9 +229,13 @@ class Allow:
                 i, j = i + 1, j + 1
             elif seg.lower() == part.lower():
                 i, j = i + 1, j + 1
-            elif (i + 1 < len(parts) and parts[i + 1].startswith("{")
-                  and (m := _KEY_FORM.fullmatch(seg)) and m.group(1).lower() == part.lower()
-                  and _is_key(m.group(2))):
+            elif (
+                i + 1 < len(parts)
+                and parts[i + 1].startswith("{")
+                and (m := _KEY_FORM.fullmatch(seg))
+                and m.group(1).lower() == part.lower()
+                and _is_key(m.group(2))
+            ):
                 i, j = i + 2, j + 1
             else:
                 return False
@@ -317,8 +326,10 @@ _decode_batch = msgspec.json.Decoder(_BatchResponse).decode
 # A JSON string escape that is a UTF-16 surrogate: an escaped backslash (kept: `\\ud83d` is literal text), a
 # valid pair (kept), or a lone half (replaced).
 _SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
-_ESCAPES = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-                      rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_ESCAPES = re.compile(
+    rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+)
 _UNDECODABLE = re.compile("[\udc80-\udcff]+")  # bytes that are not UTF-8, after decoding with surrogateescape
 REPLACEMENT = b"\\ufffd"  # U+FFFD, written as a JSON escape
 
@@ -359,8 +370,9 @@ def _item_decoder(item_type: type) -> Callable[[Any], Any]:
     return msgspec.json.Decoder(item_type).decode
 
 
-def decode_page(raw: bytes, decode: Callable[[bytes], Any], page_type: type, item_type: type
-                ) -> tuple[Any, frozenset[int]]:
+def decode_page(
+    raw: bytes, decode: Callable[[bytes], Any], page_type: type, item_type: type
+) -> tuple[Any, frozenset[int]]:
     """A Graph collection page: `decode(raw)` (the fast typed decoder), or, when msgspec refuses the text, the page
     rebuilt as `page_type(value=[item_type…], next_link=…, delta_link=…)` from `repair_text(raw)`, with the
     positions of the items whose text was replaced (an item of Graph's own `\\ufffd` in such a page counts too).
@@ -452,13 +464,24 @@ class GraphClient:
     Outlook's 10,000 per 600 s; pass less for headroom, None to switch the limiter off) are measured with `clock`
     and waited for with `sleep`. `max_pages` caps the pages of one listing; `stop_paging_after` sets a deadline."""
 
-    def __init__(self, http: httpx.Client, base_url: str, token: Callable[[bool], str], max_in_flight: int = 4,
-                 max_attempts: int = 8, sleep: Callable[[float], None] = time.sleep,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0, *,
-                 allow: Iterable[Allow] = MAIL_READ_ALLOWLIST, allow_expand: Iterable[str] = EXPAND_ALLOWLIST,
-                 budget: int | None = OUTLOOK_BUDGET,
-                 budget_window_s: float = OUTLOOK_BUDGET_WINDOW_S, clock: Callable[[], float] = time.monotonic,
-                 max_pages: int | None = None):
+    def __init__(
+        self,
+        http: httpx.Client,
+        base_url: str,
+        token: Callable[[bool], str],
+        max_in_flight: int = 4,
+        max_attempts: int = 8,
+        sleep: Callable[[float], None] = time.sleep,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        *,
+        allow: Iterable[Allow] = MAIL_READ_ALLOWLIST,
+        allow_expand: Iterable[str] = EXPAND_ALLOWLIST,
+        budget: int | None = OUTLOOK_BUDGET,
+        budget_window_s: float = OUTLOOK_BUDGET_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+        max_pages: int | None = None,
+    ):
         self.http = http
         self.base_url = base_url.rstrip("/")
         origin = httpx.URL(self.base_url)
@@ -545,8 +568,9 @@ class GraphClient:
             now = self._clock()
             return sum(n for at, n in self._spent if at > now - self.budget_window_s)
 
-    def check_allowed(self, method: str, url_or_path: str, params: Mapping[str, Any] | None = None,
-                      content: bytes | None = None) -> int:
+    def check_allowed(
+        self, method: str, url_or_path: str, params: Mapping[str, Any] | None = None, content: bytes | None = None
+    ) -> int:
         """Raise `ForbiddenRequest` unless the request is on the allowlist; returns its budget cost (the number of
         inner requests for a `$batch`, else 1). Absolute URLs must already be on the Graph origin."""
         method = method.upper()
@@ -554,7 +578,7 @@ class GraphClient:
         path = parts.path
         segments: list[str] | None = None
         if path.lower().startswith(self._base_path.lower() + "/"):
-            segments = [unquote(s) for s in path[len(self._base_path) + 1:].split("/")]
+            segments = [unquote(s) for s in path[len(self._base_path) + 1 :].split("/")]
         if segments is None or not any(a.matches(method, segments) for a in self.allow):
             raw = [unquote(s) for s in path.split("/") if s] if segments is None else segments
             raise ForbiddenRequest(method, _template(raw))
@@ -563,8 +587,9 @@ class GraphClient:
             query += [(str(k), str(v)) for k, v in params.items()]
         for key, value in query:
             name = key.strip().lstrip("$").lower()
-            if (name == "expand" and _squash(value) not in self.allow_expand) or (name == "select" and any(
-                    p.strip().split("/")[0].lower() in SELECT_DENIED for p in value.split(","))):
+            if (name == "expand" and _squash(value) not in self.allow_expand) or (
+                name == "select" and any(p.strip().split("/")[0].lower() in SELECT_DENIED for p in value.split(","))
+            ):
                 raise ForbiddenRequest(method, _template(segments), f"${name}")
         if not (method == "POST" and len(segments) == 1 and segments[0].lower() == "$batch"):
             return 1
@@ -592,9 +617,17 @@ class GraphClient:
             return url_or_path
         return f"{self.base_url}/{url_or_path.lstrip('/')}"
 
-    def request(self, method: str, url_or_path: str, *, params: dict[str, Any] | None = None,
-                headers: dict[str, str] | None = None, content: bytes | None = None,
-                slots: int = 1, idempotent: bool = True) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        url_or_path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        slots: int = 1,
+        idempotent: bool = True,
+    ) -> httpx.Response:
         """Send with retries: 401 → one forced token refresh; 429/502/503/504 and network errors → wait
         (Retry-After or exponential backoff with jitter) and retry up to `max_attempts`; other 4xx raise.
         `idempotent=False` (e.g. posting a chat message): only 401 and 429 are retried — after a 5xx or a dropped
@@ -636,8 +669,9 @@ class GraphClient:
             raise error_for(status, resp.content, resp.headers) from None
 
     # ------------------------------------------------------------------ public API
-    def get(self, url_or_path: str, params: dict[str, Any] | None = None,
-            headers: dict[str, str] | None = None) -> httpx.Response:
+    def get(
+        self, url_or_path: str, params: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         return self.request("GET", url_or_path, params=params, headers=headers)
 
     def stop_paging_after(self, seconds: float | None) -> None:
@@ -668,8 +702,9 @@ class GraphClient:
         if not u.path.lower().startswith(self._base_path.lower() + "/"):
             raise LinkNotFollowable(0, "OutsideGraphRoot")
 
-    def iter_pages(self, path: str, params: dict[str, Any] | None,
-                   headers: dict[str, str] | None = None) -> Iterator[bytes]:
+    def iter_pages(
+        self, path: str, params: dict[str, Any] | None, headers: dict[str, str] | None = None
+    ) -> Iterator[bytes]:
         """Raw JSON of each page; follows the absolute `@odata.nextLink` verbatim (also past empty pages).
         `path` may be a saved absolute link. Raises `LinkNotFollowable` for a link off the configured Graph URL,
         `GraphPagingError("NextLinkLoop")` for a repeated nextLink and `RunLimitReached` once `max_pages` pages were
@@ -705,7 +740,7 @@ class GraphClient:
         for item in requests:
             self._check_inner(str(item.get("method", "")), str(item.get("url", "")))
         for start in range(0, len(requests), BATCH_LIMIT):
-            yield from self._batch_chunk(requests[start:start + BATCH_LIMIT])
+            yield from self._batch_chunk(requests[start : start + BATCH_LIMIT])
 
     def _batch_chunk(self, chunk: list[dict]) -> Iterator[tuple[str, int, Any]]:
         pending: dict[str, dict] = {}
@@ -718,8 +753,7 @@ class GraphClient:
         while pending:
             attempt += 1
             payload = msgspec.json.encode({"requests": list(pending.values())})
-            resp = self.request("POST", "$batch", content=payload,
-                                slots=min(BATCH_INNER_CONCURRENCY, len(pending)))
+            resp = self.request("POST", "$batch", content=payload, slots=min(BATCH_INNER_CONCURRENCY, len(pending)))
             answered = _decode_batch(resp.content).responses
             del resp
             retry: dict[str, dict] = {}
@@ -731,8 +765,9 @@ class GraphClient:
                 if item.status in RETRYABLE:
                     retry[item.id] = pending[item.id]
                     last = item
-                    ra = retry_after_seconds((item.headers or {}).get("Retry-After")
-                                             or (item.headers or {}).get("retry-after"))
+                    ra = retry_after_seconds(
+                        (item.headers or {}).get("Retry-After") or (item.headers or {}).get("retry-after")
+                    )
                     if ra is not None:
                         delay = ra if delay is None else max(delay, ra)
                 else:
@@ -744,8 +779,9 @@ class GraphClient:
                 return
             if attempt >= self.max_attempts:
                 status = last.status if last is not None else 503
-                raise error_for(status, last.body if last is not None else None,
-                                last.headers if last is not None else None) from None
+                raise error_for(
+                    status, last.body if last is not None else None, last.headers if last is not None else None
+                ) from None
             for inner in retry.values():  # dependencies that already succeeded are no longer part of the batch
                 if inner.get("dependsOn"):
                     inner["dependsOn"] = [d for d in inner["dependsOn"] if str(d) in retry]

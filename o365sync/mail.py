@@ -99,23 +99,53 @@ __all__ = [
 ]
 
 HEADER_FIELDS = (
-    "id", "internetMessageId", "conversationId", "subject", "from", "sender", "toRecipients", "ccRecipients",
-    "receivedDateTime", "sentDateTime", "hasAttachments", "isDraft", "parentFolderId", "webLink",
+    "id",
+    "internetMessageId",
+    "conversationId",
+    "subject",
+    "from",
+    "sender",
+    "toRecipients",
+    "ccRecipients",
+    "receivedDateTime",
+    "sentDateTime",
+    "hasAttachments",
+    "isDraft",
+    "parentFolderId",
+    "webLink",
 )
 # PidTagSensitivity (PtypInteger32) → the `sensitivity` column
 SENSITIVITY_VALUES = {0: "normal", 1: "personal", 2: "private", 3: "confidential"}
 _SENSITIVITY_ID = re.compile(r"\s*integer\s+0x0*36\s*", re.IGNORECASE)
 _TS = pa.timestamp("us", tz="UTC")
-MESSAGES_SCHEMA = pa.schema([
-    ("graph_id", pa.string()), ("folder", pa.string()), ("internet_message_id", pa.string()),
-    ("conversation_id", pa.string()), ("subject", pa.string()), ("from_name", pa.string()),
-    ("from_address", pa.string()), ("received_at", _TS), ("sent_at", _TS), ("has_attachments", pa.bool_()),
-    ("is_draft", pa.bool_()), ("web_link", pa.string()), ("parent_folder_id", pa.string()),
-    ("odata_type", pa.string()), ("sensitivity", pa.string()), ("is_partial", pa.bool_()),
-])
-PARTICIPANTS_SCHEMA = pa.schema([
-    ("graph_id", pa.string()), ("role", pa.string()), ("name", pa.string()), ("address", pa.string()),
-])
+MESSAGES_SCHEMA = pa.schema(
+    [
+        ("graph_id", pa.string()),
+        ("folder", pa.string()),
+        ("internet_message_id", pa.string()),
+        ("conversation_id", pa.string()),
+        ("subject", pa.string()),
+        ("from_name", pa.string()),
+        ("from_address", pa.string()),
+        ("received_at", _TS),
+        ("sent_at", _TS),
+        ("has_attachments", pa.bool_()),
+        ("is_draft", pa.bool_()),
+        ("web_link", pa.string()),
+        ("parent_folder_id", pa.string()),
+        ("odata_type", pa.string()),
+        ("sensitivity", pa.string()),
+        ("is_partial", pa.bool_()),
+    ]
+)
+PARTICIPANTS_SCHEMA = pa.schema(
+    [
+        ("graph_id", pa.string()),
+        ("role", pa.string()),
+        ("name", pa.string()),
+        ("address", pa.string()),
+    ]
+)
 BODY_BATCH_HEADERS = {"Prefer": 'outlook.body-content-type="text"'}
 
 
@@ -157,7 +187,8 @@ class MessageHeader(msgspec.Struct):
     parent_folder_id: str | None | UnsetType = msgspec.field(default=UNSET, name="parentFolderId")
     web_link: str | None | UnsetType = msgspec.field(default=UNSET, name="webLink")
     extended: list[ExtendedProperty | None] | None | UnsetType = msgspec.field(
-        default=UNSET, name="singleValueExtendedProperties")
+        default=UNSET, name="singleValueExtendedProperties"
+    )
 
 
 class _PageWire(msgspec.Struct):
@@ -240,10 +271,20 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
     if removed:
         headers = [m for m in headers if m.removed is UNSET]
     u = UNSET
-    partial = [m.internet_message_id is u or m.conversation_id is u or m.subject is u or m.to_recipients is u
-               or m.cc_recipients is u or m.received is u or m.sent is u or m.has_attachments is u
-               or m.is_draft is u or m.parent_folder_id is u or m.web_link is u
-               for m in headers]  # = the item lacks a HEADER_FIELDS key other than id/from/sender
+    partial = [
+        m.internet_message_id is u
+        or m.conversation_id is u
+        or m.subject is u
+        or m.to_recipients is u
+        or m.cc_recipients is u
+        or m.received is u
+        or m.sent is u
+        or m.has_attachments is u
+        or m.is_draft is u
+        or m.parent_folder_id is u
+        or m.web_link is u
+        for m in headers
+    ]  # = the item lacks a HEADER_FIELDS key other than id/from/sender
     patchy = True in partial
     ids = [m.id for m in headers]
     froms = [m.from_.email_address if type(m.from_) is Recipient else None for m in headers]
@@ -256,12 +297,21 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
         if is_part:
             continue  # unknown participants: the caller keeps what it has
         gid = m.id
-        for role, recipients in (("from", (m.from_,)), ("sender", (m.sender,)), ("to", m.to_recipients),
-                                 ("cc", m.cc_recipients)):
+        for role, recipients in (
+            ("from", (m.from_,)),
+            ("sender", (m.sender,)),
+            ("to", m.to_recipients),
+            ("cc", m.cc_recipients),
+        ):
             if recipients:
                 for r in recipients:
-                    if (type(r) is Recipient and (ea := r.email_address) is not None
-                            and (addr := ea.address) is not None and not addr.isspace() and addr):
+                    if (
+                        type(r) is Recipient
+                        and (ea := r.email_address) is not None
+                        and (addr := ea.address) is not None
+                        and not addr.isspace()
+                        and addr
+                    ):
                         add_id(gid)
                         add_role(role)
                         add_name(ea.name)
@@ -271,27 +321,36 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
         return _present(values) if patchy else values
 
     string = pa.string()
-    messages = pa.Table.from_arrays([
-        pa.array(ids, string),
-        pa.array([folder] * len(ids), string),
-        pa.array(col([m.internet_message_id for m in headers]), string),
-        pa.array(col([m.conversation_id for m in headers]), string),
-        pa.array(col([m.subject for m in headers]), string),
-        pa.array([f.name if f is not None else None for f in froms], string),
-        pa.array([f.address if f is not None else None for f in froms], string),
-        _timestamps(col([m.received for m in headers])),
-        _timestamps(col([m.sent for m in headers])),
-        pa.array(col([m.has_attachments for m in headers]), pa.bool_()),
-        pa.array(col([m.is_draft for m in headers]), pa.bool_()),
-        pa.array(col([m.web_link for m in headers]), string),
-        pa.array(col([m.parent_folder_id for m in headers]), string),
-        pa.array(_present([m.odata_type for m in headers]), string),
-        pa.array([_sensitivity(x) if (x := m.extended) else None for m in headers], string),
-        pa.array(partial, pa.bool_()),
-    ], schema=MESSAGES_SCHEMA)
-    participants = pa.Table.from_arrays([
-        pa.array(p_ids, string), pa.array(p_roles, string), pa.array(p_names, string), pa.array(p_addrs, string),
-    ], schema=PARTICIPANTS_SCHEMA)
+    messages = pa.Table.from_arrays(
+        [
+            pa.array(ids, string),
+            pa.array([folder] * len(ids), string),
+            pa.array(col([m.internet_message_id for m in headers]), string),
+            pa.array(col([m.conversation_id for m in headers]), string),
+            pa.array(col([m.subject for m in headers]), string),
+            pa.array([f.name if f is not None else None for f in froms], string),
+            pa.array([f.address if f is not None else None for f in froms], string),
+            _timestamps(col([m.received for m in headers])),
+            _timestamps(col([m.sent for m in headers])),
+            pa.array(col([m.has_attachments for m in headers]), pa.bool_()),
+            pa.array(col([m.is_draft for m in headers]), pa.bool_()),
+            pa.array(col([m.web_link for m in headers]), string),
+            pa.array(col([m.parent_folder_id for m in headers]), string),
+            pa.array(_present([m.odata_type for m in headers]), string),
+            pa.array([_sensitivity(x) if (x := m.extended) else None for m in headers], string),
+            pa.array(partial, pa.bool_()),
+        ],
+        schema=MESSAGES_SCHEMA,
+    )
+    participants = pa.Table.from_arrays(
+        [
+            pa.array(p_ids, string),
+            pa.array(p_roles, string),
+            pa.array(p_names, string),
+            pa.array(p_addrs, string),
+        ],
+        schema=PARTICIPANTS_SCHEMA,
+    )
     return messages, participants, removed
 
 
@@ -324,8 +383,9 @@ def iter_header_pages(client: GraphClient, folder: str, since: datetime, page_si
         yield HeaderPage(page.messages, page.participants, page.odd)
 
 
-def iter_delta_pages(client: GraphClient, folder: str, *, delta_link: str | None, since: datetime | None,
-                     page_size: int) -> Iterator[DeltaPage]:
+def iter_delta_pages(
+    client: GraphClient, folder: str, *, delta_link: str | None, since: datetime | None, page_size: int
+) -> Iterator[DeltaPage]:
     """One delta round of `folder` (well-known name or id), page by page; the last page carries the new deltaLink.
 
     With `delta_link` (the one stored from the previous round) the round starts there, verbatim: `since` is then
@@ -361,8 +421,12 @@ def fetch_bodies(client: GraphClient, ids: list[str]) -> Iterator[tuple[str, str
     """(graph_id, plain-text body) for `ids` via `$batch`; messages deleted meanwhile (404) are skipped.
     Only `body` is selected: attachments are never downloaded."""
     requests = [
-        {"id": str(i), "method": "GET", "url": f"/me/messages/{quote(gid, safe='')}?$select=body",
-         "headers": BODY_BATCH_HEADERS}
+        {
+            "id": str(i),
+            "method": "GET",
+            "url": f"/me/messages/{quote(gid, safe='')}?$select=body",
+            "headers": BODY_BATCH_HEADERS,
+        }
         for i, gid in enumerate(ids)
     ]
     for rid, status, body in client.batch(requests):

@@ -107,14 +107,17 @@ def _pick_port(port: int | None, say: Callable[[str], None], default: int = DEFA
     announced with the reason (the UI address then differs from the usual one)."""
     if port:
         if not _port_free(port):
-            raise PrefectApiError(f"port {port} on {HOST} is in use by another program; stop it or choose another "
-                                  f"--port")
+            raise PrefectApiError(
+                f"port {port} on {HOST} is in use by another program; stop it or choose another --port"
+            )
         return port
     if _port_free(default):
         return default
     other = _free_port()
-    say(f"Port {default} on {HOST} is in use by another program, so the Prefect UI is on port {other} for this run "
-        f"(free port {default}, or pass --port).")
+    say(
+        f"Port {default} on {HOST} is in use by another program, so the Prefect UI is on port {other} for this run "
+        f"(free port {default}, or pass --port)."
+    )
     return other
 
 
@@ -142,8 +145,10 @@ def _server_lock(prefect_home: Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = Path(path).read_text().strip() or "another process"
-            raise PrefectApiError(f"a local Prefect server for {prefect_home} is already running ({holder}); "
-                                  f"stop it or point PREFECT_API_URL at it") from None
+            raise PrefectApiError(
+                f"a local Prefect server for {prefect_home} is already running ({holder}); "
+                f"stop it or point PREFECT_API_URL at it"
+            ) from None
         yield path
     finally:
         os.close(fd)  # releases the lock
@@ -219,16 +224,23 @@ def ensure_prefect_api(
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         for key, value in SERVER_ENV.items():
             env.setdefault(key, value)
-        env |= {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_API_HOST": HOST,
-                "PREFECT_SERVER_API_PORT": str(chosen), "PREFECT_SERVER_UI_API_URL": api_url}
+        env |= {
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_PORT": str(chosen),
+            "PREFECT_SERVER_UI_API_URL": api_url,
+        }
         log_path = prefect_home / "server.log"
         say(f"Starting a local Prefect server on {base} (PREFECT_HOME {prefect_home}, log {log_path}) ...")
         started = time.monotonic()
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [*_prefect_executable(), "server", "start", "--host", HOST, "--port", str(chosen),
-                 "--analytics-off"],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [*_prefect_executable(), "server", "start", "--host", HOST, "--port", str(chosen), "--analytics-off"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         try:
@@ -236,14 +248,19 @@ def ensure_prefect_api(
             deadline = started + startup_timeout_s
             while not healthy(api_url, timeout=2.0, local=True):
                 if proc.poll() is not None:
-                    raise PrefectApiError(f"the Prefect server exited with code {proc.returncode} during startup; "
-                                          f"last lines of {log_path}:\n{_tail(log_path)}")
+                    raise PrefectApiError(
+                        f"the Prefect server exited with code {proc.returncode} during startup; "
+                        f"last lines of {log_path}:\n{_tail(log_path)}"
+                    )
                 if time.monotonic() > deadline:
-                    raise PrefectApiError(f"the Prefect server was not healthy after {startup_timeout_s:.0f} s; "
-                                          f"last lines of {log_path}:\n{_tail(log_path)}")
+                    raise PrefectApiError(
+                        f"the Prefect server was not healthy after {startup_timeout_s:.0f} s; "
+                        f"last lines of {log_path}:\n{_tail(log_path)}"
+                    )
                 time.sleep(POLL_INTERVAL_S)
-            api = PrefectApi(api_url=api_url, ui_url=base, local=True, prefect_home=prefect_home, log_path=log_path,
-                             pid=proc.pid)
+            api = PrefectApi(
+                api_url=api_url, ui_url=base, local=True, prefect_home=prefect_home, log_path=log_path, pid=proc.pid
+            )
             say(f"Prefect server ready after {time.monotonic() - started:.1f} s. UI: {base}  API: {api_url}")
             with _use_api(api_url):
                 yield api

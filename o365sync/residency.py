@@ -59,11 +59,13 @@ def _check_destination(old_dir: Path, new_dir: Path, tenant_id: str, current: st
     rows = sum(_count_rows(target).values())
     newer = not source.exists() or target.stat().st_mtime_ns > source.stat().st_mtime_ns
     if rows or newer:
-        raise MoveRefused(f"{target.resolve()} already holds a store of tenant {tenant_id} ({rows} rows, "
-                          f"{'newer than' if newer else 'different from'} the one in {old_dir.resolve()}); nothing "
-                          "was changed. Keep the store you want and remove the other (if it is left over from an "
-                          f"earlier move, `o365sync tenant move {tenant_id} --region {current or 'default'}` removes "
-                          "it), then move again")
+        raise MoveRefused(
+            f"{target.resolve()} already holds a store of tenant {tenant_id} ({rows} rows, "
+            f"{'newer than' if newer else 'different from'} the one in {old_dir.resolve()}); nothing "
+            "was changed. Keep the store you want and remove the other (if it is left over from an "
+            f"earlier move, `o365sync tenant move {tenant_id} --region {current or 'default'}` removes "
+            "it), then move again"
+        )
 
 
 def _check_leftovers(leftovers: list[Path], kept_store: Path, tenant_id: str) -> None:
@@ -74,9 +76,11 @@ def _check_leftovers(leftovers: list[Path], kept_store: Path, tenant_id: str) ->
     for folder in leftovers:
         store = folder / STORE
         if store.is_file() and store.resolve() != kept_store.resolve() and (rows := sum(_count_rows(store).values())):
-            raise MoveRefused(f"{store.resolve()} holds {rows} rows of tenant {tenant_id} while the store being kept "
-                              f"({kept_store.resolve()}) is {'empty' if kept_store.exists() else 'missing'}; nothing "
-                              "was changed. Move the tenant to that store's region, or remove one of the two")
+            raise MoveRefused(
+                f"{store.resolve()} holds {rows} rows of tenant {tenant_id} while the store being kept "
+                f"({kept_store.resolve()}) is {'empty' if kept_store.exists() else 'missing'}; nothing "
+                "was changed. Move the tenant to that store's region, or remove one of the two"
+            )
 
 
 @contextlib.contextmanager
@@ -120,8 +124,10 @@ def move_tenant(settings: Settings, tenant_id: str, region: str | None) -> dict[
     old_dir, old_snap = tenant_locations(settings, tenant_id, tenant.region)
     moving = tenant.region != region
     if moving and old_dir.resolve() == new_dir.resolve():
-        raise MoveRefused(f"region {region or 'default'} stores tenant {tenant_id} in {new_dir.resolve()}, which is "
-                          f"where its files already are (region {tenant.region or 'default'}); nothing was changed")
+        raise MoveRefused(
+            f"region {region or 'default'} stores tenant {tenant_id} in {new_dir.resolve()}, which is "
+            f"where its files already are (region {tenant.region or 'default'}); nothing was changed"
+        )
     repoint = moving and not holds_tenant_files(old_dir) and holds_tenant_files(new_dir)
     copying = moving and not repoint
     files = 0

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
 
         parse_many(v)  # ValueError names the bad part
         return v
+
     # Paging limits of one user's mail or calendar sync per run (a server answering a fresh nextLink forever, or more
     # mail than a slot can take): the run stops there, commits what it read and the next run goes on. Pages per
     # listing: 5,000 for each of the two mail folders stays within the 10,000 requests Outlook allows a mailbox per

@@ -75,5 +75,8 @@ def start_process() -> None:
         return
     configure_prefect_env(prefect_home=str(prefect_home_for(settings.data_dir)))
     if changed := tighten_existing([settings.data_dir, *settings.regions.values()]):
-        print(f"o365sync: made {changed} files and folders of an earlier version private (0600/0700) under "
-              f"{settings.data_dir} and the region roots", file=sys.stderr)
+        print(
+            f"o365sync: made {changed} files and folders of an earlier version private (0600/0700) under "
+            f"{settings.data_dir} and the region roots",
+            file=sys.stderr,
+        )

@@ -102,9 +102,23 @@ CREATE TABLE IF NOT EXISTS crm_drop_guard (
     confirmed_at TIMESTAMPTZ);
 """
 
-EMAIL_COLUMNS = ("tenant_id", "user_oid", "graph_id", "folder", "internet_message_id", "conversation_id",
-                 "subject", "body_text", "from_name", "from_address", "received_at", "sent_at",
-                 "has_attachments", "web_link", "imported_at")
+EMAIL_COLUMNS = (
+    "tenant_id",
+    "user_oid",
+    "graph_id",
+    "folder",
+    "internet_message_id",
+    "conversation_id",
+    "subject",
+    "body_text",
+    "from_name",
+    "from_address",
+    "received_at",
+    "sent_at",
+    "has_attachments",
+    "web_link",
+    "imported_at",
+)
 
 
 def store_path(settings: Settings, tenant_id: str) -> Path:
@@ -215,8 +229,13 @@ class FolderCursor:
         so a new baseline is taken, and the backfill re-lists from `RESYNC_OVERLAP` before the last committed
         delta round (a backfill still under way keeps its watermark)."""
         start = max(scan_start or self.scan_start, (self.delta_at or now) - RESYNC_OVERLAP)
-        return replace(self, delta_link=None, delta_at=None, backfill_done=False,
-                       received_watermark=start if self.backfill_done else self.received_watermark)
+        return replace(
+            self,
+            delta_link=None,
+            delta_at=None,
+            backfill_done=False,
+            received_watermark=start if self.backfill_done else self.received_watermark,
+        )
 
 
 RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before the last committed delta round
@@ -251,8 +270,11 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
     now = datetime.now(UTC)
     emails = batch.emails.unique("graph_id", keep="last", maintain_order=True)
     key = [tenant_id, user_oid]
-    frames = {"b_emails": emails, "b_participants": batch.participants.unique(maintain_order=True),
-              "b_matches": batch.matches.unique(["graph_id", "crm_id", "crm_kind"], maintain_order=True)}
+    frames = {
+        "b_emails": emails,
+        "b_participants": batch.participants.unique(maintain_order=True),
+        "b_matches": batch.matches.unique(["graph_id", "crm_id", "crm_kind"], maintain_order=True),
+    }
     if batch.partials is not None and batch.partials.height:
         frames["b_partials"] = batch.partials.unique("graph_id", keep="last", maintain_order=True)
     with transaction(con, frames):
@@ -266,42 +288,64 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
             " ((x.kind = 'conversation' AND x.key = b.conversation_id) OR"
             " (x.kind = 'message' AND x.key = b.internet_message_id)))"
             " QUALIFY b.internet_message_id IS NULL OR"
-            " row_number() OVER (PARTITION BY b.internet_message_id ORDER BY b.graph_id) = 1", [*key, *key, user_oid])
+            " row_number() OVER (PARTITION BY b.internet_message_id ORDER BY b.graph_id) = 1",
+            [*key, *key, user_oid],
+        )
         duplicates = emails.height - con.execute("SELECT count(*) FROM _kept").fetchall()[0][0]
-        con.execute("CREATE OR REPLACE TEMP TABLE _old AS SELECT graph_id, body_text FROM emails "
-                    "WHERE tenant_id = ? AND user_oid = ? AND graph_id IN (SELECT graph_id FROM _kept)", key)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _old AS SELECT graph_id, body_text FROM emails "
+            "WHERE tenant_id = ? AND user_oid = ? AND graph_id IN (SELECT graph_id FROM _kept)",
+            key,
+        )
         new = con.execute("SELECT count(*) FROM _kept WHERE graph_id NOT IN (SELECT graph_id FROM _old)").fetchall()
         for table in ("emails", "email_participants", "email_crm_matches"):
-            con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? "
-                        "AND graph_id IN (SELECT graph_id FROM _kept)", key)
+            con.execute(
+                f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? "
+                "AND graph_id IN (SELECT graph_id FROM _kept)",
+                key,
+            )
         con.execute(
             "INSERT INTO emails SELECT ?, ?, k.graph_id, folder, internet_message_id, conversation_id, subject, "
             "coalesce(k.body_text, o.body_text), from_name, from_address, received_at, sent_at, has_attachments, "
-            "web_link, ? FROM _kept k LEFT JOIN _old o ON o.graph_id = k.graph_id", [*key, now])
-        con.execute("INSERT INTO email_participants SELECT ?, ?, graph_id, role, name, address "
-                    "FROM b_participants WHERE graph_id IN (SELECT graph_id FROM _kept)", key)
-        con.execute("INSERT INTO email_crm_matches (tenant_id, user_oid, graph_id, crm_id, crm_kind, matched_address, "
-                    "is_primary) SELECT ?, ?, graph_id, crm_id, crm_kind, matched_address, is_primary "
-                    "FROM b_matches WHERE graph_id IN (SELECT graph_id FROM _kept)", key)
+            "web_link, ? FROM _kept k LEFT JOIN _old o ON o.graph_id = k.graph_id",
+            [*key, now],
+        )
+        con.execute(
+            "INSERT INTO email_participants SELECT ?, ?, graph_id, role, name, address "
+            "FROM b_participants WHERE graph_id IN (SELECT graph_id FROM _kept)",
+            key,
+        )
+        con.execute(
+            "INSERT INTO email_crm_matches (tenant_id, user_oid, graph_id, crm_id, crm_kind, matched_address, "
+            "is_primary) SELECT ?, ?, graph_id, crm_id, crm_kind, matched_address, is_primary "
+            "FROM b_matches WHERE graph_id IN (SELECT graph_id FROM _kept)",
+            key,
+        )
         if "b_partials" in frames:
             sets = ", ".join(f"{c} = coalesce(p.{c}, emails.{c})" for c in _MERGE_COLUMNS)
-            con.execute(f"UPDATE emails SET {sets} FROM b_partials p WHERE emails.tenant_id = ? AND "
-                        "emails.user_oid = ? AND emails.graph_id = p.graph_id", key)
+            con.execute(
+                f"UPDATE emails SET {sets} FROM b_partials p WHERE emails.tenant_id = ? AND "
+                "emails.user_oid = ? AND emails.graph_id = p.graph_id",
+                key,
+            )
         for folder, c in batch.cursors.items():
             con.execute("DELETE FROM mail_cursor WHERE tenant_id = ? AND user_oid = ? AND folder = ?", [*key, folder])
-            con.execute("INSERT INTO mail_cursor (tenant_id, user_oid, folder, scan_start, received_watermark, "
-                        "updated_at, backfill_done, delta_link, delta_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [*key, folder, c.scan_start, c.received_watermark, now, c.backfill_done, c.delta_link,
-                         c.delta_at])
+            con.execute(
+                "INSERT INTO mail_cursor (tenant_id, user_oid, folder, scan_start, received_watermark, "
+                "updated_at, backfill_done, delta_link, delta_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [*key, folder, c.scan_start, c.received_watermark, now, c.backfill_done, c.delta_link, c.delta_at],
+            )
         con.execute("DROP TABLE _kept")
         con.execute("DROP TABLE _old")
     return BatchResult(imported=int(new[0][0]), duplicates=int(duplicates))
 
 
 def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> dict[str, FolderCursor]:
-    rows = con.execute("SELECT folder, scan_start, received_watermark, coalesce(backfill_done, false), delta_link, "
-                       "delta_at FROM mail_cursor WHERE tenant_id = ? AND user_oid = ?",
-                       [tenant_id, user_oid]).fetchall()
+    rows = con.execute(
+        "SELECT folder, scan_start, received_watermark, coalesce(backfill_done, false), delta_link, "
+        "delta_at FROM mail_cursor WHERE tenant_id = ? AND user_oid = ?",
+        [tenant_id, user_oid],
+    ).fetchall()
     return {r[0]: FolderCursor(*r[1:]) for r in rows}
 
 
@@ -317,9 +361,13 @@ class RunCounts:
         reasons = dict(self.excluded)
         for reason, n in other.excluded:
             reasons[reason] = reasons.get(reason, 0) + n
-        return RunCounts(self.scanned + other.scanned, self.matched + other.matched,
-                         self.imported + other.imported, self.discarded + other.discarded,
-                         tuple(sorted(reasons.items())))
+        return RunCounts(
+            self.scanned + other.scanned,
+            self.matched + other.matched,
+            self.imported + other.imported,
+            self.discarded + other.discarded,
+            tuple(sorted(reasons.items())),
+        )
 
 
 TOTALS = ("scanned", "matched", "imported", "discarded")  # sync_state keeps these per run and summed (total_*)
@@ -335,9 +383,16 @@ def next_retry_delay(consecutive_failures: int) -> timedelta:
 CATCHING_UP = "catching_up"  # the run stopped at its paging limit, committed what it read; the next run goes on
 
 
-def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, stage: str,
-                      counts: RunCounts | None = None, error: str | None = None, feature: str = "email",
-                      note: str | None = None) -> None:
+def record_sync_state(
+    con: duckdb.DuckDBPyConnection,
+    tenant_id: str,
+    user_oid: str,
+    stage: str,
+    counts: RunCounts | None = None,
+    error: str | None = None,
+    feature: str = "email",
+    note: str | None = None,
+) -> None:
     """Upsert the user's sync state of `feature` (email, calendar). `error` is a code or exception class name
     (optionally with a fixed explanation), never message content. `note`: what a person should know about a run
     that did not fail (a resync, a run stopped at its limit), shown where errors are. `CATCHING_UP` is neither a
@@ -347,8 +402,11 @@ def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: 
     now = datetime.now(UTC)
     key = [tenant_id, user_oid, feature]
     totals_so_far = ", ".join(f"coalesce(total_{n}, {n}, 0)" for n in TOTALS)
-    prev = con.execute(f"SELECT last_success_at, consecutive_failures, {totals_so_far} FROM sync_state "
-                       "WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key).fetchall()
+    prev = con.execute(
+        f"SELECT last_success_at, consecutive_failures, {totals_so_far} FROM sync_state "
+        "WHERE tenant_id = ? AND user_oid = ? AND feature = ?",
+        key,
+    ).fetchall()
     last_success, failures, *totals = prev[0] if prev else (None, 0, *[0] * len(TOTALS))
     next_retry = None
     if error is None and stage == "idle":
@@ -362,33 +420,58 @@ def record_sync_state(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: 
     c = counts or RunCounts()
     with transaction(con):
         con.execute("DELETE FROM sync_state WHERE tenant_id = ? AND user_oid = ? AND feature = ?", key)
-        con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
-                    "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature, "
-                    "total_scanned, total_matched, total_imported, total_discarded) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [tenant_id, user_oid, stage, now, last_success, error, failures,
-                     c.scanned, c.matched, c.imported, c.discarded, next_retry, json.dumps(dict(c.excluded)), feature,
-                     *(t + getattr(c, n) for t, n in zip(totals, TOTALS, strict=True))])
+        con.execute(
+            "INSERT INTO sync_state (tenant_id, user_oid, stage, last_run_at, last_success_at, last_error, "
+            "consecutive_failures, scanned, matched, imported, discarded, next_retry_at, excluded, feature, "
+            "total_scanned, total_matched, total_imported, total_discarded) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                tenant_id,
+                user_oid,
+                stage,
+                now,
+                last_success,
+                error,
+                failures,
+                c.scanned,
+                c.matched,
+                c.imported,
+                c.discarded,
+                next_retry,
+                json.dumps(dict(c.excluded)),
+                feature,
+                *(t + getattr(c, n) for t, n in zip(totals, TOTALS, strict=True)),
+            ],
+        )
 
 
 def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str, feature: str = "email") -> list[dict]:
     """Every column of the feature's sync states, plus `lag`; `total_*` None in a store opened read-only before
     a writer added those columns."""
-    cur = con.execute("SELECT *, now() - last_success_at AS lag FROM sync_state WHERE tenant_id = ? AND "
-                      "feature = ? ORDER BY user_oid", [tenant_id, feature])
+    cur = con.execute(
+        "SELECT *, now() - last_success_at AS lag FROM sync_state WHERE tenant_id = ? AND "
+        "feature = ? ORDER BY user_oid",
+        [tenant_id, feature],
+    )
     columns = [d[0] for d in cur.description]
     return [{**{f"total_{n}": None for n in TOTALS}, **dict(zip(columns, row, strict=True))} for row in cur.fetchall()]
 
 
 def sync_position_users(con: duckdb.DuckDBPyConnection, tenant_id: str) -> set[str]:
     """Users of the tenant with a saved sync position or sync state."""
-    return {r[0] for r in con.execute(
-        "SELECT user_oid FROM mail_cursor WHERE tenant_id = ? UNION SELECT user_oid FROM calendar_cursor WHERE "
-        "tenant_id = ? UNION SELECT user_oid FROM sync_state WHERE tenant_id = ?", [tenant_id] * 3).fetchall()}
+    return {
+        r[0]
+        for r in con.execute(
+            "SELECT user_oid FROM mail_cursor WHERE tenant_id = ? UNION SELECT user_oid FROM calendar_cursor WHERE "
+            "tenant_id = ? UNION SELECT user_oid FROM sync_state WHERE tenant_id = ?",
+            [tenant_id] * 3,
+        ).fetchall()
+    }
 
 
-def reset_sync_positions(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oids: Iterable[str],
-                         features: Iterable[str]) -> list[tuple[str, str, str]]:
+def reset_sync_positions(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, user_oids: Iterable[str], features: Iterable[str]
+) -> list[tuple[str, str, str]]:
     """Drop the saved deltaLinks of `user_oids` for `features` (email, calendar), so that each one's next sync is a
     bounded resync (mail: `FolderCursor.resynced`; calendar: a new baseline over the same window). Returns
     (user, feature, folder or "calendar") for every position that had a link."""
@@ -401,14 +484,18 @@ def reset_sync_positions(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oi
                     if cursor.delta_link is None:
                         continue
                     c = cursor.resynced(now)
-                    con.execute("UPDATE mail_cursor SET received_watermark = ?, backfill_done = ?, delta_link = NULL,"
-                                " delta_at = NULL, updated_at = ? WHERE tenant_id = ? AND user_oid = ? AND folder = ?",
-                                [c.received_watermark, c.backfill_done, now, tenant_id, oid, folder])
+                    con.execute(
+                        "UPDATE mail_cursor SET received_watermark = ?, backfill_done = ?, delta_link = NULL,"
+                        " delta_at = NULL, updated_at = ? WHERE tenant_id = ? AND user_oid = ? AND folder = ?",
+                        [c.received_watermark, c.backfill_done, now, tenant_id, oid, folder],
+                    )
                     done.append((oid, "email", folder))
             if "calendar" in features:
-                hit = con.execute("UPDATE calendar_cursor SET delta_link = NULL, delta_at = NULL, updated_at = ? "
-                                  "WHERE tenant_id = ? AND user_oid = ? AND delta_link IS NOT NULL RETURNING 1",
-                                  [now, tenant_id, oid]).fetchall()
+                hit = con.execute(
+                    "UPDATE calendar_cursor SET delta_link = NULL, delta_at = NULL, updated_at = ? "
+                    "WHERE tenant_id = ? AND user_oid = ? AND delta_link IS NOT NULL RETURNING 1",
+                    [now, tenant_id, oid],
+                ).fetchall()
                 if hit:
                     done.append((oid, "calendar", "calendar"))
     return done
@@ -437,15 +524,33 @@ class MeetingBatch:
     reconcile: bool = False
 
 
-MEETING_COLUMNS = ("event_id", "event_type", "series_master_id", "ical_uid", "subject", "start_at", "start_tz",
-                   "end_at", "end_tz", "is_all_day", "is_online", "join_url", "organizer_name", "organizer_address",
-                   "is_internal", "web_link")
+MEETING_COLUMNS = (
+    "event_id",
+    "event_type",
+    "series_master_id",
+    "ical_uid",
+    "subject",
+    "start_at",
+    "start_tz",
+    "end_at",
+    "end_tz",
+    "is_all_day",
+    "is_online",
+    "join_url",
+    "organizer_name",
+    "organizer_address",
+    "is_internal",
+    "web_link",
+)
 MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
 
 
 def read_calendar_cursor(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> CalendarCursor | None:
-    row = con.execute("SELECT window_start, window_end, delta_link, delta_at FROM calendar_cursor "
-                      "WHERE tenant_id = ? AND user_oid = ?", [tenant_id, user_oid]).fetchone()
+    row = con.execute(
+        "SELECT window_start, window_end, delta_link, delta_at FROM calendar_cursor "
+        "WHERE tenant_id = ? AND user_oid = ?",
+        [tenant_id, user_oid],
+    ).fetchone()
     return CalendarCursor(*row) if row else None
 
 
@@ -453,52 +558,88 @@ def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
     """Apply one calendar round and its cursor in one transaction; returns the number of instances removed.
     Rows are keyed on (tenant, user, instance id): DELETE then INSERT, so a repeated round changes nothing."""
     now, key = datetime.now(UTC), [tenant_id, user_oid]
-    drops = pl.DataFrame({"event_id": sorted(batch.drop_ids | set(batch.meetings["event_id"].to_list()))},
-                         schema={"event_id": pl.String})
-    frames = {"b_meetings": batch.meetings, "b_attendees": batch.attendees, "b_matches": batch.matches,
-              "b_drop": drops, "b_series": pl.DataFrame({"sid": sorted(batch.drop_series)}, schema={"sid": pl.String})}
+    drops = pl.DataFrame(
+        {"event_id": sorted(batch.drop_ids | set(batch.meetings["event_id"].to_list()))}, schema={"event_id": pl.String}
+    )
+    frames = {
+        "b_meetings": batch.meetings,
+        "b_attendees": batch.attendees,
+        "b_matches": batch.matches,
+        "b_drop": drops,
+        "b_series": pl.DataFrame({"sid": sorted(batch.drop_series)}, schema={"sid": pl.String}),
+    }
     with transaction(con, frames):
-        gone = "event_id IN (SELECT event_id FROM b_drop) OR event_id IN (SELECT event_id FROM meetings m WHERE " \
-               "m.tenant_id = ? AND m.user_oid = ? AND m.series_master_id IN (SELECT sid FROM b_series))"
+        gone = (
+            "event_id IN (SELECT event_id FROM b_drop) OR event_id IN (SELECT event_id FROM meetings m WHERE "
+            "m.tenant_id = ? AND m.user_oid = ? AND m.series_master_id IN (SELECT sid FROM b_series))"
+        )
         if batch.reconcile:
-            gone += " OR event_id IN (SELECT event_id FROM meetings m WHERE m.tenant_id = ? AND m.user_oid = ? AND " \
-                    "m.end_at > ? AND m.start_at < ? AND m.event_id NOT IN (SELECT event_id FROM b_meetings))"
+            gone += (
+                " OR event_id IN (SELECT event_id FROM meetings m WHERE m.tenant_id = ? AND m.user_oid = ? AND "
+                "m.end_at > ? AND m.start_at < ? AND m.event_id NOT IN (SELECT event_id FROM b_meetings))"
+            )
         extra = [*key, batch.cursor.window_start, batch.cursor.window_end] if batch.reconcile else []
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _gone AS SELECT event_id FROM meetings WHERE tenant_id = ? AND "
-                    f"user_oid = ? AND ({gone})", [*key, *key, *extra])
-        removed = con.execute("SELECT count(*) FROM _gone WHERE event_id NOT IN (SELECT event_id FROM b_meetings)"
-                              ).fetchone()[0]
-        con.execute("CREATE OR REPLACE TEMP TABLE _old AS SELECT event_id, imported_at FROM meetings WHERE "
-                    "tenant_id = ? AND user_oid = ? AND event_id IN (SELECT event_id FROM b_meetings)", key)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _gone AS SELECT event_id FROM meetings WHERE tenant_id = ? AND "
+            f"user_oid = ? AND ({gone})",
+            [*key, *key, *extra],
+        )
+        removed = con.execute(
+            "SELECT count(*) FROM _gone WHERE event_id NOT IN (SELECT event_id FROM b_meetings)"
+        ).fetchone()[0]
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _old AS SELECT event_id, imported_at FROM meetings WHERE "
+            "tenant_id = ? AND user_oid = ? AND event_id IN (SELECT event_id FROM b_meetings)",
+            key,
+        )
         for table in MEETING_TABLES[:3]:
-            con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? AND (event_id IN "
-                        "(SELECT event_id FROM _gone) OR event_id IN (SELECT event_id FROM b_drop))", key)
-        con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id IN "
-                    "(SELECT event_id FROM _gone) AND event_id NOT IN (SELECT event_id FROM b_meetings)", key)
+            con.execute(
+                f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ? AND (event_id IN "
+                "(SELECT event_id FROM _gone) OR event_id IN (SELECT event_id FROM b_drop))",
+                key,
+            )
+        con.execute(
+            "DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id IN "
+            "(SELECT event_id FROM _gone) AND event_id NOT IN (SELECT event_id FROM b_meetings)",
+            key,
+        )
         cols = ", ".join(f"b.{c}" for c in MEETING_COLUMNS)
         # Meetings (or series) a user erased are never imported again.
-        con.execute("CREATE OR REPLACE TEMP TABLE _erased AS SELECT event_id FROM b_meetings b WHERE EXISTS ("
-                    "SELECT 1 FROM erased x WHERE x.tenant_id = ? AND coalesce(x.user_oid, ?) = ? AND "
-                    "((x.kind = 'event' AND x.key = b.event_id) OR "
-                    "(x.kind = 'series' AND x.key = b.series_master_id)))",
-                    [tenant_id, user_oid, user_oid])
-        con.execute(f"INSERT INTO meetings SELECT ?, ?, {cols}, coalesce(o.imported_at, ?), ? FROM b_meetings b "
-                    "LEFT JOIN _old o ON o.event_id = b.event_id "
-                    "WHERE b.event_id NOT IN (SELECT event_id FROM _erased)",
-                    [*key, now, now])
-        con.execute("INSERT INTO meeting_attendees SELECT ?, ?, event_id, role, name, address, response "
-                    "FROM b_attendees WHERE event_id NOT IN (SELECT event_id FROM _erased)", key)
-        con.execute("INSERT INTO meeting_crm_matches SELECT ?, ?, event_id, crm_id, crm_kind, matched_address, "
-                    "is_primary FROM b_matches WHERE event_id NOT IN (SELECT event_id FROM _erased)", key)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _erased AS SELECT event_id FROM b_meetings b WHERE EXISTS ("
+            "SELECT 1 FROM erased x WHERE x.tenant_id = ? AND coalesce(x.user_oid, ?) = ? AND "
+            "((x.kind = 'event' AND x.key = b.event_id) OR "
+            "(x.kind = 'series' AND x.key = b.series_master_id)))",
+            [tenant_id, user_oid, user_oid],
+        )
+        con.execute(
+            f"INSERT INTO meetings SELECT ?, ?, {cols}, coalesce(o.imported_at, ?), ? FROM b_meetings b "
+            "LEFT JOIN _old o ON o.event_id = b.event_id "
+            "WHERE b.event_id NOT IN (SELECT event_id FROM _erased)",
+            [*key, now, now],
+        )
+        con.execute(
+            "INSERT INTO meeting_attendees SELECT ?, ?, event_id, role, name, address, response "
+            "FROM b_attendees WHERE event_id NOT IN (SELECT event_id FROM _erased)",
+            key,
+        )
+        con.execute(
+            "INSERT INTO meeting_crm_matches SELECT ?, ?, event_id, crm_id, crm_kind, matched_address, "
+            "is_primary FROM b_matches WHERE event_id NOT IN (SELECT event_id FROM _erased)",
+            key,
+        )
         c = batch.cursor
         con.execute("DELETE FROM calendar_cursor WHERE tenant_id = ? AND user_oid = ?", key)
-        con.execute("INSERT INTO calendar_cursor VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [*key, c.window_start, c.window_end, c.delta_link, c.delta_at, now])
+        con.execute(
+            "INSERT INTO calendar_cursor VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [*key, c.window_start, c.window_end, c.delta_link, c.delta_at, now],
+        )
     return removed
 
 
-def refresh_notetaker_queue(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, enabled: bool,
-                            now: datetime) -> int:
+def refresh_notetaker_queue(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, enabled: bool, now: datetime
+) -> int:
     """Notetaker's list for one user: upcoming external, CRM-matched meetings with an online-meeting link
     (the event's own, or the one Explicit Consent Mode added) are `to_record`; everything else leaves the list.
     Returns how many are listed."""
@@ -511,21 +652,33 @@ def refresh_notetaker_queue(con: duckdb.DuckDBPyConnection, tenant_id: str, user
             "WHERE m.tenant_id = ? AND m.user_oid = ? AND ? AND NOT m.is_internal "
             "AND m.end_at > ? AND coalesce(m.join_url, q.join_url) IS NOT NULL AND EXISTS (SELECT 1 FROM "
             "meeting_crm_matches c WHERE c.tenant_id = m.tenant_id AND c.user_oid = m.user_oid AND "
-            "c.event_id = m.event_id)", [*key, enabled, now])
-        con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND status = 'to_record' AND "
-                    "NOT link_created AND event_id NOT IN (SELECT event_id FROM _due)", key)
-        con.execute("UPDATE notetaker_queue SET status = 'to_record', join_url = d.join_url, updated_at = ? "
-                    "FROM _due d WHERE notetaker_queue.tenant_id = ? AND notetaker_queue.user_oid = ? AND "
-                    "notetaker_queue.event_id = d.event_id", [now, *key])
-        con.execute("INSERT INTO notetaker_queue SELECT ?, ?, event_id, 'to_record', join_url, false, NULL, ? "
-                    "FROM _due WHERE event_id NOT IN (SELECT event_id FROM notetaker_queue WHERE tenant_id = ? AND "
-                    "user_oid = ?)", [*key, now, *key])
+            "c.event_id = m.event_id)",
+            [*key, enabled, now],
+        )
+        con.execute(
+            "DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND status = 'to_record' AND "
+            "NOT link_created AND event_id NOT IN (SELECT event_id FROM _due)",
+            key,
+        )
+        con.execute(
+            "UPDATE notetaker_queue SET status = 'to_record', join_url = d.join_url, updated_at = ? "
+            "FROM _due d WHERE notetaker_queue.tenant_id = ? AND notetaker_queue.user_oid = ? AND "
+            "notetaker_queue.event_id = d.event_id",
+            [now, *key],
+        )
+        con.execute(
+            "INSERT INTO notetaker_queue SELECT ?, ?, event_id, 'to_record', join_url, false, NULL, ? "
+            "FROM _due WHERE event_id NOT IN (SELECT event_id FROM notetaker_queue WHERE tenant_id = ? AND "
+            "user_oid = ?)",
+            [*key, now, *key],
+        )
         listed = con.execute("SELECT count(*) FROM _due").fetchone()[0]
     return listed
 
 
-def consent_mode_candidates(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, organizer: str,
-                            now: datetime) -> list[tuple[str, str, datetime, datetime, str | None]]:
+def consent_mode_candidates(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, organizer: str, now: datetime
+) -> list[tuple[str, str, datetime, datetime, str | None]]:
     """(event id to change — the series master for an occurrence —, instance id, start, end, subject) of upcoming
     external, CRM-matched meetings the user organizes that have no online-meeting link and no consent notice yet."""
     return con.execute(
@@ -535,17 +688,21 @@ def consent_mode_candidates(con: duckdb.DuckDBPyConnection, tenant_id: str, user
         "meeting_crm_matches c WHERE c.tenant_id = m.tenant_id AND c.user_oid = m.user_oid AND c.event_id = "
         "m.event_id) AND NOT EXISTS (SELECT 1 FROM notetaker_queue q WHERE q.tenant_id = m.tenant_id AND "
         "q.user_oid = m.user_oid AND q.event_id = coalesce(m.series_master_id, m.event_id) AND q.link_created) "
-        "GROUP BY 1 ORDER BY 1", [tenant_id, user_oid, now, organizer]).fetchall()
+        "GROUP BY 1 ORDER BY 1",
+        [tenant_id, user_oid, now, organizer],
+    ).fetchall()
 
 
-def record_consent_link(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, event_id: str,
-                        join_url: str, now: datetime) -> None:
+def record_consent_link(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, event_id: str, join_url: str, now: datetime
+) -> None:
     """Explicit Consent Mode changed `event_id` (a single meeting or a series master): remember its link."""
     key = [tenant_id, user_oid, event_id]
     with transaction(con):
         con.execute("DELETE FROM notetaker_queue WHERE tenant_id = ? AND user_oid = ? AND event_id = ?", key)
-        con.execute("INSERT INTO notetaker_queue VALUES (?, ?, ?, 'consent_link', ?, true, ?, ?)",
-                    [*key, join_url, now, now])
+        con.execute(
+            "INSERT INTO notetaker_queue VALUES (?, ?, ?, 'consent_link', ?, true, ?, ?)", [*key, join_url, now, now]
+        )
 
 
 CRM_TABLES = {  # table: (CrmChanges key, columns)
@@ -555,9 +712,14 @@ CRM_TABLES = {  # table: (CrmChanges key, columns)
 }
 
 
-def _write_crm(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], changed_ids: dict[str, set[str]] | None,
-               crm_kind: str, watermark: datetime | None,
-               scan_start: Callable[[datetime | None], datetime]) -> dict[str, Any]:
+def _write_crm(
+    con: duckdb.DuckDBPyConnection,
+    frames: dict[str, pl.DataFrame],
+    changed_ids: dict[str, set[str]] | None,
+    crm_kind: str,
+    watermark: datetime | None,
+    scan_start: Callable[[datetime | None], datetime],
+) -> dict[str, Any]:
     """One transaction: full replace (`changed_ids` None) or replace the rows of the changed ids, then a meta row
     with the counts and `scan_start(oldest open opportunity)` of the result. Re-applying the same changes is
     harmless (an overlap window re-reads records); a crash leaves the previous snapshot. A written refresh ends
@@ -577,28 +739,48 @@ def _write_crm(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], 
         people, accounts, opps, oldest_open = con.execute(
             "SELECT (SELECT count(DISTINCT crm_id) FROM crm_people), (SELECT count(DISTINCT crm_id) FROM crm_accounts),"
             " (SELECT count(*) FROM crm_opportunities WHERE NOT is_closed),"
-            " (SELECT min(created_at) FROM crm_opportunities WHERE NOT is_closed)").fetchone()
+            " (SELECT min(created_at) FROM crm_opportunities WHERE NOT is_closed)"
+        ).fetchone()
         start = scan_start(oldest_open)
         mode = "full" if changed_ids is None else "incremental"
-        con.execute("INSERT INTO crm_snapshot_meta (taken_at, crm_kind, people, accounts, opportunities, scan_start, "
-                    "mode, watermark) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [datetime.now(UTC), crm_kind, people, accounts, opps, start, mode, watermark])
+        con.execute(
+            "INSERT INTO crm_snapshot_meta (taken_at, crm_kind, people, accounts, opportunities, scan_start, "
+            "mode, watermark) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [datetime.now(UTC), crm_kind, people, accounts, opps, start, mode, watermark],
+        )
     return {"people": people, "accounts": accounts, "open_opportunities": opps, "scan_start": start, "mode": mode}
 
 
-def replace_crm_snapshot(con: duckdb.DuckDBPyConnection, people: pl.DataFrame, accounts: pl.DataFrame,
-                         opportunities: pl.DataFrame, crm_kind: str, scan_start: datetime | Callable,
-                         watermark: datetime | None = None) -> dict[str, Any]:
+def replace_crm_snapshot(
+    con: duckdb.DuckDBPyConnection,
+    people: pl.DataFrame,
+    accounts: pl.DataFrame,
+    opportunities: pl.DataFrame,
+    crm_kind: str,
+    scan_start: datetime | Callable,
+    watermark: datetime | None = None,
+) -> dict[str, Any]:
     """Store a full snapshot in place of the previous one (this is also how hard deletes are reconciled).
     `scan_start`: a fixed date, or `f(oldest open opportunity's created date)`."""
     start_fn = scan_start if callable(scan_start) else (lambda _oldest: scan_start)
-    return _write_crm(con, {"people": people, "accounts": accounts, "opportunities": opportunities}, None, crm_kind,
-                      watermark, start_fn)
+    return _write_crm(
+        con,
+        {"people": people, "accounts": accounts, "opportunities": opportunities},
+        None,
+        crm_kind,
+        watermark,
+        start_fn,
+    )
 
 
-def apply_crm_changes(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame],
-                      changed_ids: dict[str, set[str]], crm_kind: str,
-                      scan_start: Callable[[datetime | None], datetime], watermark: datetime | None) -> dict[str, Any]:
+def apply_crm_changes(
+    con: duckdb.DuckDBPyConnection,
+    frames: dict[str, pl.DataFrame],
+    changed_ids: dict[str, set[str]],
+    crm_kind: str,
+    scan_start: Callable[[datetime | None], datetime],
+    watermark: datetime | None,
+) -> dict[str, Any]:
     """Upsert an incremental refresh; the scan start is recomputed on the result. The stored watermark never
     moves back (a refresh that saw no change keeps the previous one)."""
     previous = crm_state_summary(con)["watermark"]
@@ -609,8 +791,9 @@ def apply_crm_changes(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataF
 GUARDED_CRM_TABLES = {"people": "crm_people", "accounts": "crm_accounts"}
 
 
-def crm_removals(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame],
-                 changed_ids: dict[str, set[str]] | None) -> dict[str, tuple[int, int]]:
+def crm_removals(
+    con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame], changed_ids: dict[str, set[str]] | None
+) -> dict[str, tuple[int, int]]:
     """What writing this refresh would do to people and accounts: {key: (records it removes, records stored)}. A
     full refresh (`changed_ids` None) removes every stored record it does not list; an incremental one the changed
     records it has no rows for."""
@@ -626,7 +809,8 @@ def crm_removals(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame]
             join = "SEMI JOIN"
         removed, before = con.execute(
             f"SELECT (SELECT count(*) FROM (SELECT DISTINCT crm_id FROM {table}) t {join} s_ids USING (crm_id)), "
-            f"(SELECT count(DISTINCT crm_id) FROM {table})").fetchall()[0]
+            f"(SELECT count(DISTINCT crm_id) FROM {table})"
+        ).fetchall()[0]
         con.unregister("s_ids")
         removals[key] = (removed, before)
     return removals
@@ -634,8 +818,10 @@ def crm_removals(con: duckdb.DuckDBPyConnection, frames: dict[str, pl.DataFrame]
 
 def read_crm_drop_guard(con: duckdb.DuckDBPyConnection) -> dict | None:
     """The refused refresh waiting for `o365sync crm confirm-drop` (confirmed_at set once confirmed), or None."""
-    cur = con.execute("SELECT refused_at, people_removed, people_before, accounts_removed, accounts_before, "
-                      "confirmed_at FROM crm_drop_guard")
+    cur = con.execute(
+        "SELECT refused_at, people_removed, people_before, accounts_removed, accounts_before, "
+        "confirmed_at FROM crm_drop_guard"
+    )
     row = cur.fetchone()
     return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None
 
@@ -643,8 +829,10 @@ def read_crm_drop_guard(con: duckdb.DuckDBPyConnection) -> dict | None:
 def record_crm_drop_refusal(con: duckdb.DuckDBPyConnection, removals: dict[str, tuple[int, int]]) -> None:
     """Remember a refused refresh's counts (ids never); a confirmation given for an earlier one is used up."""
     (people, people_before), (accounts, accounts_before) = removals["people"], removals["accounts"]
-    con.execute("INSERT OR REPLACE INTO crm_drop_guard VALUES (TRUE, ?, ?, ?, ?, ?, NULL)",
-                [datetime.now(UTC), people, people_before, accounts, accounts_before])
+    con.execute(
+        "INSERT OR REPLACE INTO crm_drop_guard VALUES (TRUE, ?, ?, ?, ?, ?, NULL)",
+        [datetime.now(UTC), people, people_before, accounts, accounts_before],
+    )
 
 
 def confirm_crm_drop(con: duckdb.DuckDBPyConnection) -> dict | None:
@@ -655,25 +843,34 @@ def confirm_crm_drop(con: duckdb.DuckDBPyConnection) -> dict | None:
 
 def crm_state_summary(con: duckdb.DuckDBPyConnection) -> dict:
     """The stored CRM snapshot's kind, last refresh, last full refresh (reconciliation) and watermark."""
-    row = con.execute("SELECT crm_kind, taken_at, watermark, mode FROM crm_snapshot_meta ORDER BY taken_at DESC "
-                      "LIMIT 1").fetchone()
-    last_full = con.execute("SELECT max(taken_at) FROM crm_snapshot_meta WHERE coalesce(mode, 'full') = 'full'"
-                            ).fetchone()[0]
+    row = con.execute(
+        "SELECT crm_kind, taken_at, watermark, mode FROM crm_snapshot_meta ORDER BY taken_at DESC LIMIT 1"
+    ).fetchone()
+    last_full = con.execute(
+        "SELECT max(taken_at) FROM crm_snapshot_meta WHERE coalesce(mode, 'full') = 'full'"
+    ).fetchone()[0]
     if row is None:
         return {"crm_kind": None, "taken_at": None, "watermark": None, "mode": None, "last_full_at": None}
-    return {"crm_kind": row[0], "taken_at": row[1], "watermark": row[2], "mode": row[3] or "full",
-            "last_full_at": last_full}
+    return {
+        "crm_kind": row[0],
+        "taken_at": row[1],
+        "watermark": row[2],
+        "mode": row[3] or "full",
+        "last_full_at": last_full,
+    }
 
 
 def record_crm_state(con: duckdb.DuckDBPyConnection, status: str, error: str | None = None) -> None:
     """The tenant's CRM connection state for ops: ok | reconnect_needed | quota_exhausted | invalid_file | refused |
     failed; `error` is what went wrong (or, with ok, what was adjusted)."""
     now = datetime.now(UTC)
-    con.execute("INSERT INTO crm_state VALUES (TRUE, ?, ?, ?, ?) ON CONFLICT (singleton) DO UPDATE SET "
-                "status = excluded.status, last_attempt_at = excluded.last_attempt_at, "
-                "last_success_at = coalesce(excluded.last_success_at, crm_state.last_success_at), "
-                "last_error = excluded.last_error",
-                [status, now, now if status == "ok" else None, error])
+    con.execute(
+        "INSERT INTO crm_state VALUES (TRUE, ?, ?, ?, ?) ON CONFLICT (singleton) DO UPDATE SET "
+        "status = excluded.status, last_attempt_at = excluded.last_attempt_at, "
+        "last_success_at = coalesce(excluded.last_success_at, crm_state.last_success_at), "
+        "last_error = excluded.last_error",
+        [status, now, now if status == "ok" else None, error],
+    )
 
 
 def read_crm_state(con: duckdb.DuckDBPyConnection) -> dict | None:

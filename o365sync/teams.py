@@ -110,8 +110,10 @@ class ConsentNeeded(TeamsError):
 class ChannelNotFound(TeamsError):
     def __init__(self, tenant_id: str, oid: str, team_id: str, channel_id: str):
         self.tenant_id, self.oid, self.team_id, self.channel_id = tenant_id, oid, team_id, channel_id
-        super().__init__(f"channel {channel_id} of team {team_id} is not among the channels user {tenant_id}/{oid} "
-                         "can post to (checked after refreshing the user's channel list)")
+        super().__init__(
+            f"channel {channel_id} of team {team_id} is not among the channels user {tenant_id}/{oid} "
+            "can post to (checked after refreshing the user's channel list)"
+        )
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.tenant_id, self.oid, self.team_id, self.channel_id))
@@ -143,8 +145,14 @@ def teams_client(settings: Settings, tenant_id: str, oid: str) -> Iterator[Graph
     """A Graph client for one user that can make the Teams calls and nothing else (checks `require_teams`)."""
     scopes = require_teams(settings, tenant_id, oid)
     with TokenProvider(settings, tenant_id, oid, scopes) as provider, make_http_client(settings) as http:
-        yield GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
-                          budget=settings.graph_request_budget, allow=TEAMS_ALLOWLIST)
+        yield GraphClient(
+            http,
+            settings.graph_url,
+            provider,
+            max_in_flight=settings.max_requests_per_mailbox,
+            budget=settings.graph_request_budget,
+            allow=TEAMS_ALLOWLIST,
+        )
 
 
 def _seg(value: str) -> str:
@@ -185,8 +193,10 @@ def list_channels(client: GraphClient) -> list[ChannelRow]:
     for team in teams:
         path = f"teams/{_seg(team.id)}/channels"
         for page in client.iter_pages(path, {"$select": "id,displayName,membershipType"}):
-            rows += [ChannelRow(team.id, team.display_name, c.id, c.display_name, c.membership_type)
-                     for c in msgspec.json.decode(page, type=_Channels).value]
+            rows += [
+                ChannelRow(team.id, team.display_name, c.id, c.display_name, c.membership_type)
+                for c in msgspec.json.decode(page, type=_Channels).value
+            ]
     return rows
 
 
@@ -216,15 +226,18 @@ def _message(content: str) -> bytes:
 
 def post_channel_message(client: GraphClient, team_id: str, channel_id: str, content_html: str) -> str:
     """POST teams/{team}/channels/{channel}/messages (ChannelMessage.Send); returns the new message id."""
-    resp = client.request("POST", f"teams/{_seg(team_id)}/channels/{_seg(channel_id)}/messages", idempotent=False,
-                          content=_message(content_html))
+    resp = client.request(
+        "POST",
+        f"teams/{_seg(team_id)}/channels/{_seg(channel_id)}/messages",
+        idempotent=False,
+        content=_message(content_html),
+    )
     return msgspec.json.decode(resp.content, type=_Created).id
 
 
 def post_chat_message(client: GraphClient, chat_id: str, content_html: str) -> str:
     """POST chats/{chat}/messages (ChatMessage.Send); returns the new message id."""
-    resp = client.request("POST", f"chats/{_seg(chat_id)}/messages", content=_message(content_html),
-                          idempotent=False)
+    resp = client.request("POST", f"chats/{_seg(chat_id)}/messages", content=_message(content_html), idempotent=False)
     return msgspec.json.decode(resp.content, type=_Created).id
 
 
@@ -249,9 +262,14 @@ def create_chat(client: GraphClient, user_oid: str, members: Sequence[str], topi
         raise ValueError(f"a group chat has at most {MAX_CHAT_MEMBERS} members")
     body: dict[str, Any] = {
         "chatType": "oneOnOne" if len(everyone) == 2 else "group",
-        "members": [{"@odata.type": "#microsoft.graph.aadUserConversationMember", "roles": ["owner"],
-                     "user@odata.bind": f"{client.base_url}/users('{m.replace(chr(39), chr(39) * 2)}')"}
-                    for m in everyone],
+        "members": [
+            {
+                "@odata.type": "#microsoft.graph.aadUserConversationMember",
+                "roles": ["owner"],
+                "user@odata.bind": f"{client.base_url}/users('{m.replace(chr(39), chr(39) * 2)}')",
+            }
+            for m in everyone
+        ],
     }
     if topic and body["chatType"] == "group":
         body["topic"] = topic[:250]
@@ -302,8 +320,9 @@ def _when(start: datetime | None, end: datetime | None, tz_name: str | None, all
     return f"{text} ({label})"
 
 
-def _crm_links(con: duckdb.DuckDBPyConnection, match_table: str, key_column: str, tenant_id: str, oid: str,
-               activity_id: str) -> tuple[list[str], list[str]]:
+def _crm_links(
+    con: duckdb.DuckDBPyConnection, match_table: str, key_column: str, tenant_id: str, oid: str, activity_id: str
+) -> tuple[list[str], list[str]]:
     """(CRM account names, matched people as `Name (kind)`) of one activity, primary link first."""
     rows = con.execute(
         f"SELECT m.crm_kind, coalesce(a.name, pa.name) AS account, p.name AS person, p.kind, "
@@ -316,7 +335,9 @@ def _crm_links(con: duckdb.DuckDBPyConnection, match_table: str, key_column: str
         "LEFT JOIN (SELECT crm_id, any_value(name) AS name FROM crm_accounts GROUP BY crm_id) pa "
         "  ON pa.crm_id = p.account_id "
         f"WHERE m.tenant_id = ? AND m.user_oid = ? AND m.{key_column} = ? "
-        "ORDER BY prim DESC, m.crm_kind, m.crm_id", [tenant_id, oid, activity_id]).fetchall()
+        "ORDER BY prim DESC, m.crm_kind, m.crm_id",
+        [tenant_id, oid, activity_id],
+    ).fetchall()
     accounts: list[str] = []
     people: list[str] = []
     for _kind, account, person, person_kind, _prim in rows:
@@ -337,43 +358,57 @@ def _page(title: str, lines: list[tuple[str, str]], footer: str) -> str:
 def render_meeting_summary(con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, event_id: str) -> str:
     """HTML summary of a stored meeting: subject, time with time zone, organizer, CRM accounts, matched contacts,
     attendee names. Never the meeting body."""
-    row = con.execute("SELECT subject, start_at, end_at, start_tz, is_all_day, organizer_name, organizer_address "
-                      "FROM meetings WHERE tenant_id = ? AND user_oid = ? AND event_id = ? LIMIT 1",
-                      [tenant_id, oid, event_id]).fetchone()
+    row = con.execute(
+        "SELECT subject, start_at, end_at, start_tz, is_all_day, organizer_name, organizer_address "
+        "FROM meetings WHERE tenant_id = ? AND user_oid = ? AND event_id = ? LIMIT 1",
+        [tenant_id, oid, event_id],
+    ).fetchone()
     if row is None:
         raise ActivityNotFound(tenant_id, oid, "meeting", event_id)
     subject, start, end, tz_name, all_day, org_name, org_address = row
-    attendees = [r[0] for r in con.execute(
-        "SELECT coalesce(nullif(trim(name), ''), address) FROM meeting_attendees "
-        "WHERE tenant_id = ? AND user_oid = ? AND event_id = ? AND role <> 'resource' "
-        "ORDER BY lower(coalesce(nullif(trim(name), ''), address))", [tenant_id, oid, event_id]).fetchall()]
+    attendees = [
+        r[0]
+        for r in con.execute(
+            "SELECT coalesce(nullif(trim(name), ''), address) FROM meeting_attendees "
+            "WHERE tenant_id = ? AND user_oid = ? AND event_id = ? AND role <> 'resource' "
+            "ORDER BY lower(coalesce(nullif(trim(name), ''), address))",
+            [tenant_id, oid, event_id],
+        ).fetchall()
+    ]
     accounts, people = _crm_links(con, "meeting_crm_matches", "event_id", tenant_id, oid, event_id)
-    lines = [("When", _esc(_when(start, end, tz_name, all_day))),
-             ("Organizer", _esc(org_name or org_address or "")),
-             ("CRM account" + ("s" if len(accounts) > 1 else ""), _listing(accounts)),
-             ("CRM contacts", _listing(people)),
-             ("Attendees", _listing(list(dict.fromkeys(attendees))))]
+    lines = [
+        ("When", _esc(_when(start, end, tz_name, all_day))),
+        ("Organizer", _esc(org_name or org_address or "")),
+        ("CRM account" + ("s" if len(accounts) > 1 else ""), _listing(accounts)),
+        ("CRM contacts", _listing(people)),
+        ("Attendees", _listing(list(dict.fromkeys(attendees)))),
+    ]
     return _page(f"Meeting: {_esc(subject or '(no subject)')}", lines, "Shared from o365sync")
 
 
 def render_email_summary(con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, graph_id: str) -> str:
     """HTML summary of a stored email: subject, date, sender name, CRM accounts and contacts. Never the body."""
-    row = con.execute("SELECT subject, coalesce(sent_at, received_at), from_name FROM emails "
-                      "WHERE tenant_id = ? AND user_oid = ? AND graph_id = ? LIMIT 1",
-                      [tenant_id, oid, graph_id]).fetchone()
+    row = con.execute(
+        "SELECT subject, coalesce(sent_at, received_at), from_name FROM emails "
+        "WHERE tenant_id = ? AND user_oid = ? AND graph_id = ? LIMIT 1",
+        [tenant_id, oid, graph_id],
+    ).fetchone()
     if row is None:
         raise ActivityNotFound(tenant_id, oid, "email", graph_id)
     subject, at, from_name = row
     accounts, people = _crm_links(con, "email_crm_matches", "graph_id", tenant_id, oid, graph_id)
-    lines = [("Date", _esc(f"{at.astimezone(UTC):%a %d %b %Y, %H:%M} (UTC)") if at else ""),
-             ("From", _esc(from_name or "")),
-             ("CRM account" + ("s" if len(accounts) > 1 else ""), _listing(accounts)),
-             ("CRM contacts", _listing(people))]
+    lines = [
+        ("Date", _esc(f"{at.astimezone(UTC):%a %d %b %Y, %H:%M} (UTC)") if at else ""),
+        ("From", _esc(from_name or "")),
+        ("CRM account" + ("s" if len(accounts) > 1 else ""), _listing(accounts)),
+        ("CRM contacts", _listing(people)),
+    ]
     return _page(f"Email: {_esc(subject or '(no subject)')}", lines, "Shared from o365sync")
 
 
-def render_summary(con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, activity_kind: str,
-                   activity_id: str) -> str:
+def render_summary(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, activity_kind: str, activity_id: str
+) -> str:
     if activity_kind == "meeting":
         return render_meeting_summary(con, tenant_id, oid, activity_id)
     if activity_kind == "email":
@@ -396,19 +431,35 @@ class ShareResult:
     refreshed: bool = False  # the channel list was refreshed to find the channel
 
     def as_dict(self) -> dict[str, str | None | bool]:
-        return {"share_id": self.share_id, "status": self.status, "target_kind": self.target_kind,
-                "target_id": self.target_id, "message_id": self.message_id, "refreshed": self.refreshed}
+        return {
+            "share_id": self.share_id,
+            "status": self.status,
+            "target_kind": self.target_kind,
+            "target_id": self.target_id,
+            "message_id": self.message_id,
+            "refreshed": self.refreshed,
+        }
 
 
 def _from_record(rec: ShareRecord) -> ShareResult:
-    return ShareResult(rec.share_id, "already_posted" if rec.posted else "uncertain", rec.target_kind, rec.target_id,
-                       rec.message_id)
+    return ShareResult(
+        rec.share_id, "already_posted" if rec.posted else "uncertain", rec.target_kind, rec.target_id, rec.message_id
+    )
 
 
-def share_activity(settings: Settings, tenant_id: str, oid: str, activity_kind: str, activity_id: str, *,
-                   team_id: str | None = None, channel_id: str | None = None,
-                   members: Sequence[str] | None = None, topic: str | None = None,
-                   force: bool = False) -> ShareResult:
+def share_activity(
+    settings: Settings,
+    tenant_id: str,
+    oid: str,
+    activity_kind: str,
+    activity_id: str,
+    *,
+    team_id: str | None = None,
+    channel_id: str | None = None,
+    members: Sequence[str] | None = None,
+    topic: str | None = None,
+    force: bool = False,
+) -> ShareResult:
     """Post the summary of one stored activity to a channel (`team_id` + `channel_id`) or to a chat with
     `members` (object ids or UPNs; one member: 1:1 chat, several: group chat), once per (activity, target).
 
@@ -462,8 +513,14 @@ def share_activity(settings: Settings, tenant_id: str, oid: str, activity_kind: 
             if definite:
                 with open_store(settings, tenant_id, write=True) as con:
                     abandon_share(con, tenant_id, share_id)
-            log.warning("teams share=%s user=%s post failed error=%s status=%s intent=%s", share_id, oid,
-                        type(exc).__name__, exc.status, "dropped" if definite else "kept")
+            log.warning(
+                "teams share=%s user=%s post failed error=%s status=%s intent=%s",
+                share_id,
+                oid,
+                type(exc).__name__,
+                exc.status,
+                "dropped" if definite else "kept",
+            )
             raise
     with open_store(settings, tenant_id, write=True) as con:
         complete_share(con, tenant_id, share_id, message_id)

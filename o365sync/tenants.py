@@ -44,8 +44,10 @@ class TenantNotFound(LookupError):
 
 class TenantExists(ValueError):
     def __init__(self, tenant_id: str):
-        super().__init__(f"tenant {tenant_id} is already registered; change it with `o365sync tenant update "
-                         f"{tenant_id} [options]` (options left out keep their value)")
+        super().__init__(
+            f"tenant {tenant_id} is already registered; change it with `o365sync tenant update "
+            f"{tenant_id} [options]` (options left out keep their value)"
+        )
 
 
 class TenantUnreadable(TenantNotFound):
@@ -171,11 +173,14 @@ def crm_secrets_for(crm_kind: str, given: dict[str, str]) -> dict[str, str] | No
         return None
     wanted = _CRM_SECRETS[crm_kind]
     if foreign := sorted(set(given) - set(wanted)):
-        raise ValueError(f"{', '.join(foreign)} is not used by a {crm_kind} CRM (it takes "
-                         f"{', '.join(wanted) or 'no secrets'}); nothing was saved")
+        raise ValueError(
+            f"{', '.join(foreign)} is not used by a {crm_kind} CRM (it takes "
+            f"{', '.join(wanted) or 'no secrets'}); nothing was saved"
+        )
     if missing := sorted(set(wanted) - set(given)):
-        raise ValueError(f"a {crm_kind} CRM needs {' and '.join(wanted)} together ({', '.join(missing)} missing); "
-                         "nothing was saved")
+        raise ValueError(
+            f"a {crm_kind} CRM needs {' and '.join(wanted)} together ({', '.join(missing)} missing); nothing was saved"
+        )
     return {wanted[k]: v for k, v in given.items()}
 
 
@@ -191,8 +196,9 @@ def region_root(settings: Settings, region: str | None) -> Path:
     if region is None:
         return settings.data_dir
     if region not in settings.regions:
-        raise ValueError(f"unknown region {region!r}; configured: {sorted(settings.regions) or 'none'} "
-                         "(O365SYNC_REGIONS)")
+        raise ValueError(
+            f"unknown region {region!r}; configured: {sorted(settings.regions) or 'none'} (O365SYNC_REGIONS)"
+        )
     return settings.regions[region]
 
 
@@ -239,12 +245,14 @@ def tenant_dir(settings: Settings, tenant_id: str) -> Path:
                     f"tenant {canonical_id(tenant_id)}'s files are in {elsewhere.resolve()} (region "
                     f"{other or 'default'}) but tenant.json says region {region or 'default'}; nothing was "
                     f"changed. Point it back with: o365sync tenant move {canonical_id(tenant_id)} "
-                    f"--region {other or 'default'}")
+                    f"--region {other or 'default'}"
+                )
     return folder
 
 
-def save_tenant(settings: Settings, config: TenantConfig, crm_secrets: dict[str, str] | None = None,
-                create: bool = False) -> None:
+def save_tenant(
+    settings: Settings, config: TenantConfig, crm_secrets: dict[str, str] | None = None, create: bool = False
+) -> None:
     """Write the tenant's configuration (and CRM secrets if given). `create`: only if the tenant is not registered
     yet (atomically: a concurrent registration of the same id fails with `TenantExists`)."""
     region_root(settings, config.region)  # refuse an unknown region before writing anything
@@ -271,9 +279,11 @@ def save_tenant(settings: Settings, config: TenantConfig, crm_secrets: dict[str,
 def load_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
     path = registry_dir(settings, tenant_id) / "tenant.json"
     if not path.exists():
-        raise TenantNotFound(f"tenant {canonical_id(tenant_id)} is not registered in the data dir "
-                             f"{settings.data_dir.resolve()}: set O365SYNC_DATA_DIR to the data dir it was added "
-                             "in, or register it with `o365sync tenant add`")
+        raise TenantNotFound(
+            f"tenant {canonical_id(tenant_id)} is not registered in the data dir "
+            f"{settings.data_dir.resolve()}: set O365SYNC_DATA_DIR to the data dir it was added "
+            "in, or register it with `o365sync tenant add`"
+        )
     return _read_config(path)
 
 
@@ -287,8 +297,10 @@ def _read_config(path: Path) -> TenantConfig:
         problem = f"is invalid ({where + ': ' if where else ''}{err['msg']})"
     except (OSError, UnicodeDecodeError) as exc:
         problem = f"cannot be read ({exc.__class__.__name__})"
-    raise TenantUnreadable(f"{path.resolve()} {problem}: restore it from a backup, or remove its folder and "
-                         "register the tenant again (o365sync tenant add)")
+    raise TenantUnreadable(
+        f"{path.resolve()} {problem}: restore it from a backup, or remove its folder and "
+        "register the tenant again (o365sync tenant add)"
+    )
 
 
 def scan_tenants(settings: Settings) -> tuple[list[TenantConfig], list[str]]:
@@ -333,8 +345,9 @@ def save_crm_secrets(settings: Settings, tenant_id: str, secrets: dict[str, str]
     """Sealed into the tenant's folder under its current region (wherever its other files are)."""
     folder = tenant_dir(settings, tenant_id)
     folder.mkdir(parents=True, exist_ok=True)
-    write_sealed(folder / "crm.secret", load_key(settings), f"crm:{canonical_id(tenant_id)}",
-                 json.dumps(secrets).encode())
+    write_sealed(
+        folder / "crm.secret", load_key(settings), f"crm:{canonical_id(tenant_id)}", json.dumps(secrets).encode()
+    )
 
 
 def load_crm_secrets(settings: Settings, tenant_id: str) -> dict[str, str]:

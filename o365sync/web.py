@@ -69,37 +69,72 @@ ASK_ADMIN = "Please contact your administrator and give them this reference: {re
 
 # case -> (HTTP status, title, sentence). `{ref}` is a short reference logged with the codes, for operators.
 _CASES: dict[str, tuple[int, str, str]] = {
-    "missing_tenant": (400, "Incomplete link", "This connect link is incomplete: it must name your organisation "
-                                               "(?tenant=...). Ask your administrator for your connect link."),
-    "bad_login_hint": (400, "Invalid link", "This connect link is not valid (its login_hint is not a sign-in "
-                                            "name). Ask your administrator for your connect link."),
-    "rate_limited": (429, "Too many attempts", "Too many sign-ins were started from your network. Wait {retry} "
-                                               "seconds, then start again from your connect link."),
-    "busy": (503, "Too many sign-ins", "Too many sign-ins are in progress right now. Wait {retry} seconds, then "
-                                       "start again from your connect link."),
+    "missing_tenant": (
+        400,
+        "Incomplete link",
+        "This connect link is incomplete: it must name your organisation "
+        "(?tenant=...). Ask your administrator for your connect link.",
+    ),
+    "bad_login_hint": (
+        400,
+        "Invalid link",
+        "This connect link is not valid (its login_hint is not a sign-in "
+        "name). Ask your administrator for your connect link.",
+    ),
+    "rate_limited": (
+        429,
+        "Too many attempts",
+        "Too many sign-ins were started from your network. Wait {retry} "
+        "seconds, then start again from your connect link.",
+    ),
+    "busy": (
+        503,
+        "Too many sign-ins",
+        "Too many sign-ins are in progress right now. Wait {retry} seconds, then start again from your connect link.",
+    ),
     "expired_link": (400, "Sign-in link expired", "This sign-in link expired or was already used. " + START_AGAIN),
-    "wrong_tenant": (403, "Account of another organisation",
-                     "This account belongs to another organisation than the one this link connects. Sign out of "
-                     "Microsoft, then start again from your connect link with your work account."),
-    "access_denied": (403, "Access not granted",
-                      "Access was not granted: the permissions were declined, or your organisation lets only an "
-                      "administrator approve this app. Ask your administrator, then start again from your connect "
-                      "link."),
-    "code_expired": (400, "Sign-in expired",
-                     "This sign-in took too long or its code was already used. " + START_AGAIN),
-    "configuration": (503, "Service not set up correctly",
-                      "This connection service is not set up correctly, so your account cannot be connected now. "
-                      + ASK_ADMIN),
-    "unavailable": (503, "Try again later", "Microsoft's sign-in service is unavailable right now. Try again in a "
-                                            "few minutes from your connect link."),
-    "tenant_gone": (404, "Organisation not registered",
-                    "Your organisation is not (or no longer) registered with this service, so nothing was "
-                    "connected. Please contact your administrator."),
-    "offboarded": (403, "Account offboarded",
-                   "Your account was offboarded from your organisation's activity capture, so it is not connected "
-                   "again. If this is a mistake, ask your administrator to re-admit it."),
-    "unknown": (400, "Not connected", "The sign-in could not be completed. Start again from your connect link; if "
-                                      "it happens again, give your administrator this reference: {ref}."),
+    "wrong_tenant": (
+        403,
+        "Account of another organisation",
+        "This account belongs to another organisation than the one this link connects. Sign out of "
+        "Microsoft, then start again from your connect link with your work account.",
+    ),
+    "access_denied": (
+        403,
+        "Access not granted",
+        "Access was not granted: the permissions were declined, or your organisation lets only an "
+        "administrator approve this app. Ask your administrator, then start again from your connect "
+        "link.",
+    ),
+    "code_expired": (400, "Sign-in expired", "This sign-in took too long or its code was already used. " + START_AGAIN),
+    "configuration": (
+        503,
+        "Service not set up correctly",
+        "This connection service is not set up correctly, so your account cannot be connected now. " + ASK_ADMIN,
+    ),
+    "unavailable": (
+        503,
+        "Try again later",
+        "Microsoft's sign-in service is unavailable right now. Try again in a few minutes from your connect link.",
+    ),
+    "tenant_gone": (
+        404,
+        "Organisation not registered",
+        "Your organisation is not (or no longer) registered with this service, so nothing was "
+        "connected. Please contact your administrator.",
+    ),
+    "offboarded": (
+        403,
+        "Account offboarded",
+        "Your account was offboarded from your organisation's activity capture, so it is not connected "
+        "again. If this is a mistake, ask your administrator to re-admit it.",
+    ),
+    "unknown": (
+        400,
+        "Not connected",
+        "The sign-in could not be completed. Start again from your connect link; if "
+        "it happens again, give your administrator this reference: {ref}.",
+    ),
     "internal": (500, "Something went wrong", "Your account could not be connected. " + ASK_ADMIN),
 }
 # AADSTS codes (Microsoft identity platform) that decide the case when the OAuth error name does not.
@@ -147,8 +182,10 @@ def case_of(exc: AuthError) -> str:
 
 
 def _page(title: str, message: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
-    body = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>"
-            f"<body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>")
+    body = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>'
+        f"<body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>"
+    )
     return HTMLResponse(body, status_code=status, headers={**SECURITY_HEADERS, **(headers or {})})
 
 
@@ -164,8 +201,9 @@ def _failure(exc: AuthError, tenant_id: str) -> HTMLResponse:
     ref = secrets.token_hex(4)
     level = logging.WARNING if case in _OPS_CASES else logging.INFO
     log.log(level, "connect failed: case=%s ref=%s tenant=%s %s", case, ref, tenant_id or "-", exc)
-    retry = exc.retry_after_s if isinstance(exc, SignInsBusy) else \
-        UNAVAILABLE_RETRY_S if case == "unavailable" else None
+    retry = (
+        exc.retry_after_s if isinstance(exc, SignInsBusy) else UNAVAILABLE_RETRY_S if case == "unavailable" else None
+    )
     return _case_page(case, retry, ref)
 
 
@@ -243,9 +281,14 @@ def create_app(settings: Settings, pending: PendingSignIns | None = None) -> Sta
             return _case_page("missing_tenant")
         try:
             tenant = load_tenant(settings, tenant_id)
-            url = begin_connect(settings, tenant.id, list(tenant.features),
-                                login_hint=request.query_params.get("login_hint") or None,
-                                explicit_consent=tenant.notetaker_explicit_consent, pending=sign_ins)
+            url = begin_connect(
+                settings,
+                tenant.id,
+                list(tenant.features),
+                login_hint=request.query_params.get("login_hint") or None,
+                explicit_consent=tenant.notetaker_explicit_consent,
+                pending=sign_ins,
+            )
         except (TenantUnreadable, TenantMisplaced) as exc:  # ours to repair, not the user's: ask the admin
             return _failure(ConnectSetupError(tenant_id, str(exc)), tenant_id)
         except TenantNotFound:
@@ -269,11 +312,15 @@ def create_app(settings: Settings, pending: PendingSignIns | None = None) -> Sta
         log.error("connect endpoint %s failed: ref=%s", request.url.path, ref, exc_info=exc)
         return _case_page("internal", ref=ref)
 
-    return Starlette(routes=[
-        Route("/connect", connect, methods=["GET"]),
-        Route(callback_path(settings), callback, methods=["GET"]),
-        Route("/healthz", health, methods=["GET"]),
-    ], middleware=[Middleware(SecurityHeaders)], exception_handlers={Exception: internal_error})
+    return Starlette(
+        routes=[
+            Route("/connect", connect, methods=["GET"]),
+            Route(callback_path(settings), callback, methods=["GET"]),
+            Route("/healthz", health, methods=["GET"]),
+        ],
+        middleware=[Middleware(SecurityHeaders)],
+        exception_handlers={Exception: internal_error},
+    )
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8400) -> None:
@@ -281,9 +328,13 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8400) -> None
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 
-def run_in_thread(settings: Settings, port: int = 0, host: str = "127.0.0.1",
-                  sock: socket.socket | None = None,
-                  pending: PendingSignIns | None = None) -> tuple[str, Callable[[], None]]:
+def run_in_thread(
+    settings: Settings,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    sock: socket.socket | None = None,
+    pending: PendingSignIns | None = None,
+) -> tuple[str, Callable[[], None]]:
     """Serve in a daemon thread; returns (base_url, stop). The socket is bound and listening before this
     returns, so requests made right away queue in the backlog until uvicorn accepts them.
 

@@ -51,18 +51,46 @@ from simulators.tls import SimulatorTLS
 from simulators.tokens import AccessClaims, TokenAuthority, TokenError
 from simulators.world import MESSAGE_TYPE, Mailbox, SimMessage, Tombstone, World
 
-WELL_KNOWN_FOLDERS = {"inbox": "Inbox", "sentitems": "Sent Items", "drafts": "Drafts", "junkemail": "Junk Email",
-                      "deleteditems": "Deleted Items", "archive": "Archive"}
+WELL_KNOWN_FOLDERS = {
+    "inbox": "Inbox",
+    "sentitems": "Sent Items",
+    "drafts": "Drafts",
+    "junkemail": "Junk Email",
+    "deleteditems": "Deleted Items",
+    "archive": "Archive",
+}
 MAIL_READ_SCOPES = frozenset({"Mail.Read", "Mail.ReadWrite"})
 MAIL_BASIC_SCOPES = MAIL_READ_SCOPES | {"Mail.ReadBasic"}
 BODY_PROPS = frozenset({"body", "bodyPreview", "uniqueBody"})
 # Properties returned without $select, in Graph's order; uniqueBody only via $select.
 DEFAULT_PROPS = (
-    "createdDateTime", "lastModifiedDateTime", "changeKey", "categories", "receivedDateTime", "sentDateTime",
-    "hasAttachments", "internetMessageId", "subject", "bodyPreview", "importance", "parentFolderId",
-    "conversationId", "isDeliveryReceiptRequested", "isReadReceiptRequested", "isRead", "isDraft", "webLink",
-    "inferenceClassification", "body", "sender", "from", "toRecipients", "ccRecipients", "bccRecipients",
-    "replyTo", "flag",
+    "createdDateTime",
+    "lastModifiedDateTime",
+    "changeKey",
+    "categories",
+    "receivedDateTime",
+    "sentDateTime",
+    "hasAttachments",
+    "internetMessageId",
+    "subject",
+    "bodyPreview",
+    "importance",
+    "parentFolderId",
+    "conversationId",
+    "isDeliveryReceiptRequested",
+    "isReadReceiptRequested",
+    "isRead",
+    "isDraft",
+    "webLink",
+    "inferenceClassification",
+    "body",
+    "sender",
+    "from",
+    "toRecipients",
+    "ccRecipients",
+    "bccRecipients",
+    "replyTo",
+    "flag",
 )
 # `sensitivity` is not a `message` property (graph.md §2.2; only `event` has one): selecting it is a 400.
 SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody")}
@@ -75,22 +103,36 @@ SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody")}
 EXT_PROPS = "singleValueExtendedProperties"
 SENSITIVITY_EXT_ID = "Integer 0x36"
 SENSITIVITY_EXT_VALUES = {"personal": "1", "private": "2", "confidential": "3"}  # "normal": see _sensitivity_ext
-_EXPAND_RE = re.compile(r"\s*singleValueExtendedProperties\s*\(\s*\$filter\s*=\s*id\s+eq\s+"
-                        r"'\s*(\w+)\s+0x([0-9a-f]{1,8})\s*'\s*\)\s*", re.IGNORECASE)
+_EXPAND_RE = re.compile(
+    r"\s*singleValueExtendedProperties\s*\(\s*\$filter\s*=\s*id\s+eq\s+"
+    r"'\s*(\w+)\s+0x([0-9a-f]{1,8})\s*'\s*\)\s*",
+    re.IGNORECASE,
+)
 # SimMessage field -> the Graph properties an update of it changes (for partial delta items); a sensitivity change
 # shows up as the expanded extended property, when the round was started with that $expand
-FIELD_PROPS = {"subject": ("subject",), "body": ("body", "bodyPreview", "uniqueBody"), "is_read": ("isRead",),
-               "is_draft": ("isDraft",), "sensitivity": (), "odata_type": (),
-               "has_attachments": ("hasAttachments",), "to": ("toRecipients",), "cc": ("ccRecipients",),
-               "bcc": ("bccRecipients",), "sender": ("sender", "from")}
+FIELD_PROPS = {
+    "subject": ("subject",),
+    "body": ("body", "bodyPreview", "uniqueBody"),
+    "is_read": ("isRead",),
+    "is_draft": ("isDraft",),
+    "sensitivity": (),
+    "odata_type": (),
+    "has_attachments": ("hasAttachments",),
+    "to": ("toRecipients",),
+    "cc": ("ccRecipients",),
+    "bcc": ("bccRecipients",),
+    "sender": ("sender", "from"),
+}
 BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
 _SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count", "$expand"}
 _DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$expand", "$skiptoken", "$deltatoken"}
 DELTA_DEFAULT_PAGE = 10  # graph.md §2.4 (OBS)
 DELTA_FILTER_CAP = 5000  # with $filter a delta round returns at most 5,000 messages (DOC)
-_DELTA_FILTER_ERROR = ("The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
-                       "'receivedDateTime ge value' is supported.")
+_DELTA_FILTER_ERROR = (
+    "The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
+    "'receivedDateTime ge value' is supported."
+)
 _FILTER_RE = re.compile(
     r"\s*receivedDateTime\s+(ge|gt)\s+(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,7})?)?(?:Z|[+-]\d{2}:\d{2}))\s*",
     re.IGNORECASE,
@@ -254,15 +296,32 @@ def _prefer(headers: dict[str, str]) -> dict[str, str]:
 class GraphSimulator:
     """Serve a `World`'s mailboxes as Microsoft Graph v1.0 on loopback HTTPS."""
 
-    def __init__(self, world: World, tls: SimulatorTLS, tokens: TokenAuthority, port: int = 0,
-                 max_in_flight: int = 4, latency_s: float = 0.0, throttle_retry_after: str = "0.2",
-                 seed: int = 0, *,
-                 budget_requests: int | None = 10_000, budget_window_s: float = 600.0,
-                 fault_share: float = 0.0, fault_statuses: tuple[int, ...] = (429, 503, 504),
-                 fault_retry_after: tuple[float, float] = (0.05, 2.0), fault_seed: int = 0,
-                 partial_updates: bool = True, duplicate_share: float = 0.0, empty_page_share: float = 0.0,
-                 delta_max_page_size: int = 1000, filter_later_rounds: bool = True, retry_grace_s: float = 0.05,
-                 endless_next_links: bool = False, lone_surrogate_ids: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        world: World,
+        tls: SimulatorTLS,
+        tokens: TokenAuthority,
+        port: int = 0,
+        max_in_flight: int = 4,
+        latency_s: float = 0.0,
+        throttle_retry_after: str = "0.2",
+        seed: int = 0,
+        *,
+        budget_requests: int | None = 10_000,
+        budget_window_s: float = 600.0,
+        fault_share: float = 0.0,
+        fault_statuses: tuple[int, ...] = (429, 503, 504),
+        fault_retry_after: tuple[float, float] = (0.05, 2.0),
+        fault_seed: int = 0,
+        partial_updates: bool = True,
+        duplicate_share: float = 0.0,
+        empty_page_share: float = 0.0,
+        delta_max_page_size: int = 1000,
+        filter_later_rounds: bool = True,
+        retry_grace_s: float = 0.05,
+        endless_next_links: bool = False,
+        lone_surrogate_ids: frozenset[str] = frozenset(),
+    ):
         """Knobs (all plain attributes too; `reset()` restores the constructor values, latency 0):
         - `max_in_flight`: Outlook's MailboxConcurrency (429 ApplicationThrottled, Retry-After
           `throttle_retry_after`);
@@ -301,11 +360,27 @@ class GraphSimulator:
         self.retry_grace_s = retry_grace_s
         self.endless_next_links = endless_next_links
         self.lone_surrogate_ids = frozenset(lone_surrogate_ids)
-        self._knobs = {k: getattr(self, k) for k in (
-            "max_in_flight", "throttle_retry_after", "budget_requests", "budget_window_s", "fault_share",
-            "fault_statuses", "fault_retry_after", "fault_seed", "partial_updates", "duplicate_share",
-            "empty_page_share", "delta_max_page_size", "filter_later_rounds", "retry_grace_s", "endless_next_links",
-            "lone_surrogate_ids")}
+        self._knobs = {
+            k: getattr(self, k)
+            for k in (
+                "max_in_flight",
+                "throttle_retry_after",
+                "budget_requests",
+                "budget_window_s",
+                "fault_share",
+                "fault_statuses",
+                "fault_retry_after",
+                "fault_seed",
+                "partial_updates",
+                "duplicate_share",
+                "empty_page_share",
+                "delta_max_page_size",
+                "filter_later_rounds",
+                "retry_grace_s",
+                "endless_next_links",
+                "lone_surrogate_ids",
+            )
+        }
         self.requests: list[LoggedRequest] = []
         self.peak_in_flight: dict[str, int] = {}
         self.sent: dict[str, list[SentResponse]] = {}  # oid -> every response, in order
@@ -367,13 +442,21 @@ class GraphSimulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def inject(self, oid: str, status: int, count: int = 1, retry_after: str | None = None,
-               code: str | None = None, path_contains: str | None = None) -> None:
+    def inject(
+        self,
+        oid: str,
+        status: int,
+        count: int = 1,
+        retry_after: str | None = None,
+        code: str | None = None,
+        path_contains: str | None = None,
+    ) -> None:
         """The next `count` mailbox requests of `oid` (inner $batch requests included) answer `status`;
         with `path_contains`, only requests whose path contains it (case-insensitive) are hit."""
         with self._lock:
             self._faults.setdefault(oid, []).append(
-                _Fault(status, count, retry_after, code, path_contains.lower() if path_contains else None))
+                _Fault(status, count, retry_after, code, path_contains.lower() if path_contains else None)
+            )
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -402,8 +485,11 @@ class GraphSimulator:
         next use answers 410 Gone `SyncStateNotFound` (or, with `code="resyncRequired"`, 400 resyncRequired).
         Returns how many sync states were evicted; a new initial round starts a fresh one."""
         with self._lock:
-            hit = [st for st in self._delta_states
-                   if st.oid == oid and st.evicted is None and (folder is None or st.folder == folder.lower())]
+            hit = [
+                st
+                for st in self._delta_states
+                if st.oid == oid and st.evicted is None and (folder is None or st.folder == folder.lower())
+            ]
             for st in hit:
                 st.evicted = code
             return len(hit)
@@ -429,11 +515,20 @@ class GraphSimulator:
         return fid
 
     # ---------------------------------------------------------------- request plumbing
-    def _error(self, ctx: _Ctx, status: int, code: str, message: str,
-               headers: dict[str, str] | None = None) -> Response:
-        body = {"error": {"code": code, "message": message, "innerError": {
-            "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
-            "request-id": ctx.request_id, "client-request-id": ctx.client_request_id}}}
+    def _error(
+        self, ctx: _Ctx, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> Response:
+        body = {
+            "error": {
+                "code": code,
+                "message": message,
+                "innerError": {
+                    "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+                    "request-id": ctx.request_id,
+                    "client-request-id": ctx.client_request_id,
+                },
+            }
+        }
         return Response(status, body, dict(headers or {}))
 
     def _authenticate(self, req: Request) -> AccessClaims:
@@ -444,8 +539,10 @@ class GraphSimulator:
         return self.tokens.verify_access_token(token.strip())
 
     def _unauthorized(self, ctx: _Ctx, exc: TokenError) -> Response:
-        www = ('Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
-               'client_id="00000003-0000-0000-c000-000000000000"')
+        www = (
+            'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
+            'client_id="00000003-0000-0000-c000-000000000000"'
+        )
         return self._error(ctx, 401, "InvalidAuthenticationToken", str(exc), {"WWW-Authenticate": www})
 
     def _take_fault(self, oid: str, path: str) -> _Fault | None:
@@ -460,10 +557,12 @@ class GraphSimulator:
             return fault
 
     def _fault_response(self, ctx: _Ctx, fault: _Fault) -> Response:
-        default = {429: ("TooManyRequests", "Please retry again later."),
-                   503: ("serviceNotAvailable", "The service is temporarily unavailable."),
-                   504: ("UnknownError", "Gateway Timeout"),
-                   500: ("generalException", "An unspecified error has occurred.")}
+        default = {
+            429: ("TooManyRequests", "Please retry again later."),
+            503: ("serviceNotAvailable", "The service is temporarily unavailable."),
+            504: ("UnknownError", "Gateway Timeout"),
+            500: ("generalException", "An unspecified error has occurred."),
+        }
         code, message = default.get(fault.status, ("generalException", "Injected fault."))
         headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
         return self._error(ctx, fault.status, fault.code or code, message, headers)
@@ -571,15 +670,23 @@ class GraphSimulator:
                 wait = self._over_budget(oid, now)
                 fault = None if wait is not None else (self._take_fault(oid, req.path) or self._random_fault())
                 if wait is not None:
-                    resp = self._error(ctx, 429, "ApplicationThrottled",  # UNVERIFIED message text
-                                       "Application is over its MailboxRequestRate limit.",
-                                       {"Retry-After": str(max(1, math.ceil(wait)))})
+                    resp = self._error(
+                        ctx,
+                        429,
+                        "ApplicationThrottled",  # UNVERIFIED message text
+                        "Application is over its MailboxRequestRate limit.",
+                        {"Retry-After": str(max(1, math.ceil(wait)))},
+                    )
                 elif fault is not None:
                     resp = self._fault_response(ctx, fault)
                 elif not self._admit(oid):
-                    resp = self._error(ctx, 429, "ApplicationThrottled",
-                                       "Application is over its MailboxConcurrency limit.",
-                                       {"Retry-After": self.throttle_retry_after})
+                    resp = self._error(
+                        ctx,
+                        429,
+                        "ApplicationThrottled",
+                        "Application is over its MailboxConcurrency limit.",
+                        {"Retry-After": self.throttle_retry_after},
+                    )
                 else:
                     try:
                         if self.latency_s:
@@ -607,7 +714,7 @@ class GraphSimulator:
         if w.change_seq == self._applied_seq:
             return
         with w.lock, self._cache_lock:
-            for gid in w.change_log[self._applied_seq:w.change_seq]:
+            for gid in w.change_log[self._applied_seq : w.change_seq]:
                 self._base.pop(gid, None)
                 for cache in self._frags.values():
                     cache.pop(gid, None)
@@ -619,8 +726,11 @@ class GraphSimulator:
     def _mailbox(self, oid: str) -> _Mailbox:
         msgs = self.world.mailboxes.get(oid)
         if msgs is None:
-            raise GraphFail(404, "MailboxNotEnabledForRESTAPI", "The mailbox is either inactive, soft-deleted, "
-                            "or is hosted on-premise.")
+            raise GraphFail(
+                404,
+                "MailboxNotEnabledForRESTAPI",
+                "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+            )
         stamp = self._stamp(oid, msgs)
         box = self._mailboxes.get(oid)
         if box is None or box.stamp != stamp:
@@ -671,20 +781,35 @@ class GraphSimulator:
             received, sent = _iso(m.received), _iso(m.sent)
             sender = _recipient(m.sender)
             props = {
-                "@odata.etag": f'W/"{change_key}"', "id": m.id,
-                "createdDateTime": received, "lastModifiedDateTime": _iso(m.modified) if m.modified else received,
+                "@odata.etag": f'W/"{change_key}"',
+                "id": m.id,
+                "createdDateTime": received,
+                "lastModifiedDateTime": _iso(m.modified) if m.modified else received,
                 "changeKey": change_key,
-                "categories": [], "receivedDateTime": received, "sentDateTime": sent,
-                "hasAttachments": m.has_attachments, "internetMessageId": m.internet_message_id,
-                "subject": m.subject, "bodyPreview": m.body[:255], "importance": "normal",
-                "parentFolderId": self.folder_id(m.owner_oid, m.folder), "conversationId": m.conversation_id,
-                "isDeliveryReceiptRequested": False, "isReadReceiptRequested": False,
-                "isRead": m.is_read, "isDraft": m.is_draft,
+                "categories": [],
+                "receivedDateTime": received,
+                "sentDateTime": sent,
+                "hasAttachments": m.has_attachments,
+                "internetMessageId": m.internet_message_id,
+                "subject": m.subject,
+                "bodyPreview": m.body[:255],
+                "importance": "normal",
+                "parentFolderId": self.folder_id(m.owner_oid, m.folder),
+                "conversationId": m.conversation_id,
+                "isDeliveryReceiptRequested": False,
+                "isReadReceiptRequested": False,
+                "isRead": m.is_read,
+                "isDraft": m.is_draft,
                 "webLink": f"https://outlook.office365.com/owa/?ItemID={_quote_id(m.id)}"
-                           "&exvsurl=1&viewmodel=ReadMessageItem",
-                "inferenceClassification": "focused", "sender": sender, "from": sender,
-                "toRecipients": [_recipient(r) for r in m.to], "ccRecipients": [_recipient(r) for r in m.cc],
-                "bccRecipients": [_recipient(r) for r in m.bcc], "replyTo": [], "flag": {"flagStatus": "notFlagged"},
+                "&exvsurl=1&viewmodel=ReadMessageItem",
+                "inferenceClassification": "focused",
+                "sender": sender,
+                "from": sender,
+                "toRecipients": [_recipient(r) for r in m.to],
+                "ccRecipients": [_recipient(r) for r in m.cc],
+                "bccRecipients": [_recipient(r) for r in m.bcc],
+                "replyTo": [],
+                "flag": {"flagStatus": "notFlagged"},
                 EXT_PROPS: self._sensitivity_ext(m),
             }
             self._base[m.id] = props
@@ -710,12 +835,15 @@ class GraphSimulator:
         if body_type == "text":
             return {"contentType": "text", "content": m.body}
         text = html.escape(m.body).replace("\n", "<br>\r\n")
-        content = ('<html><head>\r\n<meta http-equiv="Content-Type" content="text/html; charset=utf-8">'
-                   f'</head><body><div>{text}</div></body></html>')
+        content = (
+            '<html><head>\r\n<meta http-equiv="Content-Type" content="text/html; charset=utf-8">'
+            f"</head><body><div>{text}</div></body></html>"
+        )
         return {"contentType": "html", "content": content}
 
-    def _props(self, m: SimMessage, props: tuple[str, ...], body_type: str, immutable: bool,
-               typed: bool, expand: bool = False) -> dict:
+    def _props(
+        self, m: SimMessage, props: tuple[str, ...], body_type: str, immutable: bool, typed: bool, expand: bool = False
+    ) -> dict:
         base = self._base_props(m)
         out: dict[str, Any] = {}
         if typed or m.odata_type != MESSAGE_TYPE:  # lists name derived types only; delta items always
@@ -738,8 +866,15 @@ class GraphSimulator:
                     out[role] = {"emailAddress": {**address, "name": f"{address.get('name') or ''}{HALF_EMOJI}"}}
         return out
 
-    def _fragment(self, m: SimMessage, select: tuple[str, ...] | None, body_type: str, immutable: bool = True,
-                  typed: bool = False, expand: bool = False) -> bytes:
+    def _fragment(
+        self,
+        m: SimMessage,
+        select: tuple[str, ...] | None,
+        body_type: str,
+        immutable: bool = True,
+        typed: bool = False,
+        expand: bool = False,
+    ) -> bytes:
         key = (select, body_type, immutable, typed, expand)
         cache = self._frags.get(key)
         if cache is None:
@@ -769,8 +904,11 @@ class GraphSimulator:
             name = item.strip()
             canon = SELECTABLE.get(name.lower())
             if canon is None:
-                raise GraphFail(400, "RequestBroker--ParseUri",
-                                f"Could not find a property named '{name}' on type 'microsoft.graph.message'.")
+                raise GraphFail(
+                    400,
+                    "RequestBroker--ParseUri",
+                    f"Could not find a property named '{name}' on type 'microsoft.graph.message'.",
+                )
             if canon not in out:
                 out.append(canon)
         return tuple(out)
@@ -821,9 +959,13 @@ class GraphSimulator:
             if when is not None:
                 return m.group(1).lower(), _us(when)
         if _QUOTED_FILTER_RE.fullmatch(raw):
-            raise GraphFail(400, "BadRequest", "A binary operator with incompatible types was detected. Found "
-                            "operand types 'Edm.DateTimeOffset' and 'Edm.String' for operator kind 'GreaterThan"
-                            "OrEqual'.")
+            raise GraphFail(
+                400,
+                "BadRequest",
+                "A binary operator with incompatible types was detected. Found "
+                "operand types 'Edm.DateTimeOffset' and 'Edm.String' for operator kind 'GreaterThan"
+                "OrEqual'.",
+            )
         raise GraphFail(400, "ErrorInvalidUrlQueryFilter", "The query filter contains one or more invalid nodes.")
 
     @staticmethod
@@ -836,8 +978,11 @@ class GraphSimulator:
         except ValueError:
             value = lo - 1
         if not lo <= value <= hi:
-            raise GraphFail(400, "ErrorInvalidUrlQuery" if name == "$top" else "BadRequest",
-                            f"The value of query option '{name}' is invalid; expected {lo}..{hi}.")
+            raise GraphFail(
+                400,
+                "ErrorInvalidUrlQuery" if name == "$top" else "BadRequest",
+                f"The value of query option '{name}' is invalid; expected {lo}..{hi}.",
+            )
         return value
 
     @staticmethod
@@ -851,8 +996,9 @@ class GraphSimulator:
         prop = m.group(1)
         if prop.lower() != "receiveddatetime":
             if has_filter:
-                raise GraphFail(400, "InefficientFilter", "The restriction or sort order is too complex for "
-                                "this operation.")
+                raise GraphFail(
+                    400, "InefficientFilter", "The restriction or sort order is too complex for this operation."
+                )
             raise GraphFail(400, "ErrorInvalidUrlQuery", f"Ordering by '{prop}' is not supported.")
         return (m.group(2) or "asc").lower() == "desc"
 
@@ -865,10 +1011,16 @@ class GraphSimulator:
             user = self.world.user(ctx.claims.oid)
         except StopIteration:
             raise GraphFail(404, "Request_ResourceNotFound", "Resource does not exist.") from None
-        return Response(200, {
-            "@odata.context": f"{req.base_url}/v1.0/$metadata#users/$entity",
-            "id": user.oid, "displayName": user.display_name, "userPrincipalName": user.upn, "mail": user.upn,
-        })
+        return Response(
+            200,
+            {
+                "@odata.context": f"{req.base_url}/v1.0/$metadata#users/$entity",
+                "id": user.oid,
+                "displayName": user.display_name,
+                "userPrincipalName": user.upn,
+                "mail": user.upn,
+            },
+        )
 
     def _get_folder(self, req: Request, ctx: _Ctx) -> Response:
         assert ctx.claims is not None and req.match is not None
@@ -878,12 +1030,19 @@ class GraphSimulator:
         folder = self._resolve_folder(oid, req.match.group(1))
         idx = self._folder_index(oid, folder)
         unread = sum(1 for m in idx.desc if not m.is_read)
-        return Response(200, {
-            "@odata.context": f"{req.base_url}/v1.0/$metadata#users('{oid}')/mailFolders/$entity",
-            "id": self.folder_id(oid, folder), "displayName": WELL_KNOWN_FOLDERS[folder],
-            "parentFolderId": self.folder_id(oid, "msgfolderroot"), "childFolderCount": 0,
-            "unreadItemCount": unread, "totalItemCount": len(idx.desc), "isHidden": False,
-        })
+        return Response(
+            200,
+            {
+                "@odata.context": f"{req.base_url}/v1.0/$metadata#users('{oid}')/mailFolders/$entity",
+                "id": self.folder_id(oid, folder),
+                "displayName": WELL_KNOWN_FOLDERS[folder],
+                "parentFolderId": self.folder_id(oid, "msgfolderroot"),
+                "childFolderCount": 0,
+                "unreadItemCount": unread,
+                "totalItemCount": len(idx.desc),
+                "isHidden": False,
+            },
+        )
 
     def _list_messages(self, req: Request, ctx: _Ctx) -> Response:
         assert ctx.claims is not None
@@ -908,7 +1067,7 @@ class GraphSimulator:
         headers: dict[str, str] = {}
         body_type = self._body_type(req, headers)
         if desc:
-            chosen = idx.desc[skip:min(skip + top, n)]
+            chosen = idx.desc[skip : min(skip + top, n)]
         else:
             lo, hi = max(0, n - skip - top), max(0, n - skip)
             chosen = idx.desc[lo:hi][::-1]
@@ -944,8 +1103,11 @@ class GraphSimulator:
 
     # ---------------------------------------------------------------- delta
     def _mailbox_delta(self, req: Request, ctx: _Ctx) -> Response:
-        raise GraphFail(400, "BadRequest", "Unsupported request: Change tracking is not supported against "
-                        "'microsoft.graph.message'.")
+        raise GraphFail(
+            400,
+            "BadRequest",
+            "Unsupported request: Change tracking is not supported against 'microsoft.graph.message'.",
+        )
 
     @staticmethod
     def _gone(state: _DeltaState | None) -> GraphFail:
@@ -953,8 +1115,11 @@ class GraphSimulator:
         if code.lower() == "resyncrequired":  # UNVERIFIED status for this code (errors.md lists it, no status)
             return GraphFail(400, code, "The delta token is no longer valid, and the app must reset the sync state.")
         g = state.generation if state is not None else 0
-        return GraphFail(410, code, f"The sync state generation is not found; generation={g};"
-                                    f"[highest={g + 8}][{g + 8}][{g + 6}][{g + 7}].")
+        return GraphFail(
+            410,
+            code,
+            f"The sync state generation is not found; generation={g};[highest={g + 8}][{g + 8}][{g + 6}][{g + 7}].",
+        )
 
     def _page_size(self, req: Request, headers: dict[str, str]) -> int:
         """`Prefer: odata.maxpagesize=N`, read on every request (UNVERIFIED whether Graph keeps the first
@@ -969,8 +1134,9 @@ class GraphSimulator:
             return DELTA_DEFAULT_PAGE
         size = min(size, self.delta_max_page_size)
         applied = headers.get("Preference-Applied")
-        headers["Preference-Applied"] = f"{applied}, odata.maxpagesize={size}" if applied else \
-            f"odata.maxpagesize={size}"
+        headers["Preference-Applied"] = (
+            f"{applied}, odata.maxpagesize={size}" if applied else f"odata.maxpagesize={size}"
+        )
         return size
 
     @staticmethod
@@ -1083,12 +1249,18 @@ class GraphSimulator:
             items += dups
         return _Round(state, since, end, items)
 
-    def _delta_item(self, kind: str, obj: Any, fields: frozenset[str], state: _DeltaState, body_type: str,
-                    immutable: bool) -> bytes:
+    def _delta_item(
+        self, kind: str, obj: Any, fields: frozenset[str], state: _DeltaState, body_type: str, immutable: bool
+    ) -> bytes:
         if kind == "removed":
             t: Tombstone = obj
-            return _encode({"@odata.type": MESSAGE_TYPE, "id": t.id if immutable else t.mutable_id,
-                            "@removed": {"reason": t.reason}})
+            return _encode(
+                {
+                    "@odata.type": MESSAGE_TYPE,
+                    "id": t.id if immutable else t.mutable_id,
+                    "@removed": {"reason": t.reason},
+                }
+            )
         if kind == "full":
             return self._fragment(obj, state.select, body_type, immutable, typed=True, expand=state.expand)
         changed = {p for f in fields for p in FIELD_PROPS.get(f, ())}
@@ -1096,17 +1268,19 @@ class GraphSimulator:
         keep = (*(p for p in props if p in changed and p != "parentFolderId"), "parentFolderId")
         # the extended property only when the sensitivity changed (UNVERIFIED: how real Graph reports a changed
         # extended property in an "updated" item is not documented; we assume like a changed property)
-        return _encode(self._props(obj, keep, body_type, immutable, typed=True,
-                                   expand=state.expand and "sensitivity" in fields))
+        return _encode(
+            self._props(obj, keep, body_type, immutable, typed=True, expand=state.expand and "sensitivity" in fields)
+        )
 
-    def _delta_page(self, req: Request, rnd: _Round, pos: int, size: int, body_type: str, immutable: bool,
-                    headers: dict[str, str]) -> Response:
+    def _delta_page(
+        self, req: Request, rnd: _Round, pos: int, size: int, body_type: str, immutable: bool, headers: dict[str, str]
+    ) -> Response:
         items = rnd.items
         empty = False
         if pos < len(items) and self.empty_page_share:
             with self._lock:
                 empty = self._rng.random() < self.empty_page_share
-        chosen = [] if empty else items[pos:pos + size]
+        chosen = [] if empty else items[pos : pos + size]
         nxt = pos + len(chosen)
         frags = b",".join(self._delta_item(k, o, f, rnd.state, body_type, immutable) for k, o, f in chosen)
         folder_id = self.folder_id(rnd.state.oid, rnd.state.folder)
@@ -1141,8 +1315,14 @@ class GraphSimulator:
         headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
         headers["authorization"] = outer.headers.get("authorization", "")
         body = item.get("body")
-        req = Request(method, path, {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
-                      headers, _encode(body) if body is not None else b"", base_url=outer.base_url)
+        req = Request(
+            method,
+            path,
+            {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
+            headers,
+            _encode(body) if body is not None else b"",
+            base_url=outer.base_url,
+        )
         routed = self._route(method, path)
         if routed is None:
             ctx = self._new_ctx(req)
@@ -1185,8 +1365,9 @@ class GraphSimulator:
                     if rid in done or not all(d in done for d in deps):
                         continue
                     if any(results[d][0] >= 400 for d in deps):
-                        err = self._error(self._new_ctx(req), 424, "FailedDependency",
-                                          "Request failed due to a failed dependency.")
+                        err = self._error(
+                            self._new_ctx(req), 424, "FailedDependency", "Request failed due to a failed dependency."
+                        )
                         results[rid] = (424, {"Content-Type": "application/json"}, err.encoded()[0])
                     else:
                         results[rid] = self._run_inner(req, item)
@@ -1204,8 +1385,7 @@ class GraphSimulator:
             head = {"id": rid, "status": status, "headers": headers}
             parts.append(_encode(head)[:-1] + b',"body":' + (data or b"null") + b"}")
         self._log(req, 200, claims.oid, False)
-        return Response(200, b'{"responses":[' + b",".join(parts) + b"]}",
-                        {"Content-Type": "application/json", **ids})
+        return Response(200, b'{"responses":[' + b",".join(parts) + b"]}", {"Content-Type": "application/json", **ids})
 
     @staticmethod
     def _validate_batch(req: Request) -> list[dict]:

@@ -58,29 +58,85 @@ MAX_WINDOW_DAYS = 1825
 CAL_READ = frozenset({"Calendars.Read", "Calendars.ReadWrite"})
 CAL_WRITE = frozenset({"Calendars.ReadWrite"})
 ONLINE_MEETINGS = frozenset({"OnlineMeetings.ReadWrite"})
-TEAMS_READ = frozenset({"Team.ReadBasic.All", "TeamSettings.Read.All", "TeamSettings.ReadWrite.All", "User.Read.All",
-                        "User.ReadWrite.All", "Directory.Read.All", "Directory.ReadWrite.All"})
-CHANNELS_READ = frozenset({"Channel.ReadBasic.All", "ChannelSettings.Read.All", "ChannelSettings.ReadWrite.All",
-                           "Group.Read.All", "Group.ReadWrite.All", "Directory.Read.All", "Directory.ReadWrite.All"})
+TEAMS_READ = frozenset(
+    {
+        "Team.ReadBasic.All",
+        "TeamSettings.Read.All",
+        "TeamSettings.ReadWrite.All",
+        "User.Read.All",
+        "User.ReadWrite.All",
+        "Directory.Read.All",
+        "Directory.ReadWrite.All",
+    }
+)
+CHANNELS_READ = frozenset(
+    {
+        "Channel.ReadBasic.All",
+        "ChannelSettings.Read.All",
+        "ChannelSettings.ReadWrite.All",
+        "Group.Read.All",
+        "Group.ReadWrite.All",
+        "Directory.Read.All",
+        "Directory.ReadWrite.All",
+    }
+)
 CHANNEL_SEND = frozenset({"ChannelMessage.Send", "Group.ReadWrite.All"})
 CHAT_CREATE = frozenset({"Chat.Create", "Chat.ReadWrite"})
 CHAT_SEND = frozenset({"ChatMessage.Send", "Chat.ReadWrite"})
 PATCHABLE = frozenset({"subject", "body", "isOnlineMeeting", "onlineMeetingProvider"})
 # Default properties, in Graph's order (GD resources/event.md); `id` and `@odata.etag` are always returned.
 EVENT_PROPS = (
-    "createdDateTime", "lastModifiedDateTime", "changeKey", "categories", "transactionId", "originalStartTimeZone",
-    "originalEndTimeZone", "iCalUId", "uid", "reminderMinutesBeforeStart", "isReminderOn", "hasAttachments",
-    "subject", "bodyPreview", "importance", "sensitivity", "isAllDay", "isCancelled", "isOrganizer",
-    "responseRequested", "seriesMasterId", "showAs", "type", "webLink", "onlineMeetingUrl", "isOnlineMeeting",
-    "onlineMeetingProvider", "allowNewTimeProposals", "occurrenceId", "isDraft", "hideAttendees", "responseStatus",
-    "body", "start", "end", "location", "locations", "recurrence", "attendees", "organizer", "onlineMeeting",
+    "createdDateTime",
+    "lastModifiedDateTime",
+    "changeKey",
+    "categories",
+    "transactionId",
+    "originalStartTimeZone",
+    "originalEndTimeZone",
+    "iCalUId",
+    "uid",
+    "reminderMinutesBeforeStart",
+    "isReminderOn",
+    "hasAttachments",
+    "subject",
+    "bodyPreview",
+    "importance",
+    "sensitivity",
+    "isAllDay",
+    "isCancelled",
+    "isOrganizer",
+    "responseRequested",
+    "seriesMasterId",
+    "showAs",
+    "type",
+    "webLink",
+    "onlineMeetingUrl",
+    "isOnlineMeeting",
+    "onlineMeetingProvider",
+    "allowNewTimeProposals",
+    "occurrenceId",
+    "isDraft",
+    "hideAttendees",
+    "responseStatus",
+    "body",
+    "start",
+    "end",
+    "location",
+    "locations",
+    "recurrence",
+    "attendees",
+    "organizer",
+    "onlineMeeting",
 )
 EVENT_SELECTABLE = {p.lower(): p for p in (*EVENT_PROPS, "id")}
 BARE_PROPS = ("seriesMasterId", "type", "start", "end")
-_MISSING_WINDOW = ("This request requires a time window specified by the query string parameters StartDateTime and "
-                   "EndDateTime.")
-_TOO_WIDE = ("Your request can't be completed. The range between the start and end dates is greater than the allowed "
-             f"range. Maximum number of days: {MAX_WINDOW_DAYS}")
+_MISSING_WINDOW = (
+    "This request requires a time window specified by the query string parameters StartDateTime and EndDateTime."
+)
+_TOO_WIDE = (
+    "Your request can't be completed. The range between the start and end dates is greater than the allowed "
+    f"range. Maximum number of days: {MAX_WINDOW_DAYS}"
+)
 _USERS_BIND = re.compile(r"users\('([^']+)'\)", re.IGNORECASE)
 _CT = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
 
@@ -161,8 +217,12 @@ class CalendarEndpoints:
         if scopes & allowed:
             return
         if teams:  # UNVERIFIED exact text; the shape Teams APIs are reported to answer with
-            raise GraphFail(403, "Forbidden", "Missing scope permissions on the request. API requires one of "
-                            f"'{', '.join(sorted(allowed))}'. Scopes on the request '{', '.join(sorted(scopes))}'")
+            raise GraphFail(
+                403,
+                "Forbidden",
+                "Missing scope permissions on the request. API requires one of "
+                f"'{', '.join(sorted(allowed))}'. Scopes on the request '{', '.join(sorted(scopes))}'",
+            )
         raise GraphFail(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 
     @staticmethod
@@ -208,8 +268,11 @@ class CalendarEndpoints:
         for item in raw.split(","):
             canon = EVENT_SELECTABLE.get(item.strip().lower())
             if canon is None:
-                raise GraphFail(400, "RequestBroker--ParseUri",
-                                f"Could not find a property named '{item.strip()}' on type 'microsoft.graph.event'.")
+                raise GraphFail(
+                    400,
+                    "RequestBroker--ParseUri",
+                    f"Could not find a property named '{item.strip()}' on type 'microsoft.graph.event'.",
+                )
             if canon not in out:
                 out.append(canon)
         return tuple(out)
@@ -228,60 +291,113 @@ class CalendarEndpoints:
         attendees = inst.attendees if inst is not None else ev.attendees
         body = o.body if o is not None and o.body is not None else ev.body
         version = max(ev.version, o.version if o is not None else 0)
-        change_key = base64.urlsafe_b64encode(hashlib.blake2b(f"{iid}|{version}".encode(), digest_size=18)
-                                              .digest()).decode()
+        change_key = base64.urlsafe_b64encode(
+            hashlib.blake2b(f"{iid}|{version}".encode(), digest_size=18).digest()
+        ).decode()
         owner = self.sim.world.user(ev.owner_oid).upn.lower()
         is_org = (ev.organizer.address or "").lower() == owner
         mine = next((a for a in attendees if (a.address or "").lower() == owner), None)
         response = "organizer" if is_org else (mine.response if mine else "none")
         sub = typ in ("occurrence", "exception")
         assert inst is None or not sub or inst.original_start is not None
-        ical = occurrence_ical_uid(ev.ical_uid, inst.original_start) if sub and inst and inst.original_start \
+        ical = (
+            occurrence_ical_uid(ev.ical_uid, inst.original_start)
+            if sub and inst and inst.original_start
             else ev.ical_uid
+        )
         created = _iso(ev.created or self.sim.world.now - timedelta(days=30))
         rec = None
         if typ == "seriesMaster" and ev.recurrence is not None:
             r = ev.recurrence
             local = ev.start.astimezone(ZoneInfo(WINDOWS_TZ.get(ev.time_zone, ev.time_zone)))
-            rec = {"pattern": {"type": "weekly", "interval": r.interval, "month": 0, "dayOfMonth": 0,
-                               "daysOfWeek": [_DAYS[d] for d in r.days], "firstDayOfWeek": "sunday",
-                               "index": "first"},
-                   "range": {"type": "endDate" if r.until else "noEnd", "startDate": local.date().isoformat(),
-                             "endDate": r.until.isoformat() if r.until else "0001-01-01",
-                             "recurrenceTimeZone": ev.time_zone, "numberOfOccurrences": 0}}
+            rec = {
+                "pattern": {
+                    "type": "weekly",
+                    "interval": r.interval,
+                    "month": 0,
+                    "dayOfMonth": 0,
+                    "daysOfWeek": [_DAYS[d] for d in r.days],
+                    "firstDayOfWeek": "sunday",
+                    "index": "first",
+                },
+                "range": {
+                    "type": "endDate" if r.until else "noEnd",
+                    "startDate": local.date().isoformat(),
+                    "endDate": r.until.isoformat() if r.until else "0001-01-01",
+                    "recurrenceTimeZone": ev.time_zone,
+                    "numberOfOccurrences": 0,
+                },
+            }
         html_body = self.sim._body(SimpleNamespace(body=body), body_type)
         online = {"joinUrl": ev.join_url} if ev.is_online and ev.join_url else None
         subject = inst.subject if inst is not None else ev.subject
         if ev.id in self.sim.lone_surrogate_ids and subject is not None:  # fault knob (GraphSimulator)
             subject += HALF_EMOJI
         return {
-            "@odata.etag": f'W/"{change_key}"', "id": iid,
-            "createdDateTime": created, "lastModifiedDateTime": _iso(ev.modified) if ev.modified else created,
-            "changeKey": change_key, "categories": [], "transactionId": None,
-            "originalStartTimeZone": ev.time_zone, "originalEndTimeZone": ev.time_zone, "iCalUId": ical,
-            "uid": ev.ical_uid, "reminderMinutesBeforeStart": 15, "isReminderOn": True, "hasAttachments": False,
-            "subject": subject, "bodyPreview": body[:255], "importance": "normal", "sensitivity": ev.sensitivity,
-            "isAllDay": False, "isCancelled": ev.is_cancelled, "isOrganizer": is_org, "responseRequested": True,
-            "seriesMasterId": ev.id if sub else None, "showAs": "busy", "type": typ,
+            "@odata.etag": f'W/"{change_key}"',
+            "id": iid,
+            "createdDateTime": created,
+            "lastModifiedDateTime": _iso(ev.modified) if ev.modified else created,
+            "changeKey": change_key,
+            "categories": [],
+            "transactionId": None,
+            "originalStartTimeZone": ev.time_zone,
+            "originalEndTimeZone": ev.time_zone,
+            "iCalUId": ical,
+            "uid": ev.ical_uid,
+            "reminderMinutesBeforeStart": 15,
+            "isReminderOn": True,
+            "hasAttachments": False,
+            "subject": subject,
+            "bodyPreview": body[:255],
+            "importance": "normal",
+            "sensitivity": ev.sensitivity,
+            "isAllDay": False,
+            "isCancelled": ev.is_cancelled,
+            "isOrganizer": is_org,
+            "responseRequested": True,
+            "seriesMasterId": ev.id if sub else None,
+            "showAs": "busy",
+            "type": typ,
             "webLink": f"https://outlook.office365.com/owa/?itemid={_quote_id(iid)}&exvsurl=1&path=/calendar/item",
-            "onlineMeetingUrl": None, "isOnlineMeeting": ev.is_online,
+            "onlineMeetingUrl": None,
+            "isOnlineMeeting": ev.is_online,
             "onlineMeetingProvider": "teamsForBusiness" if ev.is_online else "unknown",
             "allowNewTimeProposals": True,
-            "occurrenceId": f"OID.{ev.id}.{inst.original_start:%Y-%m-%d}" if sub and inst and inst.original_start
+            "occurrenceId": f"OID.{ev.id}.{inst.original_start:%Y-%m-%d}"
+            if sub and inst and inst.original_start
             else None,
-            "isDraft": False, "hideAttendees": False,
+            "isDraft": False,
+            "hideAttendees": False,
             "responseStatus": {"response": response, "time": "0001-01-01T00:00:00Z"},
-            "body": html_body, "start": self._dtz(start, zone), "end": self._dtz(end, zone),
+            "body": html_body,
+            "start": self._dtz(start, zone),
+            "end": self._dtz(end, zone),
             "location": {"displayName": "Microsoft Teams Meeting" if ev.is_online else "", "locationType": "default"},
-            "locations": [], "recurrence": rec,
-            "attendees": [{"type": a.type, "status": {"response": a.response, "time": "0001-01-01T00:00:00Z"},
-                           "emailAddress": {"name": a.name, "address": a.address}} for a in attendees],
+            "locations": [],
+            "recurrence": rec,
+            "attendees": [
+                {
+                    "type": a.type,
+                    "status": {"response": a.response, "time": "0001-01-01T00:00:00Z"},
+                    "emailAddress": {"name": a.name, "address": a.address},
+                }
+                for a in attendees
+            ],
             "organizer": {"emailAddress": {"name": ev.organizer.name, "address": ev.organizer.address}},
             "onlineMeeting": online,
         }
 
-    def _render(self, ev: SimEvent, inst: Instance | None, zone: str, body_type: str,
-                select: tuple[str, ...] | None = None, typed: bool = False, bare: bool = False) -> dict:
+    def _render(
+        self,
+        ev: SimEvent,
+        inst: Instance | None,
+        zone: str,
+        body_type: str,
+        select: tuple[str, ...] | None = None,
+        typed: bool = False,
+        bare: bool = False,
+    ) -> dict:
         full = self._props(ev, inst, zone, body_type)
         out: dict[str, Any] = {"@odata.type": EVENT_TYPE} if typed else {}
         out["@odata.etag"], out["id"] = full["@odata.etag"], full["id"]
@@ -316,15 +432,16 @@ class CalendarEndpoints:
         skip = self.sim._parse_int(req, "$skip", 0, 0, 10**9)
         insts = self.cal.instances(ctx.claims.oid, lo, hi)
         with self.sim.world.lock:
-            items = [self._render(i.event, i, zone, body_type, select) for i in insts[skip:skip + size]]
+            items = [self._render(i.event, i, zone, body_type, select) for i in insts[skip : skip + size]]
         link = None
         if skip + size < len(insts) or self.sim.endless_next_links:
             query = {k: v for k, v in req.query.items() if k.lower() != "$skip"}
             query["$skip"] = str(skip + size)
             link = ("@odata.nextLink", f"{req.base_url}{req.path}?{urlencode(query, safe='$,:')}")
         sel = f"({','.join(select)})" if select else ""
-        return self._collection(f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/calendarView{sel}",
-                                items, link, headers)
+        return self._collection(
+            f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/calendarView{sel}", items, link, headers
+        )
 
     def _lookup(self, ctx: _Ctx, raw: str) -> tuple[SimEvent, Instance | None]:
         assert ctx.claims is not None
@@ -333,8 +450,9 @@ class CalendarEndpoints:
             raise GraphFail(404, "ErrorItemNotFound", "The specified object was not found in the store.")
         return hit
 
-    def _event_response(self, req: Request, ctx: _Ctx, ev: SimEvent, inst: Instance | None,
-                        select: tuple[str, ...] | None = None) -> Response:
+    def _event_response(
+        self, req: Request, ctx: _Ctx, ev: SimEvent, inst: Instance | None, select: tuple[str, ...] | None = None
+    ) -> Response:
         assert ctx.claims is not None
         headers: dict[str, str] = {}
         zone, body_type = self._zone(req, headers), self.sim._body_type(req, headers)
@@ -364,8 +482,9 @@ class CalendarEndpoints:
         with self.sim.world.lock:
             insts = sorted(expand(ev, lo, hi), key=lambda i: (i.start, i.id)) if inst is None else [inst]
             items = [self._render(ev, i, zone, body_type, select) for i in insts if ev.recurrence is not None]
-        return self._collection(f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/events('{ev.id}')"
-                                "/instances", items, None, headers)
+        return self._collection(
+            f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/events('{ev.id}')/instances", items, None, headers
+        )
 
     # ---------------------------------------------------------------- calendarView delta
     def _delta(self, req: Request, ctx: _Ctx) -> Response:
@@ -415,8 +534,9 @@ class CalendarEndpoints:
             self._tokens[token] = entry
         return self._collection(f"{req.base_url}/v1.0/$metadata#Collection(event)", chosen, link, headers)
 
-    def _plan(self, state: _CalState, base: dict[str, tuple] | None, since: int | None, *, zone: str,
-              body_type: str) -> _CalRound:
+    def _plan(
+        self, state: _CalState, base: dict[str, tuple] | None, since: int | None, *, zone: str, body_type: str
+    ) -> _CalRound:
         """Diff the window now against `base` (None: the initial round, everything in the window). Occurrence
         fingerprints include the master's version, so a series change re-sends its bare occurrences too
         (UNVERIFIED)."""
@@ -449,8 +569,9 @@ class CalendarEndpoints:
                 if items:
                     groups.append((insts[0].start, items))
             if base is not None:
-                removed = [i for i in base if i not in snapshot
-                           and (k.delta_deleted_occurrences or i not in deleted_occ)]
+                removed = [
+                    i for i in base if i not in snapshot and (k.delta_deleted_occurrences or i not in deleted_occ)
+                ]
                 if k.delta_out_of_window_removed and since is not None:  # documented noise (event-delta.md)
                     noise = [ev.id for ev in events if ev.version > since and ev.id not in snapshot]
                     noise += [ev.id for ev, seq in cal.removed.get(state.oid, []) if seq > since]
@@ -492,8 +613,7 @@ class CalendarEndpoints:
         with self.sim.world.lock:
             if changes:
                 self.cal.update(inst.id if inst is not None else ev.id, **changes)
-            self.cal.writes.append(CalendarWrite(ctx.claims.oid, inst.id if inst is not None else ev.id,
-                                                 dict(payload)))
+            self.cal.writes.append(CalendarWrite(ctx.claims.oid, inst.id if inst is not None else ev.id, dict(payload)))
             hit = self.cal.find(ctx.claims.oid, inst.id if inst is not None else ev.id)
         assert hit is not None
         return self._event_response(req, ctx, *hit)
@@ -516,21 +636,35 @@ class CalendarEndpoints:
         context = f"{req.base_url}/v1.0/$metadata#users('{ctx.claims.oid}')/onlineMeetings/$entity"
         with self.sim.world.lock:
             cal = self.cal
-            old = next((m for m in cal.online_meetings if external_id and m["oid"] == ctx.claims.oid
-                        and m.get("externalId") == external_id), None)
+            old = next(
+                (
+                    m
+                    for m in cal.online_meetings
+                    if external_id and m["oid"] == ctx.claims.oid and m.get("externalId") == external_id
+                ),
+                None,
+            )
             if old is not None:
                 return Response(200, {"@odata.context": context, **{k: v for k, v in old.items() if k != "oid"}})
             url = _join_url(cal.rng)
             user = self.sim.world.user(ctx.claims.oid)
             meeting = {
                 "id": base64.urlsafe_b64encode(uuid.UUID(int=cal.rng.getrandbits(128)).bytes).decode().rstrip("="),
-                "creationDateTime": _iso(now), "subject": payload.get("subject"),
+                "creationDateTime": _iso(now),
+                "subject": payload.get("subject"),
                 "startDateTime": payload.get("startDateTime") or _iso(now),
                 "endDateTime": payload.get("endDateTime") or _iso(now + timedelta(hours=1)),
-                "joinWebUrl": url, "joinUrl": url, "videoTeleconferenceId": None,
-                "participants": {"organizer": {"upn": user.upn, "role": "presenter",
-                                               "identity": {"user": {"id": user.oid, "tenantId": user.tid}}},
-                                 "attendees": []},
+                "joinWebUrl": url,
+                "joinUrl": url,
+                "videoTeleconferenceId": None,
+                "participants": {
+                    "organizer": {
+                        "upn": user.upn,
+                        "role": "presenter",
+                        "identity": {"user": {"id": user.oid, "tenantId": user.tid}},
+                    },
+                    "attendees": [],
+                },
                 "chatInfo": {"threadId": f"19:meeting_{secrets.token_urlsafe(12)}@thread.v2", "messageId": "0"},
                 "externalId": external_id,
             }
@@ -542,10 +676,14 @@ class CalendarEndpoints:
         assert ctx.claims is not None
         self._need(ctx, TEAMS_READ, teams=True)
         oid = ctx.claims.oid
-        value = [{"id": t.id, "displayName": t.display_name, "description": t.description}
-                 for t in self.cal.teams if oid in t.members]
-        return Response(200, {"@odata.context": f"{req.base_url}/v1.0/$metadata#teams", "@odata.count": len(value),
-                              "value": value})
+        value = [
+            {"id": t.id, "displayName": t.display_name, "description": t.description}
+            for t in self.cal.teams
+            if oid in t.members
+        ]
+        return Response(
+            200, {"@odata.context": f"{req.base_url}/v1.0/$metadata#teams", "@odata.count": len(value), "value": value}
+        )
 
     def _team(self, ctx: _Ctx, raw: str) -> Any:
         assert ctx.claims is not None
@@ -568,14 +706,29 @@ class CalendarEndpoints:
                 raise GraphFail(400, "BadRequest", "Invalid filter clause")  # UNVERIFIED text
             want = m.group(1)
         oid = ctx.claims.oid
-        value = [{"id": c.id, "createdDateTime": "2024-01-08T09:00:00Z", "displayName": c.display_name,
-                  "description": None, "isFavoriteByDefault": None, "email": "", "tenantId": team.tid,
-                  "webUrl": f"https://teams.microsoft.com/l/channel/{c.id}/{c.display_name}?groupId={team.id}",
-                  "membershipType": c.membership_type}
-                 for c in team.channels
-                 if (c.members is None or oid in c.members) and (want is None or c.membership_type == want)]
-        return Response(200, {"@odata.context": f"{req.base_url}/v1.0/$metadata#teams('{team.id}')/channels",
-                              "@odata.count": len(value), "value": value})
+        value = [
+            {
+                "id": c.id,
+                "createdDateTime": "2024-01-08T09:00:00Z",
+                "displayName": c.display_name,
+                "description": None,
+                "isFavoriteByDefault": None,
+                "email": "",
+                "tenantId": team.tid,
+                "webUrl": f"https://teams.microsoft.com/l/channel/{c.id}/{c.display_name}?groupId={team.id}",
+                "membershipType": c.membership_type,
+            }
+            for c in team.channels
+            if (c.members is None or oid in c.members) and (want is None or c.membership_type == want)
+        ]
+        return Response(
+            200,
+            {
+                "@odata.context": f"{req.base_url}/v1.0/$metadata#teams('{team.id}')/channels",
+                "@odata.count": len(value),
+                "value": value,
+            },
+        )
 
     def _message_body(self, req: Request) -> tuple[str, str]:
         try:
@@ -597,17 +750,43 @@ class CalendarEndpoints:
             posts.append(Post(ctx.claims.oid, mid, content, ctype, **where))
         stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
         channel = {"teamId": where["team_id"], "channelId": where["channel_id"]} if where.get("team_id") else None
-        return Response(201, {
-            "@odata.context": f"{req.base_url}/v1.0/$metadata#chatMessage/$entity",
-            "id": mid, "replyToId": None, "etag": mid, "messageType": "message", "createdDateTime": stamp,
-            "lastModifiedDateTime": stamp, "lastEditedDateTime": None, "deletedDateTime": None, "subject": None,
-            "summary": None, "chatId": where.get("chat_id"), "importance": "normal", "locale": "en-us",
-            "webUrl": None, "channelIdentity": channel, "policyViolation": None, "eventDetail": None,
-            "from": {"application": None, "device": None,
-                     "user": {"id": user.oid, "displayName": user.display_name, "userIdentityType": "aadUser",
-                              "tenantId": user.tid}},
-            "body": {"contentType": ctype, "content": content}, "attachments": [], "mentions": [], "reactions": [],
-        })
+        return Response(
+            201,
+            {
+                "@odata.context": f"{req.base_url}/v1.0/$metadata#chatMessage/$entity",
+                "id": mid,
+                "replyToId": None,
+                "etag": mid,
+                "messageType": "message",
+                "createdDateTime": stamp,
+                "lastModifiedDateTime": stamp,
+                "lastEditedDateTime": None,
+                "deletedDateTime": None,
+                "subject": None,
+                "summary": None,
+                "chatId": where.get("chat_id"),
+                "importance": "normal",
+                "locale": "en-us",
+                "webUrl": None,
+                "channelIdentity": channel,
+                "policyViolation": None,
+                "eventDetail": None,
+                "from": {
+                    "application": None,
+                    "device": None,
+                    "user": {
+                        "id": user.oid,
+                        "displayName": user.display_name,
+                        "userIdentityType": "aadUser",
+                        "tenantId": user.tid,
+                    },
+                },
+                "body": {"contentType": ctype, "content": content},
+                "attachments": [],
+                "mentions": [],
+                "reactions": [],
+            },
+        )
 
     def _channel_message(self, req: Request, ctx: _Ctx) -> Response:
         assert req.match is not None and ctx.claims is not None
@@ -658,12 +837,19 @@ class CalendarEndpoints:
             if chat is None:
                 topic = payload.get("topic") if chat_type == "group" else None
                 chat = cal.chats[cid] = SimChat(cid, ctx.claims.tid, chat_type, tuple(members), topic, now)
-        return Response(201, {
-            "@odata.context": f"{req.base_url}/v1.0/$metadata#chats/$entity", "id": chat.id, "topic": chat.topic,
-            "createdDateTime": _iso(chat.created), "lastUpdatedDateTime": _iso(chat.created),
-            "chatType": chat.chat_type, "tenantId": chat.tid,
-            "webUrl": f"https://teams.microsoft.com/l/chat/{chat.id}/0?tenantId={chat.tid}",
-        })
+        return Response(
+            201,
+            {
+                "@odata.context": f"{req.base_url}/v1.0/$metadata#chats/$entity",
+                "id": chat.id,
+                "topic": chat.topic,
+                "createdDateTime": _iso(chat.created),
+                "lastUpdatedDateTime": _iso(chat.created),
+                "chatType": chat.chat_type,
+                "tenantId": chat.tid,
+                "webUrl": f"https://teams.microsoft.com/l/chat/{chat.id}/0?tenantId={chat.tid}",
+            },
+        )
 
     def _chat_message(self, req: Request, ctx: _Ctx) -> Response:
         assert req.match is not None and ctx.claims is not None
@@ -673,4 +859,3 @@ class CalendarEndpoints:
             raise GraphFail(404, "NotFound", "Chat not found.")  # UNVERIFIED
         content, ctype = self._message_body(req)
         return self._posted(req, ctx, content, ctype, chat_id=chat.id)
-

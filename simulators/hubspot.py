@@ -60,33 +60,66 @@ _MODIFIED_PROP = {"contacts": "lastmodifieddate", "companies": "hs_lastmodifiedd
 _DEFAULT_PROPS = {
     "contacts": ("createdate", "email", "firstname", "hs_object_id", "lastmodifieddate", "lastname"),
     "companies": ("createdate", "domain", "hs_lastmodifieddate", "hs_object_id", "name"),
-    "deals": ("amount", "closedate", "createdate", "dealname", "dealstage", "hs_lastmodifieddate", "hs_object_id",
-              "pipeline"),
+    "deals": (
+        "amount",
+        "closedate",
+        "createdate",
+        "dealname",
+        "dealstage",
+        "hs_lastmodifieddate",
+        "hs_object_id",
+        "pipeline",
+    ),
 }
 _DATE_PROPS = frozenset({"createdate", "lastmodifieddate", "hs_lastmodifieddate", "closedate"})
-_V4_TYPES = {"contacts": "contacts", "contact": "contacts", "0-1": "contacts", "companies": "companies",
-             "company": "companies", "0-2": "companies", "deals": "deals", "deal": "deals", "0-3": "deals"}
+_V4_TYPES = {
+    "contacts": "contacts",
+    "contact": "contacts",
+    "0-1": "contacts",
+    "companies": "companies",
+    "company": "companies",
+    "0-2": "companies",
+    "deals": "deals",
+    "deal": "deals",
+    "0-3": "deals",
+}
 # HUBSPOT_DEFINED association type ids: (primary, unlabeled) per (from, to)
-_V4_TYPE_IDS = {("contacts", "companies"): (1, 279), ("deals", "companies"): (5, 341),
-                ("companies", "contacts"): (2, 280), ("companies", "deals"): (6, 342)}
+_V4_TYPE_IDS = {
+    ("contacts", "companies"): (1, 279),
+    ("deals", "companies"): (5, 341),
+    ("companies", "contacts"): (2, 280),
+    ("companies", "deals"): (6, 342),
+}
 ASSOC_BATCH_MAX = 1_000
-_ASSOC_TYPE = {("contacts", "companies"): "contact_to_company", ("deals", "companies"): "deal_to_company",
-               ("companies", "contacts"): "company_to_contact", ("companies", "deals"): "company_to_deal"}
+_ASSOC_TYPE = {
+    ("contacts", "companies"): "contact_to_company",
+    ("deals", "companies"): "deal_to_company",
+    ("companies", "contacts"): "company_to_contact",
+    ("companies", "deals"): "company_to_deal",
+}
 
 # (pipeline id, label, [(stage id, label, isClosed, probability)])
 PIPELINES: tuple[tuple[str, str, tuple[tuple[str, str, bool, str], ...]], ...] = (
-    ("default", "Sales Pipeline", (
-        ("appointmentscheduled", "Appointment Scheduled", False, "0.2"),
-        ("qualifiedtobuy", "Qualified To Buy", False, "0.4"),
-        ("contractsent", "Contract Sent", False, "0.9"),
-        ("closedwon", "Closed Won", True, "1.0"),
-        ("closedlost", "Closed Lost", True, "0.0"),
-    )),
-    ("75e28846", "Renewals", (
-        ("1001", "Renewal due", False, "0.5"),
-        ("1002", "Renewed", True, "1.0"),
-        ("1003", "Churned", True, "0.0"),
-    )),
+    (
+        "default",
+        "Sales Pipeline",
+        (
+            ("appointmentscheduled", "Appointment Scheduled", False, "0.2"),
+            ("qualifiedtobuy", "Qualified To Buy", False, "0.4"),
+            ("contractsent", "Contract Sent", False, "0.9"),
+            ("closedwon", "Closed Won", True, "1.0"),
+            ("closedlost", "Closed Lost", True, "0.0"),
+        ),
+    ),
+    (
+        "75e28846",
+        "Renewals",
+        (
+            ("1001", "Renewal due", False, "0.5"),
+            ("1002", "Renewed", True, "1.0"),
+            ("1003", "Churned", True, "0.0"),
+        ),
+    ),
 )
 
 
@@ -137,8 +170,11 @@ def _deal_closed_props(props: dict[str, str | None]) -> dict[str, str]:
     stage = _STAGES.get((str(props.get("pipeline")), str(props.get("dealstage"))))
     closed = bool(stage and stage[2])
     won = closed and stage is not None and stage[3] == "1.0"
-    return {"hs_is_closed": "true" if closed else "false", "hs_is_closed_won": "true" if won else "false",
-            "hs_is_closed_lost": "true" if closed and not won else "false"}
+    return {
+        "hs_is_closed": "true" if closed else "false",
+        "hs_is_closed_won": "true" if won else "false",
+        "hs_is_closed_lost": "true" if closed and not won else "false",
+    }
 
 
 @dataclass
@@ -166,8 +202,7 @@ class LoggedRequest:
 
 
 def _error(status: int, message: str, category: str, **extra: Any) -> Response:
-    body = {"status": "error", "message": message, "correlationId": str(uuid.uuid4()), "category": category,
-            **extra}
+    body = {"status": "error", "message": message, "correlationId": str(uuid.uuid4()), "category": category, **extra}
     return Response(status, body)
 
 
@@ -219,12 +254,23 @@ class HubSpotSimulator(SimServer):
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC).replace(microsecond=0)
 
-    def _add(self, tid: str, otype: str, props: dict[str, str | None], created: datetime, updated: datetime,
-             world_id: str | None = None) -> _Rec:
+    def _add(
+        self,
+        tid: str,
+        otype: str,
+        props: dict[str, str | None],
+        created: datetime,
+        updated: datetime,
+        world_id: str | None = None,
+    ) -> _Rec:
         hs_id = str(self._next_id[tid])
         self._next_id[tid] += 1
-        props = {**props, "hs_object_id": hs_id, "createdate": hs_datetime(created),
-                 _MODIFIED_PROP[otype]: hs_datetime(updated)}
+        props = {
+            **props,
+            "hs_object_id": hs_id,
+            "createdate": hs_datetime(created),
+            _MODIFIED_PROP[otype]: hs_datetime(updated),
+        }
         rec = _Rec(hs_id, props, created, updated)
         self._objects[tid][otype][hs_id] = rec
         self._order[tid][otype].append(int(hs_id))
@@ -248,15 +294,24 @@ class HubSpotSimulator(SimServer):
         for a in crm.accounts:
             domain = website_domain(a.website)
             extra = additional_domains(a.id, domain)
-            props = {"name": a.name, "domain": domain, "website": a.website,
-                     "hs_additional_domains": ";".join(extra) or None}
+            props = {
+                "name": a.name,
+                "domain": domain,
+                "website": a.website,
+                "hs_additional_domains": ";".join(extra) or None,
+            }
             self._add(tid, "companies", props, *stamps(a.id), world_id=a.id)
         people = [(c.id, c.first_name, c.last_name, c.email, c.account_id, "customer") for c in crm.contacts]
         people += [(x.id, x.first_name, x.last_name, x.email, None, "lead") for x in crm.leads if not x.is_converted]
         for wid, first, last, email, account_id, stage in people:
             extra = additional_emails(wid, email)
-            props = {"firstname": first, "lastname": last, "email": email, "lifecyclestage": stage,
-                     "hs_additional_emails": ";".join(extra) or None}
+            props = {
+                "firstname": first,
+                "lastname": last,
+                "email": email,
+                "lifecyclestage": stage,
+                "hs_additional_emails": ";".join(extra) or None,
+            }
             rec = self._add(tid, "contacts", props, *stamps(wid), world_id=wid)
             if account_id and account_id in self._ids[tid]:
                 company = self._ids[tid][account_id]
@@ -270,11 +325,16 @@ class HubSpotSimulator(SimServer):
             candidates = closed_stages if o.is_closed else open_stages
             stage = candidates[_stable(o.id + "s", len(candidates))]
             won = stage[2] and stage[3] == "1.0"
-            props = {"dealname": o.name, "pipeline": pipeline_id, "dealstage": stage[0],
-                     "hs_is_closed": "true" if o.is_closed else "false",
-                     "hs_is_closed_won": "true" if won else "false",
-                     "hs_is_closed_lost": "true" if o.is_closed and not won else "false",
-                     "closedate": hs_datetime(o.created + timedelta(days=45)), "amount": "1500.00"}
+            props = {
+                "dealname": o.name,
+                "pipeline": pipeline_id,
+                "dealstage": stage[0],
+                "hs_is_closed": "true" if o.is_closed else "false",
+                "hs_is_closed_won": "true" if won else "false",
+                "hs_is_closed_lost": "true" if o.is_closed and not won else "false",
+                "closedate": hs_datetime(o.created + timedelta(days=45)),
+                "amount": "1500.00",
+            }
             rec = self._add(tid, "deals", props, o.created, min(now, o.created + timedelta(days=1)), world_id=o.id)
             if o.account_id in self._ids[tid]:
                 company = self._ids[tid][o.account_id]
@@ -300,8 +360,13 @@ class HubSpotSimulator(SimServer):
             for tid in list(self._token_of):
                 self._issue_token(tid)
 
-    def throttle(self, policy: str = "TEN_SECONDLY_ROLLING", count: int | None = 1, after: int = 0,
-                 retry_after: int | None = None) -> None:
+    def throttle(
+        self,
+        policy: str = "TEN_SECONDLY_ROLLING",
+        count: int | None = 1,
+        after: int = 0,
+        retry_after: int | None = None,
+    ) -> None:
         """After `after` more requests, the next `count` (None: all until `clear_throttles()`) answer 429."""
         with self._lock:
             self._throttles.append([policy, count, after, retry_after])
@@ -384,9 +449,19 @@ class HubSpotSimulator(SimServer):
             now = self._now()
             start = self._next_id[tid]
             return [
-                self._add(tid, "contacts", {"firstname": "Bulk", "lastname": str(start + i),
-                                            "email": f"bulk{start + i}@{domain}", "lifecyclestage": "customer",
-                                            "hs_additional_emails": None}, now, now).id
+                self._add(
+                    tid,
+                    "contacts",
+                    {
+                        "firstname": "Bulk",
+                        "lastname": str(start + i),
+                        "email": f"bulk{start + i}@{domain}",
+                        "lifecyclestage": "customer",
+                        "hs_additional_emails": None,
+                    },
+                    now,
+                    now,
+                ).id
                 for i in range(n)
             ]
 
@@ -403,10 +478,14 @@ class HubSpotSimulator(SimServer):
                         body = req.json()
                     except ValueError:
                         body = None
-                self.requests.append(LoggedRequest(req.method, req.path, resp.status, tid, dict(req.query),
-                                                   body, policy))
-                if tid is not None and req.path.startswith(("/crm/v3/objects", "/crm/v4/")) \
-                        and not req.path.endswith("search"):
+                self.requests.append(
+                    LoggedRequest(req.method, req.path, resp.status, tid, dict(req.query), body, policy)
+                )
+                if (
+                    tid is not None
+                    and req.path.startswith(("/crm/v3/objects", "/crm/v4/"))
+                    and not req.path.endswith("search")
+                ):
                     resp.headers.update(self._limit_headers(tid))
                 return resp
 
@@ -427,11 +506,19 @@ class HubSpotSimulator(SimServer):
         }
 
     def _rate_limited(self, tid: str, policy: str, retry_after: int | None) -> Response:
-        messages = {"DAILY": "You have reached your daily limit.",
-                    "SECONDLY": "You have reached your secondly limit.",
-                    "TEN_SECONDLY_ROLLING": "You have reached your ten_secondly_rolling limit."}
-        resp = _error(429, messages.get(policy, "You have reached your limit."), "RATE_LIMITS",
-                      errorType="RATE_LIMIT", policyName=policy, requestId=str(uuid.uuid4()))
+        messages = {
+            "DAILY": "You have reached your daily limit.",
+            "SECONDLY": "You have reached your secondly limit.",
+            "TEN_SECONDLY_ROLLING": "You have reached your ten_secondly_rolling limit.",
+        }
+        resp = _error(
+            429,
+            messages.get(policy, "You have reached your limit."),
+            "RATE_LIMITS",
+            errorType="RATE_LIMIT",
+            policyName=policy,
+            requestId=str(uuid.uuid4()),
+        )
         resp.body.pop("category")  # type: ignore[union-attr]  # 429 bodies carry errorType, not category
         resp.headers.update(self._limit_headers(tid))
         if retry_after is not None:
@@ -444,16 +531,28 @@ class HubSpotSimulator(SimServer):
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if token in self._expired:
             expired_at = self._now()
-            return None, _error(401, "The OAuth token used to make this call expired 0 second(s) ago.",
-                                "EXPIRED_AUTHENTICATION",
-                                context={"expire time": [hs_datetime(expired_at)]}), None
+            return (
+                None,
+                _error(
+                    401,
+                    "The OAuth token used to make this call expired 0 second(s) ago.",
+                    "EXPIRED_AUTHENTICATION",
+                    context={"expire time": [hs_datetime(expired_at)]},
+                ),
+                None,
+            )
         tid = self._tokens.get(token)
         if tid is None:
-            return None, _error(
-                401,
-                "Authentication credentials not found. This API supports OAuth 2.0 authentication and you can "
-                "find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview",
-                "INVALID_AUTHENTICATION"), None
+            return (
+                None,
+                _error(
+                    401,
+                    "Authentication credentials not found. This API supports OAuth 2.0 authentication and you can "
+                    "find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview",
+                    "INVALID_AUTHENTICATION",
+                ),
+                None,
+            )
         for t in self._throttles:
             if t[2] > 0:
                 t[2] -= 1
@@ -588,8 +687,10 @@ class HubSpotSimulator(SimServer):
         except ValueError:
             return _error(400, "Invalid input JSON on line 1", "VALIDATION_ERROR"), tid
         groups = body.get("filterGroups") or []
-        if len(groups) > 5 or sum(len(g.get("filters") or []) for g in groups) > 25 or any(
-            len(g.get("filters") or []) > 10 for g in groups
+        if (
+            len(groups) > 5
+            or sum(len(g.get("filters") or []) for g in groups) > 25
+            or any(len(g.get("filters") or []) > 10 for g in groups)
         ):
             return _error(400, "Too many filters or filter groups", "VALIDATION_ERROR"), tid
         limit = self._limit(body.get("limit"), SEARCH_MAX_LIMIT)
@@ -598,15 +699,24 @@ class HubSpotSimulator(SimServer):
             return _error(400, "Invalid input JSON on line 1", "VALIDATION_ERROR"), tid
         offset = int(after)
         if offset + limit > self.search_cap:
-            return _error(400, "There was a problem with the request.", "VALIDATION_ERROR",
-                          subCategory="SEARCH_PAGING_LIMIT",
-                          errors=[{"message": f"The maximum number of results accessible via search is "
-                                              f"{self.search_cap}. Refine your filters to narrow the results."}]), tid
+            return _error(
+                400,
+                "There was a problem with the request.",
+                "VALIDATION_ERROR",
+                subCategory="SEARCH_PAGING_LIMIT",
+                errors=[
+                    {
+                        "message": f"The maximum number of results accessible via search is "
+                        f"{self.search_cap}. Refine your filters to narrow the results."
+                    }
+                ],
+            ), tid
         try:
             hits = [
-                r for r in self._objects[tid][otype].values()
-                if not r.archived and (not groups or any(
-                    all(self._matches(r, f) for f in g.get("filters") or []) for g in groups))
+                r
+                for r in self._objects[tid][otype].values()
+                if not r.archived
+                and (not groups or any(all(self._matches(r, f) for f in g.get("filters") or []) for g in groups))
             ]
         except (ValueError, KeyError, TypeError) as exc:
             return _error(400, f"Invalid filter: {type(exc).__name__}", "VALIDATION_ERROR"), tid
@@ -618,8 +728,10 @@ class HubSpotSimulator(SimServer):
             present.sort(key=lambda r, p=prop: self._value(p, r.props.get(p)), reverse=desc)
             hits = present + missing
         page = hits[offset : offset + limit]
-        out: dict[str, Any] = {"total": len(hits), "results": [
-            self._shape(otype, r, self._csv(body.get("properties")), []) for r in page]}
+        out: dict[str, Any] = {
+            "total": len(hits),
+            "results": [self._shape(otype, r, self._csv(body.get("properties")), []) for r in page],
+        }
         if offset + limit < len(hits):
             out["paging"] = {"next": {"after": str(offset + limit)}}
         return Response(200, out), tid
@@ -628,12 +740,22 @@ class HubSpotSimulator(SimServer):
         created = hs_datetime(self.world.now - timedelta(days=900))
         results = [
             {
-                "id": pid, "label": label, "displayOrder": n, "archived": False,
-                "createdAt": created, "updatedAt": created,
+                "id": pid,
+                "label": label,
+                "displayOrder": n,
+                "archived": False,
+                "createdAt": created,
+                "updatedAt": created,
                 "stages": [
-                    {"id": sid, "label": slabel, "displayOrder": k, "archived": False,
-                     "metadata": {"isClosed": "true" if closed else "false", "probability": prob},
-                     "createdAt": created, "updatedAt": created}
+                    {
+                        "id": sid,
+                        "label": slabel,
+                        "displayOrder": k,
+                        "archived": False,
+                        "metadata": {"isClosed": "true" if closed else "false", "probability": prob},
+                        "createdAt": created,
+                        "updatedAt": created,
+                    }
                     for k, (sid, slabel, closed, prob) in enumerate(stages)
                 ],
             }
@@ -645,16 +767,18 @@ class HubSpotSimulator(SimServer):
         assert req.match is not None
         src, dst = _V4_TYPES.get(req.match["from"].lower()), _V4_TYPES.get(req.match["to"].lower())
         if src is None or dst is None or (src, dst) not in _V4_TYPE_IDS:
-            return _error(400, f"Unknown object type or association: {req.match['from']} -> {req.match['to']}",
-                          "VALIDATION_ERROR"), tid
+            return _error(
+                400, f"Unknown object type or association: {req.match['from']} -> {req.match['to']}", "VALIDATION_ERROR"
+            ), tid
         try:
             body = req.json() or {}
             ids = [str(i["id"]) for i in body.get("inputs") or []]
         except (ValueError, KeyError, TypeError, AttributeError):
             return _error(400, "Invalid input JSON on line 1", "VALIDATION_ERROR"), tid
         if len(ids) > ASSOC_BATCH_MAX:
-            return _error(400, f"Batch input of {len(ids)} exceeds the limit of {ASSOC_BATCH_MAX}.",
-                          "VALIDATION_ERROR"), tid
+            return _error(
+                400, f"Batch input of {len(ids)} exceeds the limit of {ASSOC_BATCH_MAX}.", "VALIDATION_ERROR"
+            ), tid
         primary, unlabeled = _V4_TYPE_IDS[(src, dst)]
         started = hs_datetime(self._now())
         results: list[dict[str, Any]] = []
@@ -663,11 +787,15 @@ class HubSpotSimulator(SimServer):
             rec = self._objects[tid][src].get(rid)
             links = rec.assoc.get(dst, []) if rec is not None and not rec.archived else []
             if not links:
-                errors.append({"status": "error", "category": "OBJECT_NOT_FOUND",
-                               "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
-                               "message": f"No {dst[:-1]} is associated with {src[:-1]} {rid}.",
-                               "context": {"fromObjectId": [rid], "fromObjectType": [src[:-1]],
-                                           "toObjectType": [dst[:-1]]}})
+                errors.append(
+                    {
+                        "status": "error",
+                        "category": "OBJECT_NOT_FOUND",
+                        "subCategory": "crm.associations.NO_ASSOCIATIONS_FOUND",
+                        "message": f"No {dst[:-1]} is associated with {src[:-1]} {rid}.",
+                        "context": {"fromObjectId": [rid], "fromObjectType": [src[:-1]], "toObjectType": [dst[:-1]]},
+                    }
+                )
                 continue
             to = []
             for n, target in enumerate(links):
@@ -676,8 +804,12 @@ class HubSpotSimulator(SimServer):
                     types.insert(0, {"category": "HUBSPOT_DEFINED", "typeId": primary, "label": "Primary"})
                 to.append({"toObjectId": int(target), "associationTypes": types})
             results.append({"from": {"id": rid}, "to": to})
-        out: dict[str, Any] = {"status": "COMPLETE", "results": results, "startedAt": started,
-                               "completedAt": hs_datetime(self._now())}
+        out: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": hs_datetime(self._now()),
+        }
         if errors:
             out.update(errors=errors, numErrors=len(errors))
         return Response(207 if errors else 200, out), tid

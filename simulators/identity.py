@@ -30,58 +30,71 @@ CONSUMERS_TID = "9188040d-6c67-4c5b-b112-36a304b66dad"
 MULTI_TENANT = ("common", "organizations")
 OIDC_SCOPES = ("openid", "profile", "email", "offline_access")
 # Graph's resource identifiers; a scope "<resource>/<permission>" with one of these means Graph.
-GRAPH_RESOURCES = ("https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000",
-                   "https://graph.microsoft.us", "https://microsoftgraph.chinacloudapi.cn")
-FAULT_KINDS = ("revoked", "inactive", "mfa", "consent", "invalid_client", "server_error", "unavailable",
-               "throttled", "access_denied")
+GRAPH_RESOURCES = (
+    "https://graph.microsoft.com",
+    "00000003-0000-0000-c000-000000000000",
+    "https://graph.microsoft.us",
+    "https://microsoftgraph.chinacloudapi.cn",
+)
+FAULT_KINDS = (
+    "revoked",
+    "inactive",
+    "mfa",
+    "consent",
+    "invalid_client",
+    "server_error",
+    "unavailable",
+    "throttled",
+    "access_denied",
+)
 
 _MESSAGES = {
     50173: "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user "
-           "might have changed or reset their password. The grant was issued on '{issued}' and the "
-           "TokensValidFrom date (before which tokens are not valid) for this user is '{valid_from}'.",
+    "might have changed or reset their password. The grant was issued on '{issued}' and the "
+    "TokensValidFrom date (before which tokens are not valid) for this user is '{valid_from}'.",
     700082: "The refresh token has expired due to inactivity. The token was issued on {issued} and was "
-            "inactive for 90.00:00:00.",
+    "inactive for 90.00:00:00.",
     50076: "Due to a configuration change made by your administrator, or because you moved to a new "
-           "location, you must use multi-factor authentication to access "
-           "'00000003-0000-0000-c000-000000000000'.",
+    "location, you must use multi-factor authentication to access "
+    "'00000003-0000-0000-c000-000000000000'.",
     65001: "The user or administrator has not consented to use the application with ID '{client_id}' named "
-           "'{client_id}'. Send an interactive authorization request for this user and resource.",
+    "'{client_id}'. Send an interactive authorization request for this user and resource.",
     54005: "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an "
-           "existing refresh token.",
+    "existing refresh token.",
     70008: "The provided authorization code or refresh token has expired due to inactivity. Send a new "
-           "interactive authorization request for this user and resource.",
+    "interactive authorization request for this user and resource.",
     501481: "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
     7000215: "Invalid client secret provided. Ensure the secret being sent in the request is the client "
-             "secret value, not the client secret ID, for a secret added to app '{client_id}'.",
+    "secret value, not the client secret ID, for a secret added to app '{client_id}'.",
     7000218: "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
     700016: "Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can "
-            "happen if the application has not been installed by the administrator of the tenant or "
-            "consented to by any user in the tenant. You may have sent your authentication request to the "
-            "wrong tenant.",
+    "happen if the application has not been installed by the administrator of the tenant or "
+    "consented to by any user in the tenant. You may have sent your authentication request to the "
+    "wrong tenant.",
     50011: "The redirect URI '{redirect_uri}' specified in the request does not match the redirect URIs "
-           "configured for the application '{client_id}'. Make sure the redirect URI sent in the request "
-           "matches one added to your application in the Azure portal.",
+    "configured for the application '{client_id}'. Make sure the redirect URI sent in the request "
+    "matches one added to your application in the Azure portal.",
     50020: "User account '{upn}' from identity provider 'https://sts.windows.net/{user_tid}/' does not exist "
-           "in tenant '{tenant}' and cannot access the application '{client_id}' in that tenant. The account "
-           "needs to be added as an external user in the tenant first. Sign out and sign in again with a "
-           "different Azure Active Directory user account.",
+    "in tenant '{tenant}' and cannot access the application '{client_id}' in that tenant. The account "
+    "needs to be added as an external user in the tenant first. Sign out and sign in again with a "
+    "different Azure Active Directory user account.",
     90002: "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
-           "into the correct cloud. Check with your subscription administrator, this may happen if there "
-           "are no active subscriptions for the tenant.",
+    "into the correct cloud. Check with your subscription administrator, this may happen if there "
+    "are no active subscriptions for the tenant.",
     9002313: "Invalid request. Request is malformed or invalid.",
     900144: "The request body must contain the following parameter: '{param}'.",
     70000: "The request was denied because one or more scopes requested are unauthorized or expired, or the "
-           "provided grant is invalid: {detail}",
+    "provided grant is invalid: {detail}",
     700005: "Provided Authorization Code is intended to use against other tenant, thus rejected.",
     28000: "Provided value for the input parameter scope is not valid because it contains more than one "
-           "resource. Scope {scope} is not valid.",
+    "resource. Scope {scope} is not valid.",
     500011: "The resource principal named {resource} was not found in the tenant named {tenant}.",
     70011: "The provided request must include a 'scope' input parameter.",
     65004: "User declined to consent to access the app.",
     50000: "There was an error issuing a token or an issue with our sign-in service.",
     90033: "A transient error has occurred. Please try again.",
     50196: "The server terminated an operation because it encountered a client request loop. Please contact "
-           "your app vendor.",
+    "your app vendor.",
     70003: "The app requested an unsupported grant type '{grant_type}'.",
 }
 
@@ -150,7 +163,7 @@ def split_scopes(raw: str) -> tuple[list[str], list[str], list[str]]:
         short = None
         for res in GRAPH_RESOURCES:
             if s.lower().startswith(res.lower() + "/"):
-                short = s[len(res) + 1:]
+                short = s[len(res) + 1 :]
                 break
         if short is None and "/" not in s and ":" not in s:
             short = s  # bare permission names mean Graph
@@ -164,9 +177,15 @@ def split_scopes(raw: str) -> tuple[list[str], list[str], list[str]]:
 class IdentitySimulator:
     """Entra ID (v2) on https://127.0.0.1:<port>; users and tenants come from `world`."""
 
-    def __init__(self, world: World, tls: SimulatorTLS, tokens: TokenAuthority,
-                 clients: dict[str, tuple[str, list[str]]] | None = None, port: int = 0,
-                 access_token_ttl_s: int = 3599):
+    def __init__(
+        self,
+        world: World,
+        tls: SimulatorTLS,
+        tokens: TokenAuthority,
+        clients: dict[str, tuple[str, list[str]]] | None = None,
+        port: int = 0,
+        access_token_ttl_s: int = 3599,
+    ):
         self.world = world
         self.tokens = tokens
         self.clients = clients
@@ -183,14 +202,19 @@ class IdentitySimulator:
         self.token_requests: list[dict] = []  # one entry per POST /token; ids and outcomes only, no secrets
         self.authorize_requests: list[dict] = []
         t = r"/(?P<tenant>[^/]+)"
-        self._server = SimServer(tls, [
-            ("GET", t + r"/v2\.0/\.well-known/openid-configuration", self._openid_configuration),
-            ("GET", t + r"/discovery/v2\.0/keys", self._keys),
-            ("GET", r"/common/discovery/instance", self._instance_discovery),
-            ("GET", t + r"/oauth2/v2\.0/authorize", self._authorize),
-            ("POST", t + r"/oauth2/v2\.0/authorize", self._authorize),
-            ("POST", t + r"/oauth2/v2\.0/token", self._token),
-        ], port=port, name="identity-sim")
+        self._server = SimServer(
+            tls,
+            [
+                ("GET", t + r"/v2\.0/\.well-known/openid-configuration", self._openid_configuration),
+                ("GET", t + r"/discovery/v2\.0/keys", self._keys),
+                ("GET", r"/common/discovery/instance", self._instance_discovery),
+                ("GET", t + r"/oauth2/v2\.0/authorize", self._authorize),
+                ("POST", t + r"/oauth2/v2\.0/authorize", self._authorize),
+                ("POST", t + r"/oauth2/v2\.0/token", self._token),
+            ],
+            port=port,
+            name="identity-sim",
+        )
         self.base_url = self._server.base_url
         self.port = self._server.port
 
@@ -225,8 +249,7 @@ class IdentitySimulator:
         with self._lock:
             self._revoked[oid] = (self._rt_serial, code, self.tokens.clock())
 
-    def inject(self, kind: str, grant_type: str = "refresh_token", count: int = 1,
-               retry_after: int = 1) -> None:
+    def inject(self, kind: str, grant_type: str = "refresh_token", count: int = 1, retry_after: int = 1) -> None:
         """Fail the next `count` requests of `grant_type` ("refresh_token", "authorization_code", "any" for
         the token endpoint, or "authorize" for the sign-in leg with kind "access_denied")."""
         if kind not in FAULT_KINDS:
@@ -274,8 +297,7 @@ class IdentitySimulator:
                 return _TenantRef(segment, t.tid, t, list(t.users))
         return None
 
-    def _error_body(self, error: str, code: int, req: Request, suberror: str | None = None,
-                    **fmt: str) -> dict:
+    def _error_body(self, error: str, code: int, req: Request, suberror: str | None = None, **fmt: str) -> dict:
         now = self.tokens.clock()
         ts = _now_text(now)
         trace = str(uuid.uuid4())
@@ -287,8 +309,11 @@ class IdentitySimulator:
         body: dict = {
             "error": error,
             "error_description": f"AADSTS{code}: {text}\r\nTrace ID: {trace}\r\nCorrelation ID: {corr}\r\n"
-                                 f"Timestamp: {ts}",
-            "error_codes": [code], "timestamp": ts, "trace_id": trace, "correlation_id": corr,
+            f"Timestamp: {ts}",
+            "error_codes": [code],
+            "timestamp": ts,
+            "trace_id": trace,
+            "correlation_id": corr,
             "error_uri": f"{self.base_url}/error?code={code}",
         }
         if suberror is not None:
@@ -300,7 +325,7 @@ class IdentitySimulator:
         page = (
             "<!DOCTYPE html><html><head><title>Sign in to your account</title></head><body>"
             "<h1>Sign in</h1><p>Sorry, but we're having trouble signing you in.</p>"
-            f"<p id=\"error\">AADSTS{code}: {html.escape(text)}</p>"
+            f'<p id="error">AADSTS{code}: {html.escape(text)}</p>'
             f"<p>Request Id: {uuid.uuid4()}<br>Correlation Id: {uuid.uuid4()}<br>"
             f"Timestamp: {_now_text(self.tokens.clock())}</p></body></html>"
         )
@@ -308,13 +333,16 @@ class IdentitySimulator:
 
     def _redirect(self, redirect_uri: str, params: dict[str, str], response_mode: str | None) -> Response:
         if response_mode == "form_post":
-            inputs = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}"/>'
-                             for k, v in params.items())
-            page = (f'<html><head><title>Working...</title></head><body><form method="POST" '
-                    f'name="hiddenform" action="{html.escape(redirect_uri)}">{inputs}<noscript><p>Script is '
-                    f'disabled. Click Submit to continue.</p><input type="submit" value="Submit"/>'
-                    f"</noscript></form>"
-                    f"<script>document.forms[0].submit()</script></body></html>")
+            inputs = "".join(
+                f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}"/>' for k, v in params.items()
+            )
+            page = (
+                f'<html><head><title>Working...</title></head><body><form method="POST" '
+                f'name="hiddenform" action="{html.escape(redirect_uri)}">{inputs}<noscript><p>Script is '
+                f'disabled. Click Submit to continue.</p><input type="submit" value="Submit"/>'
+                f"</noscript></form>"
+                f"<script>document.forms[0].submit()</script></body></html>"
+            )
             return Response(200, page)
         sep = "&" if "?" in redirect_uri else "?"
         return Response(302, b"", {"Location": f"{redirect_uri}{sep}{urlencode(params)}"})
@@ -328,35 +356,58 @@ class IdentitySimulator:
         seg = ref.tid if ref.tid else ref.segment
         b = self.base_url
         issuer_tid = ref.tid or "{tenantid}"
-        return Response(200, {
-            "token_endpoint": f"{b}/{seg}/oauth2/v2.0/token",
-            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
-                                                      "client_secret_basic"],
-            "jwks_uri": f"{b}/{seg}/discovery/v2.0/keys",
-            "response_modes_supported": ["query", "fragment", "form_post"],
-            "subject_types_supported": ["pairwise"],
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-            "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": f"{b}/{issuer_tid}/v2.0",
-            "request_uri_parameter_supported": False,
-            "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
-            "authorization_endpoint": f"{b}/{seg}/oauth2/v2.0/authorize",
-            "device_authorization_endpoint": f"{b}/{seg}/oauth2/v2.0/devicecode",
-            "http_logout_supported": True,
-            "frontchannel_logout_supported": True,
-            "end_session_endpoint": f"{b}/{seg}/oauth2/v2.0/logout",
-            "claims_supported": ["sub", "iss", "cloud_instance_name", "cloud_instance_host_name",
-                                 "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time",
-                                 "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash",
-                                 "c_hash", "email"],
-            "kerberos_endpoint": f"{b}/{seg}/kerberos",
-            "tenant_region_scope": "EU" if ref.tid else None,
-            "cloud_instance_name": "microsoftonline.com",
-            "cloud_graph_host_name": "graph.windows.net",
-            "msgraph_host": "graph.microsoft.com",
-            "rbac_url": "https://pas.windows.net",
-        })
+        return Response(
+            200,
+            {
+                "token_endpoint": f"{b}/{seg}/oauth2/v2.0/token",
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "private_key_jwt",
+                    "client_secret_basic",
+                ],
+                "jwks_uri": f"{b}/{seg}/discovery/v2.0/keys",
+                "response_modes_supported": ["query", "fragment", "form_post"],
+                "subject_types_supported": ["pairwise"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "issuer": f"{b}/{issuer_tid}/v2.0",
+                "request_uri_parameter_supported": False,
+                "userinfo_endpoint": "https://graph.microsoft.com/oidc/userinfo",
+                "authorization_endpoint": f"{b}/{seg}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{b}/{seg}/oauth2/v2.0/devicecode",
+                "http_logout_supported": True,
+                "frontchannel_logout_supported": True,
+                "end_session_endpoint": f"{b}/{seg}/oauth2/v2.0/logout",
+                "claims_supported": [
+                    "sub",
+                    "iss",
+                    "cloud_instance_name",
+                    "cloud_instance_host_name",
+                    "cloud_graph_host_name",
+                    "msgraph_host",
+                    "aud",
+                    "exp",
+                    "iat",
+                    "auth_time",
+                    "acr",
+                    "nonce",
+                    "preferred_username",
+                    "name",
+                    "tid",
+                    "ver",
+                    "at_hash",
+                    "c_hash",
+                    "email",
+                ],
+                "kerberos_endpoint": f"{b}/{seg}/kerberos",
+                "tenant_region_scope": "EU" if ref.tid else None,
+                "cloud_instance_name": "microsoftonline.com",
+                "cloud_graph_host_name": "graph.windows.net",
+                "msgraph_host": "graph.microsoft.com",
+                "rbac_url": "https://pas.windows.net",
+            },
+        )
 
     def _keys(self, req: Request) -> Response:
         assert req.match is not None
@@ -366,12 +417,14 @@ class IdentitySimulator:
 
     def _instance_discovery(self, req: Request) -> Response:
         host = self.base_url.split("://", 1)[1].split(":", 1)[0]
-        return Response(200, {
-            "tenant_discovery_endpoint":
-                f"{self.base_url}/organizations/v2.0/.well-known/openid-configuration",
-            "api-version": "1.1",
-            "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
-        })
+        return Response(
+            200,
+            {
+                "tenant_discovery_endpoint": f"{self.base_url}/organizations/v2.0/.well-known/openid-configuration",
+                "api-version": "1.1",
+                "metadata": [{"preferred_network": host, "preferred_cache": host, "aliases": [host]}],
+            },
+        )
 
     # ----------------------------------------------------------------- authorize
     def _authorize(self, req: Request) -> Response:
@@ -398,21 +451,20 @@ class IdentitySimulator:
 
         def error_redirect(error: str, code: int, **fmt: str) -> Response:
             body = self._error_body(error, code, req, client_id=client_id, **fmt)
-            params = {"error": error, "error_description": body["error_description"],
-                      "error_uri": body["error_uri"]}
+            params = {"error": error, "error_description": body["error_description"], "error_uri": body["error_uri"]}
             if state is not None:
                 params["state"] = state
             return self._redirect(redirect_uri, params, response_mode)
 
         if p.get("response_type") != "code":
-            return error_redirect("unsupported_response_type", 70000,
-                                  detail="only response_type=code is simulated")
+            return error_redirect("unsupported_response_type", 70000, detail="only response_type=code is simulated")
         graph, oidc, other = split_scopes(p.get("scope", ""))
         if not graph and not oidc and not other:
             return error_redirect("invalid_request", 70011)
         if other:
-            return error_redirect("invalid_scope", 500011, resource=other[0].rsplit("/", 1)[0],
-                                  tenant=ref.tid or segment)
+            return error_redirect(
+                "invalid_scope", 500011, resource=other[0].rsplit("/", 1)[0], tenant=ref.tid or segment
+            )
         method = p.get("code_challenge_method")
         if p.get("code_challenge") and (method or "plain") not in ("S256", "plain"):
             return error_redirect("invalid_request", 70000, detail="unsupported code_challenge_method")
@@ -421,8 +473,7 @@ class IdentitySimulator:
         if user is None:
             return error_redirect("invalid_request", 50020, upn="(none)", user_tid="-", tenant=segment)
         if ref.tid is not None and user.tid != ref.tid:
-            return error_redirect("invalid_request", 50020, upn=user.upn, user_tid=user.tid,
-                                  tenant=ref.tid)
+            return error_redirect("invalid_request", 50020, upn=user.upn, user_tid=user.tid, tenant=ref.tid)
         fault = self._take_fault("authorize")
         if fault is not None and fault.kind == "access_denied":
             return error_redirect("access_denied", 65004)
@@ -432,12 +483,23 @@ class IdentitySimulator:
         with self._lock:
             self._consents.setdefault((user.oid, client_id), set()).update(graph)  # auto-consent
             self._codes[code] = _Code(
-                client_id=client_id, redirect_uri=redirect_uri, graph_scopes=graph, oidc_scopes=oidc,
-                nonce=p.get("nonce"), code_challenge=p.get("code_challenge"), code_challenge_method=method,
-                oid=user.oid, tid=user.tid, tenant_segment=segment, issued_at=now, auth_time=now,
-                max_age=p.get("max_age"))
-            self.authorize_requests.append({"at": now, "tenant": segment, "client_id": client_id,
-                                            "oid": user.oid, "scope": " ".join(graph + oidc)})
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                graph_scopes=graph,
+                oidc_scopes=oidc,
+                nonce=p.get("nonce"),
+                code_challenge=p.get("code_challenge"),
+                code_challenge_method=method,
+                oid=user.oid,
+                tid=user.tid,
+                tenant_segment=segment,
+                issued_at=now,
+                auth_time=now,
+                max_age=p.get("max_age"),
+            )
+            self.authorize_requests.append(
+                {"at": now, "tenant": segment, "client_id": client_id, "oid": user.oid, "scope": " ".join(graph + oidc)}
+            )
         params = {"code": code, "client_info": self._client_info(user)}
         if state is not None:
             params["state"] = state
@@ -468,8 +530,14 @@ class IdentitySimulator:
         assert req.match is not None
         form = req.form()
         grant_type = form.get("grant_type", "")
-        entry: dict = {"at": self.tokens.clock(), "tenant": req.match["tenant"], "grant_type": grant_type,
-                       "client_id": form.get("client_id", ""), "scope": form.get("scope", ""), "oid": None}
+        entry: dict = {
+            "at": self.tokens.clock(),
+            "tenant": req.match["tenant"],
+            "grant_type": grant_type,
+            "client_id": form.get("client_id", ""),
+            "scope": form.get("scope", ""),
+            "oid": None,
+        }
         resp = self._token_inner(req, form, grant_type, entry)
         entry["status"] = resp.status
         if isinstance(resp.body, dict):
@@ -499,8 +567,12 @@ class IdentitySimulator:
         entry["client_id"] = client_id
         if self.clients is not None:
             if client_id not in self.clients:
-                return Response(400, self._error_body("unauthorized_client", 700016, req, client_id=client_id,
-                                                      tenant=ref.tid or segment))
+                return Response(
+                    400,
+                    self._error_body(
+                        "unauthorized_client", 700016, req, client_id=client_id, tenant=ref.tid or segment
+                    ),
+                )
             if secret is None and not form.get("client_assertion"):
                 return Response(401, self._error_body("invalid_client", 7000218, req))
             if secret is not None and not secrets.compare_digest(secret, self.clients[client_id][0]):
@@ -520,28 +592,34 @@ class IdentitySimulator:
         now = self.tokens.clock()
         k = fault.kind
         if k == "revoked":
-            return Response(400, self._error_body("invalid_grant", 50173, req, "bad_token",
-                                                  issued=_iso(now - 3600), valid_from=_iso(now)))
+            return Response(
+                400,
+                self._error_body(
+                    "invalid_grant", 50173, req, "bad_token", issued=_iso(now - 3600), valid_from=_iso(now)
+                ),
+            )
         if k == "inactive":
-            return Response(400, self._error_body("invalid_grant", 700082, req, "bad_token",
-                                                  issued=_iso(now - RT_INACTIVITY_S)))
+            return Response(
+                400, self._error_body("invalid_grant", 700082, req, "bad_token", issued=_iso(now - RT_INACTIVITY_S))
+            )
         if k == "mfa":
             body = self._error_body("invalid_grant", 50076, req, "basic_action")
             body["claims"] = '{"access_token":{"capolids":{"essential":true,"values":["sim-policy"]}}}'
             return Response(400, body)
         if k == "consent":
-            return Response(400, self._error_body("invalid_grant", 65001, req, "consent_required",
-                                                  client_id=client_id))
+            return Response(400, self._error_body("invalid_grant", 65001, req, "consent_required", client_id=client_id))
         if k == "invalid_client":
             return Response(401, self._error_body("invalid_client", 7000215, req, client_id=client_id))
         if k == "server_error":
             return Response(500, self._error_body("server_error", 50000, req))
         if k == "unavailable":
-            return Response(503, self._error_body("temporarily_unavailable", 90033, req),
-                            {"Retry-After": str(fault.retry_after)})
+            return Response(
+                503, self._error_body("temporarily_unavailable", 90033, req), {"Retry-After": str(fault.retry_after)}
+            )
         if k == "throttled":
-            return Response(429, self._error_body("temporarily_unavailable", 50196, req),
-                            {"Retry-After": str(fault.retry_after)})
+            return Response(
+                429, self._error_body("temporarily_unavailable", 50196, req), {"Retry-After": str(fault.retry_after)}
+            )
         return Response(400, self._error_body("invalid_request", 9002313, req))
 
     def _scope_problem(self, req: Request, other: list[str], tenant: str) -> Response | None:
@@ -550,11 +628,11 @@ class IdentitySimulator:
         resources = {s.rsplit("/", 1)[0] for s in other}
         if len(resources) > 1:
             return Response(400, self._error_body("invalid_scope", 28000, req, scope=" ".join(other)))
-        return Response(400, self._error_body("invalid_scope", 500011, req, resource=resources.pop(),
-                                              tenant=tenant))
+        return Response(400, self._error_body("invalid_scope", 500011, req, resource=resources.pop(), tenant=tenant))
 
-    def _redeem_code(self, req: Request, form: dict[str, str], client_id: str, ref: _TenantRef,
-                     entry: dict) -> Response:
+    def _redeem_code(
+        self, req: Request, form: dict[str, str], client_id: str, ref: _TenantRef, entry: dict
+    ) -> Response:
         raw = form.get("code")
         if not raw:
             return Response(400, self._error_body("invalid_request", 900144, req, param="code"))
@@ -573,11 +651,17 @@ class IdentitySimulator:
             if ref.tid is not None and ref.tid != code.tid:
                 return Response(400, self._error_body("invalid_grant", 700005, req))
             if form.get("redirect_uri", "") != code.redirect_uri:
-                return Response(400, self._error_body(
-                    "invalid_grant", 70000, req,
-                    detail="The provided value for the input parameter 'redirect_uri' is not valid. The "
-                           "expected value is a URI which matches a redirect URI registered for this client "
-                           "application."))
+                return Response(
+                    400,
+                    self._error_body(
+                        "invalid_grant",
+                        70000,
+                        req,
+                        detail="The provided value for the input parameter 'redirect_uri' is not valid. The "
+                        "expected value is a URI which matches a redirect URI registered for this client "
+                        "application.",
+                    ),
+                )
             if code.code_challenge:
                 verifier = form.get("code_verifier", "")
                 if code.code_challenge_method == "S256":
@@ -595,18 +679,29 @@ class IdentitySimulator:
                 graph = sorted(consented) or ["User.Read"]
             missing = [s for s in graph if s not in consented]
             if missing:
-                return Response(400, self._error_body("invalid_grant", 65001, req, "consent_required",
-                                                      client_id=client_id))
+                return Response(
+                    400, self._error_body("invalid_grant", 65001, req, "consent_required", client_id=client_id)
+                )
             code.used = True
             # What was consented on /authorize plus what the redemption asks for (already consented).
             graph_scopes = list(dict.fromkeys(code.graph_scopes + graph))
             oidc_scopes = list(dict.fromkeys(code.oidc_scopes + oidc))
         user = self.world.user(code.oid)
-        return Response(200, self._issue(user, client_id, graph_scopes, oidc_scopes, code.nonce,
-                                         code.auth_time if code.max_age is not None else None))
+        return Response(
+            200,
+            self._issue(
+                user,
+                client_id,
+                graph_scopes,
+                oidc_scopes,
+                code.nonce,
+                code.auth_time if code.max_age is not None else None,
+            ),
+        )
 
-    def _redeem_refresh_token(self, req: Request, form: dict[str, str], client_id: str, ref: _TenantRef,
-                              entry: dict) -> Response:
+    def _redeem_refresh_token(
+        self, req: Request, form: dict[str, str], client_id: str, ref: _TenantRef, entry: dict
+    ) -> Response:
         raw = form.get("refresh_token")
         if not raw:
             return Response(400, self._error_body("invalid_request", 900144, req, param="refresh_token"))
@@ -617,19 +712,29 @@ class IdentitySimulator:
                 return Response(400, self._error_body("invalid_grant", 9002313, req))
             entry["oid"] = rt.oid
             if rt.client_id != client_id:
-                return Response(400, self._error_body(
-                    "invalid_grant", 70000, req, detail="the refresh token was issued to another client"))
+                return Response(
+                    400,
+                    self._error_body(
+                        "invalid_grant", 70000, req, detail="the refresh token was issued to another client"
+                    ),
+                )
             revoked = self._revoked.get(rt.oid)
             if revoked is not None and rt.serial <= revoked[0]:
                 code = revoked[1]
                 if code == 700082:
-                    return Response(400, self._error_body("invalid_grant", 700082, req, "bad_token",
-                                                          issued=_iso(rt.issued_at)))
-                return Response(400, self._error_body("invalid_grant", code, req, "bad_token",
-                                                      issued=_iso(rt.issued_at), valid_from=_iso(revoked[2])))
+                    return Response(
+                        400, self._error_body("invalid_grant", 700082, req, "bad_token", issued=_iso(rt.issued_at))
+                    )
+                return Response(
+                    400,
+                    self._error_body(
+                        "invalid_grant", code, req, "bad_token", issued=_iso(rt.issued_at), valid_from=_iso(revoked[2])
+                    ),
+                )
             if now - rt.issued_at > RT_INACTIVITY_S:
-                return Response(400, self._error_body("invalid_grant", 700082, req, "bad_token",
-                                                      issued=_iso(rt.issued_at)))
+                return Response(
+                    400, self._error_body("invalid_grant", 700082, req, "bad_token", issued=_iso(rt.issued_at))
+                )
             if ref.tid is not None and ref.tid != rt.tid:
                 return Response(400, self._error_body("invalid_grant", 700005, req))
             graph, oidc, other = split_scopes(form.get("scope", ""))
@@ -641,13 +746,21 @@ class IdentitySimulator:
                 graph = sorted(consented) or ["User.Read"]
             missing = [s for s in graph if s not in consented]
             if missing:
-                return Response(400, self._error_body("invalid_grant", 65001, req, "consent_required",
-                                                      client_id=client_id))
+                return Response(
+                    400, self._error_body("invalid_grant", 65001, req, "consent_required", client_id=client_id)
+                )
         user = self.world.user(rt.oid)
         return Response(200, self._issue(user, client_id, graph, oidc, None, None))
 
-    def _issue(self, user: SimUser, client_id: str, graph: list[str], oidc: list[str], nonce: str | None,
-               auth_time: float | None) -> dict:
+    def _issue(
+        self,
+        user: SimUser,
+        client_id: str,
+        graph: list[str],
+        oidc: list[str],
+        nonce: str | None,
+        auth_time: float | None,
+    ) -> dict:
         now = self.tokens.clock()
         graph = sorted(graph, key=str.lower)
         ttl = self.access_token_ttl_s
@@ -657,8 +770,7 @@ class IdentitySimulator:
             "scope": " ".join(graph + echo_oidc),
             "expires_in": ttl,
             "ext_expires_in": ttl,
-            "access_token": self.tokens.issue_access_token(user.tid, user.oid, user.upn, graph, client_id,
-                                                           ttl),
+            "access_token": self.tokens.issue_access_token(user.tid, user.oid, user.upn, graph, client_id, ttl),
         }
         if "offline_access" in oidc:
             with self._lock:
@@ -668,10 +780,15 @@ class IdentitySimulator:
             out["refresh_token"] = rt
         if "openid" in oidc:
             claims: dict = {
-                "aud": client_id, "iss": f"{self.base_url}/{user.tid}/v2.0", "iat": int(now), "nbf": int(now),
-                "exp": int(now) + 3600, "tid": user.tid,
+                "aud": client_id,
+                "iss": f"{self.base_url}/{user.tid}/v2.0",
+                "iat": int(now),
+                "nbf": int(now),
+                "exp": int(now) + 3600,
+                "tid": user.tid,
                 "sub": b64url(hashlib.sha256(f"{user.oid}|{client_id}".encode()).digest()),
-                "ver": "2.0", "uti": b64url(uuid.uuid4().bytes),
+                "ver": "2.0",
+                "uti": b64url(uuid.uuid4().bytes),
                 "sid": str(uuid.uuid5(uuid.NAMESPACE_OID, user.oid)),
             }
             if "profile" in oidc:

@@ -163,8 +163,16 @@ class PipedriveSimulator(SimServer):
             ids["organizations"][a.id] = n
             add, upd = stamps(a.id)
             org: dict[str, Any] = {
-                "id": n, "name": a.name, "owner_id": 1, "add_time": add, "update_time": upd,
-                "is_deleted": False, "visible_to": 3, "address": None, "label_ids": [], "custom_fields": {},
+                "id": n,
+                "name": a.name,
+                "owner_id": 1,
+                "add_time": add,
+                "update_time": upd,
+                "is_deleted": False,
+                "visible_to": 3,
+                "address": None,
+                "label_ids": [],
+                "custom_fields": {},
             }
             if website_exposed(a.id):
                 org["website"] = a.website
@@ -184,9 +192,19 @@ class PipedriveSimulator(SimServer):
             if account_id and org_id is not None:
                 first_contact.setdefault(account_id, n)
             recs["persons"][n] = {
-                "id": n, "name": f"{first} {last}", "first_name": first, "last_name": last, "owner_id": 1,
-                "org_id": org_id, "add_time": add, "update_time": upd, "is_deleted": False, "visible_to": 3,
-                "emails": emails, "phones": [], "custom_fields": {},
+                "id": n,
+                "name": f"{first} {last}",
+                "first_name": first,
+                "last_name": last,
+                "owner_id": 1,
+                "org_id": org_id,
+                "add_time": add,
+                "update_time": upd,
+                "is_deleted": False,
+                "visible_to": 3,
+                "emails": emails,
+                "phones": [],
+                "custom_fields": {},
             }
         for n, o in enumerate(crm.opportunities, start=1):
             ids["deals"][o.id] = n
@@ -195,12 +213,23 @@ class PipedriveSimulator(SimServer):
                 status = "won" if _stable(o.id, 2) == 0 else "lost"
             closed = _rfc3339(o.created + timedelta(days=20)) if o.is_closed else None
             recs["deals"][n] = {
-                "id": n, "title": o.name, "owner_id": 1, "person_id": first_contact.get(o.account_id),
-                "org_id": ids["organizations"].get(o.account_id), "pipeline_id": 1,
-                "stage_id": 1 + _stable(o.id + "st", 5), "status": status, "value": 0, "currency": "EUR",
-                "add_time": _rfc3339(o.created), "update_time": _rfc3339(min(now, o.created + timedelta(days=1))),
-                "close_time": closed, "won_time": closed if status == "won" else None,
-                "lost_time": closed if status == "lost" else None, "is_deleted": False, "is_archived": False,
+                "id": n,
+                "title": o.name,
+                "owner_id": 1,
+                "person_id": first_contact.get(o.account_id),
+                "org_id": ids["organizations"].get(o.account_id),
+                "pipeline_id": 1,
+                "stage_id": 1 + _stable(o.id + "st", 5),
+                "status": status,
+                "value": 0,
+                "currency": "EUR",
+                "add_time": _rfc3339(o.created),
+                "update_time": _rfc3339(min(now, o.created + timedelta(days=1))),
+                "close_time": closed,
+                "won_time": closed if status == "won" else None,
+                "lost_time": closed if status == "lost" else None,
+                "is_deleted": False,
+                "is_archived": False,
                 "custom_fields": {},
             }
         self.ids[tid] = ids
@@ -246,16 +275,34 @@ class PipedriveSimulator(SimServer):
             recs = self._records[tid][kind]
             pd_id = max(recs, default=0) + 1
             now = _rfc3339(self.now())
-            rec: dict[str, Any] = {"id": pd_id, "owner_id": 1, "add_time": now, "update_time": now,
-                                   "is_deleted": False, "visible_to": 3, "custom_fields": {}}
+            rec: dict[str, Any] = {
+                "id": pd_id,
+                "owner_id": 1,
+                "add_time": now,
+                "update_time": now,
+                "is_deleted": False,
+                "visible_to": 3,
+                "custom_fields": {},
+            }
             if kind == "persons":
                 rec.update(name=None, org_id=None, emails=[], phones=[])
             elif kind == "organizations":
                 rec.update(name=None, address=None, label_ids=[])
             else:
-                rec.update(title=None, person_id=None, org_id=None, pipeline_id=1, stage_id=1, status="open",
-                           value=0, currency="EUR", close_time=None, won_time=None, lost_time=None,
-                           is_archived=False)
+                rec.update(
+                    title=None,
+                    person_id=None,
+                    org_id=None,
+                    pipeline_id=1,
+                    stage_id=1,
+                    status="open",
+                    value=0,
+                    currency="EUR",
+                    close_time=None,
+                    won_time=None,
+                    lost_time=None,
+                    is_archived=False,
+                )
             rec.update(fields)
             recs[pd_id] = rec
             return pd_id
@@ -285,8 +332,7 @@ class PipedriveSimulator(SimServer):
                     token, how = req.query["api_token"], "query"
                 tid = self._tokens.get(token) if token else None
                 if tid is None:
-                    self.requests.append(LoggedRequest(req.method, req.path, 401, None, how if token else None,
-                                                       params))
+                    self.requests.append(LoggedRequest(req.method, req.path, 401, None, how if token else None, params))
                     return _unauthorized()
                 resp = self._admit(tid, token)
                 if resp is None:
@@ -339,8 +385,9 @@ class PipedriveSimulator(SimServer):
         if self.daily_budget is not None and spent + self.list_cost > self.daily_budget:
             midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
             headers = self._rate_headers(token)
-            headers.update({"x-daily-requests-left": "0",
-                            "x-daily-budget-reset": str(int((midnight - now).total_seconds()))})
+            headers.update(
+                {"x-daily-requests-left": "0", "x-daily-budget-reset": str(int((midnight - now).total_seconds()))}
+            )
             return _error(429, "Daily API token budget exceeded", headers)
         self._spent[tid] = (day, spent + self.list_cost)
         calls.append(self.clock())

@@ -53,8 +53,9 @@ class RunningWorld:
         self.stop()
 
 
-def start_world(world: World, tls_dir: Path, redirect_uris: list[str] | None = None,
-                graph_latency_s: float = 0.0) -> RunningWorld:
+def start_world(
+    world: World, tls_dir: Path, redirect_uris: list[str] | None = None, graph_latency_s: float = 0.0
+) -> RunningWorld:
     tls = create_tls(tls_dir)
     tokens = TokenAuthority()
     clients = None if redirect_uris is None else {SIM_CLIENT_ID: (SIM_CLIENT_SECRET, redirect_uris)}

@@ -290,9 +290,7 @@ def _fold(v: Any) -> Any:
 
 def _compare(op: str, left: Any, right: Any) -> bool:
     if op in ("=", "!=", "<>"):
-        equal = (
-            left is None and right is None if left is None or right is None else _fold(left) == _fold(right)
-        )
+        equal = left is None and right is None if left is None or right is None else _fold(left) == _fold(right)
         return equal if op == "=" else not equal
     if left is None or right is None:
         return False
@@ -496,9 +494,7 @@ def parse_soql(soql: str, schema: dict[str, dict[str, str]] | None = None) -> So
 
 
 def run_soql(query: SoqlQuery, rows: list[dict[str, Any]], include_deleted: bool) -> list[dict[str, Any]]:
-    hits = [
-        r for r in rows if (include_deleted or not r["IsDeleted"]) and (query.where is None or query.where(r))
-    ]
+    hits = [r for r in rows if (include_deleted or not r["IsDeleted"]) and (query.where is None or query.where(r))]
     for name, desc, nulls_first in reversed(query.order_by):
         present = [r for r in hits if r[name] is not None]
         missing = [r for r in hits if r[name] is None]
@@ -565,9 +561,7 @@ class SalesforceSimulator(SimServer):
         # per org: {sObject: {field: type}}; knobs add person-account and custom fields
         self._schema = {tid: {obj: dict(fields) for obj, fields in SOBJECTS.items()} for tid in self._rows}
         self._id_seq = 0
-        self._org_id = {
-            tid: "00D" + hashlib.sha1(tid.encode()).hexdigest()[:12].upper() for tid in self._rows
-        }
+        self._org_id = {tid: "00D" + hashlib.sha1(tid.encode()).hexdigest()[:12].upper() for tid in self._rows}
         self._user_id = {
             tid: "005" + hashlib.sha1(f"user{tid}".encode()).hexdigest()[:12].upper() for tid in self._rows
         }
@@ -633,8 +627,12 @@ class SalesforceSimulator(SimServer):
             sobject, row = self._find(tid, record_id)
             victims = [row]
             if sobject == "Account":
-                victims += [r for obj in ("Contact", "Opportunity") for r in self._rows[tid][obj]
-                            if r["AccountId"] == record_id and not r["IsDeleted"]]
+                victims += [
+                    r
+                    for obj in ("Contact", "Opportunity")
+                    for r in self._rows[tid][obj]
+                    if r["AccountId"] == record_id and not r["IsDeleted"]
+                ]
             for r in victims:
                 r["IsDeleted"] = True
                 r["SystemModstamp"] = self.world.now
@@ -656,13 +654,19 @@ class SalesforceSimulator(SimServer):
                 self.update(tid, row["PersonContactId"], Email=row["PersonEmail"])
 
     def add_contact(
-        self, tid: str, first_name: str, last_name: str, email: str | None, account_id: str | None = None,
+        self,
+        tid: str,
+        first_name: str,
+        last_name: str,
+        email: str | None,
+        account_id: str | None = None,
         **fields: Any,
     ) -> str:
         """A new Contact created (and modified) at world.now; returns its Id."""
         with self._lock:
-            row = self._new_row(tid, "Contact", FirstName=first_name, LastName=last_name, Email=email,
-                                AccountId=account_id)
+            row = self._new_row(
+                tid, "Contact", FirstName=first_name, LastName=last_name, Email=email, AccountId=account_id
+            )
             if fields:
                 self.update(tid, row["Id"], **fields)
             return row["Id"]
@@ -682,8 +686,12 @@ class SalesforceSimulator(SimServer):
             if account_id is None:
                 account_id = self.add_account(tid, lead["Company"] or f"{lead['LastName']} Company")
             contact_id = self.add_contact(tid, lead["FirstName"], lead["LastName"], lead["Email"], account_id)
-            lead.update(IsConverted=True, ConvertedContactId=contact_id, ConvertedAccountId=account_id,
-                        SystemModstamp=self.world.now)
+            lead.update(
+                IsConverted=True,
+                ConvertedContactId=contact_id,
+                ConvertedAccountId=account_id,
+                SystemModstamp=self.world.now,
+            )
             return contact_id
 
     def close_opportunity(self, tid: str, opportunity_id: str, won: bool = False) -> None:
@@ -691,8 +699,13 @@ class SalesforceSimulator(SimServer):
             sobject, opp = self._find(tid, opportunity_id)
             if sobject != "Opportunity":
                 raise ValueError(f"{opportunity_id} is not an opportunity")
-            opp.update(IsClosed=True, IsWon=won, StageName="Closed Won" if won else "Closed Lost",
-                       CloseDate=self.world.now.date(), SystemModstamp=self.world.now)
+            opp.update(
+                IsClosed=True,
+                IsWon=won,
+                StageName="Closed Won" if won else "Closed Lost",
+                CloseDate=self.world.now.date(),
+                SystemModstamp=self.world.now,
+            )
 
     def enable_person_accounts(self, tid: str) -> None:
         """Turn on person accounts for the org: Account gains IsPersonAccount, PersonEmail and PersonContactId,
@@ -709,10 +722,23 @@ class SalesforceSimulator(SimServer):
         with self._lock:
             if "IsPersonAccount" not in self._schema[tid]["Account"]:
                 raise ValueError("person accounts are not enabled for this org")
-            account = self._new_row(tid, "Account", Name=f"{first_name} {last_name}", Website=website,
-                                    IsPersonAccount=True, PersonEmail=email)
-            contact = self._new_row(tid, "Contact", FirstName=first_name, LastName=last_name, Email=email,
-                                    AccountId=account["Id"], IsPersonAccount=True)
+            account = self._new_row(
+                tid,
+                "Account",
+                Name=f"{first_name} {last_name}",
+                Website=website,
+                IsPersonAccount=True,
+                PersonEmail=email,
+            )
+            contact = self._new_row(
+                tid,
+                "Contact",
+                FirstName=first_name,
+                LastName=last_name,
+                Email=email,
+                AccountId=account["Id"],
+                IsPersonAccount=True,
+            )
             account["PersonContactId"] = contact["Id"]
             return account["Id"]
 
@@ -976,9 +1002,7 @@ class SalesforceSimulator(SimServer):
         if loc is None or loc.tid != tid or offset % loc.batch or offset >= len(loc.records):
             resp = _err(400, "INVALID_QUERY_LOCATOR", "invalid query locator")
             return resp, LoggedRequest(req.method, req.path, 400, org_tid=tid)
-        return Response(200, self._page(loc_id, loc, offset)), LoggedRequest(
-            req.method, req.path, 200, org_tid=tid
-        )
+        return Response(200, self._page(loc_id, loc, offset)), LoggedRequest(req.method, req.path, 200, org_tid=tid)
 
     def _not_found(self, req: Request) -> tuple[Response, LoggedRequest]:
         resp = _err(404, "NOT_FOUND", "The requested resource does not exist")

@@ -84,8 +84,9 @@ class SimServer:
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
         query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        req = Request(h.command, parts.path, query, {k.lower(): v for k, v in h.headers.items()}, body,
-                      base_url=self.base_url)
+        req = Request(
+            h.command, parts.path, query, {k.lower(): v for k, v in h.headers.items()}, body, base_url=self.base_url
+        )
         resp = None
         for method, pattern, handler in self._routes:
             if method == h.command and (m := pattern.fullmatch(parts.path)):
@@ -108,8 +109,9 @@ class SimServer:
         h.wfile.write(data)
 
     def start(self) -> SimServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=self.name, daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=self.name, daemon=True
+        )
         self._thread.start()
         return self
 

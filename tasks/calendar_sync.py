@@ -77,8 +77,9 @@ class CalendarCounts:
 
 
 def calendar_scopes(tenant: TenantConfig) -> list[str]:
-    return scopes_for(["calendar", "notetaker"] if "notetaker" in tenant.features else ["calendar"],
-                      tenant.notetaker_explicit_consent)
+    return scopes_for(
+        ["calendar", "notetaker"] if "notetaker" in tenant.features else ["calendar"], tenant.notetaker_explicit_consent
+    )
 
 
 def anchored_window(now: datetime) -> tuple[datetime, datetime]:
@@ -87,35 +88,70 @@ def anchored_window(now: datetime) -> tuple[datetime, datetime]:
 
 
 def _frames(kept: list[Meeting], internal: set[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    rows = [{"event_id": m.event_id, "event_type": m.event_type, "series_master_id": m.series_master_id,
-             "ical_uid": m.ical_uid, "subject": m.subject, "start_at": m.start_at, "start_tz": m.start_tz,
-             "end_at": m.end_at, "end_tz": m.end_tz, "is_all_day": m.is_all_day, "is_online": m.is_online,
-             "join_url": m.join_url, "organizer_name": m.organizer_name, "organizer_address": m.organizer_address,
-             "is_internal": m.event_id in internal, "web_link": m.web_link} for m in kept]
+    rows = [
+        {
+            "event_id": m.event_id,
+            "event_type": m.event_type,
+            "series_master_id": m.series_master_id,
+            "ical_uid": m.ical_uid,
+            "subject": m.subject,
+            "start_at": m.start_at,
+            "start_tz": m.start_tz,
+            "end_at": m.end_at,
+            "end_tz": m.end_tz,
+            "is_all_day": m.is_all_day,
+            "is_online": m.is_online,
+            "join_url": m.join_url,
+            "organizer_name": m.organizer_name,
+            "organizer_address": m.organizer_address,
+            "is_internal": m.event_id in internal,
+            "web_link": m.web_link,
+        }
+        for m in kept
+    ]
     schema = {c: pl.String for c in MEETING_COLUMNS} | {
-        "start_at": pl.Datetime("us", "UTC"), "end_at": pl.Datetime("us", "UTC"), "is_all_day": pl.Boolean,
-        "is_online": pl.Boolean, "is_internal": pl.Boolean}
-    attendees = [{"event_id": m.event_id, "role": role, "name": name, "address": address, "response": response}
-                 for m in kept for role, name, address, response in m.participants]
-    return (pl.DataFrame(rows, schema=schema),
-            pl.DataFrame(attendees, schema={k: pl.String for k in ("event_id", "role", "name", "address", "response")}))
+        "start_at": pl.Datetime("us", "UTC"),
+        "end_at": pl.Datetime("us", "UTC"),
+        "is_all_day": pl.Boolean,
+        "is_online": pl.Boolean,
+        "is_internal": pl.Boolean,
+    }
+    attendees = [
+        {"event_id": m.event_id, "role": role, "name": name, "address": address, "response": response}
+        for m in kept
+        for role, name, address, response in m.participants
+    ]
+    return (
+        pl.DataFrame(rows, schema=schema),
+        pl.DataFrame(attendees, schema={k: pl.String for k in ("event_id", "role", "name", "address", "response")}),
+    )
 
 
-def classify(instances: list[Meeting], index: CrmIndex, keep_internal: bool,
-             counts: CalendarCounts) -> tuple[list[Meeting], set[str], pl.DataFrame]:
+def classify(
+    instances: list[Meeting], index: CrmIndex, keep_internal: bool, counts: CalendarCounts
+) -> tuple[list[Meeting], set[str], pl.DataFrame]:
     """(kept instances, ids of kept internal ones, CRM links of the kept external ones)."""
-    candidates = [m for m in instances if not m.is_cancelled and (m.sensitivity or "").lower()
-                  not in SKIPPED_SENSITIVITY]
+    candidates = [
+        m for m in instances if not m.is_cancelled and (m.sensitivity or "").lower() not in SKIPPED_SENSITIVITY
+    ]
     counts.private += sum((m.sensitivity or "").lower() in SKIPPED_SENSITIVITY for m in instances)
-    parts = pl.DataFrame([{"graph_id": m.event_id, "address": a, "role": "from" if r == "organizer" else r}
-                          for m in candidates for r, _n, a, _s in m.participants],
-                         schema={"graph_id": pl.String, "address": pl.String, "role": pl.String})
+    parts = pl.DataFrame(
+        [
+            {"graph_id": m.event_id, "address": a, "role": "from" if r == "organizer" else r}
+            for m in candidates
+            for r, _n, a, _s in m.participants
+        ],
+        schema={"graph_id": pl.String, "address": pl.String, "role": pl.String},
+    )
     links = match_participants(parts, index).rename({"graph_id": "event_id"})
     matched = set(links["event_id"].to_list())
     internal: set[str] = set()
     for m in candidates:
-        external = [a for _r, _n, a, _s in m.participants
-                    if "@" in a and a.strip().lower().rpartition("@")[2] not in index.own_domains]
+        external = [
+            a
+            for _r, _n, a, _s in m.participants
+            if "@" in a and a.strip().lower().rpartition("@")[2] not in index.own_domains
+        ]
         if not external and keep_internal:
             internal.add(m.event_id)
     kept = [m for m in candidates if m.event_id in matched or m.event_id in internal]
@@ -125,8 +161,7 @@ def classify(instances: list[Meeting], index: CrmIndex, keep_internal: bool,
     return kept, internal, links
 
 
-def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: datetime | None = None
-                      ) -> CalendarCounts:
+def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: datetime | None = None) -> CalendarCounts:
     """Bring one user's meetings up to date (see the module docstring)."""
     tenant = load_tenant(settings, tenant_id)
     counts = CalendarCounts()
@@ -148,8 +183,15 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
     window = (cursor.window_start, cursor.window_end)
     allow = CALENDAR_READ_ALLOWLIST + (CALENDAR_CONSENT_WRITE_ALLOWLIST if tenant.notetaker_explicit_consent else ())
     with TokenProvider(settings, tenant_id, user_oid, scopes) as provider, make_http_client(settings) as http:
-        client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
-                             budget=settings.graph_request_budget, allow=allow, max_pages=settings.sync_max_pages)
+        client = GraphClient(
+            http,
+            settings.graph_url,
+            provider,
+            max_in_flight=settings.max_requests_per_mailbox,
+            budget=settings.graph_request_budget,
+            allow=allow,
+            max_pages=settings.sync_max_pages,
+        )
         client.stop_paging_after(settings.sync_max_seconds)
         try:
             rnd = read_delta_round(client, window, cursor.delta_link, settings.graph_page_size)
@@ -168,16 +210,24 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
             counts.stopped = LIMIT_REASONS["PageCap" if not client.past_deadline() else "TimeCap"]
         counts.scanned = len(instances)
         counts.odd_text = sum(m.text_repaired for m in instances)
-        kept, internal, links = classify(instances, index, tenant.preferences_for(user_oid).internal_meetings,
-                                         counts)
+        kept, internal, links = classify(instances, index, tenant.preferences_for(user_oid).internal_meetings, counts)
         meetings, attendees = _frames(kept, internal)
         del instances, kept  # unmatched meetings end here, in memory
         # Cut short: keep the stored cursor (its deltaLink replays the round next run) and do not reconcile.
-        resume = CalendarCursor(window[0], window[1], rnd.delta_link, now) if complete else (
-            stored or CalendarCursor(*window))
-        batch = MeetingBatch(meetings, attendees, links, drop_ids=set(rnd.instances) | rnd.removed,
-                             drop_series=reread | rnd.removed, cursor=resume,
-                             reconcile=counts.baseline and complete)
+        resume = (
+            CalendarCursor(window[0], window[1], rnd.delta_link, now)
+            if complete
+            else (stored or CalendarCursor(*window))
+        )
+        batch = MeetingBatch(
+            meetings,
+            attendees,
+            links,
+            drop_ids=set(rnd.instances) | rnd.removed,
+            drop_series=reread | rnd.removed,
+            cursor=resume,
+            reconcile=counts.baseline and complete,
+        )
         with open_store(settings, tenant_id, write=True) as con:
             counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)
         organizer = str(connection_info(settings, tenant_id, user_oid).get("upn") or "")

@@ -15,16 +15,33 @@ from tasks.user_sync import run_user_sync
 
 def calendar_run_counts(settings, tenant_id: str, user_oid: str) -> RunCounts:  # noqa: ANN001
     c = sync_calendar_now(settings, tenant_id, user_oid)
-    reasons = (("private", c.private), ("internal", c.internal), ("removed", c.removed), ("baseline", int(c.baseline)),
-               (ODD_TEXT, c.odd_text), (c.resync or "", int(c.resync is not None)),
-               (c.stopped or "", int(c.stopped is not None)))
-    return RunCounts(scanned=c.scanned, matched=c.kept, imported=c.kept + c.internal, discarded=c.discarded,
-                     excluded=tuple(sorted((k, v) for k, v in reasons if v)))
+    reasons = (
+        ("private", c.private),
+        ("internal", c.internal),
+        ("removed", c.removed),
+        ("baseline", int(c.baseline)),
+        (ODD_TEXT, c.odd_text),
+        (c.resync or "", int(c.resync is not None)),
+        (c.stopped or "", int(c.stopped is not None)),
+    )
+    return RunCounts(
+        scanned=c.scanned,
+        matched=c.kept,
+        imported=c.kept + c.internal,
+        discarded=c.discarded,
+        excluded=tuple(sorted((k, v) for k, v in reasons if v)),
+    )
 
 
 @task(name="sync-calendar", persist_result=False, cache_policy=NO_CACHE)
 def sync_calendar(tenant_id: str, user_oid: str) -> dict[str, int | str]:
     settings = load_settings()
-    return run_user_sync(settings, "calendar", tenant_id, user_oid,
-                         lambda: calendar_run_counts(settings, tenant_id, user_oid), get_run_logger(),
-                         consent_error=ConsentNeeded)
+    return run_user_sync(
+        settings,
+        "calendar",
+        tenant_id,
+        user_oid,
+        lambda: calendar_run_counts(settings, tenant_id, user_oid),
+        get_run_logger(),
+        consent_error=ConsentNeeded,
+    )

@@ -76,19 +76,24 @@ def fetch_crm(settings: Settings, tenant: TenantConfig, since: datetime | None) 
         from crm_adapters import salesforce as adapter
 
         conn: Any = adapter.SalesforceConnection(
-            login_url=tenant.crm.login_url, client_id=tenant.crm.client_id,
-            client_secret=secrets.get("client_secret", ""), refresh_token=_secret(secrets, "refresh_token", tenant),
-            api_version=tenant.crm.api_version)
+            login_url=tenant.crm.login_url,
+            client_id=tenant.crm.client_id,
+            client_secret=secrets.get("client_secret", ""),
+            refresh_token=_secret(secrets, "refresh_token", tenant),
+            api_version=tenant.crm.api_version,
+        )
     elif tenant.crm_kind == "hubspot":
         from crm_adapters import hubspot as adapter
 
-        conn = adapter.HubSpotConnection(base_url=tenant.crm.login_url,
-                                         access_token=_secret(secrets, "access_token", tenant))
+        conn = adapter.HubSpotConnection(
+            base_url=tenant.crm.login_url, access_token=_secret(secrets, "access_token", tenant)
+        )
     elif tenant.crm_kind == "pipedrive":
         from crm_adapters import pipedrive as adapter
 
-        conn = adapter.PipedriveConnection(base_url=tenant.crm.login_url,
-                                           api_token=_secret(secrets, "api_token", tenant))
+        conn = adapter.PipedriveConnection(
+            base_url=tenant.crm.login_url, api_token=_secret(secrets, "api_token", tenant)
+        )
     else:
         raise CrmError(f"tenant {tenant.id}: unsupported CRM kind {tenant.crm_kind}")
     try:
@@ -105,16 +110,22 @@ def fetch_crm(settings: Settings, tenant: TenantConfig, since: datetime | None) 
 
 def _secret(secrets: dict[str, str], name: str, tenant: TenantConfig) -> str:
     if not secrets.get(name):
-        raise CrmError(f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored "
-                       "(o365sync tenant update --crm-secrets-stdin)")
+        raise CrmError(
+            f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored "
+            "(o365sync tenant update --crm-secrets-stdin)"
+        )
     return secrets[name]
 
 
 def refresh_since(settings: Settings, tenant: TenantConfig, summary: dict, now: datetime) -> datetime | None:
     """Where an incremental refresh starts, or None when this refresh must read the CRM in full."""
-    if (tenant.crm_kind == "files" or summary["crm_kind"] != tenant.crm_kind or summary["watermark"] is None
-            or summary["last_full_at"] is None
-            or now - summary["last_full_at"] >= timedelta(hours=settings.crm_reconcile_hours)):
+    if (
+        tenant.crm_kind == "files"
+        or summary["crm_kind"] != tenant.crm_kind
+        or summary["watermark"] is None
+        or summary["last_full_at"] is None
+        or now - summary["last_full_at"] >= timedelta(hours=settings.crm_reconcile_hours)
+    ):
         return None
     return summary["watermark"] - timedelta(minutes=settings.crm_refresh_overlap_minutes)
 
@@ -131,19 +142,29 @@ def crm_error_status(exc: CrmError) -> str:
     return "failed"
 
 
-def refuse_mass_drop(con: duckdb.DuckDBPyConnection, tenant_id: str, frames: dict[str, pl.DataFrame],
-                     changed_ids: dict[str, set[str]] | None) -> None:
+def refuse_mass_drop(
+    con: duckdb.DuckDBPyConnection,
+    tenant_id: str,
+    frames: dict[str, pl.DataFrame],
+    changed_ids: dict[str, set[str]] | None,
+) -> None:
     """Raise CrmDropRefused when writing would remove more than half of the stored people or accounts, unless the
     admin confirmed a refused refresh that removed at least as many."""
     removals = crm_removals(con, frames, changed_ids)
     too_many = {key: (removed, stored) for key, (removed, stored) in removals.items() if removed * 2 > stored}
     guard = read_crm_drop_guard(con)
-    if not too_many or (guard is not None and guard["confirmed_at"] is not None
-                        and all(removed <= guard[f"{key}_removed"] for key, (removed, _) in too_many.items())):
+    if not too_many or (
+        guard is not None
+        and guard["confirmed_at"] is not None
+        and all(removed <= guard[f"{key}_removed"] for key, (removed, _) in too_many.items())
+    ):
         return
     what = " and ".join(f"{removed:,} of {stored:,} {key}" for key, (removed, stored) in too_many.items())
-    raise CrmDropRefused(f"would remove {what}; the previous snapshot stays in use. If that is right: "
-                         f"o365sync crm confirm-drop --tenant {tenant_id}", removals)
+    raise CrmDropRefused(
+        f"would remove {what}; the previous snapshot stays in use. If that is right: "
+        f"o365sync crm confirm-drop --tenant {tenant_id}",
+        removals,
+    )
 
 
 def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | None = None) -> dict[str, Any]:
@@ -160,6 +181,7 @@ def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | Non
         with open_store(settings, tenant_id, write=True) as con:
             _record_failure(con, exc)
         raise
+
     def start(oldest_open: datetime | None) -> datetime:  # never reach back past what retention would delete
         return max(scan_start_for(oldest_open, now), now - timedelta(days=tenant.retention_days))
 
@@ -190,7 +212,14 @@ def _record_failure(con: duckdb.DuckDBPyConnection, exc: CrmError) -> None:
 @task(name="crm-snapshot", persist_result=False, cache_policy=NO_CACHE)
 def snapshot_crm(tenant_id: str) -> dict[str, Any]:
     counts = refresh_crm_snapshot(load_settings(), tenant_id)
-    get_run_logger().info("crm refresh tenant=%s mode=%s people=%s accounts=%s open_opportunities=%s changed=%s "
-                          "scan_start=%s", tenant_id, counts["mode"], counts["people"], counts["accounts"],
-                          counts["open_opportunities"], counts.get("changed", ""), counts["scan_start"])
+    get_run_logger().info(
+        "crm refresh tenant=%s mode=%s people=%s accounts=%s open_opportunities=%s changed=%s scan_start=%s",
+        tenant_id,
+        counts["mode"],
+        counts["people"],
+        counts["accounts"],
+        counts["open_opportunities"],
+        counts.get("changed", ""),
+        counts["scan_start"],
+    )
     return counts

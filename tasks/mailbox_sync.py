@@ -56,21 +56,49 @@ ODD_TEXT = "odd_text"  # items whose text was not valid Unicode (imported or dis
 
 def resync_reason(dead: DeltaTokenExpired) -> str:
     """The counted reason of a resync: the saved link was evicted by Graph, or could not be followed."""
-    return RESYNC_REASONS.get(dead.code or "", "delta_resync") if isinstance(dead, LinkNotFollowable) \
-        else "delta_resync"
+    return (
+        RESYNC_REASONS.get(dead.code or "", "delta_resync") if isinstance(dead, LinkNotFollowable) else "delta_resync"
+    )
+
+
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 
-EMAIL_FIELDS = ["graph_id", "folder", "internet_message_id", "conversation_id", "subject", "body_text",
-                "from_name", "from_address", "received_at", "sent_at", "has_attachments", "web_link"]
+EMAIL_FIELDS = [
+    "graph_id",
+    "folder",
+    "internet_message_id",
+    "conversation_id",
+    "subject",
+    "body_text",
+    "from_name",
+    "from_address",
+    "received_at",
+    "sent_at",
+    "has_attachments",
+    "web_link",
+]
 _TS = pl.Datetime("us", "UTC")
 _EMPTY = {
-    "emails": pl.DataFrame(schema={
-        "graph_id": pl.String, "folder": pl.String, "internet_message_id": pl.String, "conversation_id": pl.String,
-        "subject": pl.String, "body_text": pl.String, "from_name": pl.String, "from_address": pl.String,
-        "received_at": _TS, "sent_at": _TS, "has_attachments": pl.Boolean, "web_link": pl.String}),
-    "participants": pl.DataFrame(schema={"graph_id": pl.String, "role": pl.String, "name": pl.String,
-                                         "address": pl.String}),
+    "emails": pl.DataFrame(
+        schema={
+            "graph_id": pl.String,
+            "folder": pl.String,
+            "internet_message_id": pl.String,
+            "conversation_id": pl.String,
+            "subject": pl.String,
+            "body_text": pl.String,
+            "from_name": pl.String,
+            "from_address": pl.String,
+            "received_at": _TS,
+            "sent_at": _TS,
+            "has_attachments": pl.Boolean,
+            "web_link": pl.String,
+        }
+    ),
+    "participants": pl.DataFrame(
+        schema={"graph_id": pl.String, "role": pl.String, "name": pl.String, "address": pl.String}
+    ),
     "matches": pl.DataFrame(schema=MATCH_SCHEMA),
 }
 
@@ -105,9 +133,13 @@ class _Buffer:
         def cat(frames: list[pl.DataFrame], empty: pl.DataFrame) -> pl.DataFrame:
             return pl.concat(frames, how="vertical_relaxed") if frames else empty
 
-        batch = MailBatch(cat(self.emails, _EMPTY["emails"]), cat(self.participants, _EMPTY["participants"]),
-                          cat(self.matches, _EMPTY["matches"]), cursors,
-                          pl.concat(self.partials, how="vertical_relaxed") if self.partials else None)
+        batch = MailBatch(
+            cat(self.emails, _EMPTY["emails"]),
+            cat(self.participants, _EMPTY["participants"]),
+            cat(self.matches, _EMPTY["matches"]),
+            cursors,
+            pl.concat(self.partials, how="vertical_relaxed") if self.partials else None,
+        )
         self.emails, self.participants, self.matches, self.partials = [], [], [], []
         self.matched = self.pages = 0
         return batch
@@ -156,8 +188,9 @@ def prefetched(pages: Iterable, depth: int = PREFETCH_PAGES) -> Iterator:
         worker.join()
 
 
-def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame,
-                  removed: int = 0, odd: int = 0) -> None:
+def _process_page(
+    run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame, removed: int = 0, odd: int = 0
+) -> None:
     """Classify one page; buffer matched rows (with bodies) and partial updates; count everything else."""
     reasons: Counter[str] = Counter()
     if removed:
@@ -167,8 +200,18 @@ def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, partici
     messages = messages.unique("graph_id", keep="last", maintain_order=True)
     partial = messages.filter(pl.col("is_partial"))
     if partial.height:
-        buf.partials.append(partial.select("graph_id", "subject", "from_name", "from_address", "received_at",
-                                           "sent_at", "has_attachments", "web_link"))
+        buf.partials.append(
+            partial.select(
+                "graph_id",
+                "subject",
+                "from_name",
+                "from_address",
+                "received_at",
+                "sent_at",
+                "has_attachments",
+                "web_link",
+            )
+        )
         reasons["partial_update"] = partial.height
     full = messages.filter(~pl.col("is_partial"))
     excluded = exclusion_reasons(full, participants, run.tenant.domains, run.blocklist)
@@ -176,24 +219,33 @@ def _process_page(run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, partici
     candidates = full.filter(~pl.col("graph_id").is_in(excluded["graph_id"].implode()))
     matches = match_participants(
         participants.filter(pl.col("graph_id").is_in(candidates["graph_id"].implode())).select(
-            "graph_id", "address", "role"),
-        run.index)
+            "graph_id", "address", "role"
+        ),
+        run.index,
+    )
     kept_ids = matches["graph_id"].unique()
     kept = candidates.filter(pl.col("graph_id").is_in(kept_ids.implode()))
     reasons["no_crm_match"] += candidates.height - kept.height
     if kept.height:
         bodies = dict(fetch_bodies(run.client, kept["graph_id"].to_list()))
         kept = kept.with_columns(
-            pl.col("graph_id").replace_strict(bodies, default=None, return_dtype=pl.String).alias("body_text"))
+            pl.col("graph_id").replace_strict(bodies, default=None, return_dtype=pl.String).alias("body_text")
+        )
         buf.emails.append(kept.select(EMAIL_FIELDS))
         buf.participants.append(
             participants.filter(pl.col("graph_id").is_in(kept_ids.implode())).select(
-                "graph_id", "role", "name", normalise_address(pl.col("address"))))
+                "graph_id", "role", "name", normalise_address(pl.col("address"))
+            )
+        )
         buf.matches.append(matches)
     buf.matched += kept.height
     buf.pages += 1
-    run.counts += RunCounts(scanned=messages.height, matched=kept.height, discarded=messages.height - kept.height,
-                            excluded=tuple(sorted((k, v) for k, v in reasons.items() if v)))
+    run.counts += RunCounts(
+        scanned=messages.height,
+        matched=kept.height,
+        discarded=messages.height - kept.height,
+        excluded=tuple(sorted((k, v) for k, v in reasons.items() if v)),
+    )
 
 
 def _flush(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
@@ -245,8 +297,9 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
     """One delta round from the committed deltaLink. The new link is written only in the transaction of the
     round's last rows; earlier writes keep the old link, so a crash replays the round (idempotently)."""
     buf = _Buffer()
-    pages = iter_delta_pages(run.client, folder, delta_link=cursor.delta_link, since=None,
-                             page_size=run.settings.graph_page_size)
+    pages = iter_delta_pages(
+        run.client, folder, delta_link=cursor.delta_link, since=None, page_size=run.settings.graph_page_size
+    )
     try:
         for page in prefetched(pages):
             messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
@@ -291,12 +344,21 @@ def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCo
         raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
     with open_store(settings, tenant_id, write=False) as con:
         cursors = read_cursors(con, tenant_id, user_oid)
-    with TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider, \
-            make_http_client(settings) as http:
-        client = GraphClient(http, settings.graph_url, provider, max_in_flight=settings.max_requests_per_mailbox,
-                             budget=settings.graph_request_budget, max_pages=settings.sync_max_pages)
-        run = MailboxRun(settings, tenant, user_oid, client, index, tenant.blocklist_for(user_oid), scan_start,
-                         datetime.now(UTC))
+    with (
+        TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider,
+        make_http_client(settings) as http,
+    ):
+        client = GraphClient(
+            http,
+            settings.graph_url,
+            provider,
+            max_in_flight=settings.max_requests_per_mailbox,
+            budget=settings.graph_request_budget,
+            max_pages=settings.sync_max_pages,
+        )
+        run = MailboxRun(
+            settings, tenant, user_oid, client, index, tenant.blocklist_for(user_oid), scan_start, datetime.now(UTC)
+        )
         deadline = time.monotonic() + settings.sync_max_seconds
         for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
             client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))

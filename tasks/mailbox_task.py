@@ -14,5 +14,11 @@ from tasks.user_sync import run_user_sync
 @task(name="sync-mailbox", persist_result=False, cache_policy=NO_CACHE)
 def sync_mailbox(tenant_id: str, user_oid: str) -> dict[str, int | str]:
     settings = load_settings()
-    return run_user_sync(settings, "email", tenant_id, user_oid,
-                         lambda: sync_mailbox_now(settings, tenant_id, user_oid), get_run_logger())
+    return run_user_sync(
+        settings,
+        "email",
+        tenant_id,
+        user_oid,
+        lambda: sync_mailbox_now(settings, tenant_id, user_oid),
+        get_run_logger(),
+    )

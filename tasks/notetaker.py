@@ -34,9 +34,11 @@ class NotetakerCounts:
 
 
 def consent_notice(join_url: str) -> str:
-    return (f'<div id="{CONSENT_MARKER}"><p>This meeting may be recorded and transcribed by a notetaker. By joining '
-            f'you consent to the recording; tell the organizer if you do not.</p><p><a href="{html.escape(join_url)}">'
-            "Join the Microsoft Teams meeting</a></p></div>")
+    return (
+        f'<div id="{CONSENT_MARKER}"><p>This meeting may be recorded and transcribed by a notetaker. By joining '
+        f'you consent to the recording; tell the organizer if you do not.</p><p><a href="{html.escape(join_url)}">'
+        "Join the Microsoft Teams meeting</a></p></div>"
+    )
 
 
 def _with_notice(body: dict | None, join_url: str) -> str | None:
@@ -49,28 +51,34 @@ def _with_notice(body: dict | None, join_url: str) -> str | None:
     return content + consent_notice(join_url)
 
 
-def add_consent_links(client: GraphClient, settings: Settings, tenant_id: str, user_oid: str, organizer: str,
-                      now: datetime) -> int:
+def add_consent_links(
+    client: GraphClient, settings: Settings, tenant_id: str, user_oid: str, organizer: str, now: datetime
+) -> int:
     with open_store(settings, tenant_id, write=False) as con:
         candidates = consent_mode_candidates(con, tenant_id, user_oid, organizer, now)
     for event_id, _instance, start, end, subject in candidates:
-        payload = {"externalId": event_id, "startDateTime": start.isoformat(), "endDateTime": end.isoformat(),
-                   "subject": subject or ""}
-        meeting = client.request("POST", "me/onlineMeetings/createOrGet",
-                                 content=json.dumps(payload).encode()).json()
+        payload = {
+            "externalId": event_id,
+            "startDateTime": start.isoformat(),
+            "endDateTime": end.isoformat(),
+            "subject": subject or "",
+        }
+        meeting = client.request("POST", "me/onlineMeetings/createOrGet", content=json.dumps(payload).encode()).json()
         join_url = meeting["joinWebUrl"]
         path = f"me/events/{quote(event_id, safe='')}"
         body = _with_notice(client.get(path, params={"$select": "body"}).json().get("body"), join_url)
         if body is not None:
-            client.request("PATCH", path, content=json.dumps({"body": {"contentType": "html", "content": body}})
-                           .encode())
+            client.request(
+                "PATCH", path, content=json.dumps({"body": {"contentType": "html", "content": body}}).encode()
+            )
         with open_store(settings, tenant_id, write=True) as con:
             record_consent_link(con, tenant_id, user_oid, event_id, join_url, now)
     return len(candidates)
 
 
-def run_notetaker(client: GraphClient, settings: Settings, tenant: TenantConfig, user_oid: str, organizer: str,
-                  now: datetime) -> NotetakerCounts:
+def run_notetaker(
+    client: GraphClient, settings: Settings, tenant: TenantConfig, user_oid: str, organizer: str, now: datetime
+) -> NotetakerCounts:
     counts = NotetakerCounts()
     enabled = tenant.feature_on("notetaker", user_oid)
     if enabled and tenant.notetaker_explicit_consent and organizer:

@@ -24,12 +24,20 @@ def _summary(user_oid: str, status: str, teams: int = 0, channels: int = 0) -> d
     return {"user_oid": user_oid, "status": status, "teams": teams, "channels": channels}
 
 
-def _record(settings: Settings, tenant_id: str, user_oid: str, stage: str, error: str | None = None,
-            channels: int = 0) -> None:
+def _record(
+    settings: Settings, tenant_id: str, user_oid: str, stage: str, error: str | None = None, channels: int = 0
+) -> None:
     """The user's Teams state, shown by `o365sync status` beside mail and calendar (feature "teams")."""
     with open_store(settings, tenant_id, write=True) as con:
-        record_sync_state(con, tenant_id, user_oid, stage, RunCounts(scanned=channels, imported=channels),
-                          error=error, feature="teams")
+        record_sync_state(
+            con,
+            tenant_id,
+            user_oid,
+            stage,
+            RunCounts(scanned=channels, imported=channels),
+            error=error,
+            feature="teams",
+        )
 
 
 @task(name="refresh-teams-channels", persist_result=False, cache_policy=NO_CACHE)
@@ -44,8 +52,9 @@ def refresh_user_channels(tenant_id: str, user_oid: str) -> dict[str, int | str]
         logger.warning("teams refresh user=%s skipped: tenant=%s has Teams sharing off", user_oid, tenant_id)
         return _summary(user_oid, "disabled")
     except ConsentNeeded as exc:
-        logger.warning("teams refresh user=%s consent needed for %d scope(s): user must reconnect", user_oid,
-                       len(exc.missing))
+        logger.warning(
+            "teams refresh user=%s consent needed for %d scope(s): user must reconnect", user_oid, len(exc.missing)
+        )
         _record(settings, tenant_id, user_oid, "consent_needed", "consent_needed")
         return _summary(user_oid, "consent_needed")
     except ReconnectNeeded as exc:

@@ -19,17 +19,17 @@ _RESYNCED = "; resynced from shortly before the last sync (nothing lost, nothing
 NOTES = {
     "delta_resync": "Graph expired the saved sync position" + _RESYNCED,
     "delta_resync_other_endpoint": "the saved sync position belongs to another Graph endpoint (O365SYNC_GRAPH_URL "
-                                   "changed)" + _RESYNCED,
+    "changed)" + _RESYNCED,
     "delta_resync_unusable_link": "the saved sync position is not under O365SYNC_GRAPH_URL" + _RESYNCED,
     "stopped_at_page_limit": "stopped at the page limit (O365SYNC_SYNC_MAX_PAGES); what was read is saved and the "
-                             "next run continues",
+    "next run continues",
     "stopped_at_time_limit": "stopped at the time limit (O365SYNC_SYNC_MAX_SECONDS); what was read is saved and the "
-                             "next run continues",
+    "next run continues",
 }
 # Failures whose class name alone would not tell a person what to do.
 EXPLAINED: dict[type[BaseException], str] = {
     LinkNotFollowable: "Graph sent a link to another endpoint than O365SYNC_GRAPH_URL; it was not followed (the "
-                       "token is never sent elsewhere): point O365SYNC_GRAPH_URL at the endpoint Graph's links name",
+    "token is never sent elsewhere): point O365SYNC_GRAPH_URL at the endpoint Graph's links name",
 }
 
 
@@ -45,14 +45,26 @@ class UserSyncError(Exception):
 
 
 def summary(user_oid: str, status: str, counts: RunCounts) -> dict[str, int | str]:
-    return {"user_oid": user_oid, "status": status, "scanned": counts.scanned, "matched": counts.matched,
-            "imported": counts.imported, "discarded": counts.discarded,
-            "excluded": ", ".join(f"{k}={v}" for k, v in counts.excluded)}
+    return {
+        "user_oid": user_oid,
+        "status": status,
+        "scanned": counts.scanned,
+        "matched": counts.matched,
+        "imported": counts.imported,
+        "discarded": counts.discarded,
+        "excluded": ", ".join(f"{k}={v}" for k, v in counts.excluded),
+    }
 
 
-def run_user_sync(settings: Settings, feature: str, tenant_id: str, user_oid: str, work: Callable[[], RunCounts],
-                  logger: logging.Logger | logging.LoggerAdapter, consent_error: type[Exception] | None = None
-                  ) -> dict[str, int | str]:
+def run_user_sync(
+    settings: Settings,
+    feature: str,
+    tenant_id: str,
+    user_oid: str,
+    work: Callable[[], RunCounts],
+    logger: logging.Logger | logging.LoggerAdapter,
+    consent_error: type[Exception] | None = None,
+) -> dict[str, int | str]:
     with open_store(settings, tenant_id, write=True) as con:
         record_sync_state(con, tenant_id, user_oid, "syncing", feature=feature)
     try:
@@ -66,8 +78,7 @@ def run_user_sync(settings: Settings, feature: str, tenant_id: str, user_oid: st
         if consent_error is not None and isinstance(exc, consent_error):
             with open_store(settings, tenant_id, write=True) as con:
                 record_sync_state(con, tenant_id, user_oid, "consent_needed", error="consent_needed", feature=feature)
-            logger.warning("%s user=%s must reconnect to grant the scopes of newly enabled features", feature,
-                           user_oid)
+            logger.warning("%s user=%s must reconnect to grant the scopes of newly enabled features", feature, user_oid)
             return summary(user_oid, "consent_needed", RunCounts())
         error = describe_failure(exc)
         with open_store(settings, tenant_id, write=True) as con:
@@ -80,6 +91,14 @@ def run_user_sync(settings: Settings, feature: str, tenant_id: str, user_oid: st
     stage = CATCHING_UP if reasons.keys() & set(LIMIT_REASONS.values()) else "idle"
     with open_store(settings, tenant_id, write=True) as con:
         record_sync_state(con, tenant_id, user_oid, stage, counts, feature=feature, note=note)
-    logger.info("%s user=%s scanned=%d matched=%d imported=%d discarded=%d excluded=%s", feature, user_oid,
-                counts.scanned, counts.matched, counts.imported, counts.discarded, dict(counts.excluded))
+    logger.info(
+        "%s user=%s scanned=%d matched=%d imported=%d discarded=%d excluded=%s",
+        feature,
+        user_oid,
+        counts.scanned,
+        counts.matched,
+        counts.imported,
+        counts.discarded,
+        dict(counts.excluded),
+    )
     return summary(user_oid, "ok" if stage == "idle" else stage, counts)

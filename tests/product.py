@@ -29,8 +29,15 @@ class Product:
     world: World
 
 
-def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crm_kind: str = "salesforce",
-             features: list[str] | None = None, explicit_consent: bool = False, **env: str) -> Product:
+def stand_up(
+    world: World,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    crm_kind: str = "salesforce",
+    features: list[str] | None = None,
+    explicit_consent: bool = False,
+    **env: str,
+) -> Product:
     """Start the simulators, point the product at them by settings only, register every tenant, connect users."""
     port = free_port()
     redirect = f"http://localhost:{port}/auth/callback"
@@ -39,8 +46,9 @@ def stand_up(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crm_
         monkeypatch.setenv(key, value)
     settings = load_settings()
     for tenant in world.tenants:
-        register_and_connect(settings, running, tenant, port, crm_kind=crm_kind, features=features,
-                             explicit_consent=explicit_consent)
+        register_and_connect(
+            settings, running, tenant, port, crm_kind=crm_kind, features=features, explicit_consent=explicit_consent
+        )
     return Product(settings, running, world)
 
 
@@ -55,8 +63,10 @@ def stored_matches(settings: Settings, tenant_id: str) -> dict[tuple[str, str], 
 
 def table_counts(settings: Settings, tenant_id: str) -> dict[str, int]:
     with open_store(settings, tenant_id, write=False) as con:
-        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-                for t in ("emails", "email_participants", "email_crm_matches")}
+        return {
+            t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+            for t in ("emails", "email_participants", "email_crm_matches")
+        }
 
 
 def expected_for_crm(world, tid: str, running, crm_kind: str) -> dict:
@@ -91,7 +101,8 @@ def latest_artifact_rows(key: str) -> list[dict]:
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                          sort=ArtifactSort.CREATED_DESC, limit=1)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
     data = artifacts[0].data
     return json.loads(data) if isinstance(data, str) else data

@@ -27,8 +27,7 @@ from tests.product import stand_up
 @pytest.fixture(scope="module")
 def product(tmp_path_factory):
     """One synced tenant (mail + calendar of two users), its sync states, and a published snapshot."""
-    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30,
-                           calendars=True)
+    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30, calendars=True)
     with pytest.MonkeyPatch.context() as mp:
         p = stand_up(world, tmp_path_factory.mktemp("analytics"), mp, features=["email", "calendar"])
         tid = world.tenants[0].tid
@@ -72,18 +71,34 @@ def test_activities_has_one_row_per_email_and_meeting_with_its_primary_crm_link(
     rows = con.execute("SELECT kind, user_oid, activity_id FROM activities").fetchall()
     assert len(emails) > 20 and len(meetings) > 5
     assert sorted(rows) == sorted([("email", *e) for e in emails] + [("meeting", *m) for m in meetings])
-    primaries = dict(((k, o, a), (c, ck)) for k, o, a, c, ck in con.execute(
-        "SELECT 'email', user_oid, graph_id, crm_id, crm_kind FROM email_crm_matches WHERE is_primary UNION ALL "
-        "SELECT 'meeting', user_oid, event_id, crm_id, crm_kind FROM meeting_crm_matches WHERE is_primary"
-    ).fetchall())
-    got = {(k, o, a): (c, ck) for k, o, a, c, ck in con.execute(
-        "SELECT kind, user_oid, activity_id, primary_crm_id, primary_crm_kind FROM activities").fetchall()}
+    primaries = dict(
+        ((k, o, a), (c, ck))
+        for k, o, a, c, ck in con.execute(
+            "SELECT 'email', user_oid, graph_id, crm_id, crm_kind FROM email_crm_matches WHERE is_primary UNION ALL "
+            "SELECT 'meeting', user_oid, event_id, crm_id, crm_kind FROM meeting_crm_matches WHERE is_primary"
+        ).fetchall()
+    )
+    got = {
+        (k, o, a): (c, ck)
+        for k, o, a, c, ck in con.execute(
+            "SELECT kind, user_oid, activity_id, primary_crm_id, primary_crm_kind FROM activities"
+        ).fetchall()
+    }
     assert got == primaries
     # Every email is a matched one; the thread id is the conversation (mail) or the series (meetings).
-    assert con.execute("SELECT count(*) FROM activities WHERE crm_match_count = 0 OR occurred_at IS NULL OR "
-                       "thread_id IS NULL").fetchall()[0][0] == 0
-    assert con.execute("SELECT count(*) FROM activities a JOIN meetings m ON m.event_id = a.activity_id "
-                       "WHERE a.thread_id <> coalesce(m.series_master_id, m.event_id)").fetchall()[0][0] == 0
+    assert (
+        con.execute(
+            "SELECT count(*) FROM activities WHERE crm_match_count = 0 OR occurred_at IS NULL OR thread_id IS NULL"
+        ).fetchall()[0][0]
+        == 0
+    )
+    assert (
+        con.execute(
+            "SELECT count(*) FROM activities a JOIN meetings m ON m.event_id = a.activity_id "
+            "WHERE a.thread_id <> coalesce(m.series_master_id, m.event_id)"
+        ).fetchall()[0][0]
+        == 0
+    )
 
 
 def test_the_crm_account_is_resolved_through_the_matched_person(product):
@@ -92,8 +107,9 @@ def test_the_crm_account_is_resolved_through_the_matched_person(product):
     account_of = {c.id: c.account_id for c in crm.contacts} | {a.id: a.id for a in crm.accounts}
     names = {a.id: a.name for a in crm.accounts}
     con = analyst(product)
-    rows = con.execute("SELECT primary_crm_id, primary_crm_kind, crm_account_id, crm_account_name FROM activities"
-                       ).fetchall()
+    rows = con.execute(
+        "SELECT primary_crm_id, primary_crm_kind, crm_account_id, crm_account_name FROM activities"
+    ).fetchall()
     kinds = {kind for _c, kind, _a, _n in rows}
     assert {"contact", "account"} <= kinds
     for crm_id, kind, account_id, account_name in rows:
@@ -103,24 +119,33 @@ def test_the_crm_account_is_resolved_through_the_matched_person(product):
         elif kind == "lead":
             assert account_id is None  # an unconverted lead belongs to no account yet
     # An account's activities: its own domain matches plus its contacts' mail.
-    per_account = dict(con.execute("SELECT crm_account_id, count(*) FROM activities WHERE crm_account_id IS NOT NULL "
-                                   "GROUP BY ALL").fetchall())
+    per_account = dict(
+        con.execute(
+            "SELECT crm_account_id, count(*) FROM activities WHERE crm_account_id IS NOT NULL GROUP BY ALL"
+        ).fetchall()
+    )
     assert sum(per_account.values()) == sum(1 for _c, _k, a, _n in rows if a is not None)
 
 
 def test_crm_matches_unions_every_email_and_meeting_link(product):
     con = analyst(product)
-    links = con.execute("SELECT 'email', user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary "
-                        "FROM email_crm_matches UNION ALL SELECT 'meeting', user_oid, event_id, crm_id, crm_kind, "
-                        "matched_address, is_primary FROM meeting_crm_matches").fetchall()
-    view = con.execute("SELECT kind, user_oid, activity_id, crm_id, crm_kind, matched_address, is_primary "
-                       "FROM crm_matches").fetchall()
+    links = con.execute(
+        "SELECT 'email', user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary "
+        "FROM email_crm_matches UNION ALL SELECT 'meeting', user_oid, event_id, crm_id, crm_kind, "
+        "matched_address, is_primary FROM meeting_crm_matches"
+    ).fetchall()
+    view = con.execute(
+        "SELECT kind, user_oid, activity_id, crm_id, crm_kind, matched_address, is_primary FROM crm_matches"
+    ).fetchall()
     assert sorted(view) == sorted(links)
     assert {r[0] for r in view} == {"email", "meeting"}
-    assert con.execute("SELECT count(*) FROM crm_matches WHERE occurred_at IS NULL OR crm_name IS NULL"
-                       ).fetchall()[0][0] == 0
-    one_primary = con.execute("SELECT DISTINCT count(*) FILTER (WHERE is_primary) FROM crm_matches "
-                              "GROUP BY kind, user_oid, activity_id").fetchall()
+    assert (
+        con.execute("SELECT count(*) FROM crm_matches WHERE occurred_at IS NULL OR crm_name IS NULL").fetchall()[0][0]
+        == 0
+    )
+    one_primary = con.execute(
+        "SELECT DISTINCT count(*) FILTER (WHERE is_primary) FROM crm_matches GROUP BY kind, user_oid, activity_id"
+    ).fetchall()
     assert one_primary == [(1,)]
 
 
@@ -129,23 +154,31 @@ def test_email_and_meeting_activity_carry_their_own_columns(product):
     tid = product.world.tenants[0].tid
     by_id = {m.id: m for u in product.world.tenants[0].users for m in product.world.mailboxes[u.oid]}
     for gid, direction, to, cc, occurred in con.execute(
-            "SELECT activity_id, direction, to_addresses, cc_addresses, occurred_at FROM email_activity").fetchall():
+        "SELECT activity_id, direction, to_addresses, cc_addresses, occurred_at FROM email_activity"
+    ).fetchall():
         msg = by_id[gid]
         assert direction == ("outbound" if msg.folder == "sentitems" else "inbound")
         assert to == sorted({a.address.strip().lower() for a in msg.to if a.address and a.address.strip()})
         assert cc == sorted({a.address.strip().lower() for a in msg.cc if a.address and a.address.strip()})
         assert occurred == (msg.sent if msg.folder == "sentitems" else msg.received)
-    bad = con.execute("SELECT count(*) FROM meeting_activity WHERE duration_minutes < 0 OR attendee_count < 0 "
-                      "OR occurred_at <> start_at OR tenant_id <> ?", [tid]).fetchall()[0][0]
+    bad = con.execute(
+        "SELECT count(*) FROM meeting_activity WHERE duration_minutes < 0 OR attendee_count < 0 "
+        "OR occurred_at <> start_at OR tenant_id <> ?",
+        [tid],
+    ).fetchall()[0][0]
     assert bad == 0
 
 
 def test_sync_status_shows_stage_lag_failures_and_who_must_reconnect(product):
     alice, bob = product.world.tenants[0].users
     con = analyst(product)
-    rows = {(r[0], r[1]): r[2:] for r in con.execute(
-        "SELECT user_oid, feature, stage, lag_seconds, consecutive_failures, next_retry_at, needs_reconnect, "
-        "needs_consent FROM sync_status").fetchall()}
+    rows = {
+        (r[0], r[1]): r[2:]
+        for r in con.execute(
+            "SELECT user_oid, feature, stage, lag_seconds, consecutive_failures, next_retry_at, needs_reconnect, "
+            "needs_consent FROM sync_status"
+        ).fetchall()
+    }
     assert set(rows) == {(alice.oid, "email"), (alice.oid, "calendar"), (bob.oid, "email"), (bob.oid, "calendar")}
     stage, lag, failures, retry, reconnect, consent = rows[(alice.oid, "email")]
     assert (stage, failures, retry, reconnect, consent) == ("idle", 0, None, False, False) and 0 <= lag < 3600
@@ -213,8 +246,11 @@ def test_export_writes_every_view_as_parquet_atomically_from_the_snapshot(produc
     con = analyst(product)
     for view in DEFAULT_EXPORT:
         frame = pl.read_parquet(folder / f"{view}.parquet")
-        assert frame.height == manifest["files"][view]["rows"] == con.execute(f"SELECT count(*) FROM {view}"
-                                                                               ).fetchall()[0][0]
+        assert (
+            frame.height
+            == manifest["files"][view]["rows"]
+            == con.execute(f"SELECT count(*) FROM {view}").fetchall()[0][0]
+        )
         assert frame.columns == [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
     assert "outside the tenant" not in result.output
 
@@ -224,8 +260,9 @@ def test_export_never_opens_the_live_store(product, tmp_path):
     tid = product.world.tenants[0].tid
     done: dict = {}
     with store_lock(product.settings, tid, write=True):
-        worker = threading.Thread(target=lambda: done.update(r=export_views(product.settings, tid, ["activities"],
-                                                                            out=tmp_path / "x")))
+        worker = threading.Thread(
+            target=lambda: done.update(r=export_views(product.settings, tid, ["activities"], out=tmp_path / "x"))
+        )
         worker.start()
         worker.join(timeout=120)
         assert not worker.is_alive(), "the export waited for the live store"
@@ -236,8 +273,11 @@ def test_export_options_tables_unknown_views_and_existing_destinations(product, 
     tid = product.world.tenants[0].tid
     runner = CliRunner()
     out = tmp_path / "mine"
-    ok = runner.invoke(cli(), ["export", "--tenant", tid, "--out", str(out), "--view", "sync_status", "--view",
-                               "emails"], env={"COLUMNS": "200"})
+    ok = runner.invoke(
+        cli(),
+        ["export", "--tenant", tid, "--out", str(out), "--view", "sync_status", "--view", "emails"],
+        env={"COLUMNS": "200"},
+    )
     assert ok.exit_code == 0, ok.output
     assert sorted(p.name for p in out.iterdir()) == ["emails.parquet", "manifest.json", "sync_status.parquet"]
     assert "body_text" in pl.read_parquet_schema(out / "emails.parquet")

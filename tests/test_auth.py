@@ -60,9 +60,15 @@ def env(tmp_path_factory):
 def make_settings(tmp_path, sim, tls, **kw) -> Settings:
     """Settings pointing at the simulator, with every tenant of its world registered (users connect only to
     registered tenants)."""
-    base = dict(data_dir=tmp_path, authority_url=sim.base_url, graph_url="https://127.0.0.1:1/v1.0",
-                client_id="app-1", client_secret=SecretStr("s3cret"), redirect_uri=REDIRECT,
-                ca_bundle=tls.ca_pem)
+    base = dict(
+        data_dir=tmp_path,
+        authority_url=sim.base_url,
+        graph_url="https://127.0.0.1:1/v1.0",
+        client_id="app-1",
+        client_secret=SecretStr("s3cret"),
+        redirect_uri=REDIRECT,
+        ca_bundle=tls.ca_pem,
+    )
     base.update(kw)
     settings = Settings(**base)
     for t in sim.world.tenants:
@@ -106,8 +112,9 @@ def connect(settings, sim, tls, user) -> ConnectedUser:
 
 
 def stored_cache(settings, user) -> dict:
-    return json.loads(read_sealed(token_path(settings, user.tid, user.oid), load_key(settings),
-                                  f"{user.tid}.{user.oid}"))
+    return json.loads(
+        read_sealed(token_path(settings, user.tid, user.oid), load_key(settings), f"{user.tid}.{user.oid}")
+    )
 
 
 def refresh_token_of(settings, user) -> str:
@@ -136,8 +143,12 @@ def test_connect_persists_a_sealed_per_user_cache(env, settings):
     with pytest.raises(SecretError):
         read_sealed(path, load_key(settings), f"{user.tid}.{world.tenants[0].users[1].oid}")
     meta = connection_info(settings, user.tid, user.oid)
-    assert (meta["oid"], meta["tid"], meta["upn"], meta["display_name"]) == (user.oid, user.tid, user.upn,
-                                                                             user.display_name)
+    assert (meta["oid"], meta["tid"], meta["upn"], meta["display_name"]) == (
+        user.oid,
+        user.tid,
+        user.upn,
+        user.display_name,
+    )
     assert set(meta["scopes"]) >= {"Mail.Read", "User.Read"} and meta["connected_at"]
     assert connected_users(settings, user.tid) == [connected]
     assert connected_users(settings, world.tenants[1].tid) == []
@@ -267,8 +278,11 @@ def test_callback_state_is_single_use_and_errors_carry_codes_only(env, settings)
     sim.login_as(user.oid)
     begin = begin_connect(settings, user.tid, ["email"])
     state = dict(parse_qsl(urlsplit(begin).query))["state"]
-    denied = {"error": "access_denied", "state": state,
-              "error_description": f"AADSTS65004: {user.upn} declined.\r\nTrace ID: x"}
+    denied = {
+        "error": "access_denied",
+        "state": state,
+        "error_description": f"AADSTS65004: {user.upn} declined.\r\nTrace ID: x",
+    }
     with pytest.raises(ConnectError) as info:
         complete_connect(settings, denied)
     assert (info.value.error, info.value.error_codes) == ("access_denied", [65004])
@@ -287,10 +301,18 @@ def test_provider_is_safe_to_share_between_threads(env, settings, make_provider)
 
 
 def test_errors_survive_pickling():
-    for exc in (ReconnectNeeded("t", "o", "invalid_grant", [50173]), AuthTransient("x", [90033]),
-                AuthConfigError("invalid_client", [7000215], "ctx"), ConnectError("access_denied", [65004]),
-                WrongTenant("a", "b"), TenantGone("t"), UserOffboarded("t", "o"), InvalidLoginHint(),
-                ConnectSetupError("t", "unknown region"), SignInsBusy("tenant t", 30)):
+    for exc in (
+        ReconnectNeeded("t", "o", "invalid_grant", [50173]),
+        AuthTransient("x", [90033]),
+        AuthConfigError("invalid_client", [7000215], "ctx"),
+        ConnectError("access_denied", [65004]),
+        WrongTenant("a", "b"),
+        TenantGone("t"),
+        UserOffboarded("t", "o"),
+        InvalidLoginHint(),
+        ConnectSetupError("t", "unknown region"),
+        SignInsBusy("tenant t", 30),
+    ):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc) and str(back) == str(exc)
 
@@ -311,8 +333,7 @@ CAPS = Settings(connect_max_pending=5, connect_max_pending_per_tenant=3)
 
 
 @hypothesis_settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "pop"]), st.sampled_from(["t1", "t2", "t3"]),
-                          st.integers(0, 12))))
+@given(st.lists(st.tuples(st.sampled_from(["add", "pop"]), st.sampled_from(["t1", "t2", "t3"]), st.integers(0, 12))))
 def test_pending_sign_ins_never_exceed_their_caps(ops):
     store, model = PendingSignIns(), {}
     for op, tenant, n in ops:

@@ -16,8 +16,16 @@ from simulators.world import SimUser, World, generate_world
 from simulators.world_calendar import Attendee, Calendars, occurrence_id
 
 READ = ["User.Read", "Calendars.Read"]
-ALL = ["User.Read", "Calendars.ReadWrite", "OnlineMeetings.ReadWrite", "Team.ReadBasic.All", "Channel.ReadBasic.All",
-       "ChannelMessage.Send", "Chat.Create", "ChatMessage.Send"]
+ALL = [
+    "User.Read",
+    "Calendars.ReadWrite",
+    "OnlineMeetings.ReadWrite",
+    "Team.ReadBasic.All",
+    "Channel.ReadBasic.All",
+    "ChannelMessage.Send",
+    "Chat.Create",
+    "ChatMessage.Send",
+]
 BARE = {"@odata.type", "@odata.etag", "id", "seriesMasterId", "type", "start", "end"}
 
 
@@ -78,8 +86,9 @@ def test_calendars_do_not_change_mail_or_crm() -> None:
     again = generate_world(seed=31, tenants=1, users_per_tenant=3, messages_per_user=20, calendars=True, now=plain.now)
     assert plain.calendars is None and again.calendars is not None
     assert plain.crm == again.crm and [u.oid for u in plain.tenants[0].users] == [u.oid for u in again.tenants[0].users]
-    assert {k: [m.id for m in v] for k, v in plain.mailboxes.items()} == \
-        {k: [m.id for m in v] for k, v in again.mailboxes.items()}
+    assert {k: [m.id for m in v] for k, v in plain.mailboxes.items()} == {
+        k: [m.id for m in v] for k, v in again.mailboxes.items()
+    }
 
 
 def test_generated_calendars_are_realistic(world: World, cal: Calendars) -> None:
@@ -118,8 +127,9 @@ def test_oracle_rules(world: World, cal: Calendars) -> None:
                 assert base[key], kind  # contacts / leads are always CRM records
 
 
-def test_window_required_and_capped(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                    user: SimUser, world: World) -> None:
+def test_window_required_and_capped(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     url, h = f"{sim.base_url}/me/calendarView", hdrs(tokens, user)
     start, end = window(world)["startDateTime"], window(world)["endDateTime"]
     for path in ("me/calendarView", "me/calendarView/delta"):
@@ -137,12 +147,13 @@ def test_window_required_and_capped(sim: GraphSimulator, http: httpx.Client, tok
     assert http.get(url, params=ok, headers=h).status_code == 200
 
 
-def test_calendar_view_expands_series_like_the_oracle(sim: GraphSimulator, http: httpx.Client,
-                                                      tokens: TokenAuthority, user: SimUser, world: World,
-                                                      cal: Calendars) -> None:
+def test_calendar_view_expands_series_like_the_oracle(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World, cal: Calendars
+) -> None:
     lo, hi = world.now, world.now + timedelta(days=365)
-    items = list_all(http, f"{sim.base_url}/me/calendarView", hdrs(tokens, user, prefer="odata.maxpagesize=50"),
-                     window(world))
+    items = list_all(
+        http, f"{sim.base_url}/me/calendarView", hdrs(tokens, user, prefer="odata.maxpagesize=50"), window(world)
+    )
     truth = cal.instances(user.oid, lo, hi)
     assert [i["id"] for i in items] == [i.id for i in truth] and len(items) > 200
     assert "seriesMaster" not in {i["type"] for i in items}
@@ -165,21 +176,25 @@ def test_calendar_view_expands_series_like_the_oracle(sim: GraphSimulator, http:
     assert occ["subject"] == master.subject or occ["seriesMasterId"] != master.id
     assert occ["iCalUId"] != cal.event(occ["seriesMasterId"]).ical_uid and occ["attendees"] is not None
     # $select, $top paging, time zone preference
-    resp = http.get(f"{sim.base_url}/me/calendarView", params={**window(world), "$select": "subject,start",
-                                                               "$top": "7"},
-                    headers=hdrs(tokens, user, prefer='outlook.timezone="Pacific Standard Time"'))
+    resp = http.get(
+        f"{sim.base_url}/me/calendarView",
+        params={**window(world), "$select": "subject,start", "$top": "7"},
+        headers=hdrs(tokens, user, prefer='outlook.timezone="Pacific Standard Time"'),
+    )
     page = resp.json()
     assert len(page["value"]) == 7 and set(page["value"][0]) == {"@odata.etag", "id", "subject", "start"}
     assert "$skip=7" in page["@odata.nextLink"] and page["@odata.nextLink"].startswith(sim.base_url)
     assert page["value"][0]["start"]["timeZone"] == "Pacific Standard Time"
     assert 'outlook.timezone="Pacific Standard Time"' in resp.headers["Preference-Applied"]
-    bad = http.get(f"{sim.base_url}/me/calendarView", params={**window(world), "$select": "nope"},
-                   headers=hdrs(tokens, user))
+    bad = http.get(
+        f"{sim.base_url}/me/calendarView", params={**window(world), "$select": "nope"}, headers=hdrs(tokens, user)
+    )
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "RequestBroker--ParseUri"
 
 
-def test_events_by_id(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                      world: World, cal: Calendars) -> None:
+def test_events_by_id(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World, cal: Calendars
+) -> None:
     h = hdrs(tokens, user)
     master = next(e for e in cal.events[user.oid] if e.overrides)
     got = http.get(f"{sim.base_url}/me/events/{master.id}", headers=h).json()
@@ -192,14 +207,15 @@ def test_events_by_id(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuth
         else:
             assert resp.json()["type"] == "exception" and resp.json()["seriesMasterId"] == master.id
     inst = http.get(f"{sim.base_url}/me/events/{master.id}/instances", params=window(world), headers=h).json()
-    assert [i["id"] for i in inst["value"]] == [i.id for i in cal.instances(user.oid, world.now,
-                                                                            world.now + timedelta(days=365))
-                                                if i.event is master]
+    assert [i["id"] for i in inst["value"]] == [
+        i.id for i in cal.instances(user.oid, world.now, world.now + timedelta(days=365)) if i.event is master
+    ]
     assert http.get(f"{sim.base_url}/me/events/AAMkAGnope=", headers=h).status_code == 404
 
 
-def test_delta_baseline_then_exact_changes(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                           world: World, cal: Calendars) -> None:
+def test_delta_baseline_then_exact_changes(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World, cal: Calendars
+) -> None:
     user = world.tenants[0].users[1]
     h = hdrs(tokens, user, prefer="odata.maxpagesize=40")
     url = f"{sim.base_url}/me/calendarView/delta"
@@ -220,8 +236,11 @@ def test_delta_baseline_then_exact_changes(sim: GraphSimulator, http: httpx.Clie
     assert master["type"] == "seriesMaster" and master["attendees"] and master["subject"]
 
     # changes between rounds
-    singles = [e for e in cal.events[user.oid] if not e.recurrence and e.start > lo + timedelta(days=2)
-               and e.end < hi and not e.is_cancelled]
+    singles = [
+        e
+        for e in cal.events[user.oid]
+        if not e.recurrence and e.start > lo + timedelta(days=2) and e.end < hi and not e.is_cancelled
+    ]
     moved, reattended, organized, out = singles[0], singles[1], singles[2], singles[3]
     cal.reschedule(moved.id, moved.start + timedelta(days=1))
     cal.change_attendees(reattended.id, add=[Attendee("New One", "new.one@stranger1.org")])
@@ -242,8 +261,10 @@ def test_delta_baseline_then_exact_changes(sim: GraphSimulator, http: httpx.Clie
     assert len(by_id) == len(changes)
     removed = {i for i, v in by_id.items() if "@removed" in v}
     assert removed == {gone.id, out.id, far.id, standup.id, *standup_ids}
-    assert all(by_id[i] == {"@odata.type": "#microsoft.graph.event", "id": i, "@removed": {"reason": "deleted"}}
-               for i in removed)
+    assert all(
+        by_id[i] == {"@odata.type": "#microsoft.graph.event", "id": i, "@removed": {"reason": "deleted"}}
+        for i in removed
+    )
     call_now = [i for i in cal.instances(user.oid, lo, hi) if i.event is call]
     assert set(by_id) - removed == {moved.id, reattended.id, added.id, call.id, *(i.id for i in call_now)}
     assert by_id[moved.id]["start"] == wire(moved.start)
@@ -261,15 +282,19 @@ def test_delta_baseline_then_exact_changes(sim: GraphSimulator, http: httpx.Clie
     replay, _ = delta_round(http, link, h)  # an old deltaLink replays from its own point
     assert {i["id"] for i in replay} >= removed
     # an attendee's copy of a cancelled meeting stays, as an update with isCancelled
-    copy = next(e for e in cal.events[user.oid] if not e.recurrence and e.organizer.address != user.upn
-                and not e.is_cancelled and lo < e.start < hi)
+    copy = next(
+        e
+        for e in cal.events[user.oid]
+        if not e.recurrence and e.organizer.address != user.upn and not e.is_cancelled and lo < e.start < hi
+    )
     cal.cancel(copy.id)
     (upd,) = [i for i in delta_round(http, link3, h)[0] if i["id"] == copy.id]
     assert upd["isCancelled"] is True and upd["subject"].startswith("Canceled: ")
 
 
-def test_delta_eviction(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                        world: World) -> None:
+def test_delta_eviction(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     h = hdrs(tokens, user, prefer="odata.maxpagesize=10")
     url = f"{sim.base_url}/me/calendarView/delta"
     first = http.get(url, params=window(world, 30), headers=h).json()
@@ -286,10 +311,14 @@ def test_delta_eviction(sim: GraphSimulator, http: httpx.Client, tokens: TokenAu
     assert items
 
 
-def test_series_never_split_across_pages(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                         user: SimUser, world: World) -> None:
-    resp = http.get(f"{sim.base_url}/me/calendarView/delta", params=window(world),
-                    headers=hdrs(tokens, user, prefer="odata.maxpagesize=5"))
+def test_series_never_split_across_pages(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
+    resp = http.get(
+        f"{sim.base_url}/me/calendarView/delta",
+        params=window(world),
+        headers=hdrs(tokens, user, prefer="odata.maxpagesize=5"),
+    )
     page = resp.json()
     masters = {i["id"] for i in page["value"] if i["type"] == "seriesMaster"}
     assert resp.headers["Preference-Applied"] == "odata.maxpagesize=5"
@@ -297,16 +326,23 @@ def test_series_never_split_across_pages(sim: GraphSimulator, http: httpx.Client
     assert all(i["seriesMasterId"] in masters for i in page["value"] if i["type"] == "occurrence")
 
 
-def test_patch_event_and_online_meetings(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                         user: SimUser, world: World, cal: Calendars) -> None:
+def test_patch_event_and_online_meetings(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World, cal: Calendars
+) -> None:
     h = hdrs(tokens, user, ALL)
     ev = next(e for e in cal.events[user.oid] if not e.recurrence and not e.is_online and e.start > world.now)
-    om = http.post(f"{sim.base_url}/me/onlineMeetings", headers=h,
-                   json={"startDateTime": iso(ev.start), "endDateTime": iso(ev.end), "subject": ev.subject})
+    om = http.post(
+        f"{sim.base_url}/me/onlineMeetings",
+        headers=h,
+        json={"startDateTime": iso(ev.start), "endDateTime": iso(ev.end), "subject": ev.subject},
+    )
     assert om.status_code == 201 and om.json()["joinWebUrl"].startswith("https://teams.microsoft.com/l/meetup-join/")
     assert cal.online_meetings[-1]["joinWebUrl"] == om.json()["joinWebUrl"]
-    body = {"body": {"contentType": "html", "content": f"Join: {om.json()['joinWebUrl']} - recorded, consent"},
-            "isOnlineMeeting": True, "onlineMeetingProvider": "teamsForBusiness"}
+    body = {
+        "body": {"contentType": "html", "content": f"Join: {om.json()['joinWebUrl']} - recorded, consent"},
+        "isOnlineMeeting": True,
+        "onlineMeetingProvider": "teamsForBusiness",
+    }
     resp = http.patch(f"{sim.base_url}/me/events/{ev.id}", headers=h, json=body)
     assert resp.status_code == 200, resp.text
     assert resp.json()["isOnlineMeeting"] is True and resp.json()["onlineMeeting"]["joinUrl"]
@@ -319,78 +355,115 @@ def test_patch_event_and_online_meetings(sim: GraphSimulator, http: httpx.Client
     assert http.patch(f"{sim.base_url}/me/events/{ev.id}", headers=ro, json={"subject": "x"}).status_code == 403
 
 
-def test_teams_channels_chats_and_posts(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                        world: World, cal: Calendars) -> None:
+def test_teams_channels_chats_and_posts(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World, cal: Calendars
+) -> None:
     users = world.tenants[0].users
     me, other = users[0], users[-1]
     h = hdrs(tokens, me, ALL)
     teams = http.get(f"{sim.base_url}/me/joinedTeams", headers=h).json()["value"]
     assert {t["displayName"] for t in teams} == {t.display_name for t in cal.teams if me.oid in t.members}
     assert set(teams[0]) == {"id", "displayName", "description"}
-    theirs = {t["id"] for t in http.get(f"{sim.base_url}/me/joinedTeams", headers=hdrs(tokens, other, ALL))
-              .json()["value"]}
+    theirs = {
+        t["id"] for t in http.get(f"{sim.base_url}/me/joinedTeams", headers=hdrs(tokens, other, ALL)).json()["value"]
+    }
     assert theirs < {t["id"] for t in teams}
     team = cal.teams[0]
     chans = http.get(f"{sim.base_url}/teams/{team.id}/channels", headers=h).json()["value"]
     visible = {c.id for c in team.channels if c.members is None or me.oid in c.members}
     assert {c["id"] for c in chans} == visible and {c["membershipType"] for c in chans} >= {"standard", "private"}
     hidden = next(c for c in team.channels if c.id not in visible)
-    private = http.get(f"{sim.base_url}/teams/{team.id}/channels", params={"$filter": "membershipType eq 'private'"},
-                       headers=h).json()["value"]
+    private = http.get(
+        f"{sim.base_url}/teams/{team.id}/channels", params={"$filter": "membershipType eq 'private'"}, headers=h
+    ).json()["value"]
     assert [c["membershipType"] for c in private] == ["private"]
     general = next(c for c in chans if c["displayName"] == "General")
     msg = {"body": {"contentType": "html", "content": "<b>Renewal call</b> with Acme"}}
     resp = http.post(f"{sim.base_url}/teams/{team.id}/channels/{general['id']}/messages", headers=h, json=msg)
-    assert resp.status_code == 201 and resp.json()["channelIdentity"] == {"teamId": team.id,
-                                                                         "channelId": general["id"]}
+    assert resp.status_code == 201 and resp.json()["channelIdentity"] == {"teamId": team.id, "channelId": general["id"]}
     assert cal.posts[-1].channel_id == general["id"] and cal.posts[-1].content == msg["body"]["content"]
-    assert http.post(f"{sim.base_url}/teams/{team.id}/channels/{hidden.id}/messages", headers=h,
-                     json=msg).status_code == 404
-    members = [{"@odata.type": "#microsoft.graph.aadUserConversationMember", "roles": ["owner"],
-                "user@odata.bind": f"https://graph.microsoft.com/v1.0/users('{u}')"} for u in (me.oid, other.upn)]
+    assert (
+        http.post(f"{sim.base_url}/teams/{team.id}/channels/{hidden.id}/messages", headers=h, json=msg).status_code
+        == 404
+    )
+    members = [
+        {
+            "@odata.type": "#microsoft.graph.aadUserConversationMember",
+            "roles": ["owner"],
+            "user@odata.bind": f"https://graph.microsoft.com/v1.0/users('{u}')",
+        }
+        for u in (me.oid, other.upn)
+    ]
     chat = http.post(f"{sim.base_url}/chats", headers=h, json={"chatType": "oneOnOne", "members": members})
     again = http.post(f"{sim.base_url}/chats", headers=h, json={"chatType": "oneOnOne", "members": members})
     assert chat.status_code == again.status_code == 201 and chat.json()["id"] == again.json()["id"]
     resp = http.post(f"{sim.base_url}/chats/{chat.json()['id']}/messages", headers=h, json=msg)
     assert resp.status_code == 201 and resp.json()["chatId"] == chat.json()["id"]
     assert cal.posts[-1].chat_id == chat.json()["id"] and cal.posts[-1].oid == me.oid
-    not_me = [members[1], {**members[1], "user@odata.bind": f"https://graph.microsoft.com/v1.0/users('{users[1].oid}')"}]
-    assert http.post(f"{sim.base_url}/chats", headers=h, json={"chatType": "oneOnOne",
-                                                               "members": not_me}).status_code == 400
+    not_me = [
+        members[1],
+        {**members[1], "user@odata.bind": f"https://graph.microsoft.com/v1.0/users('{users[1].oid}')"},
+    ]
+    assert (
+        http.post(f"{sim.base_url}/chats", headers=h, json={"chatType": "oneOnOne", "members": not_me}).status_code
+        == 400
+    )
 
 
-@pytest.mark.parametrize(("method", "path", "scopes", "code"), [
-    ("GET", "me/calendarView?startDateTime=2026-01-01&endDateTime=2026-02-01", ["Mail.Read"], "ErrorAccessDenied"),
-    ("GET", "me/calendarView/delta?startDateTime=2026-01-01&endDateTime=2026-02-01", ["Mail.Read"],
-     "ErrorAccessDenied"),
-    ("GET", "me/events/x", ["Mail.Read"], "ErrorAccessDenied"),
-    ("PATCH", "me/events/x", ["Calendars.Read"], "ErrorAccessDenied"),
-    ("POST", "me/onlineMeetings", ["Calendars.ReadWrite"], "Forbidden"),
-    ("GET", "me/joinedTeams", ["Channel.ReadBasic.All"], "Forbidden"),
-    ("GET", "teams/x/channels", ["Team.ReadBasic.All"], "Forbidden"),
-    ("POST", "teams/x/channels/y/messages", ["Team.ReadBasic.All", "Channel.ReadBasic.All"], "Forbidden"),
-    ("POST", "chats", ["ChatMessage.Send"], "Forbidden"),
-    ("POST", "chats/x/messages", ["Chat.Create"], "Forbidden"),
-])
-def test_scopes_enforced(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                         method: str, path: str, scopes: list[str], code: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "scopes", "code"),
+    [
+        ("GET", "me/calendarView?startDateTime=2026-01-01&endDateTime=2026-02-01", ["Mail.Read"], "ErrorAccessDenied"),
+        (
+            "GET",
+            "me/calendarView/delta?startDateTime=2026-01-01&endDateTime=2026-02-01",
+            ["Mail.Read"],
+            "ErrorAccessDenied",
+        ),
+        ("GET", "me/events/x", ["Mail.Read"], "ErrorAccessDenied"),
+        ("PATCH", "me/events/x", ["Calendars.Read"], "ErrorAccessDenied"),
+        ("POST", "me/onlineMeetings", ["Calendars.ReadWrite"], "Forbidden"),
+        ("GET", "me/joinedTeams", ["Channel.ReadBasic.All"], "Forbidden"),
+        ("GET", "teams/x/channels", ["Team.ReadBasic.All"], "Forbidden"),
+        ("POST", "teams/x/channels/y/messages", ["Team.ReadBasic.All", "Channel.ReadBasic.All"], "Forbidden"),
+        ("POST", "chats", ["ChatMessage.Send"], "Forbidden"),
+        ("POST", "chats/x/messages", ["Chat.Create"], "Forbidden"),
+    ],
+)
+def test_scopes_enforced(
+    sim: GraphSimulator,
+    http: httpx.Client,
+    tokens: TokenAuthority,
+    user: SimUser,
+    method: str,
+    path: str,
+    scopes: list[str],
+    code: str,
+) -> None:
     resp = http.request(method, f"{sim.base_url}/{path}", headers=hdrs(tokens, user, scopes), json={})
     assert resp.status_code == 403
     assert resp.json()["error"]["code"] == code and resp.headers["request-id"]
 
 
-def test_calendar_requests_share_throttling_faults_and_batch(sim: GraphSimulator, http: httpx.Client,
-                                                             tokens: TokenAuthority, user: SimUser,
-                                                             world: World) -> None:
+def test_calendar_requests_share_throttling_faults_and_batch(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     h = hdrs(tokens, user)
     sim.inject(user.oid, 503, path_contains="calendarView", retry_after="1")
     resp = http.get(f"{sim.base_url}/me/calendarView", params=window(world, 7), headers=h)
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
     assert sim.requests[-1].path.endswith("/calendarView") and sim.requests[-1].status == 503
-    batch = {"requests": [{"id": "1", "method": "GET",
-                           "url": f"/me/calendarView?startDateTime={iso(world.now)}&endDateTime="
-                                  f"{iso(world.now + timedelta(days=7))}"},
-                          {"id": "2", "method": "GET", "url": "/me/calendarView"}]}
+    batch = {
+        "requests": [
+            {
+                "id": "1",
+                "method": "GET",
+                "url": f"/me/calendarView?startDateTime={iso(world.now)}&endDateTime="
+                f"{iso(world.now + timedelta(days=7))}",
+            },
+            {"id": "2", "method": "GET", "url": "/me/calendarView"},
+        ]
+    }
     out = {r["id"]: r for r in http.post(f"{sim.base_url}/$batch", headers=h, json=batch).json()["responses"]}
     assert out["1"]["status"] == 200 and out["2"]["status"] == 400
     assert out["2"]["body"]["error"]["code"] == "ErrorInvalidParameter"

@@ -22,8 +22,7 @@ from tests.product import stand_up
 
 @pytest.fixture
 def product(tmp_path, monkeypatch):
-    world = generate_world(seed=31, users_per_tenant=2, messages_per_user=10, contacts_per_tenant=30,
-                           calendars=True)
+    world = generate_world(seed=31, users_per_tenant=2, messages_per_user=10, contacts_per_tenant=30, calendars=True)
     p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25")
     tid = world.tenants[0].tid
     tenant = load_tenant(p.settings, tid)
@@ -72,8 +71,12 @@ def test_import_equals_the_oracle_and_stores_no_bodies(product):
         assert {"occurrence", "singleInstance"} <= types and "seriesMaster" not in types
         tz = con.execute("SELECT count(*) FROM meetings WHERE start_tz IS NULL OR ical_uid IS NULL").fetchone()[0]
         assert tz == 0
-        columns = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns WHERE "
-                                             "table_name LIKE 'meeting%'").fetchall()}
+        columns = {
+            r[0]
+            for r in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name LIKE 'meeting%'"
+            ).fetchall()
+        }
         assert not any("body" in c for c in columns)
     # Internal meetings only for the user who opted in.
     first = p.world.tenants[0].users[0].oid
@@ -90,15 +93,19 @@ def test_hourly_sync_applies_reschedules_attendee_changes_and_cancellations(prod
     occurrence = next(eid for eid in mine if cal.find(user.oid, eid)[1] is not None)
     master = cal.find(user.oid, occurrence)[0].id
     cal.reschedule(single, datetime.now(UTC).replace(microsecond=0) + timedelta(days=20, hours=3))
-    other_occurrence = next(eid for eid in mine if eid != occurrence and cal.find(user.oid, eid)[1] is not None
-                            and cal.find(user.oid, eid)[0].id == master)
+    other_occurrence = next(
+        eid
+        for eid in mine
+        if eid != occurrence and cal.find(user.oid, eid)[1] is not None and cal.find(user.oid, eid)[0].id == master
+    )
     cal.cancel(other_occurrence)  # one occurrence cancelled: Graph's delta may not even report it
     stranger = cal.add_event(user.oid, kind="stranger")
     crm = p.world.crm[tid]
     contact = crm.contacts[0]
     cal.change_attendees(stranger.id, add=[Attendee("New Contact", contact.email.strip())])
-    cancelled = next(eid for eid in mine if eid not in (single, occurrence, other_occurrence)
-                     and cal.find(user.oid, eid)[1] is None)
+    cancelled = next(
+        eid for eid in mine if eid not in (single, occurrence, other_occurrence) and cal.find(user.oid, eid)[1] is None
+    )
     cal.cancel(cancelled, delete=True)
     counts = sync_all(p)
     truth = expected(p)
@@ -139,10 +146,12 @@ def test_half_an_emoji_in_an_event_subject_is_counted_not_fatal(product):
     p, tid = product, product.world.tenants[0].tid
     user = p.world.tenants[0].users[0]
     truth = expected(p)
-    single = next(eid for (oid, eid) in sorted(truth) if oid == user.oid
-                  and p.world.calendars.find(oid, eid)[1] is None)
-    occurrence = next(eid for (oid, eid) in sorted(truth) if oid == user.oid
-                      and p.world.calendars.find(oid, eid)[1] is not None)
+    single = next(
+        eid for (oid, eid) in sorted(truth) if oid == user.oid and p.world.calendars.find(oid, eid)[1] is None
+    )
+    occurrence = next(
+        eid for (oid, eid) in sorted(truth) if oid == user.oid and p.world.calendars.find(oid, eid)[1] is not None
+    )
     series = p.world.calendars.find(user.oid, occurrence)[0].id
     p.running.graph.lone_surrogate_ids = frozenset({single, series})
     counts = calendar_run_counts(p.settings, tid, user.oid)
@@ -166,8 +175,9 @@ def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product,
     graph = p.running.graph
     graph.endless_next_links = True
     graph.reset_stats()
-    counts = ends_by_itself(lambda: sync_calendar_now(settings, tid, user.oid),
-                            lambda: setattr(graph, "endless_next_links", False))
+    counts = ends_by_itself(
+        lambda: sync_calendar_now(settings, tid, user.oid), lambda: setattr(graph, "endless_next_links", False)
+    )
     assert counts.stopped == "stopped_at_page_limit" and not counts.baseline
     assert sum("calendarView/delta" in r.path for r in graph.requests) == 5
     assert (user.oid, added.id) in stored(p, tid)  # what the cut round read is kept ...
@@ -177,14 +187,14 @@ def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product,
     counts = sync_calendar_now(settings, tid, user.oid)  # ... and the round is replayed from the old deltaLink
     assert counts.stopped is None and not counts.baseline
     with open_store(settings, tid, write=False) as con:
-        assert con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[0] \
-            not in (None, link)
+        assert con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[
+            0
+        ] not in (None, link)
     assert stored(p, tid) == expected(p)
 
 
 def test_a_user_connected_before_calendar_was_enabled_needs_consent(tmp_path, monkeypatch):
-    world = generate_world(seed=32, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=10,
-                           calendars=True)
+    world = generate_world(seed=32, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=10, calendars=True)
     p = stand_up(world, tmp_path, monkeypatch, features=["email"])
     try:
         tid, user = world.tenants[0].tid, world.tenants[0].users[0]
@@ -202,8 +212,7 @@ def test_a_user_connected_before_calendar_was_enabled_needs_consent(tmp_path, mo
 
 
 def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_external_meetings(tmp_path, monkeypatch):
-    world = generate_world(seed=33, users_per_tenant=2, messages_per_user=5, contacts_per_tenant=30,
-                           calendars=True)
+    world = generate_world(seed=33, users_per_tenant=2, messages_per_user=5, contacts_per_tenant=30, calendars=True)
     p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar", "notetaker"], explicit_consent=True)
     try:
         tid, (alice, bob) = world.tenants[0].tid, world.tenants[0].users
@@ -227,8 +236,13 @@ def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_extern
         targets = set()
         for (oid, iid), ids in truth.items():
             ev, inst = cal.find(oid, iid)
-            if oid == alice.oid and ids and not ev.is_online and (ev.organizer.address or "").lower() == \
-                    alice.upn.lower() and (inst.end if inst else ev.end) > now:
+            if (
+                oid == alice.oid
+                and ids
+                and not ev.is_online
+                and (ev.organizer.address or "").lower() == alice.upn.lower()
+                and (inst.end if inst else ev.end) > now
+            ):
                 targets.add(ev.id)
         assert targets, "the generated calendar should have meetings for Explicit Consent Mode"
         counts = sync_calendar_now(p.settings, tid, alice.oid, now=now)
@@ -236,22 +250,21 @@ def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_extern
         writes = list(cal.writes)
         assert {w.event_id for w in writes} == targets and len(writes) == len(targets)
         assert counts.links_added == len(targets)
-        assert all("o365sync-notetaker-consent" in w.fields["body"]["content"] and set(w.fields) == {"body"}
-                   for w in writes)
+        assert all(
+            "o365sync-notetaker-consent" in w.fields["body"]["content"] and set(w.fields) == {"body"} for w in writes
+        )
         assert len(cal.online_meetings) == len(targets)
         # Again (and again after the PATCHes came back through delta): nothing more is written.
         sync_calendar_now(p.settings, tid, alice.oid, now=now)
         sync_calendar_now(p.settings, tid, alice.oid, now=now)
         assert len(cal.writes) == len(targets) and len(cal.online_meetings) == len(targets)
         with open_store(p.settings, tid, write=False) as con:
-            listed = con.execute("SELECT user_oid, event_id FROM notetaker_queue WHERE status = 'to_record'"
-                                 ).fetchall()
+            listed = con.execute("SELECT user_oid, event_id FROM notetaker_queue WHERE status = 'to_record'").fetchall()
             stored_ids = {r[0] for r in con.execute("SELECT event_id FROM meetings").fetchall()}
         want = set()
         for (oid, iid), ids in truth.items():
             ev, inst = cal.find(oid, iid)
-            if oid == alice.oid and ids and (inst.end if inst else ev.end) > now and \
-                    (ev.is_online or ev.id in targets):
+            if oid == alice.oid and ids and (inst.end if inst else ev.end) > now and (ev.is_online or ev.id in targets):
                 want.add((oid, iid))
         assert set(listed) == want and all(e in stored_ids for _o, e in listed)
     finally:
@@ -271,8 +284,7 @@ def test_the_hourly_flow_imports_and_reports_consent_needed(prefect_server, tmp_
     from o365sync.auth import connection_info
     from tests.product import latest_artifact_rows
 
-    world = generate_world(seed=34, users_per_tenant=2, messages_per_user=5, contacts_per_tenant=30,
-                           calendars=True)
+    world = generate_world(seed=34, users_per_tenant=2, messages_per_user=5, contacts_per_tenant=30, calendars=True)
     p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"])
     try:
         tid, (alice, bob) = world.tenants[0].tid, world.tenants[0].users

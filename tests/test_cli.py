@@ -30,8 +30,22 @@ def test_help_lists_the_commands():
         assert command in out
 
 
-SALESFORCE = ["tenant", "add", "--id", TENANT, "--name", "Contoso", "--domain", "Contoso.com", "--domain",
-              "contoso.onmicrosoft.com", "--crm-login-url", "https://sf.example", "--crm-client-id", "cid"]
+SALESFORCE = [
+    "tenant",
+    "add",
+    "--id",
+    TENANT,
+    "--name",
+    "Contoso",
+    "--domain",
+    "Contoso.com",
+    "--domain",
+    "contoso.onmicrosoft.com",
+    "--crm-login-url",
+    "https://sf.example",
+    "--crm-client-id",
+    "cid",
+]
 
 
 def nothing_written(data_dir) -> bool:
@@ -42,8 +56,9 @@ def nothing_written(data_dir) -> bool:
 def test_tenant_add_list_show_never_prints_secrets(how, data_dir):
     secrets = {"O365SYNC_CRM_CLIENT_SECRET": "TOPSECRET-1", "O365SYNC_CRM_REFRESH_TOKEN": "TOPSECRET-2"}
     if how == "stdin":
-        result = runner.invoke(app, [*SALESFORCE, "--crm-secrets-stdin"],
-                               input="".join(f"{k}={v}\n" for k, v in secrets.items()))
+        result = runner.invoke(
+            app, [*SALESFORCE, "--crm-secrets-stdin"], input="".join(f"{k}={v}\n" for k, v in secrets.items())
+        )
     else:
         result = runner.invoke(app, SALESFORCE, env=secrets)
     assert result.exit_code == 0, result.output
@@ -57,11 +72,14 @@ def test_tenant_add_list_show_never_prints_secrets(how, data_dir):
     assert b"TOPSECRET" not in stored
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--id", "../etc", "--domain", "contoso.com"], "tenant id"),
-    (["--id", TENANT, "--domain", "not a domain"], "not a domain name"),
-    (["--id", TENANT, "--domain", "contoso.com", "--feature", "teleport"], "feature"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--id", "../etc", "--domain", "contoso.com"], "tenant id"),
+        (["--id", TENANT, "--domain", "not a domain"], "not a domain name"),
+        (["--id", TENANT, "--domain", "contoso.com", "--feature", "teleport"], "feature"),
+    ],
+)
 def test_tenant_add_rejects_bad_input_clearly(args, message, data_dir):
     result = runner.invoke(app, ["tenant", "add", *args])
     assert result.exit_code == 2
@@ -69,9 +87,14 @@ def test_tenant_add_rejects_bad_input_clearly(args, message, data_dir):
     assert nothing_written(data_dir)
 
 
-@pytest.mark.parametrize("option, variable", [("--crm-client-secret", "O365SYNC_CRM_CLIENT_SECRET"),
-                                              ("--crm-refresh-token", "O365SYNC_CRM_REFRESH_TOKEN"),
-                                              ("--crm-token", "O365SYNC_CRM_TOKEN")])
+@pytest.mark.parametrize(
+    "option, variable",
+    [
+        ("--crm-client-secret", "O365SYNC_CRM_CLIENT_SECRET"),
+        ("--crm-refresh-token", "O365SYNC_CRM_REFRESH_TOKEN"),
+        ("--crm-token", "O365SYNC_CRM_TOKEN"),
+    ],
+)
 @pytest.mark.parametrize("command", ["add", "update"])
 def test_secrets_as_arguments_are_refused_with_the_way_to_pass_them(command, option, variable, data_dir):
     if command == "update":
@@ -90,18 +113,25 @@ def test_secrets_as_arguments_are_refused_with_the_way_to_pass_them(command, opt
         assert nothing_written(data_dir)
 
 
-@pytest.mark.parametrize("args, env, stdin, message", [
-    ([], {"O365SYNC_CRM_CLIENT_SECRET": "s"}, None, "O365SYNC_CRM_REFRESH_TOKEN missing"),
-    ([], {"O365SYNC_CRM_REFRESH_TOKEN": "r"}, None, "O365SYNC_CRM_CLIENT_SECRET missing"),
-    (["--crm-secrets-stdin"], {}, "O365SYNC_CRM_CLIENT_SECRET=s\n", "O365SYNC_CRM_REFRESH_TOKEN missing"),
-    ([], {"O365SYNC_CRM_TOKEN": "t"}, None, "O365SYNC_CRM_TOKEN is not used by a salesforce CRM"),
-    (["--crm", "hubspot"], {"O365SYNC_CRM_CLIENT_SECRET": "s", "O365SYNC_CRM_TOKEN": "t"}, None,
-     "O365SYNC_CRM_CLIENT_SECRET is not used by a hubspot CRM"),
-    (["--crm", "files", "--crm-directory", "/x"], {"O365SYNC_CRM_TOKEN": "t"}, None, "not used by a files CRM"),
-    (["--crm-login-url", "http://sf.example"], {}, None, "must start with https://"),
-    (["--crm-secrets-stdin"], {}, "TOPSECRET\n", "line 1 of standard input is not NAME=value"),
-    (["--crm-secrets-stdin"], {}, "O365SYNC_CRM_PASSWORD=TOPSECRET\n", "line 1 of standard input"),
-])
+@pytest.mark.parametrize(
+    "args, env, stdin, message",
+    [
+        ([], {"O365SYNC_CRM_CLIENT_SECRET": "s"}, None, "O365SYNC_CRM_REFRESH_TOKEN missing"),
+        ([], {"O365SYNC_CRM_REFRESH_TOKEN": "r"}, None, "O365SYNC_CRM_CLIENT_SECRET missing"),
+        (["--crm-secrets-stdin"], {}, "O365SYNC_CRM_CLIENT_SECRET=s\n", "O365SYNC_CRM_REFRESH_TOKEN missing"),
+        ([], {"O365SYNC_CRM_TOKEN": "t"}, None, "O365SYNC_CRM_TOKEN is not used by a salesforce CRM"),
+        (
+            ["--crm", "hubspot"],
+            {"O365SYNC_CRM_CLIENT_SECRET": "s", "O365SYNC_CRM_TOKEN": "t"},
+            None,
+            "O365SYNC_CRM_CLIENT_SECRET is not used by a hubspot CRM",
+        ),
+        (["--crm", "files", "--crm-directory", "/x"], {"O365SYNC_CRM_TOKEN": "t"}, None, "not used by a files CRM"),
+        (["--crm-login-url", "http://sf.example"], {}, None, "must start with https://"),
+        (["--crm-secrets-stdin"], {}, "TOPSECRET\n", "line 1 of standard input is not NAME=value"),
+        (["--crm-secrets-stdin"], {}, "O365SYNC_CRM_PASSWORD=TOPSECRET\n", "line 1 of standard input"),
+    ],
+)
 def test_dropped_or_clear_text_crm_credentials_are_refused(args, env, stdin, message, data_dir):
     result = runner.invoke(app, [*SALESFORCE[:-4], *args], env=env, input=stdin)
     out = plain(result.output)
@@ -111,13 +141,32 @@ def test_dropped_or_clear_text_crm_credentials_are_refused(args, env, stdin, mes
 
 
 def test_tenant_add_creates_only_and_points_to_update(data_dir):
-    assert runner.invoke(app, ["tenant", "add", "--id", TENANT, "--domain", "contoso.com", "--feature", "email",
-                               "--retention-days", "30"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "tenant",
+                "add",
+                "--id",
+                TENANT,
+                "--domain",
+                "contoso.com",
+                "--feature",
+                "email",
+                "--retention-days",
+                "30",
+            ],
+        ).exit_code
+        == 0
+    )
     assert runner.invoke(app, ["tenant", "block", TENANT, "evil.com"]).exit_code == 0
     config = data_dir / "tenants" / TENANT / "tenant.json"
     before = config.read_bytes()
-    again = runner.invoke(app, ["tenant", "add", "--id", TENANT, "--domain", "fabrikam.com"],
-                          env={"O365SYNC_CRM_CLIENT_SECRET": "s", "O365SYNC_CRM_REFRESH_TOKEN": "r"})
+    again = runner.invoke(
+        app,
+        ["tenant", "add", "--id", TENANT, "--domain", "fabrikam.com"],
+        env={"O365SYNC_CRM_CLIENT_SECRET": "s", "O365SYNC_CRM_REFRESH_TOKEN": "r"},
+    )
     out = plain(again.output)
     assert again.exit_code == 2 and len(out.strip().splitlines()) == 1, out
     assert "already registered" in out and f"o365sync tenant update {TENANT}" in out
@@ -128,9 +177,24 @@ def test_tenant_update_changes_only_the_options_given(data_dir):
     from o365sync.settings import load_settings
     from o365sync.tenants import load_crm_secrets, load_tenant
 
-    assert runner.invoke(app, [*SALESFORCE, "--feature", "email", "--feature", "teams", "--retention-days", "30",
-                               "--offboarding", "retain"],
-                         env={"O365SYNC_CRM_CLIENT_SECRET": "s", "O365SYNC_CRM_REFRESH_TOKEN": "r"}).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                *SALESFORCE,
+                "--feature",
+                "email",
+                "--feature",
+                "teams",
+                "--retention-days",
+                "30",
+                "--offboarding",
+                "retain",
+            ],
+            env={"O365SYNC_CRM_CLIENT_SECRET": "s", "O365SYNC_CRM_REFRESH_TOKEN": "r"},
+        ).exit_code
+        == 0
+    )
     assert runner.invoke(app, ["tenant", "block", TENANT, "evil.com"]).exit_code == 0
     settings = load_settings()
     before = load_tenant(settings, TENANT)
@@ -138,13 +202,25 @@ def test_tenant_update_changes_only_the_options_given(data_dir):
     assert result.exit_code == 0, result.output
     after = load_tenant(settings, TENANT)
     assert after.name == "Contoso Ltd" and after.notetaker_explicit_consent
-    assert after.model_dump(exclude={"name", "notetaker_explicit_consent"}) == \
-        before.model_dump(exclude={"name", "notetaker_explicit_consent"})
+    assert after.model_dump(exclude={"name", "notetaker_explicit_consent"}) == before.model_dump(
+        exclude={"name", "notetaker_explicit_consent"}
+    )
     assert load_crm_secrets(settings, TENANT) == {"client_secret": "s", "refresh_token": "r"}
 
-    result = runner.invoke(app, ["tenant", "update", TENANT, "--crm", "hubspot", "--crm-login-url",
-                                 "https://api.hubspot.example", "--crm-secrets-stdin"],
-                           input="O365SYNC_CRM_TOKEN=pat-1\n")
+    result = runner.invoke(
+        app,
+        [
+            "tenant",
+            "update",
+            TENANT,
+            "--crm",
+            "hubspot",
+            "--crm-login-url",
+            "https://api.hubspot.example",
+            "--crm-secrets-stdin",
+        ],
+        input="O365SYNC_CRM_TOKEN=pat-1\n",
+    )
     assert result.exit_code == 0, result.output
     assert load_crm_secrets(settings, TENANT) == {"access_token": "pat-1"}
     assert load_tenant(settings, TENANT).blocklist == ["evil.com"]
@@ -207,12 +283,15 @@ def test_blocklist_entries_are_validated_and_stored(data_dir):
     assert t.blocklist == ["bob@spam.io"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["user", "set", TENANT, "0f3e8a52-9d2c-4b7e-8f1a-2c3d4e5f6a7b", "--no-calendar"], "nothing matched"),
-    (["tenant", "block", TENANT, "x.org", "--user", "0f3e8a52-9d2c-4b7e-8f1a-2c3d4e5f6a7b"], "nothing matched"),
-    (["tenant", "block", TENANT, "x.org", "--user", "x y"], "is not a user object id"),
-    (["user", "set", TENANT, "../../etc", "--no-calendar"], "is not a user object id"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["user", "set", TENANT, "0f3e8a52-9d2c-4b7e-8f1a-2c3d4e5f6a7b", "--no-calendar"], "nothing matched"),
+        (["tenant", "block", TENANT, "x.org", "--user", "0f3e8a52-9d2c-4b7e-8f1a-2c3d4e5f6a7b"], "nothing matched"),
+        (["tenant", "block", TENANT, "x.org", "--user", "x y"], "is not a user object id"),
+        (["user", "set", TENANT, "../../etc", "--no-calendar"], "is not a user object id"),
+    ],
+)
 def test_settings_of_a_user_who_never_connected_are_refused(args, message, data_dir):
     runner.invoke(app, ["tenant", "add", "--id", TENANT, "--domain", "contoso.com"])
     before = (data_dir / "tenants" / TENANT / "tenant.json").read_bytes()

@@ -41,53 +41,93 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
         "serve": [([], {"O365SYNC_DATA_DIR": "{EMPTY}"})],
         "import": [(["--tenant", "nosuch"], {}), (["--tenant", FILES_TENANT], {}), (["--tenant", "../x"], {})],
         "status": [(["--tenant", "nosuch"], {}), ([], {"O365SYNC_DATA_DIR": "{FILE}"})],
-        "export": [(["--tenant", "nosuch"], {}), (["--tenant", "{T}", "--out", BAD_PATH], {}),
-                   (["--tenant", "{T}", "--out", "{FILE}"], {}),
-                   (["--tenant", "{T}", "--view", "secrets"], {})],
-        "sql": [(["--tenant", "nosuch", "SELECT 1"], {}), (["SELECT 1"], {}),
-                (["--tenant", "{T}", "SELEC kind FROM activities"], {}),
-                (["--tenant", "{T}", "DELETE FROM emails"], {}),
-                (["--tenant", "{T}", "CREATE TABLE leak AS SELECT * FROM emails"], {}),
-                (["--tenant", "{T}", f"COPY (SELECT * FROM emails) TO '{BAD_PATH}.csv'"], {}),
-                (["--tenant", "{T}", "ATTACH '/tmp/o365sync-sql-attach.duckdb' AS x"], {}),
-                (["--tenant", FILES_TENANT, "SELECT 1"], {})],
-        "conversation export": [(["--tenant", "nosuch", "--id", "x"], {}), (["--tenant", "{T}", "--id", "typo"], {}),
-                                (["--tenant", "{T}", "--message", "typo"], {}),
-                                (["--tenant", FILES_TENANT, "--id", "x"], {})],
-        "conversation delete": [(["--tenant", "{T}", "--id", "typo"], {}),
-                                (["--tenant", "{T}", "--id", "{CONV}", "--id", "typo"], {}),
-                                (["--tenant", "{T}", "--id", "{CONV}", "--user", "nobody"], {}),
-                                (["--tenant", "{T}", "--message", "typo"], {}),
-                                (["--tenant", "nosuch", "--id", "x"], {}), (["--tenant", "{T}"], {}),
-                                (["--tenant", FILES_TENANT, "--id", "x"], {})],
-        "meeting export": [(["--tenant", "{T}", "--event", "typo"], {}), (["--tenant", "{T}", "--series", "typo"], {}),
-                           (["--tenant", "nosuch", "--event", "x"], {})],
-        "meeting delete": [(["--tenant", "{T}", "--event", "typo"], {}), (["--tenant", "{T}", "--series", "typo"], {}),
-                           (["--tenant", "nosuch", "--event", "x"], {})],
+        "export": [
+            (["--tenant", "nosuch"], {}),
+            (["--tenant", "{T}", "--out", BAD_PATH], {}),
+            (["--tenant", "{T}", "--out", "{FILE}"], {}),
+            (["--tenant", "{T}", "--view", "secrets"], {}),
+        ],
+        "sql": [
+            (["--tenant", "nosuch", "SELECT 1"], {}),
+            (["SELECT 1"], {}),
+            (["--tenant", "{T}", "SELEC kind FROM activities"], {}),
+            (["--tenant", "{T}", "DELETE FROM emails"], {}),
+            (["--tenant", "{T}", "CREATE TABLE leak AS SELECT * FROM emails"], {}),
+            (["--tenant", "{T}", f"COPY (SELECT * FROM emails) TO '{BAD_PATH}.csv'"], {}),
+            (["--tenant", "{T}", "ATTACH '/tmp/o365sync-sql-attach.duckdb' AS x"], {}),
+            (["--tenant", FILES_TENANT, "SELECT 1"], {}),
+        ],
+        "conversation export": [
+            (["--tenant", "nosuch", "--id", "x"], {}),
+            (["--tenant", "{T}", "--id", "typo"], {}),
+            (["--tenant", "{T}", "--message", "typo"], {}),
+            (["--tenant", FILES_TENANT, "--id", "x"], {}),
+        ],
+        "conversation delete": [
+            (["--tenant", "{T}", "--id", "typo"], {}),
+            (["--tenant", "{T}", "--id", "{CONV}", "--id", "typo"], {}),
+            (["--tenant", "{T}", "--id", "{CONV}", "--user", "nobody"], {}),
+            (["--tenant", "{T}", "--message", "typo"], {}),
+            (["--tenant", "nosuch", "--id", "x"], {}),
+            (["--tenant", "{T}"], {}),
+            (["--tenant", FILES_TENANT, "--id", "x"], {}),
+        ],
+        "meeting export": [
+            (["--tenant", "{T}", "--event", "typo"], {}),
+            (["--tenant", "{T}", "--series", "typo"], {}),
+            (["--tenant", "nosuch", "--event", "x"], {}),
+        ],
+        "meeting delete": [
+            (["--tenant", "{T}", "--event", "typo"], {}),
+            (["--tenant", "{T}", "--series", "typo"], {}),
+            (["--tenant", "nosuch", "--event", "x"], {}),
+        ],
         "retention run": [(["--tenant", "nosuch"], {})],
-        "offboard user": [(["--tenant", "{T}", "../../../tmp/x"], {}), (["--tenant", "{T}", "nobody"], {}),
-                          (["--tenant", "nosuch", "{U}"], {})],
+        "offboard user": [
+            (["--tenant", "{T}", "../../../tmp/x"], {}),
+            (["--tenant", "{T}", "nobody"], {}),
+            (["--tenant", "nosuch", "{U}"], {}),
+        ],
         "offboard tenant": [(["--tenant", "nosuch", "--yes"], {}), (["--tenant", "{T}"], {})],
         "offboard status": [(["--tenant", "nosuch"], {})],
-        "teams channels": [(["--tenant", "nosuch"], {}), (["--tenant", "{T}", "--user", "nobody"], {}),
-                           (["--tenant", "{T}", "--user", "../x", "--refresh"], {}),
-                           (["--tenant", FILES_TENANT], {})],
-        "teams share": [(["--tenant", "{T}", "--user", "nobody", "--meeting", "m", "--member", "{U}"], {}),
-                        (["--tenant", "{T}", "--user", "{U}", "--meeting", "typo", "--member", "{U2}"], {}),
-                        (["--tenant", "{T}", "--user", "{U}", "--email", "typo", "--team", "t", "--channel", "c"], {}),
-                        (["--tenant", "nosuch", "--user", "{U}", "--meeting", "m", "--member", "{U2}"], {})],
-        "tenant add": [(["--id", "{T}", "--domain", "example.org"], {}),
-                       (["--id", "new-tenant", "--domain", "example.org", "--crm-token", "secret"], {}),
-                       (["--id", "new-tenant", "--domain", "example.org", "--crm-login-url", "http://sf.example"], {}),
-                       (["--id", "new-tenant", "--domain", "example.org"],
-                        {"O365SYNC_CRM_CLIENT_SECRET": "only-half-of-the-salesforce-secrets"})],
-        "tenant update": [(["nosuch", "--name", "x"], {}), (["{T}", "--crm-login-url", "http://sf.example"], {}),
-                          (["{T}", "--domain", "not a domain"], {})],
-        "tenant resync": [(["nosuch"], {}), (["{T}", "--user", "nobody"], {}), (["{T}", "--user", "../x"], {}),
-                          (["{T}", "--feature", "teams"], {})],
+        "teams channels": [
+            (["--tenant", "nosuch"], {}),
+            (["--tenant", "{T}", "--user", "nobody"], {}),
+            (["--tenant", "{T}", "--user", "../x", "--refresh"], {}),
+            (["--tenant", FILES_TENANT], {}),
+        ],
+        "teams share": [
+            (["--tenant", "{T}", "--user", "nobody", "--meeting", "m", "--member", "{U}"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--meeting", "typo", "--member", "{U2}"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--email", "typo", "--team", "t", "--channel", "c"], {}),
+            (["--tenant", "nosuch", "--user", "{U}", "--meeting", "m", "--member", "{U2}"], {}),
+        ],
+        "tenant add": [
+            (["--id", "{T}", "--domain", "example.org"], {}),
+            (["--id", "new-tenant", "--domain", "example.org", "--crm-token", "secret"], {}),
+            (["--id", "new-tenant", "--domain", "example.org", "--crm-login-url", "http://sf.example"], {}),
+            (
+                ["--id", "new-tenant", "--domain", "example.org"],
+                {"O365SYNC_CRM_CLIENT_SECRET": "only-half-of-the-salesforce-secrets"},
+            ),
+        ],
+        "tenant update": [
+            (["nosuch", "--name", "x"], {}),
+            (["{T}", "--crm-login-url", "http://sf.example"], {}),
+            (["{T}", "--domain", "not a domain"], {}),
+        ],
+        "tenant resync": [
+            (["nosuch"], {}),
+            (["{T}", "--user", "nobody"], {}),
+            (["{T}", "--user", "../x"], {}),
+            (["{T}", "--feature", "teams"], {}),
+        ],
         "crm confirm-drop": [(["--tenant", "nosuch"], {}), (["--tenant", "{T}"], {})],
-        "offboard readmit": [(["--tenant", "{T}", "{U}"], {}), (["--tenant", "{T}", "../x"], {}),
-                             (["--tenant", "nosuch", "{U}"], {})],
+        "offboard readmit": [
+            (["--tenant", "{T}", "{U}"], {}),
+            (["--tenant", "{T}", "../x"], {}),
+            (["--tenant", "nosuch", "{U}"], {}),
+        ],
         "tenant list": [([], {"O365SYNC_DATA_DIR": "{FILE}"})],
         "tenant show": [(["nosuch"], {})],
         "tenant move": [(["nosuch", "--region", "eu"], {})],
@@ -103,8 +143,7 @@ def command_paths(command, prefix: str = "") -> list[str]:  # noqa: ANN001
     subcommands = getattr(command, "commands", None)
     if not subcommands:
         return [prefix]
-    return [p for name, sub in sorted(subcommands.items())
-            for p in command_paths(sub, f"{prefix} {name}".strip())]
+    return [p for name, sub in sorted(subcommands.items()) for p in command_paths(sub, f"{prefix} {name}".strip())]
 
 
 def test_every_command_has_a_row():
@@ -115,8 +154,9 @@ def test_every_command_has_a_row():
 def tree_digest(root: Path) -> dict[str, str]:
     """Every path under `root` (or `root` itself, a file) -> the digest of its bytes ("dir" for a folder)."""
     paths = [root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in paths}
+    return {
+        str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() for p in paths
+    }
 
 
 def plain(text: str) -> str:
@@ -136,18 +176,28 @@ def world_dir(prefect_server, tmp_path_factory):  # noqa: ARG001 - the import fl
         try:
             tenant = world.tenants[0]
             initial_import(tenant.tid)
-            save_tenant(product.settings, TenantConfig(id=FILES_TENANT, domains=["example.org"], crm_kind="files",
-                                                       crm=CrmConnection()))
+            save_tenant(
+                product.settings,
+                TenantConfig(id=FILES_TENANT, domains=["example.org"], crm_kind="files", crm=CrmConnection()),
+            )
             from o365sync.store import open_store
 
             with open_store(product.settings, tenant.tid, write=False) as con:
-                conv = con.execute("SELECT conversation_id FROM emails WHERE conversation_id IS NOT NULL LIMIT 1"
-                                   ).fetchone()[0]
+                conv = con.execute(
+                    "SELECT conversation_id FROM emails WHERE conversation_id IS NOT NULL LIMIT 1"
+                ).fetchone()[0]
             (tmp / "a-file").write_text("not a folder\n")
             (tmp / "empty").mkdir()
-            yield {"dir": product.settings.data_dir, "env": dict(os.environ), "T": tenant.tid,
-                   "U": tenant.users[0].oid, "U2": tenant.users[1].oid, "CONV": conv, "FILE": str(tmp / "a-file"),
-                   "EMPTY": str(tmp / "empty")}
+            yield {
+                "dir": product.settings.data_dir,
+                "env": dict(os.environ),
+                "T": tenant.tid,
+                "U": tenant.users[0].oid,
+                "U2": tenant.users[1].oid,
+                "CONV": conv,
+                "FILE": str(tmp / "a-file"),
+                "EMPTY": str(tmp / "empty"),
+            }
         finally:
             product.running.stop()
 
@@ -156,8 +206,11 @@ def _fill(value: str, w: dict) -> str:
     return re.sub(r"\{([A-Z0-9]+)\}", lambda m: w[m.group(1)], value)
 
 
-@pytest.mark.parametrize("path, args, env", [(p, a, e) for p, rows in CASES.items() for a, e in rows],
-                         ids=lambda v: " ".join(v) if isinstance(v, list) else v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "path, args, env",
+    [(p, a, e) for p, rows in CASES.items() for a, e in rows],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v if isinstance(v, str) else "",
+)
 def test_bad_input_is_one_line_and_changes_nothing(world_dir, path, args, env):
     if path in PENDING_ELSEWHERE:
         pytest.skip(PENDING_ELSEWHERE[path])
@@ -207,8 +260,9 @@ def test_a_typo_in_a_conversation_delete_leaves_no_tombstone(world_dir):
     from o365sync.store import open_store
 
     w = world_dir
-    result = CliRunner().invoke(app, ["conversation", "delete", "--tenant", w["T"], "--id", "typo"],
-                                env={**w["env"], "COLUMNS": "80"})
+    result = CliRunner().invoke(
+        app, ["conversation", "delete", "--tenant", w["T"], "--id", "typo"], env={**w["env"], "COLUMNS": "80"}
+    )
     assert result.exit_code == 1 and "nothing matched" in plain(result.output)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in w["env"].items():

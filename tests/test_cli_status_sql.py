@@ -68,8 +68,11 @@ def test_status_json_has_stable_keys_and_totals_since_connect(imported):
     assert set(report) == {"generated_at", "tenants"}
     (t,) = report["tenants"]
     assert set(t) == {"id", "name", "crm", "users"} and t["id"] == tenant.tid
-    assert set(t["crm"]) == {"kind", "state", "last_refresh_at", "mode", "last_success_at", "last_full_read_at",
-                             "last_error"} and t["crm"]["state"] == "ok"
+    assert (
+        set(t["crm"])
+        == {"kind", "state", "last_refresh_at", "mode", "last_success_at", "last_full_read_at", "last_error"}
+        and t["crm"]["state"] == "ok"
+    )
     assert {u["oid"] for u in t["users"]} == {u.oid for u in tenant.users}
     from o365sync.store import open_store
 
@@ -79,8 +82,17 @@ def test_status_json_has_stable_keys_and_totals_since_connect(imported):
         assert set(u) == {"oid", "upn", "display_name", "connection", "offboarding", "features"}
         assert u["connection"] == "connected" and u["display_name"]
         email = u["features"]["email"]
-        assert set(email) == {"stage", "last_run_at", "last_success_at", "lag_seconds", "consecutive_failures",
-                              "next_retry_at", "last_error", "last_run", "total"}
+        assert set(email) == {
+            "stage",
+            "last_run_at",
+            "last_success_at",
+            "lag_seconds",
+            "consecutive_failures",
+            "next_retry_at",
+            "last_error",
+            "last_run",
+            "total",
+        }
         assert email["stage"] == "idle"
         assert email["last_run"]["imported"] == 0  # the second, quiet run
         assert email["total"]["imported"] == stored.get(u["oid"], 0) > 0  # what the first run imported
@@ -135,9 +147,14 @@ def test_sql_is_read_only(imported):
     tid = product.world.tenants[0].tid
     snap = snapshot_path(product.settings, tid)
     before = snap.read_bytes()
-    for statement in ("DELETE FROM emails", "DROP VIEW activities", "UPDATE emails SET subject = 'x'",
-                      f"COPY (SELECT subject FROM emails) TO '{snap.parent}/leak.csv'", "INSTALL httpfs",
-                      "SET enable_external_access = true"):
+    for statement in (
+        "DELETE FROM emails",
+        "DROP VIEW activities",
+        "UPDATE emails SET subject = 'x'",
+        f"COPY (SELECT subject FROM emails) TO '{snap.parent}/leak.csv'",
+        "INSTALL httpfs",
+        "SET enable_external_access = true",
+    ):
         result = run(env, "sql", "--tenant", tid, statement)
         out = plain(result.output).strip()
         assert result.exit_code != 0 and "\n" not in out and "Traceback" not in out, out
@@ -161,9 +178,9 @@ def test_simulate_starts_the_demo_world_and_prints_a_complete_tenant_add(tmp_pat
     secret, refresh = sf.client_secret, sf.refresh_token_for(world.tenants[0].tid)
     (add,) = [line for line in lines if "o365sync tenant add" in line]
     words = shlex.split(add)
-    assignments = dict(w.split("=", 1) for w in words[:words.index("o365sync")])
+    assignments = dict(w.split("=", 1) for w in words[: words.index("o365sync")])
     assert assignments == {"O365SYNC_CRM_CLIENT_SECRET": secret, "O365SYNC_CRM_REFRESH_TOKEN": refresh}
-    options = words[words.index("o365sync"):]
+    options = words[words.index("o365sync") :]
     assert secret not in options and refresh not in options
     assert not [o for o in options if o in ("--crm-client-secret", "--crm-refresh-token", "--crm-token")]
     assert [options[i + 1] for i, o in enumerate(options) if o == "--feature"] == DEMO_FEATURES
@@ -182,13 +199,21 @@ def test_a_failed_import_ends_in_one_line_and_prefect_prints_no_traceback(import
     product, env = imported
     tenant = product.world.tenants[0]
     product.running.graph.inject(tenant.users[0].oid, 400, count=1, code="ErrorInvalidRequest")  # next request
-    done = subprocess.run([sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid],
-                          env={**env, "COLUMNS": "80"}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid],
+        env={**env, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     printed = plain(done.stdout + done.stderr)
     assert done.returncode == 1, printed
     assert "Traceback" not in printed and "Encountered exception" in printed  # Prefect's line, without traceback
-    assert re.fullmatch(rf"error: 1 of \d+ user syncs failed in tenant {tenant.tid}; who and why: o365sync status "
-                        rf"--tenant {tenant.tid}", plain(done.stderr).strip().splitlines()[-1]), printed
+    assert re.fullmatch(
+        rf"error: 1 of \d+ user syncs failed in tenant {tenant.tid}; who and why: o365sync status "
+        rf"--tenant {tenant.tid}",
+        plain(done.stderr).strip().splitlines()[-1],
+    ), printed
 
 
 def test_totals_since_connect_carry_on_from_a_store_written_before_they_existed(tmp_path, monkeypatch):
@@ -204,12 +229,16 @@ def test_totals_since_connect_carry_on_from_a_store_written_before_they_existed(
     path = store_path(settings, "t1")
     path.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.connect(str(path)) as con:  # sync_state as the store of commit 518385b created it
-        con.execute("CREATE TABLE sync_state (tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, stage VARCHAR "
-                    "NOT NULL, last_run_at TIMESTAMPTZ, last_success_at TIMESTAMPTZ, last_error VARCHAR, "
-                    "consecutive_failures INTEGER NOT NULL DEFAULT 0, scanned BIGINT, matched BIGINT, imported BIGINT, "
-                    "discarded BIGINT, next_retry_at TIMESTAMPTZ, excluded VARCHAR, feature VARCHAR DEFAULT 'email')")
-        con.execute("INSERT INTO sync_state (tenant_id, user_oid, stage, scanned, matched, imported, discarded) "
-                    "VALUES ('t1', 'u1', 'idle', 5, 2, 2, 3)")
+        con.execute(
+            "CREATE TABLE sync_state (tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, stage VARCHAR "
+            "NOT NULL, last_run_at TIMESTAMPTZ, last_success_at TIMESTAMPTZ, last_error VARCHAR, "
+            "consecutive_failures INTEGER NOT NULL DEFAULT 0, scanned BIGINT, matched BIGINT, imported BIGINT, "
+            "discarded BIGINT, next_retry_at TIMESTAMPTZ, excluded VARCHAR, feature VARCHAR DEFAULT 'email')"
+        )
+        con.execute(
+            "INSERT INTO sync_state (tenant_id, user_oid, stage, scanned, matched, imported, discarded) "
+            "VALUES ('t1', 'u1', 'idle', 5, 2, 2, 3)"
+        )
     with open_store(settings, "t1", write=False) as con:
         (old,) = read_sync_states(con, "t1")
     assert old["imported"] == 2 and old["total_imported"] is None

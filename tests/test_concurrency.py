@@ -62,8 +62,14 @@ def read_line(proc: subprocess.Popen, prefix: str) -> list[str]:
 def spawn(args: list[str], err: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A Python child with pipes for stdin/stdout (text) and its stderr in a file (a full pipe would block it)."""
     with open(err, "w") as stderr:  # the child keeps its own copy
-        proc = subprocess.Popen([sys.executable, "-c", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=stderr, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
     proc.err_path = err
     return proc
 
@@ -119,8 +125,9 @@ def test_two_syncs_of_one_tenant_queue_and_both_complete(prefect_server, product
     world, settings = product.world, product.settings
     tenant = world.tenants[0]
     env = child_env()
-    children = [spawn([SYNC, flow, tenant.tid], tmp_path / f"{flow}.err", env)
-                for flow in ("initial-import", "email-sync")]
+    children = [
+        spawn([SYNC, flow, tenant.tid], tmp_path / f"{flow}.err", env) for flow in ("initial-import", "email-sync")
+    ]
     try:
         for child in children:
             read_line(child, "ready")
@@ -144,8 +151,7 @@ def test_two_syncs_of_one_tenant_queue_and_both_complete(prefect_server, product
     assert sorted(t["imported"] for t in totals) == [0, len(expected)]
     assert stored_matches(settings, tenant.tid) == expected
     with open_store(settings, tenant.tid, write=False) as con:
-        rows, distinct = con.execute("SELECT count(*), count(DISTINCT (user_oid, graph_id)) FROM emails"
-                                     ).fetchall()[0]
+        rows, distinct = con.execute("SELECT count(*), count(DISTINCT (user_oid, graph_id)) FROM emails").fetchall()[0]
         states = con.execute("SELECT DISTINCT stage FROM sync_state").fetchall()
     assert rows == distinct == len(expected)
     assert states == [("idle",)]

@@ -25,31 +25,55 @@ BIG = 200_000  # over the csv module's 131,072-character field limit
 OPP = "crm_id,account_id,created_at\n"
 
 MALFORMED = [
-    ({"people.csv": f"crm_id,email,notes\nP1,a@acme.com,{'x' * BIG}\nP2,not-an-address,x\n"},
-     "people.csv line 3: email is not an address"),
-    ({"people.csv": f"crm_id,email,notes\nP1,a@acme.com,\"{'x' * BIG}\"\nP2,b@acme.com,x,extra\n"},
-     "people.csv line 3: more fields than the header has"),
-    ({"opportunities.csv": f"{OPP}O1,A1,{'2' * BIG}\n"}, "opportunities.csv line 2: created_at is not an ISO-8601 "
-                                                         "date-time"),
-    ({"opportunities.csv": f"{OPP}O1,A1,2024-01-01\nO2,A1,0001-01-01T00:00:00+01:00\n"},
-     "opportunities.csv line 3: created_at is before 1900 or after 2099; use the real creation date"),
-    ({"opportunities.csv": f"{OPP}O1,A1,9999-12-31T23:00:00-05:00\n"},
-     "opportunities.csv line 2: created_at is before 1900 or after 2099; use the real creation date"),
-    ({"people.csv": f"crm_id,email\n{'P' * 300},a@acme.com\n"},
-     "people.csv line 2: crm_id is longer than 255 characters (a quote left open?)"),
-    ({"people.csv": f"crm_id,email\nP1,{'a' * 250}@acme.com\n"},
-     "people.csv line 2: email is not an address (longer than 254 characters)"),
+    (
+        {"people.csv": f"crm_id,email,notes\nP1,a@acme.com,{'x' * BIG}\nP2,not-an-address,x\n"},
+        "people.csv line 3: email is not an address",
+    ),
+    (
+        {"people.csv": f'crm_id,email,notes\nP1,a@acme.com,"{"x" * BIG}"\nP2,b@acme.com,x,extra\n'},
+        "people.csv line 3: more fields than the header has",
+    ),
+    (
+        {"opportunities.csv": f"{OPP}O1,A1,{'2' * BIG}\n"},
+        "opportunities.csv line 2: created_at is not an ISO-8601 date-time",
+    ),
+    (
+        {"opportunities.csv": f"{OPP}O1,A1,2024-01-01\nO2,A1,0001-01-01T00:00:00+01:00\n"},
+        "opportunities.csv line 3: created_at is before 1900 or after 2099; use the real creation date",
+    ),
+    (
+        {"opportunities.csv": f"{OPP}O1,A1,9999-12-31T23:00:00-05:00\n"},
+        "opportunities.csv line 2: created_at is before 1900 or after 2099; use the real creation date",
+    ),
+    (
+        {"people.csv": f"crm_id,email\n{'P' * 300},a@acme.com\n"},
+        "people.csv line 2: crm_id is longer than 255 characters (a quote left open?)",
+    ),
+    (
+        {"people.csv": f"crm_id,email\nP1,{'a' * 250}@acme.com\n"},
+        "people.csv line 2: email is not an address (longer than 254 characters)",
+    ),
     ({"people.csv": "crm_id,email\nP1,a@acme.com\x00\n"}, "people.csv line 2: email is not an address"),
     ({"accounts.csv": f"crm_id,domain\nA1,{'a' * 70}.com\n"}, "accounts.csv line 2: domain is not a domain name"),
     ({"people.csv": PEOPLE.encode("utf-16")}, "people.csv: UTF-16 text; save it as CSV UTF-8"),
-    ({"people.csv": "crm_id,email,name\nP1,a@acme.com,José\n".encode("latin-1")},
-     "people.csv line 2: not UTF-8 text; save it as CSV UTF-8"),
-    ({"people.csv": PEOPLE.replace("\n", "\r")},
-     "people.csv: lines end in CR only; save it with LF or CRLF line endings"),
+    (
+        {"people.csv": "crm_id,email,name\nP1,a@acme.com,José\n".encode("latin-1")},
+        "people.csv line 2: not UTF-8 text; save it as CSV UTF-8",
+    ),
+    (
+        {"people.csv": PEOPLE.replace("\n", "\r")},
+        "people.csv: lines end in CR only; save it with LF or CRLF line endings",
+    ),
     ({"people.csv": "crm_id,mail\nP1,a@acme.com\n"}, "people.csv: missing required column email"),
-    ({"opportunities.parquet": pl.DataFrame({"crm_id": ["O1"], "created_at": [datetime(1, 1, 1)]}, schema={
-        "crm_id": pl.String, "created_at": pl.Datetime("us", "Europe/Paris")})},
-     "opportunities.parquet row 1: created_at is before 1900 or after 2099; use the real creation date"),
+    (
+        {
+            "opportunities.parquet": pl.DataFrame(
+                {"crm_id": ["O1"], "created_at": [datetime(1, 1, 1)]},
+                schema={"crm_id": pl.String, "created_at": pl.Datetime("us", "Europe/Paris")},
+            )
+        },
+        "opportunities.parquet row 1: created_at is before 1900 or after 2099; use the real creation date",
+    ),
 ]
 
 
@@ -60,8 +84,12 @@ def files_tenant(tmp_path: Path) -> tuple[Settings, Path]:
     crm_dir.mkdir()
     (crm_dir / "people.csv").write_text(PEOPLE)
     (crm_dir / "accounts.csv").write_text(ACCOUNTS)
-    save_tenant(settings, TenantConfig(id="t1", name="T", domains=["contoso.com"], crm_kind="files",
-                                       crm=CrmConnection(directory=str(crm_dir))))
+    save_tenant(
+        settings,
+        TenantConfig(
+            id="t1", name="T", domains=["contoso.com"], crm_kind="files", crm=CrmConnection(directory=str(crm_dir))
+        ),
+    )
     assert refresh_crm_snapshot(settings, "t1")["people"] == 2
     return settings, crm_dir
 
@@ -93,8 +121,11 @@ def test_a_malformed_file_is_a_clear_error_in_the_crm_state_and_the_snapshot_sta
 
 def test_long_names_are_cut_and_long_unknown_columns_read(files_tenant):
     settings, crm_dir = files_tenant
-    write(crm_dir, "people.csv", f"crm_id,email,name,notes\nP1,jane@acme.com,{'N' * BIG},\"{'x,' * BIG}\"\n"
-                                 "P2,joe@acme.com,Joe,\n")
+    write(
+        crm_dir,
+        "people.csv",
+        f'crm_id,email,name,notes\nP1,jane@acme.com,{"N" * BIG},"{"x," * BIG}"\nP2,joe@acme.com,Joe,\n',
+    )
     assert refresh_crm_snapshot(settings, "t1")["people"] == 2
     with open_store(settings, "t1", write=False) as con:
         state = read_crm_state(con)
@@ -118,22 +149,25 @@ def test_odd_records_from_an_api_crm_are_stored_adjusted_and_counted(tmp_path, m
         else:
             pd = p.running.pipedrive
             odd_deal = str(pd.create(tid, "deals", title="Migrated", add_time="0001-01-01T00:00:00+01:00"))
-            pd.create(tid, "persons", name="N" * 5_000,
-                      emails=[{"value": "long.name@acme-odd.com", "primary": True, "label": "work"}])
+            pd.create(
+                tid,
+                "persons",
+                name="N" * 5_000,
+                emails=[{"value": "long.name@acme-odd.com", "primary": True, "label": "work"}],
+            )
         counts = refresh_crm_snapshot(p.settings, tid)
         assert counts["scan_start"] > datetime(2000, 1, 1, tzinfo=UTC).isoformat()
         with open_store(p.settings, tid, write=False) as con:
             state = read_crm_state(con)
             created = con.execute("SELECT created_at FROM crm_opportunities WHERE crm_id = ?", [odd_deal]).fetchall()
-            name = con.execute("SELECT length(name) FROM crm_people WHERE email = 'long.name@acme-odd.com'"
-                               ).fetchall()
+            name = con.execute("SELECT length(name) FROM crm_people WHERE email = 'long.name@acme-odd.com'").fetchall()
         assert created == [(None,)] and name == [(MAX_NAME_CHARS,)]
         assert state["status"] == "ok"
-        assert state["last_error"] == ("names cut to 1,000 characters: 1; "
-                                       "opportunity created dates before 1900 or from 2100 on ignored: 1")
+        assert state["last_error"] == (
+            "names cut to 1,000 characters: 1; opportunity created dates before 1900 or from 2100 on ignored: 1"
+        )
     finally:
         p.running.stop()
-
 
 
 def test_an_unreadable_file_is_a_clear_error(files_tenant):

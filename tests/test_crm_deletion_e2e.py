@@ -41,8 +41,9 @@ def test_a_deleted_contact_stops_matching_after_the_next_refresh(tmp_path, monke
         expected = expected_for_crm(world, tid, p.running, crm_kind)  # the CRM without the deleted contact
         stored = stored_matches(p.settings, tid)
         new_keys = {(user.oid, m.id) for m in new}
-        assert {k: v for k, v in stored.items() if k in new_keys} == {k: v for k, v in expected.items()
-                                                                      if k in new_keys}
+        assert {k: v for k, v in stored.items() if k in new_keys} == {
+            k: v for k, v in expected.items() if k in new_keys
+        }
         victim_id = expected_for_crm_id(p.running, crm_kind, tid, victim)
         assert all(victim_id not in stored.get(k, ()) for k in new_keys)
         assert {k: v for k, v in stored.items() if k in before} == before  # imported mail keeps its links

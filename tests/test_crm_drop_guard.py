@@ -48,8 +48,12 @@ def files_tenant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Setti
     crm_dir = tmp_path / "crm"
     crm_dir.mkdir()
     (crm_dir / "accounts.csv").write_text(ACCOUNTS)
-    save_tenant(settings, TenantConfig(id="t1", name="T", domains=["contoso.com"], crm_kind="files",
-                                       crm=CrmConnection(directory=str(crm_dir))))
+    save_tenant(
+        settings,
+        TenantConfig(
+            id="t1", name="T", domains=["contoso.com"], crm_kind="files", crm=CrmConnection(directory=str(crm_dir))
+        ),
+    )
     return settings, crm_dir
 
 
@@ -143,8 +147,11 @@ def _hubspot_frames(n: int):  # noqa: ANN202
 def test_confirm_drop_checks_the_tenant_and_writes_nothing_without_a_refusal(files_tenant):
     settings, _ = files_tenant
     data = sorted(p for p in settings.data_dir.rglob("*"))
-    for tenant, message in (("nosuch", "tenant nosuch is not registered"), ("../x", "invalid tenant id"),
-                            ("t1", "nothing to confirm: no CRM refresh of tenant t1 was refused")):
+    for tenant, message in (
+        ("nosuch", "tenant nosuch is not registered"),
+        ("../x", "invalid tenant id"),
+        ("t1", "nothing to confirm: no CRM refresh of tenant t1 was refused"),
+    ):
         result = confirm(tenant)
         assert result.exit_code == 1
         assert result.output.strip().splitlines() == [result.output.strip()] and message in result.output
@@ -152,12 +159,16 @@ def test_confirm_drop_checks_the_tenant_and_writes_nothing_without_a_refusal(fil
     assert not store_path(settings, "t1").exists()
 
 
-@pytest.mark.parametrize(("crm_kind", "reconcile_hours"), [
-    ("salesforce", "24"), ("hubspot", "24"), ("pipedrive", "24"),  # incremental: the CRM reports the deletes
-    ("salesforce", "0"),  # full read: the deleted records are simply not listed any more
-])
-def test_most_contacts_deleted_in_the_crm_is_refused_until_confirmed(tmp_path, monkeypatch, crm_kind,
-                                                                     reconcile_hours):
+@pytest.mark.parametrize(
+    ("crm_kind", "reconcile_hours"),
+    [
+        ("salesforce", "24"),
+        ("hubspot", "24"),
+        ("pipedrive", "24"),  # incremental: the CRM reports the deletes
+        ("salesforce", "0"),  # full read: the deleted records are simply not listed any more
+    ],
+)
+def test_most_contacts_deleted_in_the_crm_is_refused_until_confirmed(tmp_path, monkeypatch, crm_kind, reconcile_hours):
     world = generate_world(seed=41, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=20)
     p = stand_up(world, tmp_path, monkeypatch, crm_kind=crm_kind, O365SYNC_CRM_RECONCILE_HOURS=reconcile_hours)
     try:
@@ -183,8 +194,9 @@ def test_most_contacts_deleted_in_the_crm_is_refused_until_confirmed(tmp_path, m
         p.running.stop()
 
 
-def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_status(prefect_server, tmp_path,
-                                                                                       monkeypatch):
+def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_status(
+    prefect_server, tmp_path, monkeypatch
+):
     from flows.initial_import import initial_import
     from flows.tenant_sync import artifact_key
     from o365sync.tenants import tenant_dir

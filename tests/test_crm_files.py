@@ -34,22 +34,32 @@ def world_frames(crm: SimCrm) -> dict[str, pl.DataFrame]:
         ),
         "opportunities": pl.DataFrame(
             [(o.id, o.account_id, o.name, o.is_closed, o.created) for o in crm.opportunities],
-            schema={"crm_id": pl.String, "account_id": pl.String, "name": pl.String, "is_closed": pl.Boolean,
-                    "created_at": pl.Datetime("us", "UTC")},
+            schema={
+                "crm_id": pl.String,
+                "account_id": pl.String,
+                "name": pl.String,
+                "is_closed": pl.Boolean,
+                "created_at": pl.Datetime("us", "UTC"),
+            },
             orient="row",
         ),
     }
 
 
 def expected(crm: SimCrm) -> CrmSnapshot:
-    people = [(c.id, "contact", c.email.strip().lower(), c.account_id, f"{c.first_name} {c.last_name}")
-              for c in crm.contacts if c.email.strip()]
-    people += [(x.id, "lead", x.email.strip().lower(), None, f"{x.first_name} {x.last_name}")
-               for x in crm.leads if not x.is_converted and x.email.strip()]
+    people = [
+        (c.id, "contact", c.email.strip().lower(), c.account_id, f"{c.first_name} {c.last_name}")
+        for c in crm.contacts
+        if c.email.strip()
+    ]
+    people += [
+        (x.id, "lead", x.email.strip().lower(), None, f"{x.first_name} {x.last_name}")
+        for x in crm.leads
+        if not x.is_converted and x.email.strip()
+    ]
     accounts = [(a.id, a.name, website_domain(a.website)) for a in crm.accounts]
     opps = [(o.id, o.account_id, o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
     return snapshot_of(people, accounts, opps)
-
 
 
 def write(directory: Path, files: dict[str, str]) -> FilesConnection:
@@ -79,13 +89,16 @@ def test_round_trip_from_generated_world(tmp_path: Path, fmt: str) -> None:
 def test_round_trip_csv_variants_naive_times_and_text_booleans(tmp_path: Path) -> None:
     """Header case/spaces, a BOM, CRLF, extra columns and yes/no booleans; naive times are UTC."""
     created = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
-    conn = write(tmp_path, {
-        "people.csv": "\ufeff CRM_ID ,E-Mail,Kind,Notes,Account ID\r\nP1,Jane@Acme.COM,Lead,x,A1\r\n",
-        "accounts.csv": ACCOUNTS,
-        "opportunities.csv": "crm_id,account_id,created_at,is_closed\n"
-                             "O1,A1,2024-03-01T09:30:00,no\nO2,A1,2024-03-01T10:30:00+01:00,NO\n"
-                             "O3,A1,2024-03-01,Yes\nO4,A1,2024-03-02,\n",
-    })
+    conn = write(
+        tmp_path,
+        {
+            "people.csv": "\ufeff CRM_ID ,E-Mail,Kind,Notes,Account ID\r\nP1,Jane@Acme.COM,Lead,x,A1\r\n",
+            "accounts.csv": ACCOUNTS,
+            "opportunities.csv": "crm_id,account_id,created_at,is_closed\n"
+            "O1,A1,2024-03-01T09:30:00,no\nO2,A1,2024-03-01T10:30:00+01:00,NO\n"
+            "O3,A1,2024-03-01,Yes\nO4,A1,2024-03-02,\n",
+        },
+    )
     # "E-Mail" normalises to "e_mail", not "email": it is an unknown column, so email is missing
     with pytest.raises(CrmError, match="^people.csv: missing required column email$"):
         fetch_snapshot(conn)
@@ -99,16 +112,19 @@ def test_round_trip_csv_variants_naive_times_and_text_booleans(tmp_path: Path) -
 
 
 def test_multi_address_people(tmp_path: Path) -> None:
-    conn = write(tmp_path, {
-        "people.csv": "crm_id,kind,email,account_id,name,is_converted\n"
-                      "P1,contact, Jane@Acme.com ; jane+crm@acme.com;,A1,Jane Doe,\n"
-                      "\n"
-                      ",,,,\n"
-                      "P1,,JANE@ACME.COM;j.doe@gmail.com,,,\n"
-                      "P2,lead,,,No Mail,false\n"
-                      "P3,lead,old@x.io,,Converted,1\n",
-        "accounts.csv": ACCOUNTS,
-    })
+    conn = write(
+        tmp_path,
+        {
+            "people.csv": "crm_id,kind,email,account_id,name,is_converted\n"
+            "P1,contact, Jane@Acme.com ; jane+crm@acme.com;,A1,Jane Doe,\n"
+            "\n"
+            ",,,,\n"
+            "P1,,JANE@ACME.COM;j.doe@gmail.com,,,\n"
+            "P2,lead,,,No Mail,false\n"
+            "P3,lead,old@x.io,,Converted,1\n",
+            "accounts.csv": ACCOUNTS,
+        },
+    )
     people = fetch_snapshot(conn).people
     assert people.rows() == [
         ("P1", "contact", "jane@acme.com", "A1", "Jane Doe"),
@@ -118,15 +134,18 @@ def test_multi_address_people(tmp_path: Path) -> None:
 
 
 def test_website_to_domain_and_several_domains(tmp_path: Path) -> None:
-    conn = write(tmp_path, {
-        "people.csv": PEOPLE,
-        "accounts.csv": "crm_id,name,domain,website\n"
-                        "A1,Acme,,https://www.Acme.co.uk/en?x=1\n"
-                        "A2,Globex,globex.com; Globex.DE,https://ignored.example\n"
-                        "A3,Blank,,\n"
-                        "A4,Junk website,,n/a\n"
-                        "A2,,globex.io,\n",
-    })
+    conn = write(
+        tmp_path,
+        {
+            "people.csv": PEOPLE,
+            "accounts.csv": "crm_id,name,domain,website\n"
+            "A1,Acme,,https://www.Acme.co.uk/en?x=1\n"
+            "A2,Globex,globex.com; Globex.DE,https://ignored.example\n"
+            "A3,Blank,,\n"
+            "A4,Junk website,,n/a\n"
+            "A2,,globex.io,\n",
+        },
+    )
     accounts = fetch_snapshot(conn).accounts
     assert accounts.rows() == [
         ("A1", "Acme", "acme.co.uk"),
@@ -147,31 +166,49 @@ OPP_HEAD = "crm_id,account_id,name,is_closed,created_at\n"
 BAD_CASES = [
     ({"people.csv": "crm_id,email\nP1,a@x.com\n\nP2,jane.doe@acme\n"}, "people.csv line 4: email is not an address"),
     ({"people.csv": "crm_id,email\nP1,Jane <jane@acme.com>\n"}, "people.csv line 2: email is not an address"),
-    ({"people.csv": "crm_id,email\nP1,\"a@x.com\nb@x.com\"\nP2,c@x.com,d@x.com\n"},
-     "people.csv line 4: more fields than the header has"),
-    ({"people.csv": "crm_id,email\nP1,\"a@x.com\n\"\n ,b@x.com\n"}, "people.csv line 4: crm_id is empty"),
+    (
+        {"people.csv": 'crm_id,email\nP1,"a@x.com\nb@x.com"\nP2,c@x.com,d@x.com\n'},
+        "people.csv line 4: more fields than the header has",
+    ),
+    ({"people.csv": 'crm_id,email\nP1,"a@x.com\n"\n ,b@x.com\n'}, "people.csv line 4: crm_id is empty"),
     ({"people.csv": "crm_id,kind,email\nP1,customer,a@x.com\n"}, "people.csv line 2: kind is not contact or lead"),
-    ({"people.csv": "crm_id,kind,email\nP1,lead,a@x.com\nP1,contact,b@x.com\n"},
-     "people.csv line 3: kind differs from line 2 with the same crm_id"),
-    ({"people.csv": "crm_id,email,is_converted\nP1,a@x.com,maybe\n"},
-     "people.csv line 2: is_converted is not one of true/false/1/0/yes/no"),
-    ({"people.csv": "crm_id;email\nP1;a@x.com\n"},
-     "people.csv: missing required column crm_id (columns must be comma-separated)"),
+    (
+        {"people.csv": "crm_id,kind,email\nP1,lead,a@x.com\nP1,contact,b@x.com\n"},
+        "people.csv line 3: kind differs from line 2 with the same crm_id",
+    ),
+    (
+        {"people.csv": "crm_id,email,is_converted\nP1,a@x.com,maybe\n"},
+        "people.csv line 2: is_converted is not one of true/false/1/0/yes/no",
+    ),
+    (
+        {"people.csv": "crm_id;email\nP1;a@x.com\n"},
+        "people.csv: missing required column crm_id (columns must be comma-separated)",
+    ),
     ({"people.csv": "id,email\nP1,a@x.com\n"}, "people.csv: missing required column crm_id"),
-    ({"people.csv": "crm_id,email,Email\nP1,a@x.com,b@x.com\n"},
-     "people.csv line 1: column email appears more than once"),
+    (
+        {"people.csv": "crm_id,email,Email\nP1,a@x.com,b@x.com\n"},
+        "people.csv line 1: column email appears more than once",
+    ),
     ({"people.csv": ""}, "people.csv: empty file or blank header line"),
     ({"accounts.csv": "crm_id,name\nA1,Acme\n"}, "accounts.csv: missing required column domain or website"),
-    ({"accounts.csv": "crm_id,domain\nA1,acme.com;jane@acme.com\n"},
-     "accounts.csv line 2: domain is not a domain name"),
+    (
+        {"accounts.csv": "crm_id,domain\nA1,acme.com;jane@acme.com\n"},
+        "accounts.csv line 2: domain is not a domain name",
+    ),
     ({"accounts.csv": "crm_id,domain\nA1,acme\n"}, "accounts.csv line 2: domain is not a domain name"),
-    ({"opportunities.csv": OPP_HEAD + "O1,A1,Deal,perhaps,2024-01-01\n"},
-     "opportunities.csv line 2: is_closed is not one of true/false/1/0/yes/no"),
-    ({"opportunities.csv": OPP_HEAD + "O1,A1,Deal,0,01/02/2024\n"},
-     "opportunities.csv line 2: created_at is not an ISO-8601 date-time"),
+    (
+        {"opportunities.csv": OPP_HEAD + "O1,A1,Deal,perhaps,2024-01-01\n"},
+        "opportunities.csv line 2: is_closed is not one of true/false/1/0/yes/no",
+    ),
+    (
+        {"opportunities.csv": OPP_HEAD + "O1,A1,Deal,0,01/02/2024\n"},
+        "opportunities.csv line 2: created_at is not an ISO-8601 date-time",
+    ),
     ({"opportunities.csv": OPP_HEAD + "O1,A1,Deal,0,\n"}, "opportunities.csv line 2: created_at is empty"),
-    ({"opportunities.csv": OPP_HEAD + "O1,A1,Deal,0,2024-01-01\nO2,A1,D,0,2024-01-01\nO1,A1,D,1,2024-01-01\n"},
-     "opportunities.csv line 4: crm_id repeats line 2"),
+    (
+        {"opportunities.csv": OPP_HEAD + "O1,A1,Deal,0,2024-01-01\nO2,A1,D,0,2024-01-01\nO1,A1,D,1,2024-01-01\n"},
+        "opportunities.csv line 4: crm_id repeats line 2",
+    ),
     ({"opportunities.csv": "crm_id,account_id\nO1,A1\n"}, "opportunities.csv: missing required column created_at"),
     ({"people.parquet": "", "people.csv": PEOPLE}, "files CRM: both people.csv and people.parquet exist; keep one"),
 ]
@@ -251,8 +288,9 @@ def test_no_email_address_in_error_messages(tmp_path: Path, address: str, placem
 def test_round_trip_keeps_snapshot_time_range(tmp_path: Path) -> None:
     """Times far apart and with microseconds survive a CSV round trip exactly."""
     times = [datetime(2001, 1, 1, tzinfo=UTC), datetime.now(UTC) - timedelta(microseconds=7)]
-    frame = pl.DataFrame({"crm_id": ["O1", "O2"], "created_at": times}, schema_overrides={
-        "created_at": pl.Datetime("us", "UTC")})
+    frame = pl.DataFrame(
+        {"crm_id": ["O1", "O2"], "created_at": times}, schema_overrides={"created_at": pl.Datetime("us", "UTC")}
+    )
     conn = write(tmp_path, {"people.csv": PEOPLE, "accounts.csv": ACCOUNTS})
     frame.write_csv(tmp_path / "opportunities.csv")
     assert fetch_snapshot(conn).opportunities["created_at"].to_list() == times

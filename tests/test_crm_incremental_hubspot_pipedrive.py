@@ -62,13 +62,22 @@ def hs_mutate(world: World, sim: HubSpotSimulator, tid: str) -> dict[str, str]:
     open_deals = [o for o in crm.opportunities if not o.is_closed]
     assert len(linked) >= 4 and len(open_deals) >= 3 and len(crm.accounts) >= 3
     ids = {
-        "new_contact": sim.create(tid, "contacts", company=crm.accounts[1].id, email=" New.Person@Example.ORG ",
-                                  firstname="New", lastname="Person", lifecyclestage="customer",
-                                  hs_additional_emails="np@example.net;new.person@example.org"),
-        "new_deal": sim.create(tid, "deals", company=crm.accounts[2].id, dealname="Fresh deal",
-                               createdate="2026-11-27T04:00:00.000Z"),
-        "new_closed_deal": sim.create(tid, "deals", company=crm.accounts[2].id, dealname="Born closed",
-                                      dealstage="closedlost"),
+        "new_contact": sim.create(
+            tid,
+            "contacts",
+            company=crm.accounts[1].id,
+            email=" New.Person@Example.ORG ",
+            firstname="New",
+            lastname="Person",
+            lifecyclestage="customer",
+            hs_additional_emails="np@example.net;new.person@example.org",
+        ),
+        "new_deal": sim.create(
+            tid, "deals", company=crm.accounts[2].id, dealname="Fresh deal", createdate="2026-11-27T04:00:00.000Z"
+        ),
+        "new_closed_deal": sim.create(
+            tid, "deals", company=crm.accounts[2].id, dealname="Born closed", dealstage="closedlost"
+        ),
     }
     # changed and added secondary addresses
     ids["secondary"] = sim.hs_id(tid, linked[0].id)
@@ -99,15 +108,17 @@ def hs_mutate(world: World, sim: HubSpotSimulator, tid: str) -> dict[str, str]:
     return ids
 
 
-def test_hubspot_snapshot_watermark_is_newest_modification(world: World, hs: HubSpotSimulator,
-                                                           http: httpx.Client) -> None:
+def test_hubspot_snapshot_watermark_is_newest_modification(
+    world: World, hs: HubSpotSimulator, http: httpx.Client
+) -> None:
     tid = world.tenants[0].tid
     snap = hubspot.fetch_snapshot(hs_conn(hs, tid), http, sleep=Sleeps())
     assert snap.watermark == hs_newest_modified(hs, tid) and snap.watermark <= world.now
 
 
-def test_hubspot_changes_applied_equal_fresh_snapshot(world: World, hs: HubSpotSimulator, http: httpx.Client,
-                                                      hs_clock: Clock) -> None:
+def test_hubspot_changes_applied_equal_fresh_snapshot(
+    world: World, hs: HubSpotSimulator, http: httpx.Client, hs_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = hs_conn(hs, tid)
     snap = hubspot.fetch_snapshot(conn, http, sleep=Sleeps())
@@ -130,33 +141,41 @@ def test_hubspot_changes_applied_equal_fresh_snapshot(world: World, hs: HubSpotS
     assert ids["company"] in accounts
     assert {ids[k] for k in ("new_deal", "new_closed_deal", "closed_deal", "deleted_deal", "moved_deal")} <= opps
     # left the scope: an id without rows
-    for key, frame in (("archived", changes.people), ("no_address", changes.people),
-                       ("closed_deal", changes.opportunities), ("deleted_deal", changes.opportunities),
-                       ("new_closed_deal", changes.opportunities)):
+    for key, frame in (
+        ("archived", changes.people),
+        ("no_address", changes.people),
+        ("closed_deal", changes.opportunities),
+        ("deleted_deal", changes.opportunities),
+        ("new_closed_deal", changes.opportunities),
+    ):
         assert ids[key] not in set(frame["crm_id"]), key
     new = changes.people.filter(pl.col("crm_id") == ids["new_contact"])
     assert sorted(new["email"]) == ["new.person@example.org", "np@example.net"]
     assert set(new["account_id"]) == {hs.hs_id(tid, world.crm[tid].accounts[1].id)}
     moved = changes.people.filter(pl.col("crm_id") == ids["moved"])
     assert set(moved["account_id"]) == {ids["moved_to"]}
-    assert set(changes.opportunities.filter(pl.col("crm_id") == ids["moved_deal"])["account_id"]) == {
-        ids["company"]}
+    assert set(changes.opportunities.filter(pl.col("crm_id") == ids["moved_deal"])["account_id"]) == {ids["company"]}
     assert set(changes.accounts.filter(pl.col("crm_id") == ids["company"])["domain"]) == {"newname.co.uk"}
     # the wire: modified-since searches, archived lists, v4 association reads
     searches = [r for r in hs.requests if r.path.endswith("/search")]
     assert {r.path.split("/")[4] for r in searches} == {"contacts", "companies", "deals"}
-    assert all(r.body["filterGroups"][0]["filters"][0]["propertyName"] in ("lastmodifieddate", "hs_lastmodifieddate")
-               for r in searches)
+    assert all(
+        r.body["filterGroups"][0]["filters"][0]["propertyName"] in ("lastmodifieddate", "hs_lastmodifieddate")
+        for r in searches
+    )
     archived_lists = [r for r in hs.requests if r.query and r.query.get("archived") == "true"]
     assert len(archived_lists) == 3
     assoc = [r for r in hs.requests if r.path.startswith("/crm/v4/associations/")]
-    assert {r.path for r in assoc} == {"/crm/v4/associations/contacts/companies/batch/read",
-                                       "/crm/v4/associations/deals/companies/batch/read"}
+    assert {r.path for r in assoc} == {
+        "/crm/v4/associations/contacts/companies/batch/read",
+        "/crm/v4/associations/deals/companies/batch/read",
+    }
     assert all(r.status in (200, 207) for r in assoc)
 
 
-def test_hubspot_overlapping_windows_are_idempotent(world: World, hs: HubSpotSimulator, http: httpx.Client,
-                                                    hs_clock: Clock) -> None:
+def test_hubspot_overlapping_windows_are_idempotent(
+    world: World, hs: HubSpotSimulator, http: httpx.Client, hs_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = hs_conn(hs, tid)
     snap = hubspot.fetch_snapshot(conn, http, sleep=Sleeps())
@@ -179,8 +198,9 @@ def test_hubspot_overlapping_windows_are_idempotent(world: World, hs: HubSpotSim
     assert quiet.watermark is None and not any(quiet.changed_ids.values()) and quiet.people.is_empty()
 
 
-def test_hubspot_restored_contact_comes_back(world: World, hs: HubSpotSimulator, http: httpx.Client,
-                                             hs_clock: Clock) -> None:
+def test_hubspot_restored_contact_comes_back(
+    world: World, hs: HubSpotSimulator, http: httpx.Client, hs_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = hs_conn(hs, tid)
     gone = world.crm[tid].contacts[5].id
@@ -194,8 +214,9 @@ def test_hubspot_restored_contact_comes_back(world: World, hs: HubSpotSimulator,
     assert_same(apply_changes(snap, changes), hubspot.fetch_snapshot(conn, http, sleep=Sleeps()))
 
 
-def test_hubspot_incremental_search_beyond_10k_is_complete(world: World, hs: HubSpotSimulator,
-                                                           http: httpx.Client, hs_clock: Clock) -> None:
+def test_hubspot_incremental_search_beyond_10k_is_complete(
+    world: World, hs: HubSpotSimulator, http: httpx.Client, hs_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = hs_conn(hs, tid)
     assert hs.search_cap == 10_000
@@ -208,12 +229,14 @@ def test_hubspot_incremental_search_beyond_10k_is_complete(world: World, hs: Hub
     want = bulk | {hs.hs_id(tid, touched.id)}
     assert changes.changed_ids["people"] == want
     assert set(changes.people["crm_id"]) == want
-    assert changes.people.height == len(bulk) + changes.people.filter(
-        pl.col("crm_id") == hs.hs_id(tid, touched.id)).height
+    assert (
+        changes.people.height == len(bulk) + changes.people.filter(pl.col("crm_id") == hs.hs_id(tid, touched.id)).height
+    )
     contact_searches = [r for r in hs.requests if r.path == "/crm/v3/objects/contacts/search"]
     assert all(int(r.body["after"]) + r.body["limit"] <= 10_000 for r in contact_searches)
-    assert any(f["propertyName"] == "hs_object_id" for r in contact_searches
-               for f in r.body["filterGroups"][0]["filters"])  # re-windowed
+    assert any(
+        f["propertyName"] == "hs_object_id" for r in contact_searches for f in r.body["filterGroups"][0]["filters"]
+    )  # re-windowed
     assoc = [r for r in hs.requests if r.path == "/crm/v4/associations/contacts/companies/batch/read"]
     assert len(assoc) == math.ceil(len(want) / 1000)
     assert all(len(r.body["inputs"]) <= 1000 for r in assoc)
@@ -226,8 +249,9 @@ def test_hubspot_v4_association_batch_read_shape(world: World, hs: HubSpotSimula
     lead = next(x for x in crm.leads if not x.is_converted)
     headers = {"Authorization": f"Bearer {hs.token_for(tid)}"}
     url = f"{hs.base_url}/crm/v4/associations/contacts/companies/batch/read"
-    resp = http.post(url, headers=headers, json={"inputs": [{"id": hs.hs_id(tid, linked.id)},
-                                                            {"id": hs.hs_id(tid, lead.id)}]})
+    resp = http.post(
+        url, headers=headers, json={"inputs": [{"id": hs.hs_id(tid, linked.id)}, {"id": hs.hs_id(tid, lead.id)}]}
+    )
     assert resp.status_code == 207 and "X-HubSpot-RateLimit-Daily-Remaining" in resp.headers
     body = resp.json()
     assert body["status"] == "COMPLETE" and body["numErrors"] == 1
@@ -239,13 +263,17 @@ def test_hubspot_v4_association_batch_read_shape(world: World, hs: HubSpotSimula
     assert body["errors"][0]["subCategory"] == "crm.associations.NO_ASSOCIATIONS_FOUND"
     too_many = http.post(url, headers=headers, json={"inputs": [{"id": str(i)} for i in range(1001)]})
     assert too_many.status_code == 400 and too_many.json()["category"] == "VALIDATION_ERROR"
-    ok = http.post(f"{hs.base_url}/crm/v4/associations/deal/company/batch/read", headers=headers,
-                   json={"inputs": [{"id": hs.hs_id(tid, crm.opportunities[0].id)}]})
+    ok = http.post(
+        f"{hs.base_url}/crm/v4/associations/deal/company/batch/read",
+        headers=headers,
+        json={"inputs": [{"id": hs.hs_id(tid, crm.opportunities[0].id)}]},
+    )
     assert ok.status_code == 200 and ok.json()["results"][0]["to"][0]["associationTypes"][0]["typeId"] == 5
 
 
-def test_hubspot_changes_rate_limits_and_auth(world: World, hs: HubSpotSimulator, http: httpx.Client,
-                                              hs_clock: Clock) -> None:
+def test_hubspot_changes_rate_limits_and_auth(
+    world: World, hs: HubSpotSimulator, http: httpx.Client, hs_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = hs_conn(hs, tid)
     snap = hubspot.fetch_snapshot(conn, http, sleep=Sleeps())
@@ -301,15 +329,26 @@ def pd_mutate(world: World, sim: PipedriveSimulator, tid: str) -> dict[str, str]
     orgs = [ids["organizations"][a.id] for a in crm.accounts]
     assert len(open_deals) >= 3 and len(persons) >= 5 and len(orgs) >= 3
     out = {
-        "new_person": sim.create(tid, "persons", name="New Person", org_id=orgs[1],
-                                 emails=[{"value": " New.Person@Example.ORG", "primary": True, "label": "work"},
-                                         {"value": "np@example.net", "primary": False, "label": "home"}]),
+        "new_person": sim.create(
+            tid,
+            "persons",
+            name="New Person",
+            org_id=orgs[1],
+            emails=[
+                {"value": " New.Person@Example.ORG", "primary": True, "label": "work"},
+                {"value": "np@example.net", "primary": False, "label": "home"},
+            ],
+        ),
         "new_deal": sim.create(tid, "deals", title="Fresh deal", org_id=orgs[2]),
         "new_org": sim.create(tid, "organizations", name="Newco", website="https://www.newco.example.com/en"),
     }
     rec = sim.record(tid, "persons", persons[0])
-    sim.update(tid, "persons", persons[0],
-               emails=[*rec["emails"], {"value": "Added@Example.com", "primary": False, "label": "other"}])
+    sim.update(
+        tid,
+        "persons",
+        persons[0],
+        emails=[*rec["emails"], {"value": "Added@Example.com", "primary": False, "label": "other"}],
+    )
     out["secondary"] = persons[0]
     sim.delete(tid, "persons", persons[1])
     out["deleted_person"] = persons[1]
@@ -330,19 +369,24 @@ def pd_mutate(world: World, sim: PipedriveSimulator, tid: str) -> dict[str, str]
     return {k: str(v) for k, v in out.items()}
 
 
-def test_pipedrive_snapshot_watermark_is_newest_update(world: World, pd: PipedriveSimulator,
-                                                       http: httpx.Client) -> None:
+def test_pipedrive_snapshot_watermark_is_newest_update(
+    world: World, pd: PipedriveSimulator, http: httpx.Client
+) -> None:
     tid = world.tenants[0].tid
     snap = pipedrive.fetch_snapshot(pd_conn(pd, tid), http, sleep=Sleeps())
-    newest = max(datetime.fromisoformat(r["update_time"].replace("Z", "+00:00"))
-                 for kind in ("persons", "organizations") for r in pd._records[tid][kind].values())
+    newest = max(
+        datetime.fromisoformat(r["update_time"].replace("Z", "+00:00"))
+        for kind in ("persons", "organizations")
+        for r in pd._records[tid][kind].values()
+    )
     open_deals = [r for r in pd._records[tid]["deals"].values() if r["status"] == "open"]
     newest = max(newest, *(datetime.fromisoformat(r["update_time"].replace("Z", "+00:00")) for r in open_deals))
     assert snap.watermark == newest
 
 
-def test_pipedrive_changes_applied_equal_fresh_snapshot(world: World, pd: PipedriveSimulator, http: httpx.Client,
-                                                        pd_clock: Clock) -> None:
+def test_pipedrive_changes_applied_equal_fresh_snapshot(
+    world: World, pd: PipedriveSimulator, http: httpx.Client, pd_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = pd_conn(pd, tid, page_limit=4)  # several cursor pages per list
     snap = pipedrive.fetch_snapshot(conn, http, sleep=Sleeps())
@@ -363,20 +407,26 @@ def test_pipedrive_changes_applied_equal_fresh_snapshot(world: World, pd: Pipedr
     assert {ids[k] for k in ("new_person", "secondary", "deleted_person", "no_address", "moved")} <= people
     assert {ids[k] for k in ("new_org", "org", "deleted_org")} <= accounts
     assert {ids[k] for k in ("new_deal", "won_deal", "deleted_deal", "moved_deal")} <= opps
-    for key, frame in (("deleted_person", changes.people), ("no_address", changes.people),
-                       ("deleted_org", changes.accounts), ("won_deal", changes.opportunities),
-                       ("deleted_deal", changes.opportunities)):
+    for key, frame in (
+        ("deleted_person", changes.people),
+        ("no_address", changes.people),
+        ("deleted_org", changes.accounts),
+        ("won_deal", changes.opportunities),
+        ("deleted_deal", changes.opportunities),
+    ):
         assert ids[key] not in set(frame["crm_id"]), key
     assert "added@example.com" in set(changes.people.filter(pl.col("crm_id") == ids["secondary"])["email"])
     assert set(changes.accounts.filter(pl.col("crm_id") == ids["org"])["domain"]) == {"newname.co.uk"}
     params = [dict(r.params) for r in lists]
-    assert len(lists) > 3 and all(p["sort_by"] == "update_time" and p["sort_direction"] == "asc"
-                                  and "updated_since" in p for p in params)
+    assert len(lists) > 3 and all(
+        p["sort_by"] == "update_time" and p["sort_direction"] == "asc" and "updated_since" in p for p in params
+    )
     assert {dict(r.params).get("status") for r in lists if r.path == "/api/v2/deals"} == {"open,won,lost,deleted"}
 
 
-def test_pipedrive_overlapping_windows_are_idempotent(world: World, pd: PipedriveSimulator, http: httpx.Client,
-                                                      pd_clock: Clock) -> None:
+def test_pipedrive_overlapping_windows_are_idempotent(
+    world: World, pd: PipedriveSimulator, http: httpx.Client, pd_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = pd_conn(pd, tid)
     snap = pipedrive.fetch_snapshot(conn, http, sleep=Sleeps())
@@ -415,12 +465,19 @@ def test_pipedrive_deletes_dropped_from_lists_need_the_full_snapshot(
         fresh = pipedrive.fetch_snapshot(conn, http, sleep=Sleeps())
         stale = apply_changes(snap, changes)
         assert str(gone) in set(stale.people["crm_id"]) and str(gone) not in set(fresh.people["crm_id"])
-        assert_same(CrmSnapshot(people=stale.people.filter(pl.col("crm_id") != str(gone)),
-                                accounts=stale.accounts, opportunities=stale.opportunities), fresh)
+        assert_same(
+            CrmSnapshot(
+                people=stale.people.filter(pl.col("crm_id") != str(gone)),
+                accounts=stale.accounts,
+                opportunities=stale.opportunities,
+            ),
+            fresh,
+        )
 
 
-def test_pipedrive_changes_rate_limits_and_auth(world: World, pd: PipedriveSimulator, http: httpx.Client,
-                                                pd_clock: Clock) -> None:
+def test_pipedrive_changes_rate_limits_and_auth(
+    world: World, pd: PipedriveSimulator, http: httpx.Client, pd_clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     conn = pd_conn(pd, tid)
     snap = pipedrive.fetch_snapshot(conn, http, sleep=Sleeps())

@@ -37,8 +37,9 @@ def accounts(*rows: tuple[str, str]) -> pl.DataFrame:
 
 
 def opps(*rows: tuple[str, int]) -> pl.DataFrame:
-    return pl.DataFrame([(i, None, None, False, NOW - timedelta(days=d)) for i, d in rows],
-                        schema=OPPORTUNITIES_SCHEMA, orient="row")
+    return pl.DataFrame(
+        [(i, None, None, False, NOW - timedelta(days=d)) for i, d in rows], schema=OPPORTUNITIES_SCHEMA, orient="row"
+    )
 
 
 def start(oldest_open: datetime | None) -> datetime:
@@ -56,20 +57,35 @@ def settings(tmp_path: Path) -> Settings:
 
 def test_incremental_changes_replace_rows_of_changed_ids_and_recompute_the_scan_start(settings):
     with open_store(settings, "t1", write=True) as con:
-        replace_crm_snapshot(con, people(("c1", "contact", "a@x.com"), ("c1", "contact", "b@x.com"),
-                                         ("c2", "contact", "c@y.com"), ("l1", "lead", "l@z.com")),
-                             accounts(("A1", "x.com"), ("A2", "y.com")), opps(("O1", 90), ("O2", 20)),
-                             "salesforce", start, NOW - timedelta(hours=2))
+        replace_crm_snapshot(
+            con,
+            people(
+                ("c1", "contact", "a@x.com"),
+                ("c1", "contact", "b@x.com"),
+                ("c2", "contact", "c@y.com"),
+                ("l1", "lead", "l@z.com"),
+            ),
+            accounts(("A1", "x.com"), ("A2", "y.com")),
+            opps(("O1", 90), ("O2", 20)),
+            "salesforce",
+            start,
+            NOW - timedelta(hours=2),
+        )
         assert con.execute("SELECT scan_start FROM crm_snapshot_meta").fetchone()[0] == NOW - timedelta(days=90)
         # c1 lost an address, c2 was deleted, l1 converted (left scope), c3 is new, A2's domain changed,
         # O1 (the oldest open deal) closed.
-        frames = {"people": people(("c1", "contact", "a@x.com"), ("c3", "contact", "n@w.com")),
-                  "accounts": accounts(("A2", "y2.com")), "opportunities": opps()}
+        frames = {
+            "people": people(("c1", "contact", "a@x.com"), ("c3", "contact", "n@w.com")),
+            "accounts": accounts(("A2", "y2.com")),
+            "opportunities": opps(),
+        }
         changed = {"people": {"c1", "c2", "l1", "c3"}, "accounts": {"A2"}, "opportunities": {"O1"}}
         result = apply_crm_changes(con, frames, changed, "salesforce", start, NOW - timedelta(minutes=5))
         for _ in range(2):  # an overlapping window re-reads the same changes: harmless
-            assert {r[:3] for r in table(con, "crm_people")} == {("c1", "contact", "a@x.com"),
-                                                                 ("c3", "contact", "n@w.com")}
+            assert {r[:3] for r in table(con, "crm_people")} == {
+                ("c1", "contact", "a@x.com"),
+                ("c3", "contact", "n@w.com"),
+            }
             assert {(r[0], r[2]) for r in table(con, "crm_accounts")} == {("A1", "x.com"), ("A2", "y2.com")}
             assert {r[0] for r in table(con, "crm_opportunities")} == {"O2"}
             result = apply_crm_changes(con, frames, changed, "salesforce", start, None)
@@ -83,11 +99,15 @@ def test_incremental_changes_replace_rows_of_changed_ids_and_recompute_the_scan_
 def test_a_failing_apply_leaves_the_previous_snapshot(settings):
     with open_store(settings, "t1", write=True) as con:
         replace_crm_snapshot(con, people(("c1", "contact", "a@x.com")), accounts(), opps(), "hubspot", start)
-        bad = {"people": people(("c9", "contact", "z@x.com")), "accounts": accounts(),
-               "opportunities": pl.DataFrame({"crm_id": ["O1"]})}  # wrong shape: the insert fails mid-way
+        bad = {
+            "people": people(("c9", "contact", "z@x.com")),
+            "accounts": accounts(),
+            "opportunities": pl.DataFrame({"crm_id": ["O1"]}),
+        }  # wrong shape: the insert fails mid-way
         with pytest.raises(duckdb.Error):
-            apply_crm_changes(con, bad, {"people": {"c1", "c9"}, "accounts": set(), "opportunities": {"O1"}},
-                              "hubspot", start, NOW)
+            apply_crm_changes(
+                con, bad, {"people": {"c1", "c9"}, "accounts": set(), "opportunities": {"O1"}}, "hubspot", start, NOW
+            )
         assert {r[0] for r in table(con, "crm_people")} == {"c1"}
         assert con.execute("SELECT count(*) FROM crm_snapshot_meta").fetchone()[0] == 1
 
@@ -97,8 +117,10 @@ addresses = st.sampled_from([f"{n}@x.com" for n in "abcdef"])
 
 
 @hsettings(max_examples=60, deadline=None)
-@given(initial=st.dictionaries(ids, st.sets(addresses, max_size=3)),
-       updates=st.lists(st.dictionaries(ids, st.sets(addresses, max_size=3)), max_size=4))
+@given(
+    initial=st.dictionaries(ids, st.sets(addresses, max_size=3)),
+    updates=st.lists(st.dictionaries(ids, st.sets(addresses, max_size=3)), max_size=4),
+)
 def test_incremental_upserts_equal_a_full_read(tmp_path_factory, initial, updates):
     """Any sequence of change sets (a record with no addresses = left scope) applied to a snapshot gives the
     same people table as a full read of the CRM's final state."""
@@ -112,16 +134,27 @@ def test_incremental_upserts_equal_a_full_read(tmp_path_factory, initial, update
         replace_crm_snapshot(con, frame(crm), accounts(), opps(), "files", start)
         for change in updates:
             crm.update(change)
-            apply_crm_changes(con, {"people": frame(change), "accounts": accounts(), "opportunities": opps()},
-                              {"people": set(change), "accounts": set(), "opportunities": set()}, "files", start,
-                              None)
+            apply_crm_changes(
+                con,
+                {"people": frame(change), "accounts": accounts(), "opportunities": opps()},
+                {"people": set(change), "accounts": set(), "opportunities": set()},
+                "files",
+                start,
+                None,
+            )
         assert {r[:3] for r in table(con, "crm_people")} == {r[:3] for r in frame(crm).iter_rows()}
 
 
 def tenant(kind: str, directory: Path | None = None) -> TenantConfig:
-    return TenantConfig(id="t1", name="T", domains=["contoso.com"], crm_kind=kind,
-                        crm=CrmConnection(login_url="https://crm.invalid", client_id="c",
-                                          directory=str(directory) if directory else None))
+    return TenantConfig(
+        id="t1",
+        name="T",
+        domains=["contoso.com"],
+        crm_kind=kind,
+        crm=CrmConnection(
+            login_url="https://crm.invalid", client_id="c", directory=str(directory) if directory else None
+        ),
+    )
 
 
 def test_refresh_policy_full_first_then_incremental_with_overlap_then_reconcile(settings):

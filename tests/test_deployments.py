@@ -64,15 +64,16 @@ def every_deployment(settings):
     tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
     save_tenant(settings, TenantConfig(id=tid, domains=["contoso.com"], features=["email", "calendar", "teams"]))
     flow = _email_flow()
-    return tid, build_deployments(settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow,
-                                  retention_flow=flow)
+    return tid, build_deployments(
+        settings, email_flow=flow, import_flow=flow, calendar_flow=flow, teams_flow=flow, retention_flow=flow
+    )
 
 
 def test_one_scheduled_sync_and_one_manual_import_per_email_tenant(settings):
     tid = "6513270e-269e-4d37-b2a7-4de452e6b438"
     sync, manual, calendar, retention = build_deployments(
-        settings, email_flow=_email_flow(), calendar_flow=_email_flow(),
-        retention_flow=_email_flow())  # fabrikam has no email feature
+        settings, email_flow=_email_flow(), calendar_flow=_email_flow(), retention_flow=_email_flow()
+    )  # fabrikam has no email feature
     assert retention.name == f"retention-{tid}" and retention.schedules[0].schedule.interval == timedelta(days=1)
     assert calendar.name == f"calendar-sync-{tid}" and calendar.parameters == {"tenant_id": tid}
     (hourly,) = calendar.schedules
@@ -162,8 +163,12 @@ def test_the_serve_table_shows_each_deployments_own_interval_and_next_starts(eve
         return [first + timedelta(seconds=k * interval) for k in range(count)]
 
     fmt = lambda t: t.strftime("%H:%M:%S" if t.date() == now.date() else "%b %d %H:%M:%S")  # noqa: E731
-    for kind, label in ((EMAIL_SYNC, "every 15 min"), (CALENDAR_SYNC, "hourly"), (TEAMS_REFRESH, "daily"),
-                        (RETENTION, "daily")):
+    for kind, label in (
+        (EMAIL_SYNC, "every 15 min"),
+        (CALENDAR_SYNC, "hourly"),
+        (TEAMS_REFRESH, "daily"),
+        (RETENTION, "daily"),
+    ):
         expected = f"{label}, next {', '.join(fmt(t) for t in starts(kind, RECURRING[kind]))} UTC"
         assert rows[deployment_name(kind, tid)] == expected
     assert rows[deployment_name("initial-import", tid)] == "on demand"
@@ -212,13 +217,28 @@ def test_a_port_another_program_listens_on_is_refused_or_announced():
             _pick_port(port, said.append)
         chosen = _pick_port(None, said.append, default=port)
     assert chosen != port
-    assert said == [f"Port {port} on 127.0.0.1 is in use by another program, so the Prefect UI is on port {chosen} "
-                    f"for this run (free port {port}, or pass --port)."]
+    assert said == [
+        f"Port {port} on 127.0.0.1 is in use by another program, so the Prefect UI is on port {chosen} "
+        f"for this run (free port {port}, or pass --port)."
+    ]
 
 
-@pytest.mark.parametrize("tenant_id", [
-    "a/b", "x%y", "<script>&", "tenant.py", "..", "", " ", "ünïcode", "a" * 300, "-lead", "a b",
-])
+@pytest.mark.parametrize(
+    "tenant_id",
+    [
+        "a/b",
+        "x%y",
+        "<script>&",
+        "tenant.py",
+        "..",
+        "",
+        " ",
+        "ünïcode",
+        "a" * 300,
+        "-lead",
+        "a b",
+    ],
+)
 def test_any_tenant_id_gives_a_valid_distinct_deployment_name(tenant_id, settings):
     name = deployment_name("email-sync", tenant_id)
     assert not BANNED & set(name) and not name.endswith(".py")
@@ -226,14 +246,18 @@ def test_any_tenant_id_gives_a_valid_distinct_deployment_name(tenant_id, setting
     assert name != deployment_name("email-sync", tenant_id + "x")
     # the registry refuses such ids; built from an unvalidated config anyway, Prefect accepts the names
     bad = TenantConfig.model_construct(id=tenant_id, domains=["x.com"], features=["email"])
-    names = [d.name for d in build_deployments(settings, email_flow=_email_flow(), tenants=[bad],
-                                               retention_flow=_email_flow())]
+    names = [
+        d.name
+        for d in build_deployments(settings, email_flow=_email_flow(), tenants=[bad], retention_flow=_email_flow())
+    ]
     assert names == [name, deployment_name("initial-import", tenant_id), deployment_name("retention", tenant_id)]
 
 
 def test_registry_ids_are_used_verbatim():
-    assert deployment_name("email-sync", "6513270e-269e-4d37-b2a7-4de452e6b438") == \
-        "email-sync-6513270e-269e-4d37-b2a7-4de452e6b438"
+    assert (
+        deployment_name("email-sync", "6513270e-269e-4d37-b2a7-4de452e6b438")
+        == "email-sync-6513270e-269e-4d37-b2a7-4de452e6b438"
+    )
     assert deployment_name("email-sync", "contoso.onmicrosoft.com") == "email-sync-contoso.onmicrosoft.com"
 
 
@@ -250,8 +274,15 @@ def test_prefect_yaml_has_a_15_minute_cancel_new_email_sync_and_keeps_initial_im
     text = (ROOT / "prefect.yaml").read_text()
     _, model = _load_prefect_yaml(text)
     by_name = {d.name: d for d in model.deployments}
-    assert set(by_name) == {"initial-import", "email-sync", "calendar-sync", "teams-refresh", "retention",
-                            "offboard-user", "end-subscription"}
+    assert set(by_name) == {
+        "initial-import",
+        "email-sync",
+        "calendar-sync",
+        "teams-refresh",
+        "retention",
+        "offboard-user",
+        "end-subscription",
+    }
     assert by_name["retention"].schedules[0].interval == timedelta(days=1)
     assert by_name["calendar-sync"].schedules[0].interval == timedelta(seconds=3600)
     assert by_name["calendar-sync"].concurrency_limit.collision_strategy == "CANCEL_NEW"
@@ -329,14 +360,17 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
 
             # the server computes the runs from the spread anchor: every start at offset + k * 15 min
             dep = syncs["tenant-a"]
-            httpx.post(f"{api.api_url}/deployments/{dep.id}/schedule", json={"min_runs": 3},
-                       timeout=60, trust_env=False).raise_for_status()
+            httpx.post(
+                f"{api.api_url}/deployments/{dep.id}/schedule", json={"min_runs": 3}, timeout=60, trust_env=False
+            ).raise_for_status()
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
             assert len(runs) >= 3
             for run in runs:
                 assert run.parameters == {"tenant_id": "tenant-a"}
-                assert run.expected_start_time.timestamp() % 900 == \
-                    (datetime(2026, 1, 1, tzinfo=UTC).timestamp() + schedule_offset_s("tenant-a")) % 900
+                assert (
+                    run.expected_start_time.timestamp() % 900
+                    == (datetime(2026, 1, 1, tzinfo=UTC).timestamp() + schedule_offset_s("tenant-a")) % 900
+                )
 
             # a second sync of the same tenant while one holds the slot is cancelled; another tenant is not held up
             first = client.create_flow_run_from_deployment(dep.id)
@@ -361,7 +395,7 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
 def test_the_readme_lists_every_deployment_serve_builds(every_deployment):
     tid, built = every_deployment
     readme = (ROOT / "README.md").read_text()
-    section = " ".join(readme[readme.index("## Running on a schedule"):].split())
+    section = " ".join(readme[readme.index("## Running on a schedule") :].split())
     kinds = [d.name.removesuffix(f"-{tid}") for d in built]
     assert len(kinds) == 5 and "five Prefect deployments per tenant" in section
     for kind in kinds:

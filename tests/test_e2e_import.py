@@ -34,8 +34,9 @@ def test_initial_import_stores_exactly_the_ground_truth(prefect_server, product)
             rows = con.execute("SELECT user_oid, graph_id, subject, body_text, from_address FROM emails").fetchall()
             users = {r[0] for r in con.execute("SELECT DISTINCT user_oid FROM email_participants").fetchall()}
             stages = con.execute("SELECT DISTINCT stage FROM sync_state").fetchall()
-            primaries = con.execute("SELECT DISTINCT count(*) FILTER (WHERE is_primary) FROM email_crm_matches "
-                                    "GROUP BY user_oid, graph_id").fetchall()
+            primaries = con.execute(
+                "SELECT DISTINCT count(*) FILTER (WHERE is_primary) FROM email_crm_matches GROUP BY user_oid, graph_id"
+            ).fetchall()
         assert len(rows) == len({(r[0], r[1]) for r in rows}) == len(expected)
         by_id = {m.id: m for u in tenant.users for m in world.mailboxes[u.oid]}
         for oid, gid, subject, body, sender in rows:
@@ -76,8 +77,9 @@ def test_a_failed_run_is_finished_by_the_next_without_loss_or_duplicates(prefect
     with pytest.raises(ImportIncomplete):
         initial_import(tenant.tid)
     with open_store(product.settings, tenant.tid, write=False) as con:
-        stage, error, failures = con.execute("SELECT stage, last_error, consecutive_failures FROM sync_state "
-                                             "WHERE user_oid = ?", [victim]).fetchall()[0]
+        stage, error, failures = con.execute(
+            "SELECT stage, last_error, consecutive_failures FROM sync_state WHERE user_oid = ?", [victim]
+        ).fetchall()[0]
         partial = con.execute("SELECT count(*) FROM emails WHERE user_oid = ?", [victim]).fetchall()[0][0]
     assert (stage, error, failures) == ("failed", "GraphBadRequest", 1)
     expected = product.world.expected_matches(tenant.tid)
@@ -88,8 +90,9 @@ def test_a_failed_run_is_finished_by_the_next_without_loss_or_duplicates(prefect
     assert stored_matches(product.settings, tenant.tid) == expected
     assert totals["imported"] == len(victim_expected) - partial  # only what was missing
     with open_store(product.settings, tenant.tid, write=False) as con:
-        stage, failures, scanned = con.execute("SELECT stage, consecutive_failures, scanned FROM sync_state "
-                                               "WHERE user_oid = ?", [victim]).fetchall()[0]
+        stage, failures, scanned = con.execute(
+            "SELECT stage, consecutive_failures, scanned FROM sync_state WHERE user_oid = ?", [victim]
+        ).fetchall()[0]
     window = [m for m in product.world.mailboxes[victim] if m.received >= product.world.scan_start(tenant.tid)]
     assert (stage, failures) == ("idle", 0)
     assert scanned < len(window)  # the inbox resumed from its cursor instead of being re-listed

@@ -109,8 +109,9 @@ def test_the_same_message_in_two_folders_is_stored_once(product):
     copy.internet_message_id = sent.internet_message_id  # e.g. mail to yourself: one copy per folder
     counts = sync_all(p)[alice.oid]
     with open_store(p.settings, tid, write=False) as con:
-        stored = con.execute("SELECT count(*) FROM emails WHERE internet_message_id = ?",
-                             [sent.internet_message_id]).fetchall()[0][0]
+        stored = con.execute(
+            "SELECT count(*) FROM emails WHERE internet_message_id = ?", [sent.internet_message_id]
+        ).fetchall()[0][0]
     assert stored == 1
     assert counts.imported == 1 and dict(counts.excluded).get("duplicate") == 1
 
@@ -123,17 +124,24 @@ def test_blocklists_keep_mail_out(tmp_path, monkeypatch):
     try:
         tenant = world.tenants[0]
         first_match = sorted(world.expected_matches(tenant.tid))
-        blocked_domain = next(m.sender for m in world.mailboxes[first_match[0][0]]
-                              if m.id == first_match[0][1]).address.strip().lower().split("@")[1]
+        blocked_domain = (
+            next(m.sender for m in world.mailboxes[first_match[0][0]] if m.id == first_match[0][1])
+            .address.strip()
+            .lower()
+            .split("@")[1]
+        )
         alice = tenant.users[0].oid
         alice_contact = next(c.email.strip().lower() for c in world.crm[tenant.tid].contacts)
         config = load_tenant(p.settings, tenant.tid)
-        save_tenant(p.settings, config.model_copy(update={
-            "blocklist": [blocked_domain], "user_blocklists": {alice: [alice_contact]}}))
+        save_tenant(
+            p.settings,
+            config.model_copy(update={"blocklist": [blocked_domain], "user_blocklists": {alice: [alice_contact]}}),
+        )
         refresh_crm_snapshot(p.settings, tenant.tid)
         sync_all(p)
-        expected = world.expected_matches(tenant.tid, blocklist=[blocked_domain],
-                                          user_blocklists={alice: [alice_contact]})
+        expected = world.expected_matches(
+            tenant.tid, blocklist=[blocked_domain], user_blocklists={alice: [alice_contact]}
+        )
         assert len(expected) < len(world.expected_matches(tenant.tid))
         assert stored_matches(p.settings, tenant.tid) == expected
     finally:
@@ -165,8 +173,9 @@ def run_and_record(p, settings, oid: str) -> dict:
     from tasks.user_sync import run_user_sync
 
     tid = p.world.tenants[0].tid
-    return run_user_sync(settings, "email", tid, oid, lambda: sync_mailbox_now(settings, tid, oid),
-                         logging.getLogger("test"))
+    return run_user_sync(
+        settings, "email", tid, oid, lambda: sync_mailbox_now(settings, tid, oid), logging.getLogger("test")
+    )
 
 
 def state_of(settings, tid: str, oid: str) -> dict:
@@ -192,8 +201,9 @@ def test_half_an_emoji_in_a_subject_or_sender_name_is_counted_not_fatal(product)
     with open_store(p.settings, tid, write=False) as con:
         got = con.execute("SELECT subject, from_name FROM emails WHERE graph_id IN (?, ?)", broken).fetchall()
     assert len(got) == 2 and all(s.endswith("\ufffd") and n.endswith("\ufffd") for s, n in got)
-    assert {k for k in stored_matches(p.settings, tid) if k[0] == alice.oid} == \
-        {k for k in expected if k[0] == alice.oid}
+    assert {k for k in stored_matches(p.settings, tid) if k[0] == alice.oid} == {
+        k for k in expected if k[0] == alice.oid
+    }
     no_doubles(p)
 
 
@@ -215,8 +225,9 @@ def test_a_mailbox_bigger_than_the_page_limit_catches_up_over_runs(product, monk
         if stages[-1] == "idle":
             break
     assert stages[0] == "catching_up" and stages[-1] == "idle" and len(stages) >= 2
-    assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == \
-        {k for k in expected_now(p) if k[0] == alice.oid}
+    assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == {
+        k for k in expected_now(p) if k[0] == alice.oid
+    }
     assert sum(imported) == len({k for k in expected_now(p) if k[0] == alice.oid})  # each message imported once
 
 
@@ -234,8 +245,9 @@ def test_a_server_that_pages_forever_is_cut_off_and_the_next_run_finishes(produc
         monkeypatch.setenv(key, value)
     settings = load_settings()
     graph.reset_stats()
-    row = ends_by_itself(lambda: run_and_record(p, settings, alice.oid),
-                         lambda: setattr(graph, "endless_next_links", False))
+    row = ends_by_itself(
+        lambda: run_and_record(p, settings, alice.oid), lambda: setattr(graph, "endless_next_links", False)
+    )
     reason = "stopped_at_page_limit" if "O365SYNC_SYNC_MAX_PAGES" in limit else "stopped_at_time_limit"
     assert row["status"] == "catching_up" and f"{reason}=2" in row["excluded"]  # both folders, and it ended
     state = state_of(settings, tid, alice.oid)
@@ -248,8 +260,9 @@ def test_a_server_that_pages_forever_is_cut_off_and_the_next_run_finishes(produc
     assert not graph.endless_next_links  # switched off once the cut run had ended
     row = run_and_record(p, settings, alice.oid)  # replays the rounds from the committed deltaLinks
     assert row["status"] == "ok" and state_of(settings, tid, alice.oid)["last_error"] is None
-    assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == \
-        {k for k in expected_now(p) if k[0] == alice.oid}
+    assert {k for k in stored_matches(settings, tid) if k[0] == alice.oid} == {
+        k for k in expected_now(p) if k[0] == alice.oid
+    }
     no_doubles(p)
 
 

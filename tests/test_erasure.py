@@ -89,9 +89,13 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     msg, markers = seed_marker(p.world, alice.oid, tag)
     sync_all(p)
     with open_store(p.settings, tid, write=False) as con:
-        conv, = con.execute("SELECT conversation_id FROM emails WHERE graph_id = ?", [msg.id]).fetchone()
-        addresses = [r[0] for r in con.execute("SELECT DISTINCT address FROM email_participants WHERE graph_id = ?",
-                                               [msg.id]).fetchall()]
+        (conv,) = con.execute("SELECT conversation_id FROM emails WHERE graph_id = ?", [msg.id]).fetchone()
+        addresses = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT address FROM email_participants WHERE graph_id = ?", [msg.id]
+            ).fetchall()
+        ]
         in_conv = con.execute("SELECT count(*) FROM emails WHERE conversation_id = ?", [conv]).fetchone()[0]
         others = con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0]
     exported = export_conversation(p.settings, tid, graph_id=msg.id, user_oid=alice.oid)
@@ -115,8 +119,12 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     assert hits(tenant_files(p.settings, tid), markers) == []
     assert not (tenant_dir(p.settings, tid) / "exports").exists()
     with open_store(p.settings, tid, write=False) as con:
-        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?",
-                           [conv, alice.oid]).fetchone()[0] == 0
+        assert (
+            con.execute(
+                "SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?", [conv, alice.oid]
+            ).fetchone()[0]
+            == 0
+        )
         assert con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0] == others
         assert con.execute("SELECT count(*) FROM email_participants WHERE graph_id = ?", [msg.id]).fetchone()[0] == 0
 
@@ -127,8 +135,12 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     p.world.update_message(msg.id, is_read=False)  # a change Graph's delta reports
     sync_all(p)
     with open_store(p.settings, tid, write=False) as con:
-        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?",
-                           [conv, alice.oid]).fetchone()[0] == 0
+        assert (
+            con.execute(
+                "SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?", [conv, alice.oid]
+            ).fetchone()[0]
+            == 0
+        )
     assert hits(tenant_files(p.settings, tid), markers) == []
 
     # The audit log: outside the tenant folder, ids and counts only.
@@ -150,8 +162,10 @@ def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothi
     alice, bob = p.world.tenants[0].users
     sync_all(p)
     with open_store(p.settings, tid, write=False) as con:
-        conv, n = con.execute("SELECT conversation_id, count(*) FROM emails WHERE user_oid = ? GROUP BY 1 "
-                              "ORDER BY 2 DESC, 1 LIMIT 1", [bob.oid]).fetchone()
+        conv, n = con.execute(
+            "SELECT conversation_id, count(*) FROM emails WHERE user_oid = ? GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1",
+            [bob.oid],
+        ).fetchone()
         total = con.execute("SELECT count(*) FROM emails").fetchone()[0]
     export_conversation(p.settings, tid, conversation_id=conv)
     result = erase(p.settings, tid, Scope.conversation(conv), actor="admin:ops", reason="admin_request")
@@ -191,9 +205,11 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
     user = p.world.tenants[0].users[0]
     sync_calendar_now(p.settings, tid, user.oid)
     with open_store(p.settings, tid, write=False) as con:
-        series, n = con.execute("SELECT series_master_id, count(*) FROM meetings WHERE series_master_id IS NOT NULL "
-                                "AND event_id IN (SELECT event_id FROM meeting_crm_matches) GROUP BY 1 ORDER BY 2 DESC "
-                                "LIMIT 1").fetchone()
+        series, n = con.execute(
+            "SELECT series_master_id, count(*) FROM meetings WHERE series_master_id IS NOT NULL "
+            "AND event_id IN (SELECT event_id FROM meeting_crm_matches) GROUP BY 1 ORDER BY 2 DESC "
+            "LIMIT 1"
+        ).fetchone()
     tag = uuid.uuid4().hex
     marker = f"MEETMARK{tag}"
     p.world.calendars.update(series, subject=f"Quarterly review {marker}")
@@ -209,8 +225,12 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
     p.world.calendars.update(series, subject=f"Quarterly review {marker} (moved)")
     sync_calendar_now(p.settings, tid, user.oid)
     with open_store(p.settings, tid, write=False) as con:
-        assert con.execute("SELECT count(*) FROM meetings WHERE series_master_id = ? OR event_id = ?",
-                           [series, series]).fetchone()[0] == 0
+        assert (
+            con.execute(
+                "SELECT count(*) FROM meetings WHERE series_master_id = ? OR event_id = ?", [series, series]
+            ).fetchone()[0]
+            == 0
+        )
     assert hits(tenant_files(p.settings, tid), [marker]) == []
     assert read_audit(p.settings, tid)[-1]["ids"] == {"series_ids": [series]}
 
@@ -221,8 +241,12 @@ def test_compaction_of_a_fresh_store_and_unknown_message(product):
     assert sizes["bytes_after"] > 0
     with pytest.raises(LookupError):
         erase(p.settings, tid, Scope.message("no-such-id"), actor="cli:test", reason="user_request")
-    assert duckdb.connect(str(snapshot_path(p.settings, tid)), read_only=True).execute(
-        "SELECT count(*) FROM erased").fetchone()[0] == 0
+    assert (
+        duckdb.connect(str(snapshot_path(p.settings, tid)), read_only=True)
+        .execute("SELECT count(*) FROM erased")
+        .fetchone()[0]
+        == 0
+    )
 
 
 def test_cli_conversation_export_and_delete(product):
@@ -232,8 +256,12 @@ def test_cli_conversation_export_and_delete(product):
     from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app
 
     app = typer.Typer()
-    for sub, name in ((conversation_app, "conversation"), (meeting_app, "meeting"), (retention_app, "retention"),
-                      (offboard_app, "offboard")):
+    for sub, name in (
+        (conversation_app, "conversation"),
+        (meeting_app, "meeting"),
+        (retention_app, "retention"),
+        (offboard_app, "offboard"),
+    ):
         app.add_typer(sub, name=name)
     p, tid = product, product.world.tenants[0].tid
     alice = p.world.tenants[0].users[0]
@@ -242,8 +270,11 @@ def test_cli_conversation_export_and_delete(product):
     run = CliRunner().invoke
     out = run(app, ["conversation", "export", "--tenant", tid, "--message", msg.id], env={"COLUMNS": "300"})
     assert out.exit_code == 0 and "Exported" in out.output and markers[0] not in out.output
-    out = run(app, ["conversation", "delete", "--tenant", tid, "--message", msg.id, "--actor", "cli:tester"],
-              env={"COLUMNS": "300"})
+    out = run(
+        app,
+        ["conversation", "delete", "--tenant", tid, "--message", msg.id, "--actor", "cli:tester"],
+        env={"COLUMNS": "300"},
+    )
     assert out.exit_code == 0 and "Erased message" in out.output and markers[0] not in out.output
     assert hits(tenant_files(p.settings, tid), markers) == []
     assert run(app, ["conversation", "delete", "--tenant", tid]).exit_code == 1

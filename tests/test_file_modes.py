@@ -62,8 +62,9 @@ def test_everything_the_demo_an_export_and_a_region_move_write_is_private(prefec
 
 
 def _python(code: str, env: dict[str, str], cwd: Path) -> str:
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -83,8 +84,12 @@ def test_the_cli_makes_files_private_and_tightens_a_data_dir_of_an_earlier_versi
     old = tmp_path / "data"
     (old / "tenants" / "t1" / "connections").mkdir(parents=True)
     (old / "analytics").mkdir()
-    for path in (old / "tenants" / "t1" / "store.duckdb", old / "tenants" / "t1" / "connections" / "u.json",
-                 old / "analytics" / "t1.duckdb", old / "secret.key"):
+    for path in (
+        old / "tenants" / "t1" / "store.duckdb",
+        old / "tenants" / "t1" / "connections" / "u.json",
+        old / "analytics" / "t1.duckdb",
+        old / "secret.key",
+    ):
         path.write_text("x")
         path.chmod(0o644)
     for folder in (old, *[p for p in old.rglob("*") if p.is_dir()]):
@@ -93,10 +98,8 @@ def test_the_cli_makes_files_private_and_tightens_a_data_dir_of_an_earlier_versi
     elsewhere.write_text("x")
     elsewhere.chmod(0o644)
 
-    code = ("import os; os.umask(0o022); import o365sync.cli; "
-            "print(oct(os.umask(0o022)), os.environ['PREFECT_HOME'])")
-    umask, prefect_home = _python(code, _env(O365SYNC_DATA_DIR=str(old), HOME=str(tmp_path / "home")),
-                                  tmp_path).split()
+    code = "import os; os.umask(0o022); import o365sync.cli; print(oct(os.umask(0o022)), os.environ['PREFECT_HOME'])"
+    umask, prefect_home = _python(code, _env(O365SYNC_DATA_DIR=str(old), HOME=str(tmp_path / "home")), tmp_path).split()
     assert umask == "0o77"
     assert Path(prefect_home) == (old / "prefect").resolve()
     assert not_private(old) == []

@@ -81,8 +81,9 @@ def client(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user
 
 # ---------------------------------------------------------------------------------------------- listing
 @pytest.mark.parametrize("folder", ["inbox", "sentitems"])
-def test_header_pages_are_exactly_the_folder_since(client: GraphClient, sim: GraphSimulator, world: World,
-                                                   user: SimUser, folder: str) -> None:
+def test_header_pages_are_exactly_the_folder_since(
+    client: GraphClient, sim: GraphSimulator, world: World, user: SimUser, folder: str
+) -> None:
     since = world.now - timedelta(days=25)
     pages = list(iter_header_pages(client, folder, since, page_size=40))
     want = expected(world, user, folder, since)
@@ -125,8 +126,11 @@ def test_header_pages_are_exactly_the_folder_since(client: GraphClient, sim: Gra
 @given(page_size=st.one_of(st.integers(1, 1000), st.sampled_from([1, 2, 99, 100, 101, 1000])))
 def test_any_page_size_yields_the_same_ids(client: GraphClient, world: World, user: SimUser, page_size: int) -> None:
     since = world.now - timedelta(days=10)
-    ids = [i for p in iter_header_pages(client, "inbox", since, page_size)
-           for i in p.messages.column("graph_id").to_pylist()]
+    ids = [
+        i
+        for p in iter_header_pages(client, "inbox", since, page_size)
+        for i in p.messages.column("graph_id").to_pylist()
+    ]
     assert len(ids) == len(set(ids))
     assert set(ids) == {m.id for m in expected(world, user, "inbox", since)}
 
@@ -134,14 +138,14 @@ def test_any_page_size_yields_the_same_ids(client: GraphClient, world: World, us
 def test_header_listing_selects_only_header_fields(client: GraphClient, world: World) -> None:
     assert "body" not in HEADER_FIELDS and "bodyPreview" not in HEADER_FIELDS
     assert "bccRecipients" not in HEADER_FIELDS and "sensitivity" not in HEADER_FIELDS
-    raw = next(client.iter_pages("me/mailFolders/inbox/messages",
-                                 {"$select": ",".join(HEADER_FIELDS), "$top": "3"}))
+    raw = next(client.iter_pages("me/mailFolders/inbox/messages", {"$select": ",".join(HEADER_FIELDS), "$top": "3"}))
     for item in json.loads(raw)["value"]:
         assert set(item) == {"@odata.etag", *HEADER_FIELDS}
 
 
-def test_header_listing_expands_sensitivity(client: GraphClient, sim: GraphSimulator, world: World,
-                                            user: SimUser) -> None:
+def test_header_listing_expands_sensitivity(
+    client: GraphClient, sim: GraphSimulator, world: World, user: SimUser
+) -> None:
     """The listing asks for PidTagSensitivity by `$expand` (never `$select=sensitivity`, a 400 on real Graph);
     the ground truth's sensitive mail is still recognised."""
     since = world.now - timedelta(days=400)
@@ -150,8 +154,11 @@ def test_header_listing_expands_sensitivity(client: GraphClient, sim: GraphSimul
     assert sent and all(r.status == 200 for r in sent)
     by_id = {m.id: m for m in world.mailboxes[user.oid]}
     sensitive = {r["graph_id"]: r["sensitivity"] for r in rows if r["sensitivity"] is not None}
-    assert sensitive and sensitive == {m.id: m.sensitivity for m in by_id.values()
-                                       if m.folder == "inbox" and m.received >= since and m.sensitivity != "normal"}
+    assert sensitive and sensitive == {
+        m.id: m.sensitivity
+        for m in by_id.values()
+        if m.folder == "inbox" and m.received >= since and m.sensitivity != "normal"
+    }
     assert set(sensitive.values()) <= {"personal", "private", "confidential"}
 
 
@@ -181,16 +188,20 @@ def test_revoked_token_is_refreshed_once(http: httpx.Client, tls: SimulatorTLS, 
         assert [r.status for r in own.requests][-2:] == [401, 401]  # exactly one retry
 
 
-def test_forbidden_raises_immediately(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                      user: SimUser, world: World) -> None:
+def test_forbidden_raises_immediately(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     sleeps = Sleeps()
     basic = make_client(sim, http, Tokens(tokens, user, ("User.Read", "Mail.ReadBasic")), sleep=sleeps)
     since = world.now - timedelta(days=5)
-    headers_only = {"$select": ",".join(HEADER_FIELDS), "$filter": f"receivedDateTime ge {graph_datetime(since)}",
-                    "$top": "100"}
-    assert sum(len(json.loads(raw)["value"]) for raw in basic.iter_pages("me/mailFolders/inbox/messages",
-                                                                          headers_only)) == len(
-        expected(world, user, "inbox", since))
+    headers_only = {
+        "$select": ",".join(HEADER_FIELDS),
+        "$filter": f"receivedDateTime ge {graph_datetime(since)}",
+        "$top": "100",
+    }
+    assert sum(
+        len(json.loads(raw)["value"]) for raw in basic.iter_pages("me/mailFolders/inbox/messages", headers_only)
+    ) == len(expected(world, user, "inbox", since))
     with pytest.raises(GraphForbidden) as info:
         basic.get("me/mailFolders/inbox/messages", params={"$select": "id,body"})
     err = info.value
@@ -205,12 +216,16 @@ def test_forbidden_raises_immediately(sim: GraphSimulator, http: httpx.Client, t
 
 def test_bad_filter_and_not_found_raise_without_leaking(client: GraphClient, sim: GraphSimulator) -> None:
     with pytest.raises(GraphBadRequest) as info:
-        client.get("me/mailFolders/inbox/messages",
-                   params={"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'", "$select": "id"})
+        client.get(
+            "me/mailFolders/inbox/messages",
+            params={"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'", "$select": "id"},
+        )
     assert info.value.code == "BadRequest"
     with pytest.raises(GraphBadRequest) as info:
-        client.get("me/mailFolders/inbox/messages",
-                   params={"$filter": "toRecipients/any(r:r/emailAddress/address eq 'secret@x.com')"})
+        client.get(
+            "me/mailFolders/inbox/messages",
+            params={"$filter": "toRecipients/any(r:r/emailAddress/address eq 'secret@x.com')"},
+        )
     assert info.value.code == "ErrorInvalidUrlQueryFilter"
     text = str(info.value)
     assert text.startswith("Graph HTTP 400 ErrorInvalidUrlQueryFilter (request-id ")
@@ -222,8 +237,9 @@ def test_bad_filter_and_not_found_raise_without_leaking(client: GraphClient, sim
 
 
 # ---------------------------------------------------------------------------------------------- retries
-def test_fractional_retry_after_is_honoured(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                            user: SimUser) -> None:
+def test_fractional_retry_after_is_honoured(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser
+) -> None:
     sleeps = Sleeps()
     client = make_client(sim, http, Tokens(tokens, user), sleep=sleeps)
     sim.inject(user.oid, 429, retry_after="1.5")
@@ -232,8 +248,9 @@ def test_fractional_retry_after_is_honoured(sim: GraphSimulator, http: httpx.Cli
     assert [r.status for r in sim.requests] == [429, 200]
 
 
-def test_503_504_and_retry_exhaustion(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                      user: SimUser) -> None:
+def test_503_504_and_retry_exhaustion(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser
+) -> None:
     sleeps = Sleeps()
     client = make_client(sim, http, Tokens(tokens, user), sleep=sleeps, backoff_base_s=0.1)
     sim.inject(user.oid, 503)  # no Retry-After: exponential backoff
@@ -256,8 +273,9 @@ def test_503_504_and_retry_exhaustion(sim: GraphSimulator, http: httpx.Client, t
     sim.reset()
 
 
-def test_client_never_exceeds_four_in_flight(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                             user: SimUser, world: World) -> None:
+def test_client_never_exceeds_four_in_flight(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     sim.latency_s = 0.04
     client = make_client(sim, http, Tokens(tokens, user), sleep=Sleeps())
     ids = [m.id for m in world.mailboxes[user.oid][:30]]
@@ -269,7 +287,7 @@ def test_client_never_exceeds_four_in_flight(sim: GraphSimulator, http: httpx.Cl
         try:
             barrier.wait()
             if i < 2:
-                bodies.append(len(list(fetch_bodies(client, ids[i * 15:(i + 1) * 15]))))
+                bodies.append(len(list(fetch_bodies(client, ids[i * 15 : (i + 1) * 15]))))
             else:
                 for _ in range(3):
                     client.get("me/mailFolders/inbox/messages", params={"$select": "id", "$top": "5"})
@@ -286,8 +304,9 @@ def test_client_never_exceeds_four_in_flight(sim: GraphSimulator, http: httpx.Cl
     assert all(r.status == 200 for r in sim.requests)  # so Graph never had to throttle
 
 
-def test_batch_inner_429_and_503_are_retried(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                             user: SimUser, world: World) -> None:
+def test_batch_inner_429_and_503_are_retried(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     sleeps = Sleeps()
     client = make_client(sim, http, Tokens(tokens, user), sleep=sleeps)
     msgs = world.mailboxes[user.oid][:5]
@@ -302,8 +321,9 @@ def test_batch_inner_429_and_503_are_retried(sim: GraphSimulator, http: httpx.Cl
     assert len(outer) == 2 and all(r.path.endswith("/$batch") and r.status == 200 for r in outer)
 
 
-def test_fetch_bodies_chunks_and_skips_missing(client: GraphClient, sim: GraphSimulator, world: World,
-                                               user: SimUser) -> None:
+def test_fetch_bodies_chunks_and_skips_missing(
+    client: GraphClient, sim: GraphSimulator, world: World, user: SimUser
+) -> None:
     msgs = world.mailboxes[user.oid][10:55]
     ids = [m.id for m in msgs]
     ids.insert(7, "AAkAdeletedMeanwhile")
@@ -315,10 +335,15 @@ def test_fetch_bodies_chunks_and_skips_missing(client: GraphClient, sim: GraphSi
 
 def test_batch_direct_results(client: GraphClient, world: World, user: SimUser) -> None:
     m = world.mailboxes[user.oid][0]
-    out = {rid: (status, body) for rid, status, body in client.batch([
-        {"id": "a", "method": "GET", "url": f"/me/messages/{m.id}?$select=subject"},
-        {"id": "b", "method": "GET", "url": "/me"},
-    ])}
+    out = {
+        rid: (status, body)
+        for rid, status, body in client.batch(
+            [
+                {"id": "a", "method": "GET", "url": f"/me/messages/{m.id}?$select=subject"},
+                {"id": "b", "method": "GET", "url": "/me"},
+            ]
+        )
+    }
     assert out["a"] == (200, out["a"][1]) and out["a"][1]["subject"] == m.subject
     assert out["b"][1]["id"] == user.oid
 
@@ -423,9 +448,15 @@ FORBIDDEN: list[tuple[str, str, dict | None]] = [
 
 
 @pytest.mark.parametrize(("method", "path", "params"), FORBIDDEN)
-def test_forbidden_requests_are_refused_before_sending(sim: GraphSimulator, http: httpx.Client,
-                                                       tokens: TokenAuthority, user: SimUser, method: str, path: str,
-                                                       params: dict | None) -> None:
+def test_forbidden_requests_are_refused_before_sending(
+    sim: GraphSimulator,
+    http: httpx.Client,
+    tokens: TokenAuthority,
+    user: SimUser,
+    method: str,
+    path: str,
+    params: dict | None,
+) -> None:
     token = Tokens(tokens, user, ("User.Read", "Mail.ReadWrite", "Mail.Send", "Files.Read.All"))
     client = make_client(sim, http, token, sleep=Sleeps())
     with pytest.raises(ForbiddenRequest) as info:
@@ -444,8 +475,11 @@ def test_forbidden_requests_are_refused_before_sending(sim: GraphSimulator, http
 
 def test_forbidden_templates_name_the_shape_only() -> None:
     def refused(method: str, path: str, params: dict | None = None) -> ForbiddenRequest:
-        client = GraphClient(httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
-                             "https://graph.test/v1.0", lambda force: "tok")
+        client = GraphClient(
+            httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+            "https://graph.test/v1.0",
+            lambda force: "tok",
+        )
         with pytest.raises(ForbiddenRequest) as info:
             client.request(method, path, params=params)
         return info.value
@@ -460,20 +494,22 @@ def test_forbidden_templates_name_the_shape_only() -> None:
     assert refused("GET", "https://graph.test/beta/me").template == "beta/me"
 
 
-def test_forbidden_inner_batch_request_stops_the_whole_batch(sim: GraphSimulator, http: httpx.Client,
-                                                             tokens: TokenAuthority, user: SimUser,
-                                                             world: World) -> None:
+def test_forbidden_inner_batch_request_stops_the_whole_batch(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     token = Tokens(tokens, user)
     client = make_client(sim, http, token, sleep=Sleeps())
     m = world.mailboxes[user.oid][0]
     good = [{"id": str(i), "method": "GET", "url": f"/me/messages/{m.id}?$select=body"} for i in range(25)]
-    for bad in ({"id": "x", "method": "POST", "url": f"/me/messages/{m.id}/forward"},
-                {"id": "x", "method": "GET", "url": f"/me/messages/{m.id}/attachments"},
-                {"id": "x", "method": "GET", "url": f"/me/messages/{m.id}?$expand=attachments"},
-                {"id": "x", "method": "GET", "url": "/users/someone@else.com/messages"},
-                {"id": "x", "method": "POST", "url": "/$batch"},
-                {"id": "x", "method": "GET", "url": f"{sim.base_url}/me"},
-                {"id": "x", "method": "DELETE", "url": f"/me/messages/{m.id}"}):
+    for bad in (
+        {"id": "x", "method": "POST", "url": f"/me/messages/{m.id}/forward"},
+        {"id": "x", "method": "GET", "url": f"/me/messages/{m.id}/attachments"},
+        {"id": "x", "method": "GET", "url": f"/me/messages/{m.id}?$expand=attachments"},
+        {"id": "x", "method": "GET", "url": "/users/someone@else.com/messages"},
+        {"id": "x", "method": "POST", "url": "/$batch"},
+        {"id": "x", "method": "GET", "url": f"{sim.base_url}/me"},
+        {"id": "x", "method": "DELETE", "url": f"/me/messages/{m.id}"},
+    ):
         with pytest.raises(ForbiddenRequest):
             list(client.batch([*good, bad]))  # the bad one is in the second chunk: the first is not sent either
         payload = json.dumps({"requests": [good[0], bad]}).encode()
@@ -501,24 +537,38 @@ def test_nextlinks_are_checked_before_they_are_followed() -> None:
 
 
 def test_allowed_shapes_including_graph_link_forms() -> None:
-    client = GraphClient(httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
-                         "https://graph.microsoft.com/v1.0", lambda force: "tok")
+    client = GraphClient(
+        httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+        "https://graph.microsoft.com/v1.0",
+        lambda force: "tok",
+    )
     ok = [
-        ("GET", "me"), ("GET", "/me"), ("GET", "me/mailFolders/inbox"), ("GET", "ME/MAILFOLDERS/SentItems"),
+        ("GET", "me"),
+        ("GET", "/me"),
+        ("GET", "me/mailFolders/inbox"),
+        ("GET", "ME/MAILFOLDERS/SentItems"),
         ("GET", "me/mailFolders/AQMkADNkNAAAgEMAAAA%3D/messages?$select=id,subject&$top=5"),
         ("GET", "me/mailFolders/inbox/messages/delta?$select=id,subject"),
-        ("GET", "me/mailFolders/inbox/messages/delta?$select=id&$expand=singleValueExtendedProperties(%24filter%3D"
-                "id%20eq%20%27Integer%200x0036%27)"),
-        ("GET", "https://graph.microsoft.com/v1.0/me/mailfolders('AQMkADNkNAAAgEMAAAA')/messages/delta"
-                "?$skiptoken=GwcBoTmPuoTQWfcsAbkYM"),
+        (
+            "GET",
+            "me/mailFolders/inbox/messages/delta?$select=id&$expand=singleValueExtendedProperties(%24filter%3D"
+            "id%20eq%20%27Integer%200x0036%27)",
+        ),
+        (
+            "GET",
+            "https://graph.microsoft.com/v1.0/me/mailfolders('AQMkADNkNAAAgEMAAAA')/messages/delta"
+            "?$skiptoken=GwcBoTmPuoTQWfcsAbkYM",
+        ),
         ("GET", "https://graph.microsoft.com/v1.0/me/mailFolders('inbox')/messages/delta?$deltatoken=abc%3D%3D"),
         ("GET", "https://graph.microsoft.com/v1.0/me/mailFolders/inbox/messages?%24select=id&%24skip=50"),
-        ("GET", f"me/messages/{MID}?$select=body"), ("get", f"/me/messages/{MID}"),
+        ("GET", f"me/messages/{MID}?$select=body"),
+        ("get", f"/me/messages/{MID}"),
     ]
     for method, path in ok:
         assert client.check_allowed(method, path) == 1, path
-    batch = json.dumps({"requests": [{"id": str(i), "method": "GET", "url": f"/me/messages/{MID}?$select=body"}
-                                     for i in range(7)]}).encode()
+    batch = json.dumps(
+        {"requests": [{"id": str(i), "method": "GET", "url": f"/me/messages/{MID}?$select=body"} for i in range(7)]}
+    ).encode()
     assert client.check_allowed("POST", "$batch", content=batch) == 7
     with pytest.raises(ForbiddenRequest):
         client.check_allowed("GET", "me/mailfolders('in/box')/messages/delta")
@@ -526,35 +576,50 @@ def test_allowed_shapes_including_graph_link_forms() -> None:
         client.check_allowed("GET", "me/contacts('x')/messages/delta")
 
     # the allowlist is plain data: a later feature adds its entries
-    calendar = GraphClient(client.http, client.base_url, lambda force: "tok",
-                           allow=(*MAIL_READ_ALLOWLIST, Allow("GET", "me/calendarView/delta")))
+    calendar = GraphClient(
+        client.http,
+        client.base_url,
+        lambda force: "tok",
+        allow=(*MAIL_READ_ALLOWLIST, Allow("GET", "me/calendarView/delta")),
+    )
     assert calendar.check_allowed("GET", "me/calendarView/delta?startDateTime=2024-01-01T00:00:00Z") == 1
     with pytest.raises(ForbiddenRequest):
         client.check_allowed("GET", "me/calendarView/delta")
 
 
 def test_expand_allowlist_is_exactly_the_sensitivity_property() -> None:
-    client = GraphClient(httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
-                         "https://graph.microsoft.com/v1.0", lambda force: "tok")
-    assert EXPAND_ALLOWLIST == {SENSITIVITY_EXPAND} == {
-        "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"}
+    client = GraphClient(
+        httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+        "https://graph.microsoft.com/v1.0",
+        lambda force: "tok",
+    )
+    assert EXPAND_ALLOWLIST == {SENSITIVITY_EXPAND} == {"singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"}
     listing, delta, one = "me/mailFolders/inbox/messages", "me/mailFolders/inbox/messages/delta", f"me/messages/{MID}"
     allowed = [SENSITIVITY_EXPAND, f"  {SENSITIVITY_EXPAND}\t", SENSITIVITY_EXPAND.replace(" ", "  \n ")]
     for value in allowed:  # exact match after whitespace normalisation, as params, in the URL and in a $batch
         for path in (listing, delta, one):
             assert client.check_allowed("GET", path, {"$expand": value, "$select": "id"}) == 1
         assert client.check_allowed("GET", f"{listing}?{httpx.QueryParams({'$expand': value})}") == 1
-        batch = json.dumps({"requests": [{"id": "1", "method": "GET",
-                                          "url": f"/{one}?{httpx.QueryParams({'$expand': value})}"}]}).encode()
+        batch = json.dumps(
+            {"requests": [{"id": "1", "method": "GET", "url": f"/{one}?{httpx.QueryParams({'$expand': value})}"}]}
+        ).encode()
         assert client.check_allowed("POST", "$batch", content=batch) == 1
     refused = [
-        "attachments", "Attachments", "extensions", "singleValueExtendedProperties", "multiValueExtendedProperties",
-        f"{SENSITIVITY_EXPAND},attachments", f"attachments,{SENSITIVITY_EXPAND}",
+        "attachments",
+        "Attachments",
+        "extensions",
+        "singleValueExtendedProperties",
+        "multiValueExtendedProperties",
+        f"{SENSITIVITY_EXPAND},attachments",
+        f"attachments,{SENSITIVITY_EXPAND}",
         SENSITIVITY_EXPAND.replace("Integer 0x0036", "Integer 0x36"),  # exact string: not the echoed id form
-        SENSITIVITY_EXPAND.replace("Integer", "integer"), SENSITIVITY_EXPAND.replace("single", "Single"),
-        SENSITIVITY_EXPAND.replace("0x0036", "0x0E08"), SENSITIVITY_EXPAND.replace("(", " ("),
+        SENSITIVITY_EXPAND.replace("Integer", "integer"),
+        SENSITIVITY_EXPAND.replace("single", "Single"),
+        SENSITIVITY_EXPAND.replace("0x0036", "0x0E08"),
+        SENSITIVITY_EXPAND.replace("(", " ("),
         "singleValueExtendedProperties($filter=id eq 'String {00020386-0000-0000-C000-000000000046} Name x-secret')",
-        "", "*",
+        "",
+        "*",
     ]
     for value in refused:
         for key in ("$expand", "expand", "$EXPAND"):
@@ -564,8 +629,9 @@ def test_expand_allowlist_is_exactly_the_sensitivity_property() -> None:
         with pytest.raises(ForbiddenRequest):
             client.check_allowed("GET", f"{one}?{httpx.QueryParams({'$expand': value})}")
     with pytest.raises(ForbiddenRequest):  # every $expand of a request must be allowed
-        client.check_allowed("GET", f"{listing}?{httpx.QueryParams({'$expand': SENSITIVITY_EXPAND})}",
-                             {"$expand": "attachments"})
+        client.check_allowed(
+            "GET", f"{listing}?{httpx.QueryParams({'$expand': SENSITIVITY_EXPAND})}", {"$expand": "attachments"}
+        )
     # like the path allowlist, it is plain data; nothing at all when emptied
     strict = GraphClient(client.http, client.base_url, lambda force: "tok", allow_expand=())
     with pytest.raises(ForbiddenRequest):
@@ -576,15 +642,20 @@ def test_delta_token_errors_are_classified() -> None:
     from o365sync.graph import error_for
 
     body = json.dumps({"error": {"code": "SyncStateNotFound", "message": "gen=149"}}).encode()
-    for status, code in ((410, "SyncStateNotFound"), (410, None), (400, "syncStateNotFound"), (400, "resyncRequired"),
-                         (404, "SYNCSTATEINVALID"), (409, "ResyncRequired")):
+    for status, code in (
+        (410, "SyncStateNotFound"),
+        (410, None),
+        (400, "syncStateNotFound"),
+        (400, "resyncRequired"),
+        (404, "SYNCSTATEINVALID"),
+        (409, "ResyncRequired"),
+    ):
         raw = json.dumps({"error": {"code": code}}).encode() if code else b""
         err = error_for(status, raw)
         assert isinstance(err, DeltaTokenExpired) and err.status == status, (status, code)
     assert isinstance(error_for(410, body), DeltaTokenExpired)
     assert not isinstance(error_for(400, json.dumps({"error": {"code": "BadRequest"}}).encode()), DeltaTokenExpired)
-    assert not isinstance(error_for(503, json.dumps({"error": {"code": "resyncRequired"}}).encode()),
-                          DeltaTokenExpired)
+    assert not isinstance(error_for(503, json.dumps({"error": {"code": "resyncRequired"}}).encode()), DeltaTokenExpired)
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -603,21 +674,34 @@ class FakeClock:
         self.now += seconds
 
 
-def _counting_client(clock: FakeClock, sent: list[tuple[float, int]], budget: int, window: float,
-                     statuses: list[int] | None = None) -> GraphClient:
+def _counting_client(
+    clock: FakeClock, sent: list[tuple[float, int]], budget: int, window: float, statuses: list[int] | None = None
+) -> GraphClient:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/$batch"):
             inner = json.loads(request.content)["requests"]
             sent.append((clock.now, len(inner)))
-            return httpx.Response(200, json={"responses": [
-                {"id": r["id"], "status": 200, "headers": {}, "body": {"id": r["id"]}} for r in inner]})
+            return httpx.Response(
+                200,
+                json={
+                    "responses": [{"id": r["id"], "status": 200, "headers": {}, "body": {"id": r["id"]}} for r in inner]
+                },
+            )
         sent.append((clock.now, 1))
         status = statuses.pop(0) if statuses else 200
         return httpx.Response(status, json={"id": "me"} if status == 200 else {"error": {"code": "x"}})
 
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    return GraphClient(http, "https://graph.test/v1.0", lambda force: "tok", sleep=clock.sleep, clock=clock,
-                       budget=budget, budget_window_s=window, backoff_base_s=0.01)
+    return GraphClient(
+        http,
+        "https://graph.test/v1.0",
+        lambda force: "tok",
+        sleep=clock.sleep,
+        clock=clock,
+        budget=budget,
+        budget_window_s=window,
+        backoff_base_s=0.01,
+    )
 
 
 def _max_in_window(sent: list[tuple[float, int]], window: float) -> int:
@@ -658,8 +742,7 @@ def test_budget_default_is_outlooks_limit_and_can_be_lowered_or_disabled() -> No
     assert (client.budget, client.budget_window_s) == (10_000, 600.0)
     assert GraphClient(http, "https://graph.test/v1.0", lambda f: "t", budget=9_000).budget == 9_000
     clock = FakeClock()
-    unlimited = GraphClient(http, "https://graph.test/v1.0", lambda f: "t", budget=None, sleep=clock.sleep,
-                            clock=clock)
+    unlimited = GraphClient(http, "https://graph.test/v1.0", lambda f: "t", budget=None, sleep=clock.sleep, clock=clock)
     for _ in range(50):
         unlimited.get("me")
     assert clock.sleeps == []
@@ -695,11 +778,12 @@ def test_links_off_the_configured_graph_url_are_not_followed_and_mean_resync() -
     seen: list[httpx.Request] = []
     with httpx.Client(transport=httpx.MockTransport(lambda r: seen.append(r) or httpx.Response(200, json={}))) as h:
         client = GraphClient(h, "https://graph.test/v1.0", lambda force: "tok")
-        for link, code in (("https://127.0.0.1:4711/v1.0/me/mailFolders('x')/messages/delta?$deltatoken=1",
-                            "ForeignOrigin"),
-                           ("http://graph.test/v1.0/me/mailFolders/inbox/messages?$skip=5", "ForeignOrigin"),
-                           ("https://graph.test/beta/me/calendarView/delta?$deltatoken=1", "OutsideGraphRoot"),
-                           ("https://graph.test:8443/v1.0/me", "ForeignOrigin")):
+        for link, code in (
+            ("https://127.0.0.1:4711/v1.0/me/mailFolders('x')/messages/delta?$deltatoken=1", "ForeignOrigin"),
+            ("http://graph.test/v1.0/me/mailFolders/inbox/messages?$skip=5", "ForeignOrigin"),
+            ("https://graph.test/beta/me/calendarView/delta?$deltatoken=1", "OutsideGraphRoot"),
+            ("https://graph.test:8443/v1.0/me", "ForeignOrigin"),
+        ):
             with pytest.raises(DeltaTokenExpired) as info:
                 list(client.iter_pages(link, None))
             assert isinstance(info.value, LinkNotFollowable) and info.value.code == code
@@ -717,8 +801,9 @@ def test_paging_stops_at_the_page_and_time_limits() -> None:
     def endless(request: httpx.Request) -> httpx.Response:
         served.append(str(request.url))
         clock.now += 1.0  # each page takes a second
-        return httpx.Response(200, json={"value": [], "@odata.nextLink": f"{base}/me/mailFolders/inbox/messages"
-                                                                         f"?$skip={len(served)}"})
+        return httpx.Response(
+            200, json={"value": [], "@odata.nextLink": f"{base}/me/mailFolders/inbox/messages?$skip={len(served)}"}
+        )
 
     with httpx.Client(transport=httpx.MockTransport(endless)) as http:
         client = GraphClient(http, base, lambda force: "tok", clock=clock, max_pages=7)
@@ -738,9 +823,9 @@ def test_paging_stops_at_the_page_and_time_limits() -> None:
         GraphClient(httpx.Client(), base, lambda force: "tok", max_pages=0)
 
 
-def test_simulator_faults_endless_next_links_and_half_emoji(sim: GraphSimulator, http: httpx.Client,
-                                                           tokens: TokenAuthority, world: World,
-                                                           user: SimUser) -> None:
+def test_simulator_faults_endless_next_links_and_half_emoji(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World, user: SimUser
+) -> None:
     from o365sync.graph import RunLimitReached
 
     since = datetime(2000, 1, 1, tzinfo=UTC)

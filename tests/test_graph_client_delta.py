@@ -24,11 +24,23 @@ FOLDER_LINK = f"{BASE}/me/mailfolders('AQMkADNkNAAAgEMAAAA')/messages/delta"
 
 
 def item(mid: str, **over: object) -> dict:
-    out = {"@odata.type": "#microsoft.graph.message", "id": mid, "internetMessageId": f"<{mid}@x>",
-           "conversationId": "c", "subject": "s", "from": {"emailAddress": {"name": "A", "address": "a@x.com"}},
-           "sender": None, "toRecipients": [], "ccRecipients": [], "receivedDateTime": "2024-05-02T09:14:03Z",
-           "sentDateTime": "2024-05-02T09:14:00Z", "hasAttachments": False, "isDraft": False,
-           "parentFolderId": "AQMk", "webLink": "https://outlook.office365.com/owa/?ItemID=x"}
+    out = {
+        "@odata.type": "#microsoft.graph.message",
+        "id": mid,
+        "internetMessageId": f"<{mid}@x>",
+        "conversationId": "c",
+        "subject": "s",
+        "from": {"emailAddress": {"name": "A", "address": "a@x.com"}},
+        "sender": None,
+        "toRecipients": [],
+        "ccRecipients": [],
+        "receivedDateTime": "2024-05-02T09:14:03Z",
+        "sentDateTime": "2024-05-02T09:14:00Z",
+        "hasAttachments": False,
+        "isDraft": False,
+        "parentFolderId": "AQMk",
+        "webLink": "https://outlook.office365.com/owa/?ItemID=x",
+    }
     out.update(over)
     return out
 
@@ -42,31 +54,47 @@ class Script:
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.seen.append(request)
-        key = str(request.url)[len(BASE):]
+        key = str(request.url)[len(BASE) :]
         route = self.routes.get(key) or self.routes.get(key.split("?")[0])
         if route is None:
             return httpx.Response(404, json={"error": {"code": "ErrorItemNotFound"}})
         return route(request) if callable(route) else route
 
     def client(self, **kw: object) -> GraphClient:
-        return GraphClient(httpx.Client(transport=httpx.MockTransport(self)), BASE, lambda force: "tok",
-                           sleep=lambda s: None, **kw)
+        return GraphClient(
+            httpx.Client(transport=httpx.MockTransport(self)), BASE, lambda force: "tok", sleep=lambda s: None, **kw
+        )
 
 
 def test_first_round_wire_and_links_followed_verbatim() -> None:
     skip1 = f"{FOLDER_LINK}?$skiptoken=GwcB%2BoTm-1"
     skip2 = f"{FOLDER_LINK}?$skiptoken=GwcB%2BoTm-2"
     delta = f"{FOLDER_LINK}?$deltatoken=Zz%3D%3D"
-    script = Script({
-        "/me/mailFolders/inbox/messages/delta": httpx.Response(200, json={
-            "value": [item("A"), item("B", singleValueExtendedProperties=[{"id": "Integer 0x36", "value": "1"}])],
-            "@odata.nextLink": skip1}),
-        skip1[len(BASE):]: httpx.Response(200, json={"value": [], "@odata.nextLink": skip2}),  # empty page
-        skip2[len(BASE):]: httpx.Response(200, json={
-            "value": [{"id": "A", "isRead": True, "parentFolderId": "AQMk"},
-                      {"id": "C", "@removed": {"reason": "deleted"}}],
-            "@odata.deltaLink": delta}),
-    })
+    script = Script(
+        {
+            "/me/mailFolders/inbox/messages/delta": httpx.Response(
+                200,
+                json={
+                    "value": [
+                        item("A"),
+                        item("B", singleValueExtendedProperties=[{"id": "Integer 0x36", "value": "1"}]),
+                    ],
+                    "@odata.nextLink": skip1,
+                },
+            ),
+            skip1[len(BASE) :]: httpx.Response(200, json={"value": [], "@odata.nextLink": skip2}),  # empty page
+            skip2[len(BASE) :]: httpx.Response(
+                200,
+                json={
+                    "value": [
+                        {"id": "A", "isRead": True, "parentFolderId": "AQMk"},
+                        {"id": "C", "@removed": {"reason": "deleted"}},
+                    ],
+                    "@odata.deltaLink": delta,
+                },
+            ),
+        }
+    )
     since = datetime(2024, 5, 1, 8, 30, 15, 999, tzinfo=UTC)
     pages = list(iter_delta_pages(script.client(), "inbox", delta_link=None, since=since, page_size=50))
     assert [p.delta_link for p in pages] == [None, None, delta]
@@ -78,8 +106,11 @@ def test_first_round_wire_and_links_followed_verbatim() -> None:
     first, *rest = script.seen
     query = parse_qs(urlsplit(str(first.url)).query)
     assert urlsplit(str(first.url)).path == "/v1.0/me/mailFolders/inbox/messages/delta"
-    assert query == {"$select": [",".join(HEADER_FIELDS)], "$expand": [SENSITIVITY_EXPAND],
-                     "$filter": ["receivedDateTime ge 2024-05-01T08:30:15Z"]}
+    assert query == {
+        "$select": [",".join(HEADER_FIELDS)],
+        "$expand": [SENSITIVITY_EXPAND],
+        "$filter": ["receivedDateTime ge 2024-05-01T08:30:15Z"],
+    }
     assert SENSITIVITY_EXPAND == "singleValueExtendedProperties($filter=id eq 'Integer 0x0036')"
     assert "sensitivity" not in query["$select"][0]
     assert "$top" not in str(first.url) and "bccRecipients" not in str(first.url)
@@ -91,31 +122,47 @@ def test_first_round_wire_and_links_followed_verbatim() -> None:
 def test_later_round_starts_from_the_stored_link_and_ignores_since() -> None:
     delta = f"{FOLDER_LINK}?$deltatoken=old"
     new = f"{FOLDER_LINK}?$deltatoken=new"
-    script = Script({delta[len(BASE):]: httpx.Response(200, json={"value": [item("N")], "@odata.deltaLink": new})})
-    pages = list(iter_delta_pages(script.client(), "inbox", delta_link=delta,
-                                  since=datetime(2020, 1, 1, tzinfo=UTC), page_size=7))
+    script = Script({delta[len(BASE) :]: httpx.Response(200, json={"value": [item("N")], "@odata.deltaLink": new})})
+    pages = list(
+        iter_delta_pages(
+            script.client(), "inbox", delta_link=delta, since=datetime(2020, 1, 1, tzinfo=UTC), page_size=7
+        )
+    )
     assert len(pages) == 1 and pages[0].delta_link == new
     assert [str(r.url) for r in script.seen] == [delta]
     assert script.seen[0].headers["Prefer"] == 'odata.maxpagesize=7, IdType="ImmutableId"'
 
 
 def test_round_without_since_has_no_filter() -> None:
-    script = Script({"/me/mailFolders/sentitems/messages/delta": httpx.Response(
-        200, json={"value": [], "@odata.deltaLink": f"{BASE}/me/mailFolders/sentitems/messages/delta?$deltatoken=1"})})
+    script = Script(
+        {
+            "/me/mailFolders/sentitems/messages/delta": httpx.Response(
+                200,
+                json={"value": [], "@odata.deltaLink": f"{BASE}/me/mailFolders/sentitems/messages/delta?$deltatoken=1"},
+            )
+        }
+    )
     (page,) = iter_delta_pages(script.client(), "sentitems", delta_link=None, since=None, page_size=10)
     query = parse_qs(urlsplit(str(script.seen[0].url)).query)
     assert page.delta_link and set(query) == {"$select", "$expand"}  # no scan-back $filter
 
 
-@pytest.mark.parametrize(("status", "code"), [
-    (410, "SyncStateNotFound"), (410, None), (400, "syncStateNotFound"), (400, "resyncRequired"),
-    (404, "SyncStateInvalid"), (400, "RESYNCREQUIRED"),
-])
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (410, "SyncStateNotFound"),
+        (410, None),
+        (400, "syncStateNotFound"),
+        (400, "resyncRequired"),
+        (404, "SyncStateInvalid"),
+        (400, "RESYNCREQUIRED"),
+    ],
+)
 def test_expired_tokens_raise_delta_token_expired(status: int, code: str | None) -> None:
     delta = f"{FOLDER_LINK}?$deltatoken=old"
     body = {"error": {"code": code, "message": "The sync state generation is not found."}} if code else {}
     headers = {"Location": f"{FOLDER_LINK}?$deltatoken="} if status == 410 else {}
-    script = Script({delta[len(BASE):]: httpx.Response(status, json=body, headers=headers)})
+    script = Script({delta[len(BASE) :]: httpx.Response(status, json=body, headers=headers)})
     with pytest.raises(DeltaTokenExpired) as info:
         list(iter_delta_pages(script.client(), "inbox", delta_link=delta, since=None, page_size=10))
     assert info.value.status == status and len(script.seen) == 1  # not retried
@@ -124,11 +171,14 @@ def test_expired_tokens_raise_delta_token_expired(status: int, code: str | None)
 
 def test_mid_round_expiry_after_pages_were_yielded() -> None:
     skip = f"{FOLDER_LINK}?$skiptoken=stale"
-    script = Script({
-        "/me/mailFolders/inbox/messages/delta": httpx.Response(200, json={"value": [item("A")],
-                                                                          "@odata.nextLink": skip}),
-        skip[len(BASE):]: httpx.Response(400, json={"error": {"code": "SyncStateNotFound"}}),
-    })
+    script = Script(
+        {
+            "/me/mailFolders/inbox/messages/delta": httpx.Response(
+                200, json={"value": [item("A")], "@odata.nextLink": skip}
+            ),
+            skip[len(BASE) :]: httpx.Response(400, json={"error": {"code": "SyncStateNotFound"}}),
+        }
+    )
     got: list[DeltaPage] = []
     with pytest.raises(DeltaTokenExpired):
         for page in iter_delta_pages(script.client(), "inbox", delta_link=None, since=None, page_size=10):
@@ -146,14 +196,22 @@ def test_round_without_delta_link_is_an_error() -> None:
 
 
 def test_links_outside_the_allowlist_are_refused() -> None:
-    script = Script({"/me/mailFolders/inbox/messages/delta": httpx.Response(
-        200, json={"value": [], "@odata.nextLink": f"{BASE}/users/other@x.com/mailFolders/inbox/messages/delta"})})
+    script = Script(
+        {
+            "/me/mailFolders/inbox/messages/delta": httpx.Response(
+                200, json={"value": [], "@odata.nextLink": f"{BASE}/users/other@x.com/mailFolders/inbox/messages/delta"}
+            )
+        }
+    )
     with pytest.raises(ForbiddenRequest):
         list(iter_delta_pages(script.client(), "inbox", delta_link=None, since=None, page_size=10))
     assert len(script.seen) == 1
     with pytest.raises(ForbiddenRequest):
-        list(iter_delta_pages(script.client(), "inbox", delta_link=f"{BASE}/me/contacts/delta?$deltatoken=1",
-                              since=None, page_size=10))
+        list(
+            iter_delta_pages(
+                script.client(), "inbox", delta_link=f"{BASE}/me/contacts/delta?$deltatoken=1", since=None, page_size=10
+            )
+        )
     assert len(script.seen) == 1
     with pytest.raises(ValueError):
         list(iter_delta_pages(script.client(), "inbox", delta_link=None, since=None, page_size=0))
@@ -162,8 +220,14 @@ def test_links_outside_the_allowlist_are_refused() -> None:
 def test_batch_and_inner_requests_ask_for_immutable_ids() -> None:
     def batch(request: httpx.Request) -> httpx.Response:
         reqs = json.loads(request.content)["requests"]
-        return httpx.Response(200, json={"responses": [
-            {"id": r["id"], "status": 200, "body": {"body": {"content": r["headers"]["Prefer"]}}} for r in reqs]})
+        return httpx.Response(
+            200,
+            json={
+                "responses": [
+                    {"id": r["id"], "status": 200, "body": {"body": {"content": r["headers"]["Prefer"]}}} for r in reqs
+                ]
+            },
+        )
 
     script = Script({"/$batch": batch})
     got = dict(fetch_bodies(script.client(), ["A", "B"]))
@@ -175,7 +239,8 @@ def test_batch_and_inner_requests_ask_for_immutable_ids() -> None:
 # The simulator's delta endpoint and World mutations (simulators/graph.py `_delta`, World.add_message & co).
 requires_sim_delta = pytest.mark.skipif(
     not (hasattr(GraphSimulator, "_delta") and hasattr(World, "add_message")),
-    reason="the Graph simulator has no delta endpoint / world mutations yet")
+    reason="the Graph simulator has no delta endpoint / world mutations yet",
+)
 
 
 @pytest.fixture()
@@ -201,17 +266,23 @@ def dclient(dsim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, du
     return GraphClient(http, dsim.base_url, lambda force: token, sleep=lambda s: None)
 
 
-def round_of(client: GraphClient, folder: str, link: str | None, since: datetime | None = None,
-             page_size: int = 25) -> tuple[pa.Table, pa.Table, list[str], str]:
+def round_of(
+    client: GraphClient, folder: str, link: str | None, since: datetime | None = None, page_size: int = 25
+) -> tuple[pa.Table, pa.Table, list[str], str]:
     pages = list(iter_delta_pages(client, folder, delta_link=link, since=since, page_size=page_size))
     assert all(p.delta_link is None for p in pages[:-1]) and pages[-1].delta_link
-    return (pa.concat_tables(p.messages for p in pages), pa.concat_tables(p.participants for p in pages),
-            [r for p in pages for r in p.removed], pages[-1].delta_link)
+    return (
+        pa.concat_tables(p.messages for p in pages),
+        pa.concat_tables(p.participants for p in pages),
+        [r for p in pages for r in p.removed],
+        pages[-1].delta_link,
+    )
 
 
 @requires_sim_delta
-def test_sim_first_round_is_the_folder(dclient: GraphClient, dworld: World, duser: SimUser,
-                                       dsim: GraphSimulator) -> None:
+def test_sim_first_round_is_the_folder(
+    dclient: GraphClient, dworld: World, duser: SimUser, dsim: GraphSimulator
+) -> None:
     since = dworld.now - timedelta(days=30)
     messages, participants, removed, link = round_of(dclient, "inbox", None, since)
     want = {m.id for m in dworld.mailboxes[duser.oid] if m.folder == "inbox" and m.received >= since}
@@ -227,8 +298,7 @@ def test_sim_first_round_is_the_folder(dclient: GraphClient, dworld: World, duse
 
 
 @requires_sim_delta
-def test_sim_next_round_has_created_partial_and_removed(dclient: GraphClient, dworld: World,
-                                                         duser: SimUser) -> None:
+def test_sim_next_round_has_created_partial_and_removed(dclient: GraphClient, dworld: World, duser: SimUser) -> None:
     _, _, _, link = round_of(dclient, "inbox", None, dworld.now - timedelta(days=60))
     inbox = [m for m in dworld.mailboxes[duser.oid] if m.folder == "inbox"]
     updated, moved, deleted = inbox[-1], inbox[-2], inbox[-3]
@@ -250,7 +320,8 @@ def test_sim_next_round_has_created_partial_and_removed(dclient: GraphClient, dw
 
 @requires_sim_delta
 def test_sim_moved_message_arrives_in_the_destination_with_the_same_immutable_id(
-        dclient: GraphClient, dworld: World, duser: SimUser) -> None:
+    dclient: GraphClient, dworld: World, duser: SimUser
+) -> None:
     _, _, _, link = round_of(dclient, "sentitems", None)
     m = next(m for m in dworld.mailboxes[duser.oid] if m.folder == "inbox")
     dworld.move_message(m.id, "sentitems", reason="changed")
@@ -260,8 +331,9 @@ def test_sim_moved_message_arrives_in_the_destination_with_the_same_immutable_id
 
 @requires_sim_delta
 @pytest.mark.parametrize("code", ["SyncStateNotFound", "resyncRequired"])
-def test_sim_evicted_token_raises_delta_token_expired(dclient: GraphClient, dsim: GraphSimulator,
-                                                      duser: SimUser, dworld: World, code: str) -> None:
+def test_sim_evicted_token_raises_delta_token_expired(
+    dclient: GraphClient, dsim: GraphSimulator, duser: SimUser, dworld: World, code: str
+) -> None:
     _, _, _, link = round_of(dclient, "inbox", None, dworld.now - timedelta(days=10))
     assert dsim.evict_delta_tokens(duser.oid, "inbox", code=code) >= 1
     with pytest.raises(DeltaTokenExpired):
@@ -272,8 +344,9 @@ def test_sim_evicted_token_raises_delta_token_expired(dclient: GraphClient, dsim
 
 
 @requires_sim_delta
-def test_sim_sensitivity_via_extended_property_across_rounds(dclient: GraphClient, dworld: World,
-                                                             duser: SimUser, dsim: GraphSimulator) -> None:
+def test_sim_sensitivity_via_extended_property_across_rounds(
+    dclient: GraphClient, dworld: World, duser: SimUser, dsim: GraphSimulator
+) -> None:
     messages, _, _, link = round_of(dclient, "inbox", None)
     inbox = [m for m in dworld.mailboxes[duser.oid] if m.folder == "inbox"]
     got = dict(zip(messages.column("graph_id").to_pylist(), messages.column("sensitivity").to_pylist(), strict=True))
@@ -290,4 +363,7 @@ def test_sim_sensitivity_via_extended_property_across_rounds(dclient: GraphClien
     messages, _, _, _ = round_of(dclient, "inbox", link)  # the $expand lives in the token
     rows = {r["graph_id"]: r for r in messages.to_pylist()}
     assert {g: (r["sensitivity"], r["is_partial"]) for g, r in rows.items()} == {
-        marked.id: ("confidential", True), unmarked.id: ("normal", True), untouched.id: (None, True)}
+        marked.id: ("confidential", True),
+        unmarked.id: ("normal", True),
+        untouched.id: (None, True),
+    }

@@ -13,8 +13,10 @@ from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
 from simulators.world import SimUser, World
 
-HEADER_SELECT = ("id,internetMessageId,conversationId,subject,from,sender,toRecipients,ccRecipients,"
-                 "bccRecipients,receivedDateTime,sentDateTime,hasAttachments,isDraft,parentFolderId,webLink")
+HEADER_SELECT = (
+    "id,internetMessageId,conversationId,subject,from,sender,toRecipients,ccRecipients,"
+    "bccRecipients,receivedDateTime,sentDateTime,hasAttachments,isDraft,parentFolderId,webLink"
+)
 
 
 IMMUTABLE = {"Prefer": 'IdType="ImmutableId"'}  # without it Graph (and the simulator) returns mutable ids
@@ -43,7 +45,11 @@ def test_me_and_folders(sim: GraphSimulator, http: httpx.Client, tokens: TokenAu
     assert resp.headers["client-request-id"] == "abc-123" and resp.headers["request-id"]
     me = resp.json()
     assert (me["id"], me["displayName"], me["userPrincipalName"], me["mail"]) == (
-        user.oid, user.display_name, user.upn, user.upn)
+        user.oid,
+        user.display_name,
+        user.upn,
+        user.upn,
+    )
 
     inbox = http.get(f"{sim.base_url}/me/mailFolders/InBox", headers=auth(tokens, user)).json()
     sent = http.get(f"{sim.base_url}/me/mailFolders/SENTITEMS", headers=auth(tokens, user)).json()
@@ -51,19 +57,27 @@ def test_me_and_folders(sim: GraphSimulator, http: httpx.Client, tokens: TokenAu
     assert inbox["displayName"] == "Inbox" and sent["displayName"] == "Sent Items"
     by_id = http.get(f"{sim.base_url}/me/mailFolders/{inbox['id']}", headers=auth(tokens, user)).json()
     assert by_id["id"] == inbox["id"]
-    msgs = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages",
-                    params={"$select": "parentFolderId", "$top": "3"}, headers=auth(tokens, user)).json()
+    msgs = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages",
+        params={"$select": "parentFolderId", "$top": "3"},
+        headers=auth(tokens, user),
+    ).json()
     assert {m["parentFolderId"] for m in msgs["value"]} == {inbox["id"]}
     missing = http.get(f"{sim.base_url}/me/mailFolders/nosuchfolder", headers=auth(tokens, user))
     assert_graph_error(missing, 404, "ErrorItemNotFound")
 
 
 @pytest.mark.parametrize("folder", ["inbox", "sentitems"])
-def test_paging_returns_exactly_the_folder_since(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                                 user: SimUser, world: World, folder: str) -> None:
+def test_paging_returns_exactly_the_folder_since(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World, folder: str
+) -> None:
     since = world.now - timedelta(days=20)
-    params = {"$select": HEADER_SELECT, "$filter": f"receivedDateTime ge {since:%Y-%m-%dT%H:%M:%SZ}",
-              "$top": "37", "$orderby": "receivedDateTime desc"}
+    params = {
+        "$select": HEADER_SELECT,
+        "$filter": f"receivedDateTime ge {since:%Y-%m-%dT%H:%M:%SZ}",
+        "$top": "37",
+        "$orderby": "receivedDateTime desc",
+    }
     url: str | None = f"{sim.base_url}/me/mailFolders/{folder}/messages"
     got: list[dict] = []
     pages = 0
@@ -78,35 +92,51 @@ def test_paging_returns_exactly_the_folder_since(sim: GraphSimulator, http: http
             assert url.startswith(sim.base_url + "/me/mailFolders/")
             assert all(k in httpx.URL(url).params for k in ("$select", "$filter", "$top", "$orderby", "$skip"))
         pages += 1
-    expected = sorted((m for m in world.mailboxes[user.oid] if m.folder == folder and m.received >= since),
-                      key=lambda m: m.received, reverse=True)
+    expected = sorted(
+        (m for m in world.mailboxes[user.oid] if m.folder == folder and m.received >= since),
+        key=lambda m: m.received,
+        reverse=True,
+    )
     assert [m["id"] for m in got] == [m.id for m in expected]
     assert pages == -(-len(expected) // 37)
     assert [m["receivedDateTime"] for m in got] == sorted((m["receivedDateTime"] for m in got), reverse=True)
 
 
-def test_gt_filter_and_default_top(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                   user: SimUser, world: World) -> None:
+def test_gt_filter_and_default_top(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     inbox = sorted((m for m in world.mailboxes[user.oid] if m.folder == "inbox"), key=lambda m: m.received)
     pivot = inbox[-5].received
-    ge = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", headers=auth(tokens, user),
-                  params={"$select": "id", "$filter": f"receivedDateTime ge {pivot:%Y-%m-%dT%H:%M:%SZ}"}).json()
-    gt = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", headers=auth(tokens, user),
-                  params={"$select": "id", "$filter": f"receivedDateTime gt {pivot:%Y-%m-%dT%H:%M:%SZ}"}).json()
+    ge = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages",
+        headers=auth(tokens, user),
+        params={"$select": "id", "$filter": f"receivedDateTime ge {pivot:%Y-%m-%dT%H:%M:%SZ}"},
+    ).json()
+    gt = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages",
+        headers=auth(tokens, user),
+        params={"$select": "id", "$filter": f"receivedDateTime gt {pivot:%Y-%m-%dT%H:%M:%SZ}"},
+    ).json()
     assert len(ge["value"]) == 5 and len(gt["value"]) == 4
-    first = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"},
-                     headers=auth(tokens, user)).json()
+    first = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"}, headers=auth(tokens, user)
+    ).json()
     assert len(first["value"]) == 10 and "@odata.nextLink" in first  # Graph's default page size
 
 
-def test_select_projection(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                           world: World) -> None:
-    resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages",
-                    params={"$select": "subject,toRecipients", "$top": "5"}, headers=auth(tokens, user))
+def test_select_projection(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
+    resp = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages",
+        params={"$select": "subject,toRecipients", "$top": "5"},
+        headers=auth(tokens, user),
+    )
     for item in resp.json()["value"]:
         assert set(item) == {"@odata.etag", "id", "subject", "toRecipients"}
-    bad = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "subject,nope"},
-                   headers=auth(tokens, user))
+    bad = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "subject,nope"}, headers=auth(tokens, user)
+    )
     assert_graph_error(bad, 400, "RequestBroker--ParseUri")
 
 
@@ -114,13 +144,16 @@ SENSITIVITY_EXPAND = "singleValueExtendedProperties($filter=id eq 'Integer 0x003
 SENSITIVITY_VALUE = {"personal": "1", "private": "2", "confidential": "3"}
 
 
-def test_select_sensitivity_is_the_real_parse_error(sim: GraphSimulator, http: httpx.Client,
-                                                    tokens: TokenAuthority, user: SimUser, world: World) -> None:
+def test_select_sensitivity_is_the_real_parse_error(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     """Graph v1.0 `message` has no `sensitivity` property (only `event` has): $select of it is a 400."""
     m = world.mailboxes[user.oid][0]
-    for url, select in ((f"{sim.base_url}/me/mailFolders/inbox/messages", "id,subject,sensitivity"),
-                        (f"{sim.base_url}/me/messages/{m.id}", "Sensitivity"),
-                        (f"{sim.base_url}/me/mailFolders/inbox/messages/delta", "id,sensitivity")):
+    for url, select in (
+        (f"{sim.base_url}/me/mailFolders/inbox/messages", "id,subject,sensitivity"),
+        (f"{sim.base_url}/me/messages/{m.id}", "Sensitivity"),
+        (f"{sim.base_url}/me/mailFolders/inbox/messages/delta", "id,sensitivity"),
+    ):
         resp = http.get(url, params={"$select": select}, headers=auth(tokens, user))
         err = assert_graph_error(resp, 400, "RequestBroker--ParseUri")
         name = select.rsplit(",", 1)[-1]
@@ -129,8 +162,9 @@ def test_select_sensitivity_is_the_real_parse_error(sim: GraphSimulator, http: h
     assert "sensitivity" not in unselected and "singleValueExtendedProperties" not in unselected
 
 
-def test_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                       user: SimUser, world: World) -> None:
+def test_sensitivity_extended_property(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     """PidTagSensitivity via `$expand`: "Integer 0x36" with "1"/"2"/"3"; mail that never had it omits the key."""
     h = {**auth(tokens, user), **IMMUTABLE}
     url = f"{sim.base_url}/me/mailFolders/inbox/messages"
@@ -150,38 +184,59 @@ def test_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Client, 
             assert keys == {"@odata.etag", "id", "subject"}
         else:
             assert keys == {"@odata.etag", "id", "subject", "singleValueExtendedProperties"}
-            assert item["singleValueExtendedProperties"] == [{"id": "Integer 0x36",
-                                                              "value": SENSITIVITY_VALUE[m.sensitivity]}]
+            assert item["singleValueExtendedProperties"] == [
+                {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[m.sensitivity]}
+            ]
     assert any("singleValueExtendedProperties" in i for i in items)
 
     # the id is matched case-insensitively and whatever the leading zeros; whitespace is tolerated
     secret = next(m for m in inbox.values() if m.sensitivity != "normal")
-    for expand in (SENSITIVITY_EXPAND, "singleValueExtendedProperties($filter=id eq 'integer 0x36')",
-                   "SingleValueExtendedProperties( $filter=Id eq 'INTEGER 0X0036' )"):
-        one = http.get(f"{sim.base_url}/me/messages/{secret.id}", params={"$select": "id", "$expand": expand},
-                       headers=h)
+    for expand in (
+        SENSITIVITY_EXPAND,
+        "singleValueExtendedProperties($filter=id eq 'integer 0x36')",
+        "SingleValueExtendedProperties( $filter=Id eq 'INTEGER 0X0036' )",
+    ):
+        one = http.get(
+            f"{sim.base_url}/me/messages/{secret.id}", params={"$select": "id", "$expand": expand}, headers=h
+        )
         assert one.status_code == 200, one.text
         assert one.json()["singleValueExtendedProperties"] == [
-            {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[secret.sensitivity]}]
-    batch = http.post(f"{sim.base_url}/$batch", headers=h, json={"requests": [
-        {"id": "1", "method": "GET", "url": f"/me/messages/{secret.id}?$select=id&$expand={SENSITIVITY_EXPAND}"}]})
+            {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[secret.sensitivity]}
+        ]
+    batch = http.post(
+        f"{sim.base_url}/$batch",
+        headers=h,
+        json={
+            "requests": [
+                {"id": "1", "method": "GET", "url": f"/me/messages/{secret.id}?$select=id&$expand={SENSITIVITY_EXPAND}"}
+            ]
+        },
+    )
     (inner,) = batch.json()["responses"]
     assert inner["status"] == 200 and inner["body"]["singleValueExtendedProperties"][0]["id"] == "Integer 0x36"
 
     # every other $expand keeps its old answer
-    for expand in ("attachments", "singleValueExtendedProperties", f"{SENSITIVITY_EXPAND},attachments",
-                   SENSITIVITY_EXPAND.replace("0x0036", "0x0E08"), SENSITIVITY_EXPAND.replace("Integer", "String")):
-        err = assert_graph_error(http.get(url, params={"$select": "id", "$expand": expand}, headers=h), 400,
-                                 "BadRequest")
+    for expand in (
+        "attachments",
+        "singleValueExtendedProperties",
+        f"{SENSITIVITY_EXPAND},attachments",
+        SENSITIVITY_EXPAND.replace("0x0036", "0x0E08"),
+        SENSITIVITY_EXPAND.replace("Integer", "String"),
+    ):
+        err = assert_graph_error(
+            http.get(url, params={"$select": "id", "$expand": expand}, headers=h), 400, "BadRequest"
+        )
         assert err["message"] == "Query option '$expand' is not supported."
     # Mail.ReadBasic reads no extended properties
     basic = auth(tokens, user, ("User.Read", "Mail.ReadBasic"))
-    assert_graph_error(http.get(url, params={"$select": "id", "$expand": SENSITIVITY_EXPAND}, headers=basic), 403,
-                       "ErrorAccessDenied")
+    assert_graph_error(
+        http.get(url, params={"$select": "id", "$expand": SENSITIVITY_EXPAND}, headers=basic), 403, "ErrorAccessDenied"
+    )
 
 
-def test_message_shape_and_body_types(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                      user: SimUser, world: World) -> None:
+def test_message_shape_and_body_types(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     m = next(x for x in world.mailboxes[user.oid] if x.cc and x.folder == "inbox")
     url = f"{sim.base_url}/me/messages/{m.id.replace('=', '%3D')}"
     html_resp = http.get(url, headers={**auth(tokens, user), "Prefer": 'IdType="ImmutableId"'})
@@ -201,8 +256,11 @@ def test_message_shape_and_body_types(sim: GraphSimulator, http: httpx.Client, t
     for key in ("isRead", "webLink", "changeKey", "categories", "parentFolderId", "@odata.etag"):
         assert key in msg
 
-    text = http.get(url, params={"$select": "body"},
-                    headers={**auth(tokens, user), "Prefer": 'outlook.body-content-type="text", IdType="ImmutableId"'})
+    text = http.get(
+        url,
+        params={"$select": "body"},
+        headers={**auth(tokens, user), "Prefer": 'outlook.body-content-type="text", IdType="ImmutableId"'},
+    )
     assert text.headers["Preference-Applied"] == 'outlook.body-content-type="text"'
     assert text.json()["body"] == {"contentType": "text", "content": m.body}
     assert set(text.json()) == {"@odata.context", "@odata.etag", "id", "body"}
@@ -211,18 +269,23 @@ def test_message_shape_and_body_types(sim: GraphSimulator, http: httpx.Client, t
     assert_graph_error(missing, 404, "ErrorItemNotFound")
 
 
-@pytest.mark.parametrize(("params", "code"), [
-    ({"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'"}, "BadRequest"),
-    ({"$filter": "toRecipients/any(r:r/emailAddress/address eq 'a@b.com')"}, "ErrorInvalidUrlQueryFilter"),
-    ({"$filter": "subject eq 'x'"}, "ErrorInvalidUrlQueryFilter"),
-    ({"$filter": "receivedDateTime ge 2024-01-01T00:00:00Z", "$orderby": "subject"}, "InefficientFilter"),
-    ({"$top": "0"}, "ErrorInvalidUrlQuery"),
-    ({"$top": "1001"}, "ErrorInvalidUrlQuery"),
-])
-def test_bad_queries(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                     params: dict, code: str) -> None:
-    resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id", **params},
-                    headers=auth(tokens, user))
+@pytest.mark.parametrize(
+    ("params", "code"),
+    [
+        ({"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'"}, "BadRequest"),
+        ({"$filter": "toRecipients/any(r:r/emailAddress/address eq 'a@b.com')"}, "ErrorInvalidUrlQueryFilter"),
+        ({"$filter": "subject eq 'x'"}, "ErrorInvalidUrlQueryFilter"),
+        ({"$filter": "receivedDateTime ge 2024-01-01T00:00:00Z", "$orderby": "subject"}, "InefficientFilter"),
+        ({"$top": "0"}, "ErrorInvalidUrlQuery"),
+        ({"$top": "1001"}, "ErrorInvalidUrlQuery"),
+    ],
+)
+def test_bad_queries(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, params: dict, code: str
+) -> None:
+    resp = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id", **params}, headers=auth(tokens, user)
+    )
     assert_graph_error(resp, 400, code)
 
 
@@ -256,8 +319,9 @@ def test_scopes(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
     assert http.get(url, params={"$select": "body"}, headers=auth(tokens, user, ("Mail.ReadWrite",))).is_success
 
 
-def test_mailbox_concurrency_limit(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                  user: SimUser) -> None:
+def test_mailbox_concurrency_limit(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser
+) -> None:
     sim.latency_s = 0.3
     headers = auth(tokens, user)
     barrier = threading.Barrier(8)
@@ -266,8 +330,7 @@ def test_mailbox_concurrency_limit(sim: GraphSimulator, http: httpx.Client, toke
 
     def call() -> None:
         barrier.wait()
-        resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"},
-                        headers=headers)
+        resp = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"}, headers=headers)
         with lock:
             results.append(resp)
 
@@ -305,11 +368,17 @@ def test_fault_injection(sim: GraphSimulator, http: httpx.Client, tokens: TokenA
     assert {r.oid for r in sim.requests} == {user.oid}
 
 
-def test_batch(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-               world: World) -> None:
+def test_batch(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World) -> None:
     msgs = [m for m in world.mailboxes[user.oid]][:6]
-    reqs = [{"id": str(i), "method": "GET", "url": f"/me/messages/{m.id}?$select=subject",
-             "headers": {"Prefer": 'IdType="ImmutableId"'}} for i, m in enumerate(msgs)]
+    reqs = [
+        {
+            "id": str(i),
+            "method": "GET",
+            "url": f"/me/messages/{m.id}?$select=subject",
+            "headers": {"Prefer": 'IdType="ImmutableId"'},
+        }
+        for i, m in enumerate(msgs)
+    ]
     reqs.append({"id": "missing", "method": "GET", "url": "/me/messages/AAkAnope"})
     reqs.append({"id": "dep", "method": "GET", "url": "/me", "dependsOn": ["missing"]})
     resp = http.post(f"{sim.base_url}/$batch", json={"requests": reqs}, headers=auth(tokens, user))
@@ -326,13 +395,13 @@ def test_batch(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, 
     too_many = [{"id": str(i), "method": "GET", "url": "/me"} for i in range(21)]
     big = http.post(f"{sim.base_url}/$batch", json={"requests": too_many}, headers=auth(tokens, user))
     assert_graph_error(big, 400, "BadRequest")
-    bad_token = http.post(f"{sim.base_url}/$batch", json={"requests": reqs[:1]},
-                          headers={"Authorization": "Bearer x"})
+    bad_token = http.post(f"{sim.base_url}/$batch", json={"requests": reqs[:1]}, headers={"Authorization": "Bearer x"})
     assert_graph_error(bad_token, 401, "InvalidAuthenticationToken")
 
 
-def test_batch_inner_requests_run_four_at_a_time(sim: GraphSimulator, http: httpx.Client,
-                                                 tokens: TokenAuthority, user: SimUser, world: World) -> None:
+def test_batch_inner_requests_run_four_at_a_time(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     sim.latency_s = 0.05
     ids = [m.id for m in world.mailboxes[user.oid][:20]]
     reqs = [{"id": str(i), "method": "GET", "url": f"/me/messages/{gid}?$select=id"} for i, gid in enumerate(ids)]
@@ -343,8 +412,12 @@ def test_batch_inner_requests_run_four_at_a_time(sim: GraphSimulator, http: http
     assert [r["id"] for r in resp.json()["responses"]] != [str(i) for i in range(20)]  # any order
 
 
-def test_all_messages_endpoint(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                               world: World) -> None:
-    resp = http.get(f"{sim.base_url}/me/messages", params={"$select": "id", "$top": "1000"},
-                    headers={**auth(tokens, user), **IMMUTABLE})
+def test_all_messages_endpoint(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
+    resp = http.get(
+        f"{sim.base_url}/me/messages",
+        params={"$select": "id", "$top": "1000"},
+        headers={**auth(tokens, user), **IMMUTABLE},
+    )
     assert {m["id"] for m in resp.json()["value"]} == {m.id for m in world.mailboxes[user.oid]}

@@ -51,8 +51,9 @@ def hdrs(tokens: TokenAuthority, user: SimUser, prefer: str = IMMUTABLE) -> dict
     return {"Authorization": f"Bearer {token}", "Prefer": prefer}
 
 
-def delta_round(http: httpx.Client, url: str, headers: dict, params: dict | None = None,
-                max_page: int | None = None) -> tuple[list[dict], str, list[dict]]:
+def delta_round(
+    http: httpx.Client, url: str, headers: dict, params: dict | None = None, max_page: int | None = None
+) -> tuple[list[dict], str, list[dict]]:
     """Follow one round: (items, deltaLink, pages)."""
     pages: list[dict] = []
     while True:
@@ -72,8 +73,9 @@ def folder_msgs(world: World, user: SimUser, folder: str) -> list:
     return [m for m in world.mailboxes[user.oid] if m.folder == folder]
 
 
-def test_round_then_add_update_move_delete(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                           user: SimUser, world: World) -> None:
+def test_round_then_add_update_move_delete(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     h = hdrs(tokens, user, f"odata.maxpagesize=25, {IMMUTABLE}")
     url = f"{sim.base_url}/me/mailFolders/inbox/messages/delta"
     items, link, pages = delta_round(http, url, h, {"$select": SELECT}, max_page=25)
@@ -83,8 +85,7 @@ def test_round_then_add_update_move_delete(sim: GraphSimulator, http: httpx.Clie
     assert set(items[0]) == {"@odata.type", "@odata.etag", *SELECT.split(",")}
     assert link.startswith(f"{sim.base_url}/me/mailFolders('") and "$deltatoken=" in link
     assert all("$skiptoken=" in p["@odata.nextLink"] for p in pages[:-1])
-    _, sent_link, _ = delta_round(http, f"{sim.base_url}/me/mailFolders/sentitems/messages/delta", h,
-                                  {"$select": "id"})
+    _, sent_link, _ = delta_round(http, f"{sim.base_url}/me/mailFolders/sentitems/messages/delta", h, {"$select": "id"})
 
     # between rounds: new mail, a read flag, a new subject, a move out, a move in, a hard delete
     added = [world.add_message(user.oid, "inbox", "contact"), world.add_message(user.oid, "inbox", "meeting")]
@@ -107,20 +108,26 @@ def test_round_then_add_update_move_delete(sim: GraphSimulator, http: httpx.Clie
         assert full["subject"] == m.subject and full["parentFolderId"] == inbox_id
     assert by_id[added[1].id]["@odata.type"] == "#microsoft.graph.eventMessageRequest"
     assert by_id[added[0].id]["isRead"] is False
-    assert by_id[read.id] == {"@odata.type": "#microsoft.graph.message", "@odata.etag": by_id[read.id]["@odata.etag"],
-                              "id": read.id, "isRead": read.is_read, "parentFolderId": inbox_id}
+    assert by_id[read.id] == {
+        "@odata.type": "#microsoft.graph.message",
+        "@odata.etag": by_id[read.id]["@odata.etag"],
+        "id": read.id,
+        "isRead": read.is_read,
+        "parentFolderId": inbox_id,
+    }
     assert set(by_id[renamed.id]) == {"@odata.type", "@odata.etag", "id", "subject", "isRead", "parentFolderId"}
     assert by_id[renamed.id]["subject"] == "Renamed"
     for m in (moved_out, deleted):
-        assert by_id[m.id] == {"@odata.type": "#microsoft.graph.message", "id": m.id,
-                               "@removed": {"reason": "deleted"}}
+        assert by_id[m.id] == {"@odata.type": "#microsoft.graph.message", "id": m.id, "@removed": {"reason": "deleted"}}
     assert [i["id"] for i in changes].index(moved_out.id) < [i["id"] for i in changes].index(deleted.id)
 
     sent_changes, _, _ = delta_round(http, sent_link, h)
-    assert sent_changes == [{"@odata.type": "#microsoft.graph.message", "id": moved_in.id,
-                             "@removed": {"reason": "deleted"}}]
-    archive_items, _, _ = delta_round(http, f"{sim.base_url}/me/mailFolders/archive/messages/delta", h,
-                                      {"$select": "id,parentFolderId"})
+    assert sent_changes == [
+        {"@odata.type": "#microsoft.graph.message", "id": moved_in.id, "@removed": {"reason": "deleted"}}
+    ]
+    archive_items, _, _ = delta_round(
+        http, f"{sim.base_url}/me/mailFolders/archive/messages/delta", h, {"$select": "id,parentFolderId"}
+    )
     assert moved_out.id in {i["id"] for i in archive_items}
     quiet, link3, _ = delta_round(http, link2, h)
     assert quiet == [] and link3 != link2
@@ -142,8 +149,9 @@ def test_filter_cap_and_page_sizes(http: httpx.Client, tls: SimulatorTLS, tokens
     with GraphSimulator(big, tls, tokens) as own:
         url = f"{own.base_url}/me/mailFolders/inbox/messages/delta"
         h = hdrs(tokens, u, f"odata.maxpagesize=1000, {IMMUTABLE}")
-        items, _, pages = delta_round(http, url, h, {"$select": "id", "$filter": f"receivedDateTime ge {since}"},
-                                      max_page=1000)
+        items, _, pages = delta_round(
+            http, url, h, {"$select": "id", "$filter": f"receivedDateTime ge {since}"}, max_page=1000
+        )
         assert [i["id"] for i in items] == [m.id for m in inbox[:5000]]  # the newest 5,000 (unverified choice)
         assert len(pages) == 5
         everything, _, _ = delta_round(http, url, h, {"$select": "id"})
@@ -154,30 +162,62 @@ def test_filter_cap_and_page_sizes(http: httpx.Client, tls: SimulatorTLS, tokens
         assert len(seven.json()["value"]) == 7 and seven.headers["Preference-Applied"] == "odata.maxpagesize=7"
 
 
-@pytest.mark.parametrize(("path", "params", "code", "message"), [
-    ("me/messages/delta", {}, "BadRequest",
-     "Unsupported request: Change tracking is not supported against 'microsoft.graph.message'."),
-    ("me/mailFolders/inbox/messages/delta", {"$filter": "subject eq 'x'"}, "ErrorInvalidUrlQuery",
-     "The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
-     "'receivedDateTime ge value' is supported."),
-    ("me/mailFolders/inbox/messages/delta", {"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'"},
-     "ErrorInvalidUrlQuery", None),
-    ("me/mailFolders/inbox/messages/delta", {"$orderby": "subject"}, "ErrorInvalidUrlQuery", None),
-    ("me/mailFolders/inbox/messages/delta", {"$select": "id,sensitivity"}, "RequestBroker--ParseUri",
-     "Could not find a property named 'sensitivity' on type 'microsoft.graph.message'."),
-    ("me/mailFolders/inbox/messages/delta", {"$expand": "attachments"}, "BadRequest",
-     "Query option '$expand' is not supported."),
-])
-def test_bad_delta_requests(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                            path: str, params: dict, code: str, message: str | None) -> None:
+@pytest.mark.parametrize(
+    ("path", "params", "code", "message"),
+    [
+        (
+            "me/messages/delta",
+            {},
+            "BadRequest",
+            "Unsupported request: Change tracking is not supported against 'microsoft.graph.message'.",
+        ),
+        (
+            "me/mailFolders/inbox/messages/delta",
+            {"$filter": "subject eq 'x'"},
+            "ErrorInvalidUrlQuery",
+            "The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
+            "'receivedDateTime ge value' is supported.",
+        ),
+        (
+            "me/mailFolders/inbox/messages/delta",
+            {"$filter": "receivedDateTime ge '2024-01-01T00:00:00Z'"},
+            "ErrorInvalidUrlQuery",
+            None,
+        ),
+        ("me/mailFolders/inbox/messages/delta", {"$orderby": "subject"}, "ErrorInvalidUrlQuery", None),
+        (
+            "me/mailFolders/inbox/messages/delta",
+            {"$select": "id,sensitivity"},
+            "RequestBroker--ParseUri",
+            "Could not find a property named 'sensitivity' on type 'microsoft.graph.message'.",
+        ),
+        (
+            "me/mailFolders/inbox/messages/delta",
+            {"$expand": "attachments"},
+            "BadRequest",
+            "Query option '$expand' is not supported.",
+        ),
+    ],
+)
+def test_bad_delta_requests(
+    sim: GraphSimulator,
+    http: httpx.Client,
+    tokens: TokenAuthority,
+    user: SimUser,
+    path: str,
+    params: dict,
+    code: str,
+    message: str | None,
+) -> None:
     resp = http.get(f"{sim.base_url}/{path}", params=params, headers=hdrs(tokens, user))
     assert resp.status_code == 400
     err = resp.json()["error"]
     assert err["code"] == code and (message is None or err["message"] == message)
 
 
-def test_eviction_and_replayed_pages(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                     user: SimUser) -> None:
+def test_eviction_and_replayed_pages(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser
+) -> None:
     h = hdrs(tokens, user, f"odata.maxpagesize=50, {IMMUTABLE}")
     url = f"{sim.base_url}/me/mailFolders/sentitems/messages/delta"
     _, link, _ = delta_round(http, url, h, {"$select": "id"})
@@ -200,11 +240,15 @@ def test_eviction_and_replayed_pages(sim: GraphSimulator, http: httpx.Client, to
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "resyncRequired"
 
 
-def test_mutable_and_immutable_ids(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                   world: World) -> None:
+def test_mutable_and_immutable_ids(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World
+) -> None:
     u = world.tenants[0].users[1]
-    listed = http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id", "$top": "5"},
-                      headers=hdrs(tokens, u, "")).json()["value"]
+    listed = http.get(
+        f"{sim.base_url}/me/mailFolders/inbox/messages",
+        params={"$select": "id", "$top": "5"},
+        headers=hdrs(tokens, u, ""),
+    ).json()["value"]
     newest = sorted(folder_msgs(world, u, "inbox"), key=lambda m: (m.received, m.id), reverse=True)[:5]
     assert [i["id"] for i in listed] == [m.mutable_id() for m in newest]
     m = newest[0]
@@ -212,20 +256,23 @@ def test_mutable_and_immutable_ids(sim: GraphSimulator, http: httpx.Client, toke
     for gid, prefer in ((m.id, IMMUTABLE), (old_mutable, "")):
         got = http.get(f"{sim.base_url}/me/messages/{gid}", params={"$select": "id"}, headers=hdrs(tokens, u, prefer))
         assert got.status_code == 200 and got.json()["id"] == gid
-    _, link, _ = delta_round(http, f"{sim.base_url}/me/mailFolders/inbox/messages/delta", hdrs(tokens, u, ""),
-                             {"$select": "id"})
+    _, link, _ = delta_round(
+        http, f"{sim.base_url}/me/mailFolders/inbox/messages/delta", hdrs(tokens, u, ""), {"$select": "id"}
+    )
     world.move_message(m.id, "deleteditems")
     assert http.get(f"{sim.base_url}/me/messages/{old_mutable}", headers=hdrs(tokens, u, "")).status_code == 404
-    moved = http.get(f"{sim.base_url}/me/messages/{m.id}", params={"$select": "id,parentFolderId"},
-                     headers=hdrs(tokens, u, "")).json()
+    moved = http.get(
+        f"{sim.base_url}/me/messages/{m.id}", params={"$select": "id,parentFolderId"}, headers=hdrs(tokens, u, "")
+    ).json()
     assert moved["id"] == m.mutable_id() != old_mutable
     assert moved["parentFolderId"] == sim.folder_id(u.oid, "deleteditems")
     (removed,), _, _ = delta_round(http, link, hdrs(tokens, u, ""))
     assert removed["id"] == old_mutable and removed["@removed"] == {"reason": "deleted"}
 
 
-def test_duplicates_and_empty_pages(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                    user: SimUser, world: World) -> None:
+def test_duplicates_and_empty_pages(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     sim.duplicate_share, sim.empty_page_share = 0.2, 0.3
     h = hdrs(tokens, user, f"odata.maxpagesize=20, {IMMUTABLE}")
     items, _, pages = delta_round(http, f"{sim.base_url}/me/mailFolders/inbox/messages/delta", h, {"$select": "id"})
@@ -235,8 +282,9 @@ def test_duplicates_and_empty_pages(sim: GraphSimulator, http: httpx.Client, tok
     assert any(not p["value"] and "@odata.nextLink" in p for p in pages)
 
 
-def test_request_budget(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World,
-                        clock: Clock) -> None:
+def test_request_budget(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World, clock: Clock
+) -> None:
     sim.budget_requests, sim.budget_window_s = 50, 10.0
     a, b = world.tenants[0].users
     url = f"{sim.base_url}/me"
@@ -273,8 +321,9 @@ def test_fault_share(sim: GraphSimulator, http: httpx.Client, tokens: TokenAutho
     assert all((s.retry_after is not None) == ("Retry-After" in r.headers) for s, r in zip(sent, resps, strict=True))
 
 
-def test_retry_violations(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                          clock: Clock) -> None:
+def test_retry_violations(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, clock: Clock
+) -> None:
     h = hdrs(tokens, user)
     me, inbox = f"{sim.base_url}/me", f"{sim.base_url}/me/mailFolders/inbox"
     sim.inject(user.oid, 429, retry_after="2.5", path_contains="/me")
@@ -292,8 +341,9 @@ def test_retry_violations(sim: GraphSimulator, http: httpx.Client, tokens: Token
     assert sim.retry_violations(user.oid, mailbox_wide=True) == [] and user.oid not in sim.sent
 
 
-def test_batch_inner_requests_count_and_fail(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                             user: SimUser, world: World) -> None:
+def test_batch_inner_requests_count_and_fail(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     sim.budget_requests, sim.budget_window_s = 5, 600.0
     ids = [m.id for m in world.mailboxes[user.oid][:8]]
     reqs = [{"id": str(i), "method": "GET", "url": f"/me/messages/{gid}?$select=id"} for i, gid in enumerate(ids)]
@@ -305,19 +355,24 @@ def test_batch_inner_requests_count_and_fail(sim: GraphSimulator, http: httpx.Cl
     assert inner["headers"]["Retry-After"] and inner["body"]["error"]["code"] == "ApplicationThrottled"
 
 
-def test_folders_and_new_properties(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                    user: SimUser, world: World) -> None:
+def test_folders_and_new_properties(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     h = hdrs(tokens, user)
     names = {"drafts": "Drafts", "junkemail": "Junk Email", "deleteditems": "Deleted Items", "archive": "Archive"}
     for folder, name in names.items():
         got = http.get(f"{sim.base_url}/me/mailFolders/{folder}", headers=h).json()
         assert got["displayName"] == name and got["totalItemCount"] == len(folder_msgs(world, user, folder))
-    drafts = http.get(f"{sim.base_url}/me/mailFolders/drafts/messages", params={"$select": "id,isDraft"},
-                      headers=h).json()["value"]
+    drafts = http.get(
+        f"{sim.base_url}/me/mailFolders/drafts/messages", params={"$select": "id,isDraft"}, headers=h
+    ).json()["value"]
     assert drafts and all(d["isDraft"] is True for d in drafts)
     select = "id,isRead,bccRecipients,toRecipients"
-    listed = http.get(f"{sim.base_url}/me/messages", params={"$select": select, "$top": "1000",
-                                                             "$expand": SENSITIVITY_EXPAND}, headers=h).json()["value"]
+    listed = http.get(
+        f"{sim.base_url}/me/messages",
+        params={"$select": select, "$top": "1000", "$expand": SENSITIVITY_EXPAND},
+        headers=h,
+    ).json()["value"]
     by_id = {i["id"]: i for i in listed}
     for m in world.mailboxes[user.oid]:
         item = by_id[m.id]
@@ -331,8 +386,9 @@ def test_folders_and_new_properties(sim: GraphSimulator, http: httpx.Client, tok
     assert any(i["bccRecipients"] for i in listed) and any("singleValueExtendedProperties" in i for i in listed)
 
 
-def test_odd_items_are_served(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser,
-                              world: World) -> None:
+def test_odd_items_are_served(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
     odd = {m.kind.removeprefix("odd:"): m for m in add_odd_messages(world, user.oid)}
     h = hdrs(tokens, user)
     got = {k: http.get(f"{sim.base_url}/me/messages/{m.id}", headers=h) for k, m in odd.items()}
@@ -345,16 +401,24 @@ def test_odd_items_are_served(sim: GraphSimulator, http: httpx.Client, tokens: T
     assert body["unicode"]["from"]["emailAddress"]["address"] == "josé@bücher.de"
     assert body["idn"]["from"]["emailAddress"]["address"] == "user@xn--bcher-kva.de"
     assert len(body["big_body"]["body"]["content"]) > 1_000_000 and len(body["big_body"]["bodyPreview"]) == 255
-    text = http.get(f"{sim.base_url}/me/messages/{odd['big_body'].id}", params={"$select": "body"},
-                    headers=hdrs(tokens, user, f'outlook.body-content-type="text", {IMMUTABLE}'))
+    text = http.get(
+        f"{sim.base_url}/me/messages/{odd['big_body'].id}",
+        params={"$select": "body"},
+        headers=hdrs(tokens, user, f'outlook.body-content-type="text", {IMMUTABLE}'),
+    )
     assert text.json()["body"]["content"] == odd["big_body"].body
-    items, _, _ = delta_round(http, f"{sim.base_url}/me/mailFolders/inbox/messages/delta",
-                              hdrs(tokens, user, f"odata.maxpagesize=200, {IMMUTABLE}"), {"$select": SELECT})
+    items, _, _ = delta_round(
+        http,
+        f"{sim.base_url}/me/mailFolders/inbox/messages/delta",
+        hdrs(tokens, user, f"odata.maxpagesize=200, {IMMUTABLE}"),
+        {"$select": SELECT},
+    )
     assert {m.id for m in odd.values()} <= {i["id"] for i in items}
 
 
-def test_filter_scope_of_later_rounds(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                      world: World) -> None:
+def test_filter_scope_of_later_rounds(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World
+) -> None:
     u = world.tenants[0].users[1]
     h = hdrs(tokens, u)
     since = world.now - timedelta(days=2)
@@ -371,8 +435,9 @@ def test_filter_scope_of_later_rounds(sim: GraphSimulator, http: httpx.Client, t
     assert partial["id"] == old.id and partial["subject"] == "Old mail, new subject" and "isRead" not in partial
 
 
-def test_delta_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority,
-                                             world: World) -> None:
+def test_delta_sensitivity_extended_property(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World
+) -> None:
     """The sensitivity `$expand` on delta: full items carry it (kept in the token like $select), partial items only
     when the sensitivity changed; an explicit change back to Normal is "0"; rounds without the $expand never show
     it."""
@@ -386,8 +451,9 @@ def test_delta_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Cl
     assert {i["id"] for i in items} == set(sent)
     for item in items:
         m = sent[item["id"]]
-        want = [{"id": "Integer 0x36", "value": SENSITIVITY_VALUE[m.sensitivity]}] if m.sensitivity != "normal" \
-            else None
+        want = (
+            [{"id": "Integer 0x36", "value": SENSITIVITY_VALUE[m.sensitivity]}] if m.sensitivity != "normal" else None
+        )
         assert item.get("singleValueExtendedProperties") == want
     plain = [m for m in sent.values() if m.sensitivity == "normal"]
     marked, unmarked, untouched = plain[0], plain[1], plain[2]
@@ -402,18 +468,28 @@ def test_delta_sensitivity_extended_property(sim: GraphSimulator, http: httpx.Cl
     by_id = {i["id"]: i for i in changes}
     folder_id = sim.folder_id(u.oid, "sentitems")
     base = {"@odata.type": "#microsoft.graph.message", "parentFolderId": folder_id}
-    assert by_id[marked.id] == {**base, "@odata.etag": by_id[marked.id]["@odata.etag"], "id": marked.id,
-                                "singleValueExtendedProperties": [{"id": "Integer 0x36", "value": "2"}]}
+    assert by_id[marked.id] == {
+        **base,
+        "@odata.etag": by_id[marked.id]["@odata.etag"],
+        "id": marked.id,
+        "singleValueExtendedProperties": [{"id": "Integer 0x36", "value": "2"}],
+    }
     assert by_id[unmarked.id]["singleValueExtendedProperties"] == [{"id": "Integer 0x36", "value": "0"}]
-    assert by_id[untouched.id] == {**base, "@odata.etag": by_id[untouched.id]["@odata.etag"], "id": untouched.id,
-                                   "subject": "New subject"}  # sensitivity unchanged: not sent
+    assert by_id[untouched.id] == {
+        **base,
+        "@odata.etag": by_id[untouched.id]["@odata.etag"],
+        "id": untouched.id,
+        "subject": "New subject",
+    }  # sensitivity unchanged: not sent
     assert by_id[added.id]["singleValueExtendedProperties"] == [
-        {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[added.sensitivity]}]  # created: full, expanded
+        {"id": "Integer 0x36", "value": SENSITIVITY_VALUE[added.sensitivity]}
+    ]  # created: full, expanded
     # the same changes in a round started without the $expand: no extended property anywhere
     plain_changes, _, _ = delta_round(http, plain_link, h)
     assert {i["id"] for i in plain_changes} == set(by_id)
     assert not any("singleValueExtendedProperties" in i for i in plain_changes)
     # an explicit Normal is served as "0" from now on, also in full items and single GETs
-    one = http.get(f"{sim.base_url}/me/messages/{unmarked.id}", params={"$select": "id", "$expand": SENSITIVITY_EXPAND},
-                   headers=h).json()
+    one = http.get(
+        f"{sim.base_url}/me/messages/{unmarked.id}", params={"$select": "id", "$expand": SENSITIVITY_EXPAND}, headers=h
+    ).json()
     assert one["singleValueExtendedProperties"] == [{"id": "Integer 0x36", "value": "0"}]

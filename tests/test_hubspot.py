@@ -68,7 +68,6 @@ def expected(world: World, sim: HubSpotSimulator, tid: str) -> CrmSnapshot:
     return snapshot_of(people, accounts, opps)
 
 
-
 # -- snapshot content ------------------------------------------------------------------------------------
 
 
@@ -90,9 +89,15 @@ def test_snapshot_equals_world(world: World, sim: HubSpotSimulator, http: httpx.
 def test_wire_values_are_strings(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
     tid = world.tenants[0].tid
     headers = {"Authorization": f"Bearer {sim.token_for(tid)}"}
-    resp = http.get(f"{sim.base_url}/crm/v3/objects/deals", headers=headers,
-                    params={"properties": "hs_is_closed,createdate,dealstage,pipeline", "limit": "100",
-                            "associations": "companies"})
+    resp = http.get(
+        f"{sim.base_url}/crm/v3/objects/deals",
+        headers=headers,
+        params={
+            "properties": "hs_is_closed,createdate,dealstage,pipeline",
+            "limit": "100",
+            "associations": "companies",
+        },
+    )
     assert resp.status_code == 200 and "X-HubSpot-RateLimit-Daily-Remaining" in resp.headers
     body = resp.json()
     assert "paging" not in body
@@ -111,8 +116,11 @@ def test_small_pages_follow_after_cursors(world: World, tls: SimulatorTLS, http:
     with HubSpotSimulator(world, tls) as small:
         paged = fetch_snapshot(conn_for(small, tid), http, page_limit=3)
         crm = world.crm[tid]
-        sizes = [len(crm.contacts) + sum(1 for x in crm.leads if not x.is_converted), len(crm.accounts),
-                 len(crm.opportunities)]
+        sizes = [
+            len(crm.contacts) + sum(1 for x in crm.leads if not x.is_converted),
+            len(crm.accounts),
+            len(crm.opportunities),
+        ]
         lists = [r for r in small.requests if r.path.startswith("/crm/v3/objects/")]
         assert len(lists) == sum(math.ceil(n / 3) for n in sizes)
         assert all(r.status == 200 and r.query and r.query["limit"] == "3" for r in lists)
@@ -134,16 +142,18 @@ def test_archived_contacts_leave_the_snapshot(world: World, sim: HubSpotSimulato
     hs_id = sim.hs_id(tid, gone.id)
     assert hs_id not in set(snap.people["crm_id"])
     headers = {"Authorization": f"Bearer {sim.token_for(tid)}"}
-    archived = http.get(f"{sim.base_url}/crm/v3/objects/contacts", headers=headers,
-                        params={"archived": "true"}).json()["results"]
+    archived = http.get(f"{sim.base_url}/crm/v3/objects/contacts", headers=headers, params={"archived": "true"}).json()[
+        "results"
+    ]
     assert [(r["id"], r["archived"]) for r in archived] == [(hs_id, True)] and "archivedAt" in archived[0]
 
 
 # -- search and its 10,000 cap ---------------------------------------------------------------------------
 
 
-def test_search_beyond_10k_results_re_windows(world: World, tls: SimulatorTLS, http: httpx.Client,
-                                              clock: Clock) -> None:
+def test_search_beyond_10k_results_re_windows(
+    world: World, tls: SimulatorTLS, http: httpx.Client, clock: Clock
+) -> None:
     """Real default cap (10,000): 10,250 synthetic contacts modified at the sim clock, plus older world ones."""
     tid = world.tenants[0].tid
     with HubSpotSimulator(world, tls, clock=clock) as sim:
@@ -152,24 +162,32 @@ def test_search_beyond_10k_results_re_windows(world: World, tls: SimulatorTLS, h
         bulk = set(sim.add_contacts(tid, 10_250))
         headers = {"Authorization": f"Bearer {sim.token_for(tid)}"}
         since = datetime.fromtimestamp(clock.t, UTC) - timedelta(minutes=5)
-        too_far = http.post(f"{sim.base_url}/crm/v3/objects/contacts/search", headers=headers,
-                            json={"filterGroups": [{"filters": [modified_since_filter("contacts", since)]}],
-                                  "limit": 200, "after": "9900"})
+        too_far = http.post(
+            f"{sim.base_url}/crm/v3/objects/contacts/search",
+            headers=headers,
+            json={
+                "filterGroups": [{"filters": [modified_since_filter("contacts", since)]}],
+                "limit": 200,
+                "after": "9900",
+            },
+        )
         assert too_far.status_code == 400 and too_far.json()["category"] == "VALIDATION_ERROR"
         assert too_far.json()["status"] == "error" and "correlationId" in too_far.json()
 
         people = search_people(conn_for(sim, tid), http, [modified_since_filter("contacts", since)])
         assert set(people["crm_id"]) == bulk and people.height == len(bulk)
         searches = [r for r in sim.requests if r.path.endswith("/search") and r.status == 200]
-        windows = [r for r in searches if any(f["propertyName"] == "hs_object_id"
-                                              for f in r.body["filterGroups"][0]["filters"])]
+        windows = [
+            r
+            for r in searches
+            if any(f["propertyName"] == "hs_object_id" for f in r.body["filterGroups"][0]["filters"])
+        ]
         assert windows and windows[0].body["after"] == "0"
         assert all(int(r.body["after"]) + r.body["limit"] <= 10_000 for r in searches)
         assert len(searches) == math.ceil(10_250 / 200)
 
 
-def test_search_filters_by_modified_date(world: World, sim: HubSpotSimulator, http: httpx.Client,
-                                         clock: Clock) -> None:
+def test_search_filters_by_modified_date(world: World, sim: HubSpotSimulator, http: httpx.Client, clock: Clock) -> None:
     tid = world.tenants[0].tid
     touched = world.crm[tid].contacts[3]
     clock.t += 86_400
@@ -204,8 +222,9 @@ def test_retry_after_header_wins(world: World, sim: HubSpotSimulator, http: http
     assert sleeps == [3.0]
 
 
-def test_rolling_burst_limit_on_the_sim_clock(world: World, sim: HubSpotSimulator, http: httpx.Client,
-                                              clock: Clock) -> None:
+def test_rolling_burst_limit_on_the_sim_clock(
+    world: World, sim: HubSpotSimulator, http: httpx.Client, clock: Clock
+) -> None:
     tid = world.tenants[0].tid
     sim.burst_limit = 4
     sleeps = Sleeps(clock)  # sleeping moves the simulator's clock, so the rolling window frees up
@@ -253,6 +272,7 @@ def test_expired_token_is_auth_error(world: World, sim: HubSpotSimulator, http: 
 def test_server_errors_then_success(world: World, sim: HubSpotSimulator, http: httpx.Client) -> None:
     assert website_domain("WWW.Acme.com") == "acme.com"  # company `domain` values go through the same rule
     tid = world.tenants[0].tid
-    unknown = http.get(f"{sim.base_url}/crm/v3/objects/tickets",
-                       headers={"Authorization": f"Bearer {sim.token_for(tid)}"})
+    unknown = http.get(
+        f"{sim.base_url}/crm/v3/objects/tickets", headers={"Authorization": f"Bearer {sim.token_for(tid)}"}
+    )
     assert unknown.status_code == 404 and unknown.json()["status"] == "error"

@@ -45,29 +45,58 @@ def claims_of(jwt: str) -> dict:
     return json.loads(b64url_decode(jwt.split(".")[1]))
 
 
-def authorize(sim, client, user=None, tenant="organizations", scope="Mail.Read User.Read openid profile "
-              "offline_access", verifier=None, **extra):
+def authorize(
+    sim,
+    client,
+    user=None,
+    tenant="organizations",
+    scope="Mail.Read User.Read openid profile offline_access",
+    verifier=None,
+    **extra,
+):
     if user is not None:
         sim.login_as(user.oid)
     verifier = verifier or secrets.token_urlsafe(32)
-    params = {"client_id": CLIENT_ID, "response_type": "code", "redirect_uri": REDIRECT, "scope": scope,
-              "state": "st-1", "nonce": hashlib.sha256(b"n").hexdigest(), "client_info": "1",
-              "code_challenge": b64url(hashlib.sha256(verifier.encode()).digest()),
-              "code_challenge_method": "S256", **extra}
+    params = {
+        "client_id": CLIENT_ID,
+        "response_type": "code",
+        "redirect_uri": REDIRECT,
+        "scope": scope,
+        "state": "st-1",
+        "nonce": hashlib.sha256(b"n").hexdigest(),
+        "client_info": "1",
+        "code_challenge": b64url(hashlib.sha256(verifier.encode()).digest()),
+        "code_challenge_method": "S256",
+        **extra,
+    }
     r = client.get(f"{sim.base_url}/{tenant}/oauth2/v2.0/authorize", params=params)
     return r, verifier
 
 
 def redeem(sim, client, code, verifier, scope="Mail.Read User.Read openid profile offline_access", **extra):
-    form = {"client_id": CLIENT_ID, "client_secret": SECRET, "grant_type": "authorization_code",
-            "code": code, "code_verifier": verifier, "redirect_uri": REDIRECT, "scope": scope,
-            "client_info": "1", **extra}
+    form = {
+        "client_id": CLIENT_ID,
+        "client_secret": SECRET,
+        "grant_type": "authorization_code",
+        "code": code,
+        "code_verifier": verifier,
+        "redirect_uri": REDIRECT,
+        "scope": scope,
+        "client_info": "1",
+        **extra,
+    }
     return client.post(f"{sim.base_url}/organizations/oauth2/v2.0/token", data=form)
 
 
 def refresh(sim, client, rt, scope="Mail.Read User.Read openid profile offline_access", secret=SECRET):
-    form = {"client_id": CLIENT_ID, "client_secret": secret, "grant_type": "refresh_token",
-            "refresh_token": rt, "scope": scope, "client_info": "1"}
+    form = {
+        "client_id": CLIENT_ID,
+        "client_secret": secret,
+        "grant_type": "refresh_token",
+        "refresh_token": rt,
+        "scope": scope,
+        "client_info": "1",
+    }
     return client.post(f"{sim.base_url}/organizations/oauth2/v2.0/token", data=form)
 
 
@@ -84,9 +113,13 @@ def assert_entra_error(resp, status, error, code, suberror=None):
     body = resp.json()
     assert body["error"] == error
     assert body["error_codes"] == [code]
-    assert re.fullmatch(rf"AADSTS{code}: .+\r\nTrace ID: [0-9a-f-]{{36}}\r\n"
-                        r"Correlation ID: [0-9a-f-]{36}\r\n"
-                        r"Timestamp: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", body["error_description"], re.S)
+    assert re.fullmatch(
+        rf"AADSTS{code}: .+\r\nTrace ID: [0-9a-f-]{{36}}\r\n"
+        r"Correlation ID: [0-9a-f-]{36}\r\n"
+        r"Timestamp: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ",
+        body["error_description"],
+        re.S,
+    )
     assert {"timestamp", "trace_id", "correlation_id", "error_uri"} <= body.keys()
     assert body.get("suberror") == suberror
     return body
@@ -155,8 +188,10 @@ def test_code_redemption_pkce_nonce_short_scopes_and_single_use(env):
     body = tok.json()
     assert body["token_type"] == "Bearer" and body["scope"] == "Mail.Read User.Read openid profile"
     assert body["expires_in"] == body["ext_expires_in"] == 3599
-    assert body["refresh_token"] and json.loads(b64url_decode(body["client_info"])) == {"uid": user.oid,
-                                                                                         "utid": user.tid}
+    assert body["refresh_token"] and json.loads(b64url_decode(body["client_info"])) == {
+        "uid": user.oid,
+        "utid": user.tid,
+    }
     idt = claims_of(body["id_token"])
     assert idt["nonce"] == hashlib.sha256(b"n").hexdigest()
     assert (idt["aud"], idt["oid"], idt["tid"], idt["ver"]) == (CLIENT_ID, user.oid, user.tid, "2.0")
@@ -222,13 +257,16 @@ def test_refresh_errors_unknown_token_unconsented_scope_and_700082(env):
     assert_entra_error(refresh(sim, client, body["refresh_token"]), 400, "invalid_grant", 700082, "bad_token")
 
 
-@pytest.mark.parametrize("kind,status,error,code", [
-    ("revoked", 400, "invalid_grant", 50173),
-    ("consent", 400, "invalid_grant", 65001),
-    ("server_error", 500, "server_error", 50000),
-    ("unavailable", 503, "temporarily_unavailable", 90033),
-    ("throttled", 429, "temporarily_unavailable", 50196),
-])
+@pytest.mark.parametrize(
+    "kind,status,error,code",
+    [
+        ("revoked", 400, "invalid_grant", 50173),
+        ("consent", 400, "invalid_grant", 65001),
+        ("server_error", 500, "server_error", 50000),
+        ("unavailable", 503, "temporarily_unavailable", 90033),
+        ("throttled", 429, "temporarily_unavailable", 50196),
+    ],
+)
 def test_injected_faults_hit_the_next_matching_request_only(env, kind, status, error, code):
     sim, world, _, _, client = env
     body = sign_in(sim, client, world.tenants[0].users[1])
@@ -246,8 +284,7 @@ def test_request_log_records_outcomes_without_secrets(env):
     body = sign_in(sim, client, world.tenants[0].users[0])
     refresh(sim, client, body["refresh_token"])
     log = sim.token_requests[before:]
-    assert [(e["grant_type"], e["status"]) for e in log] == [("authorization_code", 200),
-                                                              ("refresh_token", 200)]
+    assert [(e["grant_type"], e["status"]) for e in log] == [("authorization_code", 200), ("refresh_token", 200)]
     text = repr(log)
     assert body["refresh_token"] not in text and SECRET not in text and body["access_token"] not in text
 
@@ -258,12 +295,19 @@ def test_basic_auth_and_form_post_response_mode(env):
     r, verifier = authorize(sim, client, user, response_mode="form_post")
     assert r.status_code == 200 and f'action="{REDIRECT}"' in r.text
     code = re.search(r'name="code" value="([^"]+)"', r.text)[1]
-    form = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-            "redirect_uri": REDIRECT, "scope": "User.Read openid profile offline_access"}
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "code_verifier": verifier,
+        "redirect_uri": REDIRECT,
+        "scope": "User.Read openid profile offline_access",
+    }
     basic = base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
-    tok = client.post(f"{sim.base_url}/organizations/oauth2/v2.0/token", content=urlencode(form),
-                      headers={"Authorization": f"Basic {basic}",
-                               "Content-Type": "application/x-www-form-urlencoded"})
+    tok = client.post(
+        f"{sim.base_url}/organizations/oauth2/v2.0/token",
+        content=urlencode(form),
+        headers={"Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert tok.status_code == 200, tok.text
 
 

@@ -20,8 +20,10 @@ from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 
 KILLS = 10
-CHILD = "import sys; from o365sync.settings import load_settings; from tasks.mailbox_sync import sync_mailbox_now; " \
-        "sync_mailbox_now(load_settings(), sys.argv[1], sys.argv[2])"
+CHILD = (
+    "import sys; from o365sync.settings import load_settings; from tasks.mailbox_sync import sync_mailbox_now; "
+    "sync_mailbox_now(load_settings(), sys.argv[1], sys.argv[2])"
+)
 
 
 class Tripwire(list):
@@ -47,16 +49,22 @@ def store_content(settings, tenant_id) -> dict[str, list]:
             "emails": con.execute("SELECT * EXCLUDE (imported_at) FROM emails ORDER BY ALL").fetchall(),
             "participants": con.execute("SELECT * FROM email_participants ORDER BY ALL").fetchall(),
             "matches": con.execute("SELECT * FROM email_crm_matches ORDER BY ALL").fetchall(),
-            "cursors": con.execute("SELECT user_oid, folder, scan_start, received_watermark, backfill_done, "
-                                   "delta_link IS NOT NULL FROM mail_cursor ORDER BY ALL").fetchall(),
+            "cursors": con.execute(
+                "SELECT user_oid, folder, scan_start, received_watermark, backfill_done, "
+                "delta_link IS NOT NULL FROM mail_cursor ORDER BY ALL"
+            ).fetchall(),
         }
 
 
 def run_child(tenant_id: str, oid: str, log: Tripwire, kill_after: int) -> bool:
     """Run the sync in a child process; SIGKILL it after `kill_after` more Graph requests. True if killed."""
     log.arm(kill_after)
-    child = subprocess.Popen([sys.executable, "-c", CHILD, tenant_id, oid], env=os.environ.copy(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, tenant_id, oid],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     while not log.fired.wait(0.05):
         if child.poll() is not None:
             assert child.returncode == 0, child.stderr.read().decode()[-2000:]

@@ -34,22 +34,31 @@ def oracle(participants, people, accounts, own):
     return out
 
 
-address = st.builds(lambda pad, local, dom, up: (" " * pad) + (f"{local}@{dom}".upper() if up else f"{local}@{dom}"),
-                    st.integers(0, 1), st.sampled_from(LOCALS), st.sampled_from(DOMAINS), st.booleans())
+address = st.builds(
+    lambda pad, local, dom, up: (" " * pad) + (f"{local}@{dom}".upper() if up else f"{local}@{dom}"),
+    st.integers(0, 1),
+    st.sampled_from(LOCALS),
+    st.sampled_from(DOMAINS),
+    st.booleans(),
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(
     participants=st.lists(st.tuples(st.sampled_from(["m1", "m2", "m3", "m4"]), address), max_size=30),
-    people=st.lists(st.sampled_from([("c1", "contact"), ("c2", "contact"), ("l1", "lead")]).flatmap(
-        lambda rec: st.tuples(st.just(rec[0]), st.just(rec[1]), address)), max_size=6),
-    accounts=st.lists(st.tuples(st.sampled_from(["a1", "a2"]), st.one_of(st.none(), st.sampled_from(DOMAINS))),
-                      max_size=4),
+    people=st.lists(
+        st.sampled_from([("c1", "contact"), ("c2", "contact"), ("l1", "lead")]).flatmap(
+            lambda rec: st.tuples(st.just(rec[0]), st.just(rec[1]), address)
+        ),
+        max_size=6,
+    ),
+    accounts=st.lists(
+        st.tuples(st.sampled_from(["a1", "a2"]), st.one_of(st.none(), st.sampled_from(DOMAINS))), max_size=4
+    ),
 )
 def test_matcher_agrees_with_oracle(participants, people, accounts):
     p = pl.DataFrame(participants, schema={"graph_id": pl.String, "address": pl.String}, orient="row")
-    crm_people = pl.DataFrame(people, schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String},
-                              orient="row")
+    crm_people = pl.DataFrame(people, schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}, orient="row")
     crm_accounts = pl.DataFrame(accounts, schema={"crm_id": pl.String, "domain": pl.String}, orient="row")
     got = match_participants(p, build_index(crm_people, crm_accounts, OWN))
     assert set(got.select("graph_id", "crm_id", "crm_kind").iter_rows()) == oracle(participants, people, accounts, OWN)
@@ -62,32 +71,46 @@ def test_matcher_agrees_with_oracle(participants, people, accounts):
 
 
 def test_free_mail_and_own_domains_never_match_accounts():
-    index = build_index(pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}),
-                        pl.DataFrame({"crm_id": ["a1", "a2", "a3"],
-                                      "domain": ["gmail.com", "contoso.com", "acme.com"]}),
-                        OWN)
-    parts = pl.DataFrame({"graph_id": ["m1", "m2", "m3"],
-                          "address": ["someone@gmail.com", "colleague@contoso.com", "new@ACME.com "]})
+    index = build_index(
+        pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}),
+        pl.DataFrame({"crm_id": ["a1", "a2", "a3"], "domain": ["gmail.com", "contoso.com", "acme.com"]}),
+        OWN,
+    )
+    parts = pl.DataFrame(
+        {"graph_id": ["m1", "m2", "m3"], "address": ["someone@gmail.com", "colleague@contoso.com", "new@ACME.com "]}
+    )
     got = match_participants(parts, index)
     assert got.rows() == [("m3", "a3", "account", "new@acme.com", True)]
 
 
 def test_contact_with_free_mail_address_matches_exactly():
-    index = build_index(pl.DataFrame({"crm_id": ["c1"], "kind": ["contact"], "email": [" Jo.Doe@Gmail.com"]}),
-                        pl.DataFrame(schema={"crm_id": pl.String, "domain": pl.String}), OWN)
-    got = match_participants(pl.DataFrame({"graph_id": ["m1", "m2"], "address": ["jo.doe@gmail.com", "x@gmail.com"]}),
-                             index)
+    index = build_index(
+        pl.DataFrame({"crm_id": ["c1"], "kind": ["contact"], "email": [" Jo.Doe@Gmail.com"]}),
+        pl.DataFrame(schema={"crm_id": pl.String, "domain": pl.String}),
+        OWN,
+    )
+    got = match_participants(
+        pl.DataFrame({"graph_id": ["m1", "m2"], "address": ["jo.doe@gmail.com", "x@gmail.com"]}), index
+    )
     assert got.select("graph_id", "crm_id").rows() == [("m1", "c1")]
 
 
 def test_primary_link_prefers_contact_then_lead_then_account_then_the_sender():
-    people = pl.DataFrame({"crm_id": ["c2", "c1", "l1"], "kind": ["contact", "contact", "lead"],
-                           "email": ["to@acme.com", "from@acme.com", "lead@globex.io"]})
+    people = pl.DataFrame(
+        {
+            "crm_id": ["c2", "c1", "l1"],
+            "kind": ["contact", "contact", "lead"],
+            "email": ["to@acme.com", "from@acme.com", "lead@globex.io"],
+        }
+    )
     index = build_index(people, pl.DataFrame({"crm_id": ["a1"], "domain": ["acme.com"]}), OWN)
-    parts = pl.DataFrame({"graph_id": ["m1", "m1", "m2", "m2", "m3"],
-                          "role": ["to", "from", "cc", "from", "from"],
-                          "address": ["to@acme.com", "from@acme.com", "lead@globex.io", "new@acme.com",
-                                      "other@acme.com"]})
+    parts = pl.DataFrame(
+        {
+            "graph_id": ["m1", "m1", "m2", "m2", "m3"],
+            "role": ["to", "from", "cc", "from", "from"],
+            "address": ["to@acme.com", "from@acme.com", "lead@globex.io", "new@acme.com", "other@acme.com"],
+        }
+    )
     got = match_participants(parts, index)
     primary = dict(got.filter(pl.col("is_primary")).select("graph_id", "crm_id").iter_rows())
     assert primary == {"m1": "c1", "m2": "l1", "m3": "a1"}  # sender's contact; lead beats account; account
@@ -96,13 +119,27 @@ def test_primary_link_prefers_contact_then_lead_then_account_then_the_sender():
 def test_account_domains_are_registrable_and_never_free_mail_or_own() -> None:
     """Mail from a sub-domain reaches the account (PSL); a PSL private suffix (github.io) keeps sites apart;
     free-mail (from the maintained list, not only the big names) and own domains never match accounts."""
-    accounts = pl.DataFrame({"crm_id": ["A1", "A2", "A3", "A4", "A5"],
-                             "domain": ["acme.co.uk", "acme.github.io", "mail2chicago.com", "contoso.com",
-                                        "yahoo.co.uk"]})
-    index = build_index(pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}),
-                        accounts, ["contoso.com"])
-    parts = pl.DataFrame({"graph_id": ["m1", "m2", "m3", "m4", "m5", "m6"],
-                          "address": ["jane@eu.acme.co.uk", "x@other.github.io", "x@mail2chicago.com",
-                                      "boss@contoso.com", "me@yahoo.co.uk", "y@acme.github.io"]})
+    accounts = pl.DataFrame(
+        {
+            "crm_id": ["A1", "A2", "A3", "A4", "A5"],
+            "domain": ["acme.co.uk", "acme.github.io", "mail2chicago.com", "contoso.com", "yahoo.co.uk"],
+        }
+    )
+    index = build_index(
+        pl.DataFrame(schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}), accounts, ["contoso.com"]
+    )
+    parts = pl.DataFrame(
+        {
+            "graph_id": ["m1", "m2", "m3", "m4", "m5", "m6"],
+            "address": [
+                "jane@eu.acme.co.uk",
+                "x@other.github.io",
+                "x@mail2chicago.com",
+                "boss@contoso.com",
+                "me@yahoo.co.uk",
+                "y@acme.github.io",
+            ],
+        }
+    )
     got = match_participants(parts, index)
     assert sorted(zip(got["graph_id"], got["crm_id"], strict=True)) == [("m1", "A1"), ("m6", "A2")]

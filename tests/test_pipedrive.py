@@ -27,11 +27,17 @@ def world() -> World:
     w = generate_world(tenants=2, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30)
     crm = w.crm[w.tenants[0].tid]
     crm.contacts.append(
-        CrmContact(id="003TRAPSPACE001", first_name="Jane", last_name="Doe", email="  Jane.Doe+crm@Acme.COM ",
-                   account_id=crm.accounts[0].id)
+        CrmContact(
+            id="003TRAPSPACE001",
+            first_name="Jane",
+            last_name="Doe",
+            email="  Jane.Doe+crm@Acme.COM ",
+            account_id=crm.accounts[0].id,
+        )
     )
-    crm.contacts.append(CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="  ",
-                                   account_id=None))
+    crm.contacts.append(
+        CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="  ", account_id=None)
+    )
     return w
 
 
@@ -66,8 +72,7 @@ def expected(world: World, sim: PipedriveSimulator, tid: str) -> CrmSnapshot:
             if address and address.strip():
                 people.append((str(pid), "contact", address.strip().lower(), account, f"{first} {last}"))
     accounts = [
-        (str(org[a.id]), a.name, website_domain(a.website) if website_exposed(a.id) else None)
-        for a in crm.accounts
+        (str(org[a.id]), a.name, website_domain(a.website) if website_exposed(a.id) else None) for a in crm.accounts
     ]
     opps = [
         (str(ids["deals"][o.id]), str(org[o.account_id]), o.name, False, o.created)
@@ -75,7 +80,6 @@ def expected(world: World, sim: PipedriveSimulator, tid: str) -> CrmSnapshot:
         if not o.is_closed
     ]
     return snapshot_of(people, accounts, opps)
-
 
 
 def test_snapshot_equals_world(world: World, sim: PipedriveSimulator, http: httpx.Client) -> None:
@@ -156,13 +160,15 @@ def test_deleted_records_are_excluded(
                 opportunities=want.opportunities.filter(pl.col("crm_id") != str(open_deal)),
             ),
         )
-        listed = http.get(f"{s.base_url}/api/v2/persons", params={"limit": 500},
-                          headers={"x-api-token": s.token_for(tid)}).json()["data"]
+        listed = http.get(
+            f"{s.base_url}/api/v2/persons", params={"limit": 500}, headers={"x-api-token": s.token_for(tid)}
+        ).json()["data"]
         assert any(p["id"] == person and p["is_deleted"] for p in listed) == deleted_in_lists
         # purged 30 days later
         clock.t += timedelta(days=31).total_seconds()
-        listed = http.get(f"{s.base_url}/api/v2/persons", params={"limit": 500},
-                          headers={"x-api-token": s.token_for(tid)}).json()["data"]
+        listed = http.get(
+            f"{s.base_url}/api/v2/persons", params={"limit": 500}, headers={"x-api-token": s.token_for(tid)}
+        ).json()["data"]
         assert all(p["id"] != person for p in listed)
 
 
@@ -200,8 +206,7 @@ def test_daily_budget_is_quota_exhausted_until_reset(
         assert resp.status_code == 429 and resp.json()["errorCode"] == 429
         assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(resp.headers)
         clock.t += timedelta(hours=11, minutes=59).total_seconds()  # still the same UTC day
-        assert http.get(f"{s.base_url}/api/v2/persons",
-                        headers={"x-api-token": s.token_for(tid)}).status_code == 429
+        assert http.get(f"{s.base_url}/api/v2/persons", headers={"x-api-token": s.token_for(tid)}).status_code == 429
         clock.t += timedelta(minutes=2).total_seconds()  # past midnight: budget reset
         ok = http.get(f"{s.base_url}/api/v2/persons", headers={"x-api-token": s.token_for(tid)})
         assert ok.status_code == 200
@@ -216,8 +221,12 @@ def test_expired_token_is_auth_error(world: World, sim: PipedriveSimulator, http
     assert err.value.status == 401 and conn.api_token not in str(err.value) and conn.api_token not in repr(conn)
     resp = http.get(f"{sim.base_url}/api/v2/persons", headers={"x-api-token": conn.api_token})
     assert resp.status_code == 401 and resp.headers["x-401-by-gw"] == "true"
-    assert resp.json() == {"success": False, "error": "unauthorized access", "errorCode": 401,
-                           "error_info": "Please check developers.pipedrive.com"}
+    assert resp.json() == {
+        "success": False,
+        "error": "unauthorized access",
+        "errorCode": 401,
+        "error_info": "Please check developers.pipedrive.com",
+    }
     assert http.get(f"{sim.base_url}/api/v2/persons").status_code == 401
     assert_same(fetch_snapshot(conn_for(sim, tid), http, sleep=Sleeps()), expected(world, sim, tid))
 

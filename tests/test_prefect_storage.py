@@ -73,8 +73,14 @@ def test_a_failed_cli_import_writes_nothing_outside_the_data_dir(prefect_server,
     env |= {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(ROOT)}
     before = _files(*elsewhere.values())
 
-    done = subprocess.run([sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
     assert done.returncode != 0 and "SyncIncomplete" in done.stderr + done.stdout  # the run did fail
     assert sorted(map(str, _files(*elsewhere.values()) - before)) == []
@@ -92,7 +98,10 @@ def test_every_flow_returns_its_failure_instead_of_raising():
     from flows.failures import _failure_returned
 
     wrapper_code = _failure_returned(lambda: None).__code__
-    found = {obj.name: obj.fn.__code__ is wrapper_code
-             for info in pkgutil.iter_modules(flows.__path__)
-             for obj in vars(importlib.import_module(f"flows.{info.name}")).values() if isinstance(obj, Flow)}
+    found = {
+        obj.name: obj.fn.__code__ is wrapper_code
+        for info in pkgutil.iter_modules(flows.__path__)
+        for obj in vars(importlib.import_module(f"flows.{info.name}")).values()
+        if isinstance(obj, Flow)
+    }
     assert len(found) >= 7 and [name for name, wrapped in found.items() if not wrapped] == []

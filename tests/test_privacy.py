@@ -39,8 +39,11 @@ def _seed_markers(world):
     # body/notes is ever stored.
     markers |= {"meeting_subject": f"MEETMARK{tag}", "meeting_body": f"NOTEMARK{tag}"}
     lo, hi = anchored_window(datetime.now(UTC))
-    kept = {ev_id for (oid, iid) in world.calendars.expected_meetings(tenant.tid, lo, hi)
-            for ev_id in [world.calendars.find(oid, iid)[0].id]}
+    kept = {
+        ev_id
+        for (oid, iid) in world.calendars.expected_meetings(tenant.tid, lo, hi)
+        for ev_id in [world.calendars.find(oid, iid)[0].id]
+    }
     for events in world.calendars.events.values():
         for ev in events:
             ev.body += f" {markers['meeting_body']}"
@@ -51,18 +54,19 @@ def _seed_markers(world):
 
 
 def _file_hits(root: Path, needles: list[bytes]) -> list[str]:
-    return [f"{path}: {n!r}" for path, n in file_hits([p for p in root.rglob("*") if p.is_file()], needles,
-                                                        lower=True)]
+    return [f"{path}: {n!r}" for path, n in file_hits([p for p in root.rglob("*") if p.is_file()], needles, lower=True)]
 
 
 def _duckdb_hits(path: Path, needles: list[str]) -> list[str]:
     hits = []
     with duckdb.connect(str(path), read_only=True) as con:
-        for table, column in con.execute("SELECT table_name, column_name FROM information_schema.columns "
-                                         "WHERE data_type = 'VARCHAR'").fetchall():
+        for table, column in con.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE data_type = 'VARCHAR'"
+        ).fetchall():
             for n in needles:
-                if con.execute(f'SELECT count(*) FROM "{table}" WHERE lower("{column}") LIKE ?',
-                               [f"%{n}%"]).fetchall()[0][0]:
+                if con.execute(f'SELECT count(*) FROM "{table}" WHERE lower("{column}") LIKE ?', [f"%{n}%"]).fetchall()[
+                    0
+                ][0]:
                     hits.append(f"{path}:{table}.{column}: {n}")
     return hits
 
@@ -85,8 +89,7 @@ def _sqlite_hits(path: Path, needles: list[str]) -> list[str]:
 
 @pytest.fixture
 def product(tmp_path, monkeypatch):
-    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30,
-                           calendars=True)
+    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30, calendars=True)
     markers, positive = _seed_markers(world)
     p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar", "notetaker"])
     yield p, markers, positive

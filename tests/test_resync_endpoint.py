@@ -28,8 +28,7 @@ log = logging.getLogger("test")
 
 @pytest.fixture
 def product(tmp_path, monkeypatch):
-    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30,
-                           calendars=True)
+    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30, calendars=True)
     p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25")
     refresh_crm_snapshot(p.settings, world.tenants[0].tid)
     yield p
@@ -39,10 +38,12 @@ def product(tmp_path, monkeypatch):
 def sync_everything(settings, tid: str, users) -> dict:
     out = {}
     for u in users:
-        out[(u.oid, "email")] = run_user_sync(settings, "email", tid, u.oid,
-                                              lambda u=u: sync_mailbox_now(settings, tid, u.oid), log)
-        out[(u.oid, "calendar")] = run_user_sync(settings, "calendar", tid, u.oid,
-                                                 lambda u=u: calendar_run_counts(settings, tid, u.oid), log)
+        out[(u.oid, "email")] = run_user_sync(
+            settings, "email", tid, u.oid, lambda u=u: sync_mailbox_now(settings, tid, u.oid), log
+        )
+        out[(u.oid, "calendar")] = run_user_sync(
+            settings, "calendar", tid, u.oid, lambda u=u: calendar_run_counts(settings, tid, u.oid), log
+        )
     return out
 
 
@@ -65,9 +66,12 @@ def states(settings, tid: str) -> dict[tuple[str, str], dict]:
 
 def cursors(settings, tid: str) -> tuple[list, list]:
     with open_store(settings, tid, write=False) as con:
-        return (con.execute("SELECT user_oid, folder, received_watermark, backfill_done, delta_link FROM mail_cursor "
-                            "ORDER BY ALL").fetchall(),
-                con.execute("SELECT user_oid, window_start, delta_link FROM calendar_cursor ORDER BY ALL").fetchall())
+        return (
+            con.execute(
+                "SELECT user_oid, folder, received_watermark, backfill_done, delta_link FROM mail_cursor ORDER BY ALL"
+            ).fetchall(),
+            con.execute("SELECT user_oid, window_start, delta_link FROM calendar_cursor ORDER BY ALL").fetchall(),
+        )
 
 
 def test_a_new_graph_endpoint_resyncs_by_itself_and_ends_as_the_oracle(product, monkeypatch):
@@ -111,8 +115,11 @@ def test_tenant_resync_validates_first_then_resets_what_it_names(product):
     before = cursors(p.settings, tenant.tid)
     runner = CliRunner()
 
-    for args in (["tenant", "resync", "nosuch-tenant"], ["tenant", "resync", tenant.tid, "--user", "nobody"],
-                 ["tenant", "resync", tenant.tid, "--feature", "teams"]):
+    for args in (
+        ["tenant", "resync", "nosuch-tenant"],
+        ["tenant", "resync", tenant.tid, "--user", "nobody"],
+        ["tenant", "resync", tenant.tid, "--feature", "teams"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code != 0 and not isinstance(result.exception, Exception)  # no traceback
         assert "Traceback" not in result.output

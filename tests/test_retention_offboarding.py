@@ -42,8 +42,9 @@ def seed(world, oid: str, received: datetime | None = None) -> tuple[str, list[s
 
 def user_rows(settings, tid: str, oid: str) -> dict[str, int]:
     with open_store(settings, tid, write=False) as con:
-        return {t: con.execute(f"SELECT count(*) FROM {t} WHERE user_oid = ?", [oid]).fetchone()[0]
-                for t in USER_TABLES}
+        return {
+            t: con.execute(f"SELECT count(*) FROM {t} WHERE user_oid = ?", [oid]).fetchone()[0] for t in USER_TABLES
+        }
 
 
 def assert_audit_has_no_content(settings, tid: str, needles: list[str], region=None) -> list[dict]:
@@ -65,9 +66,11 @@ def product(tmp_path, monkeypatch):
 
 def _conversation_accounts(con, conv: str) -> set[str]:
     """Accounts a conversation is linked to: matched accounts, and the accounts of matched people."""
-    rows = con.execute("SELECT c.crm_id, p.account_id FROM emails e JOIN email_crm_matches c USING (tenant_id, "
-                       "user_oid, graph_id) LEFT JOIN crm_people p ON p.crm_id = c.crm_id WHERE e.conversation_id = ?",
-                       [conv]).fetchall()
+    rows = con.execute(
+        "SELECT c.crm_id, p.account_id FROM emails e JOIN email_crm_matches c USING (tenant_id, "
+        "user_oid, graph_id) LEFT JOIN crm_people p ON p.crm_id = c.crm_id WHERE e.conversation_id = ?",
+        [conv],
+    ).fetchall()
     return {r[1] or r[0] for r in rows}
 
 
@@ -87,14 +90,18 @@ def test_shortening_retention_purges_on_the_next_run_and_spares_open_opportuniti
     refresh_crm_snapshot(p.settings, tid)
     cutoff = now - timedelta(days=10)
     with open_store(p.settings, tid, write=False) as con:
-        open_accounts = {r[0] for r in con.execute("SELECT account_id FROM crm_opportunities WHERE NOT is_closed")
-                         .fetchall()}
-        old = con.execute("SELECT conversation_id, count(*) FROM emails GROUP BY 1 HAVING max(coalesce(received_at, "
-                          "sent_at)) < ?", [cutoff]).fetchall()
+        open_accounts = {
+            r[0] for r in con.execute("SELECT account_id FROM crm_opportunities WHERE NOT is_closed").fetchall()
+        }
+        old = con.execute(
+            "SELECT conversation_id, count(*) FROM emails GROUP BY 1 HAVING max(coalesce(received_at, sent_at)) < ?",
+            [cutoff],
+        ).fetchall()
         exempt = {c: n for c, n in old if _conversation_accounts(con, c) & open_accounts}
         total = con.execute("SELECT count(*) FROM emails").fetchone()[0]
-        young = con.execute("SELECT count(*) FROM emails WHERE coalesce(received_at, sent_at) >= ?",
-                            [cutoff]).fetchone()[0]
+        young = con.execute(
+            "SELECT count(*) FROM emails WHERE coalesce(received_at, sent_at) >= ?", [cutoff]
+        ).fetchone()[0]
     assert open_accounts and exempt and conv not in exempt, "the world should have exempt old conversations"
 
     first = retention(tid)  # default 1095 days: nothing is that old
@@ -111,8 +118,9 @@ def test_shortening_retention_purges_on_the_next_run_and_spares_open_opportuniti
     with open_store(p.settings, tid, write=False) as con:
         assert con.execute("SELECT count(*) FROM emails WHERE graph_id = ?", [gid]).fetchone()[0] == 0
         kept = dict(con.execute("SELECT conversation_id, count(*) FROM emails GROUP BY 1").fetchall())
-        left_old = con.execute("SELECT count(*) FROM emails WHERE coalesce(received_at, sent_at) < ?",
-                               [cutoff]).fetchone()[0]
+        left_old = con.execute(
+            "SELECT count(*) FROM emails WHERE coalesce(received_at, sent_at) < ?", [cutoff]
+        ).fetchone()[0]
         remaining = con.execute("SELECT count(*) FROM emails").fetchone()[0]
     assert all(kept.get(c) == n for c, n in exempt.items()), "open-opportunity conversations are spared"
     assert remaining == total - second["emails_deleted"] and remaining >= young
@@ -131,8 +139,12 @@ def test_offboarded_user_is_erased_from_every_file_and_not_synced_again(prefect_
     alice_before = user_rows(p.settings, tid, alice.oid)
     assert user_rows(p.settings, tid, bob.oid)["emails"] > 0
     with open_store(p.settings, tid, write=False) as con:
-        addresses = [r[0] for r in con.execute("SELECT DISTINCT address FROM email_participants WHERE user_oid = ?",
-                                               [bob.oid]).fetchall()]
+        addresses = [
+            r[0]
+            for r in con.execute(
+                "SELECT DISTINCT address FROM email_participants WHERE user_oid = ?", [bob.oid]
+            ).fetchall()
+        ]
     assert any(h.startswith("store.duckdb") for h in hits(tenant_files(p.settings, tid), markers))
 
     out = offboard_user(tid, bob.oid)  # default policy: delete, no grace period
@@ -181,7 +193,11 @@ def test_grace_period_then_retention_completes_the_deletion_and_retain_keeps_dat
     assert not token_path(p.settings, tid, alice.oid).exists() and connected_users(p.settings, tid) == []
     assert user_rows(p.settings, tid, alice.oid) == alice_rows
     assert offboarding_status(p.settings, tid)[alice.oid] | {"offboarded_at": ""} == {
-        "policy": "retain", "offboarded_at": "", "delete_after": None, "deleted_at": None}
+        "policy": "retain",
+        "offboarded_at": "",
+        "delete_after": None,
+        "deleted_at": None,
+    }
     assert retention(tid)["users_erased"] == 0
     assert user_rows(p.settings, tid, alice.oid) == alice_rows
 
@@ -202,10 +218,10 @@ def test_end_of_subscription_leaves_only_the_audit_log(prefect_server, product):
     after = {f for f in p.settings.data_dir.rglob("*") if f.is_file()}
     log = audit_path(p.settings, tid, None)
     assert after - before == {log}
-    assert {f.relative_to(p.settings.data_dir) for f in after} == {Path("audit") / f"{tid}.jsonl",
-                                                                     Path("secret.key")}
+    assert {f.relative_to(p.settings.data_dir) for f in after} == {Path("audit") / f"{tid}.jsonl", Path("secret.key")}
     assert hits(sorted(after), markers) == []
     entries = assert_audit_has_no_content(p.settings, tid, markers)
     assert entries[-1]["scope"] == "tenant" and entries[-1]["reason"] == "subscription_end"
     assert entries[-1]["rows"]["emails"] > 0 and sorted(entries[-1]["ids"]["user_oids"]) == sorted(
-        u.oid for u in p.world.tenants[0].users)
+        u.oid for u in p.world.tenants[0].users
+    )

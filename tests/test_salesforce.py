@@ -114,7 +114,6 @@ def expected(world: World, tid: str) -> CrmSnapshot:
     return snapshot_of(people, accounts, opps)
 
 
-
 def refresh_grant(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> httpx.Response:
     return http.post(
         f"{sim.base_url}/services/oauth2/token",
@@ -183,9 +182,7 @@ def test_small_batches_page_through_locators(world: World, tls: SimulatorTLS, ht
     assert_same(paged, one_page)
 
 
-def test_query_paging_shape_and_batch_header(
-    world: World, sim: SalesforceSimulator, http: httpx.Client
-) -> None:
+def test_query_paging_shape_and_batch_header(world: World, sim: SalesforceSimulator, http: httpx.Client) -> None:
     tid = world.tenants[0].tid
     token = access_token(sim, http, tid)
     n = len(world.crm[tid].accounts)
@@ -197,9 +194,7 @@ def test_query_paging_shape_and_batch_header(
         "type": "Account",
         "url": f"/services/data/v59.0/sobjects/Account/{rec['Id']}",
     }
-    more = http.get(
-        sim.base_url + page["nextRecordsUrl"], headers={"Authorization": f"Bearer {token}"}
-    ).json()
+    more = http.get(sim.base_url + page["nextRecordsUrl"], headers={"Authorization": f"Bearer {token}"}).json()
     assert more["totalSize"] == n and len(more["records"]) == 3
     # the header asks for 5, clamped up to Salesforce's minimum of 200 -> a single page
     one = soql(sim, http, token, "SELECT Id FROM Account", **{"Sforce-Query-Options": "batchSize=5"}).json()
@@ -246,9 +241,7 @@ def test_session_still_invalid_after_refresh_is_not_looped(
     assert [r.status for r in sim.requests] == [200, 401, 200, 401]
 
 
-def test_request_limit_exceeded_is_quota_exhausted(
-    world: World, sim: SalesforceSimulator, http: httpx.Client
-) -> None:
+def test_request_limit_exceeded_is_quota_exhausted(world: World, sim: SalesforceSimulator, http: httpx.Client) -> None:
     tid = world.tenants[0].tid
     sim.daily_limit = 2
     sleeps = Sleeps()
@@ -259,15 +252,11 @@ def test_request_limit_exceeded_is_quota_exhausted(
     assert sim.api_usage(tid) == 2
     resp = soql(sim, http, access_token(sim, http, tid), "SELECT Id FROM Account")
     assert resp.status_code == 403
-    assert resp.json() == [
-        {"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}
-    ]
+    assert resp.json() == [{"message": "TotalRequests Limit exceeded.", "errorCode": "REQUEST_LIMIT_EXCEEDED"}]
     assert resp.headers["Sforce-Limit-Info"] == "api-usage=2/2"
 
 
-def test_revoked_refresh_token_is_auth_error(
-    world: World, sim: SalesforceSimulator, http: httpx.Client
-) -> None:
+def test_revoked_refresh_token_is_auth_error(world: World, sim: SalesforceSimulator, http: httpx.Client) -> None:
     tid = world.tenants[0].tid
     sim.revoke_refresh_token(sim.refresh_token_for(tid))
     with pytest.raises(CrmAuthError) as err:
@@ -286,9 +275,7 @@ def test_bad_client_is_not_a_reconnect(world: World, sim: SalesforceSimulator, h
     assert err.value.code == "invalid_client" and "wrong" not in str(err.value)
 
 
-def test_rotation_reports_the_newest_refresh_token(
-    world: World, tls: SimulatorTLS, http: httpx.Client
-) -> None:
+def test_rotation_reports_the_newest_refresh_token(world: World, tls: SimulatorTLS, http: httpx.Client) -> None:
     tid = world.tenants[0].tid
     with SalesforceSimulator(world, tls, batch_size=3, rotate_refresh_tokens=True) as sim:
         initial = sim.refresh_token_for(tid)
@@ -303,9 +290,7 @@ def test_rotation_reports_the_newest_refresh_token(
         assert again.rotated_refresh_token not in (None, snap.rotated_refresh_token)
 
 
-def test_server_errors_are_retried_with_backoff(
-    world: World, sim: SalesforceSimulator, http: httpx.Client
-) -> None:
+def test_server_errors_are_retried_with_backoff(world: World, sim: SalesforceSimulator, http: httpx.Client) -> None:
     tid = world.tenants[0].tid
     sleeps = Sleeps()
     sim.inject(503, count=2)  # the token endpoint first
@@ -323,9 +308,7 @@ def test_server_errors_are_retried_with_backoff(
 # -- SOQL subset -----------------------------------------------------------------------------------------
 
 
-def test_soql_errors_are_salesforce_arrays(
-    world: World, sim: SalesforceSimulator, http: httpx.Client
-) -> None:
+def test_soql_errors_are_salesforce_arrays(world: World, sim: SalesforceSimulator, http: httpx.Client) -> None:
     token = access_token(sim, http, world.tenants[0].tid)
     resp = soql(sim, http, token, "SELECT Id, PersonEmail FROM Account")
     assert resp.status_code == 400
@@ -387,9 +370,7 @@ def test_soql_subset_semantics(world: World, tls: SimulatorTLS, http: httpx.Clie
             f"{cutoff.strftime('%Y-%m-%dT%H:%M:%SZ')} ORDER BY CreatedDate ASC"
         )
         rows = soql(sim, http, token, q).json()["records"]
-        opps = sorted(
-            (o for o in crm.opportunities if not o.is_closed and o.created < cutoff), key=lambda o: o.created
-        )
+        opps = sorted((o for o in crm.opportunities if not o.is_closed and o.created < cutoff), key=lambda o: o.created)
         assert [r["Id"] for r in rows] == [o.id for o in opps]
         for r, o in zip(rows, opps, strict=True):
             assert r["CreatedDate"] == o.created.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
@@ -423,12 +404,8 @@ def test_versions_limit_header_and_log_without_secrets(
         },
     )
     token = resp.json()
-    assert {"access_token", "instance_url", "id", "token_type", "issued_at", "signature", "scope"} <= set(
-        token
-    )
-    assert (
-        "expires_in" not in token and "refresh_token" not in token and token["instance_url"] == sim.base_url
-    )
+    assert {"access_token", "instance_url", "id", "token_type", "issued_at", "signature", "scope"} <= set(token)
+    assert "expires_in" not in token and "refresh_token" not in token and token["instance_url"] == sim.base_url
     assert token["issued_at"].isdigit()
     resp = soql(sim, http, token["access_token"], "SELECT Id FROM Account")
     assert resp.headers["Sforce-Limit-Info"] == "api-usage=1/15000"

@@ -102,8 +102,13 @@ def test_changes_applied_to_snapshot_equal_a_fresh_snapshot(
     assert doomed_account in changed["accounts"] and doomed_account not in ids(fresh.accounts)
     assert not ids(fresh.opportunities) & {o.id for o in crm.opportunities if o.account_id == doomed_account}
     new_row = changes.people.filter(pl.col("crm_id") == new_contact).row(0, named=True)
-    assert new_row == {"crm_id": new_contact, "kind": "contact", "email": "new.person@example.org",
-                       "account_id": crm.accounts[0].id, "name": "New Person"}
+    assert new_row == {
+        "crm_id": new_contact,
+        "kind": "contact",
+        "email": "new.person@example.org",
+        "account_id": crm.accounts[0].id,
+        "name": "New Person",
+    }
     if rich:
         assert {extra["pa_web"], extra["pa_bare"]} <= changed["people"]
         assert extra["pa_bare"] not in ids(fresh.people) | ids(fresh.accounts)
@@ -114,13 +119,12 @@ def test_changes_applied_to_snapshot_equal_a_fresh_snapshot(
     assert sorted(r.soql.split(" FROM ")[1].split()[0] for r in reads) == ["Account", "Contact", "Lead", "Opportunity"]
     for r in reads:
         assert r.path.endswith("/queryAll") and r.status == 200
-        assert r.soql.endswith(f"WHERE SystemModstamp >= {soql_datetime(before.watermark - OVERLAP)} "
-                               "ORDER BY SystemModstamp ASC")
+        assert r.soql.endswith(
+            f"WHERE SystemModstamp >= {soql_datetime(before.watermark - OVERLAP)} ORDER BY SystemModstamp ASC"
+        )
 
 
-def test_overlapping_reads_are_idempotent(
-    world: World, tid: str, sim: SalesforceSimulator, http: httpx.Client
-) -> None:
+def test_overlapping_reads_are_idempotent(world: World, tid: str, sim: SalesforceSimulator, http: httpx.Client) -> None:
     crm = world.crm[tid]
     before = fetch_snapshot(conn_for(sim, tid), http)
     world.now += timedelta(minutes=1)
@@ -174,8 +178,10 @@ def test_session_expiring_mid_incremental_refreshes_and_completes(
         # the rotated token works; the initial one is dead
         again = fetch_changes(conn_for(sim, tid, refresh_token=changes.rotated_refresh_token), http, since)
         assert again.changed_ids == changes.changed_ids
-        assert_same(CrmSnapshot(again.people, again.accounts, again.opportunities),
-                    CrmSnapshot(changes.people, changes.accounts, changes.opportunities))
+        assert_same(
+            CrmSnapshot(again.people, again.accounts, again.opportunities),
+            CrmSnapshot(changes.people, changes.accounts, changes.opportunities),
+        )
 
 
 def test_request_limit_mid_incremental_is_quota_exhausted(
@@ -202,8 +208,10 @@ def test_incremental_retries_honour_retry_after(
     changes = fetch_changes(conn_for(sim, tid), http, since, sleep=sleeps)
     assert sleeps == [0.5, 1.0, 3.0]
     clean = fetch_changes(conn_for(sim, tid), http, since)
-    assert_same(CrmSnapshot(changes.people, changes.accounts, changes.opportunities),
-                CrmSnapshot(clean.people, clean.accounts, clean.opportunities))
+    assert_same(
+        CrmSnapshot(changes.people, changes.accounts, changes.opportunities),
+        CrmSnapshot(clean.people, clean.accounts, clean.opportunities),
+    )
     assert changes.changed_ids == clean.changed_ids
 
 
@@ -231,10 +239,13 @@ def test_person_accounts_and_custom_email_fields(
     assert "billing@lone.example.net" not in set(people["email"])  # a business field, not a person's address
     assert not person_contacts & ids(people)  # each person once, as the person account
     assert set(people.filter(pl.col("crm_id") == contact.id)["email"]) == {
-        contact.email.strip().lower(), "private@home.example.com"
+        contact.email.strip().lower(),
+        "private@home.example.com",
     }
-    assert set(people.filter(pl.col("crm_id") == lead.id)["email"]) == {lead.email.strip().lower(),
-                                                                        "lead.two@example.net"}
+    assert set(people.filter(pl.col("crm_id") == lead.id)["email"]) == {
+        lead.email.strip().lower(),
+        "lead.two@example.net",
+    }
     assert set(people.filter(pl.col("crm_id") == lead.id)["kind"]) == {"lead"}
     domains = dict(zip(snap.accounts["crm_id"], snap.accounts["domain"], strict=True))
     assert domains[extra["pa_web"]] == "example.io" and domains[extra["pa_bare"]] is None
@@ -256,10 +267,15 @@ def test_org_without_person_accounts_is_never_asked_for_them(
 def test_sim_describe_custom_fields_and_invalid_field(
     world: World, tid: str, sim: SalesforceSimulator, http: httpx.Client
 ) -> None:
-    token = http.post(f"{sim.base_url}/services/oauth2/token", data={
-        "grant_type": "refresh_token", "refresh_token": sim.refresh_token_for(tid),
-        "client_id": "sf-client", "client_secret": "sf-secret",
-    }).json()["access_token"]
+    token = http.post(
+        f"{sim.base_url}/services/oauth2/token",
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": sim.refresh_token_for(tid),
+            "client_id": "sf-client",
+            "client_secret": "sf-secret",
+        },
+    ).json()["access_token"]
     auth = {"Authorization": f"Bearer {token}"}
 
     def describe(sobject: str) -> httpx.Response:
@@ -294,8 +310,10 @@ def test_sim_describe_custom_fields_and_invalid_field(
     stamp = world.now.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
     lead = next(x for x in world.crm[tid].leads if not x.is_converted)
     contact_id = sim.convert_lead(tid, lead.id)
-    row = query(f"SELECT Id, IsConverted, ConvertedContactId, ConvertedAccountId, SystemModstamp FROM Lead "
-                f"WHERE Id = '{lead.id}'").json()["records"][0]
+    row = query(
+        f"SELECT Id, IsConverted, ConvertedContactId, ConvertedAccountId, SystemModstamp FROM Lead "
+        f"WHERE Id = '{lead.id}'"
+    ).json()["records"][0]
     assert (row["IsConverted"], row["ConvertedContactId"], row["SystemModstamp"]) == (True, contact_id, stamp)
     new = query(f"SELECT Id, Email, AccountId FROM Contact WHERE Id = '{contact_id}'").json()["records"][0]
     assert (new["Email"], new["AccountId"]) == (lead.email, row["ConvertedAccountId"])
@@ -303,7 +321,11 @@ def test_sim_describe_custom_fields_and_invalid_field(
     sim.close_opportunity(tid, opp.id, won=True)
     row = query(f"SELECT IsClosed, IsWon, StageName, SystemModstamp FROM Opportunity WHERE Id = '{opp.id}'").json()
     assert row["records"][0] | {"attributes": None} == {
-        "attributes": None, "IsClosed": True, "IsWon": True, "StageName": "Closed Won", "SystemModstamp": stamp
+        "attributes": None,
+        "IsClosed": True,
+        "IsWon": True,
+        "StageName": "Closed Won",
+        "SystemModstamp": stamp,
     }
     sim.soft_delete(tid, contact_id)
     q = f"SELECT Id, IsDeleted FROM Contact WHERE SystemModstamp >= {world.now.strftime('%Y-%m-%dT%H:%M:%SZ')}"

@@ -21,8 +21,9 @@ def _settings(data_dir: Path) -> Settings:
     return Settings(data_dir=data_dir, token_key=None, _env_file=None)
 
 
-def _write_and_read(data_dir: Path, worker: int, rounds: int,
-                    start: threading.Barrier | None = None) -> tuple[str, list]:
+def _write_and_read(
+    data_dir: Path, worker: int, rounds: int, start: threading.Barrier | None = None
+) -> tuple[str, list]:
     """Create (or read) the key, then write and read the one shared sealed file `rounds` times; (key, errors)."""
     if start is not None:
         start.wait()
@@ -76,8 +77,9 @@ def test_processes_creating_the_key_and_writing_one_sealed_file_at_once(tmp_path
             assert len({key for key, _ in results}) == 1
             assert base64.b64encode(load_key(_settings(data_dir))).decode() == results[0][0]
             assert _leftovers(data_dir) == []
-            assert read_sealed(data_dir / "tenants" / "t" / "connections" / "user.token",
-                               load_key(_settings(data_dir)), OWNER).startswith(b"worker ")
+            assert read_sealed(
+                data_dir / "tenants" / "t" / "connections" / "user.token", load_key(_settings(data_dir)), OWNER
+            ).startswith(b"worker ")
 
 
 def test_sealed_files_and_the_key_are_private(tmp_path):
@@ -87,4 +89,7 @@ def test_sealed_files_and_the_key_are_private(tmp_path):
     write_sealed(path, key, OWNER, b"secret 2")
     assert read_sealed(path, key, OWNER) == b"secret 2"
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()} == {
-        "secret.key": 0o600, "crm.secret": 0o600, ".sealed.lock": 0o600}
+        "secret.key": 0o600,
+        "crm.secret": 0o600,
+        ".sealed.lock": 0o600,
+    }

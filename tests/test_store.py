@@ -27,22 +27,43 @@ TS = pl.Datetime("us", "UTC")
 
 def make_batch(ids: list[str], watermark: datetime, subject: str = "s") -> MailBatch:
     n = len(ids)
-    emails = pl.DataFrame({
-        "graph_id": ids, "folder": ["inbox"] * n, "internet_message_id": [f"<{i}>" for i in ids],
-        "conversation_id": ["c"] * n, "subject": [subject] * n, "body_text": ["b"] * n,
-        "from_name": ["n"] * n, "from_address": ["a@acme.com"] * n,
-        "received_at": [T0] * n, "sent_at": [T0] * n, "has_attachments": [False] * n, "web_link": ["w"] * n,
-    }, schema_overrides={"received_at": TS, "sent_at": TS})
-    participants = pl.DataFrame({"graph_id": ids, "role": ["from"] * n, "name": ["n"] * n,
-                                 "address": ["a@acme.com"] * n})
-    matches = pl.DataFrame({"graph_id": ids, "crm_id": ["a1"] * n, "crm_kind": ["account"] * n,
-                            "matched_address": ["a@acme.com"] * n, "is_primary": [True] * n})
+    emails = pl.DataFrame(
+        {
+            "graph_id": ids,
+            "folder": ["inbox"] * n,
+            "internet_message_id": [f"<{i}>" for i in ids],
+            "conversation_id": ["c"] * n,
+            "subject": [subject] * n,
+            "body_text": ["b"] * n,
+            "from_name": ["n"] * n,
+            "from_address": ["a@acme.com"] * n,
+            "received_at": [T0] * n,
+            "sent_at": [T0] * n,
+            "has_attachments": [False] * n,
+            "web_link": ["w"] * n,
+        },
+        schema_overrides={"received_at": TS, "sent_at": TS},
+    )
+    participants = pl.DataFrame(
+        {"graph_id": ids, "role": ["from"] * n, "name": ["n"] * n, "address": ["a@acme.com"] * n}
+    )
+    matches = pl.DataFrame(
+        {
+            "graph_id": ids,
+            "crm_id": ["a1"] * n,
+            "crm_kind": ["account"] * n,
+            "matched_address": ["a@acme.com"] * n,
+            "is_primary": [True] * n,
+        }
+    )
     return MailBatch(emails, participants, matches, {"inbox": FolderCursor(T0, received_watermark=watermark)})
 
 
 def counts(con) -> tuple[int, int, int]:
-    return tuple(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-                 for t in ("emails", "email_participants", "email_crm_matches"))
+    return tuple(
+        con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+        for t in ("emails", "email_participants", "email_crm_matches")
+    )
 
 
 @pytest.fixture

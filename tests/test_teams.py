@@ -63,30 +63,48 @@ def assert_no_message_history(p) -> None:
 
 
 def expected_channels(p, oid: str) -> set[tuple[str, str, str, str]]:
-    return {(t.id, c.id, c.display_name, c.membership_type) for t in p.world.calendars.teams if oid in t.members
-            for c in t.channels if c.members is None or oid in c.members}
+    return {
+        (t.id, c.id, c.display_name, c.membership_type)
+        for t in p.world.calendars.teams
+        if oid in t.members
+        for c in t.channels
+        if c.members is None or oid in c.members
+    }
 
 
 def seed_meeting(p, oid: str, event_id: str = EVENT_ID) -> dict:
     """A stored meeting of `oid` with two CRM matches (a contact of an account, and an account by domain)."""
     tid = tenant_of(p).tid
     with open_store(p.settings, tid, write=True) as con:
-        con.execute("INSERT INTO crm_accounts VALUES ('001A', 'Initech GmbH', 'initech.example'), "
-                    "('001B', 'Globex & Partners', 'globex.example')")
-        con.execute("INSERT INTO crm_people VALUES ('003C', 'contact', 'peter@initech.example', '001A', "
-                    "'Peter Gibbons')")
-        con.execute("INSERT INTO meetings (tenant_id, user_oid, event_id, subject, start_at, start_tz, end_at, end_tz, "
-                    "is_all_day, is_online, organizer_name, organizer_address, is_internal, imported_at, updated_at) "
-                    "VALUES (?, ?, ?, 'Q2 renewal <review>', ?, ?, ?, ?, false, true, "
-                    "'Ann Organizer', 'ann@contoso.com', false, now(), now())",
-                    [tid, oid, event_id, START, WINDOWS_TZ, START + timedelta(minutes=30), WINDOWS_TZ])
-        con.executemany("INSERT INTO meeting_attendees VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [[tid, oid, event_id, "required", "Peter Gibbons", "peter@initech.example", "accepted"],
-                         [tid, oid, event_id, "optional", "Bill Lumbergh", "bill@globex.example", "none"],
-                         [tid, oid, event_id, "resource", "Room 1", "room1@contoso.com", "accepted"]])
-        con.executemany("INSERT INTO meeting_crm_matches VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [[tid, oid, event_id, "003C", "contact", "peter@initech.example", True],
-                         [tid, oid, event_id, "001B", "account", "bill@globex.example", False]])
+        con.execute(
+            "INSERT INTO crm_accounts VALUES ('001A', 'Initech GmbH', 'initech.example'), "
+            "('001B', 'Globex & Partners', 'globex.example')"
+        )
+        con.execute(
+            "INSERT INTO crm_people VALUES ('003C', 'contact', 'peter@initech.example', '001A', 'Peter Gibbons')"
+        )
+        con.execute(
+            "INSERT INTO meetings (tenant_id, user_oid, event_id, subject, start_at, start_tz, end_at, end_tz, "
+            "is_all_day, is_online, organizer_name, organizer_address, is_internal, imported_at, updated_at) "
+            "VALUES (?, ?, ?, 'Q2 renewal <review>', ?, ?, ?, ?, false, true, "
+            "'Ann Organizer', 'ann@contoso.com', false, now(), now())",
+            [tid, oid, event_id, START, WINDOWS_TZ, START + timedelta(minutes=30), WINDOWS_TZ],
+        )
+        con.executemany(
+            "INSERT INTO meeting_attendees VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                [tid, oid, event_id, "required", "Peter Gibbons", "peter@initech.example", "accepted"],
+                [tid, oid, event_id, "optional", "Bill Lumbergh", "bill@globex.example", "none"],
+                [tid, oid, event_id, "resource", "Room 1", "room1@contoso.com", "accepted"],
+            ],
+        )
+        con.executemany(
+            "INSERT INTO meeting_crm_matches VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                [tid, oid, event_id, "003C", "contact", "peter@initech.example", True],
+                [tid, oid, event_id, "001B", "account", "bill@globex.example", False],
+            ],
+        )
     return {"event_id": event_id}
 
 
@@ -146,8 +164,7 @@ def test_share_to_channel_posts_the_summary_once(product):
     seed_meeting(p, me.oid)
     team, channel = a_channel(p, me.oid, "private")
 
-    result = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id,
-                            channel_id=channel.id)
+    result = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id, channel_id=channel.id)
     assert result.status == "posted" and result.refreshed  # the channel list was empty: refreshed once
     posts = p.world.calendars.posts
     assert len(posts) == 1
@@ -165,13 +182,13 @@ def test_share_to_channel_posts_the_summary_once(product):
     with open_store(p.settings, tenant.tid, write=False) as con:
         shares = read_shares(con, tenant.tid)
     assert [(s.target_kind, s.target_id, s.activity_kind, s.activity_id, s.message_id) for s in shares] == [
-        ("channel", channel.id, "meeting", EVENT_ID, result.message_id)]
+        ("channel", channel.id, "meeting", EVENT_ID, result.message_id)
+    ]
     assert shares[0].posted_at is not None
 
     # A retry (same activity, same channel) posts nothing and makes no Graph call.
     p.running.graph.reset_stats()
-    again = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id,
-                           channel_id=channel.id)
+    again = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id, channel_id=channel.id)
     assert (again.status, again.message_id, again.share_id) == ("already_posted", result.message_id, result.share_id)
     assert len(p.world.calendars.posts) == 1 and graph_calls(p) == []
 
@@ -195,8 +212,10 @@ def test_share_flow_creates_one_on_one_and_group_chats_and_never_posts_twice(pre
     gchat = p.world.calendars.chats[group["target_id"]]
     assert gchat.chat_type == "group" and set(gchat.members) == {me.oid, bob.oid, carol.oid}
     posts = p.world.calendars.posts
-    assert [(x.chat_id, x.id) for x in posts] == [(one["target_id"], one["message_id"]),
-                                                  (group["target_id"], group["message_id"])]
+    assert [(x.chat_id, x.id) for x in posts] == [
+        (one["target_id"], one["message_id"]),
+        (group["target_id"], group["message_id"]),
+    ]
     assert all("Q2 renewal" in x.content for x in posts)
 
     # A retried flow run: nothing posted, no chat created; member order does not matter.
@@ -206,8 +225,9 @@ def test_share_flow_creates_one_on_one_and_group_chats_and_never_posts_twice(pre
     assert len(p.world.calendars.posts) == 2 and len(p.world.calendars.chats) == 2
     assert len(graph_calls(p)) == calls_before
     with open_store(p.settings, tenant.tid, write=False) as con:
-        assert sorted(s.target_id for s in read_shares(con, tenant.tid)) == sorted([one["target_id"],
-                                                                                   group["target_id"]])
+        assert sorted(s.target_id for s in read_shares(con, tenant.tid)) == sorted(
+            [one["target_id"], group["target_id"]]
+        )
     assert_no_message_history(p)
     # Ids and counts only: the summary's content and the members' addresses reach neither logs nor Prefect's DB.
     needles = ["q2 renewal", "peter gibbons", "initech", bob.upn.lower(), carol.upn.lower()]
@@ -241,8 +261,15 @@ def test_unknown_channel_refreshes_once_then_fails_clearly(product):
     refresh_channels(p.settings, tenant.tid, me.oid)
     p.running.graph.reset_stats()
     with pytest.raises(ChannelNotFound, match="after refreshing"):
-        share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id,
-                       channel_id="19:doesnotexist@thread.tacv2")
+        share_activity(
+            p.settings,
+            tenant.tid,
+            me.oid,
+            "meeting",
+            EVENT_ID,
+            team_id=team.id,
+            channel_id="19:doesnotexist@thread.tacv2",
+        )
     calls = graph_calls(p)
     assert sum(path.endswith("/me/joinedTeams") for _, path in calls) == 1
     assert not any(m == "POST" for m, _ in calls)
@@ -262,12 +289,12 @@ def test_intent_without_message_id_is_not_reposted_unless_forced(product):
     with open_store(p.settings, tenant.tid, write=True) as con:
         intent = ShareRecord(sid, me.oid, "channel", channel.id, "meeting", EVENT_ID)
         assert begin_share(con, tenant.tid, intent) is None
-    result = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id,
-                            channel_id=channel.id)
+    result = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id, channel_id=channel.id)
     assert (result.status, result.message_id) == ("uncertain", None)
     assert p.world.calendars.posts == [] and graph_calls(p) == []
-    forced = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id,
-                            channel_id=channel.id, force=True)
+    forced = share_activity(
+        p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id, channel_id=channel.id, force=True
+    )
     assert forced.status == "posted" and len(p.world.calendars.posts) == 1
     with open_store(p.settings, tenant.tid, write=False) as con:
         shares = read_shares(con, tenant.tid)
@@ -284,8 +311,7 @@ def test_refused_post_drops_the_intent_so_a_retry_posts(product):
         share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id, channel_id=channel.id)
     with open_store(p.settings, tenant.tid, write=False) as con:
         assert read_shares(con, tenant.tid) == []
-    result = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id,
-                            channel_id=channel.id)
+    result = share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, team_id=team.id, channel_id=channel.id)
     assert result.status == "posted" and len(p.world.calendars.posts) == 1
 
 
@@ -295,11 +321,16 @@ def test_email_summary_has_subject_date_and_crm_links_but_no_body(product):
     tid = tenant.tid
     with open_store(p.settings, tid, write=True) as con:
         con.execute("INSERT INTO crm_accounts VALUES ('001A', 'Initech GmbH', 'initech.example')")
-        con.execute("INSERT INTO emails (tenant_id, user_oid, graph_id, subject, body_text, from_name, from_address, "
-                    "received_at, sent_at, imported_at) VALUES (?, ?, 'MSG1', 'Pricing follow-up', ?, 'Peter', "
-                    "'peter@initech.example', ?, NULL, now())", [tid, me.oid, BODY_MARKER, START])
-        con.execute("INSERT INTO email_crm_matches VALUES (?, ?, 'MSG1', '001A', 'account', "
-                    "'peter@initech.example', true)", [tid, me.oid])
+        con.execute(
+            "INSERT INTO emails (tenant_id, user_oid, graph_id, subject, body_text, from_name, from_address, "
+            "received_at, sent_at, imported_at) VALUES (?, ?, 'MSG1', 'Pricing follow-up', ?, 'Peter', "
+            "'peter@initech.example', ?, NULL, now())",
+            [tid, me.oid, BODY_MARKER, START],
+        )
+        con.execute(
+            "INSERT INTO email_crm_matches VALUES (?, ?, 'MSG1', '001A', 'account', 'peter@initech.example', true)",
+            [tid, me.oid],
+        )
         html = render_email_summary(con, tid, me.oid, "MSG1")
     assert "Pricing follow-up" in html and "Tue 05 Mar 2030, 14:00 (UTC)" in html and "Initech GmbH" in html
     assert BODY_MARKER not in html and "peter@initech.example" not in html
@@ -350,8 +381,7 @@ def test_user_connected_before_teams_was_enabled_gets_consent_needed(prefect_ser
 
         with open_store(p.settings, tenant.tid, write=False) as con:
             assert {s["stage"] for s in read_sync_states(con, tenant.tid, "teams")} == {"consent_needed"}
-        assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID,
-                           member_oids=[bob.oid])["status"] == "consent_needed"
+        assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID, member_oids=[bob.oid])["status"] == "consent_needed"
         assert graph_calls(p) == [] and p.world.calendars.posts == []
         assert len(p.running.identity.token_requests) == token_calls  # MSAL was not asked either
         from o365sync.auth import connection_info

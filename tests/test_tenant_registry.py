@@ -49,8 +49,11 @@ def cli(*args: str, input: str | None = None, env: dict[str, str] | None = None)
 
 
 def tenant_files(root, tid: str) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and tid in str(p)
-                  and not p.name.endswith(".lock"))
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and tid in str(p) and not p.name.endswith(".lock")
+    )
 
 
 def rows_in(path, table: str) -> int:
@@ -89,11 +92,22 @@ def test_reregistering_and_moving_never_loses_the_store(tmp_path, monkeypatch):
         assert before.preferences_for(user.oid).internal_meetings
 
         sf = p.running.salesforce
-        secrets = (f"O365SYNC_CRM_CLIENT_SECRET={sf.client_secret}\n"
-                   f"O365SYNC_CRM_REFRESH_TOKEN={sf.refresh_token_for(tid)}\n")
-        add = cli("tenant", "add", "--id", tid, *[a for d in tenant.domains for a in ("--domain", d)],
-                  "--crm-login-url", sf.base_url, "--crm-client-id", sf.client_id, "--crm-secrets-stdin",
-                  input=secrets)
+        secrets = (
+            f"O365SYNC_CRM_CLIENT_SECRET={sf.client_secret}\nO365SYNC_CRM_REFRESH_TOKEN={sf.refresh_token_for(tid)}\n"
+        )
+        add = cli(
+            "tenant",
+            "add",
+            "--id",
+            tid,
+            *[a for d in tenant.domains for a in ("--domain", d)],
+            "--crm-login-url",
+            sf.base_url,
+            "--crm-client-id",
+            sf.client_id,
+            "--crm-secrets-stdin",
+            input=secrets,
+        )
         assert add.exit_code == 2 and f"o365sync tenant update {tid}" in add.one_line
         assert load_tenant(settings, tid) == before
 
@@ -110,8 +124,10 @@ def test_reregistering_and_moving_never_loses_the_store(tmp_path, monkeypatch):
         # created at the configured place, not by a reader, not by a writer...
         save_tenant(settings, after.model_copy(update={"region": None}))
         for write in (False, True):
-            with pytest.raises(TenantMisplaced, match=f"tenant move {tid} --region eu"), \
-                    open_store(settings, tid, write=write):
+            with (
+                pytest.raises(TenantMisplaced, match=f"tenant move {tid} --region eu"),
+                open_store(settings, tid, write=write),
+            ):
                 pass
         with pytest.raises(TenantMisplaced):
             sync_mailbox_now(settings, tid, user.oid)
@@ -171,8 +187,9 @@ def test_a_move_onto_the_current_location_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "eu" / "tenants" / "t1").exists()
 
 
-@pytest.mark.parametrize("rows, newer, refused", [(0, True, "newer than"), (1, False, "different from"),
-                                                  (0, False, None)])
+@pytest.mark.parametrize(
+    "rows, newer, refused", [(0, True, "newer than"), (1, False, "different from"), (0, False, None)]
+)
 def test_a_destination_store_is_replaced_only_if_empty_and_older(rows, newer, refused, tmp_path, monkeypatch):
     monkeypatch.setenv("O365SYNC_REGIONS", json.dumps({"eu": str(tmp_path / "eu")}))
     monkeypatch.setenv("O365SYNC_DATA_DIR", str(tmp_path / "data"))
@@ -216,10 +233,21 @@ def test_an_upper_case_tenant_id_registers_connects_and_syncs(tmp_path, monkeypa
         for key, value in running.settings_env(tmp_path / "data", redirect).items():
             monkeypatch.setenv(key, value)
         sf = running.salesforce
-        added = cli("tenant", "add", "--id", upper, *[a for d in tenant.domains for a in ("--domain", d)],
-                    "--crm-login-url", sf.base_url, "--crm-client-id", sf.client_id,
-                    env={"O365SYNC_CRM_CLIENT_SECRET": sf.client_secret,
-                         "O365SYNC_CRM_REFRESH_TOKEN": sf.refresh_token_for(tenant.tid)})
+        added = cli(
+            "tenant",
+            "add",
+            "--id",
+            upper,
+            *[a for d in tenant.domains for a in ("--domain", d)],
+            "--crm-login-url",
+            sf.base_url,
+            "--crm-client-id",
+            sf.client_id,
+            env={
+                "O365SYNC_CRM_CLIENT_SECRET": sf.client_secret,
+                "O365SYNC_CRM_REFRESH_TOKEN": sf.refresh_token_for(tenant.tid),
+            },
+        )
         assert added.exit_code == 0, added.output
         settings = load_settings()
         base_url, stop_web = run_in_thread(settings, port=port)

@@ -36,17 +36,26 @@ UNKNOWN = "The sign-in could not be completed. Start again from your connect lin
 
 
 @contextlib.contextmanager
-def web_server(sim, tls, data_dir, pending: PendingSignIns | None = None,
-               **settings_kw) -> Iterator[tuple[Settings, str]]:
+def web_server(
+    sim, tls, data_dir, pending: PendingSignIns | None = None, **settings_kw
+) -> Iterator[tuple[Settings, str]]:
     """A real uvicorn server of the connect app, its redirect URI registered with the identity simulator."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     redirect = f"http://127.0.0.1:{sock.getsockname()[1]}/auth/callback"
     sim.clients["app-1"][1].append(redirect)
-    settings = Settings(**{
-        "data_dir": data_dir, "authority_url": sim.base_url, "graph_url": "https://127.0.0.1:1/v1.0",
-        "client_id": "app-1", "client_secret": SecretStr("s3cret"), "redirect_uri": redirect,
-        "ca_bundle": tls.ca_pem, **settings_kw})
+    settings = Settings(
+        **{
+            "data_dir": data_dir,
+            "authority_url": sim.base_url,
+            "graph_url": "https://127.0.0.1:1/v1.0",
+            "client_id": "app-1",
+            "client_secret": SecretStr("s3cret"),
+            "redirect_uri": redirect,
+            "ca_bundle": tls.ca_pem,
+            **settings_kw,
+        }
+    )
     base_url, stop = run_in_thread(settings, sock=sock, pending=pending)
     try:
         yield settings, base_url
@@ -56,8 +65,7 @@ def web_server(sim, tls, data_dir, pending: PendingSignIns | None = None,
 
 def register(settings, world, **tenant_kw) -> None:
     for t in world.tenants:
-        save_tenant(settings, TenantConfig(id=t.tid, name=t.name, domains=t.domains, features=["email"],
-                                           **tenant_kw))
+        save_tenant(settings, TenantConfig(id=t.tid, name=t.name, domains=t.domains, features=["email"], **tenant_kw))
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,11 @@ def state_of(redirect: httpx.Response) -> str:
 
 
 def files_of(settings, tenant_id) -> list[str]:
-    return sorted(str(p.relative_to(settings.data_dir)) for p in settings.data_dir.rglob("*")
-                  if tenant_id in str(p) and p.is_file())
+    return sorted(
+        str(p.relative_to(settings.data_dir))
+        for p in settings.data_dir.rglob("*")
+        if tenant_id in str(p) and p.is_file()
+    )
 
 
 def test_connect_end_to_end(env):
@@ -147,9 +158,13 @@ def test_every_response_carries_the_security_headers(env):
     user = world.tenants[0].users[0]
     sim.login_as(user.oid)
     redirect = start(browser, base_url, user.tid)
-    pages = [redirect, browser.get(redirect.headers["location"]),  # the connected page, after the sign-in
-             browser.get(f"{base_url}/auth/callback", params={"code": "x"}), browser.get(f"{base_url}/nowhere"),
-             browser.get(f"{base_url}/healthz")]
+    pages = [
+        redirect,
+        browser.get(redirect.headers["location"]),  # the connected page, after the sign-in
+        browser.get(f"{base_url}/auth/callback", params={"code": "x"}),
+        browser.get(f"{base_url}/nowhere"),
+        browser.get(f"{base_url}/healthz"),
+    ]
     assert [p.status_code for p in pages] == [302, 200, 400, 404, 200]
     for page in pages:
         for name, value in SECURITY_HEADERS.items():
@@ -194,30 +209,41 @@ def test_an_unexpected_failure_shows_a_page_with_a_reference_not_a_traceback(tmp
 
 
 # ------------------------------------------------------------------ item 10: fixed wording, no echo
-@pytest.mark.parametrize(("error", "description", "status", "sentence"), [
-    ("access_denied", f"AADSTS65004: User declined to consent. {HOSTILE}", 403, NO_ACCESS),
-    ("access_denied", "AADSTS90094: The grant requires admin permission.", 403, NO_ACCESS),
-    ("consent_required", "AADSTS65001", 403, NO_ACCESS),
-    ("invalid_request", "AADSTS50020: User account alice@x.example from identity provider does not exist in tenant",
-     403, OTHER_ORG),
-    ("invalid_grant", "AADSTS54005: OAuth2 Authorization code was already redeemed", 400, CODE_EXPIRED),
-    ("invalid_grant", f"AADSTS70008: The provided authorization code or refresh token has expired. {HOSTILE}", 400,
-     CODE_EXPIRED),
-    ("invalid_client", "AADSTS7000215: Invalid client secret provided.", 503, MISCONFIGURED),
-    ("unauthorized_client", "AADSTS700016: Application not found in the directory", 503, MISCONFIGURED),
-    ("invalid_request", "AADSTS50011: The redirect URI does not match", 503, MISCONFIGURED),
-    ("temporarily_unavailable", "AADSTS90033", 503, UNAVAILABLE),
-    ("server_error", HOSTILE, 503, UNAVAILABLE),
-    (HOSTILE, HOSTILE, 400, UNKNOWN),
-    ("made_up_error", "AADSTS12345678 " + HOSTILE * 1000, 400, UNKNOWN),
-])
-def test_callback_errors_show_a_fixed_sentence_and_never_the_callers_text(env, error, description, status,
-                                                                          sentence):
+@pytest.mark.parametrize(
+    ("error", "description", "status", "sentence"),
+    [
+        ("access_denied", f"AADSTS65004: User declined to consent. {HOSTILE}", 403, NO_ACCESS),
+        ("access_denied", "AADSTS90094: The grant requires admin permission.", 403, NO_ACCESS),
+        ("consent_required", "AADSTS65001", 403, NO_ACCESS),
+        (
+            "invalid_request",
+            "AADSTS50020: User account alice@x.example from identity provider does not exist in tenant",
+            403,
+            OTHER_ORG,
+        ),
+        ("invalid_grant", "AADSTS54005: OAuth2 Authorization code was already redeemed", 400, CODE_EXPIRED),
+        (
+            "invalid_grant",
+            f"AADSTS70008: The provided authorization code or refresh token has expired. {HOSTILE}",
+            400,
+            CODE_EXPIRED,
+        ),
+        ("invalid_client", "AADSTS7000215: Invalid client secret provided.", 503, MISCONFIGURED),
+        ("unauthorized_client", "AADSTS700016: Application not found in the directory", 503, MISCONFIGURED),
+        ("invalid_request", "AADSTS50011: The redirect URI does not match", 503, MISCONFIGURED),
+        ("temporarily_unavailable", "AADSTS90033", 503, UNAVAILABLE),
+        ("server_error", HOSTILE, 503, UNAVAILABLE),
+        (HOSTILE, HOSTILE, 400, UNKNOWN),
+        ("made_up_error", "AADSTS12345678 " + HOSTILE * 1000, 400, UNKNOWN),
+    ],
+)
+def test_callback_errors_show_a_fixed_sentence_and_never_the_callers_text(env, error, description, status, sentence):
     sim, world, settings, base_url, browser = env
     user = world.tenants[0].users[0]
     state = state_of(start(browser, base_url, user.tid))
-    r = browser.get(f"{base_url}/auth/callback",
-                    params={"state": state, "error": error, "error_description": description})
+    r = browser.get(
+        f"{base_url}/auth/callback", params={"state": state, "error": error, "error_description": description}
+    )
     assert r.status_code == status and sentence in page(r)
     assert "HOSTILE" not in page(r) and "alert" not in page(r) and "AADSTS" not in page(r)
     assert error not in page(r) and "alice@" not in page(r)
@@ -229,17 +255,21 @@ def test_callback_errors_show_a_fixed_sentence_and_never_the_callers_text(env, e
 
 def test_unknown_state_with_hostile_error_text(env):
     _, _, _, base_url, browser = env
-    r = browser.get(f"{base_url}/auth/callback", params={"state": HOSTILE, "error": HOSTILE,
-                                                         "error_description": HOSTILE})
+    r = browser.get(
+        f"{base_url}/auth/callback", params={"state": HOSTILE, "error": HOSTILE, "error_description": HOSTILE}
+    )
     assert r.status_code == 400 and EXPIRED_LINK in page(r) and "HOSTILE" not in page(r)
 
 
-@pytest.mark.parametrize(("fault", "status", "sentence"), [
-    ("revoked", 400, CODE_EXPIRED),  # invalid_grant at code redemption
-    ("consent", 403, NO_ACCESS),
-    ("invalid_client", 503, MISCONFIGURED),
-    ("unavailable", 503, UNAVAILABLE),
-])
+@pytest.mark.parametrize(
+    ("fault", "status", "sentence"),
+    [
+        ("revoked", 400, CODE_EXPIRED),  # invalid_grant at code redemption
+        ("consent", 403, NO_ACCESS),
+        ("invalid_client", 503, MISCONFIGURED),
+        ("unavailable", 503, UNAVAILABLE),
+    ],
+)
 def test_code_redemption_failures_show_a_fixed_sentence(env, caplog, fault, status, sentence):
     sim, world, settings, base_url, browser = env
     user = world.tenants[1].users[1]
@@ -310,8 +340,9 @@ def test_an_offboarded_user_is_not_connected_again(env, tmp_path, tls_of_env, po
         readmit_user_now(settings, bob.tid, bob.oid)
         sim.login_as(bob.oid)
         assert f"Connected {bob.display_name}" in page(browser.get(f"{base_url}/connect", params={"tenant": bob.tid}))
-        assert bob.oid not in offboarding_status(settings, bob.tid) and alice.oid in offboarding_status(settings,
-                                                                                                          bob.tid)
+        assert bob.oid not in offboarding_status(settings, bob.tid) and alice.oid in offboarding_status(
+            settings, bob.tid
+        )
         assert [e["action"] for e in read_audit(settings, bob.tid)] == ["offboard", "offboard", "readmit"]
 
 
@@ -370,8 +401,15 @@ def test_pending_sign_ins_are_capped_per_tenant_and_overall(env, tmp_path, tls_o
     sim, world, _, _, browser = env
     t0, t1 = world.tenants
     pending = PendingSignIns()
-    with web_server(sim, tls_of_env, tmp_path / "data", pending=pending, connect_max_pending=3,
-                    connect_max_pending_per_tenant=2, connect_rate_limit="1000/minute") as (settings, base_url):
+    with web_server(
+        sim,
+        tls_of_env,
+        tmp_path / "data",
+        pending=pending,
+        connect_max_pending=3,
+        connect_max_pending_per_tenant=2,
+        connect_rate_limit="1000/minute",
+    ) as (settings, base_url):
         register(settings, world)
         assert [start(browser, base_url, t0.tid).status_code for _ in range(2)] == [302, 302]
         refused = start(browser, base_url, t0.tid)
@@ -388,8 +426,10 @@ def test_an_over_long_login_hint_is_refused_before_any_redirect(env, tmp_path, t
     sim, world, _, _, browser = env
     user = world.tenants[0].users[0]
     pending = PendingSignIns()
-    with web_server(sim, tls_of_env, tmp_path / "data", pending=pending,
-                    connect_rate_limit="1000/minute") as (settings, base_url):
+    with web_server(sim, tls_of_env, tmp_path / "data", pending=pending, connect_rate_limit="1000/minute") as (
+        settings,
+        base_url,
+    ):
         register(settings, world)
         authorizations = len(sim.authorize_requests)
         for hint in ("a" * 255, "a" * 60_000, "alice\n@x.example"):
@@ -405,9 +445,11 @@ def test_an_over_long_login_hint_is_refused_before_any_redirect(env, tmp_path, t
 def test_one_client_over_the_rate_gets_429_while_another_gets_through(env, tmp_path, tls_of_env):
     sim, world, _, _, _ = env
     user = world.tenants[0].users[0]
-    with web_server(sim, tls_of_env, tmp_path / "data", connect_rate_limit="3/minute") as (settings, base_url), \
-            httpx.Client(trust_env=False) as first, \
-            httpx.Client(trust_env=False, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as second:
+    with (
+        web_server(sim, tls_of_env, tmp_path / "data", connect_rate_limit="3/minute") as (settings, base_url),
+        httpx.Client(trust_env=False) as first,
+        httpx.Client(trust_env=False, transport=httpx.HTTPTransport(local_address="127.0.0.2")) as second,
+    ):
         register(settings, world)
         assert [start(first, base_url, user.tid).status_code for _ in range(3)] == [302, 302, 302]
         limited = start(first, base_url, user.tid)

@@ -46,8 +46,9 @@ def _process_pool() -> str:
 
     pool = f"pool-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+        client.create_work_pool(
+            WorkPoolCreate(name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template())
+        )
     return pool
 
 
@@ -79,12 +80,24 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
         assert not any("SECRET" in k or "KEY" in k for k in env)
         good = client.create_flow_run_from_deployment(dep.id)
         retention = client.read_deployment_by_name(f"retention/{deployment_name('retention', tid)}")
-        lost = client.create_flow_run_from_deployment(retention.id, job_variables={"env": {  # as a worker elsewhere
-            "O365SYNC_DATA_DIR": str(other_dir)}})
+        lost = client.create_flow_run_from_deployment(
+            retention.id,
+            job_variables={
+                "env": {  # as a worker elsewhere
+                    "O365SYNC_DATA_DIR": str(other_dir)
+                }
+            },
+        )
 
     worker_env = {k: v for k, v in os.environ.items() if not k.startswith("O365SYNC_")}
-    worker = subprocess.run([*_prefect_executable(), "worker", "start", "--pool", pool, "--run-once", "--limit", "2"],
-                            cwd=elsewhere, env=worker_env, capture_output=True, text=True, timeout=600)
+    worker = subprocess.run(
+        [*_prefect_executable(), "worker", "start", "--pool", pool, "--run-once", "--limit", "2"],
+        cwd=elsewhere,
+        env=worker_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
 
     with get_client(sync_client=True) as client:
@@ -95,8 +108,12 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
         message = lost_run.state.message
         assert f"tenant {tid} is not registered in data dir {other_dir}" in message and "\n" not in message
         assert lost_run.name == f"retention: {tid}"  # the name falls back to the id; naming never fails a run
-        assert client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[good.id])),
-                                     task_run_filter=TaskRunFilter()) == []  # nobody connected yet
+        assert (
+            client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[good.id])), task_run_filter=TaskRunFilter()
+            )
+            == []
+        )  # nobody connected yet
         (artifact,) = client.read_artifacts(limit=1, flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[good.id])))
     assert artifact.key == artifact_key("teams-refresh", tid)
     assert artifact.description == f"teams-refresh of Contoso Ltd ({tid}): per-user status and counts"
@@ -117,12 +134,13 @@ def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_on
 
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1, result.output
-    assert f"deployments email-sync/{deployment_name('email-sync', tid)} and 3 more are already registered for " \
-           f"workers (work pool '{pool}'" in " ".join(result.output.split())
+    assert (
+        f"deployments email-sync/{deployment_name('email-sync', tid)} and 3 more are already registered for "
+        f"workers (work pool '{pool}'" in " ".join(result.output.split())
+    )
     assert "Traceback" not in result.output
     with get_client(sync_client=True) as client:  # nothing was taken over
-        assert client.read_deployment_by_name(f"email-sync/{deployment_name('email-sync', tid)}").work_pool_name \
-            == pool
+        assert client.read_deployment_by_name(f"email-sync/{deployment_name('email-sync', tid)}").work_pool_name == pool
 
     # the other way round: what serve applied (no work pool) is not registered for workers
     served_tid = _tenant(settings)
@@ -133,13 +151,16 @@ def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_on
     with pytest.raises(DeploymentOwnerConflict, match=r"managed by `o365sync serve` \(no work pool\)"):
         register_deployments(settings, pool)
     with get_client(sync_client=True) as client:
-        assert client.read_deployment_by_name(f"email-sync/{deployment_name('email-sync', served_tid)}"
-                                              ).work_pool_name is None
+        assert (
+            client.read_deployment_by_name(f"email-sync/{deployment_name('email-sync', served_tid)}").work_pool_name
+            is None
+        )
     assert register_main(["--work-pool", pool]) == 1
 
 
-def test_the_prefect_ui_names_runs_tasks_and_artifacts_after_the_tenant_and_users(prefect_server, tmp_path,
-                                                                                   monkeypatch):
+def test_the_prefect_ui_names_runs_tasks_and_artifacts_after_the_tenant_and_users(
+    prefect_server, tmp_path, monkeypatch
+):
     """A real email-sync and teams-refresh against the simulated world: flow-run names and artifact descriptions
     carry the tenant's display name, per-user task runs the user's display name next to the object id."""
     import time
@@ -157,8 +178,10 @@ def test_the_prefect_ui_names_runs_tasks_and_artifacts_after_the_tenant_and_user
     tenant = world.tenants[0]
     assert tenant.name and tenant.name != tenant.tid
     try:
-        runs = {"email-sync": email_sync(tenant.tid, return_state=True),
-                "teams-refresh": teams_refresh(tenant.tid, return_state=True)}
+        runs = {
+            "email-sync": email_sync(tenant.tid, return_state=True),
+            "teams-refresh": teams_refresh(tenant.tid, return_state=True),
+        }
     finally:
         product.running.stop()
     expected_tasks = {"email-sync": "sync-mailbox", "teams-refresh": "refresh-teams-channels"}
@@ -167,14 +190,17 @@ def test_the_prefect_ui_names_runs_tasks_and_artifacts_after_the_tenant_and_user
             assert state.is_completed(), state
             run_id = state.state_details.flow_run_id
             assert client.read_flow_run(run_id).name == f"{kind}: {tenant.name}"
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
             assert artifacts and all(f"of {tenant.name} ({tenant.tid})" in a.description for a in artifacts)
             expected = {f"{expected_tasks[kind]}-{u.oid} {u.display_name}" for u in tenant.users}
             deadline = time.monotonic() + 60  # task runs reach the API as events, recorded in batches
             while True:
-                names = {t.name for t in client.read_task_runs(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))}
+                names = {
+                    t.name
+                    for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+                }
                 if expected <= names or time.monotonic() > deadline:
                     break
             assert expected <= names, names

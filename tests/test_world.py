@@ -19,9 +19,16 @@ from simulators.world import (
 
 NOW = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)
 # the reason each noise kind must be excluded for (bcc_only: bcc is never a participant, so whatever the to says)
-NOISE_REASON = {"draft": {"not_synced_folder"}, "junk": {"not_synced_folder"}, "deleted": {"not_synced_folder"},
-                "archived": {"not_synced_folder"}, "meeting": {"meeting_message"}, "sensitive": {"sensitive"},
-                "automated": {"automated_sender"}, "bcc_only": {"internal_only", "no_crm_match"}}
+NOISE_REASON = {
+    "draft": {"not_synced_folder"},
+    "junk": {"not_synced_folder"},
+    "deleted": {"not_synced_folder"},
+    "archived": {"not_synced_folder"},
+    "meeting": {"meeting_message"},
+    "sensitive": {"sensitive"},
+    "automated": {"automated_sender"},
+    "bcc_only": {"internal_only", "no_crm_match"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +83,9 @@ def test_oracle_excludes_noise_with_the_right_reason(noisy: World) -> None:
     assert counts == Counter(reasons.values())
     assert set(counts) <= set(EXCLUSION_REASONS) and counts["no_crm_match"] and counts["internal_only"]
     synced = noisy.excluded_reasons(tid, synced_folders_only=True)
-    assert "not_synced_folder" not in synced and sum(synced.values()) == sum(counts.values()) - counts[
-        "not_synced_folder"]
+    assert (
+        "not_synced_folder" not in synced and sum(synced.values()) == sum(counts.values()) - counts["not_synced_folder"]
+    )
     # the noise-free part still matches: contacts, leads and accounts
     assert Counter(m.kind for m in window if (m.owner_oid, m.id) in expected).keys() >= {"contact", "lead", "account"}
 
@@ -86,8 +94,11 @@ def test_blocklists(noisy: World) -> None:
     tid = noisy.tenants[0].tid
     owner, other = (u.oid for u in noisy.tenants[0].users)
     expected = noisy.expected_matches(tid)
-    key, victim = next((k, m) for m in in_window(noisy, tid) if (k := (m.owner_oid, m.id)) in expected
-                       and m.kind == "account" and m.owner_oid == owner)
+    key, victim = next(
+        (k, m)
+        for m in in_window(noisy, tid)
+        if (k := (m.owner_oid, m.id)) in expected and m.kind == "account" and m.owner_oid == owner
+    )
     ext = next(p.address for p in victim.participants() if not p.address.endswith(noisy.tenant(tid).domains[0]))
     domain = ext.strip().rpartition("@")[2]
     for blocklist in ([f"  @{domain.upper()} "], [ext.upper()]):
@@ -102,8 +113,9 @@ def test_blocklists(noisy: World) -> None:
 def test_noise_off_and_determinism() -> None:
     a = generate_world(seed=5, users_per_tenant=1, messages_per_user=800, now=NOW)
     b = generate_world(seed=5, users_per_tenant=1, messages_per_user=800, now=NOW)
-    assert [(m.id, m.kind, m.folder, m.is_read, m.sensitivity) for m in next(iter(a.mailboxes.values()))] == \
-        [(m.id, m.kind, m.folder, m.is_read, m.sensitivity) for m in next(iter(b.mailboxes.values()))]
+    assert [(m.id, m.kind, m.folder, m.is_read, m.sensitivity) for m in next(iter(a.mailboxes.values()))] == [
+        (m.id, m.kind, m.folder, m.is_read, m.sensitivity) for m in next(iter(b.mailboxes.values()))
+    ]
     quiet = generate_world(seed=5, users_per_tenant=1, messages_per_user=800, now=NOW, realistic_noise=False)
     msgs = next(iter(quiet.mailboxes.values()))
     assert not {m.kind for m in msgs} & set(NOISE_KINDS) and {m.folder for m in msgs} == {"inbox", "sentitems"}
@@ -121,8 +133,16 @@ def test_odd_items_and_the_oracle() -> None:
     world = generate_world(seed=9, users_per_tenant=1, messages_per_user=200, now=NOW)
     tid, oid = world.tenants[0].tid, world.tenants[0].users[0].oid
     odd = {m.kind.removeprefix("odd:"): m for m in add_odd_messages(world, oid)}
-    assert set(odd) == {"missing_from", "empty_address", "x500_only", "x500_contact", "unicode", "idn", "name_only",
-                        "big_body"}
+    assert set(odd) == {
+        "missing_from",
+        "empty_address",
+        "x500_only",
+        "x500_contact",
+        "unicode",
+        "idn",
+        "name_only",
+        "big_body",
+    }
     expected, reasons = world.expected_matches(tid), world.exclusions(tid)
     crm = world.crm[tid]
     jose = next(c.id for c in crm.contacts if c.email == "José@Bücher.de")
