@@ -233,8 +233,8 @@ def _demo_with_world(running, tenant, web_port: int, console: Console, started: 
     from o365sync.cli_sql import query_snapshot
     from o365sync.settings import load_settings
     from o365sync.store import open_store, snapshot_path
+    from o365sync.sync.calendar import anchored_window
     from o365sync.tenants import tenant_dir
-    from tasks.calendar_sync import anchored_window
 
     settings = load_settings()
     console.print(

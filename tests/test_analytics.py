@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from o365sync.analytics import DEFAULT_EXPORT, VIEW_NAMES, create_views, export_views
 from o365sync.cli_analytics import export
 from o365sync.store import open_store, publish_snapshot, record_sync_state, snapshot_path, store_lock
+from o365sync.sync.calendar import sync_calendar_now
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import tenant_dir
 from simulators.world import generate_world
-from tasks.calendar_sync import sync_calendar_now
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 
 

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from o365sync.store import open_store
+from o365sync.sync.calendar import ConsentNeeded, anchored_window, sync_calendar_now
 from o365sync.tenants import UserPreferences, load_tenant, save_tenant
 from simulators.world import generate_world
 from simulators.world_calendar import Attendee
-from tasks.calendar_sync import ConsentNeeded, anchored_window, sync_calendar_now
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.bounded import ends_by_itself
 from tests.product import stand_up

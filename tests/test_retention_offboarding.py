@@ -17,10 +17,10 @@ from o365sync.auth import connected_users, token_path
 from o365sync.conversations import export_conversation
 from o365sync.erasure import USER_TABLES, audit_path, read_audit
 from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 from tests.test_erasure import hits, tenant_files
 

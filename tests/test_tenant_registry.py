@@ -21,6 +21,7 @@ from o365sync.http import ssl_context
 from o365sync.residency import MoveRefused, move_tenant
 from o365sync.settings import load_settings
 from o365sync.store import SCHEMA, open_store, store_path
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import (
     TenantConfig,
     TenantMisplaced,
@@ -36,7 +37,6 @@ from o365sync.web import run_in_thread
 from simulators.running import start_world
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import free_port, stand_up, stored_matches
 
 runner = CliRunner()
