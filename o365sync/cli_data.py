@@ -171,7 +171,7 @@ def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="
 @offboard_app.command("readmit")
 def offboard_readmit(tenant: Tenant, user: Annotated[str, typer.Argument(help="The user's object id.")]) -> None:
     """Let an offboarded user connect again (cancels a deletion still pending; deleted data stays deleted)."""
-    from flows.offboarding import readmit_user_now
+    from o365sync.offboarding import readmit_user_now
 
     try:
         out = readmit_user_now(_settings(), tenant, user, actor=_actor(None))
@@ -200,7 +200,7 @@ def offboard_status(tenant: Tenant) -> None:
     """Offboarded users: policy, when, deletion due and done."""
     from rich.table import Table
 
-    from flows.offboarding import offboarding_status
+    from o365sync.offboarding import offboarding_status
 
     settings = _settings()
     registered_tenant(settings, tenant)

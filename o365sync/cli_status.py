@@ -57,8 +57,8 @@ def _feature_report(state: dict | None, token_gone: bool) -> dict[str, Any]:
 
 def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
     """One tenant's status as plain data (the `--json` shape)."""
-    from flows.offboarding import offboarding_status
     from o365sync.auth import connected_users, connection_info
+    from o365sync.offboarding import offboarding_status
     from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_states
 
     states: dict[str, dict[str, dict]] = {}

@@ -56,7 +56,7 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 
-    from flows.tenant_sync import artifact_key
+    from flows._reporting import artifact_key
 
     repo = tmp_path / "repo"
     repo.mkdir()
