@@ -14,8 +14,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from app.cli import app
 from crm_adapters.base import CrmDropRefused
-from o365sync.cli import app
 from o365sync.settings import Settings
 from o365sync.store import (
     apply_crm_changes,

@@ -60,7 +60,7 @@ def test_second_run_adds_and_duplicates_nothing(prefect_server, product):
 
     from typer.testing import CliRunner
 
-    from o365sync.cli import app
+    from app.cli import app
 
     status = CliRunner().invoke(app, ["status", "--tenant", tenant.tid], env={"COLUMNS": "300"})
     assert status.exit_code == 0

@@ -253,7 +253,7 @@ def test_cli_conversation_export_and_delete(product):
     import typer
     from typer.testing import CliRunner
 
-    from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app
+    from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app
 
     app = typer.Typer()
     for sub, name in (

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 from typer.testing import CliRunner
 
-from o365sync.cli import app
+from app.cli import app
 from o365sync.settings import load_settings
 from o365sync.store import open_store, read_sync_states
 from o365sync.sync.calendar import anchored_window

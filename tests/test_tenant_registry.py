@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from app.cli import app
+from app.web import run_in_thread
 from o365sync.auth import connected_users
-from o365sync.cli import app
 from o365sync.http import ssl_context
 from o365sync.residency import MoveRefused, move_tenant
 from o365sync.settings import load_settings
@@ -33,7 +34,6 @@ from o365sync.tenants import (
     save_tenant,
     tenant_dir,
 )
-from o365sync.web import run_in_thread
 from simulators.running import start_world
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot

@@ -14,10 +14,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from app.web import SECURITY_HEADERS, run_in_thread
 from o365sync.auth import PendingSignIns, connected_users, token_path
 from o365sync.settings import Settings
 from o365sync.tenants import TenantConfig, load_tenant, save_tenant
-from o365sync.web import SECURITY_HEADERS, run_in_thread
 from simulators.identity import IdentitySimulator
 from simulators.tls import create_tls
 from simulators.tokens import TokenAuthority
@@ -192,7 +192,7 @@ def test_an_unexpected_failure_shows_a_page_with_a_reference_not_a_traceback(tmp
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from o365sync.web import create_app
+    from app.web import create_app
 
     def boom(request):
         raise RuntimeError("a bug in a page")
