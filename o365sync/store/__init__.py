@@ -1,6 +1,6 @@
 """The activity store: one DuckDB file per tenant, opened only through `open_store`.
 
-One module per area: `schema` (numbered migrations), `locks` (open_store, the flocks, transaction), `mail`,
+One module per area: `schema` (numbered migrations), `locks` (open_store, the flocks), `transactions`, `mail`,
 `calendar` (and the notetaker queue), `crm`, `sync_state`, `lifecycle` (a user's saved positions), `views` (the
 analysts' views) and `publishing` (the analysts' snapshot). Every name is re-exported here, so callers import
 from `o365sync.store`.
@@ -49,7 +49,6 @@ from o365sync.store.locks import (
     store_lock,
     store_path,
     tenant_sync_locks,
-    transaction,
 )
 from o365sync.store.mail import (
     EMAIL_COLUMNS,
@@ -65,7 +64,13 @@ from o365sync.store.publishing import (
     snapshot_path,
 )
 from o365sync.store.schema import (
+    MIGRATIONS,
+    PRE_MIGRATION_UPGRADE,
     SCHEMA,
+    SCHEMA_VERSION_TABLE,
+    StoreFromNewerVersion,
+    migrate,
+    stored_version,
 )
 from o365sync.store.sync_state import (
     CATCHING_UP,
@@ -76,6 +81,9 @@ from o365sync.store.sync_state import (
     next_retry_delay,
     read_sync_states,
     record_sync_state,
+)
+from o365sync.store.transactions import (
+    transaction,
 )
 
 __all__ = [
@@ -89,13 +97,17 @@ __all__ = [
     "GUARDED_CRM_TABLES",
     "MEETING_COLUMNS",
     "MEETING_TABLES",
+    "MIGRATIONS",
     "MailBatch",
     "MeetingBatch",
+    "PRE_MIGRATION_UPGRADE",
     "RESYNC_OVERLAP",
     "RETRY_BASE",
     "RETRY_MAX",
     "RunCounts",
     "SCHEMA",
+    "SCHEMA_VERSION_TABLE",
+    "StoreFromNewerVersion",
     "TOTALS",
     "apply_crm_changes",
     "confirm_crm_drop",
@@ -106,6 +118,7 @@ __all__ = [
     "fsync_path",
     "latest_crm_snapshot_at",
     "load_crm_frames",
+    "migrate",
     "next_retry_delay",
     "open_store",
     "publish_snapshot",
@@ -124,6 +137,7 @@ __all__ = [
     "snapshot_path",
     "store_lock",
     "store_path",
+    "stored_version",
     "sync_position_users",
     "tenant_sync_locks",
     "transaction",

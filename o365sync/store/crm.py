@@ -9,7 +9,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from o365sync.store.locks import transaction
+from o365sync.store.transactions import transaction
 
 CRM_TABLES = {  # table: (CrmChanges key, columns)
     "crm_people": ("people", "crm_id, kind, email, account_id, name"),

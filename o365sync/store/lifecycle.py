@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import duckdb
 
-from o365sync.store.locks import transaction
 from o365sync.store.mail import read_cursors
+from o365sync.store.transactions import transaction
 
 
 def sync_position_users(con: duckdb.DuckDBPyConnection, tenant_id: str) -> set[str]:

@@ -1,6 +1,6 @@
 """Opening a tenant's store: the flocks taken before DuckDB opens the file (DuckDB locks a file all-or-nothing
 across processes and has no lock timeout, so concurrent flows queue on ours instead of failing), the per-feature
-sync locks, one transaction helper, and fsync."""
+sync locks, and fsync. Opening for writing applies the missing schema migrations."""
 
 from __future__ import annotations
 
@@ -9,36 +9,16 @@ import fcntl
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import duckdb
 
 from o365sync.settings import Settings
-from o365sync.store.schema import SCHEMA
+from o365sync.store.schema import migrate
 from o365sync.tenants import tenant_dir
 
 
 def store_path(settings: Settings, tenant_id: str) -> Path:
     return tenant_dir(settings, tenant_id) / "store.duckdb"
-
-
-@contextlib.contextmanager
-def transaction(con: duckdb.DuckDBPyConnection, frames: dict[str, Any] | None = None) -> Iterator[None]:
-    """One DuckDB transaction: `frames` (name -> Polars/Arrow frame) registered for the SQL inside, committed when
-    the block ends, rolled back if it raises; the frames are unregistered either way."""
-    for name, frame in (frames or {}).items():
-        con.register(name, frame)
-    try:
-        con.execute("BEGIN TRANSACTION")
-        try:
-            yield
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
-    finally:
-        for name in frames or {}:
-            con.unregister(name)
 
 
 @contextlib.contextmanager
@@ -61,7 +41,7 @@ def _connect(database: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         con.execute("SET TimeZone='UTC'")
         if write:
-            con.execute(SCHEMA)
+            migrate(con, f"the store {database}")
         yield con
     finally:
         con.close()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import polars as pl
 
-from o365sync.store.locks import transaction
+from o365sync.store.transactions import transaction
 
 EMAIL_COLUMNS = (
     "tenant_id",

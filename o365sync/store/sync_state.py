@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 
-from o365sync.store.locks import transaction
+from o365sync.store.transactions import transaction
 
 
 @dataclass(frozen=True)
