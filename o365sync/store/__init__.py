@@ -73,18 +73,15 @@ from o365sync.store.schema import (
     stored_version,
 )
 from o365sync.store.sync_state import (
-    CATCHING_UP,
-    RETRY_BASE,
-    RETRY_MAX,
     TOTALS,
     RunCounts,
-    next_retry_delay,
     read_sync_states,
     record_sync_state,
 )
 from o365sync.store.transactions import (
     transaction,
 )
+from o365sync.sync_policy import CATCHING_UP  # the stage name callers pass to record_sync_state
 
 __all__ = [
     "BatchResult",
@@ -102,8 +99,6 @@ __all__ = [
     "MeetingBatch",
     "PRE_MIGRATION_UPGRADE",
     "RESYNC_OVERLAP",
-    "RETRY_BASE",
-    "RETRY_MAX",
     "RunCounts",
     "SCHEMA",
     "SCHEMA_VERSION_TABLE",
@@ -119,7 +114,6 @@ __all__ = [
     "latest_crm_snapshot_at",
     "load_crm_frames",
     "migrate",
-    "next_retry_delay",
     "open_store",
     "publish_snapshot",
     "read_calendar_cursor",

@@ -1,14 +1,16 @@
-"""Per user and feature: how the last sync run went (stage, counts, totals, failures, next retry)."""
+"""Per user and feature: how the last sync run went (stage, counts, totals, failures, next retry). The store
+records; `o365sync.sync_policy` decides the failures, last success and next retry."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import duckdb
 
 from o365sync.store.transactions import transaction
+from o365sync.sync_policy import SyncStanding, after_run
 
 
 @dataclass(frozen=True)
@@ -33,16 +35,6 @@ class RunCounts:
 
 
 TOTALS = ("scanned", "matched", "imported", "discarded")  # sync_state keeps these per run and summed (total_*)
-RETRY_BASE = timedelta(minutes=15)
-RETRY_MAX = timedelta(hours=6)
-
-
-def next_retry_delay(consecutive_failures: int) -> timedelta:
-    """15 min, 30 min, 1 h, ... capped at 6 h: a failing mailbox backs off instead of hammering Graph."""
-    return min(RETRY_BASE * 2 ** max(0, consecutive_failures - 1), RETRY_MAX)
-
-
-CATCHING_UP = "catching_up"  # the run stopped at its paging limit, committed what it read; the next run goes on
 
 
 def record_sync_state(
@@ -57,10 +49,10 @@ def record_sync_state(
 ) -> None:
     """Upsert the user's sync state of `feature` (email, calendar). `error` is a code or exception class name
     (optionally with a fixed explanation), never message content. `note`: what a person should know about a run
-    that did not fail (a resync, a run stopped at its limit), shown where errors are. `CATCHING_UP` is neither a
-    success (the lag keeps growing) nor a failure (no back-off: the next run goes on). The run's counts replace the
-    last run's and add to the totals since the first run (a row from before the totals existed starts them at its
-    last run's counts)."""
+    that did not fail (a resync, a run stopped at its limit), shown where errors are. The last success, failure
+    count and next retry are what `sync_policy.after_run` decides. The run's counts replace the last run's and add
+    to the totals since the first run (a row from before the totals existed starts them at its last run's
+    counts)."""
     now = datetime.now(UTC)
     key = [tenant_id, user_oid, feature]
     totals_so_far = ", ".join(f"coalesce(total_{n}, {n}, 0)" for n in TOTALS)
@@ -70,14 +62,7 @@ def record_sync_state(
         key,
     ).fetchall()
     last_success, failures, *totals = prev[0] if prev else (None, 0, *[0] * len(TOTALS))
-    next_retry = None
-    if error is None and stage == "idle":
-        last_success, failures = now, 0
-    elif error is not None:
-        failures += 1
-        next_retry = None if stage in ("reconnect_needed", "consent_needed") else now + next_retry_delay(failures)
-    elif stage == CATCHING_UP:
-        failures = 0
+    standing = after_run(SyncStanding(last_success, failures), stage, error, now)
     error = error if error is not None else note
     c = counts or RunCounts()
     with transaction(con):
@@ -92,14 +77,14 @@ def record_sync_state(
                 user_oid,
                 stage,
                 now,
-                last_success,
+                standing.last_success_at,
                 error,
-                failures,
+                standing.consecutive_failures,
                 c.scanned,
                 c.matched,
                 c.imported,
                 c.discarded,
-                next_retry,
+                standing.next_retry_at,
                 json.dumps(dict(c.excluded)),
                 feature,
                 *(t + getattr(c, n) for t, n in zip(totals, TOTALS, strict=True)),
