@@ -61,8 +61,9 @@ def record_sync_state(
         "WHERE tenant_id = ? AND user_oid = ? AND feature = ?",
         key,
     ).fetchall()
-    last_success, failures, *totals = prev[0] if prev else (None, 0, *[0] * len(TOTALS))
-    standing = after_run(SyncStanding(last_success, failures), stage, error, now)
+    previous = SyncStanding(*prev[0][:2]) if prev else SyncStanding()
+    totals = prev[0][2:] if prev else (0,) * len(TOTALS)
+    standing = after_run(previous, stage, error, now)
     error = error if error is not None else note
     c = counts or RunCounts()
     with transaction(con):
