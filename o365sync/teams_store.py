@@ -1,6 +1,7 @@
 """Store functions for Teams sharing: a user's channels (`teams_channels`) and the shares made (`shares`).
 
-Both tables live in o365sync/store.py's SCHEMA; callers open the store with `open_store` as everywhere else.
+Both tables live in the store's schema (o365sync/store/schema.py); callers open the store with `open_store` as
+everywhere else.
 
 - `teams_channels`: one row per (tenant, user, team, channel) the user can see. A refresh replaces all of the user's
   rows in one transaction, so readers see the old list or the new one, never a mix.

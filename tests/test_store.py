@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import multiprocessing
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import duckdb
 import polars as pl
 import pytest
 
+import o365sync.store as store_package
 from o365sync.settings import Settings
 from o365sync.store import (
     FolderCursor,
@@ -145,3 +149,29 @@ def test_analysts_read_the_snapshot_while_a_writer_holds_the_live_store(settings
         reader.start()
         reader.join(60)
     assert reader.exitcode == 0 and queue.get(timeout=5) == 2
+
+
+def test_the_store_never_imports_analytics():
+    """analytics builds on the store (snapshots, exports); the store must not import it back (no import cycle)."""
+    code = "import sys, o365sync.store; print(sorted(m for m in sys.modules if m.startswith('o365sync.analytics')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    for module in Path(store_package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("o365sync.analytics") for n in names), module.name
+
+
+def test_every_name_imported_from_the_store_package_is_exported():
+    """The package split keeps `from o365sync.store import X` working wherever the product or its tests use it."""
+    root = Path(__file__).resolve().parent.parent
+    wanted = set()
+    for folder in ("o365sync", "tasks", "flows", "deployments", "crm_adapters", "tests", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "o365sync.store":
+                    wanted |= {a.name for a in node.names}
+    assert wanted, "no import of o365sync.store found"
+    assert sorted(n for n in wanted if not hasattr(store_package, n)) == []
+    assert set(store_package.__all__) >= wanted

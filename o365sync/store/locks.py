@@ -1,0 +1,93 @@
+"""Opening a tenant's store: the flocks taken before DuckDB opens the file (DuckDB locks a file all-or-nothing
+across processes and has no lock timeout, so concurrent flows queue on ours instead of failing), the per-feature
+sync locks, and fsync. Opening for writing applies the missing schema migrations."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import duckdb
+
+from o365sync.settings import Settings
+from o365sync.store.schema import migrate
+from o365sync.tenants import tenant_dir
+
+
+def store_path(settings: Settings, tenant_id: str) -> Path:
+    return tenant_dir(settings, tenant_id) / "store.duckdb"
+
+
+@contextlib.contextmanager
+def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted; if the tenant's
+    files moved to another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it
+    follows them. Only writers create the file: a reader of a tenant without a store gets the schema's empty
+    tables in memory and writes nothing anywhere."""
+    if not write and not store_path(settings, tenant_id).exists():
+        with _connect(":memory:", write=True) as con:
+            yield con
+        return
+    with store_lock(settings, tenant_id, write) as path, _connect(str(path), write) as con:
+        yield con
+
+
+@contextlib.contextmanager
+def _connect(database: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(database, read_only=not write, config={"memory_limit": "1GB", "threads": 2})
+    try:
+        con.execute("SET TimeZone='UTC'")
+        if write:
+            migrate(con, f"the store {database}")
+        yield con
+    finally:
+        con.close()
+
+
+@contextlib.contextmanager
+def store_lock(settings: Settings, tenant_id: str, write: bool) -> Iterator[Path]:
+    """The store's flock (shared for readers, exclusive for writers), on the tenant's current store path."""
+    while True:
+        path = store_path(settings, tenant_id)
+        with flock_file(Path(f"{path}.lock"), exclusive=write):
+            if store_path(settings, tenant_id) != path:
+                continue  # moved while we waited: lock the new location
+            yield path
+            return
+
+
+@contextlib.contextmanager
+def flock_file(path: Path, exclusive: bool) -> Iterator[None]:
+    """Hold a blocking flock on `path` (created with its folder if missing) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
+FEATURE_LOCKS = ("calendar", "email")
+
+
+@contextlib.contextmanager
+def tenant_sync_locks(folder: Path, features: Iterable[str]) -> Iterator[None]:
+    """Exclusive, blocking: one lock file per feature, taken in a fixed order (no deadlock between flows). Runs of
+    the same tenant and feature queue behind each other; moving or erasing a tenant takes them all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for feature in sorted(features):
+            f = stack.enter_context(open(folder / f"sync-{feature}.lock", "a+"))
+            fcntl.flock(f, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        yield
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk before it is renamed into place or relied on."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
