@@ -26,6 +26,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 from o365sync.settings import Settings
+from o365sync.store import StoreFromNewerVersion
 
 T = TypeVar("T")
 error_console = Console(stderr=True)
@@ -87,6 +88,8 @@ class OneLineErrors(TyperGroup):
             raise fail(f"{exc.format_message()} (see: {where} --help)", 2) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
+        except StoreFromNewerVersion as exc:  # an operator's situation (a downgrade), not a bug: say what to do
+            raise fail(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug, not bad input
             raise fail(f"unexpected {type(exc).__name__}: {exc}"[:300] + f" — {_log_unexpected(exc)}") from None
 

@@ -247,6 +247,33 @@ def test_a_bug_prints_one_line_and_logs_the_details_privately(tmp_path):
     assert stat.S_IMODE(log.stat().st_mode) == 0o600 and stat.S_IMODE(log.parent.stat().st_mode) == 0o700
 
 
+def test_a_store_of_a_newer_version_is_an_operators_line_not_a_bug(tmp_path):
+    """A downgrade meets a store written by a newer o365sync: one line saying what to do, nothing logged as a bug."""
+    import duckdb
+
+    from o365sync.settings import Settings
+    from o365sync.store import open_store, store_path
+
+    settings = Settings(data_dir=tmp_path)
+    with open_store(settings, "t1", write=True):
+        pass
+    with duckdb.connect(str(store_path(settings, "t1"))) as con:
+        newest = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        con.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, now())", [newest + 1])
+
+    def open_for_writing() -> None:
+        with open_store(settings, "t1", write=True):
+            pass
+
+    cli = typer.Typer(cls=OneLineErrors)
+    cli.command("open")(open_for_writing)
+    cli.command("other")(lambda: None)
+    result = CliRunner().invoke(cli, ["open"], env={"O365SYNC_DATA_DIR": str(tmp_path), "COLUMNS": "200"})
+    out = plain(result.output).strip()
+    assert result.exit_code == 1 and "\n" not in out and "unexpected" not in out and "upgrade o365sync" in out
+    assert not (tmp_path / "logs").exists()
+
+
 def test_a_usage_error_is_one_line():
     result = CliRunner().invoke(app, ["import"], env={"COLUMNS": "80"})
     assert result.exit_code == 2
