@@ -1,6 +1,6 @@
 """Nothing of a flow run is written outside the tenant's storage root and the data dir's Prefect home, and a failed
 run writes nothing at all to Prefect's result storage (where a raised exception would be pickled, out of reach of
-erasure; prefect_scale.md §6).
+erasure; Prefect's `flow_engine.handle_exception` writes it even with `persist_result=False`).
 
 Real import flows, one of them failing (a mailbox answers a permanent error), run in this process and through the
 CLI in a subprocess that has no PREFECT_HOME of its own; HOME, the temp dir and the working directory are fresh
