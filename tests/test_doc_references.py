@@ -26,7 +26,7 @@ def scanned_files(root: Path) -> list[Path]:
 
 
 def dangling_references(root: Path) -> list[str]:
-    """`file:line: reference` for each `.md` name that resolves neither from the repo root nor from the file's folder,
+    """`file:line: reference` for each `.md` name that resolves neither from the repo root, docs/ nor the file's folder,
     and each absolute path of a machine (e.g. /work/...)."""
     found = []
     for path in scanned_files(root):
@@ -36,7 +36,7 @@ def dangling_references(root: Path) -> list[str]:
             text = URL.sub("", line)
             where = f"{path.relative_to(root)}:{number}"
             for name in MD_NAME.findall(text):
-                if not ((root / name).is_file() or (path.parent / name).is_file()):
+                if not any((folder / name).is_file() for folder in (root, root / "docs", path.parent)):
                     found.append(f"{where}: {name}")
             found += [f"{where}: {p}" for p in MACHINE_PATH.findall(text)]
     return found
