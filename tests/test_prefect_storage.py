@@ -48,6 +48,7 @@ def elsewhere(tmp_path, monkeypatch) -> dict[str, Path]:
     return places
 
 
+@pytest.mark.slow
 def test_flow_runs_in_process_write_nothing_outside_the_data_dir(prefect_server, product, elsewhere):
     tenant = product.world.tenants[0]
     prefect_home = Path(os.environ["PREFECT_HOME"])
@@ -63,6 +64,7 @@ def test_flow_runs_in_process_write_nothing_outside_the_data_dir(prefect_server,
     assert not _files(prefect_home / "storage", product.settings.data_dir / "prefect" / "storage")
 
 
+@pytest.mark.slow
 def test_a_failed_cli_import_writes_nothing_outside_the_data_dir(prefect_server, product, elsewhere):
     from prefect.settings import PREFECT_API_URL
 

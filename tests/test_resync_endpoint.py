@@ -23,6 +23,8 @@ from tasks.mailbox_sync import sync_mailbox_now
 from tasks.user_sync import run_user_sync
 from tests.product import stand_up, stored_matches
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 log = logging.getLogger("test")
 
 

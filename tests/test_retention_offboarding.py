@@ -24,6 +24,8 @@ from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 from tests.test_erasure import hits, tenant_files
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 
 def sync_all(p) -> None:
     tenant = p.world.tenants[0]

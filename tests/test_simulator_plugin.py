@@ -11,6 +11,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = {"o365sync", "crm_adapters", "flows", "tasks", "deployments"}
 
@@ -42,6 +44,7 @@ def test_the_plugin_is_a_pytest11_entry_point():
     ]
 
 
+@pytest.mark.slow  # a pytest subprocess
 def test_a_fresh_pytest_run_gets_the_fixtures_from_the_installed_plugin(tmp_path: Path):
     (tmp_path / "test_with_simulators.py").write_text(USER_TEST)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTEST_ADDOPTS")}
