@@ -1,4 +1,4 @@
-"""Benchmark child: the strongest dlt peer (/work/shared/peers/v_dlt_arrow.py) on the same simulated mailbox.
+"""Benchmark child: the strongest dlt peer (dlt's REST client with Arrow pages) on the same simulated mailbox.
 
 dlt RESTClient + JSONLinkPaginator(next_url_path="['@odata.nextLink']") pages inbox and sent items with the
 product's `$select` header fields, `$filter=receivedDateTime ge <scan start>` and `$top=1000`; the resource yields

@@ -1,6 +1,6 @@
 """Benchmark child: a plain-Python baseline doing the product's initial-import job naively, in a fresh process.
 
-Modelled on /work/shared/peers/v_naive.py (requests + stdlib json + DuckDB row inserts), but doing the same work as
+Modelled on a naive importer (requests + stdlib json + DuckDB row inserts), but doing the same work as
 `sync_mailbox_now`'s first run: list Inbox and Sent Items (same `$select`, `$expand`, `$filter` and page size as the
 product,
 `Prefer: IdType="ImmutableId"`), apply the same exclusions (draft, meeting message, sensitivity, automated sender,

@@ -1,4 +1,4 @@
-"""HubSpot CRM snapshot and changes over the CRM v3 API (crm_apis.md §2): list contacts, companies and deals with
+"""HubSpot CRM snapshot and changes over the CRM v3 API: list contacts, companies and deals with
 `after` cursors (limit 100), every email (`email` + `hs_additional_emails`) and every domain (`domain` +
 `hs_additional_domains`), open deals from the deal pipelines' stage metadata (`metadata.isClosed`), falling back
 to `hs_is_closed == "false"` for a stage the metadata does not list. Lists are the non-archived records only, so
@@ -11,9 +11,9 @@ endpoint with `archived=true` (`archivedAt` >= since), and the company of each c
 the v4 associations batch read (search results carry no associations). Rows are built by the same functions as
 the full snapshot. Every record read goes into `changed_ids`; archived records, closed deals and contacts left
 without an address have no rows. Search indexing lags behind writes, so callers pass `since` = the stored
-watermark minus an overlap of a few minutes (crm_apis.md §2.3 [U]); re-reading a record is harmless. Hard deletes,
-merges (the merged-away id is not archived, §2.5 [U]) and records purged from the recycle bin after 90 days are
-caught only by the periodic full snapshot.
+watermark minus an overlap of a few minutes (how long the lag lasts is not documented); re-reading a record is harmless.
+Hard deletes, merges (the merged-away id is not reported as archived; not verified against HubSpot) and records purged
+from the recycle bin after 90 days are caught only by the periodic full snapshot.
 
 `search` pages the search API sorted by `hs_object_id` and re-windows (`hs_object_id GT last`, `after` reset)
 before `after + limit` would pass HubSpot's hard 10,000-result cap.

@@ -1,4 +1,4 @@
-"""Pipedrive CRM snapshot over API v2 (crm_apis.md §3): `GET /api/v2/{persons,organizations,deals}` followed
+"""Pipedrive CRM snapshot over API v2: `GET /api/v2/{persons,organizations,deals}` followed
 through `additional_data.next_cursor`, authenticated with the company API token in the `x-api-token` header
 (never in the URL, so it cannot leak into logs or exception texts).
 
@@ -15,14 +15,14 @@ Records with `is_deleted: true` are left out (v2 lists may return soft-deleted p
 snapshot's `watermark` is the newest `update_time` read.
 
 Changes (`fetch_changes(since)`): the same three lists with `updated_since=<since>` (>=, whole seconds, rounded
-down), `sort_by=update_time&sort_direction=asc` (crm_apis.md §3.2, §3.4), deals with
+down), `sort_by=update_time&sort_direction=asc` (oldest change first), deals with
 `status=open,won,lost,deleted` so that deals that were won, lost or deleted are read and leave the scope. Every
 record read is in `changed_ids`; rows come from the same builders as the snapshot, so deleted persons and
 organizations (`is_deleted: true`), non-open deals and persons left without an address have no rows. The
 watermark is the newest `update_time` read. Deletes of persons and organizations are seen only while the CRM
 keeps soft-deleted records in the v2 lists with `is_deleted: true` (what the simulator does by default). When the
-CRM drops them from the lists instead — v2 persons/organizations have no deleted filter, crm_apis.md §3.4 [U] —,
-and for records purged 30 days after deletion, only the periodic full reconciliation (a full snapshot, run by
+CRM drops them from the lists instead — v2 persons/organizations have no deleted filter (not verified against Pipedrive)
+—, and for records purged 30 days after deletion, only the periodic full reconciliation (a full snapshot, run by
 the caller) removes them.
 
 Errors: 401 → `CrmAuthError` (the token was revoked or expired: reconnect). 429 → the daily token budget

@@ -1,4 +1,4 @@
-"""Salesforce CRM over the REST API (crm_apis.md §1): refresh-token grant for a session, `describe` of Contact, Lead
+"""Salesforce CRM over the REST API: refresh-token grant for a session, `describe` of Contact, Lead
 and Account, then SOQL `query` (full snapshot) or `queryAll` (changes since a SystemModstamp) pages followed through
 `nextRecordsUrl` until `done`, streamed page by page into column lists.
 
@@ -265,8 +265,8 @@ def _sources(client: _SalesforceClient) -> list[_Source]:
     contact_emails, lead_emails = _email_fields(contact_fields), _email_fields(lead_fields)
     person_accounts = "IsPersonAccount" in account_fields
     # A person account's person contact is a Contact row too (IsPersonAccount = true); the person is read once,
-    # from the Account, with the Account Id (crm_apis.md §1.3). Contact.IsPersonAccount exists exactly when person
-    # accounts are enabled; checked separately to be safe.
+    # from the Account, with the Account Id (a person account is one Account plus one Contact). Contact.IsPersonAccount
+    # exists exactly when person accounts are enabled; checked separately to be safe.
     contact_person_flag = "IsPersonAccount" in contact_fields
     # Person-account addresses: PersonEmail and custom person fields (`__pc`); business `__c` email fields of an
     # Account are not a person's address and are not read.
@@ -373,7 +373,7 @@ def _read(
     if where:
         soql += f" WHERE {where}"
     soql += order
-    # Salesforce returns datetimes in UTC in one layout (`2024-05-02T10:11:12.000+0000`, crm_apis.md §1), so the
+    # Salesforce returns datetimes in UTC in one layout (`2024-05-02T10:11:12.000+0000`), so the
     # newest stamp is the greatest string; only that one is parsed (strptime per record: ~10 s CPU at 1M records).
     newest = ""
     for records in client.query(soql, endpoint):
@@ -458,7 +458,8 @@ def fetch_changes(
     *,
     sleep: Callable[[float], None] = time.sleep,
 ) -> CrmChanges:
-    """Every Contact, Lead, Account and Opportunity whose SystemModstamp is at or after `since` (crm_apis.md §1.5).
+    """Every Contact, Lead, Account and Opportunity whose SystemModstamp is at or after `since` (`queryAll`, so deleted
+    rows come too, with IsDeleted).
 
     One `queryAll` per object (`WHERE SystemModstamp >= since ORDER BY SystemModstamp ASC`, no scope filter), so
     soft-deleted records (IsDeleted = true), converted leads, closed opportunities and people whose address was

@@ -1,13 +1,13 @@
 """A Prefect API for scheduled work: the configured one, or a local `prefect server start` owned by this process.
 
 Prefect's ephemeral API (what flows use when no PREFECT_API_URL is set) runs no scheduler, so schedules never fire
-there (prefect.md §1/§4). `ensure_prefect_api(settings)` therefore
+there. `ensure_prefect_api(settings)` therefore
 
 * uses PREFECT_API_URL if it is set (environment, else the active Prefect profile) after checking `<url>/health`;
 * otherwise starts `prefect server start --host 127.0.0.1 --port <port>` with PREFECT_HOME=`<data_dir>/prefect`
-  (SQLite database, server log `server.log`), telemetry off and the SQLite ingest batch sizes raised (prefect.md §2),
-  waits for `/api/health`, points this process (and the flow-run subprocesses it starts) at it, and stops it on
-  exit. A lock file in that PREFECT_HOME keeps a second local server off the same database.
+  (SQLite database, server log `server.log`), telemetry off and the SQLite ingest batch sizes raised (ingest is the
+  bottleneck), waits for `/api/health`, points this process (and the flow-run subprocesses it starts) at it, and stops
+  it on exit. A lock file in that PREFECT_HOME keeps a second local server off the same database.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from o365sync.settings import Settings
 
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 180.0  # fresh database: migrations took 18-23 s here, more on a loaded box (prefect.md §1)
+STARTUP_TIMEOUT_S = 180.0  # fresh database: migrations took 18-23 s here, more on a loaded box
 POLL_INTERVAL_S = 0.25
 STOP_TIMEOUT_S = 20.0
 
@@ -38,7 +38,7 @@ SERVER_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
-    # SQLite ingest is the bottleneck; batch it (defaults 1/1/20/1; prefect.md §2).
+    # SQLite ingest is the bottleneck; batch it (defaults 1/1/20/1).
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",

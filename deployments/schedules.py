@@ -6,7 +6,8 @@ For every registered tenant with the "email" feature:
   anchor is spread deterministically over the 15 minutes per tenant, so tenants do not all start at the same second
   (`schedule_offset_s`; the hourly and daily runs below start between a tenant's email slots).
   A deployment concurrency limit of 1 with collision strategy CANCEL_NEW means a run that becomes due while the
-  tenant's previous sync is still running is cancelled before it starts (the server enforces it; prefect.md §4/§5).
+  tenant's previous sync is still running is cancelled before it starts (the Prefect server enforces it, not the
+  client).
 * `initial-import-<tenant>`: the `initial-import` flow, unscheduled, run on demand (UI "Run" or
   `prefect deployment run initial-import/initial-import-<tenant>`); concurrent requests queue (limit 1, ENQUEUE).
 * `calendar-sync-<tenant>` (tenants with "calendar"): the `calendar-sync` flow every hour, spread the same way,

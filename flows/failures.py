@@ -1,8 +1,8 @@
 """`flow`: Prefect's `@flow`, except that a flow that fails leaves no file behind.
 
 When a flow function raises, Prefect pickles the exception into its local result storage (`$PREFECT_HOME/storage`)
-even with `persist_result=False` (`flow_engine.handle_exception` writes it; prefect_scale.md §6): one file per failed
-run that nothing ever deletes, outside the tenant's region and out of reach of erasure. A flow that *returns* a
+even with `persist_result=False` (`flow_engine.handle_exception` writes it; measured with Prefect 3.9): one file per
+failed run that nothing ever deletes, outside the tenant's region and out of reach of erasure. A flow that *returns* a
 Failed state holding the exception writes nothing (the result is only persisted when persistence is on), while
 the run still ends Failed with the same message, its log shows the traceback, and a caller of the flow function
 still gets the exception raised.

@@ -36,7 +36,8 @@ from o365sync.settings import Settings
 from o365sync.tenants import TenantNotFound, load_tenant, region_root, tenant_dir
 
 BASE_SCOPES = ["User.Read"]
-# Short-form Graph permissions (msal.md §1.5: the short form is what Entra echoes, so the AT cache hits).
+# Short-form Graph permissions: Entra echoes the short form as the token's scope, and MSAL finds a cached access
+# token only if the requested scopes are within it (the long form missed the cache on every call).
 # Least privilege: calendar import only reads; the calendar and online-meeting writes of Notetaker's Explicit
 # Consent Mode are requested only when the tenant turned that mode on.
 FEATURE_SCOPES: dict[str, list[str]] = {
@@ -194,7 +195,7 @@ def _codes_of(result: dict[str, Any]) -> list[int]:
 
 # --------------------------------------------------------------------------- MSAL plumbing
 class MsalHttpxClient:
-    """The http_client MSAL needs (get/post/close) on top of httpx (msal.md §1.6).
+    """The http_client MSAL needs (get/post/close) on top of httpx (MSAL calls only these three methods).
 
     httpx transport errors become `requests.exceptions.ConnectionError`, the only "network error" MSAL
     recognises (it then falls back to a still-valid cached access token)."""

@@ -2,7 +2,7 @@
 
 Delta over a window returns single instances and exceptions in full, series masters in full, occurrences *bare*
 (id, type, seriesMasterId, start, end) and `@removed` entries; a cancelled occurrence may not be reported at all
-(graph.md §3). So every series a round touches is re-read through `/me/events/{master}/instances` over the window
+(observed). So every series a round touches is re-read through `/me/events/{master}/instances` over the window
 (with `$select`, so no body is fetched), and its stored instances are replaced by that answer. Event bodies from
 delta (delta has no `$select`) stay in memory and are never stored.
 

@@ -2,7 +2,7 @@
 Retry-After, backoff, one token refresh on 401, opaque nextLink paging and `$batch` with per-inner-request retries.
 
 One `GraphClient` serves one mailbox (one user token): Outlook allows 4 concurrent requests per app and mailbox
-(graph.md §5.2), so the client holds a slot of a `BoundedSemaphore` per request in flight and a `$batch` holds
+(Outlook limits), so the client holds a slot of a `BoundedSemaphore` per request in flight and a `$batch` holds
 `min(4, inner requests)` slots, because Graph runs up to 4 of its inner requests at once.
 
 Least privilege: every request (each inner request of a `$batch` and every absolute nextLink/deltaLink included) must
@@ -90,8 +90,8 @@ BATCH_INNER_CONCURRENCY = 4
 RETRYABLE = frozenset({429, 502, 503, 504})
 IMMUTABLE_ID = 'IdType="ImmutableId"'
 OUTLOOK_BUDGET = 10_000  # requests per app and mailbox ...
-OUTLOOK_BUDGET_WINDOW_S = 600.0  # ... per 10 minutes (graph.md §5.2)
-# 4xx error codes that mean "this delta token is dead, start a new round" (compared case-insensitively, graph.md §2.4)
+OUTLOOK_BUDGET_WINDOW_S = 600.0  # ... per 10 minutes: https://learn.microsoft.com/en-us/graph/throttling-limits
+# 4xx error codes that mean "this delta token is dead, start a new round" (compared case-insensitively)
 DELTA_EXPIRED_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid"})
 
 
@@ -429,7 +429,7 @@ def error_for(status: int, body: Any, headers: Any = None) -> GraphError:
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: integer or fractional (graph.md §5.1) or an HTTP date; None if absent/invalid."""
+    """Retry-After as seconds: integer or fractional (Graph sends both) or an HTTP date; None if absent/invalid."""
     if value is None:
         return None
     value = value.strip()

@@ -16,5 +16,6 @@ def ssl_context(settings: Settings) -> ssl.SSLContext:
 
 
 def make_http_client(settings: Settings, **kwargs: object) -> httpx.Client:
-    # trust_env=False: REQUESTS_CA_BUNDLE/proxy variables must not override the configured bundle (msal.md §1.6).
+    # trust_env=False: REQUESTS_CA_BUNDLE/proxy variables must not override the configured bundle (with requests, MSAL's
+    # own `verify=` lost to them).
     return httpx.Client(verify=ssl_context(settings), timeout=settings.http_timeout_s, trust_env=False, **kwargs)  # type: ignore[arg-type]

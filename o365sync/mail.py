@@ -2,9 +2,9 @@
 via `$batch`.
 
 Pages stream: each Graph page becomes one `HeaderPage`/`DeltaPage` of two Arrow tables and is dropped once the caller
-moves on (peers_and_style.md A.3-A.4). Addresses are kept exactly as received; normalisation belongs to matching.
+moves on (memory: one page). Addresses are kept exactly as received; normalisation belongs to matching.
 
-Delta (`iter_delta_pages`, graph.md §2.4): one round per folder. The first round sends `$select`, the sensitivity
+Delta (`iter_delta_pages`, Graph message delta): one round per folder. The first round sends `$select`, the sensitivity
 `$expand` (and the scan-back `$filter`); Graph encodes them into its tokens, so later rounds GET the stored deltaLink
 verbatim. The page size is only `Prefer: odata.maxpagesize` (never `$top`). Only the LAST page of a round carries
 `delta_link`; it is the one durable cursor, to be stored after the rows of the round are committed. nextLinks are

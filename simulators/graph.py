@@ -1,7 +1,8 @@
 """Microsoft Graph mail simulator: `/me`, mail folders, message listing/paging, single messages and `$batch`,
 with Outlook's per-mailbox concurrency limit, scope checks, the exact Graph error shape and fault injection.
 
-Behaviour follows /work/shared/reference/graph.md §1, §2, §5, §6, §10. Deliberate simplifications:
+Behaviour follows Microsoft's Graph documentation (messages, delta, throttling, errors) and observed behaviour.
+Deliberate simplifications:
 - the `$batch` envelope itself takes no mailbox slot, is not counted in the request budget and never consumes an
   injected fault; its inner requests do (they are the Outlook requests), at most 4 inner requests of one batch run
   at a time;
@@ -10,10 +11,10 @@ Behaviour follows /work/shared/reference/graph.md §1, §2, §5, §6, §10. Deli
   otherwise the mutable id (`SimMessage.mutable_id()`, changes on every move). Both are accepted on
   `/me/messages/{id}`; a mutable id from before a move is 404, as in Graph.
 
-Calendar, online meetings and Teams (§3, §4) live in simulators/graph_calendar.py (`GraphSimulator.calendar`).
+Calendar, online meetings and Teams live in simulators/graph_calendar.py (`GraphSimulator.calendar`).
 
-Per-folder message delta (§2.4) with opaque server-side tokens: see `_delta`. Choices where real Graph is not
-verified (graph.md labels them OBS/INF or leaves them open) are marked "UNVERIFIED" in comments.
+Per-folder message delta with opaque server-side tokens: see `_delta`. Choices where real Graph is not
+verified (only observed in reports, inferred, or open) are marked "UNVERIFIED" in comments.
 
 Sensitivity: `message` has no `sensitivity` property in Graph v1.0 (only `event` has), so `$select=sensitivity` is
 the 400 `RequestBroker--ParseUri` "Could not find a property named 'sensitivity' on type 'microsoft.graph.message'."
@@ -92,7 +93,7 @@ DEFAULT_PROPS = (
     "replyTo",
     "flag",
 )
-# `sensitivity` is not a `message` property (graph.md §2.2; only `event` has one): selecting it is a 400.
+# `sensitivity` is not a `message` property (only `event` has one): selecting it is a 400.
 SELECTABLE = {p.lower(): p for p in (*DEFAULT_PROPS, "id", "uniqueBody")}
 # The one supported `$expand`: MAPI PidTagSensitivity (0x0036) as a single-value extended property. The id is
 # matched case-insensitively and with any number of leading zeros ("Integer 0x36", "integer 0X0036"); Graph answers
@@ -127,7 +128,7 @@ BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
 _SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count", "$expand"}
 _DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$expand", "$skiptoken", "$deltatoken"}
-DELTA_DEFAULT_PAGE = 10  # graph.md §2.4 (OBS)
+DELTA_DEFAULT_PAGE = 10  # observed; Graph documents no default for delta
 DELTA_FILTER_CAP = 5000  # with $filter a delta round returns at most 5,000 messages (DOC)
 _DELTA_FILTER_ERROR = (
     "The '$filter' parameter value is not supported for 'Messages' resource; only a value of "
@@ -1112,7 +1113,8 @@ class GraphSimulator:
     @staticmethod
     def _gone(state: _DeltaState | None) -> GraphFail:
         code = state.evicted if state is not None and state.evicted else "SyncStateNotFound"
-        if code.lower() == "resyncrequired":  # UNVERIFIED status for this code (errors.md lists it, no status)
+        # UNVERIFIED status for this code (https://learn.microsoft.com/en-us/graph/errors lists it, without a status)
+        if code.lower() == "resyncrequired":
             return GraphFail(400, code, "The delta token is no longer valid, and the app must reset the sync state.")
         g = state.generation if state is not None else 0
         return GraphFail(
@@ -1204,7 +1206,7 @@ class GraphSimulator:
             orderby = req.query.get("$orderby")
             if orderby is not None and not re.fullmatch(r"\s*receivedDateTime\s+desc\s*", orderby, re.IGNORECASE):
                 raise GraphFail(400, "ErrorInvalidUrlQuery", "The $orderby expression is not supported.")
-            # $top: ignored (graph.md §2.4, most reports; UNVERIFIED — one report has it cap the round, one a 400)
+            # $top: ignored (most reports; UNVERIFIED — one report has it cap the round, one a 400)
             state = _DeltaState(oid, folder, select, flt, expand)
             with self._lock:
                 self._delta_states.append(state)

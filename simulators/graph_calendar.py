@@ -1,6 +1,7 @@
 """Microsoft Graph calendar, online-meeting and Teams endpoints over a `World`'s `calendars`
 (simulators/world_calendar.py), dispatched from `GraphSimulator` (auth, budget, faults, concurrency, request log and
-error shape are graph.py's). Behaviour follows /work/shared/reference/graph.md §3, §4, §6, §10.
+error shape are graph.py's). Behaviour follows Microsoft's Graph documentation of events,
+calendarView delta, online meetings and Teams.
 
 - `GET /me/calendarView` (window required, 1825-day cap, series expanded, exceptions applied, deleted occurrences
   absent, `$select`, `$top`/`Prefer: odata.maxpagesize` paging with `$skip` nextLinks, `Prefer: outlook.timezone`);
@@ -84,7 +85,8 @@ CHANNEL_SEND = frozenset({"ChannelMessage.Send", "Group.ReadWrite.All"})
 CHAT_CREATE = frozenset({"Chat.Create", "Chat.ReadWrite"})
 CHAT_SEND = frozenset({"ChatMessage.Send", "Chat.ReadWrite"})
 PATCHABLE = frozenset({"subject", "body", "isOnlineMeeting", "onlineMeetingProvider"})
-# Default properties, in Graph's order (GD resources/event.md); `id` and `@odata.etag` are always returned.
+# Default properties, in Graph's order (https://learn.microsoft.com/en-us/graph/api/resources/event); `id` and
+# `@odata.etag` are always returned.
 EVENT_PROPS = (
     "createdDateTime",
     "lastModifiedDateTime",
@@ -572,7 +574,7 @@ class CalendarEndpoints:
                 removed = [
                     i for i in base if i not in snapshot and (k.delta_deleted_occurrences or i not in deleted_occ)
                 ]
-                if k.delta_out_of_window_removed and since is not None:  # documented noise (event-delta.md)
+                if k.delta_out_of_window_removed and since is not None:  # documented noise (event: delta)
                     noise = [ev.id for ev in events if ev.version > since and ev.id not in snapshot]
                     noise += [ev.id for ev, seq in cal.removed.get(state.oid, []) if seq > since]
                     removed += [i for i in dict.fromkeys(noise) if i not in base and i not in removed]

@@ -1,4 +1,4 @@
-"""A HubSpot portal per world tenant, served over loopback HTTPS (crm_apis.md §2 and §6.2): private-app bearer
+"""A HubSpot portal per world tenant, served over loopback HTTPS: private-app bearer
 tokens, CRM v3 object listing with `after` cursors, the search API with its hard 10,000-result cap, deal
 pipelines with stage metadata, the v4 associations batch read (`POST /crm/v4/associations/{from}/{to}/batch/read`,
 at most 1,000 `inputs`; ids without links come back as 207 `errors` with `OBJECT_NOT_FOUND` /

@@ -1,8 +1,8 @@
 """Microsoft identity platform (v2 endpoints) simulator: OIDC discovery, JWKS, /authorize with automatic
 sign-in and consent, and /token for the authorization-code and refresh-token grants.
 
-Behaviour follows docs/reference notes (msal.md §1-3, graph.md §7): HTTPS only (MSAL refuses http),
-single-use 10-minute codes, PKCE S256, nonce echoed into the id_token, refresh-token rotation where the old
+Behaviour follows what MSAL Python needs and the Microsoft identity platform (v2) documents: HTTPS only (MSAL refuses
+http), single-use 10-minute codes, PKCE S256, nonce echoed into the id_token, refresh-token rotation where the old
 refresh token stays valid, Graph scopes echoed in short form without `offline_access`, and Entra-shaped error
 bodies. Test controls: `login_as`, `revoke`, `inject`, and the `token_requests` log (no secrets in it).
 """

@@ -1,4 +1,4 @@
-"""A Pipedrive company per world tenant, served over loopback HTTPS (crm_apis.md §3, §6.3, §6.4).
+"""A Pipedrive company per world tenant, served over loopback HTTPS.
 
 API v2 list endpoints `GET /api/v2/{persons,organizations,deals}` with `limit` (default `page_limit_default`,
 max 500), an opaque `cursor` (`additional_data.next_cursor`, null on the last page), `updated_since` (>=),

@@ -1,6 +1,6 @@
 """A Salesforce org per world tenant, served over loopback HTTPS: OAuth refresh-token grant (optional
 rotation), the versions list, and `query`/`queryAll` with a SOQL subset, query-locator paging and
-Salesforce-shaped errors (JSON arrays). See crm_apis.md §1 and §6.1.
+Salesforce-shaped errors (JSON arrays).
 
 Also `GET /sobjects/{T}/describe`, so adapters find custom email fields and person-account fields before
 selecting them (an unknown field is 400 INVALID_FIELD, as in Salesforce).
@@ -82,7 +82,7 @@ SOBJECTS: dict[str, dict[str, str]] = {
         "SystemModstamp": _DT,
     },
 }
-# Only in orgs with person accounts enabled (crm_apis.md §1.3): selecting them elsewhere is INVALID_FIELD.
+# Only in orgs with person accounts enabled: selecting them elsewhere is INVALID_FIELD.
 PERSON_ACCOUNT_FIELDS: dict[str, dict[str, str]] = {
     "Account": {"IsPersonAccount": _BOOL, "PersonEmail": _EMAIL, "PersonContactId": _REF},
     "Contact": {"IsPersonAccount": _BOOL},
@@ -676,7 +676,7 @@ class SalesforceSimulator(SimServer):
             return self._new_row(tid, "Account", Name=name, Website=website)["Id"]
 
     def convert_lead(self, tid: str, lead_id: str, account_id: str | None = None) -> str:
-        """Convert a lead the way Salesforce does (crm_apis.md §1.3): a new Contact with the lead's name and Email on
+        """Convert a lead the way Salesforce does: a new Contact with the lead's name and Email on
         `account_id` (or on a new Account named after the lead's Company); the Lead row stays, with IsConverted,
         ConvertedContactId and ConvertedAccountId set. Custom lead fields are not mapped. Returns the contact Id."""
         with self._lock:

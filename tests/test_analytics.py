@@ -64,6 +64,7 @@ def analyst(p) -> duckdb.DuckDBPyConnection:
     return con
 
 
+@pytest.mark.slow
 def test_activities_has_one_row_per_email_and_meeting_with_its_primary_crm_link(product):
     con = analyst(product)
     emails = con.execute("SELECT user_oid, graph_id FROM emails").fetchall()

@@ -83,6 +83,7 @@ def test_import_equals_the_oracle_and_stores_no_bodies(product):
     assert all(ids for (oid, _e), ids in stored(p, tid).items() if oid == first)
 
 
+@pytest.mark.slow
 def test_hourly_sync_applies_reschedules_attendee_changes_and_cancellations(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
@@ -114,6 +115,7 @@ def test_hourly_sync_applies_reschedules_attendee_changes_and_cancellations(prod
     assert not counts[user.oid].baseline and counts[user.oid].removed >= 2
 
 
+@pytest.mark.slow
 def test_a_reanchored_window_adds_newly_in_range_meetings_without_duplicates(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
@@ -130,6 +132,7 @@ def test_a_reanchored_window_adds_newly_in_range_meetings_without_duplicates(pro
     assert len(now_stored) == len(truth) + outside  # everything else is history from before the new window
 
 
+@pytest.mark.slow
 def test_an_evicted_delta_token_starts_a_new_baseline(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
@@ -163,6 +166,7 @@ def test_half_an_emoji_in_an_event_subject_is_counted_not_fatal(product):
     assert {k for k in stored(p, tid) if k[0] == user.oid} == {k for k in truth if k[0] == user.oid}
 
 
+@pytest.mark.slow
 def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product, monkeypatch):
     from o365sync.settings import load_settings
 
@@ -211,6 +215,7 @@ def test_a_user_connected_before_calendar_was_enabled_needs_consent(tmp_path, mo
         p.running.stop()
 
 
+@pytest.mark.slow
 def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_external_meetings(tmp_path, monkeypatch):
     world = generate_world(seed=33, users_per_tenant=2, messages_per_user=5, contacts_per_tenant=30, calendars=True)
     p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar", "notetaker"], explicit_consent=True)
@@ -276,6 +281,7 @@ def expected_for(world, now: datetime, include_internal=()) -> dict:
     return world.calendars.expected_meetings(world.tenants[0].tid, lo, hi, include_internal_for=set(include_internal))
 
 
+@pytest.mark.slow
 def test_the_hourly_flow_imports_and_reports_consent_needed(prefect_server, tmp_path, monkeypatch):
     """The calendar-sync Prefect flow: one task per user, a keyed artifact; a user who connected before calendar
     import was enabled is reported as consent_needed while the others are imported."""

@@ -206,6 +206,7 @@ def _fill(value: str, w: dict) -> str:
     return re.sub(r"\{([A-Z0-9]+)\}", lambda m: w[m.group(1)], value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path, args, env",
     [(p, a, e) for p, rows in CASES.items() for a, e in rows],
@@ -281,6 +282,7 @@ def test_a_usage_error_is_one_line():
     assert "\n" not in out and "--tenant" in out and "--help" in out
 
 
+@pytest.mark.slow
 def test_a_typo_in_a_conversation_delete_leaves_no_tombstone(world_dir):
     """Issue 10 item 16: no permanent "never import" entry for an id that never existed."""
     from o365sync.settings import load_settings

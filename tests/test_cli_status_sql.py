@@ -45,6 +45,7 @@ def run(env: dict, *args: str, columns: int = 80):  # noqa: ANN201
     return CliRunner().invoke(app, list(args), env={**env, "COLUMNS": str(columns)})
 
 
+@pytest.mark.slow
 def test_status_is_readable_at_80_columns(imported):
     product, env = imported
     tenant = product.world.tenants[0]
@@ -59,6 +60,7 @@ def test_status_is_readable_at_80_columns(imported):
     assert len(re.findall(r"\d{4}-\d\d-\d\d", out)) == len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", out))
 
 
+@pytest.mark.slow
 def test_status_json_has_stable_keys_and_totals_since_connect(imported):
     product, env = imported
     tenant = product.world.tenants[0]
@@ -99,6 +101,7 @@ def test_status_json_has_stable_keys_and_totals_since_connect(imported):
         assert email["total"]["scanned"] >= email["total"]["imported"]
 
 
+@pytest.mark.slow
 def test_a_user_whose_token_is_gone_needs_a_reconnect_for_every_feature(imported):
     from o365sync.auth import token_path
 
@@ -122,6 +125,7 @@ def test_a_user_whose_token_is_gone_needs_a_reconnect_for_every_feature(imported
         token.write_bytes(kept)
 
 
+@pytest.mark.slow
 def test_sql_queries_the_snapshot_as_table_csv_and_json(imported):
     from o365sync.store import snapshot_path
 
@@ -140,6 +144,7 @@ def test_sql_queries_the_snapshot_as_table_csv_and_json(imported):
     assert json.loads(as_json.output) == [{"kind": k, "n": n} for k, n in expected]
 
 
+@pytest.mark.slow
 def test_sql_is_read_only(imported):
     from o365sync.store import snapshot_path
 
@@ -190,6 +195,7 @@ def test_simulate_starts_the_demo_world_and_prints_a_complete_tenant_add(tmp_pat
     assert f"O365SYNC_REDIRECT_URI=http://localhost:{port}/auth/callback" in text and "o365sync sql" in text
 
 
+@pytest.mark.slow
 def test_a_failed_import_ends_in_one_line_and_prefect_prints_no_traceback(imported):
     """The real command in its own process (Prefect's console logging as people see it). Runs last in this
     module: it leaves one user failed."""

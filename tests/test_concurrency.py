@@ -18,6 +18,8 @@ from o365sync.tenants import tenant_dir
 from simulators.world import generate_world
 from tests.product import stand_up, stored_matches
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 # A notebook left open on the snapshot: one read-only connection, queried in a loop until told to stop.
 ANALYST = r"""
 import sys, threading

@@ -15,6 +15,7 @@ from tests.crm_helpers import delete_in_crm
 from tests.product import expected_for_crm, stand_up, stored_matches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crm_kind", ["salesforce", "hubspot", "pipedrive"])
 def test_a_deleted_contact_stops_matching_after_the_next_refresh(tmp_path, monkeypatch, crm_kind):
     world = generate_world(seed=23, users_per_tenant=1, messages_per_user=60, contacts_per_tenant=30)

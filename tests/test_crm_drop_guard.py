@@ -71,6 +71,7 @@ def confirm(tenant_id: str = "t1"):  # noqa: ANN201
     return runner.invoke(app, ["crm", "confirm-drop", "--tenant", tenant_id])
 
 
+@pytest.mark.slow
 def test_a_header_only_people_file_is_refused_until_confirmed_then_applied_once(files_tenant):
     settings, crm_dir = files_tenant
     (crm_dir / "people.csv").write_text(people_csv(1, 2, 3, 4))
@@ -159,6 +160,7 @@ def test_confirm_drop_checks_the_tenant_and_writes_nothing_without_a_refusal(fil
     assert not store_path(settings, "t1").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("crm_kind", "reconcile_hours"),
     [
@@ -194,6 +196,7 @@ def test_most_contacts_deleted_in_the_crm_is_refused_until_confirmed(tmp_path, m
         p.running.stop()
 
 
+@pytest.mark.slow
 def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_status(
     prefect_server, tmp_path, monkeypatch
 ):
@@ -232,6 +235,7 @@ def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_
 _ids = st.sets(st.sampled_from([f"p{i}" for i in range(8)]))
 
 
+@pytest.mark.slow
 @hsettings(max_examples=40, deadline=None)
 @given(stored=_ids, listed=_ids, changed=st.none() | _ids)
 def test_the_removal_count_is_what_writing_removes(tmp_path_factory, stored, listed, changed):

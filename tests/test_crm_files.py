@@ -274,6 +274,7 @@ _PLACEMENTS = (
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(address=_address, placement=st.sampled_from(range(len(_PLACEMENTS))))
 def test_no_email_address_in_error_messages(tmp_path: Path, address: str, placement: int) -> None:

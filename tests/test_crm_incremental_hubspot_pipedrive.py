@@ -214,6 +214,7 @@ def test_hubspot_restored_contact_comes_back(
     assert_same(apply_changes(snap, changes), hubspot.fetch_snapshot(conn, http, sleep=Sleeps()))
 
 
+@pytest.mark.slow
 def test_hubspot_incremental_search_beyond_10k_is_complete(
     world: World, hs: HubSpotSimulator, http: httpx.Client, hs_clock: Clock
 ) -> None:

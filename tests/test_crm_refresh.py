@@ -116,6 +116,7 @@ ids = st.sampled_from([f"p{i}" for i in range(6)])
 addresses = st.sampled_from([f"{n}@x.com" for n in "abcdef"])
 
 
+@pytest.mark.slow
 @hsettings(max_examples=60, deadline=None)
 @given(
     initial=st.dictionaries(ids, st.sets(addresses, max_size=3)),

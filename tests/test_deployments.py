@@ -316,6 +316,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tmp_path, monkeypatch):
     """The one integration test: a real `prefect server start` (fresh SQLite: ~20-40 s on 2 cores)."""
     from prefect import get_client

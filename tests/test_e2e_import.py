@@ -11,6 +11,8 @@ from o365sync.store import open_store, snapshot_path
 from simulators.world import generate_world
 from tests.product import expected_for_crm, latest_artifact_rows, stand_up, stored_matches, table_counts
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 
 @pytest.fixture
 def product(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ def emails(p) -> list[tuple]:
         return con.execute("SELECT user_oid, graph_id, subject, folder FROM emails ORDER BY ALL").fetchall()
 
 
+@pytest.mark.slow
 def test_delta_after_new_updated_moved_and_deleted_mail(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
@@ -69,6 +70,7 @@ def test_delta_after_new_updated_moved_and_deleted_mail(product):
     assert counts[alice.oid].imported == 1 and counts[bob.oid].imported == 1
 
 
+@pytest.mark.slow
 def test_evicted_delta_token_resyncs_without_duplicates(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
@@ -87,6 +89,7 @@ def test_evicted_delta_token_resyncs_without_duplicates(product):
     assert counts[alice.oid].scanned < len(window) / 2
 
 
+@pytest.mark.slow
 def test_injected_faults_never_break_the_import_or_the_limits(product):
     p, tid = product, product.world.tenants[0].tid
     graph = p.running.graph
@@ -100,6 +103,7 @@ def test_injected_faults_never_break_the_import_or_the_limits(product):
     assert sum(1 for r in graph.requests if r.status in (429, 503, 504)) > 0
 
 
+@pytest.mark.slow
 def test_the_same_message_in_two_folders_is_stored_once(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
@@ -116,6 +120,7 @@ def test_the_same_message_in_two_folders_is_stored_once(product):
     assert counts.imported == 1 and dict(counts.excluded).get("duplicate") == 1
 
 
+@pytest.mark.slow
 def test_blocklists_keep_mail_out(tmp_path, monkeypatch):
     from o365sync.tenants import load_tenant, save_tenant
 
@@ -148,6 +153,7 @@ def test_blocklists_keep_mail_out(tmp_path, monkeypatch):
         p.running.stop()
 
 
+@pytest.mark.slow
 def test_odd_graph_items_are_imported_or_skipped_as_documented(tmp_path, monkeypatch):
     from simulators.world import add_odd_messages
 
@@ -190,6 +196,7 @@ def no_doubles(p) -> None:
     assert len(rows) == len({(r[0], r[1]) for r in rows})
 
 
+@pytest.mark.slow
 def test_half_an_emoji_in_a_subject_or_sender_name_is_counted_not_fatal(product):
     p, tid = product, product.world.tenants[0].tid
     alice = p.world.tenants[0].users[0]
@@ -207,6 +214,7 @@ def test_half_an_emoji_in_a_subject_or_sender_name_is_counted_not_fatal(product)
     no_doubles(p)
 
 
+@pytest.mark.slow
 def test_a_mailbox_bigger_than_the_page_limit_catches_up_over_runs(product, monkeypatch):
     p, tid = product, product.world.tenants[0].tid
     from o365sync.settings import load_settings
@@ -231,6 +239,7 @@ def test_a_mailbox_bigger_than_the_page_limit_catches_up_over_runs(product, monk
     assert sum(imported) == len({k for k in expected_now(p) if k[0] == alice.oid})  # each message imported once
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [{"O365SYNC_SYNC_MAX_PAGES": "6"}, {"O365SYNC_SYNC_MAX_SECONDS": "1"}])
 def test_a_server_that_pages_forever_is_cut_off_and_the_next_run_finishes(product, monkeypatch, limit):
     p, tid = product, product.world.tenants[0].tid

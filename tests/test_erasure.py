@@ -59,6 +59,7 @@ def product(tmp_path, monkeypatch):
     p.running.stop()
 
 
+@pytest.mark.slow
 def test_compaction_removes_deleted_bytes_that_delete_leaves(product):
     """The DuckDB fact this design rests on, checked on our store: DELETE leaves the bytes, the copy does not."""
     p, tid = product, product.world.tenants[0].tid
@@ -82,6 +83,7 @@ def test_compaction_removes_deleted_bytes_that_delete_leaves(product):
         assert con.execute("SELECT count(*) FROM crm_people").fetchone()[0] > 0
 
 
+@pytest.mark.slow
 def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     p, tid = product, product.world.tenants[0].tid
     alice, bob = p.world.tenants[0].users
@@ -157,6 +159,7 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     assert hits([log], markers) == [] and not any(a.lower() in text for a in addresses)
 
 
+@pytest.mark.slow
 def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothing(product):
     p, tid = product, product.world.tenants[0].tid
     alice, bob = p.world.tenants[0].users
@@ -181,6 +184,7 @@ def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothi
     assert [e["rows"].get("emails", 0) for e in read_audit(p.settings, tid)] == [result.rows["emails"], 0]
 
 
+@pytest.mark.slow
 def test_actor_and_reason_are_ids_not_free_text(product):
     tid = product.world.tenants[0].tid
     with pytest.raises(ValueError):
@@ -198,6 +202,7 @@ def calendar_product(tmp_path, monkeypatch):
     p.running.stop()
 
 
+@pytest.mark.slow
 def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
     from o365sync.sync.calendar import sync_calendar_now
 
@@ -249,6 +254,7 @@ def test_compaction_of_a_fresh_store_and_unknown_message(product):
     )
 
 
+@pytest.mark.slow
 def test_cli_conversation_export_and_delete(product):
     import typer
     from typer.testing import CliRunner

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import pytest
 from rich.console import Console
 
 from app.demo import run_demo
@@ -40,6 +41,7 @@ def not_private(*roots: Path) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_everything_the_demo_an_export_and_a_region_move_write_is_private(prefect_server, tmp_path):
     data_dir, region_root = tmp_path / "data", tmp_path / "eu"
     shell_umask = os.umask(0o022)  # what a login shell gives; the demo must make its files private itself
@@ -74,6 +76,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
+@pytest.mark.slow
 def test_a_flow_run_started_by_a_worker_makes_its_files_private(tmp_path):
     # A worker's flow-run process imports the flow from `flows.*` and nothing of our CLI.
     code = "import os; os.umask(0o022); import flows.email_sync; print(oct(os.umask(0o022)))"

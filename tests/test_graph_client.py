@@ -273,6 +273,7 @@ def test_503_504_and_retry_exhaustion(
     sim.reset()
 
 
+@pytest.mark.slow
 def test_client_never_exceeds_four_in_flight(
     sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
 ) -> None:

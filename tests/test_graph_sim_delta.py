@@ -140,6 +140,7 @@ def test_round_then_add_update_move_delete(
     assert set(full) == {"@odata.type", "@odata.etag", *SELECT.split(",")}
 
 
+@pytest.mark.slow
 def test_filter_cap_and_page_sizes(http: httpx.Client, tls: SimulatorTLS, tokens: TokenAuthority) -> None:
     big = generate_world(seed=2, users_per_tenant=1, messages_per_user=8_000, realistic_noise=False)
     u = big.tenants[0].users[0]

@@ -151,6 +151,7 @@ def test_archived_contacts_leave_the_snapshot(world: World, sim: HubSpotSimulato
 # -- search and its 10,000 cap ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_search_beyond_10k_results_re_windows(
     world: World, tls: SimulatorTLS, http: httpx.Client, clock: Clock
 ) -> None:

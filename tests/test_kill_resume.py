@@ -12,12 +12,16 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from o365sync.settings import load_settings
 from o365sync.store import open_store
 from o365sync.sync.mailbox import sync_mailbox_now
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up
+
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
 KILLS = 10
 CHILD = (

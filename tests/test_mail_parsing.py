@@ -547,6 +547,7 @@ _any_text = st.lists(
 ).map("".join)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(texts=st.lists(st.tuples(_any_text, _any_text), max_size=6))
 def test_any_json_string_decodes_with_lone_surrogates_replaced(texts: list[tuple[str, str]]) -> None:

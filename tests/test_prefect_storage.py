@@ -1,6 +1,6 @@
 """Nothing of a flow run is written outside the tenant's storage root and the data dir's Prefect home, and a failed
 run writes nothing at all to Prefect's result storage (where a raised exception would be pickled, out of reach of
-erasure; prefect_scale.md §6).
+erasure; Prefect's `flow_engine.handle_exception` writes it even with `persist_result=False`).
 
 Real import flows, one of them failing (a mailbox answers a permanent error), run in this process and through the
 CLI in a subprocess that has no PREFECT_HOME of its own; HOME, the temp dir and the working directory are fresh
@@ -48,6 +48,7 @@ def elsewhere(tmp_path, monkeypatch) -> dict[str, Path]:
     return places
 
 
+@pytest.mark.slow
 def test_flow_runs_in_process_write_nothing_outside_the_data_dir(prefect_server, product, elsewhere):
     tenant = product.world.tenants[0]
     prefect_home = Path(os.environ["PREFECT_HOME"])
@@ -63,6 +64,7 @@ def test_flow_runs_in_process_write_nothing_outside_the_data_dir(prefect_server,
     assert not _files(prefect_home / "storage", product.settings.data_dir / "prefect" / "storage")
 
 
+@pytest.mark.slow
 def test_a_failed_cli_import_writes_nothing_outside_the_data_dir(prefect_server, product, elsewhere):
     from prefect.settings import PREFECT_API_URL
 

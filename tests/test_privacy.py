@@ -21,6 +21,8 @@ from simulators.world import Mailbox, generate_world
 from tests.product import stand_up
 from tests.traces import file_hits
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 
 def _seed_markers(world):
     tenant = world.tenants[0]

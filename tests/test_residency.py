@@ -20,6 +20,7 @@ def tenant_files(root, tid: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and tid in str(p))
 
 
+@pytest.mark.slow
 def test_files_live_in_the_tenants_region_and_move_with_it(tmp_path, monkeypatch):
     roots = {"eu": tmp_path / "eu", "us": tmp_path / "us"}
     monkeypatch.setenv("O365SYNC_REGIONS", json.dumps({k: str(v) for k, v in roots.items()}))

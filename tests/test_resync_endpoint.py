@@ -23,6 +23,8 @@ from tasks.calendar_task import calendar_run_counts
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up, stored_matches
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 log = logging.getLogger("test")
 
 

@@ -25,6 +25,8 @@ from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up
 from tests.test_erasure import hits, tenant_files
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 
 def sync_all(p) -> None:
     tenant = p.world.tenants[0]

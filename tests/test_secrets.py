@@ -9,6 +9,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from o365sync.secrets import load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
 
@@ -48,6 +50,7 @@ def _leftovers(data_dir: Path) -> list[str]:
     return sorted(p.name for p in data_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_threads_creating_the_key_and_writing_one_sealed_file_at_once(tmp_path):
     for attempt in range(5):  # fresh data dirs: the key is created by whichever thread gets there first
         data_dir = tmp_path / f"data-{attempt}"
@@ -65,6 +68,7 @@ def _process_worker(data_dir: str, worker: int, start) -> tuple[str, list]:  # n
     return _write_and_read(Path(data_dir), worker, ROUNDS)
 
 
+@pytest.mark.slow
 def test_processes_creating_the_key_and_writing_one_sealed_file_at_once(tmp_path):
     processes = 4
     context = multiprocessing.get_context("spawn")  # no fork of a threaded test process

@@ -116,6 +116,7 @@ def _reader(data_dir: str, reads: int) -> None:
             con.execute("SELECT count(*) FROM emails").fetchall()
 
 
+@pytest.mark.slow
 def test_concurrent_processes_queue_instead_of_failing(settings):
     with open_store(settings, "t1", write=True):
         pass
@@ -136,6 +137,7 @@ def _read_snapshot(path: str, queue) -> None:
         queue.put(con.execute("SELECT count(*) FROM emails").fetchall()[0][0])
 
 
+@pytest.mark.slow
 def test_analysts_read_the_snapshot_while_a_writer_holds_the_live_store(settings):
     with open_store(settings, "t1", write=True) as con:
         write_mail_batch(con, "t1", "u1", make_batch(["m1", "m2"], T0))

@@ -145,6 +145,7 @@ def test_channels_listed_with_membership_types_and_replaced_on_refresh(product):
     assert_no_message_history(p)
 
 
+@pytest.mark.slow
 def test_teams_refresh_flow_refreshes_every_user(prefect_server, product):
     from flows.teams import teams_refresh
 
@@ -193,6 +194,7 @@ def test_share_to_channel_posts_the_summary_once(product):
     assert len(p.world.calendars.posts) == 1 and graph_calls(p) == []
 
 
+@pytest.mark.slow
 def test_share_flow_creates_one_on_one_and_group_chats_and_never_posts_twice(prefect_server, product, caplog):
     from flows.teams import teams_share
     from tests.test_privacy import _sqlite_hits
@@ -236,6 +238,7 @@ def test_share_flow_creates_one_on_one_and_group_chats_and_never_posts_twice(pre
         assert _sqlite_hits(Path(prefect_server.split("///", 1)[1]), needles) == []
 
 
+@pytest.mark.slow
 def test_flow_refuses_member_addresses(prefect_server, product):
     from flows.teams import teams_share
 
@@ -340,6 +343,7 @@ def test_email_summary_has_subject_date_and_crm_links_but_no_body(product):
 
 
 # --------------------------------------------------------------------------------------------- refusals
+@pytest.mark.slow
 def test_tenant_without_teams_is_refused_before_any_graph_call(prefect_server, tmp_path, monkeypatch):
     p = stand_up(_world(), tmp_path, monkeypatch, features=["email"])
     try:
@@ -360,6 +364,7 @@ def test_tenant_without_teams_is_refused_before_any_graph_call(prefect_server, t
         p.running.stop()
 
 
+@pytest.mark.slow
 def test_user_connected_before_teams_was_enabled_gets_consent_needed(prefect_server, tmp_path, monkeypatch):
     p = stand_up(_world(), tmp_path, monkeypatch, features=["email"])
     try:

@@ -69,6 +69,7 @@ def accounts_in(path) -> int:
     return rows_in(path, "crm_accounts")
 
 
+@pytest.mark.slow
 def test_reregistering_and_moving_never_loses_the_store(tmp_path, monkeypatch):
     """The issue's reproduction: a second `tenant add`, `status` and a `tenant move` used to take a tenant in a
     region from 24 stored emails to 0."""
@@ -222,6 +223,7 @@ def test_a_reader_of_a_tenant_without_a_store_creates_nothing(tmp_path, monkeypa
     assert [p.name for p in tenant_dir(settings, "t1").iterdir()] == ["tenant.json"]
 
 
+@pytest.mark.slow
 def test_an_upper_case_tenant_id_registers_connects_and_syncs(tmp_path, monkeypatch):
     world = generate_world(seed=43, users_per_tenant=1, messages_per_user=30, contacts_per_tenant=20)
     tenant, user = world.tenants[0], world.tenants[0].users[0]

@@ -397,6 +397,7 @@ def test_unwritable_storage_fails_before_the_sign_in(env, tmp_path, tls_of_env):
 
 
 # ------------------------------------------------------------------ item 9: bounded inputs
+@pytest.mark.slow
 def test_pending_sign_ins_are_capped_per_tenant_and_overall(env, tmp_path, tls_of_env):
     sim, world, _, _, browser = env
     t0, t1 = world.tenants

@@ -22,6 +22,8 @@ from o365sync.settings import load_settings
 from o365sync.tenants import TenantConfig, save_tenant
 from tests.product import latest_artifact_rows
 
+pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
+
 
 @pytest.fixture()
 def api_url(prefect_server, monkeypatch) -> str:

@@ -123,6 +123,7 @@ def test_noise_off_and_determinism() -> None:
     assert set(quiet.excluded_reasons(tid)) <= {"automated_sender", "internal_only", "no_crm_match"}
 
 
+@pytest.mark.slow
 def test_generator_at_benchmark_scale() -> None:
     """The benchmarks' 50k mailbox generates (its speed is measured in bench/, never asserted in a test)."""
     world = generate_world(seed=3, users_per_tenant=1, messages_per_user=50_000, now=NOW)

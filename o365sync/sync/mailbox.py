@@ -47,7 +47,7 @@ from o365sync.store import (
 from o365sync.tenants import TenantConfig, load_tenant
 
 MAIL_FOLDERS = ("inbox", "sentitems")
-FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (graph.md §2.4)
+FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (https://learn.microsoft.com/en-us/graph/api/message-delta)
 # Counted reasons (RunCounts.excluded) that are not exclusions: what happened to the run, for status and artifacts.
 RESYNC_REASONS = {"ForeignOrigin": "delta_resync_other_endpoint", "OutsideGraphRoot": "delta_resync_unusable_link"}
 LIMIT_REASONS = {"PageCap": "stopped_at_page_limit", "TimeCap": "stopped_at_time_limit"}
