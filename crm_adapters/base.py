@@ -1,5 +1,5 @@
-"""What every CRM adapter produces: a `CrmSnapshot` of three Polars frames with fixed schemas, plus the
-errors adapters raise. Exception messages carry HTTP statuses and error codes only (no bodies, no tokens)."""
+"""What every CRM adapter is (`CrmAdapter`) and produces: a `CrmSnapshot` of three Polars frames with fixed schemas,
+plus the errors adapters raise. Exception messages carry HTTP statuses and error codes only (no bodies, no tokens)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import polars as pl
 
 from o365sync.domains import registrable_domain
+
+if TYPE_CHECKING:
+    from o365sync.tenants import CrmConnection, TenantConfig
 
 PEOPLE_SCHEMA = pl.Schema(
     {"crm_id": pl.String, "kind": pl.String, "email": pl.String, "account_id": pl.String, "name": pl.String}
@@ -87,6 +91,43 @@ class CrmChanges:
     )
     watermark: datetime | None = None  # newest modification/deletion time read; None when nothing changed
     rotated_refresh_token: str | None = None
+
+
+class CrmAdapter(Protocol):
+    """One CRM kind: a module of `crm_adapters/` listed in `crm_adapters.registry.ADAPTERS` (its module-level names
+    are the members). The refresh (`o365sync.crm_refresh`) knows adapters only through this."""
+
+    INCREMENTAL: bool  # fetch_changes reads only what changed; False: every refresh reads in full (files)
+
+    def connection(self, tenant: TenantConfig, secrets: dict[str, str]) -> Any:
+        """The adapter's connection from the tenant's configuration and its unsealed CRM secrets; CrmError naming
+        the fix when something it needs is not configured or not stored."""
+        ...
+
+    def fetch_snapshot(self, conn: Any, http: httpx.Client) -> CrmSnapshot:
+        """Everything in scope, read in full."""
+        ...
+
+    def fetch_changes(self, conn: Any, http: httpx.Client, since: datetime) -> CrmChanges | CrmSnapshot:
+        """What changed at or after `since` (a CrmSnapshot from an adapter that is not INCREMENTAL)."""
+        ...
+
+
+def connection_settings(tenant: TenantConfig) -> CrmConnection:
+    """The tenant's non-secret CRM settings, or CrmError when none are configured."""
+    if tenant.crm is None:
+        raise CrmError(f"tenant {tenant.id}: {tenant.crm_kind} connection is not configured")
+    return tenant.crm
+
+
+def stored_secret(tenant: TenantConfig, secrets: dict[str, str], name: str) -> str:
+    """The CRM secret `name`, or CrmError saying how to store it."""
+    if not secrets.get(name):
+        raise CrmError(
+            f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored "
+            "(o365sync tenant update --crm-secrets-stdin)"
+        )
+    return secrets[name]
 
 
 log = logging.getLogger(__name__)

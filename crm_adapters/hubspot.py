@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import polars as pl
@@ -46,17 +46,23 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     backoff_delay,
+    connection_settings,
     json_object,
     people_frame,
     retry_after_seconds,
     send_with_retry,
+    stored_secret,
     website_domain,
 )
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per request, for 5xx / 429 / network errors
 MAX_BACKOFF_S = 30.0
+INCREMENTAL = True
 POLICY_WINDOW_S = {"TEN_SECONDLY_ROLLING": 10.0, "TEN_SECONDLY": 10.0, "SECONDLY": 1.0}
 LIST_LIMIT = 100
 SEARCH_LIMIT = 200
@@ -80,6 +86,12 @@ class HubSpotConnection:
 
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
         return f"HubSpotConnection(base_url={self.base_url!r})"
+
+
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> HubSpotConnection:
+    """API base URL from the tenant, the private-app token from its secrets."""
+    crm = connection_settings(tenant)
+    return HubSpotConnection(base_url=crm.login_url, access_token=stored_secret(tenant, secrets, "access_token"))
 
 
 def _error_fields(resp: httpx.Response) -> tuple[str | None, str | None]:

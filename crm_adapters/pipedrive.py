@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import polars as pl
@@ -54,11 +54,16 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     backoff_delay,
+    connection_settings,
     json_object,
     people_frame,
     send_with_retry,
+    stored_secret,
     website_domain,
 )
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ MAX_ATTEMPTS = 5  # per request, for 5xx / burst 429 / network errors
 MAX_BACKOFF_S = 30.0
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 DEAL_STATUSES_ALL = "open,won,lost,deleted"
+INCREMENTAL = True
 
 
 @dataclass
@@ -82,6 +88,12 @@ class PipedriveConnection:
         for suffix in ("/api/v2", "/api/v1", "/v1"):
             root = root.removesuffix(suffix)
         return root
+
+
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> PipedriveConnection:
+    """Company API base URL from the tenant, the API token from its secrets."""
+    crm = connection_settings(tenant)
+    return PipedriveConnection(base_url=crm.login_url, api_token=stored_secret(tenant, secrets, "api_token"))
 
 
 def _int_header(resp: httpx.Response, name: str) -> int | None:

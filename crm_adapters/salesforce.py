@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import polars as pl
@@ -34,18 +34,24 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     backoff_delay,
+    connection_settings,
     json_object,
     people_frame,
     retry_after_seconds,
     send_with_retry,
+    stored_secret,
     website_domain,
 )
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4  # per request, for 5xx / 429 / network errors
 BACKOFF_S = 0.5  # doubles per attempt; Retry-After wins when given (capped)
 MAX_BACKOFF_S = 30.0
+INCREMENTAL = True
 
 
 @dataclass
@@ -58,6 +64,18 @@ class SalesforceConnection:
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return f"SalesforceConnection(login_url={self.login_url!r}, api_version={self.api_version!r})"
+
+
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> SalesforceConnection:
+    """Login host, client id and API version from the tenant; client secret and refresh token from its secrets."""
+    crm = connection_settings(tenant)
+    return SalesforceConnection(
+        login_url=crm.login_url,
+        client_id=crm.client_id,
+        client_secret=secrets.get("client_secret", ""),
+        refresh_token=stored_secret(tenant, secrets, "refresh_token"),
+        api_version=crm.api_version,
+    )
 
 
 def _error_code(resp: httpx.Response) -> str | None:
