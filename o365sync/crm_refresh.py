@@ -96,17 +96,17 @@ def refresh_since(settings: Settings, tenant: TenantConfig, summary: dict, now: 
     return summary["watermark"] - timedelta(minutes=settings.crm_refresh_overlap_minutes)
 
 
+STATUS_OF_ERROR = (
+    (CrmAuthError, "reconnect_needed"),
+    (CrmQuotaExhausted, "quota_exhausted"),
+    (CrmFileError, "invalid_file"),
+    (CrmDropRefused, "refused"),
+)
+
+
 def crm_error_status(exc: CrmError) -> str:
     """The CRM state a failed refresh leaves (what `o365sync status` shows and the scheduler acts on)."""
-    if isinstance(exc, CrmAuthError):
-        return "reconnect_needed"
-    if isinstance(exc, CrmQuotaExhausted):
-        return "quota_exhausted"
-    if isinstance(exc, CrmFileError):
-        return "invalid_file"
-    if isinstance(exc, CrmDropRefused):
-        return "refused"
-    return "failed"
+    return next((status for error, status in STATUS_OF_ERROR if isinstance(exc, error)), "failed")
 
 
 def refuse_mass_drop(

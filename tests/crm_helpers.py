@@ -7,6 +7,7 @@ from datetime import datetime
 import polars as pl
 
 from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmChanges, CrmSnapshot
+from simulators.world import CrmContact, SimCrm
 
 
 def snapshot_of(people: list[tuple], accounts: list[tuple], opportunities: list[tuple]) -> CrmSnapshot:
@@ -14,6 +15,23 @@ def snapshot_of(people: list[tuple], accounts: list[tuple], opportunities: list[
         people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
         accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
         opportunities=pl.DataFrame(opportunities, schema=OPPORTUNITIES_SCHEMA, orient="row"),
+    )
+
+
+def add_address_traps(crm: SimCrm, account_id: str | None) -> None:
+    """Two contacts of `account_id`: one whose address is blank (no people row) and one whose address is padded
+    and mixed-case (`jane.doe+crm@acme.com` once trimmed and lower-cased)."""
+    crm.contacts.append(
+        CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="   ", account_id=account_id)
+    )
+    crm.contacts.append(
+        CrmContact(
+            id="003TRAPSPACE001",
+            first_name="Jane",
+            last_name="Doe",
+            email="  Jane.Doe+crm@Acme.COM ",
+            account_id=account_id,
+        )
     )
 
 

@@ -29,8 +29,8 @@ from crm_adapters.salesforce import MAX_ATTEMPTS, SalesforceConnection, fetch_sn
 from simulators import world as world_mod
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS, create_tls
-from simulators.world import CrmContact, World, generate_world
-from tests.crm_helpers import assert_same, snapshot_of
+from simulators.world import World, generate_world
+from tests.crm_helpers import add_address_traps, assert_same, snapshot_of
 
 TRAP_WEBSITES = {
     "WWW.ACME.COM": "acme.com",
@@ -46,19 +46,7 @@ def world() -> World:
     crm = w.crm[w.tenants[0].tid]
     for account, website in zip(crm.accounts, TRAP_WEBSITES, strict=False):
         account.website = website
-    acc = crm.accounts[0].id
-    crm.contacts.append(
-        CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="   ", account_id=acc)
-    )
-    crm.contacts.append(
-        CrmContact(
-            id="003TRAPSPACE001",
-            first_name="Jane",
-            last_name="Doe",
-            email="  Jane.Doe+crm@Acme.COM ",
-            account_id=acc,
-        )
-    )
+    add_address_traps(crm, crm.accounts[0].id)
     assert any(lead.is_converted for lead in crm.leads)
     return w
 
