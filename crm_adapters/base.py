@@ -21,10 +21,10 @@ PEOPLE_SCHEMA = pl.Schema(
 ACCOUNTS_SCHEMA = pl.Schema({"crm_id": pl.String, "name": pl.String, "domain": pl.String})
 OPPORTUNITIES_SCHEMA = pl.Schema(
     {
-        "crm_id": pl.String,
-        "account_id": pl.String,
-        "name": pl.String,
-        "is_closed": pl.Boolean,
+        "crm_id": pl.String(),
+        "account_id": pl.String(),
+        "name": pl.String(),
+        "is_closed": pl.Boolean(),
         "created_at": pl.Datetime("us", "UTC"),
     }
 )

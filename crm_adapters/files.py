@@ -379,7 +379,7 @@ def _instant(text: str) -> datetime | None:
 
 
 def _opportunities(directory: Path) -> pl.DataFrame:
-    typed = {"created_at": (pl.Datetime, pl.Date)}
+    typed: dict[str, tuple[type[pl.DataType], ...]] = {"created_at": (pl.Datetime, pl.Date)}
     table = _load(directory, "opportunities", OPPORTUNITIES_COLUMNS, required=False, typed=typed)
     if table is None:
         return OPPORTUNITIES_SCHEMA.to_frame()

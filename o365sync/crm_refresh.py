@@ -167,7 +167,10 @@ def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | Non
             counts = apply_crm_changes(con, frames, changed_ids, tenant.crm_kind, start, result.watermark)
             counts["changed"] = sum(len(ids) for ids in changed_ids.values())
         else:
-            counts = replace_crm_snapshot(con, *frames.values(), tenant.crm_kind, start, result.watermark)
+            people, accounts, opportunities = frames["people"], frames["accounts"], frames["opportunities"]
+            counts = replace_crm_snapshot(
+                con, people, accounts, opportunities, tenant.crm_kind, start, result.watermark
+            )
         record_crm_state(con, "ok", "; ".join(f"{what}: {n:,}" for what, n in adjusted.items()) or None)
     return {**counts, "scan_start": counts["scan_start"].isoformat()}
 
