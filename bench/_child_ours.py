@@ -1,4 +1,4 @@
-"""Benchmark child: the product's import of one mailbox (`tasks.mailbox_sync.sync_mailbox_now`), in a fresh
+"""Benchmark child: the product's import of one mailbox (`o365sync.sync.mailbox.sync_mailbox_now`), in a fresh
 process so its CPU time and peak RSS are the client's alone. Started by bench/import_vs_dlt.py with the O365SYNC_*
 settings of the simulated world and BENCH_TENANT_ID / BENCH_USER_OID; BENCH_PROFILE=<path> writes a cProfile."""
 
@@ -16,7 +16,7 @@ from o365sync.prefect_env import configure_prefect_env  # noqa: E402
 
 configure_prefect_env()  # o365sync imports may pull in Prefect settings; the parent points PREFECT_HOME at a temp dir
 from o365sync.settings import load_settings  # noqa: E402
-from tasks.mailbox_sync import sync_mailbox_now  # noqa: E402
+from o365sync.sync.mailbox import sync_mailbox_now  # noqa: E402
 
 import_s = time.perf_counter() - T_START
 rss_after_import = rss_mb()

@@ -58,8 +58,8 @@ if MODE == "fetch":
         from crm_adapters.files import fetch_snapshot as fetch_files  # noqa: E402
 elif MODE == "match":
     from o365sync.domains import FREE_MAIL_DOMAINS, registrable_domain  # noqa: E402
+    from o365sync.matching import KIND_RANK, ROLE_RANK, build_index, match_participants  # noqa: E402
     from o365sync.store import load_crm_frames, open_store  # noqa: E402
-    from tasks.match import KIND_RANK, ROLE_RANK, build_index, match_participants  # noqa: E402
 
 import_s = time.perf_counter() - T_START
 rss_after_import = rss_mb()

@@ -15,7 +15,7 @@ on loopback HTTPS, with no rate limits and no latency, and hosts it while fresh 
    `simulators.crm_files.write_crm_files` (or the same tables as Parquet) and `crm_adapters.files`.
 2. floor: the same requests (endpoints, parameters, page sizes) as a raw httpx loop that only parses each page's
    JSON: what the simulator and the transport cost without the adapter.
-3. match: `load_crm_frames` + `tasks.match.build_index` from the store (timed separately, reps), a plain-Python
+3. match: `load_crm_frames` + `o365sync.matching.build_index` from the store (timed separately, reps), a plain-Python
    dict index built from the same frames, then `match_participants` against a plain-Python for-loop with the same
    rules, on the whole batch and per 500-message page (the product matches one Graph page at a time). Both must
    give the same (message, CRM id) pairs before anything is timed.

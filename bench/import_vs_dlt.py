@@ -209,8 +209,8 @@ class Harness:
         from o365sync.prefect_env import configure_prefect_env
 
         configure_prefect_env()
+        from app.demo import register_and_connect
         from o365sync.auth import TokenProvider, scopes_for
-        from o365sync.demo import register_and_connect
         from o365sync.mail import HEADER_FIELDS, graph_datetime
         from o365sync.settings import load_settings
         from o365sync.store import store_path

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-pool", required=True, help="work pool the workers poll (e.g. o365sync)")
     args = parser.parse_args(argv)
     configure_prefect_env()
-    from o365sync.prefect_server import configured_api_url
+    from deployments.prefect_server import configured_api_url
     from o365sync.settings import load_settings
 
     if not configured_api_url():

@@ -2,7 +2,7 @@
 
 One `prefect.serve(...)` process polls the Prefect API for due runs of the per-tenant deployments built in
 `deployments.schedules` and starts each run as a subprocess (at most `limit` at once). Schedules need a real Prefect
-server (the ephemeral API has no scheduler), so the API comes from `o365sync.prefect_server.ensure_prefect_api`.
+server (the ephemeral API has no scheduler), so the API comes from `deployments.prefect_server.ensure_prefect_api`.
 On Ctrl-C / SIGTERM the runner pauses the served schedules (so no runs pile up while nothing executes them) and the
 local server, if started here, is stopped; the next `serve` re-activates the schedules.
 
@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from deployments.ownership import SERVED, refuse_foreign
+from deployments.prefect_server import PrefectApi, ensure_prefect_api
 from deployments.schedules import build_deployments, email_tenants, every
-from o365sync.prefect_server import PrefectApi, ensure_prefect_api
 from o365sync.settings import Settings
 
 if TYPE_CHECKING:

@@ -7,8 +7,9 @@ from datetime import timedelta
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._reporting import run_name
 from flows.failures import flow
-from flows.tenant_sync import run_name, sync_tenant
+from flows.tenant_sync import sync_tenant
 
 MAILBOXES_IN_PARALLEL = 4
 CRM_MAX_AGE = timedelta(hours=1)

@@ -8,8 +8,9 @@ from datetime import timedelta
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._reporting import run_name
 from flows.failures import flow
-from flows.tenant_sync import SyncIncomplete, run_name, sync_tenant
+from flows.tenant_sync import SyncIncomplete, sync_tenant
 
 MAILBOXES_IN_PARALLEL = 4
 ImportIncomplete = SyncIncomplete  # the name callers of the first version used

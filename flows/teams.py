@@ -15,11 +15,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._reporting import artifact_key, counts_line, run_name, tenant_title, user_task_name
 from flows.failures import flow
-from flows.tenant_sync import artifact_key, registered_tenant, run_name, tenant_title, user_task_name
 from o365sync.auth import connected_users
 from o365sync.settings import load_settings
 from o365sync.teams import ConsentNeeded, TeamsDisabled, share_activity
+from o365sync.tenants import registered_tenant
 from tasks.teams_task import refresh_user_channels
 
 USERS_IN_PARALLEL = 4
@@ -73,7 +74,7 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
         table=rows,
         description=f"teams-refresh of {tenant_title(tenant)}: per-user status and counts",
     )
-    logger.info("teams-refresh tenant=%s %s", tenant_id, " ".join(f"{k}={v}" for k, v in totals.items()))
+    logger.info("teams-refresh tenant=%s %s", tenant_id, counts_line(totals))
     if totals["failed"]:
         raise TeamsRefreshIncomplete(f"{totals['failed']} of {len(users)} users failed in tenant {tenant_id}")
     return totals

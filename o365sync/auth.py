@@ -52,7 +52,7 @@ FLOW_TTL_S = 600.0
 # A sign-in name is a UPN (at most 113 characters: 64 + "@" + 48) or, with "e-mail as alternate login ID", an e-mail
 # address (at most 254, RFC 5321). 254 refuses no valid name and bounds what one pending sign-in holds.
 MAX_LOGIN_HINT = 254
-# Written by flows/offboarding.py: {user oid: {policy, offboarded_at, delete_after, deleted_at}}.
+# Written by o365sync/offboarding.py: {user oid: {policy, offboarded_at, delete_after, deleted_at}}.
 OFFBOARDING_FILE = "offboarding.json"
 
 RECONNECT_ERRORS = frozenset(
@@ -382,7 +382,7 @@ def disconnect(settings: Settings, tenant_id: str, oid: str) -> None:
 
 def offboarding_records(settings: Settings, tenant_id: str) -> dict[str, dict]:
     """The tenant's offboarded users {oid: {policy, offboarded_at, delete_after, deleted_at}} (ISO times;
-    `deleted_at` None = deletion pending or data retained), as flows/offboarding.py records them."""
+    `deleted_at` None = deletion pending or data retained), as o365sync/offboarding.py records them."""
     path = tenant_dir(settings, tenant_id) / OFFBOARDING_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 

@@ -4,9 +4,9 @@ Every file of the product (stores, snapshots, exports, tokens, Prefect's databas
 OS user only: files 0600, folders 0700. Rather than a mode on each `open`/`mkdir` (DuckDB, Prefect and shutil create
 files too), the process umask is set to 0o077 once, at start-up of every process that writes tenant files:
 
-* the CLI (`o365sync.cli`, on import): every command, including `web`, `demo` and `serve`; the Prefect server and
+* the CLI (`app.cli`, on import): every command, including `web`, `demo` and `serve`; the Prefect server and
   the flow-run subprocesses that `serve` starts inherit the umask;
-* `o365sync.demo.run_demo` (also run by tests without the CLI);
+* `app.demo.run_demo` (also run by tests without the CLI);
 * the `flows` package (`flows/__init__.py`): Prefect workers start flow runs without our CLI, but every flow run
   imports its flow from `flows.*` before it touches a file.
 

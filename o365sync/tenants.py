@@ -287,6 +287,21 @@ def load_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
     return _read_config(path)
 
 
+def registered_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
+    """The configuration of the tenant a run is about; not registered: one line naming the data dir searched (a
+    worker or shell with another O365SYNC_DATA_DIR, or another working directory for the default `./data`, looks
+    elsewhere)."""
+    try:
+        return load_tenant(settings, tenant_id)
+    except (TenantUnreadable, TenantMisplaced):
+        raise  # registered, but its entry or files need an operator: the message says what to do
+    except TenantNotFound:
+        raise TenantNotFound(
+            f"tenant {tenant_id} is not registered in data dir {settings.data_dir.resolve()}: run with the "
+            "O365SYNC_DATA_DIR it was added in (workers get it from `python -m deployments.register`)"
+        ) from None
+
+
 def _read_config(path: Path) -> TenantConfig:
     """tenant.json, or `TenantNotFound` with one line naming the file and what is wrong with it."""
     try:

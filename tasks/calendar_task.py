@@ -8,9 +8,9 @@ from prefect.cache_policies import NO_CACHE
 
 from o365sync.settings import load_settings
 from o365sync.store import RunCounts
-from tasks.calendar_sync import ConsentNeeded, sync_calendar_now
-from tasks.mailbox_sync import ODD_TEXT
-from tasks.user_sync import run_user_sync
+from o365sync.sync.calendar import ConsentNeeded, sync_calendar_now
+from o365sync.sync.mailbox import ODD_TEXT
+from o365sync.sync.runner import run_user_sync
 
 
 def calendar_run_counts(settings, tenant_id: str, user_oid: str) -> RunCounts:  # noqa: ANN001

@@ -7,8 +7,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from o365sync.settings import load_settings
-from tasks.mailbox_sync import sync_mailbox_now
-from tasks.user_sync import run_user_sync
+from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.sync.runner import run_user_sync
 
 
 @task(name="sync-mailbox", persist_result=False, cache_policy=NO_CACHE)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from o365sync.demo import register_and_connect
+from app.demo import register_and_connect
 from o365sync.settings import Settings, load_settings
 from o365sync.store import open_store
 from simulators.running import RunningWorld, start_world

@@ -13,14 +13,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from app.cli_analytics import export
 from o365sync.analytics import DEFAULT_EXPORT, VIEW_NAMES, create_views, export_views
-from o365sync.cli_analytics import export
 from o365sync.store import open_store, publish_snapshot, record_sync_state, snapshot_path, store_lock
+from o365sync.sync.calendar import sync_calendar_now
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import tenant_dir
 from simulators.world import generate_world
-from tasks.calendar_sync import sync_calendar_now
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 
 
@@ -226,11 +226,11 @@ def test_publish_snapshot_carries_the_views(product):
 
 
 def cli() -> typer.Typer:
-    from o365sync.cli_checks import command_group
+    from app.cli_checks import command_group
 
-    app = command_group("export only")  # the error handling of o365sync.cli's groups
+    app = command_group("export only")  # the error handling of app.cli's groups
     app.command("export")(export)
-    app.command("noop")(lambda: None)  # two commands: `export` stays a sub-command, as in o365sync.cli
+    app.command("noop")(lambda: None)  # two commands: `export` stays a sub-command, as in app.cli
     return app
 
 

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from o365sync.store import open_store
+from o365sync.sync.calendar import ConsentNeeded, anchored_window, sync_calendar_now
 from o365sync.tenants import UserPreferences, load_tenant, save_tenant
 from simulators.world import generate_world
 from simulators.world_calendar import Attendee
-from tasks.calendar_sync import ConsentNeeded, anchored_window, sync_calendar_now
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.bounded import ends_by_itself
 from tests.product import stand_up
@@ -279,8 +279,8 @@ def expected_for(world, now: datetime, include_internal=()) -> dict:
 def test_the_hourly_flow_imports_and_reports_consent_needed(prefect_server, tmp_path, monkeypatch):
     """The calendar-sync Prefect flow: one task per user, a keyed artifact; a user who connected before calendar
     import was enabled is reported as consent_needed while the others are imported."""
+    from flows._reporting import artifact_key
     from flows.calendar_sync import calendar_sync
-    from flows.tenant_sync import artifact_key
     from o365sync.auth import connection_info
     from tests.product import latest_artifact_rows
 

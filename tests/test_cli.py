@@ -7,7 +7,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from o365sync.cli import app
+from app.cli import app
 
 runner = CliRunner()
 TENANT = "6513270e-269e-4d37-b2a7-4de452e6b438"

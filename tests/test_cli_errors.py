@@ -19,8 +19,8 @@ import typer
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from o365sync.cli import app
-from o365sync.cli_checks import OneLineErrors
+from app.cli import app
+from app.cli_checks import OneLineErrors
 from simulators.world import generate_world
 from tests.product import stand_up
 

@@ -14,7 +14,7 @@ import duckdb
 import pytest
 from typer.testing import CliRunner
 
-from o365sync.cli import app
+from app.cli import app
 from simulators.world import generate_world
 from tests.product import free_port, stand_up
 
@@ -162,7 +162,7 @@ def test_sql_is_read_only(imported):
 
 
 def test_simulate_starts_the_demo_world_and_prints_a_complete_tenant_add(tmp_path):
-    from o365sync.demo import DEMO_FEATURES, demo_world, simulate_world
+    from app.demo import DEMO_FEATURES, demo_world, simulate_world
 
     lines: list[str] = []
     port = free_port()
@@ -200,7 +200,7 @@ def test_a_failed_import_ends_in_one_line_and_prefect_prints_no_traceback(import
     tenant = product.world.tenants[0]
     product.running.graph.inject(tenant.users[0].oid, 400, count=1, code="ErrorInvalidRequest")  # next request
     done = subprocess.run(
-        [sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid],
+        [sys.executable, "-m", "app.cli", "import", "--tenant", tenant.tid],
         env={**env, "COLUMNS": "80"},
         capture_output=True,
         text=True,

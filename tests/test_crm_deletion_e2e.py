@@ -9,8 +9,8 @@ import pytest
 
 from o365sync.crm_refresh import refresh_crm_snapshot
 from o365sync.store import open_store
+from o365sync.sync.mailbox import sync_mailbox_now
 from simulators.world import generate_world
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.crm_helpers import delete_in_crm
 from tests.product import expected_for_crm, stand_up, stored_matches
 
@@ -66,9 +66,9 @@ def test_a_converted_lead_matches_only_through_its_contact(tmp_path, monkeypatch
     address (any case) links to the new contact, never to the lead."""
     import polars as pl
 
+    from o365sync.crm_index import crm_index_for
+    from o365sync.matching import match_participants
     from o365sync.tenants import load_tenant
-    from tasks.crm_index import crm_index_for
-    from tasks.match import match_participants
 
     world = generate_world(seed=29, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=20)
     p = stand_up(world, tmp_path, monkeypatch)

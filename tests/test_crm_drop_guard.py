@@ -14,8 +14,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from app.cli import app
 from crm_adapters.base import CrmDropRefused
-from o365sync.cli import app
 from o365sync.crm_refresh import refresh_crm_snapshot
 from o365sync.settings import Settings
 from o365sync.store import (
@@ -197,8 +197,8 @@ def test_most_contacts_deleted_in_the_crm_is_refused_until_confirmed(tmp_path, m
 def test_the_sync_flow_keeps_matching_and_shows_the_refusal_in_its_artifact_and_status(
     prefect_server, tmp_path, monkeypatch
 ):
+    from flows._reporting import artifact_key
     from flows.initial_import import initial_import
-    from flows.tenant_sync import artifact_key
     from o365sync.tenants import tenant_dir
     from tests.product import latest_artifact_rows, stored_matches
 

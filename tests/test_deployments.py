@@ -18,6 +18,7 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from deployments.prefect_server import PrefectApiError, _pick_port
 from deployments.schedules import (
     CALENDAR_SYNC,
     EMAIL_SYNC,
@@ -30,7 +31,6 @@ from deployments.schedules import (
     schedule_offset_s,
 )
 from deployments.serve import describe
-from o365sync.prefect_server import PrefectApiError, _pick_port
 from o365sync.settings import load_settings
 from o365sync.tenants import TenantConfig, save_tenant
 
@@ -106,7 +106,7 @@ def test_no_email_tenant_means_nothing_to_serve(tmp_path, monkeypatch):
     save_tenant(settings, TenantConfig(id="fabrikam", domains=["fabrikam.com"], features=[]))
     assert build_deployments(settings) == []
 
-    from o365sync.cli import app
+    from app.cli import app
 
     monkeypatch.setenv("O365SYNC_DATA_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["serve"])
@@ -322,7 +322,7 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.states import Cancelled, Pending
 
-    from o365sync.prefect_server import ensure_prefect_api
+    from deployments.prefect_server import ensure_prefect_api
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     settings = load_settings(data_dir=tmp_path / "data")

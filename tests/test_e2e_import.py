@@ -60,7 +60,7 @@ def test_second_run_adds_and_duplicates_nothing(prefect_server, product):
 
     from typer.testing import CliRunner
 
-    from o365sync.cli import app
+    from app.cli import app
 
     status = CliRunner().invoke(app, ["status", "--tenant", tenant.tid], env={"COLUMNS": "300"})
     assert status.exit_code == 0
@@ -116,7 +116,7 @@ def test_one_users_dead_token_does_not_fail_the_tenant(prefect_server, product):
 
 
 def test_the_run_artifact_shows_each_users_state(prefect_server, product):
-    from flows.tenant_sync import artifact_key
+    from flows._reporting import artifact_key
 
     tenant = product.world.tenants[0]
     dead = tenant.users[0].oid
@@ -139,7 +139,7 @@ def test_a_crm_outage_keeps_mail_syncing_against_the_last_snapshot(prefect_serve
     totals = initial_import(tenant.tid)
     assert totals["crm_refreshed"] == 0 and totals["failed"] == 0
     assert (tenant.users[0].oid, added.id) in stored_matches(product.settings, tenant.tid)
-    from flows.tenant_sync import artifact_key
+    from flows._reporting import artifact_key
 
     [crm] = latest_artifact_rows(artifact_key("initial-import-crm", tenant.tid))
     assert crm["state"] == "quota_exhausted" and "REQUEST_LIMIT_EXCEEDED" in crm["last_error"]

@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import pytest
 
 from o365sync.store import open_store
+from o365sync.sync.mailbox import sync_mailbox_now
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.bounded import ends_by_itself
 from tests.product import stand_up, stored_matches
 
@@ -170,7 +170,7 @@ def run_and_record(p, settings, oid: str) -> dict:
     """One mailbox sync as the Prefect task runs it (sync state recorded), without Prefect."""
     import logging
 
-    from tasks.user_sync import run_user_sync
+    from o365sync.sync.runner import run_user_sync
 
     tid = p.world.tenants[0].tid
     return run_user_sync(

@@ -15,10 +15,10 @@ import pytest
 from o365sync.conversations import export_conversation, export_meeting
 from o365sync.erasure import Scope, compact_store, erase, read_audit
 from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import region_root, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 from tests.traces import file_hits
 
@@ -199,7 +199,7 @@ def calendar_product(tmp_path, monkeypatch):
 
 
 def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
-    from tasks.calendar_sync import sync_calendar_now
+    from o365sync.sync.calendar import sync_calendar_now
 
     p, tid = calendar_product, calendar_product.world.tenants[0].tid
     user = p.world.tenants[0].users[0]
@@ -253,7 +253,7 @@ def test_cli_conversation_export_and_delete(product):
     import typer
     from typer.testing import CliRunner
 
-    from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app
+    from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app
 
     app = typer.Typer()
     for sub, name in (

@@ -17,9 +17,9 @@ from unittest import mock
 
 from rich.console import Console
 
+from app.demo import run_demo
 from o365sync.analytics import export_views
 from o365sync.conversations import export_conversation
-from o365sync.demo import run_demo
 from o365sync.residency import move_tenant
 from o365sync.settings import load_settings
 from o365sync.store import open_store
@@ -98,7 +98,7 @@ def test_the_cli_makes_files_private_and_tightens_a_data_dir_of_an_earlier_versi
     elsewhere.write_text("x")
     elsewhere.chmod(0o644)
 
-    code = "import os; os.umask(0o022); import o365sync.cli; print(oct(os.umask(0o022)), os.environ['PREFECT_HOME'])"
+    code = "import os; os.umask(0o022); import app.cli; print(oct(os.umask(0o022)), os.environ['PREFECT_HOME'])"
     umask, prefect_home = _python(code, _env(O365SYNC_DATA_DIR=str(old), HOME=str(tmp_path / "home")), tmp_path).split()
     assert umask == "0o77"
     assert Path(prefect_home) == (old / "prefect").resolve()

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from o365sync.settings import load_settings
 from o365sync.store import open_store
+from o365sync.sync.mailbox import sync_mailbox_now
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 
 KILLS = 10
 CHILD = (
-    "import sys; from o365sync.settings import load_settings; from tasks.mailbox_sync import sync_mailbox_now; "
+    "import sys; from o365sync.settings import load_settings; from o365sync.sync.mailbox import sync_mailbox_now; "
     "sync_mailbox_now(load_settings(), sys.argv[1], sys.argv[2])"
 )
 

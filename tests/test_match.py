@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from o365sync.domains import FREE_MAIL_DOMAINS
-from tasks.match import build_index, match_participants
+from o365sync.matching import build_index, match_participants
 
 OWN = ["contoso.com"]
 DOMAINS = ["acme.com", "globex.io", "contoso.com", "gmail.com", "initech.co.uk", "Acme.com"]

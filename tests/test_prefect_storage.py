@@ -74,7 +74,7 @@ def test_a_failed_cli_import_writes_nothing_outside_the_data_dir(prefect_server,
     before = _files(*elsewhere.values())
 
     done = subprocess.run(
-        [sys.executable, "-m", "o365sync.cli", "import", "--tenant", tenant.tid],
+        [sys.executable, "-m", "app.cli", "import", "--tenant", tenant.tid],
         env=env,
         capture_output=True,
         text=True,

@@ -16,8 +16,8 @@ import duckdb
 import pytest
 
 from flows.initial_import import initial_import
+from o365sync.sync.calendar import anchored_window
 from simulators.world import Mailbox, generate_world
-from tasks.calendar_sync import anchored_window
 from tests.product import stand_up
 from tests.traces import file_hits
 

@@ -9,10 +9,10 @@ import pytest
 
 from o365sync.residency import move_tenant
 from o365sync.store import publish_snapshot, snapshot_path
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import load_tenant, registry_dir, save_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up, stored_matches
 
 

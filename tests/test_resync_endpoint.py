@@ -11,16 +11,16 @@ from datetime import UTC, datetime
 import pytest
 from typer.testing import CliRunner
 
-from o365sync.cli import app
+from app.cli import app
 from o365sync.settings import load_settings
 from o365sync.store import open_store, read_sync_states
+from o365sync.sync.calendar import anchored_window
+from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.sync.runner import run_user_sync
 from simulators.graph import GraphSimulator
 from simulators.world import generate_world
-from tasks.calendar_sync import anchored_window
 from tasks.calendar_task import calendar_run_counts
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
-from tasks.user_sync import run_user_sync
 from tests.product import stand_up, stored_matches
 
 log = logging.getLogger("test")

@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 
 from flows.email_sync import email_sync
-from flows.offboarding import complete_due_offboardings, end_subscription, offboard_user, offboarding_status
+from flows.offboarding import end_subscription, offboard_user
 from flows.retention import retention
 from o365sync.auth import connected_users, token_path
 from o365sync.conversations import export_conversation
 from o365sync.erasure import USER_TABLES, audit_path, read_audit
+from o365sync.offboarding import complete_due_offboardings, offboarding_status
 from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import stand_up
 from tests.test_erasure import hits, tenant_files
 

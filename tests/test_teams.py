@@ -395,7 +395,7 @@ def test_cli_lists_channels_and_shares(product):
     import typer
     from typer.testing import CliRunner
 
-    from o365sync.cli_teams import teams_app
+    from app.cli_teams import teams_app
 
     p, tenant = product, tenant_of(product)
     me = tenant.users[0]

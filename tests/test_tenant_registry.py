@@ -15,12 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from app.cli import app
+from app.web import run_in_thread
 from o365sync.auth import connected_users
-from o365sync.cli import app
 from o365sync.http import ssl_context
 from o365sync.residency import MoveRefused, move_tenant
 from o365sync.settings import load_settings
 from o365sync.store import SCHEMA, open_store, store_path
+from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import (
     TenantConfig,
     TenantMisplaced,
@@ -32,11 +34,9 @@ from o365sync.tenants import (
     save_tenant,
     tenant_dir,
 )
-from o365sync.web import run_in_thread
 from simulators.running import start_world
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tasks.mailbox_sync import sync_mailbox_now
 from tests.product import free_port, stand_up, stored_matches
 
 runner = CliRunner()

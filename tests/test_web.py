@@ -14,10 +14,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from app.web import SECURITY_HEADERS, run_in_thread
 from o365sync.auth import PendingSignIns, connected_users, token_path
 from o365sync.settings import Settings
 from o365sync.tenants import TenantConfig, load_tenant, save_tenant
-from o365sync.web import SECURITY_HEADERS, run_in_thread
 from simulators.identity import IdentitySimulator
 from simulators.tls import create_tls
 from simulators.tokens import TokenAuthority
@@ -192,7 +192,7 @@ def test_an_unexpected_failure_shows_a_page_with_a_reference_not_a_traceback(tmp
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from o365sync.web import create_app
+    from app.web import create_app
 
     def boom(request):
         raise RuntimeError("a bug in a page")
@@ -296,7 +296,7 @@ def test_a_code_redeemed_with_another_sign_ins_verifier_is_refused(env):
 
 # ------------------------------------------------------------------ item 4: nothing stored for a tenant or user gone
 def test_sign_in_completing_after_the_subscription_ended_stores_nothing(env, tmp_path, tls_of_env):
-    from flows.offboarding import end_subscription_now
+    from o365sync.offboarding import end_subscription_now
 
     sim, world, _, _, browser = env
     user = world.tenants[0].users[0]
@@ -314,8 +314,8 @@ def test_sign_in_completing_after_the_subscription_ended_stores_nothing(env, tmp
 
 @pytest.mark.parametrize("policy", ["retain", "delete"])
 def test_an_offboarded_user_is_not_connected_again(env, tmp_path, tls_of_env, policy):
-    from flows.offboarding import offboard_user_now, offboarding_status, readmit_user_now
     from o365sync.erasure import read_audit
+    from o365sync.offboarding import offboard_user_now, offboarding_status, readmit_user_now
 
     sim, world, _, _, browser = env
     alice, bob = world.tenants[1].users

@@ -14,10 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from deployments.ownership import DeploymentOwnerConflict, refuse_foreign
+from deployments.prefect_server import _prefect_executable
 from deployments.register import main as register_main
 from deployments.register import register_deployments
 from deployments.schedules import build_deployments, deployment_name
-from o365sync.prefect_server import _prefect_executable
 from o365sync.settings import load_settings
 from o365sync.tenants import TenantConfig, save_tenant
 from tests.product import latest_artifact_rows
@@ -56,7 +56,7 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 
-    from flows.tenant_sync import artifact_key
+    from flows._reporting import artifact_key
 
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -124,7 +124,7 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
 def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_ones(api_url, tmp_path, monkeypatch):
     from prefect import get_client
 
-    from o365sync.cli import app
+    from app.cli import app
 
     monkeypatch.setenv("O365SYNC_DATA_DIR", str(tmp_path / "data"))
     settings = load_settings()

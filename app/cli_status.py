@@ -4,7 +4,7 @@ the last run's counts next to the totals since the user connected, and offboardi
 Readable at 80 columns: one block of short lines per user, nothing cut off (ids and times are never
 shortened). `--json` prints the same report with stable keys for scripts. A user whose token is gone shows
 "reconnect needed" for every feature. Read-only: a tenant without a store is reported as never synced (no
-store is created). Registered in o365sync/cli.py with `app.command("status")(status)`."""
+store is created). Registered in app/cli.py with `app.command("status")(status)`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from o365sync.cli_checks import has_store, registered_tenant
+from app.cli_checks import has_store, registered_tenant
 from o365sync.settings import Settings
 
 console = Console()
@@ -57,8 +57,8 @@ def _feature_report(state: dict | None, token_gone: bool) -> dict[str, Any]:
 
 def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
     """One tenant's status as plain data (the `--json` shape)."""
-    from flows.offboarding import offboarding_status
     from o365sync.auth import connected_users, connection_info
+    from o365sync.offboarding import offboarding_status
     from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_states
 
     states: dict[str, dict[str, dict]] = {}

@@ -7,10 +7,10 @@ from __future__ import annotations
 import threading
 from datetime import datetime
 
+from o365sync.matching import CrmIndex, build_index
 from o365sync.settings import Settings
 from o365sync.store import latest_crm_snapshot_at, load_crm_frames, open_store, store_path
 from o365sync.tenants import TenantConfig
-from tasks.match import CrmIndex, build_index
 
 _lock = threading.Lock()
 _cache: dict[str, tuple[tuple, CrmIndex, datetime | None]] = {}  # tenant id -> (key, index, scan start)

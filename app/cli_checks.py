@@ -184,8 +184,8 @@ def read_store(settings: Settings, tenant_id: str, sql: str, params: list) -> li
 def known_user(settings: Settings, tenant, user_oid: str) -> str:  # noqa: ANN001
     """A user of the tenant: connected now, or with data or choices we keep (store rows, offboarding record,
     preferences, blocklist). BadInput "nothing matched" otherwise."""
-    from flows.offboarding import offboarding_status
     from o365sync.auth import connection_info, token_path
+    from o365sync.offboarding import offboarding_status
 
     object_id(settings, tenant.id, user_oid)
     if token_path(settings, tenant.id, user_oid).exists() or connection_info(settings, tenant.id, user_oid):

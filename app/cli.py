@@ -12,15 +12,15 @@ from o365sync.startup import start_process
 
 start_process()  # private files (umask 077), Prefect's home in the data dir: before anything imports Prefect
 
-from o365sync.cli_analytics import export  # noqa: E402
-from o365sync.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant, run_flow  # noqa: E402
-from o365sync.cli_crm import crm_app  # noqa: E402
-from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
-from o365sync.cli_sql import sql  # noqa: E402
-from o365sync.cli_status import status  # noqa: E402
-from o365sync.cli_sync import tenant_resync  # noqa: E402
-from o365sync.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
-from o365sync.cli_tenants import tenant_app, user_app  # noqa: E402
+from app.cli_analytics import export  # noqa: E402
+from app.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant, run_flow  # noqa: E402
+from app.cli_crm import crm_app  # noqa: E402
+from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
+from app.cli_sql import sql  # noqa: E402
+from app.cli_status import status  # noqa: E402
+from app.cli_sync import tenant_resync  # noqa: E402
+from app.cli_teams import teams_app  # noqa: E402 (imports no Prefect)
+from app.cli_tenants import tenant_app, user_app  # noqa: E402
 
 app = typer.Typer(
     help="Office 365 activity capture for revenue teams: CRM-matched mail and meetings into DuckDB.",
@@ -87,7 +87,7 @@ def demo(
 ) -> None:
     """Run the whole product against a simulated Microsoft 365 + Salesforce world."""
     _at_least_one(users=users, messages=messages, contacts=contacts)
-    from o365sync.demo import run_demo
+    from app.demo import run_demo
 
     run_demo(_settings().data_dir, seed, users, messages, contacts, console)
 
@@ -104,7 +104,7 @@ def simulate(
     `tenant add` commands that point the product at it."""
     import threading
 
-    from o365sync.demo import simulate_world
+    from app.demo import simulate_world
 
     _at_least_one(users=users, messages=messages, contacts=contacts)
     _port(web_port, "--web-port")
@@ -126,7 +126,7 @@ def simulate(
 @app.command()
 def web(host: str = "127.0.0.1", port: int = 8400) -> None:
     """Serve /connect?tenant=<id> and the OAuth redirect callback."""
-    from o365sync.web import serve
+    from app.web import serve
 
     serve(_settings(), host, _port(port, "--port"))
 
@@ -157,8 +157,8 @@ def serve(
     """Run every tenant's five deployments (mail every 15 min, calendar hourly, Teams and retention daily, initial
     import on demand) on a Prefect server."""
     from deployments.ownership import DeploymentOwnerConflict
+    from deployments.prefect_server import PrefectApiError
     from deployments.serve import NothingToServe, describe, serve_tenants
-    from o365sync.prefect_server import PrefectApiError
 
     def ready(api, deployments) -> None:  # noqa: ANN001
         table = Table("tenant", "deployment", "schedule", title="Serving")

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from tasks.match import normalise_address
+from o365sync.matching import normalise_address
 
 REASONS = ("draft", "meeting_message", "sensitive", "automated_sender", "blocklisted", "internal_only")
 SENSITIVE = ("personal", "private", "confidential")

@@ -3,8 +3,8 @@ run retention, offboard a user or end a tenant's subscription. Every deletion go
 `o365sync.erasure.erase` (delete, copy-compaction, new snapshot, exports removed, audit entry) and is complete when
 the command returns. Output: ids, counts and paths — never content.
 
-Registered in o365sync/cli.py with:
-    from o365sync.cli_data import conversation_app, meeting_app, offboard_app, retention_app
+Registered in app/cli.py with:
+    from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app
     app.add_typer(conversation_app, name="conversation")
     app.add_typer(meeting_app, name="meeting")
     app.add_typer(retention_app, name="retention")
@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from o365sync.cli_checks import BadInput, command_group, known_user, registered_tenant, run_flow
+from app.cli_checks import BadInput, command_group, known_user, registered_tenant, run_flow
 from o365sync.prefect_env import configure_prefect_env
 
 configure_prefect_env()  # before anything imports Prefect
@@ -171,7 +171,7 @@ def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="
 @offboard_app.command("readmit")
 def offboard_readmit(tenant: Tenant, user: Annotated[str, typer.Argument(help="The user's object id.")]) -> None:
     """Let an offboarded user connect again (cancels a deletion still pending; deleted data stays deleted)."""
-    from flows.offboarding import readmit_user_now
+    from o365sync.offboarding import readmit_user_now
 
     try:
         out = readmit_user_now(_settings(), tenant, user, actor=_actor(None))
@@ -200,7 +200,7 @@ def offboard_status(tenant: Tenant) -> None:
     """Offboarded users: policy, when, deletion due and done."""
     from rich.table import Table
 
-    from flows.offboarding import offboarding_status
+    from o365sync.offboarding import offboarding_status
 
     settings = _settings()
     registered_tenant(settings, tenant)

@@ -11,7 +11,7 @@ from o365sync.auth import ReconnectNeeded
 from o365sync.graph import LinkNotFollowable
 from o365sync.settings import Settings
 from o365sync.store import CATCHING_UP, RunCounts, open_store, record_sync_state
-from tasks.mailbox_sync import LIMIT_REASONS
+from o365sync.sync.mailbox import LIMIT_REASONS
 
 log = logging.getLogger("o365sync.sync")
 _RESYNCED = "; resynced from shortly before the last sync (nothing lost, nothing doubled)"

@@ -1,6 +1,6 @@
 """`o365sync teams`: list users' Teams channels and share an activity summary to a channel or a chat.
 
-Registered in o365sync/cli.py with `app.add_typer(teams_app, name="teams")`."""
+Registered in app/cli.py with `app.add_typer(teams_app, name="teams")`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from o365sync.cli_checks import (
+from app.cli_checks import (
     BadInput,
     command_group,
     connected_user,

@@ -1,6 +1,6 @@
 """`o365sync export`: a tenant's analyst views as Parquet files, from its published snapshot (never the live store).
 
-Registered in o365sync/cli.py with `app.command("export")(export)`."""
+Registered in app/cli.py with `app.command("export")(export)`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from o365sync.cli_checks import BadInput, new_folder_destination, registered_tenant
+from app.cli_checks import BadInput, new_folder_destination, registered_tenant
 
 console = Console()
 

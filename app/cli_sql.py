@@ -5,7 +5,7 @@ through the product's own DuckDB. The snapshot is attached READ_ONLY (`analytics
 views included) and the session then loses file access (`enable_external_access = false`, configuration
 locked): a write, an ATTACH, a COPY TO a file or reading another file fails. The live store is never opened.
 
-Registered in o365sync/cli.py with `app.command("sql")(sql)`."""
+Registered in app/cli.py with `app.command("sql")(sql)`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from o365sync.cli_checks import BadInput, only_tenant
+from app.cli_checks import BadInput, only_tenant
 from o365sync.settings import Settings
 
 console = Console()

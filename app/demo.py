@@ -193,9 +193,9 @@ def register_and_connect(
 ) -> None:
     """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
     `features` default: email only."""
+    from app.web import run_in_thread
     from o365sync.http import ssl_context
     from o365sync.tenants import TenantConfig, save_tenant, tenant_dir
-    from o365sync.web import run_in_thread
 
     shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)  # a simulated tenant starts fresh
     connection, secrets = simulated_crm(running, tenant, crm_kind, tenant_dir(settings, tenant.tid) / "crm-files")
@@ -227,14 +227,14 @@ def register_and_connect(
 
 
 def _demo_with_world(running, tenant, web_port: int, console: Console, started: float) -> dict:  # noqa: ANN001
+    from app.cli_sql import query_snapshot
     from flows.initial_import import initial_import
     from flows.teams import teams_refresh
     from o365sync.auth import connected_users
-    from o365sync.cli_sql import query_snapshot
     from o365sync.settings import load_settings
     from o365sync.store import open_store, snapshot_path
+    from o365sync.sync.calendar import anchored_window
     from o365sync.tenants import tenant_dir
-    from tasks.calendar_sync import anchored_window
 
     settings = load_settings()
     console.print(

@@ -27,8 +27,11 @@ import polars as pl
 
 from o365sync.auth import TokenProvider, connection_info, consent_needed, scopes_for
 from o365sync.calendar import Meeting, iter_series, read_delta_round
+from o365sync.crm_index import crm_index_for
 from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOWLIST, DeltaTokenExpired, GraphClient
 from o365sync.http import make_http_client
+from o365sync.matching import CrmIndex, match_participants
+from o365sync.notetaker import run_notetaker
 from o365sync.settings import Settings
 from o365sync.store import (
     MEETING_COLUMNS,
@@ -38,11 +41,8 @@ from o365sync.store import (
     read_calendar_cursor,
     write_meeting_batch,
 )
+from o365sync.sync.mailbox import LIMIT_REASONS, resync_reason
 from o365sync.tenants import TenantConfig, load_tenant
-from tasks.crm_index import crm_index_for
-from tasks.mailbox_sync import LIMIT_REASONS, resync_reason
-from tasks.match import CrmIndex, match_participants
-from tasks.notetaker import run_notetaker
 
 WINDOW = timedelta(days=365)
 SKIPPED_SENSITIVITY = frozenset({"private"})

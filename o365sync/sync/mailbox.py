@@ -29,9 +29,12 @@ from datetime import UTC, datetime
 import polars as pl
 
 from o365sync.auth import TokenProvider, scopes_for
+from o365sync.crm_index import crm_index_for
+from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
 from o365sync.http import make_http_client
 from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
+from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.settings import Settings
 from o365sync.store import (
     FolderCursor,
@@ -42,9 +45,6 @@ from o365sync.store import (
     write_mail_batch,
 )
 from o365sync.tenants import TenantConfig, load_tenant
-from tasks.crm_index import crm_index_for
-from tasks.exclusions import exclusion_reasons
-from tasks.match import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 
 MAIL_FOLDERS = ("inbox", "sentitems")
 FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (graph.md §2.4)
