@@ -1,17 +1,19 @@
-"""What every CRM adapter produces: a `CrmSnapshot` of three Polars frames with fixed schemas, plus the
-errors adapters raise. Exception messages carry HTTP statuses and error codes only (no bodies, no tokens)."""
+"""What every CRM adapter is (`CrmAdapter`) and produces: a `CrmSnapshot` of three Polars frames with fixed schemas,
+plus the errors adapters raise. Exception messages carry HTTP statuses and error codes only (no bodies, no tokens)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import polars as pl
 
 from o365sync.domains import registrable_domain
+
+if TYPE_CHECKING:
+    from o365sync.tenants import CrmConnection, TenantConfig
 
 PEOPLE_SCHEMA = pl.Schema(
     {"crm_id": pl.String, "kind": pl.String, "email": pl.String, "account_id": pl.String, "name": pl.String}
@@ -19,10 +21,10 @@ PEOPLE_SCHEMA = pl.Schema(
 ACCOUNTS_SCHEMA = pl.Schema({"crm_id": pl.String, "name": pl.String, "domain": pl.String})
 OPPORTUNITIES_SCHEMA = pl.Schema(
     {
-        "crm_id": pl.String,
-        "account_id": pl.String,
-        "name": pl.String,
-        "is_closed": pl.Boolean,
+        "crm_id": pl.String(),
+        "account_id": pl.String(),
+        "name": pl.String(),
+        "is_closed": pl.Boolean(),
         "created_at": pl.Datetime("us", "UTC"),
     }
 )
@@ -89,74 +91,47 @@ class CrmChanges:
     rotated_refresh_token: str | None = None
 
 
-log = logging.getLogger(__name__)
+class CrmAdapter(Protocol):
+    """One CRM kind: a module of `crm_adapters/` listed in `crm_adapters.registry.ADAPTERS` (its module-level names
+    are the members). The refresh (`o365sync.crm_refresh`) knows adapters only through this."""
+
+    INCREMENTAL: bool  # fetch_changes reads only what changed; False: every refresh reads in full (files)
+
+    def connection(self, tenant: TenantConfig, secrets: dict[str, str]) -> Any:
+        """The adapter's connection from the tenant's configuration and its unsealed CRM secrets; CrmError naming
+        the fix when something it needs is not configured or not stored."""
+        ...
+
+    def fetch_snapshot(self, conn: Any, http: httpx.Client) -> CrmSnapshot:
+        """Everything in scope, read in full."""
+        ...
+
+    def fetch_changes(self, conn: Any, http: httpx.Client, since: datetime) -> CrmChanges | CrmSnapshot:
+        """What changed at or after `since` (a CrmSnapshot from an adapter that is not INCREMENTAL)."""
+        ...
+
+
+def connection_settings(tenant: TenantConfig) -> CrmConnection:
+    """The tenant's non-secret CRM settings, or CrmError when none are configured."""
+    if tenant.crm is None:
+        raise CrmError(f"tenant {tenant.id}: {tenant.crm_kind} connection is not configured")
+    return tenant.crm
+
+
+def stored_secret(tenant: TenantConfig, secrets: dict[str, str], name: str) -> str:
+    """The CRM secret `name`, or CrmError saying how to store it."""
+    if not secrets.get(name):
+        raise CrmError(
+            f"tenant {tenant.id}: the {tenant.crm_kind} {name} is not stored "
+            "(o365sync tenant update --crm-secrets-stdin)"
+        )
+    return secrets[name]
+
 
 MAX_NAME_CHARS = 1_000  # longer display names are cut (Salesforce allows 255, HubSpot text properties 65,536)
 MAX_ADDRESS_CHARS = 254  # RFC 5321: no deliverable address is longer
 EARLIEST_CREATED = datetime(1900, 1, 1, tzinfo=UTC)  # outside this range a created date is a placeholder or junk
 LATEST_CREATED = datetime(2100, 1, 1, tzinfo=UTC)  # (and years < 1 or > 9999 break every datetime library)
-
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-
-
-def backoff_delay(attempt: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
-    """Exponential backoff for attempt 1, 2, ...: base, 2*base, ... capped."""
-    return min(cap_s, base_s * 2 ** (attempt - 1))
-
-
-def retry_after_seconds(resp: httpx.Response, cap_s: float = 30.0) -> float | None:
-    """The server's Retry-After in seconds (integer or decimal form), capped; None when absent or a date."""
-    value = resp.headers.get("Retry-After", "").strip()
-    try:
-        return min(cap_s, max(0.0, float(value))) if value else None
-    except ValueError:
-        return None
-
-
-def send_with_retry(
-    crm: str,
-    send: Callable[[], httpx.Response],
-    classify: Callable[[httpx.Response, int, bool], float | None],
-    *,
-    sleep: Callable[[float], None],
-    max_attempts: int = 5,
-) -> httpx.Response:
-    """One logical CRM request, shared by every adapter.
-
-    `classify(response, attempt, last_attempt)` decides: None hands the response back to the caller, a number
-    of seconds waits and sends again, and a raised CrmError ends it (permanent errors, quotas, and whatever the
-    CRM-specific rule says on the last attempt). Network errors are retried with `backoff_delay`. A retryable
-    answer on the last attempt that `classify` did not raise for becomes `CrmError("<crm>: HTTP <status>")`.
-    """
-    for attempt in range(1, max_attempts + 1):
-        last = attempt == max_attempts
-        try:
-            resp = send()
-        except httpx.TransportError as exc:
-            if last:
-                raise CrmError(f"{crm}: network error {type(exc).__name__}") from exc
-            log.warning("%s: %s on attempt %d, retrying", crm, type(exc).__name__, attempt)
-            sleep(backoff_delay(attempt))
-            continue
-        delay = classify(resp, attempt, last)
-        if delay is None:
-            return resp
-        if last:
-            raise CrmError(f"{crm}: HTTP {resp.status_code}", status=resp.status_code)
-        log.warning("%s: HTTP %d on attempt %d, retrying in %.1fs", crm, resp.status_code, attempt, delay)
-        sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def json_object(crm: str, resp: httpx.Response) -> dict:
-    """The response's JSON object, or CrmError naming the CRM and status (never the body)."""
-    try:
-        body = resp.json()
-    except ValueError as exc:
-        raise CrmError(f"{crm}: HTTP {resp.status_code} non-JSON body", status=resp.status_code) from exc
-    if not isinstance(body, dict):
-        raise CrmError(f"{crm}: unexpected response shape", status=resp.status_code)
-    return body
 
 
 def empty_snapshot() -> CrmSnapshot:

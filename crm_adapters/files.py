@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
+import httpx
 import polars as pl
 
 from crm_adapters.base import (
@@ -26,11 +27,16 @@ from crm_adapters.base import (
     LATEST_CREATED,
     MAX_ADDRESS_CHARS,
     OPPORTUNITIES_SCHEMA,
+    CrmError,
     CrmFileError,
     CrmSnapshot,
+    connection_settings,
     people_frame,
     website_domain,
 )
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 PEOPLE_COLUMNS = ("crm_id", "kind", "email", "account_id", "name", "is_converted")
 ACCOUNTS_COLUMNS = ("crm_id", "name", "domain", "website")
@@ -48,11 +54,20 @@ _OUT_OF_RANGE = datetime(1, 1, 2, tzinfo=UTC)  # stands for a parsed date whose 
 # which is Salesforce's long-text limit: a description column that long must read, not raise. The file's own size
 # bounds memory; raising a limit never breaks another reader.
 csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+INCREMENTAL = False  # a directory has no change feed: every refresh reads it in full
 
 
 @dataclass(frozen=True)
 class FilesConnection:
     directory: Path  # holds people.(csv|parquet), accounts.(csv|parquet) and optionally opportunities.(csv|parquet)
+
+
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> FilesConnection:
+    """The tenant's CRM files directory (files need no secrets)."""
+    crm = connection_settings(tenant)
+    if not crm.directory:
+        raise CrmError(f"tenant {tenant.id}: the CRM files directory is not configured")
+    return FilesConnection(directory=Path(crm.directory))
 
 
 def column_name(header: str) -> str:
@@ -364,7 +379,7 @@ def _instant(text: str) -> datetime | None:
 
 
 def _opportunities(directory: Path) -> pl.DataFrame:
-    typed = {"created_at": (pl.Datetime, pl.Date)}
+    typed: dict[str, tuple[type[pl.DataType], ...]] = {"created_at": (pl.Datetime, pl.Date)}
     table = _load(directory, "opportunities", OPPORTUNITIES_COLUMNS, required=False, typed=typed)
     if table is None:
         return OPPORTUNITIES_SCHEMA.to_frame()
@@ -404,11 +419,17 @@ def _opportunities(directory: Path) -> pl.DataFrame:
     )
 
 
-def fetch_snapshot(conn: FilesConnection) -> CrmSnapshot:
-    """Read and validate the directory's files. Raises CrmFileError with file, line/row, column and problem."""
+def fetch_snapshot(conn: FilesConnection, http: httpx.Client | None = None) -> CrmSnapshot:
+    """Read and validate the directory's files (`http` is not used). Raises CrmFileError with file, line/row,
+    column and problem."""
     directory = Path(conn.directory)
     if not directory.is_dir():
         raise CrmFileError("files CRM: the CRM files directory does not exist")
     return CrmSnapshot(
         people=_people(directory), accounts=_accounts(directory), opportunities=_opportunities(directory)
     )
+
+
+def fetch_changes(conn: FilesConnection, http: httpx.Client | None, since: datetime) -> CrmSnapshot:
+    """The whole directory again (no change feed; INCREMENTAL is False, so the refresh never asks)."""
+    return fetch_snapshot(conn)

@@ -21,7 +21,7 @@ before `after + limit` would pass HubSpot's hard 10,000-result cap.
 Tokens are private-app (static) bearer tokens: a 401 is `CrmAuthError` (reconnect). 429: `Retry-After` when
 sent, else the policy's window (10 s for TEN_SECONDLY_ROLLING, 1 s for SECONDLY) growing per attempt, bounded;
 a DAILY 429 is `CrmQuotaExhausted` at once. 5xx and network errors are retried with backoff
-(`base.send_with_retry`).
+(`rest.send_with_retry`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import polars as pl
@@ -39,24 +39,35 @@ import polars as pl
 from crm_adapters.base import (
     ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
-    RETRY_STATUSES,
     CrmAuthError,
     CrmChanges,
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
-    backoff_delay,
-    json_object,
+    connection_settings,
     people_frame,
-    retry_after_seconds,
-    send_with_retry,
+    stored_secret,
     website_domain,
 )
+from crm_adapters.rest import (
+    RETRY_STATUSES,
+    RestClient,
+    as_utc,
+    backoff_delay,
+    new_cursor,
+    newest,
+    parse_time,
+    retry_after_seconds,
+)
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per request, for 5xx / 429 / network errors
 MAX_BACKOFF_S = 30.0
+INCREMENTAL = True
 POLICY_WINDOW_S = {"TEN_SECONDLY_ROLLING": 10.0, "TEN_SECONDLY": 10.0, "SECONDLY": 1.0}
 LIST_LIMIT = 100
 SEARCH_LIMIT = 200
@@ -80,6 +91,12 @@ class HubSpotConnection:
 
     def __repr__(self) -> str:  # keep the token out of logs and tracebacks
         return f"HubSpotConnection(base_url={self.base_url!r})"
+
+
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> HubSpotConnection:
+    """API base URL from the tenant, the private-app token from its secrets."""
+    crm = connection_settings(tenant)
+    return HubSpotConnection(base_url=crm.login_url, access_token=stored_secret(tenant, secrets, "access_token"))
 
 
 def _error_fields(resp: httpx.Response) -> tuple[str | None, str | None]:
@@ -126,19 +143,10 @@ class _HubSpotClient:
     def __init__(self, conn: HubSpotConnection, http: httpx.Client, sleep: Callable[[float], None]):
         self.base = conn.base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {conn.access_token}", "Accept": "application/json"}
-        self.http = http
-        self.sleep = sleep
+        self.rest = RestClient("hubspot", http, _classify, sleep=sleep, max_attempts=MAX_ATTEMPTS)
 
     def request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        url = self.base + path
-        resp = send_with_retry(
-            "hubspot",
-            lambda: self.http.request(method, url, headers=self.headers, **kwargs),
-            _classify,
-            sleep=self.sleep,
-            max_attempts=MAX_ATTEMPTS,
-        )
-        return json_object("hubspot", resp)
+        return self.rest.json(method, self.base + path, headers=self.headers, **kwargs)
 
     def list_all(
         self,
@@ -163,10 +171,7 @@ class _HubSpotClient:
             after = ((page.get("paging") or {}).get("next") or {}).get("after")
             if not after:
                 return
-            if after in seen:
-                raise CrmError("hubspot: paging cursor repeated")
-            seen.add(str(after))
-            params["after"] = str(after)
+            params["after"] = new_cursor(seen, after, "hubspot: paging cursor repeated")
 
     def search(
         self,
@@ -246,31 +251,13 @@ def _split(value: Any) -> list[str]:
     return [p for p in str(value or "").split(";") if p.strip()]
 
 
-def _parse_time(value: Any) -> datetime | None:
-    """HubSpot datetimes: ISO-8601 (`...Z`) or a ms-epoch string."""
-    if value is None or str(value).strip() == "":
-        return None
-    text = str(value).strip()
-    try:
-        if text.lstrip("-").isdigit():
-            return datetime.fromtimestamp(int(text) / 1000, UTC)
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
-        return None
-
-
 def _modified_at(object_type: str, rec: dict[str, Any]) -> datetime | None:
     props = rec.get("properties") or {}
-    return _parse_time(props.get(MODIFIED_PROP[object_type])) or _parse_time(rec.get("updatedAt"))
-
-
-def _newest(*times: datetime | None) -> datetime | None:
-    known = [t for t in times if t is not None]
-    return max(known) if known else None
+    return parse_time(props.get(MODIFIED_PROP[object_type])) or parse_time(rec.get("updatedAt"))
 
 
 def _watermark(object_type: str, records: Iterable[dict[str, Any]]) -> datetime | None:
-    return _newest(*(_modified_at(object_type, r) for r in records))
+    return newest(*(_modified_at(object_type, r) for r in records))
 
 
 def _list_company(rec: dict[str, Any], object_type: str) -> str | None:
@@ -386,7 +373,7 @@ def fetch_snapshot(
         people=_people_rows((r, _list_company(r, "contacts")) for r in contacts),
         accounts=_account_rows(companies),
         opportunities=_opportunity_rows(((r, _list_company(r, "deals")) for r in deals), stages),
-        watermark=_newest(
+        watermark=newest(
             _watermark("contacts", contacts), _watermark("companies", companies), _watermark("deals", deals)
         ),
     )
@@ -399,7 +386,7 @@ def _archived_since(
     without `archivedAt`/`updatedAt` is kept (removing an absent record is harmless)."""
     out: dict[str, datetime | None] = {}
     for rec in client.list_all(object_type, (MODIFIED_PROP[object_type],), limit=page_limit, archived=True):
-        when = _parse_time(rec.get("archivedAt")) or _parse_time(rec.get("updatedAt"))
+        when = parse_time(rec.get("archivedAt")) or parse_time(rec.get("updatedAt"))
         if when is None or when >= since:
             out[str(rec["id"])] = when
     return out
@@ -417,8 +404,7 @@ def fetch_changes(
 
     `watermark` = the newest last-modified / archivedAt time read (None when nothing was read). Raises
     CrmAuthError, CrmQuotaExhausted (DAILY) or CrmError."""
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
+    since = as_utc(since)
     client = _HubSpotClient(conn, http, sleep)
     read: dict[str, list[dict[str, Any]]] = {}
     archived: dict[str, dict[str, datetime | None]] = {}
@@ -440,7 +426,7 @@ def fetch_changes(
         accounts=_account_rows(read["companies"]),
         opportunities=_opportunity_rows(((r, deal_companies.get(str(r["id"]))) for r in read["deals"]), stages),
         changed_ids=changed,
-        watermark=_newest(
+        watermark=newest(
             *(_watermark(o, read[o]) for o in read), *(t for gone in archived.values() for t in gone.values())
         ),
     )

@@ -29,7 +29,7 @@ Errors: 401 → `CrmAuthError` (the token was revoked or expired: reconnect). 42
 (the burst window still has room — `x-ratelimit-remaining` > 0 —, `x-daily-requests-left: 0`, or an error text
 naming the daily budget) raises `CrmQuotaExhausted` at once; a burst 429 waits `x-ratelimit-reset` /
 `Retry-After` (capped) and retries, and after `MAX_ATTEMPTS` raises `CrmQuotaExhausted` too rather than loop.
-5xx and network errors are retried with backoff (`base.send_with_retry`). Messages carry statuses and codes only.
+5xx and network errors are retried with backoff (`rest.send_with_retry`). Messages carry statuses and codes only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import polars as pl
@@ -53,12 +53,15 @@ from crm_adapters.base import (
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
-    backoff_delay,
-    json_object,
+    connection_settings,
     people_frame,
-    send_with_retry,
+    stored_secret,
     website_domain,
 )
+from crm_adapters.rest import RestClient, backoff_delay, int_header, json_object, new_cursor, newest_time, utc_seconds
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ MAX_ATTEMPTS = 5  # per request, for 5xx / burst 429 / network errors
 MAX_BACKOFF_S = 30.0
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 DEAL_STATUSES_ALL = "open,won,lost,deleted"
+INCREMENTAL = True
 
 
 @dataclass
@@ -84,9 +88,10 @@ class PipedriveConnection:
         return root
 
 
-def _int_header(resp: httpx.Response, name: str) -> int | None:
-    value = resp.headers.get(name, "").strip()
-    return int(value) if value.isdigit() else None
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> PipedriveConnection:
+    """Company API base URL from the tenant, the API token from its secrets."""
+    crm = connection_settings(tenant)
+    return PipedriveConnection(base_url=crm.login_url, api_token=stored_secret(tenant, secrets, "api_token"))
 
 
 def _error_text(resp: httpx.Response) -> str:
@@ -98,7 +103,7 @@ def _error_text(resp: httpx.Response) -> str:
 
 
 def _is_daily_budget(resp: httpx.Response) -> bool:
-    remaining = _int_header(resp, "x-ratelimit-remaining")
+    remaining = int_header(resp, "x-ratelimit-remaining")
     text = _error_text(resp).lower()
     return (
         (remaining is not None and remaining > 0)
@@ -118,7 +123,7 @@ def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
             raise CrmQuotaExhausted("pipedrive: HTTP 429 daily_budget", status=429, code="daily_budget")
         if last:
             raise CrmQuotaExhausted("pipedrive: HTTP 429 rate_limited", status=429, code="rate_limited")
-        wait = _int_header(resp, "x-ratelimit-reset") or _int_header(resp, "retry-after")
+        wait = int_header(resp, "x-ratelimit-reset") or int_header(resp, "retry-after")
         if wait is not None:
             return min(MAX_BACKOFF_S, float(max(wait, 1)))
         return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
@@ -134,20 +139,12 @@ def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
 class _PipedriveClient:
     def __init__(self, conn: PipedriveConnection, http: httpx.Client, sleep: Callable[[float], None]):
         self.conn = conn
-        self.http = http
-        self.sleep = sleep
+        self.rest = RestClient("pipedrive", http, _classify, sleep=sleep, max_attempts=MAX_ATTEMPTS)
         self.root = conn.api_root()
 
     def get(self, path: str, params: dict[str, str]) -> dict[str, Any]:
         headers = {"x-api-token": self.conn.api_token, "Accept": "application/json"}
-        url = self.root + path
-        resp = send_with_retry(
-            "pipedrive",
-            lambda: self.http.get(url, params=params, headers=headers),
-            _classify,
-            sleep=self.sleep,
-            max_attempts=MAX_ATTEMPTS,
-        )
+        resp = self.rest.send("GET", self.root + path, params=params, headers=headers)
         body = json_object("pipedrive", resp)
         if body.get("success") is False:
             raise CrmError("pipedrive: unexpected response shape", status=resp.status_code)
@@ -166,10 +163,7 @@ class _PipedriveClient:
             cursor = (body.get("additional_data") or {}).get("next_cursor")
             if not cursor:
                 return
-            if cursor in seen:
-                raise CrmError("pipedrive: repeated next_cursor")
-            seen.add(cursor)
-            params = {**params, "cursor": str(cursor)}
+            params = {**params, "cursor": new_cursor(seen, cursor, "pipedrive: repeated next_cursor")}
 
 
 def _id(value: Any) -> str | None:
@@ -237,20 +231,8 @@ def _opportunity_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
     )
 
 
-def _parse_time(value: Any) -> datetime | None:
-    """A v2 RFC 3339 time (a v1-style "YYYY-MM-DD HH:MM:SS" is UTC)."""
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-
-
 def _watermark(*groups: list[dict[str, Any]]) -> datetime | None:
-    times = [t for records in groups for t in (_parse_time(r.get("update_time")) for r in records) if t]
-    return max(times) if times else None
+    return newest_time(r.get("update_time") for records in groups for r in records)
 
 
 def _read(client: _PipedriveClient, kind: str, **extra: str) -> list[dict[str, Any]]:
@@ -288,10 +270,8 @@ def fetch_changes(
 
     Raises CrmAuthError, CrmQuotaExhausted (daily budget or persistent 429) or CrmError.
     """
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
     window = {
-        "updated_since": since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "updated_since": utc_seconds(since),
         "sort_by": "update_time",
         "sort_direction": "asc",
     }

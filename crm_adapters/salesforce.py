@@ -3,7 +3,7 @@ and Account, then SOQL `query` (full snapshot) or `queryAll` (changes since a Sy
 `nextRecordsUrl` until `done`, streamed page by page into column lists.
 
 Salesforce sends no `expires_in`, so the session is refreshed when a call answers 401 (once per call).
-5xx, 429 and network errors are retried a few times with backoff (`base.send_with_retry`); 403
+5xx, 429 and network errors are retried a few times with backoff (`rest.send_with_retry`); 403
 REQUEST_LIMIT_EXCEEDED is the rolling daily cap and is raised at once as `CrmQuotaExhausted`; `invalid_grant` means
 the tenant must reconnect.
 
@@ -18,8 +18,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import polars as pl
@@ -27,25 +27,37 @@ import polars as pl
 from crm_adapters.base import (
     ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
-    RETRY_STATUSES,
     CrmAuthError,
     CrmChanges,
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
-    backoff_delay,
-    json_object,
+    connection_settings,
     people_frame,
-    retry_after_seconds,
-    send_with_retry,
+    stored_secret,
     website_domain,
 )
+from crm_adapters.rest import (
+    RETRY_STATUSES,
+    RestClient,
+    backoff_delay,
+    json_object,
+    new_cursor,
+    newest,
+    parse_time,
+    retry_after_seconds,
+    utc_seconds,
+)
+
+if TYPE_CHECKING:
+    from o365sync.tenants import TenantConfig
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4  # per request, for 5xx / 429 / network errors
 BACKOFF_S = 0.5  # doubles per attempt; Retry-After wins when given (capped)
 MAX_BACKOFF_S = 30.0
+INCREMENTAL = True
 
 
 @dataclass
@@ -58,6 +70,18 @@ class SalesforceConnection:
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return f"SalesforceConnection(login_url={self.login_url!r}, api_version={self.api_version!r})"
+
+
+def connection(tenant: TenantConfig, secrets: dict[str, str]) -> SalesforceConnection:
+    """Login host, client id and API version from the tenant; client secret and refresh token from its secrets."""
+    crm = connection_settings(tenant)
+    return SalesforceConnection(
+        login_url=crm.login_url,
+        client_id=crm.client_id,
+        client_secret=secrets.get("client_secret", ""),
+        refresh_token=stored_secret(tenant, secrets, "refresh_token"),
+        api_version=crm.api_version,
+    )
 
 
 def _error_code(resp: httpx.Response) -> str | None:
@@ -78,23 +102,12 @@ def _error_code(resp: httpx.Response) -> str | None:
 class _SalesforceClient:
     def __init__(self, conn: SalesforceConnection, http: httpx.Client, sleep: Callable[[float], None]):
         self.conn = conn
-        self.http = http
-        self.sleep = sleep
+        self.rest = RestClient("salesforce", http, self._classify, sleep=sleep, max_attempts=MAX_ATTEMPTS)
         self.refresh_token = conn.refresh_token
         self.rotated: str | None = None
         self.access_token: str | None = None
         self.instance_url = ""
         self.version = conn.api_version.lstrip("vV")
-
-    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        """One logical request, retried on 5xx/429/network errors with exponential backoff or Retry-After."""
-        return send_with_retry(
-            "salesforce",
-            lambda: self.http.request(method, url, **kwargs),
-            self._classify,
-            sleep=self.sleep,
-            max_attempts=MAX_ATTEMPTS,
-        )
 
     @staticmethod
     def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
@@ -115,7 +128,7 @@ class _SalesforceClient:
             "client_id": self.conn.client_id,
             "client_secret": self.conn.client_secret,
         }
-        resp = self._send("POST", url, data=form, headers={"Accept": "application/json"})
+        resp = self.rest.send("POST", url, data=form, headers={"Accept": "application/json"})
         if resp.status_code != 200:
             code = _error_code(resp)
             message = f"salesforce token refresh: HTTP {resp.status_code} {code or ''}".rstrip()
@@ -144,7 +157,7 @@ class _SalesforceClient:
         while True:
             url = self.instance_url + path  # re-read: a refresh may move the instance
             headers = {"Authorization": f"Bearer {self.access_token}", "Accept": "application/json"}
-            resp = self._send("GET", url, params=params, headers=headers)
+            resp = self.rest.send("GET", url, params=params, headers=headers)
             if resp.status_code == 401 and not refreshed:
                 log.info("salesforce: session expired (%s), refreshing", _error_code(resp))
                 self.refresh()
@@ -172,11 +185,9 @@ class _SalesforceClient:
             yield page.get("records") or []
             if page.get("done", True):
                 return
-            next_url = page.get("nextRecordsUrl")
-            if not next_url or next_url in seen:
-                raise CrmError("salesforce: done=false without a new nextRecordsUrl")
-            seen.add(next_url)
-            page = self.get(next_url)
+            page = self.get(
+                new_cursor(seen, page.get("nextRecordsUrl"), "salesforce: done=false without a new nextRecordsUrl")
+            )
 
     def describe(self, sobject: str) -> dict[str, str]:
         """{field name: describe type} of `sobject`, in describe order."""
@@ -345,18 +356,6 @@ def _sources(client: _SalesforceClient) -> list[_Source]:
     ]
 
 
-def _parse_datetime(value: Any) -> datetime | None:
-    """A Salesforce datetime ("2024-05-02T10:11:12.000+0000") as an aware UTC datetime."""
-    if not isinstance(value, str):
-        return None
-    for fmt in ("%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z"):
-        try:
-            return datetime.strptime(value, fmt).astimezone(UTC)
-        except ValueError:
-            continue
-    raise CrmError("salesforce: unexpected SystemModstamp format")
-
-
 def _read(
     client: _SalesforceClient,
     source: _Source,
@@ -374,30 +373,29 @@ def _read(
         soql += f" WHERE {where}"
     soql += order
     # Salesforce returns datetimes in UTC in one layout (`2024-05-02T10:11:12.000+0000`), so the
-    # newest stamp is the greatest string; only that one is parsed (strptime per record: ~10 s CPU at 1M records).
-    newest = ""
+    # newest stamp is the greatest string; only that one is parsed (parsing per record: ~10 s CPU at 1M records).
+    latest = ""
     for records in client.query(soql, endpoint):
         for rec in records:
             stamp = rec.get("SystemModstamp")
-            if isinstance(stamp, str) and stamp > newest:
-                newest = stamp
+            if isinstance(stamp, str) and stamp > latest:
+                latest = stamp
             if ids is not None and isinstance(rec.get("Id"), str):
                 ids.add(rec["Id"])
             if source.in_scope(rec):
                 source.emit(rec, rows)
-    return _parse_datetime(newest) if newest else None
-
-
-def _newest(*stamps: datetime | None) -> datetime | None:
-    return max((s for s in stamps if s is not None), default=None)
+    if not latest:
+        return None
+    stamp = parse_time(latest)
+    if stamp is None:
+        raise CrmError("salesforce: unexpected SystemModstamp format")
+    return stamp
 
 
 def soql_datetime(value: datetime) -> str:
     """An unquoted SOQL datetime literal in UTC, whole seconds (floored: with `>=` that only widens the window).
     A naive datetime is taken as UTC."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_seconds(value)
 
 
 _T = TypeVar("_T")
@@ -435,17 +433,17 @@ def fetch_snapshot(
 
     def work(client: _SalesforceClient) -> CrmSnapshot:
         rows = _Rows()
-        newest: datetime | None = None
+        watermark: datetime | None = None
         for source in _sources(client):
             if source.scope is not None:  # None: no email field to read, so nothing can be in scope
-                newest = _newest(newest, _read(client, source, source.scope, rows))
+                watermark = newest(watermark, _read(client, source, source.scope, rows))
         people, accounts, opportunities = rows.frames()
         return CrmSnapshot(
             people=people,
             accounts=accounts,
             opportunities=opportunities,
             rotated_refresh_token=client.rotated,
-            watermark=newest,
+            watermark=watermark,
         )
 
     return _session(conn, http, sleep, work)
@@ -475,13 +473,13 @@ def fetch_changes(
         rows = _Rows()
         changed: dict[str, set[str]] = {"people": set(), "accounts": set(), "opportunities": set()}
         where = f"SystemModstamp >= {soql_datetime(since)}"
-        newest: datetime | None = None
+        watermark: datetime | None = None
         for source in _sources(client):
             ids: set[str] = set()
             stamp = _read(
                 client, source, where, rows, endpoint="queryAll", ids=ids, order=" ORDER BY SystemModstamp ASC"
             )
-            newest = _newest(newest, stamp)
+            watermark = newest(watermark, stamp)
             for key in source.changed:
                 changed[key] |= ids
         people, accounts, opportunities = rows.frames()
@@ -490,7 +488,7 @@ def fetch_changes(
             accounts=accounts,
             opportunities=opportunities,
             changed_ids=changed,
-            watermark=newest,
+            watermark=watermark,
             rotated_refresh_token=client.rotated,
         )
 

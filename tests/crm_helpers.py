@@ -7,6 +7,8 @@ from datetime import datetime
 import polars as pl
 
 from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmChanges, CrmSnapshot
+from simulators import world as world_mod
+from simulators.world import CrmContact, SimCrm
 
 
 def snapshot_of(people: list[tuple], accounts: list[tuple], opportunities: list[tuple]) -> CrmSnapshot:
@@ -14,6 +16,41 @@ def snapshot_of(people: list[tuple], accounts: list[tuple], opportunities: list[
         people=pl.DataFrame(people, schema=PEOPLE_SCHEMA, orient="row"),
         accounts=pl.DataFrame(accounts, schema=ACCOUNTS_SCHEMA, orient="row"),
         opportunities=pl.DataFrame(opportunities, schema=OPPORTUNITIES_SCHEMA, orient="row"),
+    )
+
+
+def world_snapshot(crm: SimCrm) -> CrmSnapshot:
+    """A world's CRM in snapshot form with the world's own ids, computed naively in Python (the oracle of the
+    adapters that keep the CRM's ids: Salesforce and files)."""
+    people = [
+        (c.id, "contact", c.email.strip().lower(), c.account_id, f"{c.first_name} {c.last_name}")
+        for c in crm.contacts
+        if c.email.strip()
+    ]
+    people += [
+        (x.id, "lead", x.email.strip().lower(), None, f"{x.first_name} {x.last_name}")
+        for x in crm.leads
+        if not x.is_converted and x.email.strip()
+    ]
+    accounts = [(a.id, a.name, world_mod.website_domain(a.website)) for a in crm.accounts]
+    opps = [(o.id, o.account_id, o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
+    return snapshot_of(people, accounts, opps)
+
+
+def add_address_traps(crm: SimCrm, account_id: str | None) -> None:
+    """Two contacts of `account_id`: one whose address is blank (no people row) and one whose address is padded
+    and mixed-case (`jane.doe+crm@acme.com` once trimmed and lower-cased)."""
+    crm.contacts.append(
+        CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="   ", account_id=account_id)
+    )
+    crm.contacts.append(
+        CrmContact(
+            id="003TRAPSPACE001",
+            first_name="Jane",
+            last_name="Doe",
+            email="  Jane.Doe+crm@Acme.COM ",
+            account_id=account_id,
+        )
     )
 
 

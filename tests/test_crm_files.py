@@ -14,12 +14,10 @@ from hypothesis import strategies as st
 from crm_adapters.base import (
     OPPORTUNITIES_SCHEMA,
     CrmError,
-    CrmSnapshot,
-    website_domain,
 )
 from crm_adapters.files import FilesConnection, fetch_snapshot
 from simulators.world import SimCrm, generate_world
-from tests.crm_helpers import assert_same, snapshot_of
+from tests.crm_helpers import assert_same, world_snapshot
 
 
 def world_frames(crm: SimCrm) -> dict[str, pl.DataFrame]:
@@ -46,22 +44,6 @@ def world_frames(crm: SimCrm) -> dict[str, pl.DataFrame]:
     }
 
 
-def expected(crm: SimCrm) -> CrmSnapshot:
-    people = [
-        (c.id, "contact", c.email.strip().lower(), c.account_id, f"{c.first_name} {c.last_name}")
-        for c in crm.contacts
-        if c.email.strip()
-    ]
-    people += [
-        (x.id, "lead", x.email.strip().lower(), None, f"{x.first_name} {x.last_name}")
-        for x in crm.leads
-        if not x.is_converted and x.email.strip()
-    ]
-    accounts = [(a.id, a.name, website_domain(a.website)) for a in crm.accounts]
-    opps = [(o.id, o.account_id, o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
-    return snapshot_of(people, accounts, opps)
-
-
 def write(directory: Path, files: dict[str, str]) -> FilesConnection:
     directory.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
@@ -83,7 +65,7 @@ def test_round_trip_from_generated_world(tmp_path: Path, fmt: str) -> None:
             frame.write_csv(tmp_path / f"{name}.csv")  # created_at as ISO-8601 with offset
         else:
             frame.write_parquet(tmp_path / f"{name}.parquet")
-    assert_same(fetch_snapshot(FilesConnection(tmp_path)), expected(crm))
+    assert_same(fetch_snapshot(FilesConnection(tmp_path)), world_snapshot(crm))
 
 
 def test_round_trip_csv_variants_naive_times_and_text_booleans(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmError
+from o365sync.crm_refresh import refresh_crm_snapshot, refresh_since, scan_start_for
 from o365sync.settings import Settings
 from o365sync.store import (
     apply_crm_changes,
@@ -23,7 +24,6 @@ from o365sync.store import (
     replace_crm_snapshot,
 )
 from o365sync.tenants import CrmConnection, TenantConfig, save_tenant
-from tasks.crm_snapshot import refresh_crm_snapshot, refresh_since, scan_start_for
 
 NOW = datetime(2026, 11, 27, 12, tzinfo=UTC)
 

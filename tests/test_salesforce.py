@@ -26,11 +26,10 @@ from crm_adapters.base import (
     website_domain,
 )
 from crm_adapters.salesforce import MAX_ATTEMPTS, SalesforceConnection, fetch_snapshot
-from simulators import world as world_mod
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS, create_tls
-from simulators.world import CrmContact, World, generate_world
-from tests.crm_helpers import assert_same, snapshot_of
+from simulators.world import World, generate_world
+from tests.crm_helpers import add_address_traps, assert_same, world_snapshot
 
 TRAP_WEBSITES = {
     "WWW.ACME.COM": "acme.com",
@@ -46,19 +45,7 @@ def world() -> World:
     crm = w.crm[w.tenants[0].tid]
     for account, website in zip(crm.accounts, TRAP_WEBSITES, strict=False):
         account.website = website
-    acc = crm.accounts[0].id
-    crm.contacts.append(
-        CrmContact(id="003TRAPBLANK001", first_name="No", last_name="Mail", email="   ", account_id=acc)
-    )
-    crm.contacts.append(
-        CrmContact(
-            id="003TRAPSPACE001",
-            first_name="Jane",
-            last_name="Doe",
-            email="  Jane.Doe+crm@Acme.COM ",
-            account_id=acc,
-        )
-    )
+    add_address_traps(crm, crm.accounts[0].id)
     assert any(lead.is_converted for lead in crm.leads)
     return w
 
@@ -97,21 +84,7 @@ def conn_for(sim: SalesforceSimulator, tid: str, **overrides: str) -> Salesforce
 
 
 def expected(world: World, tid: str) -> CrmSnapshot:
-    """The world's CRM in snapshot form, computed naively in Python."""
-    crm = world.crm[tid]
-    people = [
-        (c.id, "contact", c.email.strip().lower(), c.account_id, f"{c.first_name} {c.last_name}")
-        for c in crm.contacts
-        if c.email.strip()
-    ]
-    people += [
-        (x.id, "lead", x.email.strip().lower(), None, f"{x.first_name} {x.last_name}")
-        for x in crm.leads
-        if not x.is_converted and x.email.strip()
-    ]
-    accounts = [(a.id, a.name, world_mod.website_domain(a.website)) for a in crm.accounts]
-    opps = [(o.id, o.account_id, o.name, False, o.created) for o in crm.opportunities if not o.is_closed]
-    return snapshot_of(people, accounts, opps)
+    return world_snapshot(world.crm[tid])
 
 
 def refresh_grant(sim: SalesforceSimulator, http: httpx.Client, tid: str) -> httpx.Response:
@@ -394,16 +367,7 @@ def test_versions_limit_header_and_log_without_secrets(
     versions = http.get(f"{sim.base_url}/services/data/").json()
     assert {"label": "Winter '24", "url": "/services/data/v59.0", "version": "59.0"} in versions
     tid = world.tenants[0].tid
-    resp = http.post(
-        f"{sim.base_url}/services/oauth2/token",
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": sim.refresh_token_for(tid),
-            "client_id": "sf-client",
-            "client_secret": "sf-secret",
-        },
-    )
-    token = resp.json()
+    token = refresh_grant(sim, http, tid).json()
     assert {"access_token", "instance_url", "id", "token_type", "issued_at", "signature", "scope"} <= set(token)
     assert "expires_in" not in token and "refresh_token" not in token and token["instance_url"] == sim.base_url
     assert token["issued_at"].isdigit()

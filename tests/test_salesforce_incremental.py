@@ -16,7 +16,7 @@ from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS
 from simulators.world import World, generate_world
 from tests.crm_helpers import Sleeps, apply_changes, assert_same
-from tests.test_salesforce import conn_for
+from tests.test_salesforce import access_token, conn_for
 
 OVERLAP = timedelta(minutes=5)
 
@@ -267,15 +267,7 @@ def test_org_without_person_accounts_is_never_asked_for_them(
 def test_sim_describe_custom_fields_and_invalid_field(
     world: World, tid: str, sim: SalesforceSimulator, http: httpx.Client
 ) -> None:
-    token = http.post(
-        f"{sim.base_url}/services/oauth2/token",
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": sim.refresh_token_for(tid),
-            "client_id": "sf-client",
-            "client_secret": "sf-secret",
-        },
-    ).json()["access_token"]
+    token = access_token(sim, http, tid)
     auth = {"Authorization": f"Bearer {token}"}
 
     def describe(sobject: str) -> httpx.Response:
