@@ -206,7 +206,7 @@ def compact_store(settings: Settings, tenant_id: str) -> dict[str, float | int]:
         con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
         try:
             con.execute("SET TimeZone='UTC'")
-            live = con.execute("SELECT current_database()").fetchone()[0]
+            live = con.execute("SELECT current_database()").fetchall()[0][0]
             con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS compacted")
             try:
                 con.execute(f'COPY FROM DATABASE "{live}" TO compacted')
@@ -341,11 +341,11 @@ def retention_exempt_counts(con: duckdb.DuckDBPyConnection, tenant_id: str, cuto
     old_e = con.execute(
         "SELECT count(*) FROM emails WHERE tenant_id = ? AND coalesce(received_at, sent_at, imported_at) < ?",
         [tenant_id, cutoff],
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     old_m = con.execute(
         "SELECT count(*) FROM meetings WHERE tenant_id = ? AND coalesce(end_at, start_at, imported_at) < ?",
         [tenant_id, cutoff],
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     return {"emails_older": int(old_e), "meetings_older": int(old_m)}
 
 
@@ -353,7 +353,7 @@ def _delete(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> dic
     rows: dict[str, int] = {}
 
     def run(table: str, where: str, params: list) -> None:
-        n = con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND ({where})", [tenant_id, *params]).fetchone()[0]
+        n = con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND ({where})", [tenant_id, *params]).fetchall()[0][0]
         rows[table] = rows.get(table, 0) + int(n)
 
     if scope.kind == "user":
@@ -406,7 +406,7 @@ def _tombstone(
             "SELECT count(*) FROM erased WHERE tenant_id = ? AND user_oid IS NOT DISTINCT FROM ? "
             "AND kind = ? AND key = ?",
             [tenant_id, scope.user_oid, kind, key],
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         if not exists:
             con.execute("INSERT INTO erased VALUES (?, ?, ?, ?, ?)", [tenant_id, scope.user_oid, kind, key, now])
             n += 1
@@ -555,7 +555,7 @@ def _count_rows(path: Path) -> dict[str, int]:
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
             ).fetchall()
         ]
-        return {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]) for t in tables}
+        return {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0]) for t in tables}
     finally:
         con.close()
 

@@ -744,10 +744,10 @@ class GraphClient:
 
     def _batch_chunk(self, chunk: list[dict]) -> Iterator[tuple[str, int, Any]]:
         pending: dict[str, dict] = {}
-        for item in chunk:
-            inner = dict(item)
-            inner["id"] = str(item["id"])
-            inner["headers"] = _with_prefer(item.get("headers"))
+        for request in chunk:
+            inner = dict(request)
+            inner["id"] = str(request["id"])
+            inner["headers"] = _with_prefer(request.get("headers"))
             pending[inner["id"]] = inner
         attempt = 0
         while pending:

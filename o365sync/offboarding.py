@@ -89,6 +89,7 @@ def offboard_user_now(
                 else None,
             }
             records[user_oid] = record
+    assert record is not None  # an existing decision, or the new one just made
     had_token = token_path(settings, tenant_id, user_oid).exists()
     disconnect(settings, tenant_id, user_oid)  # sync stops now, whatever the policy
     if new:

@@ -71,7 +71,7 @@ def _check_destination(old_dir: Path, new_dir: Path, tenant_id: str, current: st
 def _check_leftovers(leftovers: list[Path], kept_store: Path, tenant_id: str) -> None:
     """Leftovers of a finished move are removed, but never a store with rows while the kept one has none: that is
     not a leftover but the tenant's data, and the configuration points at the wrong place."""
-    if kept_store.exists() and sum(_count_rows(kept_store).values()):
+    if kept_store.exists() and any(_count_rows(kept_store).values()):
         return
     for folder in leftovers:
         store = folder / STORE

@@ -19,7 +19,7 @@ from o365sync.settings import Settings
 # teams: list the user's teams/channels and share summaries there.
 FEATURES = ("email", "calendar", "notetaker", "teams")
 Feature = Literal["email", "calendar", "notetaker", "teams"]
-DEFAULT_FEATURES: list[str] = ["email", "calendar", "notetaker"]  # Teams sharing is opt-in per tenant
+DEFAULT_FEATURES: list[Feature] = ["email", "calendar", "notetaker"]  # Teams sharing is opt-in per tenant
 CRM_KINDS = ("salesforce", "hubspot", "pipedrive", "files")
 # CRM secrets never come from the command line (visible in `ps` and shell history): these environment variables,
 # or the same names as `NAME=value` lines on standard input. Per CRM kind: variable -> name of the stored secret.

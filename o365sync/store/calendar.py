@@ -96,7 +96,7 @@ def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
         )
         removed = con.execute(
             "SELECT count(*) FROM _gone WHERE event_id NOT IN (SELECT event_id FROM b_meetings)"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         con.execute(
             "CREATE OR REPLACE TEMP TABLE _old AS SELECT event_id, imported_at FROM meetings WHERE "
             "tenant_id = ? AND user_oid = ? AND event_id IN (SELECT event_id FROM b_meetings)",
@@ -182,7 +182,7 @@ def refresh_notetaker_queue(
             "user_oid = ?)",
             [*key, now, *key],
         )
-        listed = con.execute("SELECT count(*) FROM _due").fetchone()[0]
+        listed = con.execute("SELECT count(*) FROM _due").fetchall()[0][0]
     return listed
 
 

@@ -46,7 +46,7 @@ def _write_crm(
             "SELECT (SELECT count(DISTINCT crm_id) FROM crm_people), (SELECT count(DISTINCT crm_id) FROM crm_accounts),"
             " (SELECT count(*) FROM crm_opportunities WHERE NOT is_closed),"
             " (SELECT min(created_at) FROM crm_opportunities WHERE NOT is_closed)"
-        ).fetchone()
+        ).fetchall()[0]
         start = scan_start(oldest_open)
         mode = "full" if changed_ids is None else "incremental"
         con.execute(
@@ -154,7 +154,7 @@ def crm_state_summary(con: duckdb.DuckDBPyConnection) -> dict:
     ).fetchone()
     last_full = con.execute(
         "SELECT max(taken_at) FROM crm_snapshot_meta WHERE coalesce(mode, 'full') = 'full'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if row is None:
         return {"crm_kind": None, "taken_at": None, "watermark": None, "mode": None, "last_full_at": None}
     return {

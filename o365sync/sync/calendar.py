@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import polars as pl
 
@@ -109,7 +110,7 @@ def _frames(kept: list[Meeting], internal: set[str]) -> tuple[pl.DataFrame, pl.D
         }
         for m in kept
     ]
-    schema = {c: pl.String for c in MEETING_COLUMNS} | {
+    schema: dict[str, Any] = {c: pl.String for c in MEETING_COLUMNS} | {
         "start_at": pl.Datetime("us", "UTC"),
         "end_at": pl.Datetime("us", "UTC"),
         "is_all_day": pl.Boolean,

@@ -188,6 +188,13 @@ def prefetched(pages: Iterable, depth: int = PREFETCH_PAGES) -> Iterator:
         worker.join()
 
 
+def _frame(table: object) -> pl.DataFrame:
+    """A page's Arrow table as a Polars frame (zero-copy); `pl.from_arrow` is typed to maybe give a Series."""
+    frame = pl.from_arrow(table)  # type: ignore[arg-type]
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 def _process_page(
     run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame, removed: int = 0, odd: int = 0
 ) -> None:
@@ -261,9 +268,9 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
     since = cursor.received_watermark or cursor.scan_start
     try:
         for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
-            messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
+            messages, participants = _frame(page.messages), _frame(page.participants)
             _process_page(run, buf, messages, participants, odd=page.odd)
-            page_max = messages["received_at"].max()
+            page_max: datetime | None = messages["received_at"].max()  # type: ignore[assignment]  # a Datetime column
             if page_max is not None and (cursor.received_watermark is None or page_max > cursor.received_watermark):
                 cursor = replace(cursor, received_watermark=page_max)
             del page, messages, participants  # unmatched content dies here
@@ -302,7 +309,7 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
     )
     try:
         for page in prefetched(pages):
-            messages, participants = pl.from_arrow(page.messages), pl.from_arrow(page.participants)
+            messages, participants = _frame(page.messages), _frame(page.participants)
             _process_page(run, buf, messages, participants, removed=len(page.removed), odd=page.odd)
             del messages, participants
             if page.delta_link is not None:
