@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from o365sync.auth import ReconnectNeeded
+from o365sync.errors import O365SyncError
 from o365sync.graph import LinkNotFollowable
 from o365sync.settings import Settings
 from o365sync.store import CATCHING_UP, RunCounts, open_store, record_sync_state
@@ -40,7 +41,7 @@ def describe_failure(exc: BaseException) -> str:
     return f"{name}: {explained}" if explained else name
 
 
-class UserSyncError(Exception):
+class UserSyncError(O365SyncError):
     """A user's sync failed; the message names the feature, the user id and the error class only."""
 
 
