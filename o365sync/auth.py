@@ -84,6 +84,9 @@ class ReconnectNeeded(AuthError):
     def __reduce__(self) -> tuple:
         return (type(self), (self.tenant_id, self.oid, self.error, self.error_codes))
 
+    def state_error(self) -> str:
+        return self.error  # the OAuth error code (invalid_grant, ...): what status shows under "reconnect needed"
+
 
 class AuthConfigError(AuthError):
     """Our app registration is rejected (invalid_client: secret expired/wrong, app not in tenant)."""
