@@ -178,7 +178,8 @@ def render(report: dict[str, Any]) -> list[str]:
                 if f["last_success_at"]:
                     lines.append(f"{pad}last success {_when(f['last_success_at'])} ({_lag(f['lag_seconds'])} ago)")
                 if f["consecutive_failures"]:
-                    lines.append(f"{pad}failures {f['consecutive_failures']}, next retry {_when(f['next_retry_at'])}")
+                    retry = _when(f["next_retry_at"]) if f["next_retry_at"] else "none until someone acts"
+                    lines.append(f"{pad}failures {f['consecutive_failures']}, next retry {retry}")
                     lines += _wrap(f"{pad}last error ", f["last_error"] or "")
                 if f["last_run"] is not None:
                     lines += [

@@ -11,6 +11,7 @@ import httpx
 import polars as pl
 
 from o365sync.domains import registrable_domain
+from o365sync.errors import O365SyncError
 
 if TYPE_CHECKING:
     from o365sync.tenants import CrmConnection, TenantConfig
@@ -30,7 +31,7 @@ OPPORTUNITIES_SCHEMA = pl.Schema(
 )
 
 
-class CrmError(Exception):
+class CrmError(O365SyncError):
     """A CRM call failed in a way the adapter could not recover from (message: status and error code)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
@@ -44,23 +45,37 @@ class CrmError(Exception):
 class CrmAuthError(CrmError):
     """The stored refresh token is dead (revoked/expired/rotated away): the tenant must reconnect the CRM."""
 
+    retriable = False
+    action = "an admin must reconnect the CRM"
+
 
 class CrmQuotaExhausted(CrmError):
     """The CRM's API allowance is used up (Salesforce 403 REQUEST_LIMIT_EXCEEDED). Do not retry in a loop."""
+
+    action = "wait for the CRM's API quota to reset (the refresh is tried again hourly)"
 
 
 class CrmFileError(CrmError):
     """A CRM file (CSV/Parquet) cannot be used as it is: the message names the file, line/row, column and problem
     (never a cell's value); fixing the file and the next refresh clear it."""
 
+    retriable = False
+    action = "fix the CRM file where the error says; the next refresh reads it again"
+
 
 class CrmDropRefused(CrmError):
     """A refresh would remove more than half of the stored people or accounts; nothing was written. `removals`:
     {"people" | "accounts": (would remove, stored now)}."""
 
+    retriable = False
+    action = "an admin must confirm the drop (o365sync crm confirm-drop) or fix the CRM"
+
     def __init__(self, message: str, removals: dict[str, tuple[int, int]]):
         super().__init__(message)
         self.removals = removals
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0], self.removals))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows._reporting import artifact_key, counts_line, run_name, tenant_title, user_task_name
 from flows.failures import flow
 from o365sync.auth import connected_users
+from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
 from o365sync.teams import ConsentNeeded, TeamsDisabled, share_activity
 from o365sync.tenants import registered_tenant
@@ -26,11 +27,11 @@ from tasks.teams_task import refresh_user_channels
 USERS_IN_PARALLEL = 4
 
 
-class TeamsRefreshIncomplete(Exception):
+class TeamsRefreshIncomplete(O365SyncError):
     """Some users' channel lists could not be refreshed (ids and error classes are in the logs)."""
 
 
-class TeamsShareError(Exception):
+class TeamsShareError(O365SyncError):
     """A share failed; the message names ids and the error class only."""
 
 

@@ -17,6 +17,7 @@ from prefect.futures import wait
 
 from flows._reporting import artifact_key, counts_line, tenant_title, user_task_name
 from o365sync.auth import connected_users
+from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
 from o365sync.store import publish_snapshot, tenant_sync_locks
 from o365sync.sync.tenant import (
@@ -36,7 +37,7 @@ from tasks.mailbox_task import sync_mailbox
 USER_TASKS = {"email": sync_mailbox, "calendar": sync_calendar}
 
 
-class SyncIncomplete(Exception):
+class SyncIncomplete(O365SyncError):
     """Some users' syncs failed; their sync state says why and when they are retried."""
 
 

@@ -30,6 +30,7 @@ import msal
 import requests
 from msal.exceptions import MsalServiceError
 
+from o365sync.errors import O365SyncError
 from o365sync.http import make_http_client
 from o365sync.secrets import SecretError, load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
@@ -64,12 +65,16 @@ CONFIG_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
 
 # --------------------------------------------------------------------------- errors
-class AuthError(Exception):
+class AuthError(O365SyncError):
     """Base class. Subclasses pickle by their fields, so they survive Prefect's result persistence."""
 
 
 class ReconnectNeeded(AuthError):
     """The user's grant is gone (revoked, expired, consent withdrawn, MFA needed, no token): connect again."""
+
+    retriable = False
+    action = "the user must connect again"
+    stage = "reconnect_needed"
 
     def __init__(self, tenant_id: str, oid: str, error: str, error_codes: Iterable[int] = ()):
         self.tenant_id, self.oid, self.error = tenant_id, oid, error
@@ -79,9 +84,18 @@ class ReconnectNeeded(AuthError):
     def __reduce__(self) -> tuple:
         return (type(self), (self.tenant_id, self.oid, self.error, self.error_codes))
 
+    def state_error(self) -> str:
+        return self.error  # the OAuth error code (invalid_grant, ...): what status shows under "reconnect needed"
+
 
 class AuthConfigError(AuthError):
     """Our app registration is rejected (invalid_client: secret expired/wrong, app not in tenant)."""
+
+    retriable = False
+    action = (
+        "an admin must fix the app registration (renew the client secret and set O365SYNC_CLIENT_SECRET, or "
+        "consent the app in the tenant), then run `o365sync import --tenant <id>`"
+    )
 
     def __init__(self, error: str, error_codes: Iterable[int] = (), context: str = ""):
         self.error, self.error_codes, self.context = error, list(error_codes), context
@@ -105,6 +119,9 @@ class AuthTransient(AuthError):
 class ConnectError(AuthError):
     """The sign-in (connect) could not be completed; `error` is an OAuth error or one of ours."""
 
+    retriable = False
+    action = "the user must sign in again from the connect link"
+
     def __init__(self, error: str, error_codes: Iterable[int] = (), detail: str = ""):
         self.error, self.error_codes, self.detail = error, list(error_codes), detail
         super().__init__(f"connect failed: {error} {self.error_codes}{': ' + detail if detail else ''}")
@@ -115,6 +132,8 @@ class ConnectError(AuthError):
 
 class WrongTenant(ConnectError):
     """The account that signed in belongs to another Entra tenant than the one being connected."""
+
+    action = "the user must sign in with an account of the tenant being connected"
 
     def __init__(self, expected_tid: str, actual_tid: str):
         self.expected_tid, self.actual_tid = expected_tid, actual_tid
@@ -127,6 +146,8 @@ class WrongTenant(ConnectError):
 class TenantGone(ConnectError):
     """The tenant is not (or no longer) registered: its subscription ended, or the link names another one."""
 
+    action = "an admin must register the tenant (o365sync tenant add) or send the right connect link"
+
     def __init__(self, tenant_id: str):
         self.tenant_id = tenant_id
         super().__init__("tenant_not_registered", (), f"tenant {tenant_id} is not registered")
@@ -137,6 +158,8 @@ class TenantGone(ConnectError):
 
 class UserOffboarded(ConnectError):
     """The signed-in user was offboarded (pending, retained or deleted): only an administrator can re-admit them."""
+
+    action = "an admin must re-admit the user before they can connect"
 
     def __init__(self, tenant_id: str, oid: str):
         self.tenant_id, self.oid = tenant_id, oid
@@ -149,6 +172,8 @@ class UserOffboarded(ConnectError):
 class InvalidLoginHint(ConnectError):
     """The login_hint of a connect link is longer than any sign-in name or holds control characters."""
 
+    action = "the user must open the connect link as it was sent (without an edited login_hint)"
+
     def __init__(self) -> None:
         super().__init__("invalid_login_hint", (), f"login_hint must be at most {MAX_LOGIN_HINT} printable characters")
 
@@ -160,6 +185,9 @@ class ConnectSetupError(AuthError):
     """This server cannot store a connection of the tenant (region not configured, storage not writable, no key):
     found before the sign-in starts, so no sign-in code is spent. `cause` is for operators."""
 
+    retriable = False
+    action = "an operator must configure the tenant's region, storage or encryption key on this server"
+
     def __init__(self, tenant_id: str, cause: str):
         self.tenant_id, self.cause = tenant_id, cause
         super().__init__(f"cannot connect users of tenant {tenant_id}: {cause}")
@@ -170,6 +198,8 @@ class ConnectSetupError(AuthError):
 
 class SignInsBusy(AuthError):
     """Too many sign-ins are pending (for the tenant or overall); one frees up within `retry_after_s`."""
+
+    action = "the user must wait a minute and sign in again"
 
     def __init__(self, scope: str, retry_after_s: int):
         self.scope, self.retry_after_s = scope, retry_after_s

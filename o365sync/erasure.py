@@ -32,6 +32,7 @@ import duckdb
 
 from o365sync.analytics import export_lock
 from o365sync.auth import connected_users, disconnect
+from o365sync.errors import O365SyncError
 from o365sync.settings import Settings
 from o365sync.store import (
     FEATURE_LOCKS,
@@ -86,9 +87,11 @@ _STORED = {
 }
 
 
-class ErasureError(Exception):
+class ErasureError(O365SyncError):
     """The rows are deleted but a later step (compaction, snapshot, exports) failed; re-run the erasure (it is
     idempotent). The message names ids and the failing step only."""
+
+    action = "re-run the erasure (it is idempotent)"
 
 
 @dataclass(frozen=True)

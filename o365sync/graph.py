@@ -55,6 +55,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import httpx
 import msgspec
 
+from o365sync.errors import O365SyncError
+
 __all__ = [
     "BATCH_LIMIT",
     "CALENDAR_CONSENT_WRITE_ALLOWLIST",
@@ -95,7 +97,7 @@ OUTLOOK_BUDGET_WINDOW_S = 600.0  # ... per 10 minutes: https://learn.microsoft.c
 DELTA_EXPIRED_CODES = frozenset({"syncstatenotfound", "resyncrequired", "syncstateinvalid"})
 
 
-class GraphError(Exception):
+class GraphError(O365SyncError):
     """A failed Graph call. `status` 0 means no HTTP answer (network error, paging loop)."""
 
     def __init__(self, status: int, code: str | None = None, request_id: str | None = None):
@@ -115,6 +117,12 @@ class GraphAuthError(GraphError):
 class GraphForbidden(GraphError):
     """403: a permission (scope) is missing or access is denied."""
 
+    retriable = False
+    action = (
+        "an admin must grant the app's Graph permissions (admin consent) to the tenant, or the user needs a "
+        "mailbox Graph can read"
+    )
+
 
 class GraphNotFound(GraphError):
     """404: item or mailbox not found."""
@@ -122,6 +130,9 @@ class GraphNotFound(GraphError):
 
 class GraphBadRequest(GraphError):
     """400: the request (e.g. a $filter) is invalid; retrying cannot help."""
+
+    retriable = False
+    action = "Graph refused the request as invalid: report it to the o365sync maintainers (retrying cannot help)"
 
 
 class GraphThrottled(GraphError):
@@ -146,6 +157,11 @@ class LinkNotFollowable(DeltaTokenExpired, GraphPagingError):
     or port than the configured Graph URL: the bearer token is never sent there) or `OutsideGraphRoot` (same origin,
     not under the configured version root, e.g. saved under /beta). Handled like an expired token: a bounded
     resync from a fresh round on the configured endpoint."""
+
+    action = (
+        "Graph sent a link to another endpoint than O365SYNC_GRAPH_URL; it was not followed (the token is never "
+        "sent elsewhere): point O365SYNC_GRAPH_URL at the endpoint Graph's links name"
+    )
 
 
 class RunLimitReached(GraphError):

@@ -1,7 +1,8 @@
 """When a user's sync runs again: the failure count, the last success and the next retry, decided after each run.
 
 The store records what this module decides (`store.record_sync_state` calls `after_run`), so the back-off, or
-which stages wait for a person instead of a retry, changes here without touching SQL. Imports nothing of ours.
+which stages wait for a person instead of a retry, changes here without touching SQL. Imports only the error
+model's stage names.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from o365sync.errors import ACTION_NEEDED
+
 RETRY_BASE = timedelta(minutes=15)
 RETRY_MAX = timedelta(hours=6)
 CATCHING_UP = "catching_up"  # the run stopped at its paging limit, committed what it read; the next run goes on
-WAITING_FOR_A_PERSON = frozenset({"reconnect_needed", "consent_needed"})  # no retry until someone acts
+# No retry until someone acts: the user connects again, or an admin does what the error says (`action_needed`).
+WAITING_FOR_A_PERSON = frozenset({"reconnect_needed", "consent_needed", ACTION_NEEDED})
 
 
 def next_retry_delay(consecutive_failures: int) -> timedelta:
@@ -46,3 +50,10 @@ def after_run(previous: SyncStanding, stage: str, error: str | None, now: dateti
     if stage == CATCHING_UP:
         return SyncStanding(previous.last_success_at, 0)
     return SyncStanding(previous.last_success_at, previous.consecutive_failures)
+
+
+def due_on_schedule(stage: str | None, next_retry_at: datetime | None, now: datetime) -> bool:
+    """Whether a scheduled run syncs a user now: once their retry time has passed (or they have none), except after
+    a failure retrying cannot fix (`action_needed`): scheduled runs leave it alone until someone acts and starts a
+    run by hand (`o365sync import`)."""
+    return stage != ACTION_NEEDED and (next_retry_at or now) <= now

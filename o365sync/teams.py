@@ -31,6 +31,7 @@ import msgspec
 from tzlocal.windows_tz import win_tz
 
 from o365sync.auth import TokenProvider, consent_needed, scopes_for
+from o365sync.errors import ConsentNeeded, O365SyncError
 from o365sync.graph import TEAMS_ALLOWLIST, ForbiddenRequest, GraphClient, GraphError
 from o365sync.http import make_http_client
 from o365sync.settings import Settings
@@ -83,11 +84,14 @@ _DEFINITE_REFUSAL = frozenset({400, 401, 403, 404, 409, 413, 415, 422})
 
 
 # ----------------------------------------------------------------------------------------------- errors
-class TeamsError(Exception):
+class TeamsError(O365SyncError):
     """Base class; messages carry ids and error classes only."""
 
 
 class TeamsDisabled(TeamsError):
+    retriable = False
+    action = "an admin must enable the tenant's 'teams' feature"
+
     def __init__(self, tenant_id: str):
         self.tenant_id = tenant_id
         super().__init__(f"tenant {tenant_id} has not enabled Teams sharing (feature 'teams')")
@@ -96,18 +100,10 @@ class TeamsDisabled(TeamsError):
         return (type(self), (self.tenant_id,))
 
 
-class ConsentNeeded(TeamsError):
-    """The user connected before the tenant enabled Teams: they must reconnect to grant the Teams scopes."""
-
-    def __init__(self, tenant_id: str, oid: str, missing: Sequence[str]):
-        self.tenant_id, self.oid, self.missing = tenant_id, oid, list(missing)
-        super().__init__(f"user {tenant_id}/{oid} must reconnect to consent to {', '.join(self.missing)}")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.oid, self.missing))
-
-
 class ChannelNotFound(TeamsError):
+    retriable = False
+    action = "pick a channel the user can post to"
+
     def __init__(self, tenant_id: str, oid: str, team_id: str, channel_id: str):
         self.tenant_id, self.oid, self.team_id, self.channel_id = tenant_id, oid, team_id, channel_id
         super().__init__(
@@ -120,6 +116,9 @@ class ChannelNotFound(TeamsError):
 
 
 class ActivityNotFound(TeamsError):
+    retriable = False
+    action = "pick an email or meeting that is in the store"
+
     def __init__(self, tenant_id: str, oid: str, kind: str, activity_id: str):
         self.tenant_id, self.oid, self.kind, self.activity_id = tenant_id, oid, kind, activity_id
         super().__init__(f"{kind} {activity_id} of user {tenant_id}/{oid} is not in the store")

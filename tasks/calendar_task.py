@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from o365sync.settings import load_settings
 from o365sync.store import RunCounts
-from o365sync.sync.calendar import ConsentNeeded, sync_calendar_now
+from o365sync.sync.calendar import sync_calendar_now
 from o365sync.sync.mailbox import ODD_TEXT
 from o365sync.sync.runner import run_user_sync
 
@@ -43,5 +43,4 @@ def sync_calendar(tenant_id: str, user_oid: str) -> dict[str, int | str]:
         user_oid,
         lambda: calendar_run_counts(settings, tenant_id, user_oid),
         get_run_logger(),
-        consent_error=ConsentNeeded,
     )

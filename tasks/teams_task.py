@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from o365sync.auth import ReconnectNeeded
+from o365sync.errors import O365SyncError
 from o365sync.settings import Settings, load_settings
 from o365sync.store import RunCounts, open_store, record_sync_state
 from o365sync.teams import ConsentNeeded, TeamsDisabled, refresh_channels
@@ -16,7 +17,7 @@ from o365sync.teams import ConsentNeeded, TeamsDisabled, refresh_channels
 log = logging.getLogger("o365sync.teams")
 
 
-class TeamsRefreshError(Exception):
+class TeamsRefreshError(O365SyncError):
     """A channel refresh failed; the message names the user id and the error class only."""
 
 

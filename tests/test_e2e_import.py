@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from flows.initial_import import initial_import
+from o365sync.graph import GraphBadRequest
 from o365sync.store import open_store, snapshot_path
 from simulators.world import generate_world
 from tests.product import expected_for_crm, latest_artifact_rows, stand_up, stored_matches, table_counts
@@ -83,7 +84,7 @@ def test_a_failed_run_is_finished_by_the_next_without_loss_or_duplicates(prefect
             "SELECT stage, last_error, consecutive_failures FROM sync_state WHERE user_oid = ?", [victim]
         ).fetchall()[0]
         partial = con.execute("SELECT count(*) FROM emails WHERE user_oid = ?", [victim]).fetchall()[0][0]
-    assert (stage, error, failures) == ("failed", "GraphBadRequest", 1)
+    assert (stage, error, failures) == ("action_needed", f"GraphBadRequest: {GraphBadRequest.action}", 1)
     expected = product.world.expected_matches(tenant.tid)
     victim_expected = {k for k in expected if k[0] == victim}
     assert 0 < partial < len(victim_expected)

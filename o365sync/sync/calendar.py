@@ -29,6 +29,7 @@ import polars as pl
 from o365sync.auth import TokenProvider, connection_info, consent_needed, scopes_for
 from o365sync.calendar import Meeting, iter_series, read_delta_round
 from o365sync.crm_index import crm_index_for
+from o365sync.errors import ConsentNeeded, NoCrmSnapshot
 from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOWLIST, DeltaTokenExpired, GraphClient
 from o365sync.http import make_http_client
 from o365sync.matching import CrmIndex, match_participants
@@ -47,18 +48,6 @@ from o365sync.tenants import TenantConfig, load_tenant
 
 WINDOW = timedelta(days=365)
 SKIPPED_SENSITIVITY = frozenset({"private"})
-
-
-class ConsentNeeded(Exception):
-    """The tenant turned on a feature after the user connected: they must reconnect to grant its scopes."""
-
-    def __init__(self, tenant_id: str, oid: str, missing: list[str]):
-        super().__init__(f"user {tenant_id}/{oid} must reconnect to grant {', '.join(missing)}")
-        self.missing = missing
-
-
-class NoCrmSnapshot(Exception):
-    pass
 
 
 @dataclass
@@ -175,7 +164,7 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
     now = now or datetime.now(UTC)
     index, scan_start = crm_index_for(settings, tenant)
     if scan_start is None:
-        raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
+        raise NoCrmSnapshot(tenant_id)
     with open_store(settings, tenant_id, write=False) as con:
         cursor = read_calendar_cursor(con, tenant_id, user_oid)
     stored = cursor

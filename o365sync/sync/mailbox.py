@@ -30,6 +30,7 @@ import polars as pl
 
 from o365sync.auth import TokenProvider, scopes_for
 from o365sync.crm_index import crm_index_for
+from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
 from o365sync.http import make_http_client
@@ -101,10 +102,6 @@ _EMPTY = {
     ),
     "matches": pl.DataFrame(schema=MATCH_SCHEMA),
 }
-
-
-class NoCrmSnapshot(Exception):
-    pass
 
 
 @dataclass
@@ -348,7 +345,7 @@ def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCo
     tenant = load_tenant(settings, tenant_id)
     index, scan_start = crm_index_for(settings, tenant)
     if scan_start is None:
-        raise NoCrmSnapshot(f"tenant {tenant_id} has no CRM snapshot yet")
+        raise NoCrmSnapshot(tenant_id)
     with open_store(settings, tenant_id, write=False) as con:
         cursors = read_cursors(con, tenant_id, user_oid)
     with (

@@ -14,6 +14,7 @@ from o365sync.store import (
     read_crm_state,
     read_sync_states,
 )
+from o365sync.sync_policy import due_on_schedule
 
 COUNT_KEYS = ("scanned", "matched", "imported", "discarded")
 CRM_RETRY = timedelta(hours=1)
@@ -48,8 +49,12 @@ def sync_states(settings: Settings, tenant_id: str, feature: str) -> dict[str, d
 
 
 def due_users(users: list, states: dict[str, dict], respect_backoff: bool, now: datetime) -> list:
-    """The users to sync now: all of them, or (respecting backoff) those not waiting for a retry time to pass."""
-    return [u for u in users if not respect_backoff or (states.get(u.oid, {}).get("next_retry_at") or now) <= now]
+    """The users to sync now: all of them, or (respecting backoff) those `due_on_schedule`."""
+    return [u for u in users if not respect_backoff or _due(states.get(u.oid, {}), now)]
+
+
+def _due(state: dict, now: datetime) -> bool:
+    return due_on_schedule(state.get("stage"), state.get("next_retry_at"), now)
 
 
 def idle_row(user_oid: str, status: str) -> dict:

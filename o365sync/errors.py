@@ -1,0 +1,74 @@
+"""The one root of the product's errors, and the one place a sync failure becomes a stage and a line people read.
+
+Each class says whether a later run can succeed without anyone acting (`retriable`) and what the user or admin
+must do (`action`, fixed text). What reaches the sync state is the class name plus that fixed text, never the
+exception's message: messages may quote ids a Graph or CRM answer carried, and Prefect stores exception text.
+Imports nothing of ours, so every layer can derive from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+RETRIED = "nothing: a later run retries with back-off"
+FAILED = "failed"  # a retriable failure: backs off 15 min -> 6 h
+ACTION_NEEDED = "action_needed"  # a failure retrying cannot fix: no retry until someone acts
+
+
+class O365SyncError(Exception):
+    """Root of every error of o365sync. `retriable`: a later run may succeed with nobody acting; `action`: what
+    the user or admin must do (fixed text, never content); `stage`: the sync stage a user's sync ends in."""
+
+    retriable: ClassVar[bool] = True
+    action: ClassVar[str] = RETRIED
+    stage: ClassVar[str | None] = None  # None: FAILED if retriable, else ACTION_NEEDED
+
+    def state_error(self) -> str:
+        """The content-free line kept in the sync state: the class name, and what to do when it is not just wait."""
+        name = type(self).__name__
+        return name if self.action == RETRIED else f"{name}: {self.action}"
+
+
+class ConsentNeeded(O365SyncError):
+    """The tenant turned on a feature after the user connected: they must reconnect to grant its scopes."""
+
+    retriable = False
+    action = "the user must connect again to grant the permissions of newly enabled features"
+    stage = "consent_needed"
+
+    def __init__(self, tenant_id: str, oid: str, missing: Sequence[str]):
+        self.tenant_id, self.oid, self.missing = tenant_id, oid, list(missing)
+        super().__init__(f"user {tenant_id}/{oid} must reconnect to consent to {', '.join(self.missing)}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.tenant_id, self.oid, self.missing))
+
+    def state_error(self) -> str:
+        return "consent_needed"
+
+
+class NoCrmSnapshot(O365SyncError):
+    """The tenant has no CRM snapshot yet, so nothing can be matched; the next tenant sync refreshes it first."""
+
+    action = "refresh the CRM snapshot (the next tenant sync does it; `o365sync crm refresh` now)"
+
+    def __init__(self, tenant_id: str):
+        self.tenant_id = tenant_id
+        super().__init__(f"tenant {tenant_id} has no CRM snapshot yet")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.tenant_id,))
+
+    def state_error(self) -> str:
+        return type(self).__name__
+
+
+def sync_failure(exc: BaseException) -> tuple[str, str]:
+    """(stage, error text) of a user's sync that raised `exc`: the class's own stage, `action_needed` for an error
+    retrying cannot fix, `failed` (retried with back-off) for the rest, unknown exceptions included (class name
+    only)."""
+    if not isinstance(exc, O365SyncError):
+        return FAILED, type(exc).__name__
+    stage = exc.stage or (FAILED if exc.retriable else ACTION_NEEDED)
+    return stage, exc.state_error()
