@@ -51,6 +51,7 @@ from o365sync.store.locks import (
     tenant_sync_locks,
 )
 from o365sync.store.mail import (
+    BATCH_EMAIL_COLUMNS,
     EMAIL_COLUMNS,
     RESYNC_OVERLAP,
     BatchResult,
@@ -88,6 +89,7 @@ __all__ = [
     "CATCHING_UP",
     "CRM_TABLES",
     "CalendarCursor",
+    "BATCH_EMAIL_COLUMNS",
     "EMAIL_COLUMNS",
     "FEATURE_LOCKS",
     "FolderCursor",

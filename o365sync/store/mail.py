@@ -27,6 +27,8 @@ EMAIL_COLUMNS = (
     "web_link",
     "imported_at",
 )
+BATCH_EMAIL_COLUMNS = tuple(c for c in EMAIL_COLUMNS if c not in ("tenant_id", "user_oid", "imported_at"))
+"""The columns of `MailBatch.emails`: the store adds the tenant, the user and the import time."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ RESYNC_OVERLAP = timedelta(days=1)  # a resync re-lists from this long before th
 class MailBatch:
     """Matched mail ready to persist (Polars frames), with the folder cursors it advances."""
 
-    emails: pl.DataFrame  # EMAIL_COLUMNS minus tenant_id, user_oid, imported_at (body_text may be null: keep old)
+    emails: pl.DataFrame  # BATCH_EMAIL_COLUMNS (body_text may be null: keep the stored one)
     participants: pl.DataFrame  # graph_id, role, name, address
     matches: pl.DataFrame  # graph_id, crm_id, crm_kind, matched_address
     cursors: dict[str, FolderCursor]  # folder -> cursor covered by this batch

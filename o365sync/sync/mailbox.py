@@ -38,6 +38,7 @@ from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, ite
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.settings import Settings
 from o365sync.store import (
+    BATCH_EMAIL_COLUMNS,
     FolderCursor,
     MailBatch,
     RunCounts,
@@ -65,20 +66,6 @@ def resync_reason(dead: DeltaTokenExpired) -> str:
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 
-EMAIL_FIELDS = [
-    "graph_id",
-    "folder",
-    "internet_message_id",
-    "conversation_id",
-    "subject",
-    "body_text",
-    "from_name",
-    "from_address",
-    "received_at",
-    "sent_at",
-    "has_attachments",
-    "web_link",
-]
 _TS = pl.Datetime("us", "UTC")
 _EMPTY = {
     "emails": pl.DataFrame(
@@ -235,7 +222,7 @@ def _process_page(
         kept = kept.with_columns(
             pl.col("graph_id").replace_strict(bodies, default=None, return_dtype=pl.String).alias("body_text")
         )
-        buf.emails.append(kept.select(EMAIL_FIELDS))
+        buf.emails.append(kept.select(BATCH_EMAIL_COLUMNS))
         buf.participants.append(
             participants.filter(pl.col("graph_id").is_in(kept_ids.implode())).select(
                 "graph_id", "role", "name", normalise_address(pl.col("address"))
