@@ -14,6 +14,7 @@ import polars as pl
 from simulators.pipedrive import MAX_LIMIT, PipedriveSimulator, _error
 from simulators.server import Request, Response
 from simulators.world import (
+    _COMPANY,
     _FIRST,
     _LAST,
     FREE_MAIL_DOMAINS,
@@ -28,26 +29,6 @@ from simulators.world import (
     website_domain,
 )
 
-_COMPANY = (
-    "Acme",
-    "Globex",
-    "Initech",
-    "Umbrella",
-    "Hooli",
-    "Stark",
-    "Wayne",
-    "Tyrell",
-    "Cyberdyne",
-    "Soylent",
-    "Vandelay",
-    "Wonka",
-    "Oscorp",
-    "Gringotts",
-    "Massive",
-    "Dunder",
-    "Pied",
-    "Aperture",
-)
 _SUFFIX = ("Corp", "Labs", "GmbH", "Ltd", "Systems", "Group")
 _TLD = ("com", "io", "co.uk", "de", "net", "fr")
 
