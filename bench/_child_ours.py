@@ -17,12 +17,12 @@ from o365sync.prefect_env import configure_prefect_env  # noqa: E402
 configure_prefect_env()  # o365sync imports may pull in Prefect settings; the parent points PREFECT_HOME at a temp dir
 from o365sync.settings import load_settings  # noqa: E402
 from o365sync.sync.mailbox import sync_mailbox_now  # noqa: E402
+from o365sync.tenant_context import resolve_tenant  # noqa: E402
 
 import_s = time.perf_counter() - T_START
 rss_after_import = rss_mb()
 
-settings = load_settings()
-tenant_id, user_oid = os.environ["BENCH_TENANT_ID"], os.environ["BENCH_USER_OID"]
+tenant, user_oid = resolve_tenant(load_settings(), os.environ["BENCH_TENANT_ID"]), os.environ["BENCH_USER_OID"]
 profile_path = os.environ.get("BENCH_PROFILE")
 
 meter = Meter()
@@ -30,10 +30,10 @@ if profile_path:
     import cProfile
 
     profiler = cProfile.Profile()
-    counts = profiler.runcall(sync_mailbox_now, settings, tenant_id, user_oid)
+    counts = profiler.runcall(sync_mailbox_now, tenant, user_oid)
     profiler.dump_stats(profile_path)
 else:
-    counts = sync_mailbox_now(settings, tenant_id, user_oid)
+    counts = sync_mailbox_now(tenant, user_oid)
 wall, cpu = meter.done()
 
 emit(
@@ -48,5 +48,5 @@ emit(
     rss_after_import_mb=rss_after_import,
     peak_rss_mb=peak_rss_mb(),
     import_s=import_s,
-    page_size=settings.graph_page_size,
+    page_size=tenant.settings.graph_page_size,
 )

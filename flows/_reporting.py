@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
+
 from o365sync.auth import ConnectedUser
 from o365sync.settings import load_settings
-from o365sync.tenants import TenantConfig, load_tenant
+from o365sync.tenant_context import Tenant
+from o365sync.tenants import load_tenant
 
 
 def artifact_key(prefix: str, tenant_id: str) -> str:
@@ -15,9 +19,9 @@ def artifact_key(prefix: str, tenant_id: str) -> str:
     return f"{prefix}-{re.sub(r'[^a-z0-9-]+', '-', tenant_id.lower())}"[:100]
 
 
-def tenant_title(tenant: TenantConfig) -> str:
+def tenant_title(tenant: Tenant) -> str:
     """How people see a tenant in the Prefect UI: its display name and id, or the id alone."""
-    return f"{tenant.name} ({tenant.id})" if tenant.name else f"tenant {tenant.id}"
+    return f"{tenant.config.name} ({tenant.id})" if tenant.config.name else f"tenant {tenant.id}"
 
 
 def run_name(kind: str) -> Callable[[], str]:
@@ -45,3 +49,16 @@ def user_task_name(prefix: str, user: ConnectedUser) -> str:
 def counts_line(totals: dict) -> str:
     """A run's totals as `key=value` pairs for its log line (ids and counts only)."""
     return " ".join(f"{k}={v}" for k, v in totals.items())
+
+
+def report_totals(
+    kind: str, tenant: Tenant, totals: dict, table: list[dict] | None = None, what: str = "counts"
+) -> None:
+    """A tenant run's table artifact (`table`, else the totals as one row; described "<kind> of <tenant>: <what>")
+    and its log line of totals."""
+    create_table_artifact(
+        key=artifact_key(kind, tenant.id),
+        table=table if table is not None else [totals],
+        description=f"{kind} of {tenant_title(tenant)}: {what}",
+    )
+    get_run_logger().info("%s tenant=%s %s", kind, tenant.id, counts_line(totals))

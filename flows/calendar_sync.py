@@ -6,22 +6,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows._reporting import run_name
-from flows.failures import flow
+from flows.failures import tenant_flow
 from flows.tenant_sync import sync_tenant
 
-USERS_IN_PARALLEL = 4
 CRM_MAX_AGE = timedelta(hours=1)
 
 
-@flow(
-    name="calendar-sync",
-    flow_run_name=run_name("calendar-sync"),
-    persist_result=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL),
-)
+@tenant_flow("calendar-sync")
 def calendar_sync(tenant_id: str) -> dict[str, int]:
     return sync_tenant(tenant_id, "calendar-sync", crm_max_age=CRM_MAX_AGE, features=("calendar",))
 

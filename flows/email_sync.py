@@ -5,22 +5,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows._reporting import run_name
-from flows.failures import flow
+from flows.failures import tenant_flow
 from flows.tenant_sync import sync_tenant
 
-MAILBOXES_IN_PARALLEL = 4
 CRM_MAX_AGE = timedelta(hours=1)
 
 
-@flow(
-    name="email-sync",
-    flow_run_name=run_name("email-sync"),
-    persist_result=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL),
-)
+@tenant_flow("email-sync")
 def email_sync(tenant_id: str) -> dict[str, int]:
     return sync_tenant(tenant_id, "email-sync", crm_max_age=CRM_MAX_AGE)
 

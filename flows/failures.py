@@ -1,4 +1,5 @@
-"""`flow`: Prefect's `@flow`, except that a flow that fails leaves no file behind.
+"""`flow`: Prefect's `@flow`, except that a flow that fails leaves no file behind; `tenant_flow`: the same for a flow
+about one tenant, with the options every such flow shares.
 
 When a flow function raises, Prefect pickles the exception into its local result storage (`$PREFECT_HOME/storage`)
 even with `persist_result=False` (`flow_engine.handle_exception` writes it; measured with Prefect 3.9): one file per
@@ -18,7 +19,10 @@ from typing import Any
 import prefect
 from prefect import get_run_logger
 from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.hashing import file_hash
+
+from flows._reporting import run_name
 
 
 def _failure_returned(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,3 +47,17 @@ def flow(**options: Any) -> Callable[[Callable[..., Any]], prefect.Flow]:
         return prefect.flow(**options)(_failure_returned(fn))
 
     return decorate
+
+
+USERS_IN_PARALLEL = 4  # per-user tasks of one tenant run at a time
+
+
+def tenant_flow(name: str) -> Callable[[Callable[..., Any]], prefect.Flow]:
+    """A flow whose first parameter is `tenant_id`: named `name`, its runs "<name>: <tenant>", results not
+    persisted, its per-user tasks on a thread pool of USERS_IN_PARALLEL."""
+    return flow(
+        name=name,
+        flow_run_name=run_name(name),
+        persist_result=False,
+        task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL),
+    )

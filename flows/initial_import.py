@@ -6,22 +6,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from prefect.task_runners import ThreadPoolTaskRunner
-
-from flows._reporting import run_name
-from flows.failures import flow
+from flows.failures import tenant_flow
 from flows.tenant_sync import SyncIncomplete, sync_tenant
 
-MAILBOXES_IN_PARALLEL = 4
 ImportIncomplete = SyncIncomplete  # the name callers of the first version used
 
 
-@flow(
-    name="initial-import",
-    flow_run_name=run_name("initial-import"),
-    persist_result=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=MAILBOXES_IN_PARALLEL),
-)
+@tenant_flow("initial-import")
 def initial_import(tenant_id: str) -> dict[str, int]:
     return sync_tenant(
         tenant_id, "initial-import", crm_max_age=timedelta(0), respect_backoff=False, features=("email", "calendar")

@@ -6,20 +6,19 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows._reporting import artifact_key, counts_line, run_name, tenant_title
-from flows.failures import flow
+from flows._reporting import artifact_key, report_totals, tenant_title
+from flows.failures import tenant_flow
 from o365sync.offboarding import end_subscription_now, offboard_user_now
 from o365sync.settings import load_settings
-from o365sync.tenants import registered_tenant
+from o365sync.tenant_context import resolve_tenant
 
 
-@flow(name="offboard-user", flow_run_name=run_name("offboard-user"), persist_result=False)
+@tenant_flow("offboard-user")
 def offboard_user(tenant_id: str, user_oid: str) -> dict:
     """A user was removed: tokens gone now; data deleted (after the grace period) or retained, per policy."""
     logger = get_run_logger()
-    settings = load_settings()
-    tenant = registered_tenant(settings, tenant_id)
-    out = offboard_user_now(settings, tenant_id, user_oid)
+    tenant = resolve_tenant(load_settings(), tenant_id)
+    out = offboard_user_now(tenant.settings, tenant.id, user_oid)
     row = {
         "user_oid": user_oid,
         "policy": out["policy"],
@@ -28,13 +27,13 @@ def offboard_user(tenant_id: str, user_oid: str) -> dict:
         "deleted_rows": out["deleted_rows"],
     }
     create_table_artifact(
-        key=artifact_key("offboard-user", tenant_id),
+        key=artifact_key("offboard-user", tenant.id),
         table=[row],
         description=f"offboard-user of {tenant_title(tenant)}: policy and counts",
     )
     logger.info(
         "offboard-user tenant=%s user=%s policy=%s deleted_rows=%s",
-        tenant_id,
+        tenant.id,
         user_oid,
         out["policy"],
         out["deleted_rows"],
@@ -42,17 +41,10 @@ def offboard_user(tenant_id: str, user_oid: str) -> dict:
     return {"deleted_rows": out["deleted_rows"], "deleted": int(bool(out["deleted_at"]))}
 
 
-@flow(name="end-subscription", flow_run_name=run_name("end-subscription"), persist_result=False)
+@tenant_flow("end-subscription")
 def end_subscription(tenant_id: str) -> dict:
     """The subscription ended: every file of the tenant is deleted; the audit log keeps one entry."""
-    logger = get_run_logger()
-    settings = load_settings()
-    title = tenant_title(registered_tenant(settings, tenant_id))  # read before its files are gone
-    totals = end_subscription_now(settings, tenant_id)
-    create_table_artifact(
-        key=artifact_key("end-subscription", tenant_id),
-        table=[totals],
-        description=f"end-subscription of {title}: counts",
-    )
-    logger.info("end-subscription tenant=%s %s", tenant_id, counts_line(totals))
+    tenant = resolve_tenant(load_settings(), tenant_id)  # its name is read before its files are gone
+    totals = end_subscription_now(tenant.settings, tenant.id)
+    report_totals("end-subscription", tenant, totals)
     return totals

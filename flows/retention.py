@@ -11,27 +11,18 @@ also rows the syncs replaced or removed — are gone from every file within a da
 
 from __future__ import annotations
 
-from prefect import get_run_logger
-from prefect.artifacts import create_table_artifact
-
-from flows._reporting import artifact_key, counts_line, run_name, tenant_title
-from flows.failures import flow
+from flows._reporting import report_totals
+from flows.failures import tenant_flow
 from o365sync.settings import load_settings
-from o365sync.tenants import registered_tenant
+from o365sync.tenant_context import resolve_tenant
 from tasks.retention_task import offboardings, purge
 
 
-@flow(name="retention", flow_run_name=run_name("retention"), persist_result=False)
+@tenant_flow("retention")
 def retention(tenant_id: str) -> dict[str, int]:
-    logger = get_run_logger()
-    tenant = registered_tenant(load_settings(), tenant_id)
-    totals = offboardings(tenant_id) | purge(tenant_id)
-    create_table_artifact(
-        key=artifact_key("retention", tenant_id),
-        table=[totals],
-        description=f"retention of {tenant_title(tenant)}: counts",
-    )
-    logger.info("retention tenant=%s %s", tenant_id, counts_line(totals))
+    tenant = resolve_tenant(load_settings(), tenant_id)
+    totals = offboardings(tenant.id) | purge(tenant.id)
+    report_totals("retention", tenant, totals)
     return totals
 
 

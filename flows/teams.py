@@ -11,20 +11,16 @@ flow parameter would be stored by Prefect), summaries never leave the run.
 from __future__ import annotations
 
 from prefect import get_run_logger
-from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._reporting import artifact_key, counts_line, run_name, tenant_title, user_task_name
-from flows.failures import flow
+from flows._reporting import report_totals, user_task_name
+from flows.failures import flow, tenant_flow
 from o365sync.auth import connected_users
 from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
 from o365sync.teams import ConsentNeeded, TeamsDisabled, share_activity
-from o365sync.tenants import registered_tenant
+from o365sync.tenant_context import resolve_tenant
 from tasks.teams_task import refresh_user_channels
-
-USERS_IN_PARALLEL = 4
 
 
 class TeamsRefreshIncomplete(O365SyncError):
@@ -35,27 +31,16 @@ class TeamsShareError(O365SyncError):
     """A share failed; the message names ids and the error class only."""
 
 
-@flow(
-    name="teams-refresh",
-    flow_run_name=run_name("teams-refresh"),
-    persist_result=False,
-    task_runner=ThreadPoolTaskRunner(max_workers=USERS_IN_PARALLEL),
-)
+@tenant_flow("teams-refresh")
 def teams_refresh(tenant_id: str) -> dict[str, int]:
     """Refresh the channel list of every connected user of the tenant (nothing at all when Teams is off)."""
-    logger = get_run_logger()
-    settings = load_settings()
-    tenant = registered_tenant(settings, tenant_id)
-    if not tenant.feature_on("teams"):
-        logger.warning("teams-refresh tenant=%s skipped: Teams sharing is not enabled", tenant_id)
+    tenant = resolve_tenant(load_settings(), tenant_id)
+    if not tenant.config.feature_on("teams"):
+        get_run_logger().warning("teams-refresh tenant=%s skipped: Teams sharing is not enabled", tenant.id)
         return {"users": 0, "disabled": 1}
-    users = connected_users(settings, tenant_id)
-    futures = [
-        refresh_user_channels.with_options(task_run_name=user_task_name("refresh-teams-channels", u)).submit(
-            tenant_id, u.oid
-        )
-        for u in users
-    ]
+    users = connected_users(tenant.settings, tenant.id)
+    task = refresh_user_channels
+    futures = [task.with_options(task_run_name=user_task_name(task.name, u)).submit(tenant.id, u.oid) for u in users]
     wait(futures)
     rows: list[dict] = []
     for user, future in zip(users, futures, strict=True):
@@ -70,14 +55,9 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
     }
     for status in ("ok", "consent_needed", "reconnect_needed", "failed"):
         totals[status] = sum(r["status"] == status for r in rows)
-    create_table_artifact(
-        key=artifact_key("teams-refresh", tenant_id),
-        table=rows,
-        description=f"teams-refresh of {tenant_title(tenant)}: per-user status and counts",
-    )
-    logger.info("teams-refresh tenant=%s %s", tenant_id, counts_line(totals))
+    report_totals("teams-refresh", tenant, totals, table=rows, what="per-user status and counts")
     if totals["failed"]:
-        raise TeamsRefreshIncomplete(f"{totals['failed']} of {len(users)} users failed in tenant {tenant_id}")
+        raise TeamsRefreshIncomplete(f"{totals['failed']} of {len(users)} users failed in tenant {tenant.id}")
     return totals
 
 

@@ -19,7 +19,7 @@ from flows._reporting import artifact_key, counts_line, tenant_title, user_task_
 from o365sync.auth import connected_users
 from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
-from o365sync.store import publish_snapshot, tenant_sync_locks
+from o365sync.store import publish_snapshot
 from o365sync.sync.tenant import (
     crm_refresh_due,
     crm_report_row,
@@ -29,7 +29,8 @@ from o365sync.sync.tenant import (
     sync_states,
     with_sync_state,
 )
-from o365sync.tenants import TenantNotFound, load_tenant, registered_tenant, tenant_dir
+from o365sync.tenant_context import Tenant, resolve_tenant
+from o365sync.tenants import TenantNotFound
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
@@ -44,8 +45,7 @@ class SyncIncomplete(O365SyncError):
 def _sync_users(tenant_id: str, feature: str, due: list) -> tuple[list[dict], int]:
     """One task per due user; (report rows, failed)."""
     task = USER_TASKS[feature]
-    name = "sync-mailbox" if feature == "email" else f"sync-{feature}"
-    futures = [task.with_options(task_run_name=user_task_name(name, u)).submit(tenant_id, u.oid) for u in due]
+    futures = [task.with_options(task_run_name=user_task_name(task.name, u)).submit(tenant_id, u.oid) for u in due]
     wait(futures)
     rows, failed = [], 0
     for user, future in zip(due, futures, strict=True):
@@ -57,20 +57,20 @@ def _sync_users(tenant_id: str, feature: str, due: list) -> tuple[list[dict], in
     return rows, failed
 
 
-def _refresh_crm_if_stale(tenant_id: str, crm_max_age: timedelta, respect_backoff: bool, now: datetime) -> dict:
+def _refresh_crm_if_stale(tenant: Tenant, crm_max_age: timedelta, respect_backoff: bool, now: datetime) -> dict:
     """The CRM refresh's counts, or {} when the snapshot is fresh enough or the refresh failed while an earlier
     snapshot exists (a CRM outage must not stop syncing)."""
-    due, snapshot_at = crm_refresh_due(load_settings(), tenant_id, crm_max_age, respect_backoff, now)
+    due, snapshot_at = crm_refresh_due(tenant, crm_max_age, respect_backoff, now)
     if not due:
         return {}
     try:
-        return snapshot_crm(tenant_id)
+        return snapshot_crm(tenant.id)
     except Exception as exc:
         if snapshot_at is None:
             raise
         get_run_logger().warning(
             "tenant=%s CRM snapshot failed (%s); matching against the snapshot of %s",
-            tenant_id,
+            tenant.id,
             type(exc).__name__,
             snapshot_at.isoformat(timespec="seconds"),
         )
@@ -87,43 +87,41 @@ def sync_tenant(
     """Sync `features` (those the tenant enabled) for every connected user. `respect_backoff=False` (a run an
     operator starts by hand) retries failed users now. Totals: email counts unprefixed, others `<feature>_*`."""
     logger = get_run_logger()
-    settings = load_settings()
-    tenant = registered_tenant(settings, tenant_id)
-    tenant_id = tenant.id  # canonical (a GUID typed in upper case names the same tenant)
-    enabled = [f for f in features if f in tenant.features]
+    tenant = resolve_tenant(load_settings(), tenant_id)
+    enabled = [f for f in features if f in tenant.config.features]
     totals: dict[str, int] = {}
     failed_total = due_total = 0
-    with tenant_sync_locks(tenant_dir(settings, tenant_id), enabled):
-        try:  # the tenant may have been deleted (subscription end) while this run waited for the locks
-            load_tenant(settings, tenant_id)
+    with tenant.sync_locks(enabled):
+        try:  # the tenant may have been moved, or deleted (subscription end), while this run waited for the locks
+            tenant = resolve_tenant(tenant.settings, tenant.id)
         except TenantNotFound:
-            logger.warning("tenant=%s is no longer registered; nothing to sync", tenant_id)
+            logger.warning("tenant=%s is no longer registered; nothing to sync", tenant.id)
             return {"skipped": 1}
         now = datetime.now(UTC)
-        crm = _refresh_crm_if_stale(tenant_id, crm_max_age, respect_backoff, now)
-        users = connected_users(settings, tenant_id)
+        crm = _refresh_crm_if_stale(tenant, crm_max_age, respect_backoff, now)
+        users = connected_users(tenant.settings, tenant.id)
         for feature in enabled:
-            due = due_users(users, sync_states(settings, tenant_id, feature), respect_backoff, now)
-            rows, failed = _sync_users(tenant_id, feature, due)
+            due = due_users(users, sync_states(tenant, feature), respect_backoff, now)
+            rows, failed = _sync_users(tenant.id, feature, due)
             rows += [idle_row(u.oid, "waiting_for_retry") for u in users if u not in due]
-            with_sync_state(rows, sync_states(settings, tenant_id, feature))
+            with_sync_state(rows, sync_states(tenant, feature))
             totals |= feature_totals(feature, rows, failed, waiting=len(users) - len(due))
             failed_total, due_total = failed_total + failed, due_total + len(due)
             key = artifact_prefix if feature == "email" else f"{artifact_prefix}-{feature}"
             create_table_artifact(
-                key=artifact_key(key, tenant_id),
+                key=artifact_key(key, tenant.id),
                 table=rows,
                 description=f"{artifact_prefix} ({feature}) of {tenant_title(tenant)}: per-user status and counts",
             )
         totals |= {"mailboxes": len(users), "crm_refreshed": int(bool(crm))}
         totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts", "changed")}
         create_table_artifact(
-            key=artifact_key(f"{artifact_prefix}-crm", tenant_id),
-            table=[crm_report_row(settings, tenant_id, crm)],
+            key=artifact_key(f"{artifact_prefix}-crm", tenant.id),
+            table=[crm_report_row(tenant, crm)],
             description=f"CRM snapshot of {tenant_title(tenant)}: state, last refresh and counts",
         )
-        publish_snapshot(settings, tenant_id)
-    logger.info("%s tenant=%s %s", artifact_prefix, tenant_id, counts_line(totals))
+        publish_snapshot(tenant.settings, tenant.id)
+    logger.info("%s tenant=%s %s", artifact_prefix, tenant.id, counts_line(totals))
     if failed_total:
-        raise SyncIncomplete(f"{failed_total} of {due_total} user syncs failed in tenant {tenant_id}")
+        raise SyncIncomplete(f"{failed_total} of {due_total} user syncs failed in tenant {tenant.id}")
     return totals

@@ -221,6 +221,9 @@ def holds_tenant_files(folder: Path) -> bool:
         return False
 
 
+STORE_FILE = "store.duckdb"  # the tenant's live store, in its folder
+
+
 def tenant_locations(settings: Settings, tenant_id: str, region: str | None) -> tuple[Path, Path]:
     """(the tenant's folder, its analysts' snapshot) under `region`'s storage root."""
     root = region_root(settings, region)
@@ -235,7 +238,11 @@ def tenant_dir(settings: Settings, tenant_id: str) -> Path:
     Raises `TenantMisplaced` when this folder holds nothing while another storage root holds the tenant's files
     (e.g. tenant.json's region was reset by hand): whatever the caller would write here would start a second,
     empty copy of the tenant."""
-    region = tenant_region(settings, tenant_id)
+    return checked_tenant_dir(settings, tenant_id, tenant_region(settings, tenant_id))
+
+
+def checked_tenant_dir(settings: Settings, tenant_id: str, region: str | None) -> Path:
+    """`tenant_dir` for a tenant whose configured region the caller has read already (`TenantMisplaced` alike)."""
     folder = tenant_locations(settings, tenant_id, region)[0]
     if not holds_tenant_files(folder):
         for other in (None, *settings.regions):

@@ -11,10 +11,11 @@ from o365sync.store import RunCounts
 from o365sync.sync.calendar import sync_calendar_now
 from o365sync.sync.mailbox import ODD_TEXT
 from o365sync.sync.runner import run_user_sync
+from o365sync.tenant_context import Tenant, resolve_tenant
 
 
-def calendar_run_counts(settings, tenant_id: str, user_oid: str) -> RunCounts:  # noqa: ANN001
-    c = sync_calendar_now(settings, tenant_id, user_oid)
+def calendar_run_counts(tenant: Tenant, user_oid: str) -> RunCounts:
+    c = sync_calendar_now(tenant, user_oid)
     reasons = (
         ("private", c.private),
         ("internal", c.internal),
@@ -35,12 +36,5 @@ def calendar_run_counts(settings, tenant_id: str, user_oid: str) -> RunCounts:  
 
 @task(name="sync-calendar", persist_result=False, cache_policy=NO_CACHE)
 def sync_calendar(tenant_id: str, user_oid: str) -> dict[str, int | str]:
-    settings = load_settings()
-    return run_user_sync(
-        settings,
-        "calendar",
-        tenant_id,
-        user_oid,
-        lambda: calendar_run_counts(settings, tenant_id, user_oid),
-        get_run_logger(),
-    )
+    tenant = resolve_tenant(load_settings(), tenant_id)  # here, not in the flow: task parameters stay ids
+    return run_user_sync(tenant, "calendar", user_oid, calendar_run_counts, get_run_logger())

@@ -18,6 +18,7 @@ from o365sync.analytics import DEFAULT_EXPORT, VIEW_NAMES, create_views, export_
 from o365sync.store import open_store, publish_snapshot, record_sync_state, snapshot_path, store_lock
 from o365sync.sync.calendar import sync_calendar_now
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
@@ -34,8 +35,8 @@ def product(tmp_path_factory):
         refresh_crm_snapshot(p.settings, tid)
         alice, bob = world.tenants[0].users
         for u in (alice, bob):
-            sync_mailbox_now(p.settings, tid, u.oid)
-            sync_calendar_now(p.settings, tid, u.oid)
+            sync_mailbox_now(resolve_tenant(p.settings, tid), u.oid)
+            sync_calendar_now(resolve_tenant(p.settings, tid), u.oid)
         with open_store(p.settings, tid, write=True) as con:
             record_sync_state(con, tid, alice.oid, "idle", feature="email")
             record_sync_state(con, tid, alice.oid, "idle", feature="calendar")

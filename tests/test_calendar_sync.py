@@ -12,6 +12,7 @@ import pytest
 
 from o365sync.store import open_store
 from o365sync.sync.calendar import ConsentNeeded, anchored_window, sync_calendar_now
+from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import UserPreferences, load_tenant, save_tenant
 from simulators.world import generate_world
 from simulators.world_calendar import Attendee
@@ -47,7 +48,7 @@ def stored(p, tid: str) -> dict[tuple[str, str], frozenset[str]]:
 
 def sync_all(p, now: datetime | None = None) -> dict:
     tenant = p.world.tenants[0]
-    return {u.oid: sync_calendar_now(p.settings, tenant.tid, u.oid, now=now) for u in tenant.users}
+    return {u.oid: sync_calendar_now(resolve_tenant(p.settings, tenant.tid), u.oid, now=now) for u in tenant.users}
 
 
 def expected(p, now: datetime | None = None) -> dict:
@@ -139,7 +140,7 @@ def test_an_evicted_delta_token_starts_a_new_baseline(product):
     user = p.world.tenants[0].users[0]
     p.running.graph.calendar.evict_delta_tokens(user.oid)
     p.world.calendars.add_event(user.oid, kind="external")
-    assert sync_calendar_now(p.settings, tid, user.oid).baseline
+    assert sync_calendar_now(resolve_tenant(p.settings, tid), user.oid).baseline
     assert stored(p, tid) == expected(p)
 
 
@@ -157,7 +158,7 @@ def test_half_an_emoji_in_an_event_subject_is_counted_not_fatal(product):
     )
     series = p.world.calendars.find(user.oid, occurrence)[0].id
     p.running.graph.lone_surrogate_ids = frozenset({single, series})
-    counts = calendar_run_counts(p.settings, tid, user.oid)
+    counts = calendar_run_counts(resolve_tenant(p.settings, tid), user.oid)
     instances = sum(1 for (oid, eid) in truth if oid == user.oid and p.world.calendars.find(oid, eid)[0].id == series)
     assert dict(counts.excluded)["odd_text"] >= 1 + instances  # counted per imported/discarded meeting
     with open_store(p.settings, tid, write=False) as con:
@@ -180,7 +181,8 @@ def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product,
     graph.endless_next_links = True
     graph.reset_stats()
     counts = ends_by_itself(
-        lambda: sync_calendar_now(settings, tid, user.oid), lambda: setattr(graph, "endless_next_links", False)
+        lambda: sync_calendar_now(resolve_tenant(settings, tid), user.oid),
+        lambda: setattr(graph, "endless_next_links", False),
     )
     assert counts.stopped == "stopped_at_page_limit" and not counts.baseline
     assert sum("calendarView/delta" in r.path for r in graph.requests) == 5
@@ -188,7 +190,8 @@ def test_a_delta_round_that_never_ends_is_cut_off_and_replayed_next_run(product,
     with open_store(settings, tid, write=False) as con:
         link = con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[0]
     assert not graph.endless_next_links  # switched off once the cut run had ended
-    counts = sync_calendar_now(settings, tid, user.oid)  # ... and the round is replayed from the old deltaLink
+    # ... and the round is replayed from the old deltaLink
+    counts = sync_calendar_now(resolve_tenant(settings, tid), user.oid)
     assert counts.stopped is None and not counts.baseline
     with open_store(settings, tid, write=False) as con:
         assert con.execute("SELECT delta_link FROM calendar_cursor WHERE user_oid = ?", [user.oid]).fetchone()[
@@ -208,7 +211,7 @@ def test_a_user_connected_before_calendar_was_enabled_needs_consent(tmp_path, mo
         save_tenant(p.settings, tenant)
         seen = len(p.running.graph.requests)
         with pytest.raises(ConsentNeeded) as err:
-            sync_calendar_now(p.settings, tid, user.oid)
+            sync_calendar_now(resolve_tenant(p.settings, tid), user.oid)
         assert "Calendars.Read" in err.value.missing
         assert len(p.running.graph.requests) == seen  # nothing was asked of Graph (nor of MSAL)
     finally:
@@ -250,8 +253,8 @@ def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_extern
             ):
                 targets.add(ev.id)
         assert targets, "the generated calendar should have meetings for Explicit Consent Mode"
-        counts = sync_calendar_now(p.settings, tid, alice.oid, now=now)
-        sync_calendar_now(p.settings, tid, bob.oid, now=now)
+        counts = sync_calendar_now(resolve_tenant(p.settings, tid), alice.oid, now=now)
+        sync_calendar_now(resolve_tenant(p.settings, tid), bob.oid, now=now)
         writes = list(cal.writes)
         assert {w.event_id for w in writes} == targets and len(writes) == len(targets)
         assert counts.links_added == len(targets)
@@ -260,8 +263,8 @@ def test_notetaker_lists_and_explicit_consent_mode_writes_only_to_matched_extern
         )
         assert len(cal.online_meetings) == len(targets)
         # Again (and again after the PATCHes came back through delta): nothing more is written.
-        sync_calendar_now(p.settings, tid, alice.oid, now=now)
-        sync_calendar_now(p.settings, tid, alice.oid, now=now)
+        sync_calendar_now(resolve_tenant(p.settings, tid), alice.oid, now=now)
+        sync_calendar_now(resolve_tenant(p.settings, tid), alice.oid, now=now)
         assert len(cal.writes) == len(targets) and len(cal.online_meetings) == len(targets)
         with open_store(p.settings, tid, write=False) as con:
             listed = con.execute("SELECT user_oid, event_id FROM notetaker_queue WHERE status = 'to_record'").fetchall()

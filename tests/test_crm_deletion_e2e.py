@@ -10,6 +10,7 @@ import pytest
 from o365sync.crm_refresh import refresh_crm_snapshot
 from o365sync.store import open_store
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
 from tests.crm_helpers import delete_in_crm
 from tests.product import expected_for_crm, stand_up, stored_matches
@@ -23,7 +24,7 @@ def test_a_deleted_contact_stops_matching_after_the_next_refresh(tmp_path, monke
     try:
         tid, user = world.tenants[0].tid, world.tenants[0].users[0]
         assert refresh_crm_snapshot(p.settings, tid)["mode"] == "full"
-        sync_mailbox_now(p.settings, tid, user.oid)
+        sync_mailbox_now(resolve_tenant(p.settings, tid), user.oid)
         before = stored_matches(p.settings, tid)
 
         # New mail arrives from CRM contacts; pick one contact it links to and delete that contact in the CRM.
@@ -37,7 +38,7 @@ def test_a_deleted_contact_stops_matching_after_the_next_refresh(tmp_path, monke
 
         refreshed = refresh_crm_snapshot(p.settings, tid)
         assert refreshed["mode"] == "incremental" and refreshed["changed"] >= 1
-        sync_mailbox_now(p.settings, tid, user.oid)
+        sync_mailbox_now(resolve_tenant(p.settings, tid), user.oid)
 
         expected = expected_for_crm(world, tid, p.running, crm_kind)  # the CRM without the deleted contact
         stored = stored_matches(p.settings, tid)

@@ -10,6 +10,7 @@ import pytest
 
 from o365sync.store import open_store
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.bounded import ends_by_itself
@@ -27,7 +28,7 @@ def product(tmp_path, monkeypatch):
 
 def sync_all(p) -> dict:
     tenant = p.world.tenants[0]
-    return {u.oid: sync_mailbox_now(p.settings, tenant.tid, u.oid) for u in tenant.users}
+    return {u.oid: sync_mailbox_now(resolve_tenant(p.settings, tenant.tid), u.oid) for u in tenant.users}
 
 
 def expected_now(p) -> dict:
@@ -179,9 +180,7 @@ def run_and_record(p, settings, oid: str) -> dict:
     from o365sync.sync.runner import run_user_sync
 
     tid = p.world.tenants[0].tid
-    return run_user_sync(
-        settings, "email", tid, oid, lambda: sync_mailbox_now(settings, tid, oid), logging.getLogger("test")
-    )
+    return run_user_sync(resolve_tenant(settings, tid), "email", oid, sync_mailbox_now, logging.getLogger("test"))
 
 
 def state_of(settings, tid: str, oid: str) -> dict:

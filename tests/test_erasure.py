@@ -16,6 +16,7 @@ from o365sync.conversations import export_conversation, export_meeting
 from o365sync.erasure import Scope, compact_store, erase, read_audit
 from o365sync.store import open_store, publish_snapshot, snapshot_path
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import region_root, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
@@ -37,7 +38,7 @@ def hits(files: list[Path], needles: list[str]) -> list[str]:
 def sync_all(p) -> None:
     tenant = p.world.tenants[0]
     for u in tenant.users:
-        sync_mailbox_now(p.settings, tenant.tid, u.oid)
+        sync_mailbox_now(resolve_tenant(p.settings, tenant.tid), u.oid)
     publish_snapshot(p.settings, tenant.tid)
 
 
@@ -208,7 +209,7 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
 
     p, tid = calendar_product, calendar_product.world.tenants[0].tid
     user = p.world.tenants[0].users[0]
-    sync_calendar_now(p.settings, tid, user.oid)
+    sync_calendar_now(resolve_tenant(p.settings, tid), user.oid)
     with open_store(p.settings, tid, write=False) as con:
         series, n = con.execute(
             "SELECT series_master_id, count(*) FROM meetings WHERE series_master_id IS NOT NULL "
@@ -218,7 +219,7 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
     tag = uuid.uuid4().hex
     marker = f"MEETMARK{tag}"
     p.world.calendars.update(series, subject=f"Quarterly review {marker}")
-    sync_calendar_now(p.settings, tid, user.oid)
+    sync_calendar_now(resolve_tenant(p.settings, tid), user.oid)
     publish_snapshot(p.settings, tid)
     exported = export_meeting(p.settings, tid, series_id=series)
     assert exported.items == n and marker in (exported.path / "meeting.json").read_text()
@@ -228,7 +229,7 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
     assert result.rows["meetings"] == n and result.tombstones == 1
     assert hits(tenant_files(p.settings, tid), [marker]) == []
     p.world.calendars.update(series, subject=f"Quarterly review {marker} (moved)")
-    sync_calendar_now(p.settings, tid, user.oid)
+    sync_calendar_now(resolve_tenant(p.settings, tid), user.oid)
     with open_store(p.settings, tid, write=False) as con:
         assert (
             con.execute(

@@ -17,6 +17,7 @@ import pytest
 from o365sync.settings import load_settings
 from o365sync.store import open_store
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes sec
 KILLS = 10
 CHILD = (
     "import sys; from o365sync.settings import load_settings; from o365sync.sync.mailbox import sync_mailbox_now; "
-    "sync_mailbox_now(load_settings(), sys.argv[1], sys.argv[2])"
+    "from o365sync.tenant_context import resolve_tenant; "
+    "sync_mailbox_now(resolve_tenant(load_settings(), sys.argv[1]), sys.argv[2])"
 )
 
 
@@ -93,7 +95,7 @@ def test_sigkill_at_random_points_then_rerun_ends_in_the_uninterrupted_store(tmp
         reference_settings = load_settings()
         refresh_crm_snapshot(reference_settings, tenant.tid)
         before = len(log)
-        sync_mailbox_now(reference_settings, tenant.tid, oid)
+        sync_mailbox_now(resolve_tenant(reference_settings, tenant.tid), oid)
         full_run_requests = len(log) - before
         reference = store_content(reference_settings, tenant.tid)
         assert reference["emails"], "the reference run should import mail"

@@ -10,6 +10,7 @@ import pytest
 from o365sync.residency import move_tenant
 from o365sync.store import publish_snapshot, snapshot_path
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import load_tenant, registry_dir, save_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
@@ -34,7 +35,7 @@ def test_files_live_in_the_tenants_region_and_move_with_it(tmp_path, monkeypatch
         assert move_tenant(p.settings, tid, "eu")["files"] > 0
         assert tenant_files(data_dir, tid) == [f"tenants/{tid}/tenant.json"]  # only the registry entry
         refresh_crm_snapshot(p.settings, tid)
-        sync_mailbox_now(p.settings, tid, user.oid)
+        sync_mailbox_now(resolve_tenant(p.settings, tid), user.oid)
         publish_snapshot(p.settings, tid)
         assert stored_matches(p.settings, tid) == world.expected_matches(tid)
         eu = tenant_files(roots["eu"], tid)
@@ -46,7 +47,8 @@ def test_files_live_in_the_tenants_region_and_move_with_it(tmp_path, monkeypatch
         move_tenant(p.settings, tid, "us")
         assert load_tenant(p.settings, tid).region == "us" and tenant_files(roots["eu"], tid) == []
         world.add_message(user.oid, "inbox", kind="contact")
-        sync_mailbox_now(p.settings, tid, user.oid)  # tokens and cursors were moved too: it just continues
+        # tokens and cursors were moved too: it just continues
+        sync_mailbox_now(resolve_tenant(p.settings, tid), user.oid)
         assert stored_matches(p.settings, tid) == world.expected_matches(tid)
         assert tenant_files(roots["eu"], tid) == [] and tenant_files(data_dir, tid) == [f"tenants/{tid}/tenant.json"]
     finally:

@@ -17,6 +17,7 @@ from o365sync.store import open_store, read_sync_states
 from o365sync.sync.calendar import anchored_window
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.sync.runner import run_user_sync
+from o365sync.tenant_context import resolve_tenant
 from simulators.graph import GraphSimulator
 from simulators.world import generate_world
 from tasks.calendar_task import calendar_run_counts
@@ -39,13 +40,10 @@ def product(tmp_path, monkeypatch):
 
 def sync_everything(settings, tid: str, users) -> dict:
     out = {}
+    tenant = resolve_tenant(settings, tid)
     for u in users:
-        out[(u.oid, "email")] = run_user_sync(
-            settings, "email", tid, u.oid, lambda u=u: sync_mailbox_now(settings, tid, u.oid), log
-        )
-        out[(u.oid, "calendar")] = run_user_sync(
-            settings, "calendar", tid, u.oid, lambda u=u: calendar_run_counts(settings, tid, u.oid), log
-        )
+        out[(u.oid, "email")] = run_user_sync(tenant, "email", u.oid, sync_mailbox_now, log)
+        out[(u.oid, "calendar")] = run_user_sync(tenant, "calendar", u.oid, calendar_run_counts, log)
     return out
 
 
@@ -141,7 +139,7 @@ def test_tenant_resync_validates_first_then_resets_what_it_names(product):
     assert all(r[2] is None for r in cursors(p.settings, tenant.tid)[1])
 
     p.world.add_message(alice.oid, "inbox", kind="contact")
-    counts = sync_mailbox_now(p.settings, tenant.tid, alice.oid)
+    counts = sync_mailbox_now(resolve_tenant(p.settings, tenant.tid), alice.oid)
     window = [m for m in p.world.mailboxes[alice.oid] if m.received >= p.world.scan_start(tenant.tid)]
     assert counts.scanned < len(window) / 2  # bounded: about a day of mail re-listed, not the whole window
     sync_everything(p.settings, tenant.tid, tenant.users)

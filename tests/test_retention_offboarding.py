@@ -19,6 +19,7 @@ from o365sync.erasure import USER_TABLES, audit_path, read_audit
 from o365sync.offboarding import complete_due_offboardings, offboarding_status
 from o365sync.store import open_store, publish_snapshot, snapshot_path
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes sec
 def sync_all(p) -> None:
     tenant = p.world.tenants[0]
     for u in connected_users(p.settings, tenant.tid):
-        sync_mailbox_now(p.settings, tenant.tid, u.oid)
+        sync_mailbox_now(resolve_tenant(p.settings, tenant.tid), u.oid)
     publish_snapshot(p.settings, tenant.tid)
 
 

@@ -23,6 +23,7 @@ from o365sync.residency import MoveRefused, move_tenant
 from o365sync.settings import load_settings
 from o365sync.store import SCHEMA, open_store, store_path
 from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import (
     TenantConfig,
     TenantMisplaced,
@@ -82,7 +83,7 @@ def test_reregistering_and_moving_never_loses_the_store(tmp_path, monkeypatch):
         tid, settings, data_dir = tenant.tid, p.settings, p.settings.data_dir
         move_tenant(settings, tid, "eu")
         refresh_crm_snapshot(settings, tid)
-        sync_mailbox_now(settings, tid, user.oid)
+        sync_mailbox_now(resolve_tenant(settings, tid), user.oid)
         emails = emails_in(eu / "tenants" / tid / "store.duckdb")
         assert emails > 0
         assert cli("tenant", "block", tid, "spam.example").exit_code == 0
@@ -131,7 +132,7 @@ def test_reregistering_and_moving_never_loses_the_store(tmp_path, monkeypatch):
             ):
                 pass
         with pytest.raises(TenantMisplaced):
-            sync_mailbox_now(settings, tid, user.oid)
+            sync_mailbox_now(resolve_tenant(settings, tid), user.oid)
         assert tenant_files(data_dir, tid) == [f"tenants/{tid}/tenant.json"]
         # ... and moving to where the files are points the configuration back at them.
         move = cli("tenant", "move", tid, "--region", "eu")
@@ -264,7 +265,7 @@ def test_an_upper_case_tenant_id_registers_connects_and_syncs(tmp_path, monkeypa
         assert tenant_dir(settings, upper) == tenant_dir(settings, tenant.tid)
         assert [u.oid for u in connected_users(settings, tenant.tid)] == [user.oid]
         refresh_crm_snapshot(settings, tenant.tid)
-        sync_mailbox_now(settings, tenant.tid, user.oid)
+        sync_mailbox_now(resolve_tenant(settings, tenant.tid), user.oid)
         assert stored_matches(settings, tenant.tid) == world.expected_matches(tenant.tid)
         assert cli("tenant", "show", upper).one_line.count(f"connected user {user.oid}") == 1
     finally:

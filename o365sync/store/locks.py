@@ -14,11 +14,11 @@ import duckdb
 
 from o365sync.settings import Settings
 from o365sync.store.schema import migrate
-from o365sync.tenants import tenant_dir
+from o365sync.tenants import STORE_FILE, tenant_dir
 
 
 def store_path(settings: Settings, tenant_id: str) -> Path:
-    return tenant_dir(settings, tenant_id) / "store.duckdb"
+    return tenant_dir(settings, tenant_id) / STORE_FILE
 
 
 @contextlib.contextmanager

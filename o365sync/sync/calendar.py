@@ -34,17 +34,16 @@ from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOW
 from o365sync.http import make_http_client
 from o365sync.matching import CrmIndex, match_participants
 from o365sync.notetaker import run_notetaker
-from o365sync.settings import Settings
 from o365sync.store import (
     MEETING_COLUMNS,
     CalendarCursor,
     MeetingBatch,
-    open_store,
     read_calendar_cursor,
     write_meeting_batch,
 )
 from o365sync.sync.mailbox import LIMIT_REASONS, resync_reason
-from o365sync.tenants import TenantConfig, load_tenant
+from o365sync.tenant_context import Tenant
+from o365sync.tenants import TenantConfig
 
 WINDOW = timedelta(days=365)
 SKIPPED_SENSITIVITY = frozenset({"private"})
@@ -151,27 +150,27 @@ def classify(
     return kept, internal, links
 
 
-def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: datetime | None = None) -> CalendarCounts:
+def sync_calendar_now(tenant: Tenant, user_oid: str, now: datetime | None = None) -> CalendarCounts:
     """Bring one user's meetings up to date (see the module docstring)."""
-    tenant = load_tenant(settings, tenant_id)
+    settings, tenant_id, config = tenant.settings, tenant.id, tenant.config
     counts = CalendarCounts()
-    if not tenant.feature_on("calendar", user_oid):
+    if not config.feature_on("calendar", user_oid):
         return counts
-    scopes = calendar_scopes(tenant)
+    scopes = calendar_scopes(config)
     missing = consent_needed(settings, tenant_id, user_oid, scopes)
     if missing:
         raise ConsentNeeded(tenant_id, user_oid, missing)
     now = now or datetime.now(UTC)
-    index, scan_start = crm_index_for(settings, tenant)
+    index, scan_start = crm_index_for(settings, config)
     if scan_start is None:
         raise NoCrmSnapshot(tenant_id)
-    with open_store(settings, tenant_id, write=False) as con:
+    with tenant.open_store(write=False) as con:
         cursor = read_calendar_cursor(con, tenant_id, user_oid)
     stored = cursor
     if cursor is None or now - cursor.window_start >= timedelta(hours=settings.calendar_reanchor_hours):
         cursor = CalendarCursor(*anchored_window(now))  # (re-)anchor: a new baseline round
     window = (cursor.window_start, cursor.window_end)
-    allow = CALENDAR_READ_ALLOWLIST + (CALENDAR_CONSENT_WRITE_ALLOWLIST if tenant.notetaker_explicit_consent else ())
+    allow = CALENDAR_READ_ALLOWLIST + (CALENDAR_CONSENT_WRITE_ALLOWLIST if config.notetaker_explicit_consent else ())
     with TokenProvider(settings, tenant_id, user_oid, scopes) as provider, make_http_client(settings) as http:
         client = GraphClient(
             http,
@@ -200,7 +199,7 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
             counts.stopped = LIMIT_REASONS["PageCap" if not client.past_deadline() else "TimeCap"]
         counts.scanned = len(instances)
         counts.odd_text = sum(m.text_repaired for m in instances)
-        kept, internal, links = classify(instances, index, tenant.preferences_for(user_oid).internal_meetings, counts)
+        kept, internal, links = classify(instances, index, config.preferences_for(user_oid).internal_meetings, counts)
         meetings, attendees = _frames(kept, internal)
         del instances, kept  # unmatched meetings end here, in memory
         # Cut short: keep the stored cursor (its deltaLink replays the round next run) and do not reconcile.
@@ -218,9 +217,9 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
             cursor=resume,
             reconcile=counts.baseline and complete,
         )
-        with open_store(settings, tenant_id, write=True) as con:
+        with tenant.open_store(write=True) as con:
             counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)
         organizer = str(connection_info(settings, tenant_id, user_oid).get("upn") or "")
-        notes = run_notetaker(client, settings, tenant, user_oid, organizer, now)
+        notes = run_notetaker(client, settings, config, user_oid, organizer, now)
         counts.to_record, counts.links_added = notes.to_record, notes.links_added
     return counts

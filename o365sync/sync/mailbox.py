@@ -46,7 +46,8 @@ from o365sync.store import (
     read_cursors,
     write_mail_batch,
 )
-from o365sync.tenants import TenantConfig, load_tenant
+from o365sync.tenant_context import Tenant
+from o365sync.tenants import TenantConfig
 
 MAIL_FOLDERS = ("inbox", "sentitems")
 FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (https://learn.microsoft.com/en-us/graph/api/message-delta)
@@ -327,16 +328,16 @@ def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> No
         run.counts += RunCounts(excluded=((LIMIT_REASONS[limit.code or "PageCap"], 1),))
 
 
-def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCounts:
+def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
     """Bring one mailbox up to date (first run: the whole scan window), resuming from its cursors."""
-    tenant = load_tenant(settings, tenant_id)
-    index, scan_start = crm_index_for(settings, tenant)
+    settings, config = tenant.settings, tenant.config
+    index, scan_start = crm_index_for(settings, config)
     if scan_start is None:
-        raise NoCrmSnapshot(tenant_id)
-    with open_store(settings, tenant_id, write=False) as con:
-        cursors = read_cursors(con, tenant_id, user_oid)
+        raise NoCrmSnapshot(tenant.id)
+    with tenant.open_store(write=False) as con:
+        cursors = read_cursors(con, tenant.id, user_oid)
     with (
-        TokenProvider(settings, tenant_id, user_oid, scopes_for(["email"])) as provider,
+        TokenProvider(settings, tenant.id, user_oid, scopes_for(["email"])) as provider,
         make_http_client(settings) as http,
     ):
         client = GraphClient(
@@ -348,7 +349,7 @@ def sync_mailbox_now(settings: Settings, tenant_id: str, user_oid: str) -> RunCo
             max_pages=settings.sync_max_pages,
         )
         run = MailboxRun(
-            settings, tenant, user_oid, client, index, tenant.blocklist_for(user_oid), scan_start, datetime.now(UTC)
+            settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, datetime.now(UTC)
         )
         deadline = time.monotonic() + settings.sync_max_seconds
         for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves

@@ -9,9 +9,9 @@ import logging
 from collections.abc import Callable
 
 from o365sync.errors import ACTION_NEEDED, FAILED, O365SyncError, sync_failure
-from o365sync.settings import Settings
-from o365sync.store import CATCHING_UP, RunCounts, open_store, record_sync_state
+from o365sync.store import CATCHING_UP, RunCounts, record_sync_state
 from o365sync.sync.mailbox import LIMIT_REASONS
+from o365sync.tenant_context import Tenant
 
 log = logging.getLogger("o365sync.sync")
 _RESYNCED = "; resynced from shortly before the last sync (nothing lost, nothing doubled)"
@@ -45,21 +45,21 @@ def summary(user_oid: str, status: str, counts: RunCounts) -> dict[str, int | st
 
 
 def run_user_sync(
-    settings: Settings,
+    tenant: Tenant,
     feature: str,
-    tenant_id: str,
     user_oid: str,
-    work: Callable[[], RunCounts],
+    work: Callable[[Tenant, str], RunCounts],
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> dict[str, int | str]:
-    with open_store(settings, tenant_id, write=True) as con:
-        record_sync_state(con, tenant_id, user_oid, "syncing", feature=feature)
+    """`work(tenant, user_oid)` (one user's sync of `feature`) between its sync state's "syncing" and the outcome."""
+    with tenant.open_store(write=True) as con:
+        record_sync_state(con, tenant.id, user_oid, "syncing", feature=feature)
     try:
-        counts = work()
+        counts = work(tenant, user_oid)
     except Exception as exc:
         stage, error = sync_failure(exc)
-        with open_store(settings, tenant_id, write=True) as con:
-            record_sync_state(con, tenant_id, user_oid, stage, error=error, feature=feature)
+        with tenant.open_store(write=True) as con:
+            record_sync_state(con, tenant.id, user_oid, stage, error=error, feature=feature)
         if stage not in (FAILED, ACTION_NEEDED):  # the user must connect again; the tenant's run goes on
             logger.warning("%s user=%s %s error=%s", feature, user_oid, stage, error)
             return summary(user_oid, stage, RunCounts())
@@ -69,8 +69,8 @@ def run_user_sync(
     reasons = dict(counts.excluded)
     note = "; ".join(text for reason, text in NOTES.items() if reasons.get(reason)) or None
     stage = CATCHING_UP if reasons.keys() & set(LIMIT_REASONS.values()) else "idle"
-    with open_store(settings, tenant_id, write=True) as con:
-        record_sync_state(con, tenant_id, user_oid, stage, counts, feature=feature, note=note)
+    with tenant.open_store(write=True) as con:
+        record_sync_state(con, tenant.id, user_oid, stage, counts, feature=feature, note=note)
     logger.info(
         "%s user=%s scanned=%d matched=%d imported=%d discarded=%d excluded=%s",
         feature,

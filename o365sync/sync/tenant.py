@@ -5,30 +5,29 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from o365sync.settings import Settings
 from o365sync.store import (
     crm_state_summary,
     latest_crm_snapshot_at,
-    open_store,
     read_crm_drop_guard,
     read_crm_state,
     read_sync_states,
 )
 from o365sync.sync_policy import due_on_schedule
+from o365sync.tenant_context import Tenant
 
 COUNT_KEYS = ("scanned", "matched", "imported", "discarded")
 CRM_RETRY = timedelta(hours=1)
 
 
 def crm_refresh_due(
-    settings: Settings, tenant_id: str, crm_max_age: timedelta, respect_backoff: bool, now: datetime
+    tenant: Tenant, crm_max_age: timedelta, respect_backoff: bool, now: datetime
 ) -> tuple[bool, datetime | None]:
     """(refresh now?, time of the latest snapshot or None). Due when there is no snapshot or it is older than
     `crm_max_age` — except that a used-up or refused CRM, or a refresh refused by the mass-drop guard, is asked again
     only once per CRM_RETRY while a snapshot exists (a scheduled run every 15 minutes must not spend what is left of
     a daily API allowance on a refresh that fails again); a run started by hand, or an admin's confirmation of the
     drop, tries now."""
-    with open_store(settings, tenant_id, write=False) as con:
+    with tenant.open_store(write=False) as con:
         snapshot_at = latest_crm_snapshot_at(con)
         crm_before = read_crm_state(con) or {}
         drop_confirmed = (read_crm_drop_guard(con) or {}).get("confirmed_at") is not None
@@ -42,10 +41,10 @@ def crm_refresh_due(
     return stale and not (waiting and snapshot_at is not None), snapshot_at
 
 
-def sync_states(settings: Settings, tenant_id: str, feature: str) -> dict[str, dict]:
+def sync_states(tenant: Tenant, feature: str) -> dict[str, dict]:
     """{user oid: sync state} of one feature."""
-    with open_store(settings, tenant_id, write=False) as con:
-        return {s["user_oid"]: s for s in read_sync_states(con, tenant_id, feature)}
+    with tenant.open_store(write=False) as con:
+        return {s["user_oid"]: s for s in read_sync_states(con, tenant.id, feature)}
 
 
 def due_users(users: list, states: dict[str, dict], respect_backoff: bool, now: datetime) -> list:
@@ -94,9 +93,9 @@ def feature_totals(feature: str, rows: list[dict], failed: int, waiting: int) ->
     return totals
 
 
-def crm_report_row(settings: Settings, tenant_id: str, refreshed: dict) -> dict:
+def crm_report_row(tenant: Tenant, refreshed: dict) -> dict:
     """The CRM snapshot's state after the run (`refreshed`: what this run's refresh returned, {} if none)."""
-    with open_store(settings, tenant_id, write=False) as con:
+    with tenant.open_store(write=False) as con:
         crm_state, crm_summary = read_crm_state(con) or {}, crm_state_summary(con)
     return {
         "state": crm_state.get("status", "never_refreshed"),

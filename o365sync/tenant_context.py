@@ -1,0 +1,63 @@
+"""A tenant resolved once for a run: the settings, its configuration and where its files are, read from the
+registry in one step and passed down (flow → task → sync pipeline) instead of re-derived at every step.
+
+`resolve_tenant` reads `tenant.json` once and locates the tenant's folder under its region's storage root; it raises
+the registry's own errors (`TenantNotFound`, `TenantUnreadable`, `TenantMisplaced`) and creates nothing: a reader
+never starts a store. The locations hold while the tenant's sync locks are held (`o365sync tenant move` waits for
+them); a run that waited for those locks resolves the tenant again, since it may have moved or gone meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from o365sync.settings import Settings
+from o365sync.store import open_store, tenant_sync_locks
+from o365sync.tenants import (
+    STORE_FILE,
+    TenantConfig,
+    checked_tenant_dir,
+    region_root,
+    registered_tenant,
+    tenant_locations,
+)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    settings: Settings
+    config: TenantConfig
+    root: Path  # the storage root of the tenant's region (`data_dir` without one)
+    folder: Path  # every data file of the tenant: store, token caches, CRM secrets, exports, lock files
+    snapshot_path: Path  # the analysts' read-only copy, `<root>/analytics/<id>.duckdb`
+
+    @property
+    def id(self) -> str:
+        """The canonical id (a GUID typed in upper case names the same tenant)."""
+        return self.config.id
+
+    @property
+    def store_path(self) -> Path:
+        return self.folder / STORE_FILE
+
+    def open_store(self, write: bool) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        """The tenant's live store through `o365sync.store.open_store` (the one way to open it, which confirms the
+        location under its flock: a `tenant move` may run between two opens of a caller without the sync locks)."""
+        return open_store(self.settings, self.id, write)
+
+    def sync_locks(self, features: Iterable[str]) -> AbstractContextManager[None]:
+        """The per-feature sync locks (`o365sync.store.tenant_sync_locks`) in the tenant's folder."""
+        return tenant_sync_locks(self.folder, features)
+
+
+def resolve_tenant(settings: Settings, tenant_id: str) -> Tenant:
+    """The registered tenant `tenant_id` and its locations; the registry's one-line errors otherwise."""
+    config = registered_tenant(settings, tenant_id)
+    snapshot = tenant_locations(settings, config.id, config.region)[1]
+    folder = checked_tenant_dir(settings, config.id, config.region)
+    return Tenant(settings, config, region_root(settings, config.region), folder, snapshot)
