@@ -46,9 +46,9 @@ class Tenant:
         return self.folder / STORE_FILE
 
     def open_store(self, write: bool) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        """The tenant's live store through `o365sync.store.open_store` (the one way to open it, which confirms the
-        location under its flock: a `tenant move` may run between two opens of a caller without the sync locks)."""
-        return open_store(self.settings, self.id, write)
+        """The tenant's live store, opened at `store_path` through `o365sync.store.open_store`, which confirms the
+        location under its flock (a `tenant move` may run between two opens of a caller without the sync locks)."""
+        return open_store(self.settings, self.id, write, at=self.store_path)
 
     def sync_locks(self, features: Iterable[str]) -> AbstractContextManager[None]:
         """The per-feature sync locks (`o365sync.store.tenant_sync_locks`) in the tenant's folder."""

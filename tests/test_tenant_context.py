@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from o365sync.residency import move_tenant
 from o365sync.settings import load_settings
 from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path
 from o365sync.sync.tenant import sync_states
@@ -84,3 +85,20 @@ def test_an_unreadable_entry_and_misplaced_files_raise_the_registry_errors(setti
     (registry_dir(settings, "t1") / "tenant.json").write_text("{not json")
     with pytest.raises(TenantUnreadable, match="tenant.json is invalid"):
         resolve_tenant(settings, "t1")
+
+
+def test_a_context_resolved_before_a_move_follows_the_files(settings):
+    save_tenant(settings, TenantConfig(id="t1", domains=["contoso.com"]))
+    with open_store(settings, "t1", write=True) as con:
+        con.execute("INSERT INTO crm_accounts SELECT 'a1', 'A', 'a.com'")
+    stale = resolve_tenant(settings, "t1")
+    move_tenant(settings, "t1", "eu")
+    with stale.open_store(write=False) as con:
+        assert con.execute("SELECT count(*) FROM crm_accounts").fetchall() == [(1,)]
+    with stale.open_store(write=True) as con:
+        con.execute("INSERT INTO crm_accounts SELECT 'a2', 'B', 'b.com'")
+    moved = resolve_tenant(settings, "t1")
+    assert moved.root == settings.regions["eu"]
+    assert [p.name for p in stale.folder.iterdir()] == ["tenant.json"]  # nothing recreated where it was
+    with moved.open_store(write=False) as con:
+        assert con.execute("SELECT count(*) FROM crm_accounts").fetchall() == [(2,)]

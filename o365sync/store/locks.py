@@ -22,16 +22,21 @@ def store_path(settings: Settings, tenant_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def open_store(settings: Settings, tenant_id: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+def open_store(
+    settings: Settings, tenant_id: str, write: bool, at: Path | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted; if the tenant's
     files moved to another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it
     follows them. Only writers create the file: a reader of a tenant without a store gets the schema's empty
-    tables in memory and writes nothing anywhere."""
-    if not write and not store_path(settings, tenant_id).exists():
+    tables in memory and writes nothing anywhere. `at`: the store's path as the caller resolved it (a `Tenant`),
+    which spares looking it up; it is confirmed under the flock all the same."""
+    if at is not None and not at.exists():
+        at = None  # not there (not yet, or not any more): look it up
+    if not write and at is None and not store_path(settings, tenant_id).exists():
         with _connect(":memory:", write=True) as con:
             yield con
         return
-    with store_lock(settings, tenant_id, write) as path, _connect(str(path), write) as con:
+    with store_lock(settings, tenant_id, write, at) as path, _connect(str(path), write) as con:
         yield con
 
 
@@ -48,12 +53,15 @@ def _connect(database: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
 
 
 @contextlib.contextmanager
-def store_lock(settings: Settings, tenant_id: str, write: bool) -> Iterator[Path]:
-    """The store's flock (shared for readers, exclusive for writers), on the tenant's current store path."""
+def store_lock(settings: Settings, tenant_id: str, write: bool, at: Path | None = None) -> Iterator[Path]:
+    """The store's flock (shared for readers, exclusive for writers), on the tenant's current store path (tried
+    first at `at`)."""
+    path = at or store_path(settings, tenant_id)
     while True:
-        path = store_path(settings, tenant_id)
         with flock_file(Path(f"{path}.lock"), exclusive=write):
-            if store_path(settings, tenant_id) != path:
+            current = store_path(settings, tenant_id)
+            if current != path:
+                path = current
                 continue  # moved while we waited: lock the new location
             yield path
             return
