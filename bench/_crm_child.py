@@ -40,7 +40,7 @@ import polars as pl  # noqa: E402
 from o365sync.settings import Settings  # noqa: E402
 
 if MODE == "fetch":
-    from crm_adapters.base import CrmSnapshot  # noqa: E402
+    from o365sync.crm import CrmSnapshot  # noqa: E402
     from o365sync.http import make_http_client  # noqa: E402
     from o365sync.store import open_store, replace_crm_snapshot  # noqa: E402
 

@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 
 from crm_adapters import hubspot, pipedrive
-from crm_adapters.base import CrmChanges, CrmSnapshot, website_domain
+from crm_adapters.base import website_domain
+from o365sync.crm import CrmChanges, CrmSnapshot
 from simulators import world as world_mod
 from simulators.hubspot import OBJECT_TYPES, HubSpotSimulator, additional_domains, additional_emails
 from simulators.pipedrive import PipedriveSimulator, secondary_email, website_exposed

@@ -14,7 +14,7 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
+from o365sync.crm import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
 from simulators.world import World
 from tests.crm_cases import CrmCase, fixtures, ts
 from tests.crm_helpers import Clock, Sleeps, apply_changes, assert_same
