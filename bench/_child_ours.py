@@ -10,7 +10,7 @@ T_START = time.perf_counter()
 
 import os  # noqa: E402
 
-from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+from _measure import Meter, emit_measured, imports_done  # noqa: E402
 
 from o365sync.prefect_env import configure_prefect_env  # noqa: E402
 
@@ -18,8 +18,7 @@ configure_prefect_env()  # o365sync imports may pull in Prefect settings; the pa
 from o365sync.settings import load_settings  # noqa: E402
 from o365sync.sync.mailbox import sync_mailbox_now  # noqa: E402
 
-import_s = time.perf_counter() - T_START
-rss_after_import = rss_mb()
+imports_done(T_START)
 
 settings = load_settings()
 tenant_id, user_oid = os.environ["BENCH_TENANT_ID"], os.environ["BENCH_USER_OID"]
@@ -34,19 +33,14 @@ if profile_path:
     profiler.dump_stats(profile_path)
 else:
     counts = sync_mailbox_now(settings, tenant_id, user_oid)
-wall, cpu = meter.done()
 
-emit(
+emit_measured(
+    meter,
     variant="ours",
     rows=counts.scanned,
     scanned=counts.scanned,
     matched=counts.matched,
     imported=counts.imported,
     discarded=counts.discarded,
-    wall_s=wall,
-    cpu_s=cpu,
-    rss_after_import_mb=rss_after_import,
-    peak_rss_mb=peak_rss_mb(),
-    import_s=import_s,
     page_size=settings.graph_page_size,
 )
