@@ -21,7 +21,7 @@ import duckdb
 
 from o365sync.analytics import export_lock
 from o365sync.settings import Settings
-from o365sync.store import open_store, store_path
+from o365sync.store import open_store, store_path, write_synced
 from o365sync.tenants import load_tenant, tenant_dir
 
 
@@ -83,15 +83,6 @@ def _target(settings: Settings, tenant_id: str, kind: str, key: str) -> Path:
     folder.mkdir(parents=True, exist_ok=False)
     os.chmod(folder, 0o700)
     return folder
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resolve_conversation(
@@ -173,6 +164,23 @@ def export_conversation(
         return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
 
 
+_LINK_FIELDS = ("crm_id", "crm_kind", "matched_address", "is_primary")
+
+
+def _crm_links(con: duckdb.DuckDBPyConnection, table: str, key: str, keyed: str, params: list) -> list[dict]:
+    """The CRM links (`table`: email_crm_matches or meeting_crm_matches) of the items `keyed` selects."""
+    fields = ", ".join(_LINK_FIELDS)
+    return _rows(con, f"SELECT user_oid, {key}, {fields} FROM {table} WHERE {keyed} ORDER BY crm_id", params)
+
+
+def _nest(items: list[dict], key: str, name: str, details: list[dict], fields: tuple[str, ...]) -> None:
+    """Each item (a message or meeting row) gets `name`: the `fields` of its detail rows (same user_oid and `key`),
+    in their order."""
+    for item in items:
+        k = (item["user_oid"], item[key])
+        item[name] = [{x: d[x] for x in fields} for d in details if (d["user_oid"], d[key]) == k]
+
+
 def _export_conversation(
     settings: Settings,
     tenant_id: str,
@@ -199,27 +207,14 @@ def _export_conversation(
             "ORDER BY role, address",
             params,
         )
-        links = _rows(
-            con,
-            f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
-            f"email_crm_matches WHERE {keyed} ORDER BY crm_id",
-            params,
-        )
+        links = _crm_links(con, "email_crm_matches", "graph_id", keyed, params)
     if not messages:
         raise LookupError(
             f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
             f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
         )
-    for m in messages:
-        k = (m["user_oid"], m["graph_id"])
-        m["participants"] = [
-            {x: p[x] for x in ("role", "name", "address")} for p in parts if (p["user_oid"], p["graph_id"]) == k
-        ]
-        m["crm_links"] = [
-            {x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")}
-            for c in links
-            if (c["user_oid"], c["graph_id"]) == k
-        ]
+    _nest(messages, "graph_id", "participants", parts, ("role", "name", "address"))
+    _nest(messages, "graph_id", "crm_links", links, _LINK_FIELDS)
     folder = _target(settings, tenant_id, "conversation", conversation_id)
     doc = {
         "tenant_id": tenant_id,
@@ -228,12 +223,12 @@ def _export_conversation(
         "exported_at": datetime.now(UTC).isoformat(),
         "messages": messages,
     }
-    _write(folder / "conversation.json", json.dumps(doc, indent=2, default=_iso).encode())
+    write_synced(folder / "conversation.json", json.dumps(doc, indent=2, default=_iso).encode())
     files = 1
     if eml:
         (folder / "messages").mkdir()
         for n, m in enumerate(messages, 1):
-            _write(folder / "messages" / f"{n:03d}.eml", to_eml(m))
+            write_synced(folder / "messages" / f"{n:03d}.eml", to_eml(m))
             files += 1
     return ExportResult(folder, "conversation", len(messages), files)
 
@@ -278,29 +273,14 @@ def _export_meeting(
             f"WHERE {keyed} ORDER BY role, address",
             params,
         )
-        links = _rows(
-            con,
-            f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
-            f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id",
-            params,
-        )
+        links = _crm_links(con, "meeting_crm_matches", "event_id", keyed, params)
     if not meetings:
         raise LookupError(
             f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
             f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
         )
-    for m in meetings:
-        k = (m["user_oid"], m["event_id"])
-        m["attendees"] = [
-            {x: a[x] for x in ("role", "name", "address", "response")}
-            for a in attendees
-            if (a["user_oid"], a["event_id"]) == k
-        ]
-        m["crm_links"] = [
-            {x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")}
-            for c in links
-            if (c["user_oid"], c["event_id"]) == k
-        ]
+    _nest(meetings, "event_id", "attendees", attendees, ("role", "name", "address", "response"))
+    _nest(meetings, "event_id", "crm_links", links, _LINK_FIELDS)
     kind = "meeting" if event_id else "series"
     folder = _target(settings, tenant_id, kind, key)
     doc = {
@@ -310,5 +290,5 @@ def _export_meeting(
         "exported_at": datetime.now(UTC).isoformat(),
         "meetings": meetings,
     }
-    _write(folder / "meeting.json", json.dumps(doc, indent=2, default=_iso).encode())
+    write_synced(folder / "meeting.json", json.dumps(doc, indent=2, default=_iso).encode())
     return ExportResult(folder, kind, len(meetings), 1)

@@ -18,8 +18,7 @@ from o365sync.store import open_store, publish_snapshot, snapshot_path
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenants import region_root, tenant_dir
 from simulators.world import generate_world
-from tasks.crm_snapshot import refresh_crm_snapshot
-from tests.product import stand_up
+from tests.product import stand_up_with_crm
 from tests.traces import file_hits
 
 
@@ -53,10 +52,7 @@ def seed_marker(world, oid: str, tag: str):
 @pytest.fixture
 def product(tmp_path, monkeypatch):
     world = generate_world(seed=41, users_per_tenant=2, messages_per_user=60, contacts_per_tenant=25)
-    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50")
 
 
 @pytest.mark.slow
@@ -196,10 +192,9 @@ def test_actor_and_reason_are_ids_not_free_text(product):
 @pytest.fixture
 def calendar_product(tmp_path, monkeypatch):
     world = generate_world(seed=43, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30, calendars=True)
-    p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(
+        world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25"
+    )
 
 
 @pytest.mark.slow

@@ -49,6 +49,7 @@ from o365sync.store.locks import (
     store_lock,
     store_path,
     tenant_sync_locks,
+    write_synced,
 )
 from o365sync.store.mail import (
     BATCH_EMAIL_COLUMNS,
@@ -113,6 +114,7 @@ __all__ = [
     "crm_state_summary",
     "flock_file",
     "fsync_path",
+    "write_synced",
     "latest_crm_snapshot_at",
     "load_crm_frames",
     "migrate",
