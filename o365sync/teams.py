@@ -30,10 +30,9 @@ import duckdb
 import msgspec
 from tzlocal.windows_tz import win_tz
 
-from o365sync.auth import TokenProvider, consent_needed, scopes_for
+from o365sync.auth import consent_needed, scopes_for
 from o365sync.errors import ConsentNeeded, O365SyncError
 from o365sync.graph import TEAMS_ALLOWLIST, ForbiddenRequest, GraphClient, GraphError
-from o365sync.http import make_http_client
 from o365sync.settings import Settings
 from o365sync.store import open_store
 from o365sync.teams_store import (
@@ -48,6 +47,7 @@ from o365sync.teams_store import (
     share_id_for,
 )
 from o365sync.tenants import load_tenant
+from o365sync.user_graph import user_graph_client
 
 __all__ = [
     "ACTIVITY_KINDS",
@@ -143,15 +143,8 @@ def require_teams(settings: Settings, tenant_id: str, oid: str) -> list[str]:
 def teams_client(settings: Settings, tenant_id: str, oid: str) -> Iterator[GraphClient]:
     """A Graph client for one user that can make the Teams calls and nothing else (checks `require_teams`)."""
     scopes = require_teams(settings, tenant_id, oid)
-    with TokenProvider(settings, tenant_id, oid, scopes) as provider, make_http_client(settings) as http:
-        yield GraphClient(
-            http,
-            settings.graph_url,
-            provider,
-            max_in_flight=settings.max_requests_per_mailbox,
-            budget=settings.graph_request_budget,
-            allow=TEAMS_ALLOWLIST,
-        )
+    with user_graph_client(settings, tenant_id, oid, scopes, allow=TEAMS_ALLOWLIST) as client:
+        yield client
 
 
 def _seg(value: str) -> str:

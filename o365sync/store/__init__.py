@@ -54,6 +54,7 @@ from o365sync.store.locks import (
 from o365sync.store.mail import (
     BATCH_EMAIL_COLUMNS,
     EMAIL_COLUMNS,
+    PARTIAL_COLUMNS,
     RESYNC_OVERLAP,
     BatchResult,
     FolderCursor,
@@ -91,6 +92,7 @@ __all__ = [
     "CRM_TABLES",
     "CalendarCursor",
     "BATCH_EMAIL_COLUMNS",
+    "PARTIAL_COLUMNS",
     "EMAIL_COLUMNS",
     "FEATURE_LOCKS",
     "FolderCursor",
