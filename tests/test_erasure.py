@@ -49,6 +49,11 @@ def seed_marker(world, oid: str, tag: str):
     return m, [subject, body]
 
 
+def count(con, rows: str, *params: str) -> int:
+    """How many rows `rows` ("<table> WHERE <condition>") has."""
+    return con.execute(f"SELECT count(*) FROM {rows}", list(params)).fetchone()[0]
+
+
 @pytest.fixture
 def product(tmp_path, monkeypatch):
     world = generate_world(seed=41, users_per_tenant=2, messages_per_user=60, contacts_per_tenant=25)
@@ -94,8 +99,8 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
                 "SELECT DISTINCT address FROM email_participants WHERE graph_id = ?", [msg.id]
             ).fetchall()
         ]
-        in_conv = con.execute("SELECT count(*) FROM emails WHERE conversation_id = ?", [conv]).fetchone()[0]
-        others = con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0]
+        in_conv = count(con, "emails WHERE conversation_id = ?", conv)
+        others = count(con, "emails WHERE conversation_id <> ?", conv)
     exported = export_conversation(p.settings, tid, graph_id=msg.id, user_oid=alice.oid)
     assert exported.items == in_conv and exported.files == in_conv + 1
     doc = json.loads((exported.path / "conversation.json").read_text())
@@ -117,14 +122,9 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     assert hits(tenant_files(p.settings, tid), markers) == []
     assert not (tenant_dir(p.settings, tid) / "exports").exists()
     with open_store(p.settings, tid, write=False) as con:
-        assert (
-            con.execute(
-                "SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?", [conv, alice.oid]
-            ).fetchone()[0]
-            == 0
-        )
-        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0] == others
-        assert con.execute("SELECT count(*) FROM email_participants WHERE graph_id = ?", [msg.id]).fetchone()[0] == 0
+        assert count(con, "emails WHERE conversation_id = ? AND user_oid = ?", conv, alice.oid) == 0
+        assert count(con, "emails WHERE conversation_id <> ?", conv) == others
+        assert count(con, "email_participants WHERE graph_id = ?", msg.id) == 0
 
     # The next sync does not bring it back — not even a new reply in the same conversation.
     reply = p.world.add_message(alice.oid, "inbox", kind="contact")
@@ -133,12 +133,7 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     p.world.update_message(msg.id, is_read=False)  # a change Graph's delta reports
     sync_all(p)
     with open_store(p.settings, tid, write=False) as con:
-        assert (
-            con.execute(
-                "SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?", [conv, alice.oid]
-            ).fetchone()[0]
-            == 0
-        )
+        assert count(con, "emails WHERE conversation_id = ? AND user_oid = ?", conv, alice.oid) == 0
     assert hits(tenant_files(p.settings, tid), markers) == []
 
     # The audit log: outside the tenant folder, ids and counts only.
