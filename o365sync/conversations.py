@@ -167,15 +167,21 @@ def export_conversation(
 _LINK_FIELDS = ("crm_id", "crm_kind", "matched_address", "is_primary")
 
 
-def _crm_links(con: duckdb.DuckDBPyConnection, table: str, key: str, keyed: str, params: list) -> list[dict]:
-    """The CRM links (`table`: email_crm_matches or meeting_crm_matches) of the items `keyed` selects."""
-    fields = ", ".join(_LINK_FIELDS)
-    return _rows(con, f"SELECT user_oid, {key}, {fields} FROM {table} WHERE {keyed} ORDER BY crm_id", params)
-
-
-def _nest(items: list[dict], key: str, name: str, details: list[dict], fields: tuple[str, ...]) -> None:
-    """Each item (a message or meeting row) gets `name`: the `fields` of its detail rows (same user_oid and `key`),
-    in their order."""
+def _attach(
+    con: duckdb.DuckDBPyConnection,
+    items: list[dict],
+    name: str,
+    table: str,
+    fields: tuple[str, ...],
+    order: str,
+    scope: tuple[str, list],
+) -> None:
+    """Each item (a message or meeting row of `scope`: the keyed condition and its parameters) gets `name`: the
+    `fields` of its rows in `table` (an email_* or meeting_* detail table; same user_oid and key), by `order`."""
+    key = "graph_id" if table.startswith("email") else "event_id"
+    keyed, params = scope
+    sql = f"SELECT user_oid, {key}, {', '.join(fields)} FROM {table} WHERE {keyed} ORDER BY {order}"
+    details = _rows(con, sql, params)
     for item in items:
         k = (item["user_oid"], item[key])
         item[name] = [{x: d[x] for x in fields} for d in details if (d["user_oid"], d[key]) == k]
@@ -200,21 +206,15 @@ def _export_conversation(
             f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} ORDER BY coalesce(sent_at, received_at), graph_id",
             params,
         )
-        keyed = f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})"
-        parts = _rows(
-            con,
-            f"SELECT user_oid, graph_id, role, name, address FROM email_participants WHERE {keyed} "
-            "ORDER BY role, address",
-            params,
-        )
-        links = _crm_links(con, "email_crm_matches", "graph_id", keyed, params)
+        keyed = (f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})", params)
+        fields = ("role", "name", "address")
+        _attach(con, messages, "participants", "email_participants", fields, "role, address", keyed)
+        _attach(con, messages, "crm_links", "email_crm_matches", _LINK_FIELDS, "crm_id", keyed)
     if not messages:
         raise LookupError(
             f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
             f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
         )
-    _nest(messages, "graph_id", "participants", parts, ("role", "name", "address"))
-    _nest(messages, "graph_id", "crm_links", links, _LINK_FIELDS)
     folder = _target(settings, tenant_id, "conversation", conversation_id)
     doc = {
         "tenant_id": tenant_id,
@@ -266,21 +266,15 @@ def _export_meeting(
         meetings = _rows(
             con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id", params
         )
-        keyed = f"(user_oid, event_id) IN (SELECT (user_oid, event_id) FROM meetings WHERE {scope})"
-        attendees = _rows(
-            con,
-            f"SELECT user_oid, event_id, role, name, address, response FROM meeting_attendees "
-            f"WHERE {keyed} ORDER BY role, address",
-            params,
-        )
-        links = _crm_links(con, "meeting_crm_matches", "event_id", keyed, params)
+        keyed = (f"(user_oid, event_id) IN (SELECT (user_oid, event_id) FROM meetings WHERE {scope})", params)
+        fields = ("role", "name", "address", "response")
+        _attach(con, meetings, "attendees", "meeting_attendees", fields, "role, address", keyed)
+        _attach(con, meetings, "crm_links", "meeting_crm_matches", _LINK_FIELDS, "crm_id", keyed)
     if not meetings:
         raise LookupError(
             f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
             f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
         )
-    _nest(meetings, "event_id", "attendees", attendees, ("role", "name", "address", "response"))
-    _nest(meetings, "event_id", "crm_links", links, _LINK_FIELDS)
     kind = "meeting" if event_id else "series"
     folder = _target(settings, tenant_id, kind, key)
     doc = {
