@@ -964,11 +964,14 @@ class GraphSimulator:
         return _prefer(req.headers).get("idtype", "").lower() == "immutableid"
 
     @staticmethod
-    def _parse_filter(raw: str | None) -> tuple[str, int] | None:
+    def _parse_filter(raw: str | None, delta: bool = False) -> tuple[str, int] | None:
+        """A listing's (or, with `delta`, a message delta's) `$filter`: only `receivedDateTime ge|gt <time>`."""
         if raw is None:
             return None
         if received := _received_filter(raw):
             return received
+        if delta:
+            raise GraphFail(400, "ErrorInvalidUrlQuery", _DELTA_FILTER_ERROR)
         if _QUOTED_FILTER_RE.fullmatch(raw):
             raise GraphFail(
                 400,
@@ -1152,14 +1155,6 @@ class GraphSimulator:
         return size
 
     @staticmethod
-    def _parse_delta_filter(raw: str | None) -> tuple[str, int] | None:
-        if raw is None:
-            return None
-        if received := _received_filter(raw):
-            return received
-        raise GraphFail(400, "ErrorInvalidUrlQuery", _DELTA_FILTER_ERROR)
-
-    @staticmethod
     def _passes(m: SimMessage, flt: tuple[str, int] | None) -> bool:
         if flt is None:
             return True
@@ -1209,7 +1204,7 @@ class GraphSimulator:
             select = self._parse_select(req)
             expand = self._parse_expand(req)
             self._check_mail_scopes(ctx, select, expand)
-            flt = self._parse_delta_filter(req.query.get("$filter"))
+            flt = self._parse_filter(req.query.get("$filter"), delta=True)
             orderby = req.query.get("$orderby")
             if orderby is not None and not re.fullmatch(r"\s*receivedDateTime\s+desc\s*", orderby, re.IGNORECASE):
                 raise GraphFail(400, "ErrorInvalidUrlQuery", "The $orderby expression is not supported.")

@@ -385,18 +385,18 @@ class _Parser:
         return SoqlQuery(sobject, fields, where, order_by, limit)
 
     def or_expr(self) -> Predicate:
-        parts = [self.and_expr()]
-        while self.is_kw("OR"):
-            self.next()
-            parts.append(self.and_expr())
-        return parts[0] if len(parts) == 1 else (lambda r: any(p(r) for p in parts))
+        return self.chain("OR", self.and_expr, any)
 
     def and_expr(self) -> Predicate:
-        parts = [self.unary()]
-        while self.is_kw("AND"):
+        return self.chain("AND", self.unary, all)
+
+    def chain(self, keyword: str, operand: Callable[[], Predicate], combine: Callable[[Any], bool]) -> Predicate:
+        """operand (keyword operand)*, true when `combine` (any / all) of the operands is."""
+        parts = [operand()]
+        while self.is_kw(keyword):
             self.next()
-            parts.append(self.unary())
-        return parts[0] if len(parts) == 1 else (lambda r: all(p(r) for p in parts))
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else (lambda r: combine(p(r) for p in parts))
 
     def unary(self) -> Predicate:
         if self.is_kw("NOT"):
