@@ -14,7 +14,7 @@ T_START = time.perf_counter()
 
 import os  # noqa: E402
 
-from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+from _measure import Meter, emit_measured, imports_done  # noqa: E402
 
 os.environ.setdefault("RUNTIME__DLTHUB_TELEMETRY", "false")
 
@@ -25,8 +25,7 @@ from dlt.sources.helpers.rest_client import RESTClient  # noqa: E402
 from dlt.sources.helpers.rest_client.auth import BearerTokenAuth  # noqa: E402
 from dlt.sources.helpers.rest_client.paginators import JSONLinkPaginator  # noqa: E402
 
-import_s = time.perf_counter() - T_START
-rss_after_import = rss_mb()
+imports_done(T_START)
 
 FOLDERS = ("inbox", "sentitems")
 TS = pa.timestamp("us", tz="UTC")
@@ -130,16 +129,11 @@ pipeline = dlt.pipeline(
 )
 pipeline.run(messages(), loader_file_format="parquet")
 rows = pipeline.last_trace.last_normalize_info.row_counts.get("messages", 0)
-wall, cpu = meter.done()
 
-emit(
+emit_measured(
+    meter,
     variant="dlt",
     rows=rows,
     pages=pages,
-    wall_s=wall,
-    cpu_s=cpu,
-    rss_after_import_mb=rss_after_import,
-    peak_rss_mb=peak_rss_mb(),
-    import_s=import_s,
     steps={s.step: round((s.finished_at - s.started_at).total_seconds(), 3) for s in pipeline.last_trace.steps},
 )

@@ -28,10 +28,9 @@ from urllib.parse import quote  # noqa: E402
 
 import duckdb  # noqa: E402
 import requests  # noqa: E402
-from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+from _measure import Meter, emit_measured, imports_done  # noqa: E402
 
-import_s = time.perf_counter() - T_START
-rss_after_import = rss_mb()
+imports_done(T_START)
 
 GRAPH = os.environ["O365SYNC_GRAPH_URL"].rstrip("/")
 PAGE_SIZE = int(os.environ.get("BENCH_NAIVE_PAGE_SIZE", "500"))
@@ -202,20 +201,15 @@ for folder in ("inbox", "sentitems"):
         url, query = page.get("@odata.nextLink"), None
 con.close()
 session.close()
-wall, cpu = meter.done()
 
-emit(
+emit_measured(
+    meter,
     variant="naive",
     rows=scanned,
     scanned=scanned,
     matched=matched,
     pages=pages,
     body_requests=body_requests,
-    wall_s=wall,
-    cpu_s=cpu,
-    rss_after_import_mb=rss_after_import,
-    peak_rss_mb=peak_rss_mb(),
-    import_s=import_s,
     page_size=PAGE_SIZE,
     stages={k: round(v, 3) for k, v in stages.items()},
 )

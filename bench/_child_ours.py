@@ -10,7 +10,7 @@ T_START = time.perf_counter()
 
 import os  # noqa: E402
 
-from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+from _measure import Meter, emit_measured, imports_done  # noqa: E402
 
 from o365sync.prefect_env import configure_prefect_env  # noqa: E402
 
@@ -19,8 +19,7 @@ from o365sync.settings import load_settings  # noqa: E402
 from o365sync.sync.mailbox import sync_mailbox_now  # noqa: E402
 from o365sync.tenant_context import resolve_tenant  # noqa: E402
 
-import_s = time.perf_counter() - T_START
-rss_after_import = rss_mb()
+imports_done(T_START)
 
 tenant, user_oid = resolve_tenant(load_settings(), os.environ["BENCH_TENANT_ID"]), os.environ["BENCH_USER_OID"]
 profile_path = os.environ.get("BENCH_PROFILE")
@@ -34,19 +33,14 @@ if profile_path:
     profiler.dump_stats(profile_path)
 else:
     counts = sync_mailbox_now(tenant, user_oid)
-wall, cpu = meter.done()
 
-emit(
+emit_measured(
+    meter,
     variant="ours",
     rows=counts.scanned,
     scanned=counts.scanned,
     matched=counts.matched,
     imported=counts.imported,
     discarded=counts.discarded,
-    wall_s=wall,
-    cpu_s=cpu,
-    rss_after_import_mb=rss_after_import,
-    peak_rss_mb=peak_rss_mb(),
-    import_s=import_s,
     page_size=tenant.settings.graph_page_size,
 )

@@ -15,7 +15,7 @@ import os  # noqa: E402
 from datetime import datetime  # noqa: E402
 
 import duckdb  # noqa: E402
-from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+from _measure import Meter, emit_measured, imports_done  # noqa: E402
 
 from o365sync.auth import TokenProvider, scopes_for  # noqa: E402
 from o365sync.graph import GraphClient  # noqa: E402
@@ -23,8 +23,7 @@ from o365sync.http import make_http_client  # noqa: E402
 from o365sync.mail import MESSAGES_SCHEMA, PARTICIPANTS_SCHEMA, iter_header_pages  # noqa: E402
 from o365sync.settings import load_settings  # noqa: E402
 
-import_s = time.perf_counter() - T_START
-rss_after_import = rss_mb()
+imports_done(T_START)
 
 settings = load_settings()
 tenant_id, user_oid = os.environ["BENCH_TENANT_ID"], os.environ["BENCH_USER_OID"]
@@ -60,16 +59,5 @@ with (
             pages += 1
             del page
 con.close()
-wall, cpu = meter.done()
 
-emit(
-    variant="ours-listing",
-    rows=rows,
-    pages=pages,
-    wall_s=wall,
-    cpu_s=cpu,
-    rss_after_import_mb=rss_after_import,
-    peak_rss_mb=peak_rss_mb(),
-    import_s=import_s,
-    page_size=page_size,
-)
+emit_measured(meter, variant="ours-listing", rows=rows, pages=pages, page_size=page_size)

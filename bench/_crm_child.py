@@ -20,10 +20,10 @@ import os  # noqa: E402
 import ssl  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from _measure import Meter, emit, peak_rss_mb, rss_mb  # noqa: E402
+from _measure import Meter, emit, emit_measured, imports_done, peak_rss_mb  # noqa: E402
 
 MODE = os.environ["BENCH_MODE"]
 KIND = os.environ["BENCH_KIND"]
@@ -40,7 +40,8 @@ import polars as pl  # noqa: E402
 from o365sync.settings import Settings  # noqa: E402
 
 if MODE == "fetch":
-    from crm_adapters.base import CrmSnapshot  # noqa: E402
+    from o365sync.crm import CrmSnapshot  # noqa: E402
+    from o365sync.crm_refresh import scan_start_for  # noqa: E402
     from o365sync.http import make_http_client  # noqa: E402
     from o365sync.store import open_store, replace_crm_snapshot  # noqa: E402
 
@@ -61,8 +62,7 @@ elif MODE == "match":
     from o365sync.matching import KIND_RANK, ROLE_RANK, build_index, match_participants  # noqa: E402
     from o365sync.store import load_crm_frames, open_store  # noqa: E402
 
-import_s = time.perf_counter() - T_START
-rss_after_import = rss_mb()
+imports_done(T_START)
 settings = Settings(data_dir=DATA_DIR, ca_bundle=Path(CA) if CA else None, http_timeout_s=300)
 
 
@@ -88,9 +88,7 @@ def fetch() -> None:
     wall, cpu = meter.done()
     peak_fetch = peak_rss_mb()
 
-    floor = datetime.now(UTC) - timedelta(days=7)
-    open_created = snap.opportunities.filter(~pl.col("is_closed"))["created_at"].min()
-    scan_start = min(floor, open_created) if open_created is not None else floor
+    scan_start = scan_start_for(snap.opportunities.filter(~pl.col("is_closed"))["created_at"].min(), datetime.now(UTC))
     meter = Meter()
     with open_store(settings, TENANT, write=True) as con:
         replace_crm_snapshot(con, snap.people, snap.accounts, snap.opportunities, KIND.split("-")[0], scan_start)
@@ -100,8 +98,6 @@ def fetch() -> None:
         kind=KIND,
         wall_s=wall,
         cpu_s=cpu,
-        import_s=import_s,
-        rss_after_import_mb=rss_after_import,
         peak_rss_fetch_mb=peak_fetch,
         peak_rss_write_mb=peak_rss_mb(),
         write_s=write_s,
@@ -141,18 +137,7 @@ def floor() -> None:
             frame = pl.read_csv(csv, infer_schema=False) if csv.exists() else pl.read_parquet(parquet)
             records += frame.height
             pages += 1
-        wall, cpu = meter.done()
-        emit(
-            mode="floor",
-            kind=KIND,
-            wall_s=wall,
-            cpu_s=cpu,
-            records=records,
-            pages=pages,
-            import_s=import_s,
-            rss_after_import_mb=rss_after_import,
-            peak_rss_mb=peak_rss_mb(),
-        )
+        emit_measured(meter, mode="floor", kind=KIND, records=records, pages=pages)
         return
     with httpx.Client(verify=ssl.create_default_context(cafile=CA), trust_env=False, timeout=300) as http:
         if KIND == "salesforce":
@@ -201,18 +186,7 @@ def floor() -> None:
                     if not cursor:
                         break
                     params = {**params, "cursor": cursor}
-    wall, cpu = meter.done()
-    emit(
-        mode="floor",
-        kind=KIND,
-        wall_s=wall,
-        cpu_s=cpu,
-        records=records,
-        pages=pages,
-        import_s=import_s,
-        rss_after_import_mb=rss_after_import,
-        peak_rss_mb=peak_rss_mb(),
-    )
+    emit_measured(meter, mode="floor", kind=KIND, records=records, pages=pages)
 
 
 # ------------------------------------------------------------------------------------------------ match
@@ -283,36 +257,49 @@ def python_match(
     return out
 
 
-def timed(fn, reps: int):  # noqa: ANN001, ANN201
-    walls, cpus, result = [], [], None
-    for _ in range(reps):
-        meter = Meter()
-        result = fn()
-        w, c = meter.done()
-        walls.append(w)
-        cpus.append(c)
-    return result, walls, cpus
+class Steps:
+    """Wall and CPU seconds of named steps, every run of each."""
+
+    def __init__(self) -> None:
+        self.walls: dict[str, list[float]] = {}
+        self.cpus: dict[str, list[float]] = {}
+
+    def run(self, name: str, reps: int, fn, *args):  # noqa: ANN001, ANN002, ANN201
+        """fn(*args) `reps` times, each timed; the last result."""
+        result = None
+        for _ in range(reps):
+            meter = Meter()
+            result = fn(*args)
+            w, c = meter.done()
+            self.walls.setdefault(name, []).append(w)
+            self.cpus.setdefault(name, []).append(c)
+        return result
+
+    def figures(self) -> dict[str, object]:
+        """Per step: median wall (<step>_s) and CPU (<step>_cpu_s) seconds, and every wall (<step>_walls)."""
+        med = statistics.median
+        return {
+            **{f"{name}_s": med(values) for name, values in self.walls.items()},
+            **{f"{name}_cpu_s": med(values) for name, values in self.cpus.items()},
+            **{f"{name}_walls": values for name, values in self.walls.items()},
+        }
 
 
 def match() -> None:
     reps = int(os.environ.get("BENCH_REPS", "3"))
     own_domains = os.environ["BENCH_OWN_DOMAINS"].split(",")
     page_size = int(os.environ.get("BENCH_PAGE_SIZE", "500"))
-    load_walls, index_walls, load_cpus, index_cpus = [], [], [], []
-    for _ in range(reps):
-        meter = Meter()
+    steps = Steps()
+
+    def load() -> tuple[pl.DataFrame, pl.DataFrame, datetime | None]:
         with open_store(settings, TENANT, write=False) as con:
-            people, accounts, _scan_start = load_crm_frames(con)
-        w, c = meter.done()
-        load_walls.append(w)
-        load_cpus.append(c)
-        meter = Meter()
-        index = build_index(people, accounts, own_domains)
-        w, c = meter.done()
-        index_walls.append(w)
-        index_cpus.append(c)
+            return load_crm_frames(con)
+
+    for _ in range(reps):
+        people, accounts, _scan_start = steps.run("load", 1, load)
+        index = steps.run("index", 1, build_index, people, accounts, own_domains)
     peak_load = peak_rss_mb()
-    (by_address, by_domain, own), py_index_walls, _ = timed(lambda: python_index(people, accounts, own_domains), reps)
+    by_address, by_domain, own = steps.run("py_index", reps, python_index, people, accounts, own_domains)
 
     participants = pl.read_parquet(os.environ["BENCH_MESSAGES"])
     grouped: dict[str, list[tuple[str, str | None]]] = {}
@@ -350,30 +337,20 @@ def match() -> None:
         print("MISMATCH between whole-batch and per-page Polars matching", file=sys.stderr)
         sys.exit(3)
 
-    _, pl_walls, pl_cpus = timed(lambda: match_participants(participants, index), reps)
-    _, py_walls, py_cpus = timed(lambda: python_match(messages, by_address, by_domain, own), reps)
-    _, plp_walls, plp_cpus = timed(lambda: [match_participants(f, index) for f in page_frames], reps)
-    _, pyp_walls, pyp_cpus = timed(lambda: [python_match(m, by_address, by_domain, own) for m in page_msgs], reps)
-    med = statistics.median
+    steps.run("polars", reps, match_participants, participants, index)
+    steps.run("python", reps, python_match, messages, by_address, by_domain, own)
+    steps.run("polars_pages", reps, lambda: [match_participants(f, index) for f in page_frames])
+    steps.run("python_pages", reps, lambda: [python_match(m, by_address, by_domain, own) for m in page_msgs])
     emit(
         mode="match",
         kind=KIND,
         reps=reps,
-        import_s=import_s,
-        rss_after_import_mb=rss_after_import,
         peak_rss_load_mb=peak_load,
         peak_rss_mb=peak_rss_mb(),
         people_rows=people.height,
         accounts_rows=accounts.height,
         index_people=index.people.height,
         index_accounts=index.accounts.height,
-        load_s=med(load_walls),
-        load_cpu_s=med(load_cpus),
-        index_s=med(index_walls),
-        index_cpu_s=med(index_cpus),
-        load_walls=load_walls,
-        index_walls=index_walls,
-        py_index_s=med(py_index_walls),
         messages=n_messages,
         participants=participants.height,
         matched_messages=len(py),
@@ -382,18 +359,7 @@ def match() -> None:
         page_size=page_size,
         pages=len(page_frames),
         page_messages=page_n,
-        polars_s=med(pl_walls),
-        polars_cpu_s=med(pl_cpus),
-        python_s=med(py_walls),
-        python_cpu_s=med(py_cpus),
-        polars_pages_s=med(plp_walls),
-        polars_pages_cpu_s=med(plp_cpus),
-        python_pages_s=med(pyp_walls),
-        python_pages_cpu_s=med(pyp_cpus),
-        polars_walls=pl_walls,
-        python_walls=py_walls,
-        polars_pages_walls=plp_walls,
-        python_pages_walls=pyp_walls,
+        **steps.figures(),
     )
 
 

@@ -1,5 +1,7 @@
-"""Stdlib-only measuring helpers shared by the benchmark's child processes (imported before anything heavy, so
-the post-import RSS baseline is the variant's own)."""
+"""Stdlib-only measuring helpers shared by the benchmark's child processes (imported first, before anything heavy, so
+the post-import RSS baseline is the variant's own). A child imports this, then its variant's modules, calls
+`imports_done(T_START)`, and reports each measurement with `emit_measured(meter, ...)` (or `emit(...)`): every line
+carries the import time and the RSS after imports."""
 
 from __future__ import annotations
 
@@ -36,6 +38,13 @@ def maxrss_mb() -> float:
 # Taken at import of this module (the child's first import), before the variant imports anything heavy.
 MAXRSS_AT_START_MB = maxrss_mb()
 HWM_AT_START_MB = peak_rss_mb()
+_AFTER_IMPORTS: dict[str, float] = {}
+
+
+def imports_done(started: float) -> None:
+    """Mark the end of the variant's imports, begun at perf_counter() `started` (the child's first line): every
+    later result line says how long they took (`import_s`) and the RSS they left (`rss_after_import_mb`)."""
+    _AFTER_IMPORTS.update(import_s=time.perf_counter() - started, rss_after_import_mb=rss_mb())
 
 
 def cpu_s() -> float:
@@ -55,7 +64,16 @@ class Meter:
 
 def emit(**fields: object) -> None:
     """One machine-readable line for the parent (the only stdout line it parses)."""
+    for name, value in _AFTER_IMPORTS.items():
+        fields.setdefault(name, value)
     fields.setdefault("ru_maxrss_mb", maxrss_mb())
     fields.setdefault("ru_maxrss_at_start_mb", MAXRSS_AT_START_MB)
     fields.setdefault("vmhwm_at_start_mb", HWM_AT_START_MB)
     print("RESULT " + json.dumps(fields), flush=True)
+
+
+def emit_measured(meter: Meter, **fields: object) -> None:
+    """`emit` with the meter's wall and CPU time so far (`wall_s`, `cpu_s`) and this process's peak RSS
+    (`peak_rss_mb`)."""
+    wall, cpu = meter.done()
+    emit(wall_s=wall, cpu_s=cpu, peak_rss_mb=peak_rss_mb(), **fields)

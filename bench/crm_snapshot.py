@@ -46,7 +46,7 @@ CHILD = BENCH / "_crm_child.py"
 KINDS = ("salesforce", "hubspot", "pipedrive", "files", "files-parquet")
 sys.path.insert(0, str(REPO))
 
-from import_vs_dlt import _cpu_model, _self_rss_mb, fail, run_script  # noqa: E402
+from import_vs_dlt import _cpu_model, _self_rss_mb, fail, run_script, write_json  # noqa: E402
 
 
 def _versions() -> str:
@@ -403,12 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         results = b.run()
         text = render(b, results, time.perf_counter() - started)
         print("\n" + text)
-        if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1, default=str
-                )
-            )
+        write_json(args, results=results)
     finally:
         if args.keep:
             print(f"work dir kept: {b.work}")

@@ -27,7 +27,6 @@ One untimed run of ours (limits off) first warms the simulator's per-message JSO
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -50,8 +49,9 @@ from import_vs_dlt import (
     _versions,
     build_world,
     fail,
-    median_of,
     run_child,
+    run_medians,
+    write_json,
 )
 
 T0 = time.perf_counter()
@@ -289,19 +289,7 @@ class LimitsHarness(Harness):
 
 # --------------------------------------------------------------------------- report
 def summarise(rows: list[dict]) -> dict:
-    return {
-        "runs": len(rows),
-        "rows": median_of(rows, lambda r: r["rows"]),
-        "matched": median_of(rows, lambda r: r["matched"]),
-        "wall_s": median_of(rows, lambda r: r["wall_s"]),
-        "msgs_per_s": median_of(rows, lambda r: r["rows"] / r["wall_s"]),
-        "cpu_s": median_of(rows, lambda r: r["cpu_s"]),
-        "msgs_per_cpu_s": median_of(rows, lambda r: r["rows"] / r["cpu_s"]),
-        "peak_rss_mb": median_of(rows, lambda r: r["peak_rss_mb"]),
-        "rss_after_import_mb": median_of(rows, lambda r: r["rss_after_import_mb"]),
-        "import_s": median_of(rows, lambda r: r["import_s"]),
-        "sim_cpu_s": median_of(rows, lambda r: r["sim_cpu_s"]),
-    }
+    return run_medians(rows, "matched")
 
 
 def render(h: LimitsHarness, part_a: list[dict], part_b: dict[str, list[dict]], bench_s: float) -> str:
@@ -500,20 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\nTop of the ours-child profile, limits on (cumulative):")
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(35)
-        if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {
-                        "args": {k: str(v) for k, v in vars(args).items()},
-                        "warm": warm,
-                        "part_a": part_a,
-                        "part_b": part_b,
-                        "bench_s": bench_s,
-                    },
-                    indent=2,
-                    default=str,
-                )
-            )
+        write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s)
     finally:
         h.close(keep=args.keep)
     return 0

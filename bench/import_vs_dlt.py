@@ -106,6 +106,13 @@ def fail(msg: str) -> None:
     raise BenchFailure(f"BENCHMARK FAILED: {msg}")
 
 
+def write_json(args: argparse.Namespace, **results: object) -> None:
+    """--json: the run's arguments (as text) and its raw results, when the option was given."""
+    if args.json:
+        data = {"args": {k: str(v) for k, v in vars(args).items()}, **results}
+        args.json.write_text(json.dumps(data, indent=2, default=str))
+
+
 # --------------------------------------------------------------------------- world
 def build_world(messages: int, contacts: int, history_days: int, seed: int, widen: bool):
     """One tenant, one user with >= `messages` messages in Inbox + Sent Items (the folders the product syncs; the
@@ -386,27 +393,26 @@ def median_of(rows: list[dict], key) -> float:  # noqa: ANN001
     return statistics.median(key(r) for r in rows)
 
 
+def run_medians(rows: list[dict], *fields: str) -> dict[str, float]:
+    """What every variant's runs report, as medians (plus `fields`): rows, wall and CPU time, messages per second
+    of each, peak RSS, RSS after imports, import time and the simulators' CPU."""
+    same = ("rows", "wall_s", "cpu_s", "peak_rss_mb", "rss_after_import_mb", "import_s", "sim_cpu_s", *fields)
+    return {
+        "runs": len(rows),
+        **{name: median_of(rows, lambda r, name=name: r[name]) for name in same},
+        "msgs_per_s": median_of(rows, lambda r: r["rows"] / r["wall_s"]),
+        "msgs_per_cpu_s": median_of(rows, lambda r: r["rows"] / r["cpu_s"]),
+    }
+
+
 def summarise(results: list[dict]) -> dict[str, dict]:
     out = {}
     for v in VARIANTS:
         rows = [r for r in results if r["variant"] == v]
         if not rows:
             continue
-        s = {
-            "runs": len(rows),
-            "rows": median_of(rows, lambda r: r["rows"]),
-            "wall_s": median_of(rows, lambda r: r["wall_s"]),
-            "msgs_per_s": median_of(rows, lambda r: r["rows"] / r["wall_s"]),
-            "cpu_s": median_of(rows, lambda r: r["cpu_s"]),
-            "msgs_per_cpu_s": median_of(rows, lambda r: r["rows"] / r["cpu_s"]),
-            "peak_rss_mb": median_of(rows, lambda r: r["peak_rss_mb"]),
-            "rss_after_import_mb": median_of(rows, lambda r: r["rss_after_import_mb"]),
-            "rss_over_baseline_mb": median_of(rows, lambda r: r["peak_rss_mb"] - r["rss_after_import_mb"]),
-            "import_s": median_of(rows, lambda r: r["import_s"]),
-            "ru_maxrss_mb": median_of(rows, lambda r: r["ru_maxrss_mb"]),
-            "ru_maxrss_at_start_mb": median_of(rows, lambda r: r["ru_maxrss_at_start_mb"]),
-            "sim_cpu_s": median_of(rows, lambda r: r["sim_cpu_s"]),
-        }
+        s = run_medians(rows, "ru_maxrss_mb", "ru_maxrss_at_start_mb")
+        s["rss_over_baseline_mb"] = median_of(rows, lambda r: r["peak_rss_mb"] - r["rss_after_import_mb"])
         if v == "ours":
             s["matched"] = median_of(rows, lambda r: r["matched"])
             s["imported"] = median_of(rows, lambda r: r["imported"])
@@ -540,14 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\nTop of the ours-child profile (cumulative):")
             pstats.Stats(out["profile"]).sort_stats("cumulative").print_stats(30)
-        if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {"args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, **out},
-                    indent=2,
-                    default=str,
-                )
-            )
+        write_json(args, summary=summary, **out)
     finally:
         h.close(keep=args.keep)
     return 0

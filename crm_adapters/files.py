@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, NoReturn
 import httpx
 import polars as pl
 
-from crm_adapters.base import (
+from crm_adapters.base import people_frame, website_domain
+from o365sync.crm import (
     ACCOUNTS_SCHEMA,
     EARLIEST_CREATED,
     LATEST_CREATED,
@@ -31,8 +32,6 @@ from crm_adapters.base import (
     CrmFileError,
     CrmSnapshot,
     connection_settings,
-    people_frame,
-    website_domain,
 )
 
 if TYPE_CHECKING:

@@ -36,19 +36,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import polars as pl
 
-from crm_adapters.base import (
-    ACCOUNTS_SCHEMA,
-    OPPORTUNITIES_SCHEMA,
-    CrmAuthError,
-    CrmChanges,
-    CrmError,
-    CrmQuotaExhausted,
-    CrmSnapshot,
-    connection_settings,
-    people_frame,
-    stored_secret,
-    website_domain,
-)
+from crm_adapters.base import people_frame, stored_secret, website_domain
 from crm_adapters.rest import (
     RETRY_STATUSES,
     RestClient,
@@ -58,6 +46,16 @@ from crm_adapters.rest import (
     newest,
     parse_time,
     retry_after_seconds,
+)
+from o365sync.crm import (
+    ACCOUNTS_SCHEMA,
+    OPPORTUNITIES_SCHEMA,
+    CrmAuthError,
+    CrmChanges,
+    CrmError,
+    CrmQuotaExhausted,
+    CrmSnapshot,
+    connection_settings,
 )
 
 if TYPE_CHECKING:

@@ -44,7 +44,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import polars as pl
 
-from crm_adapters.base import (
+from crm_adapters.base import people_frame, stored_secret, website_domain
+from crm_adapters.rest import RestClient, backoff_delay, int_header, json_object, new_cursor, newest_time, utc_seconds
+from o365sync.crm import (
     ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
     PEOPLE_SCHEMA,
@@ -54,11 +56,7 @@ from crm_adapters.base import (
     CrmQuotaExhausted,
     CrmSnapshot,
     connection_settings,
-    people_frame,
-    stored_secret,
-    website_domain,
 )
-from crm_adapters.rest import RestClient, backoff_delay, int_header, json_object, new_cursor, newest_time, utc_seconds
 
 if TYPE_CHECKING:
     from o365sync.tenants import TenantConfig

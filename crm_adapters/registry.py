@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from crm_adapters import files, hubspot, pipedrive, salesforce
-from crm_adapters.base import CrmAdapter
+from o365sync.crm import CrmAdapter
 
 ADAPTERS: dict[str, CrmAdapter] = {
     "salesforce": salesforce,

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from crm_adapters.base import CrmError
+from o365sync.crm import CrmError
 
 log = logging.getLogger(__name__)
 

@@ -24,19 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import polars as pl
 
-from crm_adapters.base import (
-    ACCOUNTS_SCHEMA,
-    OPPORTUNITIES_SCHEMA,
-    CrmAuthError,
-    CrmChanges,
-    CrmError,
-    CrmQuotaExhausted,
-    CrmSnapshot,
-    connection_settings,
-    people_frame,
-    stored_secret,
-    website_domain,
-)
+from crm_adapters.base import people_frame, stored_secret, website_domain
 from crm_adapters.rest import (
     RETRY_STATUSES,
     RestClient,
@@ -47,6 +35,16 @@ from crm_adapters.rest import (
     parse_time,
     retry_after_seconds,
     utc_seconds,
+)
+from o365sync.crm import (
+    ACCOUNTS_SCHEMA,
+    OPPORTUNITIES_SCHEMA,
+    CrmAuthError,
+    CrmChanges,
+    CrmError,
+    CrmQuotaExhausted,
+    CrmSnapshot,
+    connection_settings,
 )
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import duckdb
 
 from o365sync.analytics import export_lock
 from o365sync.settings import Settings
-from o365sync.store import open_store, store_path
+from o365sync.store import open_store, store_path, write_synced
 from o365sync.tenants import load_tenant, tenant_dir
 
 
@@ -83,15 +83,6 @@ def _target(settings: Settings, tenant_id: str, kind: str, key: str) -> Path:
     folder.mkdir(parents=True, exist_ok=False)
     os.chmod(folder, 0o700)
     return folder
-
-
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resolve_conversation(
@@ -173,6 +164,29 @@ def export_conversation(
         return _export_conversation(settings, tenant_id, conversation_id, graph_id, user_oid, eml)
 
 
+_LINK_FIELDS = ("crm_id", "crm_kind", "matched_address", "is_primary")
+
+
+def _attach(
+    con: duckdb.DuckDBPyConnection,
+    items: list[dict],
+    name: str,
+    table: str,
+    fields: tuple[str, ...],
+    order: str,
+    scope: tuple[str, list],
+) -> None:
+    """Each item (a message or meeting row of `scope`: the keyed condition and its parameters) gets `name`: the
+    `fields` of its rows in `table` (an email_* or meeting_* detail table; same user_oid and key), by `order`."""
+    key = "graph_id" if table.startswith("email") else "event_id"
+    keyed, params = scope
+    sql = f"SELECT user_oid, {key}, {', '.join(fields)} FROM {table} WHERE {keyed} ORDER BY {order}"
+    details = _rows(con, sql, params)
+    for item in items:
+        k = (item["user_oid"], item[key])
+        item[name] = [{x: d[x] for x in fields} for d in details if (d["user_oid"], d[key]) == k]
+
+
 def _export_conversation(
     settings: Settings,
     tenant_id: str,
@@ -192,34 +206,15 @@ def _export_conversation(
             f"SELECT * EXCLUDE (tenant_id) FROM emails WHERE {scope} ORDER BY coalesce(sent_at, received_at), graph_id",
             params,
         )
-        keyed = f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})"
-        parts = _rows(
-            con,
-            f"SELECT user_oid, graph_id, role, name, address FROM email_participants WHERE {keyed} "
-            "ORDER BY role, address",
-            params,
-        )
-        links = _rows(
-            con,
-            f"SELECT user_oid, graph_id, crm_id, crm_kind, matched_address, is_primary FROM "
-            f"email_crm_matches WHERE {keyed} ORDER BY crm_id",
-            params,
-        )
+        keyed = (f"(user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM emails WHERE {scope})", params)
+        fields = ("role", "name", "address")
+        _attach(con, messages, "participants", "email_participants", fields, "role, address", keyed)
+        _attach(con, messages, "crm_links", "email_crm_matches", _LINK_FIELDS, "crm_id", keyed)
     if not messages:
         raise LookupError(
             f"nothing matched: conversation {conversation_id} has no stored messages in tenant "
             f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
         )
-    for m in messages:
-        k = (m["user_oid"], m["graph_id"])
-        m["participants"] = [
-            {x: p[x] for x in ("role", "name", "address")} for p in parts if (p["user_oid"], p["graph_id"]) == k
-        ]
-        m["crm_links"] = [
-            {x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")}
-            for c in links
-            if (c["user_oid"], c["graph_id"]) == k
-        ]
     folder = _target(settings, tenant_id, "conversation", conversation_id)
     doc = {
         "tenant_id": tenant_id,
@@ -228,12 +223,12 @@ def _export_conversation(
         "exported_at": datetime.now(UTC).isoformat(),
         "messages": messages,
     }
-    _write(folder / "conversation.json", json.dumps(doc, indent=2, default=_iso).encode())
+    write_synced(folder / "conversation.json", json.dumps(doc, indent=2, default=_iso).encode())
     files = 1
     if eml:
         (folder / "messages").mkdir()
         for n, m in enumerate(messages, 1):
-            _write(folder / "messages" / f"{n:03d}.eml", to_eml(m))
+            write_synced(folder / "messages" / f"{n:03d}.eml", to_eml(m))
             files += 1
     return ExportResult(folder, "conversation", len(messages), files)
 
@@ -271,36 +266,15 @@ def _export_meeting(
         meetings = _rows(
             con, f"SELECT * EXCLUDE (tenant_id) FROM meetings WHERE {scope} ORDER BY start_at, event_id", params
         )
-        keyed = f"(user_oid, event_id) IN (SELECT (user_oid, event_id) FROM meetings WHERE {scope})"
-        attendees = _rows(
-            con,
-            f"SELECT user_oid, event_id, role, name, address, response FROM meeting_attendees "
-            f"WHERE {keyed} ORDER BY role, address",
-            params,
-        )
-        links = _rows(
-            con,
-            f"SELECT user_oid, event_id, crm_id, crm_kind, matched_address, is_primary FROM "
-            f"meeting_crm_matches WHERE {keyed} ORDER BY crm_id",
-            params,
-        )
+        keyed = (f"(user_oid, event_id) IN (SELECT (user_oid, event_id) FROM meetings WHERE {scope})", params)
+        fields = ("role", "name", "address", "response")
+        _attach(con, meetings, "attendees", "meeting_attendees", fields, "role, address", keyed)
+        _attach(con, meetings, "crm_links", "meeting_crm_matches", _LINK_FIELDS, "crm_id", keyed)
     if not meetings:
         raise LookupError(
             f"nothing matched: {'meeting' if event_id else 'series'} {key} is not stored in tenant "
             f"{tenant_id}{f' for user {user_oid}' if user_oid else ''}"
         )
-    for m in meetings:
-        k = (m["user_oid"], m["event_id"])
-        m["attendees"] = [
-            {x: a[x] for x in ("role", "name", "address", "response")}
-            for a in attendees
-            if (a["user_oid"], a["event_id"]) == k
-        ]
-        m["crm_links"] = [
-            {x: c[x] for x in ("crm_id", "crm_kind", "matched_address", "is_primary")}
-            for c in links
-            if (c["user_oid"], c["event_id"]) == k
-        ]
     kind = "meeting" if event_id else "series"
     folder = _target(settings, tenant_id, kind, key)
     doc = {
@@ -310,5 +284,5 @@ def _export_meeting(
         "exported_at": datetime.now(UTC).isoformat(),
         "meetings": meetings,
     }
-    _write(folder / "meeting.json", json.dumps(doc, indent=2, default=_iso).encode())
+    write_synced(folder / "meeting.json", json.dumps(doc, indent=2, default=_iso).encode())
     return ExportResult(folder, kind, len(meetings), 1)

@@ -18,13 +18,15 @@ failed) with the error or, when ok, what was adjusted.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
 import polars as pl
 
-from crm_adapters.base import (
+from o365sync.crm import (
+    CrmAdapter,
     CrmAuthError,
     CrmChanges,
     CrmDropRefused,
@@ -35,7 +37,6 @@ from crm_adapters.base import (
     conform_records,
     connection_settings,
 )
-from crm_adapters.registry import ADAPTERS
 from o365sync.http import make_http_client
 from o365sync.settings import Settings
 from o365sync.store import (
@@ -60,12 +61,17 @@ def scan_start_for(oldest_open_opportunity: datetime | None, now: datetime) -> d
     return min(floor, oldest_open_opportunity) if oldest_open_opportunity is not None else floor
 
 
-def fetch_crm(settings: Settings, tenant: TenantConfig, since: datetime | None) -> CrmSnapshot | CrmChanges:
+Adapters = Mapping[str, CrmAdapter]  # CRM kind -> adapter: `crm_adapters.registry.ADAPTERS`, given by the caller
+
+
+def fetch_crm(
+    settings: Settings, tenant: TenantConfig, since: datetime | None, adapters: Adapters
+) -> CrmSnapshot | CrmChanges:
     """A full snapshot (`since` None) or the changes since `since`, from the tenant's CRM adapter. A refresh token
     the CRM rotated is stored at once, even when the read then fails (the old one is already dead)."""
     secrets = load_crm_secrets(settings, tenant.id)
     connection_settings(tenant)
-    adapter = ADAPTERS.get(tenant.crm_kind)
+    adapter = adapters.get(tenant.crm_kind)
     if adapter is None:
         raise CrmError(f"tenant {tenant.id}: unsupported CRM kind {tenant.crm_kind}")
     conn = adapter.connection(tenant, secrets)
@@ -81,9 +87,11 @@ def fetch_crm(settings: Settings, tenant: TenantConfig, since: datetime | None) 
     return result
 
 
-def refresh_since(settings: Settings, tenant: TenantConfig, summary: dict, now: datetime) -> datetime | None:
+def refresh_since(
+    settings: Settings, tenant: TenantConfig, summary: dict, now: datetime, adapters: Adapters
+) -> datetime | None:
     """Where an incremental refresh starts, or None when this refresh must read the CRM in full."""
-    adapter = ADAPTERS.get(tenant.crm_kind)
+    adapter = adapters.get(tenant.crm_kind)
     if (
         adapter is None
         or not adapter.INCREMENTAL
@@ -134,16 +142,19 @@ def refuse_mass_drop(
     )
 
 
-def refresh_crm_snapshot(settings: Settings, tenant_id: str, now: datetime | None = None) -> dict[str, Any]:
-    """Full or incremental refresh (see the module docstring); returns counts, mode and the new scan start.
-    A CRM failure is recorded as the tenant's CRM state (codes only) and re-raised; the stored snapshot stays."""
+def refresh_crm_snapshot(
+    settings: Settings, tenant_id: str, adapters: Adapters, now: datetime | None = None
+) -> dict[str, Any]:
+    """Full or incremental refresh (see the module docstring) through `adapters` (`crm_adapters.registry.ADAPTERS`);
+    returns counts, mode and the new scan start. A CRM failure is recorded as the tenant's CRM state (codes only) and
+    re-raised; the stored snapshot stays."""
     tenant = load_tenant(settings, tenant_id)
     now = now or datetime.now(UTC)
     with open_store(settings, tenant_id, write=False) as con:
         summary = crm_state_summary(con)
-    since = refresh_since(settings, tenant, summary, now)
+    since = refresh_since(settings, tenant, summary, now, adapters)
     try:
-        result = fetch_crm(settings, tenant, since)
+        result = fetch_crm(settings, tenant, since, adapters)
     except CrmError as exc:
         with open_store(settings, tenant_id, write=True) as con:
             _record_failure(con, exc)

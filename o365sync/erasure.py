@@ -44,6 +44,7 @@ from o365sync.store import (
     store_path,
     tenant_sync_locks,
     transaction,
+    write_synced,
 )
 from o365sync.tenants import load_tenant, region_root, registry_dir, save_tenant, tenant_dir, tenant_region
 
@@ -169,12 +170,7 @@ def append_audit(path: Path, entry: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
     new = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_synced(path, line, append=True)
     if new:
         fsync_path(path.parent)
 
@@ -248,6 +244,16 @@ def _select(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, now: d
         con.executemany("INSERT INTO _ids VALUES (?)", [[i] for i in scope.ids])
     user = [scope.user_oid, scope.user_oid]
     mine = "(?::VARCHAR IS NULL OR user_oid = ?)"
+
+    def take(target: str, source: str, where: str, *params: str) -> None:
+        """Into `target` (`_e` or `_m`), the keys of the rows of `source` of this tenant (and the scope's user, if
+        any) where `where` holds."""
+        key = "graph_id" if target == "_e" else "event_id"
+        con.execute(
+            f"INSERT INTO {target} SELECT user_oid, {key} FROM {source} WHERE tenant_id = ? AND {mine} AND {where}",
+            [tenant_id, *user, *params],
+        )
+
     ids: dict[str, list[str]] = {}
     if scope.kind == "message":
         rows = con.execute(
@@ -262,43 +268,19 @@ def _select(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope, now: d
         con.execute("DELETE FROM _ids")
         if convs:
             con.executemany("INSERT INTO _ids VALUES (?)", [[c] for c in convs])
-        con.execute(
-            f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
-            "conversation_id IN (SELECT id FROM _ids)",
-            [tenant_id, *user],
-        )
-        if loose:
-            con.executemany(
-                f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND graph_id = ?",
-                [[tenant_id, *user, g] for g in loose],
-            )
+        take("_e", "emails", "conversation_id IN (SELECT id FROM _ids)")
+        for graph_id in loose:
+            take("_e", "emails", "graph_id = ?", graph_id)
         ids = {"conversation_ids": convs, "graph_ids": loose}
     elif scope.kind == "conversation":
-        con.execute(
-            f"INSERT INTO _e SELECT user_oid, graph_id FROM emails WHERE tenant_id = ? AND {mine} AND "
-            "conversation_id IN (SELECT id FROM _ids)",
-            [tenant_id, *user],
-        )
+        take("_e", "emails", "conversation_id IN (SELECT id FROM _ids)")
         ids = {"conversation_ids": sorted(scope.ids)}
     elif scope.kind == "meeting":
-        con.execute(
-            f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
-            "event_id IN (SELECT id FROM _ids)",
-            [tenant_id, *user],
-        )
+        take("_m", "meetings", "event_id IN (SELECT id FROM _ids)")
         ids = {"event_ids": sorted(scope.ids)}
     elif scope.kind == "series":
-        con.execute(
-            f"INSERT INTO _m SELECT user_oid, event_id FROM meetings WHERE tenant_id = ? AND {mine} AND "
-            "(series_master_id IN (SELECT id FROM _ids) OR event_id IN (SELECT id FROM _ids))",
-            [tenant_id, *user],
-        )
-        # Explicit Consent Mode keeps its row under the series master id.
-        con.execute(
-            f"INSERT INTO _m SELECT user_oid, event_id FROM notetaker_queue WHERE tenant_id = ? AND {mine} "
-            "AND event_id IN (SELECT id FROM _ids)",
-            [tenant_id, *user],
-        )
+        take("_m", "meetings", "(series_master_id IN (SELECT id FROM _ids) OR event_id IN (SELECT id FROM _ids))")
+        take("_m", "notetaker_queue", "event_id IN (SELECT id FROM _ids)")  # Explicit Consent Mode: under the master
         ids = {"series_ids": sorted(scope.ids)}
     elif scope.kind == "user":
         ids = {"user_oids": [scope.user_oid or ""]}

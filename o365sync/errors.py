@@ -48,17 +48,25 @@ class ConsentNeeded(O365SyncError):
         return "consent_needed"
 
 
-class NoCrmSnapshot(O365SyncError):
-    """The tenant has no CRM snapshot yet, so nothing can be matched; the next tenant sync refreshes it first."""
+class TenantError(O365SyncError):
+    """An error about one tenant, made from its id alone (kept as `tenant_id`, and through pickling); a subclass
+    says what happened in `text`, formatted with the tenant id."""
 
-    action = "refresh the CRM snapshot (the next tenant sync does it; `o365sync crm refresh` now)"
+    text: ClassVar[str] = "tenant {tenant_id}"
 
     def __init__(self, tenant_id: str):
         self.tenant_id = tenant_id
-        super().__init__(f"tenant {tenant_id} has no CRM snapshot yet")
+        super().__init__(self.text.format(tenant_id=tenant_id))
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.tenant_id,))
+
+
+class NoCrmSnapshot(TenantError):
+    """The tenant has no CRM snapshot yet, so nothing can be matched; the next tenant sync refreshes it first."""
+
+    action = "refresh the CRM snapshot (the next tenant sync does it; `o365sync crm refresh` now)"
+    text = "tenant {tenant_id} has no CRM snapshot yet"
 
     def state_error(self) -> str:
         return type(self).__name__

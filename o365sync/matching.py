@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from crm_adapters.base import normalise_email
+from o365sync.crm import normalise_email
 from o365sync.domains import FREE_MAIL_DOMAINS, registrable_domain, registrable_domains
 
 MATCH_SCHEMA = {

@@ -30,10 +30,9 @@ import duckdb
 import msgspec
 from tzlocal.windows_tz import win_tz
 
-from o365sync.auth import TokenProvider, consent_needed, scopes_for
-from o365sync.errors import ConsentNeeded, O365SyncError
+from o365sync.auth import consent_needed, scopes_for
+from o365sync.errors import ConsentNeeded, O365SyncError, TenantError
 from o365sync.graph import TEAMS_ALLOWLIST, ForbiddenRequest, GraphClient, GraphError
-from o365sync.http import make_http_client
 from o365sync.settings import Settings
 from o365sync.store import open_store
 from o365sync.teams_store import (
@@ -48,6 +47,7 @@ from o365sync.teams_store import (
     share_id_for,
 )
 from o365sync.tenants import load_tenant
+from o365sync.user_graph import user_graph_client
 
 __all__ = [
     "ACTIVITY_KINDS",
@@ -88,16 +88,10 @@ class TeamsError(O365SyncError):
     """Base class; messages carry ids and error classes only."""
 
 
-class TeamsDisabled(TeamsError):
+class TeamsDisabled(TeamsError, TenantError):
     retriable = False
     action = "an admin must enable the tenant's 'teams' feature"
-
-    def __init__(self, tenant_id: str):
-        self.tenant_id = tenant_id
-        super().__init__(f"tenant {tenant_id} has not enabled Teams sharing (feature 'teams')")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id,))
+    text = "tenant {tenant_id} has not enabled Teams sharing (feature 'teams')"
 
 
 class ChannelNotFound(TeamsError):
@@ -143,15 +137,8 @@ def require_teams(settings: Settings, tenant_id: str, oid: str) -> list[str]:
 def teams_client(settings: Settings, tenant_id: str, oid: str) -> Iterator[GraphClient]:
     """A Graph client for one user that can make the Teams calls and nothing else (checks `require_teams`)."""
     scopes = require_teams(settings, tenant_id, oid)
-    with TokenProvider(settings, tenant_id, oid, scopes) as provider, make_http_client(settings) as http:
-        yield GraphClient(
-            http,
-            settings.graph_url,
-            provider,
-            max_in_flight=settings.max_requests_per_mailbox,
-            budget=settings.graph_request_budget,
-            allow=TEAMS_ALLOWLIST,
-        )
+    with user_graph_client(settings, tenant_id, oid, scopes, allow=TEAMS_ALLOWLIST) as client:
+        yield client
 
 
 def _seg(value: str) -> str:
@@ -354,16 +341,25 @@ def _page(title: str, lines: list[tuple[str, str]], footer: str) -> str:
     return f"<p><b>{title}</b>{body}</p><p><i>{_esc(footer)}</i></p>"
 
 
+def _stored_activity(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, kind: str, activity_id: str, columns: str
+) -> tuple:
+    """`columns` of the user's stored email or meeting (`kind`), or ActivityNotFound."""
+    table, key = ("emails", "graph_id") if kind == "email" else ("meetings", "event_id")
+    row = con.execute(
+        f"SELECT {columns} FROM {table} WHERE tenant_id = ? AND user_oid = ? AND {key} = ? LIMIT 1",
+        [tenant_id, oid, activity_id],
+    ).fetchone()
+    if row is None:
+        raise ActivityNotFound(tenant_id, oid, kind, activity_id)
+    return row
+
+
 def render_meeting_summary(con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, event_id: str) -> str:
     """HTML summary of a stored meeting: subject, time with time zone, organizer, CRM accounts, matched contacts,
     attendee names. Never the meeting body."""
-    row = con.execute(
-        "SELECT subject, start_at, end_at, start_tz, is_all_day, organizer_name, organizer_address "
-        "FROM meetings WHERE tenant_id = ? AND user_oid = ? AND event_id = ? LIMIT 1",
-        [tenant_id, oid, event_id],
-    ).fetchone()
-    if row is None:
-        raise ActivityNotFound(tenant_id, oid, "meeting", event_id)
+    columns = "subject, start_at, end_at, start_tz, is_all_day, organizer_name, organizer_address"
+    row = _stored_activity(con, tenant_id, oid, "meeting", event_id, columns)
     subject, start, end, tz_name, all_day, org_name, org_address = row
     attendees = [
         r[0]
@@ -387,14 +383,9 @@ def render_meeting_summary(con: duckdb.DuckDBPyConnection, tenant_id: str, oid: 
 
 def render_email_summary(con: duckdb.DuckDBPyConnection, tenant_id: str, oid: str, graph_id: str) -> str:
     """HTML summary of a stored email: subject, date, sender name, CRM accounts and contacts. Never the body."""
-    row = con.execute(
-        "SELECT subject, coalesce(sent_at, received_at), from_name FROM emails "
-        "WHERE tenant_id = ? AND user_oid = ? AND graph_id = ? LIMIT 1",
-        [tenant_id, oid, graph_id],
-    ).fetchone()
-    if row is None:
-        raise ActivityNotFound(tenant_id, oid, "email", graph_id)
-    subject, at, from_name = row
+    subject, at, from_name = _stored_activity(
+        con, tenant_id, oid, "email", graph_id, "subject, coalesce(sent_at, received_at), from_name"
+    )
     accounts, people = _crm_links(con, "email_crm_matches", "graph_id", tenant_id, oid, graph_id)
     lines = [
         ("Date", _esc(f"{at.astimezone(UTC):%a %d %b %Y, %H:%M} (UTC)") if at else ""),

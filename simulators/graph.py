@@ -47,6 +47,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import msgspec
 
+from simulators import server
 from simulators.server import Request, Response, SimServer
 from simulators.tls import SimulatorTLS
 from simulators.tokens import AccessClaims, TokenAuthority, TokenError
@@ -162,12 +163,9 @@ class GraphFail(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
-@dataclass
-class LoggedRequest:
-    method: str
-    path: str
-    status: int
-    oid: str | None
+@dataclass(frozen=True)
+class LoggedRequest(server.LoggedRequest):
+    oid: str | None = None
     inner: bool = False  # an inner request of a $batch
 
 
@@ -283,6 +281,38 @@ def _recipient(m: Mailbox | None) -> dict | None:
 
 def _opaque(*parts: str) -> str:
     return base64.urlsafe_b64encode(hashlib.blake2b("|".join(parts).encode(), digest_size=24).digest()).decode()
+
+
+def _received_filter(raw: str) -> tuple[str, int] | None:
+    """("ge" | "gt", microseconds since the epoch) of a `receivedDateTime ge|gt <ISO time>` filter; None for any
+    other filter."""
+    m = _FILTER_RE.fullmatch(raw)
+    if m is None:
+        return None
+    try:
+        return m.group(1).lower(), _us(datetime.fromisoformat(m.group(2).upper().replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+def _select(raw: str | None, selectable: dict[str, str], entity: str) -> tuple[str, ...] | None:
+    """A `$select` list as the properties' canonical names, in order, once each (None: no `$select`); `selectable`
+    maps lower-cased names to canonical ones; any other name is the 400 Graph answers for `microsoft.graph.<entity>`."""
+    if raw is None:
+        return None
+    out: list[str] = []
+    for item in raw.split(","):
+        name = item.strip()
+        canon = selectable.get(name.lower())
+        if canon is None:
+            raise GraphFail(
+                400,
+                "RequestBroker--ParseUri",
+                f"Could not find a property named '{name}' on type 'microsoft.graph.{entity}'.",
+            )
+        if canon not in out:
+            out.append(canon)
+    return tuple(out)
 
 
 def _prefer(headers: dict[str, str]) -> dict[str, str]:
@@ -897,22 +927,7 @@ class GraphSimulator:
 
     @staticmethod
     def _parse_select(req: Request) -> tuple[str, ...] | None:
-        raw = req.query.get("$select")
-        if raw is None:
-            return None
-        out: list[str] = []
-        for item in raw.split(","):
-            name = item.strip()
-            canon = SELECTABLE.get(name.lower())
-            if canon is None:
-                raise GraphFail(
-                    400,
-                    "RequestBroker--ParseUri",
-                    f"Could not find a property named '{name}' on type 'microsoft.graph.message'.",
-                )
-            if canon not in out:
-                out.append(canon)
-        return tuple(out)
+        return _select(req.query.get("$select"), SELECTABLE, "message")
 
     @staticmethod
     def _parse_expand(req: Request) -> bool:
@@ -949,16 +964,14 @@ class GraphSimulator:
         return _prefer(req.headers).get("idtype", "").lower() == "immutableid"
 
     @staticmethod
-    def _parse_filter(raw: str | None) -> tuple[str, int] | None:
+    def _parse_filter(raw: str | None, delta: bool = False) -> tuple[str, int] | None:
+        """A listing's (or, with `delta`, a message delta's) `$filter`: only `receivedDateTime ge|gt <time>`."""
         if raw is None:
             return None
-        if m := _FILTER_RE.fullmatch(raw):
-            try:
-                when = datetime.fromisoformat(m.group(2).upper().replace("Z", "+00:00"))
-            except ValueError:
-                when = None
-            if when is not None:
-                return m.group(1).lower(), _us(when)
+        if received := _received_filter(raw):
+            return received
+        if delta:
+            raise GraphFail(400, "ErrorInvalidUrlQuery", _DELTA_FILTER_ERROR)
         if _QUOTED_FILTER_RE.fullmatch(raw):
             raise GraphFail(
                 400,
@@ -1142,17 +1155,6 @@ class GraphSimulator:
         return size
 
     @staticmethod
-    def _parse_delta_filter(raw: str | None) -> tuple[str, int] | None:
-        if raw is None:
-            return None
-        if m := _FILTER_RE.fullmatch(raw):
-            try:
-                return m.group(1).lower(), _us(datetime.fromisoformat(m.group(2).upper().replace("Z", "+00:00")))
-            except ValueError:
-                pass
-        raise GraphFail(400, "ErrorInvalidUrlQuery", _DELTA_FILTER_ERROR)
-
-    @staticmethod
     def _passes(m: SimMessage, flt: tuple[str, int] | None) -> bool:
         if flt is None:
             return True
@@ -1202,7 +1204,7 @@ class GraphSimulator:
             select = self._parse_select(req)
             expand = self._parse_expand(req)
             self._check_mail_scopes(ctx, select, expand)
-            flt = self._parse_delta_filter(req.query.get("$filter"))
+            flt = self._parse_filter(req.query.get("$filter"), delta=True)
             orderby = req.query.get("$orderby")
             if orderby is not None and not re.fullmatch(r"\s*receivedDateTime\s+desc\s*", orderby, re.IGNORECASE):
                 raise GraphFail(400, "ErrorInvalidUrlQuery", "The $orderby expression is not supported.")
@@ -1391,10 +1393,7 @@ class GraphSimulator:
 
     @staticmethod
     def _validate_batch(req: Request) -> list[dict]:
-        try:
-            payload: Any = req.json()
-        except ValueError:
-            payload = None
+        payload = req.json_or_none()
         items = payload.get("requests") if isinstance(payload, dict) else None
         if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
             raise GraphFail(400, "BadRequest", "Invalid batch payload format.")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from simulators.graph import HALF_EMOJI, GraphFail, _Ctx, _encode, _iso, _prefer, _quote_id
+from simulators.graph import HALF_EMOJI, GraphFail, _Ctx, _encode, _iso, _prefer, _quote_id, _select
 from simulators.server import Request, Response
 from simulators.world_calendar import (
     _DAYS,
@@ -264,20 +264,7 @@ class CalendarEndpoints:
     @staticmethod
     def _select(req: Request) -> tuple[str, ...] | None:
         raw = next((v for k, v in req.query.items() if k.lower() == "$select"), None)
-        if raw is None:
-            return None
-        out = []
-        for item in raw.split(","):
-            canon = EVENT_SELECTABLE.get(item.strip().lower())
-            if canon is None:
-                raise GraphFail(
-                    400,
-                    "RequestBroker--ParseUri",
-                    f"Could not find a property named '{item.strip()}' on type 'microsoft.graph.event'.",
-                )
-            if canon not in out:
-                out.append(canon)
-        return tuple(out)
+        return _select(raw, EVENT_SELECTABLE, "event")
 
     @staticmethod
     def _dtz(dt: datetime, zone: str) -> dict:
@@ -590,10 +577,7 @@ class CalendarEndpoints:
         real Graph accepts every writable property)."""
         assert req.match is not None and ctx.claims is not None
         self._need(ctx, CAL_WRITE)
-        try:
-            payload = req.json()
-        except ValueError:
-            payload = None
+        payload = req.json_or_none()
         if not isinstance(payload, dict) or not payload:
             raise GraphFail(400, "ErrorInvalidRequest", "Empty Payload. JSON content expected.")
         bad = sorted(set(payload) - PATCHABLE)
@@ -623,10 +607,7 @@ class CalendarEndpoints:
     def _online_meeting(self, req: Request, ctx: _Ctx) -> Response:
         assert ctx.claims is not None
         self._need(ctx, ONLINE_MEETINGS, teams=True)
-        try:
-            payload = req.json()
-        except ValueError:
-            payload = None
+        payload = req.json_or_none()
         if not isinstance(payload, dict):
             raise GraphFail(400, "BadRequest", "Invalid request body.")
         external_id = None
@@ -733,10 +714,7 @@ class CalendarEndpoints:
         )
 
     def _message_body(self, req: Request) -> tuple[str, str]:
-        try:
-            payload = req.json()
-        except ValueError:
-            payload = None
+        payload = req.json_or_none()
         body = payload.get("body") if isinstance(payload, dict) else None
         if not isinstance(body, dict) or not isinstance(body.get("content"), str) or not body["content"]:
             raise GraphFail(400, "BadRequest", "Message body cannot be empty.")  # UNVERIFIED text
@@ -806,10 +784,7 @@ class CalendarEndpoints:
         Members bind to users of the caller's tenant by oid or UPN."""
         assert ctx.claims is not None
         self._need(ctx, CHAT_CREATE, teams=True)
-        try:
-            payload = req.json()
-        except ValueError:
-            payload = None
+        payload = req.json_or_none()
         if not isinstance(payload, dict) or payload.get("chatType") not in ("oneOnOne", "group"):
             raise GraphFail(400, "BadRequest", "Invalid chatType.")
         tenant = self.sim.world.tenant(ctx.claims.tid)

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from simulators.server import Handler, Request, Response, SimServer
+from simulators import server
+from simulators.server import Handler, Request, Response, SimServer, wrapped_routes
 from simulators.tls import SimulatorTLS
 from simulators.world import World, website_domain
 
@@ -189,12 +190,7 @@ class _Rec:
 
 
 @dataclass(frozen=True)
-class LoggedRequest:
-    """One request as the simulator saw it (no tokens)."""
-
-    method: str
-    path: str
-    status: int
+class LoggedRequest(server.LoggedRequest):
     portal_tid: str | None = None
     query: dict[str, str] | None = None
     body: Any = None
@@ -237,18 +233,14 @@ class HubSpotSimulator(SimServer):
         for t in world.tenants:
             self._build_portal(t.tid)
             self._issue_token(t.tid)
-        routes: list[tuple[str, str, Handler]] = [
+        routes = [
             ("GET", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/?", self._list),
             ("GET", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/(?P<id>\d+)", self._get_one),
             ("POST", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/search", self._search),
             ("GET", r"/crm/v3/pipelines/deals/?", self._pipelines),
             ("POST", r"/crm/v4/associations/(?P<from>[\w-]+)/(?P<to>[\w-]+)/batch/read", self._assoc_batch_read),
         ]
-        routes += [(m, r"/.*", self._not_found) for m in ("GET", "POST", "PATCH", "DELETE", "PUT")]
-        super().__init__(tls, [(m, p, self._wrap(h)) for m, p, h in routes], port=port, name="hubspot-sim")
-
-    def __enter__(self) -> HubSpotSimulator:
-        return self.start()
+        super().__init__(tls, wrapped_routes(routes, self._wrap, self._not_found), port=port, name="hubspot-sim")
 
     # ------------------------------------------------------------------------------------------- portal data
     def _now(self) -> datetime:
@@ -472,12 +464,7 @@ class HubSpotSimulator(SimServer):
                 tid, resp, policy = self._gate(req)
                 if resp is None:
                     resp, _ = handler(req, tid)  # type: ignore[arg-type]  # tid is set when resp is None
-                body = None
-                if req.method == "POST":
-                    try:
-                        body = req.json()
-                    except ValueError:
-                        body = None
+                body = req.json_or_none() if req.method == "POST" else None
                 self.requests.append(
                     LoggedRequest(req.method, req.path, resp.status, tid, dict(req.query), body, policy)
                 )

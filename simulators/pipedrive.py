@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from simulators.server import Handler, Request, Response, SimServer
+from simulators import server
+from simulators.server import Handler, Request, Response, SimServer, wrapped_routes
 from simulators.tls import SimulatorTLS
 from simulators.world import World
 
@@ -84,12 +85,7 @@ def _parse_time(text: str) -> datetime:
 
 
 @dataclass(frozen=True)
-class LoggedRequest:
-    """One request as the simulator saw it (no tokens)."""
-
-    method: str
-    path: str
-    status: int
+class LoggedRequest(server.LoggedRequest):
     tid: str | None = None
     auth: str | None = None  # "header" | "query" | None
     params: tuple[tuple[str, str], ...] = ()
@@ -139,14 +135,9 @@ class PipedriveSimulator(SimServer):
         for t in world.tenants:
             self._build(t.tid)
             self._issue_token(t.tid)
-        routes: list[tuple[str, str, Handler]] = [
-            ("GET", r"/api/v2/(?P<kind>persons|organizations|deals)/?", self._list),
-        ]
-        routes += [(m, r"/.*", lambda req, tid: _unauthorized()) for m in ("GET", "POST", "PATCH", "DELETE", "PUT")]
-        super().__init__(tls, [(m, p, self._wrap(h)) for m, p, h in routes], port=port, name="pipedrive-sim")
-
-    def __enter__(self) -> PipedriveSimulator:
-        return self.start()
+        routes = [("GET", r"/api/v2/(?P<kind>persons|organizations|deals)/?", self._list)]
+        served = wrapped_routes(routes, self._wrap, lambda req, tid: _unauthorized())  # any other path: 401
+        super().__init__(tls, served, port=port, name="pipedrive-sim")
 
     # -- world mapping
     def _build(self, tid: str) -> None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from simulators.server import Handler, Request, Response, SimServer
+from simulators import server
+from simulators.server import Handler, Request, Response, SimServer, wrapped_routes
 from simulators.tls import SimulatorTLS
 from simulators.world import World
 
@@ -130,49 +131,29 @@ def _org_rows(world: World, tid: str) -> dict[str, list[dict[str, Any]]]:
         return created, min(now, created + timedelta(days=_stable(record_id + "s", 30)))
 
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in SOBJECTS}
+
+    def add(sobject: str, record_id: str, **fields: Any) -> None:
+        """A live record: its fields plus the system fields, with derived creation and modification times."""
+        created, mod = stamps(record_id)
+        system = {"IsDeleted": False, "CreatedDate": created, "SystemModstamp": mod}
+        rows[sobject].append({"Id": record_id, **fields, **system})
+
     for c in crm.contacts:
-        created, mod = stamps(c.id)
-        rows["Contact"].append(
-            {
-                "Id": c.id,
-                "FirstName": c.first_name,
-                "LastName": c.last_name,
-                "Email": c.email,
-                "AccountId": c.account_id,
-                "IsDeleted": False,
-                "CreatedDate": created,
-                "SystemModstamp": mod,
-            }
-        )
+        add("Contact", c.id, FirstName=c.first_name, LastName=c.last_name, Email=c.email, AccountId=c.account_id)
     for lead in crm.leads:
-        created, mod = stamps(lead.id)
-        rows["Lead"].append(
-            {
-                "Id": lead.id,
-                "FirstName": lead.first_name,
-                "LastName": lead.last_name,
-                "Email": lead.email,
-                "Company": lead.company,
-                "IsConverted": lead.is_converted,
-                "ConvertedContactId": lead.converted_contact_id,
-                "ConvertedAccountId": None,
-                "IsDeleted": False,
-                "CreatedDate": created,
-                "SystemModstamp": mod,
-            }
+        add(
+            "Lead",
+            lead.id,
+            FirstName=lead.first_name,
+            LastName=lead.last_name,
+            Email=lead.email,
+            Company=lead.company,
+            IsConverted=lead.is_converted,
+            ConvertedContactId=lead.converted_contact_id,
+            ConvertedAccountId=None,
         )
     for a in crm.accounts:
-        created, mod = stamps(a.id)
-        rows["Account"].append(
-            {
-                "Id": a.id,
-                "Name": a.name,
-                "Website": a.website,
-                "IsDeleted": False,
-                "CreatedDate": created,
-                "SystemModstamp": mod,
-            }
-        )
+        add("Account", a.id, Name=a.name, Website=a.website)
     for o in crm.opportunities:
         won = o.is_closed and _stable(o.id, 2) == 0
         stage = ("Closed Won" if won else "Closed Lost") if o.is_closed else "Prospecting"
@@ -404,18 +385,18 @@ class _Parser:
         return SoqlQuery(sobject, fields, where, order_by, limit)
 
     def or_expr(self) -> Predicate:
-        parts = [self.and_expr()]
-        while self.is_kw("OR"):
-            self.next()
-            parts.append(self.and_expr())
-        return parts[0] if len(parts) == 1 else (lambda r: any(p(r) for p in parts))
+        return self.chain("OR", self.and_expr, any)
 
     def and_expr(self) -> Predicate:
-        parts = [self.unary()]
-        while self.is_kw("AND"):
+        return self.chain("AND", self.unary, all)
+
+    def chain(self, keyword: str, operand: Callable[[], Predicate], combine: Callable[[Any], bool]) -> Predicate:
+        """operand (keyword operand)*, true when `combine` (any / all) of the operands is."""
+        parts = [operand()]
+        while self.is_kw(keyword):
             self.next()
-            parts.append(self.unary())
-        return parts[0] if len(parts) == 1 else (lambda r: all(p(r) for p in parts))
+            parts.append(operand())
+        return parts[0] if len(parts) == 1 else (lambda r: combine(p(r) for p in parts))
 
     def unary(self) -> Predicate:
         if self.is_kw("NOT"):
@@ -510,12 +491,7 @@ def run_soql(query: SoqlQuery, rows: list[dict[str, Any]], include_deleted: bool
 
 
 @dataclass(frozen=True)
-class LoggedRequest:
-    """One request as the simulator saw it. No tokens, secrets or form bodies."""
-
-    method: str
-    path: str
-    status: int
+class LoggedRequest(server.LoggedRequest):
     org_tid: str | None = None
     soql: str | None = None
     grant_type: str | None = None
@@ -576,7 +552,7 @@ class SalesforceSimulator(SimServer):
             rt = self._new_refresh_token(tid)
             self._initial_rt[tid] = rt
         v = r"v(?P<v>\d+\.\d)"
-        routes: list[tuple[str, str, Handler]] = [
+        routes = [
             ("POST", r"/services/oauth2/token", self._token),
             ("GET", r"/services/data/?", self._versions),
             ("GET", rf"/services/data/{v}/(?P<kind>query|queryAll)/?", self._query),
@@ -588,11 +564,8 @@ class SalesforceSimulator(SimServer):
             ("GET", rf"/services/data/{v}/limits/?", self._limits),
             ("GET", rf"/services/data/{v}/sobjects/(?P<obj>[A-Za-z0-9_]+)/describe/?", self._describe),
         ]
-        routes += [(m, r"/.*", self._not_found) for m in ("GET", "POST", "PATCH", "DELETE", "PUT")]
-        super().__init__(tls, [(m, p, self._wrap(h)) for m, p, h in routes], port=port, name="salesforce-sim")
-
-    def __enter__(self) -> SalesforceSimulator:
-        return self.start()
+        served = wrapped_routes(routes, self._wrap, self._not_found)
+        super().__init__(tls, served, port=port, name="salesforce-sim")
 
     # -- test knobs
     def refresh_token_for(self, tid: str) -> str:

@@ -8,10 +8,10 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from simulators.tls import SimulatorTLS
@@ -33,6 +33,13 @@ class Request:
     def json(self) -> Any:
         return json.loads(self.body or b"null")
 
+    def json_or_none(self) -> Any:
+        """The body as JSON, or None when it is not JSON (handlers then answer their API's 400)."""
+        try:
+            return self.json()
+        except ValueError:
+            return None
+
 
 @dataclass
 class Response:
@@ -49,6 +56,27 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+H = TypeVar("H")  # a simulator's own handler type, before its `_wrap` makes it a Handler
+ANY_METHOD = ("GET", "POST", "PATCH", "DELETE", "PUT")
+
+
+def wrapped_routes(
+    routes: Iterable[tuple[str, str, H]], wrap: Callable[[H], Handler], other_paths: H
+) -> list[tuple[str, str, Handler]]:
+    """`routes` plus `other_paths` for any other path and method, every handler passed through `wrap` (the
+    simulator's gate, faults and request log)."""
+    every = [*routes, *((method, r"/.*", other_paths) for method in ANY_METHOD)]
+    return [(method, pattern, wrap(handler)) for method, pattern, handler in every]
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    """One request as a simulator saw it, for tests to inspect: never tokens, secrets or form bodies. Each
+    simulator's own log entry adds what its tests ask about."""
+
+    method: str
+    path: str
+    status: int
 
 
 class SimServer:
@@ -108,7 +136,7 @@ class SimServer:
         h.end_headers()
         h.wfile.write(data)
 
-    def start(self) -> SimServer:
+    def start(self) -> Self:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=self.name, daemon=True
         )
@@ -119,7 +147,7 @@ class SimServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> SimServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 
 from crm_adapters import hubspot, pipedrive
-from crm_adapters.base import CrmChanges, CrmSnapshot, website_domain
+from crm_adapters.base import website_domain
+from o365sync.crm import CrmChanges, CrmSnapshot
 from simulators import world as world_mod
 from simulators.hubspot import OBJECT_TYPES, HubSpotSimulator, additional_domains, additional_emails
 from simulators.pipedrive import PipedriveSimulator, secondary_email, website_exposed
@@ -37,7 +38,7 @@ class CrmCase:
     newest_modified: Callable[[Any, str], datetime]  # what a full snapshot's watermark must be
     mutate: Callable[[World, Any, str], dict[str, str]]  # one of each change; the CRM ids involved
     changed: dict[str, tuple[str, ...]]  # changed_ids key -> names (of `mutate`) that must be in it
-    left_scope: tuple[tuple[str, str], ...]  # (name, frame): changed records that must have no rows
+    left_scope: dict[str, tuple[str, ...]]  # frame -> names (of `mutate`): changed records that must have no rows
     check_changes: Callable[[World, Any, str, dict[str, str], CrmChanges], None]  # CRM-specific, after the rest
     throttle: Callable[[Any], list[float]]  # short rate limits the adapter waits out; the sleeps expected
     quota_on: Callable[[Any, str], None]  # the daily quota runs out after a few more requests
@@ -198,13 +199,10 @@ HUBSPOT = CrmCase(
         "accounts": ("company",),
         "opportunities": ("new_deal", "new_closed_deal", "closed_deal", "deleted_deal", "moved_deal"),
     },
-    left_scope=(
-        ("archived", "people"),
-        ("no_address", "people"),
-        ("closed_deal", "opportunities"),
-        ("deleted_deal", "opportunities"),
-        ("new_closed_deal", "opportunities"),
-    ),
+    left_scope={
+        "people": ("archived", "no_address"),
+        "opportunities": ("closed_deal", "deleted_deal", "new_closed_deal"),
+    },
     check_changes=hs_check_changes,
     throttle=hs_throttle,
     quota_on=lambda sim, tid: sim.throttle("DAILY", count=None, after=4),
@@ -351,13 +349,11 @@ PIPEDRIVE = CrmCase(
         "accounts": ("new_org", "company", "deleted_org"),
         "opportunities": ("new_deal", "won_deal", "deleted_deal", "moved_deal"),
     },
-    left_scope=(
-        ("deleted_person", "people"),
-        ("no_address", "people"),
-        ("deleted_org", "accounts"),
-        ("won_deal", "opportunities"),
-        ("deleted_deal", "opportunities"),
-    ),
+    left_scope={
+        "people": ("deleted_person", "no_address"),
+        "accounts": ("deleted_org",),
+        "opportunities": ("won_deal", "deleted_deal"),
+    },
     check_changes=pd_check_changes,
     throttle=pd_throttle,
     quota_on=pd_quota_on,

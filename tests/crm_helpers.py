@@ -6,7 +6,7 @@ from datetime import datetime
 
 import polars as pl
 
-from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmChanges, CrmSnapshot
+from o365sync.crm import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmChanges, CrmSnapshot
 from simulators import world as world_mod
 from simulators.world import CrmContact, SimCrm
 

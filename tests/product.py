@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +52,21 @@ def stand_up(
             settings, running, tenant, port, crm_kind=crm_kind, features=features, explicit_consent=explicit_consent
         )
     return Product(settings, running, world)
+
+
+def stand_up_with_crm(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **options: Any
+) -> Iterator[Product]:
+    """For a fixture to `yield from`: the product stood up (`stand_up` with `options`) and the first tenant's CRM
+    snapshot taken; the simulators stop when the test is done."""
+    from tasks.crm_snapshot import refresh_crm_snapshot
+
+    p = stand_up(world, tmp_path, monkeypatch, **options)
+    try:
+        refresh_crm_snapshot(p.settings, world.tenants[0].tid)
+        yield p
+    finally:
+        p.running.stop()
 
 
 def stored_matches(settings: Settings, tenant_id: str) -> dict[tuple[str, str], frozenset[str]]:

@@ -14,7 +14,7 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
+from o365sync.crm import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
 from simulators.world import World
 from tests.crm_cases import CrmCase, fixtures, ts
 from tests.crm_helpers import Clock, Sleeps, apply_changes, assert_same
@@ -76,8 +76,8 @@ def test_changes_applied_equal_fresh_snapshot(
     assert changes.watermark == mutated.mutated_at == fresh.watermark
     for key, names in case.changed.items():
         assert {ids[name] for name in names} <= changes.changed_ids[key], key
-    for name, frame in case.left_scope:  # left the scope: an id without rows
-        assert ids[name] not in set(getattr(changes, frame)["crm_id"]), name
+    for frame, names in case.left_scope.items():  # left the scope: an id without rows
+        assert not {ids[name] for name in names} & set(getattr(changes, frame)["crm_id"]), names
     assert set(changes.accounts.filter(pl.col("crm_id") == ids["company"])["domain"]) == {"newname.co.uk"}
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from crm_adapters.base import MAX_NAME_CHARS, CrmFileError
-from o365sync.crm_refresh import refresh_crm_snapshot
+from o365sync.crm import MAX_NAME_CHARS, CrmFileError
 from o365sync.settings import Settings
 from o365sync.store import open_store, read_crm_state
 from o365sync.tenants import CrmConnection, TenantConfig, save_tenant
 from simulators.world import generate_world
+from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up
 
 PEOPLE = "crm_id,email,name\nP1,jane@acme.com,Jane\nP2,joe@acme.com,Joe\n"

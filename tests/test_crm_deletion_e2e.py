@@ -7,11 +7,11 @@ import copy
 
 import pytest
 
-from o365sync.crm_refresh import refresh_crm_snapshot
 from o365sync.store import open_store
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
+from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.crm_helpers import delete_in_crm
 from tests.product import expected_for_crm, stand_up, stored_matches
 

@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from app.cli import app
-from crm_adapters.base import CrmDropRefused
-from o365sync.crm_refresh import refresh_crm_snapshot
+from o365sync.crm import CrmDropRefused
 from o365sync.settings import Settings
 from o365sync.store import (
     apply_crm_changes,
@@ -29,6 +28,7 @@ from o365sync.store import (
 )
 from o365sync.tenants import CrmConnection, TenantConfig, save_tenant
 from simulators.world import generate_world
+from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.crm_helpers import delete_in_crm, snapshot_of
 from tests.product import stand_up
 

@@ -11,11 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crm_adapters.base import (
-    OPPORTUNITIES_SCHEMA,
-    CrmError,
-)
 from crm_adapters.files import FilesConnection, fetch_snapshot
+from o365sync.crm import OPPORTUNITIES_SCHEMA, CrmError
 from simulators.world import SimCrm, generate_world
 from tests.crm_helpers import assert_same, world_snapshot
 

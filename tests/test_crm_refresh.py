@@ -13,7 +13,8 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from crm_adapters.base import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmError
+from crm_adapters.registry import ADAPTERS
+from o365sync.crm import ACCOUNTS_SCHEMA, OPPORTUNITIES_SCHEMA, PEOPLE_SCHEMA, CrmError
 from o365sync.crm_refresh import refresh_crm_snapshot, refresh_since, scan_start_for
 from o365sync.settings import Settings
 from o365sync.store import (
@@ -160,15 +161,15 @@ def tenant(kind: str, directory: Path | None = None) -> TenantConfig:
 
 def test_refresh_policy_full_first_then_incremental_with_overlap_then_reconcile(settings):
     summary = {"crm_kind": None, "watermark": None, "last_full_at": None}
-    assert refresh_since(settings, tenant("salesforce"), summary, NOW) is None  # first refresh: full
+    assert refresh_since(settings, tenant("salesforce"), summary, NOW, ADAPTERS) is None  # first refresh: full
     mark = NOW - timedelta(hours=1)
     summary = {"crm_kind": "salesforce", "watermark": mark, "last_full_at": NOW - timedelta(hours=3)}
-    assert refresh_since(settings, tenant("salesforce"), summary, NOW) == mark - timedelta(minutes=10)
-    assert refresh_since(settings, tenant("hubspot"), summary, NOW) is None  # the tenant switched CRM
-    assert refresh_since(settings, tenant("files"), summary | {"crm_kind": "files"}, NOW) is None
+    assert refresh_since(settings, tenant("salesforce"), summary, NOW, ADAPTERS) == mark - timedelta(minutes=10)
+    assert refresh_since(settings, tenant("hubspot"), summary, NOW, ADAPTERS) is None  # the tenant switched CRM
+    assert refresh_since(settings, tenant("files"), summary | {"crm_kind": "files"}, NOW, ADAPTERS) is None
     due = summary | {"last_full_at": NOW - timedelta(hours=24)}
-    assert refresh_since(settings, tenant("salesforce"), due, NOW) is None  # daily reconciliation
-    assert refresh_since(settings, tenant("salesforce"), summary | {"watermark": None}, NOW) is None
+    assert refresh_since(settings, tenant("salesforce"), due, NOW, ADAPTERS) is None  # daily reconciliation
+    assert refresh_since(settings, tenant("salesforce"), summary | {"watermark": None}, NOW, ADAPTERS) is None
 
 
 def test_crm_state_records_failures_as_codes_and_keeps_the_snapshot(settings, tmp_path):
@@ -177,13 +178,13 @@ def test_crm_state_records_failures_as_codes_and_keeps_the_snapshot(settings, tm
     (crm_dir / "people.csv").write_text("crm_id,email\nc1,Jane@Acme.com\n")
     (crm_dir / "accounts.csv").write_text("crm_id,domain\nA1,acme.com\n")
     save_tenant(settings, tenant("files", crm_dir))
-    counts = refresh_crm_snapshot(settings, "t1", now=NOW)
+    counts = refresh_crm_snapshot(settings, "t1", ADAPTERS, now=NOW)
     assert counts["mode"] == "full" and counts["people"] == 1
     with open_store(settings, "t1", write=False) as con:
         assert read_crm_state(con)["status"] == "ok"
     (crm_dir / "people.csv").unlink()
     with pytest.raises(CrmError):
-        refresh_crm_snapshot(settings, "t1", now=NOW)
+        refresh_crm_snapshot(settings, "t1", ADAPTERS, now=NOW)
     with open_store(settings, "t1", write=False) as con:
         state = read_crm_state(con)
         assert state["status"] == "invalid_file" and state["last_success_at"] is not None

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from crm_adapters.base import CrmAdapter, CrmError
 from crm_adapters.registry import ADAPTERS
+from o365sync.crm import CrmAdapter, CrmError
 from o365sync.tenants import _CRM_SECRETS, CRM_KINDS, CrmConnection, TenantConfig
 
 

@@ -14,16 +14,13 @@ from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.bounded import ends_by_itself
-from tests.product import stand_up, stored_matches
+from tests.product import stand_up, stand_up_with_crm, stored_matches
 
 
 @pytest.fixture
 def product(tmp_path, monkeypatch):
     world = generate_world(seed=5, users_per_tenant=2, messages_per_user=160, contacts_per_tenant=30)
-    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="20")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="20")
 
 
 def sync_all(p) -> dict:

@@ -19,8 +19,7 @@ from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import region_root, tenant_dir
 from simulators.world import generate_world
-from tasks.crm_snapshot import refresh_crm_snapshot
-from tests.product import stand_up
+from tests.product import stand_up_with_crm
 from tests.traces import file_hits
 
 
@@ -51,13 +50,15 @@ def seed_marker(world, oid: str, tag: str):
     return m, [subject, body]
 
 
+def count(con, rows: str, *params: str) -> int:
+    """How many rows `rows` ("<table> WHERE <condition>") has."""
+    return con.execute(f"SELECT count(*) FROM {rows}", list(params)).fetchone()[0]
+
+
 @pytest.fixture
 def product(tmp_path, monkeypatch):
     world = generate_world(seed=41, users_per_tenant=2, messages_per_user=60, contacts_per_tenant=25)
-    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50")
 
 
 @pytest.mark.slow
@@ -99,8 +100,8 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
                 "SELECT DISTINCT address FROM email_participants WHERE graph_id = ?", [msg.id]
             ).fetchall()
         ]
-        in_conv = con.execute("SELECT count(*) FROM emails WHERE conversation_id = ?", [conv]).fetchone()[0]
-        others = con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0]
+        in_conv = count(con, "emails WHERE conversation_id = ?", conv)
+        others = count(con, "emails WHERE conversation_id <> ?", conv)
     exported = export_conversation(p.settings, tid, graph_id=msg.id, user_oid=alice.oid)
     assert exported.items == in_conv and exported.files == in_conv + 1
     doc = json.loads((exported.path / "conversation.json").read_text())
@@ -122,14 +123,9 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     assert hits(tenant_files(p.settings, tid), markers) == []
     assert not (tenant_dir(p.settings, tid) / "exports").exists()
     with open_store(p.settings, tid, write=False) as con:
-        assert (
-            con.execute(
-                "SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?", [conv, alice.oid]
-            ).fetchone()[0]
-            == 0
-        )
-        assert con.execute("SELECT count(*) FROM emails WHERE conversation_id <> ?", [conv]).fetchone()[0] == others
-        assert con.execute("SELECT count(*) FROM email_participants WHERE graph_id = ?", [msg.id]).fetchone()[0] == 0
+        assert count(con, "emails WHERE conversation_id = ? AND user_oid = ?", conv, alice.oid) == 0
+        assert count(con, "emails WHERE conversation_id <> ?", conv) == others
+        assert count(con, "email_participants WHERE graph_id = ?", msg.id) == 0
 
     # The next sync does not bring it back — not even a new reply in the same conversation.
     reply = p.world.add_message(alice.oid, "inbox", kind="contact")
@@ -138,12 +134,7 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     p.world.update_message(msg.id, is_read=False)  # a change Graph's delta reports
     sync_all(p)
     with open_store(p.settings, tid, write=False) as con:
-        assert (
-            con.execute(
-                "SELECT count(*) FROM emails WHERE conversation_id = ? AND user_oid = ?", [conv, alice.oid]
-            ).fetchone()[0]
-            == 0
-        )
+        assert count(con, "emails WHERE conversation_id = ? AND user_oid = ?", conv, alice.oid) == 0
     assert hits(tenant_files(p.settings, tid), markers) == []
 
     # The audit log: outside the tenant folder, ids and counts only.
@@ -197,10 +188,9 @@ def test_actor_and_reason_are_ids_not_free_text(product):
 @pytest.fixture
 def calendar_product(tmp_path, monkeypatch):
     world = generate_world(seed=43, users_per_tenant=1, messages_per_user=5, contacts_per_tenant=30, calendars=True)
-    p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(
+        world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25"
+    )
 
 
 @pytest.mark.slow

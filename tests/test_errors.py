@@ -30,6 +30,7 @@ MODULES += (o365sync.sync.runner, o365sync.teams, tasks.teams_task)
 TABLE: dict[str, tuple[bool, str]] = {
     "O365SyncError": (True, FAILED),
     "ConsentNeeded": (False, "consent_needed"),
+    "TenantError": (True, FAILED),
     "NoCrmSnapshot": (True, FAILED),
     "GraphError": (True, FAILED),
     "GraphAuthError": (True, FAILED),

@@ -43,6 +43,7 @@ from simulators.graph import GraphSimulator
 from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
 from simulators.world import SimMessage, SimUser, World
+from tests.fake_graph import batch_answer
 
 
 class Tokens:
@@ -680,14 +681,8 @@ def _counting_client(
 ) -> GraphClient:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/$batch"):
-            inner = json.loads(request.content)["requests"]
-            sent.append((clock.now, len(inner)))
-            return httpx.Response(
-                200,
-                json={
-                    "responses": [{"id": r["id"], "status": 200, "headers": {}, "body": {"id": r["id"]}} for r in inner]
-                },
-            )
+            sent.append((clock.now, len(json.loads(request.content)["requests"])))
+            return batch_answer(request, lambda r: {"id": r["id"]}, headers={})
         sent.append((clock.now, 1))
         status = statuses.pop(0) if statuses else 200
         return httpx.Response(status, json={"id": "me"} if status == 200 else {"error": {"code": "x"}})

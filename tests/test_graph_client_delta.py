@@ -3,7 +3,6 @@ the real Graph simulator (created / partial updated / @removed items, 410 and sy
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
@@ -18,6 +17,7 @@ from simulators.graph import GraphSimulator
 from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
 from simulators.world import SimUser, World, generate_world
+from tests.fake_graph import batch_answer
 
 BASE = "https://graph.test/v1.0"
 FOLDER_LINK = f"{BASE}/me/mailfolders('AQMkADNkNAAAgEMAAAA')/messages/delta"
@@ -219,15 +219,7 @@ def test_links_outside_the_allowlist_are_refused() -> None:
 
 def test_batch_and_inner_requests_ask_for_immutable_ids() -> None:
     def batch(request: httpx.Request) -> httpx.Response:
-        reqs = json.loads(request.content)["requests"]
-        return httpx.Response(
-            200,
-            json={
-                "responses": [
-                    {"id": r["id"], "status": 200, "body": {"body": {"content": r["headers"]["Prefer"]}}} for r in reqs
-                ]
-            },
-        )
+        return batch_answer(request, lambda r: {"body": {"content": r["headers"]["Prefer"]}})
 
     script = Script({"/$batch": batch})
     got = dict(fetch_bodies(script.client(), ["A", "B"]))

@@ -27,6 +27,11 @@ def auth(tokens: TokenAuthority, user: SimUser, scopes: tuple[str, ...] = ("User
     return {"Authorization": f"Bearer {token}"}
 
 
+def list_inbox(http: httpx.Client, sim: GraphSimulator, headers: dict, params: dict) -> httpx.Response:
+    """GET the inbox's messages with `params` (the `$` query options) and `headers`."""
+    return http.get(f"{sim.base_url}/me/mailFolders/inbox/messages", params=params, headers=headers)
+
+
 def assert_graph_error(resp: httpx.Response, status: int, code: str) -> dict:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
@@ -57,11 +62,7 @@ def test_me_and_folders(sim: GraphSimulator, http: httpx.Client, tokens: TokenAu
     assert inbox["displayName"] == "Inbox" and sent["displayName"] == "Sent Items"
     by_id = http.get(f"{sim.base_url}/me/mailFolders/{inbox['id']}", headers=auth(tokens, user)).json()
     assert by_id["id"] == inbox["id"]
-    msgs = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages",
-        params={"$select": "parentFolderId", "$top": "3"},
-        headers=auth(tokens, user),
-    ).json()
+    msgs = list_inbox(http, sim, auth(tokens, user), {"$select": "parentFolderId", "$top": "3"}).json()
     assert {m["parentFolderId"] for m in msgs["value"]} == {inbox["id"]}
     missing = http.get(f"{sim.base_url}/me/mailFolders/nosuchfolder", headers=auth(tokens, user))
     assert_graph_error(missing, 404, "ErrorItemNotFound")
@@ -107,36 +108,24 @@ def test_gt_filter_and_default_top(
 ) -> None:
     inbox = sorted((m for m in world.mailboxes[user.oid] if m.folder == "inbox"), key=lambda m: m.received)
     pivot = inbox[-5].received
-    ge = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages",
-        headers=auth(tokens, user),
-        params={"$select": "id", "$filter": f"receivedDateTime ge {pivot:%Y-%m-%dT%H:%M:%SZ}"},
+    ge = list_inbox(
+        http, sim, auth(tokens, user), {"$select": "id", "$filter": f"receivedDateTime ge {pivot:%Y-%m-%dT%H:%M:%SZ}"}
     ).json()
-    gt = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages",
-        headers=auth(tokens, user),
-        params={"$select": "id", "$filter": f"receivedDateTime gt {pivot:%Y-%m-%dT%H:%M:%SZ}"},
+    gt = list_inbox(
+        http, sim, auth(tokens, user), {"$select": "id", "$filter": f"receivedDateTime gt {pivot:%Y-%m-%dT%H:%M:%SZ}"}
     ).json()
     assert len(ge["value"]) == 5 and len(gt["value"]) == 4
-    first = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id"}, headers=auth(tokens, user)
-    ).json()
+    first = list_inbox(http, sim, auth(tokens, user), {"$select": "id"}).json()
     assert len(first["value"]) == 10 and "@odata.nextLink" in first  # Graph's default page size
 
 
 def test_select_projection(
     sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
 ) -> None:
-    resp = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages",
-        params={"$select": "subject,toRecipients", "$top": "5"},
-        headers=auth(tokens, user),
-    )
+    resp = list_inbox(http, sim, auth(tokens, user), {"$select": "subject,toRecipients", "$top": "5"})
     for item in resp.json()["value"]:
         assert set(item) == {"@odata.etag", "id", "subject", "toRecipients"}
-    bad = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "subject,nope"}, headers=auth(tokens, user)
-    )
+    bad = list_inbox(http, sim, auth(tokens, user), {"$select": "subject,nope"})
     assert_graph_error(bad, 400, "RequestBroker--ParseUri")
 
 
@@ -283,9 +272,7 @@ def test_message_shape_and_body_types(
 def test_bad_queries(
     sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, params: dict, code: str
 ) -> None:
-    resp = http.get(
-        f"{sim.base_url}/me/mailFolders/inbox/messages", params={"$select": "id", **params}, headers=auth(tokens, user)
-    )
+    resp = list_inbox(http, sim, auth(tokens, user), {"$select": "id", **params})
     assert_graph_error(resp, 400, code)
 
 

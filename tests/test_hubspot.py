@@ -9,7 +9,7 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import CrmAuthError, CrmError, CrmQuotaExhausted, website_domain
+from crm_adapters.base import website_domain
 from crm_adapters.hubspot import (
     MAX_ATTEMPTS,
     HubSpotConnection,
@@ -18,6 +18,7 @@ from crm_adapters.hubspot import (
     modified_since_filter,
     search_people,
 )
+from o365sync.crm import CrmAuthError, CrmError, CrmQuotaExhausted
 from simulators import world as world_mod
 from simulators.hubspot import SEARCH_CAP, HubSpotSimulator, additional_domains, additional_emails
 from simulators.tls import SimulatorTLS

@@ -46,6 +46,7 @@ def test_the_layers_hold(tree):
         ("o365sync/matching.py", "app.cli"),
         ("o365sync/sync/mailbox.py", "tasks.mailbox_task"),
         ("o365sync/retention.py", "simulators.world"),
+        ("o365sync/crm_refresh.py", "crm_adapters.registry"),
         ("tasks/mailbox_task.py", "flows.email_sync"),
         ("flows/email_sync.py", "deployments.schedules"),
         ("crm_adapters/base.py", "tasks.mailbox_task"),

@@ -24,6 +24,7 @@ from o365sync.mail import (
     fetch_bodies,
     parse_page,
 )
+from tests.fake_graph import batch_answer
 
 FOLDER_ID = "AQMkADNkNAAAgEMAAAA="
 
@@ -483,20 +484,9 @@ def test_one_megabyte_bodies_are_fetched_linearly() -> None:
     ids = [f"AAMk{i}" for i in range(40)]
 
     def handler(request: httpx.Request) -> httpx.Response:
-        reqs = json.loads(request.content)["requests"]
-        return httpx.Response(
-            200,
-            json={
-                "responses": [
-                    {
-                        "id": r["id"],
-                        "status": 200,
-                        "headers": {"Content-Type": "application/json"},
-                        "body": {"body": {"contentType": "text", "content": big + r["url"]}},
-                    }
-                    for r in reqs
-                ]
-            },
+        text = {"contentType": "text"}
+        return batch_answer(
+            request, lambda r: {"body": {**text, "content": big + r["url"]}}, {"Content-Type": "application/json"}
         )
 
     with httpx.Client(transport=httpx.MockTransport(handler)) as http:

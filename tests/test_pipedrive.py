@@ -8,8 +8,8 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
 from crm_adapters.pipedrive import fetch_changes, fetch_snapshot
+from o365sync.crm import CrmAuthError, CrmQuotaExhausted, CrmSnapshot
 from simulators.pipedrive import PipedriveSimulator, secondary_email, website_exposed
 from simulators.tls import SimulatorTLS
 from simulators.world import World

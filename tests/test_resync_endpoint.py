@@ -21,8 +21,7 @@ from o365sync.tenant_context import resolve_tenant
 from simulators.graph import GraphSimulator
 from simulators.world import generate_world
 from tasks.calendar_task import calendar_run_counts
-from tasks.crm_snapshot import refresh_crm_snapshot
-from tests.product import stand_up, stored_matches
+from tests.product import stand_up_with_crm, stored_matches
 
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
@@ -32,10 +31,9 @@ log = logging.getLogger("test")
 @pytest.fixture
 def product(tmp_path, monkeypatch):
     world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30, calendars=True)
-    p = stand_up(world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(
+        world, tmp_path, monkeypatch, features=["email", "calendar"], O365SYNC_GRAPH_PAGE_SIZE="25"
+    )
 
 
 def sync_everything(settings, tid: str, users) -> dict:

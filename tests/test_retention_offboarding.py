@@ -23,7 +23,7 @@ from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tests.product import stand_up
+from tests.product import stand_up_with_crm
 from tests.test_erasure import hits, tenant_files
 
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
@@ -62,10 +62,9 @@ def assert_audit_has_no_content(settings, tid: str, needles: list[str], region=N
 @pytest.fixture
 def product(tmp_path, monkeypatch):
     world = generate_world(seed=47, users_per_tenant=2, messages_per_user=80, contacts_per_tenant=25)
-    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50", O365SYNC_CRM_RECONCILE_HOURS="0")
-    refresh_crm_snapshot(p.settings, world.tenants[0].tid)
-    yield p
-    p.running.stop()
+    yield from stand_up_with_crm(
+        world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="50", O365SYNC_CRM_RECONCILE_HOURS="0"
+    )
 
 
 def _conversation_accounts(con, conv: str) -> set[str]:

@@ -13,7 +13,9 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import (
+from crm_adapters.base import empty_snapshot, website_domain
+from crm_adapters.salesforce import MAX_ATTEMPTS, SalesforceConnection, fetch_snapshot
+from o365sync.crm import (
     ACCOUNTS_SCHEMA,
     OPPORTUNITIES_SCHEMA,
     PEOPLE_SCHEMA,
@@ -21,11 +23,8 @@ from crm_adapters.base import (
     CrmError,
     CrmQuotaExhausted,
     CrmSnapshot,
-    empty_snapshot,
     normalise_email,
-    website_domain,
 )
-from crm_adapters.salesforce import MAX_ATTEMPTS, SalesforceConnection, fetch_snapshot
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS, create_tls
 from simulators.world import World, generate_world

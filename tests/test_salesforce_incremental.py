@@ -10,8 +10,8 @@ import httpx
 import polars as pl
 import pytest
 
-from crm_adapters.base import CrmQuotaExhausted, CrmSnapshot
 from crm_adapters.salesforce import fetch_changes, fetch_snapshot, soql_datetime
+from o365sync.crm import CrmQuotaExhausted, CrmSnapshot
 from simulators.salesforce import SalesforceSimulator
 from simulators.tls import SimulatorTLS
 from simulators.world import World, generate_world

@@ -45,6 +45,16 @@ def product(tmp_path, monkeypatch):
     p.running.stop()
 
 
+@pytest.fixture
+def email_only(tmp_path, monkeypatch):
+    """The same world, its tenant registered with email only (Teams not enabled)."""
+    p = stand_up(_world(), tmp_path, monkeypatch, features=["email"])
+    try:
+        yield p
+    finally:
+        p.running.stop()
+
+
 def tenant_of(p):
     return p.world.tenants[0]
 
@@ -344,56 +354,50 @@ def test_email_summary_has_subject_date_and_crm_links_but_no_body(product):
 
 # --------------------------------------------------------------------------------------------- refusals
 @pytest.mark.slow
-def test_tenant_without_teams_is_refused_before_any_graph_call(prefect_server, tmp_path, monkeypatch):
-    p = stand_up(_world(), tmp_path, monkeypatch, features=["email"])
-    try:
-        tenant = tenant_of(p)
-        me, bob = tenant.users[:2]
-        seed_meeting(p, me.oid)
-        p.running.graph.reset_stats()
-        with pytest.raises(TeamsDisabled):
-            refresh_channels(p.settings, tenant.tid, me.oid)
-        with pytest.raises(TeamsDisabled):
-            share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, members=[bob.oid])
-        from flows.teams import teams_refresh, teams_share
+def test_tenant_without_teams_is_refused_before_any_graph_call(prefect_server, email_only):
+    p = email_only
+    tenant = tenant_of(p)
+    me, bob = tenant.users[:2]
+    seed_meeting(p, me.oid)
+    p.running.graph.reset_stats()
+    with pytest.raises(TeamsDisabled):
+        refresh_channels(p.settings, tenant.tid, me.oid)
+    with pytest.raises(TeamsDisabled):
+        share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, members=[bob.oid])
+    from flows.teams import teams_refresh, teams_share
 
-        assert teams_refresh(tenant.tid) == {"users": 0, "disabled": 1}
-        assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID, member_oids=[bob.oid])["status"] == "disabled"
-        assert graph_calls(p) == [] and p.world.calendars.posts == [] and p.world.calendars.chats == {}
-    finally:
-        p.running.stop()
+    assert teams_refresh(tenant.tid) == {"users": 0, "disabled": 1}
+    assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID, member_oids=[bob.oid])["status"] == "disabled"
+    assert graph_calls(p) == [] and p.world.calendars.posts == [] and p.world.calendars.chats == {}
 
 
 @pytest.mark.slow
-def test_user_connected_before_teams_was_enabled_gets_consent_needed(prefect_server, tmp_path, monkeypatch):
-    p = stand_up(_world(), tmp_path, monkeypatch, features=["email"])
-    try:
-        tenant = tenant_of(p)
-        me, bob = tenant.users[:2]
-        config = load_tenant(p.settings, tenant.tid)
-        save_tenant(p.settings, config.model_copy(update={"features": ["email", "teams"]}))
-        seed_meeting(p, me.oid)
-        p.running.graph.reset_stats()
-        token_calls = len(p.running.identity.token_requests)
-        with pytest.raises(ConsentNeeded) as err:
-            share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, members=[bob.oid])
-        assert "ChannelMessage.Send" in err.value.missing and "@" not in str(err.value)
-        from flows.teams import teams_refresh, teams_share
+def test_user_connected_before_teams_was_enabled_gets_consent_needed(prefect_server, email_only):
+    p = email_only
+    tenant = tenant_of(p)
+    me, bob = tenant.users[:2]
+    config = load_tenant(p.settings, tenant.tid)
+    save_tenant(p.settings, config.model_copy(update={"features": ["email", "teams"]}))
+    seed_meeting(p, me.oid)
+    p.running.graph.reset_stats()
+    token_calls = len(p.running.identity.token_requests)
+    with pytest.raises(ConsentNeeded) as err:
+        share_activity(p.settings, tenant.tid, me.oid, "meeting", EVENT_ID, members=[bob.oid])
+    assert "ChannelMessage.Send" in err.value.missing and "@" not in str(err.value)
+    from flows.teams import teams_refresh, teams_share
 
-        totals = teams_refresh(tenant.tid)
-        assert totals["consent_needed"] == len(tenant.users) and totals["ok"] == 0
-        from o365sync.store import open_store, read_sync_states
+    totals = teams_refresh(tenant.tid)
+    assert totals["consent_needed"] == len(tenant.users) and totals["ok"] == 0
+    from o365sync.store import open_store, read_sync_states
 
-        with open_store(p.settings, tenant.tid, write=False) as con:
-            assert {s["stage"] for s in read_sync_states(con, tenant.tid, "teams")} == {"consent_needed"}
-        assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID, member_oids=[bob.oid])["status"] == "consent_needed"
-        assert graph_calls(p) == [] and p.world.calendars.posts == []
-        assert len(p.running.identity.token_requests) == token_calls  # MSAL was not asked either
-        from o365sync.auth import connection_info
+    with open_store(p.settings, tenant.tid, write=False) as con:
+        assert {s["stage"] for s in read_sync_states(con, tenant.tid, "teams")} == {"consent_needed"}
+    assert teams_share(tenant.tid, me.oid, "meeting", EVENT_ID, member_oids=[bob.oid])["status"] == "consent_needed"
+    assert graph_calls(p) == [] and p.world.calendars.posts == []
+    assert len(p.running.identity.token_requests) == token_calls  # MSAL was not asked either
+    from o365sync.auth import connection_info
 
-        assert "reconnect_needed" not in connection_info(p.settings, tenant.tid, me.oid)  # the grant is intact
-    finally:
-        p.running.stop()
+    assert "reconnect_needed" not in connection_info(p.settings, tenant.tid, me.oid)  # the grant is intact
 
 
 def test_cli_lists_channels_and_shares(product):

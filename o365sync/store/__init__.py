@@ -49,10 +49,12 @@ from o365sync.store.locks import (
     store_lock,
     store_path,
     tenant_sync_locks,
+    write_synced,
 )
 from o365sync.store.mail import (
     BATCH_EMAIL_COLUMNS,
     EMAIL_COLUMNS,
+    PARTIAL_COLUMNS,
     RESYNC_OVERLAP,
     BatchResult,
     FolderCursor,
@@ -90,6 +92,7 @@ __all__ = [
     "CRM_TABLES",
     "CalendarCursor",
     "BATCH_EMAIL_COLUMNS",
+    "PARTIAL_COLUMNS",
     "EMAIL_COLUMNS",
     "FEATURE_LOCKS",
     "FolderCursor",
@@ -113,6 +116,7 @@ __all__ = [
     "crm_state_summary",
     "flock_file",
     "fsync_path",
+    "write_synced",
     "latest_crm_snapshot_at",
     "load_crm_frames",
     "migrate",

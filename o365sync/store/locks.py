@@ -92,6 +92,17 @@ def tenant_sync_locks(folder: Path, features: Iterable[str]) -> Iterator[None]:
         yield
 
 
+def write_synced(path: Path, data: bytes, *, append: bool = False) -> None:
+    """`data` written to `path` (created private, 0o600; replacing its content, or with `append` added at its end
+    with O_APPEND, so concurrent writers never interleave within one write) and on disk before this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a directory's entries') data to disk before it is renamed into place or relied on."""
     fd = os.open(path, os.O_RDONLY)

@@ -67,7 +67,7 @@ class MailBatch:
     participants: pl.DataFrame  # graph_id, role, name, address
     matches: pl.DataFrame  # graph_id, crm_id, crm_kind, matched_address
     cursors: dict[str, FolderCursor]  # folder -> cursor covered by this batch
-    partials: pl.DataFrame | None = None  # partial delta updates: graph_id + header columns, null = unchanged
+    partials: pl.DataFrame | None = None  # partial delta updates: graph_id + PARTIAL_COLUMNS, null = unchanged
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class BatchResult:
     duplicates: int  # same internetMessageId already stored under another id (e.g. the copy in another folder)
 
 
-_MERGE_COLUMNS = ("subject", "from_name", "from_address", "received_at", "sent_at", "has_attachments", "web_link")
+# What a partial delta update (graph_id plus these) may change; a null keeps the stored value.
+PARTIAL_COLUMNS = ("subject", "from_name", "from_address", "received_at", "sent_at", "has_attachments", "web_link")
 
 
 def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, batch: MailBatch) -> BatchResult:
@@ -140,7 +141,7 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
             key,
         )
         if "b_partials" in frames:
-            sets = ", ".join(f"{c} = coalesce(p.{c}, emails.{c})" for c in _MERGE_COLUMNS)
+            sets = ", ".join(f"{c} = coalesce(p.{c}, emails.{c})" for c in PARTIAL_COLUMNS)
             con.execute(
                 f"UPDATE emails SET {sets} FROM b_partials p WHERE emails.tenant_id = ? AND "
                 "emails.user_oid = ? AND emails.graph_id = p.graph_id",

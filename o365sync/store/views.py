@@ -12,6 +12,22 @@ import duckdb
 
 ANALYTICS_VERSION = 1  # bump when a view's columns change (recorded in snapshot_info and export manifests)
 
+# Each email's / meeting's primary CRM match (`m`, with `m.n` its number of matches) and the columns it gives.
+_PRIMARY_COLUMNS = """       m.crm_id AS primary_crm_id, m.crm_kind AS primary_crm_kind, m.crm_name AS primary_crm_name,
+       m.matched_address AS primary_matched_address, m.crm_account_id, m.crm_account_name,
+       coalesce(m.n, 0) AS crm_match_count,
+"""
+
+
+def _primary_match(kind: str, alias: str, key: str) -> str:
+    return f"""LEFT JOIN (
+    SELECT *, count(*) OVER w AS n FROM crm_matches WHERE kind = '{kind}'
+    WINDOW w AS (PARTITION BY tenant_id, user_oid, activity_id)
+    QUALIFY row_number() OVER (w ORDER BY is_primary DESC, crm_id) = 1
+) m ON m.tenant_id = {alias}.tenant_id AND m.user_oid = {alias}.user_oid AND m.activity_id = {alias}.{key}
+"""
+
+
 # Unqualified table names in a view bind to the view's own database, so the views work however the snapshot is
 # opened: `duckdb.connect(path, read_only=True)`, or ATTACHed under any name next to other tenants' snapshots.
 VIEWS: dict[str, str] = {
@@ -49,7 +65,7 @@ FROM (
 ) m
 LEFT JOIN crm_records r ON r.crm_id = m.crm_id AND r.crm_kind = m.crm_kind
 """,
-    "email_activity": """
+    "email_activity": f"""
 SELECT e.tenant_id, e.user_oid, e.graph_id AS activity_id, e.internet_message_id, e.conversation_id, e.folder,
        CASE WHEN e.folder = 'sentitems' THEN 'outbound' ELSE 'inbound' END AS direction,
        e.subject, e.from_name, e.from_address,
@@ -59,10 +75,7 @@ SELECT e.tenant_id, e.user_oid, e.graph_id AS activity_id, e.internet_message_id
        CASE WHEN e.folder = 'sentitems' THEN coalesce(e.sent_at, e.received_at)
             ELSE coalesce(e.received_at, e.sent_at) END AS occurred_at,
        e.has_attachments,
-       m.crm_id AS primary_crm_id, m.crm_kind AS primary_crm_kind, m.crm_name AS primary_crm_name,
-       m.matched_address AS primary_matched_address, m.crm_account_id, m.crm_account_name,
-       coalesce(m.n, 0) AS crm_match_count,
-       e.web_link, e.imported_at
+{_PRIMARY_COLUMNS}       e.web_link, e.imported_at
 FROM emails e
 LEFT JOIN (
     SELECT tenant_id, user_oid, graph_id,
@@ -71,13 +84,8 @@ LEFT JOIN (
            count(DISTINCT address) AS participant_count
     FROM email_participants GROUP BY ALL
 ) p ON p.tenant_id = e.tenant_id AND p.user_oid = e.user_oid AND p.graph_id = e.graph_id
-LEFT JOIN (
-    SELECT *, count(*) OVER w AS n FROM crm_matches WHERE kind = 'email'
-    WINDOW w AS (PARTITION BY tenant_id, user_oid, activity_id)
-    QUALIFY row_number() OVER (w ORDER BY is_primary DESC, crm_id) = 1
-) m ON m.tenant_id = e.tenant_id AND m.user_oid = e.user_oid AND m.activity_id = e.graph_id
-""",
-    "meeting_activity": """
+{_primary_match("email", "e", "graph_id")}""",
+    "meeting_activity": f"""
 SELECT g.tenant_id, g.user_oid, g.event_id AS activity_id, g.event_type,
        coalesce(g.series_master_id, g.event_id) AS series_id, g.ical_uid, g.subject,
        g.start_at, g.end_at, date_diff('minute', g.start_at, g.end_at) AS duration_minutes, g.start_tz,
@@ -85,10 +93,7 @@ SELECT g.tenant_id, g.user_oid, g.event_id AS activity_id, g.event_type,
        coalesce(a.attendee_addresses, []) AS attendee_addresses, coalesce(a.attendee_count, 0) AS attendee_count,
        coalesce(a.accepted_count, 0) AS accepted_count,
        g.start_at AS occurred_at,
-       m.crm_id AS primary_crm_id, m.crm_kind AS primary_crm_kind, m.crm_name AS primary_crm_name,
-       m.matched_address AS primary_matched_address, m.crm_account_id, m.crm_account_name,
-       coalesce(m.n, 0) AS crm_match_count,
-       g.web_link, g.imported_at, g.updated_at
+{_PRIMARY_COLUMNS}       g.web_link, g.imported_at, g.updated_at
 FROM meetings g
 LEFT JOIN (
     SELECT tenant_id, user_oid, event_id,
@@ -98,12 +103,7 @@ LEFT JOIN (
                AS accepted_count
     FROM meeting_attendees GROUP BY ALL
 ) a ON a.tenant_id = g.tenant_id AND a.user_oid = g.user_oid AND a.event_id = g.event_id
-LEFT JOIN (
-    SELECT *, count(*) OVER w AS n FROM crm_matches WHERE kind = 'meeting'
-    WINDOW w AS (PARTITION BY tenant_id, user_oid, activity_id)
-    QUALIFY row_number() OVER (w ORDER BY is_primary DESC, crm_id) = 1
-) m ON m.tenant_id = g.tenant_id AND m.user_oid = g.user_oid AND m.activity_id = g.event_id
-""",
+{_primary_match("meeting", "g", "event_id")}""",
     "activities": """
 SELECT 'email' AS kind, tenant_id, user_oid, activity_id, conversation_id AS thread_id, subject, occurred_at,
        CAST(NULL AS TIMESTAMPTZ) AS ends_at, direction, from_address, participant_count,

@@ -26,12 +26,11 @@ from typing import Any
 
 import polars as pl
 
-from o365sync.auth import TokenProvider, connection_info, consent_needed, scopes_for
+from o365sync.auth import connection_info, consent_needed, scopes_for
 from o365sync.calendar import Meeting, iter_series, read_delta_round
 from o365sync.crm_index import crm_index_for
 from o365sync.errors import ConsentNeeded, NoCrmSnapshot
-from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOWLIST, DeltaTokenExpired, GraphClient
-from o365sync.http import make_http_client
+from o365sync.graph import CALENDAR_CONSENT_WRITE_ALLOWLIST, CALENDAR_READ_ALLOWLIST, DeltaTokenExpired
 from o365sync.matching import CrmIndex, match_participants
 from o365sync.notetaker import run_notetaker
 from o365sync.store import (
@@ -44,6 +43,7 @@ from o365sync.store import (
 from o365sync.sync.mailbox import LIMIT_REASONS, resync_reason
 from o365sync.tenant_context import Tenant
 from o365sync.tenants import TenantConfig
+from o365sync.user_graph import user_graph_client
 
 WINDOW = timedelta(days=365)
 SKIPPED_SENSITIVITY = frozenset({"private"})
@@ -171,16 +171,9 @@ def sync_calendar_now(tenant: Tenant, user_oid: str, now: datetime | None = None
         cursor = CalendarCursor(*anchored_window(now))  # (re-)anchor: a new baseline round
     window = (cursor.window_start, cursor.window_end)
     allow = CALENDAR_READ_ALLOWLIST + (CALENDAR_CONSENT_WRITE_ALLOWLIST if config.notetaker_explicit_consent else ())
-    with TokenProvider(settings, tenant_id, user_oid, scopes) as provider, make_http_client(settings) as http:
-        client = GraphClient(
-            http,
-            settings.graph_url,
-            provider,
-            max_in_flight=settings.max_requests_per_mailbox,
-            budget=settings.graph_request_budget,
-            allow=allow,
-            max_pages=settings.sync_max_pages,
-        )
+    with user_graph_client(
+        settings, tenant_id, user_oid, scopes, allow=allow, max_pages=settings.sync_max_pages
+    ) as client:
         client.stop_paging_after(settings.sync_max_seconds)
         try:
             rnd = read_delta_round(client, window, cursor.delta_link, settings.graph_page_size)

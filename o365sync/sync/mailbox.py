@@ -28,17 +28,17 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from o365sync.auth import TokenProvider, scopes_for
+from o365sync.auth import scopes_for
 from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
-from o365sync.http import make_http_client
 from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.settings import Settings
 from o365sync.store import (
     BATCH_EMAIL_COLUMNS,
+    PARTIAL_COLUMNS,
     FolderCursor,
     MailBatch,
     RunCounts,
@@ -48,6 +48,7 @@ from o365sync.store import (
 )
 from o365sync.tenant_context import Tenant
 from o365sync.tenants import TenantConfig
+from o365sync.user_graph import user_graph_client
 
 MAIL_FOLDERS = ("inbox", "sentitems")
 FILTERED_ROUND_CAP = 5000  # a delta round with $filter returns at most this many messages (https://learn.microsoft.com/en-us/graph/api/message-delta)
@@ -192,18 +193,7 @@ def _process_page(
     messages = messages.unique("graph_id", keep="last", maintain_order=True)
     partial = messages.filter(pl.col("is_partial"))
     if partial.height:
-        buf.partials.append(
-            partial.select(
-                "graph_id",
-                "subject",
-                "from_name",
-                "from_address",
-                "received_at",
-                "sent_at",
-                "has_attachments",
-                "web_link",
-            )
-        )
+        buf.partials.append(partial.select("graph_id", *PARTIAL_COLUMNS))
         reasons["partial_update"] = partial.height
     full = messages.filter(~pl.col("is_partial"))
     excluded = exclusion_reasons(full, participants, run.tenant.domains, run.blocklist)
@@ -336,18 +326,8 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
         raise NoCrmSnapshot(tenant.id)
     with tenant.open_store(write=False) as con:
         cursors = read_cursors(con, tenant.id, user_oid)
-    with (
-        TokenProvider(settings, tenant.id, user_oid, scopes_for(["email"])) as provider,
-        make_http_client(settings) as http,
-    ):
-        client = GraphClient(
-            http,
-            settings.graph_url,
-            provider,
-            max_in_flight=settings.max_requests_per_mailbox,
-            budget=settings.graph_request_budget,
-            max_pages=settings.sync_max_pages,
-        )
+    scopes = scopes_for(["email"])
+    with user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client:
         run = MailboxRun(
             settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, datetime.now(UTC)
         )
