@@ -46,7 +46,7 @@ CHILD = BENCH / "_crm_child.py"
 KINDS = ("salesforce", "hubspot", "pipedrive", "files", "files-parquet")
 sys.path.insert(0, str(REPO))
 
-from import_vs_dlt import _cpu_model, _self_rss_mb, fail, run_script, write_json  # noqa: E402
+from import_vs_dlt import _cpu_model, _self_rss_mb, bench_parser, fail, run_script, write_json  # noqa: E402
 
 
 def _versions() -> str:
@@ -362,7 +362,7 @@ def render(b: Bench, results: list[dict], bench_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--contacts", type=int, default=1_000_000)
     p.add_argument("--accounts", type=int, default=100_000)
     p.add_argument("--leads", type=int, default=None, help="default: contacts / 20 (every 4th converted)")
@@ -385,9 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="serve Pipedrive with the stock simulator (O(records) per page: hours at 1M)",
     )
-    p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--json", type=Path, help="write the raw results here")
-    p.add_argument("--keep", action="store_true", help="keep the work dir")
     args = p.parse_args(argv)
     if args.quick:
         args.contacts, args.accounts, args.messages = 20_000, 2_000, 20_000

@@ -26,7 +26,6 @@ One untimed run of ours (limits off) first warms the simulator's per-message JSO
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -47,6 +46,7 @@ from import_vs_dlt import (
     _mem_gb,
     _self_rss_mb,
     _versions,
+    bench_parser,
     build_world,
     fail,
     run_child,
@@ -417,7 +417,7 @@ def render(h: LimitsHarness, part_a: list[dict], part_b: dict[str, list[dict]], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument(
         "--messages",
         type=int,
@@ -434,7 +434,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contacts", type=int, default=3000, help="CRM contacts generated before the cut (default 3000)")
     p.add_argument("--reps", type=int, default=3, help="part B runs per variant (default 3)")
     p.add_argument("--limits-reps", type=int, default=1, help="part A runs (default 1)")
-    p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--history-days", type=int, default=60)
     p.add_argument("--skip-a", action="store_true", help="skip part A (limits on)")
     p.add_argument("--skip-b", action="store_true", help="skip part B (limits off, ours vs naive)")
@@ -442,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with the limits on"
     )
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
-    p.add_argument("--json", type=Path, help="write raw results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     args = p.parse_args(argv)
     # what import_vs_dlt's Harness reads
     args.no_widen, args.ours_page_size, args.listing_page_size, args.no_listing_ref = False, 0, 1000, True

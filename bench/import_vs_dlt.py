@@ -106,6 +106,16 @@ def fail(msg: str) -> None:
     raise BenchFailure(f"BENCHMARK FAILED: {msg}")
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a benchmark (its docstring as help) with the options they all have: --seed, --json
+    (see `write_json`) and --keep (the temporary work directory)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--json", type=Path, help="write the raw results as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    return p
+
+
 def write_json(args: argparse.Namespace, **results: object) -> None:
     """--json: the run's arguments (as text) and its raw results, when the option was given."""
     if args.json:
@@ -500,12 +510,11 @@ def render(h: Harness, summary: dict[str, dict], bench_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument(
         "--messages", type=int, default=50_000, help="minimum messages in Inbox + Sent Items (default 50000)"
     )
     p.add_argument("--reps", type=int, default=3, help="measured runs per variant (default 3)")
-    p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--contacts", type=int, default=2000, help="CRM contacts in the tenant (default 2000)")
     p.add_argument("--history-days", type=int, default=60, help="age of the oldest message (default 60)")
     p.add_argument(
@@ -527,8 +536,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listing-page-size", type=int, default=1000, help="$top of the reference row (default 1000)")
     p.add_argument("--profile", action="store_true", help="after the reps, one untimed cProfile run of ours")
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
-    p.add_argument("--json", type=Path, help="write raw results as JSON here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     args = p.parse_args(argv)
     if args.reps < 1:
         p.error("--reps must be >= 1")

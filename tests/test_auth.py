@@ -111,6 +111,16 @@ def connect(settings, sim, tls, user) -> ConnectedUser:
     return complete_connect(settings, sign_in(settings, sim, tls, user))
 
 
+def used_then_revoked(env, settings, make_provider, user) -> TokenProvider:
+    """A provider of the connected `user` that got its tokens once; then the user's grant is revoked."""
+    sim, _, tls, _ = env
+    connect(settings, sim, tls, user)
+    provider = make_provider(settings, user)
+    provider()
+    sim.revoke(user.oid)
+    return provider
+
+
 def stored_cache(settings, user) -> dict:
     return json.loads(
         read_sealed(token_path(settings, user.tid, user.oid), load_key(settings), f"{user.tid}.{user.oid}")
@@ -190,10 +200,7 @@ def test_short_lived_access_tokens_are_refreshed_silently(env, tmp_path, make_pr
 def test_revoked_grant_needs_reconnect_and_removes_the_token(env, settings, make_provider):
     sim, world, tls, _ = env
     user = world.tenants[1].users[1]
-    connect(settings, sim, tls, user)
-    provider = make_provider(settings, user)
-    provider()
-    sim.revoke(user.oid)
+    provider = used_then_revoked(env, settings, make_provider, user)
     with pytest.raises(ReconnectNeeded) as info:
         provider(force_refresh=True)
     exc = info.value
@@ -320,10 +327,7 @@ def test_errors_survive_pickling():
 def test_a_loaded_provider_follows_a_reconnect_instead_of_deleting_it(env, settings, make_provider):
     sim, world, tls, _ = env
     user = world.tenants[0].users[0]
-    connect(settings, sim, tls, user)
-    provider = make_provider(settings, user)
-    provider()
-    sim.revoke(user.oid)
+    provider = used_then_revoked(env, settings, make_provider, user)
     connect(settings, sim, tls, user)  # reconnect before the provider ever saw the revocation
     assert provider(force_refresh=True)
     assert token_path(settings, user.tid, user.oid).exists()
