@@ -30,7 +30,6 @@ from o365sync.sync.tenant import (
     with_sync_state,
 )
 from o365sync.tenant_context import Tenant, resolve_tenant
-from o365sync.tenants import TenantNotFound
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
@@ -87,15 +86,13 @@ def sync_tenant(
     """Sync `features` (those the tenant enabled) for every connected user. `respect_backoff=False` (a run an
     operator starts by hand) retries failed users now. Totals: email counts unprefixed, others `<feature>_*`."""
     logger = get_run_logger()
-    tenant = resolve_tenant(load_settings(), tenant_id)
-    enabled = [f for f in features if f in tenant.config.features]
+    registered = resolve_tenant(load_settings(), tenant_id)
+    enabled = [f for f in features if f in registered.config.features]
     totals: dict[str, int] = {}
     failed_total = due_total = 0
-    with tenant.sync_locks(enabled):
-        try:  # the tenant may have been moved, or deleted (subscription end), while this run waited for the locks
-            tenant = resolve_tenant(tenant.settings, tenant.id)
-        except TenantNotFound:
-            logger.warning("tenant=%s is no longer registered; nothing to sync", tenant.id)
+    with registered.sync_locks(enabled) as tenant:  # resolved again: it may have moved or ended meanwhile
+        if tenant is None:
+            logger.warning("tenant=%s is no longer registered; nothing to sync", registered.id)
             return {"skipped": 1}
         now = datetime.now(UTC)
         crm = _refresh_crm_if_stale(tenant, crm_max_age, respect_backoff, now)

@@ -3,13 +3,14 @@ registry in one step and passed down (flow → task → sync pipeline) instead o
 
 `resolve_tenant` reads `tenant.json` once and locates the tenant's folder under its region's storage root; it raises
 the registry's own errors (`TenantNotFound`, `TenantUnreadable`, `TenantMisplaced`) and creates nothing: a reader
-never starts a store. The locations hold while the tenant's sync locks are held (`o365sync tenant move` waits for
-them); a run that waited for those locks resolves the tenant again, since it may have moved or gone meanwhile.
+never starts a store. The locations hold while the tenant's sync locks are held (`o365sync tenant move` and the
+erasure of a tenant wait for them); `Tenant.sync_locks` resolves the tenant again once it holds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from o365sync.store import open_store, tenant_sync_locks
 from o365sync.tenants import (
     STORE_FILE,
     TenantConfig,
+    TenantMisplaced,
+    TenantNotFound,
+    TenantUnreadable,
     checked_tenant_dir,
     region_root,
     registered_tenant,
@@ -50,9 +54,24 @@ class Tenant:
         location under its flock (a `tenant move` may run between two opens of a caller without the sync locks)."""
         return open_store(self.settings, self.id, write, at=self.store_path)
 
-    def sync_locks(self, features: Iterable[str]) -> AbstractContextManager[None]:
-        """The per-feature sync locks (`o365sync.store.tenant_sync_locks`) in the tenant's folder."""
-        return tenant_sync_locks(self.folder, features)
+    @contextlib.contextmanager
+    def sync_locks(self, features: Iterable[str]) -> Iterator[Tenant | None]:
+        """Hold the tenant's per-feature sync locks (`o365sync.store.tenant_sync_locks`), and give the tenant as
+        resolved again under them: it may have moved while this waited (the locks are then taken again in its new
+        folder, so runs started after the move queue behind this one), or ended (None: no longer registered)."""
+        tenant, features = self, sorted(features)
+        while True:
+            with tenant_sync_locks(tenant.folder, features):
+                try:
+                    current = resolve_tenant(tenant.settings, tenant.id)
+                except (TenantUnreadable, TenantMisplaced):
+                    raise  # registered, but an operator must act: the message says what to do
+                except TenantNotFound:
+                    current = None
+                if current is None or current.folder == tenant.folder:
+                    yield current
+                    return
+            tenant = current
 
 
 def resolve_tenant(settings: Settings, tenant_id: str) -> Tenant:

@@ -4,10 +4,12 @@ fails with the registry's own errors and creates nothing (a reader never starts 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import uuid
 
 import pytest
 
+from o365sync.offboarding import end_subscription_now
 from o365sync.residency import move_tenant
 from o365sync.settings import load_settings
 from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path
@@ -102,3 +104,18 @@ def test_a_context_resolved_before_a_move_follows_the_files(settings):
     assert [p.name for p in stale.folder.iterdir()] == ["tenant.json"]  # nothing recreated where it was
     with moved.open_store(write=False) as con:
         assert con.execute("SELECT count(*) FROM crm_accounts").fetchall() == [(2,)]
+
+
+def test_the_sync_locks_follow_a_move_and_say_when_the_tenant_ended(settings):
+    save_tenant(settings, TenantConfig(id="t1", domains=["contoso.com"]))
+    with open_store(settings, "t1", write=True):
+        pass
+    stale = resolve_tenant(settings, "t1")
+    move_tenant(settings, "t1", "eu")  # e.g. while a run waited for the locks
+    with stale.sync_locks(["email"]) as tenant:
+        assert tenant is not None and tenant.folder == settings.regions["eu"] / "tenants" / "t1"
+        with open(tenant.folder / "sync-email.lock", "a+") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held where a run started after the move locks
+    end_subscription_now(settings, "t1")
+    with tenant.sync_locks(["email"]) as gone:
+        assert gone is None
