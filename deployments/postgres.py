@@ -1,6 +1,6 @@
 """A private PostgreSQL cluster and a Prefect server on it, for development, CI, tests and benchmarks.
 
-Production runs PostgreSQL as a service; this module gives every test session or bench its own
+Production runs PostgreSQL as a service (docs/OPERATIONS.md); this module gives every test session or bench its own
 throwaway cluster without a system service:
 
     with local_postgres() as pg:                        # initdb + postgres on a free 127.0.0.1 port

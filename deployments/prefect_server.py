@@ -8,6 +8,10 @@ there. `ensure_prefect_api(settings)` therefore
   (SQLite database, server log `server.log`), telemetry off and the SQLite ingest batch sizes raised (ingest is the
   bottleneck), waits for `/api/health`, points this process (and the flow-run subprocesses it starts) at it, and stops
   it on exit. A lock file in that PREFECT_HOME keeps a second local server off the same database.
+
+`LocalPrefectServer` is that server process on its own (start, stop, start again), also used on PostgreSQL by
+`deployments.postgres`. Every server started here gets `SERVER_ENV`: telemetry off, larger ingest batches, and
+retention (finished flow runs with their logs and artifacts vacuumed after 14 days, events after 2; docs/OPERATIONS.md).
 """
 
 from __future__ import annotations
