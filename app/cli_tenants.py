@@ -239,9 +239,9 @@ def tenant_list() -> None:
     from o365sync.tenants import scan_tenants
 
     tenants, problems = scan_tenants(_settings())
-    table = Table("id", "name", "domains", "crm", "features")
+    table = Table("id", "name", "domains", "crm", "features", "shard")
     for t in tenants:
-        table.add_row(t.id, t.name, ", ".join(t.domains), t.crm_kind, ", ".join(t.features))
+        table.add_row(t.id, t.name, ", ".join(t.domains), t.crm_kind, ", ".join(t.features), t.shard or "")
     console.print(table)
     for problem in problems:
         console.print(f"[yellow]warning: {problem}[/]", soft_wrap=True, highlight=False)
@@ -341,6 +341,31 @@ def tenant_move(
         _fail(str(exc))
     console.print(
         f"tenant {result['tenant']} now stored in region {result['region']} ({result['files']} files "
+        f"moved, {result['removed_locations']} old locations removed)"
+    )
+
+
+@tenant_app.command("assign")
+def tenant_assign(
+    tenant_id: str,
+    shard: Annotated[
+        str, typer.Option(help="Target worker shard (a key of O365SYNC_REGIONS on its worker's machine).")
+    ],
+    wait: Annotated[int, typer.Option(help="Seconds to wait for the tenant's running syncs to end.")] = 900,
+) -> None:
+    """Move a tenant to another worker shard: its runs are held (deployments paused, running syncs awaited), its
+    files moved to the shard's storage, its deployments re-registered on the shard's work queue (`shard-<name>`)."""
+    from deployments.prefect_server import PrefectApiError
+    from deployments.shards import assign_shard
+    from o365sync.tenants import TenantNotFound
+
+    settings = _settings()
+    try:
+        result = assign_shard(settings, tenant_id, shard, drain_timeout_s=wait, say=console.print)
+    except (TenantNotFound, ValueError, PrefectApiError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"tenant {result['tenant']} now on shard {shard} (work queue shard-{shard}; {result['files']} files "
         f"moved, {result['removed_locations']} old locations removed)"
     )
 

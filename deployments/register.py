@@ -3,7 +3,10 @@
     PREFECT_API_URL=http://<server>:4200/api uv run python -m deployments.register --work-pool o365sync
     prefect worker start --pool o365sync
 
-Re-run it after adding a tenant. Each deployment carries what its runs need to find the tenants wherever the worker
+Re-run it after adding, removing or re-sharding a tenant (or from a timer: it is idempotent); deployments of
+tenants no longer registered are deleted, so their schedules disappear; workers pick up new deployments without a
+restart. Each tenant's deployments target its shard's work queue `shard-<name>` (`deployments.shards`).
+Each deployment carries what its runs need to find the tenants wherever the worker
 was started (job variables of a process worker): the settings of this shell and its `.env` as O365SYNC_*
 variables (paths made absolute; secrets left out, Prefect stores job variables), the Prefect privacy settings of
 `o365sync.prefect_env.PRIVACY_DEFAULTS`, and, when this directory has a `.env`, this directory as the runs' working
@@ -14,6 +17,7 @@ Names `o365sync serve` manages on the same server are refused (`deployments.owne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +28,7 @@ from pydantic import SecretStr
 
 from o365sync.prefect_env import PRIVACY_DEFAULTS, configure_prefect_env, prefect_home_for
 from o365sync.settings import Settings
+from o365sync.tenants import TenantConfig, list_tenants
 
 
 def _absolute(value: object) -> object:
@@ -52,21 +57,86 @@ def worker_job_variables(settings: Settings, cwd: Path | None = None) -> dict:
     return out
 
 
-def register_deployments(settings: Settings, work_pool_name: str) -> dict[str, UUID]:
-    """Create or update every per-tenant deployment on the current Prefect API for `prefect worker start --pool
-    <work_pool_name>` (with `worker_job_variables`). Returns full name -> id. Raises DeploymentOwnerConflict,
-    before writing anything, when `o365sync serve` manages one of the names on this server."""
+def register_deployments(
+    settings: Settings,
+    work_pool_name: str,
+    *,
+    tenants: list[TenantConfig] | None = None,
+    paused: dict[str, bool] | None = None,
+    prune: bool = True,
+) -> dict[str, UUID]:
+    """Create or update the per-tenant deployments on the current Prefect API for `prefect worker start --pool
+    <work_pool_name>` (with `worker_job_variables`), each on its tenant's shard queue (`deployments.shards`).
+    Returns full name -> id. Raises DeploymentOwnerConflict, before writing anything, when `o365sync serve`
+    manages one of the names on this server.
+
+    `tenants`: only these (default: every registered one). `paused`: deployment name -> paused (default: not
+    paused). `prune`: also delete the pool's per-tenant deployments of tenants no longer registered (or without
+    the email feature), so their schedules disappear."""
     from deployments.ownership import refuse_foreign
     from deployments.schedules import build_deployments
+    from deployments.shards import shard_queue
 
-    deployments = build_deployments(settings)
+    deployments = build_deployments(settings, tenants=tenants)
     refuse_foreign(deployments, work_pool_name)
+    ensure_work_pool(work_pool_name)
+    shards = {t.id: t.shard for t in (tenants if tenants is not None else list_tenants(settings))}
     job_variables = worker_job_variables(settings)
     out = {}
     for d in deployments:
         d.job_variables = job_variables
+        d.work_queue_name = shard_queue(shards.get(str(d.parameters["tenant_id"])))
+        d.paused = (paused or {}).get(d.name, False)
         out[d.full_name] = d.apply(work_pool_name=work_pool_name)
+    if prune and tenants is None:
+        for name in prune_deployments(work_pool_name, keep=set(out)):
+            print(f"removed {name} (its tenant is no longer registered with the email feature)")
     return out
+
+
+def ensure_work_pool(name: str) -> None:
+    """Create the process work pool `name` unless it exists."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                    )
+                )
+
+
+def prune_deployments(work_pool_name: str, keep: set[str]) -> list[str]:
+    """Delete the per-tenant deployments of `work_pool_name` (a deployment named `<flow>-<tenant>` with that tenant
+    as parameter, as `deployments.schedules` builds them) whose full name is not in `keep`. Returns their names."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
+
+    from deployments.schedules import KINDS, deployment_name
+
+    removed = []
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(KINDS))))}
+        offset = 0
+        while batch := client.read_deployments(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool_name])), limit=200, offset=offset
+        ):
+            offset += len(batch)
+            for d in batch:
+                kind, tenant = flows.get(d.flow_id), d.parameters.get("tenant_id")
+                full = f"{kind}/{d.name}"
+                if kind and isinstance(tenant, str) and d.name == deployment_name(kind, tenant) and full not in keep:
+                    client.delete_deployment(d.id)
+                    removed.append(full)
+                    offset -= 1
+    return removed
 
 
 def main(argv: list[str] | None = None) -> int:

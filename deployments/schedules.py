@@ -40,6 +40,8 @@ INITIAL_IMPORT = "initial-import"
 CALENDAR_SYNC = "calendar-sync"
 TEAMS_REFRESH = "teams-refresh"
 RETENTION = "retention"
+KINDS = (EMAIL_SYNC, INITIAL_IMPORT, CALENDAR_SYNC, TEAMS_REFRESH, RETENTION)
+"""The flows with per-tenant deployments (deployment `<kind>-<tenant>`)."""
 SYNC_INTERVAL_S = 900
 CALENDAR_INTERVAL_S = 3600
 TEAMS_INTERVAL_S = 86400

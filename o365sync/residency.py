@@ -116,10 +116,20 @@ def _copy(old_dir: Path, old_snap: Path, new_dir: Path, new_snap: Path) -> int:
     return sum(1 for p in new_dir.rglob("*") if p.is_file() and not p.name.startswith("tenant.json"))
 
 
-def move_tenant(settings: Settings, tenant_id: str, region: str | None) -> dict[str, int | str]:
-    """Move every file of `tenant_id` to `region`'s storage root (None: `data_dir`). Returns counts."""
+def move_tenant(
+    settings: Settings, tenant_id: str, region: str | None, *, shard: str | None = None
+) -> dict[str, int | str]:
+    """Move every file of `tenant_id` to `region`'s storage root (None: `data_dir`). Returns counts.
+
+    `shard`: the tenant's new worker shard, switched with the region (`o365sync tenant assign`; the shard's
+    files live in the region of its name). A sharded tenant moves only that way."""
     tenant = load_tenant(settings, tenant_id)
     tenant_id = tenant.id
+    if tenant.shard is not None and shard != region:
+        raise MoveRefused(
+            f"tenant {tenant_id} runs on worker shard {tenant.shard}, whose files are in region {tenant.shard}; "
+            f"nothing was changed. Move it with `o365sync tenant assign {tenant_id} --shard <name>`"
+        )
     new_dir, new_snap = tenant_locations(settings, tenant_id, region)  # refuses an unknown region
     old_dir, old_snap = tenant_locations(settings, tenant_id, tenant.region)
     moving = tenant.region != region
@@ -138,8 +148,8 @@ def move_tenant(settings: Settings, tenant_id: str, region: str | None) -> dict[
             _check_destination(old_dir, new_dir, tenant_id, tenant.region)
             if holds_tenant_files(old_dir):
                 files = _copy(old_dir, old_snap, new_dir, new_snap)
-        if moving:
-            tenant.region = region
+        if moving or shard != tenant.shard:
+            tenant.region, tenant.shard = region, shard
             save_tenant(settings, tenant)  # the switch
         registry = registry_dir(settings, tenant_id)
         for path in removed:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from o365sync.secrets import load_key, read_sealed, write_sealed
 from o365sync.settings import Settings
@@ -107,6 +107,11 @@ class TenantConfig(BaseModel):
     # Data residency: the storage location of every file of this tenant (O365SYNC_REGIONS); None = data_dir.
     # Change it only with `o365sync tenant move`, which moves the files.
     region: str | None = None
+    # Sharding (docs/OPERATIONS.md): the worker shard that runs this tenant, i.e. the work queue `shard-<name>`. A
+    # shard is a storage location of O365SYNC_REGIONS owned by one worker machine, so the tenant's files are in the
+    # region of the same name. None: not sharded (the work pool's default queue). Change it only with
+    # `o365sync tenant assign`, which moves the files and the runs.
+    shard: str | None = None
     # Retention: activities older than this (from their date) are deleted by the daily retention flow, except
     # conversations/meetings linked to a still-open opportunity (docs/DATA_LIFECYCLE.md).
     retention_days: int = Field(default=1095, ge=1)
@@ -133,6 +138,15 @@ class TenantConfig(BaseModel):
         if not _TENANT_ID.fullmatch(v):
             raise ValueError("tenant id must be the Entra tenant id (letters, digits, '.', '_', '-'; max 64)")
         return canonical_id(v)
+
+    @model_validator(mode="after")
+    def _shard_holds_the_files(self) -> TenantConfig:
+        if self.shard is not None and self.shard != self.region:
+            raise ValueError(
+                f"shard {self.shard!r} keeps its tenants' files in region {self.shard!r}, not "
+                f"{self.region or 'default'!r}: change both with `o365sync tenant assign {self.id} --shard <name>`"
+            )
+        return self
 
     @field_validator("domains")
     @classmethod

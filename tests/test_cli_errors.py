@@ -131,6 +131,7 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
         "tenant list": [([], {"O365SYNC_DATA_DIR": "{FILE}"})],
         "tenant show": [(["nosuch"], {})],
         "tenant move": [(["nosuch", "--region", "eu"], {})],
+        "tenant assign": [(["nosuch", "--shard", "a"], {}), (["{T}", "--shard", "nosuch"], {})],
         "tenant block": [(["nosuch", "spam.example"], {}), (["{T}", "spam.example", "--user", "x y"], {})],
         "user set": [(["{T}", "nobody", "--no-calendar"], {})],
     }
