@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 
 from o365sync.auth import ConnectedUser
-from o365sync.settings import load_settings
+from o365sync.settings import Settings, load_settings
 from o365sync.tenants import TenantConfig, load_tenant
 
 
@@ -45,3 +45,18 @@ def user_task_name(prefix: str, user: ConnectedUser) -> str:
 def counts_line(totals: dict) -> str:
     """A run's totals as `key=value` pairs for its log line (ids and counts only)."""
     return " ".join(f"{k}={v}" for k, v in totals.items())
+
+
+def publish_dashboard(settings: Settings, tenant: TenantConfig) -> None:
+    """The tenant's at-a-glance dashboard (`tasks/ops_dashboard.py`) as the markdown artifact `dashboard-<tenant>`."""
+    from datetime import UTC, datetime
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.ops_dashboard import read_dashboard
+
+    create_markdown_artifact(
+        key=artifact_key("dashboard", tenant.id),
+        markdown=read_dashboard(settings, tenant, datetime.now(UTC)),
+        description=f"Dashboard of {tenant_title(tenant)}: per-user stage, lag, counts and what to do",
+    )

@@ -20,8 +20,10 @@ from flows.failures import flow
 from o365sync.auth import connected_users
 from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
+from o365sync.sync.tenant import sync_states
 from o365sync.teams import ConsentNeeded, TeamsDisabled, share_activity
 from o365sync.tenants import registered_tenant
+from tasks.ops_signals import emit_signals, user_signals
 from tasks.teams_task import refresh_user_channels
 
 USERS_IN_PARALLEL = 4
@@ -50,6 +52,7 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
         logger.warning("teams-refresh tenant=%s skipped: Teams sharing is not enabled", tenant_id)
         return {"users": 0, "disabled": 1}
     users = connected_users(settings, tenant_id)
+    before = sync_states(settings, tenant_id, "teams")
     futures = [
         refresh_user_channels.with_options(task_run_name=user_task_name("refresh-teams-channels", u)).submit(
             tenant_id, u.oid
@@ -57,6 +60,10 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
         for u in users
     ]
     wait(futures)
+    after = sync_states(settings, tenant_id, "teams")
+    emit_signals(
+        tenant, users, user_signals("teams", before, after, settings.ops_throttled_minutes, settings.ops_failed_runs)
+    )
     rows: list[dict] = []
     for user, future in zip(users, futures, strict=True):
         if future.state.is_completed():
