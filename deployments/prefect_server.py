@@ -13,6 +13,8 @@ there. `ensure_prefect_api(settings)` therefore
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import signal
 import socket
@@ -43,6 +45,14 @@ SERVER_ENV = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "200",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "500",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "200",
+    # Retention: by default Prefect vacuums only events. Also delete finished flow runs (with
+    # their task runs, states, logs and artifacts) two weeks after they ended, and orphans; events after 2 days
+    # (heartbeats included); the vacuum service checks hourly.
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(14 * 86400),
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "3600",
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P2D",  # a timedelta (ISO 8601), not seconds
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES": json.dumps({"prefect.flow-run.heartbeat": 86400}),
 }
 """Server settings applied unless the environment sets them already."""
 
@@ -127,9 +137,8 @@ def _prefect_executable() -> list[str]:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: the server gets SIGTERM if this process dies without cleaning up (SIGKILL, crash).
-    import ctypes
-
+    # Linux: the server gets SIGTERM if this process dies without cleaning up (SIGKILL, crash). ctypes is imported
+    # by the parent: a child that switched to another OS user may not be able to read Python's files.
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -177,7 +186,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 @contextlib.contextmanager
-def _use_api(api_url: str) -> Iterator[None]:
+def use_api(api_url: str) -> Iterator[None]:
     """Point this process (settings context and environment, inherited by flow-run subprocesses) at `api_url`."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -211,32 +220,86 @@ def ensure_prefect_api(
             raise PrefectApiError(f"PREFECT_API_URL={url} does not answer {url}/health")
         api = PrefectApi(api_url=url, ui_url=_ui_url(url), local=False)
         say(f"Prefect API {url} (PREFECT_API_URL); UI {api.ui_url}")
-        with _use_api(url):
+        with use_api(url):
             yield api
         return
 
     prefect_home = prefect_home_for(settings.data_dir)
     prefect_home.mkdir(parents=True, exist_ok=True)
     with _server_lock(prefect_home) as lock_path:
-        chosen = _pick_port(port, say)
-        base = f"http://{HOST}:{chosen}"
-        api_url = f"{base}/api"
+        server = LocalPrefectServer(prefect_home, port=_pick_port(port, say), startup_timeout_s=startup_timeout_s)
+        try:
+            api = server.start(say)
+            Path(lock_path).write_text(f"pid {api.pid}, {api.api_url}\n")
+            with use_api(api.api_url):
+                yield api
+        finally:
+            server.stop()
+            with contextlib.suppress(OSError):
+                Path(lock_path).write_text("")
+
+
+class LocalPrefectServer:
+    """One `prefect server start` (API, UI and every service in ONE process: splitting them needs Redis) on
+    127.0.0.1, owned by this process: `start()` waits for `/api/health`, `stop()` stops it (SIGINT, then harder).
+    It can be stopped and started again on the same port and database (a restart mid-cycle).
+
+    `env`: extra server settings (e.g. PREFECT_SERVER_DATABASE_CONNECTION_URL for PostgreSQL); SERVER_ENV applies
+    under them unless the environment sets a key already. The server's log is `<prefect_home>/server.log`."""
+
+    def __init__(
+        self,
+        prefect_home: Path,
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> None:
+        self.prefect_home = prefect_home
+        self.port = port or _free_port()
+        self.env = dict(env or {})
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = prefect_home / "server.log"
+        self.base = f"http://{HOST}:{self.port}"
+        self.api_url = f"{self.base}/api"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _server_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         for key, value in SERVER_ENV.items():
             env.setdefault(key, value)
-        env |= {
-            "PREFECT_HOME": str(prefect_home),
-            "PREFECT_SERVER_API_HOST": HOST,
-            "PREFECT_SERVER_API_PORT": str(chosen),
-            "PREFECT_SERVER_UI_API_URL": api_url,
-        }
-        log_path = prefect_home / "server.log"
-        say(f"Starting a local Prefect server on {base} (PREFECT_HOME {prefect_home}, log {log_path}) ...")
+        return (
+            env
+            | self.env
+            | {
+                "PREFECT_HOME": str(self.prefect_home),
+                "PREFECT_SERVER_API_HOST": HOST,
+                "PREFECT_SERVER_API_PORT": str(self.port),
+                "PREFECT_SERVER_UI_API_URL": self.api_url,
+            }
+        )
+
+    def start(self, say: Callable[[str], None] | None = None) -> PrefectApi:
+        say = say or (lambda _msg: None)
+        self.prefect_home.mkdir(parents=True, exist_ok=True)
+        say(
+            f"Starting a local Prefect server on {self.base} "
+            f"(PREFECT_HOME {self.prefect_home}, log {self.log_path}) ..."
+        )
         started = time.monotonic()
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [*_prefect_executable(), "server", "start", "--host", HOST, "--port", str(chosen), "--analytics-off"],
-                env=env,
+        with open(self.log_path, "ab") as log:
+            proc = self._proc = subprocess.Popen(
+                [
+                    *_prefect_executable(),
+                    "server",
+                    "start",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.port),
+                    "--analytics-off",
+                ],
+                env=self._server_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -244,30 +307,50 @@ def ensure_prefect_api(
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         try:
-            Path(lock_path).write_text(f"pid {proc.pid}, {api_url}\n")
-            deadline = started + startup_timeout_s
-            while not healthy(api_url, timeout=2.0, local=True):
+            deadline = started + self.startup_timeout_s
+            while not healthy(self.api_url, timeout=2.0, local=True):
                 if proc.poll() is not None:
                     raise PrefectApiError(
                         f"the Prefect server exited with code {proc.returncode} during startup; "
-                        f"last lines of {log_path}:\n{_tail(log_path)}"
+                        f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
                     )
                 if time.monotonic() > deadline:
                     raise PrefectApiError(
-                        f"the Prefect server was not healthy after {startup_timeout_s:.0f} s; "
-                        f"last lines of {log_path}:\n{_tail(log_path)}"
+                        f"the Prefect server was not healthy after {self.startup_timeout_s:.0f} s; "
+                        f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
                     )
                 time.sleep(POLL_INTERVAL_S)
-            api = PrefectApi(
-                api_url=api_url, ui_url=base, local=True, prefect_home=prefect_home, log_path=log_path, pid=proc.pid
-            )
-            say(f"Prefect server ready after {time.monotonic() - started:.1f} s. UI: {base}  API: {api_url}")
-            with _use_api(api_url):
-                yield api
-        finally:
-            _stop(proc)
-            with contextlib.suppress(OSError):
-                Path(lock_path).write_text("")
+        except BaseException:
+            self.stop()
+            raise
+        say(f"Prefect server ready after {time.monotonic() - started:.1f} s. UI: {self.base}  API: {self.api_url}")
+        return self.api
+
+    @property
+    def api(self) -> PrefectApi:
+        return PrefectApi(
+            api_url=self.api_url,
+            ui_url=self.base,
+            local=True,
+            prefect_home=self.prefect_home,
+            log_path=self.log_path,
+            pid=self._proc.pid if self._proc else None,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop(self._proc)
+            self._proc = None
+
+    def __enter__(self) -> PrefectApi:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _ui_url(api_url: str) -> str:

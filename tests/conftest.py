@@ -35,3 +35,14 @@ def prefect_server():
     with prefect_test_harness(server_startup_timeout=180):
         url = get_current_settings().server.database.connection_url
         yield url.get_secret_value() if hasattr(url, "get_secret_value") else str(url)
+
+
+@pytest.fixture(scope="session")
+def prefect_on_postgres():
+    """A private PostgreSQL cluster and a real `prefect server start` on it (`deployments.postgres.prefect_stack`),
+    shared by the session; yields the `PrefectStack`. Tests point their client at it with
+    `deployments.prefect_server.use_api(stack.api_url)`. Needs PostgreSQL installed (`.ci/run` installs it)."""
+    from deployments.postgres import prefect_stack
+
+    with prefect_stack() as stack:
+        yield stack
