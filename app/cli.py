@@ -16,6 +16,7 @@ from app.cli_analytics import export  # noqa: E402
 from app.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant, run_flow  # noqa: E402
 from app.cli_crm import crm_app  # noqa: E402
 from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
+from app.cli_ops import ops_app  # noqa: E402
 from app.cli_sql import sql  # noqa: E402
 from app.cli_status import status  # noqa: E402
 from app.cli_sync import tenant_resync  # noqa: E402
@@ -37,6 +38,7 @@ app.add_typer(meeting_app, name="meeting")
 app.add_typer(retention_app, name="retention")
 app.add_typer(offboard_app, name="offboard")
 app.add_typer(crm_app, name="crm")
+app.add_typer(ops_app, name="ops")
 app.command("export")(export)
 app.command("status")(status)
 app.command("sql")(sql)

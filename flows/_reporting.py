@@ -62,3 +62,18 @@ def report_totals(
         description=f"{kind} of {tenant_title(tenant)}: {what}",
     )
     get_run_logger().info("%s tenant=%s %s", kind, tenant.id, counts_line(totals))
+
+
+def publish_dashboard(tenant: Tenant) -> None:
+    """The tenant's at-a-glance dashboard (`tasks/ops_dashboard.py`) as the markdown artifact `dashboard-<tenant>`."""
+    from datetime import UTC, datetime
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.ops_dashboard import read_dashboard
+
+    create_markdown_artifact(
+        key=artifact_key("dashboard", tenant.id),
+        markdown=read_dashboard(tenant.settings, tenant.config, datetime.now(UTC)),
+        description=f"Dashboard of {tenant_title(tenant)}: per-user stage, lag, counts and what to do",
+    )

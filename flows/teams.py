@@ -18,8 +18,10 @@ from flows.failures import flow, tenant_flow
 from o365sync.auth import connected_users
 from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
+from o365sync.sync.tenant import sync_states
 from o365sync.teams import ConsentNeeded, TeamsDisabled, share_activity
 from o365sync.tenant_context import resolve_tenant
+from tasks.ops_signals import emit_signals, user_signals
 from tasks.teams_task import refresh_user_channels
 
 
@@ -38,10 +40,18 @@ def teams_refresh(tenant_id: str) -> dict[str, int]:
     if not tenant.config.feature_on("teams"):
         get_run_logger().warning("teams-refresh tenant=%s skipped: Teams sharing is not enabled", tenant.id)
         return {"users": 0, "disabled": 1}
-    users = connected_users(tenant.settings, tenant.id)
+    settings = tenant.settings
+    users = connected_users(settings, tenant.id)
+    before = sync_states(tenant, "teams")
     task = refresh_user_channels
     futures = [task.with_options(task_run_name=user_task_name(task.name, u)).submit(tenant.id, u.oid) for u in users]
     wait(futures)
+    after = sync_states(tenant, "teams")
+    emit_signals(
+        tenant.config,
+        users,
+        user_signals("teams", before, after, settings.ops_throttled_minutes, settings.ops_failed_runs),
+    )
     rows: list[dict] = []
     for user, future in zip(users, futures, strict=True):
         if future.state.is_completed():

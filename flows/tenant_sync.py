@@ -15,7 +15,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import wait
 
-from flows._reporting import artifact_key, counts_line, tenant_title, user_task_name
+from flows._reporting import artifact_key, counts_line, publish_dashboard, tenant_title, user_task_name
 from o365sync.auth import connected_users
 from o365sync.errors import O365SyncError
 from o365sync.settings import load_settings
@@ -33,6 +33,7 @@ from o365sync.tenant_context import Tenant, resolve_tenant
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
 from tasks.mailbox_task import sync_mailbox
+from tasks.ops_signals import Signal, crm_signals, emit_signals, read_crm_state_of, user_signals
 
 USER_TASKS = {"email": sync_mailbox, "calendar": sync_calendar}
 
@@ -95,13 +96,19 @@ def sync_tenant(
             logger.warning("tenant=%s is no longer registered; nothing to sync", registered.id)
             return {"skipped": 1}
         now = datetime.now(UTC)
+        settings = tenant.settings
+        crm_before = read_crm_state_of(settings, tenant.id)
+        signals: list[Signal] = []
         crm = _refresh_crm_if_stale(tenant, crm_max_age, respect_backoff, now)
-        users = connected_users(tenant.settings, tenant.id)
+        users = connected_users(settings, tenant.id)
         for feature in enabled:
-            due = due_users(users, sync_states(tenant, feature), respect_backoff, now)
+            before = sync_states(tenant, feature)
+            due = due_users(users, before, respect_backoff, now)
             rows, failed = _sync_users(tenant.id, feature, due)
             rows += [idle_row(u.oid, "waiting_for_retry") for u in users if u not in due]
-            with_sync_state(rows, sync_states(tenant, feature))
+            after = sync_states(tenant, feature)
+            with_sync_state(rows, after)
+            signals += user_signals(feature, before, after, settings.ops_throttled_minutes, settings.ops_failed_runs)
             totals |= feature_totals(feature, rows, failed, waiting=len(users) - len(due))
             failed_total, due_total = failed_total + failed, due_total + len(due)
             key = artifact_prefix if feature == "email" else f"{artifact_prefix}-{feature}"
@@ -117,7 +124,10 @@ def sync_tenant(
             table=[crm_report_row(tenant, crm)],
             description=f"CRM snapshot of {tenant_title(tenant)}: state, last refresh and counts",
         )
-        publish_snapshot(tenant.settings, tenant.id)
+        signals += crm_signals(crm_before, read_crm_state_of(settings, tenant.id), tenant.config.crm_kind)
+        emit_signals(tenant.config, users, signals)
+        publish_dashboard(tenant)
+        publish_snapshot(settings, tenant.id)
     logger.info("%s tenant=%s %s", artifact_prefix, tenant.id, counts_line(totals))
     if failed_total:
         raise SyncIncomplete(f"{failed_total} of {due_total} user syncs failed in tenant {tenant.id}")

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # 10 minutes. Wall time: 10 of the 15 minutes between mail syncs, at most a minute before the task timeout.
     sync_max_pages: int = Field(5000, ge=1)
     sync_max_seconds: float = Field(600.0, gt=0, le=SYNC_MAX_SECONDS_LIMIT)
+    # Ops signals (Prefect events, tasks/ops_signals.py): a user throttled by Graph with no success for this long,
+    # and a user whose sync failed this many times in a row, are reported once (when the condition starts).
+    ops_throttled_minutes: float = Field(60.0, gt=0)
+    ops_failed_runs: int = Field(3, ge=1)
 
     @property
     def authority(self) -> str:

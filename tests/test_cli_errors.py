@@ -83,6 +83,7 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
             (["--tenant", "nosuch", "--event", "x"], {}),
         ],
         "retention run": [(["--tenant", "nosuch"], {})],
+        "ops automations create": [([], {}), (["--webhook", "ftp://example.invalid/x"], {})],
         "offboard user": [
             (["--tenant", "{T}", "../../../tmp/x"], {}),
             (["--tenant", "{T}", "nobody"], {}),
