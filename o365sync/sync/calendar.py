@@ -217,6 +217,7 @@ def sync_calendar_now(settings: Settings, tenant_id: str, user_oid: str, now: da
             drop_series=reread | rnd.removed,
             cursor=resume,
             reconcile=counts.baseline and complete,
+            scanned=counts.scanned,
         )
         with open_store(settings, tenant_id, write=True) as con:
             counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)
