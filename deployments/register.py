@@ -58,8 +58,9 @@ def register_deployments(settings: Settings, work_pool_name: str) -> dict[str, U
     before writing anything, when `o365sync serve` manages one of the names on this server."""
     from deployments.ownership import refuse_foreign
     from deployments.schedules import build_deployments
+    from deployments.user_import import user_import_deployments
 
-    deployments = build_deployments(settings)
+    deployments = build_deployments(settings) + user_import_deployments(settings)
     refuse_foreign(deployments, work_pool_name)
     job_variables = worker_job_variables(settings)
     out = {}
