@@ -6,6 +6,7 @@ of the mailbox at once. Driven through the real web app, real MSAL and the simul
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import threading
 import time
@@ -303,3 +304,30 @@ def test_each_email_tenant_has_an_on_demand_user_import_deployment_one_run_at_a_
     assert d.parameters == {"tenant_id": "contoso"} and not d.schedules
     assert d.concurrency_limit == 1
     assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+
+
+def test_status_shows_a_running_import_at_80_columns(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    world = generate_world(seed=3, tenants=1, users_per_tenant=1, messages_per_user=5)
+    p = stand_up(world, tmp_path, monkeypatch)  # connected, not imported
+    try:
+        tid, alice = world.tenants[0].tid, world.tenants[0].users[0]
+        with open_store(p.settings, tid, write=True) as con:  # an import under way, two writes in
+            record_sync_state(con, tid, alice.oid, "syncing")
+            write_mail_batch(con, tid, alice.oid, replace(make_batch(["m1", "m2"], T0), scanned=12_400))
+            write_mail_batch(con, tid, alice.oid, replace(make_batch([f"n{i}" for i in range(308)], T0), scanned=0))
+        result = CliRunner().invoke(app, ["status"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert "             importing: 12,400 messages scanned, 310 imported" in lines
+        assert max(len(line) for line in lines) <= 80
+        assert any(line.strip().startswith("this run") for line in lines)
+        report = json.loads(CliRunner().invoke(app, ["status", "--json"]).output)
+        (user,) = report["tenants"][0]["users"]
+        progress = user["features"]["email"]["progress"]
+        assert (progress["running"], progress["scanned"], progress["imported"]) == (True, 12_400, 310)
+    finally:
+        p.running.stop()
