@@ -21,12 +21,14 @@ yet): the page then says so in one line with a reference, the log has the refere
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from o365sync.settings import Settings
 
@@ -34,6 +36,8 @@ log = logging.getLogger("o365sync.import")
 
 STARTED = "Your mailbox import has started; this page can be closed while it runs."
 QUEUED = "Your mailbox import is already running; it runs once more when it ends, for what you just granted."
+PENDING = "Your mailbox import is being started; if it does not start, the next scheduled sync imports your mailbox."
+START_WAIT_S = 5.0  # how long the page waits for the Prefect API to create the run
 NOT_STARTED = (
     "Your mailbox import could not be started right now; it starts with the next scheduled sync (reference {ref})."
 )
@@ -45,7 +49,7 @@ class ImportStarted:
     of this process runs it), "queued" (this user's import is running here; it runs once more after) or "failed"
     (nothing started; `ref` is in the log). `line`: the one sentence a page shows."""
 
-    how: str
+    how: str  # "prefect" | "pending" (the Prefect API did not answer within START_WAIT_S) | "in-process" | ...
     line: str
     flow_run_id: str | None = None
     ref: str | None = None
@@ -73,22 +77,52 @@ def start_user_import(settings: Settings, tenant_id: str, user_id: str) -> Impor
 
 
 def _start_on_prefect(settings: Settings, tenant_id: str, user_id: str) -> ImportStarted:
+    """Create the deployment run; wait for the API at most START_WAIT_S (an API that hangs must not hold the page:
+    the request then goes on in the background and its outcome is logged)."""
     from prefect.deployments import run_deployment
 
     from deployments.user_import import USER_IMPORT, user_import_deployment
     from o365sync.auth import connection_info
 
     connected_at = connection_info(settings, tenant_id, user_id).get("connected_at", "")
-    run = run_deployment(
-        user_import_deployment(tenant_id),
-        parameters={"tenant_id": tenant_id, "user_id": user_id},
-        timeout=0,
-        idempotency_key=f"{USER_IMPORT}:{tenant_id}:{user_id}:{connected_at}",
-        tags=[tenant_id, USER_IMPORT],
-        as_subflow=False,
-    )
-    log.info("user import started: tenant=%s user=%s flow_run=%s", tenant_id, user_id, run.id)
-    return ImportStarted("prefect", STARTED, flow_run_id=str(run.id))
+    outcome: dict[str, Any] = {"waited": True}  # "run" or "error" once the API answered
+    lock = threading.Lock()
+
+    def create() -> None:
+        try:
+            result: dict[str, Any] = {
+                "run": run_deployment(
+                    user_import_deployment(tenant_id),
+                    parameters={"tenant_id": tenant_id, "user_id": user_id},
+                    timeout=0,
+                    idempotency_key=f"{USER_IMPORT}:{tenant_id}:{user_id}:{connected_at}",
+                    tags=[tenant_id, USER_IMPORT],
+                    as_subflow=False,
+                )
+            }
+        except Exception as exc:
+            result = {"error": exc}
+        with lock:
+            outcome.update(result)
+            late = not outcome["waited"]
+        if "run" in result:
+            log.info("user import started: tenant=%s user=%s flow_run=%s", tenant_id, user_id, result["run"].id)
+        elif late:  # the page has been sent already: only the log can tell
+            error = type(result["error"]).__name__
+            log.warning("user import not started: tenant=%s user=%s error=%s", tenant_id, user_id, error)
+
+    context = contextvars.copy_context()  # the caller's Prefect settings (API URL) apply in the helper thread
+    helper = threading.Thread(target=context.run, args=(create,), name=f"start-user-import-{user_id}", daemon=True)
+    helper.start()
+    helper.join(START_WAIT_S)
+    with lock:
+        outcome["waited"] = False
+        if "error" in outcome:
+            raise outcome["error"]
+        if "run" not in outcome:
+            log.warning("user import start pending: tenant=%s user=%s (the Prefect API is slow)", tenant_id, user_id)
+            return ImportStarted("pending", PENDING)
+    return ImportStarted("prefect", STARTED, flow_run_id=str(outcome["run"].id))
 
 
 def import_in_process(settings: Settings, tenant_id: str, user_id: str) -> dict[str, int]:

@@ -5,7 +5,6 @@ of the mailbox at once. Driven through the real web app, real MSAL and the simul
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import threading
@@ -167,7 +166,7 @@ def test_a_connect_starts_the_users_import_in_process_and_its_progress_shows(pro
     done = threading.Event()
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    reply = connect(p, alice.oid, functools.partial(start_user_import, p.settings))
+    reply = connect(p, alice.oid, import_starter(p.settings))  # as `o365sync web` wires it
     assert STARTED in reply.text
 
     # Started within the bound (the thread exists when the page is sent), then finished with the oracle's counts.
@@ -180,6 +179,7 @@ def test_a_connect_starts_the_users_import_in_process_and_its_progress_shows(pro
     )
     done.set()
     watcher.join()
+    poll(lambda: IN_PROCESS.running(tid, alice.oid), lambda running: not running, 60, "the import thread did not end")
     email, calendar = final["email"], final["calendar"]
     assert (email.stage, calendar.stage) == ("idle", "idle")
     assert email.imported == len(expected) and email.scanned >= email.imported
@@ -208,7 +208,7 @@ def test_two_connects_of_one_user_never_run_two_imports_at_once(product, monkeyp
                 active[0] -= 1
 
     monkeypatch.setattr(import_trigger, "import_in_process", observed)
-    start = functools.partial(start_user_import, p.settings)
+    start = import_starter(p.settings)
     # A sync of the tenant is running (it holds the tenant's sync locks): the import waits for it, and connects
     # meanwhile ask for one more run after it, not for a second import beside it.
     with tenant_sync_locks(tenant_dir(p.settings, tid), ["calendar", "email"]):
@@ -331,3 +331,22 @@ def test_status_shows_a_running_import_at_80_columns(tmp_path, monkeypatch):
         assert (progress["running"], progress["scanned"], progress["imported"]) == (True, 12_400, 310)
     finally:
         p.running.stop()
+
+
+def test_a_prefect_api_that_does_not_answer_does_not_hold_the_page(monkeypatch, tmp_path):
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    monkeypatch.setattr(import_trigger, "START_WAIT_S", 0.5)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            started = start_user_import(Settings(data_dir=tmp_path), "t1", "u1")
+    finally:
+        silent.close()
+    assert (started.how, started.line, started.flow_run_id) == ("pending", import_trigger.PENDING, None)
