@@ -271,6 +271,8 @@ def test_with_a_prefect_server_the_connect_creates_a_user_import_run_that_comple
     # The run exists once the callback's page has been sent (polled with a bound of 10 s).
     (run,) = poll(runs, lambda found: len(found) == 1, 10, "no user-import run within 10 s of the callback")
     assert run.parameters == {"tenant_id": tid, "user_id": alice.oid}  # ids only
+    again = start_user_import(p.settings, tid, alice.oid)  # the same connect started again (a retry): same run
+    assert (again.how, again.flow_run_id) == ("prefect", str(run.id)) and len(runs()) == 1
 
     worker = subprocess.run(  # a worker of the pool picks the run up and runs it
         [*_prefect_executable(), "worker", "start", "--pool", pool, "--run-once", "--limit", "1"],
