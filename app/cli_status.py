@@ -1,5 +1,6 @@
 """`o365sync status`: per tenant its CRM snapshot's state, per user (with their name) each feature's sync state,
-the last run's counts next to the totals since the user connected, and offboarding.
+the last run's counts next to the totals since the user connected (while a run is under way, its progress so far:
+"importing: 12,400 messages scanned, 310 imported"), and offboarding.
 
 Readable at 80 columns: one block of short lines per user, nothing cut off (ids and times are never
 shortened). `--json` prints the same report with stable keys for scripts. A user whose token is gone shows
@@ -28,7 +29,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="seconds") if value else None
 
 
-def _feature_report(state: dict | None, token_gone: bool) -> dict[str, Any]:
+def _progress(p) -> dict[str, Any] | None:  # noqa: ANN001 - an o365sync.store.SyncProgress or None
+    """The running (or last) run's progress: counts so far, when it started, its one line."""
+    if p is None:
+        return None
+    return {
+        "running": p.running,
+        "started_at": _iso(p.started_at),
+        "updated_at": _iso(p.updated_at),
+        "scanned": p.scanned,
+        "imported": p.imported,
+        "line": p.line(),
+    }
+
+
+def _feature_report(state: dict | None, token_gone: bool, progress=None) -> dict[str, Any]:  # noqa: ANN001
     if state is None:
         return {
             "stage": "reconnect_needed" if token_gone else "not_synced_yet",
@@ -40,6 +55,7 @@ def _feature_report(state: dict | None, token_gone: bool) -> dict[str, Any]:
             "last_error": None,
             "last_run": None,
             "total": None,
+            "progress": None,
         }
     lag: timedelta | None = state["lag"]
     return {
@@ -52,6 +68,7 @@ def _feature_report(state: dict | None, token_gone: bool) -> dict[str, Any]:
         "last_error": state["last_error"],
         "last_run": {**{n: state[n] or 0 for n in COUNTS}, "excluded": json.loads(state["excluded"] or "{}")},
         "total": {n: state[f"total_{n}"] if state[f"total_{n}"] is not None else state[n] or 0 for n in COUNTS},
+        "progress": _progress(progress),
     }
 
 
@@ -59,9 +76,10 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
     """One tenant's status as plain data (the `--json` shape)."""
     from o365sync.auth import connected_users, connection_info
     from o365sync.offboarding import offboarding_status
-    from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_states
+    from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_progress, read_sync_states
 
     states: dict[str, dict[str, dict]] = {}
+    progress: dict[tuple[str, str], Any] = {}
     crm: dict = {}
     summary: dict = {}
     if has_store(settings, tenant.id):
@@ -70,6 +88,7 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
                 for st in read_sync_states(con, tenant.id, feature):
                     states.setdefault(st["user_oid"], {})[feature] = st
             crm, summary = read_crm_state(con) or {}, crm_state_summary(con)
+            progress = {(p.user_oid, p.feature): p for p in read_sync_progress(con, tenant.id)}
     connected = {u.oid: u for u in connected_users(settings, tenant.id)}
     offboarded = offboarding_status(settings, tenant.id)
     users = []
@@ -79,7 +98,7 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
         token_gone = oid not in connected and off is None
         enabled = [f for f in FEATURES if tenant.feature_on(f, oid)] if off is None else []
         features = {
-            f: _feature_report(states.get(oid, {}).get(f), token_gone)
+            f: _feature_report(states.get(oid, {}).get(f), token_gone, progress.get((oid, f)))
             for f in FEATURES
             if f in states.get(oid, {}) or f in enabled
         }
@@ -175,6 +194,9 @@ def render(report: dict[str, Any]) -> list[str]:
             for feature, f in u["features"].items():
                 pad = " " * 13
                 lines.append(f"    {feature:<9}{f['stage'].replace('_', ' ')}")
+                running = bool(f["progress"] and f["progress"]["running"])
+                if running:  # e.g. "importing: 12,400 messages scanned, 310 imported"
+                    lines += [f"{pad}{f['progress']['line']}", f"{pad}run started {_when(f['progress']['started_at'])}"]
                 if f["last_success_at"]:
                     lines.append(f"{pad}last success {_when(f['last_success_at'])} ({_lag(f['lag_seconds'])} ago)")
                 if f["consecutive_failures"]:
@@ -182,10 +204,11 @@ def render(report: dict[str, Any]) -> list[str]:
                     lines.append(f"{pad}failures {f['consecutive_failures']}, next retry {retry}")
                     lines += _wrap(f"{pad}last error ", f["last_error"] or "")
                 if f["last_run"] is not None:
+                    if not running:  # a running run's start is on the line above
+                        lines.append(f"{pad}last run at  {_when(f['last_run_at'])}")
                     lines += [
-                        f"{pad}last run at  {_when(f['last_run_at'])}",
                         f"{pad}{'':<14}" + "".join(f"{n:>10}" for n in COUNTS),
-                        f"{pad}{'last run':<14}" + _counts(f["last_run"]),
+                        f"{pad}{'this run' if running else 'last run':<14}" + _counts(f["last_run"]),
                         f"{pad}{'since connect':<14}" + _counts(f["total"]),
                     ]
                     excluded = f["last_run"]["excluded"]

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -52,6 +53,9 @@ from o365sync.auth import (
 )
 from o365sync.settings import Settings
 from o365sync.tenants import TenantMisplaced, TenantNotFound, TenantUnreadable, load_tenant
+
+if TYPE_CHECKING:
+    from app.import_trigger import ImportStarted
 
 log = logging.getLogger("o365sync.web")
 
@@ -266,8 +270,13 @@ def callback_path(settings: Settings) -> str:
     return urlsplit(settings.redirect_uri).path or "/auth/callback"
 
 
-def create_app(settings: Settings, pending: PendingSignIns | None = None) -> Starlette:
-    """The connect app; `pending` (default: a new store) holds this server's sign-ins in progress."""
+def create_app(
+    settings: Settings,
+    pending: PendingSignIns | None = None,
+    start_import: Callable[[str, str], ImportStarted] | None = None,
+) -> Starlette:
+    """The connect app; `pending` (default: a new store) holds this server's sign-ins in progress. `start_import(
+    tenant id, user id)` (app/import_trigger.py; None: nothing started) runs after each successful connect."""
     sign_ins = PendingSignIns() if pending is None else pending
     rate_limit = ConnectRateLimit(settings.connect_rate_limit)
 
@@ -302,7 +311,9 @@ def create_app(settings: Settings, pending: PendingSignIns | None = None) -> Sta
             user = complete_connect(settings, dict(request.query_params), pending=sign_ins)
         except AuthError as exc:
             return _failure(exc, getattr(exc, "tenant_id", ""))
-        return _page("Connected", f"Connected {user.display_name}. You can close this window.")
+        started = start_import(user.tenant_id, user.oid) if start_import else None  # never waits for the import
+        after = f" {started.line}" if started else ""
+        return _page("Connected", f"Connected {user.display_name}. You can close this window.{after}")
 
     def health(request: Request) -> Response:
         return Response("ok", media_type="text/plain")
@@ -325,7 +336,9 @@ def create_app(settings: Settings, pending: PendingSignIns | None = None) -> Sta
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8400) -> None:
     """Run the connect endpoints in the foreground (blocking)."""
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    from app.import_trigger import import_starter
+
+    uvicorn.run(create_app(settings, start_import=import_starter(settings)), host=host, port=port, log_level="warning")
 
 
 def run_in_thread(
@@ -334,6 +347,7 @@ def run_in_thread(
     host: str = "127.0.0.1",
     sock: socket.socket | None = None,
     pending: PendingSignIns | None = None,
+    start_import: Callable[[str, str], ImportStarted] | None = None,
 ) -> tuple[str, Callable[[], None]]:
     """Serve in a daemon thread; returns (base_url, stop). The socket is bound and listening before this
     returns, so requests made right away queue in the backlog until uvicorn accepts them.
@@ -345,7 +359,7 @@ def run_in_thread(
         sock.bind((host, port))
     sock.listen(128)
     bound_host, bound_port = sock.getsockname()[:2]
-    config = uvicorn.Config(create_app(settings, pending), log_level="warning", lifespan="off")
+    config = uvicorn.Config(create_app(settings, pending, start_import), log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="o365sync-web", daemon=True)
     thread.start()

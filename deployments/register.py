@@ -76,8 +76,9 @@ def register_deployments(
     from deployments.ownership import refuse_foreign
     from deployments.schedules import build_deployments
     from deployments.shards import shard_queue
+    from deployments.user_import import user_import_deployments
 
-    deployments = build_deployments(settings, tenants=tenants)
+    deployments = build_deployments(settings, tenants=tenants) + user_import_deployments(settings, tenants=tenants)
     refuse_foreign(deployments, work_pool_name)
     ensure_work_pool(work_pool_name)
     shards = {t.id: t.shard for t in (tenants if tenants is not None else list_tenants(settings))}
@@ -120,10 +121,12 @@ def prune_deployments(work_pool_name: str, keep: set[str]) -> list[str]:
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
     from deployments.schedules import KINDS, deployment_name
+    from deployments.user_import import USER_IMPORT
 
     removed = []
+    kinds = [*KINDS, USER_IMPORT]
     with get_client(sync_client=True) as client:
-        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(KINDS))))}
+        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=kinds)))}
         offset = 0
         while batch := client.read_deployments(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool_name])), limit=200, offset=offset

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from deployments.ownership import SERVED, refuse_foreign
 from deployments.prefect_server import PrefectApi, ensure_prefect_api
 from deployments.schedules import build_deployments, email_tenants, every
+from deployments.user_import import user_import_deployments
 from o365sync.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def serve_tenants(
     DeploymentOwnerConflict (before serving) when workers manage one of the deployments on this server."""
     if not email_tenants(settings):
         raise NothingToServe("No tenant with the email feature is registered (o365sync tenant add).")
-    deployments = build_deployments(settings)
+    deployments = build_deployments(settings) + user_import_deployments(settings)
     from prefect import serve
 
     with ensure_prefect_api(settings, port=port, echo=echo) as api:

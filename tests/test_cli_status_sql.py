@@ -94,8 +94,10 @@ def test_status_json_has_stable_keys_and_totals_since_connect(imported):
             "last_error",
             "last_run",
             "total",
+            "progress",
         }
         assert email["stage"] == "idle"
+        assert email["progress"]["running"] is False and email["progress"]["imported"] == email["last_run"]["imported"]
         assert email["last_run"]["imported"] == 0  # the second, quiet run
         assert email["total"]["imported"] == stored.get(u["oid"], 0) > 0  # what the first run imported
         assert email["total"]["scanned"] >= email["total"]["imported"]

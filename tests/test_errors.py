@@ -16,6 +16,7 @@ import o365sync.auth
 import o365sync.erasure
 import o365sync.graph
 import o365sync.sync.runner
+import o365sync.sync.user_import
 import o365sync.teams
 import tasks.teams_task
 from o365sync.errors import ACTION_NEEDED, FAILED, O365SyncError, sync_failure
@@ -24,7 +25,7 @@ from o365sync.sync_policy import RETRY_BASE, WAITING_FOR_A_PERSON
 
 CONTENT = "Subject: merger with Contoso <ceo@contoso.example>"  # stands for anything read from a mailbox or a CRM
 MODULES = (crm_adapters.base, flows.teams, flows.tenant_sync, o365sync.auth, o365sync.erasure, o365sync.graph)
-MODULES += (o365sync.sync.runner, o365sync.teams, tasks.teams_task)
+MODULES += (o365sync.sync.runner, o365sync.sync.user_import, o365sync.teams, tasks.teams_task)
 
 # Every error class of the product: (retriable, stage a user's sync ends in). A new class must be added here.
 TABLE: dict[str, tuple[bool, str]] = {
@@ -67,6 +68,7 @@ TABLE: dict[str, tuple[bool, str]] = {
     "CrmDropRefused": (False, ACTION_NEEDED),
     "UserSyncError": (True, FAILED),
     "SyncIncomplete": (True, FAILED),
+    "UserImportIncomplete": (True, FAILED),
     "TeamsRefreshError": (True, FAILED),
     "TeamsRefreshIncomplete": (True, FAILED),
     "TeamsShareError": (True, FAILED),

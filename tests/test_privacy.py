@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -98,11 +99,23 @@ def product(tmp_path, monkeypatch):
     p.running.stop()
 
 
-def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog):
+def _each_user_imported(tenant_id: str, users: list) -> dict:
+    """What the connect of each user starts (flows/user_import.py), one after the other; totals summed."""
+    from flows.user_import import user_import
+
+    return dict(sum((Counter(user_import(tenant_id, u.oid)) for u in users), Counter()))
+
+
+@pytest.mark.parametrize(
+    "run",
+    [lambda tid, _users: initial_import(tid), _each_user_imported],
+    ids=["initial-import", "user-import"],
+)
+def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog, run):
     p, markers, positive = product
     tenant = p.world.tenants[0]
     caplog.set_level(logging.DEBUG)
-    totals = initial_import(tenant.tid)
+    totals = run(tenant.tid, tenant.users)
     assert totals["calendar_imported"] > 0 and totals["calendar_discarded"] > 0
 
     needles = [m.lower() for m in markers.values()]

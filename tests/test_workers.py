@@ -137,7 +137,7 @@ def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_on
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1, result.output
     assert (
-        f"deployments email-sync/{deployment_name('email-sync', tid)} and 3 more are already registered for "
+        f"deployments email-sync/{deployment_name('email-sync', tid)} and 4 more are already registered for "
         f"workers (work pool '{pool}'" in " ".join(result.output.split())
     )
     assert "Traceback" not in result.output

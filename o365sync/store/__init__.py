@@ -76,8 +76,12 @@ from o365sync.store.schema import (
     stored_version,
 )
 from o365sync.store.sync_state import (
+    SYNCING,
     TOTALS,
     RunCounts,
+    SyncProgress,
+    add_sync_progress,
+    read_sync_progress,
     read_sync_states,
     record_sync_state,
 )
@@ -108,7 +112,10 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION_TABLE",
     "StoreFromNewerVersion",
+    "SYNCING",
+    "SyncProgress",
     "TOTALS",
+    "add_sync_progress",
     "apply_crm_changes",
     "confirm_crm_drop",
     "consent_mode_candidates",
@@ -126,6 +133,7 @@ __all__ = [
     "read_crm_drop_guard",
     "read_crm_state",
     "read_cursors",
+    "read_sync_progress",
     "read_sync_states",
     "record_consent_link",
     "record_crm_drop_refusal",

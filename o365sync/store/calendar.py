@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
+from o365sync.store.sync_state import add_sync_progress
 from o365sync.store.transactions import transaction
 
 
@@ -32,6 +33,7 @@ class MeetingBatch:
     drop_series: set[str]
     cursor: CalendarCursor
     reconcile: bool = False
+    scanned: int = 0  # instances read for this round (kept or not): the running sync's progress advances by it
 
 
 MEETING_COLUMNS = (
@@ -144,6 +146,7 @@ def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
             "INSERT INTO calendar_cursor VALUES (?, ?, ?, ?, ?, ?, ?)",
             [*key, c.window_start, c.window_end, c.delta_link, c.delta_at, now],
         )
+        add_sync_progress(con, tenant_id, user_oid, "calendar", batch.scanned, batch.meetings.height)
     return removed
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import polars as pl
 
+from o365sync.store.sync_state import add_sync_progress
 from o365sync.store.transactions import transaction
 
 EMAIL_COLUMNS = (
@@ -68,6 +69,7 @@ class MailBatch:
     matches: pl.DataFrame  # graph_id, crm_id, crm_kind, matched_address
     cursors: dict[str, FolderCursor]  # folder -> cursor covered by this batch
     partials: pl.DataFrame | None = None  # partial delta updates: graph_id + PARTIAL_COLUMNS, null = unchanged
+    scanned: int = 0  # messages read for this batch (kept or not): the running sync's progress advances by it
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
 
     Rows are keyed on (tenant, user, immutable Graph id): dedupe, DELETE, INSERT. A message whose
     internetMessageId is already stored under another id is the same mail seen in another folder: skipped.
-    A null body keeps the stored one; partial updates only overwrite the fields they carry."""
+    A null body keeps the stored one; partial updates only overwrite the fields they carry. The running sync's
+    progress (sync_state) advances in the same transaction."""
     now = datetime.now(UTC)
     emails = batch.emails.unique("graph_id", keep="last", maintain_order=True)
     key = [tenant_id, user_oid]
@@ -156,6 +159,7 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
             )
         con.execute("DROP TABLE _kept")
         con.execute("DROP TABLE _old")
+        add_sync_progress(con, tenant_id, user_oid, "email", batch.scanned, int(new[0][0]))
     return BatchResult(imported=int(new[0][0]), duplicates=int(duplicates))
 
 

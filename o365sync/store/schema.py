@@ -168,7 +168,13 @@ CREATE TABLE IF NOT EXISTS crm_drop_guard (
 brings whatever earlier version made the store to exactly migration 1's schema (it creates what is missing and
 adds columns at the end, where migration 1 has them)."""
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA,)  # append, never edit: MIGRATIONS[n - 1] is migration n
+MIGRATION_2_IMPORT_PROGRESS = """ALTER TABLE sync_state ADD COLUMN run_started_at TIMESTAMPTZ;
+ALTER TABLE sync_state ADD COLUMN progress_at TIMESTAMPTZ;
+"""
+"""Migration 2: when the running (or last) sync run of a user and feature started, and when its counts last advanced
+(`o365sync.store.sync_state`: the live progress of an import)."""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA, MIGRATION_2_IMPORT_PROGRESS)  # append, never edit: [n - 1] is migration n
 
 
 class StoreFromNewerVersion(Exception):

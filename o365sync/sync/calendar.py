@@ -209,6 +209,7 @@ def sync_calendar_now(tenant: Tenant, user_oid: str, now: datetime | None = None
             drop_series=reread | rnd.removed,
             cursor=resume,
             reconcile=counts.baseline and complete,
+            scanned=counts.scanned,
         )
         with tenant.open_store(write=True) as con:
             counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)

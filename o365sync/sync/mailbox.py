@@ -114,6 +114,7 @@ class _Buffer:
     partials: list[pl.DataFrame] = field(default_factory=list)
     matched: int = 0
     pages: int = 0
+    scanned: int = 0
 
     def take(self, cursors: dict[str, FolderCursor]) -> MailBatch:
         def cat(frames: list[pl.DataFrame], empty: pl.DataFrame) -> pl.DataFrame:
@@ -125,9 +126,10 @@ class _Buffer:
             cat(self.matches, _EMPTY["matches"]),
             cursors,
             pl.concat(self.partials, how="vertical_relaxed") if self.partials else None,
+            scanned=self.scanned,
         )
         self.emails, self.participants, self.matches, self.partials = [], [], [], []
-        self.matched = self.pages = 0
+        self.matched = self.pages = self.scanned = 0
         return batch
 
 
@@ -222,6 +224,7 @@ def _process_page(
         buf.matches.append(matches)
     buf.matched += kept.height
     buf.pages += 1
+    buf.scanned += messages.height
     run.counts += RunCounts(
         scanned=messages.height,
         matched=kept.height,
