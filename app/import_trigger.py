@@ -127,12 +127,12 @@ def _start_on_prefect(settings: Settings, tenant_id: str, user_id: str) -> Impor
 
 def import_in_process(settings: Settings, tenant_id: str, user_id: str) -> dict[str, int]:
     """The user's import with the library's own steps (no Prefect): what a thread of the web server runs."""
-    from o365sync.crm_refresh import refresh_crm_snapshot
     from o365sync.sync.mailbox import sync_mailbox_now
     from o365sync.sync.runner import run_user_sync
     from o365sync.sync.user_import import import_user_now
     from o365sync.tenant_context import resolve_tenant
     from tasks.calendar_task import calendar_run_counts
+    from tasks.crm_snapshot import refresh_crm_snapshot
 
     work = {"email": sync_mailbox_now, "calendar": calendar_run_counts}
     return import_user_now(

@@ -237,11 +237,12 @@ def _ts(value: datetime | None) -> float | None:
 def setup_world(args: argparse.Namespace, work: Path) -> tuple:
     """World, simulators, settings env, tenants connected and brought up to date (untimed)."""
     from app.demo import register_and_connect
-    from o365sync.crm_refresh import refresh_crm_snapshot
     from o365sync.settings import load_settings
     from o365sync.sync.mailbox import sync_mailbox_now
+    from o365sync.tenant_context import resolve_tenant
     from simulators.running import start_world
     from simulators.world import generate_world
+    from tasks.crm_snapshot import refresh_crm_snapshot
     from tests.product import free_port
 
     world = generate_world(
@@ -264,7 +265,7 @@ def setup_world(args: argparse.Namespace, work: Path) -> tuple:
     def catch_up(tenant) -> None:  # noqa: ANN001
         refresh_crm_snapshot(settings, tenant.tid)
         for user in tenant.users:
-            sync_mailbox_now(settings, tenant.tid, user.oid)
+            sync_mailbox_now(resolve_tenant(settings, tenant.tid), user.oid)
 
     say("tenants registered, users connected")
     with ThreadPoolExecutor(max_workers=8) as pool:
