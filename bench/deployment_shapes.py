@@ -31,6 +31,7 @@ import argparse
 import contextvars
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -285,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_prefect_env()
     ts = tenants(args.tenants)
-    results = {shape: measure(shape, ts, args) for shape in ("per-tenant", "dispatcher")}
+    try:
+        results = {shape: measure(shape, ts, args) for shape in ("per-tenant", "dispatcher")}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     a, b = results["per-tenant"], results["dispatcher"]
     print(
         f"\nbench/deployment_shapes.py  {args.tenants} tenants; machine {platform.machine()} {os.cpu_count()} CPUs, "
