@@ -11,6 +11,7 @@ from app.cli_status import tenant_report
 from o365sync.auth import consent_needed, scopes_for
 from o365sync.settings import Settings
 from o365sync.store import open_store
+from o365sync.sync_policy import CATCHING_UP
 from o365sync.tenants import TenantConfig
 
 FEATURES = ("email", "calendar", "notetaker", "teams")
@@ -20,8 +21,9 @@ FEATURE_NAMES = {
     "notetaker": "Notetaker (automatic recording)",
     "teams": "Teams sharing",
 }
-# Stages after which nothing runs until a person acts, or the next slot comes: the page stops refreshing itself.
-SETTLED = frozenset({"idle", "reconnect_needed", "consent_needed", "action_needed", "failed"})
+# Stages of a sync under way (recorded when a run starts; `catching_up`: it stopped at its paging limit and the next
+# run goes on): while a user has one, their page refreshes itself.
+IN_PROGRESS = frozenset({"syncing", CATCHING_UP})
 RECENT = 50
 
 
@@ -50,7 +52,7 @@ def users_view(settings: Settings, tenant: TenantConfig) -> tuple[list[dict[str,
             consent_needed(settings, tenant.id, user["oid"], required) if user["connection"] == "connected" else []
         )
         user["reconnect_link"] = connect_link(settings, tenant.id, user["upn"] or "")
-        user["running"] = any(f["stage"] not in SETTLED for f in user["features"].values())
+        user["running"] = any(f["stage"] in IN_PROGRESS for f in user["features"].values())
     return report["users"], report["crm"]
 
 
@@ -82,17 +84,17 @@ def my_activities(settings: Settings, tenant_id: str, oid: str) -> tuple[list[tu
     with open_store(settings, tenant_id, write=False) as con:
         conversations = con.execute(
             f"""SELECT e.conversation_id, arg_max(e.subject, coalesce(e.sent_at, e.received_at)),
-                       max(coalesce(e.sent_at, e.received_at)) AS at, count(DISTINCT e.graph_id), {_RECORD}
+                       max(coalesce(e.sent_at, e.received_at)) AS last_at, count(DISTINCT e.graph_id), {_RECORD}
                 FROM emails e JOIN email_crm_matches m USING (tenant_id, user_oid, graph_id) {_PEOPLE}
                 WHERE e.tenant_id = ? AND e.user_oid = ? AND e.conversation_id IS NOT NULL
-                GROUP BY e.conversation_id ORDER BY at DESC LIMIT {RECENT}""",
+                GROUP BY e.conversation_id ORDER BY last_at DESC LIMIT {RECENT}""",
             [tenant_id, oid],
         ).fetchall()
         meetings = con.execute(
-            f"""SELECT mt.event_id, any_value(mt.subject), min(mt.start_at) AS at, {_RECORD}
+            f"""SELECT mt.event_id, any_value(mt.subject), min(mt.start_at) AS first_at, {_RECORD}
                 FROM meetings mt JOIN meeting_crm_matches m USING (tenant_id, user_oid, event_id) {_PEOPLE}
                 WHERE mt.tenant_id = ? AND mt.user_oid = ?
-                GROUP BY mt.event_id ORDER BY at DESC LIMIT {RECENT}""",
+                GROUP BY mt.event_id ORDER BY first_at DESC LIMIT {RECENT}""",
             [tenant_id, oid],
         ).fetchall()
     return conversations, meetings
