@@ -829,16 +829,22 @@ class SignedIn:
         return ADMIN_APP_ROLE in self.roles or bool(ADMIN_ROLE_TEMPLATES & set(self.wids))
 
 
-def begin_sign_in(settings: Settings, pending: PendingSignIns) -> tuple[str, str]:
+def begin_sign_in(settings: Settings, pending: PendingSignIns, login_hint: str | None = None) -> tuple[str, str]:
     """Start an OpenID Connect sign-in (auth code + PKCE, query mode); returns (URL for the browser, state). The flow
     stays server-side in `pending`, keyed by state (an MSAL flow does not fit a cookie next to a session)."""
+    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
+        raise InvalidLoginHint()
     pending.check_room(settings, SIGN_IN_KEY)
     with make_http_client(settings) as hc:
         app = build_app(settings, None, hc)
     with _warn_lock, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
         flow = app.initiate_auth_code_flow(
-            SIGN_IN_SCOPES, redirect_uri=settings.redirect_uri, state=secrets.token_urlsafe(24), prompt="select_account"
+            SIGN_IN_SCOPES,
+            redirect_uri=settings.redirect_uri,
+            state=secrets.token_urlsafe(24),
+            prompt=None if login_hint else "select_account",
+            login_hint=login_hint,
         )
     auth_uri = flow.pop("auth_uri")
     pending.add(settings, flow, SIGN_IN_KEY, SIGN_IN_SCOPES)

@@ -159,7 +159,8 @@ class Console:
             if retry is not None:
                 return self.message(request, "Too many attempts", f"Wait {retry} seconds, then sign in again.", 429)
         try:
-            url, state = await run_in_threadpool(begin_sign_in, self.settings, self.sign_ins)
+            hint = request.query_params.get("login_hint") or None
+            url, state = await run_in_threadpool(begin_sign_in, self.settings, self.sign_ins, hint)
         except AuthError as exc:
             log.warning("console sign-in could not start: %s", exc)
             return self.message(request, "Try again later", SIGN_IN_FAILED["unavailable"], 503)

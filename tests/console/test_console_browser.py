@@ -4,7 +4,7 @@ and deletes a conversation, signs out; a rep cannot open admin pages or another 
 cannot reach this tenant's pages; CSRF-less posts are refused; no page, cookie or log line carries unmatched mail,
 tokens or codes.
 
-Screenshots of each page are written to a temporary folder; with O365SYNC_CONSOLE_SCREENSHOTS=<dir> (the repo keeps
+Screenshots of each page are written to a temporary folder; with CONSOLE_SCREENSHOTS=<dir> (the repo keeps
 them in docs/console/) they are written there."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def cw(tmp_path_factory):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs the machine's chromium (apt-get install -y chromium)")
 def test_the_whole_console_path_in_chromium(cw: ConsoleWorld, tmp_path: Path) -> None:
-    shots = Path(os.environ.get("O365SYNC_CONSOLE_SCREENSHOTS") or tmp_path / "shots")
+    shots = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     log = Captured()
     logging.getLogger().addHandler(log)
