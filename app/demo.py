@@ -218,22 +218,18 @@ def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None)
     raise ValueError(f"unknown CRM kind {crm_kind!r}")
 
 
-def register_and_connect(
-    settings,
-    running,
-    tenant,
-    web_port: int,
-    crm_kind: str = "salesforce",  # noqa: ANN001
+def register_simulated_tenant(
+    settings,  # noqa: ANN001
+    running,  # noqa: ANN001
+    tenant,  # noqa: ANN001
+    crm_kind: str = "salesforce",
     features: list[str] | None = None,
     explicit_consent: bool = False,
 ) -> None:
-    """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
-    `features` default: email only."""
-    from app.web import run_in_thread
-    from o365sync.http import ssl_context
+    """Register a simulated tenant (fresh: its earlier files are removed) with one of the simulated CRMs."""
     from o365sync.tenants import TenantConfig, save_tenant, tenant_dir
 
-    shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)  # a simulated tenant starts fresh
+    shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)
     connection, secrets = simulated_crm(running, tenant, crm_kind, tenant_dir(settings, tenant.tid) / "crm-files")
     save_tenant(
         settings,
@@ -248,6 +244,23 @@ def register_and_connect(
         ),
         secrets,
     )
+
+
+def register_and_connect(
+    settings,
+    running,
+    tenant,
+    web_port: int,
+    crm_kind: str = "salesforce",  # noqa: ANN001
+    features: list[str] | None = None,
+    explicit_consent: bool = False,
+) -> None:
+    """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
+    `features` default: email only."""
+    from app.web import run_in_thread
+    from o365sync.http import ssl_context
+
+    register_simulated_tenant(settings, running, tenant, crm_kind, features, explicit_consent)
     # One browser signs every user in from one address: let the per-address rate limit admit all of them.
     base_url, stop_web = run_in_thread(
         settings.model_copy(update={"connect_rate_limit": f"{max(30, len(tenant.users))}/minute"}), port=web_port

@@ -526,6 +526,23 @@ _pending = PendingSignIns()  # the default store of this process (the web app ke
 _warn_lock = threading.Lock()
 
 
+def _check_login_hint(login_hint: str | None) -> None:
+    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
+        raise InvalidLoginHint()
+
+
+def _start_flow(settings: Settings, scopes: list[str], **options: Any) -> dict[str, Any]:
+    """MSAL's auth-code flow (PKCE, nonce) with a fresh state, in query mode."""
+    with make_http_client(settings) as hc:
+        app = build_app(settings, None, hc)
+    with _warn_lock, warnings.catch_warnings():
+        # Query mode is deliberate: the flow lives server-side keyed by state, so no cookie is needed.
+        warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
+        return app.initiate_auth_code_flow(
+            scopes, redirect_uri=settings.redirect_uri, state=secrets.token_urlsafe(24), **options
+        )
+
+
 def begin_connect(
     settings: Settings,
     tenant_id: str,
@@ -540,19 +557,11 @@ def begin_connect(
     in the pending store. The MSAL flow (PKCE verifier, nonce) stays in this process, keyed by `state`."""
     store = _pending if pending is None else pending
     _safe(tenant_id, "tenant id")
-    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
-        raise InvalidLoginHint()
+    _check_login_hint(login_hint)
     scopes = scopes_for(features, explicit_consent)
     check_ready(settings, tenant_id)
     store.check_room(settings, tenant_id)
-    with make_http_client(settings) as hc:
-        app = build_app(settings, None, hc)
-    with _warn_lock, warnings.catch_warnings():
-        # Query mode is deliberate: the flow lives server-side keyed by state, so no cookie is needed.
-        warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
-        flow = app.initiate_auth_code_flow(
-            scopes, redirect_uri=settings.redirect_uri, login_hint=login_hint, state=secrets.token_urlsafe(24)
-        )
+    flow = _start_flow(settings, scopes, login_hint=login_hint)
     auth_uri = flow.pop("auth_uri")  # not needed after the redirect: keep only what the callback uses
     store.add(settings, flow, tenant_id, scopes)
     return auth_uri
@@ -832,20 +841,9 @@ class SignedIn:
 def begin_sign_in(settings: Settings, pending: PendingSignIns, login_hint: str | None = None) -> tuple[str, str]:
     """Start an OpenID Connect sign-in (auth code + PKCE, query mode); returns (URL for the browser, state). The flow
     stays server-side in `pending`, keyed by state (an MSAL flow does not fit a cookie next to a session)."""
-    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
-        raise InvalidLoginHint()
+    _check_login_hint(login_hint)
     pending.check_room(settings, SIGN_IN_KEY)
-    with make_http_client(settings) as hc:
-        app = build_app(settings, None, hc)
-    with _warn_lock, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
-        flow = app.initiate_auth_code_flow(
-            SIGN_IN_SCOPES,
-            redirect_uri=settings.redirect_uri,
-            state=secrets.token_urlsafe(24),
-            prompt=None if login_hint else "select_account",
-            login_hint=login_hint,
-        )
+    flow = _start_flow(settings, SIGN_IN_SCOPES, login_hint=login_hint, prompt=None if login_hint else "select_account")
     auth_uri = flow.pop("auth_uri")
     pending.add(settings, flow, SIGN_IN_KEY, SIGN_IN_SCOPES)
     return auth_uri, flow["state"]

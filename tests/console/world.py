@@ -11,12 +11,11 @@ from pathlib import Path
 
 import httpx
 
-from app.demo import simulated_crm
+from app.demo import register_simulated_tenant
 from app.web import run_in_thread
 from o365sync.auth import ADMIN_APP_ROLE
 from o365sync.http import ssl_context
 from o365sync.settings import Settings
-from o365sync.tenants import TenantConfig, save_tenant
 from simulators.identity import GLOBAL_ADMINISTRATOR
 from simulators.running import RunningWorld, start_world
 from simulators.world import SimUser, World, generate_world
@@ -84,19 +83,7 @@ def stand_up_console(tmp: Path, messages: int = 30, calendars: bool = False) -> 
         connect_rate_limit="1000/minute",
     )
     for tenant in world.tenants[:2]:
-        connection, secrets = simulated_crm(running, tenant, "salesforce")
-        save_tenant(
-            settings,
-            TenantConfig(
-                id=tenant.tid,
-                name=tenant.name,
-                domains=tenant.domains,
-                features=["email"],
-                crm_kind="salesforce",
-                crm=connection,
-            ),
-            secrets,
-        )
+        register_simulated_tenant(settings, running, tenant)
     running.identity.assign_app_role(world.tenants[0].users[0].oid, ADMIN_APP_ROLE)
     running.identity.assign_directory_role(world.tenants[1].users[0].oid, GLOBAL_ADMINISTRATOR)
     _, stop = run_in_thread(settings, sock=sock)
