@@ -86,12 +86,15 @@ def demo(
     messages: Annotated[int, typer.Option(help="Messages per mailbox.")] = 400,
     contacts: Annotated[int, typer.Option(help="CRM contacts.")] = 60,
     seed: Annotated[int, typer.Option(help="World seed.")] = 7,
+    keep_console: Annotated[
+        bool, typer.Option("--console", help="Then keep the world up and serve the web console until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Run the whole product against a simulated Microsoft 365 + Salesforce world."""
     _at_least_one(users=users, messages=messages, contacts=contacts)
     from app.demo import run_demo
 
-    run_demo(_settings().data_dir, seed, users, messages, contacts, console)
+    run_demo(_settings().data_dir, seed, users, messages, contacts, console, keep_console)
 
 
 @app.command()

@@ -57,7 +57,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int, console: Console) -> dict:
+def run_demo(
+    data_dir: Path, seed: int, users: int, messages: int, contacts: int, console: Console, keep_console: bool = False
+) -> dict:
     from o365sync.prefect_env import configure_prefect_env, prefect_home_for
     from o365sync.startup import make_new_files_private
 
@@ -73,9 +75,45 @@ def run_demo(data_dir: Path, seed: int, users: int, messages: int, contacts: int
     running = start_world(world, data_dir / "simulator-tls", redirect_uris=[redirect_uri])
     try:
         os.environ.update(running.settings_env(data_dir, redirect_uri))
-        return _demo_with_world(running, tenant, web_port, console, started)
+        result = _demo_with_world(running, tenant, web_port, console, started)
+        if keep_console:
+            serve_console(running, tenant, web_port, console)
+        return result
     finally:
         running.stop()
+
+
+def serve_console(running, tenant, web_port: int, console: Console) -> None:  # noqa: ANN001
+    """Keep the world up and serve `o365sync web` (the console) on the demo's port until Ctrl-C. The tenant's first
+    user is its administrator (app role O365Sync.Admin and Global Administrator); the others are reps."""
+    import threading
+
+    from app.import_trigger import import_starter
+    from app.web import run_in_thread
+    from o365sync.auth import ADMIN_APP_ROLE
+    from o365sync.settings import load_settings
+    from simulators.identity import GLOBAL_ADMINISTRATOR
+
+    admin = tenant.users[0]
+    # Who "is signed in at Microsoft": the sign-in link's login_hint, else the tenant's first user (the admin, who
+    # therefore also grants admin consent at the tenant's admin-consent URL).
+    running.identity.login_as(None)
+    running.identity.assign_app_role(admin.oid, ADMIN_APP_ROLE)
+    running.identity.assign_directory_role(admin.oid, GLOBAL_ADMINISTRATOR)
+    settings = load_settings()  # a connect starts the rep's import at once (in-process: the demo has no Prefect server)
+    _, stop = run_in_thread(settings, port=web_port, start_import=import_starter(settings))
+    base = f"http://localhost:{web_port}"
+    console.print(f"\n[bold]Console[/] {base}/  (the simulated Microsoft sign-in picks the account named below)")
+    console.print(f"  admin {admin.display_name}: {base}/signin?login_hint={admin.upn}", highlight=False)
+    for user in tenant.users[1:]:
+        console.print(f"  rep {user.display_name}: {base}/signin?login_hint={user.upn}", highlight=False)
+    console.print("Ctrl-C stops.")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
 
 
 def demo_world(seed: int, users: int, messages: int, contacts: int):  # noqa: ANN201
@@ -182,22 +220,18 @@ def simulated_crm(running, tenant, crm_kind: str, files_dir: Path | None = None)
     raise ValueError(f"unknown CRM kind {crm_kind!r}")
 
 
-def register_and_connect(
-    settings,
-    running,
-    tenant,
-    web_port: int,
-    crm_kind: str = "salesforce",  # noqa: ANN001
+def register_simulated_tenant(
+    settings,  # noqa: ANN001
+    running,  # noqa: ANN001
+    tenant,  # noqa: ANN001
+    crm_kind: str = "salesforce",
     features: list[str] | None = None,
     explicit_consent: bool = False,
 ) -> None:
-    """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
-    `features` default: email only."""
-    from app.web import run_in_thread
-    from o365sync.http import ssl_context
+    """Register a simulated tenant (fresh: its earlier files are removed) with one of the simulated CRMs."""
     from o365sync.tenants import TenantConfig, save_tenant, tenant_dir
 
-    shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)  # a simulated tenant starts fresh
+    shutil.rmtree(tenant_dir(settings, tenant.tid), ignore_errors=True)
     connection, secrets = simulated_crm(running, tenant, crm_kind, tenant_dir(settings, tenant.tid) / "crm-files")
     save_tenant(
         settings,
@@ -212,6 +246,23 @@ def register_and_connect(
         ),
         secrets,
     )
+
+
+def register_and_connect(
+    settings,
+    running,
+    tenant,
+    web_port: int,
+    crm_kind: str = "salesforce",  # noqa: ANN001
+    features: list[str] | None = None,
+    explicit_consent: bool = False,
+) -> None:
+    """Register a simulated tenant (fresh) and connect each of its users through our web endpoints + MSAL.
+    `features` default: email only."""
+    from app.web import run_in_thread
+    from o365sync.http import ssl_context
+
+    register_simulated_tenant(settings, running, tenant, crm_kind, features, explicit_consent)
     # One browser signs every user in from one address: let the per-address rate limit admit all of them.
     base_url, stop_web = run_in_thread(
         settings.model_copy(update={"connect_rate_limit": f"{max(30, len(tenant.users))}/minute"}), port=web_port

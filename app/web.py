@@ -1,6 +1,7 @@
 """The two connect endpoints a tenant admin sends users to: `GET /connect?tenant=<id>` (redirects to the
-Microsoft sign-in) and the OAuth redirect URI (default `/auth/callback`). Plain HTTP; put it behind TLS in
-production (Entra only allows http redirect URIs for localhost).
+Microsoft sign-in) and the OAuth redirect URI (default `/auth/callback`), plus the web console (app/console/,
+docs/CONSOLE.md), whose sign-ins and admin consents come back to the same redirect URI (told apart by `state`).
+Plain HTTP; put it behind TLS in production (Entra only allows http redirect URIs for localhost).
 
 Neither needs a login, so both are bounded: /connect is rate-limited per client address, the pending sign-ins are
 capped (per tenant and overall) and `login_hint` is bounded. People only ever read fixed sentences, one per case
@@ -34,6 +35,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.console import Console
+from app.console.security import Sessions
 from o365sync.auth import (
     CONFIG_ERRORS,
     TRANSIENT_ERRORS,
@@ -279,6 +282,7 @@ def create_app(
     tenant id, user id)` (app/import_trigger.py; None: nothing started) runs after each successful connect."""
     sign_ins = PendingSignIns() if pending is None else pending
     rate_limit = ConnectRateLimit(settings.connect_rate_limit)
+    console = Console(settings, rate_limit)
 
     # Sync endpoints: Starlette runs them in its thread pool, so MSAL's blocking I/O does not stall the loop.
     def connect(request: Request) -> Response:
@@ -307,11 +311,15 @@ def create_app(
         return RedirectResponse(url, status_code=302, headers=SECURITY_HEADERS)
 
     def callback(request: Request) -> Response:
+        if console.owns(request.query_params.get("state", "")):
+            return console.callback(request)  # a console sign-in or an admin consent
         try:
             user = complete_connect(settings, dict(request.query_params), pending=sign_ins)
         except AuthError as exc:
             return _failure(exc, getattr(exc, "tenant_id", ""))
         started = start_import(user.tenant_id, user.oid) if start_import else None  # never waits for the import
+        if console.same_user(request, user.tenant_id, user.oid):  # a rep who connected from the console
+            return RedirectResponse("/me?connected=1", status_code=303)  # /me shows the import's progress
         after = f" {started.line}" if started else ""
         return _page("Connected", f"Connected {user.display_name}. You can close this window.{after}")
 
@@ -328,8 +336,9 @@ def create_app(
             Route("/connect", connect, methods=["GET"]),
             Route(callback_path(settings), callback, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
+            *console.routes(),
         ],
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[Middleware(SecurityHeaders), Middleware(Sessions, settings=settings)],
         exception_handlers={Exception: internal_error},
     )
 

@@ -510,6 +510,12 @@ class PendingSignIns:
             self._entries[flow["state"]] = _Pending(flow, tenant_id, scopes, now + self.ttl_s)
             self._per_tenant[tenant_id] += 1
 
+    def holds(self, state: str) -> bool:
+        """Whether `state` is a sign-in of this store still in progress (the callback serves several stores)."""
+        with self._lock:
+            self._purge(time.monotonic())
+            return state in self._entries
+
     def pop(self, state: str) -> _Pending | None:
         with self._lock:
             self._purge(time.monotonic())
@@ -518,6 +524,23 @@ class PendingSignIns:
 
 _pending = PendingSignIns()  # the default store of this process (the web app keeps its own)
 _warn_lock = threading.Lock()
+
+
+def _check_login_hint(login_hint: str | None) -> None:
+    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
+        raise InvalidLoginHint()
+
+
+def _start_flow(settings: Settings, scopes: list[str], **options: Any) -> dict[str, Any]:
+    """MSAL's auth-code flow (PKCE, nonce) with a fresh state, in query mode."""
+    with make_http_client(settings) as hc:
+        app = build_app(settings, None, hc)
+    with _warn_lock, warnings.catch_warnings():
+        # Query mode is deliberate: the flow lives server-side keyed by state, so no cookie is needed.
+        warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
+        return app.initiate_auth_code_flow(
+            scopes, redirect_uri=settings.redirect_uri, state=secrets.token_urlsafe(24), **options
+        )
 
 
 def begin_connect(
@@ -534,19 +557,11 @@ def begin_connect(
     in the pending store. The MSAL flow (PKCE verifier, nonce) stays in this process, keyed by `state`."""
     store = _pending if pending is None else pending
     _safe(tenant_id, "tenant id")
-    if login_hint is not None and (len(login_hint) > MAX_LOGIN_HINT or not login_hint.isprintable()):
-        raise InvalidLoginHint()
+    _check_login_hint(login_hint)
     scopes = scopes_for(features, explicit_consent)
     check_ready(settings, tenant_id)
     store.check_room(settings, tenant_id)
-    with make_http_client(settings) as hc:
-        app = build_app(settings, None, hc)
-    with _warn_lock, warnings.catch_warnings():
-        # Query mode is deliberate: the flow lives server-side keyed by state, so no cookie is needed.
-        warnings.filterwarnings("ignore", message=".*form_post.*", category=UserWarning)
-        flow = app.initiate_auth_code_flow(
-            scopes, redirect_uri=settings.redirect_uri, login_hint=login_hint, state=secrets.token_urlsafe(24)
-        )
+    flow = _start_flow(settings, scopes, login_hint=login_hint)
     auth_uri = flow.pop("auth_uri")  # not needed after the redirect: keep only what the callback uses
     store.add(settings, flow, tenant_id, scopes)
     return auth_uri
@@ -566,6 +581,44 @@ def _refused_after_sign_in(settings: Settings, tenant_id: str, oid: str) -> Conn
     return None
 
 
+def _refuse_idp_error(auth_response: dict[str, str]) -> None:
+    """ConnectError if the identity platform answered with an error. Caller-chosen text: keep a well-formed OAuth
+    error name only, and from error_description only the codes (it may contain the UPN, AADSTS50020)."""
+    if auth_response.get("error"):
+        error = str(auth_response["error"])
+        raise ConnectError(
+            error if _OAUTH_ERROR.fullmatch(error) else "unrecognised_error",
+            [int(c) for c in _AADSTS.findall(auth_response.get("error_description", "")[:2048])][:8],
+        )
+
+
+def _redeem(
+    settings: Settings,
+    flow: dict[str, Any],
+    auth_response: dict[str, str],
+    cache: msal.SerializableTokenCache | None,
+    context: str,
+) -> dict[str, Any]:
+    """MSAL's redemption of the callback's code, its failures as our errors (`context` names whose)."""
+    try:
+        with make_http_client(settings) as hc:
+            result = build_app(settings, cache, hc).acquire_token_by_auth_code_flow(flow, auth_response)
+    except (requests.exceptions.RequestException, httpx.HTTPError) as exc:
+        raise AuthTransient(f"code redemption failed: {type(exc).__name__}") from exc
+    except MsalServiceError as exc:
+        raise AuthTransient(f"code redemption failed: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:  # state or nonce mismatch
+        raise ConnectError("invalid_response", (), type(exc).__name__) from exc
+    if "error" in result:
+        error = str(result["error"])
+        if error in CONFIG_ERRORS:
+            raise AuthConfigError(error, _codes_of(result), context)
+        if error in TRANSIENT_ERRORS:
+            raise AuthTransient(error, _codes_of(result))
+        raise ConnectError(error, _codes_of(result))
+    return result
+
+
 def complete_connect(
     settings: Settings, auth_response: dict[str, str], pending: PendingSignIns | None = None
 ) -> ConnectedUser:
@@ -576,32 +629,10 @@ def complete_connect(
     entry = store.pop(auth_response.get("state", ""))
     if entry is None:
         raise ConnectError("unknown_state", (), "sign-in link expired or already used; start again")
-    if auth_response.get("error"):
-        # Caller-chosen text: keep a well-formed OAuth error name only, and from error_description only the codes
-        # (it may contain the UPN, AADSTS50020).
-        error = str(auth_response["error"])
-        raise ConnectError(
-            error if _OAUTH_ERROR.fullmatch(error) else "unrecognised_error",
-            [int(c) for c in _AADSTS.findall(auth_response.get("error_description", "")[:2048])][:8],
-        )
+    _refuse_idp_error(auth_response)
     check_ready(settings, entry.tenant_id)
     cache = msal.SerializableTokenCache()
-    try:
-        with make_http_client(settings) as hc:
-            result = build_app(settings, cache, hc).acquire_token_by_auth_code_flow(entry.flow, auth_response)
-    except (requests.exceptions.RequestException, httpx.HTTPError) as exc:
-        raise AuthTransient(f"code redemption failed: {type(exc).__name__}") from exc
-    except MsalServiceError as exc:
-        raise AuthTransient(f"code redemption failed: {exc}") from exc
-    except (ValueError, RuntimeError) as exc:  # state or nonce mismatch
-        raise ConnectError("invalid_response", (), type(exc).__name__) from exc
-    if "error" in result:
-        error = str(result["error"])
-        if error in CONFIG_ERRORS:
-            raise AuthConfigError(error, _codes_of(result), f"tenant {entry.tenant_id}")
-        if error in TRANSIENT_ERRORS:
-            raise AuthTransient(error, _codes_of(result))
-        raise ConnectError(error, _codes_of(result))
+    result = _redeem(settings, entry.flow, auth_response, cache, f"tenant {entry.tenant_id}")
     claims = result.get("id_token_claims") or {}
     tid, oid = str(claims.get("tid", "")), str(claims.get("oid", ""))
     if not tid or not oid:
@@ -756,3 +787,151 @@ class TokenProvider:
         self._drop()
         self._sig = None
         raise ReconnectNeeded(self.tenant_id, self.oid, error, codes)
+
+
+# --------------------------------------------------------------------------- console sign-in and admin consent
+# Who is a tenant admin in the console: an app role of our registration assigned in the tenant's enterprise
+# application, or a directory role that may grant tenant-wide consent to delegated Graph permissions (template ids
+# are the same in every tenant): Global Administrator, Privileged Role Administrator, Cloud Application
+# Administrator, Application Administrator.
+ADMIN_APP_ROLE = "O365Sync.Admin"
+ADMIN_ROLE_TEMPLATES = frozenset(
+    {
+        "62e90394-69f5-4237-9190-012177145e10",
+        "e8611ab8-c189-46e8-94e1-60213ab1f814",
+        "158c047a-c907-4556-b7ef-446551a6b5f7",
+        "9b895d92-2cd3-44c7-9d02-a6ac2d5ea5c3",
+    }
+)
+SIGN_IN_SCOPES = ["User.Read"]
+SIGN_IN_KEY = "console-sign-in"  # the PendingSignIns bucket of console sign-ins (no tenant is known before)
+ADMIN_CONSENT_FILE = "admin_consent.json"
+_CLOCK_SKEW_S = 300
+
+
+class SignInRefused(ConnectError):
+    """A console sign-in whose ID token is not for us (audience, issuer) or whose tenant is not onboarded."""
+
+    action = "the user must sign in with a work account of an organisation registered with this service"
+
+    def __init__(self, reason: str, tenant_id: str = ""):
+        self.reason, self.tenant_id = reason, tenant_id
+        super().__init__(reason, (), f"console sign-in refused for tenant {tenant_id or '-'}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.reason, self.tenant_id))
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """Who signed in to the console, from a checked ID token."""
+
+    tenant_id: str
+    oid: str
+    upn: str
+    display_name: str
+    roles: tuple[str, ...] = ()
+    wids: tuple[str, ...] = ()
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_APP_ROLE in self.roles or bool(ADMIN_ROLE_TEMPLATES & set(self.wids))
+
+
+def begin_sign_in(settings: Settings, pending: PendingSignIns, login_hint: str | None = None) -> tuple[str, str]:
+    """Start an OpenID Connect sign-in (auth code + PKCE, query mode); returns (URL for the browser, state). The flow
+    stays server-side in `pending`, keyed by state (an MSAL flow does not fit a cookie next to a session)."""
+    _check_login_hint(login_hint)
+    pending.check_room(settings, SIGN_IN_KEY)
+    flow = _start_flow(settings, SIGN_IN_SCOPES, login_hint=login_hint, prompt=None if login_hint else "select_account")
+    auth_uri = flow.pop("auth_uri")
+    pending.add(settings, flow, SIGN_IN_KEY, SIGN_IN_SCOPES)
+    return auth_uri, flow["state"]
+
+
+def checked_identity(settings: Settings, claims: dict[str, Any], now: float | None = None) -> SignedIn:
+    """The signed-in user from ID token claims, after the checks MSAL >= 1.38 no longer makes: audience = our client
+    id, issuer names the token's tenant, not expired, tenant onboarded here. Raises SignInRefused otherwise."""
+    now = time.time() if now is None else now
+    tid, oid = str(claims.get("tid", "")).lower(), str(claims.get("oid", "")).lower()
+    if claims.get("aud") != settings.client_id:
+        raise SignInRefused("wrong_audience", tid)
+    if not tid or not oid or not _ID.fullmatch(tid) or not _ID.fullmatch(oid):
+        raise SignInRefused("invalid_id_token", tid)
+    if f"/{tid}/" not in str(claims.get("iss", "")).lower() + "/":
+        raise SignInRefused("wrong_issuer", tid)
+    if float(claims.get("exp", 0)) < now - _CLOCK_SKEW_S:
+        raise SignInRefused("expired_id_token", tid)
+    try:
+        load_tenant(settings, tid)
+    except TenantNotFound:
+        raise SignInRefused("tenant_not_onboarded", tid) from None
+    listed = lambda v: tuple(str(x) for x in v) if isinstance(v, list) else ()  # noqa: E731
+    return SignedIn(
+        tid,
+        oid,
+        str(claims.get("preferred_username") or claims.get("upn") or ""),
+        str(claims.get("name", "")),
+        listed(claims.get("roles")),
+        tuple(w.lower() for w in listed(claims.get("wids"))),
+    )
+
+
+def complete_sign_in(settings: Settings, auth_response: dict[str, str], pending: PendingSignIns) -> SignedIn:
+    """Redeem a console sign-in's code and check the ID token (`checked_identity`). No token is kept: the console
+    needs only who signed in."""
+    entry = pending.pop(auth_response.get("state", ""))
+    if entry is None or entry.tenant_id != SIGN_IN_KEY:
+        raise ConnectError("unknown_state", (), "sign-in expired or already used; start again")
+    _refuse_idp_error(auth_response)
+    result = _redeem(settings, entry.flow, auth_response, None, "console sign-in")
+    return checked_identity(settings, result.get("id_token_claims") or {})
+
+
+# Graph's resource identifier per national cloud (resource-qualified scopes name it, not a private endpoint).
+_GRAPH_RESOURCES = (
+    "graph.microsoft.com",
+    "graph.microsoft.us",
+    "dod-graph.microsoft.us",
+    "microsoftgraph.chinacloudapi.cn",
+)
+
+
+def graph_resource(settings: Settings) -> str:
+    """Graph's resource identifier for resource-qualified scopes: the national cloud's Graph host of
+    `settings.graph_url`, else the global one (a private or simulated endpoint stands in for global Graph)."""
+    host = httpx.URL(settings.graph_url).host
+    return f"https://{host if host in _GRAPH_RESOURCES else _GRAPH_RESOURCES[0]}"
+
+
+def admin_consent_url(settings: Settings, tenant_id: str, scopes: Iterable[str], state: str) -> str:
+    """The v2 admin-consent URL for `tenant_id` (never `common`), asking for `scopes` resource-qualified."""
+    resource = graph_resource(settings)
+    query = httpx.QueryParams(
+        {
+            "client_id": settings.client_id,
+            "scope": " ".join(f"{resource}/{s}" for s in scopes),
+            "redirect_uri": settings.redirect_uri,
+            "state": state,
+        }
+    )
+    return f"{settings.authority_url.rstrip('/')}/{_safe(tenant_id, 'tenant id')}/v2.0/adminconsent?{query}"
+
+
+def record_admin_consent(settings: Settings, tenant_id: str, scopes: Iterable[str], by_oid: str) -> dict:
+    """Remember that an admin of the tenant granted `scopes` tenant-wide (short form), when and who."""
+    info = {
+        "scopes": sorted({s.rsplit("/", 1)[-1] for s in scopes}),
+        "granted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "by": _safe(by_oid, "object id"),
+    }
+    _write_json(tenant_dir(settings, tenant_id) / ADMIN_CONSENT_FILE, info)
+    return info
+
+
+def admin_consent_info(settings: Settings, tenant_id: str) -> dict:
+    """The tenant's last recorded admin consent ({scopes, granted_at, by}), {} if none."""
+    try:
+        return json.loads((tenant_dir(settings, tenant_id) / ADMIN_CONSENT_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}

@@ -1,10 +1,15 @@
 """Microsoft identity platform (v2 endpoints) simulator: OIDC discovery, JWKS, /authorize with automatic
-sign-in and consent, and /token for the authorization-code and refresh-token grants.
+sign-in and consent, /token for the authorization-code and refresh-token grants, and the v2 admin-consent endpoint.
 
 Behaviour follows what MSAL Python needs and the Microsoft identity platform (v2) documents: HTTPS only (MSAL refuses
 http), single-use 10-minute codes, PKCE S256, nonce echoed into the id_token, refresh-token rotation where the old
 refresh token stays valid, Graph scopes echoed in short form without `offline_access`, and Entra-shaped error
 bodies. Test controls: `login_as`, `revoke`, `inject`, and the `token_requests` log (no secrets in it).
+
+Directory: app roles assigned per user (`assign_app_role`, the ID token's `roles`), directory roles by template id
+(`assign_directory_role`, the ID token's `wids`), a per-tenant switch that disables user consent
+(`set_tenant_policy(tid, user_consent=False)`: a user is refused with AADSTS90094 on /authorize and 65001 on /token
+until an admin granted the scopes tenant-wide at `/{tenant}/v2.0/adminconsent`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,30 @@ FAULT_KINDS = (
     "unavailable",
     "throttled",
     "access_denied",
+    "declined",
+)
+# Directory role template ids (the same in every tenant) of the roles that may grant tenant-wide consent to
+# delegated Graph permissions: Global Administrator, Privileged Role Administrator, Cloud Application
+# Administrator, Application Administrator.
+GLOBAL_ADMINISTRATOR = "62e90394-69f5-4237-9190-012177145e10"
+PRIVILEGED_ROLE_ADMINISTRATOR = "e8611ab8-c189-46e8-94e1-60213ab1f814"
+CLOUD_APPLICATION_ADMINISTRATOR = "158c047a-c907-4556-b7ef-446551a6b5f7"
+APPLICATION_ADMINISTRATOR = "9b895d92-2cd3-44c7-9d02-a6ac2d5ea5c3"
+CONSENT_GRANTING_ROLES = frozenset(
+    {GLOBAL_ADMINISTRATOR, PRIVILEGED_ROLE_ADMINISTRATOR, CLOUD_APPLICATION_ADMINISTRATOR, APPLICATION_ADMINISTRATOR}
+)
+# What `<resource>/.default` at the admin-consent endpoint grants: the registration's static permissions.
+STATIC_PERMISSIONS = (
+    "User.Read",
+    "Mail.Read",
+    "Calendars.Read",
+    "Calendars.ReadWrite",
+    "OnlineMeetings.ReadWrite",
+    "Team.ReadBasic.All",
+    "Channel.ReadBasic.All",
+    "ChannelMessage.Send",
+    "Chat.Create",
+    "ChatMessage.Send",
 )
 
 _MESSAGES = {
@@ -91,6 +120,7 @@ _MESSAGES = {
     500011: "The resource principal named {resource} was not found in the tenant named {tenant}.",
     70011: "The provided request must include a 'scope' input parameter.",
     65004: "User declined to consent to access the app.",
+    90094: "The grant requires admin permission.",
     50000: "There was an error issuing a token or an issue with our sign-in service.",
     90033: "A transient error has occurred. Please try again.",
     50196: "The server terminated an operation because it encountered a client request loop. Please contact "
@@ -198,6 +228,11 @@ class IdentitySimulator:
         # oid -> (RTs with a serial <= this are bad, AADSTS code, revoked at)
         self._revoked: dict[str, tuple[int, int, float]] = {}
         self._consents: dict[tuple[str, str], set[str]] = {}  # (oid, client_id) -> Graph permissions
+        self._admin_consents: dict[tuple[str, str], set[str]] = {}  # (tid, client_id) -> tenant-wide permissions
+        self._no_user_consent: set[str] = set()  # tids whose users may not consent themselves
+        self._app_roles: dict[str, set[str]] = {}  # oid -> app role values (the ID token's `roles`)
+        self._directory_roles: dict[str, set[str]] = {}  # oid -> role template ids (the ID token's `wids`)
+        self.admin_consent_requests: list[dict] = []
         self._faults: list[_Fault] = []
         self.token_requests: list[dict] = []  # one entry per POST /token; ids and outcomes only, no secrets
         self.authorize_requests: list[dict] = []
@@ -211,6 +246,7 @@ class IdentitySimulator:
                 ("GET", t + r"/oauth2/v2\.0/authorize", self._authorize),
                 ("POST", t + r"/oauth2/v2\.0/authorize", self._authorize),
                 ("POST", t + r"/oauth2/v2\.0/token", self._token),
+                ("GET", t + r"/v2\.0/adminconsent", self._admin_consent),
             ],
             port=port,
             name="identity-sim",
@@ -251,7 +287,8 @@ class IdentitySimulator:
 
     def inject(self, kind: str, grant_type: str = "refresh_token", count: int = 1, retry_after: int = 1) -> None:
         """Fail the next `count` requests of `grant_type` ("refresh_token", "authorization_code", "any" for
-        the token endpoint, or "authorize" for the sign-in leg with kind "access_denied")."""
+        the token endpoint, "authorize" for the sign-in leg with kind "access_denied", or "adminconsent" with kind
+        "declined")."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {FAULT_KINDS}")
         with self._lock:
@@ -274,10 +311,48 @@ class IdentitySimulator:
             else:
                 have.difference_update(scopes)
 
+    def assign_app_role(self, oid: str, value: str, assigned: bool = True) -> None:
+        """Assign (or remove) the app role `value` to a user in their tenant's enterprise application: it shows in
+        the `roles` claim of the user's next ID tokens."""
+        self.world.user(oid)  # StopIteration for an unknown user
+        with self._lock:
+            roles = self._app_roles.setdefault(oid, set())
+            roles.add(value) if assigned else roles.discard(value)
+
+    def assign_directory_role(self, oid: str, template_id: str, assigned: bool = True) -> None:
+        """Give (or take) a directory role by its template id: it shows in the `wids` claim."""
+        self.world.user(oid)
+        with self._lock:
+            wids = self._directory_roles.setdefault(oid, set())
+            wids.add(template_id) if assigned else wids.discard(template_id)
+
+    def set_tenant_policy(self, tid: str, user_consent: bool = True) -> None:
+        """`user_consent=False`: the tenant lets only administrators consent ("Do not allow user consent")."""
+        with self._lock:
+            self._no_user_consent.discard(tid) if user_consent else self._no_user_consent.add(tid)
+
+    def admin_consented_scopes(self, tid: str, client_id: str) -> set[str]:
+        with self._lock:
+            return set(self._admin_consents.get((tid, client_id), set()))
+
+    def revoke_admin_consent(self, tid: str, client_id: str) -> None:
+        with self._lock:
+            self._admin_consents.pop((tid, client_id), None)
+
+    def _can_grant_tenant_wide(self, oid: str) -> bool:
+        with self._lock:
+            return bool(self._directory_roles.get(oid, set()) & CONSENT_GRANTING_ROLES)
+
+    def _granted(self, user: SimUser | _RefreshToken | _Code, client_id: str) -> set[str]:
+        """The Graph permissions a user may get tokens for: their own consents and their tenant's admin consents."""
+        return self._consents.get((user.oid, client_id), set()) | self._admin_consents.get((user.tid, client_id), set())
+
     def _take_fault(self, grant_type: str) -> _Fault | None:
         with self._lock:
             for f in self._faults:
-                hit = f.grant_type == grant_type or (f.grant_type == "any" and grant_type != "authorize")
+                hit = f.grant_type == grant_type or (
+                    f.grant_type == "any" and grant_type not in ("authorize", "adminconsent")
+                )
                 if hit and f.remaining > 0:
                     f.remaining -= 1
                     if f.remaining == 0:
@@ -438,14 +513,9 @@ class IdentitySimulator:
             return self._error_page(90002, tenant=segment)
         client_id = p.get("client_id", "")
         redirect_uri = p.get("redirect_uri", "")
-        if not client_id:
-            return self._error_page(900144, param="client_id")
-        if self.clients is not None and client_id not in self.clients:
-            return self._error_page(700016, client_id=client_id, tenant=ref.tid or segment)
-        if not redirect_uri:
-            return self._error_page(900144, param="redirect_uri")
-        if self.clients is not None and redirect_uri not in self.clients[client_id][1]:
-            return self._error_page(50011, redirect_uri=redirect_uri, client_id=client_id)
+        bad_client = self._client_problem(client_id, redirect_uri, ref.tid or segment)
+        if bad_client is not None:
+            return bad_client
         state = p.get("state")
         response_mode = p.get("response_mode")
 
@@ -481,7 +551,18 @@ class IdentitySimulator:
         now = self.tokens.clock()
         code = "1.SIM-CODE." + secrets.token_urlsafe(48)
         with self._lock:
-            self._consents.setdefault((user.oid, client_id), set()).update(graph)  # auto-consent
+            needs_admin = user.tid in self._no_user_consent and not self._can_grant_tenant_wide(user.oid)
+            if needs_admin and not set(graph) <= self._granted(user, client_id):
+                refused = True
+            else:
+                refused = False
+                if not needs_admin:
+                    self._consents.setdefault((user.oid, client_id), set()).update(graph)  # auto-consent
+        if refused:
+            # Entra shows its "Need admin approval" page; with no admin-consent workflow the user's way back to the
+            # app is this error (UNVERIFIED: the exact error name on the redirect).
+            return error_redirect("access_denied", 90094)
+        with self._lock:
             self._codes[code] = _Code(
                 client_id=client_id,
                 redirect_uri=redirect_uri,
@@ -505,6 +586,67 @@ class IdentitySimulator:
             params["state"] = state
         params["session_state"] = str(uuid.uuid5(uuid.NAMESPACE_OID, user.oid))
         return self._redirect(redirect_uri, params, response_mode)
+
+    def _client_problem(self, client_id: str, redirect_uri: str, tenant: str) -> Response | None:
+        """Entra's error page (no redirect) for an unknown client or an unregistered redirect URI."""
+        if not client_id:
+            return self._error_page(900144, param="client_id")
+        if self.clients is not None and client_id not in self.clients:
+            return self._error_page(700016, client_id=client_id, tenant=tenant)
+        if not redirect_uri:
+            return self._error_page(900144, param="redirect_uri")
+        if self.clients is not None and redirect_uri not in self.clients[client_id][1]:
+            return self._error_page(50011, redirect_uri=redirect_uri, client_id=client_id)
+        return None
+
+    # ----------------------------------------------------------------- admin consent (v2)
+    def _admin_consent(self, req: Request) -> Response:
+        """`GET /{tenant}/v2.0/adminconsent?client_id&scope&redirect_uri&state`: the signed-in administrator grants
+        the scopes for the whole tenant. Success: `admin_consent=True&tenant=<tid>&scope=...&state=...`; a declined
+        grant (fault "declined") `error=consent_required` (AADSTS65004); a user whose directory roles cannot grant
+        tenant-wide consent `error=permission_denied` (UNVERIFIED: Entra shows its own page to such a user)."""
+        assert req.match is not None
+        p = dict(req.query)
+        segment = req.match["tenant"]
+        ref = self._resolve_tenant(segment)
+        if ref is None or segment.lower() == "common":  # the v2 endpoint refuses `common`
+            return self._error_page(90002, tenant=segment)
+        client_id, redirect_uri = p.get("client_id", ""), p.get("redirect_uri", "")
+        bad_client = self._client_problem(client_id, redirect_uri, ref.tid or segment)
+        if bad_client is not None:
+            return bad_client
+        state = p.get("state")
+
+        def back(params: dict[str, str]) -> Response:
+            return self._redirect(redirect_uri, {**params, **({"state": state} if state is not None else {})}, None)
+
+        def error(name: str, code: int, **fmt: str) -> Response:
+            body = self._error_body(name, code, req, client_id=client_id, **fmt)
+            return back({"admin_consent": "True", "error": name, "error_description": body["error_description"]})
+
+        graph, _, other = split_scopes(p.get("scope", ""))
+        if not graph or other:
+            return error("invalid_request", 70011)
+        if ".default" in graph:
+            graph = [s for s in graph if s != ".default"] + list(STATIC_PERMISSIONS)
+        user = self._pick_user(p.get("login_hint"), ref)
+        if user is None:
+            return error("invalid_request", 50020, upn="(none)", user_tid="-", tenant=segment)
+        if ref.tid is not None and user.tid != ref.tid:
+            return error("invalid_request", 50020, upn=user.upn, user_tid=user.tid, tenant=ref.tid)
+        entry = {"at": self.tokens.clock(), "tenant": segment, "client_id": client_id, "oid": user.oid}
+        fault = self._take_fault("adminconsent")
+        if fault is not None and fault.kind == "declined":
+            self.admin_consent_requests.append({**entry, "outcome": "declined"})
+            return error("consent_required", 65004)
+        if not self._can_grant_tenant_wide(user.oid):
+            self.admin_consent_requests.append({**entry, "outcome": "permission_denied"})
+            return back({"error": "permission_denied", "error_description": "The admin canceled the request"})
+        with self._lock:
+            self._admin_consents.setdefault((user.tid, client_id), set()).update(graph)
+            self.admin_consent_requests.append({**entry, "outcome": "granted", "scope": " ".join(graph)})
+        scope = " ".join(f"{GRAPH_RESOURCES[0]}/{s}" for s in dict.fromkeys(graph))
+        return back({"admin_consent": "True", "tenant": user.tid, "scope": scope})
 
     def _pick_user(self, login_hint: str | None, ref: _TenantRef) -> SimUser | None:
         """login_hint if it names a user, else the user set by login_as, else the authority's first user."""
@@ -674,7 +816,7 @@ class IdentitySimulator:
             problem = self._scope_problem(req, other, ref.tid or ref.segment)
             if problem is not None:
                 return problem
-            consented = self._consents.get((code.oid, client_id), set())
+            consented = self._granted(code, client_id)
             if ".default" in graph:
                 graph = sorted(consented) or ["User.Read"]
             missing = [s for s in graph if s not in consented]
@@ -741,7 +883,7 @@ class IdentitySimulator:
             problem = self._scope_problem(req, other, ref.tid or ref.segment)
             if problem is not None:
                 return problem
-            consented = self._consents.get((rt.oid, client_id), set())
+            consented = self._granted(rt, client_id)
             if not graph or ".default" in graph:
                 graph = sorted(consented) or ["User.Read"]
             missing = [s for s in graph if s not in consented]
@@ -795,6 +937,13 @@ class IdentitySimulator:
                 claims.update(oid=user.oid, name=user.display_name, preferred_username=user.upn)
             if "email" in oidc:
                 claims["email"] = user.upn
+            with self._lock:
+                roles = sorted(self._app_roles.get(user.oid, ()))
+                wids = sorted(self._directory_roles.get(user.oid, ()))
+            if roles:
+                claims["roles"] = roles
+            if wids:  # UNVERIFIED in ID tokens: Entra documents `wids` for access tokens (groupMembershipClaims)
+                claims["wids"] = wids
             if nonce is not None:
                 claims["nonce"] = nonce
             if auth_time is not None:

@@ -54,6 +54,7 @@ TABLE: dict[str, tuple[bool, str]] = {
     "TenantGone": (False, ACTION_NEEDED),
     "UserOffboarded": (False, ACTION_NEEDED),
     "InvalidLoginHint": (False, ACTION_NEEDED),
+    "SignInRefused": (False, ACTION_NEEDED),
     "ConnectSetupError": (False, ACTION_NEEDED),
     "SignInsBusy": (True, FAILED),
     "TeamsError": (True, FAILED),
