@@ -49,6 +49,8 @@ from import_vs_dlt import (
     bench_parser,
     build_world,
     fail,
+    limits_off_env,
+    parse_with_quick,
     run_child,
     run_medians,
     write_json,
@@ -207,9 +209,11 @@ class LimitsHarness(Harness):
             if (g.max_in_flight, g.budget_requests, g.budget_window_s) != (4, 10_000, 600.0):
                 fail(f"simulator limits are not Outlook's: {g.max_in_flight}, {g.budget_requests}, {g.budget_window_s}")
             g.latency_s = self.args.latency_ms / 1000
+            self.env.pop("O365SYNC_GRAPH_REQUEST_BUDGET", None)  # the product's own budget, as configured
         else:
             g.max_in_flight = 10**9
             g.budget_requests = None
+            limits_off_env(self.env)
 
     # ---------------------------------------------------------------- runs
     def stored_matches(self, db: str, product: bool) -> dict[str, frozenset[str]]:
@@ -441,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with the limits on"
     )
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
-    args = p.parse_args(argv)
+    args = parse_with_quick(p, argv, messages=3000, contacts=600, reps=1, crm_share=0.5)
     # what import_vs_dlt's Harness reads
     args.no_widen, args.ours_page_size, args.listing_page_size, args.no_listing_ref = False, 0, 1000, True
     if args.reps < 1 or args.limits_reps < 1 or not 0 < args.crm_share <= 1:
@@ -479,13 +483,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile_out:
                 shutil.copyfile(profile, args.profile_out)
         bench_s = time.perf_counter() - started
-        print("\n" + render(h, part_a, part_b, bench_s))
+        text = render(h, part_a, part_b, bench_s)
+        print("\n" + text)
         if profile:
             import pstats
 
             print("\nTop of the ours-child profile, limits on (cumulative):")
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(35)
-        write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s)
+        write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s, report=text)
     finally:
         h.close(keep=args.keep)
     return 0
