@@ -1,7 +1,7 @@
 """Benchmark: the initial import of one 100k-message mailbox under Graph's limits, against the minimum those limits
 allow; and the same import with the limits off, side by side with a plain-Python baseline.
 
-    uv run --group bench python bench/import_under_limits.py [--messages 100000] [--latency-ms 50] [--reps 3]
+    uv run --group bench python bench/import_under_limits.py [--messages 100000] [--latency-ms 50] [--reps 3] [--quick]
 
 Setup (parent, untimed; `Harness` from import_vs_dlt.py): one tenant, one user with >= --messages messages, an open
 opportunity older than the whole history so the scan window covers every message, then the CRM is cut down to a
@@ -18,7 +18,8 @@ A. Limits on: the Graph simulator with Outlook's real limits (4 concurrent reque
        T_min = max(critical path, N x L / 4, budget bound)
    (see `limits_model`), reported with actual / T_min. Checks: store == World.expected_matches (ids and CRM links),
    simulator peak in flight <= 4, 429s by cause, Retry-After violations.
-B. Limits off: latency 0, no concurrency cap, no budget. ours (`sync_mailbox_now`) and naive (bench/_child_naive.py:
+B. Limits off: latency 0, no concurrency cap, no budget (the simulator's, and the client's own:
+   `O365SYNC_GRAPH_REQUEST_BUDGET=0`). ours (`sync_mailbox_now`) and naive (bench/_child_naive.py:
    requests + json + dict matching + one GET per matched body + DuckDB executemany) in rotating order, medians of
    --reps; both must end with exactly the ground-truth matched set.
 One untimed run of ours (limits off) first warms the simulator's per-message JSON caches for both parts.

@@ -1,6 +1,6 @@
 """Benchmark: the product's import of one big mailbox against the strongest dlt peer, same run, same mailbox.
 
-    uv run --group bench python bench/import_vs_dlt.py [--messages 50000] [--reps 3]
+    uv run --group bench python bench/import_vs_dlt.py [--messages 50000] [--reps 3] [--quick]
 
 This (parent) process generates a one-tenant, one-user world, starts the simulators (identity, Graph, Salesforce on
 loopback HTTPS) and hosts them for the whole run, registers the tenant and connects the user through our real web
