@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         failed: list[str] = []
         if src is None:
             src = Path(tmp)
-            failed = [n for n, s in run_all(src).items() if not s["ok"]]
+            status = run_all(src)
+            for name, s in status.items():
+                print(f"  {name:<24} {s['wall_s']:7.1f} s  {'ok' if s['ok'] else 'FAILED: ' + s['why']}")
+            failed = [n for n, s in status.items() if not s["ok"]]
         results = {f.stem: json.loads(f.read_text()) for f in sorted(src.glob("*.json"))}
     if not results:
         raise SystemExit(f"no benchmark JSON in {src}")
