@@ -2,7 +2,7 @@
 (`o365sync.store.publish_snapshot`) against store size, and the file sizes around a 1 % deletion.
 
     uv run --group bench python bench/compaction.py [--sizes 100000,1000000] [--reps 3] [--big-reps 1]
-        [--body-words 300] [--keep DIR]
+        [--body-words 300] [--keep DIR] [--json out.json] [--quick]
 
 For each size N (activities = emails + meetings; 85 % emails, 15 % meetings) a tenant store is created through
 `open_store` (the real schema) in a scratch data directory and filled with synthetic rows written by DuckDB SQL:
@@ -15,7 +15,8 @@ a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians
    republish inside every `compact_store` call (the same function), all in one median;
 2. `compact_store` (its compaction part: copy of the live store into a new file + replace; it also republishes the
    snapshot, reported as "compact + publish");
-3. sizes: the live store as built; after DELETE of 1 % of the activities (whole conversations / meetings, with their
+3. a plain copy of the live store file + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
+4. sizes: the live store as built; after DELETE of 1 % of the activities (whole conversations / meetings, with their
    participants and matches) + CHECKPOINT — DuckDB keeps the bytes, so the file does not shrink; after
    `compact_store` — the deleted rows' bytes are gone with the old file.
 
@@ -25,11 +26,15 @@ Prints one table; the numbers recorded in docs/benchmarks.md ("Compaction and pu
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from import_vs_dlt import parse_with_quick, write_json
 
 from o365sync.erasure import compact_store
 from o365sync.settings import Settings
@@ -152,6 +157,15 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     built_s = time.perf_counter() - t
     size_built = store_path(settings, TENANT).stat().st_size
     print(f"  built {n:,} activities in {built_s:.1f} s: {counts}, {mb(size_built)} MB", flush=True)
+    copy = []  # the bound publish and compaction are compared with: a plain copy of the store file + fsync
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst = root / "copy.duckdb"
+        shutil.copyfile(store_path(settings, TENANT), dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+        copy.append(time.perf_counter() - t)
+        dst.unlink()
     publish = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -180,6 +194,7 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
         "built_s": built_s,
         "size_built": size_built,
         "size_compacted": size_compacted,
+        "copy_s": statistics.median(copy),
         "publish_s": statistics.median(publish),
         "compact_s": statistics.median(compact),
         "compact_publish_s": statistics.median(compact_total),
@@ -198,14 +213,15 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--reps", type=int, default=3, help="reps below 1M activities")
     ap.add_argument("--big-reps", type=int, default=1, help="reps at 1M activities and more")
     ap.add_argument("--body-words", type=int, default=300)
     ap.add_argument("--keep", type=Path, help="scratch directory to keep (default: a temporary one, removed)")
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path, help="write the raw results as JSON here")
+    args = parse_with_quick(ap, argv, sizes="20000", reps=1)
     root = args.keep or Path(tempfile.mkdtemp(prefix="o365sync-bench-compaction-"))
     rows = []
     try:
@@ -215,20 +231,24 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print()
-    print(
+    lines = [
         "| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
         "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
-        "compaction after the delete s |"
-    )
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        "compaction after the delete s | file copy + fsync s | publish / copy | compaction / copy |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
-        print(
+        lines.append(
             f"| {r['n']:,} | {r['rows']:,} | {mb(r['size_compacted'])} | {r['publish_s']:.2f} | "
             f"{r['compact_s']:.2f} | {r['compact_publish_s']:.2f} | {r['deleted']:,} | {mb(r['size_deleted'])} | "
-            f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} |"
+            f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} | {r['copy_s']:.2f} | "
+            f"{r['publish_s'] / r['copy_s']:.1f}x | {r['compact_s'] / r['copy_s']:.1f}x |"
         )
+    text = "\n".join(lines)
+    print("\n" + text)
+    write_json(args, rows=rows, report=text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

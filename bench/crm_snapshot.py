@@ -46,7 +46,15 @@ CHILD = BENCH / "_crm_child.py"
 KINDS = ("salesforce", "hubspot", "pipedrive", "files", "files-parquet")
 sys.path.insert(0, str(REPO))
 
-from import_vs_dlt import _cpu_model, _self_rss_mb, bench_parser, fail, run_script, write_json  # noqa: E402
+from import_vs_dlt import (  # noqa: E402
+    _cpu_model,
+    _self_rss_mb,
+    bench_parser,
+    fail,
+    parse_with_quick,
+    run_script,
+    write_json,
+)
 
 
 def _versions() -> str:
@@ -378,16 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         default=25_000,
         help="messages matched page by page (default 25000: 50 pages of 500)",
     )
-    p.add_argument("--quick", action="store_true", help="smoke size: 20k contacts, 2k accounts, 20k messages")
     p.add_argument("--no-floor", action="store_true", help="skip the raw httpx transport floor")
     p.add_argument(
         "--stock-pipedrive",
         action="store_true",
         help="serve Pipedrive with the stock simulator (O(records) per page: hours at 1M)",
     )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.contacts, args.accounts, args.messages = 20_000, 2_000, 20_000
+    args = parse_with_quick(
+        p, argv, contacts=20_000, accounts=2_000, messages=20_000, page_messages=5_000, reps=1, fetch_reps=1
+    )
     args.leads = args.contacts // 20 if args.leads is None else args.leads
     args.opportunities = args.accounts // 5 if args.opportunities is None else args.opportunities
     args.crm = [k.strip() for k in args.crm.split(",") if k.strip()]
@@ -400,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         results = b.run()
         text = render(b, results, time.perf_counter() - started)
         print("\n" + text)
-        write_json(args, results=results)
+        write_json(args, results=results, report=text)
     finally:
         if args.keep:
             print(f"work dir kept: {b.work}")

@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--cycles", type=int, default=1, help="cycles on the same setup; after the first: quiet")
+    parser.add_argument("--json", type=Path, help="write the run's arguments, machine and outcome as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
         args.tenants, args.mailboxes, args.new, args.messages, args.limit = 2, 2, 3, 10, 2
@@ -419,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_prefect_env()
     try:
-        return run(args, work)
+        rc = run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    from import_vs_dlt import write_json
+
+    write_json(args, exit_status=rc)
+    return rc
 
 
 def run(args: argparse.Namespace, work: Path) -> int:

@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--observe", type=float, default=120.0, help="seconds of CPU observation per phase")
     parser.add_argument("--settle", type=float, default=600.0, help="max seconds to wait for the scheduler's fill")
     parser.add_argument("--sample", type=int, default=100, help="deployments/runs timed one after the other")
+    parser.add_argument("--json", type=Path, help="write the run's arguments, machine and measures as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
         args.tenants, args.observe, args.settle, args.sample = 10, 5.0, 60.0, 10
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = b["runs after re-dispatch"] == args.tenants
     if not ok:
         print("FAIL: re-dispatching the same window created runs")
+    from import_vs_dlt import write_json
+
+    write_json(args, results=results)
     return 0 if ok else 1
 
 

@@ -1,7 +1,7 @@
 """Benchmark: the initial import of one 100k-message mailbox under Graph's limits, against the minimum those limits
 allow; and the same import with the limits off, side by side with a plain-Python baseline.
 
-    uv run --group bench python bench/import_under_limits.py [--messages 100000] [--latency-ms 50] [--reps 3]
+    uv run --group bench python bench/import_under_limits.py [--messages 100000] [--latency-ms 50] [--reps 3] [--quick]
 
 Setup (parent, untimed; `Harness` from import_vs_dlt.py): one tenant, one user with >= --messages messages, an open
 opportunity older than the whole history so the scan window covers every message, then the CRM is cut down to a
@@ -18,7 +18,8 @@ A. Limits on: the Graph simulator with Outlook's real limits (4 concurrent reque
        T_min = max(critical path, N x L / 4, budget bound)
    (see `limits_model`), reported with actual / T_min. Checks: store == World.expected_matches (ids and CRM links),
    simulator peak in flight <= 4, 429s by cause, Retry-After violations.
-B. Limits off: latency 0, no concurrency cap, no budget. ours (`sync_mailbox_now`) and naive (bench/_child_naive.py:
+B. Limits off: latency 0, no concurrency cap, no budget (the simulator's, and the client's own:
+   `O365SYNC_GRAPH_REQUEST_BUDGET=0`). ours (`sync_mailbox_now`) and naive (bench/_child_naive.py:
    requests + json + dict matching + one GET per matched body + DuckDB executemany) in rotating order, medians of
    --reps; both must end with exactly the ground-truth matched set.
 One untimed run of ours (limits off) first warms the simulator's per-message JSON caches for both parts.
@@ -49,6 +50,8 @@ from import_vs_dlt import (
     bench_parser,
     build_world,
     fail,
+    limits_off_env,
+    parse_with_quick,
     run_child,
     run_medians,
     write_json,
@@ -207,9 +210,11 @@ class LimitsHarness(Harness):
             if (g.max_in_flight, g.budget_requests, g.budget_window_s) != (4, 10_000, 600.0):
                 fail(f"simulator limits are not Outlook's: {g.max_in_flight}, {g.budget_requests}, {g.budget_window_s}")
             g.latency_s = self.args.latency_ms / 1000
+            self.env.pop("O365SYNC_GRAPH_REQUEST_BUDGET", None)  # the product's own budget, as configured
         else:
             g.max_in_flight = 10**9
             g.budget_requests = None
+            limits_off_env(self.env)
 
     # ---------------------------------------------------------------- runs
     def stored_matches(self, db: str, product: bool) -> dict[str, frozenset[str]]:
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with the limits on"
     )
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
-    args = p.parse_args(argv)
+    args = parse_with_quick(p, argv, messages=3000, contacts=600, reps=1, crm_share=0.5)
     # what import_vs_dlt's Harness reads
     args.no_widen, args.ours_page_size, args.listing_page_size, args.no_listing_ref = False, 0, 1000, True
     if args.reps < 1 or args.limits_reps < 1 or not 0 < args.crm_share <= 1:
@@ -479,13 +484,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile_out:
                 shutil.copyfile(profile, args.profile_out)
         bench_s = time.perf_counter() - started
-        print("\n" + render(h, part_a, part_b, bench_s))
+        text = render(h, part_a, part_b, bench_s)
+        print("\n" + text)
         if profile:
             import pstats
 
             print("\nTop of the ours-child profile, limits on (cumulative):")
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(35)
-        write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s)
+        write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s, report=text)
     finally:
         h.close(keep=args.keep)
     return 0

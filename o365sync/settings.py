@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     graph_page_size: int = 500
     max_requests_per_mailbox: int = 4
     # Outlook allows 10,000 requests per 10 minutes per app and mailbox; keep headroom (we count on send, Graph
-    # counts on arrival, and retries count too).
-    graph_request_budget: int = 9500
+    # counts on arrival, and retries count too). 0 switches the client's own budget off (only for a Graph without
+    # that limit, e.g. the simulator in a limits-off benchmark; Graph itself then answers 429 + Retry-After).
+    graph_request_budget: int = Field(default=9500, ge=0)
     # CRM refreshes: incremental from the last modification seen minus this overlap (clock skew, equal
     # timestamps, search indexing lag), and a full re-read this often to drop records deleted without a trace.
     crm_refresh_overlap_minutes: int = 10
@@ -58,6 +59,11 @@ class Settings(BaseSettings):
     # Per client address (the socket peer, or X-Forwarded-For from a trusted proxy; IPv6 per /64), in the notation
     # of the `limits` package, e.g. "30/minute" or "30/minute;300/hour".
     connect_rate_limit: str = "30/minute"
+
+    @property
+    def graph_budget(self) -> int | None:
+        """The per-mailbox request budget for `GraphClient` (requests per 10 minutes), None when switched off (0)."""
+        return self.graph_request_budget or None
 
     @field_validator("connect_rate_limit")
     @classmethod

@@ -30,7 +30,7 @@ def user_graph_client(
             settings.graph_url,
             provider,
             max_in_flight=settings.max_requests_per_mailbox,
-            budget=settings.graph_request_budget,
+            budget=settings.graph_budget,
             allow=allow,
             max_pages=max_pages,
         )

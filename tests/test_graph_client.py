@@ -677,7 +677,11 @@ class FakeClock:
 
 
 def _counting_client(
-    clock: FakeClock, sent: list[tuple[float, int]], budget: int, window: float, statuses: list[int] | None = None
+    clock: FakeClock,
+    sent: list[tuple[float, int]],
+    budget: int | None,
+    window: float,
+    statuses: list[int] | None = None,
 ) -> GraphClient:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/$batch"):
@@ -744,6 +748,25 @@ def test_budget_default_is_outlooks_limit_and_can_be_lowered_or_disabled() -> No
     assert clock.sleeps == []
     with pytest.raises(ValueError):
         GraphClient(http, "https://graph.test/v1.0", lambda f: "t", budget=0)
+
+
+def test_budget_setting_zero_switches_the_clients_budget_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from o365sync.settings import Settings
+
+    assert Settings(_env_file=None).graph_budget == 9500  # on unless asked
+    monkeypatch.setenv("O365SYNC_GRAPH_REQUEST_BUDGET", "0")
+    off = Settings(_env_file=None)
+    assert off.graph_budget is None
+    clock, sent = FakeClock(), []
+    client = _counting_client(clock, sent, budget=off.graph_budget, window=600.0)
+    for _ in range(40):
+        client.get("me")
+    assert client.budget is None and client.budget_used() == 0 and clock.sleeps == [] and len(sent) == 40
+    monkeypatch.setenv("O365SYNC_GRAPH_REQUEST_BUDGET", "-1")
+    with pytest.raises(ValidationError, match="graph_request_budget"):
+        Settings(_env_file=None)
 
 
 def test_budget_is_shared_by_threads() -> None:
