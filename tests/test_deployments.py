@@ -31,6 +31,7 @@ from deployments.schedules import (
     schedule_offset_s,
 )
 from deployments.serve import describe
+from deployments.user_import import user_import_deployments
 from o365sync.settings import load_settings
 from o365sync.tenants import TenantConfig, save_tenant
 
@@ -393,12 +394,13 @@ def test_local_server_registers_the_deployments_and_cancels_overlapping_syncs(tm
     assert not _alive(pid), "the local Prefect server outlived ensure_prefect_api"
 
 
-def test_the_readme_lists_every_deployment_serve_builds(every_deployment):
+def test_the_readme_lists_every_deployment_serve_builds(every_deployment, settings):
     tid, built = every_deployment
     readme = (ROOT / "README.md").read_text()
     section = " ".join(readme[readme.index("## Running on a schedule") :].split())
-    kinds = [d.name.removesuffix(f"-{tid}") for d in built]
-    assert len(kinds) == 5 and "five Prefect deployments per tenant" in section
+    on_demand = user_import_deployments(settings, flow=_email_flow())  # `serve` adds them to the five
+    kinds = [d.name.removesuffix(f"-{tid}") for d in built + on_demand]
+    assert len(kinds) == 6 and "six Prefect deployments per tenant" in section
     for kind in kinds:
         assert f"`{kind}/{kind}-<tenant-id>`" in section
     assert "the two deployments" not in section
