@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
-from simulators.server import Request, Response, SimServer
+from simulators.server import OnServer, Request, Response, SimServer
 from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority, b64url
 from simulators.world import SimTenant, SimUser, World
@@ -204,7 +204,7 @@ def split_scopes(raw: str) -> tuple[list[str], list[str], list[str]]:
     return graph, oidc, other
 
 
-class IdentitySimulator:
+class IdentitySimulator(OnServer):
     """Entra ID (v2) on https://127.0.0.1:<port>; users and tenants come from `world`."""
 
     def __init__(
@@ -237,7 +237,7 @@ class IdentitySimulator:
         self.token_requests: list[dict] = []  # one entry per POST /token; ids and outcomes only, no secrets
         self.authorize_requests: list[dict] = []
         t = r"/(?P<tenant>[^/]+)"
-        self._server = SimServer(
+        self.server = SimServer(
             tls,
             [
                 ("GET", t + r"/v2\.0/\.well-known/openid-configuration", self._openid_configuration),
@@ -251,26 +251,13 @@ class IdentitySimulator:
             port=port,
             name="identity-sim",
         )
-        self.base_url = self._server.base_url
-        self.port = self._server.port
+        self.base_url = self.server.base_url
+        self.port = self.server.port
 
     # ----------------------------------------------------------------- lifecycle
     @property
     def authority(self) -> str:
         return f"{self.base_url}/organizations"
-
-    def start(self) -> IdentitySimulator:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> IdentitySimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- test controls
     def login_as(self, oid: str | None) -> None:
