@@ -1,4 +1,4 @@
-"""A bounded poll: the one wait loop of the deployment helpers (Prefect server start-up, shard drains)."""
+"""A bounded poll: the one wait loop of the deployment helpers (Prefect server and PostgreSQL start-up, drains)."""
 
 from __future__ import annotations
 
