@@ -74,6 +74,12 @@ def _at_least_one(**counts: int) -> None:
             raise BadInput(f"--{name} must be at least 1 (got {value})", 2)
 
 
+# The simulated world's size, shared by `demo` and `simulate`.
+Messages = Annotated[int, typer.Option(help="Messages per mailbox.")]
+Contacts = Annotated[int, typer.Option(help="CRM contacts.")]
+Seed = Annotated[int, typer.Option(help="World seed.")]
+
+
 def _port(value: int, option: str) -> int:
     if not 1 <= value <= 65535:
         raise BadInput(f"{option} must be a TCP port between 1 and 65535 (got {value})", 2)
@@ -83,9 +89,9 @@ def _port(value: int, option: str) -> int:
 @app.command()
 def demo(
     users: Annotated[int, typer.Option(help="Users (mailboxes) in the demo tenant.")] = 3,
-    messages: Annotated[int, typer.Option(help="Messages per mailbox.")] = 400,
-    contacts: Annotated[int, typer.Option(help="CRM contacts.")] = 60,
-    seed: Annotated[int, typer.Option(help="World seed.")] = 7,
+    messages: Messages = 400,
+    contacts: Contacts = 60,
+    seed: Seed = 7,
     keep_console: Annotated[
         bool, typer.Option("--console", help="Then keep the world up and serve the web console until Ctrl-C.")
     ] = False,
@@ -100,9 +106,9 @@ def demo(
 @app.command()
 def simulate(
     users: Annotated[int, typer.Option(help="Users per tenant.")] = 3,
-    messages: Annotated[int, typer.Option(help="Messages per mailbox.")] = 400,
-    contacts: Annotated[int, typer.Option(help="CRM contacts.")] = 60,
-    seed: Annotated[int, typer.Option(help="World seed.")] = 7,
+    messages: Messages = 400,
+    contacts: Contacts = 60,
+    seed: Seed = 7,
     web_port: Annotated[int, typer.Option(help="Port `o365sync web` will use (for the redirect URI).")] = 8400,
 ) -> None:
     """Start the demo's simulated world (mail, calendars, Teams, CRMs) and print the settings and the

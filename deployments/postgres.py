@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.polling import wait_while
 from deployments.prefect_server import (
     POLL_INTERVAL_S,
     LocalPrefectServer,
@@ -194,17 +195,23 @@ class LocalPostgres:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self._ready():
-            if self._proc.poll() is not None:
+        proc = self._proc
+
+        def starting() -> bool:
+            if self._ready():
+                return False
+            if proc.poll() is not None:
                 raise PostgresError(
-                    f"PostgreSQL exited with code {self._proc.returncode} during startup; "
+                    f"PostgreSQL exited with code {proc.returncode} during startup; "
                     f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
                 )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise PostgresError(f"PostgreSQL was not ready after {STARTUP_TIMEOUT_S:.0f} s; see {self.log_path}")
-            time.sleep(POLL_INTERVAL_S)
+            return True
+
+        def not_ready(_: bool) -> PostgresError:
+            self.stop()
+            return PostgresError(f"PostgreSQL was not ready after {STARTUP_TIMEOUT_S:.0f} s; see {self.log_path}")
+
+        wait_while(starting, time.monotonic() + STARTUP_TIMEOUT_S, not_ready, POLL_INTERVAL_S)
         self._create_database()
         return self.url
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from deployments.polling import wait_while
 from o365sync.prefect_env import prefect_home_for
 from o365sync.settings import Settings
 
@@ -311,19 +312,26 @@ class LocalPrefectServer:
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         try:
-            deadline = started + self.startup_timeout_s
-            while not healthy(self.api_url, timeout=2.0, local=True):
+
+            def starting() -> bool:
+                if healthy(self.api_url, timeout=2.0, local=True):
+                    return False
                 if proc.poll() is not None:
                     raise PrefectApiError(
                         f"the Prefect server exited with code {proc.returncode} during startup; "
                         f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
                     )
-                if time.monotonic() > deadline:
-                    raise PrefectApiError(
-                        f"the Prefect server was not healthy after {self.startup_timeout_s:.0f} s; "
-                        f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
-                    )
-                time.sleep(POLL_INTERVAL_S)
+                return True
+
+            wait_while(
+                starting,
+                started + self.startup_timeout_s,
+                lambda _: PrefectApiError(
+                    f"the Prefect server was not healthy after {self.startup_timeout_s:.0f} s; "
+                    f"last lines of {self.log_path}:\n{_tail(self.log_path)}"
+                ),
+                POLL_INTERVAL_S,
+            )
         except BaseException:
             self.stop()
             raise

@@ -135,6 +135,22 @@ def _retention_flow() -> Flow[..., Any]:
     return retention
 
 
+def on_demand(flow: Flow[..., Any], kind: str, t: TenantConfig, description: str) -> RunnerDeployment:
+    """An unscheduled `<kind>-<tenant>` deployment of `flow` for tenant `t`: one run per tenant at a time, the others
+    queue on the server (limit 1, ENQUEUE)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+
+    return flow.to_deployment(
+        name=deployment_name(kind, t.id),
+        description=description,
+        parameters={"tenant_id": t.id},
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        tags=_tags(t.id, kind),
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
+
+
 def email_tenants(settings: Settings) -> list[TenantConfig]:
     return [t for t in list_tenants(settings) if "email" in t.features]
 
@@ -183,16 +199,7 @@ def build_deployments(
 
     for t in tenants:
         out.append(recurring(email_flow, EMAIL_SYNC, SYNC_INTERVAL_S, SCHEDULE_SLUG, "Email sync", t))
-        out.append(
-            import_flow.to_deployment(
-                name=deployment_name(INITIAL_IMPORT, t.id),
-                description=f"Initial import of {_who(t)}; run on demand.",
-                parameters={"tenant_id": t.id},
-                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-                tags=_tags(t.id, INITIAL_IMPORT),
-                entrypoint_type=EntrypointType.MODULE_PATH,
-            )
-        )
+        out.append(on_demand(import_flow, INITIAL_IMPORT, t, f"Initial import of {_who(t)}; run on demand."))
         others = [
             (
                 "calendar",

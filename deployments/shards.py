@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deployments.polling import wait_while
 from o365sync.settings import Settings
 from o365sync.tenants import TenantConfig, load_tenant
 
@@ -135,14 +136,15 @@ def hold_tenant_runs(
                 if not run.auto_scheduled or (run.state is not None and run.state.name == "AwaitingConcurrencySlot"):
                     held.manual.append((run.deployment_id, dict(run.parameters), run.name))
                 client.delete_flow_run(run.id)
-            deadline = time.monotonic() + drain_timeout_s
-            while active := _active_runs(client, ids, ["PENDING", "RUNNING", "CANCELLING"]):
-                if time.monotonic() > deadline:
-                    raise ShardRefused(
-                        f"tenant {tenant_id} still has {len(active)} run(s) in progress after {drain_timeout_s:.0f} s "
-                        f"(e.g. {active[0].name}); nothing was moved. Try again when they end, or cancel them"
-                    )
-                time.sleep(POLL_S)
+            wait_while(
+                lambda: _active_runs(client, ids, ["PENDING", "RUNNING", "CANCELLING"]),
+                time.monotonic() + drain_timeout_s,
+                lambda active: ShardRefused(
+                    f"tenant {tenant_id} still has {len(active)} run(s) in progress after {drain_timeout_s:.0f} s "
+                    f"(e.g. {active[0].name}); nothing was moved. Try again when they end, or cancel them"
+                ),
+                POLL_S,
+            )
             if deployments:
                 say(f"tenant {tenant_id}: {len(deployments)} deployments paused, no run in progress")
             yield held

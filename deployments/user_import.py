@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from deployments.schedules import _tags, _who, deployment_name, email_tenants
+from deployments.schedules import _who, deployment_name, email_tenants, on_demand
 from o365sync.settings import Settings
 from o365sync.tenants import TenantConfig
 
@@ -32,20 +32,15 @@ def user_import_deployments(
 ) -> list[RunnerDeployment]:
     """One `user-import-<tenant>` deployment per email-enabled tenant (parameter `tenant_id` set; `user_id` given
     by each run)."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.deployments.runner import EntrypointType
-
     if flow is None:
         from flows.user_import import user_import as flow
     tenants = email_tenants(settings) if tenants is None else [t for t in tenants if "email" in t.features]
     return [
-        flow.to_deployment(
-            name=deployment_name(USER_IMPORT, t.id),
-            description=f"Import of one user of {_who(t)} when they connect; run on demand (parameter user_id).",
-            parameters={"tenant_id": t.id},
-            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-            tags=_tags(t.id, USER_IMPORT),
-            entrypoint_type=EntrypointType.MODULE_PATH,
+        on_demand(
+            flow,
+            USER_IMPORT,
+            t,
+            f"Import of one user of {_who(t)} when they connect; run on demand (parameter user_id).",
         )
         for t in tenants
     ]

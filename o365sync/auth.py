@@ -81,9 +81,6 @@ class ReconnectNeeded(AuthError):
         self.error_codes = list(error_codes)
         super().__init__(f"user {tenant_id}/{oid} must reconnect: {error} {self.error_codes}")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.oid, self.error, self.error_codes))
-
     def state_error(self) -> str:
         return self.error  # the OAuth error code (invalid_grant, ...): what status shows under "reconnect needed"
 
@@ -101,9 +98,6 @@ class AuthConfigError(AuthError):
         self.error, self.error_codes, self.context = error, list(error_codes), context
         super().__init__(f"app registration rejected{' for ' + context if context else ''}: {error} {self.error_codes}")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.error, self.error_codes, self.context))
-
 
 class AuthTransient(AuthError):
     """Network error, 5xx or 429 at the identity platform: retry later; the stored tokens are kept."""
@@ -111,9 +105,6 @@ class AuthTransient(AuthError):
     def __init__(self, detail: str, error_codes: Iterable[int] = ()):
         self.detail, self.error_codes = detail, list(error_codes)
         super().__init__(f"identity platform temporarily unavailable: {detail} {self.error_codes}")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.detail, self.error_codes))
 
 
 class ConnectError(AuthError):
@@ -126,9 +117,6 @@ class ConnectError(AuthError):
         self.error, self.error_codes, self.detail = error, list(error_codes), detail
         super().__init__(f"connect failed: {error} {self.error_codes}{': ' + detail if detail else ''}")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.error, self.error_codes, self.detail))
-
 
 class WrongTenant(ConnectError):
     """The account that signed in belongs to another Entra tenant than the one being connected."""
@@ -138,9 +126,6 @@ class WrongTenant(ConnectError):
     def __init__(self, expected_tid: str, actual_tid: str):
         self.expected_tid, self.actual_tid = expected_tid, actual_tid
         super().__init__("wrong_tenant", (), f"signed-in account belongs to tenant {actual_tid}, not {expected_tid}")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.expected_tid, self.actual_tid))
 
 
 class TenantGone(ConnectError):
@@ -152,9 +137,6 @@ class TenantGone(ConnectError):
         self.tenant_id = tenant_id
         super().__init__("tenant_not_registered", (), f"tenant {tenant_id} is not registered")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id,))
-
 
 class UserOffboarded(ConnectError):
     """The signed-in user was offboarded (pending, retained or deleted): only an administrator can re-admit them."""
@@ -165,9 +147,6 @@ class UserOffboarded(ConnectError):
         self.tenant_id, self.oid = tenant_id, oid
         super().__init__("user_offboarded", (), f"user {tenant_id}/{oid} was offboarded")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.oid))
-
 
 class InvalidLoginHint(ConnectError):
     """The login_hint of a connect link is longer than any sign-in name or holds control characters."""
@@ -176,9 +155,6 @@ class InvalidLoginHint(ConnectError):
 
     def __init__(self) -> None:
         super().__init__("invalid_login_hint", (), f"login_hint must be at most {MAX_LOGIN_HINT} printable characters")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), ())
 
 
 class ConnectSetupError(AuthError):
@@ -192,9 +168,6 @@ class ConnectSetupError(AuthError):
         self.tenant_id, self.cause = tenant_id, cause
         super().__init__(f"cannot connect users of tenant {tenant_id}: {cause}")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.cause))
-
 
 class SignInsBusy(AuthError):
     """Too many sign-ins are pending (for the tenant or overall); one frees up within `retry_after_s`."""
@@ -204,9 +177,6 @@ class SignInsBusy(AuthError):
     def __init__(self, scope: str, retry_after_s: int):
         self.scope, self.retry_after_s = scope, retry_after_s
         super().__init__(f"too many pending sign-ins ({scope}); retry in {retry_after_s} s")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.scope, self.retry_after_s))
 
 
 class _FileChanged(Exception):
@@ -817,9 +787,6 @@ class SignInRefused(ConnectError):
     def __init__(self, reason: str, tenant_id: str = ""):
         self.reason, self.tenant_id = reason, tenant_id
         super().__init__(reason, (), f"console sign-in refused for tenant {tenant_id or '-'}")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.reason, self.tenant_id))
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,6 @@ class CrmDropRefused(CrmError):
         super().__init__(message)
         self.removals = removals
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.args[0], self.removals))
-
 
 @dataclass
 class CrmSnapshot:

@@ -9,11 +9,15 @@ Imports nothing of ours, so every layer can derive from it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar, Self
 
 RETRIED = "nothing: a later run retries with back-off"
 FAILED = "failed"  # a retriable failure: backs off 15 min -> 6 h
 ACTION_NEEDED = "action_needed"  # a failure retrying cannot fix: no retry until someone acts
+
+
+def _remake(cls: type[O365SyncError], args: tuple, kwargs: dict[str, Any]) -> O365SyncError:
+    return cls(*args, **kwargs)
 
 
 class O365SyncError(Exception):
@@ -23,6 +27,18 @@ class O365SyncError(Exception):
     retriable: ClassVar[bool] = True
     action: ClassVar[str] = RETRIED
     stage: ClassVar[str | None] = None  # None: FAILED if retriable, else ACTION_NEEDED
+    _made_with: tuple[tuple, dict[str, Any]]  # the constructor's arguments, for pickling
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        self = super().__new__(cls, *args)
+        self._made_with = (args, kwargs)
+        return self
+
+    def __reduce__(self) -> tuple:
+        """Pickle as the call that made it, with the attributes it has now (Prefect persists exceptions): whatever
+        message a subclass passes up, unpickling calls its own constructor again."""
+        args, kwargs = self._made_with
+        return (_remake, (type(self), args, kwargs), self.__dict__)
 
     def state_error(self) -> str:
         """The content-free line kept in the sync state: the class name, and what to do when it is not just wait."""
@@ -41,9 +57,6 @@ class ConsentNeeded(O365SyncError):
         self.tenant_id, self.oid, self.missing = tenant_id, oid, list(missing)
         super().__init__(f"user {tenant_id}/{oid} must reconnect to consent to {', '.join(self.missing)}")
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.oid, self.missing))
-
     def state_error(self) -> str:
         return "consent_needed"
 
@@ -57,9 +70,6 @@ class TenantError(O365SyncError):
     def __init__(self, tenant_id: str):
         self.tenant_id = tenant_id
         super().__init__(self.text.format(tenant_id=tenant_id))
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id,))
 
 
 class NoCrmSnapshot(TenantError):

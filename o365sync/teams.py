@@ -105,9 +105,6 @@ class ChannelNotFound(TeamsError):
             "can post to (checked after refreshing the user's channel list)"
         )
 
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.oid, self.team_id, self.channel_id))
-
 
 class ActivityNotFound(TeamsError):
     retriable = False
@@ -116,9 +113,6 @@ class ActivityNotFound(TeamsError):
     def __init__(self, tenant_id: str, oid: str, kind: str, activity_id: str):
         self.tenant_id, self.oid, self.kind, self.activity_id = tenant_id, oid, kind, activity_id
         super().__init__(f"{kind} {activity_id} of user {tenant_id}/{oid} is not in the store")
-
-    def __reduce__(self) -> tuple:
-        return (type(self), (self.tenant_id, self.oid, self.kind, self.activity_id))
 
 
 # ----------------------------------------------------------------------------------------------- access

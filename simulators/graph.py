@@ -48,7 +48,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 import msgspec
 
 from simulators import server
-from simulators.server import Request, Response, SimServer
+from simulators.server import OnServer, Request, Response, SimServer
 from simulators.tls import SimulatorTLS
 from simulators.tokens import AccessClaims, TokenAuthority, TokenError
 from simulators.world import MESSAGE_TYPE, Mailbox, SimMessage, Tombstone, World
@@ -324,7 +324,7 @@ def _prefer(headers: dict[str, str]) -> dict[str, str]:
     return out
 
 
-class GraphSimulator:
+class GraphSimulator(OnServer):
     """Serve a `World`'s mailboxes as Microsoft Graph v1.0 on loopback HTTPS."""
 
     def __init__(
@@ -459,19 +459,6 @@ class GraphSimulator:
     @property
     def base_url(self) -> str:
         return f"{self.server.base_url}/v1.0"
-
-    def start(self) -> GraphSimulator:
-        self.server.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def __enter__(self) -> GraphSimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def inject(
         self,

@@ -22,9 +22,10 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 from urllib.parse import urlencode
 
-from simulators.server import Request, Response, SimServer
+from simulators.server import OnServer, Request, Response, SimServer
 from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority, b64url
 from simulators.world import SimTenant, SimUser, World
@@ -156,6 +157,9 @@ class _RefreshToken:
     issued_at: float
 
 
+_G = TypeVar("_G", _Code, _RefreshToken)  # a grant a token request redeems
+
+
 @dataclass
 class _Fault:
     kind: str
@@ -204,7 +208,7 @@ def split_scopes(raw: str) -> tuple[list[str], list[str], list[str]]:
     return graph, oidc, other
 
 
-class IdentitySimulator:
+class IdentitySimulator(OnServer):
     """Entra ID (v2) on https://127.0.0.1:<port>; users and tenants come from `world`."""
 
     def __init__(
@@ -237,7 +241,7 @@ class IdentitySimulator:
         self.token_requests: list[dict] = []  # one entry per POST /token; ids and outcomes only, no secrets
         self.authorize_requests: list[dict] = []
         t = r"/(?P<tenant>[^/]+)"
-        self._server = SimServer(
+        self.server = SimServer(
             tls,
             [
                 ("GET", t + r"/v2\.0/\.well-known/openid-configuration", self._openid_configuration),
@@ -251,26 +255,13 @@ class IdentitySimulator:
             port=port,
             name="identity-sim",
         )
-        self.base_url = self._server.base_url
-        self.port = self._server.port
+        self.base_url = self.server.base_url
+        self.port = self.server.port
 
     # ----------------------------------------------------------------- lifecycle
     @property
     def authority(self) -> str:
         return f"{self.base_url}/organizations"
-
-    def start(self) -> IdentitySimulator:
-        self._server.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> IdentitySimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ----------------------------------------------------------------- test controls
     def login_as(self, oid: str | None) -> None:
@@ -772,18 +763,52 @@ class IdentitySimulator:
             return Response(400, self._error_body("invalid_scope", 28000, req, scope=" ".join(other)))
         return Response(400, self._error_body("invalid_scope", 500011, req, resource=resources.pop(), tenant=tenant))
 
+    def _grant(
+        self, req: Request, form: dict[str, str], param: str, grants: dict[str, _G], entry: dict
+    ) -> _G | Response:
+        """The code or refresh token the form's `param` names (caller holds the lock), or the error answer when it
+        is missing or unknown; its user goes into the request log `entry`."""
+        raw = form.get(param)
+        if not raw:
+            return Response(400, self._error_body("invalid_request", 900144, req, param=param))
+        grant = grants.get(raw)
+        if grant is None:
+            return Response(400, self._error_body("invalid_grant", 9002313, req))
+        entry["oid"] = grant.oid
+        return grant
+
+    def _redeemed_scopes(
+        self,
+        req: Request,
+        form: dict[str, str],
+        ref: _TenantRef,
+        grant: _Code | _RefreshToken,
+        client_id: str,
+        *,
+        nothing_is_default: bool,
+    ) -> tuple[list[str], list[str]] | Response:
+        """The (Graph, OIDC) scopes a redemption asks for: `.default` (or, with `nothing_is_default`, no Graph scope)
+        means everything the user consented to the client; the error answer for a foreign resource's scope or one
+        not consented."""
+        graph, oidc, other = split_scopes(form.get("scope", ""))
+        problem = self._scope_problem(req, other, ref.tid or ref.segment)
+        if problem is not None:
+            return problem
+        consented = self._granted(grant, client_id)
+        if (nothing_is_default and not graph) or ".default" in graph:
+            graph = sorted(consented) or ["User.Read"]
+        if any(s not in consented for s in graph):
+            return Response(400, self._error_body("invalid_grant", 65001, req, "consent_required", client_id=client_id))
+        return graph, oidc
+
     def _redeem_code(
         self, req: Request, form: dict[str, str], client_id: str, ref: _TenantRef, entry: dict
     ) -> Response:
-        raw = form.get("code")
-        if not raw:
-            return Response(400, self._error_body("invalid_request", 900144, req, param="code"))
         now = self.tokens.clock()
         with self._lock:
-            code = self._codes.get(raw)
-            if code is None:
-                return Response(400, self._error_body("invalid_grant", 9002313, req))
-            entry["oid"] = code.oid
+            code = self._grant(req, form, "code", self._codes, entry)
+            if isinstance(code, Response):
+                return code
             if code.used:
                 return Response(400, self._error_body("invalid_grant", 54005, req))
             if now - code.issued_at > CODE_TTL_S:
@@ -812,18 +837,10 @@ class IdentitySimulator:
                     computed = verifier
                 if not verifier or not secrets.compare_digest(computed, code.code_challenge):
                     return Response(400, self._error_body("invalid_grant", 501481, req))
-            graph, oidc, other = split_scopes(form.get("scope", ""))
-            problem = self._scope_problem(req, other, ref.tid or ref.segment)
-            if problem is not None:
-                return problem
-            consented = self._granted(code, client_id)
-            if ".default" in graph:
-                graph = sorted(consented) or ["User.Read"]
-            missing = [s for s in graph if s not in consented]
-            if missing:
-                return Response(
-                    400, self._error_body("invalid_grant", 65001, req, "consent_required", client_id=client_id)
-                )
+            scopes = self._redeemed_scopes(req, form, ref, code, client_id, nothing_is_default=False)
+            if isinstance(scopes, Response):
+                return scopes
+            graph, oidc = scopes
             code.used = True
             # What was consented on /authorize plus what the redemption asks for (already consented).
             graph_scopes = list(dict.fromkeys(code.graph_scopes + graph))
@@ -844,15 +861,11 @@ class IdentitySimulator:
     def _redeem_refresh_token(
         self, req: Request, form: dict[str, str], client_id: str, ref: _TenantRef, entry: dict
     ) -> Response:
-        raw = form.get("refresh_token")
-        if not raw:
-            return Response(400, self._error_body("invalid_request", 900144, req, param="refresh_token"))
         now = self.tokens.clock()
         with self._lock:
-            rt = self._rts.get(raw)
-            if rt is None:
-                return Response(400, self._error_body("invalid_grant", 9002313, req))
-            entry["oid"] = rt.oid
+            rt = self._grant(req, form, "refresh_token", self._rts, entry)
+            if isinstance(rt, Response):
+                return rt
             if rt.client_id != client_id:
                 return Response(
                     400,
@@ -879,18 +892,10 @@ class IdentitySimulator:
                 )
             if ref.tid is not None and ref.tid != rt.tid:
                 return Response(400, self._error_body("invalid_grant", 700005, req))
-            graph, oidc, other = split_scopes(form.get("scope", ""))
-            problem = self._scope_problem(req, other, ref.tid or ref.segment)
-            if problem is not None:
-                return problem
-            consented = self._granted(rt, client_id)
-            if not graph or ".default" in graph:
-                graph = sorted(consented) or ["User.Read"]
-            missing = [s for s in graph if s not in consented]
-            if missing:
-                return Response(
-                    400, self._error_body("invalid_grant", 65001, req, "consent_required", client_id=client_id)
-                )
+            scopes = self._redeemed_scopes(req, form, ref, rt, client_id, nothing_is_default=True)
+            if isinstance(scopes, Response):
+                return scopes
+            graph, oidc = scopes
         user = self.world.user(rt.oid)
         return Response(200, self._issue(user, client_id, graph, oidc, None, None))
 

@@ -79,7 +79,23 @@ class LoggedRequest:
     status: int
 
 
-class SimServer:
+class Served:
+    """`with` for anything that serves: `start()` on entry, `stop()` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SimServer(Served):
     """Serve `routes` over HTTPS on 127.0.0.1:`port` (0 = any free port) in a background thread."""
 
     def __init__(self, tls: SimulatorTLS, routes: list[tuple[str, str, Handler]], port: int = 0, name: str = "sim"):
@@ -147,8 +163,15 @@ class SimServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+class OnServer(Served):
+    """A simulator that runs on a `SimServer` it holds in `server` (rather than being one): starts and stops it."""
+
+    server: SimServer
+
+    def start(self) -> Self:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()

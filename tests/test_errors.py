@@ -120,6 +120,7 @@ def test_each_error_says_if_it_is_retriable_what_to_do_and_no_content(cls):
         assert cls.action in text  # what must be done reaches the sync state (and `o365sync status`)
     copy = pickle.loads(pickle.dumps(exc))  # survives Prefect's result persistence
     assert type(copy) is cls and sync_failure(copy) == sync_failure(exc)
+    assert str(copy) == str(exc) and vars(copy) == vars(exc)
 
 
 def test_an_exception_that_is_not_ours_is_retried_under_its_class_name():
