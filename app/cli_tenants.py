@@ -378,19 +378,18 @@ def tenant_block(
     remove: Annotated[bool, typer.Option("--remove", help="Take the entries off the list instead.")] = False,
 ) -> None:
     """Add (or remove) blocklist entries, tenant-wide or for one connected user."""
-    from o365sync.tenants import TenantConfig, TenantNotFound, blocklist_entry, load_tenant, save_tenant
+    from o365sync.tenants import TenantNotFound, change_blocklist, load_tenant
 
     settings = _settings()
     try:
         t = load_tenant(settings, tenant_id)
-        values = {blocklist_entry(e) for e in entries}
-    except (TenantNotFound, ValueError) as exc:
+    except TenantNotFound as exc:
         _fail(str(exc))
     if user is not None:
         user = _known_user(settings, t, user)
-    current = set(t.user_blocklists.get(user, [])) if user else set(t.blocklist)
-    updated = sorted(current - values if remove else current | values)
-    field = {"user_blocklists": {**t.user_blocklists, user: updated}} if user else {"blocklist": updated}
-    save_tenant(settings, TenantConfig.model_validate({**t.model_dump(), **field}))
+    try:
+        updated = change_blocklist(settings, t.id, entries, user=user, remove=remove)
+    except (TenantNotFound, ValueError) as exc:
+        _fail(str(exc))
     owner = f"user {user}" if user else f"tenant {t.id}"
     console.print(f"blocklist of {owner}: {', '.join(updated) or '(empty)'}")

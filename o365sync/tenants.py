@@ -297,6 +297,23 @@ def save_tenant(
         save_crm_secrets(settings, config.id, crm_secrets)
 
 
+def change_blocklist(
+    settings: Settings, tenant_id: str, entries: list[str], user: str | None = None, remove: bool = False
+) -> list[str]:
+    """Add (or with `remove` take off) `entries` on the tenant's blocklist, or on `user`'s own list; the list as
+    saved. Every entry is checked first: one that is not an address or domain raises ValueError, nothing saved.
+    The caller decides whether `user` may be given (a known user of this tenant)."""
+    tenant = load_tenant(settings, tenant_id)
+    values = {blocklist_entry(e) for e in entries}
+    if not values:
+        raise ValueError("no address or domain given; nothing was changed")
+    current = set(tenant.user_blocklists.get(user, [])) if user else set(tenant.blocklist)
+    updated = sorted(current - values if remove else current | values)
+    field = {"user_blocklists": {**tenant.user_blocklists, user: updated}} if user else {"blocklist": updated}
+    save_tenant(settings, TenantConfig.model_validate({**tenant.model_dump(), **field}))
+    return updated
+
+
 def load_tenant(settings: Settings, tenant_id: str) -> TenantConfig:
     path = registry_dir(settings, tenant_id) / "tenant.json"
     if not path.exists():

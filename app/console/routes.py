@@ -38,7 +38,7 @@ from o365sync.auth import (
     record_admin_consent,
 )
 from o365sync.settings import Settings
-from o365sync.tenants import TenantConfig, TenantNotFound, blocklist_entry, load_tenant, save_tenant
+from o365sync.tenants import TenantConfig, TenantNotFound, change_blocklist, load_tenant, save_tenant
 
 log = logging.getLogger("o365sync.console")
 HERE = Path(__file__).parent
@@ -132,6 +132,7 @@ class Console:
             Route("/signout", self.signed_in(self.sign_out), methods=["POST"]),
             Route("/me", self.signed_in(self.me), methods=["GET"]),
             Route("/me/preferences", self.signed_in(self.my_preferences), methods=["POST"]),
+            Route("/me/blocklist", self.signed_in(self.my_blocklist), methods=["POST"]),
             Route("/me/activities", self.signed_in(self.my_activities), methods=["GET"]),
             Route("/me/activities/export", self.signed_in(self.export), methods=["POST"]),
             Route("/me/activities/delete", self.signed_in(self.delete), methods=["POST"]),
@@ -141,6 +142,7 @@ class Console:
             Route("/admin/policy", a(self.set_policy), methods=["POST"]),
             Route("/admin/users", a(self.users), methods=["GET"]),
             Route("/admin/users/offboard", a(self.offboard), methods=["POST"]),
+            Route("/admin/users/readmit", a(self.readmit), methods=["POST"]),
             Route("/admin/blocklists", a(self.blocklists), methods=["GET", "POST"]),
             Route("/admin/runs", a(self.runs), methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -231,7 +233,7 @@ class Console:
         return self.page(request, "signed_out.html", None, logout=logout)
 
     # ------------------------------------------------------------------ rep pages
-    async def me(self, request: Request, person: Who) -> Response:
+    async def me(self, request: Request, person: Who, error: str = "") -> Response:
         tenant = await run_in_threadpool(load_tenant, self.settings, person.tenant_id)
         me = await run_in_threadpool(data.user_view, self.settings, tenant, person.oid)
         return self.page(
@@ -244,6 +246,9 @@ class Console:
             connect=data.connect_link(self.settings, tenant.id, person.upn),
             saved=request.query_params.get("saved"),
             connected=request.query_params.get("connected"),
+            blocklist=tenant.user_blocklists.get(person.oid, []),
+            error=error,
+            status=400 if error else 200,
         )
 
     async def my_preferences(self, request: Request, person: Who) -> Response:
@@ -419,34 +424,66 @@ class Console:
             done=request.query_params.get("done"),
         )
 
+    async def _own_user(self, person: Who, oid: str) -> bool:
+        """Whether `oid` is a user (connected, or once connected) of the admin's own tenant."""
+        tenant = await run_in_threadpool(load_tenant, self.settings, person.tenant_id)
+        users, _ = await run_in_threadpool(data.users_view, self.settings, tenant)
+        return oid in {u["oid"] for u in users}
+
     async def offboard(self, request: Request, person: Who) -> Response:
         from o365sync.offboarding import offboard_user_now
 
         oid = str(request.state.form.get("oid", ""))
-        tenant = await run_in_threadpool(load_tenant, self.settings, person.tenant_id)
-        users, _ = await run_in_threadpool(data.users_view, self.settings, tenant)
-        if oid not in {u["oid"] for u in users}:  # only a user of the admin's own tenant
+        if not await self._own_user(person, oid):
             return self.message(request, "Nothing matched", "No such user in your organisation.", 404, person)
-        await run_in_threadpool(offboard_user_now, self.settings, tenant.id, oid, f"console:{person.oid}")
+        await run_in_threadpool(offboard_user_now, self.settings, person.tenant_id, oid, f"console:{person.oid}")
         return RedirectResponse("/admin/users?done=offboarded", status_code=303)
+
+    async def readmit(self, request: Request, person: Who) -> Response:
+        from o365sync.offboarding import readmit_user_now
+
+        oid = str(request.state.form.get("oid", ""))
+        if not await self._own_user(person, oid):
+            return self.message(request, "Nothing matched", "No such user in your organisation.", 404, person)
+        try:
+            await run_in_threadpool(readmit_user_now, self.settings, person.tenant_id, oid, f"console:{person.oid}")
+        except LookupError:
+            return self.message(request, "Nothing to do", "This user is not offboarded.", 409, person)
+        return RedirectResponse("/admin/users?done=readmitted", status_code=303)
+
+    async def my_blocklist(self, request: Request, person: Who) -> Response:
+        error = await self._blocklist_form(request, person, person.oid)
+        if error:
+            return await self.me(request, person, error=error)
+        return RedirectResponse("/me?saved=blocklist", status_code=303)
+
+    async def _blocklist_form(self, request: Request, person: Who, user: str | None) -> str:
+        """Apply the posted form (entries, action add/remove) to the tenant's list (`user` None) or `user`'s own
+        list, through the library function `o365sync tenant block` uses; an error sentence if nothing changed."""
+        form = request.state.form
+        entries = str(form.get("entries", "")).replace(",", " ").split()
+        remove = form.get("action") == "remove"
+        try:
+            await run_in_threadpool(change_blocklist, self.settings, person.tenant_id, entries, user, remove)
+        except ValueError as exc:
+            return str(exc)
+        log.info("console: blocklist of %s changed by %s", user or person.tenant_id, person.oid)
+        return ""
 
     async def blocklists(self, request: Request, person: Who) -> Response:
         tenant = await run_in_threadpool(load_tenant, self.settings, person.tenant_id)
         error = ""
         if request.method == "POST":
-            form = request.state.form
-            remove = form.get("action") == "remove"
-            try:
-                entries = {blocklist_entry(e) for e in str(form.get("entries", "")).replace(",", " ").split()}
-            except ValueError as exc:
-                entries, error = set(), str(exc)
-            if entries and not error:
-                current = set(tenant.blocklist)
-                updated = sorted(current - entries if remove else current | entries)
-                error = await self._update_tenant(person, {"blocklist": updated}) or ""
-                if not error:
-                    return RedirectResponse("/admin/blocklists", status_code=303)
-        return self.page(request, "blocklists.html", person, tenant=tenant, error=error, status=400 if error else 200)
+            user = str(request.state.form.get("user", "")) or None
+            if user is not None and not await self._own_user(person, user):
+                return self.message(request, "Nothing matched", "No such user in your organisation.", 404, person)
+            error = await self._blocklist_form(request, person, user)
+            if not error:
+                return RedirectResponse("/admin/blocklists", status_code=303)
+        users, _ = await run_in_threadpool(data.users_view, self.settings, tenant)
+        return self.page(
+            request, "blocklists.html", person, tenant=tenant, users=users, error=error, status=400 if error else 200
+        )
 
     async def runs(self, request: Request, person: Who) -> Response:
         tenant = await run_in_threadpool(load_tenant, self.settings, person.tenant_id)

@@ -3,6 +3,7 @@ roles, CSRF, headers, admin consent bound to the session, tenant isolation, the 
 
 from __future__ import annotations
 
+import html
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
@@ -187,3 +188,69 @@ def test_rep_connects_then_a_new_feature_asks_for_reconsent_and_choices_save(cw:
         assert (prefs.calendar, prefs.internal_meetings) == (False, False)
         users = admin.get(f"{cw.base}/admin/users").text
         assert "re-consent needed" in users and f"login_hint={cw.other_rep.upn.replace('@', '%40')}" in users
+
+
+def connect(cw: ConsoleWorld, user) -> None:  # noqa: ANN001
+    """`user` connects Office 365 through the connect page (the simulated Microsoft signs them in)."""
+    cw.running.identity.login_as(user.oid)
+    with cw.browser() as b:
+        r = b.get(f"{cw.base}/connect", params={"tenant": user.tid, "login_hint": user.upn})
+        assert r.status_code == 200 and connection_info(cw.settings, user.tid, user.oid)["scopes"]
+
+
+def test_rep_keeps_an_own_blocklist_and_an_admin_edits_any_of_their_tenants(cw: ConsoleWorld):
+    connect(cw, cw.rep)
+    with cw.browser() as rep, cw.browser() as admin, cw.browser() as admin_b:
+        token = csrf_of(cw.sign_in(rep, cw.rep).text)
+        added = rep.post(
+            f"{cw.base}/me/blocklist", data={"csrf": token, "entries": "Friend.Example, a@b.example", "action": "add"}
+        )
+        assert added.url.path == "/me" and "friend.example" in added.text
+        assert load_tenant(cw.settings, cw.rep.tid).user_blocklists[cw.rep.oid] == ["a@b.example", "friend.example"]
+        before = load_tenant(cw.settings, cw.rep.tid)
+        bad = rep.post(f"{cw.base}/me/blocklist", data={"csrf": token, "entries": "ok.example nope@", "action": "add"})
+        assert bad.status_code == 400 and "not an address or domain: 'nope@'" in html.unescape(bad.text)
+        assert rep.post(f"{cw.base}/me/blocklist", data={"entries": "x.example", "action": "add"}).status_code == 403
+        assert load_tenant(cw.settings, cw.rep.tid) == before  # nothing changed by either
+        rep.post(f"{cw.base}/me/blocklist", data={"csrf": token, "entries": "a@b.example", "action": "remove"})
+        assert load_tenant(cw.settings, cw.rep.tid).user_blocklists[cw.rep.oid] == ["friend.example"]
+        # The rep cannot edit someone else's list through the admin form.
+        assert rep.post(f"{cw.base}/admin/blocklists", data={"csrf": token, "user": cw.admin.oid}).status_code == 403
+
+        page = cw.sign_in(admin, cw.admin).text
+        form = {"csrf": csrf_of(page), "user": cw.rep.oid, "entries": "rival.example", "action": "add"}
+        assert admin.post(f"{cw.base}/admin/blocklists", data=form).url.path == "/admin/blocklists"
+        tenant = load_tenant(cw.settings, cw.rep.tid)
+        assert tenant.user_blocklists[cw.rep.oid] == ["friend.example", "rival.example"] and not tenant.blocklist
+        bad = admin.post(f"{cw.base}/admin/blocklists", data={**form, "entries": "not a domain!"})
+        assert bad.status_code == 400 and "not an address or domain" in bad.text
+        assert load_tenant(cw.settings, cw.rep.tid) == tenant
+
+        token_b = csrf_of(cw.sign_in(admin_b, cw.admin_b).text)
+        foreign = admin_b.post(
+            f"{cw.base}/admin/blocklists",
+            data={"csrf": token_b, "user": cw.rep.oid, "entries": "x.example", "action": "add"},
+        )
+        assert foreign.status_code == 404
+        assert load_tenant(cw.settings, cw.rep.tid) == tenant
+        assert cw.rep.oid not in load_tenant(cw.settings, cw.admin_b.tid).user_blocklists
+
+
+def test_admin_readmits_an_offboarded_user_of_their_own_tenant_only(cw: ConsoleWorld):
+    connect(cw, cw.rep)
+    with cw.browser() as admin, cw.browser() as admin_b:
+        token = csrf_of(cw.sign_in(admin, cw.admin).text)
+        admin.post(f"{cw.base}/admin/users/offboard", data={"csrf": token, "oid": cw.rep.oid})
+        assert cw.rep.oid in offboarding_status(cw.settings, cw.rep.tid)
+        users = admin.get(f"{cw.base}/admin/users").text
+        assert "/admin/users/readmit" in users
+        assert admin.post(f"{cw.base}/admin/users/readmit", data={"oid": cw.rep.oid}).status_code == 403
+        token_b = csrf_of(cw.sign_in(admin_b, cw.admin_b).text)
+        foreign = admin_b.post(f"{cw.base}/admin/users/readmit", data={"csrf": token_b, "oid": cw.rep.oid})
+        assert foreign.status_code == 404 and cw.rep.oid in offboarding_status(cw.settings, cw.rep.tid)
+        done = admin.post(f"{cw.base}/admin/users/readmit", data={"csrf": token, "oid": cw.rep.oid})
+        assert done.url.path == "/admin/users" and "User readmitted" in done.text
+        assert cw.rep.oid not in offboarding_status(cw.settings, cw.rep.tid)
+        connect(cw, cw.rep)  # they can connect again
+        again = admin.post(f"{cw.base}/admin/users/readmit", data={"csrf": token, "oid": cw.rep.oid})
+        assert again.status_code == 409 and "not offboarded" in again.text
