@@ -254,3 +254,65 @@ def test_admin_readmits_an_offboarded_user_of_their_own_tenant_only(cw: ConsoleW
         connect(cw, cw.rep)  # they can connect again
         again = admin.post(f"{cw.base}/admin/users/readmit", data={"csrf": token, "oid": cw.rep.oid})
         assert again.status_code == 409 and "not offboarded" in again.text
+
+
+@pytest.fixture(scope="module")
+def cal(tmp_path_factory):
+    """A world with calendars: the first tenant imports meetings; its two reps are connected and synced."""
+    from o365sync.sync.calendar import sync_calendar_now
+    from o365sync.tenant_context import resolve_tenant
+    from o365sync.tenants import save_tenant
+    from tasks.crm_snapshot import refresh_crm_snapshot
+
+    tmp = tmp_path_factory.mktemp("console-cal")
+    world = stand_up_console(tmp, messages=5, calendars=True)
+    tid = world.rep.tid
+    tenant = load_tenant(world.settings, tid)
+    save_tenant(world.settings, tenant.model_copy(update={"features": ["email", "calendar"]}))
+    for user in (world.rep, world.other_rep):
+        connect(world, user)
+    refresh_crm_snapshot(world.settings, tid)
+    for user in (world.rep, world.other_rep):
+        sync_calendar_now(resolve_tenant(world.settings, tid), user.oid)
+    yield world
+    tear_down(world, tmp)
+
+
+def stored_meetings(cw: ConsoleWorld, oid: str) -> set[str]:
+    from o365sync.store import open_store
+
+    with open_store(cw.settings, cw.rep.tid, write=False) as con:
+        rows = con.execute("SELECT event_id FROM meetings WHERE user_oid = ?", [oid]).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_rep_exports_and_deletes_own_meetings_but_never_anothers(cal: ConsoleWorld):
+    mine, theirs = stored_meetings(cal, cal.rep.oid), stored_meetings(cal, cal.other_rep.oid)
+    assert mine and theirs, "the simulated calendars hold customer meetings for both reps"
+    with cal.browser() as rep:
+        cal.sign_in(rep, cal.rep)
+        page = rep.get(f"{cal.base}/me/activities").text
+        token = csrf_of(page)
+        eid = sorted(mine)[0]
+        assert 'id="meetings"' in page and html.escape(eid) in page
+        exported = rep.post(
+            f"{cal.base}/me/activities/export", data={"csrf": token, "kind": "meeting", "id": eid, "format": "json"}
+        )
+        assert exported.status_code == 200 and exported.headers["content-type"].startswith("application/json")
+        assert 'filename="meeting.json"' in exported.headers["content-disposition"]
+        assert eid in exported.text
+        other = sorted(theirs)[0]
+        for action in ("export", "delete"):
+            r = rep.post(
+                f"{cal.base}/me/activities/{action}",
+                data={"csrf": token, "kind": "meeting", "id": other, "format": "json"},
+            )
+            assert r.status_code == 404, action
+        assert stored_meetings(cal, cal.other_rep.oid) == theirs
+        deleted = rep.post(f"{cal.base}/me/activities/delete", data={"csrf": token, "kind": "meeting", "id": eid})
+        assert deleted.url.path == "/me/activities" and 'id="deleted"' in deleted.text
+        assert stored_meetings(cal, cal.rep.oid) == mine - {eid}
+        gone = rep.post(
+            f"{cal.base}/me/activities/export", data={"csrf": token, "kind": "meeting", "id": eid, "format": "json"}
+        )
+        assert gone.status_code == 404
