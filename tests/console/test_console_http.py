@@ -234,6 +234,13 @@ def test_rep_keeps_an_own_blocklist_and_an_admin_edits_any_of_their_tenants(cw: 
         assert foreign.status_code == 404
         assert load_tenant(cw.settings, cw.rep.tid) == tenant
         assert cw.rep.oid not in load_tenant(cw.settings, cw.admin_b.tid).user_blocklists
+        page = admin.get(f"{cw.base}/admin/blocklists").text
+        assert 'id="user-block"' in page and "rival.example" in page
+        wide = admin.post(
+            f"{cw.base}/admin/blocklists", data={"csrf": csrf_of(page), "entries": "@Spam.Example", "action": "add"}
+        )
+        assert wide.url.path == "/admin/blocklists" and 'id="blocklist"><li>spam.example</li>' in wide.text
+        assert load_tenant(cw.settings, cw.rep.tid).blocklist == ["spam.example"]
 
 
 def test_admin_readmits_an_offboarded_user_of_their_own_tenant_only(cw: ConsoleWorld):
