@@ -75,6 +75,8 @@ def _primary_why(matches: list[MatchedRecord]) -> str | None:
     if not matches:
         return None
     best = matches[0]
+    if len(matches) == 1:
+        return "the only matched record"
     same_kind = [m for m in matches if m.crm_kind == best.crm_kind]
     if len(same_kind) == 1:
         return f"kind {best.crm_kind} ranks first (contact > person_account > lead > account)"
