@@ -23,10 +23,10 @@ from o365sync.graph import MAIL_READ_ALLOWLIST, SENSITIVITY_EXPAND, Allow, Graph
 from o365sync.mail import HEADER_FIELDS, parse_page
 from o365sync.matching import KIND_RANK, ROLE_RANK, match_participants, normalise_address
 from o365sync.store import open_store, store_path
+from o365sync.sync.mailbox import MAIL_FOLDERS
 from o365sync.tenant_context import Tenant
 from o365sync.user_graph import user_graph_client
 
-SYNCED_FOLDERS = ("inbox", "sentitems")  # o365sync.sync.mailbox.MAIL_FOLDERS (that module is the pipeline's)
 # Decisions, in the order the pipeline takes them: first one wins.
 REASONS = ("not_synced_folder", *EXCLUSION_REASONS, "no_crm_match", "matched")
 # One message by Graph id, or the copies of one internetMessageId; the folders' ids tell inbox/sentitems apart.
@@ -100,7 +100,7 @@ def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
         page = parse_page(_get_json_page(client, message), "other")
         if page.messages.num_rows == 0:
             raise MessageNotFound(404, "ErrorItemNotFound")
-        folders = {client.get(f"me/mailFolders/{f}", {"$select": "id"}).json()["id"]: f for f in SYNCED_FOLDERS}
+        folders = {client.get(f"me/mailFolders/{f}", {"$select": "id"}).json()["id"]: f for f in MAIL_FOLDERS}
     messages = pl.DataFrame(page.messages)
     participants = pl.DataFrame(page.participants)
     # Several copies of one internetMessageId: the one in a synced folder explains the import.
