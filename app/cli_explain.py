@@ -37,7 +37,8 @@ def explain(
     """Explain why one message is imported or not: exclusion rule, CRM matches and the primary, stored, erased."""
     from o365sync.auth import token_path
     from o365sync.errors import O365SyncError
-    from o365sync.explain import MessageNotFound, explain_message
+    from o365sync.explain import explain_message
+    from o365sync.graph import GraphNotFound
     from o365sync.settings import load_settings
     from o365sync.tenant_context import resolve_tenant
 
@@ -53,7 +54,7 @@ def explain(
         raise BadInput(f"user {user} is not connected to tenant {config.id} (they connect once in the web app)")
     try:
         result = explain_message(resolve_tenant(settings, config.id), user, message)
-    except MessageNotFound:
+    except GraphNotFound:
         raise BadInput(f"no such message in the mailbox of user {user} (Graph: not found); nothing changed") from None
     except O365SyncError as exc:
         raise BadInput(f"{exc}; nothing changed") from None

@@ -33,10 +33,6 @@ REASONS = ("not_synced_folder", *EXCLUSION_REASONS, "no_crm_match", "matched")
 EXPLAIN_ALLOWLIST: tuple[Allow, ...] = (*MAIL_READ_ALLOWLIST, Allow("GET", "me/messages"))
 
 
-class MessageNotFound(GraphNotFound):
-    """No message with that id in the user's mailbox (Graph 404, or no copy of that internetMessageId)."""
-
-
 @dataclass(frozen=True)
 class MatchedRecord:
     crm_id: str
@@ -64,10 +60,7 @@ def _get_json_page(client: GraphClient, message: str) -> bytes:
         literal = message.replace("'", "''")
         params |= {"$filter": f"internetMessageId eq '{literal}'", "$top": "10"}
         return client.get("me/messages", params).content
-    try:
-        raw = client.get(f"me/messages/{quote(message, safe='')}", params).content
-    except GraphNotFound:
-        raise MessageNotFound(404, "ErrorItemNotFound") from None
+    raw = client.get(f"me/messages/{quote(message, safe='')}", params).content
     return b'{"value":[' + raw + b"]}"
 
 
@@ -88,8 +81,8 @@ def _primary_why(matches: list[MatchedRecord]) -> str | None:
 
 def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
     """Explain one message of `user_oid`'s mailbox (`message`: an internetMessageId in angle brackets, or a Graph
-    id). Raises `NoCrmSnapshot` before any Graph call when there is nothing to match against, `MessageNotFound`
-    when the mailbox has no such message."""
+    id). Raises `NoCrmSnapshot` before any Graph call when there is nothing to match against, `GraphNotFound`
+    when the mailbox has no such message (also when no copy of that internetMessageId is there)."""
     settings, config = tenant.settings, tenant.config
     if not store_path(settings, tenant.id).exists():
         raise NoCrmSnapshot(tenant.id)
@@ -99,7 +92,7 @@ def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
     with user_graph_client(settings, tenant.id, user_oid, scopes_for(["email"]), allow=EXPLAIN_ALLOWLIST) as client:
         page = parse_page(_get_json_page(client, message), "other")
         if page.messages.num_rows == 0:
-            raise MessageNotFound(404, "ErrorItemNotFound")
+            raise GraphNotFound(404, "ErrorItemNotFound")  # what Graph says for an unknown id
         folders = {client.get(f"me/mailFolders/{f}", {"$select": "id"}).json()["id"]: f for f in MAIL_FOLDERS}
     messages = pl.DataFrame(page.messages)
     participants = pl.DataFrame(page.participants)
