@@ -16,6 +16,7 @@ from app.cli_analytics import export  # noqa: E402
 from app.cli_checks import BadInput, OneLineErrors, crm_configured, registered_tenant, run_flow  # noqa: E402
 from app.cli_crm import crm_app  # noqa: E402
 from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
+from app.cli_explain import explain  # noqa: E402
 from app.cli_ops import ops_app  # noqa: E402
 from app.cli_sql import sql  # noqa: E402
 from app.cli_status import status  # noqa: E402
@@ -40,6 +41,7 @@ app.add_typer(offboard_app, name="offboard")
 app.add_typer(crm_app, name="crm")
 app.add_typer(ops_app, name="ops")
 app.command("export")(export)
+app.command("explain")(explain)
 app.command("status")(status)
 app.command("sql")(sql)
 tenant_app.command("resync")(tenant_resync)

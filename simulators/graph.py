@@ -140,6 +140,8 @@ _FILTER_RE = re.compile(
     re.IGNORECASE,
 )
 _QUOTED_FILTER_RE = re.compile(r"\s*receivedDateTime\s+(ge|gt|le|lt|eq)\s+'[^']*'\s*", re.IGNORECASE)
+# `internetMessageId eq '<id>'` on a listing (Graph: a string literal, `''` for a quote inside it).
+_IMID_FILTER_RE = re.compile(r"\s*internetMessageId\s+eq\s+'((?:[^']|'')*)'\s*", re.IGNORECASE)
 _ORDERBY_RE = re.compile(r"\s*(\w+)(?:\s+(asc|desc))?\s*", re.IGNORECASE)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -1052,8 +1054,9 @@ class GraphSimulator(OnServer):
         select = self._parse_select(req)
         expand = self._parse_expand(req)
         self._check_mail_scopes(ctx, select, expand)
-        flt = self._parse_filter(req.query.get("$filter"))
-        desc = self._parse_orderby(req.query.get("$orderby"), flt is not None)
+        imid = _IMID_FILTER_RE.fullmatch(req.query.get("$filter") or "")
+        flt = None if imid else self._parse_filter(req.query.get("$filter"))
+        desc = self._parse_orderby(req.query.get("$orderby"), flt is not None or imid is not None)
         top = self._parse_int(req, "$top", 10, 1, 1000)
         skip = self._parse_int(req, "$skip", 0, 0, 10**9)
         self._mailbox(oid)
@@ -1061,6 +1064,10 @@ class GraphSimulator(OnServer):
         if req.match is not None and req.match.groups():
             folder = self._resolve_folder(oid, req.match.group(1))
         idx = self._folder_index(oid, folder)
+        if imid is not None:  # equality on internetMessageId: every copy in the folder (or mailbox), case-exact
+            wanted = imid.group(1).replace("''", "'")
+            same = [m for m in idx.desc if m.internet_message_id == wanted]
+            idx = _FolderIndex(idx.stamp, same, [-_us(m.received) for m in same])
         n = len(idx.desc)
         if flt is not None:
             op, when = flt

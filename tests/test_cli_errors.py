@@ -40,6 +40,15 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
         "web": [(["--port", "70000"], {})],
         "serve": [([], {"O365SYNC_DATA_DIR": "{EMPTY}"})],
         "import": [(["--tenant", "nosuch"], {}), (["--tenant", FILES_TENANT], {}), (["--tenant", "../x"], {})],
+        "explain": [
+            (["--tenant", "nosuch", "--user", "{U}", "--message", "x"], {}),
+            (["--tenant", "{T}", "--user", "nobody", "--message", "x"], {}),
+            (["--tenant", "{T}", "--user", "{U}"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--message", "x", "--event", "y"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--event", "y"], {}),  # not supported yet
+            (["--tenant", "{T}", "--user", "{U}", "--message", "no-such-graph-id"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--message", "<no-such@example.com>"], {}),
+        ],
         "status": [(["--tenant", "nosuch"], {}), ([], {"O365SYNC_DATA_DIR": "{FILE}"})],
         "export": [
             (["--tenant", "nosuch"], {}),

@@ -408,3 +408,25 @@ def test_all_messages_endpoint(
         headers={**auth(tokens, user), **IMMUTABLE},
     )
     assert {m["id"] for m in resp.json()["value"]} == {m.id for m in world.mailboxes[user.oid]}
+
+
+def test_filter_by_internet_message_id(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
+    """`$filter=internetMessageId eq '<id>'` on /me/messages finds every copy, in any folder; a quote inside the
+    literal is doubled; no match is an empty page, not a 404."""
+    target = next(m for m in world.mailboxes[user.oid] if m.folder != "inbox")
+    headers = {**auth(tokens, user), **IMMUTABLE}
+
+    def by_imid(imid: str) -> list[str]:
+        resp = http.get(
+            f"{sim.base_url}/me/messages",
+            params={"$filter": f"internetMessageId eq '{imid.replace(chr(39), chr(39) * 2)}'", "$select": "id"},
+            headers=headers,
+        )
+        assert resp.status_code == 200, resp.text
+        return [item["id"] for item in resp.json()["value"]]
+
+    assert by_imid(target.internet_message_id) == [target.id]
+    assert by_imid("<no-such'quote@example.com>") == []
+    assert by_imid(target.internet_message_id.upper()) == []  # exact comparison
