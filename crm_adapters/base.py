@@ -1,5 +1,6 @@
 """What the CRM adapters share beyond the library's snapshot model (`o365sync.crm`: frames, errors, the
-`CrmAdapter` Protocol they implement): secrets, an empty snapshot, the people frame and a website's domain."""
+`CrmAdapter` Protocol they implement): secrets, an empty snapshot, the snapshot's three frames in their schemas
+and a website's domain."""
 
 from __future__ import annotations
 
@@ -32,13 +33,25 @@ def empty_snapshot() -> CrmSnapshot:
     )
 
 
+def conform(frame: pl.DataFrame, schema: pl.Schema) -> pl.DataFrame:
+    """The columns of `schema`, in its order and types (what the snapshot's frames hold)."""
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+
+
 def people_frame(frame: pl.DataFrame) -> pl.DataFrame:
-    """Normalise emails, drop rows without one, and conform to PEOPLE_SCHEMA (column order and types)."""
-    return (
-        frame.with_columns(normalise_email(pl.col("email")).alias("email"))
-        .filter(pl.col("email").is_not_null())
-        .select([pl.col(name).cast(dtype) for name, dtype in PEOPLE_SCHEMA.items()])
-    )
+    """Normalise emails, drop rows without one, and conform to PEOPLE_SCHEMA."""
+    normalised = frame.with_columns(normalise_email(pl.col("email")).alias("email"))
+    return conform(normalised.filter(pl.col("email").is_not_null()), PEOPLE_SCHEMA)
+
+
+def accounts_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` conformed to ACCOUNTS_SCHEMA."""
+    return conform(frame, ACCOUNTS_SCHEMA)
+
+
+def opportunities_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` conformed to OPPORTUNITIES_SCHEMA."""
+    return conform(frame, OPPORTUNITIES_SCHEMA)
 
 
 def website_domain(website: str | None) -> str | None:

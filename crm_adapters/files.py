@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NoReturn
 import httpx
 import polars as pl
 
-from crm_adapters.base import people_frame, website_domain
+from crm_adapters.base import accounts_frame, opportunities_frame, people_frame, website_domain
 from o365sync.crm import (
     ACCOUNTS_SCHEMA,
     EARLIEST_CREATED,
@@ -360,9 +360,7 @@ def _accounts(directory: Path) -> pl.DataFrame:
         .with_columns(pl.lit(None, pl.String).alias("domain"))
     )
     rows = pl.concat([with_domain.select(_ROW, *ACCOUNTS_SCHEMA), without.select(_ROW, *ACCOUNTS_SCHEMA)])
-    return rows.sort(_ROW, maintain_order=True).select(
-        [pl.col(name).cast(dtype) for name, dtype in ACCOUNTS_SCHEMA.items()]
-    )
+    return accounts_frame(rows.sort(_ROW, maintain_order=True))
 
 
 def _instant(text: str) -> datetime | None:
@@ -413,9 +411,7 @@ def _opportunities(directory: Path) -> pl.DataFrame:
     frame = table.frame.with_columns(
         pl.col("_created").alias("created_at"), table.col("account_id"), table.col("name"), _bool(table, "is_closed")
     )
-    return frame.filter(~pl.col("is_closed")).select(  # the snapshot holds open opportunities only
-        [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
-    )
+    return opportunities_frame(frame.filter(~pl.col("is_closed")))  # the snapshot holds open opportunities only
 
 
 def fetch_snapshot(conn: FilesConnection, http: httpx.Client | None = None) -> CrmSnapshot:

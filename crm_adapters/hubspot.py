@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import polars as pl
 
-from crm_adapters.base import people_frame, stored_secret, website_domain
+from crm_adapters.base import accounts_frame, opportunities_frame, people_frame, stored_secret, website_domain
 from crm_adapters.rest import (
     RETRY_STATUSES,
     RestClient,
@@ -47,16 +47,7 @@ from crm_adapters.rest import (
     parse_time,
     retry_after_seconds,
 )
-from o365sync.crm import (
-    ACCOUNTS_SCHEMA,
-    OPPORTUNITIES_SCHEMA,
-    CrmAuthError,
-    CrmChanges,
-    CrmError,
-    CrmQuotaExhausted,
-    CrmSnapshot,
-    connection_settings,
-)
+from o365sync.crm import CrmAuthError, CrmChanges, CrmError, CrmQuotaExhausted, CrmSnapshot, connection_settings
 
 if TYPE_CHECKING:
     from o365sync.tenants import TenantConfig
@@ -300,7 +291,7 @@ def _account_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
             cols["crm_id"].append(str(rec["id"]))
             cols["name"].append(props.get("name"))
             cols["domain"].append(domain)
-    return pl.DataFrame(cols, schema=ACCOUNTS_SCHEMA)
+    return accounts_frame(pl.DataFrame(cols, schema={name: pl.String for name in cols}))
 
 
 def closed_stages(client: _HubSpotClient) -> dict[tuple[str, str], bool]:
@@ -344,9 +335,7 @@ def _opportunity_rows(
             "created_at": pl.Datetime("us", "UTC"),
         },
     )
-    return frame.with_columns(pl.lit(False).alias("is_closed")).select(
-        [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
-    )
+    return opportunities_frame(frame.with_columns(pl.lit(False).alias("is_closed")))
 
 
 # -- public entry points -------------------------------------------------------------------------------------

@@ -44,19 +44,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import polars as pl
 
-from crm_adapters.base import people_frame, stored_secret, website_domain
+from crm_adapters.base import accounts_frame, opportunities_frame, people_frame, stored_secret, website_domain
 from crm_adapters.rest import RestClient, backoff_delay, int_header, json_object, new_cursor, newest_time, utc_seconds
-from o365sync.crm import (
-    ACCOUNTS_SCHEMA,
-    OPPORTUNITIES_SCHEMA,
-    PEOPLE_SCHEMA,
-    CrmAuthError,
-    CrmChanges,
-    CrmError,
-    CrmQuotaExhausted,
-    CrmSnapshot,
-    connection_settings,
-)
+from o365sync.crm import CrmAuthError, CrmChanges, CrmError, CrmQuotaExhausted, CrmSnapshot, connection_settings
 
 if TYPE_CHECKING:
     from o365sync.tenants import TenantConfig
@@ -176,7 +166,7 @@ def _live(rec: dict[str, Any]) -> bool:
 
 def _people_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
     """One row per distinct address of each live person."""
-    cols: dict[str, list[Any]] = {name: [] for name in PEOPLE_SCHEMA}
+    cols: dict[str, list[Any]] = {"crm_id": [], "kind": [], "email": [], "account_id": [], "name": []}
     for rec in records:
         if not _live(rec):
             continue
@@ -190,7 +180,7 @@ def _people_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
             cols["email"].append(value)
             cols["account_id"].append(_id(rec.get("org_id")))
             cols["name"].append(rec.get("name"))
-    frame = people_frame(pl.DataFrame(cols, schema=PEOPLE_SCHEMA))
+    frame = people_frame(pl.DataFrame(cols, schema={name: pl.String for name in cols}))
     return frame.unique(subset=["crm_id", "email"], keep="first", maintain_order=True)
 
 
@@ -204,7 +194,7 @@ def _account_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
         cols["crm_id"].append(_id(rec.get("id")))
         cols["name"].append(rec.get("name"))
         cols["domain"].append(website_domain(website) if isinstance(website, str) else None)
-    return pl.DataFrame(cols, schema=ACCOUNTS_SCHEMA)
+    return accounts_frame(pl.DataFrame(cols, schema={name: pl.String for name in cols}))
 
 
 def _opportunity_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
@@ -224,9 +214,7 @@ def _opportunity_rows(records: Iterable[dict[str, Any]]) -> pl.DataFrame:
         .str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us")
         .dt.convert_time_zone("UTC")
     )
-    return frame.with_columns(created.alias("created_at"), pl.lit(False).alias("is_closed")).select(
-        [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
-    )
+    return opportunities_frame(frame.with_columns(created.alias("created_at"), pl.lit(False).alias("is_closed")))
 
 
 def _watermark(*groups: list[dict[str, Any]]) -> datetime | None:

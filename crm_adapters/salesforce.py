@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 import polars as pl
 
-from crm_adapters.base import people_frame, stored_secret, website_domain
+from crm_adapters.base import opportunities_frame, people_frame, stored_secret, website_domain
 from crm_adapters.rest import (
     RETRY_STATUSES,
     RestClient,
@@ -244,10 +244,7 @@ class _Rows:
         created = (
             pl.col("created_at").str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", time_unit="us").dt.convert_time_zone("UTC")
         )
-        opps = opps.with_columns(created.alias("created_at")).select(
-            [pl.col(name).cast(dtype) for name, dtype in OPPORTUNITIES_SCHEMA.items()]
-        )
-        return people, accounts, opps
+        return people, accounts, opportunities_frame(opps.with_columns(created.alias("created_at")))
 
 
 @dataclass(frozen=True)
