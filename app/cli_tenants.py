@@ -33,6 +33,16 @@ def _fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _registered(settings, tenant_id: str, code: int = 2) -> TenantConfig:  # noqa: ANN001
+    """The registered tenant's configuration, or its one-line "not found" (nothing was changed)."""
+    from o365sync.tenants import TenantNotFound, load_tenant
+
+    try:
+        return load_tenant(settings, tenant_id)
+    except TenantNotFound as exc:
+        _fail(str(exc), code)
+
+
 # Options shared by `tenant add` and `tenant update` (update: an option left out keeps its value).
 Name = Annotated[str | None, typer.Option(help="Display name.")]
 Domains = Annotated[list[str] | None, typer.Option("--domain", help="Verified domain (repeat).")]
@@ -208,14 +218,11 @@ def tenant_update(
     """Change a registered tenant: only the options given (--domain and --feature replace the lists); region,
     blocklists and users' choices are kept. New CRM secrets (environment or --crm-secrets-stdin) are stored with
     the tenant's other files; changing the CRM kind without new secrets forgets the old ones."""
-    from o365sync.tenants import TenantNotFound, load_tenant, save_tenant, tenant_dir
+    from o365sync.tenants import TenantNotFound, save_tenant, tenant_dir
 
     _refuse_secret_arguments(crm_client_secret, crm_refresh_token, crm_token)
     settings = _settings()
-    try:
-        current = load_tenant(settings, tenant_id)
-    except TenantNotFound as exc:
-        _fail(str(exc), 1)
+    current = _registered(settings, tenant_id, 1)
     config = _config(current.model_dump(), locals())
     secrets = _secrets(config, crm_secrets_stdin)
     if secrets is None and config.crm_kind != current.crm_kind:
@@ -306,13 +313,10 @@ def user_set(
     ] = None,
 ) -> None:
     """Change one connected user's choices; options left out keep their value."""
-    from o365sync.tenants import TenantNotFound, load_tenant, save_tenant
+    from o365sync.tenants import save_tenant
 
     settings = _settings()
-    try:
-        t = load_tenant(settings, tenant_id)
-    except TenantNotFound as exc:
-        _fail(str(exc))
+    t = _registered(settings, tenant_id)
     user = _known_user(settings, t, user)
     changes = {
         k: v
@@ -378,13 +382,10 @@ def tenant_block(
     remove: Annotated[bool, typer.Option("--remove", help="Take the entries off the list instead.")] = False,
 ) -> None:
     """Add (or remove) blocklist entries, tenant-wide or for one connected user."""
-    from o365sync.tenants import TenantNotFound, change_blocklist, load_tenant
+    from o365sync.tenants import TenantNotFound, change_blocklist
 
     settings = _settings()
-    try:
-        t = load_tenant(settings, tenant_id)
-    except TenantNotFound as exc:
-        _fail(str(exc))
+    t = _registered(settings, tenant_id)
     if user is not None:
         user = _known_user(settings, t, user)
     try:
