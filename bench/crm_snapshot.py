@@ -48,11 +48,11 @@ sys.path.insert(0, str(REPO))
 
 from import_vs_dlt import (  # noqa: E402
     _cpu_model,
-    _self_rss_mb,
     bench_parser,
     fail,
     parse_with_quick,
     run_script,
+    wall_time_line,
     write_json,
 )
 
@@ -362,10 +362,7 @@ def render(b: Bench, results: list[dict], bench_s: float) -> str:
             f"{res['fetch'][-1]['rss_after_import_mb']:.0f}), after store write "
             f"{res['fetch'][-1]['peak_rss_write_mb']:.0f} MB"
         )
-    lines.append(
-        f"Benchmark wall time: {bench_s:.0f}s (world {b.world_s:.1f}s, messages {b.messages_s:.1f}s); "
-        f"parent RSS now {_self_rss_mb():.0f} MB"
-    )
+    lines.append(wall_time_line(bench_s, f"(world {b.world_s:.1f}s, messages {b.messages_s:.1f}s)"))
     return "\n".join(lines)
 
 

@@ -45,7 +45,6 @@ from import_vs_dlt import (
     Harness,
     _cpu_model,
     _mem_gb,
-    _self_rss_mb,
     _versions,
     bench_parser,
     build_world,
@@ -54,6 +53,7 @@ from import_vs_dlt import (
     parse_with_quick,
     run_child,
     run_medians,
+    wall_time_line,
     write_json,
 )
 
@@ -414,10 +414,8 @@ def render(h: LimitsHarness, part_a: list[dict], part_b: dict[str, list[dict]], 
             ),
             "",
         ]
-    lines.append(
-        f"Benchmark wall time: {bench_s:.0f}s for warm-up + runs, {time.perf_counter() - T0:.0f}s in all "
-        f"(world, simulators, connect, CRM snapshot included); parent RSS now {_self_rss_mb():.0f} MB"
-    )
+    in_all = f"{time.perf_counter() - T0:.0f}s in all (world, simulators, connect, CRM snapshot included)"
+    lines.append(wall_time_line(bench_s, f"for warm-up + runs, {in_all}"))
     return "\n".join(lines)
 
 

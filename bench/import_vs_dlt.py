@@ -39,6 +39,8 @@ from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 
+from _measure import rss_mb
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 VARIANTS = ("ours", "dlt", "ours-listing")
@@ -91,13 +93,6 @@ def _versions() -> str:
     return ", ".join(out)
 
 
-def _self_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 class BenchFailure(SystemExit):
     pass
 
@@ -114,6 +109,12 @@ def bench_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the raw results as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     return p
+
+
+def wall_time_line(bench_s: float, detail: str) -> str:
+    """The report's last line: how long the benchmark took (`detail` says what the time covers) and the RSS of this
+    simulator-hosting parent now."""
+    return f"Benchmark wall time: {bench_s:.0f}s {detail}; parent RSS now {rss_mb():.0f} MB"
 
 
 def parse_with_quick(p: argparse.ArgumentParser, argv: list[str] | None, **sizes: object) -> argparse.Namespace:
@@ -547,7 +548,7 @@ def render(h: Harness, summary: dict[str, dict], bench_s: float) -> str:
             for n in VARIANTS
             if n in summary
         )
-        + f"; parent RSS now {_self_rss_mb():.0f}).",
+        + f"; parent RSS now {rss_mb():.0f}).",
         "Work is not identical: ours also matches every page against the CRM snapshot, fetches plain-text bodies "
         f"for the {o['matched']:,.0f} matched messages via $batch (20 per request, one batch in flight) and writes "
         "emails, participants and matches (+ cursors) transactionally; dlt only lands the header rows. "
