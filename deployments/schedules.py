@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from o365sync.settings import Settings
 from o365sync.tenants import TenantConfig, list_tenants
@@ -135,20 +135,28 @@ def _retention_flow() -> Flow[..., Any]:
     return retention
 
 
+def _tenant_deployment(flow: Flow[..., Any], kind: str, t: TenantConfig, **options: Any) -> RunnerDeployment:
+    """The `<kind>-<tenant>` deployment of `flow` for tenant `t` (parameter tenant_id, the tenant's tags, imported by
+    module path); `options` go to `Flow.to_deployment` (description, schedules, concurrency limit)."""
+    from prefect.deployments.runner import EntrypointType
+
+    deployment = flow.to_deployment(
+        name=deployment_name(kind, t.id),
+        parameters={"tenant_id": t.id},
+        tags=_tags(t.id, kind),
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        **options,
+    )
+    return cast("RunnerDeployment", deployment)  # called outside an event loop: the deployment, not a coroutine
+
+
 def on_demand(flow: Flow[..., Any], kind: str, t: TenantConfig, description: str) -> RunnerDeployment:
     """An unscheduled `<kind>-<tenant>` deployment of `flow` for tenant `t`: one run per tenant at a time, the others
     queue on the server (limit 1, ENQUEUE)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.deployments.runner import EntrypointType
 
-    return flow.to_deployment(
-        name=deployment_name(kind, t.id),
-        description=description,
-        parameters={"tenant_id": t.id},
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        tags=_tags(t.id, kind),
-        entrypoint_type=EntrypointType.MODULE_PATH,
-    )
+    enqueue = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+    return _tenant_deployment(flow, kind, t, description=description, concurrency_limit=enqueue)
 
 
 def email_tenants(settings: Settings) -> list[TenantConfig]:
@@ -171,7 +179,6 @@ def build_deployments(
     `flows.calendar_sync.calendar_sync`, `flows.teams.teams_refresh`).
     Building contacts no Prefect API; `prefect.serve(*deployments)` or `deployment.apply()` registers them."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Interval
 
     tenants = email_tenants(settings) if tenants is None else [t for t in tenants if "email" in t.features]
@@ -185,16 +192,15 @@ def build_deployments(
     def recurring(
         flow: Flow[..., Any], kind: str, interval: int, slug: str, what: str, t: TenantConfig
     ) -> RunnerDeployment:
-        return flow.to_deployment(
-            name=deployment_name(kind, t.id),
+        return _tenant_deployment(
+            flow,
+            kind,
+            t,
             description=f"{what} of {_who(t)} {every(interval)}; an overlapping run is cancelled before it starts.",
             schedules=[
                 Interval(interval, anchor_date=schedule_anchor(t.id, kind, interval), timezone="UTC", slug=slug)
             ],
-            parameters={"tenant_id": t.id},
             concurrency_limit=cancel_new,
-            tags=_tags(t.id, kind),
-            entrypoint_type=EntrypointType.MODULE_PATH,
         )
 
     for t in tenants:

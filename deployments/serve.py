@@ -24,6 +24,7 @@ from deployments.user_import import user_import_deployments
 from o365sync.settings import Settings
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.deployments.runner import RunnerDeployment
 
 DEFAULT_LIMIT = 4
@@ -34,11 +35,19 @@ class NothingToServe(RuntimeError):
     pass
 
 
+def _interval_schedule(deployment: RunnerDeployment) -> IntervalSchedule | None:
+    """The deployment's interval schedule (the only kind ours have), None when it is unscheduled."""
+    from prefect.client.schemas.schedules import IntervalSchedule
+
+    schedule = deployment.schedules[0].schedule if deployment.schedules else None
+    return schedule if isinstance(schedule, IntervalSchedule) else None
+
+
 def next_starts(deployment: RunnerDeployment, now: datetime, count: int = 3) -> list[datetime]:
     """The next `count` start times of the deployment's interval schedule after `now` (none when unscheduled)."""
-    if not deployment.schedules:
+    schedule = _interval_schedule(deployment)
+    if schedule is None:
         return []
-    schedule = deployment.schedules[0].schedule
     interval_s = schedule.interval.total_seconds()
     anchor_s = datetime.fromisoformat(schedule.anchor_date.isoformat()).timestamp()
     first_s = now.timestamp() + (anchor_s - now.timestamp()) % interval_s  # first anchor + k * interval >= now
@@ -52,9 +61,11 @@ def describe(deployments: list[RunnerDeployment], now: datetime | None = None) -
     rows = []
     for d in deployments:
         tenant = str(d.parameters.get("tenant_id", ""))
-        if starts := next_starts(d, now):
+        schedule = _interval_schedule(d)
+        if schedule is not None:
+            starts = next_starts(d, now)
             times = ", ".join(t.strftime("%H:%M:%S" if t.date() == now.date() else "%b %d %H:%M:%S") for t in starts)
-            when = f"{every(int(d.schedules[0].schedule.interval.total_seconds()))}, next {times} UTC"
+            when = f"{every(int(schedule.interval.total_seconds()))}, next {times} UTC"
         else:
             when = "on demand"
         rows.append((tenant, d.full_name, when))

@@ -33,7 +33,9 @@ def user_import_deployments(
     """One `user-import-<tenant>` deployment per email-enabled tenant (parameter `tenant_id` set; `user_id` given
     by each run)."""
     if flow is None:
-        from flows.user_import import user_import as flow
+        from flows.user_import import user_import
+
+        flow = user_import
     tenants = email_tenants(settings) if tenants is None else [t for t in tenants if "email" in t.features]
     return [
         on_demand(
