@@ -21,7 +21,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import cast, get_args
 from uuid import UUID
 
 from pydantic import SecretStr
@@ -88,7 +88,7 @@ def register_deployments(
         d.job_variables = job_variables
         d.work_queue_name = shard_queue(shards.get(str(d.parameters["tenant_id"])))
         d.paused = (paused or {}).get(d.name, False)
-        out[d.full_name] = d.apply(work_pool_name=work_pool_name)
+        out[d.full_name] = cast(UUID, d.apply(work_pool_name=work_pool_name))  # outside an event loop: the id
     if prune and tenants is None:
         for name in prune_deployments(work_pool_name, keep=set(out)):
             print(f"removed {name} (its tenant is no longer registered with the email feature)")
