@@ -35,6 +35,10 @@ Tenant = Annotated[str, typer.Option(help="Tenant id.")]
 User = Annotated[str | None, typer.Option(help="Only this user's copy (object id); default: every user's.")]
 Actor = Annotated[str | None, typer.Option(help="Who asks (an id for the audit log); default cli:<login>.")]
 Reason = Annotated[str, typer.Option(help="user_request | admin_request.")]
+# What a conversation or meeting command acts on (export and delete alike).
+Message = Annotated[str | None, typer.Option(help="A message's (immutable) Graph id: its conversation.")]
+Event = Annotated[str | None, typer.Option(help="Event (instance) id.")]
+Series = Annotated[str | None, typer.Option(help="Series master id: every stored occurrence.")]
 
 
 def _settings():  # noqa: ANN202
@@ -75,7 +79,7 @@ def _erase(tenant: str, scope, actor: str | None, reason: str) -> None:  # noqa:
 def conversation_export(
     tenant: Tenant,
     conversation: Annotated[str | None, typer.Option("--id", help="Conversation id.")] = None,
-    message: Annotated[str | None, typer.Option(help="A message's (immutable) Graph id: its conversation.")] = None,
+    message: Message = None,
     user: User = None,
     eml: Annotated[bool, typer.Option(help="Also one .eml file per message.")] = True,
 ) -> None:
@@ -96,7 +100,7 @@ def conversation_export(
 def conversation_delete(
     tenant: Tenant,
     conversation: Annotated[list[str] | None, typer.Option("--id", help="Conversation id (repeatable).")] = None,
-    message: Annotated[str | None, typer.Option(help="A message's (immutable) Graph id: its conversation.")] = None,
+    message: Message = None,
     user: User = None,
     actor: Actor = None,
     reason: Reason = "user_request",
@@ -114,8 +118,8 @@ def conversation_delete(
 @meeting_app.command("export")
 def meeting_export(
     tenant: Tenant,
-    event: Annotated[str | None, typer.Option(help="Event (instance) id.")] = None,
-    series: Annotated[str | None, typer.Option(help="Series master id: every stored occurrence.")] = None,
+    event: Event = None,
+    series: Series = None,
     user: User = None,
 ) -> None:
     """Export a meeting or a series as JSON under the tenant's exports folder."""
@@ -132,8 +136,8 @@ def meeting_export(
 @meeting_app.command("delete")
 def meeting_delete(
     tenant: Tenant,
-    event: Annotated[str | None, typer.Option(help="Event (instance) id.")] = None,
-    series: Annotated[str | None, typer.Option(help="Series master id: every occurrence.")] = None,
+    event: Event = None,
+    series: Series = None,
     user: User = None,
     actor: Actor = None,
     reason: Reason = "user_request",
