@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from o365sync.settings import load_settings
 from o365sync.startup import start_process
 
 start_process()  # private files (umask 077), Prefect's home in the data dir: before anything imports Prefect
@@ -48,19 +49,13 @@ tenant_app.command("resync")(tenant_resync)
 console = Console()
 
 
-def _settings():  # noqa: ANN202
-    from o365sync.settings import load_settings
-
-    return load_settings()
-
-
 @app.callback()
 def _check_settings() -> None:
     """Settings that cannot be read, or a data dir that is not a folder, fail every command in one line."""
     from pydantic import ValidationError
 
     try:
-        settings = _settings()
+        settings = load_settings()
     except ValidationError as exc:
         err = exc.errors()[0]
         raise BadInput(
@@ -102,7 +97,7 @@ def demo(
     _at_least_one(users=users, messages=messages, contacts=contacts)
     from app.demo import run_demo
 
-    run_demo(_settings().data_dir, seed, users, messages, contacts, console, keep_console)
+    run_demo(load_settings().data_dir, seed, users, messages, contacts, console, keep_console)
 
 
 @app.command()
@@ -122,7 +117,7 @@ def simulate(
     _at_least_one(users=users, messages=messages, contacts=contacts)
     _port(web_port, "--web-port")
     running = simulate_world(
-        _settings().data_dir,
+        load_settings().data_dir,
         seed,
         users,
         messages,
@@ -141,13 +136,13 @@ def web(host: str = "127.0.0.1", port: int = 8400) -> None:
     """Serve /connect?tenant=<id> and the OAuth redirect callback."""
     from app.web import serve
 
-    serve(_settings(), host, _port(port, "--port"))
+    serve(load_settings(), host, _port(port, "--port"))
 
 
 @app.command("import")
 def import_(tenant: Annotated[str, typer.Option(help="Tenant id.")]) -> None:
     """Run the initial-import flow for a tenant now."""
-    settings = _settings()
+    settings = load_settings()
     crm_configured(settings, registered_tenant(settings, tenant))  # before Prefect starts
     from flows.initial_import import ImportIncomplete, initial_import
 
@@ -187,7 +182,7 @@ def serve(
 
     try:
         serve_tenants(
-            _settings(),
+            load_settings(),
             limit=limit,
             port=port,
             on_ready=ready,

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from app.cli_checks import BadInput, command_group, known_user, registered_tenant, run_flow
 from o365sync.prefect_env import configure_prefect_env
+from o365sync.settings import load_settings
 
 configure_prefect_env()  # before anything imports Prefect
 
@@ -41,12 +42,6 @@ Event = Annotated[str | None, typer.Option(help="Event (instance) id.")]
 Series = Annotated[str | None, typer.Option(help="Series master id: every stored occurrence.")]
 
 
-def _settings():  # noqa: ANN202
-    from o365sync.settings import load_settings
-
-    return load_settings()
-
-
 def _actor(actor: str | None) -> str:
     if actor:
         return actor
@@ -62,7 +57,7 @@ def _erase(tenant: str, scope, actor: str | None, reason: str) -> None:  # noqa:
     from o365sync.tenants import TenantNotFound
 
     try:
-        r = erase(_settings(), tenant, scope, actor=_actor(actor), reason=reason)
+        r = erase(load_settings(), tenant, scope, actor=_actor(actor), reason=reason)
     except (LookupError, ValueError, TenantNotFound, ErasureError) as exc:
         raise BadInput(str(exc)) from None
     ids = " ".join(f"{k}={','.join(v)}" for k, v in r.ids.items() if v)
@@ -89,7 +84,7 @@ def conversation_export(
 
     try:
         r = export_conversation(
-            _settings(), tenant, conversation_id=conversation, graph_id=message, user_oid=user, eml=eml
+            load_settings(), tenant, conversation_id=conversation, graph_id=message, user_oid=user, eml=eml
         )
     except (LookupError, ValueError, TenantNotFound) as exc:
         raise BadInput(str(exc)) from None
@@ -127,7 +122,7 @@ def meeting_export(
     from o365sync.tenants import TenantNotFound
 
     try:
-        r = export_meeting(_settings(), tenant, event_id=event, series_id=series, user_oid=user)
+        r = export_meeting(load_settings(), tenant, event_id=event, series_id=series, user_oid=user)
     except (LookupError, ValueError, TenantNotFound) as exc:
         raise BadInput(str(exc)) from None
     console.print(f"Exported {r.items} meeting instances to {r.path}")
@@ -155,7 +150,7 @@ def meeting_delete(
 @retention_app.command("run")
 def retention_run(tenant: Tenant) -> None:
     """Run the retention flow now (also completes offboarding deletions whose grace period passed)."""
-    registered_tenant(_settings(), tenant)  # before Prefect starts
+    registered_tenant(load_settings(), tenant)  # before Prefect starts
     from flows.retention import retention
 
     console.print(run_flow(retention, tenant))
@@ -165,7 +160,7 @@ def retention_run(tenant: Tenant) -> None:
 @offboard_app.command("user")
 def offboard_user_cmd(tenant: Tenant, user: Annotated[str, typer.Argument(help="The user's object id.")]) -> None:
     """A user left: tokens removed now; their data deleted (after the grace period) or retained, per policy."""
-    settings = _settings()
+    settings = load_settings()
     known_user(settings, registered_tenant(settings, tenant), user)  # before Prefect starts
     from flows.offboarding import offboard_user
 
@@ -178,7 +173,7 @@ def offboard_readmit(tenant: Tenant, user: Annotated[str, typer.Argument(help="T
     from o365sync.offboarding import readmit_user_now
 
     try:
-        out = readmit_user_now(_settings(), tenant, user, actor=_actor(None))
+        out = readmit_user_now(load_settings(), tenant, user, actor=_actor(None))
     except (LookupError, ValueError) as exc:  # unknown tenant or user, or a user who is not offboarded
         raise BadInput(str(exc)) from None
     console.print(f"user {user} of tenant {tenant} readmitted (was: {out['policy']}); they can connect again")
@@ -191,7 +186,7 @@ def offboard_tenant(
 ) -> None:
     """End the subscription: delete the tenant's store, snapshot, exports, CRM snapshot and credentials, token
     caches and registry entry. Only the audit log entry remains."""
-    registered_tenant(_settings(), tenant)
+    registered_tenant(load_settings(), tenant)
     if not yes:
         raise BadInput(f"this deletes every file of tenant {tenant}; repeat with --yes")
     from flows.offboarding import end_subscription
@@ -206,7 +201,7 @@ def offboard_status(tenant: Tenant) -> None:
 
     from o365sync.offboarding import offboarding_status
 
-    settings = _settings()
+    settings = load_settings()
     registered_tenant(settings, tenant)
     table = Table("user", "policy", "offboarded", "delete after", "deleted")
     for oid, r in sorted(offboarding_status(settings, tenant).items()):

@@ -21,17 +21,12 @@ from app.cli_checks import (
     run_flow,
 )
 from o365sync.prefect_env import configure_prefect_env
+from o365sync.settings import load_settings
 
 configure_prefect_env()  # before anything imports Prefect
 
 teams_app = command_group("Teams sharing: users' channels, and activity summaries posted to a channel or chat.")
 console = Console()
-
-
-def _settings():  # noqa: ANN202
-    from o365sync.settings import load_settings
-
-    return load_settings()
 
 
 def _tenant_or_exit(settings, tenant: str):  # noqa: ANN001, ANN202
@@ -55,7 +50,7 @@ def channels(
     from o365sync.teams import ConsentNeeded, refresh_channels
     from o365sync.teams_store import read_channels
 
-    settings = _settings()
+    settings = load_settings()
     config = _tenant_or_exit(settings, tenant)
     if user:
         (connected_user if refresh else known_user)(settings, config, user)
@@ -115,7 +110,7 @@ def share(
     """Post an activity summary (never a body) to a channel or to a chat created for it; once per target."""
     from o365sync.auth import connected_users
 
-    settings = _settings()
+    settings = load_settings()
     config = _tenant_or_exit(settings, tenant)
     if (meeting is None) == (email is None):
         raise BadInput("give exactly one of --meeting or --email", 2)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from o365sync.settings import load_settings
 from o365sync.tenants import CRM_SECRET_VARIABLES
 
 if TYPE_CHECKING:
@@ -19,12 +20,6 @@ if TYPE_CHECKING:
 tenant_app = typer.Typer(help="Register and inspect tenants.", no_args_is_help=True)
 user_app = typer.Typer(help="Per-user choices (calendar import, internal meetings, Notetaker).", no_args_is_help=True)
 console = Console()
-
-
-def _settings():  # noqa: ANN202
-    from o365sync.settings import load_settings
-
-    return load_settings()
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -185,7 +180,7 @@ def tenant_add(
     if not domain:
         _fail("give at least one --domain (the tenant's verified domains)")
     config = _config({"id": id}, locals())
-    settings = _settings()
+    settings = load_settings()
     if (registry_dir(settings, config.id) / "tenant.json").exists():
         _fail(str(TenantExists(config.id)))
     secrets = _secrets(config, crm_secrets_stdin)
@@ -221,7 +216,7 @@ def tenant_update(
     from o365sync.tenants import TenantNotFound, save_tenant, tenant_dir
 
     _refuse_secret_arguments(crm_client_secret, crm_refresh_token, crm_token)
-    settings = _settings()
+    settings = load_settings()
     current = _registered(settings, tenant_id, 1)
     config = _config(current.model_dump(), locals())
     secrets = _secrets(config, crm_secrets_stdin)
@@ -245,7 +240,7 @@ def tenant_list() -> None:
     """List registered tenants (entries of the registry that cannot be read are named and skipped)."""
     from o365sync.tenants import scan_tenants
 
-    tenants, problems = scan_tenants(_settings())
+    tenants, problems = scan_tenants(load_settings())
     table = Table("id", "name", "domains", "crm", "features", "shard")
     for t in tenants:
         table.add_row(t.id, t.name, ", ".join(t.domains), t.crm_kind, ", ".join(t.features), t.shard or "")
@@ -260,7 +255,7 @@ def tenant_show(tenant_id: str) -> None:
     from o365sync.auth import connected_users
     from o365sync.tenants import TenantNotFound, load_crm_secrets, load_tenant
 
-    settings = _settings()
+    settings = load_settings()
     try:
         t = load_tenant(settings, tenant_id)
         secrets, users = load_crm_secrets(settings, t.id), connected_users(settings, t.id)
@@ -315,7 +310,7 @@ def user_set(
     """Change one connected user's choices; options left out keep their value."""
     from o365sync.tenants import save_tenant
 
-    settings = _settings()
+    settings = load_settings()
     t = _registered(settings, tenant_id)
     user = _known_user(settings, t, user)
     changes = {
@@ -340,7 +335,7 @@ def tenant_move(
     from o365sync.tenants import TenantNotFound
 
     try:
-        result = move_tenant(_settings(), tenant_id, None if region == "default" else region)
+        result = move_tenant(load_settings(), tenant_id, None if region == "default" else region)
     except (TenantNotFound, ValueError) as exc:
         _fail(str(exc))
     console.print(
@@ -363,7 +358,7 @@ def tenant_assign(
     from deployments.shards import assign_shard
     from o365sync.tenants import TenantNotFound
 
-    settings = _settings()
+    settings = load_settings()
     try:
         result = assign_shard(settings, tenant_id, shard, drain_timeout_s=wait, say=console.print)
     except (TenantNotFound, ValueError, PrefectApiError) as exc:
@@ -384,7 +379,7 @@ def tenant_block(
     """Add (or remove) blocklist entries, tenant-wide or for one connected user."""
     from o365sync.tenants import TenantNotFound, change_blocklist
 
-    settings = _settings()
+    settings = load_settings()
     t = _registered(settings, tenant_id)
     if user is not None:
         user = _known_user(settings, t, user)
