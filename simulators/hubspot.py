@@ -46,6 +46,7 @@ from typing import Any
 
 from simulators import server
 from simulators.server import Handler, Request, Response, SimServer, wrapped_routes
+from simulators.static_tokens import StaticTokens
 from simulators.tls import SimulatorTLS
 from simulators.world import World, website_domain
 
@@ -220,9 +221,7 @@ class HubSpotSimulator(SimServer):
         self.burst_limit: int | None = None  # requests per rolling 10 s of `clock`; None: not enforced
         self.requests: list[LoggedRequest] = []
         self._lock = threading.RLock()
-        self._tokens: dict[str, str] = {}  # live token -> tid
-        self._expired: dict[str, str] = {}
-        self._token_of: dict[str, str] = {}
+        self._tokens = StaticTokens(lambda: "pat-na1-" + str(uuid.UUID(bytes=secrets.token_bytes(16))))
         self._objects: dict[str, dict[str, dict[str, _Rec]]] = {}
         self._order: dict[str, dict[str, list[int]]] = {}
         self._ids: dict[str, dict[str, str]] = {}  # tid -> world id -> hubspot id
@@ -232,7 +231,7 @@ class HubSpotSimulator(SimServer):
         self._throttles: list[list[Any]] = []  # [policy, remaining (None = until cleared), skip, retry_after]
         for t in world.tenants:
             self._build_portal(t.tid)
-            self._issue_token(t.tid)
+            self._tokens.issue(t.tid)
         routes = [
             ("GET", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/?", self._list),
             ("GET", r"/crm/v3/objects/(?P<type>contacts|companies|deals)/(?P<id>\d+)", self._get_one),
@@ -334,23 +333,14 @@ class HubSpotSimulator(SimServer):
                 self._objects[tid]["companies"][company].assoc.setdefault("deals", []).append(rec.id)
 
     # ------------------------------------------------------------------------------------------- test knobs
-    def _issue_token(self, tid: str) -> str:
-        token = "pat-na1-" + str(uuid.UUID(bytes=secrets.token_bytes(16)))
-        self._tokens[token] = tid
-        self._token_of[tid] = token
-        return token
-
     def token_for(self, tid: str) -> str:
         """The portal's current private-app token (a fresh one after `expire_tokens()`)."""
-        return self._token_of[tid]
+        return self._tokens.current(tid)
 
     def expire_tokens(self) -> None:
         """Every token issued so far answers 401 EXPIRED_AUTHENTICATION; `token_for` gives new ones."""
         with self._lock:
-            self._expired.update(self._tokens)
-            self._tokens.clear()
-            for tid in list(self._token_of):
-                self._issue_token(tid)
+            self._tokens.expire_all()
 
     def throttle(
         self,
@@ -516,7 +506,7 @@ class HubSpotSimulator(SimServer):
         """Authenticate and apply rate limits: (tid, error response or None, 429 policy or None)."""
         auth = req.headers.get("authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if token in self._expired:
+        if self._tokens.is_expired(token):
             expired_at = self._now()
             return (
                 None,
@@ -528,7 +518,7 @@ class HubSpotSimulator(SimServer):
                 ),
                 None,
             )
-        tid = self._tokens.get(token)
+        tid = self._tokens.tenant(token)
         if tid is None:
             return (
                 None,

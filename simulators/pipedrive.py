@@ -48,6 +48,7 @@ from typing import Any
 
 from simulators import server
 from simulators.server import Handler, Request, Response, SimServer, wrapped_routes
+from simulators.static_tokens import StaticTokens
 from simulators.tls import SimulatorTLS
 from simulators.world import World
 
@@ -124,8 +125,7 @@ class PipedriveSimulator(SimServer):
         self.deleted_in_lists = deleted_in_lists
         self.requests: list[LoggedRequest] = []
         self._lock = threading.RLock()
-        self._tokens: dict[str, str] = {}  # token -> tid
-        self._token_of: dict[str, str] = {}  # tid -> current token
+        self._tokens = StaticTokens(lambda: secrets.token_hex(20))
         self._calls: dict[str, deque[float]] = {}  # token -> request times within the burst window
         self._spent: dict[str, tuple[str, int]] = {}  # tid -> (UTC day, tokens spent)
         self._faults: list[list[Any]] = []  # [status, remaining]
@@ -134,7 +134,7 @@ class PipedriveSimulator(SimServer):
         self._deleted_at: dict[tuple[str, str, int], datetime] = {}
         for t in world.tenants:
             self._build(t.tid)
-            self._issue_token(t.tid)
+            self._tokens.issue(t.tid)
         routes = [("GET", r"/api/v2/(?P<kind>persons|organizations|deals)/?", self._list)]
         served = wrapped_routes(routes, self._wrap, lambda req, tid: _unauthorized())  # any other path: 401
         super().__init__(tls, served, port=port, name="pipedrive-sim")
@@ -228,14 +228,12 @@ class PipedriveSimulator(SimServer):
 
     # -- test knobs
     def token_for(self, tid: str) -> str:
-        return self._token_of[tid]
+        return self._tokens.current(tid)
 
     def expire_tokens(self) -> None:
         """Every token issued so far stops working (401); `token_for` then gives fresh ones."""
         with self._lock:
-            self._tokens.clear()
-            for tid in list(self._token_of):
-                self._issue_token(tid)
+            self._tokens.expire_all()
 
     def inject(self, status: int, count: int = 1) -> None:
         """The next `count` requests answer `status` (429: a burst-limit answer)."""
@@ -309,11 +307,6 @@ class PipedriveSimulator(SimServer):
         return self._spent.get(tid, ("", 0))[1]
 
     # -- plumbing
-    def _issue_token(self, tid: str) -> None:
-        token = secrets.token_hex(20)
-        self._tokens[token] = tid
-        self._token_of[tid] = token
-
     def _wrap(self, handler: Callable[[Request, str], Response]) -> Handler:
         def wrapped(req: Request) -> Response:
             with self._lock:
@@ -321,7 +314,7 @@ class PipedriveSimulator(SimServer):
                 token, how = req.headers.get("x-api-token", ""), "header"
                 if not token and req.query.get("api_token"):
                     token, how = req.query["api_token"], "query"
-                tid = self._tokens.get(token) if token else None
+                tid = self._tokens.tenant(token) if token else None
                 if tid is None:
                     self.requests.append(LoggedRequest(req.method, req.path, 401, None, how if token else None, params))
                     return _unauthorized()
