@@ -31,6 +31,21 @@ class SimulatorTLS:
         return ssl.create_default_context(cafile=str(self.ca_pem))
 
 
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, now: datetime, days: int
+) -> x509.CertificateBuilder:
+    """A certificate of `subject`'s key, signed by `issuer`, valid from `now` for `days`, without extensions yet."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=days))
+    )
+
+
 def create_tls(directory: Path) -> SimulatorTLS:
     """Create (or reuse) a CA and a 127.0.0.1/localhost leaf certificate under `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -43,13 +58,7 @@ def create_tls(directory: Path) -> SimulatorTLS:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "o365sync simulator CA")])
     ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=365))
+        _builder(ca_name, ca_name, ca_key.public_key(), now, days=365)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -69,14 +78,9 @@ def create_tls(directory: Path) -> SimulatorTLS:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=90))
+        _builder(leaf_name, ca_name, key.public_key(), now, days=90)
         .add_extension(
             x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
