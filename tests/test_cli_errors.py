@@ -45,7 +45,7 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
             (["--tenant", "{T}", "--user", "nobody", "--message", "x"], {}),
             (["--tenant", "{T}", "--user", "{U}"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "x", "--event", "y"], {}),
-            (["--tenant", "{T}", "--user", "{U}", "--event", "y"], {}),  # not supported yet
+            (["--tenant", "{T}", "--user", "{U}", "--event", "no-such-event-id"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "no-such-graph-id"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "<no-such@example.com>"], {}),
         ],
