@@ -20,7 +20,6 @@ from o365sync.calendar import Meeting, read_event
 from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import REASONS as EXCLUSION_REASONS
-from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import (
     CALENDAR_READ_ALLOWLIST,
     MAIL_READ_ALLOWLIST,
@@ -30,10 +29,10 @@ from o365sync.graph import (
     GraphNotFound,
 )
 from o365sync.mail import HEADER_FIELDS, parse_page
-from o365sync.matching import KIND_RANK, ROLE_RANK, CrmIndex, match_participants, normalise_address
+from o365sync.matching import KIND_RANK, ROLE_RANK, CrmIndex, normalise_address
 from o365sync.store import open_store, read_calendar_cursor, store_path
 from o365sync.sync.calendar import SKIPPED_SENSITIVITY, CalendarCounts, anchored_window, calendar_scopes, classify
-from o365sync.sync.mailbox import MAIL_FOLDERS
+from o365sync.sync.mailbox import MAIL_FOLDERS, classify_headers
 from o365sync.tenant_context import Tenant
 from o365sync.user_graph import user_graph_client
 
@@ -131,14 +130,15 @@ def _matched_records(matched: pl.DataFrame, participants: pl.DataFrame) -> list[
     return found
 
 
-def _crm_index(tenant: Tenant) -> CrmIndex:
-    """The current CRM snapshot's index; `NoCrmSnapshot` (before any Graph call) when there is none."""
+def current_crm_index(tenant: Tenant) -> tuple[CrmIndex, datetime]:
+    """The current CRM snapshot's index and scan start; `NoCrmSnapshot` (before any Graph call) when there is none.
+    Creates no store."""
     if not store_path(tenant.settings, tenant.id).exists():
         raise NoCrmSnapshot(tenant.id)
     index, scan_start = crm_index_for(tenant.settings, tenant.config)
     if scan_start is None:
         raise NoCrmSnapshot(tenant.id)
-    return index
+    return index, scan_start
 
 
 def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
@@ -146,7 +146,7 @@ def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
     id). Raises `NoCrmSnapshot` before any Graph call when there is nothing to match against, `GraphNotFound`
     when the mailbox has no such message (also when no copy of that internetMessageId is there)."""
     settings, config = tenant.settings, tenant.config
-    index = _crm_index(tenant)
+    index, _scan_start = current_crm_index(tenant)
     with user_graph_client(settings, tenant.id, user_oid, scopes_for(["email"]), allow=EXPLAIN_ALLOWLIST) as client:
         page = parse_page(_get_json_page(client, message), "other")
         if page.messages.num_rows == 0:
@@ -165,12 +165,11 @@ def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
     found: list[MatchedRecord] = []
     if row["folder"] == "other":
         decision = "not_synced_folder"
-    elif (excluded := exclusion_reasons(messages, participants, config.domains, config.blocklist_for(user_oid))).height:
-        decision = excluded["reason"][0]
     else:
-        parts = participants.select("graph_id", "address", "role")
-        found = _matched_records(match_participants(parts, index), parts)
-        decision = "matched" if found else "no_crm_match"
+        blocklist = config.blocklist_for(user_oid)
+        excluded, matched = classify_headers(messages, participants, config.domains, blocklist, index)
+        found = _matched_records(matched, participants)
+        decision = excluded["reason"][0] if excluded.height else "matched" if found else "no_crm_match"
 
     with open_store(settings, tenant.id, write=False) as con:
         stored = bool(
@@ -190,29 +189,33 @@ def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
     return Explanation(gid, row["folder"], decision, tuple(found), _primary_why(found), stored, erased)
 
 
+def meeting_decision(meeting: Meeting, kept_internal: bool, matched: bool, own_domains: frozenset[str]) -> str:
+    """Why the calendar sync keeps or discards one instance it read, given what its `classify` decided (kept as an
+    internal meeting, matched): read off the same fields `classify` tests, first reason wins."""
+    if meeting.is_cancelled:
+        return "cancelled"
+    if (meeting.sensitivity or "").lower() in SKIPPED_SENSITIVITY:
+        return "private"
+    if kept_internal:
+        return "internal_kept"
+    if matched:
+        return "matched"
+    external = any(
+        "@" in a and a.strip().lower().rpartition("@")[2] not in own_domains for _r, _n, a, _s in meeting.participants
+    )
+    return "no_crm_match" if external else "internal_only"
+
+
 def _event_decision(
     meeting: Meeting, window: tuple[datetime, datetime], index: CrmIndex, keep_internal: bool
 ) -> tuple[str, pl.DataFrame]:
-    """(decision, CRM links) of one instance by the calendar sync's own `classify`; the reason a discarded instance
-    was discarded is read off the same fields it tests."""
+    """(decision, CRM links) of one event by the calendar sync's own `classify`."""
     if meeting.event_type == "seriesMaster":
         return "series_master", pl.DataFrame()
     if not (meeting.start_at < window[1] and meeting.end_at > window[0]):  # calendarView: overlaps the window
         return "outside_window", pl.DataFrame()
     _kept, internal, links = classify([meeting], index, keep_internal, CalendarCounts())
-    if meeting.is_cancelled:
-        return "cancelled", links
-    if (meeting.sensitivity or "").lower() in SKIPPED_SENSITIVITY:
-        return "private", links
-    if internal:
-        return "internal_kept", links
-    if links.height:
-        return "matched", links
-    external = any(
-        "@" in a and a.strip().lower().rpartition("@")[2] not in index.own_domains
-        for _r, _n, a, _s in meeting.participants
-    )
-    return ("no_crm_match" if external else "internal_only"), links
+    return meeting_decision(meeting, bool(internal), bool(links.height), index.own_domains), links
 
 
 def explain_event(tenant: Tenant, user_oid: str, event_id: str, now: datetime | None = None) -> EventExplanation:
@@ -221,7 +224,7 @@ def explain_event(tenant: Tenant, user_oid: str, event_id: str, now: datetime | 
     when the calendar has no such event. The window is the user's current sync window (a fresh one if the
     calendar was never synced)."""
     settings, config = tenant.settings, tenant.config
-    index = _crm_index(tenant)
+    index, _scan_start = current_crm_index(tenant)
     with open_store(settings, tenant.id, write=False) as con:
         cursor = read_calendar_cursor(con, tenant.id, user_oid)
     window = (cursor.window_start, cursor.window_end) if cursor else anchored_window(now or datetime.now(UTC))

@@ -49,6 +49,12 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
             (["--tenant", "{T}", "--user", "{U}", "--message", "no-such-graph-id"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "<no-such@example.com>"], {}),
         ],
+        "preview": [
+            (["--tenant", "nosuch"], {}),
+            (["--tenant", "{T}", "--user", "nobody"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--format", "yaml"], {}),
+            (["--tenant", FILES_TENANT], {}),
+        ],
         "status": [(["--tenant", "nosuch"], {}), ([], {"O365SYNC_DATA_DIR": "{FILE}"})],
         "export": [
             (["--tenant", "nosuch"], {}),
