@@ -63,19 +63,10 @@ def preview(
             console.print(line, highlight=False, soft_wrap=True, markup=False)
 
 
-def _by(report: dict[str, Any], key: str) -> dict[str, dict[str, int]]:
-    """Row -> {email: n, calendar: n} summed over the report's users, for one breakdown (`by_reason`…)."""
-    out: dict[str, dict[str, int]] = {}
-    for u in report["users"]:
-        for source in ("email", "calendar"):
-            for row, n in ((u[source] or {}).get(key) or {}).items():
-                cell = out.setdefault(row, {"email": 0, "calendar": 0})
-                cell[source] += n
-    return dict(sorted(out.items()))
-
-
 def report_tables(report: dict[str, Any]) -> list[Table]:
     """The report as tables for people: by reason, by CRM record kind, by month, top accounts, per user."""
+    from o365sync.preview import breakdown
+
     tables = []
     for key, title in (
         ("by_reason", "By reason (matched = imported)"),
@@ -86,14 +77,14 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         t.add_column(key.removeprefix("by_"))
         t.add_column("email", justify="right")
         t.add_column("calendar", justify="right")
-        for row, cell in _by(report, key).items():
+        for row, cell in breakdown(report, key).items():
             t.add_row(row, f"{cell['email']:,}", f"{cell['calendar']:,}")
         tables.append(t)
     t = Table(title="Top accounts (imported mail and meetings)", title_justify="left")
     t.add_column("account")
     t.add_column("items", justify="right")
     for row in report["top_accounts"]:
-        t.add_row(row["name"], f"{row['items']:,}")
+        t.add_row(row["name"], f"{row['count']:,}")
     tables.append(t)
     t = Table(title="Per user", title_justify="left")
     for column in ("user", "mail imported", "meetings imported", "requests", "estimated time"):

@@ -275,7 +275,7 @@ def preview_report(tenant: Tenant, users: dict[str, str], now: datetime | None =
             }
             for p in previews
         ],
-        "top_accounts": [{"name": n, "items": c} for n, c in top_accounts(previews, names)],
+        "top_accounts": [{"name": n, "count": c} for n, c in top_accounts(previews, names)],
         "estimate": {
             "longest_mailbox_seconds": round(max((p.seconds for p in previews), default=0.0), 1),
             "all_mailboxes_one_after_another_seconds": round(sum(p.seconds for p in previews), 1),
@@ -286,3 +286,14 @@ def preview_report(tenant: Tenant, users: dict[str, str], now: datetime | None =
             "batch_size": BATCH_LIMIT,
         },
     }
+
+
+def breakdown(report: dict[str, Any], key: str) -> dict[str, dict[str, int]]:
+    """One breakdown of a `preview_report` (`by_reason`, `by_kind` or `by_month`) summed over its users: row ->
+    {"email": n, "calendar": n}, rows sorted."""
+    out: dict[str, dict[str, int]] = {}
+    for user in report["users"]:
+        for source in ("email", "calendar"):
+            for row, n in ((user[source] or {}).get(key) or {}).items():
+                out.setdefault(row, {"email": 0, "calendar": 0})[source] += n
+    return dict(sorted(out.items()))
