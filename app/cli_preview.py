@@ -73,14 +73,15 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         ("by_kind", "Imported, by the primary CRM record's kind"),
         ("by_month", "Imported, by month (UTC)"),
     ):
-        t = Table(title=title, title_justify="left")
+        t = Table(title=title, title_justify="left", min_width=len(title))
         t.add_column(key.removeprefix("by_"))
         t.add_column("email", justify="right")
         t.add_column("calendar", justify="right")
         for row, cell in breakdown(report, key).items():
             t.add_row(row, f"{cell['email']:,}", f"{cell['calendar']:,}")
         tables.append(t)
-    t = Table(title="Top accounts (imported mail and meetings)", title_justify="left")
+    title = "Top accounts (imported mail and meetings)"
+    t = Table(title=title, title_justify="left", min_width=len(title))
     t.add_column("account")
     t.add_column("items", justify="right")
     for row in report["top_accounts"]:
