@@ -1,6 +1,7 @@
 """`preview` against what the real initial import then stores on the same world: per user and source the
-imported counts by primary CRM record kind and by month are the store's, the reasons add up to everything listed,
-and preview changes no file of the data dir but the user's encrypted token cache (MSAL may refresh it)."""
+imported counts by primary CRM record kind and by month are the store's, bodies to read are the matched messages,
+and preview changes no file of the data dir but the user's encrypted token cache (MSAL may refresh it); a message
+erased after the import counts as erased, not matched."""
 
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def test_preview_counts_equal_what_the_import_then_stores(product):
     assert internal[tenant.users[0].oid] == 0 < internal[tenant.users[1].oid]  # only the second keeps internal ones
     names = {r[0] for r in _account_names(p, tid)}
     assert report["top_accounts"] and {a["name"] for a in report["top_accounts"]} <= names
+
+    # an erased message would not be imported again: preview counts it as erased, and still equals the store
+    from o365sync.erasure import Scope, erase
+
+    oid = tenant.users[0].oid
+    with open_store(p.settings, tid, write=False) as con:
+        gid = con.execute("SELECT graph_id FROM emails WHERE user_oid = ? ORDER BY graph_id LIMIT 1", [oid]).fetchone()
+    erase(p.settings, tid, Scope.message(gid[0], user_oid=oid), actor="test:preview", reason="user_request")
+    before_erasure = next(u for u in report["users"] if u["user_oid"] == oid)["email"]["by_reason"]
+    again = preview_report(resolve_tenant(p.settings, tid), {oid: "first"})["users"][0]["email"]
+    assert again["by_reason"]["erased"] == 1
+    assert again["by_reason"]["matched"] == before_erasure["matched"] - 1
+    assert again["by_month"] == dict(_stored(p, tid)[(oid, "email")]["by_month"])
 
 
 def _account_names(p, tid: str) -> list[tuple[str]]:
