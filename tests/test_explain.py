@@ -176,3 +176,19 @@ def test_explain_event_agrees_with_the_calendar_oracle(calendars_synced):
     assert out.exit_code == 0, out.output
     assert "decision: matched" in out.output and "primary: " in out.output and "stored now: yes" in out.output
     assert _hashes(p.settings.data_dir) == before
+
+
+@pytest.mark.slow
+def test_an_erased_meeting_is_explained_as_erased(calendars_synced):
+    from o365sync.erasure import Scope, erase
+    from o365sync.explain import explain_event
+
+    p = calendars_synced
+    tid, oid = p.world.tenants[0].tid, p.world.tenants[0].users[0].oid
+    with open_store(p.settings, tid, write=False) as con:
+        (eid,) = con.execute(
+            "SELECT event_id FROM meeting_crm_matches WHERE user_oid = ? ORDER BY event_id LIMIT 1", [oid]
+        ).fetchone()
+    erase(p.settings, tid, Scope.meeting(eid, user_oid=oid), actor="test:explain", reason="user_request")
+    got = explain_event(resolve_tenant(p.settings, tid), oid, eid)
+    assert got.decision == "matched" and got.erased and not got.stored
