@@ -79,13 +79,17 @@ def test_explain_agrees_with_the_oracle_and_the_store(synced):
             assert got.decision == excluded[(oid, mid)], label
             assert not got.matches and not got.stored
 
+    _cli_explains_a_stored_match(tid, oid, "--message", next(v for k, v in cases.items() if k.startswith("matched:")))
+    assert _hashes(p.settings.data_dir) == before
+
+
+def _cli_explains_a_stored_match(tid: str, oid: str, option: str, item: str) -> None:
+    """`o365sync explain` prints the decision, the primary record and that the store holds the item."""
     from app.cli import app
 
-    mid = next(v for k, v in cases.items() if k.startswith("matched:"))
-    out = CliRunner().invoke(app, ["explain", "--tenant", tid, "--user", oid, "--message", mid])
+    out = CliRunner().invoke(app, ["explain", "--tenant", tid, "--user", oid, option, item])
     assert out.exit_code == 0, out.output
-    assert "decision: matched" in out.output and "primary" in out.output and "stored now: yes" in out.output
-    assert _hashes(p.settings.data_dir) == before
+    assert "decision: matched" in out.output and "primary: " in out.output and "stored now: yes" in out.output
 
 
 @pytest.mark.slow
@@ -169,12 +173,8 @@ def test_explain_event_agrees_with_the_calendar_oracle(calendars_synced):
         else:
             assert not got.matches, label
 
-    from app.cli import app
-
     oid, eid, _want = cases[next(k for k in cases if k.startswith("matched:"))]
-    out = CliRunner().invoke(app, ["explain", "--tenant", tid, "--user", oid, "--event", eid])
-    assert out.exit_code == 0, out.output
-    assert "decision: matched" in out.output and "primary: " in out.output and "stored now: yes" in out.output
+    _cli_explains_a_stored_match(tid, oid, "--event", eid)
     assert _hashes(p.settings.data_dir) == before
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from app.import_trigger import IN_PROCESS
 from o365sync.store import open_store
-from tests.console.world import ConsoleWorld, stand_up_console, tear_down
+from tests.console.world import ConsoleWorld, console_world
 from tests.test_import_now import poll
 
 pytestmark = pytest.mark.slow
@@ -24,10 +24,7 @@ CHROMIUM = shutil.which("chromium")
 
 @pytest.fixture
 def cw(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("console-preview")
-    world = stand_up_console(tmp, messages=40, import_on_connect=True)
-    yield world
-    tear_down(world, tmp)
+    yield from console_world(tmp_path_factory, "console-preview", messages=40, import_on_connect=True)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs the machine's chromium (apt-get install -y chromium)")
