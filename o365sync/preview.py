@@ -58,10 +58,6 @@ class SourcePreview:
     listing_requests: int = 0  # what the import lists (mail: its delta baseline too)
     body_requests: int = 0  # messages whose body the import would read (one inner `$batch` request each)
 
-    @property
-    def matched(self) -> int:
-        return self.by_reason["matched"]
-
 
 @dataclass
 class UserPreview:
@@ -87,21 +83,18 @@ class UserPreview:
 
 @dataclass(frozen=True)
 class CrmNames:
-    """What the counts need of the CRM snapshot: the account of each person, and account names."""
+    """What the counts need of the CRM snapshot: the account of each person (a frame: a snapshot can hold a million
+    people), and account names."""
 
-    account_of: dict[tuple[str, str], str]  # (crm id, kind) of a person -> account crm id
+    account_of: pl.DataFrame  # crm_id, crm_kind, account_id of the people that belong to an account
     account_name: dict[str, str]
 
-    def accounts(self, matches: pl.DataFrame) -> pl.DataFrame:
+    def accounts(self, links: pl.DataFrame) -> pl.DataFrame:
         """(item_id, account_id) once per item and account its matched records touch: a matched account itself,
         or the account of a matched contact or lead."""
-        rows = {
-            (item, crm_id if kind == ACCOUNT_KIND else self.account_of.get((crm_id, kind)))
-            for item, crm_id, kind in matches.select("item_id", "crm_id", "crm_kind").iter_rows()
-        }
-        return pl.DataFrame(
-            [r for r in rows if r[1]], schema={"item_id": pl.String, "account_id": pl.String}, orient="row"
-        )
+        direct = links.filter(pl.col("crm_kind") == ACCOUNT_KIND).select("item_id", account_id="crm_id")
+        via = links.join(self.account_of, on=["crm_id", "crm_kind"]).select("item_id", "account_id")
+        return pl.concat([direct, via]).unique()
 
 
 def estimate_seconds(listing_requests: int, body_requests: int) -> float:
@@ -114,9 +107,11 @@ def estimate_seconds(listing_requests: int, body_requests: int) -> float:
 
 def crm_names(tenant: Tenant) -> CrmNames:
     with open_store(tenant.settings, tenant.id, write=False) as con:
-        people = con.execute("SELECT crm_id, kind, account_id FROM crm_people WHERE account_id IS NOT NULL").fetchall()
+        people = con.sql(
+            "SELECT DISTINCT crm_id, kind::VARCHAR AS crm_kind, account_id FROM crm_people WHERE account_id IS NOT NULL"
+        ).pl()
         names = con.execute("SELECT crm_id, name FROM crm_accounts").fetchall()
-    return CrmNames({(c, k): a for c, k, a in people}, {c: n or c for c, n in names})
+    return CrmNames(people, {c: n or c for c, n in names})
 
 
 def _count(out: SourcePreview, links: pl.DataFrame, imported: pl.DataFrame, names: CrmNames) -> None:
