@@ -19,6 +19,7 @@ from app.cli_crm import crm_app  # noqa: E402
 from app.cli_data import conversation_app, meeting_app, offboard_app, retention_app  # noqa: E402
 from app.cli_explain import explain  # noqa: E402
 from app.cli_ops import ops_app  # noqa: E402
+from app.cli_preview import preview  # noqa: E402
 from app.cli_sql import sql  # noqa: E402
 from app.cli_status import status  # noqa: E402
 from app.cli_sync import tenant_resync  # noqa: E402
@@ -43,6 +44,7 @@ app.add_typer(crm_app, name="crm")
 app.add_typer(ops_app, name="ops")
 app.command("export")(export)
 app.command("explain")(explain)
+app.command("preview")(preview)
 app.command("status")(status)
 app.command("sql")(sql)
 tenant_app.command("resync")(tenant_resync)

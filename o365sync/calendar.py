@@ -246,6 +246,14 @@ def read_series(client: GraphClient, master_id: str, window: tuple[datetime, dat
     return out
 
 
+def read_event(client: GraphClient, event_id: str) -> Meeting:
+    """One event (single instance, occurrence, exception or series master) by id, with the instance fields the
+    sync selects (no body). Raises GraphNotFound when the calendar has no such event."""
+    raw = client.get(f"me/events/{quote(event_id, safe='')}", {"$select": ",".join(INSTANCE_FIELDS)}).content
+    page, odd = decode_page(b'{"value":[' + raw + b"]}", _decode_page, _Page, _Event)
+    return _meeting(page.value[0], 0 in odd)
+
+
 def iter_series(
     client: GraphClient, series: set[str], window: tuple[datetime, datetime]
 ) -> Iterator[tuple[str, list[Meeting] | None]]:

@@ -45,9 +45,15 @@ def _cases() -> dict[str, list[tuple[list[str], dict[str, str]]]]:
             (["--tenant", "{T}", "--user", "nobody", "--message", "x"], {}),
             (["--tenant", "{T}", "--user", "{U}"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "x", "--event", "y"], {}),
-            (["--tenant", "{T}", "--user", "{U}", "--event", "y"], {}),  # not supported yet
+            (["--tenant", "{T}", "--user", "{U}", "--event", "no-such-event-id"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "no-such-graph-id"], {}),
             (["--tenant", "{T}", "--user", "{U}", "--message", "<no-such@example.com>"], {}),
+        ],
+        "preview": [
+            (["--tenant", "nosuch"], {}),
+            (["--tenant", "{T}", "--user", "nobody"], {}),
+            (["--tenant", "{T}", "--user", "{U}", "--format", "yaml"], {}),
+            (["--tenant", FILES_TENANT], {}),
         ],
         "status": [(["--tenant", "nosuch"], {}), ([], {"O365SYNC_DATA_DIR": "{FILE}"})],
         "export": [

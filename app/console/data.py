@@ -98,3 +98,69 @@ def my_activities(settings: Settings, tenant_id: str, oid: str) -> tuple[list[tu
             [tenant_id, oid],
         ).fetchall()
     return conversations, meetings
+
+
+def explain_activity(settings: Settings, tenant_id: str, oid: str, kind: str, key: str) -> list[str] | str | None:
+    """`o365sync explain`'s lines for one of the user's stored activities (a meeting's event id, or a
+    conversation, explained by its latest stored message); None when the user has no such stored item, a sentence
+    when it cannot be explained now (Graph no longer has it, the user must reconnect…)."""
+    from o365sync.errors import O365SyncError
+    from o365sync.explain import explain_event, explain_message, explanation_lines
+    from o365sync.graph import GraphNotFound
+    from o365sync.tenant_context import resolve_tenant
+
+    if kind not in ("meeting", "conversation") or not has_store(settings, tenant_id):
+        return None
+    with open_store(settings, tenant_id, write=False) as con:
+        sql = (
+            "SELECT event_id FROM meetings WHERE tenant_id = ? AND user_oid = ? AND event_id = ?"
+            if kind == "meeting"
+            else "SELECT graph_id FROM emails WHERE tenant_id = ? AND user_oid = ? AND conversation_id = ? "
+            "ORDER BY coalesce(sent_at, received_at) DESC LIMIT 1"
+        )
+        row = con.execute(sql, [tenant_id, oid, key]).fetchone()
+    if row is None:
+        return None
+    tenant = resolve_tenant(settings, tenant_id)
+    try:
+        result = explain_event(tenant, oid, row[0]) if kind == "meeting" else explain_message(tenant, oid, row[0])
+    except GraphNotFound:
+        return "Office 365 no longer has this item (it was deleted or moved); the stored copy stays."
+    except O365SyncError as exc:
+        return exc.action or "It cannot be explained right now. Try again later."
+    return explanation_lines(result)
+
+
+def preview_user_report(settings: Settings, tenant_id: str, oid: str) -> dict[str, Any] | str:
+    """`o365sync preview --user`'s report for one user of the tenant, or the sentence why there is none (the user
+    has not connected; no CRM snapshot yet…)."""
+    from o365sync.auth import connection_info, token_path
+    from o365sync.errors import O365SyncError
+    from o365sync.preview import preview_report
+    from o365sync.tenant_context import resolve_tenant
+
+    if not token_path(settings, tenant_id, oid).exists():
+        return "This user has not connected Office 365 yet: a preview reads their mailbox with their permission."
+    info = connection_info(settings, tenant_id, oid)
+    try:
+        return preview_report(
+            resolve_tenant(settings, tenant_id), {oid: info.get("display_name") or info.get("upn") or oid}
+        )
+    except O365SyncError as exc:
+        return exc.action or "The preview could not be made right now. Try again later."
+
+
+def preview_tables(report: dict[str, Any]) -> dict[str, Any]:
+    """What the preview page shows besides the report: the breakdowns summed over its users, the estimate lines."""
+    from app.cli_preview import duration, estimate_lines
+    from o365sync.preview import breakdown
+
+    return {
+        "breakdowns": [
+            ("reason", "By reason (matched = imported)", breakdown(report, "by_reason")),
+            ("kind", "Imported, by the primary CRM record's kind", breakdown(report, "by_kind")),
+            ("month", "Imported, by month (UTC)", breakdown(report, "by_month")),
+        ],
+        "estimate": estimate_lines(report),
+        "duration": duration,
+    }

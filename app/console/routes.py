@@ -136,6 +136,8 @@ class Console:
             Route("/me/activities", self.signed_in(self.my_activities), methods=["GET"]),
             Route("/me/activities/export", self.signed_in(self.export), methods=["POST"]),
             Route("/me/activities/delete", self.signed_in(self.delete), methods=["POST"]),
+            Route("/me/activities/explain", self.signed_in(self.explain), methods=["POST"]),
+            Route("/me/preview", self.signed_in(self.my_preview), methods=["POST"]),
             Route("/admin", a(self.admin), methods=["GET"]),
             Route("/admin/consent", a(self.grant_consent), methods=["GET"]),
             Route("/admin/features", a(self.set_features), methods=["POST"]),
@@ -143,6 +145,7 @@ class Console:
             Route("/admin/users", a(self.users), methods=["GET"]),
             Route("/admin/users/offboard", a(self.offboard), methods=["POST"]),
             Route("/admin/users/readmit", a(self.readmit), methods=["POST"]),
+            Route("/admin/users/preview", a(self.user_preview), methods=["POST"]),
             Route("/admin/blocklists", a(self.blocklists), methods=["GET", "POST"]),
             Route("/admin/runs", a(self.runs), methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -344,6 +347,28 @@ class Console:
             return self.message(request, "Nothing matched", "This item is not (or no longer) stored.", 404, person)
         return RedirectResponse("/me/activities?done=deleted", status_code=303)
 
+    async def explain(self, request: Request, person: Who) -> Response:
+        """Why one of the rep's stored activities was imported, decided again now (`o365sync explain`): a meeting by
+        its event id, a conversation by its latest stored message."""
+        form = request.state.form
+        kind, key = str(form.get("kind", "")), str(form.get("id", ""))
+        lines = await run_in_threadpool(data.explain_activity, self.settings, person.tenant_id, person.oid, kind, key)
+        if lines is None:
+            return self.message(request, "Nothing matched", "This item is not (or no longer) stored.", 404, person)
+        if isinstance(lines, str):
+            return self.message(request, "Cannot explain now", lines, 409, person)
+        return self.page(request, "explain.html", person, lines=lines)
+
+    async def my_preview(self, request: Request, person: Who) -> Response:
+        return await self._preview_page(request, person, person.oid)
+
+    async def _preview_page(self, request: Request, person: Who, oid: str) -> Response:
+        """The counts an initial import of `oid` would bring (`o365sync preview`), rendered on the server."""
+        report = await run_in_threadpool(data.preview_user_report, self.settings, person.tenant_id, oid)
+        if isinstance(report, str):
+            return self.message(request, "No preview", report, 409, person)
+        return self.page(request, "preview.html", person, report=report, **data.preview_tables(report))
+
     # ------------------------------------------------------------------ admin pages
     async def admin(self, request: Request, person: Who) -> Response:
         tenant = await run_in_threadpool(load_tenant, self.settings, person.tenant_id)
@@ -450,6 +475,12 @@ class Console:
         except LookupError:
             return self.message(request, "Nothing to do", "This user is not offboarded.", 409, person)
         return RedirectResponse("/admin/users?done=readmitted", status_code=303)
+
+    async def user_preview(self, request: Request, person: Who) -> Response:
+        oid = str(request.state.form.get("oid", ""))
+        if not await self._own_user(person, oid):
+            return self.message(request, "Nothing matched", "No such user in your organisation.", 404, person)
+        return await self._preview_page(request, person, oid)
 
     async def my_blocklist(self, request: Request, person: Who) -> Response:
         error = await self._blocklist_form(request, person, person.oid)

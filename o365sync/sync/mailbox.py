@@ -183,6 +183,22 @@ def _frame(table: object) -> pl.DataFrame:
     return frame
 
 
+def classify_headers(
+    messages: pl.DataFrame, participants: pl.DataFrame, domains: list[str], blocklist: list[str], index: CrmIndex
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One page of full headers through the import's rules: (excluded: graph_id, reason — first rule wins;
+    matches: MATCH_SCHEMA rows of the messages not excluded). A message in neither is unmatched."""
+    excluded = exclusion_reasons(messages, participants, domains, blocklist)
+    candidates = messages.filter(~pl.col("graph_id").is_in(excluded["graph_id"].implode()))
+    matches = match_participants(
+        participants.filter(pl.col("graph_id").is_in(candidates["graph_id"].implode())).select(
+            "graph_id", "address", "role"
+        ),
+        index,
+    )
+    return excluded, matches
+
+
 def _process_page(
     run: MailboxRun, buf: _Buffer, messages: pl.DataFrame, participants: pl.DataFrame, removed: int = 0, odd: int = 0
 ) -> None:
@@ -198,18 +214,11 @@ def _process_page(
         buf.partials.append(partial.select("graph_id", *PARTIAL_COLUMNS))
         reasons["partial_update"] = partial.height
     full = messages.filter(~pl.col("is_partial"))
-    excluded = exclusion_reasons(full, participants, run.tenant.domains, run.blocklist)
+    excluded, matches = classify_headers(full, participants, run.tenant.domains, run.blocklist, run.index)
     reasons.update(dict(excluded.group_by("reason").len().iter_rows()))
-    candidates = full.filter(~pl.col("graph_id").is_in(excluded["graph_id"].implode()))
-    matches = match_participants(
-        participants.filter(pl.col("graph_id").is_in(candidates["graph_id"].implode())).select(
-            "graph_id", "address", "role"
-        ),
-        run.index,
-    )
     kept_ids = matches["graph_id"].unique()
-    kept = candidates.filter(pl.col("graph_id").is_in(kept_ids.implode()))
-    reasons["no_crm_match"] += candidates.height - kept.height
+    kept = full.filter(pl.col("graph_id").is_in(kept_ids.implode()))
+    reasons["no_crm_match"] += full.height - excluded.height - kept.height
     if kept.height:
         bodies = dict(fetch_bodies(run.client, kept["graph_id"].to_list()))
         kept = kept.with_columns(

@@ -7,6 +7,7 @@ import functools
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def stand_up_console(
     start_import = functools.partial(IN_PROCESS.start, settings) if import_on_connect else None
     _, stop = run_in_thread(settings, sock=sock, start_import=start_import)
     return ConsoleWorld(settings, running, world, f"http://localhost:{port}", stop)
+
+
+def console_world(tmp_path_factory, name: str, **options: object) -> Iterator[ConsoleWorld]:  # noqa: ANN001
+    """For a fixture to `yield from`: `stand_up_console(**options)` in a fresh folder, torn down after the test."""
+    tmp = tmp_path_factory.mktemp(name)
+    world = stand_up_console(tmp, **options)  # type: ignore[arg-type]
+    yield world
+    tear_down(world, tmp)
 
 
 def tear_down(cw: ConsoleWorld, tmp: Path) -> None:
