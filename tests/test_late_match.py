@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from o365sync.backfill import MAX_SEARCH_CHARS, batch_terms, search_query, split_point
+from o365sync.backfill import MAX_SEARCH_CHARS, SEARCH_RESULT_CAP, batch_terms, search_query, split_point
 from o365sync.erasure import Scope, erase
 from o365sync.store import late_match_summary, open_store
 from o365sync.sync.late_match import late_match_mailbox
@@ -186,3 +186,26 @@ def test_searches_stay_within_the_query_limit_and_windows_halve_to_a_day():
     )
     assert split_point(start, datetime(2026, 10, 11, tzinfo=UTC)) == datetime(2026, 10, 6, tzinfo=UTC)
     assert split_point(start, datetime(2026, 10, 2, 23, tzinfo=UTC)) is None
+
+
+def test_a_search_over_the_result_cap_is_narrowed_until_every_result_is_seen(tmp_path, monkeypatch):
+    world = generate_world(seed=11, users_per_tenant=1, messages_per_user=80, contacts_per_tenant=20)
+    tid, user = world.tenants[0].tid, world.tenants[0].users[0]
+    start, quiet = world.scan_start(tid), strangers(world)[0]
+    busy = Mailbox("Busy Stranger", "busy@prolific-stranger.example")
+    n = SEARCH_RESULT_CAP + 100
+    for i in range(n):  # more mail from one address than one search can return, spread over the scan window
+        m = world.add_message(user.oid, "inbox", "stranger", received=start + (world.now - start) * (i + 0.5) / n)
+        m.sender, m.to, m.cc = busy, [Mailbox(user.display_name, user.upn)], []
+    for p in stand_up_with_crm(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE="500"):
+        sync_all(p)
+        add_to_crm(p, address=busy.address)
+        add_to_crm(p, address=quiet)
+        refresh_crm_snapshot(p.settings, tid)
+        (outcome,) = late_match_all(p).values()
+        assert outcome.terms_open == 0 and outcome.terms_capped == 0
+        assert stored_matches(p.settings, tid) == expected_now(p)
+        inbox = [kql for (_, folder, kql), k in first_pages(p).items() if folder == "inbox" and k == 1]
+        # Both terms together hit the cap; then each alone; the busy one's window is halved once.
+        assert len(inbox) == 5 and sum(" OR " in q for q in inbox) == 1
+        assert sum("received<" in q for q in inbox) == 1 and len(first_pages(p)) == 6  # sentitems: one search

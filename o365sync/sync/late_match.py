@@ -89,37 +89,46 @@ def plan_searches(works: list[LateMatchWork]) -> Iterator[Search]:
 def late_match_mailbox(
     tenant: Tenant, user_oid: str, max_searches: int = MAX_SEARCHES_PER_RUN, now: datetime | None = None
 ) -> LateMatchOutcome:
-    """Run the mailbox's open late-match searches (at most `max_searches`)."""
+    """Run the mailbox's open late-match searches (at most `max_searches`), planning again after each one (a search
+    that hit the result cap leaves narrower ones behind)."""
     settings, config = tenant.settings, tenant.config
     outcome = LateMatchOutcome()
-    with tenant.open_store(write=False) as con:
-        works = read_late_match_work(con, tenant.id, user_oid)
     index, scan_start = crm_index_for(settings, config)
-    if not works or scan_start is None:
-        outcome.terms_open = len({w.term for w in works})
+    next_search = _next_search(tenant, user_oid)
+    if next_search is None or scan_start is None:
+        outcome.terms_open = _open_terms(tenant, user_oid)
         return outcome
-    searches = list(plan_searches(works))
     now = now or datetime.now(UTC)
-    with user_graph_client(
-        settings, tenant.id, user_oid, scopes_for(["email"]), max_pages=settings.sync_max_pages
-    ) as client:
+    scopes = scopes_for(["email"])
+    with user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client:
         client.stop_paging_after(settings.sync_max_seconds)
         deadline = time.monotonic() + settings.sync_max_seconds
         run = MailboxRun(settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, now)
-        for search in searches:
+        while next_search is not None:
             if outcome.searches >= max_searches or time.monotonic() >= deadline:
                 outcome.stopped = "SearchCap" if outcome.searches >= max_searches else "TimeCap"
                 break
             outcome.searches += 1
             try:
-                _run_search(tenant, run, search, outcome)
+                _run_search(tenant, run, next_search, outcome)
             except RunLimitReached as limit:
                 outcome.stopped = limit.code or "PageCap"
                 break
-    outcome.counts = run.counts
-    with tenant.open_store(write=False) as con:
-        outcome.terms_open = len({w.term for w in read_late_match_work(con, tenant.id, user_oid)})
+            finally:
+                outcome.counts = run.counts
+            next_search = _next_search(tenant, user_oid)
+    outcome.terms_open = _open_terms(tenant, user_oid)
     return outcome
+
+
+def _next_search(tenant: Tenant, user_oid: str) -> Search | None:
+    with tenant.open_store(write=False) as con:
+        return next(plan_searches(read_late_match_work(con, tenant.id, user_oid)), None)
+
+
+def _open_terms(tenant: Tenant, user_oid: str) -> int:
+    with tenant.open_store(write=False) as con:
+        return len({w.term for w in read_late_match_work(con, tenant.id, user_oid)})
 
 
 def _run_search(tenant: Tenant, run: MailboxRun, search: Search, outcome: LateMatchOutcome) -> None:
