@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -66,11 +66,12 @@ class LateMatchOutcome:
     counts (scanned, matched, imported, discarded, by reason)."""
 
     searches: int = 0
-    terms_done: int = 0
+    terms_done: int = 0  # addresses/domains whose search of this mailbox (every folder) finished in this run
     terms_open: int = 0
     terms_capped: int = 0
     counts: RunCounts = RunCounts()
     stopped: str | None = None  # "PageCap" | "TimeCap" | "SearchCap" when the run ended before its work did
+    finished: set[str] = field(default_factory=set)  # terms whose searches finished in this run (some folder)
 
 
 def plan_searches(works: list[LateMatchWork]) -> Iterator[Search]:
@@ -96,7 +97,7 @@ def late_match_mailbox(
     index, scan_start = crm_index_for(settings, config)
     next_search = _next_search(tenant, user_oid)
     if next_search is None or scan_start is None:
-        outcome.terms_open = _open_terms(tenant, user_oid)
+        outcome.terms_open = len(_open_terms(tenant, user_oid))
         return outcome
     now = now or datetime.now(UTC)
     scopes = scopes_for(["email"])
@@ -117,7 +118,8 @@ def late_match_mailbox(
             finally:
                 outcome.counts = run.counts
             next_search = _next_search(tenant, user_oid)
-    outcome.terms_open = _open_terms(tenant, user_oid)
+    open_terms = _open_terms(tenant, user_oid)
+    outcome.terms_open, outcome.terms_done = len(open_terms), len(outcome.finished - open_terms)
     return outcome
 
 
@@ -126,9 +128,9 @@ def _next_search(tenant: Tenant, user_oid: str) -> Search | None:
         return next(plan_searches(read_late_match_work(con, tenant.id, user_oid)), None)
 
 
-def _open_terms(tenant: Tenant, user_oid: str) -> int:
+def _open_terms(tenant: Tenant, user_oid: str) -> set[str]:
     with tenant.open_store(write=False) as con:
-        return len({w.term for w in read_late_match_work(con, tenant.id, user_oid)})
+        return {w.term for w in read_late_match_work(con, tenant.id, user_oid)}
 
 
 def _run_search(tenant: Tenant, run: MailboxRun, search: Search, outcome: LateMatchOutcome) -> None:
@@ -156,13 +158,15 @@ def _run_search(tenant: Tenant, run: MailboxRun, search: Search, outcome: LateMa
         _write(tenant, run, buf, search, IN_PROGRESS, seen)
     if seen < SEARCH_RESULT_CAP:
         _write(tenant, run, _Buffer(), search, DONE, seen)
-        outcome.terms_done += len(search.works)
+        outcome.finished.update(w.term for w in search.works)
     elif len(search.works) > 1:  # narrow: each term alone
         _write(tenant, run, _Buffer(), search, PENDING, 0, solo=True)
     else:
         at = split_point(start, (search.end or run.now).astimezone(UTC))
         _write(tenant, run, _Buffer(), search, PENDING if at else CAPPED, seen, split_at=at)
-        outcome.terms_capped += at is None
+        if at is None:
+            outcome.terms_capped += 1
+            outcome.finished.add(search.works[0].term)
 
 
 def _write(

@@ -111,10 +111,12 @@ def crm_report_row(tenant: Tenant, refreshed: dict) -> dict:
     }
 
 
+# per-mailbox row key -> run total; terms_done counts (mailbox, address or domain) pairs whose search finished
 LATE_MATCH_TOTALS = {
     "searches": "late_match_searches",
-    "terms_done": "late_match_terms",
+    "terms_done": "late_match_terms_done",
     "imported": "late_match_imported",
+    "discarded": "late_match_discarded",
 }
 
 
@@ -125,6 +127,7 @@ def late_match_waiting(tenant: Tenant) -> list[str]:
 
 
 def late_match_totals(rows: list[dict]) -> dict[str, int]:
-    """A run's late-match totals: searches made, addresses/domains finished, messages imported, mailboxes failed."""
+    """A run's late-match totals: searches made, addresses/domains finished, messages imported and discarded (found
+    by a search but matching nothing, or excluded), mailboxes failed."""
     totals = {name: sum(int(r.get(key, 0)) for r in rows) for key, name in LATE_MATCH_TOTALS.items()}
     return totals | {"late_match_failed": sum(str(r["status"]).startswith("failed") for r in rows)}
