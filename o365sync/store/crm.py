@@ -200,5 +200,12 @@ def load_crm_frames(con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.Da
     return people, accounts, (row[0][0] if row else None)
 
 
+def load_crm_names(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(name, email) of every CRM person with both (for participants known only by name, o365sync/participants.py)."""
+    return con.execute(
+        "SELECT name, email FROM crm_people WHERE name IS NOT NULL AND email IS NOT NULL ORDER BY ALL"
+    ).fetchall()
+
+
 def latest_crm_snapshot_at(con: duckdb.DuckDBPyConnection) -> datetime | None:
     return con.execute("SELECT max(taken_at) FROM crm_snapshot_meta").fetchall()[0][0]

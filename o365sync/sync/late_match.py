@@ -30,6 +30,7 @@ from o365sync.backfill import SEARCH_RESULT_CAP, batch_terms, search_query, spli
 from o365sync.crm_index import crm_index_for
 from o365sync.graph import SENSITIVITY_EXPAND, RunLimitReached
 from o365sync.mail import HEADER_FIELDS, parse_page
+from o365sync.participants import name_index_for
 from o365sync.store import (
     CAPPED,
     DONE,
@@ -105,6 +106,7 @@ def late_match_mailbox(
         client.stop_paging_after(settings.sync_max_seconds)
         deadline = time.monotonic() + settings.sync_max_seconds
         run = MailboxRun(settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, now)
+        run.names = name_index_for(settings, config)
         while next_search is not None:
             if outcome.searches >= max_searches or time.monotonic() >= deadline:
                 outcome.stopped = "SearchCap" if outcome.searches >= max_searches else "TimeCap"
