@@ -1,7 +1,7 @@
 """Participants without an SMTP address: Exchange gives some internal and legacy participants an X500/`EX` address
 (the legacyExchangeDN, "/o=ExchangeLabs/ou=Exchange Administrative Group (…)/cn=Recipients/cn=…") instead of an
-SMTP one. Before exclusions and matching, each such participant is resolved through its display name — only when
-the names we know give exactly one address; between two candidates we never guess.
+SMTP one, and some only a display name. Before exclusions and matching, each such participant is resolved through
+its display name — only when the names we know give exactly one address; between two candidates we never guess.
 
 The names we know, without asking for more than the product's scopes (User.Read + Mail.Read): the tenant's
 connected users (display name and UPN, kept from their connect) and the CRM snapshot's people (name and address).
@@ -12,8 +12,9 @@ changes nothing: an X500 participant counts as internal either way).
 Counted per participant of a message (its from and sender are one) by reason: `non_smtp_resolved_by_directory`
 (a connected user), `non_smtp_resolved_by_crm_name` (one CRM address), `non_smtp_ambiguous` (a name with two or
 more addresses), `non_smtp_unresolved` (no name, or a name we do not know). A resolved participant takes the
-address it resolved to (stored as such); the rest keep their X500 address and match nothing. Participants with no
-address at all never reach here: the mail parser gives them no row (o365sync/mail.py).
+address it resolved to (stored as such); the rest keep their X500 address and match nothing. A participant with
+a display name and no address (o365sync/mail.py gives it a row with a NULL address) is resolved the same way;
+unresolved, its row is dropped (nothing to match or store).
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def build_name_index(directory: Iterable[tuple[str, str]], crm_people: Iterable[
 
 
 def resolve_non_smtp(participants: pl.DataFrame, names: NameIndex) -> tuple[pl.DataFrame, Counter[str]]:
-    """Replace the address of each X500 participant whose name resolves; count every X500 participant by reason.
-    `participants`: graph_id, role, name, address (raw)."""
-    is_x500 = normalise_address(pl.col("address")).str.starts_with(X500_PREFIX).fill_null(False)
-    odd = participants.filter(is_x500).unique(["graph_id", "name", "address"])  # from and sender: one person
+    """Replace the address of each X500 or name-only participant whose name resolves; drop the name-only ones that
+    do not (they have nothing to match or store); count them all by reason.
+    `participants`: graph_id, role, name, address (raw; NULL for a name-only participant)."""
+    address = normalise_address(pl.col("address"))
+    is_odd = address.is_null() | address.str.starts_with(X500_PREFIX).fill_null(False)
+    odd = participants.filter(is_odd).unique(["graph_id", "name", "address"])  # from and sender: one person
     if odd.is_empty():
         return participants, Counter()
     resolved = [names.resolve(n) for n in odd["name"].to_list()]
@@ -91,6 +94,7 @@ def resolve_non_smtp(participants: pl.DataFrame, names: NameIndex) -> tuple[pl.D
     out = (
         participants.join(lookup, on=["name", "address"], how="left", nulls_equal=True)
         .with_columns(pl.coalesce("resolved", "address").alias("address"))
+        .filter(normalise_address(pl.col("address")).is_not_null())
         .drop("resolved")
     )
     return out.select(participants.columns), reasons

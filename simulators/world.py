@@ -394,7 +394,7 @@ class World:
         tenant_block = _blocklist(blocklist)
         user_block = {oid: _blocklist(v) for oid, v in (user_blocklists or {}).items()}
         for m in self._in_window(tid, keep_removed):
-            participants = [_resolve_x500(p, names) for p in m.participants()]
+            participants = [_resolve_by_name(p, names) for p in m.participants()]
             block = tenant_block | user_block.get(m.owner_oid, frozenset())
             reason = _exclusion(m, own, block, keep_removed, participants)
             ids: set[str] = set()
@@ -439,7 +439,8 @@ class World:
           domain is not one of the tenant's domains; an address without "@" (X500 "/O=EXCHANGELABS/…") counts as
           internal — unless it is X500 and its display name (case and whitespace folded) gives exactly one address
           among the tenant's users and the CRM's contacts and unconverted leads (`names`): then the participant has
-          that address everywhere (exclusions and matching); two or more addresses: never guessed;
+          that address everywhere (exclusions and matching); two or more addresses: never guessed. A participant
+          with a display name and no address is resolved the same way (unresolved, it is ignored);
         - no_crm_match: none of from/to/cc matches a CRM contact or unconverted lead (exact address after
           strip + lower-case) or an account domain (the registrable domain of the address equals that of the
           account's website host; free-mail and own domains never match).
@@ -628,10 +629,11 @@ def _name_key(name: str | None) -> str:
     return " ".join((name or "").split()).casefold()
 
 
-def _resolve_x500(p: Mailbox, names: dict[str, set[str]]) -> Mailbox:
-    """An X500 participant ("/O=…") whose name gives exactly one address, with that address; anyone else as is."""
+def _resolve_by_name(p: Mailbox, names: dict[str, set[str]]) -> Mailbox:
+    """An X500 ("/O=…") or name-only participant whose name gives exactly one address, with that address; anyone
+    else as is."""
     addr = _norm(p.address)
-    if addr is None or not addr.startswith("/o="):
+    if addr is not None and not addr.startswith("/o="):
         return p
     found = names.get(_name_key(p.name), set())
     return Mailbox(p.name, next(iter(found))) if len(found) == 1 else p
@@ -1054,13 +1056,16 @@ def x500_address(alias: str) -> str:
 
 
 def add_non_smtp_participants(world: World, owner_oid: str) -> dict[str, SimMessage]:
-    """Add messages whose only other participant has an X500 address instead of SMTP, to one mailbox (inbox, inside
-    the scan window), and return them by label. Adds a CRM contact that shares an existing contact's name (so one
-    name is ambiguous): call it before starting a Salesforce simulator. Expected per `World.expected_matches`:
+    """Add messages whose only other participant has an X500 address, or only a name, instead of SMTP, to one
+    mailbox (inbox, inside the scan window), and return them by label. Adds a CRM contact that shares an existing
+    contact's name (so one name is ambiguous): call it before starting a Salesforce simulator. Expected per
+    `World.expected_matches`:
     - crm_unique — the name of exactly one CRM person: matched to that person (and their account's domain);
     - crm_ambiguous — a name two CRM contacts with different addresses share: never guessed, internal_only;
     - directory — a colleague's display name: resolved to the colleague, still internal_only;
-    - unknown — a name nobody has: internal_only.
+    - unknown — a name nobody has: internal_only;
+    - name_only_crm — the unique CRM person's name with no address at all: matched like crm_unique;
+    - name_only_unknown — a name nobody has, no address: internal_only.
     """
     with world.lock:
         user = world.user(owner_oid)
@@ -1095,10 +1100,12 @@ def add_non_smtp_participants(world: World, owner_oid: str) -> dict[str, SimMess
         }
         if colleague is not None:
             people["directory"] = colleague.display_name
+        people |= {"name_only_crm": people["crm_unique"], "name_only_unknown": "Sales Team"}
         out: dict[str, SimMessage] = {}
         for label, name in people.items():
             m = world.add_message(owner_oid, "inbox", "contact")
-            m.sender, m.to, m.cc = Mailbox(name, x500_address(label)), [me], []
+            address = None if label.startswith("name_only") else x500_address(label)
+            m.sender, m.to, m.cc = Mailbox(name, address), [me], []
             m.kind = f"x500:{label}"
             m.sensitivity, m.odata_type, m.is_draft = "normal", MESSAGE_TYPE, False
             out[label] = m

@@ -1,6 +1,7 @@
-"""Participants with an X500/EX address instead of SMTP: resolved through their display name only when the names we
-know (connected users, CRM people) give exactly one address — in the resolver itself, in the oracle, and end to end
-against the simulators (the stored mail equals the oracle's, and the run counts each case by reason)."""
+"""Participants with an X500/EX address, or only a name, instead of SMTP: resolved through their display name only
+when the names we know (connected users, CRM people) give exactly one address — in the resolver itself, in the
+oracle, and end to end against the simulators (the stored mail equals the oracle's, and the run counts each case
+by reason)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tests.product import stand_up_with_crm, stored_matches
 X500 = x500_address("someone")
 
 
-def _participants(*rows: tuple[str | None, str]) -> pl.DataFrame:
+def _participants(*rows: tuple[str | None, str | None]) -> pl.DataFrame:
     return pl.DataFrame(
         [{"graph_id": f"m{i}", "role": "from", "name": n, "address": a} for i, (n, a) in enumerate(rows)],
         schema={"graph_id": pl.String, "role": pl.String, "name": pl.String, "address": pl.String},
@@ -40,6 +41,8 @@ def test_a_unique_name_resolves_two_candidates_never_do():
             ("Nobody Known", X500),
             (None, X500),
             ("Grace Hopper", "grace@elsewhere.example"),  # an SMTP address is never touched
+            ("Grace Hopper", None),  # a name only: resolved
+            ("Sales Team", None),  # a name only, unknown: dropped
         ),
         names,
     )
@@ -50,13 +53,14 @@ def test_a_unique_name_resolves_two_candidates_never_do():
         X500,
         X500,
         "grace@elsewhere.example",
+        "grace@navy.example",
     ]
     assert reasons == Counter(
         {
-            "non_smtp_resolved_by_crm_name": 1,
+            "non_smtp_resolved_by_crm_name": 2,
             "non_smtp_resolved_by_directory": 1,
             AMBIGUOUS: 1,
-            UNRESOLVED: 2,
+            UNRESOLVED: 3,
         }
     )
 
@@ -86,7 +90,8 @@ def test_the_oracle_resolves_x500_only_by_a_unique_name():
     expected = world.expected_matches(world.tenants[0].tid)
     exclusions = world.exclusions(world.tenants[0].tid)
     assert (owner.oid, added["crm_unique"].id) in expected
-    for label in ("crm_ambiguous", "unknown", "directory"):
+    assert (owner.oid, added["name_only_crm"].id) in expected
+    for label in ("crm_ambiguous", "unknown", "directory", "name_only_unknown"):
         if label in added:
             assert exclusions[(owner.oid, added[label].id)] == "internal_only"
 
@@ -101,9 +106,10 @@ def test_x500_participants_are_imported_exactly_as_the_oracle_says(tmp_path, mon
         counts = {u.oid: sync_mailbox_now(resolve_tenant(p.settings, tenant.tid), u.oid) for u in tenant.users}
         stored = stored_matches(p.settings, tenant.tid)
         assert stored == world.expected_matches(tenant.tid)
-        assert (owner.oid, added["crm_unique"].id) in stored
-        assert all((owner.oid, added[k].id) not in stored for k in ("crm_ambiguous", "unknown", "directory"))
+        assert {(owner.oid, added[k].id) for k in ("crm_unique", "name_only_crm")} <= stored.keys()
+        unresolved = ("crm_ambiguous", "unknown", "directory", "name_only_unknown")
+        assert all((owner.oid, added[k].id) not in stored for k in unresolved)
         reasons = dict(counts[owner.oid].excluded)
-        assert reasons["non_smtp_resolved_by_crm_name"] == 1
+        assert reasons["non_smtp_resolved_by_crm_name"] == 2  # the X500 one and the name-only one
         assert reasons["non_smtp_resolved_by_directory"] == 1
-        assert reasons[AMBIGUOUS] == 1 and reasons[UNRESOLVED] == 1
+        assert reasons[AMBIGUOUS] == 1 and reasons[UNRESOLVED] == 2
