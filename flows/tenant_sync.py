@@ -1,5 +1,6 @@
 """The body shared by the tenant flows: refresh the CRM snapshot if stale, sync each connected user per feature
-(email, calendar), report (a table per feature and one for the CRM), then publish the analysts' snapshot.
+(email, calendar), search the mailboxes for what the CRM gained since they were synced (late matches), report (a
+table per feature, one for the late matches and one for the CRM), then publish the analysts' snapshot.
 
 Runs of the same tenant and feature queue behind a per-feature file lock (on top of the deployments' concurrency
 limits), so a manual import started during a scheduled sync waits and then completes instead of failing or
@@ -26,12 +27,15 @@ from o365sync.sync.tenant import (
     due_users,
     feature_totals,
     idle_row,
+    late_match_totals,
+    late_match_waiting,
     sync_states,
     with_sync_state,
 )
 from o365sync.tenant_context import Tenant, resolve_tenant
 from tasks.calendar_task import sync_calendar
 from tasks.crm_snapshot import snapshot_crm
+from tasks.late_match_task import late_match
 from tasks.mailbox_task import sync_mailbox
 from tasks.ops_signals import Signal, crm_signals, emit_signals, read_crm_state_of, user_signals
 
@@ -77,6 +81,30 @@ def _refresh_crm_if_stale(tenant: Tenant, crm_max_age: timedelta, respect_backof
         return {}
 
 
+def _late_matches(tenant: Tenant, artifact_prefix: str, users: list) -> dict[str, int]:
+    """After the mail sync: the late-match backfill of every mailbox with queued work whose sync went through (a
+    mailbox still catching up, or failing, waits for a later run); its table artifact and totals (counts only)."""
+    waiting = set(late_match_waiting(tenant))
+    due = [u for u in users if u.oid in waiting]
+    if not due:
+        return {}
+    futures = [
+        late_match.with_options(task_run_name=user_task_name("late-match", u)).submit(tenant.id, u.oid) for u in due
+    ]
+    wait(futures)
+    rows = [
+        f.result() if f.state.is_completed() else {"user_oid": u.oid, "status": "failed"}
+        for u, f in zip(due, futures, strict=True)
+    ]
+    create_table_artifact(
+        key=artifact_key(f"{artifact_prefix}-late-match", tenant.id),
+        table=rows,
+        description=f"Late matches of {tenant_title(tenant)}: CRM additions searched for in mail already synced "
+        "(counts only)",
+    )
+    return late_match_totals(rows)
+
+
 def sync_tenant(
     tenant_id: str,
     artifact_prefix: str,
@@ -99,12 +127,15 @@ def sync_tenant(
         settings = tenant.settings
         crm_before = read_crm_state_of(settings, tenant.id)
         signals: list[Signal] = []
+        sync_ok: dict[str, bool] = {}
         crm = _refresh_crm_if_stale(tenant, crm_max_age, respect_backoff, now)
         users = connected_users(settings, tenant.id)
         for feature in enabled:
             before = sync_states(tenant, feature)
             due = due_users(users, before, respect_backoff, now)
             rows, failed = _sync_users(tenant.id, feature, due)
+            if feature == "email":
+                sync_ok = {r["user_oid"]: r["status"] == "ok" for r in rows}
             rows += [idle_row(u.oid, "waiting_for_retry") for u in users if u not in due]
             after = sync_states(tenant, feature)
             with_sync_state(rows, after)
@@ -117,6 +148,8 @@ def sync_tenant(
                 table=rows,
                 description=f"{artifact_prefix} ({feature}) of {tenant_title(tenant)}: per-user status and counts",
             )
+        if "email" in enabled:
+            totals |= _late_matches(tenant, artifact_prefix, [u for u in users if sync_ok.get(u.oid)])
         totals |= {"mailboxes": len(users), "crm_refreshed": int(bool(crm))}
         totals |= {f"crm_{k}": int(v) for k, v in crm.items() if k in ("people", "accounts", "changed")}
         create_table_artifact(

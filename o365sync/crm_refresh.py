@@ -12,6 +12,8 @@ Whatever the adapter returns passes `conform_records` (names cut, unusable addre
 A refresh that would remove more than half of the stored people or accounts is refused (nothing written, the
 previous snapshot stays in use) until an admin runs `o365sync crm confirm-drop`, which lets the next refresh
 remove up to as many; a first snapshot, or the first of a newly configured CRM, is never refused.
+Every refresh after the first compares the CRM's match keys (addresses, account domains) before and after, and in
+the same transaction queues the added ones for the late-match backfill (`o365sync/backfill.py`).
 The outcome is kept as the tenant's CRM state (ok / reconnect_needed / quota_exhausted / invalid_file / refused /
 failed) with the error or, when ok, what was adjusted.
 """
@@ -25,6 +27,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from o365sync.backfill import queue_added_terms, stored_match_keys
 from o365sync.crm import (
     CrmAdapter,
     CrmAuthError,
@@ -146,12 +149,13 @@ def refresh_crm_snapshot(
     settings: Settings, tenant_id: str, adapters: Adapters, now: datetime | None = None
 ) -> dict[str, Any]:
     """Full or incremental refresh (see the module docstring) through `adapters` (`crm_adapters.registry.ADAPTERS`);
-    returns counts, mode and the new scan start. A CRM failure is recorded as the tenant's CRM state (codes only) and
-    re-raised; the stored snapshot stays."""
+    returns counts, mode, the new scan start and (after a first snapshot) `late_match_terms`, the keys it added.
+    A CRM failure is recorded as the tenant's CRM state (codes only) and re-raised; the stored snapshot stays."""
     tenant = load_tenant(settings, tenant_id)
     now = now or datetime.now(UTC)
     with open_store(settings, tenant_id, write=False) as con:
         summary = crm_state_summary(con)
+        before = stored_match_keys(con, tenant.domains) if summary["crm_kind"] is not None else None
     since = refresh_since(settings, tenant, summary, now, adapters)
     try:
         result = fetch_crm(settings, tenant, since, adapters)
@@ -174,14 +178,23 @@ def refresh_crm_snapshot(
                 record_crm_drop_refusal(con, exc.removals)
                 _record_failure(con, exc)
             raise
+        added: dict[str, int] = {}
+
+        def queue_late_matches(con: duckdb.DuckDBPyConnection) -> None:  # in the snapshot's transaction
+            if before is not None:  # a first snapshot adds nothing late: the first import matches against it
+                added["late_match_terms"] = queue_added_terms(con, tenant.id, before, tenant.domains, now)
+
         if changed_ids is not None:
-            counts = apply_crm_changes(con, frames, changed_ids, tenant.crm_kind, start, result.watermark)
+            counts = apply_crm_changes(
+                con, frames, changed_ids, tenant.crm_kind, start, result.watermark, queue_late_matches
+            )
             counts["changed"] = sum(len(ids) for ids in changed_ids.values())
         else:
             people, accounts, opportunities = frames["people"], frames["accounts"], frames["opportunities"]
             counts = replace_crm_snapshot(
-                con, people, accounts, opportunities, tenant.crm_kind, start, result.watermark
+                con, people, accounts, opportunities, tenant.crm_kind, start, result.watermark, queue_late_matches
             )
+        counts |= added
         record_crm_state(con, "ok", "; ".join(f"{what}: {n:,}" for what, n in adjusted.items()) or None)
     return {**counts, "scan_start": counts["scan_start"].isoformat()}
 

@@ -66,6 +66,7 @@ USER_TABLES = (
     "notetaker_queue",
     "teams_channels",
     "shares",
+    "late_match",
 )
 EMAIL_TABLES = ("emails", "email_participants", "email_crm_matches")
 MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")

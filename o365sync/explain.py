@@ -30,6 +30,7 @@ from o365sync.graph import (
 )
 from o365sync.mail import HEADER_FIELDS, parse_page
 from o365sync.matching import KIND_RANK, ROLE_RANK, CrmIndex, normalise_address
+from o365sync.participants import name_index_for, resolve_non_smtp
 from o365sync.store import open_store, read_calendar_cursor, store_path
 from o365sync.sync.calendar import SKIPPED_SENSITIVITY, CalendarCounts, anchored_window, calendar_scopes, classify
 from o365sync.sync.mailbox import MAIL_FOLDERS, classify_headers
@@ -161,6 +162,7 @@ def explain_message(tenant: Tenant, user_oid: str, message: str) -> Explanation:
     row = messages.row(0, named=True)
     gid = row["graph_id"]
     messages, participants = messages.head(1), participants.filter(pl.col("graph_id") == gid)
+    participants, _ = resolve_non_smtp(participants, name_index_for(settings, config))  # as the import does
 
     found: list[MatchedRecord] = []
     if row["folder"] == "other":

@@ -40,9 +40,10 @@ Rules for what Graph sends (each has a test in tests/test_mail_parsing.py):
   items also say "#microsoft.graph.message"); NULL when absent, as for plain messages in a listing.
 - `from`/`sender` missing, null, `{}` or with `emailAddress` null/`{}`: not partial by itself (drafts and some
   system items have no sender); `from_name`/`from_address` NULL, no participant row.
-- A recipient (from/sender/to/cc) becomes a participant row only if its address is a non-blank string; a
-  display-name-only recipient, `emailAddress` {} or null, or a null list entry gives no row. Recipient lists that are
-  null or absent give no rows.
+- A recipient (from/sender/to/cc) becomes a participant row if its address is a non-blank string, or, with a
+  NULL address, if it has a non-blank display name and no address (a name-only participant: the caller resolves it
+  by name or drops it, o365sync/participants.py). `emailAddress` {} or null, a blank name without an address, or a
+  null list entry gives no row. Recipient lists that are null or absent give no rows.
 - Addresses are kept verbatim (case, stray whitespace, unicode/IDN, X500/EX-style "/O=EXCHANGELABS/OU=…/CN=…" which
   have no "@"): matching lower-cases and strips them, and an X500 address never matches a CRM email.
 - Bcc is never requested, parsed, matched or stored (`bccRecipients` is not in `HEADER_FIELDS`; if Graph sent it
@@ -305,17 +306,19 @@ def _page_tables(folder: str, headers: list[MessageHeader]) -> tuple[pa.Table, p
         ):
             if recipients:
                 for r in recipients:
-                    if (
-                        type(r) is Recipient
-                        and (ea := r.email_address) is not None
-                        and (addr := ea.address) is not None
-                        and not addr.isspace()
-                        and addr
-                    ):
+                    if type(r) is not Recipient or (ea := r.email_address) is None:
+                        continue
+                    addr, name = ea.address, ea.name
+                    if addr is not None and addr and not addr.isspace():
                         add_id(gid)
                         add_role(role)
-                        add_name(ea.name)
+                        add_name(name)
                         add_addr(addr)
+                    elif name is not None and name and not name.isspace():  # a name only: for o365sync/participants.py
+                        add_id(gid)
+                        add_role(role)
+                        add_name(name)
+                        add_addr(None)
 
     def col(values: list[Any]) -> list[Any]:
         return _present(values) if patchy else values

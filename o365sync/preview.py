@@ -36,6 +36,7 @@ from o365sync.graph import (
 )
 from o365sync.mail import iter_header_pages
 from o365sync.matching import CrmIndex
+from o365sync.participants import name_index_for, resolve_non_smtp
 from o365sync.store import open_store
 from o365sync.sync.calendar import CalendarCounts, anchored_window, calendar_scopes, classify
 from o365sync.sync.mailbox import FILTERED_ROUND_CAP, MAIL_FOLDERS, classify_headers
@@ -146,15 +147,15 @@ def preview_mail(
     config, size = tenant.config, tenant.settings.graph_page_size
     blocklist = config.blocklist_for(user_oid)
     erased = _tombstones(tenant, user_oid)
+    people = name_index_for(tenant.settings, config)  # X500 and name-only participants, resolved as the import does
     seen: set[str] = set()
     for folder in MAIL_FOLDERS:
         pages = 0
         for page in iter_header_pages(client, folder, scan_start, size):
             pages += 1
             messages = pl.DataFrame(page.messages).unique("graph_id", keep="last", maintain_order=True)
-            excluded, links = classify_headers(
-                messages, pl.DataFrame(page.participants), config.domains, blocklist, index
-            )
+            participants, _ = resolve_non_smtp(pl.DataFrame(page.participants), people)
+            excluded, links = classify_headers(messages, participants, config.domains, blocklist, index)
             out.by_reason.update(dict(excluded.group_by("reason").len().iter_rows()))
             kept = messages.filter(pl.col("graph_id").is_in(links["graph_id"].unique().implode()))
             out.by_reason["no_crm_match"] += messages.height - excluded.height - kept.height

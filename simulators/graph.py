@@ -11,6 +11,9 @@ Deliberate simplifications:
   otherwise the mutable id (`SimMessage.mutable_id()`, changes on every move). Both are accepted on
   `/me/messages/{id}`; a mutable id from before a move is 404, as in Graph.
 
+`$search` on message listings (KQL participants/from/to/cc/received, 1,000 results at most, no `$filter`/
+`$orderby`/`$skip` beside it) lives in simulators/graph_search.py.
+
 Calendar, online meetings and Teams live in simulators/graph_calendar.py (`GraphSimulator.calendar`).
 
 Per-folder message delta with opaque server-side tokens: see `_delta`. Choices where real Graph is not
@@ -48,6 +51,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 import msgspec
 
 from simulators import server
+from simulators.graph_search import SearchSyntaxError, search_messages
 from simulators.server import OnServer, Request, Response, SimServer
 from simulators.tls import SimulatorTLS
 from simulators.tokens import AccessClaims, TokenAuthority, TokenError
@@ -127,7 +131,7 @@ FIELD_PROPS = {
 }
 BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
-_SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count", "$expand"}
+_SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count", "$expand", "$search", "$skiptoken"}
 _DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$expand", "$skiptoken", "$deltatoken"}
 DELTA_DEFAULT_PAGE = 10  # observed; Graph documents no default for delta
 DELTA_FILTER_CAP = 5000  # with $filter a delta round returns at most 5,000 messages (DOC)
@@ -415,6 +419,7 @@ class GraphSimulator(OnServer):
             )
         }
         self.requests: list[LoggedRequest] = []
+        self.searches: list[tuple[str, str | None, str, int]] = []  # $search pages served: (oid, folder, kql, offset)
         self.peak_in_flight: dict[str, int] = {}
         self.sent: dict[str, list[SentResponse]] = {}  # oid -> every response, in order
         self._violations: dict[str, list[RetryViolation]] = {}
@@ -481,6 +486,7 @@ class GraphSimulator(OnServer):
     def reset_stats(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.searches.clear()
             self.peak_in_flight.clear()
             self.sent.clear()
             self._violations.clear()
@@ -1054,6 +1060,8 @@ class GraphSimulator(OnServer):
         select = self._parse_select(req)
         expand = self._parse_expand(req)
         self._check_mail_scopes(ctx, select, expand)
+        if "$search" in req.query or "$skiptoken" in req.query:
+            return self._search_messages(req, ctx, select, expand)
         imid = _IMID_FILTER_RE.fullmatch(req.query.get("$filter") or "")
         flt = None if imid else self._parse_filter(req.query.get("$filter"))
         desc = self._parse_orderby(req.query.get("$orderby"), flt is not None or imid is not None)
@@ -1092,6 +1100,63 @@ class GraphSimulator(OnServer):
             out += b',"@odata.nextLink":' + _encode(link)
         headers["Content-Type"] = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
         return Response(200, out + b"}", headers)
+
+    def _search_messages(self, req: Request, ctx: _Ctx, select: tuple[str, ...] | None, expand: bool) -> Response:
+        """`$search` (KQL) over one folder or the mailbox: see simulators/graph_search.py for what is documented and
+        what is this simulator's choice. Pages of `$top` (default 10) with an opaque `$skiptoken` nextLink; at most
+        `SEARCH_RESULT_CAP` results in all, newest sent first."""
+        assert ctx.claims is not None
+        oid = ctx.claims.oid
+        raw = req.query.get("$search")
+        if raw is None:
+            raise GraphFail(400, "BadRequest", "Query option '$skiptoken' is only supported with '$search'.")
+        for option in ("$filter", "$orderby", "$skip"):  # UNVERIFIED codes and texts
+            if option in req.query:
+                raise GraphFail(
+                    400, "ErrorInvalidUrlQuery", f"The query parameter '{option}' is not supported with '$search'."
+                )
+        try:
+            found = search_messages([], raw)  # parse (and refuse) before touching the mailbox
+        except SearchSyntaxError as exc:
+            raise GraphFail(400, "BadRequest", f"Syntax error in the $search query: {exc}.") from None
+        top = self._parse_int(req, "$top", 10, 1, 1000)
+        offset = self._skiptoken_offset(req.query.get("$skiptoken"), raw)
+        self._mailbox(oid)
+        folder = None
+        if req.match is not None and req.match.groups():
+            folder = self._resolve_folder(oid, req.match.group(1))
+        with self.world.lock:
+            found = search_messages(self._folder_index(oid, folder).desc, raw)
+            self.searches.append((oid, folder, raw, offset))
+        chosen = found[offset : offset + top]
+        headers: dict[str, str] = {}
+        body_type = self._body_type(req, headers)
+        immutable = self._immutable(req)
+        frags = b",".join(self._fragment(m, select, body_type, immutable, expand=expand) for m in chosen)
+        where = f"mailFolders('{folder}')/messages" if folder else "messages"
+        context = f"{req.base_url}/v1.0/$metadata#users('{oid}')/{where}"
+        out = b'{"@odata.context":' + _encode(context) + b',"value":[' + frags + b"]"
+        if offset + top < len(found):
+            query = {k: v for k, v in req.query.items() if k.lower() != "$skiptoken"}
+            query["$skiptoken"] = self._skiptoken(raw, offset + top)
+            out += b',"@odata.nextLink":' + _encode(f"{req.base_url}{req.path}?{urlencode(query)}")
+        headers["Content-Type"] = "application/json; odata.metadata=minimal; odata.streaming=true; charset=utf-8"
+        return Response(200, out + b"}", headers)
+
+    @staticmethod
+    def _skiptoken(raw: str, offset: int) -> str:
+        return base64.urlsafe_b64encode(f"{offset}|{_opaque(raw)}".encode()).decode()
+
+    def _skiptoken_offset(self, token: str | None, raw: str) -> int:
+        if token is None:
+            return 0
+        try:
+            offset, _, digest = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+            if digest == _opaque(raw):
+                return int(offset)
+        except (ValueError, UnicodeDecodeError):
+            pass
+        raise GraphFail(400, "BadRequest", "The $skiptoken is not valid for this query.")  # UNVERIFIED text
 
     def _get_message(self, req: Request, ctx: _Ctx) -> Response:
         assert ctx.claims is not None and req.match is not None

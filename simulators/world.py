@@ -358,6 +358,19 @@ class World:
                 accounts.setdefault(dom, set()).add(a.id)
         return people, accounts, own
 
+    def names(self, tid: str) -> dict[str, set[str]]:
+        """Oracle: who a participant known only by name is — display name (case and whitespace folded) -> every
+        address under it among the tenant's users (its directory) and the CRM's contacts and unconverted leads."""
+        crm = self.crm[tid]
+        out: dict[str, set[str]] = {}
+        pairs = [(u.display_name, u.upn) for u in self.tenant(tid).users]
+        pairs += [(f"{c.first_name} {c.last_name}", c.email) for c in crm.contacts]
+        pairs += [(f"{x.first_name} {x.last_name}", x.email) for x in crm.leads if not x.is_converted]
+        for name, address in pairs:
+            if (addr := _norm(address)) is not None and "@" in addr and (key := _name_key(name)):
+                out.setdefault(key, set()).add(addr)
+        return out
+
     def _in_window(self, tid: str, keep_removed: bool) -> Iterator[SimMessage]:
         start = self.scan_start(tid)
         for user in self.tenant(tid).users:
@@ -377,13 +390,16 @@ class World:
     ) -> Iterator[tuple[SimMessage, str | None, frozenset[str]]]:
         """(message, first exclusion reason or None, CRM ids) for every in-window message of the tenant."""
         people, accounts, own = self._crm_index(tid)
+        names = self.names(tid)
         tenant_block = _blocklist(blocklist)
         user_block = {oid: _blocklist(v) for oid, v in (user_blocklists or {}).items()}
         for m in self._in_window(tid, keep_removed):
-            reason = _exclusion(m, own, tenant_block | user_block.get(m.owner_oid, frozenset()), keep_removed)
+            participants = [_resolve_by_name(p, names) for p in m.participants()]
+            block = tenant_block | user_block.get(m.owner_oid, frozenset())
+            reason = _exclusion(m, own, block, keep_removed, participants)
             ids: set[str] = set()
             if reason is None:
-                for p in m.participants():
+                for p in participants:
                     addr = _norm(p.address)
                     if addr is None or "@" not in addr:
                         continue
@@ -421,7 +437,10 @@ class World:
           case-insensitive, exact (no subdomain matching);
         - internal_only: no external participant among from/to/cc — external means an address with "@" whose
           domain is not one of the tenant's domains; an address without "@" (X500 "/O=EXCHANGELABS/…") counts as
-          internal;
+          internal — unless it is X500 and its display name (case and whitespace folded) gives exactly one address
+          among the tenant's users and the CRM's contacts and unconverted leads (`names`): then the participant has
+          that address everywhere (exclusions and matching); two or more addresses: never guessed. A participant
+          with a display name and no address is resolved the same way (unresolved, it is ignored);
         - no_crm_match: none of from/to/cc matches a CRM contact or unconverted lead (exact address after
           strip + lower-case) or an account domain (the registrable domain of the address equals that of the
           account's website host; free-mail and own domains never match).
@@ -583,8 +602,10 @@ class World:
         return frozenset(out)
 
 
-def _exclusion(m: SimMessage, own: set[str], block: frozenset[str], keep_removed: bool) -> str | None:
-    """The first pre-matching exclusion reason that applies to `m`, or None."""
+def _exclusion(
+    m: SimMessage, own: set[str], block: frozenset[str], keep_removed: bool, participants: list[Mailbox]
+) -> str | None:
+    """The first pre-matching exclusion reason that applies to `m` (its `participants` as resolved), or None."""
     if m.folder not in _MAIL_FOLDER_SET and not (keep_removed and _MAIL_FOLDER_SET.intersection(m.past_folders)):
         return "not_synced_folder"
     if m.is_draft:
@@ -596,12 +617,26 @@ def _exclusion(m: SimMessage, own: set[str], block: frozenset[str], keep_removed
     sender = _norm(m.sender.address) if m.sender is not None else None
     if sender is not None and "@" in sender and AUTOMATED_LOCAL_RE.match(sender.rpartition("@")[0]):
         return "automated_sender"
-    addrs = [a for p in m.participants() if (a := _norm(p.address)) is not None]
+    addrs = [a for p in participants if (a := _norm(p.address)) is not None]
     if block and any(a in block or ("@" in a and a.rpartition("@")[2] in block) for a in addrs):
         return "blocklisted"
     if not any("@" in a and a.rpartition("@")[2] not in own for a in addrs):
         return "internal_only"
     return None
+
+
+def _name_key(name: str | None) -> str:
+    return " ".join((name or "").split()).casefold()
+
+
+def _resolve_by_name(p: Mailbox, names: dict[str, set[str]]) -> Mailbox:
+    """An X500 ("/O=…") or name-only participant whose name gives exactly one address, with that address; anyone
+    else as is."""
+    addr = _norm(p.address)
+    if addr is not None and not addr.startswith("/o="):
+        return p
+    found = names.get(_name_key(p.name), set())
+    return Mailbox(p.name, next(iter(found))) if len(found) == 1 else p
 
 
 def scan_start(crm: SimCrm, now: datetime) -> datetime:
@@ -1012,3 +1047,66 @@ def add_odd_messages(world: World, owner_oid: str) -> list[SimMessage]:
             m.kind = f"odd:{label}"
             m.sensitivity, m.odata_type, m.is_draft = "normal", MESSAGE_TYPE, False
         return msgs
+
+
+def x500_address(alias: str) -> str:
+    """A legacyExchangeDN as Exchange Online writes it."""
+    digest = hashlib.sha1(alias.encode()).hexdigest()[:32]
+    return f"/o=ExchangeLabs/ou=Exchange Administrative Group (FYDIBOHF23SPDLT)/cn=Recipients/cn={digest}-{alias}"
+
+
+def add_non_smtp_participants(world: World, owner_oid: str) -> dict[str, SimMessage]:
+    """Add messages whose only other participant has an X500 address, or only a name, instead of SMTP, to one
+    mailbox (inbox, inside the scan window), and return them by label. Adds a CRM contact that shares an existing
+    contact's name (so one name is ambiguous): call it before starting a Salesforce simulator. Expected per
+    `World.expected_matches`:
+    - crm_unique — the name of exactly one CRM person: matched to that person (and their account's domain);
+    - crm_ambiguous — a name two CRM contacts with different addresses share: never guessed, internal_only;
+    - directory — a colleague's display name: resolved to the colleague, still internal_only;
+    - unknown — a name nobody has: internal_only;
+    - name_only_crm — the unique CRM person's name with no address at all: matched like crm_unique;
+    - name_only_unknown — a name nobody has, no address: internal_only.
+    """
+    with world.lock:
+        user = world.user(owner_oid)
+        tid = user.tid
+        crm = world.crm[tid]
+        names = world.names(tid)
+        unique = next(c for c in crm.contacts if len(names.get(_name_key(f"{c.first_name} {c.last_name}"), ())) == 1)
+        twin_of = next(c for c in crm.contacts if c is not unique)
+        crm.contacts.append(
+            CrmContact(
+                id=_sf_id("003", 8000 + len(crm.contacts), tid),
+                first_name=twin_of.first_name,
+                last_name=twin_of.last_name,
+                email=f"{twin_of.first_name.lower()}.twin@twin-{len(crm.contacts)}.example",
+                account_id=None,
+            )
+        )
+        names = world.names(tid)
+        colleague = next(
+            (
+                u
+                for u in world.tenant(tid).users
+                if u.oid != owner_oid and len(names.get(_name_key(u.display_name), ())) == 1
+            ),
+            None,
+        )
+        me = Mailbox(user.display_name, user.upn)
+        people = {
+            "crm_unique": f"{unique.first_name} {unique.last_name}",
+            "crm_ambiguous": f"{twin_of.first_name.upper()}  {twin_of.last_name}",  # case and spacing differ
+            "unknown": "Former Employee",
+        }
+        if colleague is not None:
+            people["directory"] = colleague.display_name
+        people |= {"name_only_crm": people["crm_unique"], "name_only_unknown": "Sales Team"}
+        out: dict[str, SimMessage] = {}
+        for label, name in people.items():
+            m = world.add_message(owner_oid, "inbox", "contact")
+            address = None if label.startswith("name_only") else x500_address(label)
+            m.sender, m.to, m.cc = Mailbox(name, address), [me], []
+            m.kind = f"x500:{label}"
+            m.sensitivity, m.odata_type, m.is_draft = "normal", MESSAGE_TYPE, False
+            out[label] = m
+        return out

@@ -291,7 +291,9 @@ def test_missing_or_empty_from() -> None:
     ]
 
 
-def test_display_name_only_and_blank_addresses_give_no_participant() -> None:
+def test_name_only_recipients_give_a_row_without_address_and_blank_ones_none() -> None:
+    """A display name without an address is a participant row with a NULL address (resolved by name or dropped by
+    o365sync/participants.py before anything is matched or stored); no name and no address: no row."""
     p = parse(
         full(
             "A",
@@ -311,7 +313,15 @@ def test_display_name_only_and_blank_addresses_give_no_participant() -> None:
     )
     (row,) = rows(p)
     assert (row["from_name"], row["from_address"]) == ("Only A Name", None)
-    assert parts(p) == [("A", "sender", "Dana Swope", "danas@fabrikam.com"), ("A", "to", None, "ok@x.com")]
+    assert parts(p) == [
+        ("A", "from", "Only A Name", None),
+        ("A", "sender", "Dana Swope", "danas@fabrikam.com"),
+        ("A", "to", "No Address", None),
+        ("A", "to", "Missing", None),
+        ("A", "to", "Empty", None),
+        ("A", "to", "Blank", None),
+        ("A", "to", None, "ok@x.com"),
+    ]
 
 
 def test_x500_unicode_and_idn_addresses_are_verbatim() -> None:

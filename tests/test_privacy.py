@@ -25,11 +25,13 @@ from tests.traces import file_hits
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
 
-def _seed_markers(world):
+def _seed_markers(world, spare: str | None = None):
+    """Markers in every unmatched message (except those `spare` takes part in: a late match will match them) and
+    meeting; returns (markers, a marker of one matched message and one kept meeting)."""
     tenant = world.tenants[0]
     tag = uuid.uuid4().hex[:12]
     markers = {"subject": f"SUBJMARK{tag}", "body": f"BODYMARK{tag}", "address": f"addrmark{tag}"}
-    unmatched = list(world.unmatched_messages(tenant.tid))
+    unmatched = [m for m in world.unmatched_messages(tenant.tid) if not _takes_part(m, spare)]
     for i, msg in enumerate(unmatched):
         msg.subject += f" {markers['subject']}"
         msg.body += f"\n{markers['body']}"
@@ -117,7 +119,11 @@ def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog, run):
     caplog.set_level(logging.DEBUG)
     totals = run(tenant.tid, tenant.users)
     assert totals["calendar_imported"] > 0 and totals["calendar_discarded"] > 0
+    _assert_no_trace(p, prefect_server, caplog, markers, positive, meetings=True)
 
+
+def _assert_no_trace(p, prefect_server, caplog, markers: dict, positive: str, meetings: bool) -> None:
+    """No marker in any file, DuckDB column, Prefect row or log line; the positive control is found."""
     needles = [m.lower() for m in markers.values()]
     data_dir = p.settings.data_dir
     prefect_home = Path(os.environ["PREFECT_HOME"])
@@ -138,4 +144,52 @@ def test_unmatched_mail_leaves_no_trace(prefect_server, product, caplog, run):
     # Positive control: the same scans do find content of a matched message.
     store = next(f for f in duck_files if f.name == "store.duckdb")
     found = _duckdb_hits(store, [positive.lower()])
-    assert any(":emails.subject" in h for h in found) and any(":meetings.subject" in h for h in found)
+    assert any(":emails.subject" in h for h in found)
+    assert not meetings or any(":meetings.subject" in h for h in found)
+
+
+def _takes_part(message, address: str | None) -> bool:
+    return address is not None and any((b.address or "").strip().lower() == address for b in message.participants())
+
+
+def test_a_late_match_leaves_no_trace_of_the_mail_it_searched_but_did_not_match(
+    prefect_server, tmp_path, monkeypatch, caplog
+):
+    """A person added to the CRM after the import: the email sync's late-match search for them also returns mail
+    that still matches nothing (they were only in its Bcc, which Graph's `participants:` searches and we never
+    match); that mail must leave no trace either, while their newly matched mail is imported."""
+    from flows.email_sync import email_sync
+    from tasks.crm_snapshot import refresh_crm_snapshot
+
+    world = generate_world(seed=23, users_per_tenant=2, messages_per_user=120, contacts_per_tenant=30, calendars=True)
+    tenant = world.tenants[0]
+    start = world.scan_start(tenant.tid)
+    late = next(
+        m.sender.address.strip().lower()
+        for u in tenant.users
+        for m in world.mailboxes[u.oid]
+        if m.kind == "stranger" and m.folder == "inbox" and m.received >= start and m.sender is not None
+    )
+    markers, positive = _seed_markers(world, spare=late)
+    in_bcc = [
+        m
+        for m in world.unmatched_messages(tenant.tid)
+        if m.folder in ("inbox", "sentitems") and m.received >= start and not _takes_part(m, late)
+    ][:5]
+    assert in_bcc
+    for m in in_bcc:
+        m.bcc.append(Mailbox("Late Person", late))  # found by the search, matched by nothing
+    p = stand_up(world, tmp_path, monkeypatch, features=["email"])
+    try:
+        caplog.set_level(logging.DEBUG)
+        initial_import(tenant.tid)
+        p.running.salesforce.add_contact(tenant.tid, "Late", "Person", late)
+        assert refresh_crm_snapshot(p.settings, tenant.tid)["late_match_terms"] == 1
+        p.running.graph.searches.clear()
+        totals = email_sync(tenant.tid)
+        assert totals["late_match_imported"] > 0 and totals["late_match_terms_done"] == 2  # one per mailbox
+        assert totals["late_match_discarded"] >= len(in_bcc)  # the Bcc-only mail was found, and dropped
+        assert any(late in kql for _, _, kql, _ in p.running.graph.searches)
+        _assert_no_trace(p, prefect_server, caplog, markers, positive, meetings=False)
+    finally:
+        p.running.stop()

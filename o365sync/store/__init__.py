@@ -1,9 +1,9 @@
 """The activity store: one DuckDB file per tenant, opened only through `open_store`.
 
 One module per area: `schema` (numbered migrations), `locks` (open_store, the flocks), `transactions`, `mail`,
-`calendar` (and the notetaker queue), `crm`, `sync_state`, `lifecycle` (a user's saved positions), `views` (the
-analysts' views) and `publishing` (the analysts' snapshot). Every name is re-exported here, so callers import
-from `o365sync.store`.
+`calendar` (and the notetaker queue), `crm`, `sync_state`, `late_match` (the late-match backfill's work),
+`lifecycle` (a user's saved positions), `views` (the analysts' views) and `publishing` (the analysts' snapshot).
+Every name is re-exported here, so callers import from `o365sync.store`.
 
 Every open takes our own advisory flock first (shared for readers, exclusive for writers): concurrent flows queue
 instead of failing. Writes are idempotent: dedupe the batch, then DELETE + INSERT in one transaction (no PRIMARY
@@ -31,11 +31,25 @@ from o365sync.store.crm import (
     crm_state_summary,
     latest_crm_snapshot_at,
     load_crm_frames,
+    load_crm_names,
     read_crm_drop_guard,
     read_crm_state,
     record_crm_drop_refusal,
     record_crm_state,
     replace_crm_snapshot,
+)
+from o365sync.store.late_match import (
+    CAPPED,
+    DONE,
+    IN_PROGRESS,
+    PENDING,
+    LateMatchWork,
+    late_match_summary,
+    late_match_users,
+    mark_late_match,
+    queue_late_matches,
+    read_late_match_work,
+    split_late_match,
 )
 from o365sync.store.lifecycle import (
     reset_sync_positions,
@@ -92,7 +106,11 @@ from o365sync.sync_policy import CATCHING_UP  # the stage name callers pass to r
 
 __all__ = [
     "BatchResult",
+    "CAPPED",
     "CATCHING_UP",
+    "DONE",
+    "IN_PROGRESS",
+    "PENDING",
     "CRM_TABLES",
     "CalendarCursor",
     "BATCH_EMAIL_COLUMNS",
@@ -104,6 +122,7 @@ __all__ = [
     "MEETING_COLUMNS",
     "MEETING_TABLES",
     "MIGRATIONS",
+    "LateMatchWork",
     "MailBatch",
     "MeetingBatch",
     "PRE_MIGRATION_UPGRADE",
@@ -124,15 +143,21 @@ __all__ = [
     "flock_file",
     "fsync_path",
     "write_synced",
+    "late_match_summary",
+    "late_match_users",
     "latest_crm_snapshot_at",
     "load_crm_frames",
+    "load_crm_names",
+    "mark_late_match",
     "migrate",
     "open_store",
     "publish_snapshot",
+    "queue_late_matches",
     "read_calendar_cursor",
     "read_crm_drop_guard",
     "read_crm_state",
     "read_cursors",
+    "read_late_match_work",
     "read_sync_progress",
     "read_sync_states",
     "record_consent_link",
@@ -143,6 +168,7 @@ __all__ = [
     "replace_crm_snapshot",
     "reset_sync_positions",
     "snapshot_path",
+    "split_late_match",
     "store_lock",
     "store_path",
     "stored_version",

@@ -25,11 +25,13 @@ def _write_crm(
     crm_kind: str,
     watermark: datetime | None,
     scan_start: Callable[[datetime | None], datetime],
+    also: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
 ) -> dict[str, Any]:
     """One transaction: full replace (`changed_ids` None) or replace the rows of the changed ids, then a meta row
-    with the counts and `scan_start(oldest open opportunity)` of the result. Re-applying the same changes is
-    harmless (an overlap window re-reads records); a crash leaves the previous snapshot. A written refresh ends
-    any refused one and uses up a confirmation (`crm_drop_guard`)."""
+    with the counts and `scan_start(oldest open opportunity)` of the result, then `also(con)` (e.g. queueing the
+    late-match backfill of what the refresh added). Re-applying the same changes is harmless (an overlap window
+    re-reads records); a crash leaves the previous snapshot. A written refresh ends any refused one and uses up a
+    confirmation (`crm_drop_guard`)."""
     with transaction(con):
         con.execute("DELETE FROM crm_drop_guard")
         for table, (key, columns) in CRM_TABLES.items():
@@ -54,6 +56,8 @@ def _write_crm(
             "mode, watermark) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [datetime.now(UTC), crm_kind, people, accounts, opps, start, mode, watermark],
         )
+        if also is not None:
+            also(con)
     return {"people": people, "accounts": accounts, "open_opportunities": opps, "scan_start": start, "mode": mode}
 
 
@@ -65,6 +69,7 @@ def replace_crm_snapshot(
     crm_kind: str,
     scan_start: datetime | Callable,
     watermark: datetime | None = None,
+    also: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
 ) -> dict[str, Any]:
     """Store a full snapshot in place of the previous one (this is also how hard deletes are reconciled).
     `scan_start`: a fixed date, or `f(oldest open opportunity's created date)`."""
@@ -76,6 +81,7 @@ def replace_crm_snapshot(
         crm_kind,
         watermark,
         start_fn,
+        also,
     )
 
 
@@ -86,12 +92,13 @@ def apply_crm_changes(
     crm_kind: str,
     scan_start: Callable[[datetime | None], datetime],
     watermark: datetime | None,
+    also: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
 ) -> dict[str, Any]:
     """Upsert an incremental refresh; the scan start is recomputed on the result. The stored watermark never
     moves back (a refresh that saw no change keeps the previous one)."""
     previous = crm_state_summary(con)["watermark"]
     mark = max((w for w in (watermark, previous) if w is not None), default=None)
-    return _write_crm(con, frames, changed_ids, crm_kind, mark, scan_start)
+    return _write_crm(con, frames, changed_ids, crm_kind, mark, scan_start, also)
 
 
 GUARDED_CRM_TABLES = {"people": "crm_people", "accounts": "crm_accounts"}
@@ -191,6 +198,13 @@ def load_crm_frames(con: duckdb.DuckDBPyConnection) -> tuple[pl.DataFrame, pl.Da
     accounts = con.sql("SELECT crm_id, domain FROM crm_accounts WHERE domain IS NOT NULL").pl()
     row = con.execute("SELECT scan_start FROM crm_snapshot_meta ORDER BY taken_at DESC LIMIT 1").fetchall()
     return people, accounts, (row[0][0] if row else None)
+
+
+def load_crm_names(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(name, email) of every CRM person with both (for participants known only by name, o365sync/participants.py)."""
+    return con.execute(
+        "SELECT name, email FROM crm_people WHERE name IS NOT NULL AND email IS NOT NULL ORDER BY ALL"
+    ).fetchall()
 
 
 def latest_crm_snapshot_at(con: duckdb.DuckDBPyConnection) -> datetime | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -70,6 +71,7 @@ class MailBatch:
     cursors: dict[str, FolderCursor]  # folder -> cursor covered by this batch
     partials: pl.DataFrame | None = None  # partial delta updates: graph_id + PARTIAL_COLUMNS, null = unchanged
     scanned: int = 0  # messages read for this batch (kept or not): the running sync's progress advances by it
+    also: Callable[[duckdb.DuckDBPyConnection, BatchResult], None] | None = None  # more state, same transaction
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
     Rows are keyed on (tenant, user, immutable Graph id): dedupe, DELETE, INSERT. A message whose
     internetMessageId is already stored under another id is the same mail seen in another folder: skipped.
     A null body keeps the stored one; partial updates only overwrite the fields they carry. The running sync's
-    progress (sync_state) advances in the same transaction."""
+    progress (sync_state) advances in the same transaction, and so does the batch's `also` (e.g. the late-match
+    backfill's state), which sees the result."""
     now = datetime.now(UTC)
     emails = batch.emails.unique("graph_id", keep="last", maintain_order=True)
     key = [tenant_id, user_oid]
@@ -160,7 +163,10 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
         con.execute("DROP TABLE _kept")
         con.execute("DROP TABLE _old")
         add_sync_progress(con, tenant_id, user_oid, "email", batch.scanned, int(new[0][0]))
-    return BatchResult(imported=int(new[0][0]), duplicates=int(duplicates))
+        result = BatchResult(imported=int(new[0][0]), duplicates=int(duplicates))
+        if batch.also is not None:
+            batch.also(con, result)
+    return result
 
 
 def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> dict[str, FolderCursor]:

@@ -174,7 +174,20 @@ ALTER TABLE sync_state ADD COLUMN progress_at TIMESTAMPTZ;
 """Migration 2: when the running (or last) sync run of a user and feature started, and when its counts last advanced
 (`o365sync.store.sync_state`: the live progress of an import)."""
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA, MIGRATION_2_IMPORT_PROGRESS)  # append, never edit: [n - 1] is migration n
+MIGRATION_3_LATE_MATCH = """CREATE TABLE late_match (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, folder VARCHAR NOT NULL, term VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL, window_start TIMESTAMPTZ NOT NULL, window_end TIMESTAMPTZ, status VARCHAR NOT NULL,
+    solo BOOLEAN NOT NULL DEFAULT false, seen BIGINT NOT NULL DEFAULT 0, imported BIGINT NOT NULL DEFAULT 0,
+    queued_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL);
+"""
+"""Migration 3: the late-match backfill's work (`o365sync.store.late_match`): per mailbox folder, each CRM address or
+account domain a refresh added, the part of the scan window still to search, and where its search stands."""
+
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA,
+    MIGRATION_2_IMPORT_PROGRESS,
+    MIGRATION_3_LATE_MATCH,
+)  # append, never edit: [n - 1] is migration n
 
 
 class StoreFromNewerVersion(Exception):

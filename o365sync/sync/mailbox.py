@@ -35,6 +35,7 @@ from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
 from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
+from o365sync.participants import EMPTY_NAMES, NameIndex, name_index_for, resolve_non_smtp
 from o365sync.settings import Settings
 from o365sync.store import (
     BATCH_EMAIL_COLUMNS,
@@ -104,6 +105,7 @@ class MailboxRun:
     scan_start: datetime
     now: datetime
     counts: RunCounts = RunCounts()
+    names: NameIndex = EMPTY_NAMES  # who X500 participants are (o365sync/participants.py)
 
 
 @dataclass
@@ -214,6 +216,8 @@ def _process_page(
         buf.partials.append(partial.select("graph_id", *PARTIAL_COLUMNS))
         reasons["partial_update"] = partial.height
     full = messages.filter(~pl.col("is_partial"))
+    participants, resolved = resolve_non_smtp(participants, run.names)  # before exclusions: it may be external
+    reasons.update(resolved)
     excluded, matches = classify_headers(full, participants, run.tenant.domains, run.blocklist, run.index)
     reasons.update(dict(excluded.group_by("reason").len().iter_rows()))
     kept_ids = matches["graph_id"].unique()
@@ -343,6 +347,7 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
         run = MailboxRun(
             settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, datetime.now(UTC)
         )
+        run.names = name_index_for(settings, config)
         deadline = time.monotonic() + settings.sync_max_seconds
         for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
             client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from o365sync.store import (
     crm_state_summary,
+    late_match_users,
     latest_crm_snapshot_at,
     read_crm_drop_guard,
     read_crm_state,
@@ -108,3 +109,25 @@ def crm_report_row(tenant: Tenant, refreshed: dict) -> dict:
         "accounts": refreshed.get("accounts", ""),
         "changed": refreshed.get("changed", ""),
     }
+
+
+# per-mailbox row key -> run total; terms_done counts (mailbox, address or domain) pairs whose search finished
+LATE_MATCH_TOTALS = {
+    "searches": "late_match_searches",
+    "terms_done": "late_match_terms_done",
+    "imported": "late_match_imported",
+    "discarded": "late_match_discarded",
+}
+
+
+def late_match_waiting(tenant: Tenant) -> list[str]:
+    """The mailboxes with queued late-match work."""
+    with tenant.open_store(write=False) as con:
+        return late_match_users(con, tenant.id)
+
+
+def late_match_totals(rows: list[dict]) -> dict[str, int]:
+    """A run's late-match totals: searches made, addresses/domains finished, messages imported and discarded (found
+    by a search but matching nothing, or excluded), mailboxes failed."""
+    totals = {name: sum(int(r.get(key, 0)) for r in rows) for key, name in LATE_MATCH_TOTALS.items()}
+    return totals | {"late_match_failed": sum(str(r["status"]).startswith("failed") for r in rows)}

@@ -1,0 +1,143 @@
+"""The late-match backfill's state (table `late_match`, migration 3): which CRM addresses and account domains a
+refresh added are still to be searched for, per mailbox folder, and where each search stands.
+
+A row is one term (a normalised address or an account's registrable domain) in one folder of one mailbox, over
+`[window_start, window_end)` (end NULL: open). Status: `pending` (to search), `in_progress` (its search was cut off
+after `seen` results: the rows it matched are stored, the search runs again from the start — Graph's `$skiptoken`
+links are not kept, like nextLinks), `done`, or `capped` (a one-day window still hit Graph's 1,000-result cap: what
+the search returned was imported, the rest of that day may be missing). `solo`: its last search with other terms hit
+the cap, so it is searched alone. Terms are CRM data (already in the snapshot); no mail content is ever kept here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import duckdb
+import polars as pl
+
+PENDING, IN_PROGRESS, DONE, CAPPED = "pending", "in_progress", "done", "capped"
+OPEN = (PENDING, IN_PROGRESS)
+
+
+@dataclass(frozen=True)
+class LateMatchWork:
+    """One row of `late_match` that is still open."""
+
+    folder: str
+    term: str
+    kind: str  # "address" | "domain"
+    window_start: datetime
+    window_end: datetime | None
+    status: str
+    solo: bool
+    seen: int
+
+
+def queue_late_matches(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, terms: Iterable[tuple[str, str]], now: datetime
+) -> int:
+    """Queue (kind, term) for every mailbox folder that has imported something (its backfill is done or under way,
+    so mail it already listed was matched without the term), over that folder's scan window. A term already open
+    for a folder is not queued twice. Call inside the transaction that writes the CRM change. Returns rows queued."""
+    frame = pl.DataFrame(
+        [{"kind": kind, "term": term} for kind, term in sorted(set(terms))],
+        schema={"kind": pl.String, "term": pl.String},
+    )
+    if frame.is_empty():
+        return 0
+    con.register("lm_terms", frame)
+    try:
+        return int(
+            con.execute(
+                "INSERT INTO late_match (tenant_id, user_oid, folder, term, kind, window_start, window_end, status, "
+                "queued_at, updated_at) SELECT c.tenant_id, c.user_oid, c.folder, t.term, t.kind, c.scan_start, NULL, "
+                "?, ?, ? FROM mail_cursor c CROSS JOIN lm_terms t WHERE c.tenant_id = ? AND "
+                "(coalesce(c.backfill_done, false) OR c.received_watermark IS NOT NULL) AND NOT EXISTS ("
+                " SELECT 1 FROM late_match l WHERE l.tenant_id = c.tenant_id AND l.user_oid = c.user_oid AND"
+                " l.folder = c.folder AND l.term = t.term AND l.status IN ('pending', 'in_progress'))",
+                [PENDING, now, now, tenant_id],
+            ).fetchall()[0][0]
+        )
+    finally:
+        con.unregister("lm_terms")
+
+
+def read_late_match_work(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> list[LateMatchWork]:
+    """The open rows of one mailbox: searches cut off first, then in queue order."""
+    rows = con.execute(
+        "SELECT folder, term, kind, window_start, window_end, status, solo, seen FROM late_match "
+        "WHERE tenant_id = ? AND user_oid = ? AND status IN ('pending', 'in_progress') "
+        "ORDER BY status = 'in_progress' DESC, queued_at, folder, window_start, term",
+        [tenant_id, user_oid],
+    ).fetchall()
+    return [LateMatchWork(*r) for r in rows]
+
+
+def late_match_users(con: duckdb.DuckDBPyConnection, tenant_id: str) -> list[str]:
+    """The mailboxes with open late-match work."""
+    rows = con.execute(
+        "SELECT DISTINCT user_oid FROM late_match WHERE tenant_id = ? AND status IN ('pending', 'in_progress') "
+        "ORDER BY 1",
+        [tenant_id],
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _key(work: LateMatchWork) -> list:
+    return [work.folder, work.term, work.window_start]
+
+
+_WHERE = (
+    "tenant_id = ? AND user_oid = ? AND folder = ? AND term = ? AND window_start = ? "
+    "AND status IN ('pending', 'in_progress')"
+)
+
+
+def mark_late_match(
+    con: duckdb.DuckDBPyConnection,
+    tenant_id: str,
+    user_oid: str,
+    works: Iterable[LateMatchWork],
+    status: str,
+    seen: int = 0,
+    imported: int = 0,
+    solo: bool | None = None,
+) -> None:
+    """Set the status (and `seen`, `solo`) of open rows; `imported` is added to the first row's count (one count
+    per search, not per term). Runs inside the caller's transaction."""
+    now = datetime.now(UTC)
+    for i, work in enumerate(works):
+        con.execute(
+            f"UPDATE late_match SET status = ?, seen = ?, imported = imported + ?, solo = coalesce(?, solo), "
+            f"updated_at = ? WHERE {_WHERE}",
+            [status, seen, imported if i == 0 else 0, solo, now, tenant_id, user_oid, *_key(work)],
+        )
+
+
+def split_late_match(
+    con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, work: LateMatchWork, at: datetime
+) -> None:
+    """Replace an open row by two pending halves, `[start, at)` and `[at, end)`, both searched alone."""
+    now = datetime.now(UTC)
+    con.execute(f"DELETE FROM late_match WHERE {_WHERE}", [tenant_id, user_oid, *_key(work)])
+    for start, end in ((work.window_start, at), (at, work.window_end)):
+        con.execute(
+            "INSERT INTO late_match (tenant_id, user_oid, folder, term, kind, window_start, window_end, status, solo, "
+            "queued_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, true, ?, ?)",
+            [tenant_id, user_oid, work.folder, work.term, work.kind, start, end, PENDING, now, now],
+        )
+
+
+def late_match_summary(con: duckdb.DuckDBPyConnection, tenant_id: str) -> dict[str, int]:
+    """Counts for status and artifacts: distinct terms done / open / capped (over every mailbox) and the messages
+    the backfill imported."""
+    row = con.execute(
+        "SELECT count(DISTINCT term) FILTER (WHERE status = 'done'), count(DISTINCT term) FILTER (WHERE status IN "
+        "('pending', 'in_progress')), count(DISTINCT term) FILTER (WHERE status = 'capped'), "
+        "coalesce(sum(imported), 0) FROM late_match WHERE tenant_id = ?",
+        [tenant_id],
+    ).fetchall()[0]
+    return {"terms_done": row[0], "terms_open": row[1], "terms_capped": row[2], "imported": int(row[3])}
