@@ -14,6 +14,11 @@ the next run replays idempotently) and the run ends as `catching_up`; the next r
 Every page streams through header-first: exclusions, CRM matching, bodies fetched only for matched messages,
 matched rows written with the cursor they advance in one transaction. Unmatched and excluded messages are only
 counted. Nothing here imports Prefect: the Prefect task lives in tasks/mailbox_task.py.
+
+Bodies are fetched by the mailbox's `BodyFetcher` (o365sync/sync/bodies.py) while the listing goes on, in batches
+filled across pages. The rows of a group of pages are sealed with the cursor reached at their last page and written
+in order, each only once all its bodies are in (`_Committer`): a cursor never runs ahead of the bodies of the pages
+it covers, so a run killed between a page's listing and its bodies' storage lists that page again.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -33,7 +39,7 @@ from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
-from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
+from o365sync.mail import DeltaTokenExpired, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.settings import Settings
 from o365sync.store import (
@@ -46,6 +52,7 @@ from o365sync.store import (
     read_cursors,
     write_mail_batch,
 )
+from o365sync.sync.bodies import BodyFetcher, BodyTicket
 from o365sync.tenant_context import Tenant
 from o365sync.tenants import TenantConfig
 from o365sync.user_graph import user_graph_client
@@ -103,12 +110,13 @@ class MailboxRun:
     blocklist: list[str]
     scan_start: datetime
     now: datetime
+    bodies: BodyFetcher
     counts: RunCounts = RunCounts()
 
 
 @dataclass
 class _Buffer:
-    emails: list[pl.DataFrame] = field(default_factory=list)
+    emails: list[tuple[pl.DataFrame, BodyTicket]] = field(default_factory=list)  # matched rows, bodies to come
     participants: list[pl.DataFrame] = field(default_factory=list)
     matches: list[pl.DataFrame] = field(default_factory=list)
     partials: list[pl.DataFrame] = field(default_factory=list)
@@ -116,12 +124,25 @@ class _Buffer:
     pages: int = 0
     scanned: int = 0
 
-    def take(self, cursors: dict[str, FolderCursor]) -> MailBatch:
+    def tickets(self) -> list[BodyTicket]:
+        return [ticket for _, ticket in self.emails]
+
+    def take(self, cursors: dict[str, FolderCursor], fetcher: BodyFetcher) -> MailBatch:
+        """The buffered rows with their bodies (waiting for them), then empty."""
+
         def cat(frames: list[pl.DataFrame], empty: pl.DataFrame) -> pl.DataFrame:
             return pl.concat(frames, how="vertical_relaxed") if frames else empty
 
+        emails = [
+            kept.with_columns(
+                pl.col("graph_id")
+                .replace_strict(fetcher.wait(ticket), default=None, return_dtype=pl.String)
+                .alias("body_text")
+            ).select(BATCH_EMAIL_COLUMNS)
+            for kept, ticket in self.emails
+        ]
         batch = MailBatch(
-            cat(self.emails, _EMPTY["emails"]),
+            cat(emails, _EMPTY["emails"]),
             cat(self.participants, _EMPTY["participants"]),
             cat(self.matches, _EMPTY["matches"]),
             cursors,
@@ -211,11 +232,7 @@ def _process_page(
     kept = candidates.filter(pl.col("graph_id").is_in(kept_ids.implode()))
     reasons["no_crm_match"] += candidates.height - kept.height
     if kept.height:
-        bodies = dict(fetch_bodies(run.client, kept["graph_id"].to_list()))
-        kept = kept.with_columns(
-            pl.col("graph_id").replace_strict(bodies, default=None, return_dtype=pl.String).alias("body_text")
-        )
-        buf.emails.append(kept.select(BATCH_EMAIL_COLUMNS))
+        buf.emails.append((kept, run.bodies.request(kept["graph_id"].to_list())))
         buf.participants.append(
             participants.filter(pl.col("graph_id").is_in(kept_ids.implode())).select(
                 "graph_id", "role", "name", normalise_address(pl.col("address"))
@@ -234,32 +251,77 @@ def _process_page(
 
 
 def _flush(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
+    batch = buf.take({folder: cursor}, run.bodies)  # every body of these pages first, then the cursor with them
     with open_store(run.settings, run.tenant.id, write=True) as con:
-        result = write_mail_batch(con, run.tenant.id, run.user_oid, buf.take({folder: cursor}))
+        result = write_mail_batch(con, run.tenant.id, run.user_oid, batch)
     duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()
     run.counts += RunCounts(imported=result.imported, excluded=duplicates)
 
 
+class _Committer:
+    """A folder listing's writes, in order: the rows of a group of pages are sealed with the cursor reached at the
+    last of them and written once all their bodies are in, while the listing goes on. Inside `listing()`, a
+    `RunLimitReached` writes every page read so far with the cursor it reached; any other error writes nothing more
+    (the next run reads those pages again)."""
+
+    def __init__(self, run: MailboxRun, folder: str, cursor: FolderCursor):
+        self.run, self.folder, self.cursor = run, folder, cursor
+        self.buf = _Buffer()
+        self.sealed: deque[tuple[_Buffer, FolderCursor]] = deque()
+
+    @contextmanager
+    def listing(self) -> Iterator[None]:
+        try:
+            with self.run.bodies.listing():
+                yield
+        except RunLimitReached:
+            self.finish()
+            raise
+        except BaseException:
+            self.run.bodies.cancel([t for buf, _ in self.sealed for t in buf.tickets()] + self.buf.tickets())
+            self.sealed.clear()
+            raise
+
+    def page_done(self) -> None:
+        """After each page: seal at the flush thresholds, hold the listing if too many bodies are owed, write
+        what is ready."""
+        if self.buf.matched >= FLUSH_MATCHED or self.buf.pages >= FLUSH_PAGES:
+            self._seal()
+        self.run.bodies.backpressure()
+        self._write(ready_only=True)
+
+    def finish(self) -> FolderCursor:
+        """Seal the last pages with the final cursor and write everything (waiting for the bodies)."""
+        self._seal()
+        self._write(ready_only=False)
+        return self.cursor
+
+    def _seal(self) -> None:
+        self.sealed.append((self.buf, self.cursor))
+        self.buf = _Buffer()
+
+    def _write(self, ready_only: bool) -> None:
+        while self.sealed and not (ready_only and any(t.left for t in self.sealed[0][0].tickets())):
+            buf, cursor = self.sealed.popleft()
+            _flush(self.run, buf, self.folder, cursor)
+
+
 def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
     """List the window oldest first from the watermark; each write carries the watermark it covers."""
-    buf = _Buffer()
+    out = _Committer(run, folder, cursor)
     since = cursor.received_watermark or cursor.scan_start
-    try:
+    with out.listing():
         for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
             messages, participants = _frame(page.messages), _frame(page.participants)
-            _process_page(run, buf, messages, participants, odd=page.odd)
+            _process_page(run, out.buf, messages, participants, odd=page.odd)
             page_max: datetime | None = messages["received_at"].max()  # type: ignore[assignment]  # a Datetime column
-            if page_max is not None and (cursor.received_watermark is None or page_max > cursor.received_watermark):
-                cursor = replace(cursor, received_watermark=page_max)
+            mark = out.cursor.received_watermark
+            if page_max is not None and (mark is None or page_max > mark):
+                out.cursor = replace(out.cursor, received_watermark=page_max)
             del page, messages, participants  # unmatched content dies here
-            if buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
-                _flush(run, buf, folder, cursor)
-    except RunLimitReached:
-        _flush(run, buf, folder, cursor)  # every page read so far, with the watermark they reached
-        raise
-    cursor = replace(cursor, backfill_done=True)
-    _flush(run, buf, folder, cursor)
-    return cursor
+            out.page_done()
+    out.cursor = replace(out.cursor, backfill_done=True)
+    return out.finish()
 
 
 def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
@@ -281,24 +343,20 @@ def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> Folder
 def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
     """One delta round from the committed deltaLink. The new link is written only in the transaction of the
     round's last rows; earlier writes keep the old link, so a crash replays the round (idempotently)."""
-    buf = _Buffer()
+    out = _Committer(run, folder, cursor)
     pages = iter_delta_pages(
         run.client, folder, delta_link=cursor.delta_link, since=None, page_size=run.settings.graph_page_size
     )
-    try:
+    with out.listing():
         for page in prefetched(pages):
             messages, participants = _frame(page.messages), _frame(page.participants)
-            _process_page(run, buf, messages, participants, removed=len(page.removed), odd=page.odd)
+            _process_page(run, out.buf, messages, participants, removed=len(page.removed), odd=page.odd)
             del messages, participants
-            if page.delta_link is not None:
-                cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
-                _flush(run, buf, folder, cursor)
-            elif buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
-                _flush(run, buf, folder, cursor)
-    except RunLimitReached:
-        _flush(run, buf, folder, cursor)  # the rows read so far, under the old deltaLink: the next run replays
-        raise
-    return cursor
+            if page.delta_link is not None:  # the round's last page
+                out.cursor = replace(out.cursor, delta_link=page.delta_link, delta_at=run.now)
+            else:
+                out.page_done()
+    return out.finish()
 
 
 def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> None:
@@ -330,10 +388,12 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
     with tenant.open_store(write=False) as con:
         cursors = read_cursors(con, tenant.id, user_oid)
     scopes = scopes_for(["email"])
-    with user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client:
-        run = MailboxRun(
-            settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, datetime.now(UTC)
-        )
+    with (
+        user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client,
+        BodyFetcher(client) as bodies,
+    ):
+        blocklist, now = config.blocklist_for(user_oid), datetime.now(UTC)
+        run = MailboxRun(settings, config, user_oid, client, index, blocklist, scan_start, now, bodies)
         deadline = time.monotonic() + settings.sync_max_seconds
         for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
             client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
