@@ -722,9 +722,9 @@ class GraphClient:
             hdrs["client-request-id"] = str(uuid.uuid4())
             force_refresh = False
             failure: httpx.TransportError | None = None
-            self._await_pause()
             self._spend(cost)
             with self.slots.hold(slots, urgent=urgent):
+                self._await_pause()  # after the wait for slots, during which another thread may have been throttled
                 try:
                     resp = self.http.request(method, url, params=params, headers=hdrs, content=content)
                 except httpx.TransportError as exc:
