@@ -41,6 +41,7 @@ subjects or addresses (Prefect persists exception messages).
 from __future__ import annotations
 
 import functools
+import queue
 import random
 import re
 import threading
@@ -85,6 +86,7 @@ __all__ = [
     "RunLimitReached",
     "decode_page",
     "error_for",
+    "read_ahead",
     "repair_text",
     "retry_after_seconds",
 ]
@@ -474,6 +476,48 @@ def _with_prefer(headers: dict[str, str] | None) -> dict[str, str]:
     return out
 
 
+_DONE = object()
+
+
+def read_ahead(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Iterate `items` in a helper thread, `depth` items ahead, so that producing the next (a page's request, its
+    parsing) overlaps the caller's work on the current one. Errors re-raise in the caller, in order; leaving early
+    stops the producer at its next item. At most depth + 2 items are alive at once."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    worker = threading.Thread(target=produce, name="graph-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting to put
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
 class MailboxSlots:
     """Outlook's concurrent requests per app and mailbox, as slots shared by every thread of one mailbox's client.
 
@@ -566,6 +610,7 @@ class GraphClient:
             raise ValueError("max_pages must be >= 1 (or None for no limit)")
         self.max_pages = max_pages  # per listing (one iter_pages call)
         self.deadline: float | None = None  # on `clock`; see stop_paging_after
+        self.read_ahead = 0  # listing pages requested ahead of the caller (see iter_pages)
 
     # ------------------------------------------------------------------ plumbing
     def _backoff(self, attempt: int) -> float:
@@ -785,7 +830,12 @@ class GraphClient:
         """Raw JSON of each page; follows the absolute `@odata.nextLink` verbatim (also past empty pages).
         `path` may be a saved absolute link. Raises `LinkNotFollowable` for a link off the configured Graph URL,
         `GraphPagingError("NextLinkLoop")` for a repeated nextLink and `RunLimitReached` once `max_pages` pages were
-        read or the deadline passed (checked before each page after the first)."""
+        read or the deadline passed (checked before each page after the first). With `read_ahead` > 0, that many
+        pages are requested ahead of the caller (one more request if the caller stops early)."""
+        pages = self._iter_pages(path, params, headers)
+        return read_ahead(pages, self.read_ahead) if self.read_ahead else pages
+
+    def _iter_pages(self, path: str, params: dict[str, Any] | None, headers: dict[str, str] | None) -> Iterator[bytes]:
         url: str | None = path
         seen: set[str] = set()
         pages = 0

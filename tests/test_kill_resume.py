@@ -35,37 +35,25 @@ CHILD = (
 
 
 class Tripwire(list):
-    """The simulator's request log; sets `fired` once it holds `at` entries."""
+    """The simulator's request log; sets `fired` once armed and hit: `arm(n)` after n more entries, `arm(gid)` once
+    the body of message `gid` (an inner `$batch` GET) is in it, `arm(None)` never."""
 
     def __init__(self, items=()):
         super().__init__(items)
-        self.at, self.fired = None, threading.Event()
+        self.at: int | str | None = None
+        self.fired = threading.Event()
 
     def append(self, item) -> None:
         super().append(item)
-        if self.at is not None and len(self) >= self.at:
+        at = self.at
+        if (isinstance(at, int) and len(self) >= at) or (
+            isinstance(at, str) and item.inner and unquote(item.path).endswith(f"/messages/{at}")
+        ):
             self.fired.set()
 
-    def arm(self, extra: int) -> None:
+    def arm(self, kill_at: int | str | None) -> None:
         self.fired.clear()
-        self.at = len(self) + extra
-
-
-class BodyTripwire(list):
-    """The simulator's request log; sets `fired` once the body of message `at` (an inner `$batch` GET) is in it."""
-
-    def __init__(self, items=()):
-        super().__init__(items)
-        self.at, self.fired = None, threading.Event()
-
-    def append(self, item) -> None:
-        super().append(item)
-        if self.at is not None and item.inner and unquote(item.path).endswith(f"/messages/{self.at}"):
-            self.fired.set()
-
-    def arm(self, gid: str | None) -> None:
-        self.fired.clear()
-        self.at = gid
+        self.at = len(self) + kill_at if isinstance(kill_at, int) else kill_at
 
 
 def store_content(settings, tenant_id) -> dict[str, list]:
@@ -81,10 +69,10 @@ def store_content(settings, tenant_id) -> dict[str, list]:
         }
 
 
-def run_child(tenant_id: str, oid: str, log: Tripwire | BodyTripwire, kill_at: int | str | None) -> bool:
+def run_child(tenant_id: str, oid: str, log: Tripwire, kill_at: int | str | None) -> bool:
     """Run the sync in a child process; SIGKILL it once `log` fires (`log.arm(kill_at)`: after that many more Graph
     requests, or at that message's body). True if killed."""
-    log.arm(kill_at)  # type: ignore[arg-type]
+    log.arm(kill_at)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, tenant_id, oid],
         env=os.environ.copy(),
@@ -152,7 +140,7 @@ def test_killed_between_a_page_listing_and_its_carried_over_bodies_the_cursor_st
         tenant, oid = world.tenants[0], world.tenants[0].users[0].oid
         graph = p.running.graph
         graph.latency_s = 0.01
-        log = graph.requests = BodyTripwire(graph.requests)
+        log = graph.requests = Tripwire(graph.requests)
         expected = {gid for (owner, gid) in world.expected_matches(tenant.tid) if owner == oid}
         inbox = sorted(
             (m for m in world.mailboxes[oid] if m.folder == "inbox" and m.received >= world.scan_start(tenant.tid)),

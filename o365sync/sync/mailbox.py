@@ -23,11 +23,9 @@ it covers, so a run killed between a page's listing and its bodies' storage list
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -38,7 +36,7 @@ from o365sync.auth import scopes_for
 from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
-from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
+from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached, read_ahead
 from o365sync.mail import DeltaTokenExpired, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.settings import Settings
@@ -72,6 +70,9 @@ def resync_reason(dead: DeltaTokenExpired) -> str:
     )
 
 
+# Each listing page is requested as soon as the previous one is in (`GraphClient.read_ahead`), parsed in another
+# thread (`read_ahead` of the parsed pages) and matched in this one: the listing chain keeps its slot busy.
+PAGES_AHEAD = 1
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 
@@ -112,6 +113,8 @@ class MailboxRun:
     now: datetime
     bodies: BodyFetcher
     counts: RunCounts = RunCounts()
+    # buffers to write, in order, each with its folder and the cursor it advances (see `_Committer`)
+    sealed: deque[tuple[_Buffer, str, FolderCursor]] = field(default_factory=deque)
 
 
 @dataclass
@@ -152,49 +155,6 @@ class _Buffer:
         self.emails, self.participants, self.matches, self.partials = [], [], [], []
         self.matched = self.pages = self.scanned = 0
         return batch
-
-
-PREFETCH_PAGES = 1  # pages listed ahead while the previous one is matched, its bodies fetched and written
-_DONE = object()
-
-
-def prefetched(pages: Iterable, depth: int = PREFETCH_PAGES) -> Iterator:
-    """Iterate `pages` in a helper thread, `depth` pages ahead: the next page's request (and its parsing) overlaps
-    the current page's body fetch and store write. Errors re-raise in the consumer; leaving early stops the
-    producer at its next page. At most depth + 2 pages are alive at once."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for page in pages:
-                while not stop.is_set():
-                    try:
-                        q.put(page, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-
-    worker = threading.Thread(target=produce, name="graph-page-prefetch", daemon=True)
-    worker.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting to put
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        worker.join()
 
 
 def _frame(table: object) -> pl.DataFrame:
@@ -258,16 +218,37 @@ def _flush(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> 
     run.counts += RunCounts(imported=result.imported, excluded=duplicates)
 
 
+def _seal(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
+    run.sealed.append((buf, folder, cursor))
+
+
+def _write_sealed(run: MailboxRun, ready_only: bool) -> None:
+    """Write the sealed buffers oldest first; with `ready_only`, up to the first whose bodies are not all in
+    (without waiting), else all of them (waiting for their bodies)."""
+    while run.sealed and not (ready_only and any(t.left for t in run.sealed[0][0].tickets())):
+        buf, folder, cursor = run.sealed.popleft()
+        _flush(run, buf, folder, cursor)
+
+
+def _keep_finished_listings(run: MailboxRun) -> None:
+    """A folder failed: still write what earlier listings sealed (e.g. the whole inbox when Sent Items fails),
+    waiting for their bodies. If those cannot be had either, the next run reads the pages again."""
+    try:
+        _write_sealed(run, ready_only=False)
+    except Exception:  # noqa: BLE001 - the folder's own error is the one raised
+        run.sealed.clear()
+
+
 class _Committer:
-    """A folder listing's writes, in order: the rows of a group of pages are sealed with the cursor reached at the
-    last of them and written once all their bodies are in, while the listing goes on. Inside `listing()`, a
-    `RunLimitReached` writes every page read so far with the cursor it reached; any other error writes nothing more
-    (the next run reads those pages again)."""
+    """A listing's writes: the rows of a group of pages are sealed with the cursor reached at the last of them
+    and written in order (`MailboxRun.sealed`, every folder's), each once all its bodies are in, while the listing
+    and the next folder go on. Inside `listing()`, a `RunLimitReached` seals every page read so far with the
+    cursor it reached; any other error drops this listing's unwritten pages (the next run reads them again)."""
 
     def __init__(self, run: MailboxRun, folder: str, cursor: FolderCursor):
         self.run, self.folder, self.cursor = run, folder, cursor
         self.buf = _Buffer()
-        self.sealed: deque[tuple[_Buffer, FolderCursor]] = deque()
+        self.mine: list[_Buffer] = []
 
     @contextmanager
     def listing(self) -> Iterator[None]:
@@ -278,8 +259,9 @@ class _Committer:
             self.finish()
             raise
         except BaseException:
-            self.run.bodies.cancel([t for buf, _ in self.sealed for t in buf.tickets()] + self.buf.tickets())
-            self.sealed.clear()
+            dropped = {id(buf) for buf in [*self.mine, self.buf]}
+            self.run.bodies.cancel([t for buf in [*self.mine, self.buf] for t in buf.tickets()])
+            self.run.sealed = deque(entry for entry in self.run.sealed if id(entry[0]) not in dropped)
             raise
 
     def page_done(self) -> None:
@@ -288,22 +270,18 @@ class _Committer:
         if self.buf.matched >= FLUSH_MATCHED or self.buf.pages >= FLUSH_PAGES:
             self._seal()
         self.run.bodies.backpressure()
-        self._write(ready_only=True)
+        _write_sealed(self.run, ready_only=True)
 
     def finish(self) -> FolderCursor:
-        """Seal the last pages with the final cursor and write everything (waiting for the bodies)."""
+        """Seal the last pages with the final cursor (`sync_mailbox_now` writes what is left at the end)."""
         self._seal()
-        self._write(ready_only=False)
+        _write_sealed(self.run, ready_only=True)
         return self.cursor
 
     def _seal(self) -> None:
-        self.sealed.append((self.buf, self.cursor))
+        _seal(self.run, self.buf, self.folder, self.cursor)
+        self.mine.append(self.buf)
         self.buf = _Buffer()
-
-    def _write(self, ready_only: bool) -> None:
-        while self.sealed and not (ready_only and any(t.left for t in self.sealed[0][0].tickets())):
-            buf, cursor = self.sealed.popleft()
-            _flush(self.run, buf, self.folder, cursor)
 
 
 def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
@@ -311,7 +289,7 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
     out = _Committer(run, folder, cursor)
     since = cursor.received_watermark or cursor.scan_start
     with out.listing():
-        for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
+        for page in read_ahead(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
             messages, participants = _frame(page.messages), _frame(page.participants)
             _process_page(run, out.buf, messages, participants, odd=page.odd)
             page_max: datetime | None = messages["received_at"].max()  # type: ignore[assignment]  # a Datetime column
@@ -332,11 +310,11 @@ def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> Folder
     nothing, and one that never ended would keep the backfill from ever starting."""
     size = run.settings.graph_page_size
     limit = run.client.max_pages and max(run.client.max_pages, -(-FILTERED_ROUND_CAP // size) + 1)
-    with run.client.page_limit(limit):
+    with run.client.page_limit(limit), run.bodies.listing():
         for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start, page_size=size):
             if page.delta_link is not None:
                 cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
-    _flush(run, _Buffer(), folder, cursor)
+    _seal(run, _Buffer(), folder, cursor)  # written after what earlier listings sealed
     return cursor
 
 
@@ -348,7 +326,7 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
         run.client, folder, delta_link=cursor.delta_link, since=None, page_size=run.settings.graph_page_size
     )
     with out.listing():
-        for page in prefetched(pages):
+        for page in read_ahead(pages):
             messages, participants = _frame(page.messages), _frame(page.participants)
             _process_page(run, out.buf, messages, participants, removed=len(page.removed), odd=page.odd)
             del messages, participants
@@ -392,10 +370,16 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
         user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client,
         BodyFetcher(client) as bodies,
     ):
+        client.read_ahead = PAGES_AHEAD
         blocklist, now = config.blocklist_for(user_oid), datetime.now(UTC)
         run = MailboxRun(settings, config, user_oid, client, index, blocklist, scan_start, now, bodies)
         deadline = time.monotonic() + settings.sync_max_seconds
-        for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
-            client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
-            sync_folder(run, folder, cursors.get(folder))
+        try:
+            for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
+                client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
+                sync_folder(run, folder, cursors.get(folder))
+        except Exception:
+            _keep_finished_listings(run)
+            raise
+        _write_sealed(run, ready_only=False)
     return run.counts
