@@ -2,8 +2,10 @@
 Retry-After, backoff, one token refresh on 401, opaque nextLink paging and `$batch` with per-inner-request retries.
 
 One `GraphClient` serves one mailbox (one user token): Outlook allows 4 concurrent requests per app and mailbox
-(Outlook limits), so the client holds a slot of a `BoundedSemaphore` per request in flight and a `$batch` holds
-`min(4, inner requests)` slots, because Graph runs up to 4 of its inner requests at once.
+(Outlook limits), so the client holds a slot of its `MailboxSlots` per request in flight and a `$batch` holds
+`min(4, inner requests)` slots, because Graph runs up to 4 of its inner requests at once. Listing pages are urgent
+(each nextLink needs the page before it): they take the next free slot before any waiting `$batch`. A Retry-After
+holds every request of the mailbox, not just the one that was throttled.
 
 Least privilege: every request (each inner request of a `$batch` and every absolute nextLink/deltaLink included) must
 match an `Allow(method, path template)` entry of the client's allowlist, or `ForbiddenRequest` is raised before a
@@ -39,6 +41,7 @@ subjects or addresses (Prefect persists exception messages).
 from __future__ import annotations
 
 import functools
+import queue
 import random
 import re
 import threading
@@ -83,6 +86,7 @@ __all__ = [
     "RunLimitReached",
     "decode_page",
     "error_for",
+    "read_ahead",
     "repair_text",
     "retry_after_seconds",
 ]
@@ -472,6 +476,84 @@ def _with_prefer(headers: dict[str, str] | None) -> dict[str, str]:
     return out
 
 
+_DONE = object()
+
+
+def read_ahead(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Iterate `items` in a helper thread, `depth` items ahead, so that producing the next (a page's request, its
+    parsing) overlaps the caller's work on the current one. Errors re-raise in the caller, in order; leaving early
+    stops the producer at its next item. At most depth + 2 items are alive at once."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    worker = threading.Thread(target=produce, name="graph-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting to put
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
+class MailboxSlots:
+    """Outlook's concurrent requests per app and mailbox, as slots shared by every thread of one mailbox's client.
+
+    A request takes its slots all at once or waits (so two `$batch` requests never hold part of the slots each and
+    deadlock), and urgent requests go first: a waiting listing page is never overtaken by a `$batch` that would
+    hold the slot it needs for several rounds. `peak` is the most ever held at once (for tests)."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError("a mailbox needs at least one slot")
+        self.size = size
+        self.peak = 0
+        self._free = size
+        self._urgent_waiting = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, n: int, *, urgent: bool = False) -> Iterator[None]:
+        n = max(1, min(n, self.size))
+        with self._cond:
+            self._urgent_waiting += urgent
+            try:
+                while self._free < n or (not urgent and self._urgent_waiting):
+                    self._cond.wait()
+            finally:
+                self._urgent_waiting -= urgent
+            self._free -= n
+            self.peak = max(self.peak, self.size - self._free)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += n
+                self._cond.notify_all()
+
+
 class GraphClient:
     """Graph calls for one mailbox; thread-safe (share one instance between the threads of one mailbox).
 
@@ -509,8 +591,10 @@ class GraphClient:
         self._sleep = sleep
         self._backoff_base = backoff_base_s
         self._backoff_max = backoff_max_s
-        self._slots = threading.BoundedSemaphore(max_in_flight)
-        self._multi = threading.Lock()  # multi-slot acquisitions are serialised so two batches cannot deadlock
+        self.slots = MailboxSlots(max_in_flight)
+        self._pause_until = 0.0  # on `clock`: a Retry-After holds every request of the mailbox, not just its own
+        self._pause_gate = threading.Lock()
+        self._slept = threading.local()  # .until: the pause this thread has already slept out
         self._rng = random.Random()
         self.allow = tuple(allow)
         self.allow_expand = frozenset(_squash(v) for v in allow_expand)
@@ -526,23 +610,9 @@ class GraphClient:
             raise ValueError("max_pages must be >= 1 (or None for no limit)")
         self.max_pages = max_pages  # per listing (one iter_pages call)
         self.deadline: float | None = None  # on `clock`; see stop_paging_after
+        self.read_ahead = 0  # listing pages requested ahead of the caller (see iter_pages)
 
     # ------------------------------------------------------------------ plumbing
-    @contextmanager
-    def _hold(self, n: int) -> Iterator[None]:
-        n = max(1, min(n, self.max_in_flight))
-        if n == 1:
-            self._slots.acquire()
-        else:
-            with self._multi:
-                for _ in range(n):
-                    self._slots.acquire()
-        try:
-            yield
-        finally:
-            for _ in range(n):
-                self._slots.release()
-
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
         return self._rng.uniform(ceiling / 2, ceiling)
@@ -550,8 +620,26 @@ class GraphClient:
     def _wait(self, retry_after: float | None, attempt: int) -> None:
         if retry_after is None:
             self._sleep(self._backoff(attempt))
-        else:  # never undercut Retry-After; a little jitter on top spreads the herd
-            self._sleep(retry_after + self._rng.uniform(0, min(0.25, 0.1 * retry_after + 0.02)))
+            return
+        # never undercut Retry-After; a little jitter on top spreads the herd. It applies to the mailbox: the
+        # other threads of this client hold their next request until it has passed too (see _await_pause).
+        wait = retry_after + self._rng.uniform(0, min(0.25, 0.1 * retry_after + 0.02))
+        with self._pause_gate:
+            until = self._clock() + wait
+            self._pause_until = max(self._pause_until, until)
+        self._sleep(wait)
+        self._slept.until = until
+
+    def _await_pause(self) -> None:
+        """Sleep out what is left of the latest Retry-After the mailbox was given (by any thread of this client),
+        unless this thread has just waited it out itself."""
+        until = self._pause_until
+        if until <= getattr(self._slept, "until", 0.0):
+            return
+        left = until - self._clock()
+        if left > 0:
+            self._sleep(left)
+        self._slept.until = until
 
     def _spend(self, cost: int) -> None:
         """Block until `cost` more requests fit into the sliding budget window, then book them."""
@@ -643,13 +731,30 @@ class GraphClient:
         content: bytes | None = None,
         slots: int = 1,
         idempotent: bool = True,
+        urgent: bool = False,
     ) -> httpx.Response:
         """Send with retries: 401 → one forced token refresh; 429/502/503/504 and network errors → wait
         (Retry-After or exponential backoff with jitter) and retry up to `max_attempts`; other 4xx raise.
         `idempotent=False` (e.g. posting a chat message): only 401 and 429 are retried — after a 5xx or a dropped
         connection the server may have acted, and sending again could act twice.
-        Checked against the allowlist first; every attempt is booked against the mailbox budget before it is sent."""
+        Checked against the allowlist first; every attempt is booked against the mailbox budget before it is sent.
+        `urgent` (a listing page: the next one needs its nextLink) goes before requests waiting for slots."""
         cost = self.check_allowed(method, url_or_path, params, content)
+        return self._send(method, url_or_path, cost, params, headers, content, slots, idempotent, urgent)
+
+    def _send(
+        self,
+        method: str,
+        url_or_path: str,
+        cost: int,
+        params: dict[str, Any] | None,
+        headers: dict[str, str] | None,
+        content: bytes | None,
+        slots: int,
+        idempotent: bool,
+        urgent: bool,
+    ) -> httpx.Response:
+        """`request` after its allowlist check (`cost`: the requests it books against the budget)."""
         url = self.url(url_or_path)
         hdrs = _with_prefer(headers)
         if content is not None:
@@ -663,7 +768,8 @@ class GraphClient:
             force_refresh = False
             failure: httpx.TransportError | None = None
             self._spend(cost)
-            with self._hold(slots):
+            with self.slots.hold(slots, urgent=urgent):
+                self._await_pause()  # after the wait for slots, during which another thread may have been throttled
                 try:
                     resp = self.http.request(method, url, params=params, headers=hdrs, content=content)
                 except httpx.TransportError as exc:
@@ -724,7 +830,12 @@ class GraphClient:
         """Raw JSON of each page; follows the absolute `@odata.nextLink` verbatim (also past empty pages).
         `path` may be a saved absolute link. Raises `LinkNotFollowable` for a link off the configured Graph URL,
         `GraphPagingError("NextLinkLoop")` for a repeated nextLink and `RunLimitReached` once `max_pages` pages were
-        read or the deadline passed (checked before each page after the first)."""
+        read or the deadline passed (checked before each page after the first). With `read_ahead` > 0, that many
+        pages are requested ahead of the caller (one more request if the caller stops early)."""
+        pages = self._iter_pages(path, params, headers)
+        return read_ahead(pages, self.read_ahead) if self.read_ahead else pages
+
+    def _iter_pages(self, path: str, params: dict[str, Any] | None, headers: dict[str, str] | None) -> Iterator[bytes]:
         url: str | None = path
         seen: set[str] = set()
         pages = 0
@@ -735,7 +846,7 @@ class GraphClient:
                 raise RunLimitReached(0, "TimeCap")
             if "://" in url.split("?")[0]:  # a link, not one of our relative paths
                 self._check_link(url)
-            content: bytes | None = self.get(url, params=params, headers=headers).content
+            content: bytes | None = self.request("GET", url, params=params, headers=headers, urgent=True).content
             assert content is not None
             pages += 1
             next_link = _next_link(content)
@@ -769,7 +880,9 @@ class GraphClient:
         while pending:
             attempt += 1
             payload = msgspec.json.encode({"requests": list(pending.values())})
-            resp = self.request("POST", "$batch", content=payload, slots=min(BATCH_INNER_CONCURRENCY, len(pending)))
+            slots = min(BATCH_INNER_CONCURRENCY, len(pending))  # Graph runs 4 inner requests of a batch at once
+            # every inner request was checked by `batch`: send without parsing the payload back
+            resp = self._send("POST", "$batch", len(pending), None, None, payload, slots, True, False)
             answered = _decode_batch(resp.content).responses
             del resp
             retry: dict[str, dict] = {}

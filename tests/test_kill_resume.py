@@ -11,12 +11,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
 from o365sync.settings import load_settings
 from o365sync.store import open_store
-from o365sync.sync.mailbox import sync_mailbox_now
+from o365sync.sync.mailbox import FLUSH_PAGES, sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
@@ -25,6 +26,7 @@ from tests.product import stand_up
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
 KILLS = 10
+PAGE = 20  # listing page size of the pipelined-kill test
 CHILD = (
     "import sys; from o365sync.settings import load_settings; from o365sync.sync.mailbox import sync_mailbox_now; "
     "from o365sync.tenant_context import resolve_tenant; "
@@ -33,20 +35,25 @@ CHILD = (
 
 
 class Tripwire(list):
-    """The simulator's request log; sets `fired` once it holds `at` entries."""
+    """The simulator's request log; sets `fired` once armed and hit: `arm(n)` after n more entries, `arm(gid)` once
+    the body of message `gid` (an inner `$batch` GET) is in it, `arm(None)` never."""
 
     def __init__(self, items=()):
         super().__init__(items)
-        self.at, self.fired = None, threading.Event()
+        self.at: int | str | None = None
+        self.fired = threading.Event()
 
     def append(self, item) -> None:
         super().append(item)
-        if self.at is not None and len(self) >= self.at:
+        at = self.at
+        if (isinstance(at, int) and len(self) >= at) or (
+            isinstance(at, str) and item.inner and unquote(item.path).endswith(f"/messages/{at}")
+        ):
             self.fired.set()
 
-    def arm(self, extra: int) -> None:
+    def arm(self, kill_at: int | str | None) -> None:
         self.fired.clear()
-        self.at = len(self) + extra
+        self.at = len(self) + kill_at if isinstance(kill_at, int) else kill_at
 
 
 def store_content(settings, tenant_id) -> dict[str, list]:
@@ -62,9 +69,10 @@ def store_content(settings, tenant_id) -> dict[str, list]:
         }
 
 
-def run_child(tenant_id: str, oid: str, log: Tripwire, kill_after: int) -> bool:
-    """Run the sync in a child process; SIGKILL it after `kill_after` more Graph requests. True if killed."""
-    log.arm(kill_after)
+def run_child(tenant_id: str, oid: str, log: Tripwire, kill_at: int | str | None) -> bool:
+    """Run the sync in a child process; SIGKILL it once `log` fires (`log.arm(kill_at)`: after that many more Graph
+    requests, or at that message's body). True if killed."""
+    log.arm(kill_at)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, tenant_id, oid],
         env=os.environ.copy(),
@@ -108,6 +116,57 @@ def test_sigkill_at_random_points_then_rerun_ends_in_the_uninterrupted_store(tmp
             kills += run_child(tenant.tid, oid, log, rng.randint(1, max(2, full_run_requests // 15)))
         assert not run_child(tenant.tid, oid, log, 10**9)  # the final, uninterrupted rerun
         assert kills == KILLS
+        assert store_content(p.settings, tenant.tid) == reference
+    finally:
+        p.running.stop()
+
+
+def inbox_progress(settings, tenant_id):
+    """(committed inbox watermark or None, stored message ids)."""
+    with open_store(settings, tenant_id, write=False) as con:
+        row = con.execute("SELECT received_watermark FROM mail_cursor WHERE folder = 'inbox'").fetchone()
+        stored = {gid for (gid,) in con.execute("SELECT graph_id FROM emails").fetchall()}
+    return (row[0] if row else None), stored
+
+
+def test_killed_between_a_page_listing_and_its_carried_over_bodies_the_cursor_stays_behind(tmp_path: Path, monkeypatch):
+    """The listing runs ahead of the bodies, which are carried across pages into shared batches. Kill the import
+    the moment Graph answers the first body of a page listed after a sealed group of pages (so that page and the
+    group before it are listed, their bodies not all stored): the committed watermark never passes a matched
+    message that is not stored, and the rerun ends in exactly the store of an uninterrupted run."""
+    world = generate_world(seed=32, users_per_tenant=1, messages_per_user=1200, contacts_per_tenant=60)
+    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE=str(PAGE))
+    try:
+        tenant, oid = world.tenants[0], world.tenants[0].users[0].oid
+        graph = p.running.graph
+        graph.latency_s = 0.01
+        log = graph.requests = Tripwire(graph.requests)
+        expected = {gid for (owner, gid) in world.expected_matches(tenant.tid) if owner == oid}
+        inbox = sorted(
+            (m for m in world.mailboxes[oid] if m.folder == "inbox" and m.received >= world.scan_start(tenant.tid)),
+            key=lambda m: (m.received, m.id),  # the simulator's listing order
+        )
+
+        reference_dir = tmp_path / "reference"
+        shutil.copytree(p.settings.data_dir, reference_dir)
+        monkeypatch.setenv("O365SYNC_DATA_DIR", str(reference_dir))
+        reference_settings = load_settings()
+        refresh_crm_snapshot(reference_settings, tenant.tid)
+        sync_mailbox_now(resolve_tenant(reference_settings, tenant.tid), oid)
+        reference = store_content(reference_settings, tenant.tid)
+
+        monkeypatch.setenv("O365SYNC_DATA_DIR", str(p.settings.data_dir))
+        refresh_crm_snapshot(p.settings, tenant.tid)
+        for groups in (1, 2):  # the first matched message after 1, then 2 sealed groups of this run's listing
+            start, _ = inbox_progress(p.settings, tenant.tid)
+            listed = [m for m in inbox if start is None or m.received >= start]
+            target = next(m for m in listed[groups * FLUSH_PAGES * PAGE :] if m.id in expected)
+            assert run_child(tenant.tid, oid, log, target.id)
+            mark, stored = inbox_progress(p.settings, tenant.tid)
+            assert target.id not in stored and (mark is None or mark < target.received)
+            # nothing lost: every matched message the committed watermark covers is stored
+            assert all(m.id in stored for m in inbox if m.id in expected and mark is not None and m.received <= mark)
+        assert not run_child(tenant.tid, oid, log, None)  # the final, uninterrupted rerun
         assert store_content(p.settings, tenant.tid) == reference
     finally:
         p.running.stop()

@@ -44,6 +44,7 @@ from o365sync.store import (
     split_late_match,
     write_mail_batch,
 )
+from o365sync.sync.bodies import BodyFetcher
 from o365sync.sync.mailbox import MailboxRun, _Buffer, _frame, _process_page
 from o365sync.tenant_context import Tenant
 from o365sync.user_graph import user_graph_client
@@ -102,10 +103,14 @@ def late_match_mailbox(
         return outcome
     now = now or datetime.now(UTC)
     scopes = scopes_for(["email"])
-    with user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client:
+    with (
+        user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client,
+        BodyFetcher(client) as bodies,
+    ):
         client.stop_paging_after(settings.sync_max_seconds)
         deadline = time.monotonic() + settings.sync_max_seconds
-        run = MailboxRun(settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, now)
+        blocklist = config.blocklist_for(user_oid)
+        run = MailboxRun(settings, config, user_oid, client, index, blocklist, scan_start, now, bodies)
         run.names = name_index_for(settings, config)
         while next_search is not None:
             if outcome.searches >= max_searches or time.monotonic() >= deadline:
@@ -189,7 +194,7 @@ def _write(
         else:
             mark_late_match(con, tenant.id, run.user_oid, search.works, status, seen, result.imported, solo)
 
-    batch = replace(buf.take({}), also=state)  # no folder cursor moves
+    batch = replace(buf.take({}, run.bodies), also=state)  # no folder cursor moves; waits for the page's bodies
     with tenant.open_store(write=True) as con:
         result = write_mail_batch(con, tenant.id, run.user_oid, batch)
     duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()

@@ -14,15 +14,19 @@ the next run replays idempotently) and the run ends as `catching_up`; the next r
 Every page streams through header-first: exclusions, CRM matching, bodies fetched only for matched messages,
 matched rows written with the cursor they advance in one transaction. Unmatched and excluded messages are only
 counted. Nothing here imports Prefect: the Prefect task lives in tasks/mailbox_task.py.
+
+Bodies are fetched by the mailbox's `BodyFetcher` (o365sync/sync/bodies.py) while the listing goes on, in batches
+filled across pages. The rows of a group of pages are sealed with the cursor reached at their last page and written
+in order, each only once all its bodies are in (`_Committer`): a cursor never runs ahead of the bodies of the pages
+it covers, so a run killed between a page's listing and its bodies' storage lists that page again.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -32,8 +36,8 @@ from o365sync.auth import scopes_for
 from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
-from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached
-from o365sync.mail import DeltaTokenExpired, fetch_bodies, iter_delta_pages, iter_header_pages
+from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached, read_ahead
+from o365sync.mail import DeltaTokenExpired, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.participants import EMPTY_NAMES, NameIndex, name_index_for, resolve_non_smtp
 from o365sync.settings import Settings
@@ -47,6 +51,7 @@ from o365sync.store import (
     read_cursors,
     write_mail_batch,
 )
+from o365sync.sync.bodies import BodyFetcher, BodyTicket
 from o365sync.tenant_context import Tenant
 from o365sync.tenants import TenantConfig
 from o365sync.user_graph import user_graph_client
@@ -66,6 +71,9 @@ def resync_reason(dead: DeltaTokenExpired) -> str:
     )
 
 
+# Each listing page is requested as soon as the previous one is in (`GraphClient.read_ahead`), parsed in another
+# thread (`read_ahead` of the parsed pages) and matched in this one: the listing chain keeps its slot busy.
+PAGES_AHEAD = 1
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 
@@ -104,13 +112,16 @@ class MailboxRun:
     blocklist: list[str]
     scan_start: datetime
     now: datetime
+    bodies: BodyFetcher
     counts: RunCounts = RunCounts()
     names: NameIndex = EMPTY_NAMES  # who X500 participants are (o365sync/participants.py)
+    # buffers to write, in order, each with its folder and the cursor it advances (see `_Committer`)
+    sealed: deque[tuple[_Buffer, str, FolderCursor]] = field(default_factory=deque)
 
 
 @dataclass
 class _Buffer:
-    emails: list[pl.DataFrame] = field(default_factory=list)
+    emails: list[tuple[pl.DataFrame, BodyTicket]] = field(default_factory=list)  # matched rows, bodies to come
     participants: list[pl.DataFrame] = field(default_factory=list)
     matches: list[pl.DataFrame] = field(default_factory=list)
     partials: list[pl.DataFrame] = field(default_factory=list)
@@ -118,12 +129,25 @@ class _Buffer:
     pages: int = 0
     scanned: int = 0
 
-    def take(self, cursors: dict[str, FolderCursor]) -> MailBatch:
+    def tickets(self) -> list[BodyTicket]:
+        return [ticket for _, ticket in self.emails]
+
+    def take(self, cursors: dict[str, FolderCursor], fetcher: BodyFetcher) -> MailBatch:
+        """The buffered rows with their bodies (waiting for them), then empty."""
+
         def cat(frames: list[pl.DataFrame], empty: pl.DataFrame) -> pl.DataFrame:
             return pl.concat(frames, how="vertical_relaxed") if frames else empty
 
+        emails = [
+            kept.with_columns(
+                pl.col("graph_id")
+                .replace_strict(fetcher.wait(ticket), default=None, return_dtype=pl.String)
+                .alias("body_text")
+            ).select(BATCH_EMAIL_COLUMNS)
+            for kept, ticket in self.emails
+        ]
         batch = MailBatch(
-            cat(self.emails, _EMPTY["emails"]),
+            cat(emails, _EMPTY["emails"]),
             cat(self.participants, _EMPTY["participants"]),
             cat(self.matches, _EMPTY["matches"]),
             cursors,
@@ -133,49 +157,6 @@ class _Buffer:
         self.emails, self.participants, self.matches, self.partials = [], [], [], []
         self.matched = self.pages = self.scanned = 0
         return batch
-
-
-PREFETCH_PAGES = 1  # pages listed ahead while the previous one is matched, its bodies fetched and written
-_DONE = object()
-
-
-def prefetched(pages: Iterable, depth: int = PREFETCH_PAGES) -> Iterator:
-    """Iterate `pages` in a helper thread, `depth` pages ahead: the next page's request (and its parsing) overlaps
-    the current page's body fetch and store write. Errors re-raise in the consumer; leaving early stops the
-    producer at its next page. At most depth + 2 pages are alive at once."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for page in pages:
-                while not stop.is_set():
-                    try:
-                        q.put(page, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-
-    worker = threading.Thread(target=produce, name="graph-page-prefetch", daemon=True)
-    worker.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while worker.is_alive():  # unblock a producer waiting to put
-            try:
-                q.get(timeout=0.1)
-            except queue.Empty:
-                pass
-        worker.join()
 
 
 def _frame(table: object) -> pl.DataFrame:
@@ -224,11 +205,7 @@ def _process_page(
     kept = full.filter(pl.col("graph_id").is_in(kept_ids.implode()))
     reasons["no_crm_match"] += full.height - excluded.height - kept.height
     if kept.height:
-        bodies = dict(fetch_bodies(run.client, kept["graph_id"].to_list()))
-        kept = kept.with_columns(
-            pl.col("graph_id").replace_strict(bodies, default=None, return_dtype=pl.String).alias("body_text")
-        )
-        buf.emails.append(kept.select(BATCH_EMAIL_COLUMNS))
+        buf.emails.append((kept, run.bodies.request(kept["graph_id"].to_list())))
         buf.participants.append(
             participants.filter(pl.col("graph_id").is_in(kept_ids.implode())).select(
                 "graph_id", "role", "name", normalise_address(pl.col("address"))
@@ -247,32 +224,95 @@ def _process_page(
 
 
 def _flush(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
+    batch = buf.take({folder: cursor}, run.bodies)  # every body of these pages first, then the cursor with them
     with open_store(run.settings, run.tenant.id, write=True) as con:
-        result = write_mail_batch(con, run.tenant.id, run.user_oid, buf.take({folder: cursor}))
+        result = write_mail_batch(con, run.tenant.id, run.user_oid, batch)
     duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()
     run.counts += RunCounts(imported=result.imported, excluded=duplicates)
 
 
+def _seal(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
+    run.sealed.append((buf, folder, cursor))
+
+
+def _write_sealed(run: MailboxRun, ready_only: bool) -> None:
+    """Write the sealed buffers oldest first; with `ready_only`, up to the first whose bodies are not all in
+    (without waiting), else all of them (waiting for their bodies)."""
+    while run.sealed and not (ready_only and any(t.left for t in run.sealed[0][0].tickets())):
+        buf, folder, cursor = run.sealed.popleft()
+        _flush(run, buf, folder, cursor)
+
+
+def _keep_finished_listings(run: MailboxRun) -> None:
+    """A folder failed: still write what earlier listings sealed (e.g. the whole inbox when Sent Items fails),
+    waiting for their bodies. If those cannot be had either, the next run reads the pages again."""
+    try:
+        _write_sealed(run, ready_only=False)
+    except Exception:  # noqa: BLE001 - the folder's own error is the one raised
+        run.sealed.clear()
+
+
+class _Committer:
+    """A listing's writes: the rows of a group of pages are sealed with the cursor reached at the last of them
+    and written in order (`MailboxRun.sealed`, every folder's), each once all its bodies are in, while the listing
+    and the next folder go on. Inside `listing()`, a `RunLimitReached` seals every page read so far with the
+    cursor it reached; any other error drops this listing's unwritten pages (the next run reads them again)."""
+
+    def __init__(self, run: MailboxRun, folder: str, cursor: FolderCursor):
+        self.run, self.folder, self.cursor = run, folder, cursor
+        self.buf = _Buffer()
+        self.mine: list[_Buffer] = []
+
+    @contextmanager
+    def listing(self) -> Iterator[None]:
+        try:
+            with self.run.bodies.listing():
+                yield
+        except RunLimitReached:
+            self.finish()
+            raise
+        except BaseException:
+            dropped = {id(buf) for buf in [*self.mine, self.buf]}
+            self.run.bodies.cancel([t for buf in [*self.mine, self.buf] for t in buf.tickets()])
+            self.run.sealed = deque(entry for entry in self.run.sealed if id(entry[0]) not in dropped)
+            raise
+
+    def page_done(self) -> None:
+        """After each page: seal at the flush thresholds, hold the listing if too many bodies are owed, write
+        what is ready."""
+        if self.buf.matched >= FLUSH_MATCHED or self.buf.pages >= FLUSH_PAGES:
+            self._seal()
+        self.run.bodies.backpressure()
+        _write_sealed(self.run, ready_only=True)
+
+    def finish(self) -> FolderCursor:
+        """Seal the last pages with the final cursor (`sync_mailbox_now` writes what is left at the end)."""
+        self._seal()
+        _write_sealed(self.run, ready_only=True)
+        return self.cursor
+
+    def _seal(self) -> None:
+        _seal(self.run, self.buf, self.folder, self.cursor)
+        self.mine.append(self.buf)
+        self.buf = _Buffer()
+
+
 def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
     """List the window oldest first from the watermark; each write carries the watermark it covers."""
-    buf = _Buffer()
+    out = _Committer(run, folder, cursor)
     since = cursor.received_watermark or cursor.scan_start
-    try:
-        for page in prefetched(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
+    with out.listing():
+        for page in read_ahead(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
             messages, participants = _frame(page.messages), _frame(page.participants)
-            _process_page(run, buf, messages, participants, odd=page.odd)
+            _process_page(run, out.buf, messages, participants, odd=page.odd)
             page_max: datetime | None = messages["received_at"].max()  # type: ignore[assignment]  # a Datetime column
-            if page_max is not None and (cursor.received_watermark is None or page_max > cursor.received_watermark):
-                cursor = replace(cursor, received_watermark=page_max)
+            mark = out.cursor.received_watermark
+            if page_max is not None and (mark is None or page_max > mark):
+                out.cursor = replace(out.cursor, received_watermark=page_max)
             del page, messages, participants  # unmatched content dies here
-            if buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
-                _flush(run, buf, folder, cursor)
-    except RunLimitReached:
-        _flush(run, buf, folder, cursor)  # every page read so far, with the watermark they reached
-        raise
-    cursor = replace(cursor, backfill_done=True)
-    _flush(run, buf, folder, cursor)
-    return cursor
+            out.page_done()
+    out.cursor = replace(out.cursor, backfill_done=True)
+    return out.finish()
 
 
 def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
@@ -283,35 +323,31 @@ def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> Folder
     nothing, and one that never ended would keep the backfill from ever starting."""
     size = run.settings.graph_page_size
     limit = run.client.max_pages and max(run.client.max_pages, -(-FILTERED_ROUND_CAP // size) + 1)
-    with run.client.page_limit(limit):
+    with run.client.page_limit(limit), run.bodies.listing():
         for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start, page_size=size):
             if page.delta_link is not None:
                 cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
-    _flush(run, _Buffer(), folder, cursor)
+    _seal(run, _Buffer(), folder, cursor)  # written after what earlier listings sealed
     return cursor
 
 
 def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor:
     """One delta round from the committed deltaLink. The new link is written only in the transaction of the
     round's last rows; earlier writes keep the old link, so a crash replays the round (idempotently)."""
-    buf = _Buffer()
+    out = _Committer(run, folder, cursor)
     pages = iter_delta_pages(
         run.client, folder, delta_link=cursor.delta_link, since=None, page_size=run.settings.graph_page_size
     )
-    try:
-        for page in prefetched(pages):
+    with out.listing():
+        for page in read_ahead(pages):
             messages, participants = _frame(page.messages), _frame(page.participants)
-            _process_page(run, buf, messages, participants, removed=len(page.removed), odd=page.odd)
+            _process_page(run, out.buf, messages, participants, removed=len(page.removed), odd=page.odd)
             del messages, participants
-            if page.delta_link is not None:
-                cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
-                _flush(run, buf, folder, cursor)
-            elif buf.matched >= FLUSH_MATCHED or buf.pages >= FLUSH_PAGES:
-                _flush(run, buf, folder, cursor)
-    except RunLimitReached:
-        _flush(run, buf, folder, cursor)  # the rows read so far, under the old deltaLink: the next run replays
-        raise
-    return cursor
+            if page.delta_link is not None:  # the round's last page
+                out.cursor = replace(out.cursor, delta_link=page.delta_link, delta_at=run.now)
+            else:
+                out.page_done()
+    return out.finish()
 
 
 def sync_folder(run: MailboxRun, folder: str, cursor: FolderCursor | None) -> None:
@@ -343,13 +379,21 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
     with tenant.open_store(write=False) as con:
         cursors = read_cursors(con, tenant.id, user_oid)
     scopes = scopes_for(["email"])
-    with user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client:
-        run = MailboxRun(
-            settings, config, user_oid, client, index, config.blocklist_for(user_oid), scan_start, datetime.now(UTC)
-        )
+    with (
+        user_graph_client(settings, tenant.id, user_oid, scopes, max_pages=settings.sync_max_pages) as client,
+        BodyFetcher(client) as bodies,
+    ):
+        client.read_ahead = PAGES_AHEAD
+        blocklist, now = config.blocklist_for(user_oid), datetime.now(UTC)
+        run = MailboxRun(settings, config, user_oid, client, index, blocklist, scan_start, now, bodies)
         run.names = name_index_for(settings, config)
         deadline = time.monotonic() + settings.sync_max_seconds
-        for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
-            client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
-            sync_folder(run, folder, cursors.get(folder))
+        try:
+            for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
+                client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
+                sync_folder(run, folder, cursors.get(folder))
+        except Exception:
+            _keep_finished_listings(run)
+            raise
+        _write_sealed(run, ready_only=False)
     return run.counts
