@@ -8,7 +8,7 @@ from `o365sync.store`.
 Every open takes our own advisory flock first (shared for readers, exclusive for writers): concurrent flows queue
 instead of failing. Writes are idempotent: dedupe the batch, then DELETE + INSERT in one transaction (no PRIMARY
 KEY — measured 6-36x faster than PK upserts), with the resume cursor written in that same transaction. Analysts
-read snapshots published by `publish_snapshot`, never the live file.
+read snapshots published by `publish_snapshot` (a byte copy of the live file), never the live file.
 """
 
 from o365sync.store.calendar import (
@@ -63,7 +63,10 @@ from o365sync.store.mail import (
     write_mail_batch,
 )
 from o365sync.store.publishing import (
+    Published,
+    publish,
     publish_snapshot,
+    snapshot_leftovers,
     snapshot_path,
 )
 from o365sync.store.schema import (
@@ -128,7 +131,9 @@ __all__ = [
     "load_crm_frames",
     "migrate",
     "open_store",
+    "publish",
     "publish_snapshot",
+    "Published",
     "read_calendar_cursor",
     "read_crm_drop_guard",
     "read_crm_state",
@@ -142,6 +147,7 @@ __all__ = [
     "refresh_notetaker_queue",
     "replace_crm_snapshot",
     "reset_sync_positions",
+    "snapshot_leftovers",
     "snapshot_path",
     "store_lock",
     "store_path",
