@@ -494,6 +494,7 @@ def erase(
             ) from None
         result.bytes_before, result.bytes_after = int(sizes["bytes_before"]), int(sizes["bytes_after"])
         result.snapshot_bytes = int(sizes["snapshot_bytes"])
+        result.extra |= {f"{step}_ms": round(1000 * sizes[f"{step}_seconds"]) for step in ("compact", "publish")}
         result.seconds = round(time.perf_counter() - t0, 3)
         append_audit(log, _audit_entry(result, actor, reason, now, result.seconds))
     return result
