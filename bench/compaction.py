@@ -11,8 +11,9 @@ emails with 4-10-word subjects and plain-text bodies of `--body-words` random wo
 conversation, 4 participants (from, 2 to, cc) and 1-2 CRM matches each; meetings with 5 attendees and one match;
 a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians; 1M uses `--big-reps`):
 
-1. `publish_snapshot` (COPY FROM DATABASE into a new file + fsync + atomic replace): the reps alone, plus the
-   republish inside every `compact_store` call (the same function), all in one median;
+1. `publish_snapshot` (since issue 14 a byte copy of the live file + views + fsync + atomic replace; before it,
+   COPY FROM DATABASE into a new file — bench/publish.py compares the two): the reps alone, plus the republish
+   inside every `compact_store` call (the same function), all in one median;
 2. `compact_store` (its compaction part: copy of the live store into a new file + replace; it also republishes the
    snapshot, reported as "compact + publish");
 3. a plain copy of the live store file + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
