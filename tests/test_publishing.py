@@ -19,12 +19,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from o365sync.erasure import compact_store
+from o365sync.erasure import compact_live_store, compact_store
 from o365sync.settings import Settings
 from o365sync.store import (
     open_store,
     publish,
     publish_snapshot,
+    publishing,
     snapshot_leftovers,
     snapshot_path,
     store_path,
@@ -265,3 +266,28 @@ def test_a_reader_during_publishes_sees_whole_published_states(store):
     assert all(
         emails in published and participants == 2 * emails and acts == emails for emails, participants, acts in seen
     )
+
+
+def test_a_compaction_while_a_publish_finishes_its_copy_makes_it_start_over(store, monkeypatch):
+    """An erasure compacts the live store while a publish is adding the views to its copy (no lock held): that copy
+    still holds the erased rows, so it is dropped, never renamed into place, and the publish copies again."""
+    marker = "ERASEDMARK" + "x" * 40
+    write(store, "UPDATE emails SET subject = ? WHERE graph_id = 'u1-m3'", marker)
+    assert marker.encode() in store_path(store, TENANT).read_bytes(), "positive control: the live file holds it"
+    finished: list[Path] = []
+    finish = publishing._finish
+
+    def erasure_meanwhile(tmp: Path, tenant_id: str) -> None:
+        if not finished:
+            for table in ("emails", "email_participants", "email_crm_matches"):
+                write(store, f"DELETE FROM {table} WHERE graph_id = 'u1-m3'")
+            compact_live_store(store, TENANT)
+        finished.append(tmp)
+        finish(tmp, tenant_id)
+
+    monkeypatch.setattr(publishing, "_finish", erasure_meanwhile)
+    publish_snapshot(store, TENANT)
+    assert len(finished) == 2
+    assert snapshot_content(store) == live_content(store)
+    assert marker.encode() not in snapshot_path(store, TENANT).read_bytes()
+    assert marker.encode() not in store_path(store, TENANT).read_bytes()

@@ -73,18 +73,34 @@ def publish(settings: Settings, tenant_id: str) -> Published:
                 leftover.unlink(missing_ok=True)
             with store_lock(settings, tenant_id, write=False) as live:
                 t1 = time.perf_counter()
+                copied_from = _file_identity(live)
                 copied = _copy_private(live, tmp)
                 if Path(f"{live}.wal").exists():  # a writer died before its checkpoint: the copy replays it
                     copied += _copy_private(Path(f"{live}.wal"), tmp_wal)
                 lock_seconds = time.perf_counter() - t1
             _finish(tmp, tenant_id)
-            with store_lock(settings, tenant_id, write=False):  # a tenant move waits for the rename, or ran before
-                if snapshot_path(settings, tenant_id) == target:
+            # Rename only if the live file is still the one copied: a compaction (erasure), a move to another
+            # region or the end of the subscription replaced or removed it meanwhile, and the copy may hold rows
+            # that are gone. Then the copy is dropped and the publish starts over (or ends, without a store).
+            with store_lock(settings, tenant_id, write=False) as live:
+                if snapshot_path(settings, tenant_id) == target and _file_identity(live) == copied_from:
                     os.replace(tmp, target)
                     fsync_path(target.parent)
                     return Published(target, lock_seconds, time.perf_counter() - t0, copied)
-            for leftover in (tmp, tmp_wal):  # the tenant moved to another region meanwhile: publish there
+            for leftover in (tmp, tmp_wal):
                 leftover.unlink(missing_ok=True)
+            if not store_path(settings, tenant_id).exists():
+                raise FileNotFoundError(f"tenant {tenant_id} has no store any more; no snapshot was published")
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """Which file `path` names (device, inode): a sync writes into the same file; a compaction or a move replaces
+    it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _create_store(settings: Settings, tenant_id: str) -> None:
