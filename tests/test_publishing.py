@@ -258,14 +258,15 @@ def test_a_reader_during_publishes_sees_whole_published_states(store):
         for i in range(6):
             add_emails(store, "u1", 1000 + 10 * i, 10)
             publish_snapshot(store, TENANT)
-            published.append(len(snapshot_content(store)["emails"]))
+            # (From the live store: in this process, a connection to the snapshot's path opened while the reader's
+            # is open would share DuckDB's cached instance of the file the reader opened, i.e. an older one.)
+            published.append(len(live_content(store)["emails"]))
     finally:
         done.set()
         thread.join()
     assert errors == [] and seen
-    assert all(
-        emails in published and participants == 2 * emails and acts == emails for emails, participants, acts in seen
-    )
+    torn = [(e, parts, acts) for e, parts, acts in seen if e not in published or parts != 2 * e or acts != e]
+    assert torn == [], (published, torn[:5], len(seen))
 
 
 def test_a_compaction_while_a_publish_finishes_its_copy_makes_it_start_over(store, monkeypatch):
