@@ -175,23 +175,29 @@ def run(n: int, new: int, reps: int, body_words: int, root: Path) -> dict:
     publish(settings, TENANT)  # a first snapshot, as after the initial import
     copy_s = file_copy(settings)
     print(f"  plain file copy + fsync: {copy_s:.2f} s", flush=True)
+    cpu = time.process_time()
     old_s = old_publish(settings)
+    old_cpu = time.process_time() - cpu
     print(f"  old publish (COPY FROM DATABASE under the exclusive lock): {old_s:.2f} s", flush=True)
-    syncs, publishes, locks = [], [], []
+    syncs, publishes, locks, cpus = [], [], [], []
     for i in range(reps):
         syncs.append(small_sync(settings, new, i))
+        cpu = time.process_time()
         done = publish(settings, TENANT)
+        cpus.append(time.process_time() - cpu)
         publishes.append(done.seconds)
         locks.append(done.lock_seconds)
     print(f"  publish after a sync of {new:,}: {[round(x, 2) for x in publishes]} s, lock {locks}", flush=True)
     gone_old = user_rows(settings, "user1")
+    cpu = time.process_time()
     old_erase = old_erasure(settings, "user1")
+    old_erase["cpu_s"] = time.process_time() - cpu
     assert user_rows(settings, "user1") == 0
     print(f"  old erasure of user1 ({gone_old:,} rows): {old_erase}", flush=True)
     gone_new = user_rows(settings, "user2")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = erase(settings, TENANT, Scope.user("user2"), actor="bench:publish", reason="admin_request")
-    new_erase_s = time.perf_counter() - t
+    new_erase_s, new_erase_cpu = time.perf_counter() - t, time.process_time() - cpu
     assert user_rows(settings, "user2") == 0 and result.deleted == gone_new
     print(f"  erase(Scope.user) of user2 ({gone_new:,} rows): {new_erase_s:.2f} s {result.extra}", flush=True)
     return {
@@ -201,6 +207,8 @@ def run(n: int, new: int, reps: int, body_words: int, root: Path) -> dict:
         "new": new,
         "copy_s": copy_s,
         "old_publish_s": old_s,
+        "old_publish_cpu_s": old_cpu,
+        "publish_cpu_s": statistics.median(cpus),
         "sync_s": statistics.median(syncs),
         "publish_s": statistics.median(publishes),
         "publish_lock_s": statistics.median(locks),
@@ -209,6 +217,7 @@ def run(n: int, new: int, reps: int, body_words: int, root: Path) -> dict:
         "old_erasure": old_erase,
         "erased_rows_new": gone_new,
         "erasure_s": new_erase_s,
+        "erasure_cpu_s": new_erase_cpu,
         "erasure_audit_s": result.seconds,
         "erasure_steps_ms": result.extra,
         "load_avg": os.getloadavg(),
@@ -234,19 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     lines = [
-        "| activities | store MB | file copy s | old publish s (= lock) | publish after +"
-        f"{args.new:,} s | its lock s | old / new publish | new publish / copy | old erasure s (delete + "
-        "compaction + publish) | erasure s | old / new erasure | load avg (1 min) |",
+        "| activities | store MB | file copy s | old publish s (= lock) [CPU s] | publish after +"
+        f"{args.new:,} s [CPU s] | its lock s | old / new publish | new publish / copy | old erasure s (delete + "
+        "compaction + publish) [CPU s] | erasure s [CPU s] | old / new erasure | load avg (1 min) |",
         "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         o = r["old_erasure"]
         lines.append(
-            f"| {r['n']:,} | {r['store_bytes'] / 1e6:,.1f} | {r['copy_s']:.2f} | {r['old_publish_s']:.2f} | "
-            f"{r['publish_s']:.2f} | {r['publish_lock_s']:.2f} | {r['old_publish_s'] / r['publish_s']:.1f}x | "
+            f"| {r['n']:,} | {r['store_bytes'] / 1e6:,.1f} | {r['copy_s']:.2f} | {r['old_publish_s']:.2f} "
+            f"[{r['old_publish_cpu_s']:.1f}] | {r['publish_s']:.2f} [{r['publish_cpu_s']:.2f}] | "
+            f"{r['publish_lock_s']:.2f} | {r['old_publish_s'] / r['publish_s']:.1f}x | "
             f"{r['publish_s'] / r['copy_s']:.1f}x | {o['total_s']:.1f} ({o['delete_s']:.1f} + {o['compact_s']:.1f}"
-            f" + {o['publish_s']:.1f}) | {r['erasure_s']:.1f} | {o['total_s'] / r['erasure_s']:.1f}x | "
-            f"{r['load_avg'][0]:.1f} |"
+            f" + {o['publish_s']:.1f}) [{o['cpu_s']:.1f}] | {r['erasure_s']:.1f} [{r['erasure_cpu_s']:.1f}] | "
+            f"{o['total_s'] / r['erasure_s']:.1f}x | {r['load_avg'][0]:.1f} |"
         )
     text = "\n".join(lines)
     print("\n" + text)
