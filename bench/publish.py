@@ -29,13 +29,12 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import duckdb
-from compaction import TENANT, build
-from import_vs_dlt import parse_with_quick, write_json
+from compaction import TENANT, add_store_options, build, for_each_size, print_report
+from import_vs_dlt import parse_with_quick
 
 from o365sync.erasure import USER_TABLES, Scope, erase
 from o365sync.settings import Settings
@@ -229,19 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1000000")
     ap.add_argument("--new", type=int, default=1000, help="activities written by the small sync before a publish")
     ap.add_argument("--reps", type=int, default=3, help="small sync + publish rounds")
-    ap.add_argument("--body-words", type=int, default=300)
-    ap.add_argument("--keep", type=Path, help="scratch directory to keep (default: a temporary one, removed)")
-    ap.add_argument("--json", type=Path, help="write the raw results as JSON here")
+    add_store_options(ap)
     args = parse_with_quick(ap, argv, sizes="20000", reps=2)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="o365sync-bench-publish-"))
-    rows = []
-    try:
-        for n in (int(s) for s in args.sizes.split(",")):
-            print(f"N = {n:,} activities (load average {os.getloadavg()[0]:.1f})", flush=True)
-            rows.append(run(n, args.new, args.reps, args.body_words, root))
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    rows = for_each_size(
+        args, "o365sync-bench-publish-", lambda n, root: run(n, args.new, args.reps, args.body_words, root)
+    )
     lines = [
         "| activities | store MB | file copy s | old publish s (= lock) [CPU s] | publish after +"
         f"{args.new:,} s [CPU s] | its lock s | old / new publish | new publish / copy | old erasure s (delete + "
@@ -258,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             f" + {o['publish_s']:.1f}) [{o['cpu_s']:.1f}] | {r['erasure_s']:.1f} [{r['erasure_cpu_s']:.1f}] | "
             f"{o['total_s'] / r['erasure_s']:.1f}x | {r['load_avg'][0]:.1f} |"
         )
-    text = "\n".join(lines)
-    print("\n" + text)
-    write_json(args, rows=rows, report=text)
-    return 0
+    return print_report(args, rows, lines)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+import o365sync.store.publishing
 from o365sync.erasure import compact_live_store, compact_store
 from o365sync.settings import Settings
 from o365sync.store import (
     open_store,
     publish,
     publish_snapshot,
-    publishing,
     snapshot_leftovers,
     snapshot_path,
     store_path,
@@ -276,7 +276,7 @@ def test_a_compaction_while_a_publish_finishes_its_copy_makes_it_start_over(stor
     write(store, "UPDATE emails SET subject = ? WHERE graph_id = 'u1-m3'", marker)
     assert marker.encode() in store_path(store, TENANT).read_bytes(), "positive control: the live file holds it"
     finished: list[Path] = []
-    finish = publishing._finish
+    finish = o365sync.store.publishing._finish
 
     def erasure_meanwhile(tmp: Path, tenant_id: str) -> None:
         if not finished:
@@ -286,7 +286,7 @@ def test_a_compaction_while_a_publish_finishes_its_copy_makes_it_start_over(stor
         finished.append(tmp)
         finish(tmp, tenant_id)
 
-    monkeypatch.setattr(publishing, "_finish", erasure_meanwhile)
+    monkeypatch.setattr(o365sync.store.publishing, "_finish", erasure_meanwhile)
     publish_snapshot(store, TENANT)
     assert len(finished) == 2
     assert snapshot_content(store) == live_content(store)
