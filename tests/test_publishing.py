@@ -183,6 +183,7 @@ def test_a_publish_that_raises_leaves_the_previous_snapshot_and_the_next_one_rep
     with pytest.raises(OSError):
         publish_snapshot(store, TENANT)
     assert snapshot_content(store) == before
+    assert not any(p.exists() for p in snapshot_leftovers(snapshot_path(store, TENANT)))  # removed on the way out
     monkeypatch.undo()
     publish_snapshot(store, TENANT)
     assert snapshot_content(store) == live_content(store) != before

@@ -11,8 +11,8 @@ live store's rows (the copy is the live file) plus the views.
 The copy carries whatever the live file carries, including the bytes of rows that DuckDB's DELETE left behind;
 an erasure therefore compacts the live store first (`o365sync.erasure.compact_store`) and publishes after it, so
 the new snapshot is a copy of a file without them. Publishes of one tenant queue on `publish.lock` in the
-tenant's folder; a publish that died (exception or killed process) leaves the previous snapshot in place and
-its `.tmp` files, which the next publish removes before it starts.
+tenant's folder. A publish that fails leaves the previous snapshot in place: one that raises removes its copy, one
+whose process is killed leaves its `.tmp` files, which the next publish removes before it starts.
 """
 
 from __future__ import annotations
@@ -78,7 +78,12 @@ def publish(settings: Settings, tenant_id: str) -> Published:
                 if Path(f"{live}.wal").exists():  # a writer died before its checkpoint: the copy replays it
                     copied += _copy_private(Path(f"{live}.wal"), tmp_wal)
                 lock_seconds = time.perf_counter() - t1
-            _finish(tmp, tenant_id)
+            try:
+                _finish(tmp, tenant_id)
+            except BaseException:
+                for leftover in (tmp, tmp_wal):  # a copy of the live rows: not left lying around
+                    leftover.unlink(missing_ok=True)
+                raise
             # Rename only if the live file is still the one copied: a compaction (erasure), a move to another
             # region or the end of the subscription replaced or removed it meanwhile, and the copy may hold rows
             # that are gone. Then the copy is dropped and the publish starts over (or ends, without a store).
