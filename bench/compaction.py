@@ -11,8 +11,9 @@ emails with 4-10-word subjects and plain-text bodies of `--body-words` random wo
 conversation, 4 participants (from, 2 to, cc) and 1-2 CRM matches each; meetings with 5 attendees and one match;
 a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians; 1M uses `--big-reps`):
 
-1. `publish_snapshot` (COPY FROM DATABASE into a new file + fsync + atomic replace): the reps alone, plus the
-   republish inside every `compact_store` call (the same function), all in one median;
+1. `publish_snapshot` (since issue 14 a byte copy of the live file + views + fsync + atomic replace; before it,
+   COPY FROM DATABASE into a new file — bench/publish.py compares the two): the reps alone, plus the republish
+   inside every `compact_store` call (the same function), all in one median;
 2. `compact_store` (its compaction part: copy of the live store into a new file + replace; it also republishes the
    snapshot, reported as "compact + publish");
 3. a plain copy of the live store file + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
@@ -32,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from import_vs_dlt import parse_with_quick, write_json
@@ -213,24 +215,47 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     return row
 
 
+def add_store_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the benches that build synthetic stores (this one and bench/publish.py)."""
+    ap.add_argument("--body-words", type=int, default=300)
+    ap.add_argument("--keep", type=Path, help="scratch directory to keep (default: a temporary one, removed)")
+    ap.add_argument("--json", type=Path, help="write the raw results as JSON here")
+
+
+def for_each_size(args: argparse.Namespace, prefix: str, run_one: Callable[[int, Path], dict]) -> list[dict]:
+    """`run_one(n, scratch root)` for each of `--sizes`, in a scratch directory removed afterwards unless `--keep`."""
+    root = args.keep or Path(tempfile.mkdtemp(prefix=prefix))
+    rows = []
+    try:
+        for n in (int(s) for s in args.sizes.split(",")):
+            print(f"N = {n:,} activities (load average {os.getloadavg()[0]:.1f})", flush=True)
+            rows.append(run_one(n, root))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def print_report(args: argparse.Namespace, rows: list[dict], lines: list[str]) -> int:
+    """Print the table and write it with the raw rows to `--json`; the exit status."""
+    text = "\n".join(lines)
+    print("\n" + text)
+    write_json(args, rows=rows, report=text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--reps", type=int, default=3, help="reps below 1M activities")
     ap.add_argument("--big-reps", type=int, default=1, help="reps at 1M activities and more")
-    ap.add_argument("--body-words", type=int, default=300)
-    ap.add_argument("--keep", type=Path, help="scratch directory to keep (default: a temporary one, removed)")
-    ap.add_argument("--json", type=Path, help="write the raw results as JSON here")
+    add_store_options(ap)
     args = parse_with_quick(ap, argv, sizes="20000", reps=1)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="o365sync-bench-compaction-"))
-    rows = []
-    try:
-        for n in (int(s) for s in args.sizes.split(",")):
-            print(f"N = {n:,} activities", flush=True)
-            rows.append(run(n, args.reps if n < 1_000_000 else args.big_reps, args.body_words, root))
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    rows = for_each_size(
+        args,
+        "o365sync-bench-compaction-",
+        lambda n, root: run(n, args.reps if n < 1_000_000 else args.big_reps, args.body_words, root),
+    )
     lines = [
         "| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
         "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
@@ -244,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} | {r['copy_s']:.2f} | "
             f"{r['publish_s'] / r['copy_s']:.1f}x | {r['compact_s'] / r['copy_s']:.1f}x |"
         )
-    text = "\n".join(lines)
-    print("\n" + text)
-    write_json(args, rows=rows, report=text)
-    return 0
+    return print_report(args, rows, lines)
 
 
 if __name__ == "__main__":

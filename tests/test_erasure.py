@@ -6,6 +6,7 @@ and the audit log holds ids and counts only. A positive control proves the same 
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from o365sync.conversations import export_conversation, export_meeting
 from o365sync.erasure import Scope, compact_store, erase, read_audit
-from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.store import open_store, publish_snapshot, snapshot_leftovers, snapshot_path
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import region_root, tenant_dir
@@ -76,6 +77,8 @@ def test_compaction_removes_deleted_bytes_that_delete_leaves(product):
         con.execute("CHECKPOINT")
         con.execute("VACUUM")
     assert hits([store], markers), "DELETE + CHECKPOINT + VACUUM left the bytes (DuckDB keeps them)"
+    publish_snapshot(p.settings, tid)
+    assert hits([snapshot_path(p.settings, tid)], markers), "a publish copies the file, dead bytes included"
     sizes = compact_store(p.settings, tid)
     assert hits([store, snapshot_path(p.settings, tid)], markers) == []
     assert not Path(f"{store}.wal").exists()
@@ -229,6 +232,23 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
         )
     assert hits(tenant_files(p.settings, tid), [marker]) == []
     assert read_audit(p.settings, tid)[-1]["ids"] == {"series_ids": [series]}
+
+
+@pytest.mark.slow
+def test_erasure_removes_the_copy_a_dead_publish_left_beside_the_snapshot(product):
+    """A publish killed after copying the live file leaves that copy (`<tenant>.duckdb.tmp`) with every row of the
+    moment; the erasure's own publish removes it before anything else."""
+    p, tid = product, product.world.tenants[0].tid
+    alice = p.world.tenants[0].users[0]
+    msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
+    sync_all(p)
+    tmp, tmp_wal = snapshot_leftovers(snapshot_path(p.settings, tid))
+    shutil.copyfile(tenant_dir(p.settings, tid) / "store.duckdb", tmp)
+    shutil.copyfile(tmp, tmp_wal)  # a stand-in for the WAL a dead writer left, copied beside it
+    assert hits([tmp], markers) and hits([tmp_wal], markers), "positive control: the leftovers hold the markers"
+    erase(p.settings, tid, Scope.message(msg.id, user_oid=alice.oid), actor="cli:test", reason="user_request")
+    assert hits(tenant_files(p.settings, tid), markers) == []
+    assert not tmp.exists() and not tmp_wal.exists()
 
 
 def test_compaction_of_a_fresh_store_and_unknown_message(product):

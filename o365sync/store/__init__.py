@@ -8,7 +8,7 @@ Every name is re-exported here, so callers import from `o365sync.store`.
 Every open takes our own advisory flock first (shared for readers, exclusive for writers): concurrent flows queue
 instead of failing. Writes are idempotent: dedupe the batch, then DELETE + INSERT in one transaction (no PRIMARY
 KEY — measured 6-36x faster than PK upserts), with the resume cursor written in that same transaction. Analysts
-read snapshots published by `publish_snapshot`, never the live file.
+read snapshots published by `publish_snapshot` (a byte copy of the live file), never the live file.
 """
 
 from o365sync.store.calendar import (
@@ -77,7 +77,10 @@ from o365sync.store.mail import (
     write_mail_batch,
 )
 from o365sync.store.publishing import (
+    Published,
+    publish,
     publish_snapshot,
+    snapshot_leftovers,
     snapshot_path,
 )
 from o365sync.store.schema import (
@@ -151,8 +154,10 @@ __all__ = [
     "mark_late_match",
     "migrate",
     "open_store",
+    "publish",
     "publish_snapshot",
     "queue_late_matches",
+    "Published",
     "read_calendar_cursor",
     "read_crm_drop_guard",
     "read_crm_state",
@@ -167,6 +172,7 @@ __all__ = [
     "refresh_notetaker_queue",
     "replace_crm_snapshot",
     "reset_sync_positions",
+    "snapshot_leftovers",
     "snapshot_path",
     "split_late_match",
     "store_lock",

@@ -138,9 +138,9 @@ def create_views(
     """Create (or replace) the analyst views in `catalog` (default: the connection's current database), plus the
     one-row table `snapshot_info` (published_at, tenant_id, analytics_version) unless `temporary`.
 
-    For `publish_snapshot`: call `create_views(con, "snap", tenant_id=tenant_id)` right after
-    `COPY FROM DATABASE store TO snap` and before `DETACH snap`. The view bodies use unqualified table names, which
-    DuckDB binds to the view's own database: the views read the snapshot's tables, never the live store's.
+    `publishing` calls it on its copy of the live file before renaming the copy into place. The view bodies use
+    unqualified table names, which DuckDB binds to the view's own database: the views read the snapshot's tables,
+    never the live store's.
     `temporary=True` makes session views over whatever database is in use (exports of snapshots published
     before the views existed)."""
     prefix = "" if temporary or catalog is None else f"{quoted_identifier(catalog)}.main."
