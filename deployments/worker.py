@@ -120,15 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="flow runs at once (prefect worker --limit)")
     args, extra = parser.parse_known_args(argv)
     from o365sync.prefect_env import configure_prefect_env
+    from o365sync.startup import make_new_files_private
 
+    make_new_files_private()  # the shard root and lock it creates, and everything its flow runs write: 0600/0700
     configure_prefect_env()
-    from deployments.prefect_server import configured_api_url
+    from deployments.prefect_server import configured_api_url, healthy
     from o365sync.settings import load_settings
 
-    if not configured_api_url():
+    api = configured_api_url()
+    if not api:
         print(
             "PREFECT_API_URL is not set: the worker needs the Prefect server (prefect server start).", file=sys.stderr
         )
+        return 1
+    if not healthy(api):
+        print(f"the Prefect server at {api} does not answer (is it running?)", file=sys.stderr)
         return 1
     try:
         take_shard_lock(load_settings(), args.pool, args.shard)
