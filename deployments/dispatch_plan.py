@@ -134,8 +134,9 @@ def plan_window(
 
 
 def stuck_before(window: datetime, interval_s: int) -> datetime:
-    """A tenant's run of this kind scheduled before this time and not final is stuck (module docstring)."""
-    return window - timedelta(seconds=interval_s)
+    """A tenant's run of this kind scheduled at or before this time (Prefect's `before_` is inclusive) and not final
+    is stuck when `window` is dispatched: it is from an earlier window than the previous one (module docstring)."""
+    return window - timedelta(seconds=interval_s) - timedelta(microseconds=1)
 
 
 def batches(runs: list[PlannedRun], size: int = BULK_MAX) -> list[list[PlannedRun]]:

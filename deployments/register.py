@@ -60,11 +60,14 @@ def worker_job_variables(settings: Settings, cwd: Path | None = None) -> dict:
     return out
 
 
-def register_deployments(settings: Settings, work_pool_name: str) -> dict[str, UUID]:
+def register_deployments(
+    settings: Settings, work_pool_name: str, *, dispatchers_paused: bool = False
+) -> dict[str, UUID]:
     """Create or update the job-kind deployments and the dispatchers on the current Prefect API for the workers of
     `work_pool_name` (with `worker_job_variables`), then delete the pool's per-tenant deployments of the earlier
     shape. Returns full name -> id. Raises DeploymentOwnerConflict, before writing anything, when `o365sync serve`
-    manages per-tenant deployments on this server (both would run the tenants)."""
+    manages per-tenant deployments on this server (both would run the tenants). `dispatchers_paused`: register
+    the dispatchers paused (tests that dispatch by hand)."""
     from deployments.dispatch import dispatcher_deployments, job_kind_deployments
     from deployments.ownership import refuse_served
 
@@ -73,7 +76,10 @@ def register_deployments(settings: Settings, work_pool_name: str) -> dict[str, U
     ensure_work_pool(work_pool_name)
     job_variables = worker_job_variables(settings)
     out = {}
-    for d in job_kind_deployments() + dispatcher_deployments():
+    dispatchers = dispatcher_deployments()
+    for d in dispatchers:
+        d.paused = dispatchers_paused
+    for d in job_kind_deployments() + dispatchers:
         d.job_variables = job_variables
         out[d.full_name] = d.apply(work_pool_name=work_pool_name)
     for name in prune_deployments(work_pool_name):
