@@ -124,7 +124,7 @@ def dispatcher_deployments() -> list[RunnerDeployment]:
 
 def _run_create(run: PlannedRun, kind: str) -> dict[str, Any]:
     from prefect.client.schemas.actions import DeploymentFlowRunCreate
-    from prefect.states import Scheduled
+    from prefect.states import Scheduled, to_state_create
 
     return DeploymentFlowRunCreate(
         name=run.name,
@@ -132,7 +132,7 @@ def _run_create(run: PlannedRun, kind: str) -> dict[str, Any]:
         tags=[run.tenant_id, kind],
         idempotency_key=run.idempotency_key,
         work_queue_name=run.work_queue_name,
-        state=Scheduled(scheduled_time=run.scheduled_at).to_state_create(),
+        state=to_state_create(Scheduled(scheduled_time=run.scheduled_at)),
     ).model_dump(mode="json", exclude_unset=True)
 
 
@@ -229,3 +229,44 @@ def run_now(
         tags=[tenant.id, kind],
         **options,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deployments.dispatch --kind email-sync --tenant contoso`: one run of the tenant now, on its
+    shard's queue (what `prefect deployment run` cannot do: it has no work-queue option)."""
+    import argparse
+    import sys
+
+    from o365sync.prefect_env import configure_prefect_env
+
+    kinds = sorted(k for k in JOB_KINDS if k != USER_IMPORT)  # a user's import starts when the user connects
+    parser = argparse.ArgumentParser(prog="python -m deployments.dispatch", description=main.__doc__)
+    parser.add_argument("--kind", required=True, choices=kinds, help="the job kind")
+    parser.add_argument("--tenant", required=True, help="the tenant id (o365sync tenant list)")
+    args = parser.parse_args(argv)
+    configure_prefect_env()
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.prefect_server import configured_api_url
+    from o365sync.tenants import TenantNotFound, load_tenant
+
+    if not configured_api_url():
+        print("PREFECT_API_URL is not set: runs need the Prefect server (prefect server start).", file=sys.stderr)
+        return 1
+    try:
+        tenant = load_tenant(load_settings(), args.tenant)
+        with get_client(sync_client=True) as client:
+            run = run_now(client, args.kind, tenant, name=f"{args.kind}: {tenant.name or tenant.id}")
+    except TenantNotFound as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ObjectNotFound:
+        print(f"{job_kind_name(args.kind)} is not registered: python -m deployments.register", file=sys.stderr)
+        return 1
+    print(f"created run {run.name} ({run.id}) on work queue {run.work_queue_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

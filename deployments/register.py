@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from o365sync.prefect_env import PRIVACY_DEFAULTS, configure_prefect_env, prefect_home_for
 from o365sync.settings import Settings
+from o365sync.tenants import list_tenants
 
 
 def _absolute(value: object) -> object:
@@ -66,13 +67,20 @@ def register_deployments(
     """Create or update the job-kind deployments and the dispatchers on the current Prefect API for the workers of
     `work_pool_name` (with `worker_job_variables`), then delete the pool's per-tenant deployments of the earlier
     shape. Returns full name -> id. Raises DeploymentOwnerConflict, before writing anything, when `o365sync serve`
-    manages per-tenant deployments on this server (both would run the tenants). `dispatchers_paused`: register
+    manages per-tenant deployments of these tenants on this server (both would run them). `dispatchers_paused`: register
     the dispatchers paused (tests that dispatch by hand)."""
     from deployments.dispatch import dispatcher_deployments, job_kind_deployments
     from deployments.ownership import refuse_served
 
-    per_tenant = per_tenant_deployments(work_pool_names=None)
-    refuse_served([name for name, pool in per_tenant.items() if pool is None], work_pool_name)
+    ours = {t.id for t in list_tenants(settings)}
+    refuse_served(
+        [
+            f"{kind}/{d.name}"
+            for kind, d in _per_tenant(None)
+            if d.work_pool_name is None and d.parameters["tenant_id"] in ours
+        ],
+        work_pool_name,
+    )
     ensure_work_pool(work_pool_name)
     job_variables = worker_job_variables(settings)
     out = {}
@@ -106,14 +114,10 @@ def ensure_work_pool(name: str) -> None:
                 )
 
 
-def per_tenant_deployments(work_pool_names: list[str] | None) -> dict[str, str | None]:
-    """{full name: work pool (None: served)} of the per-tenant deployments (`<kind>-<tenant>`, tagged with the
-    tenant and the kind, as `deployments.schedules` and `deployments.user_import` build them) on the current API,
-    in the given work pools (None: anywhere)."""
-    return {f"{kind}/{d.name}": d.work_pool_name for kind, d in _per_tenant(work_pool_names)}
-
-
 def _per_tenant(work_pool_names: list[str] | None) -> list[tuple[str, Any]]:
+    """(kind, deployment) of the per-tenant deployments (`<kind>-<tenant>`, tagged with the tenant, as
+    `deployments.schedules` and `deployments.user_import` build them) on the current API, in the given work pools
+    (None: anywhere)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
