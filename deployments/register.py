@@ -90,6 +90,7 @@ def register_deployments(
     for d in job_kind_deployments() + dispatchers:
         d.job_variables = job_variables
         out[d.full_name] = d.apply(work_pool_name=work_pool_name)
+    ensure_shard_queues(settings, work_pool_name)
     for name in prune_deployments(work_pool_name):
         print(f"removed {name} (per-tenant deployments are replaced by the dispatchers)")
     return out
@@ -112,6 +113,20 @@ def ensure_work_pool(name: str) -> None:
                         name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
                     )
                 )
+
+
+def ensure_shard_queues(settings: Settings, work_pool_name: str) -> None:
+    """The work queue of every configured shard (O365SYNC_REGIONS), so the UI and `prefect work-queue ls` show them
+    before the first dispatch (the dispatchers would create them with the first runs)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from deployments.shards import known_shards, shard_queue
+
+    with get_client(sync_client=True) as client:
+        for shard in known_shards(settings):
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_queue(name=str(shard_queue(shard)), work_pool_name=work_pool_name)
 
 
 def _per_tenant(work_pool_names: list[str] | None) -> list[tuple[str, Any]]:

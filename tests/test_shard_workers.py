@@ -118,6 +118,8 @@ def test_register_replaces_per_tenant_deployments_by_job_kinds_and_dispatchers(o
             with pytest.raises(ObjectNotFound):
                 client.read_deployment(deployment_id)
         assert client.read_flow_runs(deployment_filter=_by_id(ids[0])) == []  # their scheduled runs went with them
+        queues = {q.name for q in client.read_work_queues(work_pool_name=POOL)}
+        assert {"shard-a", "shard-b", "shard-c", "dispatch"} <= queues  # every configured shard's, before any run
         for kind in JOB_KINDS:
             d = _deployment(client, kind)
             assert (d.work_pool_name, d.schedules, d.global_concurrency_limit) == (POOL, [], None)
