@@ -18,7 +18,7 @@ of a kind at once (an initial import, a user's import, a sync by hand).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from deployments.dispatch_plan import (
@@ -30,6 +30,7 @@ from deployments.dispatch_plan import (
     batches,
     dispatched_window,
     dispatcher_anchor,
+    idempotency_key,
     plan_window,
     stuck_before,
     window_of,
@@ -151,34 +152,57 @@ def _page(client: SyncPrefectClient, **filters: Any) -> list[FlowRun]:
     return out
 
 
+def _runs_of(client: SyncPrefectClient, deployment_id: UUID, **flow_run_filters: Any) -> list[FlowRun]:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+
+    return _page(
+        client,
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(**flow_run_filters),
+    )
+
+
 def stuck_tenants(client: SyncPrefectClient, deployment_id: UUID, before: datetime) -> set[str]:
-    """Tenants with a run of the deployment scheduled before `before` that is not final (one query, paged)."""
+    """Tenants with a run of the deployment scheduled at or before `before` that is not final (one query, paged)."""
     from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowRunFilter,
         FlowRunFilterExpectedStartTime,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
 
-    runs = _page(
+    runs = _runs_of(
         client,
-        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-        flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in NOT_FINAL])),
-            expected_start_time=FlowRunFilterExpectedStartTime(before_=before),
-        ),
+        deployment_id,
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in NOT_FINAL])),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=before),
     )
     return {str(r.parameters.get("tenant_id")) for r in runs}
+
+
+def dispatched_tenants(client: SyncPrefectClient, deployment_id: UUID, kind: str, window: datetime) -> set[str]:
+    """Tenants whose run of this window exists already (its idempotency key; one query, paged)."""
+    from prefect.client.schemas.filters import FlowRunFilterExpectedStartTime
+
+    interval = JOB_KINDS[kind].interval_s
+    assert interval is not None
+    end = window + timedelta(seconds=interval)
+    runs = _runs_of(
+        client, deployment_id, expected_start_time=FlowRunFilterExpectedStartTime(after_=window, before_=end)
+    )
+    return {
+        tenant
+        for r in runs
+        if r.idempotency_key == idempotency_key(kind, tenant := str(r.parameters.get("tenant_id")), window)
+    }
 
 
 def dispatch_window(
     settings: Settings, kind: str, window: datetime, *, tenants: list[TenantConfig] | None = None
 ) -> dict[str, int]:
-    """Create the window's runs of `<kind>/all-tenants` (module docstring); counts: tenants with the feature,
-    runs asked for (existing ones included: the server returns them), tenants skipped, runs refused."""
+    """Create the window's runs of `<kind>/all-tenants` (module docstring); counts: tenants with the feature, runs
+    created, runs that existed already (the window was dispatched before), tenants skipped (a run of theirs is
+    stuck), runs the server refused."""
     from prefect import get_client
 
     job = JOB_KINDS[kind]
@@ -187,10 +211,17 @@ def dispatch_window(
     due = [t for t in tenants if job.applies_to(t)]
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(job_kind_name(kind))
-        stuck = stuck_tenants(client, deployment.id, stuck_before(window, job.interval_s))
-        runs = plan_window(kind, due, window, skip=stuck)
+        existing = dispatched_tenants(client, deployment.id, kind, window)
+        stuck = stuck_tenants(client, deployment.id, stuck_before(window, job.interval_s)) - existing
+        runs = plan_window(kind, due, window, skip=stuck | existing)
         refused = [e for batch in batches(runs) for e in bulk_create(client, deployment.id, batch, kind)]
-    return {"tenants": len(due), "dispatched": len(runs), "skipped": len(due) - len(runs), "refused": len(refused)}
+    return {
+        "tenants": len(due),
+        "created": len(runs) - len(refused),
+        "existing": len({t.id for t in due} & existing),
+        "skipped": len({t.id for t in due} & stuck),
+        "refused": len(refused),
+    }
 
 
 @flow(name=DISPATCH, flow_run_name="dispatch {kind}", persist_result=False)

@@ -138,7 +138,7 @@ def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_on
 
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1, result.output
-    assert f"deployments dispatch/email-sync and 3 more are registered for workers (work pool '{pool}'" in " ".join(
+    assert f"deployments dispatch/calendar-sync and 3 more are registered for workers (work pool '{pool}'" in " ".join(
         result.output.split()
     )
     assert "Traceback" not in result.output
