@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from deployments.schedules import (
     _ANCHOR_BASE,
@@ -90,7 +90,10 @@ class PlannedRun:
 
 
 def window_of(at: datetime, interval_s: int) -> datetime:
-    """The start of the `interval_s` window that contains `at` (windows counted from the fixed anchor)."""
+    """The start of the `interval_s` window that contains `at` (windows counted from the fixed anchor). `at` may be
+    a subclass of datetime (Prefect's runtime gives pendulum's, whose differences do not divide by a timedelta)."""
+    at = at.astimezone(UTC)
+    at = datetime(at.year, at.month, at.day, at.hour, at.minute, at.second, at.microsecond, tzinfo=UTC)
     elapsed = (at - _ANCHOR_BASE) // timedelta(seconds=interval_s)
     return _ANCHOR_BASE + elapsed * timedelta(seconds=interval_s)
 

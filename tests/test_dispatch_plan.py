@@ -94,6 +94,18 @@ def test_a_dispatcher_run_dispatches_the_window_after_its_scheduled_time_even_wh
     assert dispatched_window(scheduled + late, interval) == window
 
 
+def test_the_scheduled_time_prefect_gives_a_run_is_understood():
+    """`prefect.runtime.flow_run.scheduled_start_time` is a pendulum DateTime, not a plain datetime."""
+    from prefect.runtime import flow_run
+
+    at = flow_run.scheduled_start_time  # outside a run: now, of the same type
+    assert type(at) is not datetime
+    window = dispatched_window(at, 900)
+    assert type(window) is datetime and window_of(window, 900) == window
+    ahead = datetime.fromtimestamp(at.timestamp(), UTC) + timedelta(seconds=LEAD_S)
+    assert window <= ahead < window + timedelta(seconds=900)  # off the schedule's grid: the window LEAD_S on
+
+
 def test_runs_of_the_previous_window_are_not_stuck_earlier_ones_are():
     window = window_of(datetime(2030, 5, 1, 12, 7, tzinfo=UTC), 900)
     previous = window - timedelta(seconds=900)
