@@ -226,7 +226,9 @@ def dispatch_window(
 
 @flow(name=DISPATCH, flow_run_name="dispatch {kind}", persist_result=False)
 def dispatch(kind: str, window: str | None = None) -> dict[str, int]:
-    """Create the runs of `kind` for the window after this run's scheduled time (or `window`, an ISO time in it)."""
+    """Create the runs of `kind` for the window LEAD_S after this run's scheduled time (on the dispatcher's
+    schedule: the next window; a run started by hand: the window in progress LEAD_S from now), or for the window
+    containing `window` (an ISO time)."""
     from prefect import get_run_logger
     from prefect.runtime import flow_run
 

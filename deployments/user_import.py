@@ -55,21 +55,17 @@ def start_user_import_run(settings: Settings, tenant_id: str, user_id: str, idem
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from deployments.dispatch import run_now
+    from deployments.dispatch import job_kind_name, run_now
     from o365sync.tenants import load_tenant
 
     parameters = {"tenant_id": tenant_id, "user_id": user_id}
     with get_client(sync_client=True) as client:
         try:
-            return run_now(
-                client,
-                USER_IMPORT,
-                load_tenant(settings, tenant_id),
-                parameters=parameters,
-                idempotency_key=idempotency_key,
-            )
+            client.read_deployment_by_name(job_kind_name(USER_IMPORT))  # the API first: it may be slow or down
         except ObjectNotFound:
             served = client.read_deployment_by_name(user_import_deployment(tenant_id))
             return client.create_flow_run_from_deployment(
                 served.id, parameters=parameters, idempotency_key=idempotency_key, tags=[tenant_id, USER_IMPORT]
             )
+        tenant = load_tenant(settings, tenant_id)
+        return run_now(client, USER_IMPORT, tenant, parameters=parameters, idempotency_key=idempotency_key)

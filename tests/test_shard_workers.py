@@ -314,6 +314,19 @@ def _run_email_sync(tenant_id: str):
         return run_now(client, EMAIL_SYNC, load_tenant(load_settings(), tenant_id))
 
 
+FAR = datetime(2097, 1, 1, tzinfo=UTC)  # a window no worker reaches during the tests
+
+
+def _run_dispatcher_by_hand(window: datetime):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"dispatch/{EMAIL_SYNC}")  # paused: its schedule, not its runs
+        return client.create_flow_run_from_deployment(
+            deployment.id, parameters={"kind": EMAIL_SYNC, "window": window.isoformat()}
+        )
+
+
 def _mailbox_requests(ops, tenant) -> int:
     oids = {u.oid for u in tenant.users}
     return sum(1 for r in list(ops["product"].running.graph.requests) if r.oid in oids)
@@ -377,13 +390,21 @@ def _stopped_mid_run(ops, sig: int, tree: bool) -> None:
         assert wait_for(lambda: _state(run.id) == "CRASHED", BOUND_S, "the next worker to reconcile")
         elsewhere = _run_email_sync(ops["product"].world.tenants[1].tid)  # shard b (or c, once moved)
         rerun = _run_email_sync(tenant.tid)
+        dispatcher = _run_dispatcher_by_hand(FAR)  # a shard's worker also runs the dispatchers (queue `dispatch`)
         wait_for(lambda: _state(rerun.id) in TERMINAL, BOUND_S, f"the re-run ({log.read_text()[-2000:]})")
         assert _state(rerun.id) == "COMPLETED", log.read_text()[-3000:]
         assert elsewhere.work_queue_name != "shard-a" and _state(elsewhere.id) == "SCHEDULED"  # not shard a's
+        wait_for(lambda: _state(dispatcher.id) in TERMINAL, BOUND_S, f"the dispatcher ({log.read_text()[-2000:]})")
+        assert _state(dispatcher.id) == "COMPLETED", log.read_text()[-3000:]
+        with get_client(sync_client=True) as client:
+            far = [r for r in _runs(client, EMAIL_SYNC) if r.expected_start_time >= FAR]
+            assert {r.parameters["tenant_id"] for r in far} == {t.id for t in list_tenants(ops["settings"])}
     finally:
         _stop(worker)
-        if elsewhere is not None:
-            with get_client(sync_client=True) as client:
+        with get_client(sync_client=True) as client:
+            for run in [r for r in _runs(client, EMAIL_SYNC) if r.expected_start_time >= FAR]:
+                client.delete_flow_run(run.id)
+            if elsewhere is not None:
                 client.delete_flow_run(elsewhere.id)
     assert "marked Crashed" in log.read_text()
     _assert_nothing_in_progress(tenant)
