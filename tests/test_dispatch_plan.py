@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deployments.dispatch_plan import (
@@ -41,6 +41,7 @@ TENANTS = st.lists(
 WHEN = st.datetimes(min_value=datetime(2026, 1, 2), max_value=datetime(2040, 1, 1), timezones=st.just(UTC))
 
 
+@settings(deadline=None)  # a shared, loaded machine: no per-example timing
 @given(TENANTS, st.sampled_from(SCHEDULED), WHEN)
 def test_each_due_tenant_once_per_window_on_its_queue_within_the_window_with_a_stable_key(tenants, kind, when):
     interval = JOB_KINDS[kind].interval_s
@@ -80,6 +81,7 @@ def test_features_decide_the_kinds_a_tenant_is_dispatched_for():
     }
 
 
+@settings(deadline=None)
 @given(st.sampled_from(SCHEDULED), st.integers(0, 10_000), st.integers(0, 86_400 * 1_000_000 - 1))
 def test_a_dispatcher_run_dispatches_the_window_after_its_scheduled_time_even_when_late(kind, k, lateness):
     """The dispatcher's schedule fires LEAD_S before each window; a run started late (up to a whole interval)

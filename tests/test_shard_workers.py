@@ -398,7 +398,9 @@ def _stopped_mid_run(ops, sig: int, tree: bool) -> None:
         assert _state(dispatcher.id) == "COMPLETED", log.read_text()[-3000:]
         with get_client(sync_client=True) as client:
             far = [r for r in _runs(client, EMAIL_SYNC) if r.expected_start_time >= FAR]
-            assert {r.parameters["tenant_id"] for r in far} == {t.id for t in list_tenants(ops["settings"])}
+            dispatched = {r.parameters["tenant_id"] for r in far}
+        # t2 has no other run; t0 (its re-run) and t1 (`elsewhere`) may be skipped: an earlier run was not final
+        assert ops["product"].world.tenants[2].tid in dispatched <= {t.id for t in list_tenants(ops["settings"])}
     finally:
         _stop(worker)
         with get_client(sync_client=True) as client:
