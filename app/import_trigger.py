@@ -2,11 +2,11 @@
 
 `start_user_import(settings, tenant_id, user_id)` is what the web callback calls after a successful connect:
 
-* **Prefect server configured** (PREFECT_API_URL in the environment or the active profile): a run of the tenant's
-  `user-import-<tenant>` deployment (deployments/user_import.py) is created with `run_deployment(..., timeout=0)`,
-  so the call returns as soon as the run exists (scheduled now; `o365sync serve` or a worker starts it). Its
-  idempotency key names the tenant, the user and the connect's time: a retried start of the same connect makes no
-  second run.
+* **Prefect server configured** (PREFECT_API_URL in the environment or the active profile): a run of the
+  `user-import` deployment (deployments/user_import.py: `all-tenants` on the tenant's shard queue for workers, the
+  tenant's own under `o365sync serve`) is created, so the call returns as soon as the run exists (scheduled now;
+  `o365sync serve` or a worker starts it). Its idempotency key names the tenant, the user and the connect's time:
+  a retried start of the same connect makes no second run.
 * **No Prefect server**: the import runs in a daemon thread of this process with the plain library steps
   (`o365sync.sync.user_import.import_user_now`). One thread per user at a time: a connect while that user's import
   runs asks for one more run after it (so a re-consent that added a feature is imported too), never a second
@@ -79,9 +79,7 @@ def start_user_import(settings: Settings, tenant_id: str, user_id: str) -> Impor
 def _start_on_prefect(settings: Settings, tenant_id: str, user_id: str) -> ImportStarted:
     """Create the deployment run; wait for the API at most START_WAIT_S (an API that hangs must not hold the page:
     the request then goes on in the background and its outcome is logged)."""
-    from prefect.deployments import run_deployment
-
-    from deployments.user_import import USER_IMPORT, user_import_deployment
+    from deployments.user_import import USER_IMPORT, start_user_import_run
     from o365sync.auth import connection_info
 
     connected_at = connection_info(settings, tenant_id, user_id).get("connected_at", "")
@@ -91,13 +89,8 @@ def _start_on_prefect(settings: Settings, tenant_id: str, user_id: str) -> Impor
     def create() -> None:
         try:
             result: dict[str, Any] = {
-                "run": run_deployment(
-                    user_import_deployment(tenant_id),
-                    parameters={"tenant_id": tenant_id, "user_id": user_id},
-                    timeout=0,
-                    idempotency_key=f"{USER_IMPORT}:{tenant_id}:{user_id}:{connected_at}",
-                    tags=[tenant_id, USER_IMPORT],
-                    as_subflow=False,
+                "run": start_user_import_run(
+                    settings, tenant_id, user_id, f"{USER_IMPORT}:{tenant_id}:{user_id}:{connected_at}"
                 )
             }
         except Exception as exc:

@@ -1,9 +1,10 @@
-"""One manager per deployment name on a Prefect server.
+"""One manager of the tenants' runs on a Prefect server.
 
-`o365sync serve` applies the per-tenant deployments without a work pool and runs them itself; `python -m
-deployments.register --work-pool P` binds the same names to a work pool for workers. Both at once would make the last
-one to write a deployment its owner, so runs would silently move between the serve process and the workers (or wait
-for a runner that is gone). Each side therefore refuses, before changing anything, names the other one holds.
+`o365sync serve` applies per-tenant deployments without a work pool and runs them itself; `python -m
+deployments.register --work-pool P` registers one deployment per job kind and the dispatchers that fan them out
+over the tenants for workers (`deployments.dispatch`). Both at once would run every tenant twice (or, for a name
+both write, make the last writer its owner, so runs would silently move between the serve process and the
+workers). Each side therefore refuses, before changing anything, what the other one holds.
 """
 
 from __future__ import annotations
@@ -61,6 +62,34 @@ def refuse_foreign(deployments: list[RunnerDeployment], work_pool_name: str | No
                 f"deployments: stop serve and `prefect deployment delete {foreign[0]}` (each of them) before "
                 f"registering them for work pool {work_pool_name!r}"
             )
+
+
+def refuse_served(served: list[str], work_pool_name: str) -> None:
+    """`register`: raise DeploymentOwnerConflict (one line) when `serve` manages per-tenant deployments (`served`)."""
+    if served := sorted(served):
+        raise DeploymentOwnerConflict(
+            f"{_some(served)} managed by `o365sync serve` (no work pool); serve and workers must not run the same "
+            f"tenants: stop serve and `prefect deployment delete {served[0]}` (each of them) before registering the "
+            f"dispatchers for work pool {work_pool_name!r}"
+        )
+
+
+def refuse_dispatchers() -> None:
+    """`serve`: raise DeploymentOwnerConflict (one line) when the dispatchers are registered for workers."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from deployments.dispatch import DISPATCH
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[DISPATCH])), limit=10)
+    if pooled := sorted(f"{DISPATCH}/{d.name}" for d in found if d.work_pool_name):
+        pool = next(d.work_pool_name for d in found if d.work_pool_name)
+        raise DeploymentOwnerConflict(
+            f"{_some(pooled)} registered for workers (work pool {pool!r}, python -m deployments.register); serve and "
+            f"workers must not run the same tenants: stop the workers and `prefect deployment delete {pooled[0]}` "
+            f"(each of them), or keep the workers and do not run serve"
+        )
 
 
 def _some(names: list[str]) -> str:

@@ -1,17 +1,21 @@
-"""Register the per-tenant deployments with a Prefect server for workers, instead of `o365sync serve`:
+"""Register the deployments for workers with a Prefect server, instead of `o365sync serve`:
 
     PREFECT_API_URL=http://<server>:4200/api uv run python -m deployments.register --work-pool o365sync
-    prefect worker start --pool o365sync
+    python -m deployments.worker --pool o365sync --shard a
 
-Re-run it after adding, removing or re-sharding a tenant (or from a timer: it is idempotent); deployments of
-tenants no longer registered are deleted, so their schedules disappear; workers pick up new deployments without a
-restart. Each tenant's deployments target its shard's work queue `shard-<name>` (`deployments.shards`).
+It registers, once, one deployment per job kind (`<kind>/all-tenants`, unscheduled) and the dispatchers
+(`dispatch/<kind>`, interval schedules) of `deployments.dispatch`. The dispatchers read the tenant registry at
+each window: a tenant added later is dispatched at the next window without a restart or re-registration, a
+removed one is simply not dispatched, and each run goes to its tenant's shard queue `shard-<name>`
+(`deployments.shards`). Re-running it is harmless (it updates the same deployments); it also deletes the per-tenant
+deployments (`<kind>-<tenant>`, tagged with the tenant and kind) an earlier version registered in the pool, so an
+upgrade leaves no stale schedules.
 Each deployment carries what its runs need to find the tenants wherever the worker
 was started (job variables of a process worker): the settings of this shell and its `.env` as O365SYNC_*
 variables (paths made absolute; secrets left out, Prefect stores job variables), the Prefect privacy settings of
 `o365sync.prefect_env.PRIVACY_DEFAULTS`, and, when this directory has a `.env`, this directory as the runs' working
 directory so they read the same `.env` (secrets included). Workers on other machines need the same paths.
-Names `o365sync serve` manages on the same server are refused (`deployments.ownership`).
+Per-tenant deployments `o365sync serve` manages on the same server are refused (`deployments.ownership`).
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import cast, get_args
+from typing import Any, cast, get_args
 from uuid import UUID
 
 from pydantic import SecretStr
 
 from o365sync.prefect_env import PRIVACY_DEFAULTS, configure_prefect_env, prefect_home_for
 from o365sync.settings import Settings
-from o365sync.tenants import TenantConfig, list_tenants
+from o365sync.tenants import list_tenants
 
 
 def _absolute(value: object) -> object:
@@ -58,40 +62,37 @@ def worker_job_variables(settings: Settings, cwd: Path | None = None) -> dict:
 
 
 def register_deployments(
-    settings: Settings,
-    work_pool_name: str,
-    *,
-    tenants: list[TenantConfig] | None = None,
-    paused: dict[str, bool] | None = None,
-    prune: bool = True,
+    settings: Settings, work_pool_name: str, *, dispatchers_paused: bool = False
 ) -> dict[str, UUID]:
-    """Create or update the per-tenant deployments on the current Prefect API for `prefect worker start --pool
-    <work_pool_name>` (with `worker_job_variables`), each on its tenant's shard queue (`deployments.shards`).
-    Returns full name -> id. Raises DeploymentOwnerConflict, before writing anything, when `o365sync serve`
-    manages one of the names on this server.
+    """Create or update the job-kind deployments and the dispatchers on the current Prefect API for the workers of
+    `work_pool_name` (with `worker_job_variables`), then delete the pool's per-tenant deployments of the earlier
+    shape. Returns full name -> id. Raises DeploymentOwnerConflict, before writing anything, when `o365sync serve`
+    manages per-tenant deployments of these tenants on this server (both would run them). `dispatchers_paused`: register
+    the dispatchers paused (tests that dispatch by hand)."""
+    from deployments.dispatch import dispatcher_deployments, job_kind_deployments
+    from deployments.ownership import refuse_served
 
-    `tenants`: only these (default: every registered one). `paused`: deployment name -> paused (default: not
-    paused). `prune`: also delete the pool's per-tenant deployments of tenants no longer registered (or without
-    the email feature), so their schedules disappear."""
-    from deployments.ownership import refuse_foreign
-    from deployments.schedules import build_deployments
-    from deployments.shards import shard_queue
-    from deployments.user_import import user_import_deployments
-
-    deployments = build_deployments(settings, tenants=tenants) + user_import_deployments(settings, tenants=tenants)
-    refuse_foreign(deployments, work_pool_name)
+    ours = {t.id for t in list_tenants(settings)}
+    refuse_served(
+        [
+            f"{kind}/{d.name}"
+            for kind, d in _per_tenant(None)
+            if d.work_pool_name is None and d.parameters["tenant_id"] in ours
+        ],
+        work_pool_name,
+    )
     ensure_work_pool(work_pool_name)
-    shards = {t.id: t.shard for t in (tenants if tenants is not None else list_tenants(settings))}
     job_variables = worker_job_variables(settings)
     out = {}
-    for d in deployments:
+    dispatchers = dispatcher_deployments()
+    for d in dispatchers:
+        d.paused = dispatchers_paused
+    for d in job_kind_deployments() + dispatchers:
         d.job_variables = job_variables
-        d.work_queue_name = shard_queue(shards.get(str(d.parameters["tenant_id"])))
-        d.paused = (paused or {}).get(d.name, False)
         out[d.full_name] = cast(UUID, d.apply(work_pool_name=work_pool_name))  # outside an event loop: the id
-    if prune and tenants is None:
-        for name in prune_deployments(work_pool_name, keep=set(out)):
-            print(f"removed {name} (its tenant is no longer registered with the email feature)")
+    ensure_shard_queues(settings, work_pool_name)
+    for name in prune_deployments(work_pool_name):
+        print(f"removed {name} (per-tenant deployments are replaced by the dispatchers)")
     return out
 
 
@@ -114,32 +115,54 @@ def ensure_work_pool(name: str) -> None:
                 )
 
 
-def prune_deployments(work_pool_name: str, keep: set[str]) -> list[str]:
-    """Delete the per-tenant deployments of `work_pool_name` (a deployment named `<flow>-<tenant>` with that tenant
-    as parameter, as `deployments.schedules` builds them) whose full name is not in `keep`. Returns their names."""
+def ensure_shard_queues(settings: Settings, work_pool_name: str) -> None:
+    """The work queue of every configured shard (O365SYNC_REGIONS), so the UI and `prefect work-queue ls` show them
+    before the first dispatch (the dispatchers would create them with the first runs)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectAlreadyExists
+
+    from deployments.shards import known_shards, shard_queue
+
+    with get_client(sync_client=True) as client:
+        for shard in known_shards(settings):
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_queue(name=str(shard_queue(shard)), work_pool_name=work_pool_name)
+
+
+def _per_tenant(work_pool_names: list[str] | None) -> list[tuple[str, Any]]:
+    """(kind, deployment) of the per-tenant deployments (`<kind>-<tenant>`, tagged with the tenant, as
+    `deployments.schedules` and `deployments.user_import` build them) on the current API, in the given work pools
+    (None: anywhere)."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
     from deployments.schedules import KINDS, deployment_name
     from deployments.user_import import USER_IMPORT
 
-    removed = []
-    kinds = [*KINDS, USER_IMPORT]
+    pools = WorkPoolFilter(name=WorkPoolFilterName(any_=work_pool_names)) if work_pool_names is not None else None
+    found = []
     with get_client(sync_client=True) as client:
-        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=kinds)))}
+        kinds = FlowFilter(name=FlowFilterName(any_=[*KINDS, USER_IMPORT]))
+        flows = {f.id: f.name for f in client.read_flows(flow_filter=kinds)}
         offset = 0
-        while batch := client.read_deployments(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool_name])), limit=200, offset=offset
-        ):
+        while batch := client.read_deployments(work_pool_filter=pools, limit=200, offset=offset):
             offset += len(batch)
             for d in batch:
                 kind, tenant = flows.get(d.flow_id), d.parameters.get("tenant_id")
-                full = f"{kind}/{d.name}"
-                if kind and isinstance(tenant, str) and d.name == deployment_name(kind, tenant) and full not in keep:
-                    client.delete_deployment(d.id)
-                    removed.append(full)
-                    offset -= 1
-    return removed
+                if kind and isinstance(tenant, str) and d.name == deployment_name(kind, tenant) and tenant in d.tags:
+                    found.append((kind, d))
+    return found
+
+
+def prune_deployments(work_pool_name: str) -> list[str]:
+    """Delete the per-tenant deployments of `work_pool_name` (with their scheduled runs); returns their names."""
+    from prefect import get_client
+
+    found = _per_tenant([work_pool_name])
+    with get_client(sync_client=True) as client:
+        for _, d in found:
+            client.delete_deployment(d.id)
+    return [f"{kind}/{d.name}" for kind, d in found]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,17 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         print("PREFECT_API_URL is not set: workers need a Prefect server (prefect server start).", file=sys.stderr)
         return 1
     from deployments.ownership import DeploymentOwnerConflict
+    from deployments.schedules import email_tenants
 
     try:
         registered = register_deployments(load_settings(), args.work_pool)
     except DeploymentOwnerConflict as exc:
         print(exc, file=sys.stderr)
         return 1
-    if not registered:
-        print("No tenant with the email feature is registered (o365sync tenant add).", file=sys.stderr)
-        return 1
     for name in registered:
         print(f"registered {name} on work pool {args.work_pool}")
+    if not email_tenants(load_settings()):
+        print(
+            "No tenant with the email feature is registered yet (o365sync tenant add): the dispatchers pick "
+            "tenants up at each window."
+        )
     return 0
 
 

@@ -6,9 +6,10 @@ server (the ephemeral API has no scheduler), so the API comes from `deployments.
 On Ctrl-C / SIGTERM the runner pauses the served schedules (so no runs pile up while nothing executes them) and the
 local server, if started here, is stopped; the next `serve` re-activates the schedules.
 
-For several machines or process isolation, register the same deployments with a work pool instead
-(`python -m deployments.register --work-pool <pool>`, or `prefect deploy` with `prefect.yaml`) and run
-`prefect worker start --pool <pool>`.
+`serve` keeps one deployment per tenant and kind: on one box with few tenants that is simple and the scheduler
+copes. For several machines, many tenants or process isolation, register one deployment per job kind and the
+dispatchers with a work pool instead (`python -m deployments.register --work-pool <pool>`, deployments/dispatch.py)
+and run a worker per shard (`python -m deployments.worker`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from deployments.ownership import SERVED, refuse_foreign
+from deployments.ownership import SERVED, refuse_dispatchers, refuse_foreign
 from deployments.prefect_server import PrefectApi, ensure_prefect_api
 from deployments.schedules import build_deployments, email_tenants, every
 from deployments.user_import import user_import_deployments
@@ -90,6 +91,7 @@ def serve_tenants(
     from prefect import serve
 
     with ensure_prefect_api(settings, port=port, echo=echo) as api:
+        refuse_dispatchers()
         refuse_foreign(deployments, SERVED)
         if on_ready:
             on_ready(api, deployments)

@@ -1,9 +1,10 @@
 """Worker shards: each worker (one per machine) runs the tenants of one shard, whose files are on its machine.
 
-One process work pool has a work queue per shard, `shard-<name>`; every deployment of a tenant targets its shard's
-queue (`python -m deployments.register`), and a shard's worker polls only that queue:
+One process work pool has a work queue per shard, `shard-<name>`; every run of a tenant goes to its shard's
+queue (the dispatchers of `deployments.dispatch` create each run there), and a shard's worker polls only that
+queue and the dispatchers' (`python -m deployments.worker --shard a`):
 
-    prefect worker start --pool o365sync --work-queue shard-a
+    prefect worker start --pool o365sync --work-queue shard-a --work-queue dispatch
 
 A shard is a storage location of O365SYNC_REGIONS (`{"a": "/srv/o365sync/a", ...}`), mounted on the machine of
 the shard's worker; the tenant's config records its shard (`TenantConfig.shard`, equal to its region). A tenant
@@ -12,16 +13,17 @@ without a shard runs from the pool's default queue (any worker that polls every 
 `assign_shard` (`o365sync tenant assign <id> --shard <name>`) moves a tenant between shards while its syncs queue:
 
 1. checks the request (unknown shard, same shard: one line, nothing changed);
-2. holds the tenant's runs: pauses its deployments (Prefect deletes their not-yet-started scheduled runs, so no new
-   run starts), takes its other not-yet-started runs off the queue (manual ones, e.g. an initial import: they are
-   re-created afterwards), and waits for its pending and running runs to end;
+2. holds the tenant's runs: takes its not-yet-started runs off the queue (the dispatchers' and manual ones, e.g. an
+   initial import: they are re-created afterwards; with `o365sync serve`'s per-tenant deployments, those are paused,
+   which deletes their scheduled runs), and waits for its pending and running runs to end;
 3. moves its files with the residency move (`o365sync.residency.move_tenant`: under the tenant's sync locks and
    its store's exclusive lock, copy, switch region and shard in one write, remove the old copy). A run that still
    arrives (e.g. started by hand on the old shard) waits on those locks and then follows the switch to the new
    location, so nothing is lost or written twice;
-4. re-registers the tenant's deployments on the new shard's queue (their schedules regenerate there), resumes the
-   ones that were running, and re-creates the held manual runs on the new queue. If the move is refused, the same
-   step puts everything back as it was.
+4. re-creates the held runs on the new shard's queue, with their scheduled times and idempotency keys (and any run
+   a dispatcher created on the old queue meanwhile); the dispatchers read the new shard at their next window.
+   Per-tenant deployments that were running are resumed. If the move is refused, the same step puts everything
+   back as it was.
 """
 
 from __future__ import annotations
@@ -82,28 +84,65 @@ def tenant_deployments(client: SyncPrefectClient, tenant_id: str) -> list[Deploy
 @dataclass
 class _Held:
     pool: str | None
-    paused_before: dict[str, bool] = field(default_factory=dict)  # deployment name -> was paused
-    manual: list[tuple[Any, dict[str, Any], str]] = field(default_factory=list)  # (deployment id, params, name)
+    paused_before: dict[str, bool] = field(default_factory=dict)  # per-tenant deployment id -> was paused
+    waiting: list[_Waiting] = field(default_factory=list)
 
 
-def _active_runs(client: SyncPrefectClient, deployment_ids: list[Any], states: list[str]) -> list[Any]:
+@dataclass(frozen=True)
+class _Waiting:
+    """A run of the tenant that had not started, taken off its queue to be re-created on the tenant's new one."""
+
+    deployment_id: Any
+    parameters: dict[str, Any]
+    name: str
+    tags: list[str]
+    idempotency_key: str | None
+    scheduled_time: Any
+    pooled: bool  # its deployment has a work pool (a served deployment has no queues)
+
+
+def _tenant_runs(client: SyncPrefectClient, tenant_id: str, states: list[str]) -> list[Any]:
+    """The tenant's flow runs in `states` (runs carry the tenant's id as tag and parameter, in both shapes)."""
     from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
+        FlowRunFilterTags,
     )
     from prefect.client.schemas.objects import StateType
 
-    if not deployment_ids:
-        return []
-    return client.read_flow_runs(
-        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids)),
+    runs = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in states]))
+            tags=FlowRunFilterTags(all_=[tenant_id]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in states])),
         ),
     )
+    return [r for r in runs if r.parameters.get("tenant_id") == tenant_id and r.deployment_id is not None]
+
+
+def _take_waiting(client: SyncPrefectClient, tenant_id: str, unless_on: str | None = None) -> list[_Waiting]:
+    """Delete the tenant's not-yet-started runs (except those already on queue `unless_on`) and return those to
+    re-create: manual and dispatched ones; the per-tenant schedules' own runs regenerate when resumed."""
+    taken = []
+    for run in _tenant_runs(client, tenant_id, ["SCHEDULED"]):
+        if unless_on is not None and run.work_queue_name == unless_on:
+            continue
+        awaiting = run.state is not None and run.state.name == "AwaitingConcurrencySlot"
+        if not run.auto_scheduled or awaiting:
+            details = run.state.state_details if run.state is not None else None
+            taken.append(
+                _Waiting(
+                    deployment_id=run.deployment_id,
+                    parameters=dict(run.parameters),
+                    name=run.name,
+                    tags=list(run.tags),
+                    idempotency_key=run.idempotency_key,
+                    scheduled_time=details.scheduled_time if details is not None else None,
+                    pooled=run.work_queue_name is not None and run.work_pool_name is not None,
+                )
+            )
+        client.delete_flow_run(run.id)
+    return taken
 
 
 @contextlib.contextmanager
@@ -118,7 +157,7 @@ def hold_tenant_runs(
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
-        deployments = tenant_deployments(client, tenant_id)
+        deployments = tenant_deployments(client, tenant_id)  # per-tenant ones: `o365sync serve`'s shape
         pools = {d.work_pool_name for d in deployments}
         held = _Held(pool=next(iter(pools)) if len(pools) == 1 else None)
         if len(pools) > 1:
@@ -127,17 +166,13 @@ def hold_tenant_runs(
                 "nothing was changed"
             )
         for d in deployments:
-            held.paused_before[d.name] = bool(d.paused)
+            held.paused_before[str(d.id)] = bool(d.paused)
             if not d.paused:
                 client.pause_deployment(d.id)
-        ids = [d.id for d in deployments]
         try:
-            for run in _active_runs(client, ids, ["SCHEDULED"]):  # manual runs (paused deletes the scheduled ones)
-                if not run.auto_scheduled or (run.state is not None and run.state.name == "AwaitingConcurrencySlot"):
-                    held.manual.append((run.deployment_id, dict(run.parameters), run.name))
-                client.delete_flow_run(run.id)
+            held.waiting = _take_waiting(client, tenant_id)
             wait_while(
-                lambda: _active_runs(client, ids, ["PENDING", "RUNNING", "CANCELLING"]),
+                lambda: _tenant_runs(client, tenant_id, ["PENDING", "RUNNING", "CANCELLING"]),
                 time.monotonic() + drain_timeout_s,
                 lambda active: ShardRefused(
                     f"tenant {tenant_id} still has {len(active)} run(s) in progress after {drain_timeout_s:.0f} s "
@@ -145,27 +180,31 @@ def hold_tenant_runs(
                 ),
                 POLL_S,
             )
-            if deployments:
-                say(f"tenant {tenant_id}: {len(deployments)} deployments paused, no run in progress")
+            say(f"tenant {tenant_id}: {len(held.waiting)} waiting run(s) held, no run in progress")
             yield held
         finally:
-            _release(settings, client, tenant_id, deployments, held)
+            _release(settings, client, tenant_id, held)
 
 
-def _release(
-    settings: Settings, client: SyncPrefectClient, tenant_id: str, deployments: list[DeploymentResponse], held: _Held
-) -> None:
-    """Register the tenant's deployments again where its config now says (its shard's queue), as paused as they
-    were before the hold, and re-create the held manual runs."""
-    from deployments.register import register_deployments
+def _release(settings: Settings, client: SyncPrefectClient, tenant_id: str, held: _Held) -> None:
+    """Resume the per-tenant deployments that were running, and re-create the held runs, and any a dispatcher
+    created on the old queue meanwhile, on the queue the tenant's config now says (its shard's)."""
+    from prefect.states import Scheduled
 
-    if not deployments or held.pool is None:
-        return
-    register_deployments(  # the same names: the same deployment ids, now on the shard's queue
-        settings, held.pool, tenants=[load_tenant(settings, tenant_id)], paused=held.paused_before, prune=False
-    )
-    for deployment_id, parameters, name in held.manual:
-        client.create_flow_run_from_deployment(deployment_id, parameters=parameters, name=name)
+    for deployment_id, was_paused in held.paused_before.items():
+        if not was_paused:
+            client.resume_deployment(deployment_id)
+    queue = shard_queue(load_tenant(settings, tenant_id).shard)
+    for run in held.waiting + _take_waiting(client, tenant_id, unless_on=queue):
+        client.create_flow_run_from_deployment(
+            run.deployment_id,
+            parameters=run.parameters,
+            name=run.name,
+            tags=run.tags,
+            idempotency_key=run.idempotency_key,
+            state=Scheduled(scheduled_time=run.scheduled_time) if run.scheduled_time else None,
+            work_queue_name=queue if run.pooled else None,
+        )
 
 
 def assign_shard(

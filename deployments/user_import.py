@@ -1,10 +1,12 @@
-"""The per-tenant `user-import-<tenant>` deployment: the `user-import` flow (flows/user_import.py), unscheduled, run
-when a user of the tenant connects or re-consents (app/import_trigger.py calls `run_deployment` with the user's id).
-`o365sync serve` serves it and `python -m deployments.register` registers it next to the tenant's other deployments.
+"""The user-import deployments: the `user-import` flow (flows/user_import.py), unscheduled, run when a user of the
+tenant connects or re-consents (app/import_trigger.py calls `start_user_import_run` with the user's id). For
+workers, `python -m deployments.register` registers one for all tenants (`user-import/all-tenants`,
+deployments/dispatch.py) and each run goes to the tenant's shard queue; `o365sync serve` serves a per-tenant
+`user-import-<tenant>` deployment next to the tenant's other deployments.
 
-Concurrency: one run per tenant at a time, the others queue (limit 1, ENQUEUE): the imports of a tenant's users
-share its per-feature sync locks anyway (flows/user_import.py), so a queued run waits on the server instead of in a
-runner slot.
+Concurrency: the per-tenant deployment runs one at a time, the others queue (limit 1, ENQUEUE); the imports of a
+tenant's users share its per-feature sync locks anyway (flows/user_import.py), which is what orders them for
+workers (a limit on `all-tenants` would serialise every tenant).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from o365sync.tenants import TenantConfig
 
 if TYPE_CHECKING:
     from prefect import Flow
+    from prefect.client.schemas.objects import FlowRun
     from prefect.deployments.runner import RunnerDeployment
 
 USER_IMPORT = "user-import"
 
 
 def user_import_deployment(tenant_id: str) -> str:
-    """The full name (`flow/deployment`) `run_deployment` starts for a user of `tenant_id`."""
+    """full name (`flow/deployment`) `run_deployment` starts for a user of `tenant_id`."""
     return f"{USER_IMPORT}/{deployment_name(USER_IMPORT, tenant_id)}"
 
 
@@ -46,3 +49,25 @@ def user_import_deployments(
         )
         for t in tenants
     ]
+
+
+def start_user_import_run(settings: Settings, tenant_id: str, user_id: str, idempotency_key: str) -> FlowRun:
+    """Create the run of one user's import (returns at once): of `user-import/all-tenants` on the tenant's shard
+    queue when it is registered (workers), else of the tenant's own deployment (`o365sync serve`)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.dispatch import job_kind_name, run_now
+    from o365sync.tenants import load_tenant
+
+    parameters = {"tenant_id": tenant_id, "user_id": user_id}
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(job_kind_name(USER_IMPORT))  # the API first: it may be slow or down
+        except ObjectNotFound:
+            served = client.read_deployment_by_name(user_import_deployment(tenant_id))
+            return client.create_flow_run_from_deployment(
+                served.id, parameters=parameters, idempotency_key=idempotency_key, tags=[tenant_id, USER_IMPORT]
+            )
+        tenant = load_tenant(settings, tenant_id)
+        return run_now(client, USER_IMPORT, tenant, parameters=parameters, idempotency_key=idempotency_key)

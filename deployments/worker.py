@@ -1,7 +1,9 @@
 """Start the worker of one shard: `python -m deployments.worker --pool o365sync --shard a [--limit 4]`.
 
-It runs `prefect worker start --pool <pool> --work-queue shard-<name>` (a Prefect process worker, replacing this
-process), after two steps that make a dead worker's runs recoverable:
+It runs `prefect worker start --pool <pool> --work-queue shard-<name> --work-queue dispatch` (a Prefect process
+worker, replacing this process: the shard's tenants' runs, and the dispatchers' runs, which any worker may take
+since the tenant registry is shared; `deployments.dispatch`), after two steps that make a dead worker's runs
+recoverable:
 
 1. **One worker per shard.** It takes an exclusive lock file in the shard's storage root (on the worker's machine);
    the `prefect worker` process inherits and holds it, so the kernel releases it when that process dies, however.
@@ -28,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deployments.dispatch_plan import DISPATCH_QUEUE
 from deployments.shards import shard_queue
 from o365sync.settings import Settings
 
@@ -106,6 +109,7 @@ def worker_command(pool: str, shard: str, limit: int | None, extra: list[str]) -
     from deployments.prefect_server import _prefect_executable
 
     cmd = [*_prefect_executable(), "worker", "start", "--pool", pool, "--work-queue", str(shard_queue(shard))]
+    cmd += ["--work-queue", DISPATCH_QUEUE]
     if limit:
         cmd += ["--limit", str(limit)]
     return cmd + extra

@@ -1,7 +1,7 @@
 """Workers and `serve` against a real Prefect API (the session's test server): a process worker started elsewhere,
 without any O365SYNC_* variable, runs the deployments `python -m deployments.register` made from a repo's `.env`;
 a run that cannot find its tenant fails with one line naming the data dir it searched; the Prefect UI shows the
-tenant's display name; and `serve` and workers refuse deployment names the other one manages."""
+tenant's display name; and `serve` and workers refuse to run tenants the other one runs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from deployments.dispatch import job_kind_name
 from deployments.ownership import DeploymentOwnerConflict, refuse_foreign
 from deployments.prefect_server import _prefect_executable
 from deployments.register import main as register_main
@@ -74,16 +75,17 @@ def test_a_worker_started_elsewhere_runs_what_register_made_from_the_repos_env(a
     elsewhere.mkdir()
     other_dir = tmp_path / "other-data"
     with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name(f"teams-refresh/{deployment_name('teams-refresh', tid)}")
+        dep = client.read_deployment_by_name(job_kind_name("teams-refresh"))
         env = dep.job_variables["env"]
         assert env["O365SYNC_DATA_DIR"] == str((repo / "data").resolve())
         assert env["PREFECT_HOME"] == str((repo / "data" / "prefect").resolve())  # nothing of a run outside it
         assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "false" and dep.job_variables["working_dir"] == str(repo)
         assert not any("SECRET" in k or "KEY" in k for k in env)
-        good = client.create_flow_run_from_deployment(dep.id)
-        retention = client.read_deployment_by_name(f"retention/{deployment_name('retention', tid)}")
+        good = client.create_flow_run_from_deployment(dep.id, parameters={"tenant_id": tid})
+        retention = client.read_deployment_by_name(job_kind_name("retention"))
         lost = client.create_flow_run_from_deployment(
             retention.id,
+            parameters={"tenant_id": tid},
             job_variables={
                 "env": {  # as a worker elsewhere
                     "O365SYNC_DATA_DIR": str(other_dir)
@@ -130,19 +132,21 @@ def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_on
 
     monkeypatch.setenv("O365SYNC_DATA_DIR", str(tmp_path / "data"))
     settings = load_settings()
-    tid = _tenant(settings)
+    _tenant(settings)
     pool = _process_pool()
-    register_deployments(settings, pool)
+    register_deployments(settings, pool, dispatchers_paused=True)
 
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1, result.output
-    assert (
-        f"deployments email-sync/{deployment_name('email-sync', tid)} and 4 more are already registered for "
-        f"workers (work pool '{pool}'" in " ".join(result.output.split())
+    assert f"deployments dispatch/calendar-sync and 3 more are registered for workers (work pool '{pool}'" in " ".join(
+        result.output.split()
     )
     assert "Traceback" not in result.output
     with get_client(sync_client=True) as client:  # nothing was taken over
-        assert client.read_deployment_by_name(f"email-sync/{deployment_name('email-sync', tid)}").work_pool_name == pool
+        assert client.read_deployment_by_name("dispatch/email-sync").work_pool_name == pool
+        for d in client.read_deployments():  # the dispatchers go: serve on this server is what is tested next
+            if d.work_pool_name == pool:
+                client.delete_deployment(d.id)
 
     # the other way round: what serve applied (no work pool) is not registered for workers
     served_tid = _tenant(settings)
@@ -158,6 +162,9 @@ def test_serve_refuses_deployments_workers_manage_and_register_refuses_served_on
             is None
         )
     assert register_main(["--work-pool", pool]) == 1
+    with get_client(sync_client=True) as client:
+        for d in served:
+            client.delete_deployment(client.read_deployment_by_name(d.full_name).id)
 
 
 def test_the_prefect_ui_names_runs_tasks_and_artifacts_after_the_tenant_and_users(
