@@ -103,8 +103,9 @@ FILLER = [(f"f{i}", "contact", f"filler{i}@filler{i % 97}.example") for i in ran
         st.tuples(st.sampled_from(["a1", "a2", "c1"]), st.one_of(st.none(), st.sampled_from(HOSTS))), max_size=4
     ),
     big_index=st.booleans(),  # a big index is binary-searched, a small one hash-joined: both paths
+    cache_hosts=st.booleans(),  # domains through the index's host cache (pages) or not (batches)
 )
-def test_matcher_agrees_with_oracle(participants, people, accounts, big_index):
+def test_matcher_agrees_with_oracle(participants, people, accounts, big_index, cache_hosts):
     people = people + FILLER if big_index else people
     p = pl.DataFrame(
         participants, schema={"graph_id": pl.String, "role": pl.String, "address": pl.String}, orient="row"
@@ -112,7 +113,7 @@ def test_matcher_agrees_with_oracle(participants, people, accounts, big_index):
     crm_people = pl.DataFrame(people, schema={"crm_id": pl.String, "kind": pl.String, "email": pl.String}, orient="row")
     crm_accounts = pl.DataFrame(accounts, schema={"crm_id": pl.String, "domain": pl.String}, orient="row")
     index = build_index(crm_people, crm_accounts, OWN)
-    got = match_participants(p, index)
+    got = match_participants(p, index, cache_hosts=cache_hosts)
     assert set(got.iter_rows()) == oracle(participants, people, accounts, OWN)
     assert got.height == len(set(got.iter_rows()))
     # a page at a time gives the same links as the whole batch (the product matches one Graph page at a time)
