@@ -181,7 +181,7 @@ def _accounts_of(hosts: pl.Series, index: CrmIndex) -> pl.DataFrame:
     return pl.concat([suffixed.filter(~pl.col("pos").is_in(ask["pos"].implode())), asked_hits])
 
 
-HOST_CACHE_SIZE = 200_000  # hosts remembered per index (~30 MB); a full cache starts afresh
+HOST_CACHE_SIZE = 50_000  # hosts remembered per index (~6 MB); a full cache starts afresh
 PAGE_HOSTS = 5_000  # up to this many external participants (a Graph page has ~1-2k) go through the host cache
 
 
