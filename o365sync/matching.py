@@ -5,13 +5,14 @@ mail from eu.acme.co.uk reaches the account acme.co.uk) -> accounts, never for f
 domains; a message is kept when at least one external participant matched; every matched CRM record is recorded.
 
 How it stays fast at 1M contacts and 1M messages (bench/crm_snapshot.py, docs/benchmarks.md): every key (address,
-account domain) is a 64-bit hash in a column sorted once by `build_index`, so a lookup is a binary search
-(`search_sorted`) of integers — a 500-message page costs a few milliseconds whatever the snapshot's size, a batch of
-millions a fraction of a second — and every hit is confirmed on the string itself (a hash collision never links).
-The registrable domain of a host is one of its label suffixes, and every host under an account domain that has no
-Public Suffix List rule at or below it has that domain as its registrable domain; so the suffixes of each distinct
-mail domain are looked up directly, and the list itself is asked only for hosts that are not plain ASCII labels or
-that sit under one of the ~170 registrable domains with rules below them (amazonaws.com, ...).
+account domain) is a 64-bit hash in a column sorted once by `build_index`; a page's few hundred keys are
+binary-searched (`search_sorted`), a batch's millions hash-joined, both on integers and neither rehashing the
+snapshot, and every hit is confirmed on the string itself (a hash collision never links). The registrable domain
+of a host is one of its label suffixes, and every host under an account domain that has no Public Suffix List rule
+at or below it has that domain as its registrable domain; so the suffixes of each distinct mail domain are looked
+up directly, and the list itself is asked only for hosts that are not plain ASCII labels or that sit under one of
+the ~170 registrable domains with rules below them (amazonaws.com, ...). Pages remember their hosts' accounts in
+the index (`CrmIndex.host_accounts`), since a mailbox's pages repeat the same domains.
 """
 
 from __future__ import annotations
