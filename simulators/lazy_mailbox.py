@@ -12,7 +12,7 @@ Unverified, as for the stock simulator: see simulators/graph.py.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, overload
 
@@ -21,6 +21,17 @@ from simulators.world import _COMPANY, _FIRST, FREE_MAIL_DOMAINS, Mailbox, SimMe
 
 ID_PREFIX = "AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0ALAZY"
 INBOX_PER_100 = 73  # of every 100 consecutive messages, the first 73 are in Inbox, the rest in Sent Items
+
+
+def _item(i: int | slice, size: int, at: Callable[[int], Any]) -> Any:
+    """Sequence indexing (an index, negative ones included, or a slice: a list) over positions 0..size-1."""
+    if isinstance(i, slice):
+        return [at(k) for k in range(*i.indices(size))]
+    if i < 0:
+        i += size
+    if not 0 <= i < size:
+        raise IndexError(i)
+    return at(i)
 
 
 class LazyMailbox(Sequence[SimMessage]):
@@ -56,13 +67,7 @@ class LazyMailbox(Sequence[SimMessage]):
     @overload
     def __getitem__(self, i: slice) -> list[SimMessage]: ...
     def __getitem__(self, i: int | slice) -> SimMessage | list[SimMessage]:
-        if isinstance(i, slice):
-            return [self.make(j) for j in range(*i.indices(self.n))]
-        if i < 0:
-            i += self.n
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.make(i)
+        return _item(i, self.n, self.make)
 
     def __iter__(self) -> Iterator[SimMessage]:
         return (self.make(i) for i in range(self.n))
@@ -148,13 +153,7 @@ class _NewestFirst(Sequence[Any]):
         return self.box.make(i) if self.value == "message" else -_us(self.box.received(i))
 
     def __getitem__(self, j: Any) -> Any:
-        if isinstance(j, slice):
-            return [self._at(k) for k in range(*j.indices(self.size))]
-        if j < 0:
-            j += self.size
-        if not 0 <= j < self.size:
-            raise IndexError(j)
-        return self._at(j)
+        return _item(j, self.size, self._at)
 
 
 class _ById:
