@@ -322,20 +322,25 @@ def render(b: Bench, results: list[dict], bench_s: float) -> str:
         "",
         f"Matching: {m0['messages']:,} messages, {m0['participants']:,} participants as one batch; per page: the "
         f"first {m0['page_messages']:,} messages in {m0['pages']} calls of {m0['page_size']}. "
-        "msgs/s = messages / median wall.",
+        "msgs/s = messages / median wall. Polars / X = X's wall / Polars' wall (above 1: Polars is faster). The "
+        "DuckDB SQL row does less: exact address and exact domain joins, no Public Suffix List, no primary.",
         "",
-        "| CRM | index people / accounts | matched msgs (pairs) | Python dict index build s | Polars batch msgs/s "
-        "| Python batch msgs/s | Polars / Python | Polars per-page msgs/s | Python per-page msgs/s | Polars / Python |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| CRM | index people / accounts | matched msgs (pairs) | Python dict index build s | Polars batch s "
+        "(CPU s) | Python batch s (CPU s) | DuckDB SQL plain join s (CPU s) | Polars batch msgs/s | Polars / Python "
+        "| Polars / DuckDB | Polars per-page ms | Python per-page ms | Polars / Python (per page) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for res in results:
         m = res["match"]
         n, k = m["messages"], m["page_messages"]
         pb, yb, pp, yp = n / m["polars_s"], n / m["python_s"], k / m["polars_pages_s"], k / m["python_pages_s"]
+        page_ms = 1000 * m["page_size"] / pp, 1000 * m["page_size"] / yp
         lines.append(
             f"| {res['kind']} | {m['index_people']:,} / {m['index_accounts']:,} | {m['matched_messages']:,} "
-            f"({m['pairs']:,}) | {m['py_index_s']:.2f} | {pb:,.0f} | {yb:,.0f} | {pb / yb:.2f}x | {pp:,.0f} | "
-            f"{yp:,.0f} | {pp / yp:.2f}x |"
+            f"({m['pairs']:,}) | {m['py_index_s']:.2f} | {m['polars_s']:.2f} ({m['polars_cpu_s']:.2f}) | "
+            f"{m['python_s']:.2f} ({m['python_cpu_s']:.2f}) | {m['duckdb_s']:.2f} ({m['duckdb_cpu_s']:.2f}) | "
+            f"{pb:,.0f} | {pb / yb:.2f}x | {m['duckdb_s'] / m['polars_s']:.2f}x | {page_ms[0]:.1f} | "
+            f"{page_ms[1]:.1f} | {pp / yp:.2f}x |"
         )
     lines += ["", "Notes:"]
     for res in results:

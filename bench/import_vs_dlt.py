@@ -243,6 +243,9 @@ def run_child(
 
 
 class Harness:
+    graph_class: type | None = None  # another Graph simulator (e.g. simulators.lazy_mailbox.LazyGraphSimulator)
+    child_timeout_s = 900.0
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.variants = tuple(v for v in VARIANTS if not (v == "ours-listing" and args.no_listing_ref))
@@ -284,12 +287,12 @@ class Harness:
         self.world = world = self.make_world()
         tenant = self.tenant = world.tenants[0]
         user = self.user = tenant.users[0]
-        mailbox = world.mailboxes[user.oid]
         gen_s = time.perf_counter() - t0
 
         port = _free_port()
         redirect = f"http://localhost:{port}/auth/callback"
-        self.running = start_world(world, self.work / "tls", redirect_uris=[redirect])
+        extra = {"graph_class": self.graph_class} if self.graph_class else {}
+        self.running = start_world(world, self.work / "tls", redirect_uris=[redirect], **extra)
         os.environ.update(self.running.settings_env(self.work / "data", redirect))
         if a.ours_page_size:
             os.environ["O365SYNC_GRAPH_PAGE_SIZE"] = str(a.ours_page_size)
@@ -301,18 +304,11 @@ class Harness:
 
         scan_start = datetime.fromisoformat(str(snap["scan_start"]))
         since = graph_datetime(scan_start)  # what both variants send (whole seconds, floored)
-        since_dt = datetime.fromisoformat(since.replace("Z", "+00:00"))
         world_start = world.scan_start(tenant.tid)
         if abs((world_start - scan_start).total_seconds()) > 120:
             fail(f"product scan start {scan_start} differs from the world's {world_start}")
-        # what both variants list: Inbox and Sent Items (drafts, junk, deleted items, archive are never read)
-        in_window = [m for m in mailbox if m.received >= since_dt and m.folder in ("inbox", "sentitems")]
-        self.expected_scanned = len(in_window)
-        self.expected_matched = len(world.expected_matches(tenant.tid))
-        self.by_folder = {f: sum(1 for m in in_window if m.folder == f) for f in ("inbox", "sentitems")}
-        self.mailbox_size = len(mailbox)
         self.scan_start = since
-        self.history_days = (world.now - min(m.received for m in mailbox)).total_seconds() / 86400
+        self.measure_mailbox()
 
         # A fresh store per ours-rep = this CRM-snapshot-only store, copied back before each run.
         self.store = store_path(settings, tenant.tid)
@@ -347,10 +343,27 @@ class Harness:
         if self.expected_scanned < a.messages and not a.no_widen:
             fail(f"only {self.expected_scanned} messages in the scan window (< {a.messages})")
 
+    def measure_mailbox(self) -> None:
+        """The user's mailbox as the variants must see it: messages in the scan window per folder (Inbox and Sent
+        Items: drafts, junk, deleted items and archive are never read) and the world's ground-truth matches.
+        Streams over the mailbox (a lazy one is never held in memory)."""
+        from collections import Counter
+        from datetime import datetime
+
+        world, tenant = self.world, self.tenant
+        mailbox = world.mailboxes[self.user.oid]
+        since_dt = datetime.fromisoformat(self.scan_start.replace("Z", "+00:00"))
+        in_window = Counter(m.folder for m in mailbox if m.received >= since_dt)
+        self.by_folder = {f: in_window[f] for f in ("inbox", "sentitems")}
+        self.expected_scanned = sum(self.by_folder.values())
+        self.expected_matched = len(world.expected_matches(tenant.tid))
+        self.mailbox_size = len(mailbox)
+        self.history_days = (world.now - min(m.received for m in mailbox)).total_seconds() / 86400
+
     # ---------------------------------------------------------------- one run
-    def run(self, variant: str, rep: str) -> dict:
+    def run(self, variant: str, rep: str, fresh_store: bool = True) -> dict:
         env = dict(self.env)
-        if variant == "ours":
+        if variant == "ours" and fresh_store:
             for suffix in ("", ".wal"):
                 Path(f"{self.store}{suffix}").unlink(missing_ok=True)
             shutil.copyfile(self.template, self.store)
@@ -367,7 +380,7 @@ class Harness:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir()
             env["BENCH_LISTING_DB"] = str(run_dir / "listing.duckdb")
-        r = run_child(variant, env, self.running)
+        r = run_child(variant, env, self.running, self.child_timeout_s)
         r["rep"] = rep
         self.verify(variant, r, env)
         print(

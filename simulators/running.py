@@ -54,13 +54,17 @@ class RunningWorld:
 
 
 def start_world(
-    world: World, tls_dir: Path, redirect_uris: list[str] | None = None, graph_latency_s: float = 0.0
+    world: World,
+    tls_dir: Path,
+    redirect_uris: list[str] | None = None,
+    graph_latency_s: float = 0.0,
+    graph_class: type[GraphSimulator] = GraphSimulator,
 ) -> RunningWorld:
     tls = create_tls(tls_dir)
     tokens = TokenAuthority()
     clients = None if redirect_uris is None else {SIM_CLIENT_ID: (SIM_CLIENT_SECRET, redirect_uris)}
     identity = IdentitySimulator(world, tls, tokens, clients=clients).start()
-    graph = GraphSimulator(world, tls, tokens)
+    graph = graph_class(world, tls, tokens)
     if graph_latency_s:
         graph.latency_s = graph_latency_s
     graph.start()
