@@ -352,8 +352,8 @@ def tenant_assign(
     ],
     wait: Annotated[int, typer.Option(help="Seconds to wait for the tenant's running syncs to end.")] = 900,
 ) -> None:
-    """Move a tenant to another worker shard: its runs are held (deployments paused, running syncs awaited), its
-    files moved to the shard's storage, its deployments re-registered on the shard's work queue (`shard-<name>`)."""
+    """Move a tenant to another worker shard: its waiting runs are held (running syncs awaited), its files moved
+    to the shard's storage, the held runs re-created on the shard's work queue (`shard-<name>`)."""
     from deployments.prefect_server import PrefectApiError
     from deployments.shards import assign_shard
     from o365sync.tenants import TenantNotFound

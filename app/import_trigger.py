@@ -13,10 +13,11 @@
   thread beside it.
 
 Never two imports of one mailbox at once, in either mode: the import holds the tenant's per-feature sync locks
-(the ones every tenant flow takes), and the deployment runs one import per tenant at a time (ENQUEUE). The
-callback's response never waits for an import. Starting can fail (Prefect unreachable, the deployment not served
-yet): the page then says so in one line with a reference, the log has the reference, ids and the error class
-(never content), and the connect itself stands — the tenant's next scheduled sync imports the user.
+(the ones every tenant flow takes; under `o365sync serve` the tenant's deployment also runs one import at a
+time, ENQUEUE). The callback's response never waits for an import. Starting can fail (Prefect unreachable, the
+deployment not served yet): the page then says so in one line with a reference, the log has the reference, ids
+and the error class (never content), and the connect itself stands — the tenant's next scheduled sync imports the
+user.
 """
 
 from __future__ import annotations

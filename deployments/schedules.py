@@ -1,4 +1,5 @@
-"""Per-tenant Prefect deployments, generated from the tenant registry (YAML cannot loop over tenants).
+"""Per-tenant Prefect deployments for `o365sync serve`, generated from the tenant registry (YAML cannot loop over
+tenants); workers get one deployment per job kind and the dispatchers of `deployments.dispatch` instead.
 
 For every registered tenant with the "email" feature:
 

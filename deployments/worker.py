@@ -11,7 +11,7 @@ recoverable:
 2. **Reconcile.** Holding that lock proves the shard's previous worker is gone. Open-source Prefect does not reap
    the runs of a dead worker: a SIGKILLed worker (or a machine that died) leaves its runs Running or Pending, and a
    worker that gets SIGTERM interrupts its flow processes and also leaves their runs Running, holding work-queue
-   and deployment concurrency slots. So every Pending or Running run on the shard's queue is set to **Crashed**
+   concurrency slots. So every Pending or Running run on the shard's queue is set to **Crashed**
    through the Prefect API, which releases its slots; the tenants' file locks were released by the kernel when
    the flow processes ended. The next scheduled run (or a re-run) then resumes from the store's cursors: nothing
    is lost or imported twice.

@@ -1,6 +1,7 @@
 """Prefect flow `user-import`: one user's import, started the moment they connect or re-consent (the web callback
-creates a run of the tenant's `user-import-<tenant>` deployment; app/import_trigger.py) instead of at the tenant's
-next slot. Parameters: the tenant id and the user's object id only.
+creates a run of `user-import/all-tenants` on the tenant's shard queue, or of the tenant's `user-import-<tenant>`
+deployment under `o365sync serve`; app/import_trigger.py) instead of at the tenant's next slot. Parameters: the
+tenant id and the user's object id only.
 
 The body is library code (`o365sync.sync.user_import.import_user_now`: CRM snapshot if stale, the user's mail and
 calendar, the analysts' snapshot, under the tenant's per-feature sync locks); its steps here are the same Prefect
