@@ -1,6 +1,7 @@
 """`o365sync status`: per tenant its CRM snapshot's state, per user (with their name) each feature's sync state,
 the last run's counts next to the totals since the user connected (while a run is under way, its progress so far:
-"importing: 12,400 messages scanned, 310 imported"), and offboarding.
+"importing: 12,400 messages scanned, 310 imported"), offboarding, and the late-match backfill's pending work
+(counts only: the CRM addresses and domains waiting are never printed).
 
 Readable at 80 columns: one block of short lines per user, nothing cut off (ids and times are never
 shortened). `--json` prints the same report with stable keys for scripts. A user whose token is gone shows
@@ -76,12 +77,20 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
     """One tenant's status as plain data (the `--json` shape)."""
     from o365sync.auth import connected_users, connection_info
     from o365sync.offboarding import offboarding_status
-    from o365sync.store import crm_state_summary, open_store, read_crm_state, read_sync_progress, read_sync_states
+    from o365sync.store import (
+        crm_state_summary,
+        late_match_status,
+        open_store,
+        read_crm_state,
+        read_sync_progress,
+        read_sync_states,
+    )
 
     states: dict[str, dict[str, dict]] = {}
     progress: dict[tuple[str, str], Any] = {}
     crm: dict = {}
     summary: dict = {}
+    late_matches: dict | None = None
     if has_store(settings, tenant.id):
         with open_store(settings, tenant.id, write=False) as con:
             for feature in FEATURES:
@@ -89,6 +98,7 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
                     states.setdefault(st["user_oid"], {})[feature] = st
             crm, summary = read_crm_state(con) or {}, crm_state_summary(con)
             progress = {(p.user_oid, p.feature): p for p in read_sync_progress(con, tenant.id)}
+            late_matches = late_match_status(con, tenant.id)
     connected = {u.oid: u for u in connected_users(settings, tenant.id)}
     offboarded = offboarding_status(settings, tenant.id)
     users = []
@@ -124,6 +134,7 @@ def tenant_report(settings: Settings, tenant) -> dict[str, Any]:  # noqa: ANN001
             "last_full_read_at": _iso(summary.get("last_full_at")),
             "last_error": crm.get("last_error"),
         },
+        "late_match": late_matches,
         "users": users,
     }
 
@@ -142,6 +153,19 @@ def _lag(seconds: int | None) -> str:
 
 def _counts(counts: dict) -> str:
     return "".join(f"{counts[n]:>10}" for n in COUNTS)
+
+
+def _plural(count: int, singular: str, plural: str) -> str:
+    return f"{count} {singular if count == 1 else plural}"
+
+
+def _late_match_line(late: dict) -> str:
+    """E.g. "3 addresses/domains waiting in 2 mailboxes, 12 done, 0 capped, 5 messages imported"."""
+    return (
+        f"{_plural(late['terms_open'], 'address/domain', 'addresses/domains')} waiting in "
+        f"{_plural(late['mailboxes_open'], 'mailbox', 'mailboxes')}, {late['terms_done']} done, "
+        f"{late['terms_capped']} capped, {_plural(late['imported'], 'message', 'messages')} imported"
+    )
 
 
 def _wrap(first: str, text: str, width: int = 80) -> list[str]:
@@ -168,6 +192,8 @@ def render(report: dict[str, Any]) -> list[str]:
         ]
         if crm["last_error"]:
             lines += _wrap("  CRM error: ", crm["last_error"])
+        if t["late_match"]:
+            lines += _wrap("  late matches: ", _late_match_line(t["late_match"]))
         if not t["users"]:
             lines.append("  no user connected yet")
         for u in t["users"]:

@@ -69,7 +69,8 @@ def test_status_json_has_stable_keys_and_totals_since_connect(imported):
     report = json.loads(result.output)
     assert set(report) == {"generated_at", "tenants"}
     (t,) = report["tenants"]
-    assert set(t) == {"id", "name", "crm", "users"} and t["id"] == tenant.tid
+    assert set(t) == {"id", "name", "crm", "late_match", "users"} and t["id"] == tenant.tid
+    assert t["late_match"] is None  # no CRM change since the import: no late-match work ever queued
     assert (
         set(t["crm"])
         == {"kind", "state", "last_refresh_at", "mode", "last_success_at", "last_full_read_at", "last_error"}
@@ -256,3 +257,21 @@ def test_totals_since_connect_carry_on_from_a_store_written_before_they_existed(
         (new,) = read_sync_states(con, "t1")
     assert (new["scanned"], new["imported"]) == (0, 0)
     assert (new["total_scanned"], new["total_matched"], new["total_imported"], new["total_discarded"]) == (8, 3, 3, 5)
+
+
+def test_status_reads_a_store_made_before_the_late_match_table(tmp_path, monkeypatch):
+    """Status opens stores read-only (no migration): one without `late_match` shows no late matches, no error."""
+    from o365sync.settings import load_settings
+    from o365sync.store import store_path
+    from o365sync.tenants import TenantConfig, save_tenant
+    from tests.test_store_migrations import make_old_store
+
+    monkeypatch.setenv("O365SYNC_DATA_DIR", str(tmp_path))
+    settings = load_settings()
+    save_tenant(settings, TenantConfig(id="t1", domains=["example.org"]))
+    make_old_store(store_path(settings, "t1"))
+    result = run(dict(os.environ), "status", "--tenant", "t1", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tenants"][0]["late_match"] is None
+    shown = run(dict(os.environ), "status", "--tenant", "t1")
+    assert shown.exit_code == 0 and "late match" not in shown.output, shown.output

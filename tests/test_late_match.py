@@ -1,11 +1,15 @@
 """Late matches against the simulators: a person or account domain added to the CRM after the import brings exactly
 the oracle's newly matched mail (searched with Graph `$search`, imported by the normal pipeline), once; a run cut
 off mid-search or failing between searches neither repeats a finished search nor loses one; an erased conversation
-never comes back. Driven through the library (`sync_mailbox_now`, `late_match_mailbox`) to keep runs short; the
-Prefect flow's hook is covered by tests/test_privacy.py."""
+never comes back; `o365sync status` counts the work waiting and done (never a term). Driven through the library
+(`sync_mailbox_now`, `late_match_mailbox`) to keep runs short; the Prefect flow's hook is covered by
+tests/test_privacy.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -20,6 +24,7 @@ from o365sync.tenant_context import resolve_tenant
 from simulators.world import CrmAccount, CrmContact, Mailbox, World, generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up_with_crm, stored_matches
+from tests.test_cli_status_sql import plain, run
 from tests.test_email_sync import expected_now, no_doubles
 
 pytestmark = pytest.mark.slow  # simulators, MSAL and DuckDB files
@@ -71,12 +76,21 @@ def late_match_all(p, settings=None, **options):
     }
 
 
+def shown_by_status(tid: str) -> tuple[str, dict | None]:
+    """What `o365sync status` shows of the late matches: the table's line (wrapped lines joined) and the JSON."""
+    table = run(dict(os.environ), "status", "--tenant", tid)
+    as_json = run(dict(os.environ), "status", "--tenant", tid, "--json")
+    assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
+    line = re.search(r"late matches: (.*? imported)", " ".join(plain(table.output).split()))
+    return (line[1] if line else ""), json.loads(as_json.output)["tenants"][0]["late_match"]
+
+
 def first_pages(p) -> Counter:
     """Searches started (first pages served), per (mailbox, folder, query)."""
     return Counter((oid, folder, kql) for oid, folder, kql, offset in p.running.graph.searches if offset == 0)
 
 
-def test_a_contact_and_a_domain_added_after_the_import_bring_exactly_their_mail(product):
+def test_a_contact_and_a_domain_added_after_the_import_bring_exactly_their_mail_and_status_counts_them(product):
     p, tid = product, product.world.tenants[0].tid
     sync_all(p)
     before = expected_now(p)
@@ -85,6 +99,10 @@ def test_a_contact_and_a_domain_added_after_the_import_bring_exactly_their_mail(
     add_to_crm(p, address=address, domain=other.rpartition("@")[2])
     refreshed = refresh_crm_snapshot(p.settings, tid)
     assert refreshed["late_match_terms"] == 2
+    assert shown_by_status(tid) == (
+        "2 addresses/domains waiting in 2 mailboxes, 0 done, 0 capped, 0 messages imported",
+        {"terms_open": 2, "mailboxes_open": 2, "terms_done": 0, "terms_capped": 0, "imported": 0},
+    )
 
     outcomes = late_match_all(p)
     after = expected_now(p)
@@ -99,6 +117,11 @@ def test_a_contact_and_a_domain_added_after_the_import_bring_exactly_their_mail(
     with open_store(p.settings, tid, write=False) as con:
         summary = late_match_summary(con, tid)
     assert summary["terms_done"] == 2 and summary["terms_open"] == 0 and summary["imported"] == len(new)
+    assert shown_by_status(tid) == (
+        f"0 addresses/domains waiting in 0 mailboxes, 2 done, 0 capped, {len(new)} messages imported",
+        {"terms_open": 0, "mailboxes_open": 0, "terms_done": 2, "terms_capped": 0, "imported": len(new)},
+    )
+    assert address not in str(shown_by_status(tid))  # counts only, never a CRM address
 
     # Nothing left: the next run makes no search; the next refresh without changes queues nothing.
     p.running.graph.searches.clear()

@@ -141,3 +141,18 @@ def late_match_summary(con: duckdb.DuckDBPyConnection, tenant_id: str) -> dict[s
         [tenant_id],
     ).fetchall()[0]
     return {"terms_done": row[0], "terms_open": row[1], "terms_capped": row[2], "imported": int(row[3])}
+
+
+def late_match_status(con: duckdb.DuckDBPyConnection, tenant_id: str) -> dict[str, int] | None:
+    """`late_match_summary` plus the mailboxes with open work, for `o365sync status` (counts only, never a term).
+    None when nothing was ever queued, or when the store predates migration 3 (read-only opens do not migrate)."""
+    has_table = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'main' "
+        "AND table_name = 'late_match'"
+    ).fetchall()[0][0]
+    if not has_table:
+        return None
+    summary = late_match_summary(con, tenant_id)
+    if not (summary["terms_done"] or summary["terms_open"] or summary["terms_capped"]):
+        return None
+    return {**summary, "mailboxes_open": len(late_match_users(con, tenant_id))}
