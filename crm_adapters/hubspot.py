@@ -38,6 +38,7 @@ import polars as pl
 
 from crm_adapters.base import accounts_frame, opportunities_frame, people_frame, stored_secret, website_domain
 from crm_adapters.rest import (
+    MAX_BACKOFF_S,
     RETRY_STATUSES,
     RestClient,
     as_utc,
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per request, for 5xx / 429 / network errors
-MAX_BACKOFF_S = 30.0
 INCREMENTAL = True
 POLICY_WINDOW_S = {"TEN_SECONDLY_ROLLING": 10.0, "TEN_SECONDLY": 10.0, "SECONDLY": 1.0}
 LIST_LIMIT = 100
@@ -117,7 +117,7 @@ def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
     if last:
         raise CrmError(message, status=status, code=policy or code)
     if status == 429:
-        retry_after = retry_after_seconds(resp, MAX_BACKOFF_S)
+        retry_after = retry_after_seconds(resp)
         if retry_after is not None:
             return retry_after
         window = POLICY_WINDOW_S.get(policy or "")
@@ -125,7 +125,7 @@ def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
             interval = resp.headers.get("X-HubSpot-RateLimit-Interval-Milliseconds", "")
             window = int(interval) / 1000 if interval.isdigit() else 1.0
         return min(MAX_BACKOFF_S, window * 2 ** (attempt - 1))
-    return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
+    return backoff_delay(attempt)
 
 
 class _HubSpotClient:

@@ -45,7 +45,16 @@ import httpx
 import polars as pl
 
 from crm_adapters.base import accounts_frame, opportunities_frame, people_frame, stored_secret, website_domain
-from crm_adapters.rest import RestClient, backoff_delay, int_header, json_object, new_cursor, newest_time, utc_seconds
+from crm_adapters.rest import (
+    MAX_BACKOFF_S,
+    RestClient,
+    backoff_delay,
+    int_header,
+    json_object,
+    new_cursor,
+    newest_time,
+    utc_seconds,
+)
 from o365sync.crm import CrmAuthError, CrmChanges, CrmError, CrmQuotaExhausted, CrmSnapshot, connection_settings
 
 if TYPE_CHECKING:
@@ -54,7 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # per request, for 5xx / burst 429 / network errors
-MAX_BACKOFF_S = 30.0
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 DEAL_STATUSES_ALL = "open,won,lost,deleted"
 INCREMENTAL = True
@@ -114,11 +122,11 @@ def _classify(resp: httpx.Response, attempt: int, last: bool) -> float | None:
         wait = int_header(resp, "x-ratelimit-reset") or int_header(resp, "retry-after")
         if wait is not None:
             return min(MAX_BACKOFF_S, float(max(wait, 1)))
-        return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
+        return backoff_delay(attempt)
     if status in _RETRY_STATUSES:
         if last:
             raise CrmError(f"pipedrive: HTTP {status}", status=status)
-        return backoff_delay(attempt, cap_s=MAX_BACKOFF_S)
+        return backoff_delay(attempt)
     if status >= 400:
         raise CrmError(f"pipedrive: HTTP {status}", status=status)
     return None

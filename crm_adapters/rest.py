@@ -18,14 +18,16 @@ log = logging.getLogger(__name__)
 Classify = Callable[[httpx.Response, int, bool], float | None]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+BACKOFF_S = 0.5  # the first retry's wait; doubles per attempt
+MAX_BACKOFF_S = 30.0  # the longest any CRM request waits before its next attempt, Retry-After included
 
 
-def backoff_delay(attempt: int, base_s: float = 0.5, cap_s: float = 30.0) -> float:
+def backoff_delay(attempt: int, base_s: float = BACKOFF_S, cap_s: float = MAX_BACKOFF_S) -> float:
     """Exponential backoff for attempt 1, 2, ...: base, 2*base, ... capped."""
     return min(cap_s, base_s * 2 ** (attempt - 1))
 
 
-def retry_after_seconds(resp: httpx.Response, cap_s: float = 30.0) -> float | None:
+def retry_after_seconds(resp: httpx.Response, cap_s: float = MAX_BACKOFF_S) -> float | None:
     """The server's Retry-After in seconds (integer or decimal form), capped; None when absent or a date."""
     value = resp.headers.get("Retry-After", "").strip()
     try:

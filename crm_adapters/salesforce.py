@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4  # per request, for 5xx / 429 / network errors
-BACKOFF_S = 0.5  # doubles per attempt; Retry-After wins when given (capped)
-MAX_BACKOFF_S = 30.0
 INCREMENTAL = True
 
 
@@ -115,8 +113,8 @@ class _SalesforceClient:
             code = _error_code(resp)
             message = f"salesforce: HTTP {resp.status_code} {code or ''}".rstrip()
             raise CrmError(message, status=resp.status_code, code=code)
-        retry_after = retry_after_seconds(resp, MAX_BACKOFF_S)
-        return retry_after if retry_after is not None else backoff_delay(attempt, BACKOFF_S, MAX_BACKOFF_S)
+        retry_after = retry_after_seconds(resp)
+        return retry_after if retry_after is not None else backoff_delay(attempt)
 
     def refresh(self) -> None:
         url = f"{self.conn.login_url.rstrip('/')}/services/oauth2/token"

@@ -285,11 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from deployments.prefect_server import configured_api_url
+    from deployments.prefect_server import require_api_url
     from o365sync.tenants import TenantNotFound, load_tenant
 
-    if not configured_api_url():
-        print("PREFECT_API_URL is not set: runs need the Prefect server (prefect server start).", file=sys.stderr)
+    if not require_api_url("runs need"):
         return 1
     try:
         tenant = load_tenant(load_settings(), args.tenant)

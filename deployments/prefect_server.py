@@ -90,6 +90,16 @@ def configured_api_url() -> str | None:
     return None
 
 
+def require_api_url(needed_by: str) -> str | None:
+    """The configured API URL; without one, says on stderr that `needed_by` needs the server and returns None.
+
+    The one line every command that talks to a Prefect server prints when none is configured."""
+    if url := configured_api_url():
+        return url
+    print(f"PREFECT_API_URL is not set: {needed_by} the Prefect server (prefect server start).", file=sys.stderr)
+    return None
+
+
 def healthy(api_url: str, timeout: float = 5.0, *, local: bool = False) -> bool:
     headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get("PREFECT_API_KEY")) else {}
     try:

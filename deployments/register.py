@@ -172,11 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-pool", required=True, help="work pool the workers poll (e.g. o365sync)")
     args = parser.parse_args(argv)
     configure_prefect_env()
-    from deployments.prefect_server import configured_api_url
+    from deployments.prefect_server import require_api_url
     from o365sync.settings import load_settings
 
-    if not configured_api_url():
-        print("PREFECT_API_URL is not set: workers need a Prefect server (prefect server start).", file=sys.stderr)
+    if not require_api_url("workers need"):
         return 1
     from deployments.ownership import DeploymentOwnerConflict
     from deployments.schedules import email_tenants

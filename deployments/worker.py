@@ -128,14 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     make_new_files_private()  # the shard root and lock it creates, and everything its flow runs write: 0600/0700
     configure_prefect_env()
-    from deployments.prefect_server import configured_api_url, healthy
+    from deployments.prefect_server import healthy, require_api_url
     from o365sync.settings import load_settings
 
-    api = configured_api_url()
+    api = require_api_url("the worker needs")
     if not api:
-        print(
-            "PREFECT_API_URL is not set: the worker needs the Prefect server (prefect server start).", file=sys.stderr
-        )
         return 1
     if not healthy(api):
         print(f"the Prefect server at {api} does not answer (is it running?)", file=sys.stderr)

@@ -71,13 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     from o365sync.prefect_env import configure_prefect_env
 
     configure_prefect_env()
-    from deployments.prefect_server import configured_api_url
+    from deployments.prefect_server import require_api_url
 
-    if not configured_api_url():
-        print("PREFECT_API_URL is not set: automations live on the Prefect server.", file=sys.stderr)
-        return 1
     if args.within <= 30:
         print(f"--within {args.within} must exceed the 30 s heartbeat interval (e.g. 90)", file=sys.stderr)
+        return 1
+    if not require_api_url("automations live on"):
         return 1
     automation_id = ensure_zombie_automation(args.within)
     print(f"automation {NAME} ({automation_id}): runs without heartbeat for {args.within} s are set to Crashed")
