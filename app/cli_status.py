@@ -159,7 +159,7 @@ def _plural(count: int, singular: str, plural: str) -> str:
     return f"{count} {singular if count == 1 else plural}"
 
 
-def _late_match_line(late: dict) -> str:
+def late_match_line(late: dict) -> str:
     """E.g. "3 addresses/domains waiting in 2 mailboxes, 12 done, 0 capped, 5 messages imported"."""
     return (
         f"{_plural(late['terms_open'], 'address/domain', 'addresses/domains')} waiting in "
@@ -193,7 +193,7 @@ def render(report: dict[str, Any]) -> list[str]:
         if crm["last_error"]:
             lines += _wrap("  CRM error: ", crm["last_error"])
         if t["late_match"]:
-            lines += _wrap("  late matches: ", _late_match_line(t["late_match"]))
+            lines += _wrap("  late matches: ", late_match_line(t["late_match"]))
         if not t["users"]:
             lines.append("  no user connected yet")
         for u in t["users"]:

@@ -15,12 +15,14 @@ from datetime import UTC, datetime
 
 import pytest
 
+from app.console.data import users_view
 from o365sync.backfill import MAX_SEARCH_CHARS, SEARCH_RESULT_CAP, batch_terms, search_query, split_point
 from o365sync.erasure import Scope, erase
 from o365sync.store import late_match_summary, open_store
 from o365sync.sync.late_match import late_match_mailbox
 from o365sync.sync.mailbox import MAIL_FOLDERS, sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
+from o365sync.tenants import load_tenant
 from simulators.world import CrmAccount, CrmContact, Mailbox, World, generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up_with_crm, stored_matches
@@ -76,12 +78,15 @@ def late_match_all(p, settings=None, **options):
     }
 
 
-def shown_by_status(tid: str) -> tuple[str, dict | None]:
-    """What `o365sync status` shows of the late matches: the table's line (wrapped lines joined) and the JSON."""
+def shown_by_status(settings, tid: str) -> tuple[str, dict | None]:
+    """What `o365sync status` shows of the late matches: the table's line (wrapped lines joined) and the JSON; the
+    console's admin page shows the same line."""
     table = run(dict(os.environ), "status", "--tenant", tid)
     as_json = run(dict(os.environ), "status", "--tenant", tid, "--json")
     assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
     line = re.search(r"late matches: (.*? imported)", " ".join(plain(table.output).split()))
+    _, crm = users_view(settings, load_tenant(settings, tid))
+    assert crm["late_match"] == (line[1] if line else None)
     return (line[1] if line else ""), json.loads(as_json.output)["tenants"][0]["late_match"]
 
 
@@ -99,7 +104,7 @@ def test_a_contact_and_a_domain_added_after_the_import_bring_exactly_their_mail_
     add_to_crm(p, address=address, domain=other.rpartition("@")[2])
     refreshed = refresh_crm_snapshot(p.settings, tid)
     assert refreshed["late_match_terms"] == 2
-    assert shown_by_status(tid) == (
+    assert shown_by_status(p.settings, tid) == (
         "2 addresses/domains waiting in 2 mailboxes, 0 done, 0 capped, 0 messages imported",
         {"terms_open": 2, "mailboxes_open": 2, "terms_done": 0, "terms_capped": 0, "imported": 0},
     )
@@ -117,11 +122,11 @@ def test_a_contact_and_a_domain_added_after_the_import_bring_exactly_their_mail_
     with open_store(p.settings, tid, write=False) as con:
         summary = late_match_summary(con, tid)
     assert summary["terms_done"] == 2 and summary["terms_open"] == 0 and summary["imported"] == len(new)
-    assert shown_by_status(tid) == (
+    assert shown_by_status(p.settings, tid) == (
         f"0 addresses/domains waiting in 0 mailboxes, 2 done, 0 capped, {len(new)} messages imported",
         {"terms_open": 0, "mailboxes_open": 0, "terms_done": 2, "terms_capped": 0, "imported": len(new)},
     )
-    assert address not in str(shown_by_status(tid))  # counts only, never a CRM address
+    assert address not in str(shown_by_status(p.settings, tid))  # counts only, never a CRM address
 
     # Nothing left: the next run makes no search; the next refresh without changes queues nothing.
     p.running.graph.searches.clear()

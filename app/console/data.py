@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from app.cli_checks import has_store
-from app.cli_status import tenant_report
+from app.cli_status import late_match_line, tenant_report
 from o365sync.auth import consent_needed, scopes_for
 from o365sync.settings import Settings
 from o365sync.store import open_store
@@ -44,7 +44,8 @@ def required_scopes(tenant: TenantConfig) -> list[str]:
 
 def users_view(settings: Settings, tenant: TenantConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(users, crm): `o365sync status`'s report of the tenant, each user with the scopes they still have to consent
-    to (a feature turned on after they connected) and their reconnect link."""
+    to (a feature turned on after they connected) and their reconnect link; crm with the late-match backfill's
+    line (counts only) when a refresh ever queued one."""
     report = tenant_report(settings, tenant)
     required = required_scopes(tenant)
     for user in report["users"]:
@@ -53,7 +54,8 @@ def users_view(settings: Settings, tenant: TenantConfig) -> tuple[list[dict[str,
         )
         user["reconnect_link"] = connect_link(settings, tenant.id, user["upn"] or "")
         user["running"] = any(f["stage"] in IN_PROGRESS for f in user["features"].values())
-    return report["users"], report["crm"]
+    late = report["late_match"]
+    return report["users"], {**report["crm"], "late_match": late_match_line(late) if late else None}
 
 
 def user_view(settings: Settings, tenant: TenantConfig, oid: str) -> dict[str, Any] | None:
