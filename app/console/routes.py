@@ -5,6 +5,7 @@ GET links, since `form-action 'self'` would block a form whose answer redirects 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import secrets
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 from pydantic import ValidationError
@@ -25,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from app.console import data
+from app.console.previews import Previews
 from app.console.security import CONSOLE_HEADERS, CsrfRefused, Who, checked_form, start_session, who
 from o365sync.auth import (
     AuthError,
@@ -83,6 +86,7 @@ class Console:
         self.consents = PendingSignIns()
         self.templates = _templates()
         self.templates.env.filters["when"] = _when
+        self.previews = Previews(functools.partial(data.preview_user_report, settings))
 
     # ------------------------------------------------------------------ plumbing
     def page(self, request: Request, name: str, person: Who | None, status: int = 200, **context: Any) -> Response:
@@ -137,7 +141,7 @@ class Console:
             Route("/me/activities/export", self.signed_in(self.export), methods=["POST"]),
             Route("/me/activities/delete", self.signed_in(self.delete), methods=["POST"]),
             Route("/me/activities/explain", self.signed_in(self.explain), methods=["POST"]),
-            Route("/me/preview", self.signed_in(self.my_preview), methods=["POST"]),
+            Route("/me/preview", self.signed_in(self.my_preview), methods=["GET", "POST"]),
             Route("/admin", a(self.admin), methods=["GET"]),
             Route("/admin/consent", a(self.grant_consent), methods=["GET"]),
             Route("/admin/features", a(self.set_features), methods=["POST"]),
@@ -145,7 +149,7 @@ class Console:
             Route("/admin/users", a(self.users), methods=["GET"]),
             Route("/admin/users/offboard", a(self.offboard), methods=["POST"]),
             Route("/admin/users/readmit", a(self.readmit), methods=["POST"]),
-            Route("/admin/users/preview", a(self.user_preview), methods=["POST"]),
+            Route("/admin/users/preview", a(self.user_preview), methods=["GET", "POST"]),
             Route("/admin/blocklists", a(self.blocklists), methods=["GET", "POST"]),
             Route("/admin/runs", a(self.runs), methods=["GET"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
@@ -360,14 +364,25 @@ class Console:
         return self.page(request, "explain.html", person, lines=lines)
 
     async def my_preview(self, request: Request, person: Who) -> Response:
-        return await self._preview_page(request, person, person.oid)
+        return self._preview(request, person, person.oid, "/me/preview", "/me")
 
-    async def _preview_page(self, request: Request, person: Who, oid: str) -> Response:
-        """The counts an initial import of `oid` would bring (`o365sync preview`), rendered on the server."""
-        report = await run_in_threadpool(data.preview_user_report, self.settings, person.tenant_id, oid)
-        if isinstance(report, str):
-            return self.message(request, "No preview", report, 409, person)
-        return self.page(request, "preview.html", person, report=report, **data.preview_tables(report))
+    def _preview(self, request: Request, person: Who, oid: str, here: str, back: str) -> Response:
+        """POST starts a preview of `oid`'s import (`o365sync preview`: counts only) beside the request and sends
+        the browser to `here`; GET shows it running (the page reloads itself) or its counts."""
+        if request.method == "POST":
+            self.previews.start(person.tenant_id, oid)
+            return RedirectResponse(here, status_code=303)
+        run = self.previews.get(person.tenant_id, oid)
+        if run is None:
+            return RedirectResponse(back, status_code=303)
+        form = {"action": here.partition("?")[0], "oid": oid if back != "/me" else None}
+        if not run.finished.is_set():
+            return self.page(request, "preview_running.html", person, run=run, form=form)
+        if isinstance(run.result, str) or run.result is None:
+            return self.message(request, "No preview", run.result or "", 409, person)
+        return self.page(
+            request, "preview.html", person, run=run, form=form, report=run.result, **data.preview_tables(run.result)
+        )
 
     # ------------------------------------------------------------------ admin pages
     async def admin(self, request: Request, person: Who) -> Response:
@@ -477,10 +492,11 @@ class Console:
         return RedirectResponse("/admin/users?done=readmitted", status_code=303)
 
     async def user_preview(self, request: Request, person: Who) -> Response:
-        oid = str(request.state.form.get("oid", ""))
+        given = request.state.form if request.method == "POST" else request.query_params
+        oid = str(given.get("oid", ""))
         if not await self._own_user(person, oid):
             return self.message(request, "Nothing matched", "No such user in your organisation.", 404, person)
-        return await self._preview_page(request, person, oid)
+        return self._preview(request, person, oid, f"/admin/users/preview?{urlencode({'oid': oid})}", "/admin/users")
 
     async def my_blocklist(self, request: Request, person: Who) -> Response:
         error = await self._blocklist_form(request, person, person.oid)

@@ -56,8 +56,10 @@ def test_admin_previews_a_users_import_and_a_rep_explains_an_activity(cw: Consol
             a.goto(f"{cw.base}/signin")
             a.goto(f"{cw.base}/admin/users")
             a.locator(f"#user-{rep.oid}").get_by_role("button", name="Preview import").click()
+            # the preview runs beside the request; its page reloads itself until the counts are there
+            expect(a).to_have_url(f"{cw.base}/admin/users/preview?oid={rep.oid}")
             expect(a.locator("h1")).to_have_text("Import preview")
-            expect(a.locator("#preview-user")).to_contain_text(f"{stored} emails")
+            expect(a.locator("#preview-user")).to_contain_text(f"{stored} emails", timeout=60_000)
             matched = a.locator("#preview-reason tr", has_text="matched").first
             expect(matched.locator("td").nth(1)).to_have_text(str(stored))
             assert a.locator("#preview-kind tbody tr").count() >= 1
@@ -65,6 +67,11 @@ def test_admin_previews_a_users_import_and_a_rep_explains_an_activity(cw: Consol
             expect(a.locator("#preview-accounts tbody tr td").nth(1)).to_have_text(re.compile(r"^\d+$"))
             expect(a.locator("body")).to_contain_text("Estimated import time")
             a.screenshot(path=str(shots / "preview.png"), full_page=True)
+            a.click("#preview-again")  # a new run of the same user's preview, the same counts
+            expect(a.locator("#preview-user")).to_contain_text(f"{stored} emails", timeout=60_000)
+            # another tenant's user is no user of this admin's, by form or by link
+            other = cw.admin_b.oid
+            assert a.goto(f"{cw.base}/admin/users/preview?oid={other}").status == 404
 
             # ---- the rep explains a captured conversation
             r.goto(f"{cw.base}/me/activities")
@@ -73,6 +80,12 @@ def test_admin_previews_a_users_import_and_a_rep_explains_an_activity(cw: Consol
             expect(r.locator("#explanation")).to_contain_text("primary: ")
             expect(r.locator("#explanation")).to_contain_text("stored now: yes")
             r.screenshot(path=str(shots / "explain.png"))
+
+            # ---- the rep previews their own import from their page
+            r.goto(f"{cw.base}/me")
+            r.click("#preview")
+            expect(r).to_have_url(f"{cw.base}/me/preview")
+            expect(r.locator("#preview-user")).to_contain_text(f"{stored} emails", timeout=60_000)
 
             # ---- a rep cannot preview another user; both forms are refused without the session's CSRF token
             csrf = r.locator('input[name="csrf"]').first.input_value()
