@@ -50,6 +50,7 @@ from import_vs_dlt import (
     build_world,
     fail,
     limits_off_env,
+    limits_on_env,
     parse_with_quick,
     run_child,
     run_medians,
@@ -237,7 +238,7 @@ class LimitsHarness(Harness):
             if (g.max_in_flight, g.budget_requests, g.budget_window_s) != (4, 10_000, 600.0):
                 fail(f"simulator limits are not Outlook's: {g.max_in_flight}, {g.budget_requests}, {g.budget_window_s}")
             g.latency_s = self.args.latency_ms / 1000
-            self.env.pop("O365SYNC_GRAPH_REQUEST_BUDGET", None)  # the product's own budget, as configured
+            limits_on_env(self.env)  # the product's own budget and concurrency cap, as configured
         else:
             g.max_in_flight = 10**9
             g.budget_requests = None
