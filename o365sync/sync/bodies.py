@@ -97,10 +97,11 @@ class BodyFetcher:
         return ticket
 
     def wait(self, ticket: BodyTicket) -> dict[str, str]:
+        """The ticket's bodies once all are in; returns early (incomplete) if the ticket was cancelled."""
         with self._cond:
-            while ticket.left and self._error is None:
+            while ticket.left and self._error is None and not ticket.cancelled:
                 self._cond.wait()
-            if ticket.left:
+            if ticket.left and not ticket.cancelled:
                 self._raise_error()
         return ticket.bodies
 
@@ -112,6 +113,7 @@ class BodyFetcher:
             before = len(self._queue)
             self._queue = deque(item for item in self._queue if not item[0].cancelled)
             self._owed -= before - len(self._queue)
+            self._cond.notify_all()  # whoever waits for them stops waiting
 
     @contextmanager
     def listing(self) -> Iterator[None]:
