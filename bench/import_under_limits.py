@@ -19,9 +19,10 @@ A. Limits on: the Graph simulator with Outlook's real limits (4 concurrent reque
    (see `limits_model`), reported with actual / T_min. Checks: store == World.expected_matches (ids and CRM links),
    simulator peak in flight <= 4, 429s by cause, Retry-After violations.
 B. Limits off: latency 0, no concurrency cap, no budget (the simulator's, and the client's own:
-   `O365SYNC_GRAPH_REQUEST_BUDGET=0`). ours (`sync_mailbox_now`) and naive (bench/_child_naive.py:
-   requests + json + dict matching + one GET per matched body + DuckDB executemany) in rotating order, medians of
-   --reps; both must end with exactly the ground-truth matched set.
+   `O365SYNC_GRAPH_REQUEST_BUDGET=0`, and its concurrency cap raised, see `limits_off_env`). ours
+   (`sync_mailbox_now`) and naive (bench/_child_naive.py: requests + json + dict matching + one GET per matched
+   body + DuckDB executemany) in rotating order, medians of --reps; both must end with exactly the ground-truth
+   matched set.
 One untimed run of ours (limits off) first warms the simulator's per-message JSON caches for both parts.
 """
 

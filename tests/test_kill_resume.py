@@ -16,7 +16,8 @@ from urllib.parse import unquote
 import pytest
 
 from o365sync.settings import load_settings
-from o365sync.store import open_store
+from o365sync.store import open_store, store_path
+from o365sync.store.locks import flock_file
 from o365sync.sync.mailbox import FLUSH_PAGES, sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
@@ -69,22 +70,45 @@ def store_content(settings, tenant_id) -> dict[str, list]:
         }
 
 
-def run_child(tenant_id: str, oid: str, log: Tripwire, kill_at: int | str | None) -> bool:
-    """Run the sync in a child process; SIGKILL it once `log` fires (`log.arm(kill_at)`: after that many more Graph
-    requests, or at that message's body). True if killed."""
-    log.arm(kill_at)
-    child = subprocess.Popen(
+def start_child(tenant_id: str, oid: str) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-c", CHILD, tenant_id, oid],
         env=os.environ.copy(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+
+
+def wait_for(child: subprocess.Popen, log: Tripwire, at: int | str | None) -> bool:
+    """`log.arm(at)` and wait until it fires (True) or the child ends, which must be a success (False)."""
+    log.arm(at)
     while not log.fired.wait(0.05):
         if child.poll() is not None:
             assert child.returncode == 0, child.stderr.read().decode()[-2000:]
             return False
+    return True
+
+
+def wal_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def kill(child: subprocess.Popen) -> None:
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
+
+
+def run_child(tenant_id: str, oid: str, log: Tripwire, kill_at: int | str | None) -> bool:
+    """Run the sync in a child process; SIGKILL it once `log` fires (`log.arm(kill_at)`: after that many more Graph
+    requests, or at that message's body). True if killed."""
+    log.arm(kill_at)
+    child = start_child(tenant_id, oid)
+    if not wait_for(child, log, kill_at):
+        return False
+    kill(child)
     return True
 
 
@@ -166,6 +190,70 @@ def test_killed_between_a_page_listing_and_its_carried_over_bodies_the_cursor_st
             assert target.id not in stored and (mark is None or mark < target.received)
             # nothing lost: every matched message the committed watermark covers is stored
             assert all(m.id in stored for m in inbox if m.id in expected and mark is not None and m.received <= mark)
+        assert not run_child(tenant.tid, oid, log, None)  # the final, uninterrupted rerun
+        assert store_content(p.settings, tenant.tid) == reference
+    finally:
+        p.running.stop()
+
+
+def test_killed_while_the_store_writer_catches_up_on_several_groups(tmp_path: Path, monkeypatch):
+    """The store writer (a thread of the import) writes every sealed group that is ready when it opens the store
+    in that one opening, a transaction each. Hold the store's lock so that several groups queue up behind it, let
+    go, and kill the import once the first of them is committed, i.e. in that catching up: whatever was committed
+    never has a watermark past a matched message that is not stored, and the rerun ends in exactly the store of an
+    uninterrupted run."""
+    world = generate_world(seed=33, users_per_tenant=1, messages_per_user=2000, contacts_per_tenant=60)
+    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE=str(PAGE))
+    try:
+        tenant, oid = world.tenants[0], world.tenants[0].users[0].oid
+        graph = p.running.graph
+        graph.latency_s = 0.005
+        log = graph.requests = Tripwire(graph.requests)
+        expected = {gid for (owner, gid) in world.expected_matches(tenant.tid) if owner == oid}
+        inbox = sorted(
+            (m for m in world.mailboxes[oid] if m.folder == "inbox" and m.received >= world.scan_start(tenant.tid)),
+            key=lambda m: (m.received, m.id),  # the simulator's listing order
+        )
+
+        reference_dir = tmp_path / "reference"
+        shutil.copytree(p.settings.data_dir, reference_dir)
+        monkeypatch.setenv("O365SYNC_DATA_DIR", str(reference_dir))
+        reference_settings = load_settings()
+        refresh_crm_snapshot(reference_settings, tenant.tid)
+        sync_mailbox_now(resolve_tenant(reference_settings, tenant.tid), oid)
+        reference = store_content(reference_settings, tenant.tid)
+
+        monkeypatch.setenv("O365SYNC_DATA_DIR", str(p.settings.data_dir))
+        refresh_crm_snapshot(p.settings, tenant.tid)
+        lock = Path(f"{store_path(p.settings, tenant.tid)}.lock")
+        wal = Path(f"{store_path(p.settings, tenant.tid)}.wal")
+        committed = 0
+        for logged in (100_000, 200_000, 300_000):
+            start, _ = inbox_progress(p.settings, tenant.tid)
+            listed = [m for m in inbox if start is None or m.received >= start]
+            # a matched message three groups into this run's listing: by its body, groups are waiting to be written
+            target = next((m for m in listed[3 * FLUSH_PAGES * PAGE :] if m.id in expected), None)
+            if target is None:
+                break
+            child = start_child(tenant.tid, oid)
+            assert wait_for(child, log, 1)  # the first Graph request: the child has read its cursors
+            with flock_file(lock, exclusive=True):  # the writer cannot open the store meanwhile
+                assert wait_for(child, log, target.id)
+            # let go; kill once the writer's opening has logged `logged` bytes of rows (DuckDB's log file): its
+            # first groups are committed, the ones queued behind it are being written or not yet
+            while wal_size(wal) < logged:
+                try:
+                    child.wait(timeout=0.002)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            if child.poll() is None:
+                kill(child)
+            assert child.returncode in (0, -signal.SIGKILL)
+            mark, stored = inbox_progress(p.settings, tenant.tid)
+            assert all(m.id in stored for m in inbox if m.id in expected and mark is not None and m.received <= mark)
+            committed += mark is not None and mark != start
+        assert committed, "no kill came after a committed group: the test did not reach the writer's catching up"
         assert not run_child(tenant.tid, oid, log, None)  # the final, uninterrupted rerun
         assert store_content(p.settings, tenant.tid) == reference
     finally:
