@@ -471,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-a", action="store_true", help="skip part A (limits on)")
     p.add_argument("--skip-b", action="store_true", help="skip part B (limits off, ours vs naive)")
     p.add_argument(
-        "--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with the limits on"
+        "--profile",
+        action="store_true",
+        help="after the runs, one untimed cProfile run of ours (all threads) with the limits on (off with --skip-a)",
     )
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
     args = parse_with_quick(p, argv, messages=3000, contacts=600, reps=1, crm_share=0.5)
@@ -506,8 +508,13 @@ def main(argv: list[str] | None = None) -> int:
             part_a = [h.limited_run(str(i + 1)) for i in range(args.limits_reps)]
         profile = None
         if args.profile:
-            print("profile (untimed, cProfile of the ours child, limits on):", flush=True)
-            h.limited_run("profile", profile=True)
+            limits = "off" if args.skip_a else "on"
+            print(f"profile (untimed, cProfile of the ours child, limits {limits}):", flush=True)
+            if args.skip_a:
+                h.limits(on=False)
+                h.run_ours("profile", profile=True)
+            else:
+                h.limited_run("profile", profile=True)
             profile = h.work / "ours.prof"
             if args.profile_out:
                 shutil.copyfile(profile, args.profile_out)
@@ -517,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         if profile:
             import pstats
 
-            print("\nTop of the ours-child profile, limits on (cumulative):")
+            print(f"\nTop of the ours-child profile, limits {'off' if args.skip_a else 'on'} (cumulative):")
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(35)
         write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s, report=text)
     finally:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import polars as pl
 
@@ -40,7 +41,7 @@ from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached, read_ahead
-from o365sync.mail import DeltaTokenExpired, iter_delta_pages, iter_header_pages
+from o365sync.mail import DeltaPage, DeltaTokenExpired, HeaderPage, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.participants import EMPTY_NAMES, NameIndex, name_index_for, resolve_non_smtp
 from o365sync.settings import Settings
@@ -81,6 +82,7 @@ FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
 WRITE_QUEUE = 4  # sealed groups waiting for the writer at most; the listing waits beyond (memory stays flat)
 
+_Page = TypeVar("_Page", HeaderPage, DeltaPage)
 _TS = pl.Datetime("us", "UTC")
 _EMPTY = {
     "emails": pl.DataFrame(
@@ -169,6 +171,13 @@ def _frame(table: object) -> pl.DataFrame:
     return frame
 
 
+def _framed(pages: Iterator[_Page]) -> Iterator[tuple[_Page, pl.DataFrame, pl.DataFrame]]:
+    """Each page with its messages and participants as Polars frames, made where the page is parsed (the
+    read-ahead thread), so that the conversion (a few ms a page) is off the matching thread."""
+    for page in pages:
+        yield page, _frame(page.messages), _frame(page.participants)
+
+
 def classify_headers(
     messages: pl.DataFrame, participants: pl.DataFrame, domains: list[str], blocklist: list[str], index: CrmIndex
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -194,12 +203,14 @@ def _process_page(
         reasons["removed"] = removed  # moved out or deleted in Outlook: the imported copy is kept
     if odd:
         reasons[ODD_TEXT] = odd
-    messages = messages.unique("graph_id", keep="last", maintain_order=True)
-    partial = messages.filter(pl.col("is_partial"))
-    if partial.height:
+    if messages["graph_id"].n_unique() < messages.height:  # rare: an item repeated within a page
+        messages = messages.unique("graph_id", keep="last", maintain_order=True)
+    full = messages
+    if messages["is_partial"].any():  # only delta rounds have partial updates
+        partial = messages.filter(pl.col("is_partial"))
         buf.partials.append(partial.select("graph_id", *PARTIAL_COLUMNS))
         reasons["partial_update"] = partial.height
-    full = messages.filter(~pl.col("is_partial"))
+        full = messages.filter(~pl.col("is_partial"))
     participants, resolved = resolve_non_smtp(participants, run.names)  # before exclusions: it may be external
     reasons.update(resolved)
     excluded, matches = classify_headers(full, participants, run.tenant.domains, run.blocklist, run.index)
@@ -421,8 +432,8 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
     out = _Committer(run, folder, cursor)
     since = cursor.received_watermark or cursor.scan_start
     with out.listing():
-        for page in read_ahead(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
-            messages, participants = _frame(page.messages), _frame(page.participants)
+        pages = iter_header_pages(run.client, folder, since, run.settings.graph_page_size)
+        for page, messages, participants in read_ahead(_framed(pages)):
             _process_page(run, out.buf, messages, participants, odd=page.odd)
             page_max: datetime | None = messages["received_at"].max()  # type: ignore[assignment]  # a Datetime column
             mark = out.cursor.received_watermark
@@ -458,8 +469,7 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
         run.client, folder, delta_link=cursor.delta_link, since=None, page_size=run.settings.graph_page_size
     )
     with out.listing():
-        for page in read_ahead(pages):
-            messages, participants = _frame(page.messages), _frame(page.participants)
+        for page, messages, participants in read_ahead(_framed(pages)):
             _process_page(run, out.buf, messages, participants, removed=len(page.removed), odd=page.odd)
             del messages, participants
             if page.delta_link is not None:  # the round's last page
