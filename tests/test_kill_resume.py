@@ -3,6 +3,7 @@ uninterrupted run. The kill points are counted in Graph requests seen by the sim
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -10,6 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -22,7 +25,7 @@ from o365sync.sync.mailbox import FLUSH_PAGES, sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
-from tests.product import stand_up
+from tests.product import Product, stand_up
 
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
@@ -153,17 +156,46 @@ def inbox_progress(settings, tenant_id):
     return (row[0] if row else None), stored
 
 
-def test_killed_between_a_page_listing_and_its_carried_over_bodies_the_cursor_stays_behind(tmp_path: Path, monkeypatch):
-    """The listing runs ahead of the bodies, which are carried across pages into shared batches. Kill the import
-    the moment Graph answers the first body of a page listed after a sealed group of pages (so that page and the
-    group before it are listed, their bodies not all stored): the committed watermark never passes a matched
-    message that is not stored, and the rerun ends in exactly the store of an uninterrupted run."""
-    world = generate_world(seed=32, users_per_tenant=1, messages_per_user=1200, contacts_per_tenant=60)
+@dataclass
+class PipelinedImport:
+    """A one-mailbox world stood up for the pipelined-kill tests, with the store of an uninterrupted run."""
+
+    p: Product
+    tenant_id: str
+    oid: str
+    log: Tripwire
+    expected: set[str]  # ground-truth matched message ids of the mailbox
+    inbox: list  # its in-window Inbox messages, in the simulator's listing order
+    reference: dict[str, list]
+
+    def listed_from_progress(self) -> tuple[object, list]:
+        """(committed inbox watermark, the inbox messages the next run lists: from that watermark on)."""
+        start, _ = inbox_progress(self.p.settings, self.tenant_id)
+        return start, [m for m in self.inbox if start is None or m.received >= start]
+
+    def assert_nothing_lost(self) -> object:
+        """Every matched message the committed watermark covers is stored; returns the watermark."""
+        mark, stored = inbox_progress(self.p.settings, self.tenant_id)
+        assert all(
+            m.id in stored for m in self.inbox if m.id in self.expected and mark is not None and m.received <= mark
+        )
+        return mark
+
+    def assert_rerun_ends_in_reference(self) -> None:
+        assert not run_child(self.tenant_id, self.oid, self.log, None)  # the final, uninterrupted rerun
+        assert store_content(self.p.settings, self.tenant_id) == self.reference
+
+
+@contextlib.contextmanager
+def pipelined_import(
+    tmp_path: Path, monkeypatch, seed: int, messages: int, latency_s: float
+) -> Iterator[PipelinedImport]:
+    world = generate_world(seed=seed, users_per_tenant=1, messages_per_user=messages, contacts_per_tenant=60)
     p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE=str(PAGE))
     try:
         tenant, oid = world.tenants[0], world.tenants[0].users[0].oid
         graph = p.running.graph
-        graph.latency_s = 0.01
+        graph.latency_s = latency_s
         log = graph.requests = Tripwire(graph.requests)
         expected = {gid for (owner, gid) in world.expected_matches(tenant.tid) if owner == oid}
         inbox = sorted(
@@ -181,19 +213,25 @@ def test_killed_between_a_page_listing_and_its_carried_over_bodies_the_cursor_st
 
         monkeypatch.setenv("O365SYNC_DATA_DIR", str(p.settings.data_dir))
         refresh_crm_snapshot(p.settings, tenant.tid)
-        for groups in (1, 2):  # the first matched message after 1, then 2 sealed groups of this run's listing
-            start, _ = inbox_progress(p.settings, tenant.tid)
-            listed = [m for m in inbox if start is None or m.received >= start]
-            target = next(m for m in listed[groups * FLUSH_PAGES * PAGE :] if m.id in expected)
-            assert run_child(tenant.tid, oid, log, target.id)
-            mark, stored = inbox_progress(p.settings, tenant.tid)
-            assert target.id not in stored and (mark is None or mark < target.received)
-            # nothing lost: every matched message the committed watermark covers is stored
-            assert all(m.id in stored for m in inbox if m.id in expected and mark is not None and m.received <= mark)
-        assert not run_child(tenant.tid, oid, log, None)  # the final, uninterrupted rerun
-        assert store_content(p.settings, tenant.tid) == reference
+        yield PipelinedImport(p, tenant.tid, oid, log, expected, inbox, reference)
     finally:
         p.running.stop()
+
+
+def test_killed_between_a_page_listing_and_its_carried_over_bodies_the_cursor_stays_behind(tmp_path: Path, monkeypatch):
+    """The listing runs ahead of the bodies, which are carried across pages into shared batches. Kill the import
+    the moment Graph answers the first body of a page listed after a sealed group of pages (so that page and the
+    group before it are listed, their bodies not all stored): the committed watermark never passes a matched
+    message that is not stored, and the rerun ends in exactly the store of an uninterrupted run."""
+    with pipelined_import(tmp_path, monkeypatch, seed=32, messages=1200, latency_s=0.01) as run:
+        for groups in (1, 2):  # the first matched message after 1, then 2 sealed groups of this run's listing
+            _, listed = run.listed_from_progress()
+            target = next(m for m in listed[groups * FLUSH_PAGES * PAGE :] if m.id in run.expected)
+            assert run_child(run.tenant_id, run.oid, run.log, target.id)
+            mark, stored = inbox_progress(run.p.settings, run.tenant_id)
+            assert target.id not in stored and (mark is None or mark < target.received)
+            run.assert_nothing_lost()
+        run.assert_rerun_ends_in_reference()
 
 
 def test_killed_while_the_store_writer_catches_up_on_several_groups(tmp_path: Path, monkeypatch):
@@ -202,43 +240,20 @@ def test_killed_while_the_store_writer_catches_up_on_several_groups(tmp_path: Pa
     go, and kill the import once the first of them is committed, i.e. in that catching up: whatever was committed
     never has a watermark past a matched message that is not stored, and the rerun ends in exactly the store of an
     uninterrupted run."""
-    world = generate_world(seed=33, users_per_tenant=1, messages_per_user=2000, contacts_per_tenant=60)
-    p = stand_up(world, tmp_path, monkeypatch, O365SYNC_GRAPH_PAGE_SIZE=str(PAGE))
-    try:
-        tenant, oid = world.tenants[0], world.tenants[0].users[0].oid
-        graph = p.running.graph
-        graph.latency_s = 0.005
-        log = graph.requests = Tripwire(graph.requests)
-        expected = {gid for (owner, gid) in world.expected_matches(tenant.tid) if owner == oid}
-        inbox = sorted(
-            (m for m in world.mailboxes[oid] if m.folder == "inbox" and m.received >= world.scan_start(tenant.tid)),
-            key=lambda m: (m.received, m.id),  # the simulator's listing order
-        )
-
-        reference_dir = tmp_path / "reference"
-        shutil.copytree(p.settings.data_dir, reference_dir)
-        monkeypatch.setenv("O365SYNC_DATA_DIR", str(reference_dir))
-        reference_settings = load_settings()
-        refresh_crm_snapshot(reference_settings, tenant.tid)
-        sync_mailbox_now(resolve_tenant(reference_settings, tenant.tid), oid)
-        reference = store_content(reference_settings, tenant.tid)
-
-        monkeypatch.setenv("O365SYNC_DATA_DIR", str(p.settings.data_dir))
-        refresh_crm_snapshot(p.settings, tenant.tid)
-        lock = Path(f"{store_path(p.settings, tenant.tid)}.lock")
-        wal = Path(f"{store_path(p.settings, tenant.tid)}.wal")
+    with pipelined_import(tmp_path, monkeypatch, seed=33, messages=2000, latency_s=0.005) as run:
+        lock = Path(f"{store_path(run.p.settings, run.tenant_id)}.lock")
+        wal = Path(f"{store_path(run.p.settings, run.tenant_id)}.wal")
         committed = 0
         for logged in (100_000, 200_000, 300_000):
-            start, _ = inbox_progress(p.settings, tenant.tid)
-            listed = [m for m in inbox if start is None or m.received >= start]
+            start, listed = run.listed_from_progress()
             # a matched message three groups into this run's listing: by its body, groups are waiting to be written
-            target = next((m for m in listed[3 * FLUSH_PAGES * PAGE :] if m.id in expected), None)
+            target = next((m for m in listed[3 * FLUSH_PAGES * PAGE :] if m.id in run.expected), None)
             if target is None:
                 break
-            child = start_child(tenant.tid, oid)
-            assert wait_for(child, log, 1)  # the first Graph request: the child has read its cursors
+            child = start_child(run.tenant_id, run.oid)
+            assert wait_for(child, run.log, 1)  # the first Graph request: the child has read its cursors
             with flock_file(lock, exclusive=True):  # the writer cannot open the store meanwhile
-                assert wait_for(child, log, target.id)
+                assert wait_for(child, run.log, target.id)
             # let go; kill once the writer's opening has logged `logged` bytes of rows (DuckDB's log file): its
             # first groups are committed, the ones queued behind it are being written or not yet
             while wal_size(wal) < logged:
@@ -250,11 +265,7 @@ def test_killed_while_the_store_writer_catches_up_on_several_groups(tmp_path: Pa
             if child.poll() is None:
                 kill(child)
             assert child.returncode in (0, -signal.SIGKILL)
-            mark, stored = inbox_progress(p.settings, tenant.tid)
-            assert all(m.id in stored for m in inbox if m.id in expected and mark is not None and m.received <= mark)
+            mark = run.assert_nothing_lost()
             committed += mark is not None and mark != start
         assert committed, "no kill came after a committed group: the test did not reach the writer's catching up"
-        assert not run_child(tenant.tid, oid, log, None)  # the final, uninterrupted rerun
-        assert store_content(p.settings, tenant.tid) == reference
-    finally:
-        p.running.stop()
+        run.assert_rerun_ends_in_reference()
