@@ -4,7 +4,8 @@
 
 This (parent) process hosts the simulated world as bench/import_vs_dlt.py does (identity, Graph and Salesforce
 simulators on loopback HTTPS; the user connected through our /connect + MSAL; the CRM snapshot taken; limits off:
-no budget in the simulator, `O365SYNC_GRAPH_REQUEST_BUDGET=0` in the client), except that the user's mailbox is a
+no budget and no concurrency cap of 4 in the simulator, the client's budget off and its cap raised, see
+`limits_off_env` in bench/import_vs_dlt.py), except that the user's mailbox is a
 `simulators.lazy_mailbox.LazyMailbox` served by its `LazyGraphSimulator`: messages are made when a page is served,
 so a mailbox of a million costs the host no memory. For each size, in fresh child processes:
 

@@ -19,9 +19,10 @@ A. Limits on: the Graph simulator with Outlook's real limits (4 concurrent reque
    (see `limits_model`), reported with actual / T_min. Checks: store == World.expected_matches (ids and CRM links),
    simulator peak in flight <= 4, 429s by cause, Retry-After violations.
 B. Limits off: latency 0, no concurrency cap, no budget (the simulator's, and the client's own:
-   `O365SYNC_GRAPH_REQUEST_BUDGET=0`). ours (`sync_mailbox_now`) and naive (bench/_child_naive.py:
-   requests + json + dict matching + one GET per matched body + DuckDB executemany) in rotating order, medians of
-   --reps; both must end with exactly the ground-truth matched set.
+   `O365SYNC_GRAPH_REQUEST_BUDGET=0`, and its concurrency cap raised, see `limits_off_env`). ours
+   (`sync_mailbox_now`) and naive (bench/_child_naive.py: requests + json + dict matching + one GET per matched
+   body + DuckDB executemany) in rotating order, medians of --reps; both must end with exactly the ground-truth
+   matched set.
 One untimed run of ours (limits off) first warms the simulator's per-message JSON caches for both parts.
 """
 
@@ -50,6 +51,7 @@ from import_vs_dlt import (
     build_world,
     fail,
     limits_off_env,
+    limits_on_env,
     parse_with_quick,
     run_child,
     run_medians,
@@ -237,7 +239,7 @@ class LimitsHarness(Harness):
             if (g.max_in_flight, g.budget_requests, g.budget_window_s) != (4, 10_000, 600.0):
                 fail(f"simulator limits are not Outlook's: {g.max_in_flight}, {g.budget_requests}, {g.budget_window_s}")
             g.latency_s = self.args.latency_ms / 1000
-            self.env.pop("O365SYNC_GRAPH_REQUEST_BUDGET", None)  # the product's own budget, as configured
+            limits_on_env(self.env)  # the product's own budget and concurrency cap, as configured
         else:
             g.max_in_flight = 10**9
             g.budget_requests = None
@@ -469,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-a", action="store_true", help="skip part A (limits on)")
     p.add_argument("--skip-b", action="store_true", help="skip part B (limits off, ours vs naive)")
     p.add_argument(
-        "--profile", action="store_true", help="after the runs, one untimed cProfile run of ours with the limits on"
+        "--profile",
+        action="store_true",
+        help="after the runs, one untimed cProfile run of ours (all threads) with the limits on (off with --skip-a)",
     )
     p.add_argument("--profile-out", type=Path, help="copy the .prof file here")
     args = parse_with_quick(p, argv, messages=3000, contacts=600, reps=1, crm_share=0.5)
@@ -504,8 +508,13 @@ def main(argv: list[str] | None = None) -> int:
             part_a = [h.limited_run(str(i + 1)) for i in range(args.limits_reps)]
         profile = None
         if args.profile:
-            print("profile (untimed, cProfile of the ours child, limits on):", flush=True)
-            h.limited_run("profile", profile=True)
+            limits = "off" if args.skip_a else "on"
+            print(f"profile (untimed, cProfile of the ours child, limits {limits}):", flush=True)
+            if args.skip_a:
+                h.limits(on=False)
+                h.run_ours("profile", profile=True)
+            else:
+                h.limited_run("profile", profile=True)
             profile = h.work / "ours.prof"
             if args.profile_out:
                 shutil.copyfile(profile, args.profile_out)
@@ -515,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         if profile:
             import pstats
 
-            print("\nTop of the ours-child profile, limits on (cumulative):")
+            print(f"\nTop of the ours-child profile, limits {'off' if args.skip_a else 'on'} (cumulative):")
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(35)
         write_json(args, warm=warm, part_a=part_a, part_b=part_b, bench_s=bench_s, report=text)
     finally:

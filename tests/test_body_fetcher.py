@@ -12,7 +12,7 @@ import pytest
 
 from o365sync.graph import GraphClient, GraphForbidden
 from o365sync.mail import iter_header_pages
-from o365sync.sync.bodies import BodyFetcher
+from o365sync.sync.bodies import BodyFetcher, senders_for
 from simulators.graph import GraphSimulator
 from simulators.tokens import TokenAuthority
 from simulators.world import SimUser, World
@@ -105,3 +105,21 @@ def test_a_failed_body_fetch_reaches_the_waiter_and_stops_the_fetcher(
             fetcher.wait(ticket)
         with pytest.raises(GraphForbidden):
             fetcher.request(ids)  # no more work is taken
+
+
+def test_senders_follow_the_mailbox_slots():
+    """Under Outlook's 4 a mailbox has one `$batch` in flight and one ready; a raised cap (limits off) runs more."""
+    assert [senders_for(n) for n in (1, 4, 5, 8, 12)] == [2, 2, 3, 3, 4]
+
+
+def test_cancelling_a_ticket_releases_whoever_waits_for_it(client: GraphClient, world: World, user: SimUser):
+    ids = [m.id for m in world.mailboxes[user.oid][:5]]
+    with BodyFetcher(client) as fetcher:
+        with client.slots.hold(4):  # nothing is sent meanwhile: the ticket cannot complete
+            ticket = fetcher.request(ids)
+            waited: list[int] = []  # bodies in when the wait returned
+            waiter = threading.Thread(target=lambda: waited.append(len(fetcher.wait(ticket))))
+            waiter.start()
+            fetcher.cancel([ticket])
+            waiter.join()  # returns while the slots are still held: no body can have come
+    assert waited == [0] and ticket.cancelled

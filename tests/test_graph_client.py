@@ -169,6 +169,26 @@ def test_since_must_be_aware_and_is_sent_unquoted() -> None:
         graph_datetime(datetime(2024, 5, 2))
 
 
+def test_the_token_is_asked_again_once_its_reuse_time_is_over(monkeypatch) -> None:
+    asked: list[bool] = []
+
+    def token(force: bool) -> str:
+        asked.append(force)
+        return f"tok{len(asked)}"
+
+    sent: list[str] = []
+    transport = httpx.MockTransport(lambda r: sent.append(r.headers["Authorization"]) or httpx.Response(200, json={}))
+    reusing = GraphClient(httpx.Client(transport=transport), "https://graph.test/v1.0", token)
+    reusing.get("me")
+    reusing.get("me")
+    assert asked == [False] and sent == ["Bearer tok1", "Bearer tok1"]
+    monkeypatch.setattr("o365sync.graph.TOKEN_REUSE_S", 0.0)  # every token has run out at once
+    fresh = GraphClient(httpx.Client(transport=transport), "https://graph.test/v1.0", token)
+    fresh.get("me")
+    fresh.get("me")
+    assert asked == [False, False, False] and sent[2:] == ["Bearer tok2", "Bearer tok3"]
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_revoked_token_is_refreshed_once(http: httpx.Client, tls: SimulatorTLS, world: World) -> None:
     authority = TokenAuthority()
@@ -179,8 +199,9 @@ def test_revoked_token_is_refreshed_once(http: httpx.Client, tls: SimulatorTLS, 
         assert client.get("me").json()["id"] == u.oid
         authority.revoke_access_tokens(u.oid)
         assert client.get("me").json()["id"] == u.oid
-        assert token.calls == [False, False, True]
+        assert token.calls == [False, True]  # the first token is reused (TOKEN_REUSE_S) until the 401 forces one
         assert [r.status for r in own.requests] == [200, 401, 200]
+        assert client.get("me").status_code == 200 and token.calls == [False, True]  # the refreshed one is reused
 
         stale = GraphClient(http, own.base_url, lambda force: "not.a.jwt", sleep=Sleeps())
         with pytest.raises(GraphAuthError) as info:
@@ -587,6 +608,66 @@ def test_allowed_shapes_including_graph_link_forms() -> None:
     assert calendar.check_allowed("GET", "me/calendarView/delta?startDateTime=2024-01-01T00:00:00Z") == 1
     with pytest.raises(ForbiddenRequest):
         client.check_allowed("GET", "me/calendarView/delta")
+
+
+SEGMENTS = [
+    "me",
+    "ME",
+    "messages",
+    "mailFolders",
+    "inbox",
+    "delta",
+    "$batch",
+    MID,
+    "%2E%2E",
+    "..",
+    "a%2Fb",
+    "%5C",
+    "mailfolders('x')",
+    "attachments",
+    "users",
+    "",
+    "%24batch",
+    "a;b",
+    "me?x",
+]
+QUERIES = [
+    "",
+    "?$select=body",
+    "?$select=attachments",
+    "?$expand=attachments",
+    "?%24select=id&$top=5",
+    "?$select=",
+    "?$expand=" + SENSITIVITY_EXPAND,
+    "?a=1&&b",
+    "?$SELECT=Attachments,body",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["GET", "get", "POST", "DELETE"]),
+    st.booleans(),
+    st.lists(st.sampled_from(SEGMENTS), min_size=1, max_size=5),
+    st.sampled_from(QUERIES),
+)
+def test_relative_paths_are_judged_as_their_absolute_form(method: str, slash: bool, parts: list, query: str) -> None:
+    """The allowlist's shortcut for paths relative to the version root (every inner `$batch` request) decides
+    exactly as the full parse of the same request written as an absolute URL."""
+    client = GraphClient(
+        httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500))),
+        "https://graph.microsoft.com/v1.0",
+        lambda force: "tok",
+    )
+    path = ("/" if slash else "") + "/".join(parts) + query
+
+    def verdict(url: str) -> object:
+        try:
+            return client.check_allowed(method, url)
+        except ForbiddenRequest as refused:
+            return (refused.method, refused.template, refused.option)
+
+    assert verdict(path) == verdict(f"{client.base_url}/{path.lstrip('/')}")
 
 
 def test_expand_allowlist_is_exactly_the_sensitivity_property() -> None:

@@ -27,7 +27,13 @@ from o365sync.mail import fetch_bodies
 
 BACKLOG_HIGH = 1000  # bodies owed (queued or in flight) at which the listing waits ...
 BACKLOG_LOW = 500  # ... until they are down to this many
-SENDERS = 2  # one batch in flight, the next one ready to take the slots it frees
+
+
+def senders_for(max_in_flight: int) -> int:
+    """Sender threads for a mailbox's slots: one per `$batch` that fits into them at once (a batch holds up to 4),
+    plus one whose batch is ready to take the slots the first to finish frees. Under Outlook's 4 that is 2: one
+    batch in flight at a time. With the limits off and a higher cap (a benchmark), more batches run at once."""
+    return -(-max(1, max_in_flight) // BATCH_INNER_CONCURRENCY) + 1
 
 
 class BodyTicket:
@@ -46,8 +52,11 @@ class BodyFetcher:
     """One per mailbox run: `with BodyFetcher(client) as bodies:`. Thread-safe; errors of a sender are raised to
     whoever waits next, and the fetcher takes no more work."""
 
-    def __init__(self, client: GraphClient, senders: int = SENDERS, high: int = BACKLOG_HIGH, low: int = BACKLOG_LOW):
+    def __init__(
+        self, client: GraphClient, senders: int | None = None, high: int = BACKLOG_HIGH, low: int = BACKLOG_LOW
+    ):
         self.client = client
+        senders = senders_for(client.max_in_flight) if senders is None else senders
         self.high, self.low = high, low
         self._cond = threading.Condition()
         self._queue: deque[tuple[BodyTicket, str]] = deque()
@@ -88,10 +97,11 @@ class BodyFetcher:
         return ticket
 
     def wait(self, ticket: BodyTicket) -> dict[str, str]:
+        """The ticket's bodies once all are in; returns early (incomplete) if the ticket was cancelled."""
         with self._cond:
-            while ticket.left and self._error is None:
+            while ticket.left and self._error is None and not ticket.cancelled:
                 self._cond.wait()
-            if ticket.left:
+            if ticket.left and not ticket.cancelled:
                 self._raise_error()
         return ticket.bodies
 
@@ -103,6 +113,7 @@ class BodyFetcher:
             before = len(self._queue)
             self._queue = deque(item for item in self._queue if not item[0].cancelled)
             self._owed -= before - len(self._queue)
+            self._cond.notify_all()  # whoever waits for them stops waiting
 
     @contextmanager
     def listing(self) -> Iterator[None]:

@@ -18,17 +18,21 @@ counted. Nothing here imports Prefect: the Prefect task lives in tasks/mailbox_t
 Bodies are fetched by the mailbox's `BodyFetcher` (o365sync/sync/bodies.py) while the listing goes on, in batches
 filled across pages. The rows of a group of pages are sealed with the cursor reached at their last page and written
 in order, each only once all its bodies are in (`_Committer`): a cursor never runs ahead of the bodies of the pages
-it covers, so a run killed between a page's listing and its bodies' storage lists that page again.
+it covers, so a run killed between a page's listing and its bodies' storage lists that page again. One writer thread
+(`StoreWriter`) does the writes, so the listing and matching never wait for DuckDB; the groups that are ready when it
+opens the store are written in that one opening, each in its own transaction with its cursor.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import polars as pl
 
@@ -37,7 +41,7 @@ from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached, read_ahead
-from o365sync.mail import DeltaTokenExpired, iter_delta_pages, iter_header_pages
+from o365sync.mail import DeltaPage, DeltaTokenExpired, HeaderPage, iter_delta_pages, iter_header_pages
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.participants import EMPTY_NAMES, NameIndex, name_index_for, resolve_non_smtp
 from o365sync.settings import Settings
@@ -76,7 +80,9 @@ def resync_reason(dead: DeltaTokenExpired) -> str:
 PAGES_AHEAD = 1
 FLUSH_MATCHED = 2000  # matched messages buffered before a write
 FLUSH_PAGES = 10  # pages between writes otherwise (the backfill watermark advances with each write)
+WRITE_QUEUE = 4  # sealed groups waiting for the writer at most; the listing waits beyond (memory stays flat)
 
+_Page = TypeVar("_Page", HeaderPage, DeltaPage)
 _TS = pl.Datetime("us", "UTC")
 _EMPTY = {
     "emails": pl.DataFrame(
@@ -115,8 +121,7 @@ class MailboxRun:
     bodies: BodyFetcher
     counts: RunCounts = RunCounts()
     names: NameIndex = EMPTY_NAMES  # who X500 participants are (o365sync/participants.py)
-    # buffers to write, in order, each with its folder and the cursor it advances (see `_Committer`)
-    sealed: deque[tuple[_Buffer, str, FolderCursor]] = field(default_factory=deque)
+    writer: StoreWriter | None = None  # writes the sealed groups of pages, in order (see `_Committer`)
 
 
 @dataclass
@@ -166,6 +171,13 @@ def _frame(table: object) -> pl.DataFrame:
     return frame
 
 
+def _framed(pages: Iterator[_Page]) -> Iterator[tuple[_Page, pl.DataFrame, pl.DataFrame]]:
+    """Each page with its messages and participants as Polars frames, made where the page is parsed (the
+    read-ahead thread), so that the conversion (a few ms a page) is off the matching thread."""
+    for page in pages:
+        yield page, _frame(page.messages), _frame(page.participants)
+
+
 def classify_headers(
     messages: pl.DataFrame, participants: pl.DataFrame, domains: list[str], blocklist: list[str], index: CrmIndex
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -191,12 +203,14 @@ def _process_page(
         reasons["removed"] = removed  # moved out or deleted in Outlook: the imported copy is kept
     if odd:
         reasons[ODD_TEXT] = odd
-    messages = messages.unique("graph_id", keep="last", maintain_order=True)
-    partial = messages.filter(pl.col("is_partial"))
-    if partial.height:
+    if messages["graph_id"].n_unique() < messages.height:  # rare: an item repeated within a page
+        messages = messages.unique("graph_id", keep="last", maintain_order=True)
+    full = messages
+    if messages["is_partial"].any():  # only delta rounds have partial updates
+        partial = messages.filter(pl.col("is_partial"))
         buf.partials.append(partial.select("graph_id", *PARTIAL_COLUMNS))
         reasons["partial_update"] = partial.height
-    full = messages.filter(~pl.col("is_partial"))
+        full = messages.filter(~pl.col("is_partial"))
     participants, resolved = resolve_non_smtp(participants, run.names)  # before exclusions: it may be external
     reasons.update(resolved)
     excluded, matches = classify_headers(full, participants, run.tenant.domains, run.blocklist, run.index)
@@ -223,38 +237,155 @@ def _process_page(
     )
 
 
-def _flush(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
-    batch = buf.take({folder: cursor}, run.bodies)  # every body of these pages first, then the cursor with them
-    with open_store(run.settings, run.tenant.id, write=True) as con:
-        result = write_mail_batch(con, run.tenant.id, run.user_oid, batch)
-    duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()
-    run.counts += RunCounts(imported=result.imported, excluded=duplicates)
+_Sealed = tuple["_Buffer", str, FolderCursor]  # a group of pages' rows, their folder, the cursor they advance
 
 
-def _seal(run: MailboxRun, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
-    run.sealed.append((buf, folder, cursor))
+class StoreWriter:
+    """The one thread that writes a mailbox run's sealed groups of pages, oldest first, each once all its bodies
+    are in, in one transaction with the cursor it advances. The groups ready when it opens the store are written in
+    that opening (one flock and DuckDB open for several groups, each still its own transaction); it closes the store
+    when none is ready, so publishing and erasure are never kept waiting longer than the writes take.
+
+    A failed write stops it: nothing after that group is written (a cursor never passes rows that are not
+    stored), and the error is raised to the run at its next `seal`, `check` or `drain`. At most `depth` groups
+    wait (`seal` blocks beyond), so memory does not grow with the mailbox."""
+
+    def __init__(self, run: MailboxRun, depth: int = WRITE_QUEUE):
+        self.run, self.depth = run, depth
+        self._cond = threading.Condition()
+        self._queue: deque[_Sealed] = deque()
+        self._writing = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._counts = RunCounts()  # what was written; the run takes it at `drain` (one thread adds to run.counts)
+        self._thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop after the write under way; what is still queued is not written (the next run reads it again)."""
+        with self._cond:
+            self._closed = True
+            left, self._queue = self._queue, deque()
+            self._cond.notify_all()
+        self.run.bodies.cancel([t for buf, _, _ in left for t in buf.tickets()])  # the writer waits for none of them
+        self._thread.join()
+
+    # ------------------------------------------------------------------ the run's side
+    def seal(self, buf: _Buffer, folder: str, cursor: FolderCursor) -> None:
+        with self._cond:
+            while len(self._queue) >= self.depth and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._queue.append((buf, folder, cursor))
+            self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise the writer's error, if it has one."""
+        with self._cond:
+            self._raise()
+
+    def drop(self, bufs: list[_Buffer]) -> None:
+        """Take these groups off the queue (their listing failed); one being written is finished."""
+        ids = {id(buf) for buf in bufs}
+        with self._cond:
+            self._queue = deque(entry for entry in self._queue if id(entry[0]) not in ids)
+            self._cond.notify_all()
+
+    def drain(self) -> RunCounts:
+        """Wait until every sealed group is written (waiting for their bodies); the counts of what was written
+        since the last drain."""
+        with self._cond:
+            while (self._queue or self._writing) and self._error is None:
+                self._cond.wait()
+            self._raise()
+            counts, self._counts = self._counts, RunCounts()
+        return counts
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # ------------------------------------------------------------------ the writer thread
+    def _work(self) -> None:
+        run = self.run
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                head = self._queue[0]
+            try:
+                for ticket in head[0].tickets():  # outside the lock: the run may seal or drop meanwhile
+                    run.bodies.wait(ticket)
+            except BaseException as exc:  # noqa: BLE001 - handed to the run
+                self._fail(exc)
+                return
+            with self._cond:
+                if self._closed:
+                    return
+                if not self._queue or self._queue[0] is not head or not _ready(head):
+                    continue  # dropped meanwhile
+                group = [self._queue.popleft()]
+                while self._queue and _ready(self._queue[0]):
+                    group.append(self._queue.popleft())
+                self._writing = True
+                self._cond.notify_all()  # `seal` may go on
+            try:
+                counts = self._write(group)
+            except BaseException as exc:  # noqa: BLE001 - handed to the run
+                self._fail(exc)
+                return
+            with self._cond:
+                self._counts += counts
+                self._writing = False
+                self._cond.notify_all()
+
+    def _write(self, group: list[_Sealed]) -> RunCounts:
+        run, counts = self.run, RunCounts()
+        with open_store(run.settings, run.tenant.id, write=True) as con:
+            for buf, folder, cursor in group:
+                batch = buf.take({folder: cursor}, run.bodies)  # every body is in: the rows, then their cursor
+                result = write_mail_batch(con, run.tenant.id, run.user_oid, batch)
+                duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()
+                counts += RunCounts(imported=result.imported, excluded=duplicates)
+        return counts
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = self._error or exc
+            self._writing = False
+            self._queue.clear()
+            self._cond.notify_all()
 
 
-def _write_sealed(run: MailboxRun, ready_only: bool) -> None:
-    """Write the sealed buffers oldest first; with `ready_only`, up to the first whose bodies are not all in
-    (without waiting), else all of them (waiting for their bodies)."""
-    while run.sealed and not (ready_only and any(t.left for t in run.sealed[0][0].tickets())):
-        buf, folder, cursor = run.sealed.popleft()
-        _flush(run, buf, folder, cursor)
+def _ready(entry: _Sealed) -> bool:
+    return not any(ticket.left for ticket in entry[0].tickets())
+
+
+def _writer(run: MailboxRun) -> StoreWriter:
+    assert run.writer is not None, "a mailbox run that seals pages has a StoreWriter"
+    return run.writer
 
 
 def _keep_finished_listings(run: MailboxRun) -> None:
     """A folder failed: still write what earlier listings sealed (e.g. the whole inbox when Sent Items fails),
     waiting for their bodies. If those cannot be had either, the next run reads the pages again."""
     try:
-        _write_sealed(run, ready_only=False)
+        _writer(run).drain()
     except Exception:  # noqa: BLE001 - the folder's own error is the one raised
-        run.sealed.clear()
+        pass
 
 
 class _Committer:
     """A listing's writes: the rows of a group of pages are sealed with the cursor reached at the last of them
-    and written in order (`MailboxRun.sealed`, every folder's), each once all its bodies are in, while the listing
+    and written in order (`StoreWriter`, every folder's), each once all its bodies are in, while the listing
     and the next folder go on. Inside `listing()`, a `RunLimitReached` seals every page read so far with the
     cursor it reached; any other error drops this listing's unwritten pages (the next run reads them again)."""
 
@@ -272,27 +403,26 @@ class _Committer:
             self.finish()
             raise
         except BaseException:
-            dropped = {id(buf) for buf in [*self.mine, self.buf]}
-            self.run.bodies.cancel([t for buf in [*self.mine, self.buf] for t in buf.tickets()])
-            self.run.sealed = deque(entry for entry in self.run.sealed if id(entry[0]) not in dropped)
+            mine = [*self.mine, self.buf]
+            _writer(self.run).drop(mine)  # off the writer's queue first, so it never waits for a cancelled body
+            self.run.bodies.cancel([t for buf in mine for t in buf.tickets()])
             raise
 
     def page_done(self) -> None:
-        """After each page: seal at the flush thresholds, hold the listing if too many bodies are owed, write
-        what is ready."""
+        """After each page: seal at the flush thresholds, hold the listing if too many bodies are owed, raise
+        what the writer failed with."""
         if self.buf.matched >= FLUSH_MATCHED or self.buf.pages >= FLUSH_PAGES:
             self._seal()
         self.run.bodies.backpressure()
-        _write_sealed(self.run, ready_only=True)
+        _writer(self.run).check()
 
     def finish(self) -> FolderCursor:
-        """Seal the last pages with the final cursor (`sync_mailbox_now` writes what is left at the end)."""
+        """Seal the last pages with the final cursor (`sync_mailbox_now` waits for the writes at the end)."""
         self._seal()
-        _write_sealed(self.run, ready_only=True)
         return self.cursor
 
     def _seal(self) -> None:
-        _seal(self.run, self.buf, self.folder, self.cursor)
+        _writer(self.run).seal(self.buf, self.folder, self.cursor)
         self.mine.append(self.buf)
         self.buf = _Buffer()
 
@@ -302,8 +432,8 @@ def backfill(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCursor
     out = _Committer(run, folder, cursor)
     since = cursor.received_watermark or cursor.scan_start
     with out.listing():
-        for page in read_ahead(iter_header_pages(run.client, folder, since, run.settings.graph_page_size)):
-            messages, participants = _frame(page.messages), _frame(page.participants)
+        pages = iter_header_pages(run.client, folder, since, run.settings.graph_page_size)
+        for page, messages, participants in read_ahead(_framed(pages)):
             _process_page(run, out.buf, messages, participants, odd=page.odd)
             page_max: datetime | None = messages["received_at"].max()  # type: ignore[assignment]  # a Datetime column
             mark = out.cursor.received_watermark
@@ -327,7 +457,7 @@ def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> Folder
         for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start, page_size=size):
             if page.delta_link is not None:
                 cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
-    _seal(run, _Buffer(), folder, cursor)  # written after what earlier listings sealed
+    _writer(run).seal(_Buffer(), folder, cursor)  # written after what earlier listings sealed
     return cursor
 
 
@@ -339,8 +469,7 @@ def delta_round(run: MailboxRun, folder: str, cursor: FolderCursor) -> FolderCur
         run.client, folder, delta_link=cursor.delta_link, since=None, page_size=run.settings.graph_page_size
     )
     with out.listing():
-        for page in read_ahead(pages):
-            messages, participants = _frame(page.messages), _frame(page.participants)
+        for page, messages, participants in read_ahead(_framed(pages)):
             _process_page(run, out.buf, messages, participants, removed=len(page.removed), odd=page.odd)
             del messages, participants
             if page.delta_link is not None:  # the round's last page
@@ -388,12 +517,13 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
         run = MailboxRun(settings, config, user_oid, client, index, blocklist, scan_start, now, bodies)
         run.names = name_index_for(settings, config)
         deadline = time.monotonic() + settings.sync_max_seconds
-        try:
-            for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
-                client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
-                sync_folder(run, folder, cursors.get(folder))
-        except Exception:
-            _keep_finished_listings(run)
-            raise
-        _write_sealed(run, ready_only=False)
+        with StoreWriter(run) as run.writer:
+            try:
+                for i, folder in enumerate(MAIL_FOLDERS):  # each folder gets its share of the time left: none starves
+                    client.stop_paging_after((deadline - time.monotonic()) / (len(MAIL_FOLDERS) - i))
+                    sync_folder(run, folder, cursors.get(folder))
+            except Exception:
+                _keep_finished_listings(run)
+                raise
+            run.counts += run.writer.drain()
     return run.counts
