@@ -3,10 +3,10 @@
 write, the analysts' queries, files and bytes (issue 14: the design step for P6/P7).
 
     uv run --group bench python bench/store_layout.py [--sizes 1000000] [--new 1000] [--reps 3] [--query-reps 2]
-        [--body-words 300] [--keep DIR] [--json out.json] [--quick]
+        [--users 50] [--layouts user,user_month] [--body-words 300] [--keep DIR] [--json out.json] [--quick]
 
 For each size N the one-file store is built by bench/compaction.py's generator (85 % emails with ~2.7 KB bodies,
-15 % meetings, 50 users interleaved through the file, a CRM snapshot) and the tenant registered. Its six activity
+15 % meetings, `--users` users interleaved through the file, a CRM snapshot) and the tenant registered. Its six activity
 tables are then split, through a Parquet staging export partitioned by (user, month), into two partitioned layouts:
 
 - **user**: `parts/<user>.duckdb`, one file per user;
@@ -87,7 +87,7 @@ EMAIL_MONTH = "strftime(coalesce(received_at, sent_at, imported_at), '%Y-%m')"
 MEETING_MONTH = "strftime(coalesce(start_at, imported_at), '%Y-%m')"
 P6_TARGET_S = 10.0
 SYNCED_USER, ERASED_USER, TIMELINE_USER = "user7", "user2", "user3"
-CONVERSATION = "conv1001"  # emails 3003-3005: users 3, 4 and 5 (the generator gives email i to user i % 50)
+CONVERSATION = "conv1001"  # emails 3003-3005: users 3, 4 and 5 (the generator gives email i to user i % --users)
 QUERIES = {
     "count by month": "SELECT date_trunc('month', occurred_at) AS month, kind, count(*) FROM activities "
     "GROUP BY ALL ORDER BY ALL",
@@ -596,17 +596,18 @@ def count_in_snapshot(views_file: Path, where: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- one size
-def run(n: int, new: int, reps: int, query_reps: int, body_words: int, root: Path) -> dict:
+def run(n: int, args: argparse.Namespace, root: Path) -> dict:
+    new, reps, query_reps = args.new, args.reps, args.query_reps
     shutil.rmtree(root / f"n{n}", ignore_errors=True)
     one = Settings(data_dir=root / f"n{n}" / "one_file")
     layouts = [
-        Layout("user", Settings(data_dir=root / f"n{n}" / "user"), by_month=False),
-        Layout("user_month", Settings(data_dir=root / f"n{n}" / "user_month"), by_month=True),
+        Layout(name, Settings(data_dir=root / f"n{n}" / name), by_month=name == "user_month")
+        for name in args.layouts.split(",")
     ]
     for s in (one, *(lay.settings for lay in layouts)):
         save_tenant(s, TenantConfig(id=TENANT, domains=["company0.com"]))
     t = time.perf_counter()
-    counts = build(one, n, body_words)
+    counts = build(one, n, args.body_words, users=args.users)
     one_file = store_path(one, TENANT)
     print(f"  built {n:,} activities in {time.perf_counter() - t:.1f} s, {mb(one_file.stat().st_size)} MB", flush=True)
     first = publish(one, TENANT)
@@ -675,6 +676,7 @@ def run(n: int, new: int, reps: int, query_reps: int, body_words: int, root: Pat
     print(f"  erasure of {CONVERSATION}: {conversations}", flush=True)
     return {
         "n": n,
+        "users": args.users,
         "rows": sum(counts.values()),
         "split": split,
         "full_publish_s": full_publish,
@@ -694,7 +696,7 @@ def run(n: int, new: int, reps: int, query_reps: int, body_words: int, root: Pat
 
 
 # ----------------------------------------------------------------------------------------------- report
-LAYOUT_NAMES = ("one_file", "user", "user_month")
+LAYOUTS = ("user", "user_month")
 
 
 def ratio(value: float, base: float) -> str:
@@ -702,9 +704,10 @@ def ratio(value: float, base: float) -> str:
 
 
 def table_row(label: str, values: dict[str, float], fmt: str = "{:.2f}") -> str:
-    """One measure for the three layouts, with each partitioned layout's ratio to the one file."""
+    """One measure for the layouts (`values` in column order, the one file first), with each partitioned layout's
+    ratio to the one file."""
     cells = [fmt.format(values["one_file"])]
-    for name in LAYOUT_NAMES[1:]:
+    for name in list(values)[1:]:
         cells += [fmt.format(values[name]), ratio(values[name], values["one_file"])]
     return f"| {label} | " + " | ".join(cells) + " |"
 
@@ -712,40 +715,36 @@ def table_row(label: str, values: dict[str, float], fmt: str = "{:.2f}") -> str:
 def report(rows: list[dict], new: int) -> list[str]:
     lines: list[str] = []
     for r in rows:
+        parted = [k for k in r["erase_user"] if k != "one_file"]
+        columns = ("one_file", *parted)
         lines += [
-            f"N = {r['n']:,} activities ({r['rows']:,} rows); layouts: one_file = today's store.duckdb; user = one "
-            "file per user + tenant file; user_month = one file per user and month + tenant file. Ratios: layout / "
-            f"one_file. Load average (1 min) at the end: {r['load_avg'][0]:.1f}.",
+            f"N = {r['n']:,} activities ({r['rows']:,} rows) of {r['users']} users; layouts: one_file = today's "
+            "store.duckdb; user = one file per user + tenant file; user_month = one file per user and month + tenant "
+            f"file. Ratios: layout / one_file. Load average (1 min) at the end: {r['load_avg'][0]:.1f}.",
             "",
-            "| measure | one_file | user | user / one_file | user_month | user_month / one_file |",
-            "|---|--:|--:|--:|--:|--:|",
+            "| measure | one_file | " + " | ".join(f"{k} | {k} / one_file" for k in parted) + " |",
+            "|---|--:|" + "--:|--:|" * len(parted),
         ]
 
         e = r["erase_user"]
+        lines.append(table_row("**erasure of one user, s** (target <= 10 s)", {k: e[k]["total_s"] for k in columns}))
         lines.append(
-            table_row("**erasure of one user, s** (target <= 10 s)", {k: e[k]["total_s"] for k in LAYOUT_NAMES})
+            table_row("- its compaction s (tenant file only, partitioned)", {k: e[k]["compact_s"] for k in columns})
         )
-        lines.append(
-            table_row(
-                "- its compaction s (tenant file only, partitioned)", {k: e[k]["compact_s"] for k in LAYOUT_NAMES}
-            )
-        )
-        lines.append(table_row("- its publish s", {k: e[k]["publish_s"] for k in LAYOUT_NAMES}))
-        lines.append(table_row("- its CPU s (this process)", {k: e[k]["cpu_s"] for k in LAYOUT_NAMES}))
+        lines.append(table_row("- its publish s", {k: e[k]["publish_s"] for k in columns}))
+        lines.append(table_row("- its CPU s (this process)", {k: e[k]["cpu_s"] for k in columns}))
         lines.append(table_row(f"sync of one mailbox ({new:,} activities) s", r["sync_s"]))
-        lines.append(table_row("publish after it s", {k: r["publish"][k]["s"] for k in LAYOUT_NAMES}))
+        lines.append(table_row("publish after it s", {k: r["publish"][k]["s"] for k in columns}))
         lines.append(
             table_row(
-                "- live lock held s (longest file copy)", {k: r["publish"][k]["lock_s"] for k in LAYOUT_NAMES}, "{:.3f}"
+                "- live lock held s (longest file copy)", {k: r["publish"][k]["lock_s"] for k in columns}, "{:.3f}"
             )
         )
-        lines.append(table_row("- MB copied", {k: r["publish"][k]["bytes"] / 1e6 for k in LAYOUT_NAMES}, "{:,.1f}"))
+        lines.append(table_row("- MB copied", {k: r["publish"][k]["bytes"] / 1e6 for k in columns}, "{:,.1f}"))
         lines.append(table_row("first (full) publish s", r["full_publish_s"]))
         for q in QUERIES:
             lines.append(
-                table_row(
-                    f"analyst query '{q}' s (open + query)", {k: r["queries"][k][q] for k in LAYOUT_NAMES}, "{:.3f}"
-                )
+                table_row(f"analyst query '{q}' s (open + query)", {k: r["queries"][k][q] for k in columns}, "{:.3f}")
             )
         for key, label, fmt in (
             ("live_files", "live files", "{:,.0f}"),
@@ -754,7 +753,7 @@ def report(rows: list[dict], new: int) -> list[str]:
             ("snapshot_bytes", "snapshot MB", "{:,.1f}"),
         ):
             scale = 1e6 if key.endswith("bytes") else 1
-            lines.append(table_row(label, {k: r["sizes"][k][key] / scale for k in LAYOUT_NAMES}, fmt))
+            lines.append(table_row(label, {k: r["sizes"][k][key] / scale for k in columns}, fmt))
         c = r["erase_conversation"]
         lines += [
             "",
@@ -764,14 +763,14 @@ def report(rows: list[dict], new: int) -> list[str]:
             "| layout | partitions rewritten | MB rewritten | find s | delete + compaction s | publish s | total s |",
             "|---|--:|--:|--:|--:|--:|--:|",
         ]
-        for name in LAYOUT_NAMES[1:]:
+        for name in parted:
             x = c[name]
             lines.append(
                 f"| {name} | {x['partitions']} | {x['compacted_bytes'] / 1e6:,.1f} | {x['find_s']:.2f} | "
                 f"{x['delete_compact_s']:.2f} | {x['publish_s']:.2f} | {x['total_s']:.2f} |"
             )
         lines += ["", "A reader holding the views file open while a sync + publish replaced the synced partition:", ""]
-        for name in LAYOUT_NAMES[1:]:
+        for name in parted:
             x = r["reader"][name]
             lines.append(
                 f"- {name}: the reader saw {x['reader_rows_before']:,} rows before and "
@@ -782,16 +781,16 @@ def report(rows: list[dict], new: int) -> list[str]:
                 f"{x['gc_after_close']['kept_generations']}, removed {x['gc_after_close']['removed_files']} "
                 f"({x['gc_s']:.3f} s)"
             )
-        best = min(e[k]["total_s"] for k in LAYOUT_NAMES[1:])
+        best = min(e[k]["total_s"] for k in parted)
         lines += [
             "",
             f"- P6 (erasure of one user <= {P6_TARGET_S:.0f} s): one_file {e['one_file']['total_s']:.1f} s "
             f"({'met' if e['one_file']['total_s'] <= P6_TARGET_S else 'not met'}; its whole-file compaction took "
             f"{e['one_file']['compact_s']:.1f} s of it); partitioned best {best:.2f} s "
             f"({'met' if best <= P6_TARGET_S else 'not met'}).",
-            f"- Split of the one file into the layouts: staging export {r['split']['stage_s']:.1f} s, ingest user "
-            f"{r['split']['user_ingest_s']:.1f} s, user_month {r['split']['user_month_ingest_s']:.1f} s; the three "
-            f"snapshots answered the analyst queries identically: {'yes' if r['answers_equal'] else 'NO'}.",
+            f"- Split of the one file into the layouts: staging export {r['split']['stage_s']:.1f} s, ingest "
+            + ", ".join(f"{k} {r['split'][f'{k}_ingest_s']:.1f} s" for k in parted)
+            + f"; the snapshots answered the analyst queries identically: {'yes' if r['answers_equal'] else 'NO'}.",
             "",
         ]
     return lines
@@ -803,12 +802,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=1000, help="activities of the one-mailbox sync before a publish")
     ap.add_argument("--reps", type=int, default=3, help="sync + publish rounds")
     ap.add_argument("--query-reps", type=int, default=2, help="runs of each analyst query (median)")
+    ap.add_argument("--users", type=int, default=50, help="mailboxes the activities are spread over (>= 8)")
+    ap.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help=f"partitioned layouts to compare: {', '.join(LAYOUTS)}"
+    )
     add_store_options(ap)
     args = parse_with_quick(ap, argv, sizes="20000", reps=1, query_reps=1, new=200)
+    if unknown := set(args.layouts.split(",")) - set(LAYOUTS):
+        ap.error(f"unknown layout {', '.join(sorted(unknown))} (known: {', '.join(LAYOUTS)})")
+    if args.users < 8:
+        ap.error("--users must be at least 8 (the bench syncs user7)")
     rows = for_each_size(
         args,
         "o365sync-bench-store-layout-",
-        lambda n, root: run(n, args.new, args.reps, args.query_reps, args.body_words, root),
+        lambda n, root: run(n, args, root),
     )
     return print_report(args, rows, report(rows, args.new))
 
