@@ -13,6 +13,9 @@ tables are then split, through a Parquet staging export partitioned by (user, mo
 - **user_month**: `parts/<user>/<yyyy-mm>.duckdb`, one file per user and month of the activity (emails by
   received/sent date, meetings by start);
 
+- **bucket<B>** (with `--layouts`): users hashed into B files, `parts/b<k>.duckdb` (a user's erasure then rewrites
+  its bucket instead of unlinking a file);
+
 each next to a small *tenant file* (the product's `store.duckdb` path: CRM snapshot, sync state, tombstones...).
 Every partition file has the product's schema (`migrate`), so the product's write functions run on it unchanged.
 A partitioned layout's analysts' snapshot is one *views file* at the product's snapshot path (a byte copy of the
@@ -34,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -132,7 +137,8 @@ class Layout:
 
     name: str
     settings: Settings
-    by_month: bool
+    by_month: bool = False
+    buckets: int = 0  # > 0: users hashed into this many files (a user's erasure rewrites its bucket)
     gen: int = 0
     copied: dict[Path, tuple[int, int, int]] = field(default_factory=dict)  # live partition -> identity copied
     current: dict[Path, Path] = field(default_factory=dict)  # live partition -> its snapshot copy now
@@ -150,13 +156,26 @@ class Layout:
     def snap(self) -> Path:
         return self.views.with_suffix("")
 
+    @classmethod
+    def named(cls, name: str, root: Path) -> Layout:
+        """`user`, `user_month` or `bucket<B>` (users hashed into B files), its data under `root`/name."""
+        buckets = int(name[len("bucket") :]) if re.fullmatch(r"bucket[1-9]\d*", name) else 0
+        if name not in ("user", "user_month") and not buckets:
+            raise ValueError(f"unknown layout {name} (known: user, user_month, bucket<B>)")
+        return cls(name, Settings(data_dir=root / name), by_month=name == "user_month", buckets=buckets)
+
     def part(self, user: str, month: str) -> Path:
+        if self.buckets:
+            return self.live / f"b{int(hashlib.sha256(user.encode()).hexdigest(), 16) % self.buckets:04d}.duckdb"
         return self.live / user / f"{month}.duckdb" if self.by_month else self.live / f"{user}.duckdb"
 
     def parts(self, user: str = "*") -> list[Path]:
         return sorted(self.live.glob(f"{user}/*.duckdb" if self.by_month else f"{user}.duckdb"))
 
     def user_snapshots(self, user: str) -> list[Path]:
+        """The snapshot copies of the user's own files (none in a bucket layout: a bucket holds other users too)."""
+        if self.buckets:
+            return []
         return sorted(self.snap.glob(f"{user}/*.duckdb" if self.by_month else f"{user}.g*.duckdb"))
 
 
@@ -488,16 +507,38 @@ def reader_keeps_snapshot(layout: Layout, new: int) -> dict[str, object]:
     }
 
 
+def delete_and_compact(part: Path, deletes: list[tuple[str, list[str]]]) -> int:
+    """Under the partition's exclusive flock: the DELETEs in one transaction, then the compaction that drops their
+    bytes from the file; returns the rows deleted."""
+    with flock_file(Path(f"{part}.lock"), exclusive=True):
+        con = open_partition(part)
+        try:
+            with transaction(con):
+                rows = sum(int(con.execute(sql, params).fetchall()[0][0]) for sql, params in deletes)
+        finally:
+            con.close()
+        compact_file(part)
+    return rows
+
+
 def erase_user_partitioned(layout: Layout, user: str) -> dict[str, float]:
-    """Unlink the user's partitions (each under its exclusive flock), delete the user's rows from the tenant file
-    and compact it (the product's `compact_live_store`), republish, and unlink every snapshot copy of the user's
-    partitions (all generations: erased rows do not wait for readers)."""
+    """Unlink the user's partitions (each under its exclusive flock) — in a bucket layout, delete the user's rows
+    from its bucket and compact it instead —, delete the user's rows from the tenant file and compact it (the
+    product's `compact_live_store`), republish, and unlink every snapshot copy of the user's partitions (all
+    generations: erased rows do not wait for readers) or the bucket's superseded copies."""
     t0 = time.perf_counter()
-    parts = layout.parts(user)
-    for part in parts:
-        with flock_file(Path(f"{part}.lock"), exclusive=True):
-            part.unlink()
-            Path(f"{part}.wal").unlink(missing_ok=True)
+    if layout.buckets:
+        parts = [layout.part(user, "")]
+        superseded = {layout.current[parts[0]]}
+        delete_and_compact(
+            parts[0], [(f"DELETE FROM {t} WHERE tenant_id = ? AND user_oid = ?", [TENANT, user]) for t in USER_TABLES]
+        )
+    else:
+        parts, superseded = layout.parts(user), set()
+        for part in parts:
+            with flock_file(Path(f"{part}.lock"), exclusive=True):
+                part.unlink()
+                Path(f"{part}.wal").unlink(missing_ok=True)
     t1 = time.perf_counter()
     with open_store(layout.settings, TENANT, write=True) as con, transaction(con):
         for table in USER_TABLES:
@@ -506,14 +547,14 @@ def erase_user_partitioned(layout: Layout, user: str) -> dict[str, float]:
     compact_live_store(layout.settings, TENANT)
     t3 = time.perf_counter()
     published = publish_layout(layout)
-    for copy in layout.user_snapshots(user):
+    for copy in [*layout.user_snapshots(user), *superseded]:
         copy.unlink()
     for gen_files in layout.views_of.values():
         gen_files.difference_update([c for c in gen_files if not c.exists()])
     t4 = time.perf_counter()
     return {
         "partitions": len(parts),
-        "unlink_s": t1 - t0,
+        "partition_s": t1 - t0,
         "delete_s": t2 - t1,
         "compact_s": t3 - t2,
         "publish_s": published["s"],
@@ -544,23 +585,10 @@ def erase_conversation_partitioned(layout: Layout, conversation: str) -> dict[st
                 finally:
                     live.close()
     t1 = time.perf_counter()
-    rows = 0
-    for part in sorted(holding):
-        with flock_file(Path(f"{part}.lock"), exclusive=True):
-            con = open_partition(part)
-            try:
-                with transaction(con):
-                    con.execute(
-                        "CREATE TEMP TABLE _gone AS SELECT graph_id FROM emails WHERE conversation_id = ?",
-                        [conversation],
-                    )
-                    for table in ("email_participants", "email_crm_matches", "emails"):
-                        rows += con.execute(
-                            f"DELETE FROM {table} WHERE graph_id IN (SELECT graph_id FROM _gone)"
-                        ).fetchall()[0][0]
-            finally:
-                con.close()
-            compact_file(part)
+    mine = "graph_id IN (SELECT graph_id FROM emails WHERE conversation_id = ?)"  # emails go last
+    deletes = [(f"DELETE FROM {t} WHERE {mine}", [conversation]) for t in ("email_participants", "email_crm_matches")]
+    deletes.append(("DELETE FROM emails WHERE conversation_id = ?", [conversation]))
+    rows = sum(delete_and_compact(part, deletes) for part in sorted(holding))
     t2 = time.perf_counter()
     superseded = {layout.current[p] for p in holding}
     published = publish_layout(layout)
@@ -600,10 +628,7 @@ def run(n: int, args: argparse.Namespace, root: Path) -> dict:
     new, reps, query_reps = args.new, args.reps, args.query_reps
     shutil.rmtree(root / f"n{n}", ignore_errors=True)
     one = Settings(data_dir=root / f"n{n}" / "one_file")
-    layouts = [
-        Layout(name, Settings(data_dir=root / f"n{n}" / name), by_month=name == "user_month")
-        for name in args.layouts.split(",")
-    ]
+    layouts = [Layout.named(name, root / f"n{n}") for name in args.layouts.split(",")]
     for s in (one, *(lay.settings for lay in layouts)):
         save_tenant(s, TenantConfig(id=TENANT, domains=["company0.com"]))
     t = time.perf_counter()
@@ -696,7 +721,7 @@ def run(n: int, args: argparse.Namespace, root: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- report
-LAYOUTS = ("user", "user_month")
+LAYOUTS = ("user", "user_month")  # the default comparison; `bucket<B>` can be added
 
 
 def ratio(value: float, base: float) -> str:
@@ -720,7 +745,8 @@ def report(rows: list[dict], new: int) -> list[str]:
         lines += [
             f"N = {r['n']:,} activities ({r['rows']:,} rows) of {r['users']} users; layouts: one_file = today's "
             "store.duckdb; user = one file per user + tenant file; user_month = one file per user and month + tenant "
-            f"file. Ratios: layout / one_file. Load average (1 min) at the end: {r['load_avg'][0]:.1f}.",
+            "file; bucket<B> = users hashed into B files + tenant file. Ratios: layout / one_file. Load average "
+            f"(1 min) at the end: {r['load_avg'][0]:.1f}.",
             "",
             "| measure | one_file | " + " | ".join(f"{k} | {k} / one_file" for k in parted) + " |",
             "|---|--:|" + "--:|--:|" * len(parted),
@@ -804,12 +830,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query-reps", type=int, default=2, help="runs of each analyst query (median)")
     ap.add_argument("--users", type=int, default=50, help="mailboxes the activities are spread over (>= 8)")
     ap.add_argument(
-        "--layouts", default=",".join(LAYOUTS), help=f"partitioned layouts to compare: {', '.join(LAYOUTS)}"
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help="partitioned layouts to compare: user, user_month, bucket<B> (users hashed into B files)",
     )
     add_store_options(ap)
     args = parse_with_quick(ap, argv, sizes="20000", reps=1, query_reps=1, new=200)
-    if unknown := set(args.layouts.split(",")) - set(LAYOUTS):
-        ap.error(f"unknown layout {', '.join(sorted(unknown))} (known: {', '.join(LAYOUTS)})")
+    for name in args.layouts.split(","):
+        try:
+            Layout.named(name, Path("."))
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.users < 8:
         ap.error("--users must be at least 8 (the bench syncs user7)")
     rows = for_each_size(
