@@ -52,7 +52,7 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
-from compaction import TENANT, add_store_options, build, for_each_size, mb, print_report
+from compaction import ACTIVITY_TABLES, TENANT, add_store_options, build, for_each_size, mb, print_report
 from import_vs_dlt import parse_with_quick
 from publish import compact_file
 
@@ -79,15 +79,7 @@ from o365sync.store import (
 from o365sync.store.views import create_views
 from o365sync.tenants import TenantConfig, save_tenant, tenant_dir
 
-# The tables whose rows a layout splits by user (and month): the activities and their child rows, i.e. the bytes.
-PARTITIONED = (
-    "emails",
-    "email_participants",
-    "email_crm_matches",
-    "meetings",
-    "meeting_attendees",
-    "meeting_crm_matches",
-)
+PARTITIONED = ACTIVITY_TABLES  # the tables whose rows a layout splits by user (and month)
 EMAIL_MONTH = "strftime(coalesce(received_at, sent_at, imported_at), '%Y-%m')"
 MEETING_MONTH = "strftime(coalesce(start_at, imported_at), '%Y-%m')"
 P6_TARGET_S = 10.0
@@ -392,14 +384,11 @@ def mailbox_batches(user: str, new: int, tag: str) -> tuple[MailBatch, MeetingBa
             "response": ["accepted"] * (5 * n_meetings),
         }
     )
-    meeting_matches = pl.DataFrame(
-        {
-            "event_id": events,
-            "crm_id": ["per1"] * n_meetings,
-            "crm_kind": ["contact"] * n_meetings,
-            "matched_address": ["person1@company1.com"] * n_meetings,
-            "is_primary": [True] * n_meetings,
-        }
+    meeting_matches = pl.DataFrame({"event_id": events}, schema={"event_id": pl.String}).with_columns(
+        crm_id=pl.lit("per1"),
+        crm_kind=pl.lit("contact"),
+        matched_address=pl.lit("person1@company1.com"),
+        is_primary=pl.lit(True),
     )
     calendar = MeetingBatch(
         meetings, attendees, meeting_matches, set(), set(), CalendarCursor(now - timedelta(days=30), now)
