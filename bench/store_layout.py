@@ -1,20 +1,20 @@
 """Benchmark: the tenant's live store as one DuckDB file (today) against the same rows split into one file per user
-(and per user x month) — erasure of a user or of a conversation, publish after a sync of one mailbox, the sync's
-write, the analysts' queries, files and bytes (issue 14: the design step for P6/P7).
+(per user x month, or users hashed into buckets) — erasure of a user or of a conversation, publish after a sync of
+one mailbox, the sync's write, the analysts' queries, files and bytes (issue 14: the design step for P6/P7).
 
     uv run --group bench python bench/store_layout.py [--sizes 1000000] [--new 1000] [--reps 3] [--query-reps 2]
         [--users 50] [--layouts user,user_month] [--body-words 300] [--keep DIR] [--json out.json] [--quick]
 
 For each size N the one-file store is built by bench/compaction.py's generator (85 % emails with ~2.7 KB bodies,
-15 % meetings, `--users` users interleaved through the file, a CRM snapshot) and the tenant registered. Its six activity
-tables are then split, through a Parquet staging export partitioned by (user, month), into two partitioned layouts:
+15 % meetings, `--users` users interleaved through the file, a CRM snapshot) and the tenant registered. Its six
+activity tables are then split, through a Parquet staging export partitioned by (user, month), into the partitioned
+layouts of `--layouts`:
 
 - **user**: `parts/<user>.duckdb`, one file per user;
 - **user_month**: `parts/<user>/<yyyy-mm>.duckdb`, one file per user and month of the activity (emails by
   received/sent date, meetings by start);
-
-- **bucket<B>** (with `--layouts`): users hashed into B files, `parts/b<k>.duckdb` (a user's erasure then rewrites
-  its bucket instead of unlinking a file);
+- **bucket<B>**: users hashed into B files, `parts/b<k>.duckdb` (a user's erasure then rewrites its bucket
+  instead of unlinking a file);
 
 each next to a small *tenant file* (the product's `store.duckdb` path: CRM snapshot, sync state, tombstones...).
 Every partition file has the product's schema (`migrate`), so the product's write functions run on it unchanged.
@@ -22,15 +22,16 @@ A partitioned layout's analysts' snapshot is one *views file* at the product's s
 tenant file whose activity tables are replaced by views over `read_duckdb([...])` of byte copies of the partition
 files, generation-named, plus the product's analyst views) — one file an analyst opens as today.
 
-Measured in one run, for the three layouts: files and bytes (live and snapshot); three analyst queries through the
+Measured in one run, for each layout: files and bytes (live and snapshot); three analyst queries through the
 `activities` view (results checked equal across layouts); `--reps` rounds of a sync of one mailbox (`--new`
 activities through `write_mail_batch` + `write_meeting_batch`) followed by a publish — the product's `publish` for
 one file, the copy of the changed partitions + a new views file for the others; a reader holding an old views file
 while a publish replaces a partition, and the generation GC that waits for it; the erasure of one user — the
-product's `erase(Scope.user)` on one file, unlink + tenant-file delete/compaction + republish on the others; the
-erasure of a conversation that spans three mailboxes on the partitioned layouts (its find, delete + compaction of the
-partitions holding it, republish). Prints tables with ratios against the one file and the <= 10 s target (P6).
-docs/benchmarks.md ("Store layout for P6/P7 (issue 14): one file vs partitions") records a run.
+product's `erase(Scope.user)` on one file, unlink (a bucket: delete + compaction of it) + tenant-file
+delete/compaction + republish on the others; the erasure of a conversation that spans three mailboxes on the
+partitioned layouts (its find, delete + compaction of the partitions holding it, republish). Prints tables with
+ratios against the one file and the <= 10 s target (P6).
+docs/benchmarks.md ("Store layout for P6/P7 (issue 14): one file vs partitions") records four 1M runs.
 """
 
 from __future__ import annotations
