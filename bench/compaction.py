@@ -38,16 +38,18 @@ from pathlib import Path
 
 from import_vs_dlt import parse_with_quick, write_json
 
-from o365sync.erasure import compact_store
+from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store
 from o365sync.settings import Settings
 from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path
 
 TENANT = "bench-tenant"
+ACTIVITY_TABLES = (*EMAIL_TABLES, *MEETING_TABLES[:3])  # the activities and their child rows: the store's bytes
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gri", "sto", "ber", "lan", "qui", "zor"]
 
 
-def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
-    """Fill a fresh store with `n` activities; returns row counts."""
+def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[str, int]:
+    """Fill a fresh store with `n` activities of `users` mailboxes (activity i belongs to user i % users, so every
+    user's rows are spread through the whole file); returns row counts."""
     n_emails, n_meetings = int(n * 0.85), n - int(n * 0.85)
     people, accounts = max(n // 10, 100), max(n // 50, 20)
     with open_store(settings, TENANT, write=True) as con:
@@ -74,8 +76,9 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
         con.execute(f"""INSERT INTO crm_opportunities SELECT 'opp' || i, 'acc' || (i % {accounts}), 'Deal ' || i,
                         i % 3 = 0, TIMESTAMPTZ '2025-01-01' + INTERVAL (i % 400) DAY
                         FROM range({accounts}) t(i)""")
-        con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % 50), 'AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A'
-                        || md5(i::VARCHAR), CASE WHEN i % 3 = 0 THEN 'sentitems' ELSE 'inbox' END,
+        con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % {users}),
+                        'AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A' || md5(i::VARCHAR),
+                        CASE WHEN i % 3 = 0 THEN 'sentitems' ELSE 'inbox' END,
                         '<' || md5('m' || i) || '@mail.example.com>', 'conv' || (i // 3),
                         {text("4 + (i % 7)::INT")}, {text(f"{body_words - 50} + (i % 100)::INT")},
                         'Person ' || (i % {people}), 'person' || (i % {people}) || '@company' ||
@@ -95,7 +98,7 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
         con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
                        'acc' || regexp_extract(from_address, 'company(\\d+)', 1), 'account', from_address, false
                        FROM emails WHERE hash(graph_id) % 3 = 0""")
-        con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % 50), 'AAMkAGI' || md5('ev' || i),
+        con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % {users}), 'AAMkAGI' || md5('ev' || i),
                         CASE WHEN i % 4 = 0 THEN 'occurrence' ELSE 'singleInstance' END,
                         CASE WHEN i % 4 = 0 THEN 'series' || (i // 8) END, md5('ical' || i), {text("3 + (i % 6)::INT")},
                         TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000) SECOND, 'UTC',
@@ -113,17 +116,7 @@ def build(settings: Settings, n: int, body_words: int) -> dict[str, int]:
                        'per' || split_part(split_part(organizer_address, '@', 1), 'person', 2), 'contact',
                        organizer_address, true FROM meetings""")
         con.execute("CHECKPOINT")
-        return {
-            t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
-            for t in (
-                "emails",
-                "email_participants",
-                "email_crm_matches",
-                "meetings",
-                "meeting_attendees",
-                "meeting_crm_matches",
-            )
-        }
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
 
 
 def delete_one_percent(settings: Settings) -> int:

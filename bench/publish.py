@@ -84,20 +84,27 @@ def old_compaction(settings: Settings) -> float:
     """`compact_store`'s rewrite before issue 14 (DuckDB's default compression), without its publish."""
     t = time.perf_counter()
     with store_lock(settings, TENANT, write=True) as path:
-        tmp = path.with_name(path.name + ".compact")
-        tmp.unlink(missing_ok=True)
-        con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
-        try:
-            con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS compacted")
-            con.execute("COPY FROM DATABASE store TO compacted")
-            con.execute("DETACH compacted")
-        finally:
-            con.close()
-        fsync_path(tmp)
-        Path(f"{path}.wal").unlink(missing_ok=True)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        compact_file(path)
     return time.perf_counter() - t
+
+
+def compact_file(path: Path) -> None:
+    """Rewrite the DuckDB file `path` into a new file (`COPY FROM DATABASE`, DuckDB's default compression) and
+    replace it; the caller holds the file's exclusive lock. bench/store_layout.py compacts partition files with it."""
+    tmp = path.with_name(path.name + ".compact")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+    try:
+        live = con.execute("SELECT current_database()").fetchall()[0][0]
+        con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS compacted")
+        con.execute(f'COPY FROM DATABASE "{live}" TO compacted')
+        con.execute("DETACH compacted")
+    finally:
+        con.close()
+    fsync_path(tmp)
+    Path(f"{path}.wal").unlink(missing_ok=True)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def small_sync(settings: Settings, new: int, round_: int) -> float:
