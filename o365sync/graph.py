@@ -209,8 +209,11 @@ class _ErrorBody(msgspec.Struct):
     error: _ErrorDetail | None = None
 
 
-class _NextLink(msgspec.Struct):
+class PageLinks(msgspec.Struct):
+    """A collection page's links alone (decoding skips its items)."""
+
     next_link: str | None = msgspec.field(default=None, name="@odata.nextLink")
+    delta_link: str | None = msgspec.field(default=None, name="@odata.deltaLink")
 
 
 class _BatchItem(msgspec.Struct):
@@ -342,7 +345,7 @@ _decode_batch_request = msgspec.json.Decoder(_BatchRequest).decode
 
 
 _decode_error = msgspec.json.Decoder(_ErrorBody).decode
-_decode_next = msgspec.json.Decoder(_NextLink).decode
+_decode_links = msgspec.json.Decoder(PageLinks).decode
 _decode_batch = msgspec.json.Decoder(_BatchResponse).decode
 
 
@@ -417,13 +420,15 @@ def decode_page(
     return page_type(value=items, next_link=page.next_link, delta_link=page.delta_link), odd
 
 
-def _next_link(content: bytes) -> str | None:
+def page_links(content: bytes) -> PageLinks:
+    """The nextLink and deltaLink of a raw page without building its items. Raises `GraphError(0,
+    "MalformedPage")` when the text is not JSON even after `repair_text`."""
     try:
-        return _decode_next(content).next_link
+        return _decode_links(content)
     except (msgspec.DecodeError, UnicodeDecodeError):
         pass
     try:
-        return _decode_next(repair_text(content)[0]).next_link
+        return _decode_links(repair_text(content)[0])
     except msgspec.DecodeError:
         raise GraphError(0, "MalformedPage") from None
 
@@ -872,7 +877,7 @@ class GraphClient:
             content: bytes | None = self.request("GET", url, params=params, headers=headers, urgent=True).content
             assert content is not None
             pages += 1
-            next_link = _next_link(content)
+            next_link = page_links(content).next_link
             yield content
             content = None  # the caller has moved on: let the page go before fetching the next one
             if next_link is not None:

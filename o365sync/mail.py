@@ -80,6 +80,7 @@ from o365sync.graph import (
     GraphPagingError,
     decode_page,
     error_for,
+    page_links,
 )
 
 __all__ = [
@@ -398,19 +399,8 @@ def iter_delta_pages(
     when the token is dead (the caller restarts with `delta_link=None`), and `GraphPagingError("MissingDeltaLink")`
     after the last page if Graph ended the round without a deltaLink. Do not persist anything from the middle of a
     round: only the final `delta_link`."""
-    if not 1 <= page_size <= 1000:
-        raise ValueError("page_size must be 1..1000")
-    headers = {"Prefer": f"odata.maxpagesize={page_size}"}
-    params: dict[str, str] | None = None
-    if delta_link is not None:
-        start = delta_link
-    else:
-        start = f"me/mailFolders/{quote(folder, safe='')}/messages/delta"
-        params = {"$select": ",".join(HEADER_FIELDS), "$expand": SENSITIVITY_EXPAND}
-        if since is not None:
-            params["$filter"] = f"receivedDateTime ge {graph_datetime(since)}"
     last: str | None = None
-    for raw in client.iter_pages(start, params, headers):
+    for raw in client.iter_pages(*_delta_request(folder, delta_link, since, page_size)):
         page = parse_page(raw, folder)
         del raw
         last = page.delta_link
@@ -418,6 +408,35 @@ def iter_delta_pages(
         del page
     if last is None:
         raise GraphPagingError(0, "MissingDeltaLink")
+
+
+def baseline_delta_link(client: GraphClient, folder: str, *, since: datetime, page_size: int) -> str:
+    """A new delta round of `folder` from `since`, run to its end for its deltaLink alone: the items are not
+    decoded (up to 5,000 per folder, which the list backfill covers anyway), only each page's links. The request is
+    `iter_delta_pages`' own, so the token carries the same `$select`/`$expand`/`$filter`. Raises
+    `GraphPagingError("MissingDeltaLink")` when Graph ends the round without one."""
+    last: str | None = None
+    for raw in client.iter_pages(*_delta_request(folder, None, since, page_size)):
+        links = page_links(raw)
+        last = links.delta_link if links.next_link is None else None
+    if last is None:
+        raise GraphPagingError(0, "MissingDeltaLink")
+    return last
+
+
+def _delta_request(
+    folder: str, delta_link: str | None, since: datetime | None, page_size: int
+) -> tuple[str, dict[str, str] | None, dict[str, str]]:
+    """(start, params, headers) of a delta round: the stored link verbatim, or a new round's request."""
+    if not 1 <= page_size <= 1000:
+        raise ValueError("page_size must be 1..1000")
+    headers = {"Prefer": f"odata.maxpagesize={page_size}"}
+    if delta_link is not None:
+        return delta_link, None, headers
+    params = {"$select": ",".join(HEADER_FIELDS), "$expand": SENSITIVITY_EXPAND}
+    if since is not None:
+        params["$filter"] = f"receivedDateTime ge {graph_datetime(since)}"
+    return f"me/mailFolders/{quote(folder, safe='')}/messages/delta", params, headers
 
 
 def fetch_bodies(client: GraphClient, ids: list[str]) -> Iterator[tuple[str, str]]:

@@ -11,8 +11,16 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from o365sync.graph import DeltaTokenExpired, ForbiddenRequest, GraphClient, GraphPagingError
-from o365sync.mail import HEADER_FIELDS, MESSAGES_SCHEMA, SENSITIVITY_EXPAND, DeltaPage, fetch_bodies, iter_delta_pages
+from o365sync.graph import DeltaTokenExpired, ForbiddenRequest, GraphClient, GraphError, GraphPagingError
+from o365sync.mail import (
+    HEADER_FIELDS,
+    MESSAGES_SCHEMA,
+    SENSITIVITY_EXPAND,
+    DeltaPage,
+    baseline_delta_link,
+    fetch_bodies,
+    iter_delta_pages,
+)
 from simulators.graph import GraphSimulator
 from simulators.tls import SimulatorTLS
 from simulators.tokens import TokenAuthority
@@ -195,6 +203,41 @@ def test_round_without_delta_link_is_an_error() -> None:
     assert info.value.code == "MissingDeltaLink"
 
 
+def test_a_baseline_sends_the_rounds_own_requests_and_returns_its_delta_link_without_decoding_items() -> None:
+    skip = f"{FOLDER_LINK}?$skiptoken=GwcB%2BoTm-1"
+    delta = f"{FOLDER_LINK}?$deltatoken=Zz%3D%3D"
+    not_a_header = {"id": 7, "receivedDateTime": "not a time"}  # a full decode would refuse this item
+    script = Script(
+        {
+            "/me/mailFolders/inbox/messages/delta": httpx.Response(
+                200, json={"value": [item("A"), not_a_header], "@odata.nextLink": skip}
+            ),
+            skip[len(BASE) :]: httpx.Response(200, json={"value": [item("B")], "@odata.deltaLink": delta}),
+        }
+    )
+    since = datetime(2024, 5, 1, 8, 30, 15, tzinfo=UTC)
+    assert baseline_delta_link(script.client(), "inbox", since=since, page_size=50) == delta
+    rounds = Script({k: v for k, v in script.routes.items()})
+    with pytest.raises(GraphError):  # the same pages through the full decoder
+        list(iter_delta_pages(rounds.client(), "inbox", delta_link=None, since=since, page_size=50))
+    assert [str(r.url) for r in script.seen] == [str(r.url) for r in rounds.seen] + [skip]
+    assert all(r.headers["Prefer"] == rounds.seen[0].headers["Prefer"] for r in script.seen)
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [({"value": [item("A")]}, "MissingDeltaLink"), (b"<html>gateway</html>", "MalformedPage")],
+)
+def test_a_baseline_without_a_delta_link_or_with_a_page_that_is_not_json_is_an_error(
+    answer: dict | bytes, code: str
+) -> None:
+    body = {"content": answer} if isinstance(answer, bytes) else {"json": answer}
+    script = Script({"/me/mailFolders/inbox/messages/delta": httpx.Response(200, **body)})
+    with pytest.raises(GraphError) as info:
+        baseline_delta_link(script.client(), "inbox", since=datetime(2024, 5, 1, tzinfo=UTC), page_size=10)
+    assert info.value.code == code
+
+
 def test_links_outside_the_allowlist_are_refused() -> None:
     script = Script(
         {
@@ -287,6 +330,16 @@ def test_sim_first_round_is_the_folder(
     # nothing changed: the next round is empty and hands out a new link
     messages2, _, removed2, link2 = round_of(dclient, "inbox", link)
     assert messages2.num_rows == 0 and removed2 == [] and link2
+
+
+@requires_sim_delta
+def test_sim_a_baselines_link_brings_only_what_changed_after_it(
+    dclient: GraphClient, dworld: World, duser: SimUser
+) -> None:
+    link = baseline_delta_link(dclient, "inbox", since=dworld.now - timedelta(days=60), page_size=25)
+    added = dworld.add_message(duser.oid, "inbox", kind="contact")
+    messages, _, removed, _ = round_of(dclient, "inbox", link)
+    assert messages.column("graph_id").to_pylist() == [added.id] and removed == []
 
 
 @requires_sim_delta

@@ -41,7 +41,14 @@ from o365sync.crm_index import crm_index_for
 from o365sync.errors import NoCrmSnapshot
 from o365sync.exclusions import exclusion_reasons
 from o365sync.graph import GraphClient, LinkNotFollowable, RunLimitReached, read_ahead
-from o365sync.mail import DeltaPage, DeltaTokenExpired, HeaderPage, iter_delta_pages, iter_header_pages
+from o365sync.mail import (
+    DeltaPage,
+    DeltaTokenExpired,
+    HeaderPage,
+    baseline_delta_link,
+    iter_delta_pages,
+    iter_header_pages,
+)
 from o365sync.matching import MATCH_SCHEMA, CrmIndex, match_participants, normalise_address
 from o365sync.participants import EMPTY_NAMES, NameIndex, name_index_for, resolve_non_smtp
 from o365sync.settings import Settings
@@ -454,9 +461,8 @@ def delta_baseline(run: MailboxRun, folder: str, cursor: FolderCursor) -> Folder
     size = run.settings.graph_page_size
     limit = run.client.max_pages and max(run.client.max_pages, -(-FILTERED_ROUND_CAP // size) + 1)
     with run.client.page_limit(limit), run.bodies.listing():
-        for page in iter_delta_pages(run.client, folder, delta_link=None, since=run.scan_start, page_size=size):
-            if page.delta_link is not None:
-                cursor = replace(cursor, delta_link=page.delta_link, delta_at=run.now)
+        link = baseline_delta_link(run.client, folder, since=run.scan_start, page_size=size)
+    cursor = replace(cursor, delta_link=link, delta_at=run.now)
     _writer(run).seal(_Buffer(), folder, cursor)  # written after what earlier listings sealed
     return cursor
 
