@@ -1453,7 +1453,7 @@ class GraphSimulator(OnServer):
                 i, item = nxt
                 try:
                     outcome[i] = self._run_inner(outer, item)
-                except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other requests ran
+                except BaseException as exc:  # re-raised below, once the other requests have run
                     outcome[i] = exc
 
         helpers = [self._inner_pool().submit(lane) for _ in range(lanes - 1)]
