@@ -29,6 +29,7 @@ requests; see `_parse_expand` and `_sensitivity_ext`); every other `$expand` is 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
@@ -131,6 +132,7 @@ FIELD_PROPS = {
 }
 BATCH_LIMIT = 20
 BATCH_INNER_CONCURRENCY = 4
+INNER_POOL_THREADS = 256  # lanes of concurrent $batch requests (3 per batch: the batch's own thread is the 4th)
 _SUPPORTED_OPTIONS = {"$select", "$filter", "$top", "$skip", "$orderby", "$count", "$expand", "$search", "$skiptoken"}
 _DELTA_OPTIONS = {"$select", "$filter", "$top", "$orderby", "$expand", "$skiptoken", "$deltatoken"}
 DELTA_DEFAULT_PAGE = 10  # observed; Graph documents no default for delta
@@ -321,9 +323,26 @@ def _select(raw: str | None, selectable: dict[str, str], entity: str) -> tuple[s
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)  # the same few `$select` lists on every request (a 400 is raised, not cached)
+def _message_select(raw: str | None) -> tuple[str, ...] | None:
+    return _select(raw, SELECTABLE, "message")
+
+
+@functools.lru_cache(maxsize=256)  # an inner `$batch` request's query is the same for every message of a batch
+def _query_options(query: str) -> dict[str, str]:
+    """First value of each parameter of a query string (a shared dict: copy it before changing it)."""
+    return {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+
+
 def _prefer(headers: dict[str, str]) -> dict[str, str]:
+    """The `Prefer` header's preferences, lower-case names (a shared dict: read it, never change it)."""
+    return _parse_prefer(headers.get("prefer", ""))
+
+
+@functools.lru_cache(maxsize=256)  # a client sends the same few Prefer values again and again
+def _parse_prefer(raw: str) -> dict[str, str]:
     out: dict[str, str] = {}
-    for item in headers.get("prefer", "").split(","):
+    for item in raw.split(","):
         key, _, value = item.strip().partition("=")
         if key:
             out[key.strip().lower()] = value.strip().strip('"')
@@ -430,6 +449,7 @@ class GraphSimulator(OnServer):
         self._faults: dict[str, list[_Fault]] = {}
         self._lock = threading.Lock()
         self._cache_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # see _inner_pool
         self._rng = random.Random(seed)
         self._fault_rng = random.Random(fault_seed)
         self._folders: dict[tuple[str, str], _FolderIndex] = {}
@@ -456,6 +476,9 @@ class GraphSimulator(OnServer):
         self.calendar = CalendarEndpoints(self)
         mail = (*mail, *self.calendar.routes())
         self._routes = [(m, re.compile(p, re.IGNORECASE), self._endpoint(h)) for m, p, h in mail]
+        self._any_route = re.compile(
+            "|".join(f"(?P<r{i}>{re.escape(m)} (?:{p}))" for i, (m, p, _) in enumerate(mail)), re.IGNORECASE
+        )
         routes: list[tuple[str, str, Callable[[Request], Response]]] = [
             (m, "(?i)" + p, self._endpoint(h)) for m, p, h in mail
         ]
@@ -922,7 +945,7 @@ class GraphSimulator(OnServer):
 
     @staticmethod
     def _parse_select(req: Request) -> tuple[str, ...] | None:
-        return _select(req.query.get("$select"), SELECTABLE, "message")
+        return _message_select(req.query.get("$select"))
 
     @staticmethod
     def _parse_expand(req: Request) -> bool:
@@ -1364,6 +1387,16 @@ class GraphSimulator(OnServer):
 
     # ---------------------------------------------------------------- $batch
     def _route(self, method: str, path: str) -> tuple[Callable[..., Response], re.Match[str]] | None:
+        """The first route (in `_routes` order) for `method` whose pattern matches all of `path`.
+
+        One search of `_any_route` (every route as "METHOD path", tried in that order) names the candidate instead
+        of up to 20 matches; the candidate is confirmed on its own, and anything odd (a method holding a space)
+        falls back to trying each route."""
+        hit = self._any_route.fullmatch(f"{method} {path}")
+        if hit is not None and hit.lastgroup is not None:
+            m, pattern, handler = self._routes[int(hit.lastgroup[1:])]
+            if m == method and (match := pattern.fullmatch(path)):
+                return handler, match
         for m, pattern, handler in self._routes:
             if m == method and (match := pattern.fullmatch(path)):
                 return handler, match
@@ -1381,7 +1414,7 @@ class GraphSimulator(OnServer):
         req = Request(
             method,
             path,
-            {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
+            dict(_query_options(parts.query)),
             headers,
             _encode(body) if body is not None else b"",
             base_url=outer.base_url,
@@ -1400,6 +1433,58 @@ class GraphSimulator(OnServer):
                 resp = Response(500, {"error": {"code": "generalException", "message": repr(exc)}})
         data, _ = resp.encoded()
         return resp.status, resp.headers, data
+
+    def _run_parallel(self, outer: Request, items: list[dict]) -> dict[str, tuple[int, dict[str, str], bytes]]:
+        """Run a batch's inner requests at most `BATCH_INNER_CONCURRENCY` at a time, in order of the payload: as
+        many lanes, each taking the next request not yet started; one lane is this thread, the others run on the
+        simulator's shared pool (a pool per batch cost more CPU than the requests). An inner request that raises
+        does not stop the others; the first such error (payload order) is raised once all have run."""
+        lanes = min(BATCH_INNER_CONCURRENCY, len(items))
+        todo = iter(enumerate(items))
+        take = threading.Lock()
+        outcome: list[tuple[int, dict[str, str], bytes] | BaseException | None] = [None] * len(items)
+
+        def lane() -> None:
+            while True:
+                with take:
+                    nxt = next(todo, None)
+                if nxt is None:
+                    return
+                i, item = nxt
+                try:
+                    outcome[i] = self._run_inner(outer, item)
+                except BaseException as exc:  # re-raised below, once the other requests have run
+                    outcome[i] = exc
+
+        helpers = [self._inner_pool().submit(lane) for _ in range(lanes - 1)]
+        lane()
+        for helper in helpers:
+            helper.result()
+        results: dict[str, tuple[int, dict[str, str], bytes]] = {}
+        for item, out in zip(items, outcome, strict=True):
+            if isinstance(out, BaseException):
+                raise out
+            assert out is not None
+            results[str(item["id"])] = out
+        return results
+
+    def _inner_pool(self) -> ThreadPoolExecutor:
+        """Threads for the lanes of concurrent batches, started on demand and kept (`INNER_POOL_THREADS` at most:
+        enough for dozens of batches at once, far more than any client here sends)."""
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(INNER_POOL_THREADS, thread_name_prefix="graph-sim-batch")
+                pool = self._pool
+        return pool
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _batch(self, req: Request) -> Response:
         ctx = self._new_ctx(req)
@@ -1436,9 +1521,7 @@ class GraphSimulator(OnServer):
                         results[rid] = self._run_inner(req, item)
                     done.add(rid)
         else:
-            with ThreadPoolExecutor(max_workers=min(BATCH_INNER_CONCURRENCY, len(items))) as pool:
-                futures = {str(it["id"]): pool.submit(self._run_inner, req, it) for it in items}
-                results = {rid: f.result() for rid, f in futures.items()}
+            results = self._run_parallel(req, items)
         order = list(results)
         with self._lock:
             self._rng.shuffle(order)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
+SIGNED_CACHE_SIZE = 4096
 
 
 def b64url(data: bytes) -> str:
@@ -47,6 +48,9 @@ class TokenAuthority:
         self.kid = kid
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._revoked_before: dict[str, float] = {}  # oid -> tokens issued before this instant are dead
+        # access token -> its claims, once its signature checked out: the key never changes, so a token that verified
+        # once always will; audience, expiry and revocation are still checked on every use (`verify_access_token`)
+        self._signed: dict[str, dict] = {}
         self._lock = threading.Lock()
 
     def sign(self, claims: dict) -> str:
@@ -94,7 +98,14 @@ class TokenAuthority:
             raise TokenError("CompactToken parsing failed with error code: 80049217") from exc
 
     def verify_access_token(self, token: str) -> AccessClaims:
-        claims = self.decode(token)
+        """The token's claims, or TokenError. Every inner request of a Graph `$batch` carries the outer request's
+        token, so the RSA check and parse are remembered per token (`_signed`); the rest is checked each time."""
+        claims = self._signed.get(token)
+        if claims is None:
+            claims = self.decode(token)
+            if len(self._signed) >= SIGNED_CACHE_SIZE:
+                self._signed.clear()  # a test run issues a few thousand tokens at most; keep memory bounded anyway
+            self._signed[token] = claims
         if claims.get("aud") != GRAPH_AUDIENCE:
             raise TokenError("Invalid audience.")
         if claims["exp"] <= self.clock():

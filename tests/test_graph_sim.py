@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from simulators.graph import GraphSimulator
 from simulators.tls import SimulatorTLS
@@ -290,6 +293,95 @@ def test_unauthenticated(sim: GraphSimulator, http: httpx.Client, tls: Simulator
         authority.revoke_access_tokens(u.oid)
         assert_graph_error(http.get(url, headers=good), 401, "InvalidAuthenticationToken")
         assert http.get(url, headers=auth(authority, u)).status_code == 200  # a fresh token works again
+
+
+def test_a_remembered_token_is_still_checked_for_expiry_and_revocation(
+    http: httpx.Client, tls: SimulatorTLS, world: World
+) -> None:
+    """The authority keeps a verified token's claims (every inner `$batch` request carries the outer request's
+    token); expiry and revocation still count on every request, and another signature is checked afresh."""
+    now = [time.time()]
+    authority = TokenAuthority(clock=lambda: now[0])
+    u = world.tenants[0].users[1]
+    with GraphSimulator(world, tls, authority) as own:
+        url = f"{own.base_url}/me"
+        first = auth(authority, u)
+        assert http.get(url, headers=first).status_code == 200
+        now[0] += 3600  # the token lives 3,599 s
+        err = assert_graph_error(http.get(url, headers=first), 401, "InvalidAuthenticationToken")
+        assert err["message"] == "Lifetime validation failed, the token is expired."
+        fresh = auth(authority, u)
+        assert http.get(url, headers=fresh).status_code == 200
+        signing_input, _, signature = fresh["Authorization"].rpartition(".")
+        forged = {"Authorization": f"{signing_input}.{signature[::-1]}"}
+        assert_graph_error(http.get(url, headers=forged), 401, "InvalidAuthenticationToken")
+        authority.revoke_access_tokens(u.oid)
+        err = assert_graph_error(http.get(url, headers=fresh), 401, "InvalidAuthenticationToken")
+        assert err["message"] == "Access token has expired or is not yet valid."
+
+
+ROUTE_SEGMENTS = (
+    "v1.0",
+    "V1.0",
+    "me",
+    "Me",
+    "messages",
+    "mailFolders",
+    "mailfolders",
+    "mailFolders('AQMk')",
+    "mailFolders%28%27AQMk%27%29",
+    "inbox",
+    "delta",
+    "events",
+    "instances",
+    "calendarView",
+    "onlineMeetings",
+    "createOrGet",
+    "joinedTeams",
+    "teams",
+    "channels",
+    "chats",
+    "AAkA%3D",
+    "",
+    "$batch",
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    method=st.sampled_from(["GET", "POST", "PATCH", "DELETE", "GET /v1.0/me", ""]),
+    segments=st.lists(st.sampled_from(ROUTE_SEGMENTS), max_size=6),
+    versioned=st.booleans(),
+)
+def test_inner_request_routing_is_the_first_matching_route(
+    running_sim: GraphSimulator, method: str, segments: list[str], versioned: bool
+) -> None:
+    """An inner `$batch` request goes to the first route (in order) whose method is the request's and whose pattern
+    matches the whole path, exactly as a scan of every route would pick it."""
+    path = ("/v1.0/" if versioned else "/") + "/".join(segments)
+    scan = next(
+        (
+            (handler, match.groups())
+            for m, pattern, handler in running_sim._routes
+            if m == method and (match := pattern.fullmatch(path))
+        ),
+        None,
+    )
+    routed = running_sim._route(method, path)
+    assert (None if routed is None else (routed[0], routed[1].groups())) == scan
+
+
+def test_inner_request_the_simulator_cannot_parse_fails_the_batch_after_the_others_ran(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser, world: World
+) -> None:
+    """An inner url `urlsplit` refuses (an unclosed IPv6 host) is a simulator error: the batch answers 500, but only
+    once every other inner request has run (and counted)."""
+    ids = [m.id for m in world.mailboxes[user.oid][:6]]
+    reqs = [{"id": str(i), "method": "GET", "url": f"/me/messages/{gid}?$select=id"} for i, gid in enumerate(ids)]
+    reqs.insert(2, {"id": "bad", "method": "GET", "url": "https://[graph/v1.0/me"})
+    resp = http.post(f"{sim.base_url}/$batch", json={"requests": reqs}, headers=auth(tokens, user))
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "generalException"
+    assert [r.status for r in sim.requests if r.inner] == [200] * 6
 
 
 def test_scopes(sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser) -> None:
