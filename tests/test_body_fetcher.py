@@ -70,6 +70,20 @@ def test_a_listing_keeps_its_slot_and_the_mailbox_never_has_more_than_four_in_fl
     assert all(e.status == 200 for e in sim.requests)  # so Graph never had to throttle
 
 
+def test_with_limits_off_and_more_slots_a_listing_leaves_batches_full(
+    sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, world: World, user: SimUser
+):
+    sim.max_in_flight = 10**9  # limits off, as the benchmarks switch them off; the client's cap raised to 8
+    client = make_client(sim, http, Tokens(tokens, user), sleep=Sleeps(), max_in_flight=8)
+    ids = [m.id for m in world.mailboxes[user.oid] if m.folder == "inbox"][:40]
+    with BodyFetcher(client, senders=1) as fetcher, fetcher.listing():
+        with client.slots.hold(8):  # the ids queue up while the mailbox is busy
+            tickets = [fetcher.request(ids[i : i + 10]) for i in range(0, 40, 10)]
+        got = {gid: body for t in tickets for gid, body in fetcher.wait(t).items()}
+    assert len(got) == 40
+    assert batch_sizes(sim) == [20, 20]  # a batch holds 4 slots at most: 4 of the 7 beside the listing
+
+
 def test_a_retry_after_holds_every_request_of_the_mailbox(
     sim: GraphSimulator, http: httpx.Client, tokens: TokenAuthority, user: SimUser
 ):

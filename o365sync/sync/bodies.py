@@ -145,9 +145,11 @@ class BodyFetcher:
             raise self._error
 
     def _next_batch(self) -> list[tuple[BodyTicket, str]]:
-        """Oldest ids first: one round leaving a slot while a listing runs, else up to 20 in whole rounds."""
+        """Oldest ids first: one round leaving a slot while a listing runs, else up to 20 in whole rounds. A batch
+        holds as many slots as it runs inner requests at once (at most 4), so with more than 4 slots beside the
+        listing's (limits off) a batch is filled as when no listing runs; under Outlook's 4 it is at most 3."""
         queued, slots = len(self._queue), self.client.max_in_flight
-        if self._listings > 0:
+        if self._listings > 0 and slots - 1 < BATCH_INNER_CONCURRENCY:
             size = min(queued, max(1, slots - 1))
         else:
             per_round = max(1, min(BATCH_INNER_CONCURRENCY, slots))
