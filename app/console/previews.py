@@ -58,7 +58,12 @@ class Previews:
             if current is not None and not current.finished.is_set():
                 return current
             run = self._runs[key] = PreviewRun(started_at=datetime.now(UTC))
-        threading.Thread(target=self._run, args=(key, run), name=f"preview-{oid}", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, args=(key, run), name=f"preview-{oid}", daemon=True).start()
+        except BaseException:  # no thread (the process is out of them): no run either, so a later click retries
+            with self._lock:
+                self._runs.pop(key, None)
+            raise
         return run
 
     def get(self, tenant_id: str, oid: str) -> PreviewRun | None:
