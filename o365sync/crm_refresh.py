@@ -53,6 +53,7 @@ from o365sync.store import (
     replace_crm_snapshot,
     transaction,
 )
+from o365sync.store.late_match import fan_out_late_matches
 from o365sync.tenants import TenantConfig, load_crm_secrets, load_tenant, save_crm_secrets
 
 MIN_SCAN_DAYS = 7
@@ -196,6 +197,7 @@ def refresh_crm_snapshot(
             )
         counts |= added
         record_crm_state(con, "ok", "; ".join(f"{what}: {n:,}" for what, n in adjusted.items()) or None)
+        fan_out_late_matches(con, tenant.id)  # the added terms, into every mailbox's late-match work
     return {**counts, "scan_start": counts["scan_start"].isoformat()}
 
 

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="O365SYNC_", env_file=".env", extra="ignore")
 
     data_dir: Path = Path("./data")
+    # How many bucket files a new tenant's users are hashed into (o365sync.store.partitions); fixed per tenant when
+    # its store is made. An erasure rewrites one bucket; ~64 MB buckets measured best (docs/benchmarks.md).
+    store_buckets: int = Field(default=16, ge=1, le=4096)
     authority_url: str = "https://login.microsoftonline.com"
     # `organizations`: any work/school tenant (multi-tenant app); a tenant id or domain pins one tenant.
     authority_tenant: str = "organizations"

@@ -49,10 +49,11 @@ class Tenant:
     def store_path(self) -> Path:
         return self.folder / STORE_FILE
 
-    def open_store(self, write: bool) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+    def open_store(self, write: bool, user_oid: str | None = None) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
         """The tenant's live store, opened at `store_path` through `o365sync.store.open_store`, which confirms the
-        location under its flock (a `tenant move` may run between two opens of a caller without the sync locks)."""
-        return open_store(self.settings, self.id, write, at=self.store_path)
+        location under its flock (a `tenant move` may run between two opens of a caller without the sync locks).
+        `user_oid`: that user's bucket tables (see `open_store`)."""
+        return open_store(self.settings, self.id, write, at=self.store_path, user_oid=user_oid)
 
     @contextlib.contextmanager
     def sync_locks(self, features: Iterable[str]) -> Iterator[Tenant | None]:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
+from o365sync.store.partitions import in_user_bucket
 from o365sync.store.sync_state import add_sync_progress
 from o365sync.store.transactions import transaction
 
@@ -57,6 +58,7 @@ MEETING_COLUMNS = (
 MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
 
 
+@in_user_bucket
 def read_calendar_cursor(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> CalendarCursor | None:
     row = con.execute(
         "SELECT window_start, window_end, delta_link, delta_at FROM calendar_cursor "
@@ -66,6 +68,7 @@ def read_calendar_cursor(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oi
     return CalendarCursor(*row) if row else None
 
 
+@in_user_bucket
 def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, batch: MeetingBatch) -> int:
     """Apply one calendar round and its cursor in one transaction; returns the number of instances removed.
     Rows are keyed on (tenant, user, instance id): DELETE then INSERT, so a repeated round changes nothing."""
@@ -150,6 +153,7 @@ def write_meeting_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid
     return removed
 
 
+@in_user_bucket
 def refresh_notetaker_queue(
     con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, enabled: bool, now: datetime
 ) -> int:
@@ -189,6 +193,7 @@ def refresh_notetaker_queue(
     return listed
 
 
+@in_user_bucket
 def consent_mode_candidates(
     con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, organizer: str, now: datetime
 ) -> list[tuple[str, str, datetime, datetime, str | None]]:
@@ -206,6 +211,7 @@ def consent_mode_candidates(
     ).fetchall()
 
 
+@in_user_bucket
 def record_consent_link(
     con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, event_id: str, join_url: str, now: datetime
 ) -> None:

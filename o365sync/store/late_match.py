@@ -18,6 +18,9 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
+from o365sync.store.partitions import each_bucket, in_user_bucket
+from o365sync.store.transactions import transaction
+
 PENDING, IN_PROGRESS, DONE, CAPPED = "pending", "in_progress", "done", "capped"
 OPEN = (PENDING, IN_PROGRESS)
 
@@ -39,9 +42,9 @@ class LateMatchWork:
 def queue_late_matches(
     con: duckdb.DuckDBPyConnection, tenant_id: str, terms: Iterable[tuple[str, str]], now: datetime
 ) -> int:
-    """Queue (kind, term) for every mailbox folder that has imported something (its backfill is done or under way,
-    so mail it already listed was matched without the term), over that folder's scan window. A term already open
-    for a folder is not queued twice. Call inside the transaction that writes the CRM change. Returns rows queued."""
+    """Record (kind, term) pairs for the late-match backfill, in the tenant file: call inside the transaction that
+    writes the CRM change; after it commits, `fan_out_late_matches` queues them for each mailbox folder. Returns
+    the terms recorded."""
     frame = pl.DataFrame(
         [{"kind": kind, "term": term} for kind, term in sorted(set(terms))],
         schema={"kind": pl.String, "term": pl.String},
@@ -50,21 +53,51 @@ def queue_late_matches(
         return 0
     con.register("lm_terms", frame)
     try:
-        return int(
-            con.execute(
-                "INSERT INTO late_match (tenant_id, user_oid, folder, term, kind, window_start, window_end, status, "
-                "queued_at, updated_at) SELECT c.tenant_id, c.user_oid, c.folder, t.term, t.kind, c.scan_start, NULL, "
-                "?, ?, ? FROM mail_cursor c CROSS JOIN lm_terms t WHERE c.tenant_id = ? AND "
-                "(coalesce(c.backfill_done, false) OR c.received_watermark IS NOT NULL) AND NOT EXISTS ("
-                " SELECT 1 FROM late_match l WHERE l.tenant_id = c.tenant_id AND l.user_oid = c.user_oid AND"
-                " l.folder = c.folder AND l.term = t.term AND l.status IN ('pending', 'in_progress'))",
-                [PENDING, now, now, tenant_id],
-            ).fetchall()[0][0]
-        )
+        con.execute("INSERT INTO late_match_terms SELECT ?, kind, term, ? FROM lm_terms", [tenant_id, now])
     finally:
         con.unregister("lm_terms")
+    return frame.height
 
 
+def late_match_terms_recorded(con: duckdb.DuckDBPyConnection, tenant_id: str) -> bool:
+    """Whether terms wait for `fan_out_late_matches` (a refresh died before queueing them everywhere)."""
+    return bool(con.execute("SELECT 1 FROM late_match_terms WHERE tenant_id = ? LIMIT 1", [tenant_id]).fetchall())
+
+
+def fan_out_late_matches(con: duckdb.DuckDBPyConnection, tenant_id: str) -> int:
+    """Queue every recorded term for every mailbox folder that has imported something (its backfill is done or
+    under way, so mail it already listed was matched without the term), over that folder's scan window; one
+    transaction per bucket (users' rows live in buckets, the terms in the tenant file), then the terms are
+    forgotten. A term already open for a folder, or already queued from the same record, is not queued twice, so
+    a fan-out that died midway is finished by the next one (the refresh's, or the late-match run's). Not inside a
+    transaction. Returns rows queued."""
+    recorded = con.execute("SELECT max(queued_at) FROM late_match_terms WHERE tenant_id = ?", [tenant_id]).fetchall()[
+        0
+    ][0]
+    if recorded is None:
+        return 0
+    queued = 0
+    for _bucket in each_bucket(con):
+        with transaction(con):
+            queued += int(
+                con.execute(
+                    "INSERT INTO late_match (tenant_id, user_oid, folder, term, kind, window_start, window_end, "
+                    "status, queued_at, updated_at) SELECT c.tenant_id, c.user_oid, c.folder, t.term, t.kind, "
+                    "c.scan_start, NULL, ?, t.queued_at, t.queued_at FROM mail_cursor c JOIN late_match_terms t "
+                    "ON t.tenant_id = c.tenant_id WHERE c.tenant_id = ? AND t.queued_at <= ? AND "
+                    "(coalesce(c.backfill_done, false) OR c.received_watermark IS NOT NULL) AND NOT EXISTS ("
+                    " SELECT 1 FROM late_match l WHERE l.tenant_id = c.tenant_id AND l.user_oid = c.user_oid AND"
+                    " l.folder = c.folder AND l.term = t.term AND"
+                    " (l.status IN ('pending', 'in_progress') OR l.queued_at = t.queued_at))",
+                    [PENDING, tenant_id, recorded],
+                ).fetchall()[0][0]
+            )
+    with transaction(con):
+        con.execute("DELETE FROM late_match_terms WHERE tenant_id = ? AND queued_at <= ?", [tenant_id, recorded])
+    return queued
+
+
+@in_user_bucket
 def read_late_match_work(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> list[LateMatchWork]:
     """The open rows of one mailbox: searches cut off first, then in queue order."""
     rows = con.execute(
@@ -96,6 +129,7 @@ _WHERE = (
 )
 
 
+@in_user_bucket
 def mark_late_match(
     con: duckdb.DuckDBPyConnection,
     tenant_id: str,
@@ -117,6 +151,7 @@ def mark_late_match(
         )
 
 
+@in_user_bucket
 def split_late_match(
     con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, work: LateMatchWork, at: datetime
 ) -> None:
@@ -147,8 +182,8 @@ def late_match_status(con: duckdb.DuckDBPyConnection, tenant_id: str) -> dict[st
     """`late_match_summary` plus the mailboxes with open work, for `o365sync status` (counts only, never a term).
     None when nothing was ever queued, or when the store predates migration 3 (read-only opens do not migrate)."""
     has_table = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'main' "
-        "AND table_name = 'late_match'"
+        "SELECT count(*) FROM (SELECT table_name AS name FROM duckdb_tables() UNION ALL "
+        "SELECT view_name FROM duckdb_views()) WHERE name = 'late_match'"
     ).fetchall()[0][0]
     if not has_table:
         return None

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import duckdb
 
 from o365sync.store.mail import read_cursors
+from o365sync.store.partitions import use_bucket
 from o365sync.store.transactions import transaction
 
 
@@ -31,8 +32,8 @@ def reset_sync_positions(
     (user, feature, folder or "calendar") for every position that had a link."""
     users = sorted(set(user_oids))
     now, done = datetime.now(UTC), []
-    with transaction(con):
-        for oid in users:
+    for oid in users:  # one transaction per user: each user's positions live in their bucket
+        with use_bucket(con, oid), transaction(con):
             if "email" in features:
                 for folder, cursor in sorted(read_cursors(con, tenant_id, oid).items()):
                     if cursor.delta_link is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 
 from o365sync.settings import Settings
-from o365sync.store.schema import migrate
+from o365sync.store.partitions import connect
 from o365sync.tenants import STORE_FILE, tenant_dir
 
 
@@ -23,33 +23,26 @@ def store_path(settings: Settings, tenant_id: str) -> Path:
 
 @contextlib.contextmanager
 def open_store(
-    settings: Settings, tenant_id: str, write: bool, at: Path | None = None
+    settings: Settings, tenant_id: str, write: bool, at: Path | None = None, user_oid: str | None = None
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    """The one way to open a tenant's live store. Blocks (no polling) until the flock is granted; if the tenant's
-    files moved to another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it
-    follows them. Only writers create the file: a reader of a tenant without a store gets the schema's empty
-    tables in memory and writes nothing anywhere. `at`: the store's path as the caller resolved it (a `Tenant`),
-    which spares looking it up; it is confirmed under the flock all the same."""
+    """The one way to open a tenant's live store (its tenant file and users' buckets as one connection:
+    `o365sync.store.partitions`). Blocks (no polling) until the flock is granted; if the tenant's files moved to
+    another region meanwhile (`o365sync tenant move` holds the lock while it moves them), it follows them. Only
+    writers create files: a reader of a tenant without a store gets the schema's empty tables in memory and writes
+    nothing anywhere. `at`: the store's path as the caller resolved it (a `Tenant`), which spares looking it up; it
+    is confirmed under the flock all the same. `user_oid`: the bucket tables named in SQL are that user's bucket
+    (writable when `write`), not the view over every user's rows."""
     if at is not None and not at.exists():
         at = None  # not there (not yet, or not any more): look it up
     if not write and at is None and not store_path(settings, tenant_id).exists():
-        with _connect(":memory:", write=True) as con:
+        with connect(None, write=False, user_oid=None, default_buckets=settings.store_buckets) as con:
             yield con
         return
-    with store_lock(settings, tenant_id, write, at) as path, _connect(str(path), write) as con:
+    with (
+        store_lock(settings, tenant_id, write, at) as path,
+        connect(path, write, user_oid, settings.store_buckets) as con,
+    ):
         yield con
-
-
-@contextlib.contextmanager
-def _connect(database: str, write: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = duckdb.connect(database, read_only=not write, config={"memory_limit": "1GB", "threads": 2})
-    try:
-        con.execute("SET TimeZone='UTC'")
-        if write:
-            migrate(con, f"the store {database}")
-        yield con
-    finally:
-        con.close()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import polars as pl
 
+from o365sync.store.partitions import in_user_bucket
 from o365sync.store.sync_state import add_sync_progress
 from o365sync.store.transactions import transaction
 
@@ -84,6 +85,7 @@ class BatchResult:
 PARTIAL_COLUMNS = ("subject", "from_name", "from_address", "received_at", "sent_at", "has_attachments", "web_link")
 
 
+@in_user_bucket
 def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, batch: MailBatch) -> BatchResult:
     """Idempotently persist one batch and its cursors in one transaction.
 
@@ -169,6 +171,7 @@ def write_mail_batch(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: s
     return result
 
 
+@in_user_bucket
 def read_cursors(con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str) -> dict[str, FolderCursor]:
     rows = con.execute(
         "SELECT folder, scan_start, received_watermark, coalesce(backfill_done, false), delta_link, "

@@ -183,11 +183,91 @@ MIGRATION_3_LATE_MATCH = """CREATE TABLE late_match (
 """Migration 3: the late-match backfill's work (`o365sync.store.late_match`): per mailbox folder, each CRM address or
 account domain a refresh added, the part of the scan window still to search, and where its search stands."""
 
+BUCKET_TABLES = (
+    "emails",
+    "email_participants",
+    "email_crm_matches",
+    "mail_cursor",
+    "sync_state",
+    "meetings",
+    "meeting_attendees",
+    "meeting_crm_matches",
+    "calendar_cursor",
+    "notetaker_queue",
+    "late_match",
+)
+"""The tables of a user's rows that a sync writes in one transaction (activities, their cursors and progress, the
+user's notetaker and late-match work): since migration 4 they live in the user's bucket file
+(`o365sync.store.partitions`), not in the tenant file."""
+
+MIGRATION_4_PARTITIONS = "".join(f"DROP TABLE {table};\n" for table in BUCKET_TABLES) + (
+    "CREATE TABLE store_layout (buckets INTEGER NOT NULL, partitioned_at TIMESTAMPTZ NOT NULL);\n"
+    "CREATE TABLE late_match_terms (tenant_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, term VARCHAR NOT NULL, "
+    "queued_at TIMESTAMPTZ NOT NULL);\n"
+)
+"""Migration 4: the users' rows moved into bucket files (the tenant file keeps the CRM, tombstones, Teams and state);
+`store_layout` records how many buckets the tenant's users are hashed into; `late_match_terms` holds the terms a CRM
+refresh added until they are queued in every bucket (`o365sync.store.late_match.fan_out_late_matches`). Applied by
+the split in `o365sync.store.partitions`, which copies the rows into the buckets first."""
+
 MIGRATIONS: tuple[str, ...] = (
     SCHEMA,
     MIGRATION_2_IMPORT_PROGRESS,
     MIGRATION_3_LATE_MATCH,
+    MIGRATION_4_PARTITIONS,
 )  # append, never edit: [n - 1] is migration n
+PARTITIONED_VERSION = 4  # the tenant file's version from which users' rows live in buckets
+
+BUCKET_SCHEMA = """
+CREATE TABLE emails (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL, folder VARCHAR,
+    internet_message_id VARCHAR, conversation_id VARCHAR, subject VARCHAR, body_text VARCHAR, from_name VARCHAR,
+    from_address VARCHAR, received_at TIMESTAMPTZ, sent_at TIMESTAMPTZ, has_attachments BOOLEAN, web_link VARCHAR,
+    imported_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE email_participants (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL, "role" VARCHAR NOT NULL,
+    "name" VARCHAR, address VARCHAR NOT NULL);
+CREATE TABLE email_crm_matches (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, graph_id VARCHAR NOT NULL, crm_id VARCHAR NOT NULL,
+    crm_kind VARCHAR NOT NULL, matched_address VARCHAR NOT NULL, is_primary BOOLEAN);
+CREATE TABLE mail_cursor (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, folder VARCHAR NOT NULL,
+    scan_start TIMESTAMPTZ NOT NULL, received_watermark TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL,
+    backfill_done BOOLEAN DEFAULT(false), delta_link VARCHAR, delta_at TIMESTAMPTZ);
+CREATE TABLE sync_state (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, stage VARCHAR NOT NULL, last_run_at TIMESTAMPTZ,
+    last_success_at TIMESTAMPTZ, last_error VARCHAR, consecutive_failures INTEGER DEFAULT(0) NOT NULL,
+    scanned BIGINT, "matched" BIGINT, imported BIGINT, discarded BIGINT, next_retry_at TIMESTAMPTZ,
+    excluded VARCHAR, feature VARCHAR DEFAULT('email'), total_scanned BIGINT, total_matched BIGINT,
+    total_imported BIGINT, total_discarded BIGINT, run_started_at TIMESTAMPTZ, progress_at TIMESTAMPTZ);
+CREATE TABLE meetings (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL, event_type VARCHAR,
+    series_master_id VARCHAR, ical_uid VARCHAR, subject VARCHAR, start_at TIMESTAMPTZ, start_tz VARCHAR,
+    end_at TIMESTAMPTZ, end_tz VARCHAR, is_all_day BOOLEAN, is_online BOOLEAN, join_url VARCHAR,
+    organizer_name VARCHAR, organizer_address VARCHAR, is_internal BOOLEAN, web_link VARCHAR,
+    imported_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE meeting_attendees (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL, "role" VARCHAR NOT NULL,
+    "name" VARCHAR, address VARCHAR NOT NULL, response VARCHAR);
+CREATE TABLE meeting_crm_matches (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL, crm_id VARCHAR NOT NULL,
+    crm_kind VARCHAR NOT NULL, matched_address VARCHAR NOT NULL, is_primary BOOLEAN);
+CREATE TABLE calendar_cursor (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, window_start TIMESTAMPTZ NOT NULL,
+    window_end TIMESTAMPTZ NOT NULL, delta_link VARCHAR, delta_at TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL);
+CREATE TABLE notetaker_queue (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, event_id VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    join_url VARCHAR, link_created BOOLEAN DEFAULT(false), consent_noted_at TIMESTAMPTZ, updated_at TIMESTAMPTZ);
+CREATE TABLE late_match (
+    tenant_id VARCHAR NOT NULL, user_oid VARCHAR NOT NULL, folder VARCHAR NOT NULL, term VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL, window_start TIMESTAMPTZ NOT NULL, window_end TIMESTAMPTZ, status VARCHAR NOT NULL,
+    solo BOOLEAN DEFAULT(false) NOT NULL, seen BIGINT DEFAULT(0) NOT NULL, imported BIGINT DEFAULT(0) NOT NULL,
+    queued_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL);
+"""
+"""Bucket migration 1: the tables of `BUCKET_TABLES` exactly as the tenant file had them at migration 3."""
+
+BUCKET_MIGRATIONS: tuple[str, ...] = (BUCKET_SCHEMA,)  # append, never edit: [n - 1] is migration n
+"""A bucket file's own migrations: [n - 1] is migration n, recorded in its own `schema_version`."""
 
 
 class StoreFromNewerVersion(Exception):

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import duckdb
 
+from o365sync.store.partitions import in_user_bucket
 from o365sync.store.transactions import transaction
 from o365sync.sync_policy import SyncStanding, after_run
 
@@ -38,6 +39,7 @@ TOTALS = ("scanned", "matched", "imported", "discarded")  # sync_state keeps the
 SYNCING = "syncing"  # the stage of a run under way: its counts are its progress so far
 
 
+@in_user_bucket
 def record_sync_state(
     con: duckdb.DuckDBPyConnection,
     tenant_id: str,
@@ -110,6 +112,7 @@ def read_sync_states(con: duckdb.DuckDBPyConnection, tenant_id: str, feature: st
     return [{**{f"total_{n}": None for n in TOTALS}, **dict(zip(columns, row, strict=True))} for row in cur.fetchall()]
 
 
+@in_user_bucket
 def add_sync_progress(
     con: duckdb.DuckDBPyConnection, tenant_id: str, user_oid: str, feature: str, scanned: int, imported: int
 ) -> None:

@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 
 from o365sync.store import (
     crm_state_summary,
+    fan_out_late_matches,
+    late_match_terms_recorded,
     late_match_users,
     latest_crm_snapshot_at,
     read_crm_drop_guard,
@@ -121,7 +123,13 @@ LATE_MATCH_TOTALS = {
 
 
 def late_match_waiting(tenant: Tenant) -> list[str]:
-    """The mailboxes with queued late-match work."""
+    """The mailboxes with queued late-match work (first queueing the terms of a CRM refresh that died before it
+    had queued them in every mailbox)."""
+    with tenant.open_store(write=False) as con:
+        if not late_match_terms_recorded(con, tenant.id):
+            return late_match_users(con, tenant.id)
+    with tenant.open_store(write=True) as con:
+        fan_out_late_matches(con, tenant.id)
     with tenant.open_store(write=False) as con:
         return late_match_users(con, tenant.id)
 
