@@ -30,12 +30,12 @@ from o365sync.store import (
     publish_snapshot,
     snapshot_files,
     snapshot_leftovers,
+    snapshot_parts,
     snapshot_path,
     store_lock,
     store_path,
 )
 from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, each_bucket, mark_dirty
-from o365sync.store.publishing import snapshot_parts
 from o365sync.store.views import VIEW_NAMES
 
 TENANT = "publish-tenant"
