@@ -27,32 +27,52 @@ Prints one table; the numbers recorded in docs/benchmarks.md ("Compaction and pu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import duckdb
 from import_vs_dlt import parse_with_quick, write_json
 
 from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store
 from o365sync.settings import Settings
-from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path
+from o365sync.store import MIGRATIONS, migrate, open_store, publish_snapshot, snapshot_path, store_lock, store_path
+from o365sync.store.schema import PARTITIONED_VERSION
 
 TENANT = "bench-tenant"
+ONE_FILE_MIGRATIONS = MIGRATIONS[: PARTITIONED_VERSION - 1]  # the schema before the buckets: users' rows included
 ACTIVITY_TABLES = (*EMAIL_TABLES, *MEETING_TABLES[:3])  # the activities and their child rows: the store's bytes
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gri", "sto", "ber", "lan", "qui", "zor"]
 
 
-def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[str, int]:
+@contextlib.contextmanager
+def one_file_store(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The tenant's store as one DuckDB file, laid out as before the buckets (schema version 3: every user's rows in
+    it), under the store's exclusive flock: what the generator writes, and the one-file baseline of the benches."""
+    with store_lock(settings, TENANT, write=True) as path:
+        con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+        try:
+            con.execute("SET TimeZone='UTC'")
+            migrate(con, f"the one-file store {path}", ONE_FILE_MIGRATIONS)
+            yield con
+        finally:
+            con.close()
+
+
+def build(settings: Settings, n: int, body_words: int, users: int = 50, split: bool = True) -> dict[str, int]:
     """Fill a fresh store with `n` activities of `users` mailboxes (activity i belongs to user i % users, so every
-    user's rows are spread through the whole file); returns row counts."""
+    user's rows are spread through the whole file); returns row counts. The rows are written into one file laid
+    out as before the buckets; `split`: then the store is opened for writing once, which splits it into the tenant
+    file and the users' bucket files (`o365sync.store.partitions`, as an upgraded store is split)."""
     n_emails, n_meetings = int(n * 0.85), n - int(n * 0.85)
     people, accounts = max(n // 10, 100), max(n // 50, 20)
-    with open_store(settings, TENANT, write=True) as con:
+    with one_file_store(settings) as con:
         con.execute("SELECT setseed(0.42)")
         syl = "[" + ", ".join(f"'{s}'" for s in SYLLABLES) + "]"
         # 2,000 pseudo-words of 2-4 syllables.
@@ -116,7 +136,11 @@ def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[
                        'per' || split_part(split_part(organizer_address, '@', 1), 'person', 2), 'contact',
                        organizer_address, true FROM meetings""")
         con.execute("CHECKPOINT")
-        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
+        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
+    if split:
+        with open_store(settings, TENANT, write=True):
+            pass
+    return counts
 
 
 def delete_one_percent(settings: Settings) -> int:

@@ -1,12 +1,13 @@
 """What analysts query: documented views over a tenant's published snapshot, and the Parquet export of them.
 
 Analysts never open the live store (a read-write DuckDB connection locks every other process out, even readers).
-`store.publish_snapshot` copies the live file (a byte copy, under the live store's shared lock for the copy only)
-into a new file and atomically replaces `<region root>/analytics/<tenant>.duckdb`; `create_views` (defined in
-`store.views`, beside the schema whose tables they read) adds the views to that new file before the replace, so
-every snapshot carries the view definitions that match its tables (docs/ANALYSTS.md documents every column). The
-raw tables (`emails`, `meetings`, `email_crm_matches`, ...) stay queryable beside them. This module imports the
-store; the store never imports it.
+`store.publish_snapshot` copies the live files that changed (byte copies, under the live store's shared lock for
+the copies only) and atomically replaces `<region root>/analytics/<tenant>.duckdb` with a new views file: the
+tenant file's tables, the users' tables as views over the copies of their bucket files (`read_duckdb`), and the
+analysts' views, which `create_views` (defined in `store.views`, beside the schema whose tables they read) adds
+before the replace, so every snapshot carries the view definitions that match its tables (docs/ANALYSTS.md
+documents every column). The raw tables (`emails`, `meetings`, `email_crm_matches`, ...) stay queryable beside
+them. This module imports the store; the store never imports it.
 
 Views (names chosen not to clash with the tables):
 - `activities`: one row per stored email or meeting, with its primary CRM record and that record's account.
@@ -35,7 +36,7 @@ from pathlib import Path
 import duckdb
 
 from o365sync.settings import Settings
-from o365sync.store import fsync_path, publish_snapshot, snapshot_path
+from o365sync.store import fsync_path, publish_snapshot, snapshot_parts, snapshot_path
 from o365sync.store.views import (  # noqa: F401 (re-exported: the analysts' API)
     ANALYTICS_VERSION,
     VIEW_NAMES,
@@ -85,11 +86,14 @@ class ExportResult:
 
 def open_snapshot(settings: Settings, tenant_id: str) -> duckdb.DuckDBPyConnection:
     """A read-only session on the tenant's published snapshot (attached as `snap` and in use), with the analyst
-    views available even if the snapshot predates them. Never touches the live store."""
+    views available even if the snapshot predates them. Never touches the live store. The folder of the snapshot's
+    copies stays readable when the caller then disables file access (`SET enable_external_access = false`, as
+    `o365sync sql` does): the users' tables are views that read them (`read_duckdb`)."""
     path = snapshot_path(settings, tenant_id)
     con = duckdb.connect(config={"memory_limit": "1GB", "threads": 2})
     try:
         con.execute("SET TimeZone='UTC'")
+        con.execute("SET allowed_directories = [?]", [f"{snapshot_parts(path).absolute()}{os.sep}"])
         con.execute("ATTACH '" + str(path).replace("'", "''") + "' AS snap (READ_ONLY)")
         con.execute("USE snap")
         present = {

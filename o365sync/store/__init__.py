@@ -90,7 +90,9 @@ from o365sync.store.publishing import (
     Published,
     publish,
     publish_snapshot,
+    snapshot_files,
     snapshot_leftovers,
+    snapshot_parts,
     snapshot_path,
 )
 from o365sync.store.schema import (
@@ -185,7 +187,9 @@ __all__ = [
     "refresh_notetaker_queue",
     "replace_crm_snapshot",
     "reset_sync_positions",
+    "snapshot_files",
     "snapshot_leftovers",
+    "snapshot_parts",
     "snapshot_path",
     "split_late_match",
     "store_lock",
