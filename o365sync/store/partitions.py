@@ -42,7 +42,7 @@ from o365sync.store.schema import (
 from o365sync.store.transactions import transaction
 
 PARTS_DIR = "parts"
-DUCKDB_CONFIG = {"memory_limit": "1GB", "threads": 2}
+DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {"memory_limit": "1GB", "threads": 2}
 P = ParamSpec("P")
 R = TypeVar("R")
 _LAYOUT = "_o365sync_layout"  # in the connection's memory database: what `use_bucket` needs to find a bucket
