@@ -195,6 +195,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         (parts / "b0.g99.duckdb").write_bytes(garbage)
         if with_wal:
             (parts / "views.g99.duckdb").write_bytes(garbage)
+            (parts / "views.g99.json").write_bytes(garbage)
 
     @invariant()
     def snapshot_holds_the_last_published_rows(self) -> None:

@@ -53,7 +53,7 @@ from o365sync.store.schema import BUCKET_MIGRATIONS, BUCKET_TABLES, PARTITIONED_
 from o365sync.store.views import create_views
 from o365sync.tenants import tenant_dir
 
-_GENERATION_FILE = re.compile(r"^(?:views|b\d+)\.g(\d+)\.duckdb(?:\.wal|\.json)?$")
+_GENERATION_FILE = re.compile(r"^(?:views|b\d+)\.g(\d+)\.(?:duckdb|duckdb\.wal|json)$")
 _MANIFEST_FILE = re.compile(r"^views\.g(\d+)\.json$")
 _DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {"memory_limit": "1GB", "threads": 2}
 
@@ -349,11 +349,11 @@ def _write_manifest(parts: Path, round_: _Round) -> None:
 def _read_generation(parts: Path, number: int) -> _Generation | None:
     try:
         manifest = json.loads((parts / f"views.g{number}.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    copies = {int(k): v for k, v in manifest["copies"].items()}
-    sources = {int(k): (v[0], v[1]) for k, v in manifest.get("sources", {}).items() if v}
-    return _Generation(number, copies, sources, manifest["bucket_version"])
+        copies = {int(k): str(v) for k, v in manifest["copies"].items()}
+        sources = {int(k): (int(v[0]), int(v[1])) for k, v in manifest["sources"].items() if v}
+        return _Generation(number, copies, sources, int(manifest["bucket_version"]))
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return None  # none, or cut short by a publish that died: as if that generation had no manifest
 
 
 def _generations(parts: Path) -> list[int]:
