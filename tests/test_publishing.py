@@ -485,3 +485,24 @@ def test_a_store_from_before_the_buckets_is_split_then_published(tmp_path):
     done = publish(s, TENANT)
     assert done.copied_files == (user_bucket(s, "u1"), path)
     assert snapshot_content(s)["emails"] == live_content(s)["emails"] and len(live_content(s)["emails"]) == 1
+
+
+def test_a_copy_that_fails_midway_leaves_nothing_and_the_next_publish_copies_again(store, monkeypatch):
+    before, files_before = snapshot_content(store), parts_files(store)
+    add_emails(store, "u1", 100, 5)
+    copy = o365sync.store.publishing._copy_private
+
+    def disk_full(src: Path, dst: Path) -> int:
+        copy(src, dst)  # the bucket's copy is made, then the tenant file's fails
+        if dst.name.endswith(".tmp"):
+            raise OSError("disk full")
+        return dst.stat().st_size
+
+    monkeypatch.setattr(o365sync.store.publishing, "_copy_private", disk_full)
+    with pytest.raises(OSError):
+        publish(store, TENANT)
+    assert parts_files(store) == files_before
+    assert not any(p.exists() for p in snapshot_leftovers(snapshot_path(store, TENANT)))
+    monkeypatch.undo()
+    assert user_bucket(store, "u1") in publish(store, TENANT).copied_files
+    assert snapshot_content(store) == live_content(store) != before

@@ -194,20 +194,24 @@ def _copy_live_files(settings: Settings, tenant_id: str, target: Path, current: 
         buckets = bucket_files(live)
         sources = _live_files(live)
         round_ = _Round(number, parts, {}, [], sources, {k: sources[path] for k, path in buckets.items()}, [], 0, 0.0)
-        for bucket, path in buckets.items():
-            previous = _unchanged_copy(parts, current, bucket, path, round_.bucket_sources[bucket])
-            if previous is not None:
-                round_.copies[bucket] = previous
-                continue
-            if dirty_marker(path).exists():
-                os.replace(dirty_marker(path), _publishing_marker(path))  # a writer from now on makes a new one
-            copy = parts / f"b{bucket}.g{number}.duckdb"
-            round_.new_copies.append(copy)
-            round_.bytes_copied += _copy_with_wal(path, copy)
-            round_.copies[bucket] = copy.name
-            round_.copied_files.append(path)
-        round_.bytes_copied += _copy_with_wal(live, snapshot_leftovers(target)[0])
-        round_.copied_files.append(live)
+        try:
+            for bucket, path in buckets.items():
+                previous = _unchanged_copy(parts, current, bucket, path, round_.bucket_sources[bucket])
+                if previous is not None:
+                    round_.copies[bucket] = previous
+                    continue
+                if dirty_marker(path).exists():
+                    os.replace(dirty_marker(path), _publishing_marker(path))  # a writer from now on makes a new one
+                copy = parts / f"b{bucket}.g{number}.duckdb"
+                round_.new_copies.append(copy)
+                round_.bytes_copied += _copy_with_wal(path, copy)
+                round_.copies[bucket] = copy.name
+                round_.copied_files.append(path)
+            round_.bytes_copied += _copy_with_wal(live, snapshot_leftovers(target)[0])
+            round_.copied_files.append(live)
+        except BaseException:
+            _drop_round(target, round_)  # a disk that filled up midway: no partial copies left behind
+            raise
         round_.lock_seconds = time.perf_counter() - t
     return round_
 
