@@ -24,7 +24,7 @@ from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up_with_crm
-from tests.test_erasure import hits, tenant_files
+from tests.test_erasure import hits, in_live_bucket, in_snapshot_copy, tenant_files
 
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
@@ -110,7 +110,7 @@ def test_shortening_retention_purges_on_the_next_run_and_spares_open_opportuniti
     first = retention(tid)  # default 1095 days: nothing is that old
     assert first["emails_deleted"] == 0 and first["users_erased"] == 0
     before = hits(tenant_files(p.settings, tid), markers)
-    assert any(h.startswith("store.duckdb") for h in before) and any(h.startswith(f"{tid}.duckdb") for h in before)
+    assert in_live_bucket(before) and in_snapshot_copy(before)
 
     tenant = load_tenant(p.settings, tid)
     tenant.retention_days = 10
@@ -148,7 +148,7 @@ def test_offboarded_user_is_erased_from_every_file_and_not_synced_again(prefect_
                 "SELECT DISTINCT address FROM email_participants WHERE user_oid = ?", [bob.oid]
             ).fetchall()
         ]
-    assert any(h.startswith("store.duckdb") for h in hits(tenant_files(p.settings, tid), markers))
+    assert in_live_bucket(hits(tenant_files(p.settings, tid), markers))
 
     out = offboard_user(tid, bob.oid)  # default policy: delete, no grace period
     assert out["deleted"] == 1 and out["deleted_rows"] > 0
