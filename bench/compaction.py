@@ -5,7 +5,8 @@
         [--body-words 300] [--keep DIR] [--json out.json] [--quick]
 
 For each size N (activities = emails + meetings; 85 % emails, 15 % meetings) a tenant store is created through
-`open_store` (the real schema) in a scratch data directory and filled with synthetic rows written by DuckDB SQL:
+`open_store` (the real schema: a tenant file and the users' bucket files, `o365sync.store.partitions`) in a scratch
+data directory and filled with synthetic rows written by DuckDB SQL, each user's rows into the user's bucket:
 emails with 4-10-word subjects and plain-text bodies of `--body-words` random words from a 2,000-word vocabulary
 (about 2.5 KB at 300 words; random words compress like real text, not like repeated strings), about 3 emails per
 conversation, 4 participants (from, 2 to, cc) and 1-2 CRM matches each; meetings with 5 attendees and one match;
@@ -14,9 +15,9 @@ a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians
 1. `publish_snapshot` (since issue 14 a byte copy of the live file + views + fsync + atomic replace; before it,
    COPY FROM DATABASE into a new file — bench/publish.py compares the two): the reps alone, plus the republish
    inside every `compact_store` call (the same function), all in one median;
-2. `compact_store` (its compaction part: copy of the live store into a new file + replace; it also republishes the
-   snapshot, reported as "compact + publish");
-3. a plain copy of the live store file + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
+2. `compact_store` (its compaction part: copy of every file of the live store into a new file + replace; it also
+   republishes the snapshot, reported as "compact + publish");
+3. a plain copy of the live store's files + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
 4. sizes: the live store as built; after DELETE of 1 % of the activities (whole conversations / meetings, with their
    participants and matches) + CHECKPOINT — DuckDB keeps the bytes, so the file does not shrink; after
    `compact_store` — the deleted rows' bytes are gone with the old file.
@@ -36,11 +37,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import duckdb
 from import_vs_dlt import parse_with_quick, write_json
 
-from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store
+from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store, snapshot_bytes
 from o365sync.settings import Settings
-from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path
+from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path, transaction
+from o365sync.store.partitions import bucket_files, bucket_of, each_bucket, use_bucket
 
 TENANT = "bench-tenant"
 ACTIVITY_TABLES = (*EMAIL_TABLES, *MEETING_TABLES[:3])  # the activities and their child rows: the store's bytes
@@ -48,8 +51,8 @@ SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gri", 
 
 
 def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[str, int]:
-    """Fill a fresh store with `n` activities of `users` mailboxes (activity i belongs to user i % users, so every
-    user's rows are spread through the whole file); returns row counts."""
+    """Fill a fresh store with `n` activities of `users` mailboxes (activity i belongs to user `user<i % users>`, so
+    every user's rows are spread through their bucket file); returns row counts."""
     n_emails, n_meetings = int(n * 0.85), n - int(n * 0.85)
     people, accounts = max(n // 10, 100), max(n // 50, 20)
     with open_store(settings, TENANT, write=True) as con:
@@ -76,7 +79,31 @@ def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[
         con.execute(f"""INSERT INTO crm_opportunities SELECT 'opp' || i, 'acc' || (i % {accounts}), 'Deal ' || i,
                         i % 3 = 0, TIMESTAMPTZ '2025-01-01' + INTERVAL (i % 400) DAY
                         FROM range({accounts}) t(i)""")
-        con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % {users}),
+        (buckets,) = con.execute("SELECT buckets FROM store_layout").fetchall()[0]
+        members: dict[int, list[int]] = {}
+        for user in range(users):
+            members.setdefault(bucket_of(f"user{user}", buckets), []).append(user)
+        for owners in members.values():  # one bucket at a time: its users' activities
+            with use_bucket(con, f"user{owners[0]}") as bucket:
+                mine = f"(i % {users}) IN ({', '.join(map(str, owners))})"
+                _fill_bucket(con, n_emails, n_meetings, mine, text, body_words, users, people, accounts)
+                con.execute(f"CHECKPOINT b{bucket}")
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
+
+
+def _fill_bucket(
+    con: duckdb.DuckDBPyConnection,
+    n_emails: int,
+    n_meetings: int,
+    mine: str,
+    text: Callable[[str], str],
+    body_words: int,
+    users: int,
+    people: int,
+    accounts: int,
+) -> None:
+    """Inside `use_bucket`: the emails and meetings `i` for which `mine` holds, with their child rows."""
+    con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % {users}),
                         'AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A' || md5(i::VARCHAR),
                         CASE WHEN i % 3 = 0 THEN 'sentitems' ELSE 'inbox' END,
                         '<' || md5('m' || i) || '@mail.example.com>', 'conv' || (i // 3),
@@ -86,19 +113,19 @@ def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[
                         TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000) SECOND,
                         TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000 - 5) SECOND, i % 5 = 0,
                         'https://outlook.office365.com/owa/?ItemID=' || md5(i::VARCHAR), now()
-                        FROM range({n_emails}) t(i), vocab v""")
-        con.execute("""INSERT INTO email_participants SELECT e.tenant_id, e.user_oid, e.graph_id, r.role,
+                        FROM range({n_emails}) t(i), vocab v WHERE {mine}""")
+    con.execute("""INSERT INTO email_participants SELECT e.tenant_id, e.user_oid, e.graph_id, r.role,
                         'Name ' || r.k, CASE WHEN r.role = 'from' THEN e.from_address
                         ELSE 'someone' || (hash(e.graph_id, r.k) % 100000) || '@example.com' END
                         FROM emails e, (VALUES ('from', 0), ('to', 1), ('to', 2), ('cc', 3)) r(role, k)""")
-        con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
+    con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
                        split_part(split_part(from_address, '@', 1), 'person', 2), 'contact', from_address, true
                        FROM emails""")
-        con.execute("UPDATE email_crm_matches SET crm_id = 'per' || crm_id")
-        con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
+    con.execute("UPDATE email_crm_matches SET crm_id = 'per' || crm_id")
+    con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
                        'acc' || regexp_extract(from_address, 'company(\\d+)', 1), 'account', from_address, false
                        FROM emails WHERE hash(graph_id) % 3 = 0""")
-        con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % {users}), 'AAMkAGI' || md5('ev' || i),
+    con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % {users}), 'AAMkAGI' || md5('ev' || i),
                         CASE WHEN i % 4 = 0 THEN 'occurrence' ELSE 'singleInstance' END,
                         CASE WHEN i % 4 = 0 THEN 'series' || (i // 8) END, md5('ical' || i), {text("3 + (i % 6)::INT")},
                         TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000) SECOND, 'UTC',
@@ -106,37 +133,49 @@ def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[
                         'https://teams.microsoft.com/l/meetup-join/' || md5('j' || i), 'Person ' || (i % {people}),
                         'person' || (i % {people}) || '@company' || (i % {people} % {accounts}) || '.com', false,
                         'https://outlook.office365.com/calendar/item/' || md5('ev' || i), now(), now()
-                        FROM range({n_meetings}) t(i), vocab v""")
-        con.execute("""INSERT INTO meeting_attendees SELECT m.tenant_id, m.user_oid, m.event_id,
+                        FROM range({n_meetings}) t(i), vocab v WHERE {mine}""")
+    con.execute("""INSERT INTO meeting_attendees SELECT m.tenant_id, m.user_oid, m.event_id,
                        CASE WHEN r.k = 0 THEN 'organizer' WHEN r.k < 4 THEN 'to' ELSE 'cc' END, 'Name ' || r.k,
                        CASE WHEN r.k = 0 THEN m.organizer_address
                        ELSE 'someone' || (hash(m.event_id, r.k) % 100000) || '@example.com' END, 'accepted'
                        FROM meetings m, range(5) r(k)""")
-        con.execute("""INSERT INTO meeting_crm_matches SELECT tenant_id, user_oid, event_id,
+    con.execute("""INSERT INTO meeting_crm_matches SELECT tenant_id, user_oid, event_id,
                        'per' || split_part(split_part(organizer_address, '@', 1), 'person', 2), 'contact',
                        organizer_address, true FROM meetings""")
-        con.execute("CHECKPOINT")
-        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
 
 
 def delete_one_percent(settings: Settings) -> int:
-    """DELETE 1 % of the activities — whole conversations and meetings — with their child rows; CHECKPOINT."""
+    """DELETE 1 % of the activities — whole conversations and meetings — with their child rows (one transaction
+    per bucket); CHECKPOINT."""
     with open_store(settings, TENANT, write=True) as con:
-        con.execute("BEGIN TRANSACTION")
         con.execute(
             "CREATE TEMP TABLE gone_e AS SELECT user_oid, graph_id FROM emails WHERE hash(conversation_id) % 100 = 7"
         )
         con.execute(
             "CREATE TEMP TABLE gone_m AS SELECT user_oid, event_id FROM meetings WHERE hash(event_id) % 100 = 7"
         )
-        for table in ("emails", "email_participants", "email_crm_matches"):
-            con.execute(f"DELETE FROM {table} WHERE (user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM gone_e)")
-        for table in ("meetings", "meeting_attendees", "meeting_crm_matches"):
-            con.execute(f"DELETE FROM {table} WHERE (user_oid, event_id) IN (SELECT (user_oid, event_id) FROM gone_m)")
-        gone = con.execute("SELECT (SELECT count(*) FROM gone_e) + (SELECT count(*) FROM gone_m)").fetchall()[0][0]
-        con.execute("COMMIT")
-        con.execute("CHECKPOINT")
-    return gone
+        for bucket in each_bucket(con):
+            with transaction(con):
+                for table in ("emails", "email_participants", "email_crm_matches"):
+                    con.execute(
+                        f"DELETE FROM {table} WHERE (user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM gone_e)"
+                    )
+                for table in ("meetings", "meeting_attendees", "meeting_crm_matches"):
+                    con.execute(
+                        f"DELETE FROM {table} WHERE (user_oid, event_id) IN (SELECT (user_oid, event_id) FROM gone_m)"
+                    )
+            con.execute(f"CHECKPOINT b{bucket}")
+        return con.execute("SELECT (SELECT count(*) FROM gone_e) + (SELECT count(*) FROM gone_m)").fetchall()[0][0]
+
+
+def live_files(settings: Settings) -> list[Path]:
+    """The live store's files: the tenant file and every bucket."""
+    store = store_path(settings, TENANT)
+    return [store, *bucket_files(store).values()]
+
+
+def live_bytes(settings: Settings) -> int:
+    return sum(path.stat().st_size for path in live_files(settings))
 
 
 def mb(n: int) -> str:
@@ -150,17 +189,18 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     t = time.perf_counter()
     counts = build(settings, n, body_words)
     built_s = time.perf_counter() - t
-    size_built = store_path(settings, TENANT).stat().st_size
+    size_built = live_bytes(settings)
     print(f"  built {n:,} activities in {built_s:.1f} s: {counts}, {mb(size_built)} MB", flush=True)
-    copy = []  # the bound publish and compaction are compared with: a plain copy of the store file + fsync
+    copy = []  # the bound publish and compaction are compared with: a plain copy of the store's files + fsync
     for _ in range(reps):
         t = time.perf_counter()
-        dst = root / "copy.duckdb"
-        shutil.copyfile(store_path(settings, TENANT), dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
+        for source in live_files(settings):
+            dst = root / "copy.duckdb"
+            shutil.copyfile(source, dst)
+            with open(dst, "rb+") as f:
+                os.fsync(f.fileno())
+            dst.unlink()
         copy.append(time.perf_counter() - t)
-        dst.unlink()
     publish = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -175,14 +215,14 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
         publish.append(result["publish_seconds"])  # compact_store's own republish: the same publish_snapshot
     print(f"  compact_store: compaction {compact}, with publish {[round(x, 2) for x in compact_total]}", flush=True)
     print(f"  publish_snapshot (alone, then inside compact_store): {[round(x, 2) for x in publish]}", flush=True)
-    size_compacted = store_path(settings, TENANT).stat().st_size
+    size_compacted = live_bytes(settings)
     gone = delete_one_percent(settings)
-    size_deleted = store_path(settings, TENANT).stat().st_size
+    size_deleted = live_bytes(settings)
     t = time.perf_counter()
     after = compact_store(settings, TENANT)
     erase_s = time.perf_counter() - t
     publish.append(after["publish_seconds"])
-    size_after = store_path(settings, TENANT).stat().st_size
+    size_after = live_bytes(settings)
     row = {
         "n": n,
         "rows": sum(counts.values()),
@@ -196,7 +236,7 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
         "deleted": gone,
         "size_deleted": size_deleted,
         "size_after": size_after,
-        "snapshot": snapshot_path(settings, TENANT).stat().st_size,
+        "snapshot": snapshot_bytes(snapshot_path(settings, TENANT)),
         "erase_compact_s": erase_s,
         "erase_result": after,
     }
