@@ -143,9 +143,9 @@ class ErasureResult:
     ids: dict[str, list[str]]  # conversation_ids / event_ids / series_ids / user_oids (ids only)
     rows: dict[str, int]  # deleted rows per table
     tombstones: int = 0
-    bytes_before: int = 0  # live store (+ WAL) before compaction
-    bytes_after: int = 0  # live store after compaction
-    snapshot_bytes: int = 0
+    bytes_before: int = 0  # the compacted files of the live store (+ WAL) before compaction
+    bytes_after: int = 0  # the same files after compaction
+    snapshot_bytes: int = 0  # the views file and the copies it reads
     exports_removed: int = 0  # files
     files_removed: int = 0  # tenant scope: every file of the tenant
     seconds: float = 0.0
@@ -455,12 +455,15 @@ def _selected_users(con: duckdb.DuckDBPyConnection, scope: Scope) -> list[str]:
     ]
 
 
-def _by_bucket(con: duckdb.DuckDBPyConnection, users: list[str]) -> dict[int, str]:
-    """One of `users` per bucket that holds rows of theirs (`use_bucket` enters a bucket by a user's id)."""
+def _by_bucket(con: duckdb.DuckDBPyConnection, store: Path, users: list[str]) -> dict[int, str]:
+    """One of `users` per bucket file that holds rows of theirs (`use_bucket` enters a bucket by a user's id; a
+    user without a bucket file has no rows there, and none is made for them)."""
     (buckets,) = con.execute("SELECT buckets FROM store_layout").fetchall()[0]
+    existing = bucket_files(store)
     found: dict[int, str] = {}
     for user in users:
-        found.setdefault(bucket_of(user, buckets), user)
+        if (number := bucket_of(user, buckets)) in existing:
+            found.setdefault(number, user)
     return dict(sorted(found.items()))
 
 
@@ -571,7 +574,7 @@ def erase(
                 rows = _delete_tenant_rows(con, tenant_id, scope)
             result = ErasureResult(tenant_id, scope.kind, ids, rows, tombstones, audit_path=str(log))
             try:
-                buckets = _by_bucket(con, _selected_users(con, scope))
+                buckets = _by_bucket(con, store_path(settings, tenant_id), _selected_users(con, scope))
                 pending = _read_pending(settings, tenant_id)
                 _write_pending(settings, tenant_id, None if pending is None else pending | set(buckets))
                 for user in buckets.values():  # step 2: each bucket holding rows of the scope
