@@ -1,12 +1,13 @@
 """What analysts query: documented views over a tenant's published snapshot, and the Parquet export of them.
 
 Analysts never open the live store (a read-write DuckDB connection locks every other process out, even readers).
-`store.publish_snapshot` copies the live file (a byte copy, under the live store's shared lock for the copy only)
-into a new file and atomically replaces `<region root>/analytics/<tenant>.duckdb`; `create_views` (defined in
-`store.views`, beside the schema whose tables they read) adds the views to that new file before the replace, so
-every snapshot carries the view definitions that match its tables (docs/ANALYSTS.md documents every column). The
-raw tables (`emails`, `meetings`, `email_crm_matches`, ...) stay queryable beside them. This module imports the
-store; the store never imports it.
+`store.publish_snapshot` copies the live files that changed (byte copies, under the live store's shared lock for
+the copies only) and atomically replaces `<region root>/analytics/<tenant>.duckdb` with a new views file: the
+tenant file's tables, the users' tables as views over the copies of their bucket files (`read_duckdb`), and the
+analysts' views, which `create_views` (defined in `store.views`, beside the schema whose tables they read) adds
+before the replace, so every snapshot carries the view definitions that match its tables (docs/ANALYSTS.md
+documents every column). The raw tables (`emails`, `meetings`, `email_crm_matches`, ...) stay queryable beside
+them. This module imports the store; the store never imports it.
 
 Views (names chosen not to clash with the tables):
 - `activities`: one row per stored email or meeting, with its primary CRM record and that record's account.

@@ -4,6 +4,7 @@ and the Parquet export of them (read from the snapshot, never the live store; at
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from app.cli_analytics import export
 from o365sync.analytics import DEFAULT_EXPORT, VIEW_NAMES, create_views, export_views
 from o365sync.store import open_store, publish_snapshot, record_sync_state, snapshot_path, store_lock
+from o365sync.store.publishing import snapshot_parts
 from o365sync.sync.calendar import sync_calendar_now
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
@@ -203,20 +205,21 @@ def test_views_work_attached_beside_other_databases_and_load_into_polars(product
         assert isinstance(frame, pl.DataFrame) and frame.width > 3
 
 
-def test_create_views_inside_publish_reads_the_snapshot_not_the_live_store(product, tmp_path):
-    """How `publish_snapshot` calls it: on the attached copy, before DETACH."""
+def test_the_snapshot_reads_its_own_copies_never_the_live_store(product):
+    """The users' tables of the views file are views over the snapshot's copies of the bucket files (in its private
+    folder), and `create_views` binds to them: no view names a live file, and the counts are the live ones."""
     tid = product.world.tenants[0].tid
-    target = tmp_path / "snap.duckdb"
-    with open_store(product.settings, tid, write=True) as con:
-        con.execute(f"ATTACH '{target}' AS snap")
-        con.execute("COPY FROM DATABASE store TO snap")
-        create_views(con, "snap", tenant_id=tid)
-        con.execute("DETACH snap")
+    snap = snapshot_path(product.settings, tid)
+    with open_store(product.settings, tid, write=False) as con:
         live = con.execute("SELECT count(*) FROM emails").fetchall()[0][0]
-    with duckdb.connect(str(target), read_only=True) as snap:
-        assert snap.execute("SELECT count(*) FROM email_activity").fetchall()[0][0] == live
-        assert snap.execute("SELECT tenant_id, analytics_version FROM snapshot_info").fetchall() == [(tid, 1)]
-        assert not snap.execute("SELECT count(*) FROM duckdb_views() WHERE sql ILIKE '%store.%'").fetchall()[0][0]
+    with duckdb.connect(str(snap), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM email_activity").fetchall()[0][0] == live > 0
+        assert con.execute("SELECT tenant_id, analytics_version FROM snapshot_info").fetchall() == [(tid, 1)]
+        bodies = [r[0] for r in con.execute("SELECT sql FROM duckdb_views() WHERE NOT internal").fetchall()]
+    assert not [b for b in bodies if str(tenant_dir(product.settings, tid)) in b]
+    emails = next(b for b in bodies if "table_name = 'emails'" in b)
+    named = re.findall(r"'([^']+\.duckdb)'", emails)
+    assert named and all(Path(n).parent == snapshot_parts(snap) for n in named)
 
 
 def test_publish_snapshot_carries_the_views(product):

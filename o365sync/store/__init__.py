@@ -83,6 +83,7 @@ from o365sync.store.publishing import (
     Published,
     publish,
     publish_snapshot,
+    snapshot_files,
     snapshot_leftovers,
     snapshot_path,
 )
@@ -178,6 +179,7 @@ __all__ = [
     "refresh_notetaker_queue",
     "replace_crm_snapshot",
     "reset_sync_positions",
+    "snapshot_files",
     "snapshot_leftovers",
     "snapshot_path",
     "split_late_match",

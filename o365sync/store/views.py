@@ -133,14 +133,20 @@ def quoted_identifier(name: str) -> str:
 
 
 def create_views(
-    con: duckdb.DuckDBPyConnection, catalog: str | None = None, *, temporary: bool = False, tenant_id: str | None = None
+    con: duckdb.DuckDBPyConnection,
+    catalog: str | None = None,
+    *,
+    temporary: bool = False,
+    tenant_id: str | None = None,
+    generation: int | None = None,
 ) -> None:
     """Create (or replace) the analyst views in `catalog` (default: the connection's current database), plus the
-    one-row table `snapshot_info` (published_at, tenant_id, analytics_version) unless `temporary`.
+    one-row table `snapshot_info` (published_at, tenant_id, analytics_version, generation) unless `temporary`.
 
-    `publishing` calls it on its copy of the live file before renaming the copy into place. The view bodies use
-    unqualified table names, which DuckDB binds to the view's own database: the views read the snapshot's tables,
-    never the live store's.
+    `publishing` calls it on its copy of the tenant file, where each users' table (`emails`, ...) is already a view
+    over the generation's copies of the bucket files, before renaming the copy into place. The view bodies use
+    unqualified names, which DuckDB binds to the view's own database: the views read the snapshot's tables and
+    views, never the live store's.
     `temporary=True` makes session views over whatever database is in use (exports of snapshots published
     before the views existed)."""
     prefix = "" if temporary or catalog is None else f"{quoted_identifier(catalog)}.main."
@@ -150,8 +156,9 @@ def create_views(
     if not temporary:
         con.execute(
             f"CREATE OR REPLACE TABLE {prefix}snapshot_info AS SELECT now() AS published_at, "
-            "CAST(? AS VARCHAR) AS tenant_id, CAST(? AS INTEGER) AS analytics_version",
-            [tenant_id, ANALYTICS_VERSION],
+            "CAST(? AS VARCHAR) AS tenant_id, CAST(? AS INTEGER) AS analytics_version, "
+            "CAST(? AS BIGINT) AS generation",
+            [tenant_id, ANALYTICS_VERSION, generation],
         )
 
 
