@@ -93,10 +93,11 @@ def test_a_write_advances_the_running_syncs_progress_in_its_own_transaction(tmp_
 
 def test_the_progress_of_a_store_not_yet_upgraded_can_be_read(tmp_path):
     settings = Settings(data_dir=tmp_path)
-    with open_store(settings, "t1", write=True) as con:
+    with open_store(settings, "t1", write=True, user_oid="u1") as con:
         record_sync_state(con, "t1", "u1", "syncing", feature="calendar")
-        con.execute("ALTER TABLE sync_state DROP COLUMN run_started_at")  # as migration 1 left it
+        con.execute("ALTER TABLE sync_state DROP COLUMN run_started_at")  # the user's bucket, as migration 1 left it
         con.execute("ALTER TABLE sync_state DROP COLUMN progress_at")
+    with open_store(settings, "t1", write=False) as con:
         (p,) = read_sync_progress(con, "t1")
     assert (p.feature, p.running, p.started_at) == ("calendar", True, None)
     assert p.line() == "importing: 0 events scanned, 0 imported"

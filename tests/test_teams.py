@@ -93,6 +93,7 @@ def seed_meeting(p, oid: str, event_id: str = EVENT_ID) -> dict:
         con.execute(
             "INSERT INTO crm_people VALUES ('003C', 'contact', 'peter@initech.example', '001A', 'Peter Gibbons')"
         )
+    with open_store(p.settings, tid, write=True, user_oid=oid) as con:
         con.execute(
             "INSERT INTO meetings (tenant_id, user_oid, event_id, subject, start_at, start_tz, end_at, end_tz, "
             "is_all_day, is_online, organizer_name, organizer_address, is_internal, imported_at, updated_at) "
@@ -334,6 +335,7 @@ def test_email_summary_has_subject_date_and_crm_links_but_no_body(product):
     tid = tenant.tid
     with open_store(p.settings, tid, write=True) as con:
         con.execute("INSERT INTO crm_accounts VALUES ('001A', 'Initech GmbH', 'initech.example')")
+    with open_store(p.settings, tid, write=True, user_oid=me.oid) as con:
         con.execute(
             "INSERT INTO emails (tenant_id, user_oid, graph_id, subject, body_text, from_name, from_address, "
             "received_at, sent_at, imported_at) VALUES (?, ?, 'MSG1', 'Pricing follow-up', ?, 'Peter', "

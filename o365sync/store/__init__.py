@@ -1,6 +1,8 @@
-"""The activity store: one DuckDB file per tenant, opened only through `open_store`.
+"""The activity store: one DuckDB tenant file per tenant plus its users' bucket files (`partitions`), opened only
+through `open_store`, which presents them as one database.
 
-One module per area: `schema` (numbered migrations), `locks` (open_store, the flocks), `transactions`, `mail`,
+One module per area: `schema` (numbered migrations), `locks` (open_store, the flocks), `partitions` (which file holds
+what), `transactions`, `mail`,
 `calendar` (and the notetaker queue), `crm`, `sync_state`, `late_match` (the late-match backfill's work),
 `lifecycle` (a user's saved positions), `views` (the analysts' views) and `publishing` (the analysts' snapshot).
 Every name is re-exported here, so callers import from `o365sync.store`.
@@ -78,6 +80,11 @@ from o365sync.store.mail import (
     MailBatch,
     read_cursors,
     write_mail_batch,
+)
+from o365sync.store.partitions import (
+    bucket_files,
+    each_bucket,
+    use_bucket,
 )
 from o365sync.store.publishing import (
     Published,
@@ -191,4 +198,7 @@ __all__ = [
     "transaction",
     "write_mail_batch",
     "write_meeting_batch",
+    "bucket_files",
+    "each_bucket",
+    "use_bucket",
 ]

@@ -180,11 +180,13 @@ def _attached_buckets(con: duckdb.DuckDBPyConnection) -> list[int]:
 def _layout(con: duckdb.DuckDBPyConnection) -> Layout | None:
     """The layout `connect` recorded; None on a connection not made by it (a plain DuckDB file, as the benchmarks
     and some tests use: its tables are the real ones already)."""
-    try:
-        rows = con.execute(f"SELECT store, buckets, write FROM memory.main.{_LAYOUT}").fetchall()
-    except duckdb.CatalogException:
+    known = con.execute(
+        "SELECT 1 FROM duckdb_tables() WHERE database_name = 'memory' AND schema_name = 'main' AND table_name = ?",
+        [_LAYOUT],
+    ).fetchall()
+    if not known:  # asked without raising: an error would abort the caller's transaction
         return None
-    store, buckets, write = rows[0]
+    store, buckets, write = con.execute(f"SELECT store, buckets, write FROM memory.main.{_LAYOUT}").fetchall()[0]
     return Layout(Path(store), buckets, write)
 
 
