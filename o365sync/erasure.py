@@ -48,15 +48,15 @@ from o365sync.store import (
     fsync_path,
     open_store,
     publish,
-    snapshot_leftovers,
-    snapshot_path,
+    snapshot_files,
     store_lock,
     store_path,
     tenant_sync_locks,
     transaction,
     write_synced,
 )
-from o365sync.store.partitions import PARTS_DIR, bucket_files, bucket_of, bucket_path, mark_dirty, use_bucket
+from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, mark_dirty, use_bucket
+from o365sync.store.publishing import snapshot_parts
 from o365sync.store.schema import BUCKET_TABLES
 from o365sync.tenants import load_tenant, region_root, registry_dir, save_tenant, tenant_dir, tenant_region
 
@@ -219,6 +219,8 @@ def compact_live_store(settings: Settings, tenant_id: str, buckets: Iterable[int
         with store_lock(settings, tenant_id, write=True) as store:
             path = store if number is None else bucket_path(store, number)
             if path.exists():
+                if number is not None:
+                    mark_dirty(path)  # the next publish copies the new file (a publish may have taken the marker)
                 b, a = compact_file(path, tenant_id)
                 before, after = before + b, after + a
     return before, after
@@ -229,8 +231,7 @@ def compact_file(path: Path, tenant_id: str) -> tuple[int, int]:
     `<file>.compact` (DuckDB's default compression: forcing zstd saves 14 % CPU but hides strings from the byte
     greps that prove an erasure; docs/benchmarks.md), close (checkpoint), fsync the copy, remove the old file's WAL
     (its contents are in the copy), `os.replace` the copy over the file, fsync the directory. Deleted rows exist
-    only in blocks of the old file, which no longer has a name. A bucket is marked dirty first, so the next publish
-    copies the new file. Returns the bytes before and after."""
+    only in blocks of the old file, which no longer has a name. Returns the bytes before and after."""
     tmp = path.with_name(path.name + ".compact")
     tmp_wal = Path(f"{tmp}.wal")
     for p in (tmp, tmp_wal):
@@ -252,24 +253,16 @@ def compact_file(path: Path, tenant_id: str) -> tuple[int, int]:
         raise ErasureError(f"tenant {tenant_id}: compaction left a WAL beside the copy of {path.name}")
     os.chmod(tmp, 0o600)
     fsync_path(tmp)
-    if path.parent.name == PARTS_DIR:
-        mark_dirty(path)
     Path(f"{path}.wal").unlink(missing_ok=True)  # never let the old file's WAL replay into the new one
     os.replace(tmp, path)
     fsync_path(path.parent)
     return before, _size(path)
 
 
-def snapshot_files(snapshot: Path) -> list[Path]:
-    """Every path of a tenant's analysts' snapshot: the views file, its folder of generation copies, and what a
-    publish that died midway left beside them."""
-    return [snapshot, snapshot.with_name(f"{snapshot.stem}.parts"), *snapshot_leftovers(snapshot)]
-
-
 def snapshot_bytes(snapshot: Path) -> int:
-    """The bytes of every file of the snapshot (the views file and every generation copy)."""
+    """The bytes of the snapshot's files: the views file and every generation's copies."""
     total = 0
-    for path in snapshot_files(snapshot):
+    for path in (snapshot, snapshot_parts(snapshot)):
         if path.is_dir():
             total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         elif path.exists():
@@ -297,10 +290,8 @@ def _read_pending(settings: Settings, tenant_id: str) -> set[int] | None:
         return None
 
 
-def _write_pending(settings: Settings, tenant_id: str, buckets: set[int] | None) -> None:
+def _write_pending(settings: Settings, tenant_id: str, buckets: set[int]) -> None:
     path = _pending_path(settings, tenant_id)
-    if buckets is None:  # keep the unreadable record: every bucket stays pending
-        return
     tmp = path.with_name(path.name + ".tmp")
     write_synced(tmp, json.dumps({"buckets": sorted(buckets)}).encode())
     os.replace(tmp, path)
@@ -576,7 +567,8 @@ def erase(
             try:
                 buckets = _by_bucket(con, store_path(settings, tenant_id), _selected_users(con, scope))
                 pending = _read_pending(settings, tenant_id)
-                _write_pending(settings, tenant_id, None if pending is None else pending | set(buckets))
+                if pending is not None and not set(buckets) <= pending:  # unreadable: every bucket is pending
+                    _write_pending(settings, tenant_id, pending | set(buckets))
                 for user in buckets.values():  # step 2: each bucket holding rows of the scope
                     with use_bucket(con, user), transaction(con):
                         _add(rows, _delete_bucket_rows(con, tenant_id, scope))
@@ -686,10 +678,10 @@ def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, n
     t0 = time.perf_counter()
     region = tenant_region(settings, tenant_id)
     log = audit_path(settings, tenant_id, region)
-    folder, registry, snap = (
+    folder, registry, snapshot = (
         tenant_dir(settings, tenant_id),
         registry_dir(settings, tenant_id),
-        snapshot_path(settings, tenant_id),
+        snapshot_files(settings, tenant_id),
     )
     users = [u.oid for u in connected_users(settings, tenant_id)] if folder.exists() else []
     with (
@@ -702,7 +694,7 @@ def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, n
         for oid in users:
             disconnect(settings, tenant_id, oid)
         files = 0
-        for path in (*snapshot_files(snap), folder, registry):
+        for path in (*snapshot, folder, registry):
             if path.is_dir():
                 files += sum(1 for p in path.rglob("*") if p.is_file())
                 shutil.rmtree(path)

@@ -23,9 +23,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from o365sync.erasure import _count_rows, snapshot_files
+from o365sync.erasure import _count_rows
 from o365sync.settings import Settings
-from o365sync.store import FEATURE_LOCKS, flock_file, publish, tenant_sync_locks
+from o365sync.store import FEATURE_LOCKS, flock_file, publish, snapshot_leftovers, tenant_sync_locks
+from o365sync.store.publishing import snapshot_parts
 from o365sync.tenants import holds_tenant_files, load_tenant, registry_dir, save_tenant, tenant_locations
 
 STORE = "store.duckdb"
@@ -42,7 +43,7 @@ def _leftovers(settings: Settings, tenant_id: str, keep: Path) -> list[Path]:
     for region in [None, *settings.regions]:
         folder, snap = tenant_locations(settings, tenant_id, region)
         if folder.resolve() != keep.resolve():
-            paths = (folder, *snapshot_files(snap))
+            paths = (folder, snap, *snapshot_leftovers(snap), snapshot_parts(snap))
             found.update({p.resolve(): p for p in paths if p.exists() and p.resolve() not in found})
     return list(found.values())
 
