@@ -5,8 +5,7 @@
         [--body-words 300] [--keep DIR] [--json out.json] [--quick]
 
 For each size N (activities = emails + meetings; 85 % emails, 15 % meetings) a tenant store is created through
-`open_store` (the real schema: a tenant file and the users' bucket files, `o365sync.store.partitions`) in a scratch
-data directory and filled with synthetic rows written by DuckDB SQL, each user's rows into the user's bucket:
+`open_store` (the real schema) in a scratch data directory and filled with synthetic rows written by DuckDB SQL:
 emails with 4-10-word subjects and plain-text bodies of `--body-words` random words from a 2,000-word vocabulary
 (about 2.5 KB at 300 words; random words compress like real text, not like repeated strings), about 3 emails per
 conversation, 4 participants (from, 2 to, cc) and 1-2 CRM matches each; meetings with 5 attendees and one match;
@@ -28,13 +27,14 @@ Prints one table; the numbers recorded in docs/benchmarks.md ("Compaction and pu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -42,20 +42,47 @@ from import_vs_dlt import parse_with_quick, write_json
 
 from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store, snapshot_bytes
 from o365sync.settings import Settings
-from o365sync.store import open_store, publish_snapshot, snapshot_path, store_path, transaction
-from o365sync.store.partitions import bucket_files, bucket_of, each_bucket, use_bucket
+from o365sync.store import (
+    MIGRATIONS,
+    migrate,
+    open_store,
+    publish_snapshot,
+    snapshot_path,
+    store_lock,
+    store_path,
+    transaction,
+)
+from o365sync.store.partitions import bucket_files, each_bucket
+from o365sync.store.schema import PARTITIONED_VERSION
 
 TENANT = "bench-tenant"
+ONE_FILE_MIGRATIONS = MIGRATIONS[: PARTITIONED_VERSION - 1]  # the schema before the buckets: users' rows included
 ACTIVITY_TABLES = (*EMAIL_TABLES, *MEETING_TABLES[:3])  # the activities and their child rows: the store's bytes
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "da", "gri", "sto", "ber", "lan", "qui", "zor"]
 
 
-def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[str, int]:
-    """Fill a fresh store with `n` activities of `users` mailboxes (activity i belongs to user `user<i % users>`, so
-    every user's rows are spread through their bucket file); returns row counts."""
+@contextlib.contextmanager
+def one_file_store(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The tenant's store as one DuckDB file, laid out as before the buckets (schema version 3: every user's rows in
+    it), under the store's exclusive flock: what the generator writes, and the one-file baseline of the benches."""
+    with store_lock(settings, TENANT, write=True) as path:
+        con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+        try:
+            con.execute("SET TimeZone='UTC'")
+            migrate(con, f"the one-file store {path}", ONE_FILE_MIGRATIONS)
+            yield con
+        finally:
+            con.close()
+
+
+def build(settings: Settings, n: int, body_words: int, users: int = 50, split: bool = True) -> dict[str, int]:
+    """Fill a fresh store with `n` activities of `users` mailboxes (activity i belongs to user i % users, so every
+    user's rows are spread through the whole file); returns row counts. The rows are written into one file laid
+    out as before the buckets; `split`: then the store is opened for writing once, which splits it into the tenant
+    file and the users' bucket files (`o365sync.store.partitions`, as an upgraded store is split)."""
     n_emails, n_meetings = int(n * 0.85), n - int(n * 0.85)
     people, accounts = max(n // 10, 100), max(n // 50, 20)
-    with open_store(settings, TENANT, write=True) as con:
+    with one_file_store(settings) as con:
         con.execute("SELECT setseed(0.42)")
         syl = "[" + ", ".join(f"'{s}'" for s in SYLLABLES) + "]"
         # 2,000 pseudo-words of 2-4 syllables.
@@ -79,31 +106,7 @@ def build(settings: Settings, n: int, body_words: int, users: int = 50) -> dict[
         con.execute(f"""INSERT INTO crm_opportunities SELECT 'opp' || i, 'acc' || (i % {accounts}), 'Deal ' || i,
                         i % 3 = 0, TIMESTAMPTZ '2025-01-01' + INTERVAL (i % 400) DAY
                         FROM range({accounts}) t(i)""")
-        (buckets,) = con.execute("SELECT buckets FROM store_layout").fetchall()[0]
-        members: dict[int, list[int]] = {}
-        for user in range(users):
-            members.setdefault(bucket_of(f"user{user}", buckets), []).append(user)
-        for owners in members.values():  # one bucket at a time: its users' activities
-            with use_bucket(con, f"user{owners[0]}") as bucket:
-                mine = f"(i % {users}) IN ({', '.join(map(str, owners))})"
-                _fill_bucket(con, n_emails, n_meetings, mine, text, body_words, users, people, accounts)
-                con.execute(f"CHECKPOINT b{bucket}")
-        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
-
-
-def _fill_bucket(
-    con: duckdb.DuckDBPyConnection,
-    n_emails: int,
-    n_meetings: int,
-    mine: str,
-    text: Callable[[str], str],
-    body_words: int,
-    users: int,
-    people: int,
-    accounts: int,
-) -> None:
-    """Inside `use_bucket`: the emails and meetings `i` for which `mine` holds, with their child rows."""
-    con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % {users}),
+        con.execute(f"""INSERT INTO emails SELECT '{TENANT}', 'user' || (i % {users}),
                         'AAkALgAAAAAAHYQDEapmEc2byACqAC-EWg0A' || md5(i::VARCHAR),
                         CASE WHEN i % 3 = 0 THEN 'sentitems' ELSE 'inbox' END,
                         '<' || md5('m' || i) || '@mail.example.com>', 'conv' || (i // 3),
@@ -113,19 +116,19 @@ def _fill_bucket(
                         TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000) SECOND,
                         TIMESTAMPTZ '2024-01-01' + INTERVAL (i * 37 % 31536000 - 5) SECOND, i % 5 = 0,
                         'https://outlook.office365.com/owa/?ItemID=' || md5(i::VARCHAR), now()
-                        FROM range({n_emails}) t(i), vocab v WHERE {mine}""")
-    con.execute("""INSERT INTO email_participants SELECT e.tenant_id, e.user_oid, e.graph_id, r.role,
+                        FROM range({n_emails}) t(i), vocab v""")
+        con.execute("""INSERT INTO email_participants SELECT e.tenant_id, e.user_oid, e.graph_id, r.role,
                         'Name ' || r.k, CASE WHEN r.role = 'from' THEN e.from_address
                         ELSE 'someone' || (hash(e.graph_id, r.k) % 100000) || '@example.com' END
                         FROM emails e, (VALUES ('from', 0), ('to', 1), ('to', 2), ('cc', 3)) r(role, k)""")
-    con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
+        con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
                        split_part(split_part(from_address, '@', 1), 'person', 2), 'contact', from_address, true
                        FROM emails""")
-    con.execute("UPDATE email_crm_matches SET crm_id = 'per' || crm_id")
-    con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
+        con.execute("UPDATE email_crm_matches SET crm_id = 'per' || crm_id")
+        con.execute("""INSERT INTO email_crm_matches SELECT tenant_id, user_oid, graph_id,
                        'acc' || regexp_extract(from_address, 'company(\\d+)', 1), 'account', from_address, false
                        FROM emails WHERE hash(graph_id) % 3 = 0""")
-    con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % {users}), 'AAMkAGI' || md5('ev' || i),
+        con.execute(f"""INSERT INTO meetings SELECT '{TENANT}', 'user' || (i % {users}), 'AAMkAGI' || md5('ev' || i),
                         CASE WHEN i % 4 = 0 THEN 'occurrence' ELSE 'singleInstance' END,
                         CASE WHEN i % 4 = 0 THEN 'series' || (i // 8) END, md5('ical' || i), {text("3 + (i % 6)::INT")},
                         TIMESTAMPTZ '2025-01-01' + INTERVAL (i * 60 % 31536000) SECOND, 'UTC',
@@ -133,15 +136,21 @@ def _fill_bucket(
                         'https://teams.microsoft.com/l/meetup-join/' || md5('j' || i), 'Person ' || (i % {people}),
                         'person' || (i % {people}) || '@company' || (i % {people} % {accounts}) || '.com', false,
                         'https://outlook.office365.com/calendar/item/' || md5('ev' || i), now(), now()
-                        FROM range({n_meetings}) t(i), vocab v WHERE {mine}""")
-    con.execute("""INSERT INTO meeting_attendees SELECT m.tenant_id, m.user_oid, m.event_id,
+                        FROM range({n_meetings}) t(i), vocab v""")
+        con.execute("""INSERT INTO meeting_attendees SELECT m.tenant_id, m.user_oid, m.event_id,
                        CASE WHEN r.k = 0 THEN 'organizer' WHEN r.k < 4 THEN 'to' ELSE 'cc' END, 'Name ' || r.k,
                        CASE WHEN r.k = 0 THEN m.organizer_address
                        ELSE 'someone' || (hash(m.event_id, r.k) % 100000) || '@example.com' END, 'accepted'
                        FROM meetings m, range(5) r(k)""")
-    con.execute("""INSERT INTO meeting_crm_matches SELECT tenant_id, user_oid, event_id,
+        con.execute("""INSERT INTO meeting_crm_matches SELECT tenant_id, user_oid, event_id,
                        'per' || split_part(split_part(organizer_address, '@', 1), 'person', 2), 'contact',
                        organizer_address, true FROM meetings""")
+        con.execute("CHECKPOINT")
+        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ACTIVITY_TABLES}
+    if split:
+        with open_store(settings, TENANT, write=True):
+            pass
+    return counts
 
 
 def delete_one_percent(settings: Settings) -> int:

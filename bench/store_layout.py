@@ -1,6 +1,8 @@
-"""Benchmark: the tenant's live store as one DuckDB file (today) against the same rows split into one file per user
-(per user x month, or users hashed into buckets) — erasure of a user or of a conversation, publish after a sync of
-one mailbox, the sync's write, the analysts' queries, files and bytes (issue 14: the design step for P6/P7).
+"""Benchmark: the tenant's live store as one DuckDB file (the layout before issue 14) against the same rows split
+into one file per user (per user x month, or users hashed into buckets: the layout the product adopted) — erasure
+of a user or of a conversation, publish after a sync of one mailbox, the sync's write, the analysts' queries, files
+and bytes (issue 14: the design step for P6/P7). Every layout here, the one file included, is built and run by this
+bench (the product's own partitioned store is measured by bench/publish.py).
 
     uv run --group bench python bench/store_layout.py [--sizes 1000000] [--new 1000] [--reps 3] [--query-reps 2]
         [--users 50] [--layouts user,user_month] [--body-words 300] [--keep DIR] [--json out.json] [--quick]
@@ -24,11 +26,12 @@ files, generation-named, plus the product's analyst views) — one file an analy
 
 Measured in one run, for each layout: files and bytes (live and snapshot); three analyst queries through the
 `activities` view (results checked equal across layouts); `--reps` rounds of a sync of one mailbox (`--new`
-activities through `write_mail_batch` + `write_meeting_batch`) followed by a publish — the product's `publish` for
-one file, the copy of the changed partitions + a new views file for the others; a reader holding an old views file
-while a publish replaces a partition, and the generation GC that waits for it; the erasure of one user — the
-product's `erase(Scope.user)` on one file, unlink (a bucket: delete + compaction of it) + tenant-file
-delete/compaction + republish on the others; the erasure of a conversation that spans three mailboxes on the
+activities through `write_mail_batch` + `write_meeting_batch`) followed by a publish — for one file the byte copy of
+the whole file that the product's `publish` made before the buckets, for the others the copy of the changed
+partitions + a new views file; a reader holding an old views file while a publish replaces a partition, and the
+generation GC that waits for it; the erasure of one user — for one file its old path (delete + whole-file
+compaction + byte-copy publish), for the others unlink (a bucket: delete + compaction of it) + tenant-file
+delete/compaction + republish; the erasure of a conversation that spans three mailboxes on the
 partitioned layouts (its find, delete + compaction of the partitions holding it, republish). Prints tables with
 ratios against the one file and the <= 10 s target (P6).
 docs/benchmarks.md ("Store layout for P6/P7 (issue 14): one file vs partitions") records four 1M runs.
@@ -53,11 +56,21 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
-from compaction import ACTIVITY_TABLES, TENANT, add_store_options, build, for_each_size, mb, print_report
+from compaction import (
+    ACTIVITY_TABLES,
+    ONE_FILE_MIGRATIONS,
+    TENANT,
+    add_store_options,
+    build,
+    for_each_size,
+    mb,
+    one_file_store,
+    print_report,
+)
 from import_vs_dlt import parse_with_quick
 from publish import compact_file
 
-from o365sync.erasure import USER_TABLES, Scope, compact_live_store, erase
+from o365sync.erasure import USER_TABLES
 from o365sync.settings import Settings
 from o365sync.store import (
     MEETING_COLUMNS,
@@ -68,8 +81,6 @@ from o365sync.store import (
     flock_file,
     fsync_path,
     migrate,
-    open_store,
-    publish,
     snapshot_path,
     store_lock,
     store_path,
@@ -194,10 +205,10 @@ def stage(one_file: Path, staging: Path) -> None:
 
 
 def open_partition(path: Path) -> duckdb.DuckDBPyConnection:
-    """A partition opened for writing as `open_store` opens the live store (the caller holds its flock)."""
+    """A partition opened for writing, with the one file's schema (the caller holds its flock)."""
     con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
     con.execute("SET TimeZone='UTC'")
-    migrate(con, f"the partition {path}")
+    migrate(con, f"the partition {path}", ONE_FILE_MIGRATIONS)
     return con
 
 
@@ -218,7 +229,7 @@ def ingest(layout: Layout, staging: Path, one_file: Path) -> None:
                     con.execute(f"INSERT INTO {table} SELECT * FROM read_parquet({listed}, hive_partitioning=false)")
         finally:
             con.close()
-    with open_store(layout.settings, TENANT, write=True) as con:
+    with one_file_store(layout.settings) as con:
         con.execute(f"ATTACH {quoted(one_file)} AS one (READ_ONLY)")
         tables = [
             r[0]
@@ -285,6 +296,42 @@ def publish_layout(layout: Layout) -> dict[str, float]:
         layout.gen = gen
         layout.views_of[gen] = set(layout.current.values())
     return {"s": time.perf_counter() - t0, "lock_s": lock_max, "bytes": copied_bytes, "files": copied}
+
+
+def publish_one_file(settings: Settings) -> dict[str, float]:
+    """The one file's publish as the product made it before the buckets: under the store's shared flock a byte copy
+    of the file, then the analysts' views, fsync, rename over the snapshot path."""
+    t0 = time.perf_counter()
+    target = snapshot_path(settings, TENANT)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with store_lock(settings, TENANT, write=False) as live:
+        t = time.perf_counter()
+        copied = copy_synced(live, tmp)
+        lock_s = time.perf_counter() - t
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute("SET TimeZone='UTC'")
+        create_views(con, tenant_id=TENANT)
+    finally:
+        con.close()
+    fsync_path(tmp)
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+    return {"s": time.perf_counter() - t0, "lock_s": lock_s, "bytes": copied, "files": 1}
+
+
+def delete_user_rows(settings: Settings, user: str) -> None:
+    """DELETE the user's rows from a one-file (or tenant) store, in one transaction."""
+    with one_file_store(settings) as con, transaction(con):
+        for table in USER_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ?", [TENANT, user])
+
+
+def compact_tenant_file(settings: Settings) -> None:
+    """The whole-file compaction (`COPY FROM DATABASE` into a new file renamed over it) under the exclusive flock."""
+    with store_lock(settings, TENANT, write=True) as path:
+        compact_file(path)
 
 
 def in_use(views_file: Path) -> bool:
@@ -403,9 +450,9 @@ def write_batches(con: duckdb.DuckDBPyConnection, user: str, batches: tuple[Mail
 
 
 def sync_one_file(settings: Settings, user: str, batches: tuple[MailBatch, MeetingBatch]) -> float:
-    """The product's path: open the live store, write the mailbox's batches, close (checkpoint)."""
+    """The one file's path: open the store, write the mailbox's batches, close (checkpoint)."""
     t = time.perf_counter()
-    with open_store(settings, TENANT, write=True) as con:
+    with one_file_store(settings) as con:
         write_batches(con, user, batches)
     return time.perf_counter() - t
 
@@ -514,7 +561,7 @@ def delete_and_compact(part: Path, deletes: list[tuple[str, list[str]]]) -> int:
 def erase_user_partitioned(layout: Layout, user: str) -> dict[str, float]:
     """Unlink the user's partitions (each under its exclusive flock) — in a bucket layout, delete the user's rows
     from its bucket and compact it instead —, delete the user's rows from the tenant file and compact it (the
-    product's `compact_live_store`), republish, and unlink every snapshot copy of the user's partitions (all
+    whole-file compaction), republish, and unlink every snapshot copy of the user's partitions (all
     generations: erased rows do not wait for readers) or the bucket's superseded copies."""
     t0 = time.perf_counter()
     if layout.buckets:
@@ -530,11 +577,9 @@ def erase_user_partitioned(layout: Layout, user: str) -> dict[str, float]:
                 part.unlink()
                 Path(f"{part}.wal").unlink(missing_ok=True)
     t1 = time.perf_counter()
-    with open_store(layout.settings, TENANT, write=True) as con, transaction(con):
-        for table in USER_TABLES:
-            con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND user_oid = ?", [TENANT, user])
+    delete_user_rows(layout.settings, user)
     t2 = time.perf_counter()
-    compact_live_store(layout.settings, TENANT)
+    compact_tenant_file(layout.settings)
     t3 = time.perf_counter()
     published = publish_layout(layout)
     for copy in [*layout.user_snapshots(user), *superseded]:
@@ -622,15 +667,15 @@ def run(n: int, args: argparse.Namespace, root: Path) -> dict:
     for s in (one, *(lay.settings for lay in layouts)):
         save_tenant(s, TenantConfig(id=TENANT, domains=["company0.com"]))
     t = time.perf_counter()
-    counts = build(one, n, args.body_words, users=args.users)
+    counts = build(one, n, args.body_words, users=args.users, split=False)
     one_file = store_path(one, TENANT)
     print(f"  built {n:,} activities in {time.perf_counter() - t:.1f} s, {mb(one_file.stat().st_size)} MB", flush=True)
-    first = publish(one, TENANT)
+    first = publish_one_file(one)
     staging = root / f"n{n}" / "staging"
     t = time.perf_counter()
     stage(one_file, staging)
     split: dict[str, float] = {"stage_s": time.perf_counter() - t}
-    full_publish = {"one_file": first.seconds}
+    full_publish = {"one_file": first["s"]}
     for lay in layouts:
         t = time.perf_counter()
         ingest(lay, staging, one_file)
@@ -652,8 +697,7 @@ def run(n: int, args: argparse.Namespace, root: Path) -> dict:
     for i in range(reps):
         batches = mailbox_batches(SYNCED_USER, new, f"sync{i}")
         writes["one_file"].append(sync_one_file(one, SYNCED_USER, batches))
-        done = publish(one, TENANT)
-        publishes["one_file"].append({"s": done.seconds, "lock_s": done.lock_seconds, "bytes": done.bytes_copied})
+        publishes["one_file"].append(publish_one_file(one))
         for lay in layouts:
             writes[lay.name].append(sync_partition(lay, SYNCED_USER, batches))
             publishes[lay.name].append(publish_layout(lay))
@@ -666,12 +710,16 @@ def run(n: int, args: argparse.Namespace, root: Path) -> dict:
     erased = {}
     rows_before = count_in_snapshot(snapshot_path(one, TENANT), f"user_oid = '{ERASED_USER}'")
     t, cpu = time.perf_counter(), time.process_time()
-    result = erase(one, TENANT, Scope.user(ERASED_USER), actor="bench:store_layout", reason="admin_request")
+    delete_user_rows(one, ERASED_USER)
+    t1 = time.perf_counter()
+    compact_tenant_file(one)
+    t2 = time.perf_counter()
+    published = publish_one_file(one)
     erased["one_file"] = {
         "total_s": time.perf_counter() - t,
         "cpu_s": time.process_time() - cpu,
-        "compact_s": result.extra["compact_ms"] / 1000,
-        "publish_s": result.extra["publish_ms"] / 1000,
+        "compact_s": t2 - t1,
+        "publish_s": published["s"],
         "partitions": 1,
     }
     for lay in layouts:
@@ -733,10 +781,10 @@ def report(rows: list[dict], new: int) -> list[str]:
         parted = [k for k in r["erase_user"] if k != "one_file"]
         columns = ("one_file", *parted)
         lines += [
-            f"N = {r['n']:,} activities ({r['rows']:,} rows) of {r['users']} users; layouts: one_file = today's "
-            "store.duckdb; user = one file per user + tenant file; user_month = one file per user and month + tenant "
-            "file; bucket<B> = users hashed into B files + tenant file. Ratios: layout / one_file. Load average "
-            f"(1 min) at the end: {r['load_avg'][0]:.1f}.",
+            f"N = {r['n']:,} activities ({r['rows']:,} rows) of {r['users']} users; layouts: one_file = the "
+            "store.duckdb before issue 14's buckets; user = one file per user + tenant file; user_month = one file "
+            "per user and month + tenant file; bucket<B> = users hashed into B files + tenant file. Ratios: "
+            f"layout / one_file. Load average (1 min) at the end: {r['load_avg'][0]:.1f}.",
             "",
             "| measure | one_file | " + " | ".join(f"{k} | {k} / one_file" for k in parted) + " |",
             "|---|--:|" + "--:|--:|" * len(parted),
