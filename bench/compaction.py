@@ -19,7 +19,10 @@ a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians
 3. a plain copy of the live store's files + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
 4. sizes: the live store as built; after DELETE of 1 % of the activities (whole conversations / meetings, with their
    participants and matches) + CHECKPOINT — DuckDB keeps the bytes, so the file does not shrink; after
-   `compact_store` — the deleted rows' bytes are gone with the old file.
+   `compact_store` — the deleted rows' bytes are gone with the old file;
+5. the erasure of one user (`o365sync.erasure.erase(Scope.user(...))`: delete, compaction of the user's bucket and
+   the tenant file, publish, audit; issue 14's P6 target is 10 s at 1M activities), with the live files it
+   rewrote (changed inode) out of all, against `compact_store`'s rewrite of every file.
 
 Prints one table; the numbers recorded in docs/benchmarks.md ("Compaction and publish (issue 6)") come from it.
 """
@@ -40,7 +43,7 @@ from pathlib import Path
 import duckdb
 from import_vs_dlt import parse_with_quick, write_json
 
-from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store, snapshot_bytes
+from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, Scope, compact_store, erase, snapshot_bytes
 from o365sync.settings import Settings
 from o365sync.store import (
     MIGRATIONS,
@@ -54,6 +57,7 @@ from o365sync.store import (
 )
 from o365sync.store.partitions import bucket_files, each_bucket
 from o365sync.store.schema import PARTITIONED_VERSION
+from o365sync.tenants import TenantConfig, save_tenant
 
 TENANT = "bench-tenant"
 ONE_FILE_MIGRATIONS = MIGRATIONS[: PARTITIONED_VERSION - 1]  # the schema before the buckets: users' rows included
@@ -187,6 +191,23 @@ def live_bytes(settings: Settings) -> int:
     return sum(path.stat().st_size for path in live_files(settings))
 
 
+def erase_one_user(settings: Settings, user: str) -> dict:
+    """The product's erasure of `user`: its time and steps, and which live files it rewrote."""
+    before = {path: path.stat().st_ino for path in live_files(settings)}
+    t = time.perf_counter()
+    result = erase(settings, TENANT, Scope.user(user), actor="bench:compaction", reason="admin_request")
+    took = time.perf_counter() - t
+    rewritten = [path.name for path in live_files(settings) if before.get(path) != path.stat().st_ino]
+    print(f"  erase(Scope.user) of {user} ({result.deleted:,} rows): {took:.2f} s {result.extra}, rewrote {rewritten}")
+    return {
+        "erase_user_s": took,
+        "erase_user_rows": result.deleted,
+        "erase_user_steps_ms": result.extra,
+        "erase_user_rewrote": rewritten,
+        "live_files": len(before),
+    }
+
+
 def mb(n: int) -> str:
     return f"{n / 1e6:,.1f}"
 
@@ -195,6 +216,7 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     data = root / f"n{n}"
     shutil.rmtree(data, ignore_errors=True)
     settings = Settings(data_dir=data)
+    save_tenant(settings, TenantConfig(id=TENANT, domains=["company0.com"]))  # `erase` needs a registered tenant
     t = time.perf_counter()
     counts = build(settings, n, body_words)
     built_s = time.perf_counter() - t
@@ -248,6 +270,7 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
         "snapshot": snapshot_bytes(snapshot_path(settings, TENANT)),
         "erase_compact_s": erase_s,
         "erase_result": after,
+        **erase_one_user(settings, "user2"),
     }
     print(
         f"  deleted {gone:,} activities: {mb(size_deleted)} MB after DELETE+CHECKPOINT, {mb(size_after)} MB after "
@@ -301,15 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
         "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
-        "compaction after the delete s | file copy + fsync s | publish / copy | compaction / copy |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "compaction after the delete s | file copy + fsync s | publish / copy | compaction / copy | "
+        "erase one user s | files it rewrote | erase one user / compaction + publish |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']:,} | {r['rows']:,} | {mb(r['size_compacted'])} | {r['publish_s']:.2f} | "
             f"{r['compact_s']:.2f} | {r['compact_publish_s']:.2f} | {r['deleted']:,} | {mb(r['size_deleted'])} | "
             f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} | {r['copy_s']:.2f} | "
-            f"{r['publish_s'] / r['copy_s']:.1f}x | {r['compact_s'] / r['copy_s']:.1f}x |"
+            f"{r['publish_s'] / r['copy_s']:.1f}x | {r['compact_s'] / r['copy_s']:.1f}x | {r['erase_user_s']:.2f} | "
+            f"{len(r['erase_user_rewrote'])} of {r['live_files']} | {r['erase_user_s'] / r['compact_publish_s']:.2f}x |"
         )
     return print_report(args, rows, lines)
 

@@ -652,7 +652,7 @@ def _audit_entry(result: ErasureResult, actor: str, reason: str, now: datetime, 
     }
 
 
-def _count_rows(store: Path) -> dict[str, int]:
+def store_row_counts(store: Path) -> dict[str, int]:
     """Rows per table in a live store: its tenant file and every bucket file beside it (summed per table)."""
     counts: dict[str, int] = {}
     for path in [store, *bucket_files(store).values()] if store.exists() else []:
@@ -689,7 +689,7 @@ def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, n
         export_lock(settings, tenant_id, exclusive=True),
         store_lock(settings, tenant_id, write=True) as live,
     ):
-        rows = {t: n for t, n in _count_rows(live).items() if n}
+        rows = {t: n for t, n in store_row_counts(live).items() if n}
         before = sum(_size(path) for path in [live, *bucket_files(live).values()])
         for oid in users:
             disconnect(settings, tenant_id, oid)

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from o365sync.erasure import _count_rows
+from o365sync.erasure import store_row_counts
 from o365sync.settings import Settings
 from o365sync.store import FEATURE_LOCKS, flock_file, publish, snapshot_leftovers, tenant_sync_locks
 from o365sync.store.publishing import snapshot_parts
@@ -60,7 +60,7 @@ def _check_destination(old_dir: Path, new_dir: Path, tenant_id: str, current: st
     source, target = old_dir / STORE, new_dir / STORE
     if not target.exists() or (source.exists() and _is_copy(source, target)):
         return
-    rows = sum(_count_rows(target).values())
+    rows = sum(store_row_counts(target).values())
     newer = not source.exists() or target.stat().st_mtime_ns > source.stat().st_mtime_ns
     if rows or newer:
         raise MoveRefused(
@@ -75,11 +75,13 @@ def _check_destination(old_dir: Path, new_dir: Path, tenant_id: str, current: st
 def _check_leftovers(leftovers: list[Path], kept_store: Path, tenant_id: str) -> None:
     """Leftovers of a finished move are removed, but never a store with rows while the kept one has none: that is
     not a leftover but the tenant's data, and the configuration points at the wrong place."""
-    if kept_store.exists() and any(_count_rows(kept_store).values()):
+    if kept_store.exists() and any(store_row_counts(kept_store).values()):
         return
     for folder in leftovers:
         store = folder / STORE
-        if store.is_file() and store.resolve() != kept_store.resolve() and (rows := sum(_count_rows(store).values())):
+        if not store.is_file() or store.resolve() == kept_store.resolve():
+            continue
+        if rows := sum(store_row_counts(store).values()):
             raise MoveRefused(
                 f"{store.resolve()} holds {rows} rows of tenant {tenant_id} while the store being kept "
                 f"({kept_store.resolve()}) is {'empty' if kept_store.exists() else 'missing'}; nothing "
