@@ -21,6 +21,7 @@ from o365sync.conversations import export_conversation, export_meeting
 from o365sync.erasure import ErasureError, Scope, compact_store, erase, read_audit
 from o365sync.store import open_store, publish_snapshot, snapshot_leftovers, snapshot_path, store_path
 from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, use_bucket
+from o365sync.store.publishing import snapshot_parts
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import region_root, tenant_dir
@@ -341,6 +342,9 @@ def test_erasing_one_user_rewrites_only_that_users_bucket(product):
     assert mine != theirs, "the fixture's two users hash to different buckets"
     before, tenant_inode = inodes(bucket_files(store)), store.stat().st_ino
     assert hits([mine], markers) and not hits([theirs], markers), "positive control: the markers are in alice's"
+    copies = snapshot_parts(snapshot_path(p.settings, tid))
+    bobs_copies = {path: path.stat().st_ino for path in copies.glob(f"{theirs.stem}.g*.duckdb")}
+    assert bobs_copies, "the snapshot has a copy of bob's bucket"
     with open_store(p.settings, tid, write=False) as con:
         bobs = count(con, "emails WHERE user_oid = ?", bob.oid)
 
@@ -350,6 +354,8 @@ def test_erasing_one_user_rewrites_only_that_users_bucket(product):
     changed = {k for k in before if after.get(k) != before[k]}
     assert changed == {int(mine.name[1 : -len(".duckdb")])}
     assert store.stat().st_ino != tenant_inode, "the tenant file is compacted too (Teams rows, shares)"
+    # the new snapshot generation still reads the copy of bob's bucket made before: nothing of his was copied again
+    assert {path: path.stat().st_ino for path in copies.glob(f"{theirs.stem}.g*.duckdb")} == bobs_copies
     assert hits(tenant_files(p.settings, tid), markers) == []
     with open_store(p.settings, tid, write=False) as con:
         assert count(con, "emails WHERE user_oid = ?", alice.oid) == 0
