@@ -17,7 +17,7 @@ from o365sync.auth import connected_users, token_path
 from o365sync.conversations import export_conversation
 from o365sync.erasure import USER_TABLES, audit_path, read_audit
 from o365sync.offboarding import complete_due_offboardings, offboarding_status
-from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.store import bucket_files, open_store, publish_snapshot, snapshot_path, store_path
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
@@ -115,8 +115,11 @@ def test_shortening_retention_purges_on_the_next_run_and_spares_open_opportuniti
     tenant = load_tenant(p.settings, tid)
     tenant.retention_days = 10
     save_tenant(p.settings, tenant)
+    buckets = {path: path.stat().st_ino for path in bucket_files(store_path(p.settings, tid)).values()}
     second = retention(tid)
     assert second["emails_deleted"] > 0 and second["emails_exempt"] >= sum(exempt.values())
+    # every bucket is rewritten (also the bytes of rows the syncs replaced go), one at a time
+    assert len(buckets) == 2 and all(path.stat().st_ino != inode for path, inode in buckets.items())
     assert hits(tenant_files(p.settings, tid), markers) == []
     with open_store(p.settings, tid, write=False) as con:
         assert con.execute("SELECT count(*) FROM emails WHERE graph_id = ?", [gid]).fetchone()[0] == 0
