@@ -143,8 +143,8 @@ class ErasureResult:
     ids: dict[str, list[str]]  # conversation_ids / event_ids / series_ids / user_oids (ids only)
     rows: dict[str, int]  # deleted rows per table
     tombstones: int = 0
-    bytes_before: int = 0  # the compacted files of the live store (+ WAL) before compaction
-    bytes_after: int = 0  # the same files after compaction
+    bytes_before: int = 0  # the live store's files (tenant file, buckets, WALs) before compaction
+    bytes_after: int = 0  # the same after compaction
     snapshot_bytes: int = 0  # the views file and the copies it reads
     exports_removed: int = 0  # files
     files_removed: int = 0  # tenant scope: every file of the tenant
@@ -185,6 +185,11 @@ def read_audit(settings: Settings, tenant_id: str, region: str | None = None) ->
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}.wal")) if p.exists())
+
+
+def _store_bytes(store: Path) -> int:
+    """The live store's bytes: the tenant file and every bucket, with their WALs."""
+    return sum(_size(path) for path in [store, *bucket_files(store).values()])
 
 
 # ------------------------------------------------------------------------------------------------ compaction
@@ -586,7 +591,9 @@ def erase(
             # removed (docs/DATA_LIFECYCLE.md). Any other scope rewrites only the buckets it (or an erasure that
             # did not finish) changed.
             compact = None if pending is None or scope.kind == "retention" else pending | set(buckets)
-            result.bytes_before, result.bytes_after = compact_live_store(settings, tenant_id, compact)
+            result.bytes_before = _store_bytes(store_path(settings, tenant_id))
+            compact_live_store(settings, tenant_id, compact)
+            result.bytes_after = _store_bytes(store_path(settings, tenant_id))
             t2 = time.perf_counter()
             published = publish(settings, tenant_id, purge=True)
             with export_lock(settings, tenant_id, exclusive=True):  # in-flight exports finish, then go
@@ -690,7 +697,7 @@ def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, n
         store_lock(settings, tenant_id, write=True) as live,
     ):
         rows = {t: n for t, n in store_row_counts(live).items() if n}
-        before = sum(_size(path) for path in [live, *bucket_files(live).values()])
+        before = _store_bytes(live)
         for oid in users:
             disconnect(settings, tenant_id, oid)
         files = 0
