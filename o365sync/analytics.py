@@ -36,7 +36,7 @@ from pathlib import Path
 import duckdb
 
 from o365sync.settings import Settings
-from o365sync.store import fsync_path, publish_snapshot, snapshot_path
+from o365sync.store import fsync_path, publish_snapshot, snapshot_parts, snapshot_path
 from o365sync.store.views import (  # noqa: F401 (re-exported: the analysts' API)
     ANALYTICS_VERSION,
     VIEW_NAMES,
@@ -86,11 +86,14 @@ class ExportResult:
 
 def open_snapshot(settings: Settings, tenant_id: str) -> duckdb.DuckDBPyConnection:
     """A read-only session on the tenant's published snapshot (attached as `snap` and in use), with the analyst
-    views available even if the snapshot predates them. Never touches the live store."""
+    views available even if the snapshot predates them. Never touches the live store. The folder of the snapshot's
+    copies stays readable when the caller then disables file access (`SET enable_external_access = false`, as
+    `o365sync sql` does): the users' tables are views that read them (`read_duckdb`)."""
     path = snapshot_path(settings, tenant_id)
     con = duckdb.connect(config={"memory_limit": "1GB", "threads": 2})
     try:
         con.execute("SET TimeZone='UTC'")
+        con.execute("SET allowed_directories = [?]", [f"{snapshot_parts(path).absolute()}{os.sep}"])
         con.execute("ATTACH '" + str(path).replace("'", "''") + "' AS snap (READ_ONLY)")
         con.execute("USE snap")
         present = {

@@ -54,7 +54,7 @@ def _with_notice(body: dict | None, join_url: str) -> str | None:
 def add_consent_links(
     client: GraphClient, settings: Settings, tenant_id: str, user_oid: str, organizer: str, now: datetime
 ) -> int:
-    with open_store(settings, tenant_id, write=False) as con:
+    with open_store(settings, tenant_id, write=False, user_oid=user_oid) as con:
         candidates = consent_mode_candidates(con, tenant_id, user_oid, organizer, now)
     for event_id, _instance, start, end, subject in candidates:
         payload = {
@@ -71,7 +71,7 @@ def add_consent_links(
             client.request(
                 "PATCH", path, content=json.dumps({"body": {"contentType": "html", "content": body}}).encode()
             )
-        with open_store(settings, tenant_id, write=True) as con:
+        with open_store(settings, tenant_id, write=True, user_oid=user_oid) as con:
             record_consent_link(con, tenant_id, user_oid, event_id, join_url, now)
     return len(candidates)
 
@@ -83,6 +83,6 @@ def run_notetaker(
     enabled = tenant.feature_on("notetaker", user_oid)
     if enabled and tenant.notetaker_explicit_consent and organizer:
         counts.links_added = add_consent_links(client, settings, tenant.id, user_oid, organizer, now)
-    with open_store(settings, tenant.id, write=True) as con:
+    with open_store(settings, tenant.id, write=True, user_oid=user_oid) as con:
         counts.to_record = refresh_notetaker_queue(con, tenant.id, user_oid, enabled, now)
     return counts

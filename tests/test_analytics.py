@@ -15,9 +15,16 @@ import typer
 from typer.testing import CliRunner
 
 from app.cli_analytics import export
-from o365sync.analytics import DEFAULT_EXPORT, VIEW_NAMES, create_views, export_views
-from o365sync.store import open_store, publish_snapshot, record_sync_state, snapshot_path, store_lock
-from o365sync.store.publishing import snapshot_parts
+from o365sync.analytics import DEFAULT_EXPORT, VIEW_NAMES, create_views, export_views, open_snapshot
+from o365sync.store import (
+    open_store,
+    publish_snapshot,
+    record_sync_state,
+    snapshot_parts,
+    snapshot_path,
+    store_lock,
+    store_path,
+)
 from o365sync.sync.calendar import sync_calendar_now
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
@@ -220,6 +227,23 @@ def test_the_snapshot_reads_its_own_copies_never_the_live_store(product):
     emails = next(b for b in bodies if "table_name = 'emails'" in b)
     named = re.findall(r"'([^']+\.duckdb)'", emails)
     assert named and all(Path(n).parent == snapshot_parts(snap) for n in named)
+
+
+def test_a_session_without_file_access_still_reads_the_snapshot_and_nothing_else(product):
+    """What `o365sync sql` does: `open_snapshot`, then file access disabled; the users' tables (views over the
+    snapshot's copies) still read, the live store and other files do not."""
+    tid = product.world.tenants[0].tid
+    with open_store(product.settings, tid, write=False) as live:
+        expected = live.execute("SELECT count(*) FROM emails").fetchall()[0][0]
+    con = open_snapshot(product.settings, tid)
+    try:
+        con.execute("SET enable_external_access = false")
+        assert con.execute("SELECT count(*) FROM email_activity").fetchall()[0][0] == expected > 0
+        for path in (store_path(product.settings, tid), snapshot_parts(snapshot_path(product.settings, tid)) / ".."):
+            with pytest.raises(duckdb.PermissionException):
+                con.execute(f"SELECT count(*) FROM read_text('{path}')").fetchall()
+    finally:
+        con.close()
 
 
 def test_publish_snapshot_carries_the_views(product):

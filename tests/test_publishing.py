@@ -30,12 +30,12 @@ from o365sync.store import (
     publish_snapshot,
     snapshot_files,
     snapshot_leftovers,
+    snapshot_parts,
     snapshot_path,
     store_lock,
     store_path,
 )
 from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, each_bucket, mark_dirty
-from o365sync.store.publishing import snapshot_parts
 from o365sync.store.views import VIEW_NAMES
 
 TENANT = "publish-tenant"
@@ -418,12 +418,13 @@ def test_a_reader_during_publishes_sees_whole_published_states(store):
     assert torn == [], (published, torn[:5], len(seen))
 
 
-def compact_bucket(settings: Settings, user: str) -> None:
+def compact_bucket(settings: Settings, user: str, mark: bool = True) -> None:
     """What an erasure does to a bucket after its DELETE: rewritten into a new file renamed over it, under the
-    store's exclusive flock (marked dirty, as every writer of a bucket)."""
+    store's exclusive flock (`mark`: marked dirty, as every writer of a bucket should)."""
     with store_lock(settings, TENANT, write=True):
         path = user_bucket(settings, user)
-        mark_dirty(path)
+        if mark:
+            mark_dirty(path)
         tmp = path.with_name(path.name + ".compact")
         with duckdb.connect(str(path)) as con:
             con.execute(f"ATTACH '{tmp}' AS compacted")
@@ -457,3 +458,12 @@ def test_a_compaction_while_a_publish_finishes_its_copy_makes_it_start_over(stor
     for path in snapshot_parts(snapshot_path(store, TENANT)).iterdir():
         assert marker.encode() not in path.read_bytes(), path.name
     assert marker.encode() not in user_bucket(store, "u1").read_bytes()
+
+
+def test_a_bucket_replaced_without_a_marker_is_copied_all_the_same(store):
+    """The manifest records which live file each copy came from: a bucket file replaced since (a compaction that
+    did not mark it) is not the one copied, so the next publish copies it."""
+    publish(store, TENANT)
+    compact_bucket(store, "u1", mark=False)
+    assert publish(store, TENANT).copied_files == (user_bucket(store, "u1"), store_path(store, TENANT))
+    assert publish(store, TENANT).copied_files == (store_path(store, TENANT),)

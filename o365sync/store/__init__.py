@@ -92,6 +92,7 @@ from o365sync.store.publishing import (
     publish_snapshot,
     snapshot_files,
     snapshot_leftovers,
+    snapshot_parts,
     snapshot_path,
 )
 from o365sync.store.schema import (
@@ -188,6 +189,7 @@ __all__ = [
     "reset_sync_positions",
     "snapshot_files",
     "snapshot_leftovers",
+    "snapshot_parts",
     "snapshot_path",
     "split_late_match",
     "store_lock",

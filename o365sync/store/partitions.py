@@ -11,7 +11,8 @@ transaction write one file, so every table it writes together sits in the same f
 `connect` opens an in-memory DuckDB with the tenant file and every bucket ATTACHed, and a search path under which
 the product's SQL is unchanged: tenant tables by name; each bucket table as a view over all buckets (reads across
 users); and, for a connection opened for one user (or inside `use_bucket`), that user's bucket first, so its
-tables are the real, writable ones. Only the bucket being written is attached read-write, and it gets a `.dirty`
+tables are the real, writable ones. A connection opened for one user attaches only that user's bucket (its views
+show that bucket's rows only). Only the bucket being written is attached read-write, and it gets a `.dirty`
 marker first, so a publish knows which files to copy (`o365sync.store.publishing`).
 """
 
@@ -101,23 +102,27 @@ def connect(
     con = duckdb.connect(":memory:", config=DUCKDB_CONFIG)
     try:
         con.execute("SET TimeZone='UTC'")
-        layout = None
         if store is None:
             con.execute("ATTACH ':memory:' AS tenant")
             con.execute("SET search_path = 'tenant.main'")
             migrate(con, "an empty store")
-        else:
-            _attach_tenant(con, store, write, default_buckets)
-            layout = Layout(store, _stored_buckets(con) or default_buckets, write)
+            _union_views(con)
+            con.execute("SET search_path = 'tenant.main,memory.main'")
+            yield con
+            return
+        _attach_tenant(con, store, write, default_buckets)
+        layout = Layout(store, _stored_buckets(con) or default_buckets, write)
+        _record_layout(con, layout)
+        if user_oid is None:  # every user's rows: each bucket attached (~3 ms each), the views over them all
             for number, path in bucket_files(store).items():
                 con.execute(f"ATTACH '{_sql_path(path)}' AS b{number} (READ_ONLY)")
-        _create_bucket_views(con, layout)
-        con.execute("SET search_path = 'tenant.main,memory.main'")
-        if layout is not None and user_oid is not None:
+            _union_views(con)
+            con.execute("SET search_path = 'tenant.main,memory.main'")
+            yield con
+        else:  # one user's work: their bucket is all it needs
+            con.execute("SET search_path = 'tenant.main,memory.main'")
             with use_bucket(con, user_oid, keep=True):
                 yield con
-        else:
-            yield con
     finally:
         con.close()
 
@@ -148,24 +153,29 @@ def _stored_buckets(con: duckdb.DuckDBPyConnection) -> int | None:
     return con.execute("SELECT buckets FROM store_layout").fetchall()[0][0]
 
 
-def _create_bucket_views(con: duckdb.DuckDBPyConnection, layout: Layout | None) -> None:
-    """In the memory database: the bucket schema's empty tables, a view per bucket table over them and every
-    attached bucket, and the layout `use_bucket` reads."""
-    con.execute("CREATE SCHEMA memory.empty")
-    con.execute("SET search_path = 'memory.empty'")
-    for statements in BUCKET_MIGRATIONS:
-        con.execute(statements)
-    _union_views(con)
-    if layout is not None:
-        con.execute(f"CREATE TABLE memory.main.{_LAYOUT} (store VARCHAR, buckets INTEGER, write BOOLEAN)")
-        con.execute(
-            f"INSERT INTO memory.main.{_LAYOUT} VALUES (?, ?, ?)", [str(layout.store), layout.buckets, layout.write]
-        )
+def _record_layout(con: duckdb.DuckDBPyConnection, layout: Layout) -> None:
+    """What `use_bucket` and `each_bucket` read, kept in the connection's memory database."""
+    con.execute(f"CREATE TABLE memory.main.{_LAYOUT} (store VARCHAR, buckets INTEGER, write BOOLEAN)")
+    con.execute(
+        f"INSERT INTO memory.main.{_LAYOUT} VALUES (?, ?, ?)", [str(layout.store), layout.buckets, layout.write]
+    )
 
 
 def _union_views(con: duckdb.DuckDBPyConnection) -> None:
-    """Each bucket table as a view over the empty table and every attached bucket's (writes the memory database:
-    never inside a transaction that writes a bucket)."""
+    """In the memory database: each bucket table as a view over the bucket schema's empty table (its columns, even
+    with no bucket) and every attached bucket's. Writes the memory database: never inside a transaction that has
+    written a bucket."""
+    previous = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
+    if not con.execute(
+        "SELECT 1 FROM duckdb_schemas() WHERE database_name = 'memory' AND schema_name = 'empty'"
+    ).fetchall():
+        con.execute("CREATE SCHEMA memory.empty")
+        con.execute("SET search_path = 'memory.empty'")
+        try:
+            for statements in BUCKET_MIGRATIONS:
+                con.execute(statements)
+        finally:
+            con.execute(f"SET search_path = '{previous}'")
     attached = _attached_buckets(con)
     for table in BUCKET_TABLES:
         sources = [f"SELECT * FROM memory.empty.{table}"] + [f"SELECT * FROM b{k}.{table}" for k in attached]
@@ -200,7 +210,9 @@ def use_bucket(con: duckdb.DuckDBPyConnection, user_oid: str, keep: bool = False
         yield None
         return
     number = bucket_of(user_oid, layout.buckets)
-    if not layout.write and not _is_attached(con, f"b{number}"):
+    if not layout.write and not bucket_path(layout.store, number).exists():
+        if not _has_views(con):
+            _union_views(con)  # the user has no rows: the views (over what is attached) show none of theirs
         yield None
         return
     _attach_bucket(con, layout, number)
@@ -243,35 +255,40 @@ def each_bucket(con: duckdb.DuckDBPyConnection) -> Iterator[int]:
             con.execute(f"SET search_path = '{previous}'")
 
 
-def _is_attached(con: duckdb.DuckDBPyConnection, alias: str) -> bool:
-    return bool(con.execute("SELECT 1 FROM duckdb_databases() WHERE database_name = ?", [alias]).fetchall())
-
-
 def _attach_bucket(con: duckdb.DuckDBPyConnection, layout: Layout, number: int) -> None:
-    """Bucket `number` attached, read-write (created and migrated, marked dirty) when the connection writes."""
+    """Bucket `number` attached: read-only for a reader (it exists), read-write for a writer (created and migrated,
+    marked dirty first). A bucket new to the connection joins the views over every user's rows, if it has them."""
     alias = f"b{number}"
     path = bucket_path(layout.store, number)
+    state = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = ?", [alias]).fetchall()
+    if state and (not layout.write or not state[0][0]):
+        return  # attached as this connection needs it (a writer's read-only attach is replaced below)
     if not layout.write:
-        if not _is_attached(con, alias):
-            raise FileNotFoundError(f"{path}: no such bucket (a reader cannot create one)")
-        return
-    read_only = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = ?", [alias]).fetchall()
-    if read_only and not read_only[0][0]:
-        return  # attached for writing already
-    if read_only:
-        con.execute(f"DETACH {alias}")  # the views name it by alias: they follow it
-    mark_dirty(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con.execute(f"ATTACH '{_sql_path(path)}' AS {alias}")
-    previous = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
-    con.execute(f"SET search_path = '{alias}.main'")
-    try:
-        migrate(con, f"the bucket {path}", BUCKET_MIGRATIONS)
-        if not read_only:
-            _union_views(con)  # a bucket new to this connection joins the views over every user's rows
-    finally:
-        con.execute(f"SET search_path = '{previous}'")
-    os.chmod(path, 0o600)
+        con.execute(f"ATTACH '{_sql_path(path)}' AS {alias} (READ_ONLY)")
+    else:
+        if state:
+            con.execute(f"DETACH {alias}")  # read-only until now; the views name it by alias and follow it
+        mark_dirty(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con.execute(f"ATTACH '{_sql_path(path)}' AS {alias}")
+        previous = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
+        con.execute(f"SET search_path = '{alias}.main'")
+        try:
+            migrate(con, f"the bucket {path}", BUCKET_MIGRATIONS)
+        finally:
+            con.execute(f"SET search_path = '{previous}'")
+        os.chmod(path, 0o600)
+    if not state and _has_views(con):
+        _union_views(con)
+
+
+def _has_views(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(
+        con.execute(
+            "SELECT 1 FROM duckdb_views() WHERE database_name = 'memory' AND schema_name = 'main' "
+            "AND view_name = 'emails'"
+        ).fetchall()
+    )
 
 
 def partition(store: Path, buckets: int) -> None:

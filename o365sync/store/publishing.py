@@ -98,10 +98,11 @@ class Published:
 @dataclass(frozen=True)
 class _Generation:
     """A published generation as its manifest records it: the copy (file name in the parts folder) of each bucket,
-    and the bucket schema version the copies were brought to."""
+    which live file (device, inode) each copy was made from, and the bucket schema version they were brought to."""
 
     number: int
     copies: dict[int, str]
+    sources: dict[int, tuple[int, int]]
     bucket_version: int
 
     def files(self) -> set[str]:
@@ -117,6 +118,7 @@ class _Round:
     copies: dict[int, str]  # bucket -> its copy's name in `parts` (made now, or carried from the last generation)
     new_copies: list[Path]
     sources: dict[Path, tuple[int, int] | None]  # every live file and its identity at the copy
+    bucket_sources: dict[int, tuple[int, int] | None]  # the same, by bucket number
     copied_files: list[Path]
     bytes_copied: int
     lock_seconds: float
@@ -187,18 +189,18 @@ def _copy_live_files(settings: Settings, tenant_id: str, target: Path, current: 
     into `<snapshot>.tmp`; returns what was copied and every live file's identity."""
     parts = snapshot_parts(target)
     number = _next_generation(parts)
-    carried = current.copies if current and current.bucket_version == len(BUCKET_MIGRATIONS) else {}
     with store_lock(settings, tenant_id, write=False) as live:
         t = time.perf_counter()
-        round_ = _Round(number, parts, {}, [], _live_files(live), [], 0, 0.0)
-        for bucket, path in bucket_files(live).items():
-            previous = carried.get(bucket)
-            marker, publishing = dirty_marker(path), _publishing_marker(path)
-            if previous and (parts / previous).exists() and not marker.exists() and not publishing.exists():
+        buckets = bucket_files(live)
+        sources = _live_files(live)
+        round_ = _Round(number, parts, {}, [], sources, {k: sources[path] for k, path in buckets.items()}, [], 0, 0.0)
+        for bucket, path in buckets.items():
+            previous = _unchanged_copy(parts, current, bucket, path, round_.bucket_sources[bucket])
+            if previous is not None:
                 round_.copies[bucket] = previous
                 continue
-            if marker.exists():
-                os.replace(marker, publishing)  # a writer from now on makes a new marker
+            if dirty_marker(path).exists():
+                os.replace(dirty_marker(path), _publishing_marker(path))  # a writer from now on makes a new one
             copy = parts / f"b{bucket}.g{number}.duckdb"
             round_.new_copies.append(copy)
             round_.bytes_copied += _copy_with_wal(path, copy)
@@ -208,6 +210,22 @@ def _copy_live_files(settings: Settings, tenant_id: str, target: Path, current: 
         round_.copied_files.append(live)
         round_.lock_seconds = time.perf_counter() - t
     return round_
+
+
+def _unchanged_copy(
+    parts: Path, current: _Generation | None, bucket: int, path: Path, identity: tuple[int, int] | None
+) -> str | None:
+    """The current generation's copy of bucket `bucket` (live file `path`) if it still is the live content: made at
+    today's bucket schema, from the same file (a compaction replaces it), and no marker since (a writer marks a
+    bucket before it writes; a publish that failed after copying it left the marker `.publishing`)."""
+    if current is None or current.bucket_version != len(BUCKET_MIGRATIONS):
+        return None
+    copy = current.copies.get(bucket)
+    if copy is None or current.sources.get(bucket) != identity or not (parts / copy).exists():
+        return None
+    if dirty_marker(path).exists() or _publishing_marker(path).exists():
+        return None
+    return copy
 
 
 def _copy_with_wal(src: Path, dst: Path) -> int:
@@ -320,7 +338,11 @@ def _no_wal_left(path: Path) -> None:
 
 
 def _write_manifest(parts: Path, round_: _Round) -> None:
-    manifest = {"copies": {str(k): v for k, v in round_.copies.items()}, "bucket_version": len(BUCKET_MIGRATIONS)}
+    manifest = {
+        "copies": {str(k): v for k, v in round_.copies.items()},
+        "sources": {str(k): round_.bucket_sources[k] for k in round_.copies},
+        "bucket_version": len(BUCKET_MIGRATIONS),
+    }
     write_synced(parts / f"views.g{round_.number}.json", json.dumps(manifest, sort_keys=True).encode())
 
 
@@ -330,7 +352,8 @@ def _read_generation(parts: Path, number: int) -> _Generation | None:
     except (FileNotFoundError, ValueError):
         return None
     copies = {int(k): v for k, v in manifest["copies"].items()}
-    return _Generation(number, copies, manifest["bucket_version"])
+    sources = {int(k): (v[0], v[1]) for k, v in manifest.get("sources", {}).items() if v}
+    return _Generation(number, copies, sources, manifest["bucket_version"])
 
 
 def _generations(parts: Path) -> list[int]:

@@ -164,7 +164,7 @@ def sync_calendar_now(tenant: Tenant, user_oid: str, now: datetime | None = None
     index, scan_start = crm_index_for(settings, config)
     if scan_start is None:
         raise NoCrmSnapshot(tenant_id)
-    with tenant.open_store(write=False) as con:
+    with tenant.open_store(write=False, user_oid=user_oid) as con:
         cursor = read_calendar_cursor(con, tenant_id, user_oid)
     stored = cursor
     if cursor is None or now - cursor.window_start >= timedelta(hours=settings.calendar_reanchor_hours):
@@ -211,7 +211,7 @@ def sync_calendar_now(tenant: Tenant, user_oid: str, now: datetime | None = None
             reconcile=counts.baseline and complete,
             scanned=counts.scanned,
         )
-        with tenant.open_store(write=True) as con:
+        with tenant.open_store(write=True, user_oid=user_oid) as con:
             counts.removed = write_meeting_batch(con, tenant_id, user_oid, batch)
         organizer = str(connection_info(settings, tenant_id, user_oid).get("upn") or "")
         notes = run_notetaker(client, settings, config, user_oid, organizer, now)

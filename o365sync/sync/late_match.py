@@ -131,12 +131,12 @@ def late_match_mailbox(
 
 
 def _next_search(tenant: Tenant, user_oid: str) -> Search | None:
-    with tenant.open_store(write=False) as con:
+    with tenant.open_store(write=False, user_oid=user_oid) as con:
         return next(plan_searches(read_late_match_work(con, tenant.id, user_oid)), None)
 
 
 def _open_terms(tenant: Tenant, user_oid: str) -> set[str]:
-    with tenant.open_store(write=False) as con:
+    with tenant.open_store(write=False, user_oid=user_oid) as con:
         return {w.term for w in read_late_match_work(con, tenant.id, user_oid)}
 
 
@@ -195,7 +195,7 @@ def _write(
             mark_late_match(con, tenant.id, run.user_oid, search.works, status, seen, result.imported, solo)
 
     batch = replace(buf.take({}, run.bodies), also=state)  # no folder cursor moves; waits for the page's bodies
-    with tenant.open_store(write=True) as con:
+    with tenant.open_store(write=True, user_oid=run.user_oid) as con:
         result = write_mail_batch(con, tenant.id, run.user_oid, batch)
     duplicates = (("duplicate", result.duplicates),) if result.duplicates else ()
     run.counts += RunCounts(imported=result.imported, excluded=duplicates)

@@ -356,7 +356,7 @@ class StoreWriter:
 
     def _write(self, group: list[_Sealed]) -> RunCounts:
         run, counts = self.run, RunCounts()
-        with open_store(run.settings, run.tenant.id, write=True) as con:
+        with open_store(run.settings, run.tenant.id, write=True, user_oid=run.user_oid) as con:
             for buf, folder, cursor in group:
                 batch = buf.take({folder: cursor}, run.bodies)  # every body is in: the rows, then their cursor
                 result = write_mail_batch(con, run.tenant.id, run.user_oid, batch)
@@ -511,7 +511,7 @@ def sync_mailbox_now(tenant: Tenant, user_oid: str) -> RunCounts:
     index, scan_start = crm_index_for(settings, config)
     if scan_start is None:
         raise NoCrmSnapshot(tenant.id)
-    with tenant.open_store(write=False) as con:
+    with tenant.open_store(write=False, user_oid=user_oid) as con:
         cursors = read_cursors(con, tenant.id, user_oid)
     scopes = scopes_for(["email"])
     with (

@@ -52,13 +52,13 @@ def run_user_sync(
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> dict[str, int | str]:
     """`work(tenant, user_oid)` (one user's sync of `feature`) between its sync state's "syncing" and the outcome."""
-    with tenant.open_store(write=True) as con:
+    with tenant.open_store(write=True, user_oid=user_oid) as con:
         record_sync_state(con, tenant.id, user_oid, "syncing", feature=feature)
     try:
         counts = work(tenant, user_oid)
     except Exception as exc:
         stage, error = sync_failure(exc)
-        with tenant.open_store(write=True) as con:
+        with tenant.open_store(write=True, user_oid=user_oid) as con:
             record_sync_state(con, tenant.id, user_oid, stage, error=error, feature=feature)
         if stage not in (FAILED, ACTION_NEEDED):  # the user must connect again; the tenant's run goes on
             logger.warning("%s user=%s %s error=%s", feature, user_oid, stage, error)
@@ -69,7 +69,7 @@ def run_user_sync(
     reasons = dict(counts.excluded)
     note = "; ".join(text for reason, text in NOTES.items() if reasons.get(reason)) or None
     stage = CATCHING_UP if reasons.keys() & set(LIMIT_REASONS.values()) else "idle"
-    with tenant.open_store(write=True) as con:
+    with tenant.open_store(write=True, user_oid=user_oid) as con:
         record_sync_state(con, tenant.id, user_oid, stage, counts, feature=feature, note=note)
     logger.info(
         "%s user=%s scanned=%d matched=%d imported=%d discarded=%d excluded=%s",
