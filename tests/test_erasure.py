@@ -57,6 +57,10 @@ def users_bucket(settings, tid: str, oid: str) -> Path:
     return bucket_path(store_path(settings, tid), bucket_of(oid, buckets))
 
 
+def inodes(files: dict[int, Path]) -> dict[int, int]:
+    return {k: path.stat().st_ino for k, path in files.items()}
+
+
 def snapshot_files_of(settings, tid: str) -> list[Path]:
     """The views file and every generation's copies."""
     return [p for p in snapshot_path(settings, tid).parent.rglob("*") if p.is_file()]
@@ -191,9 +195,18 @@ def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothi
             [bob.oid],
         ).fetchone()
         total = con.execute("SELECT count(*) FROM emails").fetchone()[0]
+        holders = [
+            r[0]
+            for r in con.execute("SELECT DISTINCT user_oid FROM emails WHERE conversation_id = ?", [conv]).fetchall()
+        ]
     export_conversation(p.settings, tid, conversation_id=conv)
+    buckets = inodes(bucket_files(store_path(p.settings, tid)))
     result = erase(p.settings, tid, Scope.conversation(conv), actor="admin:ops", reason="admin_request")
     assert result.rows["emails"] >= n and result.exports_removed == 1 + result.rows["emails"]
+    rewritten = {users_bucket(p.settings, tid, oid) for oid in holders}  # the buckets of the users who had it
+    assert {
+        path for k, path in bucket_files(store_path(p.settings, tid)).items() if path.stat().st_ino != buckets[k]
+    } == (rewritten)
     with open_store(p.settings, tid, write=False) as con:
         assert con.execute("SELECT count(*) FROM emails").fetchone()[0] == total - result.rows["emails"]
         assert con.execute("SELECT user_oid FROM erased WHERE key = ?", [conv]).fetchall() == [(None,)]
@@ -323,10 +336,6 @@ def test_cli_conversation_export_and_delete(product):
     assert run(app, ["conversation", "delete", "--tenant", tid]).exit_code == 1
     assert run(app, ["offboard", "tenant", "--tenant", tid]).exit_code == 1  # needs --yes
     assert read_audit(p.settings, tid)[-1]["actor"] == "cli:tester"
-
-
-def inodes(files: dict[int, Path]) -> dict[int, int]:
-    return {k: path.stat().st_ino for k, path in files.items()}
 
 
 @pytest.mark.slow
