@@ -204,9 +204,8 @@ def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothi
     result = erase(p.settings, tid, Scope.conversation(conv), actor="admin:ops", reason="admin_request")
     assert result.rows["emails"] >= n and result.exports_removed == 1 + result.rows["emails"]
     rewritten = {users_bucket(p.settings, tid, oid) for oid in holders}  # the buckets of the users who had it
-    assert {
-        path for k, path in bucket_files(store_path(p.settings, tid)).items() if path.stat().st_ino != buckets[k]
-    } == (rewritten)
+    after = bucket_files(store_path(p.settings, tid))
+    assert {path for k, path in after.items() if path.stat().st_ino != buckets[k]} == rewritten
     with open_store(p.settings, tid, write=False) as con:
         assert con.execute("SELECT count(*) FROM emails").fetchone()[0] == total - result.rows["emails"]
         assert con.execute("SELECT user_oid FROM erased WHERE key = ?", [conv]).fetchall() == [(None,)]
