@@ -36,6 +36,7 @@ from o365sync.store import (
     store_path,
 )
 from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, each_bucket, mark_dirty
+from o365sync.store.schema import MIGRATIONS, PARTITIONED_VERSION, migrate
 from o365sync.store.views import VIEW_NAMES
 
 TENANT = "publish-tenant"
@@ -195,6 +196,7 @@ class SnapshotMachine(RuleBasedStateMachine):
         (parts / "b0.g99.duckdb").write_bytes(garbage)
         if with_wal:
             (parts / "views.g99.duckdb").write_bytes(garbage)
+            (parts / "views.g99.json").write_bytes(garbage)
 
     @invariant()
     def snapshot_holds_the_last_published_rows(self) -> None:
@@ -467,3 +469,40 @@ def test_a_bucket_replaced_without_a_marker_is_copied_all_the_same(store):
     compact_bucket(store, "u1", mark=False)
     assert publish(store, TENANT).copied_files == (user_bucket(store, "u1"), store_path(store, TENANT))
     assert publish(store, TENANT).copied_files == (store_path(store, TENANT),)
+
+
+def test_a_store_from_before_the_buckets_is_split_then_published(tmp_path):
+    """A tenant file of schema version 3 (users' rows in it) that no writer opened since the upgrade: the publish
+    has the store split (a writer's open) and publishes the split store."""
+    s = Settings(data_dir=tmp_path / "data")
+    path = store_path(s, TENANT)
+    path.parent.mkdir(parents=True)
+    with duckdb.connect(str(path)) as con:
+        migrate(con, "an old store", MIGRATIONS[: PARTITIONED_VERSION - 1])
+        con.execute(
+            "INSERT INTO emails (tenant_id, user_oid, graph_id, imported_at) VALUES (?, 'u1', 'm1', now())", [TENANT]
+        )
+    done = publish(s, TENANT)
+    assert done.copied_files == (user_bucket(s, "u1"), path)
+    assert snapshot_content(s)["emails"] == live_content(s)["emails"] and len(live_content(s)["emails"]) == 1
+
+
+def test_a_copy_that_fails_midway_leaves_nothing_and_the_next_publish_copies_again(store, monkeypatch):
+    before, files_before = snapshot_content(store), parts_files(store)
+    add_emails(store, "u1", 100, 5)
+    copy = o365sync.store.publishing._copy_private
+
+    def disk_full(src: Path, dst: Path) -> int:
+        copy(src, dst)  # the bucket's copy is made, then the tenant file's fails
+        if dst.name.endswith(".tmp"):
+            raise OSError("disk full")
+        return dst.stat().st_size
+
+    monkeypatch.setattr(o365sync.store.publishing, "_copy_private", disk_full)
+    with pytest.raises(OSError):
+        publish(store, TENANT)
+    assert parts_files(store) == files_before
+    assert not any(p.exists() for p in snapshot_leftovers(snapshot_path(store, TENANT)))
+    monkeypatch.undo()
+    assert user_bucket(store, "u1") in publish(store, TENANT).copied_files
+    assert snapshot_content(store) == live_content(store) != before

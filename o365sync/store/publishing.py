@@ -53,7 +53,7 @@ from o365sync.store.schema import BUCKET_MIGRATIONS, BUCKET_TABLES, PARTITIONED_
 from o365sync.store.views import create_views
 from o365sync.tenants import tenant_dir
 
-_GENERATION_FILE = re.compile(r"^(?:views|b\d+)\.g(\d+)\.duckdb(?:\.wal|\.json)?$")
+_GENERATION_FILE = re.compile(r"^(?:views|b\d+)\.g(\d+)\.(?:duckdb|duckdb\.wal|json)$")
 _MANIFEST_FILE = re.compile(r"^views\.g(\d+)\.json$")
 _DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {"memory_limit": "1GB", "threads": 2}
 
@@ -194,20 +194,24 @@ def _copy_live_files(settings: Settings, tenant_id: str, target: Path, current: 
         buckets = bucket_files(live)
         sources = _live_files(live)
         round_ = _Round(number, parts, {}, [], sources, {k: sources[path] for k, path in buckets.items()}, [], 0, 0.0)
-        for bucket, path in buckets.items():
-            previous = _unchanged_copy(parts, current, bucket, path, round_.bucket_sources[bucket])
-            if previous is not None:
-                round_.copies[bucket] = previous
-                continue
-            if dirty_marker(path).exists():
-                os.replace(dirty_marker(path), _publishing_marker(path))  # a writer from now on makes a new one
-            copy = parts / f"b{bucket}.g{number}.duckdb"
-            round_.new_copies.append(copy)
-            round_.bytes_copied += _copy_with_wal(path, copy)
-            round_.copies[bucket] = copy.name
-            round_.copied_files.append(path)
-        round_.bytes_copied += _copy_with_wal(live, snapshot_leftovers(target)[0])
-        round_.copied_files.append(live)
+        try:
+            for bucket, path in buckets.items():
+                previous = _unchanged_copy(parts, current, bucket, path, round_.bucket_sources[bucket])
+                if previous is not None:
+                    round_.copies[bucket] = previous
+                    continue
+                if dirty_marker(path).exists():
+                    os.replace(dirty_marker(path), _publishing_marker(path))  # a writer from now on makes a new one
+                copy = parts / f"b{bucket}.g{number}.duckdb"
+                round_.new_copies.append(copy)
+                round_.bytes_copied += _copy_with_wal(path, copy)
+                round_.copies[bucket] = copy.name
+                round_.copied_files.append(path)
+            round_.bytes_copied += _copy_with_wal(live, snapshot_leftovers(target)[0])
+            round_.copied_files.append(live)
+        except BaseException:
+            _drop_round(target, round_)  # a disk that filled up midway: no partial copies left behind
+            raise
         round_.lock_seconds = time.perf_counter() - t
     return round_
 
@@ -349,11 +353,11 @@ def _write_manifest(parts: Path, round_: _Round) -> None:
 def _read_generation(parts: Path, number: int) -> _Generation | None:
     try:
         manifest = json.loads((parts / f"views.g{number}.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    copies = {int(k): v for k, v in manifest["copies"].items()}
-    sources = {int(k): (v[0], v[1]) for k, v in manifest.get("sources", {}).items() if v}
-    return _Generation(number, copies, sources, manifest["bucket_version"])
+        copies = {int(k): str(v) for k, v in manifest["copies"].items()}
+        sources = {int(k): (int(v[0]), int(v[1])) for k, v in manifest["sources"].items() if v}
+        return _Generation(number, copies, sources, int(manifest["bucket_version"]))
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return None  # none, or cut short by a publish that died: as if that generation had no manifest
 
 
 def _generations(parts: Path) -> list[int]:
