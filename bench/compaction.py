@@ -14,12 +14,15 @@ a CRM snapshot of N/10 people and N/50 accounts. Then, separately timed (medians
 1. `publish_snapshot` (since issue 14 a byte copy of the live file + views + fsync + atomic replace; before it,
    COPY FROM DATABASE into a new file — bench/publish.py compares the two): the reps alone, plus the republish
    inside every `compact_store` call (the same function), all in one median;
-2. `compact_store` (its compaction part: copy of the live store into a new file + replace; it also republishes the
-   snapshot, reported as "compact + publish");
-3. a plain copy of the live store file + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
+2. `compact_store` (its compaction part: copy of every file of the live store into a new file + replace; it also
+   republishes the snapshot, reported as "compact + publish");
+3. a plain copy of the live store's files + fsync (`shutil.copyfile`), the bound both are compared with (ratios);
 4. sizes: the live store as built; after DELETE of 1 % of the activities (whole conversations / meetings, with their
    participants and matches) + CHECKPOINT — DuckDB keeps the bytes, so the file does not shrink; after
-   `compact_store` — the deleted rows' bytes are gone with the old file.
+   `compact_store` — the deleted rows' bytes are gone with the old file;
+5. the erasure of one user (`o365sync.erasure.erase(Scope.user(...))`: delete, compaction of the user's bucket and
+   the tenant file, publish, audit; issue 14's P6 target is 10 s at 1M activities), with the live files it
+   rewrote (changed inode) out of all, against `compact_store`'s rewrite of every file.
 
 Prints one table; the numbers recorded in docs/benchmarks.md ("Compaction and publish (issue 6)") come from it.
 """
@@ -40,10 +43,21 @@ from pathlib import Path
 import duckdb
 from import_vs_dlt import parse_with_quick, write_json
 
-from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, compact_store
+from o365sync.erasure import EMAIL_TABLES, MEETING_TABLES, Scope, compact_store, erase, snapshot_bytes
 from o365sync.settings import Settings
-from o365sync.store import MIGRATIONS, migrate, open_store, publish_snapshot, snapshot_path, store_lock, store_path
+from o365sync.store import (
+    MIGRATIONS,
+    migrate,
+    open_store,
+    publish_snapshot,
+    snapshot_path,
+    store_lock,
+    store_path,
+    transaction,
+)
+from o365sync.store.partitions import bucket_files, each_bucket
 from o365sync.store.schema import PARTITIONED_VERSION
+from o365sync.tenants import TenantConfig, save_tenant
 
 TENANT = "bench-tenant"
 ONE_FILE_MIGRATIONS = MIGRATIONS[: PARTITIONED_VERSION - 1]  # the schema before the buckets: users' rows included
@@ -144,23 +158,54 @@ def build(settings: Settings, n: int, body_words: int, users: int = 50, split: b
 
 
 def delete_one_percent(settings: Settings) -> int:
-    """DELETE 1 % of the activities — whole conversations and meetings — with their child rows; CHECKPOINT."""
+    """DELETE 1 % of the activities — whole conversations and meetings — with their child rows (one transaction
+    per bucket); CHECKPOINT."""
     with open_store(settings, TENANT, write=True) as con:
-        con.execute("BEGIN TRANSACTION")
         con.execute(
             "CREATE TEMP TABLE gone_e AS SELECT user_oid, graph_id FROM emails WHERE hash(conversation_id) % 100 = 7"
         )
         con.execute(
             "CREATE TEMP TABLE gone_m AS SELECT user_oid, event_id FROM meetings WHERE hash(event_id) % 100 = 7"
         )
-        for table in ("emails", "email_participants", "email_crm_matches"):
-            con.execute(f"DELETE FROM {table} WHERE (user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM gone_e)")
-        for table in ("meetings", "meeting_attendees", "meeting_crm_matches"):
-            con.execute(f"DELETE FROM {table} WHERE (user_oid, event_id) IN (SELECT (user_oid, event_id) FROM gone_m)")
-        gone = con.execute("SELECT (SELECT count(*) FROM gone_e) + (SELECT count(*) FROM gone_m)").fetchall()[0][0]
-        con.execute("COMMIT")
-        con.execute("CHECKPOINT")
-    return gone
+        for bucket in each_bucket(con):
+            with transaction(con):
+                for table in ("emails", "email_participants", "email_crm_matches"):
+                    con.execute(
+                        f"DELETE FROM {table} WHERE (user_oid, graph_id) IN (SELECT (user_oid, graph_id) FROM gone_e)"
+                    )
+                for table in ("meetings", "meeting_attendees", "meeting_crm_matches"):
+                    con.execute(
+                        f"DELETE FROM {table} WHERE (user_oid, event_id) IN (SELECT (user_oid, event_id) FROM gone_m)"
+                    )
+            con.execute(f"CHECKPOINT b{bucket}")
+        return con.execute("SELECT (SELECT count(*) FROM gone_e) + (SELECT count(*) FROM gone_m)").fetchall()[0][0]
+
+
+def live_files(settings: Settings) -> list[Path]:
+    """The live store's files: the tenant file and every bucket."""
+    store = store_path(settings, TENANT)
+    return [store, *bucket_files(store).values()]
+
+
+def live_bytes(settings: Settings) -> int:
+    return sum(path.stat().st_size for path in live_files(settings))
+
+
+def erase_one_user(settings: Settings, user: str) -> dict:
+    """The product's erasure of `user`: its time and steps, and which live files it rewrote."""
+    before = {path: path.stat().st_ino for path in live_files(settings)}
+    t = time.perf_counter()
+    result = erase(settings, TENANT, Scope.user(user), actor="bench:compaction", reason="admin_request")
+    took = time.perf_counter() - t
+    rewritten = [path.name for path in live_files(settings) if before.get(path) != path.stat().st_ino]
+    print(f"  erase(Scope.user) of {user} ({result.deleted:,} rows): {took:.2f} s {result.extra}, rewrote {rewritten}")
+    return {
+        "erase_user_s": took,
+        "erase_user_rows": result.deleted,
+        "erase_user_steps_ms": result.extra,
+        "erase_user_rewrote": rewritten,
+        "live_files": len(before),
+    }
 
 
 def mb(n: int) -> str:
@@ -171,20 +216,22 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
     data = root / f"n{n}"
     shutil.rmtree(data, ignore_errors=True)
     settings = Settings(data_dir=data)
+    save_tenant(settings, TenantConfig(id=TENANT, domains=["company0.com"]))  # `erase` needs a registered tenant
     t = time.perf_counter()
     counts = build(settings, n, body_words)
     built_s = time.perf_counter() - t
-    size_built = store_path(settings, TENANT).stat().st_size
+    size_built = live_bytes(settings)
     print(f"  built {n:,} activities in {built_s:.1f} s: {counts}, {mb(size_built)} MB", flush=True)
-    copy = []  # the bound publish and compaction are compared with: a plain copy of the store file + fsync
+    copy = []  # the bound publish and compaction are compared with: a plain copy of the store's files + fsync
     for _ in range(reps):
         t = time.perf_counter()
-        dst = root / "copy.duckdb"
-        shutil.copyfile(store_path(settings, TENANT), dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
+        for source in live_files(settings):
+            dst = root / "copy.duckdb"
+            shutil.copyfile(source, dst)
+            with open(dst, "rb+") as f:
+                os.fsync(f.fileno())
+            dst.unlink()
         copy.append(time.perf_counter() - t)
-        dst.unlink()
     publish = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -199,14 +246,14 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
         publish.append(result["publish_seconds"])  # compact_store's own republish: the same publish_snapshot
     print(f"  compact_store: compaction {compact}, with publish {[round(x, 2) for x in compact_total]}", flush=True)
     print(f"  publish_snapshot (alone, then inside compact_store): {[round(x, 2) for x in publish]}", flush=True)
-    size_compacted = store_path(settings, TENANT).stat().st_size
+    size_compacted = live_bytes(settings)
     gone = delete_one_percent(settings)
-    size_deleted = store_path(settings, TENANT).stat().st_size
+    size_deleted = live_bytes(settings)
     t = time.perf_counter()
     after = compact_store(settings, TENANT)
     erase_s = time.perf_counter() - t
     publish.append(after["publish_seconds"])
-    size_after = store_path(settings, TENANT).stat().st_size
+    size_after = live_bytes(settings)
     row = {
         "n": n,
         "rows": sum(counts.values()),
@@ -220,9 +267,10 @@ def run(n: int, reps: int, body_words: int, root: Path) -> dict:
         "deleted": gone,
         "size_deleted": size_deleted,
         "size_after": size_after,
-        "snapshot": snapshot_path(settings, TENANT).stat().st_size,
+        "snapshot": snapshot_bytes(snapshot_path(settings, TENANT)),
         "erase_compact_s": erase_s,
         "erase_result": after,
+        **erase_one_user(settings, "user2"),
     }
     print(
         f"  deleted {gone:,} activities: {mb(size_deleted)} MB after DELETE+CHECKPOINT, {mb(size_after)} MB after "
@@ -276,15 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "| activities | rows (all tables) | store MB | publish_snapshot s | compact_store: compaction s | "
         "compaction + publish s | 1 % deleted | MB after DELETE + CHECKPOINT | MB after compact_store | "
-        "compaction after the delete s | file copy + fsync s | publish / copy | compaction / copy |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "compaction after the delete s | file copy + fsync s | publish / copy | compaction / copy | "
+        "erase one user s | files it rewrote | erase one user / compaction + publish |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['n']:,} | {r['rows']:,} | {mb(r['size_compacted'])} | {r['publish_s']:.2f} | "
             f"{r['compact_s']:.2f} | {r['compact_publish_s']:.2f} | {r['deleted']:,} | {mb(r['size_deleted'])} | "
             f"{mb(r['size_after'])} | {r['erase_result']['compact_seconds']:.2f} | {r['copy_s']:.2f} | "
-            f"{r['publish_s'] / r['copy_s']:.1f}x | {r['compact_s'] / r['copy_s']:.1f}x |"
+            f"{r['publish_s'] / r['copy_s']:.1f}x | {r['compact_s'] / r['copy_s']:.1f}x | {r['erase_user_s']:.2f} | "
+            f"{len(r['erase_user_rewrote'])} of {r['live_files']} | {r['erase_user_s'] / r['compact_publish_s']:.2f}x |"
         )
     return print_report(args, rows, lines)
 

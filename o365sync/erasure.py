@@ -1,15 +1,23 @@
 """Provable erasure: delete, copy-compact, republish, audit — one entry point (`erase`) for every deletion.
 
 DuckDB's DELETE, CHECKPOINT and VACUUM leave the deleted bytes in the file; only a copy into a new file removes
-them. So every erasure, under the tenant's sync locks (no sync runs meanwhile), does:
+them. The live store is a tenant file plus the users' bucket files (`o365sync.store.partitions`), and DuckDB lets
+one transaction write one file. So every erasure, under the tenant's sync locks (no sync runs meanwhile), does:
 
-1. DELETE the rows of the scope from every table in one transaction, and write tombstones (`erased`) where Graph
-   would bring the data back (conversations, messages without a conversation, meetings, series);
-2. `compact_store`: under the live store's exclusive lock, `COPY FROM DATABASE` into a new file, fsync, atomic
-   replace of the live file (no WAL of the old file survives), then `publish` replaces the analysts'
-   snapshot with a byte copy of the compacted store;
-3. removes every export file of the tenant (`tenant_dir/exports`: they may hold erased rows);
-4. appends one line to the deletion audit log (last: an entry means the erasure is complete).
+1. in one transaction of the tenant file: select the rows of the scope (reading every bucket), write tombstones
+   (`erased`) where Graph would bring the data back (conversations, messages without a conversation, meetings,
+   series), and delete the scope's rows the tenant file holds (a user's Teams channels, shares);
+2. records the buckets it is about to change in `erasure.pending` (tenant folder), then deletes the rows in each
+   bucket that holds some, one transaction per bucket. Erasing one user changes only that user's bucket;
+3. `compact_live_store`: each changed bucket, then the tenant file, under the live store's exclusive lock,
+   `COPY FROM DATABASE` into a new file, fsync, atomic replace (no WAL of the old file survives);
+4. `publish(..., purge=True)` republishes the analysts' snapshot from the compacted files and removes every older
+   generation of it (even one a reader holds: erasure does not wait for readers);
+5. removes every export file of the tenant (`tenant_dir/exports`: they may hold erased rows), drops
+   `erasure.pending`, and appends one line to the deletion audit log (last: an entry means the erasure is complete).
+
+A crash after step 1 is finished by running the erasure again: the rows still stored are found again, tombstoned
+ids still count as matched, and any erasure first compacts the buckets an unfinished one left in `erasure.pending`.
 
 The bound: the erasure is complete when `erase` returns; nothing is deferred. The audit log lives outside the
 tenant's folder (`<region root>/audit/<tenant>.jsonl`) so it survives the end of a subscription; it holds ids and
@@ -23,6 +31,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,36 +48,26 @@ from o365sync.store import (
     fsync_path,
     open_store,
     publish,
-    snapshot_leftovers,
-    snapshot_path,
+    snapshot_files,
     store_lock,
     store_path,
     tenant_sync_locks,
     transaction,
     write_synced,
 )
+from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, mark_dirty, use_bucket
+from o365sync.store.publishing import snapshot_parts
+from o365sync.store.schema import BUCKET_TABLES
 from o365sync.tenants import load_tenant, region_root, registry_dir, save_tenant, tenant_dir, tenant_region
 
 ScopeKind = Literal["conversation", "message", "meeting", "series", "user", "retention", "tenant"]
 REASONS = ("user_request", "admin_request", "retention", "offboarding", "subscription_end")
 _ACTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 
-# Every table that holds rows of a user (all but the CRM snapshot and the tenant-level state).
-USER_TABLES = (
-    "emails",
-    "email_participants",
-    "email_crm_matches",
-    "mail_cursor",
-    "sync_state",
-    "meetings",
-    "meeting_attendees",
-    "meeting_crm_matches",
-    "calendar_cursor",
-    "notetaker_queue",
-    "teams_channels",
-    "shares",
-    "late_match",
-)
+# Every table that holds rows of a user (all but the CRM snapshot and the tenant-level state): the bucket's tables,
+# and the tenant file's per-user ones.
+TENANT_USER_TABLES = ("teams_channels", "shares")
+USER_TABLES = (*BUCKET_TABLES, *TENANT_USER_TABLES)
 EMAIL_TABLES = ("emails", "email_participants", "email_crm_matches")
 MEETING_TABLES = ("meetings", "meeting_attendees", "meeting_crm_matches", "notetaker_queue")
 
@@ -144,9 +143,9 @@ class ErasureResult:
     ids: dict[str, list[str]]  # conversation_ids / event_ids / series_ids / user_oids (ids only)
     rows: dict[str, int]  # deleted rows per table
     tombstones: int = 0
-    bytes_before: int = 0  # live store (+ WAL) before compaction
-    bytes_after: int = 0  # live store after compaction
-    snapshot_bytes: int = 0
+    bytes_before: int = 0  # the live store's files (tenant file, buckets, WALs) before compaction
+    bytes_after: int = 0  # the same after compaction
+    snapshot_bytes: int = 0  # the views file and the copies it reads
     exports_removed: int = 0  # files
     files_removed: int = 0  # tenant scope: every file of the tenant
     seconds: float = 0.0
@@ -188,58 +187,120 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, Path(f"{path}.wal")) if p.exists())
 
 
+def _store_bytes(store: Path) -> int:
+    """The live store's bytes: the tenant file and every bucket, with their WALs."""
+    return sum(_size(path) for path in [store, *bucket_files(store).values()])
+
+
 # ------------------------------------------------------------------------------------------------ compaction
 def compact_store(settings: Settings, tenant_id: str) -> dict[str, float | int]:
-    """Rewrite the live store into a new file and replace the old one (`compact_live_store`), then republish the
-    analysts' snapshot (`publish`: a byte copy of the compacted file + rename, so the snapshot has none of the old
-    file's dead blocks either). Returns sizes in bytes and timings in seconds."""
+    """Rewrite every file of the live store (`compact_live_store`: each bucket, then the tenant file), then
+    republish the analysts' snapshot and remove its older generations (`publish(..., purge=True)`: byte copies of
+    the compacted files, so the snapshot has none of the old files' dead blocks either). Returns sizes in bytes
+    and timings in seconds."""
     t0 = time.perf_counter()
     before, after = compact_live_store(settings, tenant_id)
     t1 = time.perf_counter()
-    published = publish(settings, tenant_id)
+    published = publish(settings, tenant_id, purge=True)
     t2 = time.perf_counter()
     return {
         "bytes_before": before,
         "bytes_after": after,
-        "snapshot_bytes": published.path.stat().st_size,
+        "snapshot_bytes": snapshot_bytes(published.path),
         "compact_seconds": round(t1 - t0, 3),
         "publish_seconds": round(t2 - t1, 3),
         "publish_lock_seconds": round(published.lock_seconds, 3),
     }
 
 
-def compact_live_store(settings: Settings, tenant_id: str) -> tuple[int, int]:
-    """Under the store's exclusive lock: open the live file (replaying any WAL), `COPY FROM DATABASE` into
-    `store.duckdb.compact` (DuckDB's default compression: forcing zstd saves 14 % CPU but hides strings from the
-    byte greps that prove an erasure; docs/benchmarks.md), close (checkpoint), fsync the copy, remove the old
-    file's WAL
-    (its contents are in the copy), `os.replace` the copy over the live file, fsync the directory. Deleted rows
-    exist only in blocks of the old file, which no longer has a name. Returns the bytes before and after."""
-    with store_lock(settings, tenant_id, write=True) as path:
-        tmp = path.with_name(path.name + ".compact")
-        tmp_wal = Path(f"{tmp}.wal")
-        for p in (tmp, tmp_wal):
-            p.unlink(missing_ok=True)
-        before = _size(path)
-        con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+def compact_live_store(settings: Settings, tenant_id: str, buckets: Iterable[int] | None = None) -> tuple[int, int]:
+    """Compact the bucket files `buckets` (None: every bucket), then the tenant file, one file at a time, each under
+    the store's exclusive lock (`compact_file`); a bucket that does not exist is skipped. Returns the bytes before
+    and after, summed over the files."""
+    before = after = 0
+    with store_lock(settings, tenant_id, write=False) as store:
+        numbers = list(bucket_files(store)) if buckets is None else sorted(set(buckets))
+    for number in [*numbers, None]:
+        with store_lock(settings, tenant_id, write=True) as store:
+            path = store if number is None else bucket_path(store, number)
+            if path.exists():
+                if number is not None:
+                    mark_dirty(path)  # the next publish copies the new file (a publish may have taken the marker)
+                b, a = compact_file(path, tenant_id)
+                before, after = before + b, after + a
+    return before, after
+
+
+def compact_file(path: Path, tenant_id: str) -> tuple[int, int]:
+    """For a caller holding the store's exclusive lock: open the file (replaying any WAL), `COPY FROM DATABASE` into
+    `<file>.compact` (DuckDB's default compression: forcing zstd saves 14 % CPU but hides strings from the byte
+    greps that prove an erasure; docs/benchmarks.md), close (checkpoint), fsync the copy, remove the old file's WAL
+    (its contents are in the copy), `os.replace` the copy over the file, fsync the directory. Deleted rows exist
+    only in blocks of the old file, which no longer has a name. Returns the bytes before and after."""
+    tmp = path.with_name(path.name + ".compact")
+    tmp_wal = Path(f"{tmp}.wal")
+    for p in (tmp, tmp_wal):
+        p.unlink(missing_ok=True)
+    before = _size(path)
+    con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+    try:
+        con.execute("SET TimeZone='UTC'")
+        live = con.execute("SELECT current_database()").fetchall()[0][0]
+        con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS compacted")
         try:
-            con.execute("SET TimeZone='UTC'")
-            live = con.execute("SELECT current_database()").fetchall()[0][0]
-            con.execute("ATTACH '" + str(tmp).replace("'", "''") + "' AS compacted")
-            try:
-                con.execute(f'COPY FROM DATABASE "{live}" TO compacted')
-                con.execute("CHECKPOINT compacted")
-            finally:
-                con.execute("DETACH compacted")
+            con.execute(f'COPY FROM DATABASE "{live}" TO compacted')
+            con.execute("CHECKPOINT compacted")
         finally:
-            con.close()
-        if tmp_wal.exists():  # DETACH checkpoints; a WAL here would mean the copy is not self-contained
-            raise ErasureError(f"tenant {tenant_id}: compaction left a WAL beside the copy")
-        fsync_path(tmp)
-        Path(f"{path}.wal").unlink(missing_ok=True)  # never let the old file's WAL replay into the new one
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-        return before, _size(path)
+            con.execute("DETACH compacted")
+    finally:
+        con.close()
+    if tmp_wal.exists():  # DETACH checkpoints; a WAL here would mean the copy is not self-contained
+        raise ErasureError(f"tenant {tenant_id}: compaction left a WAL beside the copy of {path.name}")
+    os.chmod(tmp, 0o600)
+    fsync_path(tmp)
+    Path(f"{path}.wal").unlink(missing_ok=True)  # never let the old file's WAL replay into the new one
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    return before, _size(path)
+
+
+def snapshot_bytes(snapshot: Path) -> int:
+    """The bytes of the snapshot's files: the views file and every generation's copies."""
+    total = 0
+    for path in (snapshot, snapshot_parts(snapshot)):
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        elif path.exists():
+            total += path.stat().st_size
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ pending work
+PENDING_FILE = "erasure.pending"
+
+
+def _pending_path(settings: Settings, tenant_id: str) -> Path:
+    return tenant_dir(settings, tenant_id) / PENDING_FILE
+
+
+def _read_pending(settings: Settings, tenant_id: str) -> set[int] | None:
+    """The buckets an erasure changed and has not yet compacted and republished (ids only: bucket numbers); None if
+    the record is unreadable (a crash while writing it): then every bucket is compacted."""
+    path = _pending_path(settings, tenant_id)
+    if not path.exists():
+        return set()
+    try:
+        return {int(n) for n in json.loads(path.read_text())["buckets"]}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_pending(settings: Settings, tenant_id: str, buckets: set[int]) -> None:
+    path = _pending_path(settings, tenant_id)
+    tmp = path.with_name(path.name + ".tmp")
+    write_synced(tmp, json.dumps({"buckets": sorted(buckets)}).encode())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -343,37 +404,68 @@ def retention_exempt_counts(con: duckdb.DuckDBPyConnection, tenant_id: str, cuto
     return {"emails_older": int(old_e), "meetings_older": int(old_m)}
 
 
-def _delete(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> dict[str, int]:
-    rows: dict[str, int] = {}
-
-    def run(table: str, where: str, params: list) -> None:
-        n = con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND ({where})", [tenant_id, *params]).fetchall()[0][0]
-        rows[table] = rows.get(table, 0) + int(n)
-
+def _delete_tenant_rows(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> dict[str, int]:
+    """The scope's rows in the tenant file: a user's Teams channels and shares; the shares of selected activities."""
     if scope.kind == "user":
-        for table in USER_TABLES:
-            run(table, "user_oid = ?", [scope.user_oid])
-        return rows
-    for table in EMAIL_TABLES:
-        run(
-            table,
-            f"EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = {table}.user_oid AND _e.graph_id = {table}.graph_id)",
-            [],
-        )
-    for table in MEETING_TABLES:
-        run(
-            table,
-            f"EXISTS (SELECT 1 FROM _m WHERE _m.user_oid = {table}.user_oid AND _m.event_id = {table}.event_id)",
-            [],
-        )
-    run(
-        "shares",
+        return {
+            table: _delete_where(con, tenant_id, table, "user_oid = ?", [scope.user_oid])
+            for table in TENANT_USER_TABLES
+        }
+    where = (
         "(activity_kind = 'email' AND EXISTS (SELECT 1 FROM _e WHERE _e.user_oid = shares.user_oid AND "
         "_e.graph_id = shares.activity_id)) OR (activity_kind = 'meeting' AND EXISTS (SELECT 1 FROM _m WHERE "
-        "_m.user_oid = shares.user_oid AND _m.event_id = shares.activity_id))",
-        [],
+        "_m.user_oid = shares.user_oid AND _m.event_id = shares.activity_id))"
     )
+    return {"shares": _delete_where(con, tenant_id, "shares", where, [])}
+
+
+def _delete_bucket_rows(con: duckdb.DuckDBPyConnection, tenant_id: str, scope: Scope) -> dict[str, int]:
+    """The scope's rows in the bucket the connection is in (`use_bucket`): all of a user's, or the selected
+    activities (`_e`, `_m`) with their child rows."""
+    if scope.kind == "user":
+        return {
+            table: _delete_where(con, tenant_id, table, "user_oid = ?", [scope.user_oid]) for table in BUCKET_TABLES
+        }
+    rows = {}
+    for selected, key, tables in (("_e", "graph_id", EMAIL_TABLES), ("_m", "event_id", MEETING_TABLES)):
+        for table in tables:
+            where = (
+                f"EXISTS (SELECT 1 FROM {selected} s WHERE s.user_oid = {table}.user_oid AND s.{key} = {table}.{key})"
+            )
+            rows[table] = _delete_where(con, tenant_id, table, where, [])
     return rows
+
+
+def _delete_where(con: duckdb.DuckDBPyConnection, tenant_id: str, table: str, where: str, params: list) -> int:
+    return int(
+        con.execute(f"DELETE FROM {table} WHERE tenant_id = ? AND ({where})", [tenant_id, *params]).fetchall()[0][0]
+    )
+
+
+def _selected_users(con: duckdb.DuckDBPyConnection, scope: Scope) -> list[str]:
+    """The users whose buckets hold rows of the scope (after `_select`)."""
+    if scope.kind == "user":
+        return [scope.user_oid or ""]
+    return [
+        row[0] for row in con.execute("SELECT user_oid FROM _e UNION SELECT user_oid FROM _m ORDER BY 1").fetchall()
+    ]
+
+
+def _by_bucket(con: duckdb.DuckDBPyConnection, store: Path, users: list[str]) -> dict[int, str]:
+    """One of `users` per bucket file that holds rows of theirs (`use_bucket` enters a bucket by a user's id; a
+    user without a bucket file has no rows there, and none is made for them)."""
+    (buckets,) = con.execute("SELECT buckets FROM store_layout").fetchall()[0]
+    existing = bucket_files(store)
+    found: dict[int, str] = {}
+    for user in users:
+        if (number := bucket_of(user, buckets)) in existing:
+            found.setdefault(number, user)
+    return dict(sorted(found.items()))
+
+
+def _add(total: dict[str, int], rows: dict[str, int]) -> None:
+    for table, n in rows.items():
+        total[table] = total.get(table, 0) + n
 
 
 def _tombstone(
@@ -469,13 +561,24 @@ def erase(
     t0 = time.perf_counter()
     log = audit_path(settings, tenant_id)
     with tenant_sync_locks(tenant_dir(settings, tenant_id), FEATURE_LOCKS):
-        with open_store(settings, tenant_id, write=True) as con, transaction(con):
-            if selective:
-                _require_match(con, tenant_id, scope)
-            ids = _select(con, tenant_id, scope, now)
-            tombstones = _tombstone(con, tenant_id, scope, ids, now)
-            rows = _delete(con, tenant_id, scope)
-        result = ErasureResult(tenant_id, scope.kind, ids, rows, tombstones, audit_path=str(log))
+        with open_store(settings, tenant_id, write=True) as con:
+            with transaction(con):  # step 1: the tenant file
+                if selective:
+                    _require_match(con, tenant_id, scope)
+                ids = _select(con, tenant_id, scope, now)
+                tombstones = _tombstone(con, tenant_id, scope, ids, now)
+                rows = _delete_tenant_rows(con, tenant_id, scope)
+            result = ErasureResult(tenant_id, scope.kind, ids, rows, tombstones, audit_path=str(log))
+            try:
+                buckets = _by_bucket(con, store_path(settings, tenant_id), _selected_users(con, scope))
+                pending = _read_pending(settings, tenant_id)
+                if pending is not None and not set(buckets) <= pending:  # unreadable: every bucket is pending
+                    _write_pending(settings, tenant_id, pending | set(buckets))
+                for user in buckets.values():  # step 2: each bucket holding rows of the scope
+                    with use_bucket(con, user), transaction(con):
+                        _add(rows, _delete_bucket_rows(con, tenant_id, scope))
+            except Exception as exc:
+                raise _unfinished(result, actor, reason, now, t0, exc) from None
         if scope.kind == "retention" and scope.cutoff:
             result.extra["cutoff_epoch"] = int(scope.cutoff.timestamp())
         if scope.user_oid and scope.kind != "user":
@@ -483,22 +586,39 @@ def erase(
         if scope.kind == "user":
             result.extra |= _forget_user(settings, tenant_id, scope.user_oid or "")
         try:
-            sizes = compact_store(settings, tenant_id)
+            t1 = time.perf_counter()
+            # Retention rewrites every bucket: its daily pass also removes the bytes of rows the syncs replaced or
+            # removed (docs/DATA_LIFECYCLE.md). Any other scope rewrites only the buckets it (or an erasure that
+            # did not finish) changed.
+            compact = None if pending is None or scope.kind == "retention" else pending | set(buckets)
+            result.bytes_before = _store_bytes(store_path(settings, tenant_id))
+            compact_live_store(settings, tenant_id, compact)
+            result.bytes_after = _store_bytes(store_path(settings, tenant_id))
+            t2 = time.perf_counter()
+            published = publish(settings, tenant_id, purge=True)
             with export_lock(settings, tenant_id, exclusive=True):  # in-flight exports finish, then go
                 result.exports_removed = _remove_exports(settings, tenant_id)
+            _pending_path(settings, tenant_id).unlink(missing_ok=True)
         except Exception as exc:
-            entry = _audit_entry(result, actor, reason, now, time.perf_counter() - t0)
-            append_audit(log, {**entry, "complete": False, "error": type(exc).__name__})
-            raise ErasureError(
-                f"tenant {tenant_id}: {scope.kind} rows deleted, but {type(exc).__name__} before "
-                "the compaction finished; run the erasure again"
-            ) from None
-        result.bytes_before, result.bytes_after = int(sizes["bytes_before"]), int(sizes["bytes_after"])
-        result.snapshot_bytes = int(sizes["snapshot_bytes"])
-        result.extra |= {f"{step}_ms": round(1000 * sizes[f"{step}_seconds"]) for step in ("compact", "publish")}
+            raise _unfinished(result, actor, reason, now, t0, exc) from None
+        result.snapshot_bytes = snapshot_bytes(published.path)
+        result.extra |= {"compact_ms": round(1000 * (t2 - t1)), "publish_ms": round(1000 * (time.perf_counter() - t2))}
         result.seconds = round(time.perf_counter() - t0, 3)
         append_audit(log, _audit_entry(result, actor, reason, now, result.seconds))
     return result
+
+
+def _unfinished(
+    result: ErasureResult, actor: str, reason: str, now: datetime, t0: float, exc: Exception
+) -> ErasureError:
+    """After the tenant file's transaction committed: an audit line saying the erasure is not complete, and the
+    error telling a person to run it again (which finishes it; see the module doc)."""
+    entry = _audit_entry(result, actor, reason, now, time.perf_counter() - t0)
+    append_audit(Path(result.audit_path), {**entry, "complete": False, "error": type(exc).__name__})
+    return ErasureError(
+        f"tenant {result.tenant_id}: {result.scope} rows deleted, but {type(exc).__name__} before the compaction "
+        "finished; run the erasure again"
+    )
 
 
 def _forget_user(settings: Settings, tenant_id: str, user_oid: str) -> dict[str, int]:
@@ -539,33 +659,36 @@ def _audit_entry(result: ErasureResult, actor: str, reason: str, now: datetime, 
     }
 
 
-def _count_rows(path: Path) -> dict[str, int]:
-    if not path.exists():
-        return {}
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        tables = [
-            r[0]
-            for r in con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
-            ).fetchall()
-        ]
-        return {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0]) for t in tables}
-    finally:
-        con.close()
+def store_row_counts(store: Path) -> dict[str, int]:
+    """Rows per table in a live store: its tenant file and every bucket file beside it (summed per table)."""
+    counts: dict[str, int] = {}
+    for path in [store, *bucket_files(store).values()] if store.exists() else []:
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            tables = [
+                r[0]
+                for r in con.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
+                ).fetchall()
+            ]
+            _add(counts, {t: int(con.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0]) for t in tables})
+        finally:
+            con.close()
+    return counts
 
 
 def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, now: datetime | None) -> ErasureResult:
-    """Subscription end: every file of the tenant — store, snapshot, exports, CRM snapshot (in the store), CRM
-    credentials, token caches, locks, the registry entry — is removed; only the audit log entry remains."""
+    """Subscription end: every file of the tenant — store (tenant file and buckets), snapshot (views file and every
+    generation), exports, CRM snapshot (in the store), CRM credentials, token caches, locks, the registry entry — is
+    removed; only the audit log entry remains."""
     now = now or datetime.now(UTC)
     t0 = time.perf_counter()
     region = tenant_region(settings, tenant_id)
     log = audit_path(settings, tenant_id, region)
-    folder, registry, snap = (
+    folder, registry, snapshot = (
         tenant_dir(settings, tenant_id),
         registry_dir(settings, tenant_id),
-        snapshot_path(settings, tenant_id),
+        snapshot_files(settings, tenant_id),
     )
     users = [u.oid for u in connected_users(settings, tenant_id)] if folder.exists() else []
     with (
@@ -573,12 +696,12 @@ def _erase_tenant(settings: Settings, tenant_id: str, actor: str, reason: str, n
         export_lock(settings, tenant_id, exclusive=True),
         store_lock(settings, tenant_id, write=True) as live,
     ):
-        rows = {t: n for t, n in _count_rows(live).items() if n}
-        before = _size(live)
+        rows = {t: n for t, n in store_row_counts(live).items() if n}
+        before = _store_bytes(live)
         for oid in users:
             disconnect(settings, tenant_id, oid)
         files = 0
-        for path in (snap, *snapshot_leftovers(snap), folder, registry):
+        for path in (*snapshot, folder, registry):
             if path.is_dir():
                 files += sum(1 for p in path.rglob("*") if p.is_file())
                 shutil.rmtree(path)

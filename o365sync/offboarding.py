@@ -6,7 +6,8 @@ them as the Prefect flows `offboard-user` and `end-subscription`).
 - the user's token cache and connection metadata are removed at once (no sync can run for them any more);
 - `retain`: nothing else; their imported data stays, `offboarding_status` shows them as retained;
 - `delete`: once the grace period has passed, every row of the user (activities, sync state, cursors, Notetaker
-  rows, channels, shares) is erased with `o365sync.erasure.erase` (compaction + snapshot + audit). With a grace
+  rows, channels, shares) is erased with `o365sync.erasure.erase` (compaction of the user's bucket file and the
+  tenant file + snapshot + audit). With a grace
   period the decision is recorded in `tenant_dir/offboarding.json` (ids and times only); the daily retention flow,
   or offboarding the user again, completes the deletions that are due.
 

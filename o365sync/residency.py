@@ -1,11 +1,13 @@
 """Data residency: every file of a tenant lives under its region's storage root; moving is an explicit command.
 
 `move_tenant` waits for the tenant's syncs to finish (their feature locks) and holds the live store's exclusive
-lock, copies the tenant's folder (into a staging folder renamed into place when complete) and its analysts' snapshot
-to the new root, switches the tenant's configured region (one atomic file replace: from then on every path resolves
-to the new root, and openers waiting on the old lock follow), and then deletes the old copies. A move that dies
-before the switch leaves the tenant where it was (the next attempt replaces its own copy); after the switch, the
-next attempt (`move` again to the same region) removes what is left at the old location.
+lock, copies the tenant's folder (the tenant file, its `parts/` buckets and their dirty markers, tokens, ...; into a
+staging folder renamed into place when complete) to the new root, switches the tenant's configured region (one
+atomic file replace: from then on every path resolves to the new root, and openers waiting on the old lock follow),
+deletes the old copies (the old analysts' snapshot included: its views file names its copies by absolute path), and
+then republishes the analysts' snapshot at the new root. A move that dies before the switch leaves the tenant where
+it was (the next attempt replaces its own copy); after the switch, the next attempt (`move` again to the same
+region) removes what is left at the old location and publishes.
 
 It never loses the only copy: a destination that is the current location (e.g. a region root that is the current
 root through a symlink) is refused, and so is a destination store that is not this move's own copy and holds rows
@@ -21,9 +23,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from o365sync.erasure import _count_rows
+from o365sync.erasure import store_row_counts
 from o365sync.settings import Settings
-from o365sync.store import FEATURE_LOCKS, flock_file, tenant_sync_locks
+from o365sync.store import FEATURE_LOCKS, flock_file, publish, snapshot_leftovers, tenant_sync_locks
+from o365sync.store.publishing import snapshot_parts
 from o365sync.tenants import holds_tenant_files, load_tenant, registry_dir, save_tenant, tenant_locations
 
 STORE = "store.duckdb"
@@ -40,7 +43,8 @@ def _leftovers(settings: Settings, tenant_id: str, keep: Path) -> list[Path]:
     for region in [None, *settings.regions]:
         folder, snap = tenant_locations(settings, tenant_id, region)
         if folder.resolve() != keep.resolve():
-            found.update({p.resolve(): p for p in (folder, snap) if p.exists() and p.resolve() not in found})
+            paths = (folder, snap, *snapshot_leftovers(snap), snapshot_parts(snap))
+            found.update({p.resolve(): p for p in paths if p.exists() and p.resolve() not in found})
     return list(found.values())
 
 
@@ -56,7 +60,7 @@ def _check_destination(old_dir: Path, new_dir: Path, tenant_id: str, current: st
     source, target = old_dir / STORE, new_dir / STORE
     if not target.exists() or (source.exists() and _is_copy(source, target)):
         return
-    rows = sum(_count_rows(target).values())
+    rows = sum(store_row_counts(target).values())
     newer = not source.exists() or target.stat().st_mtime_ns > source.stat().st_mtime_ns
     if rows or newer:
         raise MoveRefused(
@@ -71,11 +75,13 @@ def _check_destination(old_dir: Path, new_dir: Path, tenant_id: str, current: st
 def _check_leftovers(leftovers: list[Path], kept_store: Path, tenant_id: str) -> None:
     """Leftovers of a finished move are removed, but never a store with rows while the kept one has none: that is
     not a leftover but the tenant's data, and the configuration points at the wrong place."""
-    if kept_store.exists() and any(_count_rows(kept_store).values()):
+    if kept_store.exists() and any(store_row_counts(kept_store).values()):
         return
     for folder in leftovers:
         store = folder / STORE
-        if store.is_file() and store.resolve() != kept_store.resolve() and (rows := sum(_count_rows(store).values())):
+        if not store.is_file() or store.resolve() == kept_store.resolve():
+            continue
+        if rows := sum(store_row_counts(store).values()):
             raise MoveRefused(
                 f"{store.resolve()} holds {rows} rows of tenant {tenant_id} while the store being kept "
                 f"({kept_store.resolve()}) is {'empty' if kept_store.exists() else 'missing'}; nothing "
@@ -97,9 +103,10 @@ def _empty(folder: Path) -> None:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _copy(old_dir: Path, old_snap: Path, new_dir: Path, new_snap: Path) -> int:
-    """Copy the folder and the snapshot; returns the files copied. The folder is copied into a staging folder
-    first and its entries renamed into place, so the store at the destination is never a partial copy."""
+def _copy(old_dir: Path, new_dir: Path) -> int:
+    """Copy the folder; returns the files copied. The folder is copied into a staging folder first and its entries
+    renamed into place, so the store at the destination is never a partial copy. The snapshot is not copied but
+    republished."""
     staging = new_dir.with_name(f".{new_dir.name}.moving")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(old_dir, staging, ignore=shutil.ignore_patterns("tenant.json*"))
@@ -108,11 +115,6 @@ def _copy(old_dir: Path, old_snap: Path, new_dir: Path, new_snap: Path) -> int:
     for child in staging.iterdir():
         os.replace(child, new_dir / child.name)
     staging.rmdir()
-    if old_snap.exists():
-        new_snap.parent.mkdir(parents=True, exist_ok=True)
-        partial = new_snap.with_name(f"{new_snap.name}.moving")
-        shutil.copy2(old_snap, partial)
-        os.replace(partial, new_snap)
     return sum(1 for p in new_dir.rglob("*") if p.is_file() and not p.name.startswith("tenant.json"))
 
 
@@ -143,11 +145,12 @@ def move_tenant(
     files = 0
     with _tenant_locked(old_dir if copying else new_dir):
         removed = _leftovers(settings, tenant_id, keep=new_dir)
+        published = any(p.exists() for p in (old_snap, new_snap)) or any(p.name == new_snap.name for p in removed)
         _check_leftovers(removed, (old_dir if copying else new_dir) / STORE, tenant_id)
         if copying:
             _check_destination(old_dir, new_dir, tenant_id, tenant.region)
             if holds_tenant_files(old_dir):
-                files = _copy(old_dir, old_snap, new_dir, new_snap)
+                files = _copy(old_dir, new_dir)
         if moving or shard != tenant.shard:
             tenant.region, tenant.shard = region, shard
             save_tenant(settings, tenant)  # the switch
@@ -159,4 +162,6 @@ def move_tenant(
                 shutil.rmtree(path)
             else:
                 path.unlink()
+    if published and (moving or removed):  # at the new root: a publish copies every file (no generation there yet)
+        publish(settings, tenant_id)
     return {"tenant": tenant_id, "region": region or "(default)", "files": files, "removed_locations": len(removed)}

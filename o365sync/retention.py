@@ -3,9 +3,12 @@ the activity's date (email: received, else sent; meeting: end), except conversat
 still-open opportunity — any of their emails (occurrences) matched the opportunity's account, or a person whose
 account is that account. Shortening the period purges on the next run.
 
-Every pass ends with a copy-compaction and a new snapshot (`o365sync.erasure.erase`), so bytes of deleted rows —
-also rows the syncs replaced or removed — are gone from every file. Counts only. The daily Prefect flow is
-flows/retention.py.
+Every pass goes through `o365sync.erasure.erase`: the rows are selected across every user's bucket (a conversation
+is exempt if any user's copy is linked), deleted one bucket at a time (one transaction each), and then every bucket
+is copy-compacted, one at a time, each under the store's exclusive lock (other writers of the store wait for one
+bucket's rewrite at most), then the tenant file once, and a new snapshot replaces every older one. So bytes of
+deleted rows — also of rows the syncs replaced or removed — are gone from every file. Counts only. The daily
+Prefect flow is flows/retention.py.
 """
 
 from __future__ import annotations

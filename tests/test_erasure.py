@@ -1,11 +1,14 @@
 """Provable erasure: a conversation seeded with unique markers is synced, snapshotted and exported; after
 `conversation delete` no byte of it remains in any file under the tenant's folder or the region's analytics/ (raw
-bytes and base64 of the live store, its WAL, the snapshot, exports), it stays gone after the next sync (tombstone),
-and the audit log holds ids and counts only. A positive control proves the same grep finds the markers first."""
+bytes and base64 of the live store's tenant file and bucket files, their WALs, the snapshot's views file and every
+generation of its copies, exports), it stays gone after the next sync (tombstone), and the audit log holds ids and
+counts only. A positive control proves the same grep finds the markers first. Erasing one user rewrites only that
+user's bucket; an erasure that dies midway is finished by running it again."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -13,9 +16,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
+import o365sync.erasure
 from o365sync.conversations import export_conversation, export_meeting
-from o365sync.erasure import Scope, compact_store, erase, read_audit
-from o365sync.store import open_store, publish_snapshot, snapshot_leftovers, snapshot_path
+from o365sync.erasure import ErasureError, Scope, compact_store, erase, read_audit
+from o365sync.store import open_store, publish_snapshot, snapshot_leftovers, snapshot_path, store_path
+from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, use_bucket
+from o365sync.store.publishing import snapshot_parts
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import region_root, tenant_dir
@@ -33,6 +39,31 @@ def tenant_files(settings, tid: str) -> list[Path]:
 
 def hits(files: list[Path], needles: list[str]) -> list[str]:
     return sorted({f"{path.name}: {n.decode()}" for path, n in file_hits(files, [n.encode() for n in needles])})
+
+
+def in_live_bucket(found: list[str]) -> bool:
+    """Whether `hits` found something in a live bucket file (`parts/b<k>.duckdb`)."""
+    return any(re.match(r"b\d+\.duckdb: ", h) for h in found)
+
+
+def in_snapshot_copy(found: list[str]) -> bool:
+    """Whether `hits` found something in a snapshot generation's copy of a bucket (`<tenant>.parts/b<k>.g<N>...`)."""
+    return any(re.match(r"b\d+\.g\d+\.duckdb: ", h) for h in found)
+
+
+def users_bucket(settings, tid: str, oid: str) -> Path:
+    with open_store(settings, tid, write=False) as con:
+        (buckets,) = con.execute("SELECT buckets FROM store_layout").fetchone()
+    return bucket_path(store_path(settings, tid), bucket_of(oid, buckets))
+
+
+def inodes(files: dict[int, Path]) -> dict[int, int]:
+    return {k: path.stat().st_ino for k, path in files.items()}
+
+
+def snapshot_files_of(settings, tid: str) -> list[Path]:
+    """The views file and every generation's copies."""
+    return [p for p in snapshot_path(settings, tid).parent.rglob("*") if p.is_file()]
 
 
 def sync_all(p) -> None:
@@ -69,18 +100,18 @@ def test_compaction_removes_deleted_bytes_that_delete_leaves(product):
     alice = p.world.tenants[0].users[0]
     msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
     sync_all(p)
-    store = tenant_dir(p.settings, tid) / "store.duckdb"
-    assert hits([store], markers), "positive control: the marker is in the live file"
-    with open_store(p.settings, tid, write=True) as con:
+    store = users_bucket(p.settings, tid, alice.oid)
+    assert hits([store], markers), "positive control: the marker is in the user's bucket file"
+    with open_store(p.settings, tid, write=True) as con, use_bucket(con, alice.oid) as bucket:
         for table in ("emails", "email_participants", "email_crm_matches"):
             con.execute(f"DELETE FROM {table} WHERE graph_id = ?", [msg.id])
-        con.execute("CHECKPOINT")
+        con.execute(f"CHECKPOINT b{bucket}")
         con.execute("VACUUM")
     assert hits([store], markers), "DELETE + CHECKPOINT + VACUUM left the bytes (DuckDB keeps them)"
     publish_snapshot(p.settings, tid)
-    assert hits([snapshot_path(p.settings, tid)], markers), "a publish copies the file, dead bytes included"
+    assert hits(snapshot_files_of(p.settings, tid), markers), "a publish copies the file, dead bytes included"
     sizes = compact_store(p.settings, tid)
-    assert hits([store, snapshot_path(p.settings, tid)], markers) == []
+    assert hits([store, *snapshot_files_of(p.settings, tid)], markers) == []
     assert not Path(f"{store}.wal").exists()
     assert sizes["bytes_after"] > 0 and sizes["snapshot_bytes"] > 0
     with open_store(p.settings, tid, write=False) as con:  # the compacted store is complete and usable
@@ -117,8 +148,7 @@ def test_deleted_conversation_is_in_no_file_and_stays_gone(product):
     # Positive control: the same scan finds the markers in the live store, the snapshot and the export.
     files = tenant_files(p.settings, tid)
     before = hits(files, markers)
-    assert any(h.startswith("store.duckdb") for h in before)
-    assert any(h.startswith(f"{tid}.duckdb") for h in before)
+    assert in_live_bucket(before) and in_snapshot_copy(before)
     assert any(h.startswith("conversation.json") for h in before)
 
     result = erase(p.settings, tid, Scope.message(msg.id, user_oid=alice.oid), actor="cli:test", reason="user_request")
@@ -165,9 +195,17 @@ def test_a_conversation_deleted_tenant_wide_leaves_other_users_and_exports_nothi
             [bob.oid],
         ).fetchone()
         total = con.execute("SELECT count(*) FROM emails").fetchone()[0]
+        holders = [
+            r[0]
+            for r in con.execute("SELECT DISTINCT user_oid FROM emails WHERE conversation_id = ?", [conv]).fetchall()
+        ]
     export_conversation(p.settings, tid, conversation_id=conv)
+    buckets = inodes(bucket_files(store_path(p.settings, tid)))
     result = erase(p.settings, tid, Scope.conversation(conv), actor="admin:ops", reason="admin_request")
     assert result.rows["emails"] >= n and result.exports_removed == 1 + result.rows["emails"]
+    rewritten = {users_bucket(p.settings, tid, oid) for oid in holders}  # the buckets of the users who had it
+    after = bucket_files(store_path(p.settings, tid))
+    assert {path for k, path in after.items() if path.stat().st_ino != buckets[k]} == rewritten
     with open_store(p.settings, tid, write=False) as con:
         assert con.execute("SELECT count(*) FROM emails").fetchone()[0] == total - result.rows["emails"]
         assert con.execute("SELECT user_oid FROM erased WHERE key = ?", [conv]).fetchall() == [(None,)]
@@ -216,7 +254,7 @@ def test_deleted_meeting_series_is_in_no_file_and_stays_gone(calendar_product):
     publish_snapshot(p.settings, tid)
     exported = export_meeting(p.settings, tid, series_id=series)
     assert exported.items == n and marker in (exported.path / "meeting.json").read_text()
-    assert any(h.startswith("store.duckdb") for h in hits(tenant_files(p.settings, tid), [marker]))
+    assert in_live_bucket(hits(tenant_files(p.settings, tid), [marker]))
 
     result = erase(p.settings, tid, Scope.series(series), actor="cli:test", reason="user_request")
     assert result.rows["meetings"] == n and result.tombstones == 1
@@ -243,7 +281,7 @@ def test_erasure_removes_the_copy_a_dead_publish_left_beside_the_snapshot(produc
     msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
     sync_all(p)
     tmp, tmp_wal = snapshot_leftovers(snapshot_path(p.settings, tid))
-    shutil.copyfile(tenant_dir(p.settings, tid) / "store.duckdb", tmp)
+    shutil.copyfile(users_bucket(p.settings, tid, alice.oid), tmp)
     shutil.copyfile(tmp, tmp_wal)  # a stand-in for the WAL a dead writer left, copied beside it
     assert hits([tmp], markers) and hits([tmp_wal], markers), "positive control: the leftovers hold the markers"
     erase(p.settings, tid, Scope.message(msg.id, user_oid=alice.oid), actor="cli:test", reason="user_request")
@@ -297,3 +335,96 @@ def test_cli_conversation_export_and_delete(product):
     assert run(app, ["conversation", "delete", "--tenant", tid]).exit_code == 1
     assert run(app, ["offboard", "tenant", "--tenant", tid]).exit_code == 1  # needs --yes
     assert read_audit(p.settings, tid)[-1]["actor"] == "cli:tester"
+
+
+@pytest.mark.slow
+def test_erasing_one_user_rewrites_only_that_users_bucket(product):
+    """P6 (issue 14): the user's bucket and the small tenant file are rewritten; every other bucket file stays the
+    same file (same inode), so the erasure costs one bucket's compaction, not the whole store's."""
+    p, tid = product, product.world.tenants[0].tid
+    alice, bob = p.world.tenants[0].users
+    msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
+    sync_all(p)
+    store = store_path(p.settings, tid)
+    mine, theirs = users_bucket(p.settings, tid, alice.oid), users_bucket(p.settings, tid, bob.oid)
+    assert mine != theirs, "the fixture's two users hash to different buckets"
+    before, tenant_inode = inodes(bucket_files(store)), store.stat().st_ino
+    assert hits([mine], markers) and not hits([theirs], markers), "positive control: the markers are in alice's"
+    copies = snapshot_parts(snapshot_path(p.settings, tid))
+    bobs_copies = {path: path.stat().st_ino for path in copies.glob(f"{theirs.stem}.g*.duckdb")}
+    assert bobs_copies, "the snapshot has a copy of bob's bucket"
+    with open_store(p.settings, tid, write=False) as con:
+        bobs = count(con, "emails WHERE user_oid = ?", bob.oid)
+
+    result = erase(p.settings, tid, Scope.user(alice.oid), actor="cli:test", reason="admin_request")
+    assert result.rows["emails"] > 0 and result.rows["mail_cursor"] > 0
+    after = inodes(bucket_files(store))
+    changed = {k for k in before if after.get(k) != before[k]}
+    assert changed == {int(mine.name[1 : -len(".duckdb")])}
+    assert store.stat().st_ino != tenant_inode, "the tenant file is compacted too (Teams rows, shares)"
+    # the new snapshot generation still reads the copy of bob's bucket made before: nothing of his was copied again
+    assert {path: path.stat().st_ino for path in copies.glob(f"{theirs.stem}.g*.duckdb")} == bobs_copies
+    assert hits(tenant_files(p.settings, tid), markers) == []
+    with open_store(p.settings, tid, write=False) as con:
+        assert count(con, "emails WHERE user_oid = ?", alice.oid) == 0
+        assert count(con, "emails WHERE user_oid = ?", bob.oid) == bobs
+
+
+@pytest.mark.slow
+def test_an_erasure_that_died_before_its_compaction_is_finished_by_running_it_again(product, monkeypatch):
+    """A conversation erased tenant-wide: the tenant file's tombstone and the bucket's DELETE commit, then the
+    process fails before the compaction. The rows are gone but their bytes are not; running the erasure again finds
+    no row any more, yet compacts that bucket (recorded as pending) and leaves no byte of them anywhere."""
+    p, tid = product, product.world.tenants[0].tid
+    alice = p.world.tenants[0].users[0]
+    msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
+    sync_all(p)
+    with open_store(p.settings, tid, write=False) as con:
+        (conv,) = con.execute("SELECT conversation_id FROM emails WHERE graph_id = ?", [msg.id]).fetchone()
+    compact = o365sync.erasure.compact_live_store
+
+    def dies(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(o365sync.erasure, "compact_live_store", dies)
+    with pytest.raises(ErasureError, match="run the erasure again"):
+        erase(p.settings, tid, Scope.conversation(conv), actor="cli:test", reason="user_request")
+    assert read_audit(p.settings, tid)[-1]["complete"] is False
+    with open_store(p.settings, tid, write=False) as con:
+        assert count(con, "emails WHERE conversation_id = ?", conv) == 0
+    assert in_live_bucket(hits(tenant_files(p.settings, tid), markers)), "deleted, but the bytes are still there"
+
+    monkeypatch.setattr(o365sync.erasure, "compact_live_store", compact)
+    again = erase(p.settings, tid, Scope.conversation(conv), actor="cli:test", reason="user_request")
+    assert again.deleted == 0 and again.tombstones == 0
+    assert hits(tenant_files(p.settings, tid), markers) == []
+    assert read_audit(p.settings, tid)[-1]["complete"] is True
+    assert not (tenant_dir(p.settings, tid) / o365sync.erasure.PENDING_FILE).exists()
+
+
+@pytest.mark.slow
+def test_an_erasure_that_died_between_the_tenant_file_and_the_bucket_is_finished_by_running_it_again(
+    product, monkeypatch
+):
+    """The tenant file's transaction (tombstone) committed, the bucket's DELETE did not: the rows are still stored,
+    and running the erasure again (the id counts as matched: it is tombstoned) deletes and compacts them."""
+    p, tid = product, product.world.tenants[0].tid
+    alice = p.world.tenants[0].users[0]
+    msg, markers = seed_marker(p.world, alice.oid, uuid.uuid4().hex)
+    sync_all(p)
+    delete = o365sync.erasure._delete_bucket_rows
+
+    def dies(*args, **kwargs):
+        raise OSError("killed")  # stands in for a process that dies here
+
+    monkeypatch.setattr(o365sync.erasure, "_delete_bucket_rows", dies)
+    scope = Scope.message(msg.id, user_oid=alice.oid)
+    with pytest.raises(ErasureError):
+        erase(p.settings, tid, scope, actor="cli:test", reason="user_request")
+    with open_store(p.settings, tid, write=False) as con:
+        assert count(con, "emails WHERE graph_id = ?", msg.id) == 1
+        assert count(con, "erased WHERE user_oid = ?", alice.oid) == 1
+    monkeypatch.setattr(o365sync.erasure, "_delete_bucket_rows", delete)
+    done = erase(p.settings, tid, scope, actor="cli:test", reason="user_request")
+    assert done.rows["emails"] >= 1 and done.tombstones == 0
+    assert hits(tenant_files(p.settings, tid), markers) == []

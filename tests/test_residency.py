@@ -1,10 +1,12 @@
-"""Data residency: every file of a tenant (store, snapshot, token caches, CRM credentials, locks) lives under its
-region's storage root, syncs keep working there, and moving is an explicit command that leaves nothing behind."""
+"""Data residency: every file of a tenant (store with its bucket files, snapshot with its copies, token caches, CRM
+credentials, locks) lives under its region's storage root, syncs keep working there, and moving is an explicit
+command that leaves nothing behind and republishes the analysts' snapshot at the new root."""
 
 from __future__ import annotations
 
 import json
 
+import duckdb
 import pytest
 
 from o365sync.residency import move_tenant
@@ -19,6 +21,15 @@ from tests.product import stand_up, stored_matches
 
 def tenant_files(root, tid: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and tid in str(p))
+
+
+def snapshot_rows(settings, tid: str) -> int:
+    """The emails the analysts' snapshot shows (opened as an analyst does)."""
+    con = duckdb.connect(str(snapshot_path(settings, tid)), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM emails").fetchone()[0]
+    finally:
+        con.close()
 
 
 @pytest.mark.slow
@@ -41,11 +52,19 @@ def test_files_live_in_the_tenants_region_and_move_with_it(tmp_path, monkeypatch
         eu = tenant_files(roots["eu"], tid)
         assert {f"analytics/{tid}.duckdb", f"tenants/{tid}/store.duckdb", f"tenants/{tid}/crm.secret"} <= set(eu)
         assert any(f.endswith(".token") for f in eu)
+        assert any(f.startswith(f"tenants/{tid}/parts/b") for f in eu), "the user's rows are in a bucket file"
+        assert any(f.startswith(f"analytics/{tid}.parts/b") for f in eu), "and the snapshot has a copy of it"
         assert tenant_files(data_dir, tid) == [f"tenants/{tid}/tenant.json"]
         assert snapshot_path(p.settings, tid).is_relative_to(roots["eu"])
 
+        published = snapshot_rows(p.settings, tid)
         move_tenant(p.settings, tid, "us")
         assert load_tenant(p.settings, tid).region == "us" and tenant_files(roots["eu"], tid) == []
+        us = tenant_files(roots["us"], tid)
+        assert any(f.startswith(f"tenants/{tid}/parts/b") for f in us) and f"analytics/{tid}.duckdb" in us
+        # republished at the new root: the views file reads the copies there (the old root's are gone)
+        assert snapshot_path(p.settings, tid).is_relative_to(roots["us"])
+        assert snapshot_rows(p.settings, tid) == published > 0
         world.add_message(user.oid, "inbox", kind="contact")
         # tokens and cursors were moved too: it just continues
         sync_mailbox_now(resolve_tenant(p.settings, tid), user.oid)

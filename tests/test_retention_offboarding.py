@@ -17,14 +17,14 @@ from o365sync.auth import connected_users, token_path
 from o365sync.conversations import export_conversation
 from o365sync.erasure import USER_TABLES, audit_path, read_audit
 from o365sync.offboarding import complete_due_offboardings, offboarding_status
-from o365sync.store import open_store, publish_snapshot, snapshot_path
+from o365sync.store import bucket_files, open_store, publish_snapshot, snapshot_path, store_path
 from o365sync.sync.mailbox import sync_mailbox_now
 from o365sync.tenant_context import resolve_tenant
 from o365sync.tenants import load_tenant, registry_dir, save_tenant, tenant_dir
 from simulators.world import generate_world
 from tasks.crm_snapshot import refresh_crm_snapshot
 from tests.product import stand_up_with_crm
-from tests.test_erasure import hits, tenant_files
+from tests.test_erasure import hits, in_live_bucket, in_snapshot_copy, tenant_files
 
 pytestmark = pytest.mark.slow  # every test here runs Prefect flows or takes seconds
 
@@ -110,13 +110,16 @@ def test_shortening_retention_purges_on_the_next_run_and_spares_open_opportuniti
     first = retention(tid)  # default 1095 days: nothing is that old
     assert first["emails_deleted"] == 0 and first["users_erased"] == 0
     before = hits(tenant_files(p.settings, tid), markers)
-    assert any(h.startswith("store.duckdb") for h in before) and any(h.startswith(f"{tid}.duckdb") for h in before)
+    assert in_live_bucket(before) and in_snapshot_copy(before)
 
     tenant = load_tenant(p.settings, tid)
     tenant.retention_days = 10
     save_tenant(p.settings, tenant)
+    buckets = {path: path.stat().st_ino for path in bucket_files(store_path(p.settings, tid)).values()}
     second = retention(tid)
     assert second["emails_deleted"] > 0 and second["emails_exempt"] >= sum(exempt.values())
+    # every bucket is rewritten (also the bytes of rows the syncs replaced go), one at a time
+    assert len(buckets) == 2 and all(path.stat().st_ino != inode for path, inode in buckets.items())
     assert hits(tenant_files(p.settings, tid), markers) == []
     with open_store(p.settings, tid, write=False) as con:
         assert con.execute("SELECT count(*) FROM emails WHERE graph_id = ?", [gid]).fetchone()[0] == 0
@@ -148,7 +151,7 @@ def test_offboarded_user_is_erased_from_every_file_and_not_synced_again(prefect_
                 "SELECT DISTINCT address FROM email_participants WHERE user_oid = ?", [bob.oid]
             ).fetchall()
         ]
-    assert any(h.startswith("store.duckdb") for h in hits(tenant_files(p.settings, tid), markers))
+    assert in_live_bucket(hits(tenant_files(p.settings, tid), markers))
 
     out = offboard_user(tid, bob.oid)  # default policy: delete, no grace period
     assert out["deleted"] == 1 and out["deleted_rows"] > 0
