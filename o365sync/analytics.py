@@ -37,6 +37,7 @@ import duckdb
 
 from o365sync.settings import Settings
 from o365sync.store import fsync_path, publish_snapshot, snapshot_parts, snapshot_path
+from o365sync.store.partitions import in_memory_config
 from o365sync.store.views import (  # noqa: F401 (re-exported: the analysts' API)
     ANALYTICS_VERSION,
     VIEW_NAMES,
@@ -90,7 +91,7 @@ def open_snapshot(settings: Settings, tenant_id: str) -> duckdb.DuckDBPyConnecti
     copies stays readable when the caller then disables file access (`SET enable_external_access = false`, as
     `o365sync sql` does): the users' tables are views that read them (`read_duckdb`)."""
     path = snapshot_path(settings, tenant_id)
-    con = duckdb.connect(config={"memory_limit": "1GB", "threads": 2})
+    con = duckdb.connect(config=in_memory_config(path))
     try:
         con.execute("SET TimeZone='UTC'")
         con.execute("SET allowed_directories = [?]", [f"{snapshot_parts(path).absolute()}{os.sep}"])

@@ -55,7 +55,7 @@ from o365sync.store import (
     transaction,
     write_synced,
 )
-from o365sync.store.partitions import bucket_files, bucket_of, bucket_path, mark_dirty, use_bucket
+from o365sync.store.partitions import DUCKDB_CONFIG, bucket_files, bucket_of, bucket_path, mark_dirty, use_bucket
 from o365sync.store.publishing import snapshot_parts
 from o365sync.store.schema import BUCKET_TABLES
 from o365sync.tenants import load_tenant, region_root, registry_dir, save_tenant, tenant_dir, tenant_region
@@ -242,7 +242,7 @@ def compact_file(path: Path, tenant_id: str) -> tuple[int, int]:
     for p in (tmp, tmp_wal):
         p.unlink(missing_ok=True)
     before = _size(path)
-    con = duckdb.connect(str(path), config={"memory_limit": "1GB", "threads": 2})
+    con = duckdb.connect(str(path), config=DUCKDB_CONFIG)
     try:
         con.execute("SET TimeZone='UTC'")
         live = con.execute("SELECT current_database()").fetchall()[0][0]

@@ -42,7 +42,17 @@ from o365sync.store.schema import (
 from o365sync.store.transactions import transaction
 
 PARTS_DIR = "parts"
-DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {"memory_limit": "1GB", "threads": 2}
+DuckDBConfig = dict[str, str | bool | int | float | list[str]]
+DUCKDB_CONFIG: DuckDBConfig = {"memory_limit": "1GB", "threads": 2}
+
+
+def in_memory_config(spill_beside: Path | None) -> DuckDBConfig:
+    """`DUCKDB_CONFIG` for an in-memory DuckDB that reads our files: it would spill into `.tmp` in the working
+    directory, outside the tenant's folder and region; it spills beside `spill_beside` instead, as a DuckDB opened
+    on that file would (`<file>.tmp`), or nowhere."""
+    return {**DUCKDB_CONFIG, "temp_directory": f"{spill_beside}.tmp" if spill_beside else ""}
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 _LAYOUT = "_o365sync_layout"  # in the connection's memory database: what `use_bucket` needs to find a bucket
@@ -99,7 +109,7 @@ def connect(
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """The live store as one connection (see the module doc). `store` None: a tenant without a store, read: the
     schema's empty tables in memory. The caller holds the store's flock (exclusive when `write`)."""
-    con = duckdb.connect(":memory:", config=DUCKDB_CONFIG)
+    con = duckdb.connect(":memory:", config=in_memory_config(store))
     try:
         con.execute("SET TimeZone='UTC'")
         if store is None:

@@ -48,14 +48,13 @@ import duckdb
 
 from o365sync.settings import Settings
 from o365sync.store.locks import flock_file, fsync_path, open_store, store_lock, store_path, write_synced
-from o365sync.store.partitions import bucket_files, dirty_marker
+from o365sync.store.partitions import DUCKDB_CONFIG, bucket_files, dirty_marker
 from o365sync.store.schema import BUCKET_MIGRATIONS, BUCKET_TABLES, PARTITIONED_VERSION, migrate, stored_version
 from o365sync.store.views import create_views
 from o365sync.tenants import tenant_dir
 
 _GENERATION_FILE = re.compile(r"^(?:views|b\d+)\.g(\d+)\.(?:duckdb|duckdb\.wal|json)$")
 _MANIFEST_FILE = re.compile(r"^views\.g(\d+)\.json$")
-_DUCKDB_CONFIG: dict[str, str | bool | int | float | list[str]] = {"memory_limit": "1GB", "threads": 2}
 
 
 def snapshot_path(settings: Settings, tenant_id: str) -> Path:
@@ -302,14 +301,14 @@ def _finish(tmp: Path, tenant_id: str, round_: _Round) -> None:
     each bucket table a view over this generation's copies, the analysts' views and `snapshot_info`; checkpointed
     (DuckDB merges any WAL into the file on close) and fsynced."""
     for copy in round_.new_copies:
-        con = duckdb.connect(str(copy), config=_DUCKDB_CONFIG)
+        con = duckdb.connect(str(copy), config=DUCKDB_CONFIG)
         try:
             migrate(con, f"the snapshot copy {copy}", BUCKET_MIGRATIONS)
         finally:
             con.close()
         _no_wal_left(copy)
         fsync_path(copy)
-    con = duckdb.connect(str(tmp), config=_DUCKDB_CONFIG)
+    con = duckdb.connect(str(tmp), config=DUCKDB_CONFIG)
     try:
         con.execute("SET TimeZone='UTC'")
         version = stored_version(con)
