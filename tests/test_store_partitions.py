@@ -16,10 +16,16 @@ from o365sync.settings import Settings
 from o365sync.store import (
     MIGRATIONS,
     bucket_files,
+    each_bucket,
+    fan_out_late_matches,
+    late_match_terms_recorded,
+    late_match_users,
     migrate,
     open_store,
+    queue_late_matches,
     read_cursors,
     store_path,
+    transaction,
     write_mail_batch,
 )
 from o365sync.store.partitions import _split_users, bucket_of, dirty_marker
@@ -110,3 +116,30 @@ def test_a_writer_outside_a_users_bucket_cannot_write_users_rows(tmp_path):
             "INSERT INTO mail_cursor (tenant_id, user_oid, folder, scan_start, updated_at) VALUES "
             "('t1', 'u1', 'Inbox', now(), now())"
         )
+
+
+def test_late_match_terms_recorded_by_a_refresh_reach_every_bucket_once_even_if_it_died(tmp_path):
+    """A CRM refresh records the terms it added in the tenant file (its transaction) and then queues them in every
+    bucket, one transaction each; one that died between the two, or midway, is finished by the next fan-out, and a
+    term is never queued twice for a folder."""
+    settings = Settings(data_dir=tmp_path, store_buckets=4)
+    users = USERS[:6]
+    with open_store(settings, "t1", write=True) as con:
+        for user in users:
+            write_mail_batch(con, "t1", user, make_batch([f"{user}-m"], T0))
+        with transaction(con):  # the refresh's transaction; the process dies before its fan-out
+            assert queue_late_matches(con, "t1", [("address", "late@initech.example")], T0) == 1
+    with open_store(settings, "t1", write=False) as con:
+        assert late_match_terms_recorded(con, "t1") and late_match_users(con, "t1") == []
+    with open_store(settings, "t1", write=True) as con:
+        assert fan_out_late_matches(con, "t1") == len(users)
+        for _bucket in each_bucket(con):  # searched meanwhile: no longer open
+            con.execute("UPDATE late_match SET status = 'done'")
+        # As if it had died after the buckets but before forgetting the terms: the same record, fanned out again.
+        con.execute("INSERT INTO late_match_terms VALUES ('t1', 'address', 'late@initech.example', ?)", [T0])
+        assert fan_out_late_matches(con, "t1") == 0
+        assert not late_match_terms_recorded(con, "t1")
+    with open_store(settings, "t1", write=False) as con:
+        assert con.execute("SELECT count(DISTINCT user_oid), count(*) FROM late_match").fetchall() == [
+            (len(users), len(users))
+        ]
