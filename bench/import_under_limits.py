@@ -249,8 +249,11 @@ class LimitsHarness(Harness):
     def stored_matches(self, db: str, product: bool) -> dict[str, frozenset[str]]:
         import duckdb
 
+        from o365sync.store.partitions import connect
+
         where = f" WHERE user_oid = '{self.user.oid}'" if product else ""
-        with duckdb.connect(db, read_only=True) as con:
+        opened = connect(Path(db), False, None, 1) if product else duckdb.connect(db, read_only=True)
+        with opened as con:  # the product's store: its tenant file and buckets as one database
             emails = {r[0] for r in con.execute(f"SELECT graph_id FROM emails{where}").fetchall()}
             links: dict[str, set[str]] = {}
             for gid, crm_id in con.execute(f"SELECT graph_id, crm_id FROM email_crm_matches{where}").fetchall():

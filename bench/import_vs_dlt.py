@@ -291,6 +291,7 @@ class Harness:
         from o365sync.mail import HEADER_FIELDS, graph_datetime
         from o365sync.settings import load_settings
         from o365sync.store import store_path
+        from o365sync.store.partitions import bucket_files
         from simulators.running import start_world
         from tasks.crm_snapshot import refresh_crm_snapshot
 
@@ -326,8 +327,8 @@ class Harness:
         self.store = store_path(settings, tenant.tid)
         self.template = self.work / "store_template.duckdb"
         shutil.copyfile(self.store, self.template)
-        if Path(f"{self.store}.wal").exists():
-            fail("store has a WAL after the snapshot; copy would not be faithful")
+        if Path(f"{self.store}.wal").exists() or bucket_files(self.store):
+            fail("store has a WAL or users' buckets after the snapshot; copy would not be faithful")
 
         with TokenProvider(settings, tenant.tid, user.oid, scopes_for(["email"])) as provider:
             token = provider()
@@ -380,6 +381,9 @@ class Harness:
         if variant == "ours" and fresh_store:
             for suffix in ("", ".wal"):
                 Path(f"{self.store}{suffix}").unlink(missing_ok=True)
+            from o365sync.store.partitions import parts_dir
+
+            shutil.rmtree(parts_dir(self.store), ignore_errors=True)  # the users' buckets of the previous run
             shutil.copyfile(self.template, self.store)
             if rep == "profile":
                 env["BENCH_PROFILE"] = str(self.work / "ours.prof")
