@@ -23,7 +23,7 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -55,7 +55,6 @@ def in_memory_config(spill_beside: Path | None) -> DuckDBConfig:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_LAYOUT = "_o365sync_layout"  # in the connection's memory database: what `use_bucket` needs to find a bucket
 
 
 def bucket_of(user_oid: str, buckets: int) -> int:
@@ -96,11 +95,26 @@ def mark_dirty(path: Path) -> None:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
-@dataclass(frozen=True)
-class Layout:
+@dataclass
+class _Session:
+    """What a connection made by `connect` is attached to, kept on the Python side (asking DuckDB costs a query
+    per store call, and a failed query would abort the caller's transaction)."""
+
     store: Path  # the tenant file
     buckets: int
     write: bool
+    attached: dict[int, bool] = field(default_factory=dict)  # bucket -> attached read-write
+    views: bool = False  # the views over every attached bucket exist
+    search_path: str = "tenant.main,memory.main"
+
+    def use(self, con: duckdb.DuckDBPyConnection, search_path: str) -> str:
+        """Set the connection's search path; returns the previous one."""
+        previous, self.search_path = self.search_path, search_path
+        con.execute(f"SET search_path = '{search_path}'")
+        return previous
+
+
+_SESSIONS: dict[int, _Session] = {}  # id(connection) -> its session, while `connect` holds it open
 
 
 @contextlib.contextmanager
@@ -116,62 +130,50 @@ def connect(
             con.execute("ATTACH ':memory:' AS tenant")
             con.execute("SET search_path = 'tenant.main'")
             migrate(con, "an empty store")
-            _union_views(con)
+            _union_views(con, None)
             con.execute("SET search_path = 'tenant.main,memory.main'")
             yield con
             return
-        _attach_tenant(con, store, write, default_buckets)
-        layout = Layout(store, _stored_buckets(con) or default_buckets, write)
-        _record_layout(con, layout)
+        version = _attach_tenant(con, store, write, default_buckets)
+        buckets = con.execute("SELECT buckets FROM tenant.store_layout").fetchall()[0][0] if version else None
+        session = _SESSIONS[id(con)] = _Session(store, buckets or default_buckets, write)
+        session.use(con, session.search_path)
         if user_oid is None:  # every user's rows: each bucket attached (~3 ms each), the views over them all
             for number, path in bucket_files(store).items():
                 con.execute(f"ATTACH '{_sql_path(path)}' AS b{number} (READ_ONLY)")
-            _union_views(con)
-            con.execute("SET search_path = 'tenant.main,memory.main'")
+                session.attached[number] = False
+            _union_views(con, session)
             yield con
         else:  # one user's work: their bucket is all it needs
-            con.execute("SET search_path = 'tenant.main,memory.main'")
             with use_bucket(con, user_oid, keep=True):
                 yield con
     finally:
+        _SESSIONS.pop(id(con), None)
         con.close()
 
 
-def _attach_tenant(con: duckdb.DuckDBPyConnection, store: Path, write: bool, default_buckets: int) -> None:
-    """The tenant file as `tenant`; a writer first brings it to the latest schema (the split included)."""
+def _attach_tenant(con: duckdb.DuckDBPyConnection, store: Path, write: bool, default_buckets: int) -> bool:
+    """The tenant file as `tenant`; a writer first brings it to the latest schema (the split included). Returns
+    whether it is partitioned (a reader of a store not yet opened for writing since the upgrade sees its users' rows
+    in the tenant file itself)."""
     mode = "" if write else " (READ_ONLY)"
     con.execute(f"ATTACH '{_sql_path(store)}' AS tenant{mode}")
     con.execute("SET search_path = 'tenant.main'")
-    if write and stored_version(con) != len(MIGRATIONS):
+    version = stored_version(con)
+    if write and version != len(MIGRATIONS):
         con.execute("SET search_path = 'memory.main'")
         con.execute("DETACH tenant")
         partition(store, default_buckets)
         con.execute(f"ATTACH '{_sql_path(store)}' AS tenant")
-        con.execute("SET search_path = 'tenant.main'")
+        return True
+    return version is not None and version >= PARTITIONED_VERSION
 
 
 def _sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def _stored_buckets(con: duckdb.DuckDBPyConnection) -> int | None:
-    """The tenant file's bucket count (None while it is not partitioned: a reader of a store not yet opened for
-    writing since the upgrade sees its users' rows in the tenant file itself)."""
-    version = stored_version(con)
-    if version is None or version < PARTITIONED_VERSION:
-        return None
-    return con.execute("SELECT buckets FROM store_layout").fetchall()[0][0]
-
-
-def _record_layout(con: duckdb.DuckDBPyConnection, layout: Layout) -> None:
-    """What `use_bucket` and `each_bucket` read, kept in the connection's memory database."""
-    con.execute(f"CREATE TABLE memory.main.{_LAYOUT} (store VARCHAR, buckets INTEGER, write BOOLEAN)")
-    con.execute(
-        f"INSERT INTO memory.main.{_LAYOUT} VALUES (?, ?, ?)", [str(layout.store), layout.buckets, layout.write]
-    )
-
-
-def _union_views(con: duckdb.DuckDBPyConnection) -> None:
+def _union_views(con: duckdb.DuckDBPyConnection, session: _Session | None) -> None:
     """In the memory database: each bucket table as a view over the bucket schema's empty table (its columns, even
     with no bucket) and every attached bucket's. Writes the memory database: never inside a transaction that has
     written a bucket."""
@@ -186,53 +188,37 @@ def _union_views(con: duckdb.DuckDBPyConnection) -> None:
                 con.execute(statements)
         finally:
             con.execute(f"SET search_path = '{previous}'")
-    attached = _attached_buckets(con)
+    attached = sorted(session.attached) if session else []
     for table in BUCKET_TABLES:
         sources = [f"SELECT * FROM memory.empty.{table}"] + [f"SELECT * FROM b{k}.{table}" for k in attached]
         con.execute(f"CREATE OR REPLACE VIEW memory.main.{table} AS " + " UNION ALL BY NAME ".join(sources))
-
-
-def _attached_buckets(con: duckdb.DuckDBPyConnection) -> list[int]:
-    names = [row[0] for row in con.execute("SELECT database_name FROM duckdb_databases()").fetchall()]
-    return sorted(int(name[1:]) for name in names if name.startswith("b") and name[1:].isdigit())
-
-
-def _layout(con: duckdb.DuckDBPyConnection) -> Layout | None:
-    """The layout `connect` recorded; None on a connection not made by it (a plain DuckDB file, as the benchmarks
-    and some tests use: its tables are the real ones already)."""
-    known = con.execute(
-        "SELECT 1 FROM duckdb_tables() WHERE database_name = 'memory' AND schema_name = 'main' AND table_name = ?",
-        [_LAYOUT],
-    ).fetchall()
-    if not known:  # asked without raising: an error would abort the caller's transaction
-        return None
-    store, buckets, write = con.execute(f"SELECT store, buckets, write FROM memory.main.{_LAYOUT}").fetchall()[0]
-    return Layout(Path(store), buckets, write)
+    if session:
+        session.views = True
 
 
 @contextlib.contextmanager
 def use_bucket(con: duckdb.DuckDBPyConnection, user_oid: str, keep: bool = False) -> Iterator[int | None]:
     """Inside the block, the bucket tables named in SQL are `user_oid`'s bucket's real tables (created, migrated and
     attached read-write, with its `.dirty` marker, when the connection writes; a reader of a user without a bucket
-    keeps the views, which show no rows of theirs). Allowed inside a transaction; nests."""
-    layout = _layout(con)
-    if layout is None:
+    keeps the views, which show no rows of theirs). Allowed inside a transaction; nests. On a connection not made
+    by `connect` (a plain DuckDB file, as benchmarks and some tests use) it changes nothing."""
+    session = _SESSIONS.get(id(con))
+    if session is None:
         yield None
         return
-    number = bucket_of(user_oid, layout.buckets)
-    if not layout.write and not bucket_path(layout.store, number).exists():
-        if not _has_views(con):
-            _union_views(con)  # the user has no rows: the views (over what is attached) show none of theirs
+    number = bucket_of(user_oid, session.buckets)
+    if not session.write and number not in session.attached and not bucket_path(session.store, number).exists():
+        if not session.views:
+            _union_views(con, session)  # the user has no rows: the views (over what is attached) show none of theirs
         yield None
         return
-    _attach_bucket(con, layout, number)
-    previous = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
-    con.execute(f"SET search_path = 'b{number}.main,tenant.main,memory.main'")
+    _attach_bucket(con, session, number)
+    previous = session.use(con, f"b{number}.main,tenant.main,memory.main")
     try:
         yield number
     finally:
         if not keep:
-            con.execute(f"SET search_path = '{previous}'")
+            session.use(con, previous)
 
 
 def in_user_bucket(function: Callable[P, R]) -> Callable[P, R]:
@@ -251,54 +237,44 @@ def in_user_bucket(function: Callable[P, R]) -> Callable[P, R]:
 def each_bucket(con: duckdb.DuckDBPyConnection) -> Iterator[int]:
     """The existing buckets one at a time, each as in `use_bucket` while the loop body runs (for work over every
     user's rows: erasure, retention, late-match queueing). Not inside a transaction: one bucket, one transaction."""
-    layout = _layout(con)
-    if layout is None:
+    session = _SESSIONS.get(id(con))
+    if session is None:
         yield 0
         return
-    for number in list(bucket_files(layout.store)):
-        _attach_bucket(con, layout, number)
-        previous = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
-        con.execute(f"SET search_path = 'b{number}.main,tenant.main,memory.main'")
+    for number in list(bucket_files(session.store)):
+        _attach_bucket(con, session, number)
+        previous = session.use(con, f"b{number}.main,tenant.main,memory.main")
         try:
             yield number
         finally:
-            con.execute(f"SET search_path = '{previous}'")
+            session.use(con, previous)
 
 
-def _attach_bucket(con: duckdb.DuckDBPyConnection, layout: Layout, number: int) -> None:
+def _attach_bucket(con: duckdb.DuckDBPyConnection, session: _Session, number: int) -> None:
     """Bucket `number` attached: read-only for a reader (it exists), read-write for a writer (created and migrated,
     marked dirty first). A bucket new to the connection joins the views over every user's rows, if it has them."""
     alias = f"b{number}"
-    path = bucket_path(layout.store, number)
-    state = con.execute("SELECT readonly FROM duckdb_databases() WHERE database_name = ?", [alias]).fetchall()
-    if state and (not layout.write or not state[0][0]):
+    path = bucket_path(session.store, number)
+    known = number in session.attached
+    if known and (not session.write or session.attached[number]):
         return  # attached as this connection needs it (a writer's read-only attach is replaced below)
-    if not layout.write:
+    if not session.write:
         con.execute(f"ATTACH '{_sql_path(path)}' AS {alias} (READ_ONLY)")
     else:
-        if state:
+        if known:
             con.execute(f"DETACH {alias}")  # read-only until now; the views name it by alias and follow it
         mark_dirty(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         con.execute(f"ATTACH '{_sql_path(path)}' AS {alias}")
-        previous = con.execute("SELECT current_setting('search_path')").fetchall()[0][0]
         con.execute(f"SET search_path = '{alias}.main'")
         try:
             migrate(con, f"the bucket {path}", BUCKET_MIGRATIONS)
         finally:
-            con.execute(f"SET search_path = '{previous}'")
+            con.execute(f"SET search_path = '{session.search_path}'")
         os.chmod(path, 0o600)
-    if not state and _has_views(con):
-        _union_views(con)
-
-
-def _has_views(con: duckdb.DuckDBPyConnection) -> bool:
-    return bool(
-        con.execute(
-            "SELECT 1 FROM duckdb_views() WHERE database_name = 'memory' AND schema_name = 'main' "
-            "AND view_name = 'emails'"
-        ).fetchall()
-    )
+    session.attached[number] = session.write
+    if not known and session.views:
+        _union_views(con, session)
 
 
 def partition(store: Path, buckets: int) -> None:
