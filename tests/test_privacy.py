@@ -63,16 +63,18 @@ def _file_hits(root: Path, needles: list[bytes]) -> list[str]:
 
 
 def _duckdb_hits(path: Path, needles: list[str]) -> list[str]:
+    """Every VARCHAR column of every table of the file holding a needle (lower-cased), one query per column. Views
+    are skipped: the snapshot's views read the copies, which are scanned as files of their own."""
     hits = []
     with duckdb.connect(str(path), read_only=True) as con:
         for table, column in con.execute(
-            "SELECT table_name, column_name FROM information_schema.columns WHERE data_type = 'VARCHAR'"
+            "SELECT c.table_name, c.column_name FROM information_schema.columns c JOIN information_schema.tables t "
+            "USING (table_catalog, table_schema, table_name) WHERE c.data_type = 'VARCHAR' "
+            "AND t.table_type = 'BASE TABLE'"
         ).fetchall():
-            for n in needles:
-                if con.execute(f'SELECT count(*) FROM "{table}" WHERE lower("{column}") LIKE ?', [f"%{n}%"]).fetchall()[
-                    0
-                ][0]:
-                    hits.append(f"{path}:{table}.{column}: {n}")
+            test = f'coalesce(bool_or(contains(lower("{column}"), ?)), false)'
+            found = con.execute(f'SELECT {", ".join([test] * len(needles))} FROM "{table}"', needles).fetchall()[0]
+            hits += [f"{path}:{table}.{column}: {n}" for n, hit in zip(needles, found, strict=True) if hit]
     return hits
 
 
