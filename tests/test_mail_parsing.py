@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from o365sync.graph import GraphClient, GraphError
@@ -461,26 +461,35 @@ def _expected_sensitivity(item: dict) -> str | None:
     return None
 
 
-def _expected_participants(item: dict) -> int:
+def _expected_participants(item: dict) -> tuple[int, int]:
+    """(rows with an address, name-only rows: a non-blank display name and no address, kept with a NULL address for
+    o365sync/participants.py)."""
     if "@removed" in item or _is_partial(item):
-        return 0
-    n = 0
+        return 0, 0
+    with_address = name_only = 0
     for f in ("from", "sender", "toRecipients", "ccRecipients"):
         value = item.get(f)
         for r in value if isinstance(value, list) else [value]:
             ea = (r or {}).get("emailAddress") or {}
-            n += isinstance(ea.get("address"), str) and bool(ea["address"].strip())
-    return n
+            address, name = ea.get("address"), ea.get("name")
+            if isinstance(address, str) and address.strip():
+                with_address += 1
+            elif isinstance(name, str) and name.strip():
+                name_only += 1
+    return with_address, name_only
 
 
 @settings(max_examples=150, deadline=None)
 @given(items=st.lists(_item, max_size=8))
+@example(items=[{"id": "A", "ccRecipients": [{"emailAddress": {"name": "0"}}]}])  # a name only: a row, NULL address
 def test_any_recipient_shape_gives_well_typed_tables(items: list[dict]) -> None:
     p = parse(*items)
     live = [i for i in items if "@removed" not in i]
     assert p.messages.num_rows == len(live) and p.removed == [i["id"] for i in items if "@removed" in i]
-    assert p.participants.num_rows == sum(_expected_participants(i) for i in items)
-    assert p.participants.column("address").null_count == 0
+    counts = [_expected_participants(i) for i in items]
+    with_address, name_only = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    assert p.participants.num_rows == with_address + name_only
+    assert p.participants.column("address").null_count == name_only
     assert set(p.participants.column("role").to_pylist()) <= {"from", "sender", "to", "cc"}
     partial = p.messages.column("is_partial").to_pylist()
     assert partial == [_is_partial(i) for i in live]
