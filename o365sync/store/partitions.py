@@ -134,8 +134,8 @@ def connect(
             con.execute("SET search_path = 'tenant.main,memory.main'")
             yield con
             return
-        version = _attach_tenant(con, store, write, default_buckets)
-        buckets = con.execute("SELECT buckets FROM tenant.store_layout").fetchall()[0][0] if version else None
+        partitioned = _attach_tenant(con, store, write, default_buckets)
+        buckets = con.execute("SELECT buckets FROM tenant.store_layout").fetchall()[0][0] if partitioned else None
         session = _SESSIONS[id(con)] = _Session(store, buckets or default_buckets, write)
         session.use(con, session.search_path)
         if user_oid is None:  # every user's rows: each bucket attached (~3 ms each), the views over them all
